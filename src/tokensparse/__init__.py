@@ -1,0 +1,29 @@
+"""tokensparse: faster reference-conditioned diffusion transformers by processing fewer tokens.
+
+    import tokensparse as ts
+    model = ts.load_model("refdit-sparse")
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.25, selector="uniform"))
+    images = ts.generate(model, [ref], "place the subject top left", steps=20)
+    ts.remove_sparse_context(model)
+"""
+
+from .api import apply_sparse_context, remove_sparse_context
+from .context import SparseContextConfig
+from .generate import generate
+from .models import RefDiT, RefDiTConfig, build_model, list_models, load_model
+from .vocab import tokenize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RefDiT",
+    "RefDiTConfig",
+    "SparseContextConfig",
+    "apply_sparse_context",
+    "build_model",
+    "generate",
+    "list_models",
+    "load_model",
+    "remove_sparse_context",
+    "tokenize",
+]

@@ -1,0 +1,76 @@
+"""Rectified flow: the straight path from data (t=0) to noise (t=1), its loss, and the Euler sampler.
+
+    x_t = (1 - t) * x0 + t * eps          velocity  v = eps - x0          dx/dt = v
+
+Every sampler here has one signature, ``sampler(denoise, x, timesteps, callback=None) -> x0``, where
+``denoise(x, t) -> v`` takes ``t`` of shape ``(B,)``; guidance and sparsity wrap ``denoise``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+class Sampler(Protocol):
+    def __call__(self, denoise: Denoiser, x: Tensor, timesteps: Tensor,
+                 callback: Callable[[int, Tensor], None] | None = None) -> Tensor: ...
+
+
+def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """Point ``x_t`` on the path for per-sample ``t (B,)``."""
+    t = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def velocity(x0: Tensor, noise: Tensor) -> Tensor:
+    """The regression target ``eps - x0``."""
+    return noise - x0
+
+
+def sample_t(batch: int, generator: torch.Generator | None = None, logit_normal: bool = True) -> Tensor:
+    """Training times in (0, 1): logit-normal (SD3's choice, more weight mid-path) or uniform."""
+    if logit_normal:
+        return torch.sigmoid(torch.randn(batch, generator=generator))
+    return torch.rand(batch, generator=generator)
+
+
+def flow_loss(denoise: Denoiser, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """Mean squared velocity error at ``t``."""
+    return (denoise(interpolate(x0, noise, t), t) - velocity(x0, noise)).pow(2).mean()
+
+
+def timesteps(steps: int, shift: float = 1.0) -> Tensor:
+    """``steps + 1`` times from 1 to 0; ``shift > 1`` spends more steps near noise (SD3 shift)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def noise_like(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu") -> Tensor:
+    """Gaussian noise with one generator per sample, so a sample's noise never depends on its batch."""
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
+    out = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(out).to(device)
+
+
+@torch.no_grad()
+def euler(denoise: Denoiser, x: Tensor, timesteps: Tensor,
+          callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """First-order ODE solve from ``timesteps[0]`` to ``timesteps[-1]``."""
+    for i in range(len(timesteps) - 1):
+        t, t_next = float(timesteps[i]), float(timesteps[i + 1])
+        v = denoise(x, torch.full((x.shape[0],), t, device=x.device))
+        x = x + (t_next - t) * v
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+SAMPLERS: dict[str, Sampler] = {"euler": euler}

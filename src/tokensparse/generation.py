@@ -1,0 +1,79 @@
+"""Generation boundaries: tell per-generation state (selections, merge caches) when a new image starts.
+
+Methods that cache something for one generation register a callback on the *owner* (a RefDiT model, a
+diffusers pipeline or transformer). The owner's sampler calls :func:`begin_generation` once per image:
+``tokensparse.generate`` does so for RefDiT; for a diffusers pipeline, :func:`on_generation_start`
+wraps ``pipe.scheduler.set_timesteps``, which every pipeline call runs once before its first step.
+
+For callers that drive a model step by step themselves, :class:`StepTracker` infers boundaries from
+the timesteps it sees (timesteps fall within a generation; a rise means a new one).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+_CALLBACKS = "_tokensparse_generation_callbacks"
+_WRAPPED = "_tokensparse_set_timesteps"
+
+
+def on_generation_start(owner: Any, name: str, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` at the start of every generation of ``owner``; ``name`` replaces an earlier one."""
+    callbacks: dict[str, Callable[[], None]] = owner.__dict__.setdefault(_CALLBACKS, {})
+    callbacks[name] = callback
+    scheduler = getattr(owner, "scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "set_timesteps") and _WRAPPED not in scheduler.__dict__:
+        original = scheduler.set_timesteps
+
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            begin_generation(owner)
+            return original(*args, **kwargs)
+
+        scheduler.__dict__[_WRAPPED] = original
+        scheduler.set_timesteps = set_timesteps
+
+
+def remove_generation_callback(owner: Any, name: str) -> None:
+    """Undo :func:`on_generation_start` for ``name``; unwraps the scheduler when no callback is left."""
+    callbacks = owner.__dict__.get(_CALLBACKS, {})
+    callbacks.pop(name, None)
+    if callbacks:
+        return
+    owner.__dict__.pop(_CALLBACKS, None)
+    scheduler = getattr(owner, "scheduler", None)
+    if scheduler is not None and _WRAPPED in scheduler.__dict__:
+        del scheduler.__dict__["set_timesteps"]
+        del scheduler.__dict__[_WRAPPED]
+
+
+def begin_generation(owner: Any) -> None:
+    """Signal that ``owner`` starts a new generation."""
+    for callback in list(owner.__dict__.get(_CALLBACKS, {}).values()):
+        callback()
+
+
+class StepTracker:
+    """Counts denoising steps from the timesteps a model is called with.
+
+    Calls at the same timestep (guidance passes) share a step; a lower timestep is the next step; a
+    higher one starts a new generation. :meth:`reset` forces a new generation.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.step = -1
+        self._last_t: float | None = None
+
+    def reset(self) -> None:
+        self.generation += 1
+        self.step = -1
+        self._last_t = None
+
+    def observe(self, t: float) -> int:
+        """Record a call at timestep ``t``; returns the step index within the current generation."""
+        if self._last_t is not None and t > self._last_t:
+            self.reset()
+        if self._last_t is None or t < self._last_t:
+            self.step += 1
+        self._last_t = t
+        return self.step

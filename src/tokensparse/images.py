@@ -1,0 +1,63 @@
+"""Image conversions between PIL, numpy and ``(B, 3, H, W)`` float tensors in ``[0, 1]``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+ImageLike = Image.Image | np.ndarray | Tensor
+
+
+def to_tensor(image: ImageLike) -> Tensor:
+    """One image -> ``(3, H, W)`` float32 in [0, 1]; a ``(B, 3, H, W)`` tensor passes through."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        arr = image.astype(np.float32)
+        if arr.max() > 1.0:
+            arr = arr / 255.0
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    if isinstance(image, Tensor):
+        return image.float()
+    raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tensor]:
+    """A list of images -> a list of ``(B, C, H, W)`` tensors (single images repeated to ``batch``)."""
+    out = []
+    for i, img in enumerate(images):
+        t = to_tensor(img)
+        if t.dim() == 3:
+            t = t.unsqueeze(0)
+        if t.dim() != 4:
+            raise ValueError(f"reference {i} has shape {tuple(t.shape)}; expected (3, H, W) or (B, 3, H, W)")
+        if batch is not None and t.shape[0] == 1 and batch > 1:
+            t = t.expand(batch, -1, -1, -1)
+        out.append(t)
+    return out
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """``(3, H, W)`` in [0, 1] -> PIL RGB."""
+    arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG atomically (temp file + rename), creating parent folders."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output path must end in .png, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    tmp = path.with_name(path.name + ".tmp")
+    pil.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,383 @@
+"""RefDiT: a small in-context reference-conditioned diffusion transformer, written for readers.
+
+One attention sequence holds three kinds of tokens, as in FLUX.1 Kontext / FLUX.2 [klein]:
+
+    target    the noisy image being denoised, patchified        ids (0, row, col)
+    prompt    word embeddings (plus one always-valid BOS token)  ids (0, 0, 0), learned positions
+    refs      each reference image, patchified                   ids (i, row, col), i = 1..R
+
+Prompt and reference tokens together are the *context*. Every block modulates tokens with adaLN-zero
+from a conditioning vector ``c = time_embed(t) + text_pool(prompt)``. Position is given by a 3-axis
+RoPE over the ids, so a *sparse* reference (a subset of its tokens with their original ids) is still
+placed correctly: Sparse Context needs nothing from the model but fewer reference tokens.
+
+``ref_attends_target=False`` makes the context causal-free of the target: context tokens attend only to
+context tokens and are modulated at the fixed time ``t = 0``, so their keys and values are the same at
+every denoising step and can be computed once (the K/V cache; FLUX.2 [klein] KV does the same).
+
+Hook points for other methods (no class swaps): ``RefDiT.ref_embedder`` (output: the reference
+:class:`~tokensparse.tokens.TokenSeq`; Sparse Context subsets it), ``RefDiTBlock.attn`` (first argument:
+target tokens) and ``RefDiTBlock.mlp`` (called with ``role="target"`` / ``role="context"``); token
+merging hooks these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tokens import TokenSeq, dense_seq, grid_ids
+from ..vocab import MAX_PROMPT_LEN, VOCAB_SLOTS
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefDiTConfig:
+    """Architecture of a RefDiT. ``image_size`` must be a multiple of ``patch_size``."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    channels: int = 3
+    dim: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    max_refs: int = 4
+    vocab_size: int = VOCAB_SLOTS
+    max_prompt_len: int = MAX_PROMPT_LEN
+    rope_axes: tuple[int, int, int] = (8, 12, 12)  # head-dim split over (ref index, row, col)
+    rope_theta: float = 10_000.0
+    ref_attends_target: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if sum(self.rope_axes) != self.dim // self.heads or any(a % 2 for a in self.rope_axes):
+            raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.dim // self.heads}")
+
+    @property
+    def grid(self) -> int:
+        """Tokens per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+
+# --------------------------------------------------------------------------------------------------
+# Small pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def patchify(images: Tensor, p: int) -> Tensor:
+    """``(B, C, H, W) -> (B, H/p, W/p, p*p*C)``."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, h // p, w // p, p * p * c)
+
+
+def unpatchify(tokens: Tensor, p: int, h: int, w: int, c: int = 3) -> Tensor:
+    """``(B, h*w, p*p*C) -> (B, C, h*p, w*p)``; inverse of :func:`patchify`."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h, w, p, p, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h * p, w * p)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding ``(B, dim)`` of ``t`` in [0, 1] (scaled by 1000 like DiT's integer steps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_angles(ids: Tensor, axes: tuple[int, ...], theta: float) -> Tensor:
+    """Multi-axis RoPE: ids ``(B, N, A)`` -> cos/sin ``(B, N, head_dim // 2, 2)``."""
+    parts = []
+    for a, d in enumerate(axes):
+        freqs = theta ** (-torch.arange(0, d, 2, device=ids.device, dtype=torch.float32) / d)  # (d/2,)
+        parts.append(ids[..., a].float()[..., None] * freqs)
+    ang = torch.cat(parts, dim=-1)
+    return torch.stack([ang.cos(), ang.sin()], dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate ``x (B, H, N, Dh)`` pairwise by ``rope (B, N, Dh/2, 2)``."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
+    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
+    return out.reshape(x.shape).type_as(x)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP. ``role`` only tells hooks whether these are target or context tokens."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, role: str = "target") -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention and block
+# --------------------------------------------------------------------------------------------------
+
+
+class JointAttention(nn.Module):
+    """Target and context tokens in one attention, with QK-RMSNorm and RoPE.
+
+    If ``ctx_attends_target`` is False, context queries see only context keys (two SDPA calls), so the
+    context's K/V never depend on the target.
+    """
+
+    def __init__(self, dim: int, heads: int, ctx_attends_target: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+        self.ctx_attends_target = ctx_attends_target
+
+    def qkv_heads(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, N, D)`` -> q, k, v each ``(B, H, N, Dh)``, RoPE applied to q and k."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope), v
+
+    def merge_heads(self, o: Tensor) -> Tensor:
+        b, h, n, d = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(
+        self,
+        x: Tensor,  # (B, Nt, D) target tokens, normalized and modulated
+        x_rope: Tensor,  # (B, Nt, Dh/2, 2)
+        ctx: Tensor | None = None,  # (B, Nc, D) context tokens
+        ctx_rope: Tensor | None = None,
+        ctx_valid: Tensor | None = None,  # (B, Nc) bool, None = all valid
+    ) -> tuple[Tensor, Tensor | None]:
+        qx, kx, vx = self.qkv_heads(x, x_rope)
+        if ctx is None:
+            return self.merge_heads(F.scaled_dot_product_attention(qx, kx, vx)), None
+        qc, kc, vc = self.qkv_heads(ctx, ctx_rope)
+        k, v = torch.cat([kx, kc], 2), torch.cat([vx, vc], 2)
+        mask = None
+        if ctx_valid is not None:
+            ones = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            mask = torch.cat([ones, ctx_valid], 1)[:, None, None, :]
+        if self.ctx_attends_target:
+            nt = x.shape[1]
+            o = F.scaled_dot_product_attention(torch.cat([qx, qc], 2), k, v, attn_mask=mask)
+            return self.merge_heads(o[:, :, :nt]), self.merge_heads(o[:, :, nt:])
+        ox = F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)
+        cmask = None if ctx_valid is None else ctx_valid[:, None, None, :]
+        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=cmask)
+        return self.merge_heads(ox), self.merge_heads(oc)
+
+
+class RefDiTBlock(nn.Module):
+    """adaLN-zero transformer block over target and context streams (shared weights)."""
+
+    def __init__(self, cfg: RefDiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = JointAttention(d, cfg.heads, cfg.ref_attends_target)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # zero-initialised in RefDiT.__init__
+
+    def forward(
+        self, x: Tensor, x_rope: Tensor, c: Tensor, ctx: Tensor | None, ctx_rope: Tensor | None,
+        ctx_valid: Tensor | None, c_ctx: Tensor,
+    ) -> tuple[Tensor, Tensor | None]:
+        sa, ca, ga, sm, cm, gm = self.ada(c)[:, None].chunk(6, dim=-1)  # each (B, 1, D)
+        hc = None
+        if ctx is not None:
+            sa_c, ca_c, ga_c, sm_c, cm_c, gm_c = self.ada(c_ctx)[:, None].chunk(6, dim=-1)
+            hc = modulate(self.norm1(ctx), sa_c, ca_c)
+        ax, ac = self.attn(modulate(self.norm1(x), sa, ca), x_rope, hc, ctx_rope, ctx_valid)
+        x = x + ga * ax
+        x = x + gm * self.mlp(modulate(self.norm2(x), sm, cm), role="target")
+        if ctx is not None:
+            ctx = ctx + ga_c * ac
+            ctx = ctx + gm_c * self.mlp(modulate(self.norm2(ctx), sm_c, cm_c), role="context")
+        return x, ctx
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------------
+
+
+class RefEmbedder(nn.Module):
+    """Reference images -> one dense :class:`TokenSeq` (ids ``(i, row, col)``, ``i`` from 1).
+
+    Sparse Context hooks this module's output; patch features are kept in ``.patches`` for scorers.
+    """
+
+    def __init__(self, cfg: RefDiTConfig, patch_embed: nn.Linear) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = patch_embed  # shared with the target
+        self.index_embed = nn.Embedding(cfg.max_refs + 1, cfg.dim)  # 0 = target
+
+    def forward(self, images: list[Tensor]) -> TokenSeq:
+        grids = []
+        for i, img in enumerate(images):
+            tok = self.patch_embed(patchify(img, self.cfg.patch_size))  # (B, h, w, D)
+            grids.append(tok + self.index_embed.weight[i + 1])
+        return dense_seq(grids)
+
+
+class PromptEmbedder(nn.Module):
+    """Word ids ``(B, L)`` -> tokens ``(B, 1+L, D)`` (a BOS token first), valid mask, pooled vector."""
+
+    def __init__(self, cfg: RefDiTConfig) -> None:
+        super().__init__()
+        self.words = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.max_prompt_len + 1, cfg.dim))
+        self.bos = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pool = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.bos, std=0.02)
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n = ids.shape
+        tok = torch.cat([self.bos.expand(b, -1, -1), self.words(ids)], 1) + self.pos[:, : n + 1]
+        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=ids.device), ids != 0], 1)
+        pooled = (tok * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        return tok, valid, self.pool(pooled)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class RefDiT(nn.Module):
+    """Reference-conditioned DiT predicting the rectified-flow velocity of the target image."""
+
+    def __init__(self, cfg: RefDiTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d = cfg.dim
+        self.patch_embed = nn.Linear(cfg.patch_dim, d)
+        self.ref_embedder = RefEmbedder(cfg, self.patch_embed)
+        self.prompt_embedder = PromptEmbedder(cfg)
+        self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList([RefDiTBlock(cfg) for _ in range(cfg.depth)])
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final = nn.Linear(d, cfg.patch_dim)
+        self.register_buffer("target_ids", grid_ids(0, cfg.grid, cfg.grid), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.prompt_embedder.words.weight, std=0.02)
+        nn.init.normal_(self.ref_embedder.index_embed.weight, std=0.02)
+        for blk in self.blocks:  # adaLN-zero: every block starts as the identity
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        for m in (self.final_ada[-1], self.final):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def check_references(self, refs: list[Tensor], batch: int) -> None:
+        """Raise ``ValueError`` naming the problem if ``refs`` cannot condition this model."""
+        cfg = self.config
+        if len(refs) > cfg.max_refs:
+            raise ValueError(f"{len(refs)} references given; this model supports at most {cfg.max_refs}")
+        for i, r in enumerate(refs):
+            if not isinstance(r, Tensor):
+                raise TypeError(f"reference {i} must be a Tensor, got {type(r).__name__}")
+            if r.dim() != 4 or r.shape[1] != cfg.channels:
+                raise ValueError(f"reference {i} has shape {tuple(r.shape)}; expected (B, {cfg.channels}, H, W)")
+            if r.shape[-2:] != (cfg.image_size, cfg.image_size):
+                raise ValueError(
+                    f"reference {i} is {r.shape[-2]}x{r.shape[-1]}; this model takes "
+                    f"{cfg.image_size}x{cfg.image_size} images"
+                )
+            if r.shape[0] != batch:
+                raise ValueError(f"reference {i} has batch {r.shape[0]}; the target has batch {batch}")
+
+    def embed_references(self, refs: list[Tensor] | TokenSeq | None, batch: int) -> TokenSeq | None:
+        """Images ``[(B, 3, H, W)] in [-1, 1]`` -> reference tokens (through ``ref_embedder``'s hooks)."""
+        if refs is None or isinstance(refs, TokenSeq):
+            return refs
+        if not isinstance(refs, (list, tuple)):
+            raise TypeError(f"refs must be a list of (B, 3, H, W) tensors or a TokenSeq, got {type(refs).__name__}")
+        if len(refs) == 0:
+            return None
+        self.check_references(list(refs), batch)
+        return self.ref_embedder(list(refs))
+
+    def context(self, refs: TokenSeq | None, prompt_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Context tokens ``(B, Nc, D)``, their ids, valid mask (None = all valid) and pooled prompt."""
+        txt, txt_valid, pooled = self.prompt_embedder(prompt_ids)
+        b = txt.shape[0]
+        txt_ids = torch.zeros(b, txt.shape[1], 3, dtype=torch.long, device=txt.device)
+        if refs is None:
+            return txt, txt_ids, (None if bool(txt_valid.all()) else txt_valid), pooled
+        ref_valid = refs.valid if refs.valid is not None else torch.ones(refs.tokens.shape[:2], dtype=torch.bool,
+                                                                          device=txt.device)
+        valid = torch.cat([txt_valid, ref_valid], 1)
+        ctx = torch.cat([txt, refs.tokens], 1)
+        ids = torch.cat([txt_ids, refs.ids.to(txt.device)], 1)
+        return ctx, ids, (None if bool(valid.all()) else valid), pooled
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(
+        self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor
+    ) -> Tensor:
+        """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` (1 = noise).
+
+        refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
+        prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
+        """
+        cfg = self.config
+        b = x.shape[0]
+        refs_seq = self.embed_references(refs, b)
+        ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
+        c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
+        if cfg.ref_attends_target:
+            c_ctx = c
+        else:  # context modulated at the fixed time t = 0: its K/V are step-independent
+            c_ctx = self.time_embed(timestep_embedding(torch.zeros_like(t), 256)) + pooled
+
+        h = self.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)  # (B, Nt, D)
+        h = h + self.ref_embedder.index_embed.weight[0]
+        x_rope = rope_angles(self.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
+        ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
+        for blk in self.blocks:
+            h, ctx = blk(h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx)
+
+        shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
+        out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, Nt, p*p*C)
+        return unpatchify(out, cfg.patch_size, cfg.grid, cfg.grid, cfg.channels)

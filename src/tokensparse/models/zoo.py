@@ -1,0 +1,93 @@
+"""Named RefDiT configs (the CLI's choices) and the checkpoints that ship inside the package."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as _load_safetensors
+from safetensors.torch import save_model as _save_safetensors
+
+from .refdit import RefDiT, RefDiTConfig
+
+# Architectures by name. Weights, where shipped, live in tokensparse/weights/<name>.safetensors.
+CONFIGS: dict[str, RefDiTConfig] = {
+    "refdit-tiny": RefDiTConfig(image_size=16, patch_size=4, dim=48, depth=2, heads=2, rope_axes=(4, 10, 10)),
+    "refdit-s": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6),
+    "refdit-s-kv": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6, ref_attends_target=False),
+    # timing configs: the same width at 16x16 and 32x32 token grids
+    "refdit-s-64px": RefDiTConfig(image_size=64, patch_size=4, dim=192, depth=6, heads=6),
+    "refdit-s-128px": RefDiTConfig(image_size=128, patch_size=4, dim=192, depth=6, heads=6),
+}
+
+# Shipped checkpoints: name -> architecture name.
+CHECKPOINTS: dict[str, str] = {
+    "refdit-base": "refdit-s",
+    "refdit-sparse": "refdit-s",
+}
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("tokensparse") / "weights"))
+
+
+def list_models() -> dict[str, dict]:
+    """Every named model: its config, and whether weights ship (``load_model`` works) or not."""
+    out: dict[str, dict] = {}
+    for name, cfg in CONFIGS.items():
+        out[name] = {"config": asdict(cfg), "weights": False, "architecture": name}
+    for name, arch in CHECKPOINTS.items():
+        out[name] = {"config": asdict(CONFIGS[arch]), "weights": (weights_dir() / f"{name}.safetensors").is_file(),
+                     "architecture": arch}
+    return out
+
+
+def build_model(name: str | RefDiTConfig, **overrides) -> RefDiT:
+    """An untrained RefDiT from a named config (or a config), with optional field overrides."""
+    if isinstance(name, RefDiTConfig):
+        cfg = name
+    elif name in CONFIGS:
+        cfg = CONFIGS[name]
+    elif name in CHECKPOINTS:
+        cfg = CONFIGS[CHECKPOINTS[name]]
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(CONFIGS) + sorted(CHECKPOINTS)}")
+    if overrides:
+        cfg = RefDiTConfig(**{**asdict(cfg), **overrides})
+    return RefDiT(cfg)
+
+
+def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None) -> None:
+    """Write ``model`` as safetensors plus a JSON with its config (and ``meta``), each atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(".safetensors.tmp")
+    _save_safetensors(model, str(tmp))
+    tmp.replace(path)
+    info = {"config": asdict(model.config), **(meta or {})}
+    tmp_json = path.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(info, indent=2))
+    tmp_json.replace(path.with_suffix(".json"))
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
+    """Load a RefDiT saved by :func:`save_checkpoint` (safetensors only; no pickle)."""
+    path = Path(path)
+    info = json.loads(path.with_suffix(".json").read_text())
+    cfg_dict = info["config"]
+    cfg_dict["rope_axes"] = tuple(cfg_dict["rope_axes"])
+    model = RefDiT(RefDiTConfig(**cfg_dict))
+    _load_safetensors(model, str(path), device=map_location)
+    return model.eval()
+
+
+def load_model(name: str) -> RefDiT:
+    """A shipped, trained RefDiT by name (see :func:`list_models`), in eval mode."""
+    if name not in CHECKPOINTS:
+        raise ValueError(f"no shipped checkpoint named {name!r}; shipped: {sorted(CHECKPOINTS)}")
+    path = weights_dir() / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {name!r} is not in this build of tokensparse ({path} missing)")
+    return load_checkpoint(path)

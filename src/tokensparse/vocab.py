@@ -1,0 +1,55 @@
+"""A fixed word vocabulary and tokenizer for RefDiT prompts.
+
+Prompts are short lowercase word sequences. Id 0 is padding, so an empty prompt (the null condition)
+tokenizes to an all-padding row. Words are only ever *appended* to ``WORDS``: ids of shipped
+checkpoints must not move.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD_ID = 0
+MAX_PROMPT_LEN = 16
+VOCAB_SLOTS = 256  # embedding rows reserved in RefDiT; len(WORDS) + 1 must stay below this
+
+WORDS: tuple[str, ...] = (
+    # tasks
+    "recolor", "remove", "denoise", "deblur", "relight", "place", "compose", "scene",
+    # colours
+    "red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "gray", "orange", "purple", "brown",
+    # layout
+    "top", "bottom", "left", "right", "center", "small", "medium", "large", "at", "and", "on", "the", "of",
+    "first", "second", "third", "fourth", "object", "subject", "background",
+    # scenes / light
+    "bright", "dark", "warm", "cool", "sky", "grass", "sand", "wall", "stripes", "dots", "gradient", "plain",
+)
+
+_WORD_TO_ID: dict[str, int] = {w: i + 1 for i, w in enumerate(WORDS)}
+assert len(_WORD_TO_ID) == len(WORDS), "duplicate word in WORDS"
+assert len(WORDS) + 1 <= VOCAB_SLOTS
+
+
+def tokenize(prompt: str | list[str], max_len: int = MAX_PROMPT_LEN) -> torch.Tensor:
+    """Map a prompt (or a list of prompts) to a ``(B, max_len)`` int64 tensor of word ids, 0-padded.
+
+    Raises ``ValueError`` naming the first word not in the vocabulary, or a prompt longer than ``max_len``.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    out = torch.zeros(len(prompts), max_len, dtype=torch.long)
+    for row, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+        words = text.lower().split()
+        if len(words) > max_len:
+            raise ValueError(f"prompt has {len(words)} words; at most {max_len} are supported: {text!r}")
+        for col, word in enumerate(words):
+            if word not in _WORD_TO_ID:
+                raise ValueError(f"prompt word {word!r} is not in the vocabulary (see tokensparse.vocab.WORDS)")
+            out[row, col] = _WORD_TO_ID[word]
+    return out
+
+
+def detokenize(ids: torch.Tensor) -> list[str]:
+    """Inverse of :func:`tokenize` for a ``(B, L)`` id tensor (padding dropped)."""
+    return [" ".join(WORDS[i - 1] for i in row.tolist() if i != PAD_ID) for row in ids]

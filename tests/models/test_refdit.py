@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import tokensparse as ts
+from tokensparse.models.refdit import patchify, unpatchify
+from tokensparse.vocab import tokenize
+
+from ..conftest import make_refs
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(unpatchify(patchify(x, 4).reshape(2, 16, 48), 4, 4, 4), x)
+
+
+@pytest.mark.parametrize("n_refs", [0, 1, 2, 4])
+def test_forward_any_number_of_references(tiny, n_refs):
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    out = tiny(x, t, [r * 2 - 1 for r in make_refs(n_refs, batch=2)], tokenize(["place the subject", ""]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_references_change_the_output(tiny):
+    x, t, p = torch.randn(1, 3, 16, 16), torch.rand(1), tokenize("place")
+    a = tiny(x, t, make_refs(1, seed=1), p)
+    b = tiny(x, t, make_refs(1, seed=2), p)
+    assert not torch.allclose(a, b)
+
+
+def test_context_independent_of_target_when_ref_attends_target_false(tiny_kv):
+    """With ref_attends_target=False the reference stream's K/V never see the target or the time."""
+    refs, p = make_refs(2), tokenize("place")
+    seen = []
+    hook = tiny_kv.blocks[-1].mlp.register_forward_hook(
+        lambda m, a, kw, out: seen.append(out) if kw.get("role") == "context" else None, with_kwargs=True)
+    tiny_kv(torch.randn(1, 3, 16, 16), torch.tensor([0.9]), refs, p)
+    tiny_kv(torch.randn(1, 3, 16, 16), torch.tensor([0.2]), refs, p)
+    hook.remove()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+
+
+def test_context_depends_on_target_when_ref_attends_target_true(tiny):
+    refs, p = make_refs(1), tokenize("place")
+    seen = []
+    hook = tiny.blocks[-1].mlp.register_forward_hook(
+        lambda m, a, kw, out: seen.append(out) if kw.get("role") == "context" else None, with_kwargs=True)
+    tiny(torch.randn(1, 3, 16, 16), torch.tensor([0.9]), refs, p)
+    tiny(torch.randn(1, 3, 16, 16), torch.tensor([0.2]), refs, p)
+    hook.remove()
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_sparse_reference_is_fewer_tokens_with_original_ids(tiny):
+    refs = [r * 2 - 1 for r in make_refs(1)]
+    seq = tiny.embed_references(refs, 1)
+    keep = torch.zeros(1, 16, dtype=torch.bool)
+    keep[0, [0, 5, 15]] = True
+    from tokensparse.tokens import subset
+
+    sub = subset(seq, keep)
+    assert sub.ids[0].tolist() == [[1, 0, 0], [1, 1, 1], [1, 3, 3]]
+    out = tiny(torch.randn(1, 3, 16, 16), torch.rand(1), sub, tokenize("place"))
+    assert out.shape == (1, 3, 16, 16)
+
+
+def test_padded_sparse_batch_matches_unpadded_rows(tiny):
+    """Samples with different kept counts in one batch give the same result as each alone."""
+    from tokensparse.tokens import subset
+
+    refs = [r * 2 - 1 for r in make_refs(2, batch=2)]
+    x, t, p = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5]), tokenize(["place", "place"])
+    seq = tiny.embed_references(refs, 2)
+    keep = torch.rand(2, 32, generator=torch.Generator().manual_seed(0)) < 0.4
+    both = tiny(x, t, subset(seq, keep), p)
+    for i in range(2):
+        one_refs = [r[i:i + 1] for r in refs]
+        alone = tiny(x[i:i + 1], t[i:i + 1], subset(tiny.embed_references(one_refs, 1), keep[i:i + 1]), p[i:i + 1])
+        assert torch.allclose(both[i], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "refs, match",
+    [
+        ([torch.rand(1, 3, 8, 8)], "16x16"),
+        ([torch.rand(1, 1, 16, 16)], "expected"),
+        ([torch.rand(1, 3, 16, 16)] * 5, "at most 4"),
+    ],
+)
+def test_bad_references_raise_value_error(tiny, refs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(torch.randn(1, 3, 16, 16), torch.rand(1), refs, tokenize("place"))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ts.RefDiTConfig(image_size=30, patch_size=4)
+
+
+def test_list_and_build_models():
+    models = ts.list_models()
+    assert "refdit-s" in models and "refdit-base" in models
+    with pytest.raises(ValueError, match="unknown model"):
+        ts.build_model("nope")

@@ -1,0 +1,98 @@
+"""The contract every apply_* keeps, for Sparse Context on RefDiT, plus generate()."""
+
+import pytest
+import torch
+
+import tokensparse as ts
+from tokensparse.selection import SCORERS
+
+from .conftest import make_refs
+
+PROMPT = "place the subject top left"
+
+
+def gen(model, refs, **kw):
+    return ts.generate(model, refs, PROMPT, steps=3, seed=0, **kw)
+
+
+def test_same_seed_identical(tiny):
+    refs = make_refs(2)
+    assert torch.equal(gen(tiny, refs), gen(tiny, refs))
+
+
+def test_output_range_and_shape(tiny):
+    out = gen(tiny, make_refs(2, batch=2))
+    assert out.shape == (2, 3, 16, 16) and out.min() >= 0 and out.max() <= 1
+
+
+def test_keep_one_is_exact(tiny):
+    refs = make_refs(3)
+    dense = gen(tiny, refs)
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=1.0))
+    assert torch.equal(gen(tiny, refs), dense)
+
+
+def test_remove_restores_exactly_and_apply_replaces(tiny):
+    refs = make_refs(2)
+    dense = gen(tiny, refs)
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25, seed=1))
+    once = gen(tiny, refs)
+    assert not torch.equal(once, dense)
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25, seed=1))
+    assert torch.equal(gen(tiny, refs), once)  # twice == once, no stacking
+    assert len(tiny.ref_embedder._forward_hooks) == 1
+    ts.remove_sparse_context(tiny)
+    assert torch.equal(gen(tiny, refs), dense)
+    ts.remove_sparse_context(tiny)  # removing twice is a no-op
+
+
+@pytest.mark.parametrize("selector", sorted(SCORERS))
+def test_token_count_at_quarter_keep_with_four_refs(tiny, selector):
+    seen = []
+    tiny.blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(a[2].shape[1]))
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25, selector=selector))
+    gen(tiny, make_refs(4))
+    n_prompt = 1 + 16  # BOS + padded prompt slots
+    assert set(seen) == {n_prompt + 4 * 4}  # 4 refs x (16 tokens * 0.25)
+    assert len(seen) == 3  # one forward per step
+
+
+def test_selection_is_identical_every_step(tiny):
+    ids = []
+    tiny.blocks[0].attn.register_forward_hook(lambda m, a, out: ids.append(a[3].clone()))
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.5, selector="random", seed=3))
+    gen(tiny, make_refs(2))
+    assert all(torch.equal(ids[0], x) for x in ids)
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(keep=0.0), ValueError), (dict(keep=1.5), ValueError), (dict(keep=-0.1), ValueError),
+    (dict(selector="magic"), ValueError), (dict(keep="half"), TypeError),
+])
+def test_bad_config(kwargs, err):
+    with pytest.raises(err):
+        ts.SparseContextConfig(**kwargs)
+
+
+def test_bad_targets_and_inputs(tiny):
+    with pytest.raises(TypeError, match="RefDiT"):
+        ts.apply_sparse_context(torch.nn.Linear(2, 2), ts.SparseContextConfig(keep=0.5))
+    with pytest.raises(TypeError, match="SparseContextConfig"):
+        ts.apply_sparse_context(tiny, {"keep": 0.5})
+    with pytest.raises(ValueError, match="vocabulary"):
+        ts.generate(tiny, make_refs(1), "paint a unicorn", steps=1)
+    with pytest.raises(ValueError, match="at most 4"):
+        ts.generate(tiny, make_refs(5), PROMPT, steps=1)
+    with pytest.raises(ValueError, match="16x16"):
+        ts.generate(tiny, make_refs(1, size=8), PROMPT, steps=1)
+    with pytest.raises(ValueError, match="cache=True"):
+        ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.5, cache=True))
+
+
+def test_pil_references_accepted(tiny):
+    from tokensparse.images import to_pil
+
+    refs = make_refs(1)
+    a = gen(tiny, [to_pil(refs[0][0])])
+    b = gen(tiny, [(torch.round(refs[0][0] * 255) / 255)])
+    assert torch.allclose(a, b, atol=1e-6)

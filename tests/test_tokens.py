@@ -1,0 +1,46 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensparse.tokens import dense_seq, gather, grid_ids, pack_index, ref_slices, scatter, subset
+
+
+def test_grid_ids_row_major():
+    ids = grid_ids(2, 2, 3)
+    assert ids.tolist() == [[2, 0, 0], [2, 0, 1], [2, 0, 2], [2, 1, 0], [2, 1, 1], [2, 1, 2]]
+
+
+def test_dense_seq_concatenates_refs_with_ids():
+    a, b = torch.randn(2, 2, 2, 5), torch.randn(2, 3, 1, 5)
+    seq = dense_seq([a, b])
+    assert seq.tokens.shape == (2, 7, 5) and seq.valid is None and seq.grids == ((2, 2), (3, 1))
+    assert torch.equal(seq.tokens[:, :4], a.reshape(2, 4, 5))
+    assert seq.ids[0, 4].tolist() == [2, 0, 0] and seq.ids[1, 6].tolist() == [2, 2, 0]
+    assert [s.stop for s in ref_slices(seq.grids)] == [4, 7]
+
+
+def test_subset_keeps_ids_and_pads_unequal_counts():
+    seq = dense_seq([torch.arange(8.0).reshape(2, 2, 2, 1)])
+    keep = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    sub = subset(seq, keep)
+    assert sub.tokens[..., 0].tolist() == [[0.0, 3.0], [5.0, 4.0]]  # row 1: slot 1 is padding
+    assert sub.valid.tolist() == [[True, True], [True, False]]
+    assert sub.ids[0, 1].tolist() == [1, 1, 1] and sub.ids[1, 0].tolist() == [1, 0, 1]
+    assert sub.counts().tolist() == [2, 1]
+
+
+def test_equal_counts_need_no_padding():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    index, valid = pack_index(keep)
+    assert valid is None and index.tolist() == [[0, 2], [1, 2]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(0, 10_000))
+def test_scatter_inverts_gather(b, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, n, generator=g) < 0.5
+    x = torch.randn(b, n, 4, generator=g)
+    index, valid = pack_index(keep)
+    back = scatter(gather(x, index), index, valid, n, fill=0.0)
+    assert torch.equal(back, torch.where(keep[..., None], x, torch.zeros_like(x)))

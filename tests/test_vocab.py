@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from tokensparse.vocab import WORDS, detokenize, tokenize
+
+
+def test_roundtrip_and_padding():
+    ids = tokenize(["place the subject", ""])
+    assert ids.shape == (2, 16) and ids.dtype == torch.long
+    assert detokenize(ids) == ["place the subject", ""]
+    assert int(ids[1].abs().sum()) == 0
+
+
+def test_unknown_word_is_named():
+    with pytest.raises(ValueError, match="'zebra'"):
+        tokenize("place the zebra")
+
+
+def test_words_unique():
+    assert len(set(WORDS)) == len(WORDS)
