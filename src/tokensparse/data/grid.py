@@ -1,0 +1,51 @@
+"""A PNG grid of task samples: one row per sample, columns = references | prompt | target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .tasks import TASKS, make_sample
+
+
+def _to_pil(img, scale: int) -> Image.Image:
+    arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+
+
+def save_task_grid(
+    path: str | Path, image_size: int = 32, per_task: int = 4, scale: int | None = None, seed: int = 0
+) -> None:
+    """Write a PNG: ``per_task`` rows per task (seeds ``seed..seed+per_task-1``), columns = up to four
+    references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px."""
+    scale = scale or max(1, 96 // image_size)
+    cell = image_size * scale
+    pad, text_w = 4, 300
+    max_refs = max(spec.num_refs[1] for spec in TASKS.values())
+    rows = [make_sample(t, seed + i, image_size) for t in TASKS for i in range(per_task)]
+    width = pad + max_refs * (cell + pad) + text_w + cell + pad
+    height = pad + len(rows) * (cell + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for r, s in enumerate(rows):
+        y = pad + r * (cell + pad)
+        for i, ref in enumerate(s.refs):
+            canvas.paste(_to_pil(ref, scale), (pad + i * (cell + pad), y))
+        tx = pad + max_refs * (cell + pad)
+        words, lines, cur = s.prompt.split(), [], ""
+        for w in words:  # wrap the prompt at ~40 characters
+            if len(cur) + len(w) + 1 > 40:
+                lines.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}".strip()
+        lines.append(cur)
+        draw.text((tx + 4, y + 4), f"{s.task} ({s.family})  ->", fill=(120, 0, 0), font=font)
+        for j, line in enumerate(lines):
+            draw.text((tx + 4, y + 20 + 13 * j), line, fill=(0, 0, 0), font=font)
+        canvas.paste(_to_pil(s.target, scale), (tx + text_w, y))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)

@@ -1,0 +1,106 @@
+"""Quality metrics against exact ground truth: per-image PSNR / SSIM / coarse (layout) PSNR, 95 % intervals,
+and per-task / per-family summaries. (FLOP counting lives in :mod:`tokensparse.flops`.)
+
+All image inputs are float tensors (N, 3, H, W) with values in [0, 1]; every metric returns one value per
+image, shape (N,), so callers can average, bootstrap or group as they like.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+__all__ = ["coarse_psnr", "mean_ci95", "psnr", "ssim", "summarize"]
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(
+            f"pred and target must both be (N, C, H, W) of one shape, got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    return pred.detach().float().clamp(0, 1), target.detach().float()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB with data range 1: ``10 log10(1 / MSE)``; ``inf`` where the images are identical.
+
+    ``pred`` is clamped to [0, 1] first (a model's raw output is scored as the image it would display).
+    """
+    pred, target = _check(pred, target)
+    return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (torchmetrics, Gaussian window 11, sigma 1.5, data range 1); 1 for identical images.
+
+    Images smaller than the window (< 11 px) use the largest odd window that fits.
+    """
+    pred, target = _check(pred, target)
+    k = min(11, (min(pred.shape[-2:]) - 1) | 1)
+    return structural_similarity_index_measure(
+        pred, target, data_range=1.0, reduction="none", kernel_size=k, sigma=1.5 * k / 11
+    )
+
+
+def coarse_psnr(pred: torch.Tensor, target: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """PSNR after average-pooling both images by ``factor`` (the *layout* metric: right colours in the right
+    places, fine detail ignored). With 4x4 patches and ``factor=4`` it compares per-token mean colours."""
+    pred, target = _check(pred, target)
+    if factor > 1:
+        pred, target = F.avg_pool2d(pred, factor), F.avg_pool2d(target, factor)
+    return psnr(pred, target)
+
+
+def mean_ci95(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (normal approximation, 1.96 standard errors
+    with the sample standard deviation). Half-width is ``nan`` for fewer than two values."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    mean = float(v.mean())
+    if v.numel() < 2:
+        return mean, math.nan
+    return mean, float(1.96 * v.std(unbiased=True) / math.sqrt(v.numel()))
+
+
+def summarize(per_sample: dict[str, torch.Tensor], tasks: Sequence[str]) -> dict:
+    """Group per-sample metric values by task and by family.
+
+    Args:
+        per_sample: metric name -> (N,) values, e.g. ``{"psnr": psnr(p, t), "ssim": ssim(p, t)}``.
+        tasks: the N task names, aligned with the values.
+
+    Returns:
+        ``{"per_task": {task: {metric: {"mean", "ci95", "n"}}}, "per_family": {family: {...}},
+        "overall": {metric: {...}}}``; families follow ``tokensparse.data.FAMILIES`` order, tasks first-seen
+        order. Family and overall means are over samples (held-out sets are balanced over tasks).
+    """
+    from .data import FAMILIES, TASKS  # local: metrics stays importable without building any data
+
+    tasks = list(tasks)
+    for name, vals in per_sample.items():
+        if vals.numel() != len(tasks):
+            raise ValueError(f"metric {name!r} has {vals.numel()} values for {len(tasks)} tasks")
+    unknown = sorted({t for t in tasks if t not in TASKS})
+    if unknown:
+        raise ValueError(f"unknown task names {unknown}")
+
+    def stats(idx: list[int]) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, vals in per_sample.items():
+            m, ci = mean_ci95(vals.detach().flatten()[idx].cpu())
+            out[name] = {"mean": m, "ci95": ci, "n": len(idx)}
+        return out
+
+    per_task = {t: stats([i for i, x in enumerate(tasks) if x == t]) for t in dict.fromkeys(tasks)}
+    per_family = {}
+    for fam in FAMILIES:
+        idx = [i for i, x in enumerate(tasks) if TASKS[x].family == fam]
+        if idx:
+            per_family[fam] = stats(idx)
+    return {"per_task": per_task, "per_family": per_family, "overall": stats(list(range(len(tasks))))}

@@ -1,0 +1,124 @@
+"""Training stream, held-out sets, floors and the task grid."""
+
+import torch
+from PIL import Image
+
+from tokensparse.data import (
+    FAMILIES,
+    HELDOUT_SEED_BASE,
+    TASKS,
+    Batch,
+    batch_plan,
+    batched,
+    floors,
+    heldout,
+    make_sample,
+    save_task_grid,
+    train_batches,
+)
+
+
+def _same(a: Batch, b: Batch) -> bool:
+    return (
+        a.prompts == b.prompts
+        and a.tasks == b.tasks
+        and a.seeds == b.seeds
+        and torch.equal(a.target, b.target)
+        and len(a.refs) == len(b.refs)
+        and all(torch.equal(x, y) for x, y in zip(a.refs, b.refs))
+    )
+
+
+def test_batches_shapes_and_uniform_ref_count():
+    it = train_batches(8, image_size=16, seed=1)
+    for _ in range(12):
+        b = next(it)
+        assert len(b) == 8 and b.target.shape == (8, 3, 16, 16)
+        lo, hi = TASKS[b.tasks[0]].num_refs
+        assert lo <= len(b.refs) <= hi and len(set(b.tasks)) == 1
+        assert all(r.shape == (8, 3, 16, 16) and r.dtype == torch.float32 for r in b.refs)
+        assert float(b.target.min()) >= 0 and float(b.target.max()) <= 1
+    assert {batch_plan(k, 1, seed=1)[1] for k in range(200)} == {1, 2, 3, 4}
+
+
+def test_batch_matches_make_sample():
+    b = next(train_batches(4, seed=3))
+    for i, (t, s) in enumerate(zip(b.tasks, b.seeds)):
+        smp = make_sample(t, s, num_refs=len(b.refs))
+        assert smp.prompt == b.prompts[i] and torch.equal(smp.target, b.target[i])
+        assert all(torch.equal(smp.refs[j], b.refs[j][i]) for j in range(len(b.refs)))
+
+
+def test_stream_is_resumable_and_deterministic():
+    a = train_batches(4, seed=7)
+    first = [next(a) for _ in range(6)]
+    again = train_batches(4, seed=7)
+    assert all(_same(x, next(again)) for x in first)
+    resumed = train_batches(4, seed=7, start=4)
+    assert _same(first[4], next(resumed)) and _same(first[5], next(resumed))
+    strided = train_batches(4, seed=7, start=1, stride=2)  # rank 1 of 2
+    assert _same(first[1], next(strided)) and _same(first[3], next(strided))
+    other = next(train_batches(4, seed=8))
+    assert not _same(first[0], other)
+
+
+def test_task_and_family_filters_and_balance():
+    b = next(train_batches(2, tasks=["place"]))
+    assert b.tasks == ["place", "place"]
+    fams = [TASKS[batch_plan(k, 1, 0, ["multi", "recolor"])[0]].family for k in range(200)]
+    assert set(fams) == {"multi", "editing"}
+    counts = {
+        f: sum(x == f for x in (TASKS[batch_plan(k, 1)[0]].family for k in range(900))) for f in FAMILIES
+    }
+    assert all(250 <= c <= 350 for c in counts.values()), counts
+
+
+def test_heldout_seeds_never_in_train_stream():
+    train_seeds = set()
+    for k in range(300):
+        train_seeds.update(batch_plan(k, 32, seed=0)[2])
+    assert max(train_seeds) < HELDOUT_SEED_BASE
+    for fam in FAMILIES:
+        ho = heldout(fam, n=512)
+        seeds = {s.seed for s in ho}
+        assert min(seeds) >= HELDOUT_SEED_BASE and not seeds & train_seeds
+        assert len(ho) == 512
+        per_task = {t: sum(s.task == t for s in ho) for t in TASKS if TASKS[t].family == fam}
+        assert max(per_task.values()) - min(per_task.values()) <= 1  # balanced
+
+
+def test_heldout_is_fixed_and_consistent_per_task():
+    a, b = heldout("subject", n=8, image_size=16), heldout("subject", n=8, image_size=16)
+    assert all(torch.equal(x.target, y.target) and x.prompt == y.prompt for x, y in zip(a, b))
+    place = heldout("place", n=4, image_size=16)
+    assert all(torch.equal(place[j].target, a[2 * j].target) for j in range(4))
+
+
+def test_batched_groups_by_ref_count():
+    ho = heldout("multi", n=24, image_size=16)
+    seen = []
+    for idx, batch in batched(ho, 5):
+        assert len(batch) == len(idx) <= 5
+        for j, i in enumerate(idx):
+            assert len(ho[i].refs) == len(batch.refs)
+            assert torch.equal(batch.target[j], ho[i].target)
+        seen += idx
+    assert sorted(seen) == list(range(24))
+
+
+def test_floors():
+    ho = heldout("editing", n=6, image_size=16)
+    fl = floors(ho)
+    assert set(fl) == {"copy_ref", "mean_image"}
+    for v in fl.values():
+        assert v.shape == (6, 3, 16, 16)
+    assert all(torch.equal(fl["copy_ref"][i], s.refs[0]) for i, s in enumerate(ho))
+    assert torch.equal(fl["mean_image"][0], fl["mean_image"][3])  # same task -> same mean image
+    assert not torch.equal(fl["mean_image"][0], fl["mean_image"][1])
+
+
+def test_task_grid(tmp_path):
+    path = tmp_path / "grid.png"
+    save_task_grid(path, image_size=16, per_task=1)
+    img = Image.open(path)
+    assert img.size[0] > 300 and img.size[1] >= len(TASKS) * 16

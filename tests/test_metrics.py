@@ -1,0 +1,70 @@
+"""Metrics against values known in closed form."""
+
+import math
+
+import pytest
+import torch
+
+from tokensparse.metrics import coarse_psnr, mean_ci95, psnr, ssim, summarize
+
+
+def test_psnr_identical_and_known_mse():
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(psnr(x, x)).all()
+    t = torch.full((2, 3, 8, 8), 0.5)
+    p = t + torch.tensor([0.1, 0.01])[:, None, None, None]  # MSE 1e-2 and 1e-4
+    assert torch.allclose(psnr(p, t), torch.tensor([20.0, 40.0]), atol=1e-3)
+    assert psnr(p, t).shape == (2,)
+
+
+def test_psnr_clamps_prediction():
+    t = torch.ones(1, 3, 8, 8)
+    assert torch.isinf(psnr(t + 5.0, t)).all()
+
+
+def test_ssim_identical_and_ordered():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    assert torch.allclose(ssim(x, x), torch.ones(4), atol=1e-5)
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    noisier = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert (ssim(noisy, x) < 1).all() and (ssim(noisier, x) < ssim(noisy, x)).all()
+    small = torch.rand(2, 3, 8, 8, generator=g)
+    assert torch.allclose(ssim(small, small), torch.ones(2), atol=1e-5)
+
+
+def test_coarse_psnr_ignores_detail_but_sees_layout():
+    t = torch.full((1, 3, 16, 16), 0.5)
+    checker = ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2).float() * 0.2 - 0.1
+    p = t + checker  # zero-mean detail in every 2x2 cell: MSE 0.01
+    assert torch.allclose(psnr(p, t), torch.tensor([20.0]), atol=1e-3)
+    assert torch.isinf(coarse_psnr(p, t, factor=2)).all()
+    shifted = t + 0.1
+    assert torch.allclose(coarse_psnr(shifted, t, factor=4), torch.tensor([20.0]), atol=1e-3)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError):
+        psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 4))
+
+
+def test_mean_ci95():
+    m, h = mean_ci95(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert m == pytest.approx(2.5)
+    assert h == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+    m, h = mean_ci95([3.0])
+    assert m == 3.0 and math.isnan(h)
+
+
+def test_summarize_groups_by_task_and_family():
+    vals = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+    tasks = ["recolor", "remove", "recolor", "place", "backdrop", "compose"]
+    out = summarize({"psnr": vals}, tasks)
+    assert out["per_task"]["recolor"]["psnr"]["mean"] == pytest.approx(20.0)
+    assert out["per_task"]["recolor"]["psnr"]["n"] == 2
+    assert out["per_family"]["editing"]["psnr"]["mean"] == pytest.approx(20.0)
+    assert out["per_family"]["subject"]["psnr"]["mean"] == pytest.approx(45.0)
+    assert list(out["per_family"]) == ["editing", "subject", "multi"]
+    assert out["overall"]["psnr"]["mean"] == pytest.approx(35.0)
+    with pytest.raises(ValueError):
+        summarize({"psnr": vals[:3]}, tasks)
