@@ -52,7 +52,7 @@ def test_token_count_at_quarter_keep_with_four_refs(tiny, selector):
     tiny.blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(a[2].shape[1]))
     ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25, selector=selector))
     gen(tiny, make_refs(4))
-    n_prompt = 1 + 16  # BOS + padded prompt slots
+    n_prompt = 1 + len(PROMPT.split())  # BOS + words (all-padding columns are dropped)
     assert set(seen) == {n_prompt + 4 * 4}  # 4 refs x (16 tokens * 0.25)
     assert len(seen) == 3  # one forward per step
 

@@ -31,6 +31,17 @@ def show_models() -> None:
     console.print(table)
 
 
+@show_app.command("tasks")
+def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write."),
+               image_size: int = typer.Option(32, help="Image size of the samples."),
+               per_task: int = typer.Option(3, help="Samples per task.")) -> None:
+    """Draw a grid of task-suite samples: references | prompt | target, per task."""
+    from .data import save_task_grid
+
+    save_task_grid(out, image_size=image_size, per_task=per_task)
+    console.print(f"wrote {out}")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to write the demo PNG."),
          steps: int = typer.Option(20, help="Denoising steps.")) -> None:
@@ -38,6 +49,36 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
     from .demo import run_demo
 
     run_demo(out=out, steps=steps, console=console)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., exists=True, dir_okay=False, help="Recipe JSON (see recipes/)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (overrides the recipe's); resumes if it has checkpoints."),
+    steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop and checkpoint after this many minutes."),
+    export: Optional[Path] = typer.Option(None, help="After training, write the EMA weights here (.safetensors)."),
+    half: bool = typer.Option(False, help="Store exported weights in float16."),
+) -> None:
+    """Train or fine-tune RefDiT. Several CPU processes: `torchrun --nproc_per_node 2 -m tokensparse.cli train
+    ...`; GPUs: `accelerate launch -m tokensparse.cli train ...`."""
+    import json
+
+    from .train import TrainConfig, export_ema
+    from .train import train as run_training
+
+    raw = json.loads(config.read_text())
+    for key, value in (("out", str(out) if out else None), ("steps", steps), ("max_minutes", max_minutes)):
+        if value is not None:
+            raw[key] = value
+    cfg = TrainConfig.from_dict(raw)
+    state = run_training(cfg, log=console.print).state
+    console.print(f"stopped at step {state['step']} after {state['elapsed_s'] / 60:.1f} min")
+    if export is not None:
+        import torch
+
+        export_ema(cfg.out, export, dtype=torch.float16 if half else torch.float32)
+        console.print(f"wrote {export}")
 
 
 def main() -> None:  # pragma: no cover

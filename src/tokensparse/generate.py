@@ -21,7 +21,7 @@ def generate(
     prompt: str | list[str],
     *,
     steps: int = 20,
-    seed: int = 0,
+    seed: int | list[int] = 0,
     shift: float = 1.0,
     sampler: str = "euler",
     callback: Callable[[int, Tensor], None] | None = None,
@@ -30,7 +30,8 @@ def generate(
 
     references: PIL images, arrays or tensors in [0, 1], each ``(3, H, W)`` or ``(B, 3, H, W)``; may be empty.
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
-    seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in).
+    seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
+        ``seed[i]`` when a list is given.
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.
     """
     if not isinstance(model, RefDiT):
@@ -56,6 +57,7 @@ def generate(
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         return model(x, t, ref_tokens, prompt_ids)
 
-    x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), [seed + i for i in range(batch)], device)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+    x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)
     x0 = SAMPLERS[sampler](denoise, x, timesteps(steps, shift).to(device), callback)
     return ((x0 + 1) / 2).clamp(0, 1)

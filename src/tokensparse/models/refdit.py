@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tokens import TokenSeq, dense_seq, grid_ids
+from ..tokens import TokenSeq, dense_seq, grid_ids, subset
 from ..vocab import MAX_PROMPT_LEN, VOCAB_SLOTS
 
 
@@ -262,6 +262,8 @@ class PromptEmbedder(nn.Module):
         nn.init.normal_(self.bos, std=0.02)
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        used = (ids != 0).any(0).nonzero()
+        ids = ids[:, : int(used.max()) + 1 if used.numel() else 0]  # drop all-padding columns: exact, cheaper
         b, n = ids.shape
         tok = torch.cat([self.bos.expand(b, -1, -1), self.words(ids)], 1) + self.pos[:, : n + 1]
         valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=ids.device), ids != 0], 1)
@@ -354,16 +356,20 @@ class RefDiT(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(
-        self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor
+        self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor,
+        ref_keep: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` (1 = noise).
 
         refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
         prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
+        ref_keep: optional ``(B, N)`` keep mask over the dense reference tokens (training-time dropping).
         """
         cfg = self.config
         b = x.shape[0]
         refs_seq = self.embed_references(refs, b)
+        if ref_keep is not None and refs_seq is not None:
+            refs_seq = subset(refs_seq, ref_keep)
         ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
         c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
         if cfg.ref_attends_target:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from importlib import resources
@@ -60,13 +61,17 @@ def build_model(name: str | RefDiTConfig, **overrides) -> RefDiT:
     return RefDiT(cfg)
 
 
-def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None) -> None:
-    """Write ``model`` as safetensors plus a JSON with its config (and ``meta``), each atomically."""
+def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Write ``model`` as safetensors (weights stored in ``dtype``) plus a JSON with its config and ``meta``.
+
+    Both files are written atomically (temp file + rename). Loading always gives a float32 model.
+    """
     path = Path(path)
     tmp = path.with_suffix(".safetensors.tmp")
-    _save_safetensors(model, str(tmp))
+    _save_safetensors(copy.deepcopy(model).to(dtype), str(tmp))
     tmp.replace(path)
-    info = {"config": asdict(model.config), **(meta or {})}
+    info = {"config": asdict(model.config), "stored_dtype": str(dtype).replace("torch.", ""), **(meta or {})}
     tmp_json = path.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(info, indent=2))
     tmp_json.replace(path.with_suffix(".json"))

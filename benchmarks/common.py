@@ -1,0 +1,64 @@
+"""Helpers shared by the benchmark scripts (never imported by the package)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import tokensparse as ts
+from tokensparse.data import batched, heldout
+from tokensparse.metrics import coarse_psnr, psnr, ssim
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write with a small provenance header."""
+    payload = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def load(name_or_path: str) -> ts.RefDiT:
+    """A shipped model by name, or a checkpoint path."""
+    from tokensparse.models import load_checkpoint
+
+    if name_or_path.endswith(".safetensors"):
+        return load_checkpoint(name_or_path)
+    return ts.load_model(name_or_path)
+
+
+@torch.no_grad()
+def evaluate(model: ts.RefDiT, samples: list, steps: int, batch_size: int = 32, use_refs: bool = True,
+             ) -> dict[str, torch.Tensor]:
+    """Generate every sample (noise seed = the sample's seed) and score it against its ground truth."""
+    n = len(samples)
+    out = {k: torch.empty(n) for k in ("psnr", "coarse_psnr", "ssim")}
+    for idx, b in batched(samples, batch_size):
+        refs = b.refs if use_refs else []
+        pred = ts.generate(model, refs, b.prompts, steps=steps, seed=[samples[i].seed for i in idx])
+        for k, fn in (("psnr", psnr), ("coarse_psnr", coarse_psnr), ("ssim", ssim)):
+            out[k][idx] = fn(pred, b.target).float()
+    return out
+
+
+def heldout_by_family(n: int, image_size: int) -> dict[str, list]:
+    from tokensparse.data import FAMILIES
+
+    return {fam: heldout(fam, n, image_size) for fam in FAMILIES}
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

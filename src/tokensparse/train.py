@@ -1,0 +1,352 @@
+"""Train RefDiT on the task suite (stage 1, dense) and fine-tune it with random reference dropping (stage 2).
+
+Runs on accelerate, so the same code runs as one CPU process, ``accelerate launch --num_processes 2 --cpu``,
+or on many GPUs. Everything random in step ``k`` (data batch, times, noise, drop ratios) is a pure function
+of ``(seed, k, rank)``, so a killed run resumed from its last checkpoint continues bit-exactly.
+
+Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema.safetensors``,
+``optim.pt`` (tensors only, loaded with ``weights_only=True``) and ``state.json``; each is written to a
+temp folder and renamed, then ``<out>/latest`` is replaced atomically. The resolved config is saved as
+``<out>/config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .flow import interpolate, sample_t, velocity
+from .models.refdit import RefDiT
+from .models.zoo import build_model, load_checkpoint, save_checkpoint
+from .selection import topk_mask
+from .vocab import tokenize
+
+
+@dataclass
+class DropConfig:
+    """Random reference dropping for the Sparse Context fine-tune.
+
+    Each reference of each sample independently keeps everything with probability ``p_full``, else a
+    fraction drawn uniformly from ``[keep_min, keep_max]`` of its tokens, chosen uniformly at random.
+    """
+
+    p_full: float = 0.2
+    keep_min: float = 0.05
+    keep_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.p_full <= 1 or not 0 < self.keep_min <= self.keep_max <= 1:
+            raise ValueError(f"invalid DropConfig {self}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved beside its checkpoints."""
+
+    out: str = "runs/base"
+    model: str = "refdit-s"
+    init: str | None = None  # a checkpoint (.safetensors saved by save_checkpoint, or a run folder) to start from
+    steps: int = 6000
+    max_minutes: float | None = None  # wall budget: stop (and checkpoint) when it runs out
+    batch_size: int = 32
+    lr: float = 3e-4
+    min_lr_frac: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    drop: DropConfig | None = None
+    tasks: list[str] | None = None
+    seed: int = 0
+    ckpt_every: int = 250
+    log_every: int = 50
+    stop_at: int | None = None  # stop after this step, as if killed (tests, manual pauses); resume continues
+    eval_every: int = 1000
+    eval_samples: int = 32
+    mixed_precision: str = "no"
+    lora_rank: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if d.get("drop") is not None:
+            d["drop"] = DropConfig(**d["drop"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_frac * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropConfig,
+                     generator: torch.Generator) -> Tensor:
+    """Keep mask ``(B, N)`` over the dense reference sequence: each reference drops independently."""
+    masks = []
+    for h, w in grids:
+        n = h * w
+        frac = drop.keep_min + (drop.keep_max - drop.keep_min) * torch.rand(batch, generator=generator)
+        frac = torch.where(torch.rand(batch, generator=generator) < drop.p_full, torch.ones(batch), frac)
+        counts = (frac * n).round().clamp(1, n).long()
+        masks.append(topk_mask(torch.rand(batch, n, generator=generator), counts))
+    return torch.cat(masks, 1)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():  # shared tensors (patch_embed) saved once
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().contiguous().clone()
+    return out
+
+
+def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
+                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2) -> Path:
+    final = out / f"step_{step:07d}"
+    tmp = out / f".step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_state_tensors(model), str(tmp / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest_tmp = out / "latest.tmp"
+    latest_tmp.write_text(final.name)
+    latest_tmp.replace(out / "latest")
+    for old in sorted(out.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ptr = out / "latest"
+    if not ptr.is_file():
+        return None
+    path = out / ptr.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def _load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    shared_ok = all(k.startswith("ref_embedder.patch_embed.") for k in missing)
+    if unexpected or not shared_ok:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def init_model(cfg: TrainConfig) -> RefDiT:
+    """The model a run starts from: untrained, or ``cfg.init`` (a shipped-style checkpoint or a run folder's EMA)."""
+    if cfg.init is None:
+        return build_model(cfg.model)
+    init = Path(cfg.init)
+    if init.is_dir():
+        ckpt = latest_checkpoint(init)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint in run folder {init}")
+        model = build_model(cfg.model)
+        _load_into(model, load_file(str(ckpt / "ema.safetensors")))
+        return model
+    return load_checkpoint(init)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    state: dict  # step, elapsed_s, losses [[step, mean loss]], evals
+    model: RefDiT  # this process's trained (non-EMA) model
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    """Run (or resume) a training run in ``cfg.out``."""
+    from accelerate import Accelerator
+
+    from .data import train_batches
+
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    out = Path(cfg.out)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model = init_model(cfg)
+    if cfg.lora_rank > 0:
+        model = _with_lora(model, cfg.lora_rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone().float() for k, v in _state_tensors(model).items()}
+    state: dict = {"step": 0, "elapsed_s": 0.0, "evals": [], "losses": []}
+
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        _load_into(model, load_file(str(ckpt / "model.safetensors")))
+        ema = load_file(str(ckpt / "ema.safetensors"))
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        log(f"resumed from {ckpt} at step {state['step']}")
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    size = raw.config.image_size
+    start_step, t_start = state["step"], time.time() - state["elapsed_s"]
+    batches = train_batches(cfg.batch_size, size, seed=cfg.seed, tasks=cfg.tasks,
+                            start=start_step * acc.num_processes + acc.process_index, stride=acc.num_processes)
+    window: list[float] = []
+    step = start_step
+    bar = _progress(progress and acc.is_main_process and sys.stdout.isatty(), cfg.steps, start_step)
+    model.train()
+    while step < cfg.steps:
+        if cfg.stop_at is not None and step >= cfg.stop_at:
+            break
+        if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
+            log(f"wall budget of {cfg.max_minutes} min reached at step {step}")
+            break
+        batch = next(batches)
+        g = step_generator(cfg.seed, step, acc.process_index)
+        x0 = batch.target * 2 - 1
+        refs = [r * 2 - 1 for r in batch.refs]
+        ids = tokenize(batch.prompts, raw.config.max_prompt_len)
+        noise = torch.randn(x0.shape, generator=g)
+        t = sample_t(x0.shape[0], g)
+        keep = None
+        if cfg.drop is not None and refs:
+            grids = tuple((size // raw.config.patch_size,) * 2 for _ in refs)
+            keep = random_keep_mask(grids, x0.shape[0], cfg.drop, g)
+        dev = acc.device
+        x0, noise, t, ids = x0.to(dev), noise.to(dev), t.to(dev), ids.to(dev)
+        refs = [r.to(dev) for r in refs]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with acc.autocast():
+            pred = model(interpolate(x0, noise, t), t, refs, ids, ref_keep=keep)
+            loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        with torch.no_grad():
+            d = min(cfg.ema, (1 + step) / (10 + step))
+            for k, v in _state_tensors(raw).items():
+                ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+        window.append(float(loss.detach()))
+        if bar is not None:
+            bar[0].update(bar[1], completed=step, description=f"loss {sum(window[-50:]) / len(window[-50:]):.4f}")
+        if step % cfg.log_every == 0:
+            state["losses"].append([step, sum(window) / len(window)])
+            if acc.is_main_process and bar is None:
+                log(f"step {step}/{cfg.steps} loss {state['losses'][-1][1]:.4f} "
+                    f"({(time.time() - t_start) / 60:.1f} min)")
+            window = []
+        if step % cfg.eval_every == 0 and acc.is_main_process and cfg.lora_rank == 0:
+            state["evals"].append({"step": step, **evaluate_ema(raw, ema, cfg.eval_samples)})
+            log(f"step {step}: {state['evals'][-1]}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            state["elapsed_s"] = time.time() - t_start
+            if acc.is_main_process:
+                save_run_checkpoint(out, step, raw, ema, opt, state)
+            acc.wait_for_everyone()
+    state["elapsed_s"] = time.time() - t_start
+    state["step"] = step
+    if acc.is_main_process and step % cfg.ckpt_every != 0:
+        save_run_checkpoint(out, step, raw, ema, opt, state)
+    if bar is not None:
+        bar[0].stop()
+    return TrainResult(state, raw)
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                 TimeRemainingColumn())
+    task = p.add_task("training", total=total, completed=done)
+    p.start()
+    return p, task
+
+
+def ema_model(raw: RefDiT, ema: dict[str, Tensor]) -> RefDiT:
+    """A copy of ``raw`` holding the EMA weights, in eval mode."""
+    model = build_model(raw.config)
+    _load_into(model, {k: v.to(next(raw.parameters()).dtype) for k, v in ema.items()})
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10) -> dict[str, float]:
+    """Held-out PSNR per family of the EMA weights (``n`` samples per family, ``steps`` Euler steps)."""
+    from .data import FAMILIES, heldout
+    from .generate import generate
+    from .metrics import psnr
+
+    model = ema_model(raw, ema)
+    out = {}
+    for fam in FAMILIES:
+        vals = []
+        for s in heldout(fam, n, raw.config.image_size):
+            vals.append(float(psnr(generate(model, s.refs, s.prompt, steps=steps, seed=s.seed), s.target[None])[0]))
+        out[fam] = sum(vals) / len(vals)
+    return out
+
+
+def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Write the latest EMA weights of a run as a shippable checkpoint (safetensors + JSON)."""
+    run = Path(run)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run}")
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model = build_model(cfg.model)
+    _load_into(model, load_file(str(ckpt / "ema.safetensors")))
+    state = json.loads((ckpt / "state.json").read_text())
+    info = {"recipe": asdict(cfg), "step": state["step"], "wall_minutes": state["elapsed_s"] / 60,
+            "evals": state.get("evals", []), **(meta or {})}
+    save_checkpoint(model, path, info, dtype=dtype)
+    return Path(path)
+
+
+def _with_lora(model: RefDiT, rank: int) -> RefDiT:
+    """Freeze ``model`` and add LoRA adapters (peft) to its attention and MLP projections."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv", "proj", "fc1", "fc2"])
+    model = inject_adapter_in_model(cfg, model)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model
