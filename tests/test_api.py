@@ -96,3 +96,19 @@ def test_pil_references_accepted(tiny):
     a = gen(tiny, [to_pil(refs[0][0])])
     b = gen(tiny, [(torch.round(refs[0][0] * 255) / 255)])
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_kv_cache_generation_is_exact_and_stacks_with_sparsity(tiny_kv):
+    refs = make_refs(3)
+    for keep in (1.0, 0.25):
+        ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(keep=keep, selector="uniform"))
+        plain = gen(tiny_kv, refs)
+        ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(keep=keep, selector="uniform", cache=True))
+        seen = []
+        hook = tiny_kv.blocks[0].mlp.register_forward_hook(
+            lambda m, a, kw, out: seen.append(kw.get("role")), with_kwargs=True)
+        cached = gen(tiny_kv, refs)
+        hook.remove()
+        assert torch.equal(plain, cached)
+        assert seen.count("context") == 1 and seen.count("target") == 3  # context stream ran once
+    ts.remove_sparse_context(tiny_kv)

@@ -41,7 +41,7 @@ class SparseContextConfig:
 
     @property
     def is_identity(self) -> bool:
-        """True when the config keeps every token (and caches nothing): the dense model, exactly."""
+        """True when the config keeps every token: the dense model, exactly (the K/V cache is exact too)."""
         return self.keep == 1.0 and not self.adaptive
 
 

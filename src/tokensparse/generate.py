@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .api import sparse_context_config
 from .flow import SAMPLERS, noise_like, timesteps
 from .generation import begin_generation
 from .images import ImageLike, batch_images
@@ -53,9 +54,11 @@ def generate(
     model_refs = [(r.to(device) * 2 - 1) for r in refs]
     begin_generation(model)
     ref_tokens = model.embed_references(model_refs, batch)  # embedding + selection: once per generation
+    sparse_cfg = sparse_context_config(model)
+    kv = model.context_kv(ref_tokens, prompt_ids) if sparse_cfg is not None and sparse_cfg.cache else None
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, ref_tokens, prompt_ids)
+        return model(x, t, ref_tokens, prompt_ids, context_kv=kv)
 
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
     x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)

@@ -101,3 +101,17 @@ def test_list_and_build_models():
     assert "refdit-s" in models and "refdit-base" in models
     with pytest.raises(ValueError, match="unknown model"):
         ts.build_model("nope")
+
+
+def test_cached_context_kv_is_exact(tiny_kv):
+    refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])
+    kv = tiny_kv.context_kv(refs, p)
+    assert len(kv.layers) == tiny_kv.config.depth and kv.num_tokens == 1 + 3 + 3 * 16
+    for t in (0.9, 0.3):
+        x, tt = torch.randn(2, 3, 16, 16), torch.full((2,), t)
+        assert torch.equal(tiny_kv(x, tt, refs, p, context_kv=kv), tiny_kv(x, tt, refs, p))
+
+
+def test_context_kv_needs_separate_mode(tiny):
+    with pytest.raises(ValueError, match="ref_attends_target=False"):
+        tiny.context_kv(make_refs(1), tokenize("place"))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kvcache import ContextKV
 from ..tokens import TokenSeq, dense_seq, grid_ids, subset
 from ..vocab import MAX_PROMPT_LEN, VOCAB_SLOTS
 
@@ -167,60 +168,85 @@ class JointAttention(nn.Module):
         b, h, n, d = o.shape
         return self.proj(o.transpose(1, 2).reshape(b, n, h * d))
 
+    def context_attention(self, ctx: Tensor, ctx_rope: Tensor, ctx_valid: Tensor | None
+                          ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Context-only self-attention (``ctx_attends_target=False``): output and the context's (k, v)."""
+        qc, kc, vc = self.qkv_heads(ctx, ctx_rope)
+        cmask = None if ctx_valid is None else ctx_valid[:, None, None, :]
+        return self.merge_heads(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=cmask)), (kc, vc)
+
     def forward(
         self,
         x: Tensor,  # (B, Nt, D) target tokens, normalized and modulated
         x_rope: Tensor,  # (B, Nt, Dh/2, 2)
-        ctx: Tensor | None = None,  # (B, Nc, D) context tokens
+        ctx: Tensor | None = None,  # (B, Nc, D) context tokens (joint mode)
         ctx_rope: Tensor | None = None,
         ctx_valid: Tensor | None = None,  # (B, Nc) bool, None = all valid
+        ctx_kv: tuple[Tensor, Tensor] | None = None,  # context (k, v) computed elsewhere (cached mode)
     ) -> tuple[Tensor, Tensor | None]:
+        """Target output, and the context output when ``ctx`` is given (joint mode)."""
         qx, kx, vx = self.qkv_heads(x, x_rope)
-        if ctx is None:
+        if ctx is not None:
+            qc, kc, vc = self.qkv_heads(ctx, ctx_rope)
+            ctx_kv = (kc, vc)
+        if ctx_kv is None:
             return self.merge_heads(F.scaled_dot_product_attention(qx, kx, vx)), None
-        qc, kc, vc = self.qkv_heads(ctx, ctx_rope)
-        k, v = torch.cat([kx, kc], 2), torch.cat([vx, vc], 2)
+        k, v = torch.cat([kx, ctx_kv[0]], 2), torch.cat([vx, ctx_kv[1]], 2)
         mask = None
         if ctx_valid is not None:
             ones = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
             mask = torch.cat([ones, ctx_valid], 1)[:, None, None, :]
-        if self.ctx_attends_target:
-            nt = x.shape[1]
-            o = F.scaled_dot_product_attention(torch.cat([qx, qc], 2), k, v, attn_mask=mask)
-            return self.merge_heads(o[:, :, :nt]), self.merge_heads(o[:, :, nt:])
-        ox = F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)
-        cmask = None if ctx_valid is None else ctx_valid[:, None, None, :]
-        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=cmask)
-        return self.merge_heads(ox), self.merge_heads(oc)
+        if ctx is None:
+            return self.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)), None
+        nt = x.shape[1]
+        o = F.scaled_dot_product_attention(torch.cat([qx, qc], 2), k, v, attn_mask=mask)
+        return self.merge_heads(o[:, :, :nt]), self.merge_heads(o[:, :, nt:])
 
 
 class RefDiTBlock(nn.Module):
-    """adaLN-zero transformer block over target and context streams (shared weights)."""
+    """adaLN-zero transformer block over target and context streams (shared weights).
+
+    Joint mode (``ref_attends_target=True``): one attention over target + context. Separate mode: the
+    context stream runs first on its own (:meth:`context_step`), and the target attends to its K/V —
+    which is what makes those K/V cacheable.
+    """
 
     def __init__(self, cfg: RefDiTConfig) -> None:
         super().__init__()
         d = cfg.dim
+        self.joint = cfg.ref_attends_target
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = JointAttention(d, cfg.heads, cfg.ref_attends_target)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # zero-initialised in RefDiT.__init__
 
+    def context_step(self, ctx: Tensor, ctx_rope: Tensor, ctx_valid: Tensor | None, c_ctx: Tensor
+                     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Advance the context stream one block on its own; returns it and this block's context (k, v)."""
+        sa, ca, ga, sm, cm, gm = self.ada(c_ctx)[:, None].chunk(6, dim=-1)
+        ac, kv = self.attn.context_attention(modulate(self.norm1(ctx), sa, ca), ctx_rope, ctx_valid)
+        ctx = ctx + ga * ac
+        ctx = ctx + gm * self.mlp(modulate(self.norm2(ctx), sm, cm), role="context")
+        return ctx, kv
+
     def forward(
         self, x: Tensor, x_rope: Tensor, c: Tensor, ctx: Tensor | None, ctx_rope: Tensor | None,
-        ctx_valid: Tensor | None, c_ctx: Tensor,
+        ctx_valid: Tensor | None, c_ctx: Tensor, ctx_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         sa, ca, ga, sm, cm, gm = self.ada(c)[:, None].chunk(6, dim=-1)  # each (B, 1, D)
-        hc = None
-        if ctx is not None:
+        h = modulate(self.norm1(x), sa, ca)
+        if self.joint and ctx is not None:
             sa_c, ca_c, ga_c, sm_c, cm_c, gm_c = self.ada(c_ctx)[:, None].chunk(6, dim=-1)
-            hc = modulate(self.norm1(ctx), sa_c, ca_c)
-        ax, ac = self.attn(modulate(self.norm1(x), sa, ca), x_rope, hc, ctx_rope, ctx_valid)
-        x = x + ga * ax
-        x = x + gm * self.mlp(modulate(self.norm2(x), sm, cm), role="target")
-        if ctx is not None:
+            ax, ac = self.attn(h, x_rope, modulate(self.norm1(ctx), sa_c, ca_c), ctx_rope, ctx_valid)
             ctx = ctx + ga_c * ac
             ctx = ctx + gm_c * self.mlp(modulate(self.norm2(ctx), sm_c, cm_c), role="context")
+        else:
+            if ctx is not None and ctx_kv is None:
+                ctx, ctx_kv = self.context_step(ctx, ctx_rope, ctx_valid, c_ctx)
+            ax, _ = self.attn(h, x_rope, None, None, ctx_valid, ctx_kv=ctx_kv)
+        x = x + ga * ax
+        x = x + gm * self.mlp(modulate(self.norm2(x), sm, cm), role="target")
         return x, ctx
 
 
@@ -355,34 +381,57 @@ class RefDiT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
 
+    def context_time(self, t: Tensor, pooled: Tensor) -> Tensor:
+        """Conditioning of context tokens: the current time (joint mode) or the fixed time 0."""
+        tc = t if self.config.ref_attends_target else torch.zeros_like(t)
+        return self.time_embed(timestep_embedding(tc, 256)) + pooled
+
+    @torch.no_grad()
+    def context_kv(self, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor) -> ContextKV:
+        """Run the context stream once and return every block's context K/V (``ref_attends_target=False``)."""
+        if self.config.ref_attends_target:
+            raise ValueError("context K/V are step-independent only in models built with ref_attends_target=False")
+        b = prompt_ids.shape[0]
+        ctx, ctx_ids, ctx_valid, pooled = self.context(self.embed_references(refs, b), prompt_ids)
+        c_ctx = self.context_time(torch.zeros(b, device=prompt_ids.device), pooled)
+        ctx_rope = rope_angles(ctx_ids, self.config.rope_axes, self.config.rope_theta)
+        layers = []
+        for blk in self.blocks:
+            ctx, kv = blk.context_step(ctx, ctx_rope, ctx_valid, c_ctx)
+            layers.append(kv)
+        return ContextKV(layers, ctx_valid, pooled)
+
     def forward(
         self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor,
-        ref_keep: Tensor | None = None,
+        ref_keep: Tensor | None = None, context_kv: ContextKV | None = None,
     ) -> Tensor:
         """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` (1 = noise).
 
         refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
         prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
         ref_keep: optional ``(B, N)`` keep mask over the dense reference tokens (training-time dropping).
+        context_kv: cached context K/V from :meth:`context_kv` (then ``refs`` is ignored); exact.
         """
         cfg = self.config
         b = x.shape[0]
-        refs_seq = self.embed_references(refs, b)
-        if ref_keep is not None and refs_seq is not None:
-            refs_seq = subset(refs_seq, ref_keep)
-        ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
+        if context_kv is None:
+            refs_seq = self.embed_references(refs, b)
+            if ref_keep is not None and refs_seq is not None:
+                refs_seq = subset(refs_seq, ref_keep)
+            ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
+            ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
+            kvs: list = [None] * len(self.blocks)
+        else:
+            ctx = ctx_rope = None
+            ctx_valid, pooled, kvs = context_kv.valid, context_kv.pooled, context_kv.layers
         c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
-        if cfg.ref_attends_target:
-            c_ctx = c
-        else:  # context modulated at the fixed time t = 0: its K/V are step-independent
-            c_ctx = self.time_embed(timestep_embedding(torch.zeros_like(t), 256)) + pooled
+        c_ctx = self.context_time(t, pooled)
 
         h = self.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)  # (B, Nt, D)
         h = h + self.ref_embedder.index_embed.weight[0]
         x_rope = rope_angles(self.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
-        ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
-        for blk in self.blocks:
-            h, ctx = blk(h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx)
+        for blk, kv in zip(self.blocks, kvs):
+            h, ctx = blk(h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx, ctx_kv=kv)
 
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, Nt, p*p*C)
