@@ -10,15 +10,18 @@
 from .api import apply_sparse_context, remove_sparse_context
 from .context import SparseContextConfig
 from .generate import generate
+from .guidance import CFGConfig, SparseGuidanceConfig
 from .models import RefDiT, RefDiTConfig, build_model, list_models, load_model
 from .vocab import tokenize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CFGConfig",
     "RefDiT",
     "RefDiTConfig",
     "SparseContextConfig",
+    "SparseGuidanceConfig",
     "apply_sparse_context",
     "build_model",
     "generate",

@@ -10,9 +10,29 @@ from torch import Tensor
 from .api import sparse_context_config
 from .flow import SAMPLERS, noise_like, timesteps
 from .generation import begin_generation
+from .guidance import Branch, GuidanceConfig, guided
 from .images import ImageLike, batch_images
 from .models.refdit import RefDiT
+from .tokens import TokenSeq, subset
+from .selection import topk_mask
 from .vocab import tokenize
+
+
+def random_keep(seq: TokenSeq, keep: float, generator: torch.Generator) -> Tensor:
+    """A uniformly random keep mask ``(B, N)`` keeping ``keep`` of each reference's (valid) tokens."""
+    n = seq.tokens.shape[1]
+    scores = torch.rand(seq.tokens.shape[0], n, generator=generator)
+    if seq.valid is not None:
+        scores = scores.masked_fill(~seq.valid.cpu(), -1.0)
+    refs = seq.ids[..., 0].cpu()
+    mask = torch.zeros(seq.tokens.shape[0], n, dtype=torch.bool)
+    for r in refs.unique().tolist():
+        in_r = refs == r
+        if seq.valid is not None:
+            in_r &= seq.valid.cpu()
+        counts = (in_r.sum(1).float() * keep).round().clamp(min=1).long()
+        mask |= topk_mask(scores.masked_fill(~in_r, -2.0), counts) & in_r
+    return mask.to(seq.tokens.device)
 
 
 @torch.no_grad()
@@ -26,6 +46,7 @@ def generate(
     shift: float = 1.0,
     sampler: str = "euler",
     callback: Callable[[int, Tensor], None] | None = None,
+    guidance: GuidanceConfig | None = None,
 ) -> Tensor:
     """Generate ``(B, 3, H, W)`` images in [0, 1].
 
@@ -33,6 +54,8 @@ def generate(
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
         ``seed[i]`` when a list is given.
+    guidance: a :class:`~tokensparse.guidance.CFGConfig` or :class:`~tokensparse.guidance.SparseGuidanceConfig`
+        (routing needs a model built with ``route_span``); ``None`` = one conditional dense pass per step.
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.
     """
     if not isinstance(model, RefDiT):
@@ -55,10 +78,29 @@ def generate(
     begin_generation(model)
     ref_tokens = model.embed_references(model_refs, batch)  # embedding + selection: once per generation
     sparse_cfg = sparse_context_config(model)
-    kv = model.context_kv(ref_tokens, prompt_ids) if sparse_cfg is not None and sparse_cfg.cache else None
+    use_cache = sparse_cfg is not None and sparse_cfg.cache
+    null_ids = torch.zeros_like(prompt_ids)
+    first_seed = seed[0] if isinstance(seed, (list, tuple)) else seed
+    route_gen = torch.Generator().manual_seed(int(first_seed) + 7919)  # routing draws its own randomness
+    contexts: dict[tuple[bool, float], tuple] = {}
 
-    def denoise(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, ref_tokens, prompt_ids, context_kv=kv)
+    def context(branch: Branch) -> tuple:
+        """(reference tokens, prompt ids, cached K/V) of a branch, built once per generation."""
+        key = (branch.cond, branch.ref_keep)
+        if key not in contexts:
+            refs_b = ref_tokens
+            if branch.ref_keep < 1.0 and ref_tokens is not None:  # sparse-reference guidance
+                keep = random_keep(ref_tokens, branch.ref_keep, torch.Generator().manual_seed(int(first_seed)))
+                refs_b = subset(ref_tokens, keep)
+            ids = prompt_ids if branch.cond else null_ids
+            contexts[key] = (refs_b, ids, model.context_kv(refs_b, ids) if use_cache else None)
+        return contexts[key]
+
+    def branch_denoise(x: Tensor, t: Tensor, branch: Branch) -> Tensor:
+        refs_b, ids, kv = context(branch)
+        return model(x, t, refs_b, ids, context_kv=kv, route=branch.gamma, route_generator=route_gen)
+
+    denoise = guided(branch_denoise, guidance)
 
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
     x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)

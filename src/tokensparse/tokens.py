@@ -123,9 +123,9 @@ def scatter(y: Tensor, index: Tensor, valid: Tensor | None, n: int, fill: float 
 
 
 def subset(seq: TokenSeq, keep: Tensor) -> TokenSeq:
-    """Keep the tokens of a *dense* sequence where ``keep (B, N)`` is True, ids and all."""
+    """Keep the tokens of a sequence where ``keep (B, N)`` is True (padding is never kept), ids and all."""
     if seq.valid is not None:
-        raise ValueError("subset expects a dense sequence (valid=None)")
+        keep = keep & seq.valid
     if keep.shape != seq.tokens.shape[:2]:
         raise ValueError(f"keep mask {tuple(keep.shape)} does not match sequence {tuple(seq.tokens.shape[:2])}")
     index, valid = pack_index(keep)

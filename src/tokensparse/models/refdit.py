@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kvcache import ContextKV
-from ..tokens import TokenSeq, dense_seq, grid_ids, subset
+from ..tokens import TokenSeq, dense_seq, gather, grid_ids, subset
 from ..vocab import MAX_PROMPT_LEN, VOCAB_SLOTS
 
 
@@ -57,6 +57,7 @@ class RefDiTConfig:
     rope_axes: tuple[int, int, int] = (8, 12, 12)  # head-dim split over (ref index, row, col)
     rope_theta: float = 10_000.0
     ref_attends_target: bool = True
+    route_span: tuple[int, int] | None = None  # TREAD: routed target tokens skip blocks [start, end)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -65,6 +66,8 @@ class RefDiTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if sum(self.rope_axes) != self.dim // self.heads or any(a % 2 for a in self.rope_axes):
             raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.dim // self.heads}")
+        if self.route_span is not None and not 0 <= self.route_span[0] < self.route_span[1] <= self.depth:
+            raise ValueError(f"route_span {self.route_span} must satisfy 0 <= start < end <= depth={self.depth}")
 
     @property
     def grid(self) -> int:
@@ -119,6 +122,13 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
     out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
     return out.reshape(x.shape).type_as(x)
+
+
+def route_index(batch: int, n: int, route: float, generator: torch.Generator | None, device) -> Tensor:
+    """Sorted indices ``(B, n - round(route * n))`` of the target tokens that are *not* routed away."""
+    keep = n - int(round(route * n))
+    scores = torch.rand(batch, n, generator=generator).to(device)
+    return scores.topk(keep, dim=1).indices.sort(dim=1).values
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -381,6 +391,16 @@ class RefDiT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
 
+    def route_bounds(self, route: float) -> tuple[int, int]:
+        """The block span routed tokens skip, or ``(-1, -1)`` when nothing is routed."""
+        if route == 0.0:
+            return -1, -1
+        if not 0.0 <= route < 1.0:
+            raise ValueError(f"route must be in [0, 1), got {route}")
+        if self.config.route_span is None:
+            raise ValueError("this model has no route_span; build it with route_span=(start, end) to route tokens")
+        return self.config.route_span
+
     def context_time(self, t: Tensor, pooled: Tensor) -> Tensor:
         """Conditioning of context tokens: the current time (joint mode) or the fixed time 0."""
         tc = t if self.config.ref_attends_target else torch.zeros_like(t)
@@ -404,6 +424,7 @@ class RefDiT(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor,
         ref_keep: Tensor | None = None, context_kv: ContextKV | None = None,
+        route: float = 0.0, route_generator: torch.Generator | None = None,
     ) -> Tensor:
         """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` (1 = noise).
 
@@ -411,6 +432,8 @@ class RefDiT(nn.Module):
         prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
         ref_keep: optional ``(B, N)`` keep mask over the dense reference tokens (training-time dropping).
         context_kv: cached context K/V from :meth:`context_kv` (then ``refs`` is ignored); exact.
+        route: fraction of target tokens that skip ``config.route_span`` (TREAD routing), drawn with
+            ``route_generator``; they re-enter unchanged after the span.
         """
         cfg = self.config
         b = x.shape[0]
@@ -430,8 +453,16 @@ class RefDiT(nn.Module):
         h = self.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)  # (B, Nt, D)
         h = h + self.ref_embedder.index_embed.weight[0]
         x_rope = rope_angles(self.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
-        for blk, kv in zip(self.blocks, kvs):
+        start, end = self.route_bounds(route)
+        for i, (blk, kv) in enumerate(zip(self.blocks, kvs)):
+            if i == start:  # TREAD: a random subset of target tokens goes through the span
+                h_full, rope_full = h, x_rope
+                idx = route_index(b, h.shape[1], route, route_generator, h.device)
+                h, x_rope = gather(h, idx), gather(x_rope, idx)
             h, ctx = blk(h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx, ctx_kv=kv)
+            if i == end - 1:  # routed tokens re-enter unchanged
+                h = h_full.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
+                x_rope = rope_full
 
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, Nt, p*p*C)

@@ -81,8 +81,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     """Load a RefDiT saved by :func:`save_checkpoint` (safetensors only; no pickle)."""
     path = Path(path)
     info = json.loads(path.with_suffix(".json").read_text())
-    cfg_dict = info["config"]
-    cfg_dict["rope_axes"] = tuple(cfg_dict["rope_axes"])
+    cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
     model = RefDiT(RefDiTConfig(**cfg_dict))
     _load_safetensors(model, str(path), device=map_location)
     return model.eval()

@@ -1,0 +1,148 @@
+"""Speed of Sparse Context, the reference K/V cache, and both stacked (plus target-token merging).
+
+    python benchmarks/speed.py [--quick] [--out benchmarks/results/speed.json]
+
+For 1-4 references, at 16x16 tokens per image (refdit-s-64px; random weights serve for timing) and at
+the shipped size (refdit-s, 8x8 tokens): seconds per 20-step generation (warm-up, then interleaved
+repeats, median), speedup vs dense, FLOPs per generation (CPU SDPA counted) and efficiency = measured
+speedup / FLOP ratio. Dense and sparse run the joint model; "kv" runs the same weights built with
+ref_attends_target=False, whose context K/V are computed once per generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import tokensparse as ts
+from tokensparse.flops import count_flops
+
+from common import write_json
+
+SETTINGS = {  # name -> (keep, cache, merge ratio)
+    "dense": (1.0, False, 0.0),
+    "sparse0.5": (0.5, False, 0.0),
+    "sparse0.25": (0.25, False, 0.0),
+    "sparse0.1": (0.1, False, 0.0),
+    "kv": (1.0, True, 0.0),
+    "sparse0.25+kv": (0.25, True, 0.0),
+    "sparse0.25+kv+tome0.5": (0.25, True, 0.5),
+}
+PROMPT = "compose first top left second bottom right on red plain"
+
+
+def models(arch: str) -> dict[bool, ts.RefDiT]:
+    """The joint model and the same weights as a cache-capable (separate-context) model."""
+    torch.manual_seed(0)
+    joint = ts.build_model(arch).eval()
+    with torch.no_grad():  # untrained adaLN-zero layers would make every block the identity
+        for p in joint.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.02)
+    sep = ts.build_model(arch, ref_attends_target=False).eval()
+    sep.load_state_dict(joint.state_dict())
+    return {False: joint, True: sep}
+
+
+def configure(pair: dict[bool, ts.RefDiT], setting: str) -> ts.RefDiT:
+    keep, cache, merge = SETTINGS[setting]
+    model = pair[cache]
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="uniform", cache=cache))
+    if merge > 0:
+        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge))
+    else:
+        _remove_merging(model)
+    return model
+
+
+def _remove_merging(model: ts.RefDiT) -> None:
+    if hasattr(ts, "remove_token_merging"):
+        ts.remove_token_merging(model)
+
+
+def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, steps: int) -> list[dict]:
+    pair = models(arch)
+    size = pair[False].config.image_size
+    rows = []
+    for n_refs in n_refs_list:
+        g = torch.Generator().manual_seed(n_refs)
+        refs = [torch.rand(3, size, size, generator=g) for _ in range(n_refs)]
+        prompt = " ".join(PROMPT.split()[:3]) if n_refs == 1 else PROMPT
+
+        def gen(setting: str, n_steps: int = steps) -> torch.Tensor:
+            return ts.generate(configure(pair, setting), refs, prompt, steps=n_steps, seed=0)
+
+        times: dict[str, list[float]] = {s: [] for s in settings}
+        for s in settings:  # warm-up
+            gen(s, 2)
+        for _ in range(repeats):  # interleaved repeats
+            for s in settings:
+                t0 = time.perf_counter()
+                gen(s)
+                times[s].append(time.perf_counter() - t0)
+        flops = {s: count_flops(lambda s=s: gen(s)) for s in settings}
+        dense_t = statistics.median(times["dense"])
+        for s in settings:
+            med = statistics.median(times[s])
+            row = {"arch": arch, "refs": n_refs, "setting": s, "seconds": med, "speedup": dense_t / med,
+                   "gflops": flops[s] / 1e9, "flop_ratio": flops["dense"] / flops[s], "times": times[s]}
+            row["efficiency"] = row["speedup"] / row["flop_ratio"]
+            rows.append(row)
+            print(f"{arch} refs={n_refs} {s:<22} {med:7.3f} s  {row['speedup']:5.2f}x  "
+                  f"FLOP ratio {row['flop_ratio']:5.2f}x  eff {row['efficiency']:.2f}", flush=True)
+        for m in pair.values():
+            ts.remove_sparse_context(m)
+            _remove_merging(m)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 and 4 references, 3 repeats, 64px only")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    settings = [s for s in SETTINGS if "tome" not in s or hasattr(ts, "apply_token_merging")]
+    t0 = time.time()
+    if args.quick:
+        rows = run("refdit-s-64px", [1, 4], settings, 3, args.steps)
+    else:
+        rows = run("refdit-s-64px", [1, 2, 3, 4], settings, args.repeats, args.steps)
+        rows += run("refdit-s", [1, 2, 3, 4], settings, args.repeats, args.steps)
+    main_rows = [r for r in rows if r["arch"] == "refdit-s-64px"]
+    speedup = {str(n): {r["setting"]: r["speedup"] for r in main_rows if r["refs"] == n} for n in (1, 4)}
+    summary = {"speedup": speedup,
+               "min_efficiency": min(r["efficiency"] for r in main_rows if r["setting"] != "dense"),
+               "tokens_per_image": 256}
+    write_json(args.out, {"quick": args.quick, "steps": args.steps, "wall_s": time.time() - t0,
+                          "summary": summary, "rows": rows})
+    plot(main_rows, args.out.with_suffix(".png"))
+    print(summary)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in sorted({r["setting"] for r in rows} - {"dense"}, key=list(SETTINGS).index):
+        pts = sorted((r["refs"], r["speedup"]) for r in rows if r["setting"] == s)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=s)
+    ax.set_xlabel("references (16x16 tokens each)")
+    ax.set_ylabel("speedup vs dense (20-step generation)")
+    ax.set_xticks(sorted({r["refs"] for r in rows}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Guidance for (token-sparse) denoisers: CFG, Sparse Guidance, CFG+SG — one sampler-facing function.
+
+A *branch* is one denoiser pass: a condition (the prompt, or the null prompt ``""``), a routing rate
+``gamma`` (fraction of target tokens routed around the middle blocks, TREAD) and optionally a sparser
+reference. Every rule is a weighted sum of two branches (Sparse Guidance, arXiv 2601.01608, eq. for D_SG):
+
+    CFG      D = w * D(c; 0)        + (1 - w) * D(null; 0)
+    SG       D = w * D(c; g_strong) + (1 - w) * D(c; g_weak)          both branches conditional
+    CFG+SG   D = w * D(c; g_strong) + (1 - w) * D(null; g_weak)       (null_weak=True)
+
+``weak_keep`` additionally gives the weak branch a heavily dropped reference (sparse-reference guidance).
+Outside ``interval`` (a range of t in [0, 1]) only the first branch runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One denoiser pass: conditional or null prompt, routing rate, reference keep (1.0 = as configured)."""
+
+    cond: bool
+    gamma: float = 0.0
+    ref_keep: float = 1.0
+
+
+BranchDenoiser = Callable[[Tensor, Tensor, Branch], Tensor]
+
+
+@dataclass
+class CFGConfig:
+    """Classifier-free guidance with scale ``scale`` (1.0 = unguided conditional)."""
+
+    scale: float = 1.5
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        _check_interval(self.interval)
+
+    def branches(self) -> tuple[Branch, Branch]:
+        return Branch(cond=True), Branch(cond=False)
+
+
+@dataclass
+class SparseGuidanceConfig:
+    """Sparse Guidance: ``scale * D(c; strong) + (1 - scale) * D(c or null; weak)``.
+
+    strong, weak: routing rates with ``0 <= strong < weak < 1``. null_weak: the CFG+SG variant.
+    weak_keep: fraction of reference tokens the weak branch sees (``1.0`` = same as the strong branch).
+    """
+
+    scale: float = 1.5
+    strong: float = 0.5
+    weak: float = 0.9
+    null_weak: bool = False
+    interval: tuple[float, float] | None = None
+    weak_keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strong < self.weak < 1.0:
+            raise ValueError(f"need 0 <= strong < weak < 1, got strong={self.strong}, weak={self.weak}")
+        if not 0.0 < self.weak_keep <= 1.0:
+            raise ValueError(f"weak_keep must be in (0, 1], got {self.weak_keep}")
+        _check_interval(self.interval)
+
+    def branches(self) -> tuple[Branch, Branch]:
+        return Branch(True, self.strong), Branch(not self.null_weak, self.weak, self.weak_keep)
+
+
+GuidanceConfig = CFGConfig | SparseGuidanceConfig
+
+
+def _check_interval(interval: tuple[float, float] | None) -> None:
+    if interval is not None and not 0.0 <= interval[0] < interval[1] <= 1.0:
+        raise ValueError(f"interval must be (lo, hi) with 0 <= lo < hi <= 1, got {interval}")
+
+
+def guided(denoise: BranchDenoiser, cfg: GuidanceConfig | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """Turn a branch denoiser into a plain ``denoise(x, t)`` applying ``cfg`` (``None``: conditional, dense)."""
+    if cfg is None:
+        return lambda x, t: denoise(x, t, Branch(cond=True))
+    if not isinstance(cfg, (CFGConfig, SparseGuidanceConfig)):
+        raise TypeError(f"guidance must be a CFGConfig or SparseGuidanceConfig, got {type(cfg).__name__}")
+    first, second = cfg.branches()
+    w = cfg.scale
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        d1 = denoise(x, t, first)
+        if cfg.interval is not None and not cfg.interval[0] <= float(t[0]) <= cfg.interval[1]:
+            return d1
+        return w * d1 + (1 - w) * denoise(x, t, second)
+
+    return fn

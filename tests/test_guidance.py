@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+import tokensparse as ts
+from tokensparse.guidance import Branch, CFGConfig, SparseGuidanceConfig, guided
+
+from .conftest import make_refs, randomize
+
+
+def recorder():
+    calls = []
+
+    def denoise(x, t, branch):
+        calls.append(branch)
+        return torch.full_like(x, 1.0 if branch.cond else 0.0) + branch.gamma
+
+    return calls, denoise
+
+
+def test_sparse_guidance_both_branches_conditional():
+    calls, den = recorder()
+    out = guided(den, SparseGuidanceConfig(scale=1.5, strong=0.5, weak=0.9))(torch.zeros(1, 3), torch.ones(1))
+    assert [b.cond for b in calls] == [True, True] and [b.gamma for b in calls] == [0.5, 0.9]
+    assert torch.allclose(out, torch.full((1, 3), 1.5 * 1.5 + (1 - 1.5) * 1.9))
+
+
+def test_cfg_and_cfg_plus_sg_use_null_in_second_branch():
+    calls, den = recorder()
+    out = guided(den, CFGConfig(scale=3.0))(torch.zeros(1, 2), torch.ones(1))
+    assert calls == [Branch(True, 0.0), Branch(False, 0.0)]
+    assert torch.allclose(out, torch.full((1, 2), 3.0))
+    calls.clear()
+    guided(den, SparseGuidanceConfig(scale=1.3, strong=0.4, weak=0.8, null_weak=True))(torch.zeros(1, 2), torch.ones(1))
+    assert calls == [Branch(True, 0.4), Branch(False, 0.8)]
+
+
+def test_interval_runs_one_branch_outside():
+    calls, den = recorder()
+    fn = guided(den, SparseGuidanceConfig(interval=(0.2, 0.8)))
+    fn(torch.zeros(1, 1), torch.tensor([0.9]))
+    assert len(calls) == 1
+    fn(torch.zeros(1, 1), torch.tensor([0.5]))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kw", [dict(strong=0.9, weak=0.5), dict(weak=1.0), dict(weak_keep=0.0),
+                                dict(interval=(0.5, 0.2))])
+def test_bad_sg_config(kw):
+    with pytest.raises(ValueError):
+        SparseGuidanceConfig(**kw)
+
+
+@pytest.fixture
+def routed():
+    torch.manual_seed(0)
+    return randomize(ts.build_model("refdit-tiny", depth=3, route_span=(1, 2)))
+
+
+def test_routing_zero_is_exact_and_span_sees_fewer_tokens(routed):
+    x, t, p = torch.randn(2, 3, 16, 16), torch.rand(2), ts.tokenize(["place", "place"])
+    refs = make_refs(1, batch=2)
+    assert torch.equal(routed(x, t, refs, p, route=0.0), routed(x, t, refs, p))
+    seen = []
+    for blk in routed.blocks:
+        blk.attn.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    out = routed(x, t, refs, p, route=0.5, route_generator=torch.Generator().manual_seed(0))
+    assert seen == [16, 8, 16] and not torch.equal(out, routed(x, t, refs, p))
+
+
+def test_routing_needs_a_span(tiny):
+    with pytest.raises(ValueError, match="route_span"):
+        tiny(torch.randn(1, 3, 16, 16), torch.rand(1), [], ts.tokenize("place"), route=0.5)
+
+
+def test_generate_with_sparse_guidance_keeps_prompt_in_both_branches(routed):
+    prompts = []
+    routed.prompt_embedder.register_forward_hook(lambda m, a, out: prompts.append(int(a[0].abs().sum())))
+    refs = make_refs(2)
+    g = SparseGuidanceConfig(scale=1.5, strong=0.25, weak=0.75)
+    a = ts.generate(routed, refs, "place the subject", steps=2, guidance=g)
+    assert a.shape == (1, 3, 16, 16) and len(prompts) == 4 and min(prompts) > 0
+    assert torch.equal(a, ts.generate(routed, refs, "place the subject", steps=2, guidance=g))  # deterministic
+    prompts.clear()
+    ts.generate(routed, refs, "place the subject", steps=2, guidance=CFGConfig(scale=2.0))
+    assert sorted(p > 0 for p in prompts) == [False, False, True, True]
+
+
+def test_sparse_reference_guidance_weak_branch_sees_fewer_reference_tokens(routed):
+    counts = []
+    routed.blocks[0].attn.register_forward_hook(lambda m, a, out: counts.append(a[2].shape[1]))
+    g = SparseGuidanceConfig(scale=1.5, strong=0.25, weak=0.75, weak_keep=0.25)
+    ts.generate(routed, make_refs(2), "place", steps=1, guidance=g)
+    assert counts == [2 + 32, 2 + 8]  # BOS + word, then 2 refs x 16 tokens / x 4 tokens
