@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from .context import SparseContextConfig, sparsify
-from .models.refdit import RefDiT, patchify
-from .selection import RefView
-from .tokens import TokenSeq
+from .models.refdit import RefDiT, modulate, patchify, rope_angles, timestep_embedding
+from .selection import RefView, needs_probe
+from .tokens import TokenSeq, ref_slices
+from .vocab import detokenize
 
 _SPARSE_HANDLE = "_tokensparse_sparse_context"
+_PROMPT_IDS = "_tokensparse_prompt_ids"  # the prompt of the call in flight, for prompt-aware selection
+PROBE_T = 1.0  # the attention probe sees the first denoising step: pure noise at t = 1
+PROBE_BLOCKS = 2  # ... through the first blocks only (a fraction of one step's cost)
+PROBE_SEED = 0
 
 
 def _refdit_of(target: Any) -> RefDiT | None:
@@ -33,13 +43,90 @@ def _unsupported(target: Any, method: str) -> TypeError:
     )
 
 
-def reference_views(images: list[torch.Tensor], patch_size: int) -> list[RefView]:
+def reference_views(images: list[torch.Tensor], patch_size: int, prompts: list[str] | None = None
+                    ) -> list[RefView]:
     """Scorer views of RefDiT reference images in ``[-1, 1]``: patch pixels as features, image in [0, 1]."""
     views = []
     for i, img in enumerate(images):
         img01 = (img.detach().float() + 1) / 2
-        views.append(RefView(features=patchify(img01, patch_size), image=img01, index=i))
+        views.append(RefView(features=patchify(img01, patch_size), image=img01, index=i, prompts=prompts))
     return views
+
+
+@contextmanager
+def selection_prompt(model: RefDiT, prompt_ids: Tensor) -> Iterator[None]:
+    """Tell prompt-aware selection (``auto``, ``attention``) the prompt of the references embedded inside.
+
+    ``generate`` wraps ``model.embed_references`` in it; a plain ``model(x, t, refs, prompt_ids)`` call
+    sets it through a forward pre-hook while Sparse Context is applied.
+    """
+    previous = model.__dict__.get(_PROMPT_IDS)
+    model.__dict__[_PROMPT_IDS] = prompt_ids
+    try:
+        yield
+    finally:
+        model.__dict__[_PROMPT_IDS] = previous
+
+
+@torch.no_grad()
+def attention_probe(model: RefDiT, refs: TokenSeq, prompt_ids: Tensor, blocks: int = PROBE_BLOCKS) -> Tensor:
+    """Attention mass ``(B, N)`` the target's queries pay each (dense) reference token, in one probe pass.
+
+    The probe runs the model's first ``blocks`` blocks on seeded pure noise at ``t = PROBE_T`` and averages
+    the softmax weights from target queries to reference keys over heads, queries and blocks. It calls
+    the blocks' sub-layers directly (not through their hooks), so other methods' per-step state is untouched.
+    """
+    cfg = model.config
+    b, dev = refs.tokens.shape[0], refs.tokens.device
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(dev).expand(b, -1, -1, -1)
+    t = torch.full((b,), PROBE_T, device=dev)
+    ctx, ctx_ids, ctx_valid, pooled = model.context(refs, prompt_ids.to(dev))
+    n_ref = refs.tokens.shape[1]
+    ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
+    c = model.time_embed(timestep_embedding(t, 256)) + pooled
+    c_ctx = model.context_time(t, pooled)
+    h = model.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)
+    h = h + model.ref_embedder.index_embed.weight[0]
+    x_rope = rope_angles(model.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
+    nt = h.shape[1]
+    mass = torch.zeros(b, n_ref, device=dev)
+    used = model.blocks[: max(1, min(blocks, len(model.blocks)))]
+    for i, blk in enumerate(used):
+        att = blk.attn
+        sa, ca, ga, sm, cm, gm = blk.ada(c)[:, None].chunk(6, dim=-1)
+        sa_c, ca_c, ga_c, sm_c, cm_c, gm_c = blk.ada(c_ctx)[:, None].chunk(6, dim=-1)
+        qx, kx, vx = att.qkv_heads(modulate(blk.norm1(h), sa, ca), x_rope)
+        qc, kc, vc = att.qkv_heads(modulate(blk.norm1(ctx), sa_c, ca_c), ctx_rope)
+        k, v = torch.cat([kx, kc], 2), torch.cat([vx, vc], 2)
+        logits = qx @ k.transpose(-1, -2) / math.sqrt(att.head_dim)  # (B, H, Nt, Nt + Nc)
+        if ctx_valid is not None:
+            keep = torch.cat([torch.ones(b, nt, dtype=torch.bool, device=dev), ctx_valid], 1)
+            logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+        mass += logits.softmax(-1)[..., -n_ref:].mean((1, 2)) / len(used)
+        if i + 1 == len(used):
+            break
+        cmask = None if ctx_valid is None else ctx_valid[:, None, None, :]
+        if blk.joint:  # one attention over target + context
+            mask = None if ctx_valid is None else keep[:, None, None, :]
+            o = F.scaled_dot_product_attention(torch.cat([qx, qc], 2), k, v, attn_mask=mask)
+            ax, ac = att.merge_heads(o[:, :, :nt]), att.merge_heads(o[:, :, nt:])
+        else:  # context attends to context only; the target to both
+            mask = None if ctx_valid is None else keep[:, None, None, :]
+            ax = att.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask))
+            ac = att.merge_heads(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=cmask))
+        h = h + ga * ax
+        h = h + gm * blk.mlp.forward(modulate(blk.norm2(h), sm, cm), role="target")
+        ctx = ctx + ga_c * ac
+        ctx = ctx + gm_c * blk.mlp.forward(modulate(blk.norm2(ctx), sm_c, cm_c), role="context")
+    return mass
+
+
+def _probe_views(model: RefDiT, refs: TokenSeq, views: list[RefView], prompt_ids: Tensor) -> None:
+    """Fill each view's ``attention`` ``(B, h, w)`` from one probe pass."""
+    mass = attention_probe(model, refs, prompt_ids)
+    for view, sl in zip(views, ref_slices(refs.grids)):
+        view.attention = mass[:, sl].reshape(view.batch, *view.grid)
 
 
 def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
@@ -62,12 +149,31 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
         raise ValueError("cache=True needs a model built with ref_attends_target=False (e.g. 'refdit-s-kv')")
     remove_sparse_context(model)
     patch = model.config.patch_size
+    probe = needs_probe(cfg.selector)
 
     def hook(module: torch.nn.Module, args: tuple, output: TokenSeq) -> TokenSeq:
-        return sparsify(output, reference_views(args[0], patch), cfg)
+        if cfg.is_identity:
+            return output
+        prompt_ids = model.__dict__.get(_PROMPT_IDS)
+        if prompt_ids is None:  # no prompt known: the null prompt
+            prompt_ids = torch.zeros(output.tokens.shape[0], 1, dtype=torch.long, device=output.tokens.device)
+        views = reference_views(args[0], patch, detokenize(prompt_ids.cpu()))
+        if probe:
+            _probe_views(model, output, views, prompt_ids)
+        return sparsify(output, views, cfg)
 
-    handle = model.ref_embedder.register_forward_hook(hook)
-    model.__dict__[_SPARSE_HANDLE] = (handle, cfg)
+    def pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[3] if len(args) > 3 else kwargs.get("prompt_ids")
+        if isinstance(ids, Tensor):
+            model.__dict__[_PROMPT_IDS] = ids
+
+    def post_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        model.__dict__.pop(_PROMPT_IDS, None)
+
+    handles = (model.ref_embedder.register_forward_hook(hook),
+               model.register_forward_pre_hook(pre_forward, with_kwargs=True),
+               model.register_forward_hook(post_forward, with_kwargs=True))
+    model.__dict__[_SPARSE_HANDLE] = (handles, cfg)
     return target
 
 
@@ -82,7 +188,9 @@ def remove_sparse_context(target: Any) -> Any:
         raise _unsupported(target, "remove_sparse_context")
     entry = model.__dict__.pop(_SPARSE_HANDLE, None)
     if entry is not None:
-        entry[0].remove()
+        for handle in entry[0]:
+            handle.remove()
+    model.__dict__.pop(_PROMPT_IDS, None)
     return target
 
 

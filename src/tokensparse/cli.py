@@ -81,6 +81,16 @@ def train(
         console.print(f"wrote {export}")
 
 
+def _register_diffusers_commands() -> None:
+    from .cli_diffusers import generate, train_lora
+
+    app.command("generate")(generate)
+    app.command("train-lora")(train_lora)
+
+
+_register_diffusers_commands()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -11,6 +11,7 @@ the timesteps it sees (timesteps fall within a generation; a rise means a new on
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 _CALLBACKS = "_tokensparse_generation_callbacks"
@@ -25,6 +26,7 @@ def on_generation_start(owner: Any, name: str, callback: Callable[[], None]) -> 
     if scheduler is not None and hasattr(scheduler, "set_timesteps") and _WRAPPED not in scheduler.__dict__:
         original = scheduler.set_timesteps
 
+        @functools.wraps(original)  # pipelines inspect its signature (sigmas, mu)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             begin_generation(owner)
             return original(*args, **kwargs)

@@ -1,13 +1,31 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensparse.selection import SCORERS, RefView, bayer_rank, count_for_ratio, select, topk_mask
+from tokensparse.context import SparseContextConfig, keep_mask
+from tokensparse.selection import (
+    SCORERS,
+    RefView,
+    allocate_mask,
+    bayer_rank,
+    count_for_ratio,
+    floor_count,
+    mass_count,
+    select,
+    topk_mask,
+)
+from tokensparse.tokens import dense_seq, subset
 
 
 def test_count_for_ratio():
     assert count_for_ratio(64, 0.25) == 16 and count_for_ratio(64, 0.001) == 1 and count_for_ratio(0, 0.5) == 0
     assert count_for_ratio(10, 1.0) == 10
+
+
+def test_floor_count():
+    assert floor_count(64, 0.0) == 1 and floor_count(64, 0.1) == 7 and floor_count(64, 0.25) == 16
+    assert floor_count(0, 0.5) == 0
 
 
 def test_bayer_rank_is_a_spread_permutation():
@@ -22,15 +40,144 @@ def test_topk_mask_ties_deterministic():
     assert m.tolist() == [[True, True, False, False, False]]
 
 
-@settings(max_examples=40, deadline=None)
+def test_topk_mask_tie_break_orders_equal_scores_only():
+    scores = torch.tensor([[0.0, 5.0, 0.0, 0.0, 1.0]])
+    tie = torch.tensor([0.1, 0.0, 0.2, 0.9, 0.0])
+    assert topk_mask(scores, 3, tie).tolist() == [[False, True, False, True, True]]
+
+
+def test_mass_count_exact():
+    s = torch.tensor([[0.0, 0.0, 6.0, 3.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert mass_count(s, 0.6, 1, 5).tolist() == [1, 1]  # 6/10 covers 60 %; a massless row keeps lo
+    assert mass_count(s, 0.9, 1, 5).tolist() == [2, 1]
+    assert mass_count(s, 1.0, 1, 5).tolist() == [3, 1]
+    assert mass_count(s, 1.0, 1, 2).tolist() == [2, 1]  # clamped to hi
+    with pytest.raises(ValueError):
+        mass_count(s, 0.0, 1, 5)
+
+
+def test_allocate_gives_an_empty_reference_only_its_floor():
+    busy = torch.rand(1, 16, generator=torch.Generator().manual_seed(0)) + 0.1
+    empty = torch.zeros(1, 16)
+    a, b = allocate_mask([busy, empty], [4, 4], [1, 1])
+    assert int(a.sum()) == 7 and int(b.sum()) == 1
+
+
+def test_allocate_is_scale_free():
+    small = torch.zeros(1, 16)
+    small[0, 5] = 0.01  # a one-token subject with tiny raw scores
+    busy = torch.rand(1, 16, generator=torch.Generator().manual_seed(1)) * 100
+    a, b = allocate_mask([small, busy], [4, 4], [1, 1])
+    assert bool(a[0, 5]) and int(a.sum()) == 1 and int(b.sum()) == 7
+
+
+def subject_image(size=16, box=(4, 8, 4, 8), bg=(0.2, 0.5, 0.8)):
+    img = torch.tensor(bg).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
+    y0, y1, x0, x1 = box
+    img[:, :, y0:y1, x0:x1] = torch.rand(1, 3, y1 - y0, x1 - x0, generator=torch.Generator().manual_seed(0))
+    return img
+
+
+def view_of(img, patch=4, prompts=None):
+    from tokensparse.models.refdit import patchify
+
+    return RefView(features=patchify(img, patch), image=img, prompts=prompts)
+
+
+def test_foreground_keeps_exactly_the_subject_tokens():
+    v = view_of(subject_image(box=(4, 8, 4, 12)))  # covers tokens (1,1) and (1,2) of a 4x4 grid
+    s = SCORERS["foreground"](v, torch.Generator())
+    assert set(s[0].nonzero().flatten().tolist()) == {5, 6}
+    m = select([v], 1.0, "foreground", torch.Generator(), adaptive=True, mass=0.99)
+    assert set(m[0].nonzero().flatten().tolist()) == {5, 6}
+
+
+def test_edges_zero_on_flat_image_and_high_on_texture():
+    flat = view_of(torch.full((1, 3, 16, 16), 0.3))
+    assert torch.equal(SCORERS["edges"](flat, torch.Generator()), torch.zeros(1, 16))
+    v = view_of(subject_image(box=(0, 8, 0, 8)))
+    s = SCORERS["edges"](v, torch.Generator())[0].reshape(4, 4)
+    assert s[:2, :2].min() > s[2:, 2:].max()
+    no_pixels = RefView(features=v.features)  # feature-only (latents): token-grid gradient
+    assert SCORERS["edges"](no_pixels, torch.Generator()).shape == (1, 16)
+
+
+def test_blank_reference_adaptive_keeps_one_token():
+    v = view_of(torch.full((1, 3, 16, 16), 0.5))
+    for sel in ("foreground", "edges"):
+        m = select([v], 1.0, sel, torch.Generator(), adaptive=True)
+        assert int(m.sum()) == 1
+
+
+def test_ties_on_a_plain_background_spread_evenly():
+    v = view_of(torch.full((1, 3, 16, 16), 0.5))
+    m = select([v], 0.25, "foreground", torch.Generator())
+    assert m[0].reshape(2, 2, 2, 2).sum((1, 3)).eq(1).all()  # one per 2x2 cell, like "uniform"
+
+
+def make_views(b, n_refs, h, w, seed, blank_every=0):
+    views = []
+    for i in range(n_refs):
+        f = torch.rand(b, h, w, 3, generator=torch.Generator().manual_seed(seed + i))
+        if blank_every and i % blank_every == 0:
+            f = torch.zeros_like(f)
+        views.append(RefView(features=f, index=i))
+    return views
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6),
-       st.floats(0.01, 1.0), st.sampled_from(sorted(SCORERS)), st.integers(0, 1000))
-def test_select_properties(b, n_refs, h, w, keep, selector, seed):
-    views = [RefView(features=torch.rand(b, h, w, 3, generator=torch.Generator().manual_seed(seed + i)), index=i)
-             for i in range(n_refs)]
-    m1 = select(views, keep, selector, torch.Generator().manual_seed(seed))
-    m2 = select(views, keep, selector, torch.Generator().manual_seed(seed))
-    assert torch.equal(m1, m2)  # same generator -> same selection
-    assert m1.shape == (b, n_refs * h * w)
-    per_ref = m1.reshape(b, n_refs, h * w).sum(-1)
-    assert bool((per_ref == count_for_ratio(h * w, keep)).all())  # budget respected, never empty
+       st.floats(0.01, 1.0), st.sampled_from(sorted(SCORERS)), st.integers(0, 1000),
+       st.sampled_from(["fixed", "count", "adaptive", "score", "equal"]), st.floats(0.05, 1.0),
+       st.integers(0, 2))
+def test_select_properties(b, n_refs, h, w, keep, selector, seed, budget, mass, blank_every):
+    import warnings
+
+    warnings.simplefilter("ignore")  # 'attention' without a probe falls back with a warning
+    n = h * w
+    cfg = {"keep": keep, "selector": selector, "seed": seed}
+    if budget == "count":
+        cfg = {"selector": selector, "seed": seed, "count": max(1, int(keep * 8))}
+    elif budget == "adaptive":
+        cfg.update(adaptive=True, mass=mass)
+    elif budget in ("score", "equal"):
+        cfg.update(allocate=budget)
+    config = SparseContextConfig(**cfg)
+    views = make_views(b, n_refs, h, w, seed, blank_every)
+    m1, m2 = keep_mask(views, config), keep_mask(views, config)
+    assert torch.equal(m1, m2)  # same seed (generator) -> same selection
+    assert m1.shape == (b, n_refs * n) and m1.dtype == torch.bool
+    per_ref = m1.reshape(b, n_refs, n).sum(-1)
+    assert bool((per_ref >= 1).all())  # never empty for a non-empty reference
+    budget_per_ref = min(n, config.count) if config.count else count_for_ratio(n, config.keep)
+    if config.adaptive or budget in ("fixed", "count", "equal") and n_refs == 1 or budget == "equal":
+        assert bool((per_ref <= budget_per_ref).all())
+    if not config.adaptive:
+        assert bool((per_ref.sum(-1) == n_refs * budget_per_ref).all())  # the average budget is respected
+        if budget == "equal" or n_refs == 1 or selector in ("random", "uniform"):
+            assert bool((per_ref == budget_per_ref).all())
+    # kept tokens as a sparse sequence: ids unique, sorted (dense order), in range
+    grids = [torch.zeros(b, h, w, 1) for _ in range(n_refs)]
+    seq = subset(dense_seq(grids), m1)
+    for row in range(b):
+        valid = seq.valid[row] if seq.valid is not None else torch.ones(seq.ids.shape[1], dtype=torch.bool)
+        ids = seq.ids[row][valid]
+        flat = (ids[:, 0] - 1) * n + ids[:, 1] * w + ids[:, 2]
+        assert torch.equal(flat, torch.unique(flat))  # unique and sorted
+        assert int(flat.min()) >= 0 and int(flat.max()) < n_refs * n
+        assert ids[:, 1].max() < h and ids[:, 2].max() < w
+
+
+def test_random_differs_across_seeds_and_matches_for_equal_seeds():
+    views = make_views(1, 1, 8, 8, 0)
+    a = select(views, 0.25, "random", torch.Generator().manual_seed(1))
+    b = select(views, 0.25, "random", torch.Generator().manual_seed(1))
+    c = select(views, 0.25, "random", torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_select_rejects_bad_names():
+    with pytest.raises(ValueError, match="selector"):
+        select(make_views(1, 1, 2, 2, 0), 0.5, "magic", torch.Generator())
+    with pytest.raises(ValueError, match="allocate"):
+        select(make_views(1, 1, 2, 2, 0), 0.5, "random", torch.Generator(), allocate="fair")

@@ -1,27 +1,80 @@
-"""Token selection: scorers (what is informative) and budgets (how many to keep)."""
+"""Token selection: scorers (what is informative) and budgets (how many to keep).
+
+``select(views, keep, selector, generator)`` keeps ``round(keep * n)`` tokens of each reference (the
+original behaviour); keyword options choose the other budgets (see :mod:`.budgets`):
+
+    select(views, 0.25, "foreground", g, allocate="score")        # share 25 % on average by score
+    select(views, 1.0, "foreground", g, count=12)                  # 12 tokens per reference
+    select(views, 1.0, "foreground", g, adaptive=True, mass=0.9)   # smallest set with 90 % of the mass
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .budgets import count_for_ratio, topk_mask
-from .scorers import SCORERS, RefView, Scorer, bayer_rank, register_scorer
+from . import auto as _auto  # noqa: F401  (registers "auto")
+from .auto import FAMILY_SCORER, auto_choice, prompt_family
+from .budgets import allocate_mask, count_for_ratio, floor_count, mass_count, topk_mask
+from .scorers import INFORMED, NEEDS_PROBE, SCORERS, RefView, Scorer, bayer_rank, register_scorer
+
+ALLOCATIONS = ("auto", "equal", "score")
 
 
-def select(views: list[RefView], keep: float, selector: str, generator: torch.Generator) -> Tensor:
+def needs_probe(selector: str) -> bool:
+    """Whether ``selector`` wants ``RefView.attention`` from a model probe."""
+    if selector == "auto":
+        return "attention" in FAMILY_SCORER.values()
+    return selector in NEEDS_PROBE
+
+
+def select(
+    views: list[RefView],
+    keep: float,
+    selector: str,
+    generator: torch.Generator,
+    *,
+    count: int | None = None,
+    adaptive: bool = False,
+    mass: float = 0.9,
+    min_keep: float = 0.0,
+    allocate: str = "equal",
+) -> Tensor:
     """Keep mask ``(B, N)`` over the concatenation of all references' tokens.
 
-    Each reference keeps ``count_for_ratio(h*w, keep)`` tokens, chosen by the named scorer.
+    keep: ratio budget per reference (``count`` overrides it with a token count); with ``adaptive`` it
+        is the ceiling. min_keep: floor fraction per reference (always at least one token).
+    adaptive: each reference keeps the smallest set holding ``mass`` of its score mass (informed scorers).
+    allocate: ``"equal"`` (each reference its own budget), ``"score"`` (the references of a sample share
+        their summed budget by score: the average is unchanged) or ``"auto"`` (``"score"`` for informed
+        scorers, ``"equal"`` for ``random``/``uniform``). Ignored by ``adaptive``.
     """
     if selector not in SCORERS:
         raise ValueError(f"unknown selector {selector!r}; choose one of {sorted(SCORERS)}")
-    masks = []
+    if allocate not in ALLOCATIONS:
+        raise ValueError(f"unknown allocate {allocate!r}; choose one of {list(ALLOCATIONS)}")
+    scores, budgets, floors, ties = [], [], [], []
     for view in views:
         h, w = view.grid
-        scores = SCORERS[selector](view, generator)
-        masks.append(topk_mask(scores, count_for_ratio(h * w, keep)))
+        n = h * w
+        scores.append(SCORERS[selector](view, generator))
+        budgets.append(min(n, count) if count is not None and n > 0 else count_for_ratio(n, keep))
+        floors.append(min(floor_count(n, min_keep), budgets[-1]))
+        ties.append((1.0 - bayer_rank(h, w)).to(scores[-1].device))  # equal scores: spread evenly
+    if adaptive:
+        ks = [mass_count(s, mass, lo, hi) for s, lo, hi in zip(scores, floors, budgets)]
+        masks = [topk_mask(s, k, t) for s, k, t in zip(scores, ks, ties)]
+    elif len(views) > 1 and (allocate == "score" or (allocate == "auto" and selector in INFORMED)):
+        masks = allocate_mask(scores, budgets, floors, ties)
+    else:
+        masks = [topk_mask(s, k, t) for s, k, t in zip(scores, budgets, ties)]
+    if not masks:
+        return torch.zeros(1, 0, dtype=torch.bool)
     return torch.cat(masks, dim=1)
 
 
-__all__ = ["SCORERS", "RefView", "Scorer", "bayer_rank", "count_for_ratio", "register_scorer", "select", "topk_mask"]
+__all__ = [
+    "ALLOCATIONS", "FAMILY_SCORER", "INFORMED", "SCORERS", "RefView", "Scorer", "allocate_mask", "auto_choice",
+    "bayer_rank", "count_for_ratio", "floor_count", "mass_count", "needs_probe", "prompt_family",
+    "register_scorer", "select", "topk_mask",
+]

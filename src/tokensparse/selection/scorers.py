@@ -3,14 +3,22 @@
 A scorer maps one reference, seen as a :class:`RefView`, to a score per token ``(B, h*w)``; the
 budget then keeps the highest-scoring tokens. Scorers register themselves by name in ``SCORERS``,
 which is also the list of valid ``SparseContextConfig.selector`` values.
+
+Scores of the *informed* scorers (``edges``, ``foreground``, ``attention``, ``auto``) are non-negative and
+zero where a token carries nothing, so budgets may sum them as "mass" (adaptive budgets, allocation
+across references by each token's share of its reference's mass).
+Every scorer only needs ``features``; ``image`` (pixels) and ``attention`` (a model probe) refine
+them when the wiring provides them. The prompt-aware ``auto`` lives in :mod:`.auto`.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -22,12 +30,15 @@ class RefView:
     image: ``(B, 3, H, W)`` in ``[0, 1]`` when the pixels are at hand, else ``None``.
     index: position of the reference (0-based) among the references of the call.
     prompts: the prompts of the batch, when known.
+    attention: ``(B, h, w)`` attention mass the target paid to each token in a probe pass, when the
+        wiring ran one (RefDiT with ``selector="attention"`` or ``"auto"``), else ``None``.
     """
 
     features: Tensor
     image: Tensor | None = None
     index: int = 0
     prompts: list[str] | None = None
+    attention: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -40,16 +51,27 @@ class RefView:
 
 Scorer = Callable[[RefView, torch.Generator], Tensor]
 SCORERS: dict[str, Scorer] = {}
+INFORMED: set[str] = set()  # scorers whose scores are a mass: >= 0, ~0 for empty tokens (adaptive, allocation)
+NEEDS_PROBE: set[str] = set()  # scorers that use ``RefView.attention`` when it is available
 
 
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
-    """Decorator: make ``fn`` available as ``selector=name``."""
+def register_scorer(name: str, informed: bool = False, probe: bool = False) -> Callable[[Scorer], Scorer]:
+    """Decorator: make ``fn`` available as ``selector=name``.
+
+    informed: scores are non-negative and ~zero for empty tokens, so budgets may count score mass
+        (adaptive budgets, allocation across references). probe: the scorer uses a model probe.
+    """
 
     def deco(fn: Scorer) -> Scorer:
         SCORERS[name] = fn
+        (INFORMED.add if informed else INFORMED.discard)(name)
+        (NEEDS_PROBE.add if probe else NEEDS_PROBE.discard)(name)
         return fn
 
     return deco
+
+
+# ---------------------------------------------------------------------------------- uninformed
 
 
 @register_scorer("random")
@@ -79,3 +101,118 @@ def score_uniform(view: RefView, generator: torch.Generator) -> Tensor:
     """A spatially even subset (ordered dithering); deterministic, ignores the generator."""
     h, w = view.grid
     return (1.0 - bayer_rank(h, w)).to(view.features.device).expand(view.batch, -1).clone()
+
+
+# ---------------------------------------------------------------------------------- informed
+
+def _nonneg(scores: Tensor) -> Tensor:
+    """Informed scores are float and ``>= 0``; exact ties are broken spatially evenly by the budget."""
+    return scores.float().clamp_min(0)
+
+
+def token_pool(pixel_map: Tensor, h: int, w: int) -> Tensor:
+    """Average a per-pixel map ``(B, H, W)`` over each token's cell -> ``(B, h*w)``."""
+    return F.adaptive_avg_pool2d(pixel_map[:, None].float(), (h, w)).flatten(1)
+
+
+def grid_gradient(x: Tensor) -> Tensor:
+    """Gradient magnitude of a ``(B, C, H, W)`` map, per position ``(B, H, W)`` (replicate-padded diffs)."""
+    xp = F.pad(x.float(), (1, 1, 1, 1), mode="replicate")
+    gx = (xp[..., 1:-1, 2:] - xp[..., 1:-1, :-2]) / 2
+    gy = (xp[..., 2:, 1:-1] - xp[..., :-2, 1:-1]) / 2
+    return (gx.pow(2) + gy.pow(2)).mean(1).sqrt()
+
+
+@register_scorer("edges", informed=True)
+def score_edges(view: RefView, generator: torch.Generator) -> Tensor:
+    """Structure energy: mean gradient magnitude inside each token (pixels if known, else token features).
+
+    Flat tokens (a plain background, a smooth sky) score ~0; texture, edges and object borders score high.
+    """
+    h, w = view.grid
+    if view.image is not None:
+        energy = token_pool(grid_gradient(view.image), h, w)
+    else:
+        energy = grid_gradient(view.features.permute(0, 3, 1, 2)).flatten(1)
+    return _nonneg(energy)
+
+
+def border_background(features: Tensor) -> Tensor:
+    """The reference's own background statistic: per-channel median of its border tokens, ``(B, C)``."""
+    b, h, w, c = features.shape
+    if h <= 2 or w <= 2:
+        border = features.reshape(b, h * w, c)
+    else:
+        border = torch.cat([features[:, 0], features[:, -1], features[:, 1:-1, 0], features[:, 1:-1, -1]], 1)
+    return border.float().median(dim=1).values
+
+
+@register_scorer("foreground", informed=True)
+def score_foreground(view: RefView, generator: torch.Generator) -> Tensor:
+    """Distance of each token from the reference's background (median of its border tokens).
+
+    RMS feature distance, so a subject on a plain background scores high and the background ~0; works
+    on any features (patch pixels, VAE latents). A photo with no plain background scores everywhere.
+    """
+    _h, _w = view.grid
+    feats = view.features.float()
+    bg = border_background(feats)  # (B, C)
+    dist = (feats - bg[:, None, None, :]).pow(2).mean(-1).sqrt()  # (B, h, w)
+    return _nonneg(dist.flatten(1))
+
+
+_warned_probe = False
+
+
+@register_scorer("attention", informed=True, probe=True)
+def score_attention(view: RefView, generator: torch.Generator) -> Tensor:
+    """Attention mass from the target's queries to each token, from one probe pass of the model.
+
+    The wiring fills ``view.attention`` (RefDiT: a probe at high noise over the first blocks). Where no
+    probe is available (e.g. integrations that do not run one) it falls back to ``foreground``, with a
+    one-time warning. Scores are the probe's mass above the uniform share, so empty tokens score ~0.
+    """
+    global _warned_probe
+    h, w = view.grid
+    if view.attention is None:
+        if not _warned_probe:
+            warnings.warn("selector 'attention' got no probe attention; using 'foreground'", stacklevel=2)
+            _warned_probe = True
+        return score_foreground(view, generator)
+    att = view.attention.reshape(view.batch, h * w).float()
+    return _nonneg(att - att.min(1, keepdim=True).values)
+
+
+def spread_order(energy: Tensor, h: int, w: int, floor: float = 0.1) -> Tensor:
+    """Scores ``(B, h*w)`` whose top-``k`` is a greedy, energy-weighted farthest-point subset for every ``k``.
+
+    Step ``i`` picks the token maximising ``(floor + energy / max energy) * distance to the nearest picked
+    token``, so kept tokens favour structure but still cover the grid (flat energy: a farthest-point
+    spread). The score is ``1 - pick_step / n``.
+    """
+    b, n = energy.shape
+    dev = energy.device
+    e = energy.float() / energy.float().amax(1, keepdim=True).clamp_min(1e-12) + floor  # (B, n)
+    e = e + 1e-4 * (1.0 - bayer_rank(h, w)).to(dev)  # deterministic, spatially even tie-break
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], -1).float()  # (n, 2)
+    far = float(h * h + w * w)
+    d2 = torch.full((b, n), far, device=dev)
+    scores = torch.zeros(b, n, device=dev)
+    rows = torch.arange(b, device=dev)
+    for step in range(n):
+        j = (e * d2.sqrt()).argmax(1)  # (B,)
+        scores[rows, j] = 1.0 - step / n
+        d2 = torch.minimum(d2, (pos[None] - pos[j][:, None]).pow(2).sum(-1))
+        d2[rows, j] = -1.0  # never again
+    return scores
+
+
+@register_scorer("detail")
+def score_detail(view: RefView, generator: torch.Generator) -> Tensor:
+    """Structure with coverage: ``edges`` energy, picked greedily so that kept tokens also spread evenly.
+
+    For pixel-aligned edits, where every region must be reconstructed from nearby kept tokens.
+    """
+    h, w = view.grid
+    return spread_order(score_edges(view, generator), h, w)

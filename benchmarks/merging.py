@@ -1,0 +1,426 @@
+"""Token merging (ToMe, adaptive threshold, CA-ToMe cache): speed and quality on RefDiT and an SD-style UNet.
+
+    python benchmarks/merging.py [--quick] [--part all|refdit|unet] [--out benchmarks/results/merging.json]
+
+RefDiT: 20-step generations of held-out task samples (``ts.load_model("refdit-base")`` when the package ships
+it, else a random-weight ``refdit-s`` -- the JSON says which); quality = PSNR to the dense model's output and
+to the ground truth; speed = median wall time of the whole generation (warm-up, then interleaved repeats).
+A second RefDiT timing runs a random-weight ``refdit-s-128px`` (32x32 = 1,024 target tokens).
+
+UNet: an SD-style ``UNet2DConditionModel`` built from a config (64x64 latents = 4,096 tokens at its top level,
+batch 2 as with classifier-free guidance), driven by a DDIM loop; our hooks side by side with the ``tomesd``
+package (benchmark-only dependency) at ratio 0.5 with tomesd's defaults (self-attention only, top level).
+Quality = PSNR of the final latent to the dense one (peak = the dense latent's range).
+
+Every speedup is a ratio of medians taken within this run on this machine. Writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tokensparse as ts
+from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
+from tokensparse.merging import TokenMergingConfig
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+SPEED = "cpu"  # which timing the speedups use: "cpu" (process time, one thread) or "wall"
+THREADS = 1
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, peak: float = 1.0) -> float:
+    mse = float((x.double() - ref.double()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median wall and CPU (process) seconds per run; configs alternate within each repeat so that load
+    drifts hit all alike. On a shared machine the CPU time of this (single-threaded) process is the
+    steadier cost measure; both are reported."""
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in runs}
+
+
+def speedups(med: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {k: {c: med["dense"][c] / v[c] for c in ("wall", "cpu")} for k, v in med.items()}
+
+
+def at_equal_speed(points: list[tuple[float, float]], speed: float) -> tuple[float, bool]:
+    """Linear interpolation of ``drop`` at ``speed`` along (speedup, drop) points; (value, extrapolated)."""
+    pts = sorted(points)
+    if speed <= pts[0][0]:
+        return pts[0][1], speed < pts[0][0]
+    for (s0, d0), (s1, d1) in itertools.pairwise(pts):
+        if s0 <= speed <= s1:
+            return (d0 + (d1 - d0) * (speed - s0) / (s1 - s0) if s1 > s0 else d1), False
+    return pts[-1][1], True
+
+
+def configs(quick: bool) -> dict[str, TokenMergingConfig | None]:
+    """The RefDiT sweep: dense, ToMe ratios, ToMe + cache, adaptive threshold, CA-ToMe (threshold + cache)."""
+    out: dict[str, TokenMergingConfig | None] = {"dense": None}
+    for r in ((0.5,) if quick else (0.25, 0.5, 0.75)):
+        out[f"tome_r{r}"] = TokenMergingConfig(ratio=r)
+    out["tome_r0.5_cache5"] = TokenMergingConfig(ratio=0.5, recompute_every=5)
+    for thr in ((0.4,) if quick else (0.5, 0.3)):  # RefDiT's best-match cosines rarely exceed 0.6
+        out[f"adaptive_t{thr}"] = TokenMergingConfig(threshold=thr)
+        out[f"catome_t{thr}_every5"] = TokenMergingConfig(threshold=thr, recompute_every=5)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- RefDiT
+
+
+CHECKPOINT: dict[str, Any] = {"path": None, "arch": "refdit-s"}  # set from the command line
+
+
+def refdit_model() -> tuple[ts.RefDiT, str, bool]:
+    """The shipped trained model if present, else ``--checkpoint``, else random weights (said in the JSON)."""
+    try:
+        return ts.load_model("refdit-base"), "refdit-base", True
+    except (FileNotFoundError, ValueError) as err:
+        if CHECKPOINT["path"] is not None:
+            from safetensors.torch import load_model
+
+            model = ts.build_model(CHECKPOINT["arch"])
+            load_model(model, str(CHECKPOINT["path"]))
+            return model.eval(), f"{CHECKPOINT['arch']} from {CHECKPOINT['path']} (not a shipped checkpoint)", True
+        torch.manual_seed(0)
+        model = ts.build_model("refdit-s")
+        with torch.no_grad():  # adaLN-zero init makes every block the identity: give the blocks weight
+            for blk in model.blocks:
+                torch.nn.init.normal_(blk.ada[-1].weight, std=0.02)
+            torch.nn.init.normal_(model.final.weight, std=0.02)
+        return model.eval(), f"refdit-s (random weights; {err})", False
+
+
+def _samples(quick: bool) -> list:
+    from tokensparse.data import heldout
+
+    n = 2 if quick else 6  # per family; editing and subject tasks take one reference: one batch
+    return [s for fam in ("editing", "subject") for s in heldout(fam, n)]
+
+
+def _apply(model: Any, cfg: TokenMergingConfig | None) -> None:
+    if cfg is None:
+        remove_token_merging(model)
+    else:
+        apply_token_merging(model, cfg)
+
+
+def refdit_quality(quick: bool, steps: int) -> dict:
+    """One batched generation of every held-out sample per config; PSNR to dense and to ground truth."""
+    model, name, trained = refdit_model()
+    samples = _samples(quick)
+    refs = [torch.stack([s.refs[0] for s in samples])]
+    prompts = [s.prompt for s in samples]
+    gt = torch.stack([s.target for s in samples])
+
+    def run(cfg: TokenMergingConfig | None) -> tuple[torch.Tensor, int]:
+        _apply(model, cfg)
+        out = ts.generate(model, refs, prompts, steps=steps, seed=0)
+        st = merging_state(model)
+        merged = st.merged_tokens if st is not None else 0
+        remove_token_merging(model)
+        return out, merged
+
+    dense, _ = run(None)
+    dense_gt = statistics.fmean(psnr(dense[i], gt[i]) for i in range(len(samples)))
+    results: dict[str, dict] = {}
+    for k, cfg in configs(quick).items():
+        t0 = time.perf_counter()
+        out, merged = (dense, 0) if cfg is None else run(cfg)
+        print(f"  refdit_quality {k}: {time.perf_counter() - t0:.0f}s", flush=True)
+        gt_psnr = statistics.fmean(psnr(out[i], gt[i]) for i in range(len(samples)))
+        results[k] = {
+            "config": None if cfg is None else cfg.__dict__,
+            "psnr_to_dense": psnr(out, dense) if cfg is not None else None,
+            "psnr_to_gt": gt_psnr,
+            "drop_db": dense_gt - gt_psnr,
+            "merged_tokens_per_step_per_layer": merged / steps / model.config.depth,
+        }
+    return {"model": name, "trained": trained, "steps": steps, "samples": len(samples),
+            "tasks": sorted({s.task for s in samples}), "target_tokens": model.config.grid ** 2,
+            "dense_psnr_to_gt": dense_gt, "configs": results}
+
+
+def refdit_speed(quick: bool, steps: int) -> dict:
+    """Whole 20-step generations at batch 1 (one held-out sample, one reference), every config, timed."""
+    model, name, _ = refdit_model()
+    sample = _samples(True)[0]
+    cfgs = configs(quick)
+
+    def timed(cfg: TokenMergingConfig | None) -> Callable[[], None]:
+        def run() -> None:
+            _apply(model, cfg)
+            ts.generate(model, list(sample.refs), sample.prompt, steps=steps, seed=0)
+            remove_token_merging(model)
+        return run
+
+    med = interleaved({k: timed(c) for k, c in cfgs.items()}, repeats=2 if quick else 3)
+    sp = speedups(med)
+    return {"model": name, "steps": steps, "batch": 1, "references": 1,
+            "seconds": med, "speedup": {k: v[SPEED] for k, v in sp.items()}, "speedup_wall_and_cpu": sp}
+
+
+def refdit_large(quick: bool) -> dict:
+    """Single forwards of a random-weight RefDiT with a 32x32 target grid (1,024 tokens), timing only."""
+    big = ts.build_model("refdit-s-128px").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 128, 128, generator=g)
+    refs = [torch.rand(1, 3, 128, 128, generator=g) * 2 - 1]
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    cfgs: dict[str, TokenMergingConfig | None] = {
+        "dense": None, "tome_r0.5": TokenMergingConfig(ratio=0.5),
+        "tome_r0.5_cache5": TokenMergingConfig(ratio=0.5, recompute_every=5),
+        "tome_r0.5_attn_only": TokenMergingConfig(ratio=0.5, merge_mlp=False)}
+    times = (0.9, 0.8, 0.7, 0.6, 0.5)
+
+    def run(cfg: TokenMergingConfig | None) -> Callable[[], None]:
+        def fn() -> None:
+            _apply(big, cfg)
+            with torch.inference_mode():
+                for t in times:
+                    big(x, torch.tensor([t]), refs, prompt)
+            remove_token_merging(big)
+        return fn
+
+    med = interleaved({k: run(c) for k, c in cfgs.items()}, repeats=2 if quick else 3)
+    sp = speedups(med)
+    return {"model": "refdit-s-128px (random weights)", "references": 1, "forwards_per_run": len(times),
+            "target_tokens": big.config.grid ** 2, "seconds": med,
+            "speedup": {k: v[SPEED] for k, v in sp.items()}, "speedup_wall_and_cpu": sp}
+
+
+# -------------------------------------------------------------------------------------------------- UNet
+
+
+UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (64, 128, 256),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 256, "attention_head_dim": (1, 2, 4), "norm_num_groups": 32,  # head dim 64
+}
+
+
+class _Pipe:
+    """A minimal SD-style denoising loop with ``.unet`` and ``.scheduler`` (what our hooks look for)."""
+
+    def __init__(self, unet: torch.nn.Module, steps: int) -> None:
+        from diffusers import DDIMScheduler
+
+        self.unet, self.scheduler, self.steps = unet, DDIMScheduler(), steps
+
+    @torch.inference_mode()
+    def __call__(self, latent: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        self.scheduler.set_timesteps(self.steps)
+        x = latent * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:
+            eps = self.unet(x, t, ctx).sample
+            x = self.scheduler.step(eps, t, x).prev_sample
+        return x
+
+
+def unet_part(quick: bool, steps: int) -> dict:
+    import diffusers
+    import tomesd
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**UNET_CONFIG).eval()
+    pipe = _Pipe(unet, steps)
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 64, 64, generator=g)
+    ctx = torch.randn(2, 77, UNET_CONFIG["cross_attention_dim"], generator=g)
+
+    cfgs: dict[str, Any] = {"dense": None}
+    ratios = (0.5,) if quick else (0.5, 0.7)
+    for r in ratios:
+        cfgs[f"ours_r{r}"] = TokenMergingConfig(ratio=r, merge_mlp=False)  # tomesd's defaults
+    cfgs["tomesd_r0.5"] = "tomesd"
+    cfgs["ours_r0.5_cache5"] = TokenMergingConfig(ratio=0.5, merge_mlp=False, recompute_every=5)
+    if not quick:
+        cfgs["ours_r0.5_mlp"] = TokenMergingConfig(ratio=0.5)
+        cfgs["ours_catome_t0.6_every5"] = TokenMergingConfig(threshold=0.6, merge_mlp=False, recompute_every=5)
+
+    def setup(cfg: Any) -> None:
+        tomesd.remove_patch(unet)
+        remove_token_merging(pipe)
+        if cfg == "tomesd":
+            tomesd.apply_patch(unet, ratio=0.5)
+        elif cfg is not None:
+            apply_token_merging(pipe, cfg)
+
+    outs: dict[str, torch.Tensor] = {}
+
+    def run(key: str, cfg: Any) -> Callable[[], None]:
+        def fn() -> None:
+            setup(cfg)
+            outs[key] = pipe(latent, ctx)  # deterministic: every repeat gives the same latent
+            setup(None)
+        return fn
+
+    with torch.inference_mode():
+        unet(latent, torch.tensor(999), ctx)  # one-time allocations out of the first timed run
+    med = interleaved({k: run(k, c) for k, c in cfgs.items()}, repeats=2 if quick else 3, warmup=0)
+    dense = outs["dense"]
+    peak = float(dense.max() - dense.min())
+    sp = speedups(med)
+    results = {}
+    for k, c in cfgs.items():
+        err = float((outs[k] - dense).pow(2).mean().sqrt() / dense.pow(2).mean().sqrt())
+        results[k] = {
+            "config": c.__dict__ if isinstance(c, TokenMergingConfig) else c,
+            "seconds": med[k],
+            "speedup": sp[k][SPEED],
+            "speedup_wall_and_cpu": sp[k],
+            "psnr_to_dense": psnr(outs[k], dense, peak) if k != "dense" else None,
+            "rel_rmse_to_dense": err,
+        }
+    return {
+        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+        "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "top_level_tokens": 64 * 64,
+        "batch": 2,
+        "steps": steps,
+        "sampler": "DDIM",
+        "tomesd_version": getattr(tomesd, "__version__", "0.1.3"),
+        "configs": results,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def summarize(out: dict) -> dict:
+    s: dict[str, Any] = {}
+    q, sp = out.get("refdit_quality"), out.get("refdit_speed")
+    if q and sp:
+        c, speed = q["configs"], sp["speedup"]
+        tome = [(1.0, 0.0)] + [(speed[k], v["drop_db"]) for k, v in c.items()
+                               if k.startswith("tome_r") and "cache" not in k and k in speed]
+        cat = [k for k in c if k.startswith("catome") and k in speed]
+        # headline CA-ToMe: the fastest whose quality drop is at most 1 dB (else the smallest drop)
+        ok = [k for k in cat if c[k]["drop_db"] <= 1.0]
+        best = max(ok, key=lambda k: speed[k]) if ok else min(cat, key=lambda k: c[k]["drop_db"])
+        s["catome_config"] = best
+        s["catome_speedup"] = speed[best]
+        s["catome_drop_db"] = c[best]["drop_db"]
+        s["tome_drop_db_at_equal_speed"], s["tome_equal_speed_extrapolated"] = at_equal_speed(tome, speed[best])
+        s["catome_psnr_to_dense"] = c[best]["psnr_to_dense"]
+        s["refdit_trained"] = q["trained"]
+    if out.get("refdit_large"):
+        s["refdit_large_grid_tome_r0.5_speedup"] = out["refdit_large"]["speedup"]["tome_r0.5"]
+        s["refdit_large_grid_tome_r0.5_cache5_speedup"] = out["refdit_large"]["speedup"]["tome_r0.5_cache5"]
+    u = out.get("unet")
+    if u:
+        c = u["configs"]
+        s["unet_ours_r0.5_speedup"] = c["ours_r0.5"]["speedup"]
+        s["unet_tomesd_r0.5_speedup"] = c["tomesd_r0.5"]["speedup"]
+        s["vs_tomesd_speed_ratio"] = c["ours_r0.5"]["speedup"] / c["tomesd_r0.5"]["speedup"]
+        s["vs_tomesd_err_ratio"] = c["ours_r0.5"]["rel_rmse_to_dense"] / c["tomesd_r0.5"]["rel_rmse_to_dense"]
+    return s
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if "refdit_quality" in out and "refdit_speed" in out:
+        speed = out["refdit_speed"]["speedup"]
+        pts = {k: (speed[k], v["drop_db"]) for k, v in out["refdit_quality"]["configs"].items()
+               if k in speed and k != "dense"}
+        panels.append((f"RefDiT: {out['refdit_quality']['model'][:60]}", "PSNR drop to ground truth [dB]", pts))
+    if "unet" in out:
+        pts = {k: (v["speedup"], v["psnr_to_dense"]) for k, v in out["unet"]["configs"].items() if k != "dense"}
+        panels.append(("SD-style UNet (64x64 latents): ours vs tomesd", "PSNR to dense [dB]", pts))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, ylabel, pts) in zip(axes[0], panels):
+        for k, (x, y) in pts.items():
+            marker, color = (("s", "tab:red") if "tomesd" in k else ("^", "tab:green") if "catome" in k
+                             else ("D", "tab:purple") if "adaptive" in k else ("o", "tab:blue"))
+            ax.scatter(x, y, marker=marker, color=color)
+            ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("speedup over dense (same run)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PARTS = ("refdit_quality", "refdit_speed", "refdit_large", "unet")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer configs, samples, steps and repeats")
+    ap.add_argument("--part", default="all", help=f"comma list of {', '.join(PARTS)} (default: all); "
+                    "results of parts not run are kept from an existing --out file")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/merging.json"))
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="RefDiT safetensors to use when no trained model ships (e.g. a training run's step)")
+    ap.add_argument("--arch", default="refdit-s", help="architecture name of --checkpoint")
+    args = ap.parse_args()
+    CHECKPOINT.update(path=args.checkpoint, arch=args.arch)
+    parts = PARTS if args.part == "all" else tuple(p.strip() for p in args.part.split(","))
+    if any(p not in PARTS for p in parts):
+        ap.error(f"--part takes a comma list of {PARTS}")
+    torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
+    out: dict[str, Any] = {}
+    if args.out.exists():  # keep the parts not rerun
+        old = json.loads(args.out.read_text())
+        out.update({k: old[k] for k in PARTS if k in old and k not in parts and old.get("quick") == args.quick})
+    steps = 8 if args.quick else 20
+    runners = {"refdit_quality": lambda: refdit_quality(args.quick, steps),
+               "refdit_speed": lambda: refdit_speed(args.quick, steps),
+               "refdit_large": lambda: refdit_large(args.quick),
+               "unet": lambda: unet_part(args.quick, steps=2 if args.quick else 4)}
+    for p in parts:
+        t0 = time.perf_counter()
+        out[p] = runners[p]()
+        out[p]["wall_seconds"] = time.perf_counter() - t0
+        print(f"{p} done in {time.perf_counter() - t0:.0f}s", flush=True)
+    out["summary"] = summarize(out)
+    out["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "device": "cpu",
+                      "speedup_basis": SPEED,
+                      "note": "shared 2-core machine, one torch thread; speedups are ratios of median CPU "
+                              "(process) times within one part's run; wall-clock ratios are stored too"}
+    out["quick"] = args.quick
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str))
+    plot(out, args.out.with_suffix(".png"))
+    print(json.dumps(out["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Task-aware token selection and adaptive budgets on RefDiT (issue 7).
+
+    python benchmarks/selection.py [--quick] [--out benchmarks/results/selection.json]
+        [--model refdit-sparse] [--n 64] [--steps 20]
+
+For each family of the held-out suite: PSNR (coarse PSNR, SSIM) vs the *measured* average kept fraction
+for every selector at fixed average budgets (keep in {0.1, 0.25, 0.5}; several references share their
+budget by score for informed selectors), for adaptive budgets (a sweep over the covered score mass), and
+at keep 1.0 (dense). Writes JSON with a `summary` and a PNG plot next to it.
+
+summary:
+  taskaware_minus_random_db[family]      auto minus random, both at an average budget of 25 %
+  taskaware_drop_db_keep025[family]      keep 1.0 minus auto at 25 % (<= 0.5: lossless)
+  adaptive_tokens_frac_at_random25[family]  tokens adaptive auto needs to match random-25 % PSNR, / random's
+  selection_overhead_frac                selection time (auto, multi-reference batch) / 20-step generation
+  best_selector_keep025[family]          the best fixed-budget selector at 25 % (what `auto` encodes)
+
+`--model` takes a shipped name, a checkpoint path (.safetensors, with or without its JSON), or
+`untrained:<config>` (a randomly initialised model, to check that the script runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import torch
+from common import evaluate, heldout_by_family, median_time, write_json
+
+import tokensparse as ts
+from tokensparse.data import FAMILIES, batched
+from tokensparse.metrics import mean_ci95
+from tokensparse.selection import SCORERS
+
+KEEPS = (0.1, 0.25, 0.5)
+MASSES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+ADAPTIVE = ("foreground", "edges", "auto")
+
+
+def load_any(spec: str) -> ts.RefDiT:
+    """A shipped model, a checkpoint path (a trainer step file needs no JSON) or ``untrained:<config>``."""
+    if spec.startswith("untrained:"):
+        torch.manual_seed(0)
+        model = ts.build_model(spec.split(":", 1)[1])
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # adaLN-zero layers random, so the untrained model is not the identity
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        return model.eval()
+    if spec.endswith(".safetensors"):
+        path = Path(spec)
+        if path.with_suffix(".json").is_file():
+            from tokensparse.models import load_checkpoint
+
+            return load_checkpoint(path)
+        from safetensors.torch import load_model
+
+        model = ts.build_model("refdit-s")
+        load_model(model, str(path), strict=False)
+        return model.eval()
+    return ts.load_model(spec)
+
+
+class KeptCounter:
+    """Records the kept fraction of reference tokens per sample (hook after Sparse Context's)."""
+
+    def __init__(self, model: ts.RefDiT) -> None:
+        self.fracs: list[torch.Tensor] = []
+        self.handle = model.ref_embedder.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        self.fracs.append(output.counts().float() / output.dense_len)
+
+    def mean(self) -> float:
+        return float(torch.cat(self.fracs).mean()) if self.fracs else 1.0
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def run(model: ts.RefDiT, cfg: ts.SparseContextConfig | None, samples: list, steps: int) -> dict:
+    """Generate the samples under ``cfg`` (None = dense): metrics (mean, ci95) and the mean kept fraction."""
+    if cfg is None:
+        ts.remove_sparse_context(model)
+    else:
+        ts.apply_sparse_context(model, cfg)
+    counter = KeptCounter(model)
+    try:
+        vals = evaluate(model, samples, steps)
+    finally:
+        counter.close()
+        ts.remove_sparse_context(model)
+    out = {k: dict(zip(("mean", "ci95"), mean_ci95(v))) for k, v in vals.items()}
+    out["kept_frac"] = counter.mean() if cfg is not None else 1.0
+    return out
+
+
+def tokens_to_match(points: list[tuple[float, float]], target: float) -> float | None:
+    """Smallest kept fraction at which the (frac, psnr) curve reaches ``target`` (linear interpolation)."""
+    pts = sorted(points)
+    if not pts:
+        return None
+    if pts[0][1] >= target:
+        return pts[0][0]
+    for (f0, p0), (f1, p1) in itertools.pairwise(pts):
+        if p1 >= target > p0 or (p0 < target <= p1):
+            return f0 + (f1 - f0) * (target - p0) / max(p1 - p0, 1e-9)
+    return None
+
+
+def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, repeats: int = 3) -> dict:
+    """Selection time (embedding with selection minus without) / one 20-step generation, on one batch."""
+    _, b = next(batched(samples, 8))
+    refs = [r * 2 - 1 for r in b.refs]
+    prompt_ids = ts.tokenize(b.prompts, model.config.max_prompt_len)
+    from tokensparse.api import selection_prompt
+
+    def embed() -> None:
+        with selection_prompt(model, prompt_ids), torch.no_grad():
+            model.embed_references(refs, len(b.prompts))
+
+    ts.remove_sparse_context(model)
+    embed()
+    dense_embed = median_time(embed, repeats * 3)
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.25, selector=selector))
+    embed()
+    sparse_embed = median_time(embed, repeats * 3)
+    gen = median_time(lambda: ts.generate(model, b.refs, b.prompts, steps=steps), repeats)
+    ts.remove_sparse_context(model)
+    sel = max(sparse_embed - dense_embed, 0.0)
+    return {"selector": selector, "batch": len(b.prompts), "selection_s": sel, "generation_s": gen,
+            "frac": sel / gen}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 samples per family, 5 steps, keep 0.25 only")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/selection.json"))
+    ap.add_argument("--model", default="refdit-sparse")
+    ap.add_argument("--n", type=int, default=64, help="held-out samples per family")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="selection seed")
+    ap.add_argument("--selectors", default=",".join(s for s in SCORERS))
+    ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    ap.add_argument("--masses", default=",".join(map(str, MASSES)))
+    ap.add_argument("--adaptive", default=",".join(ADAPTIVE), help="selectors swept with adaptive budgets")
+    args = ap.parse_args()
+    n, steps = (8, 5) if args.quick else (args.n, args.steps)
+    keeps = (0.25,) if args.quick else tuple(float(k) for k in args.keeps.split(",") if k)
+    masses = (0.8, 0.95) if args.quick else tuple(float(m) for m in args.masses.split(",") if m)
+    selectors = [s for s in args.selectors.split(",") if s]
+    t0 = time.time()
+    model = load_any(args.model)
+    data = heldout_by_family(n, model.config.image_size)
+
+    res: dict = {"dense": {}, "fixed": {}, "adaptive": {}}
+    for fam, samples in data.items():
+        res["dense"][fam] = run(model, None, samples, steps)
+    print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in FAMILIES), flush=True)
+    for sel in selectors:
+        for keep in keeps:
+            cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed)
+            for fam, samples in data.items():
+                res["fixed"].setdefault(sel, {}).setdefault(str(keep), {})[fam] = run(model, cfg, samples, steps)
+            print(f"{sel} keep={keep}: " + ", ".join(
+                f"{f} {res['fixed'][sel][str(keep)][f]['psnr']['mean']:.2f}" for f in FAMILIES), flush=True)
+    for sel in [s for s in args.adaptive.split(",") if s]:
+        for mass in masses:
+            cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed)
+            for fam, samples in data.items():
+                res["adaptive"].setdefault(sel, {}).setdefault(str(mass), {})[fam] = run(model, cfg, samples, steps)
+            r = res["adaptive"][sel][str(mass)]
+            print(f"{sel} adaptive mass={mass}: " + ", ".join(
+                f"{f} {r[f]['psnr']['mean']:.2f}@{r[f]['kept_frac']:.2f}" for f in FAMILIES), flush=True)
+
+    def p(sel: str, keep: float, fam: str) -> float:
+        return res["fixed"][sel][str(keep)][fam]["psnr"]["mean"]
+
+    summary: dict = {}
+    if "auto" in selectors and "random" in selectors and 0.25 in keeps:
+        summary["taskaware_minus_random_db"] = {f: p("auto", 0.25, f) - p("random", 0.25, f) for f in FAMILIES}
+        summary["taskaware_drop_db_keep025"] = {f: res["dense"][f]["psnr"]["mean"] - p("auto", 0.25, f)
+                                                for f in FAMILIES}
+    if 0.25 in keeps:
+        summary["best_selector_keep025"] = {f: max(selectors, key=lambda s: p(s, 0.25, f)) for f in FAMILIES}
+    if "auto" in res["adaptive"] and "random" in selectors and 0.25 in keeps:
+        fr = {}
+        for f in FAMILIES:
+            pts = [(r[f]["kept_frac"], r[f]["psnr"]["mean"]) for r in res["adaptive"]["auto"].values()]
+            random_frac = res["fixed"]["random"]["0.25"][f]["kept_frac"]
+            m = tokens_to_match(pts, p("random", 0.25, f))
+            fr[f] = None if m is None else m / random_frac
+        summary["adaptive_tokens_frac_at_random25"] = fr
+    over = {sel: overhead(model, data["multi"], sel) for sel in ("auto", "attention") if sel in SCORERS}
+    summary["selection_overhead_frac"] = over["auto"]["frac"]
+    summary["selection_overhead_frac_attention"] = over["attention"]["frac"]
+
+    payload = {"quick": args.quick, "model": args.model, "samples_per_family": n, "steps": steps,
+               "keeps": list(keeps), "masses": list(masses), "selectors": selectors, "wall_s": time.time() - t0,
+               "summary": summary, "overhead": over, "results": res}
+    write_json(args.out, payload)
+    plot(payload, args.out.with_suffix(".png"))
+    for k, v in summary.items():
+        print(k, {f: (round(x, 3) if isinstance(x, float) else x) for f, x in v.items()} if isinstance(v, dict)
+              else round(v, 4))
+    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = payload["results"]
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(4.3 * len(FAMILIES), 3.6))
+    colors = dict(zip(payload["selectors"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, fam in zip(axes, FAMILIES):
+        for sel, by_keep in res["fixed"].items():
+            pts = sorted((r[fam]["kept_frac"], r[fam]["psnr"]["mean"]) for r in by_keep.values())
+            ax.plot(*zip(*pts), "o-", color=colors.get(sel), label=sel, ms=4)
+        for sel, by_mass in res["adaptive"].items():
+            pts = sorted((r[fam]["kept_frac"], r[fam]["psnr"]["mean"]) for r in by_mass.values())
+            ax.plot(*zip(*pts), "x--", color=colors.get(sel), label=f"{sel} adaptive", ms=5, alpha=0.8)
+        ax.axhline(res["dense"][fam]["psnr"]["mean"], color="k", lw=1, ls=":", label="keep 1.0")
+        ax.set_xscale("log")
+        ax.set_title(fam)
+        ax.set_xlabel("average kept fraction of reference tokens")
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[-1].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"token selection, {payload['model']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""``tokensparse generate``: reference-conditioned generation with a diffusers pipeline and Sparse Context.
+
+    tokensparse generate --model black-forest-labs/FLUX.2-klein-4B --ref a.png --ref b.png \\
+        --prompt "the cat from image 1 on the sofa from image 2" --keep 0.25 --selector uniform --out out.png
+
+``--model`` is a Hub id or a local pipeline directory (``save_pretrained`` layout); a local directory is
+loaded with ``local_files_only`` so it works offline. Supported pipelines: FLUX.2 [klein] / FLUX.2
+(``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext and
+Qwen-Image-Edit-Plus. The functions here are plain typer-annotated functions; ``tokensparse.cli``
+registers them as commands.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def _load_refs(paths: list[Path]) -> list[Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not path.is_file():
+            _fail(f"reference image {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            _fail(f"cannot read reference image {path}: {exc}")
+    return images
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
+    import torch
+
+    if device == "auto":
+        device = (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    if dtype not in _DTYPES:
+        _fail(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _save_png_atomically(image: Any, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def generate(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="diffusers pipeline: Hub id or local directory")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="text prompt / edit instruction")],
+    ref: Annotated[
+        list[Path] | None, typer.Option("--ref", "-r", help="reference image (repeat for several)")
+    ] = None,
+    keep: Annotated[float, typer.Option(help="fraction of each reference's tokens kept, in (0, 1]")] = 0.25,
+    selector: Annotated[str, typer.Option(help="token scorer (tokensparse.selection.SCORERS)")] = "uniform",
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the pipeline's)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the pipeline's)")] = None,
+    height: Annotated[int | None, typer.Option(help="output height in pixels")] = None,
+    width: Annotated[int | None, typer.Option(help="output width in pixels")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the diffusion noise and of the selection")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output PNG")] = Path("out.png"),
+    cache: Annotated[
+        bool, typer.Option(help="reference K/V cache (FLUX.2 klein: runs Flux2KleinKVPipeline)")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
+    ] = "auto",
+) -> None:
+    """Generate one image from reference images with Sparse Context."""
+    try:
+        import diffusers
+        import torch
+    except ImportError:
+        _fail("tokensparse generate needs diffusers: pip install 'tokensparse[diffusers]'")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .context import SparseContextConfig
+    from .integrations.diffusers import apply_sparse_context_diffusers
+    from .integrations.diffusers_models import PIPELINES
+
+    try:
+        cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache)
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    refs = _load_refs(list(ref or []))
+    device, torch_dtype = _device_and_dtype(device, dtype)
+    local = Path(model).is_dir()
+    if not local and (Path(model).exists() or model.startswith((".", "/"))):
+        _fail(f"--model {model} is not a pipeline directory")
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
+    except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
+        _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
+    name = type(pipe).__name__
+    if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
+        pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
+    if name not in PIPELINES:
+        _fail(f"{name} is not supported; supported pipelines: {', '.join(sorted(PIPELINES))}")
+    try:
+        apply_sparse_context_diffusers(pipe, cfg)
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
+    if refs:
+        if name == "FluxKontextPipeline" and len(refs) > 1:
+            _fail("FluxKontextPipeline takes one reference image")
+        kwargs["image"] = refs[0] if name == "FluxKontextPipeline" else refs
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        key = "true_cfg_scale" if name == "QwenImageEditPlusPipeline" else "guidance_scale"
+        if key not in params:
+            _fail(f"{name} takes no guidance scale")
+        kwargs[key] = guidance
+        if key == "true_cfg_scale":
+            kwargs["negative_prompt"] = " "
+    for key, value in (("height", height), ("width", width)):
+        if value is not None:
+            kwargs[key] = value
+    total = steps or params["num_inference_steps"].default
+
+    with Progress(
+        TextColumn("[bold]denoising"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("denoise", total=total)
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            progress.update(task, completed=step + 1)
+            return callback_kwargs
+
+        if "callback_on_step_end" in params:
+            kwargs["callback_on_step_end"] = on_step_end
+        with torch.inference_mode():
+            image = pipe(**kwargs).images[0]
+    _save_png_atomically(image, out)
+    kept = f"keep={cfg.keep:g}, selector={cfg.selector}" + (", K/V cache" if cache else "")
+    typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
+
+
+def train_lora(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Flux2KleinPipeline: Hub id or local directory")
+    ],
+    data: Annotated[Path, typer.Option(help="folder of examples: <name>/ref*.png, target.png, prompt.txt")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the LoRA weights")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 500,
+    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    keep_min: Annotated[float, typer.Option(help="smallest keep ratio drawn per step (largest: 1)")] = 0.1,
+    resolution: Annotated[int, typer.Option(help="training resolution in pixels (multiple of 16)")] = 512,
+    seed: Annotated[int, typer.Option(help="seed of sampling, noise and dropping")] = 0,
+) -> None:
+    """Fine-tune a FLUX.2 [klein] LoRA with random reference-token dropping."""
+    try:
+        import diffusers
+    except ImportError:
+        _fail(
+            "tokensparse train-lora needs diffusers, peft and accelerate: pip install 'tokensparse[diffusers,train]'"
+        )
+    from .integrations.diffusers_lora import LoraTrainConfig, load_examples, train_lora_sparse
+
+    try:
+        cfg = LoraTrainConfig(
+            steps=steps, lr=lr, rank=rank, keep_min=keep_min, resolution=resolution, seed=seed
+        )
+        examples = load_examples(data)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    local = Path(model).is_dir()
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model, local_files_only=local)
+    except Exception as exc:  # noqa: BLE001
+        _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
+    every = max(1, steps // 20)
+
+    def log(step: int, keep: float, loss: float) -> None:
+        if step % every == 0 or step == steps - 1:
+            typer.echo(f"step {step:5d}  keep {keep:.2f}  loss {loss:.4f}")
+
+    try:
+        train_lora_sparse(pipe, examples, cfg, out, log=log)
+    except TypeError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote LoRA to {out} (load with pipe.load_lora_weights({str(out)!r}))")

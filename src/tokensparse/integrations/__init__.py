@@ -1,0 +1,1 @@
+"""Integrations with other libraries (diffusers). Import the submodules directly; nothing is imported here."""

@@ -1,0 +1,355 @@
+"""Sparse Context for diffusers pipelines: feed the transformer a subset of each reference's tokens.
+
+Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
+``FluxKontextPipeline`` (FLUX.1 Kontext) and ``QwenImageEditPlusPipeline``, or their bare transformers.
+
+How it works. A diffusers ``ModelHook`` on the transformer finds the reference tokens in the image
+sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
+and subsets ``hidden_states`` together with their position ids, so RoPE still places every kept token
+where it came from. Target and text tokens are untouched. The output is scattered back to the dense
+sequence length (dropped reference positions are zero), so the pipeline's ``noise_pred[:, :n_target]``
+slicing and any caller expecting the dense shape keep working.
+
+The selection is computed once per generation and reused by every step and every guidance pass:
+on a pipeline, a new generation starts when the pipeline calls ``scheduler.set_timesteps`` (once per
+call); on a bare transformer, when the timestep rises. The batch shares one selection because the
+transformers take one set of position ids for the whole batch (FLUX uses ``img_ids[0]``); it is
+computed from the first sample's references. When the pipeline is given the reference images as pixels,
+scorers also see them (``RefView.image``).
+
+With ``Flux2KleinKVPipeline`` the K/V-extract step sees only the kept references, so the cache holds
+fewer reference K/V and every later step attends to fewer keys (sparse + cache).
+
+A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..context import SparseContextConfig, keep_mask
+from ..generation import StepTracker, on_generation_start, remove_generation_callback
+from ..selection import RefView
+from .diffusers_models import (
+    KV_PIPELINES,
+    PIPELINES,
+    TRANSFORMERS,
+    QwenImageAdapter,
+    RefLayout,
+    images_for_scorers,
+)
+
+logger = logging.getLogger(__name__)
+
+HOOK_NAME = "tokensparse_sparse_context"
+ROPE_HOOK_NAME = "tokensparse_sparse_context_rope"
+_CALLBACK = "tokensparse_sparse_context"
+_CAPTURE = "_tokensparse_capture_original"
+
+
+def _class_names(obj: Any) -> list[str]:
+    return [c.__name__ for c in type(obj).__mro__]
+
+
+def is_diffusers_target(obj: Any) -> bool:
+    """True for any diffusers pipeline or model (without importing diffusers)."""
+    return any(c.__module__.split(".")[0] == "diffusers" for c in type(obj).__mro__)
+
+
+def _supported() -> str:
+    return f"pipelines {sorted(PIPELINES)} or transformers {sorted(TRANSFORMERS)}"
+
+
+def _resolve(target: Any) -> tuple[Any | None, torch.nn.Module]:
+    """``(pipeline or None, transformer)``; ``TypeError`` naming what is supported otherwise."""
+    name = type(target).__name__
+    if name in PIPELINES:
+        transformer = getattr(target, "transformer", None)
+        if transformer is None or type(transformer).__name__ not in TRANSFORMERS:
+            raise TypeError(f"{name} has no supported transformer ({type(transformer).__name__})")
+        return target, transformer
+    if name in TRANSFORMERS:
+        return None, target
+    raise TypeError(f"Sparse Context does not support {name}; expected {_supported()}")
+
+
+class _State:
+    """Per-generation selection state, shared by the transformer hook and the pipeline wrappers."""
+
+    def __init__(self, cfg: SparseContextConfig) -> None:
+        self.cfg = cfg
+        self.images: list[Tensor] | None = None  # reference pixels captured from the pipeline, [0, 1]
+        self.images_tick = -1  # value of `forwards` when the images were captured
+        self.prompts: list[str] | None = None  # the call's (positive) prompts, for prompt-aware scorers
+        self.prompts_tick = -1
+        self.forwards = 0  # transformer calls seen
+        self.index: dict[tuple, tuple[Tensor, RefLayout] | None] = {}  # per sequence layout: kept positions
+        self.selections = 0  # number of selections computed (tests: once per generation)
+        self.warned = False
+        self.rope: tuple[Any, Tensor] | None = None  # Qwen: (dense img_shapes, kept index) for pos_embed
+        self.tracker = StepTracker()
+
+    def new_generation(self) -> None:
+        self.index.clear()
+        self.warned = False
+
+
+class SparseContextHook:
+    """``ModelHook`` on the transformer: subsets the reference tokens and their ids before ``forward``."""
+
+    _is_stateful = False
+
+    def __init__(self, cfg: SparseContextConfig, adapter: Any, owner: Any | None) -> None:
+        self.fn_ref = None
+        self.state = _State(cfg)
+        self.adapter = adapter
+        self.owner = owner  # the pipeline whose set_timesteps starts generations, or None
+        self._signature: inspect.Signature | None = None
+        self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
+
+    # ModelHook protocol -------------------------------------------------------------------------------
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic) diffusers' spelling
+        return module
+
+    def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.new_generation()
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self._current = None
+        self.state.rope = None
+        if self.state.cfg.is_identity:
+            return args, kwargs
+        if args:  # bare-transformer callers may pass positionally; pipelines use keywords
+            bound = self._signature.bind_partial(module, *args, **kwargs)
+            kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
+            kwargs.update(kwargs.pop("kwargs", {}) or {})
+            args = ()
+        if kwargs.get("timestep") is not None:  # also catches pipelines sharing this transformer (from_pipe)
+            gen = self.state.tracker.generation
+            self.state.tracker.observe(float(kwargs["timestep"].flatten()[0]))
+            if self.state.tracker.generation != gen:
+                self.state.new_generation()
+        if self.adapter.is_kv_cached_call(kwargs):
+            return args, kwargs  # K/V of the kept references were cached at the extract step
+        hs = kwargs["hidden_states"]
+        key = (tuple(hs.shape[1:]), kwargs.get("kv_cache_mode"))
+        if key not in self.state.index:
+            self.state.index[key] = self._select(kwargs)
+        self.state.forwards += 1
+        entry = self.state.index[key]
+        if entry is None:
+            if not self.state.warned:
+                logger.warning("tokensparse: no reference tokens in this call; Sparse Context is a no-op")
+                self.state.warned = True
+            return args, kwargs
+        index, layout = entry
+        self._current = (index, layout.n)
+        return args, self.adapter.subset(kwargs, index, layout, self.state)
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        current, self._current = self._current, None
+        self.state.rope = None
+        if current is None:
+            return output
+        index, n = current
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if sample.shape[1] != index.numel():  # KV extract: the transformer already dropped the references
+            return output
+        dense = sample.new_zeros(sample.shape[0], n, *sample.shape[2:])
+        dense[:, index] = sample
+        if isinstance(output, tuple):
+            return (dense, *output[1:])
+        output.sample = dense
+        return output
+
+    # selection --------------------------------------------------------------------------------------
+    def _select(self, kwargs: dict[str, Any]) -> tuple[Tensor, RefLayout] | None:
+        layout = self.adapter.layout(kwargs)
+        if layout is None:
+            return None
+        hs = kwargs["hidden_states"]
+        # pixels only if captured by this call (no transformer call since) and one per reference
+        images = self.state.images if self.state.images_tick == self.state.forwards else None
+        images = images if images and len(images) == len(layout.grids) else None
+        prompts = (
+            self.state.prompts[:1]
+            if self.state.prompts and self.state.prompts_tick == self.state.forwards
+            else None
+        )
+        views = []
+        for r, (pos, cells, (h, w)) in enumerate(zip(layout.positions, layout.cells, layout.grids)):
+            feats = hs.new_zeros(1, h * w, hs.shape[-1])
+            feats[:, cells.to(hs.device)] = hs[:1, pos.to(hs.device)]
+            image = images[r] if images else None
+            views.append(RefView(feats.view(1, h, w, -1).float(), image=image, index=r, prompts=prompts))
+        keep = keep_mask(views, self.state.cfg)[0].to(
+            hs.device
+        )  # (N_refs,), the config's own seeded generator
+        self.state.selections += 1
+        keep_seq = torch.ones(layout.n, dtype=torch.bool, device=hs.device)
+        offset = 0
+        for pos, cells, (h, w) in zip(layout.positions, layout.cells, layout.grids):
+            keep_seq[pos.to(hs.device)] = keep[offset + cells.to(hs.device)]
+            offset += h * w
+        index = torch.nonzero(keep_seq).squeeze(1)  # sorted: target and references keep their order
+        return index, layout
+
+
+class QwenRopeHook:
+    """``ModelHook`` on Qwen's ``pos_embed``: dense RoPE frequencies, then only the kept image rows."""
+
+    _is_stateful = False
+
+    def __init__(self, state: _State) -> None:
+        self.fn_ref = None
+        self.state = state
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if self.state.rope is not None:
+            shapes = self.state.rope[0]
+            if args:
+                args = (shapes, *args[1:])
+            else:
+                kwargs["video_fhw"] = shapes
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.state.rope is None:
+            return output
+        vid, txt = output
+        return vid.index_select(0, self.state.rope[1].to(vid.device)), txt
+
+
+# public API ---------------------------------------------------------------------------------------------
+def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any:
+    """Make ``target`` (a supported diffusers pipeline or transformer) keep a subset of reference tokens.
+
+    ``cfg.keep`` of each reference's tokens are kept, chosen by ``cfg.selector`` once per generation.
+    Calling it again replaces the earlier config; :func:`remove_sparse_context_diffusers` restores the
+    exact original computation. ``keep=1.0`` is bit-identical to the unpatched model. A call without
+    reference images (text-to-image) is a logged no-op. ``cfg.cache=True`` needs ``Flux2KleinKVPipeline``
+    (whose K/V cache then holds only the kept references). Raises ``TypeError`` for unsupported targets.
+    Returns ``target``.
+    """
+    if not isinstance(cfg, SparseContextConfig):
+        raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
+    pipe, transformer = _resolve(target)
+    if cfg.cache and not (pipe is not None and type(pipe).__name__ in KV_PIPELINES):
+        raise ValueError(
+            "cache=True needs a pipeline with a reference K/V cache: use Flux2KleinKVPipeline "
+            "(e.g. Flux2KleinKVPipeline.from_pipe(pipe)), or cache=False"
+        )
+    from diffusers.hooks import HookRegistry
+
+    remove_sparse_context_diffusers(target)
+    if pipe is not None:
+        remove_sparse_context_diffusers(transformer)
+    hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owner=pipe)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(hook, HOOK_NAME)
+    if isinstance(hook.adapter, QwenImageAdapter):
+        HookRegistry.check_if_exists_or_initialize(transformer.pos_embed).register_hook(
+            QwenRopeHook(hook.state), ROPE_HOOK_NAME
+        )
+    _invalidate(registry)
+    if pipe is not None:
+        on_generation_start(pipe, _CALLBACK, hook.state.new_generation)
+        _wrap_image_capture(pipe, hook.state)
+    return target
+
+
+def remove_sparse_context_diffusers(target: Any) -> Any:
+    """Undo :func:`apply_sparse_context_diffusers`; a target without Sparse Context is left as is."""
+    pipe, transformer = _resolve(target)
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if hook is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if hook.owner is not None:
+            _unwrap_image_capture(hook.owner)
+            remove_generation_callback(hook.owner, _CALLBACK)
+    rope_registry = getattr(getattr(transformer, "pos_embed", None), "_diffusers_hook", None)
+    if rope_registry is not None and rope_registry.get_hook(ROPE_HOOK_NAME) is not None:
+        rope_registry.remove_hook(ROPE_HOOK_NAME, recurse=False)
+    if registry is not None:
+        _invalidate(registry)
+    if pipe is not None:
+        _unwrap_image_capture(pipe)
+        remove_generation_callback(pipe, _CALLBACK)
+    return target
+
+
+def sparse_context_state(target: Any) -> _State | None:
+    """The live selection state of a patched target (``selections`` counts computed selections)."""
+    _, transformer = _resolve(target)
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return hook.state if hook is not None else None
+
+
+def _invalidate(registry: Any) -> None:
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+
+
+def _wrap_image_capture(pipe: Any, state: _State) -> None:
+    """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``)."""
+    image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
+
+    def on_images(args: tuple, kwargs: dict) -> None:
+        state.images = images_for_scorers(
+            kwargs.get(arg_name, args[arg_pos] if len(args) > arg_pos else None)
+        )
+        state.images_tick = state.forwards
+
+    def on_prompt(args: tuple, kwargs: dict) -> None:
+        if state.prompts_tick == state.forwards:  # the negative prompt, encoded after the positive one
+            return
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
+        state.prompts_tick = state.forwards
+
+    wrapped = []
+    for name, handler in ((image_method, on_images), ("encode_prompt", on_prompt)):
+        original = getattr(pipe, name, None)
+        if original is None:
+            continue
+
+        def capture(*args: Any, _original: Any = original, _handler: Any = handler, **kwargs: Any) -> Any:
+            _handler(args, kwargs)
+            return _original(*args, **kwargs)
+
+        pipe.__dict__[name] = functools.wraps(original)(capture)
+        wrapped.append(name)
+    pipe.__dict__[_CAPTURE] = wrapped
+
+
+def _unwrap_image_capture(pipe: Any) -> None:
+    for name in pipe.__dict__.pop(_CAPTURE, []):
+        pipe.__dict__.pop(name, None)

@@ -1,0 +1,194 @@
+"""LoRA fine-tuning of FLUX.2 [klein] with random reference-token dropping (the Sparse Context recipe).
+
+Each step keeps a random subset of every reference's tokens, at a ratio drawn from
+``U(keep_min, keep_max)``, so the model learns to work from partial references whichever tokens a
+selector keeps at inference. Dropping is done by the same hook as inference
+(:func:`~tokensparse.integrations.diffusers.apply_sparse_context_diffusers` with ``selector="random"``),
+re-seeded every step. Loss: rectified flow, the transformer predicts ``noise - x0`` at
+``x_t = (1 - t) x0 + t noise`` with logit-normal ``t`` (FLUX's convention).
+
+The VAE and text encoder are frozen and run once per example; only LoRA weights on the transformer's
+attention projections train. ``accelerate`` places the model (one CPU process, one GPU, or many).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..context import SparseContextConfig
+from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers
+
+SUPPORTED = ("Flux2KleinPipeline",)
+
+
+@dataclass
+class LoraTrainConfig:
+    """Resolved training settings (written next to the LoRA weights as ``train_config.json``)."""
+
+    steps: int = 500
+    lr: float = 1e-4
+    rank: int = 16
+    keep_min: float = 0.1
+    keep_max: float = 1.0
+    resolution: int = 512
+    max_sequence_length: int = 512
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.rank < 1:
+            raise ValueError("steps and rank must be >= 1")
+        if not 0.0 < self.keep_min <= self.keep_max <= 1.0:
+            raise ValueError(f"need 0 < keep_min <= keep_max <= 1, got {self.keep_min}, {self.keep_max}")
+        if self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
+
+
+@dataclass
+class Example:
+    """One training example: reference images (PIL), the target image, the instruction."""
+
+    refs: list[Any]
+    target: Any
+    prompt: str
+
+
+def load_examples(data: str | Path) -> list[Example]:
+    """One example per sub-folder of ``data``: ``ref*.png`` (one or more), ``target.png``, ``prompt.txt``."""
+    from PIL import Image
+
+    examples = []
+    for folder in sorted(p for p in Path(data).iterdir() if p.is_dir()):
+        refs = sorted(folder.glob("ref*.png"))
+        if not refs or not (folder / "target.png").is_file() or not (folder / "prompt.txt").is_file():
+            raise ValueError(f"{folder}: needs ref*.png, target.png and prompt.txt")
+        examples.append(
+            Example(
+                [Image.open(r).convert("RGB") for r in refs],
+                Image.open(folder / "target.png").convert("RGB"),
+                (folder / "prompt.txt").read_text().strip(),
+            )
+        )
+    if not examples:
+        raise ValueError(f"no example folders in {data}")
+    return examples
+
+
+@dataclass
+class _Encoded:
+    x0: torch.Tensor  # (1, n_target, C) packed target latents
+    target_ids: torch.Tensor  # (1, n_target, 4)
+    refs: torch.Tensor  # (1, n_refs, C)
+    ref_ids: torch.Tensor  # (1, n_refs, 4)
+    text: torch.Tensor  # (1, L, D)
+    text_ids: torch.Tensor  # (1, L, 4)
+
+
+@torch.no_grad()
+def _encode(pipe: Any, ex: Example, cfg: LoraTrainConfig, device: torch.device) -> _Encoded:
+    size = cfg.resolution
+    proc = pipe.image_processor
+    target = proc.preprocess(ex.target, height=size, width=size, resize_mode="crop").to(
+        device, pipe.vae.dtype
+    )
+    latents = pipe._encode_vae_image(target, generator=None)  # (1, C, h, w), patchified + normalized
+    refs = [proc.preprocess(r, height=size, width=size, resize_mode="crop") for r in ex.refs]
+    ref_latents, ref_ids = pipe.prepare_image_latents(refs, 1, None, device, pipe.vae.dtype)
+    text, text_ids = pipe.encode_prompt(ex.prompt, device=device, max_sequence_length=cfg.max_sequence_length)
+    return _Encoded(
+        pipe._pack_latents(latents),
+        pipe._prepare_latent_ids(latents).to(device),
+        ref_latents,
+        ref_ids,
+        text,
+        text_ids,
+    )
+
+
+def train_lora_sparse(
+    pipe: Any,
+    examples: Sequence[Example],
+    cfg: LoraTrainConfig,
+    out_dir: str | Path,
+    log: Callable[[int, float, float], None] | None = None,
+) -> list[float]:
+    """Train a LoRA on ``pipe.transformer`` with random reference dropping; save it to ``out_dir``.
+
+    ``out_dir`` gets ``pytorch_lora_weights.safetensors`` (load with ``pipe.load_lora_weights(out_dir)``)
+    and ``train_config.json``. Returns the loss of every step. ``log(step, keep, loss)`` is called per step.
+    """
+    from accelerate import Accelerator
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    if type(pipe).__name__ not in SUPPORTED:
+        raise TypeError(f"LoRA training supports {SUPPORTED}, got {type(pipe).__name__}")
+    if not examples:
+        raise ValueError("no training examples")
+    accelerator = Accelerator()
+    device = accelerator.device
+    pipe.to(device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
+        module.requires_grad_(False)
+    encoded = [_encode(pipe, ex, cfg, device) for ex in examples]
+
+    transformer = pipe.transformer
+    transformer.add_adapter(
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.rank,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.target_modules),
+        )
+    )
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    model.train()
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    try:
+        for step in range(cfg.steps):
+            e = encoded[int(torch.randint(len(encoded), (1,), generator=gen))]
+            keep = cfg.keep_min + (cfg.keep_max - cfg.keep_min) * float(torch.rand(1, generator=gen))
+            apply_sparse_context_diffusers(
+                transformer, SparseContextConfig(keep=keep, selector="random", seed=cfg.seed * 100_003 + step)
+            )
+            t = torch.sigmoid(torch.randn(1, generator=gen)).to(device)  # logit-normal timestep in (0, 1)
+            noise = torch.randn(e.x0.shape, generator=gen).to(device, e.x0.dtype)
+            x_t = (1 - t) * e.x0 + t * noise
+            with accelerator.autocast():
+                pred = model(
+                    hidden_states=torch.cat([x_t, e.refs], 1).to(transformer.dtype),
+                    timestep=t,
+                    encoder_hidden_states=e.text,
+                    txt_ids=e.text_ids,
+                    img_ids=torch.cat([e.target_ids, e.ref_ids], 1),
+                    guidance=None,
+                    return_dict=False,
+                )[0]
+            loss = torch.nn.functional.mse_loss(pred[:, : e.x0.shape[1]].float(), (noise - e.x0).float())
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if log is not None:
+                log(step, keep, losses[-1])
+    finally:
+        remove_sparse_context_diffusers(transformer)
+    model.eval()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+        type(pipe).save_lora_weights(out, transformer_lora_layers=state)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return losses

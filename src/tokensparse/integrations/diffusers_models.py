@@ -1,0 +1,183 @@
+"""Where each supported diffusers model keeps its reference tokens, and how to subset them.
+
+Model knowledge only; the hook wiring lives in :mod:`tokensparse.integrations.diffusers`.
+
+Every supported pipeline feeds its transformer one image sequence ``hidden_states (B, N, C)`` that
+concatenates the noisy target tokens and the tokens of every reference image, and tells the transformer
+where each token sits:
+
+- FLUX.2 (``Flux2Transformer2DModel``): ``img_ids (B, N, 4)`` = (T, H, W, L); the target has T = 0,
+  reference ``i`` has T = 10 + 10 i. ``Flux2KleinKVPipeline`` puts the references *first* and passes
+  ``num_ref_tokens`` at its K/V-extract step.
+- FLUX.1 Kontext (``FluxTransformer2DModel``): ``img_ids (N, 3)`` = (T, H, W); the reference has T = 1.
+- Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
+  (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
+  transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
+
+A :class:`RefLayout` says where the reference tokens are; an adapter subsets ``hidden_states`` together
+with whatever places the tokens (ids, or the RoPE rows for Qwen), so each kept token keeps its position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RefLayout:
+    """The reference tokens of one transformer call.
+
+    n: length of the dense image sequence (target + references).
+    positions: per reference, ``(n_r,)`` positions of its tokens in the sequence.
+    cells: per reference, ``(n_r,)`` row-major index of each token's cell in its ``h x w`` grid.
+    grids: per reference, its grid ``(h, w)``.
+    """
+
+    n: int
+    positions: list[Tensor]
+    cells: list[Tensor]
+    grids: list[tuple[int, int]]
+
+    @property
+    def num_ref_tokens(self) -> int:
+        return sum(len(p) for p in self.positions)
+
+
+def _grid_layout(ids: Tensor) -> RefLayout | None:
+    """Layout from FLUX-style ids ``(N, D)`` whose first coordinate is 0 for the target, else a reference."""
+    t = ids[:, 0]
+    is_ref = t != 0
+    if not bool(is_ref.any()):
+        return None
+    positions, cells, grids = [], [], []
+    for value in torch.unique_consecutive(t[is_ref]).tolist():
+        pos = torch.nonzero(t == value).squeeze(1)
+        rows = ids[pos, 1].long()
+        cols = ids[pos, 2].long()
+        rows, cols = rows - rows.min(), cols - cols.min()
+        h, w = int(rows.max()) + 1, int(cols.max()) + 1
+        if h * w != len(pos):
+            raise ValueError(
+                f"reference with id {value} has {len(pos)} tokens but spans a {h}x{w} grid; "
+                "tokensparse expects dense references (is another token-dropping patch applied?)"
+            )
+        positions.append(pos)
+        cells.append(rows * w + cols)
+        grids.append((h, w))
+    return RefLayout(ids.shape[0], positions, cells, grids)
+
+
+class FluxIdsAdapter:
+    """FLUX.2 and FLUX.1 Kontext: references are found and placed through ``img_ids``."""
+
+    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            return None
+        ids2 = ids[0] if ids.dim() == 3 else ids  # the transformer itself uses ids[0] for the whole batch
+        layout = _grid_layout(ids2)
+        if layout is not None and kwargs["hidden_states"].shape[1] != layout.n:
+            raise ValueError(
+                f"hidden_states has {kwargs['hidden_states'].shape[1]} tokens but img_ids has {layout.n}"
+            )
+        return layout
+
+    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
+        out = dict(kwargs)
+        out["hidden_states"] = kwargs["hidden_states"].index_select(1, index)  # (B, K, C)
+        out["img_ids"] = kwargs["img_ids"].index_select(-2, index.to(kwargs["img_ids"].device))
+        if kwargs.get("kv_cache_mode") == "extract":
+            # Flux2KleinKVPipeline: references first; the transformer caches the first num_ref_tokens K/V
+            out["num_ref_tokens"] = int(index.numel()) - (layout.n - layout.num_ref_tokens)
+        return out
+
+    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("kv_cache_mode") == "cached"
+
+
+class QwenImageAdapter:
+    """Qwen-Image-Edit(-Plus): references are found through ``img_shapes`` and placed by RoPE rows.
+
+    The transformer computes RoPE frequencies from ``img_shapes`` inside its ``pos_embed`` module, so a
+    companion hook on ``pos_embed`` (see :class:`QwenRopeHook` in the wiring module) computes the dense
+    frequencies and keeps the rows of the kept tokens. ``img_shapes`` passed to the transformer is
+    rewritten to ``[target, (1, 1, K)]`` so code that only counts tokens per image (``zero_cond_t``'s
+    modulation index) sees the kept count.
+    """
+
+    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
+        shapes = kwargs.get("img_shapes")
+        if not shapes:
+            return None
+        per_sample = shapes[0]
+        if not isinstance(per_sample, list) or len(per_sample) < 2:
+            return None
+        sizes = [prod(s) for s in per_sample]
+        n = sum(sizes)
+        if kwargs["hidden_states"].shape[1] != n:
+            raise ValueError(
+                f"hidden_states has {kwargs['hidden_states'].shape[1]} tokens but img_shapes says {n}"
+            )
+        device = kwargs["hidden_states"].device
+        positions, cells, grids, start = [], [], [], sizes[0]
+        for (f, h, w), size in zip(per_sample[1:], sizes[1:]):
+            positions.append(torch.arange(start, start + size, device=device))
+            cells.append(torch.arange(size, device=device))
+            grids.append((f * h, w))
+            start += size
+        return RefLayout(n, positions, cells, grids)
+
+    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
+        out = dict(kwargs)
+        out["hidden_states"] = kwargs["hidden_states"].index_select(1, index)
+        shapes = kwargs["img_shapes"]
+        kept_refs = int(index.numel()) - (layout.n - layout.num_ref_tokens)
+        out["img_shapes"] = [[s[0], (1, 1, kept_refs)] for s in shapes]
+        state.rope = (shapes, index)  # read by the pos_embed hook during this forward
+        return out
+
+    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
+        return False
+
+
+# transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference
+# images, name of that argument, its position after self)
+TRANSFORMERS: dict[str, type] = {
+    "Flux2Transformer2DModel": FluxIdsAdapter,
+    "FluxTransformer2DModel": FluxIdsAdapter,
+    "QwenImageTransformer2DModel": QwenImageAdapter,
+}
+PIPELINES: dict[str, tuple[str, str, int]] = {
+    "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),
+    "Flux2Pipeline": ("prepare_image_latents", "images", 0),
+    "Flux2KleinKVPipeline": ("prepare_image_latents", "images", 0),
+    "FluxKontextPipeline": ("prepare_latents", "image", 0),
+    "QwenImageEditPlusPipeline": ("prepare_latents", "images", 0),
+}
+KV_PIPELINES = ("Flux2KleinKVPipeline",)
+
+
+def images_for_scorers(value: Any) -> list[Tensor] | None:
+    """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``) -> ``[0, 1]`` pixels.
+
+    Returns one ``(1, 3, H, W)`` float tensor per reference (the batch shares one selection), or ``None``
+    when the pipeline was given latents instead of pixels.
+    """
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for x in items:
+        if not isinstance(x, Tensor):
+            return None
+        if x.dim() == 5:
+            x = x[:, :, 0]
+        if x.dim() != 4 or x.shape[1] != 3:
+            return None
+        out.append(((x[:1].detach().float() + 1) / 2).clamp(0, 1))
+    return out

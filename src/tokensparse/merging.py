@@ -1,0 +1,387 @@
+"""Token merging (ToMe) with an adaptive threshold and matchings cached across steps (CA-ToMe).
+
+Pure primitives, no model knowledge; ``integrations/merging_hooks.py`` wires them into models.
+
+One *matching* turns ``N`` tokens laid out on an ``h x w`` grid into ``M = N - r`` tokens:
+
+1. **Destinations**: one random token per 2x2 cell (tokens outside whole cells are destinations too, so
+   they are never merged); every other token is a *source*.
+2. **Bipartite soft matching**: each source picks its most cosine-similar destination.
+3. **Merge** the ``r`` sources with the highest similarity into their destinations (size-weighted average);
+   ``r = int(ratio * N)`` (ToMe), or, in *adaptive* mode, the number of sources whose best similarity is at
+   least ``threshold`` (CA-ToMe).
+4. After the layer, **unmerge** by copying each merged token's output back to every token it absorbed.
+
+A :class:`Matching` stores this as index tensors: ``keep`` (the original positions that survive, ascending, so
+the merged sequence keeps the original order) and ``index`` (where each original token went). Merging is a
+gather plus a scatter-add of the ``r`` merged sources; unmerging is one gather.
+
+Batches: all samples of a batch must keep the same number of tokens (tensors stay rectangular). In adaptive
+mode each sample's count is ``#{sources with best similarity >= threshold}`` and the batch merges the
+**minimum** of those counts, each sample its own most similar sources. This never merges a pair below the
+threshold (quality is at least that of per-sample thresholds), at the price of merging less in a batch whose
+samples disagree. Destinations are shared by the batch.
+
+:class:`MatchCache` keeps one matching per layer for one generation and decides when to recompute it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MatchCache",
+    "Matching",
+    "TokenMergingConfig",
+    "bipartite_soft_matching",
+    "match",
+    "random_destinations",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenMergingConfig:
+    """What to merge, how much, and how often to recompute the matching.
+
+    ratio: fraction of a layer's tokens merged away, in ``[0, 1)`` (ToMe). ``0`` with no threshold is the
+        dense model, exactly. In adaptive mode a nonzero ratio caps the fraction merged.
+    threshold: adaptive mode (CA-ToMe) when set: merge every source whose best cosine similarity is at
+        least ``threshold``. Cosine similarity never exceeds 1, so ``threshold > 1`` is the dense model.
+    recompute_every: recompute a layer's matching every this many denoising steps and reuse it in between
+        (``1``: every step, no cache).
+    recompute_steps: explicit steps (0-based) at which to recompute; overrides ``recompute_every``.
+        Step 0 always computes (there is nothing to reuse yet).
+    merge_attn / merge_cross / merge_mlp: which sublayers of a block run on merged tokens: self-attention,
+        cross-attention (UNets; RefDiT has none), feed-forward.
+    max_downsample: merge only in layers whose token grid is at most this much coarser than the finest one
+        (UNets: ``1`` = top level only, like tomesd; ``2`` adds the next level, ...). DiTs have one level.
+    seed: seeds the generator that picks destinations; reseeded at the start of every generation.
+    """
+
+    ratio: float = 0.0
+    threshold: float | None = None
+    recompute_every: int = 1
+    recompute_steps: tuple[int, ...] | None = None
+    merge_attn: bool = True
+    merge_mlp: bool = True
+    merge_cross: bool = False
+    max_downsample: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise TypeError(f"ratio must be a float in [0, 1), got {type(self.ratio).__name__}")
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        self.ratio = float(self.ratio)
+        if self.threshold is not None:
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+                raise TypeError(f"threshold must be a float or None, got {type(self.threshold).__name__}")
+            if not math.isfinite(self.threshold):
+                raise ValueError(f"threshold must be finite, got {self.threshold}")
+            self.threshold = float(self.threshold)
+        if isinstance(self.recompute_every, bool) or not isinstance(self.recompute_every, int):
+            raise TypeError(f"recompute_every must be an int >= 1, got {type(self.recompute_every).__name__}")
+        if self.recompute_every < 1:
+            raise ValueError(f"recompute_every must be >= 1, got {self.recompute_every}")
+        if self.recompute_steps is not None:
+            steps = tuple(self.recompute_steps)
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+                raise ValueError(f"recompute_steps must be non-negative ints, got {self.recompute_steps}")
+            self.recompute_steps = tuple(sorted(set(steps)))
+        for name in ("merge_attn", "merge_mlp", "merge_cross"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int):
+            raise TypeError(f"max_downsample must be an int >= 1, got {type(self.max_downsample).__name__}")
+        if self.max_downsample < 1:
+            raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.threshold is not None
+
+    @property
+    def is_identity(self) -> bool:
+        """True when nothing is ever merged: the model computes exactly what it computes without merging."""
+        if not (self.merge_attn or self.merge_mlp or self.merge_cross):
+            return True
+        if self.threshold is None:
+            return self.ratio == 0.0
+        return self.threshold > 1.0
+
+    def num_merged(self, n_tokens: int, n_sources: int) -> int:
+        """Most tokens a layer of ``n_tokens`` (``n_sources`` of them sources) may merge."""
+        if self.threshold is None:
+            return min(int(n_tokens * self.ratio), n_sources)
+        if self.ratio > 0.0:
+            return min(int(n_tokens * self.ratio), n_sources)
+        return n_sources
+
+    def make_cache(self) -> MatchCache:
+        return MatchCache(self.recompute_every, self.recompute_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Matching
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+@dataclass(frozen=True)
+class Matching:
+    """One merge plan for a batch of ``N``-token sequences (all index tensors int64, on the tokens' device).
+
+    keep: ``(B, M)`` original positions of the tokens that survive (destinations and unmerged sources), ascending.
+    src: ``(B, r)`` original positions of the merged sources.
+    slot: ``(B, r)`` position in the merged sequence of each merged source's destination.
+    index: ``(B, N)`` position in the merged sequence of every original token (what unmerge gathers).
+    counts: ``(B, M)`` how many original tokens each merged token stands for (float, >= 1).
+    """
+
+    keep: Tensor
+    src: Tensor
+    slot: Tensor
+    index: Tensor
+    counts: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def num_kept(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def num_merged(self) -> int:
+        return self.src.shape[1]
+
+    def fits(self, x: Tensor) -> bool:
+        """Whether ``x`` ``(B, N, ...)`` has the batch size, length and device this matching was made for."""
+        return (x.shape[0] == self.batch_size and x.shape[1] == self.num_tokens
+                and x.device == self.index.device)
+
+    def expand(self, batch: int) -> Matching:
+        """This batch-1 matching shared by ``batch`` samples (e.g. where positions must be the same for all)."""
+        if self.batch_size != 1:
+            raise ValueError(f"only a batch-1 matching can be expanded, this one has batch {self.batch_size}")
+        return Matching(*(t.expand(batch, *t.shape[1:]) for t in (self.keep, self.src, self.slot, self.index,
+                                                                   self.counts)))
+
+    def merge(self, x: Tensor, mode: str = "mean", size: Tensor | None = None) -> Tensor:
+        """``(B, N, ...)`` -> ``(B, M, ...)``.
+
+        mode ``"mean"``: each kept token becomes the average of itself and the sources merged into it,
+        weighted by ``size`` ``(B, N)`` (how many tokens each input token already stands for; default 1).
+        mode ``"keep"``: drop merged sources, keep the destination's value (positions, RoPE tables).
+        """
+        if self.num_merged == 0:
+            return x
+        b, m, r = self.batch_size, self.num_kept, self.num_merged
+        flat = _flat(x)
+        c = flat.shape[-1]
+        out = flat.gather(1, self.keep[..., None].expand(b, m, c))
+        if mode == "keep":
+            return out.reshape(b, m, *x.shape[2:])
+        if mode != "mean":
+            raise ValueError(f"mode must be 'mean' or 'keep', got {mode!r}")
+        sources = flat.gather(1, self.src[..., None].expand(b, r, c))
+        slot = self.slot[..., None].expand(b, r, c)
+        if size is None:
+            out = out.scatter_add(1, slot, sources) / self.counts[..., None].to(out.dtype)
+        else:
+            w = size.reshape(b, -1, 1).to(flat.dtype)                               # (B, N, 1)
+            out = out * w.gather(1, self.keep[..., None])
+            out = out.scatter_add(1, slot, sources * w.gather(1, self.src[..., None]))
+            out = out / self.merge_size(size).reshape(b, m, 1).to(out.dtype)
+        return out.reshape(b, m, *x.shape[2:])
+
+    def merge_size(self, size: Tensor | None = None) -> Tensor:
+        """Sizes ``(B, M)`` of the merged tokens, given the input tokens' sizes ``(B, N)`` (default 1)."""
+        if size is None:
+            return self.counts
+        size = size.reshape(self.batch_size, -1)
+        out = size.gather(1, self.keep)
+        return out.scatter_add(1, self.slot, size.gather(1, self.src))
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """``(B, M, ...)`` -> ``(B, N, ...)``: every original token gets its merged token's value."""
+        if self.num_merged == 0:
+            return y
+        flat = _flat(y)
+        out = flat.gather(1, self.index[..., None].expand(self.batch_size, self.num_tokens, flat.shape[-1]))
+        return out.reshape(self.batch_size, self.num_tokens, *y.shape[2:])
+
+
+def random_destinations(h: int, w: int, generator: torch.Generator | None = None,
+                        cell: tuple[int, int] = (2, 2)) -> Tensor:
+    """Boolean mask ``(h*w,)`` over a row-major grid: one random destination per ``cell``; True = destination.
+
+    Tokens in the partial cells at the bottom / right edge are destinations (never merged).
+    """
+    sy, sx = cell
+    hc, wc = h // sy, w // sx
+    is_dst = torch.ones(h, w, dtype=torch.bool)
+    if hc and wc:
+        pick = torch.randint(sy * sx, (hc, wc), generator=generator)                # (hc, wc)
+        cells = torch.zeros(hc, wc, sy * sx, dtype=torch.bool)
+        cells.scatter_(2, pick[..., None], True)
+        cells = cells.reshape(hc, wc, sy, sx).permute(0, 2, 1, 3).reshape(hc * sy, wc * sx)
+        is_dst[: hc * sy, : wc * sx] = cells
+    return is_dst.reshape(-1)
+
+
+def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: float | None = None,
+          cap: int | None = None) -> Matching:
+    """Bipartite soft matching of ``metric`` ``(B, N, C)`` with destinations ``is_dst`` ``(N,)``.
+
+    Exactly one of ``num`` (merge this many sources, ToMe) and ``threshold`` (merge sources whose best
+    cosine similarity is ``>= threshold``, the minimum count over the batch, CA-ToMe) is given; ``cap`` bounds
+    the adaptive count. Ties are broken by position (stable sort), so results are deterministic.
+    """
+    if (num is None) == (threshold is None):
+        raise ValueError("give exactly one of num and threshold")
+    b, n, _ = metric.shape
+    if is_dst.shape != (n,):
+        raise ValueError(f"is_dst must have shape ({n},), got {tuple(is_dst.shape)}")
+    device = metric.device
+    is_dst = is_dst.to(device)
+    dst_pos = is_dst.nonzero().squeeze(1)                                          # (Nd,)
+    src_pos = (~is_dst).nonzero().squeeze(1)                                       # (Ns,)
+    n_src = src_pos.numel()
+    limit = n_src if cap is None else max(0, min(cap, n_src))
+
+    if n_src == 0 or dst_pos.numel() == 0 or (num is not None and num <= 0) or limit == 0:
+        r = 0
+        best = best_dst = order = None
+    else:
+        with torch.no_grad():
+            m = F.normalize(metric, dim=-1, eps=1e-6)
+            scores = m.index_select(1, src_pos) @ m.index_select(1, dst_pos).transpose(1, 2)  # (B, Ns, Nd)
+            best, best_dst = scores.max(dim=-1)                                    # (B, Ns)
+        if num is not None:
+            r = min(num, n_src)
+        else:
+            r = min(int((best >= threshold).sum(dim=-1).min()), limit)
+        order = best.argsort(dim=-1, descending=True, stable=True)                 # (B, Ns)
+
+    if r == 0:
+        keep = torch.arange(n, device=device).repeat(b, 1)
+        return Matching(keep=keep, src=keep[:, :0], slot=keep[:, :0], index=keep,
+                        counts=torch.ones(b, n, device=device, dtype=metric.dtype if metric.is_floating_point()
+                                          else torch.float32))
+
+    merged_local = order[:, :r]                                                    # (B, r)
+    src = src_pos[merged_local]                                                    # (B, r)
+    dst_of_src = dst_pos[best_dst.gather(1, merged_local)]                         # (B, r)
+    kept = torch.ones(b, n, dtype=torch.bool, device=device).scatter_(1, src, False)  # (B, N)
+    mk = n - r
+    keep = kept.nonzero()[:, 1].reshape(b, mk)                                     # (B, M), ascending
+    index = kept.cumsum(1) - 1                                                     # slot of each kept token
+    slot = index.gather(1, dst_of_src)
+    index.scatter_(1, src, slot)
+    counts = torch.ones(b, mk, device=device, dtype=metric.dtype)
+    counts = counts.scatter_add(1, slot, torch.ones(b, r, device=device, dtype=metric.dtype))
+    return Matching(keep=keep, src=src, slot=slot, index=index, counts=counts)
+
+
+def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: float = 0.0,
+                            threshold: float | None = None, generator: torch.Generator | None = None,
+                            cell: tuple[int, int] = (2, 2)) -> tuple[Callable[..., Tensor], Callable[[Tensor], Tensor]]:
+    """ToMe in one call: ``(merge, unmerge)`` for tokens ``metric`` ``(B, h*w, C)`` on ``grid = (h, w)``.
+
+    ``ratio`` merges ``int(ratio * N)`` tokens; with ``threshold`` set, merges adaptively (``ratio`` > 0 caps).
+    """
+    h, w = grid
+    n = metric.shape[1]
+    if h * w != n:
+        raise ValueError(f"grid {grid} has {h * w} tokens, metric has {n}")
+    is_dst = random_destinations(h, w, generator, cell)
+    n_src = int((~is_dst).sum())
+    if threshold is None:
+        m = match(metric, is_dst, num=int(n * ratio))
+    else:
+        m = match(metric, is_dst, threshold=threshold, cap=int(n * ratio) if ratio > 0 else n_src)
+    return m.merge, m.unmerge
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache across denoising steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MatchCache:
+    """Matchings of one generation, one per (layer, pass), recomputed only at chosen steps.
+
+    ``lookup(layer, step, x, compute)`` returns the stored matching for ``layer`` when the policy says to reuse
+    it and it fits ``x``; otherwise it calls ``compute()`` and stores the result -- including at step 0, so
+    step 1 already hits. Several calls of one layer within a step (guidance passes run one after another) are
+    kept apart as passes 0, 1, ... . :meth:`reset` starts a new generation: nothing computed before it is
+    ever returned after it.
+    """
+
+    def __init__(self, recompute_every: int = 1, recompute_steps: tuple[int, ...] | None = None) -> None:
+        if recompute_every < 1:
+            raise ValueError(f"recompute_every must be >= 1, got {recompute_every}")
+        self.recompute_every = recompute_every
+        self.recompute_steps = None if recompute_steps is None else frozenset(recompute_steps)
+        self.generation = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: dict[Hashable, tuple[int, Matching]] = {}
+        self._step: int | None = None
+        self._passes: dict[Hashable, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def reset(self) -> None:
+        """Forget every matching (a new generation starts)."""
+        self.generation += 1
+        self.hits = self.misses = 0
+        self._entries.clear()
+        self._passes.clear()
+        self._step = None
+
+    def recompute_at(self, step: int) -> bool:
+        """Whether the policy recomputes at ``step`` (when a stored matching exists)."""
+        if self.recompute_steps is not None:
+            return step == 0 or step in self.recompute_steps
+        return step % self.recompute_every == 0
+
+    def lookup(self, layer: Hashable, step: int, x: Tensor, compute: Callable[[], Matching]) -> Matching:
+        if step != self._step:
+            self._step = step
+            self._passes.clear()
+        p = self._passes.get(layer, 0)
+        self._passes[layer] = p + 1
+        key = (layer, p)
+        entry = self._entries.get(key)
+        if entry is not None and entry[1].fits(x) and (entry[0] == step or not self.recompute_at(step)):
+            self.hits += 1
+            return entry[1]
+        matching = compute()
+        self.misses += 1
+        self._entries[key] = (step, matching)
+        return matching

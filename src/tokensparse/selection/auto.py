@@ -1,0 +1,83 @@
+"""``selector="auto"``: pick a scorer per sample from the task family its prompt names.
+
+Families (as in :mod:`tokensparse.data`): ``editing`` (the target is the reference, changed in place),
+``subject`` (a subject from the reference goes somewhere new) and ``multi`` (several references
+composed). Which scorer serves which family best was measured (``benchmarks/selection.py``) and is
+encoded in :data:`FAMILY_SCORER`. A prompt with no known verb falls back to an image rule: a
+reference with a plain border (a subject on a background) uses ``foreground``, any other (a photo, a
+scene) uses the editing scorer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .scorers import SCORERS, RefView, border_background, register_scorer
+
+# Verbs and phrases that name a family (RefDiT's vocabulary first, common editing words after).
+FAMILY_WORDS: dict[str, tuple[str, ...]] = {
+    "editing": ("recolor", "remove", "relight", "denoise", "deblur", "erase", "delete", "change", "make",
+                "turn", "replace", "edit", "fix", "restore", "colorize"),
+    "subject": ("place", "background", "put", "show", "subject"),
+    "multi": ("compose", "combine", "together", "and"),
+}
+# Measured on the held-out suite with refdit-sparse (see benchmarks/results/selection.json).
+FAMILY_SCORER: dict[str, str] = {"editing": "edges", "subject": "foreground", "multi": "foreground"}
+PLAIN_BORDER_REL = 0.1  # border spread / image spread below this: the border is "plain"
+
+
+def prompt_family(prompt: str | None) -> str | None:
+    """The task family a prompt names (first matching word wins, in prompt order), or ``None``."""
+    if not prompt:
+        return None
+    for word in prompt.lower().replace(",", " ").split():
+        for fam in ("multi", "subject", "editing"):
+            if word in FAMILY_WORDS[fam] and not (fam == "multi" and word == "and"):
+                return fam
+    return None
+
+
+def plain_border(features: Tensor) -> Tensor:
+    """``(B,)`` bool: the border tokens are (nearly) one colour relative to the whole reference's spread.
+
+    True for a subject on a plain background, False for a photo or a scene. Scale-free (pixels or latents).
+    """
+    b, h, w, c = features.shape
+    f = features.float()
+    if h > 1 and w > 1:
+        border = torch.cat([f[:, 0], f[:, -1], f[:, :, 0], f[:, :, -1]], 1)
+    else:
+        border = f.reshape(b, -1, c)
+    spread = (border - border_background(f)[:, None]).pow(2).mean(-1).sqrt().median(1).values  # (B,)
+    whole = f.reshape(b, -1, c).var(1, correction=0).mean(-1).sqrt()  # (B,)
+    return spread <= PLAIN_BORDER_REL * whole
+
+
+def auto_choice(view: RefView) -> list[str]:
+    """The scorer ``auto`` uses for each sample of ``view``."""
+    plain = plain_border(view.features).tolist()
+    out = []
+    for i in range(view.batch):
+        fam = prompt_family(view.prompts[i] if view.prompts is not None and i < len(view.prompts) else None)
+        if fam == "editing":
+            out.append(FAMILY_SCORER["editing"])
+        elif fam is None:  # unknown task: judge by the reference itself
+            out.append(FAMILY_SCORER["subject"] if plain[i] else FAMILY_SCORER["editing"])
+        elif fam == "multi" and not plain[i]:  # a scene among subjects: it is copied, like an edit
+            out.append(FAMILY_SCORER["editing"])
+        else:
+            out.append(FAMILY_SCORER[fam])
+    return out
+
+
+@register_scorer("auto", informed=True, probe=True)  # probes only if a family maps to "attention"
+def score_auto(view: RefView, generator: torch.Generator) -> Tensor:
+    """Per sample, the scorer measured best for the family its prompt names (see :data:`FAMILY_SCORER`)."""
+    choice = auto_choice(view)
+    out = None
+    for name in sorted(set(choice)):
+        scores = SCORERS[name](view, generator)
+        rows = torch.tensor([c == name for c in choice], device=scores.device)
+        out = scores if out is None else torch.where(rows[:, None], scores, out)
+    return out

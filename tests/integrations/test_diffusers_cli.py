@@ -1,0 +1,97 @@
+"""``tokensparse generate`` end to end on a tiny random-weight FLUX.2 [klein] pipeline directory (offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+typer = pytest.importorskip("typer")
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from tokensparse.cli_diffusers import generate
+from tokensparse.integrations.diffusers_tiny import tiny_flux2_klein
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(
+        lambda: None
+    )  # two commands, so `generate` is addressed by name as in tokensparse's CLI
+    return app
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "klein"
+    tiny_flux2_klein(seed=0).save_pretrained(path)
+    return path
+
+
+def _ref(tmp_path, name="ref.png"):
+    path = tmp_path / name
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--cache"]])
+def test_generate_writes_png(app, model_dir, tmp_path, extra):
+    out = tmp_path / "sub" / "out.png"
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--ref",
+        str(_ref(tmp_path)),
+        "--ref",
+        str(_ref(tmp_path, "b.png")),
+        "--prompt",
+        "a cat",
+        "--keep",
+        "0.25",
+        "--selector",
+        "random",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and ("Flux2KleinKVPipeline" in result.output) == bool(extra)
+    with Image.open(out) as im:
+        assert im.size == (32, 32)
+    assert [p.name for p in out.parent.iterdir()] == ["out.png"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--ref": "missing.png"}, "does not exist"),
+        ({"--keep": "1.5"}, "keep must be in"),
+        ({"--selector": "nope"}, "unknown selector"),
+        ({"--model": "./no/such/dir"}, "not a pipeline directory"),
+    ],
+)
+def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
+    opts = {
+        "--model": str(model_dir),
+        "--prompt": "a cat",
+        "--ref": str(_ref(tmp_path)),
+        "--out": str(tmp_path / "o.png"),
+    }
+    opts.update({k: (str(tmp_path / v) if k == "--ref" else v) for k, v in change.items()})
+    result = CliRunner().invoke(app, ["generate", *[x for kv in opts.items() for x in kv]])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not (tmp_path / "o.png").exists()

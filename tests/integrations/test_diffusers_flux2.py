@@ -1,0 +1,339 @@
+"""Sparse Context on tiny random-weight FLUX.2 [klein] pipelines (saved and reloaded from a temp dir)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image
+
+from tokensparse.context import SparseContextConfig
+from tokensparse.integrations.diffusers import (
+    HOOK_NAME,
+    apply_sparse_context_diffusers,
+    is_diffusers_target,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+from tokensparse.integrations.diffusers_tiny import flux2_call_kwargs, tiny_flux2_klein
+
+TARGET_TOKENS = 8 * 8  # 32x32 output: VAE /2, 2x2 patches
+REF_TOKENS = 16 * 16  # 64x64 references (FLUX.2's image processor needs >= 64 px)
+
+
+def _ref(seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def saved_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux2")
+    tiny_flux2_klein(seed=0).save_pretrained(root / "klein")
+    tiny_flux2_klein(seed=0, kv=True).save_pretrained(root / "klein_kv")
+    return root
+
+
+@pytest.fixture
+def pipe(saved_dirs):
+    from diffusers import DiffusionPipeline
+
+    p = DiffusionPipeline.from_pretrained(saved_dirs / "klein")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture
+def kv_pipe(saved_dirs):
+    from diffusers import DiffusionPipeline
+
+    p = DiffusionPipeline.from_pretrained(saved_dirs / "klein_kv")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+class TokenCounter:
+    """Records how many image tokens the transformer actually embeds per call (x_embedder's input)."""
+
+    def __init__(self, transformer):
+        self.lengths: list[int] = []
+        self.handle = transformer.x_embedder.register_forward_pre_hook(
+            lambda m, args: self.lengths.append(args[0].shape[1])
+        )
+
+
+def run(pipe, refs=(0, 1), guidance_scale=2.0, **kw):
+    images = [_ref(s) for s in refs] if refs else None
+    if guidance_scale is not None:
+        kw["guidance_scale"] = guidance_scale
+    return pipe(
+        image=images,
+        prompt=kw.pop("prompt", "a cat"),
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **{**flux2_call_kwargs(), **kw},
+    ).images
+
+
+def test_loaded_pipeline_is_a_target(pipe):
+    assert type(pipe).__name__ == "Flux2KleinPipeline"
+    assert is_diffusers_target(pipe) and is_diffusers_target(pipe.transformer)
+    assert not is_diffusers_target(torch.nn.Linear(2, 2))
+
+
+def test_keep_one_is_bit_identical(pipe):
+    dense = run(pipe)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe), dense)
+
+
+def test_keep_quarter_feeds_a_quarter_of_reference_tokens(pipe):
+    counter = TokenCounter(pipe.transformer)
+    dense = run(pipe)  # 2 steps x (cond + uncond)
+    assert counter.lengths == [TARGET_TOKENS + 2 * REF_TOKENS] * 4
+    counter.lengths.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="random"))
+    sparse = run(pipe)
+    assert counter.lengths == [TARGET_TOKENS + 2 * REF_TOKENS // 4] * 4
+    assert sparse.shape == dense.shape and np.isfinite(sparse).all()
+    assert not np.array_equal(sparse, dense)
+
+
+def test_remove_restores_identical_images(pipe):
+    dense = run(pipe)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    run(pipe)
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(pipe), dense)
+    assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+    assert "prepare_image_latents" not in pipe.__dict__ and "encode_prompt" not in pipe.__dict__
+    remove_sparse_context_diffusers(pipe)  # removing twice is harmless
+
+
+def test_apply_twice_equals_apply_once(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, seed=3))
+    once = run(pipe)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, seed=1))
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, seed=3))
+    assert np.array_equal(run(pipe), once)
+    assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    apply_sparse_context_diffusers(
+        pipe.transformer, SparseContextConfig(keep=0.25, seed=3)
+    )  # pipe -> transformer
+    assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    assert "prepare_image_latents" not in pipe.__dict__
+
+
+def test_selection_runs_once_per_call_with_cfg(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
+    state = sparse_context_state(pipe)
+    run(pipe)  # 2 steps x 2 guidance passes
+    assert state.selections == 1
+    run(pipe)
+    assert state.selections == 2
+
+
+def test_selection_once_per_call_on_bare_transformer(pipe):
+    apply_sparse_context_diffusers(pipe.transformer, SparseContextConfig(keep=0.25))
+    state = sparse_context_state(pipe.transformer)
+    run(pipe)
+    run(pipe)
+    assert state.selections == 2  # a rising timestep starts a new generation
+
+
+def test_batch_of_two_shares_one_selection(pipe):
+    counter = TokenCounter(pipe.transformer)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    images = run(pipe, prompt=["a cat", "a dog"], num_images_per_prompt=1)
+    assert images.shape[0] == 2 and np.isfinite(images).all()
+    assert counter.lengths == [TARGET_TOKENS + 2 * REF_TOKENS // 4] * 4
+    assert sparse_context_state(pipe).selections == 1
+
+
+def test_kept_tokens_keep_their_position_ids(pipe):
+    """The hooked transformer equals the unhooked one fed the kept tokens and their ids by hand."""
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    n_txt, n = 4, TARGET_TOKENS + 2 * REF_TOKENS
+    tgt_ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(8), torch.arange(8), torch.tensor([0]))
+    ref_ids = [
+        torch.cartesian_prod(torch.tensor([t]), torch.arange(16), torch.arange(16), torch.tensor([0]))
+        for t in (10, 20)
+    ]
+    ids = torch.cat([tgt_ids, *ref_ids]).unsqueeze(0)
+    kw = {
+        "hidden_states": torch.randn(1, n, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, n_txt, tr.config.joint_attention_dim, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": ids,
+        "txt_ids": torch.zeros(1, n_txt, 4, dtype=torch.long),
+        "return_dict": False,
+    }
+    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="uniform"))
+    with torch.no_grad():
+        sparse = tr(**kw)[0]
+    remove_sparse_context_diffusers(tr)
+    kept = (sparse.abs().sum(-1) != 0)[0]  # dropped reference positions come back as zeros
+    assert kept[:TARGET_TOKENS].all() and int(kept.sum()) == TARGET_TOKENS + 2 * REF_TOKENS // 4
+    index = torch.nonzero(kept).squeeze(1)
+    manual = dict(kw, hidden_states=kw["hidden_states"][:, index], img_ids=ids[:, index])
+    with torch.no_grad():
+        expected = tr(**manual)[0]
+    torch.testing.assert_close(sparse[:, index], expected, rtol=0, atol=0)
+
+
+def test_reference_pixels_reach_the_scorers(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5))
+    run(pipe, guidance_scale=2.0)  # CFG: the negative prompt "" is encoded too, and must not win
+    assert sparse_context_state(pipe).prompts == ["a cat"]
+    images = sparse_context_state(pipe).images
+    assert len(images) == 2 and images[0].shape == (1, 3, 64, 64)
+    assert 0.0 <= float(images[0].min()) and float(images[0].max()) <= 1.0
+
+
+def test_no_reference_images_is_a_logged_noop(pipe, caplog):
+    dense = run(pipe, refs=())
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        sparse = run(pipe, refs=())
+    assert np.array_equal(sparse, dense)
+    assert sum("no reference tokens" in r.message for r in caplog.records) == 1
+
+
+def test_unsupported_targets_and_bad_configs(pipe):
+    with pytest.raises(TypeError, match="Flux2KleinPipeline"):
+        apply_sparse_context_diffusers(pipe.vae, SparseContextConfig(keep=0.5))
+    with pytest.raises(TypeError, match="QwenImageEditPlusPipeline"):
+        apply_sparse_context_diffusers(torch.nn.Linear(2, 2), SparseContextConfig(keep=0.5))
+    with pytest.raises(TypeError, match="SparseContextConfig"):
+        apply_sparse_context_diffusers(pipe, {"keep": 0.5})
+    with pytest.raises(ValueError, match="Flux2KleinKVPipeline"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
+
+
+# K/V cache (Flux2KleinKVPipeline) ------------------------------------------------------------------------
+class KVRecorder:
+    def __init__(self, transformer):
+        self.cached_refs: list[int] = []
+        self.handle = transformer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
+            self.cached_refs.append(output[1].get_double(0).get()[0].shape[1])
+
+
+def test_kv_cache_keep_one_identical_and_sparse_caches_fewer(kv_pipe):
+    dense = run(kv_pipe, guidance_scale=None)
+    rec = KVRecorder(kv_pipe.transformer)
+    apply_sparse_context_diffusers(kv_pipe, SparseContextConfig(keep=1.0, cache=True))
+    assert np.array_equal(run(kv_pipe, guidance_scale=None), dense)
+    assert rec.cached_refs == [2 * REF_TOKENS]
+    counter = TokenCounter(kv_pipe.transformer)
+    apply_sparse_context_diffusers(kv_pipe, SparseContextConfig(keep=0.25, cache=True))
+    sparse = run(kv_pipe, guidance_scale=None)
+    assert rec.cached_refs[-1] == 2 * REF_TOKENS // 4
+    assert counter.lengths == [
+        2 * REF_TOKENS // 4 + TARGET_TOKENS,
+        TARGET_TOKENS,
+    ]  # extract step, cached step
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    remove_sparse_context_diffusers(kv_pipe)
+    assert np.array_equal(run(kv_pipe, guidance_scale=None), dense)
+
+
+# diffusers' own caches --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fbc", "taylorseer"])
+def test_stacks_with_diffusers_caches(pipe, kind):
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if kind == "fbc":
+        # diffusers 0.42's FirstBlockCache fails on FLUX.2 models that have single-stream blocks (its head
+        # block returns two streams, its tail block one: huggingface/diffusers#14280, fix in PR #14359);
+        # a double-stream-only tiny FLUX.2 exercises the stacking itself.
+        pipe = tiny_flux2_klein(seed=0, num_layers=2, num_single_layers=0)
+        pipe.set_progress_bar_config(disable=True)
+
+    cache_cfg = (
+        FirstBlockCacheConfig(threshold=0.2)
+        if kind == "fbc"
+        else TaylorSeerCacheConfig(
+            cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32
+        )
+    )
+    pipe.transformer.enable_cache(cache_cfg)
+    cached_dense = run(pipe, num_inference_steps=4)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe, num_inference_steps=4), cached_dense)
+    counter = TokenCounter(pipe.transformer)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    sparse = run(pipe, num_inference_steps=4)
+    assert np.isfinite(sparse).all()
+    assert set(counter.lengths) == {TARGET_TOKENS + 2 * REF_TOKENS // 4}
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(pipe, num_inference_steps=4), cached_dense)
+    pipe.transformer.disable_cache()
+
+
+def test_flux2_dev_pipeline(pipe):
+    """Flux2Pipeline (FLUX.2 [dev]) shares the transformer; its Mistral3 text encoder is skipped via prompt_embeds."""
+    from diffusers import Flux2Pipeline
+
+    dev = Flux2Pipeline(
+        scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=pipe.transformer,
+    )
+    dev.set_progress_bar_config(disable=True)
+    emb = torch.randn(
+        1, 6, pipe.transformer.config.joint_attention_dim, generator=torch.Generator().manual_seed(0)
+    )
+
+    def call():
+        return dev(
+            image=[_ref(0)],
+            prompt_embeds=emb,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    dense = call()
+    counter = TokenCounter(dev.transformer)
+    apply_sparse_context_diffusers(dev, SparseContextConfig(keep=1.0))
+    assert np.array_equal(call(), dense)
+    apply_sparse_context_diffusers(dev, SparseContextConfig(keep=0.25))
+    call()
+    assert counter.lengths[-2:] == [TARGET_TOKENS + REF_TOKENS // 4] * 2
+    assert sparse_context_state(dev).selections == 1
+    remove_sparse_context_diffusers(dev)
+    assert np.array_equal(call(), dense)
+
+
+@pytest.mark.slow
+def test_every_registered_selector_runs(pipe):
+    """Whatever scorers the selection package registers work through the hook, fixed and adaptive budgets."""
+    from tokensparse.selection import SCORERS
+
+    counter = TokenCounter(pipe.transformer)
+    for selector in sorted(SCORERS):
+        for adaptive in (False, True):
+            counter.lengths.clear()
+            apply_sparse_context_diffusers(
+                pipe, SparseContextConfig(keep=0.25, selector=selector, adaptive=adaptive)
+            )
+            images = run(pipe, guidance_scale=1.0, num_inference_steps=1, prompt="recolor the cat")
+            assert np.isfinite(images).all()
+            assert TARGET_TOKENS + 2 <= counter.lengths[0] <= TARGET_TOKENS + 2 * REF_TOKENS // 4, (
+                selector,
+                adaptive,
+            )

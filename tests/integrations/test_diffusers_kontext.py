@@ -1,0 +1,117 @@
+"""Sparse Context on a tiny random-weight FLUX.1 Kontext pipeline (saved and reloaded from a temp dir)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image
+
+from tokensparse.context import SparseContextConfig
+from tokensparse.integrations.diffusers import (
+    HOOK_NAME,
+    apply_sparse_context_diffusers,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+from tokensparse.integrations.diffusers_tiny import kontext_call_kwargs, tiny_flux_kontext
+
+TOKENS = 8 * 8  # 32x32 target and reference
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kontext") / "pipe"
+    tiny_flux_kontext(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def pipe(saved_dir):
+    from diffusers import DiffusionPipeline
+
+    p = DiffusionPipeline.from_pretrained(saved_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def run(pipe, prompt="a cat", ref=True):
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")) if ref else None
+    return pipe(
+        image=image,
+        prompt=prompt,
+        negative_prompt="blur" if isinstance(prompt, str) else ["blur"] * len(prompt),
+        true_cfg_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kontext_call_kwargs(),
+    ).images
+
+
+def lengths(pipe):
+    seen: list[int] = []
+    pipe.transformer.x_embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def test_identity_sparse_remove_and_reapply(pipe):
+    assert type(pipe).__name__ == "FluxKontextPipeline"
+    seen = lengths(pipe)
+    dense = run(pipe)
+    assert seen == [2 * TOKENS] * 4  # 2 steps x true-CFG (two passes)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe), dense)
+    seen.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    sparse = run(pipe)
+    assert seen == [TOKENS + TOKENS // 4] * 4
+    assert sparse_context_state(pipe).selections == 1
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
+    assert np.array_equal(run(pipe), sparse)
+    assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(pipe), dense)
+
+
+def test_batch_of_two_and_no_reference(pipe):
+    seen = lengths(pipe)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, selector="uniform"))
+    images = run(pipe, prompt=["a cat", "a dog"])
+    assert images.shape[0] == 2 and np.isfinite(images).all()
+    assert seen == [TOKENS + TOKENS // 2] * 4
+    assert sparse_context_state(pipe).images[0].shape == (1, 3, 32, 32)
+    seen.clear()
+    run(pipe, ref=False)  # text-to-image with the Kontext pipeline: a no-op
+    assert seen == [TOKENS] * 4
+
+
+def test_kept_tokens_keep_their_position_ids(pipe):
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat(
+        [torch.cartesian_prod(torch.tensor([t]), torch.arange(8), torch.arange(8)) for t in (0, 1)]
+    ).float()
+    kw = {
+        "hidden_states": torch.randn(1, 2 * TOKENS, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 4, 16, generator=g),
+        "pooled_projections": torch.randn(1, 16, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": ids,
+        "txt_ids": torch.zeros(4, 3),
+        "return_dict": False,
+    }
+    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="random", seed=5))
+    with torch.no_grad():
+        sparse = tr(**kw)[0]
+    remove_sparse_context_diffusers(tr)
+    index = torch.nonzero(sparse[0].abs().sum(-1) != 0).squeeze(1)
+    assert len(index) == TOKENS + TOKENS // 4 and (index[:TOKENS] == torch.arange(TOKENS)).all()
+    with torch.no_grad():
+        expected = tr(**dict(kw, hidden_states=kw["hidden_states"][:, index], img_ids=ids[index]))[0]
+    torch.testing.assert_close(sparse[:, index], expected, rtol=0, atol=0)

@@ -1,0 +1,109 @@
+"""Sparse Context on a tiny random-weight Qwen-Image-Edit-Plus pipeline (saved and reloaded from a temp dir).
+
+The tiny pipeline has no Qwen2.5-VL text encoder: it is called with random prompt embeddings, which
+exercises everything Sparse Context touches (VAE references, transformer, RoPE, true CFG).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from PIL import Image
+
+from tokensparse.context import SparseContextConfig
+from tokensparse.integrations.diffusers import (
+    HOOK_NAME,
+    ROPE_HOOK_NAME,
+    apply_sparse_context_diffusers,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+from tokensparse.integrations.diffusers_tiny import qwen_call_kwargs, tiny_qwen_image_edit_plus
+
+TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen") / "pipe"
+    tiny_qwen_image_edit_plus(seed=0, zero_cond_t=True).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def pipe(saved_dir, monkeypatch):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as module
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(module, "VAE_IMAGE_SIZE", 32 * 32)  # references are resized to this many pixels
+    p = DiffusionPipeline.from_pretrained(saved_dir, text_encoder=None, tokenizer=None, processor=None)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def run(pipe):
+    refs = [Image.fromarray((np.random.RandomState(s).rand(32, 32, 3) * 255).astype("uint8")) for s in (0, 1)]
+    return pipe(
+        image=refs, generator=torch.Generator().manual_seed(0), output_type="np", **qwen_call_kwargs()
+    ).images
+
+
+def test_identity_sparse_remove_and_reapply(pipe):
+    assert type(pipe).__name__ == "QwenImageEditPlusPipeline" and pipe.transformer.config.zero_cond_t
+    seen: list[int] = []
+    pipe.transformer.img_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    dense = run(pipe)
+    assert seen == [3 * TOKENS] * 4  # 2 steps x true CFG
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe), dense)
+    seen.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    sparse = run(pipe)
+    assert seen == [TOKENS + 2 * TOKENS // 4] * 4
+    assert sparse_context_state(pipe).selections == 1
+    assert len(sparse_context_state(pipe).images) == 2
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    assert np.array_equal(run(pipe), sparse)
+    assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    assert list(pipe.transformer.pos_embed._diffusers_hook.hooks) == [ROPE_HOOK_NAME]
+    remove_sparse_context_diffusers(pipe)
+    assert not pipe.transformer.pos_embed._diffusers_hook.hooks
+    assert np.array_equal(run(pipe), dense)
+
+
+def test_kept_tokens_get_their_dense_rope_rows(pipe):
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    shapes = [[(1, 8, 8), (1, 8, 8), (1, 4, 8)]]
+    n = 64 + 64 + 32
+    kw = {
+        "hidden_states": torch.randn(1, n, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "encoder_hidden_states_mask": torch.ones(1, 5),
+        "timestep": torch.tensor([0.5]),
+        "img_shapes": shapes,
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        dense_freqs = tr.pos_embed(shapes, max_txt_seq_len=5, device=torch.device("cpu"))
+    seen = {}
+    handle = tr.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(rope=kwargs["image_rotary_emb"], mod=kwargs["modulate_index"]),
+        with_kwargs=True,
+    )
+    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="uniform"))
+    with torch.no_grad():
+        out = tr(**kw)[0]
+    remove_sparse_context_diffusers(tr)
+    handle.remove()
+    assert out.shape == (1, n, 16)
+    index = torch.nonzero(out[0].abs().sum(-1) != 0).squeeze(1)
+    assert len(index) == 64 + 16 + 8 and (index[:64] == torch.arange(64)).all()
+    torch.testing.assert_close(seen["rope"][0], dense_freqs[0][index], rtol=0, atol=0)
+    torch.testing.assert_close(seen["rope"][1], dense_freqs[1], rtol=0, atol=0)
+    assert seen["mod"].tolist() == [[0] * 64 + [1] * 24]  # zero_cond_t: kept references use t = 0

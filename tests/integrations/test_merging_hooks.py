@@ -1,0 +1,361 @@
+"""Token merging wired into a tiny RefDiT and a tiny diffusers UNet: the apply/remove contract, caching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tokensparse as ts
+from tokensparse.generation import begin_generation
+from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
+from tokensparse.merging import TokenMergingConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared, loaded 2-core machine two OpenMP threads run these tiny models ~15x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-zero init would make every block the identity
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def refdit() -> ts.RefDiT:
+    return _randomize(ts.build_model("refdit-tiny", image_size=32))  # 8x8 target tokens
+
+
+def _inputs(model: ts.RefDiT, seed: int = 0, batch: int = 2) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    s = model.config.image_size
+    x = torch.randn(batch, 3, s, s, generator=g)
+    refs = [torch.rand(batch, 3, s, s, generator=g) * 2 - 1]
+    ids = torch.zeros(batch, 3, dtype=torch.long)
+    return x, torch.full((batch,), 0.6), refs, ids
+
+
+def _attn_lengths(model: nn.Module, attr: str = "attn") -> tuple[list[int], list]:
+    """Record the token count each block's ``attr`` sees (registered after merging hooks: sees merged)."""
+    seen: list[int] = []
+    handles = [getattr(b, attr).register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+               for b in model.blocks]
+    return seen, handles
+
+
+# ---------------------------------------------------------------------------------------------- RefDiT
+
+
+@torch.no_grad()
+def test_refdit_identity_remove_and_replace(refdit: ts.RefDiT) -> None:
+    args = _inputs(refdit)
+    dense = refdit(*args)
+    for identity in (TokenMergingConfig(), TokenMergingConfig(threshold=1.5)):
+        apply_token_merging(refdit, identity)
+        assert torch.equal(refdit(*args), dense)
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5))
+    merged = refdit(*args)
+    assert not torch.equal(merged, dense)
+    n_hooks = len(merging_state(refdit).handles)
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5))  # replaces, never stacks
+    assert len(merging_state(refdit).handles) == n_hooks
+    assert torch.equal(refdit(*args), merged)
+    remove_token_merging(refdit)
+    assert merging_state(refdit) is None
+    assert torch.equal(refdit(*args), dense)
+    remove_token_merging(refdit)  # no-op
+
+
+@torch.no_grad()
+def test_refdit_merges_target_tokens_only(refdit: ts.RefDiT) -> None:
+    args = _inputs(refdit)
+    mlp_seen: list[tuple[str, int]] = []
+    handles = [b.mlp.register_forward_pre_hook(lambda m, a, k: mlp_seen.append((k["role"], a[0].shape[1])),
+                                               with_kwargs=True) for b in refdit.blocks]
+    refdit(*args)
+    dense_ctx = {n for role, n in mlp_seen if role == "context"}
+    mlp_seen.clear()
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5))
+    seen, more = _attn_lengths(refdit)  # registered after the merging hooks: sees merged inputs
+    handles += more
+    for b in refdit.blocks:  # re-register so the mlp recorder runs after the merging pre-hook
+        handles.append(b.mlp.register_forward_pre_hook(
+            lambda m, a, k: mlp_seen.append(("merged-" + k["role"], a[0].shape[1])), with_kwargs=True))
+    try:
+        refdit(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        remove_token_merging(refdit)
+    assert seen == [32] * refdit.config.depth  # 64 target tokens, half merged away
+    merged = {(role, n) for role, n in mlp_seen if role.startswith("merged-")}
+    assert merged == {("merged-target", 32)} | {("merged-context", n) for n in dense_ctx}
+
+
+@torch.no_grad()
+def test_refdit_mlp_or_attn_only(refdit: ts.RefDiT) -> None:
+    args = _inputs(refdit)
+    dense = refdit(*args)
+    outs = []
+    for cfg in (TokenMergingConfig(ratio=0.5, merge_mlp=False), TokenMergingConfig(ratio=0.5, merge_attn=False)):
+        apply_token_merging(refdit, cfg)
+        outs.append(refdit(*args))
+        remove_token_merging(refdit)
+    assert not torch.equal(outs[0], dense) and not torch.equal(outs[1], dense)
+    assert not torch.equal(outs[0], outs[1])
+
+
+@torch.no_grad()
+def test_refdit_adaptive_merges_more_at_lower_threshold(refdit: ts.RefDiT) -> None:
+    args = _inputs(refdit)
+    counts = []
+    for thr in (0.95, 0.5, -1.0):
+        apply_token_merging(refdit, TokenMergingConfig(threshold=thr))
+        refdit(*args)
+        counts.append(merging_state(refdit).merged_tokens)
+        remove_token_merging(refdit)
+    assert counts[0] <= counts[1] <= counts[2] == 48 * refdit.config.depth  # all sources of 64 tokens
+
+
+@torch.no_grad()
+def test_refdit_cache_over_generate(refdit: ts.RefDiT) -> None:
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5, recompute_every=3))
+    state = merging_state(refdit)
+    ts.generate(refdit, [img], "", steps=5)
+    depth = refdit.config.depth
+    assert state.cache.misses == 2 * depth  # steps 0 and 3 compute; step 0's entry is hit at steps 1 and 2
+    assert state.cache.hits == 3 * depth
+    remove_token_merging(refdit)
+
+
+@torch.no_grad()
+def test_refdit_new_generation_never_reuses_matchings(refdit: ts.RefDiT) -> None:
+    a = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    b = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cfg = TokenMergingConfig(ratio=0.5, recompute_every=100)
+    apply_token_merging(refdit, cfg)
+    ts.generate(refdit, [a], "", steps=3, seed=5)
+    second = ts.generate(refdit, [b], "", steps=3, seed=6)
+    apply_token_merging(refdit, cfg)  # fresh state
+    fresh = ts.generate(refdit, [b], "", steps=3, seed=6)
+    remove_token_merging(refdit)
+    assert torch.equal(second, fresh)
+
+
+@torch.no_grad()
+def test_bare_module_steps_from_timesteps(refdit: ts.RefDiT) -> None:
+    x, _, refs, ids = _inputs(refdit, batch=1)
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5, recompute_every=100))
+    state = merging_state(refdit)
+    first = None
+    for gen in range(2):
+        for i, t in enumerate((1.0, 0.5, 0.5, 0.2)):  # the repeated 0.5 is a second (guidance) pass
+            refdit(x + gen, torch.tensor([t]), refs, ids)
+            if gen == 0 and i == 0:
+                first = state.cache._entries[("blocks.0", 0)][1]
+        # timestep rose: generation 2 got a fresh cache; 2 passes per layer cached
+        assert state.cache.misses == 2 * refdit.config.depth
+    assert state.cache._entries[("blocks.0", 0)][1] is not first
+    begin_generation(refdit)
+    refdit(x, torch.tensor([0.1]), refs, ids)  # explicit boundary: even a lower t starts afresh
+    assert state.cache.misses == refdit.config.depth
+    remove_token_merging(refdit)
+
+
+@torch.no_grad()
+def test_composes_with_sparse_context(refdit: ts.RefDiT) -> None:
+    args = _inputs(refdit)
+    dense = refdit(*args)
+    ts.apply_sparse_context(refdit, ts.SparseContextConfig(keep=0.5))
+    sparse = refdit(*args)
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5))
+    both = refdit(*args)
+    remove_token_merging(refdit)
+    assert torch.equal(refdit(*args), sparse)
+    ts.remove_sparse_context(refdit)
+    assert torch.isfinite(both).all() and not torch.equal(both, sparse)
+    assert torch.equal(refdit(*args), dense)
+
+
+def test_bad_targets_and_configs(refdit: ts.RefDiT) -> None:
+    for bad in (nn.Linear(2, 2), object(), "refdit"):
+        with pytest.raises(TypeError, match="RefDiT"):
+            apply_token_merging(bad, TokenMergingConfig(ratio=0.5))
+    with pytest.raises(TypeError, match="TokenMergingConfig"):
+        apply_token_merging(refdit, {"ratio": 0.5})
+
+
+# ------------------------------------------------------------------------------------------ diffusers UNet
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def unet() -> nn.Module:
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    )
+    return model.eval()
+
+
+def _unet_inputs(seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor(500), torch.randn(2, 5, 16, generator=g)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    from diffusers.models.attention import BasicTransformerBlock
+
+    return [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+
+
+@torch.no_grad()
+def test_unet_identity_remove_replace(unet: nn.Module) -> None:
+    args = _unet_inputs()
+    dense = unet(*args).sample
+    apply_token_merging(unet, TokenMergingConfig())
+    assert torch.equal(unet(*args).sample, dense)
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5))
+    merged = unet(*args).sample
+    assert not torch.equal(merged, dense)
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5))
+    assert torch.equal(unet(*args).sample, merged)
+    remove_token_merging(unet)
+    assert torch.equal(unet(*args).sample, dense)
+
+
+@torch.no_grad()
+def test_unet_levels_and_sublayers(unet: nn.Module) -> None:
+    args = _unet_inputs()
+    seen: dict[str, list[int]] = {"attn1": [], "attn2": [], "ff": []}
+    for cfg, expect in (
+        (TokenMergingConfig(ratio=0.5), {"attn1": 128, "attn2": 256, "ff": 128}),
+        (TokenMergingConfig(ratio=0.5, merge_cross=True, merge_mlp=False), {"attn1": 128, "attn2": 128, "ff": 256}),
+    ):
+        apply_token_merging(unet, cfg)
+        handles = [getattr(b, name).register_forward_pre_hook(
+            lambda m, a, k, name=name: seen[name].append(a[0].shape[1] if a else k["hidden_states"].shape[1]),
+            with_kwargs=True) for b in _blocks(unet) for name in seen]
+        try:
+            unet(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, n in expect.items():
+            # top level: 16x16 = 256 tokens; the 8x8 level is left alone (max_downsample=1)
+            assert set(seen[name]) == {n, 64}, name
+            seen[name].clear()
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5, max_downsample=2))
+    handles = [b.attn1.register_forward_pre_hook(lambda m, a: seen["attn1"].append(a[0].shape[1]))
+               for b in _blocks(unet)]
+    unet(*args)
+    for h in handles:
+        h.remove()
+    remove_token_merging(unet)
+    assert sorted(set(seen["attn1"])) == [32, 128]
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self.timesteps = torch.tensor([900, 600, 300])
+
+    def set_timesteps(self, n: int) -> None:
+        self.timesteps = torch.linspace(900, 100, n).long()
+
+
+class _Pipe:
+    """The part of a diffusers pipeline token merging uses: ``.unet`` and ``.scheduler.set_timesteps``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet, self.scheduler = unet, _Scheduler()
+
+    def __call__(self, sample: torch.Tensor, ctx: torch.Tensor, steps: int = 3) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        for t in self.scheduler.timesteps:
+            sample = sample - 0.1 * self.unet(sample, t, ctx).sample
+        return sample
+
+
+@torch.no_grad()
+def test_unet_pipeline_generations(unet: nn.Module) -> None:
+    x, _, ctx = _unet_inputs()
+    pipe = _Pipe(unet)
+    dense = pipe(x, ctx)
+    cfg = TokenMergingConfig(threshold=0.3, recompute_every=2)
+    apply_token_merging(pipe, cfg)
+    state = merging_state(pipe)
+    assert state is merging_state(unet)
+    pipe(x + 1, ctx, steps=4)
+    assert state.cache.misses == 3 * 2  # 3 top-level blocks (1 down, 2 up), steps 0 and 2
+    out = pipe(x, ctx, steps=4)
+    apply_token_merging(pipe, cfg)
+    assert torch.equal(pipe(x, ctx, steps=4), out)  # nothing carried over from the x + 1 generation
+    remove_token_merging(pipe)
+    assert "set_timesteps" not in pipe.scheduler.__dict__  # scheduler unwrapped
+    assert torch.equal(pipe(x, ctx), dense)
+
+
+# ------------------------------------------------------------------------------------------- FLUX / FLUX.2
+
+
+def _flux_models() -> list[tuple[str, nn.Module]]:
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    flux2 = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                    axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False)
+    return [("flux", _randomize(flux, std=0.05)), ("flux2", _randomize(flux2, std=0.05))]
+
+
+def _flux_inputs(kind: str, h: int = 8, w: int = 8) -> dict:
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    zeros = torch.zeros_like(rows)
+    img_ids = torch.stack([zeros, rows, cols] + ([zeros] if kind == "flux2" else []), -1).float()
+    kw = {"hidden_states": torch.randn(2, h * w, 8, generator=g),
+          "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+          "timestep": torch.tensor([0.7, 0.7]), "img_ids": img_ids, "txt_ids": torch.zeros(5, img_ids.shape[1])}
+    if kind == "flux":
+        kw["pooled_projections"] = torch.randn(2, 8, generator=g)
+    return kw
+
+
+@torch.no_grad()
+def test_flux_double_stream_blocks() -> None:
+    for kind, model in _flux_models():
+        kw = _flux_inputs(kind)
+        dense = model(**kw).sample
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+        seen: list[int] = []
+        handles = [b.attn.register_forward_pre_hook(lambda m, a, k, seen=seen: seen.append(
+            k["hidden_states"].shape[1]), with_kwargs=True) for b in model.transformer_blocks]
+        merged = model(**kw).sample
+        for h in handles:
+            h.remove()
+        assert seen == [32, 32], kind  # 64 image tokens, half merged away, in both double-stream blocks
+        assert torch.isfinite(merged).all() and not torch.equal(merged, dense), kind
+        kw_ref = dict(kw, hidden_states=torch.cat([kw["hidden_states"]] * 2, 1),
+                      img_ids=torch.cat([kw["img_ids"], kw["img_ids"] + 1], 0))
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_mlp=False))
+        with_ref = model(**kw_ref).sample  # references in the sequence: not a single target grid, no merging
+        remove_token_merging(model)
+        assert torch.equal(model(**kw_ref).sample, with_ref), kind
+        assert torch.equal(model(**kw).sample, dense), kind

@@ -1,0 +1,43 @@
+import pytest
+import torch
+from PIL import Image
+
+from tokensparse.models import save_checkpoint
+from tokensparse.show_selection import save_selection_map
+
+
+def _png(path, img):
+    Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    return path
+
+
+@pytest.fixture
+def refs(tmp_path):
+    subject = torch.full((3, 32, 32), 0.4)
+    subject[:, 8:16, 8:16] = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    photo = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return [_png(tmp_path / "a.png", subject), _png(tmp_path / "b.png", photo)]
+
+
+def test_selection_map_foreground(refs, tmp_path):
+    out = tmp_path / "map.png"
+    masks = save_selection_map(refs[:1], "foreground", 0.25, out)
+    assert out.is_file() and Image.open(out).size == (256, 256)
+    assert int(masks[0].sum()) == 16 and masks[0][2:4, 2:4].all()  # the subject's 4 tokens are kept
+
+
+def test_selection_map_two_refs_share_the_budget(refs, tmp_path):
+    out = tmp_path / "map2.png"
+    masks = save_selection_map(refs, "auto", 0.25, out, prompt="compose first top left on second")
+    assert Image.open(out).size == (256 * 2 + 8, 256)
+    assert int(masks[0].sum() + masks[1].sum()) == 32 and int(masks[0].sum()) < int(masks[1].sum())
+
+
+def test_selection_map_attention_needs_a_model(refs, tmp_path, tiny):
+    with pytest.raises(ValueError, match="model"):
+        save_selection_map(refs, "attention", 0.25, tmp_path / "x.png")
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny, ckpt)
+    masks = save_selection_map(refs, "attention", 0.5, tmp_path / "att.png", model=str(ckpt),
+                               prompt="place subject top left")
+    assert [m.shape for m in masks] == [(4, 4), (4, 4)] and int(sum(m.sum() for m in masks)) == 16

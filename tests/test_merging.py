@@ -1,0 +1,243 @@
+"""Pure token-merging primitives: exact small cases, properties, the per-generation cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensparse.merging import (
+    MatchCache,
+    Matching,
+    TokenMergingConfig,
+    bipartite_soft_matching,
+    match,
+    random_destinations,
+)
+
+E1, E2, E3 = torch.eye(3)
+
+
+def _hand_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 tokens, destinations at 0 (= e1) and 7 (= e2); sources 1 (= e1), 2 (= e2) are perfect matches."""
+    metric = torch.stack([E1, E1, E2, E1 + E3, E3, E3, E2 + 2 * E3, E2])[None]  # (1, 8, 3)
+    is_dst = torch.tensor([True, False, False, False, False, False, False, True])
+    return metric, is_dst
+
+
+# ---------------------------------------------------------------------------------------------- exact cases
+
+
+def test_hand_matching_exact() -> None:
+    metric, is_dst = _hand_case()
+    m = match(metric, is_dst, num=2)
+    assert m.keep.tolist() == [[0, 3, 4, 5, 6, 7]]
+    assert m.src.tolist() == [[1, 2]]
+    assert m.slot.tolist() == [[0, 5]]
+    assert m.index.tolist() == [[0, 0, 5, 1, 2, 3, 4, 5]]
+    assert m.counts.tolist() == [[2, 1, 1, 1, 1, 2]]
+    x = torch.arange(8.0).reshape(1, 8, 1)
+    merged = m.merge(x)
+    assert merged.flatten().tolist() == [0.5, 3, 4, 5, 6, 4.5]
+    assert m.unmerge(merged).flatten().tolist() == [0.5, 0.5, 4.5, 3, 4, 5, 6, 4.5]
+    assert m.merge(x, mode="keep").flatten().tolist() == [0, 3, 4, 5, 6, 7]
+
+
+def test_third_merge_goes_to_most_similar_destination() -> None:
+    metric, is_dst = _hand_case()
+    m = match(metric, is_dst, num=3)
+    # token 3 = e1+e3 (cos 0.71 to e1) beats token 6 = e2+2e3 (cos 0.45 to e2) and e3 tokens (cos 0)
+    assert m.src.tolist() == [[1, 2, 3]]
+    assert m.index[0, 3].item() == m.index[0, 0].item() == 0
+
+
+def test_size_weighted_merge() -> None:
+    metric, is_dst = _hand_case()
+    m = match(metric, is_dst, num=1)  # merges token 1 into token 0
+    x = torch.tensor([0.0, 4.0, 0, 0, 0, 0, 0, 0]).reshape(1, 8, 1)
+    size = torch.tensor([[3.0, 1, 1, 1, 1, 1, 1, 1]])
+    assert m.merge(x, size=size)[0, 0, 0].item() == pytest.approx(1.0)  # (3*0 + 1*4) / 4
+    assert m.merge_size(size)[0].tolist() == [4, 1, 1, 1, 1, 1, 1]
+    assert m.merge(x)[0, 0, 0].item() == pytest.approx(2.0)
+
+
+def test_trailing_dims_kept() -> None:
+    metric, is_dst = _hand_case()
+    m = match(metric, is_dst, num=2)
+    rope = torch.randn(1, 8, 4, 2)
+    assert m.merge(rope, mode="keep").shape == (1, 6, 4, 2)
+    assert torch.equal(m.merge(rope, mode="keep"), rope[:, [0, 3, 4, 5, 6, 7]])
+    assert m.unmerge(m.merge(rope)).shape == (1, 8, 4, 2)
+
+
+def test_zero_merges_is_identity() -> None:
+    metric, is_dst = _hand_case()
+    for m in (match(metric, is_dst, num=0), match(metric, is_dst, threshold=1.01)):
+        assert m.num_merged == 0
+        x = torch.randn(1, 8, 5)
+        assert m.merge(x) is x and m.unmerge(x) is x
+
+
+def test_adaptive_threshold_counts_and_batch_minimum() -> None:
+    metric, is_dst = _hand_case()
+    assert match(metric, is_dst, threshold=0.99).num_merged == 2
+    assert match(metric, is_dst, threshold=0.7).num_merged == 3
+    assert match(metric, is_dst, threshold=0.7, cap=1).num_merged == 1
+    assert match(metric, is_dst, threshold=-1.0).num_merged == 6
+    other = metric.clone()
+    other[0, 2] = E3  # sample 2 has only one perfect match
+    m = match(torch.cat([metric, other]), is_dst, threshold=0.99)
+    assert m.num_merged == 1
+    assert m.src.tolist() == [[1], [1]]
+
+
+def test_bad_match_arguments() -> None:
+    metric, is_dst = _hand_case()
+    with pytest.raises(ValueError):
+        match(metric, is_dst)
+    with pytest.raises(ValueError):
+        match(metric, is_dst, num=1, threshold=0.5)
+    with pytest.raises(ValueError):
+        match(metric, is_dst[:4], num=1)
+    with pytest.raises(ValueError):
+        bipartite_soft_matching(metric, (3, 3), ratio=0.5)
+
+
+def test_random_destinations_one_per_cell() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = random_destinations(6, 7, g).reshape(6, 7)
+    cells = d[:6, :6].reshape(3, 2, 3, 2).permute(0, 2, 1, 3).reshape(3, 3, 4)
+    assert (cells.sum(-1) == 1).all()
+    assert d[:, 6].all()  # partial cells at the edge are destinations
+    a = random_destinations(8, 8, torch.Generator().manual_seed(3))
+    b = random_destinations(8, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------------------- config
+
+
+def test_config_identity_and_validation() -> None:
+    assert TokenMergingConfig().is_identity
+    assert TokenMergingConfig(threshold=1.5).is_identity
+    assert not TokenMergingConfig(threshold=0.9).is_identity
+    assert not TokenMergingConfig(ratio=0.5).is_identity
+    assert TokenMergingConfig(ratio=0.5, merge_attn=False, merge_mlp=False).is_identity
+    assert TokenMergingConfig(recompute_steps=[5, 0, 5]).recompute_steps == (0, 5)
+    for bad in ({"ratio": 1.0}, {"ratio": -0.1}, {"recompute_every": 0}, {"recompute_steps": (-1,)},
+                {"threshold": float("nan")}, {"max_downsample": 0}):
+        with pytest.raises(ValueError):
+            TokenMergingConfig(**bad)
+    for bad in ({"ratio": "0.5"}, {"ratio": True}, {"seed": 1.0}, {"merge_mlp": 1}, {"recompute_every": 2.0}):
+        with pytest.raises(TypeError):
+            TokenMergingConfig(**bad)
+
+
+def test_config_num_merged() -> None:
+    assert TokenMergingConfig(ratio=0.5).num_merged(100, 75) == 50
+    assert TokenMergingConfig(ratio=0.9).num_merged(100, 75) == 75
+    assert TokenMergingConfig(threshold=0.5).num_merged(100, 75) == 75
+    assert TokenMergingConfig(threshold=0.5, ratio=0.3).num_merged(100, 75) == 30
+
+
+# --------------------------------------------------------------------------------------------------- cache
+
+
+def _matching(n: int = 8, b: int = 1) -> Matching:
+    return match(torch.randn(b, n, 4), torch.arange(n) % 4 == 0, num=2)
+
+
+def test_cache_first_step_is_stored_and_hit() -> None:
+    cache = MatchCache(recompute_every=5)
+    x = torch.zeros(1, 8, 4)
+    calls: list[int] = []
+
+    def compute() -> Matching:
+        calls.append(1)
+        return _matching()
+
+    first = cache.lookup("block0", 0, x, compute)
+    assert cache.lookup("block0", 1, x, compute) is first  # step 1 reuses step 0's matching
+    assert cache.hits == 1 and cache.misses == 1
+    for step in range(2, 5):
+        assert cache.lookup("block0", step, x, compute) is first
+    assert cache.lookup("block0", 5, x, compute) is not first  # recompute at step 5
+    assert len(calls) == 2
+
+
+def test_cache_never_crosses_generations() -> None:
+    cache = MatchCache(recompute_every=1000)
+    x = torch.zeros(1, 8, 4)
+    old = cache.lookup("b", 0, x, _matching)
+    assert cache.lookup("b", 7, x, _matching) is old
+    cache.reset()
+    assert len(cache) == 0
+    new = cache.lookup("b", 0, x, _matching)
+    assert new is not old
+    assert cache.misses == 1 and cache.hits == 0
+    # even a later step of the new generation never sees the old entry
+    cache.reset()
+    assert cache.lookup("b", 3, x, _matching) is not new
+
+
+def test_cache_explicit_steps_passes_and_shapes() -> None:
+    cache = MatchCache(recompute_steps=(0, 3))
+    assert [cache.recompute_at(s) for s in range(5)] == [True, False, False, True, False]
+    x = torch.zeros(1, 8, 4)
+    cond = cache.lookup("b", 0, x, _matching)
+    uncond = cache.lookup("b", 0, x, _matching)  # second pass of the same step: its own entry
+    assert cond is not uncond
+    assert cache.lookup("b", 1, x, _matching) is cond
+    assert cache.lookup("b", 1, x, _matching) is uncond
+    assert cache.lookup("b", 2, torch.zeros(2, 8, 4), lambda: _matching(b=2)) is not cond  # batch changed
+    assert cache.lookup("other", 2, x, _matching) is not cond
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 6),
+       ratio=st.floats(0.0, 0.99), seed=st.integers(0, 2**16))
+def test_merge_properties(b: int, h: int, w: int, c: int, ratio: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h * w, c, generator=g, dtype=torch.float64)
+    is_dst = random_destinations(h, w, g)
+    n_src = int((~is_dst).sum())
+    m = match(x, is_dst, num=int(h * w * ratio))
+    r = min(int(h * w * ratio), n_src)
+    assert m.num_merged == r and m.num_kept == h * w - r
+    merged = m.merge(x)
+    # destinations always survive; kept positions ascend; index points at a kept token
+    assert torch.isin(is_dst.nonzero().squeeze(1), m.keep).all()
+    assert (m.keep.diff(dim=1) > 0).all()
+    assert torch.equal(m.keep.gather(1, m.index.gather(1, m.keep)), m.keep)
+    # mass is conserved: sum of (size * merged) equals the sum of the tokens
+    assert torch.allclose((merged * m.counts[..., None]).sum(1), x.sum(1))
+    assert m.counts.sum(1).tolist() == [float(h * w)] * b
+    # unmerge copies: tokens merged into nothing come back exactly
+    back = m.unmerge(merged)
+    alone = (m.counts.gather(1, m.index) == 1)
+    assert torch.equal(back[alone], x[alone])
+    # merging a tensor that is constant within each group and unmerging is exact
+    grouped = m.unmerge(m.merge(x, mode="keep"))
+    assert torch.allclose(m.unmerge(m.merge(grouped)), grouped)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(2, 8), w=st.integers(2, 8), threshold=st.floats(-1.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_adaptive_properties(b: int, h: int, w: int, threshold: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h * w, 3, generator=g, dtype=torch.float64)
+    is_dst = random_destinations(h, w, g)
+    m = match(x, is_dst, threshold=threshold)
+    xn = x / x.norm(dim=-1, keepdim=True)
+    dst = is_dst.nonzero().squeeze(1)
+    best = (xn @ xn[:, dst].transpose(1, 2)).max(-1).values                      # (B, N)
+    # every merged source is at least threshold-similar to some destination
+    assert (best.gather(1, m.src) >= threshold - 1e-9).all()
+    # the batch merges the minimum of the per-sample counts
+    counts = ((best >= threshold) & ~is_dst).sum(1)
+    assert m.num_merged == int(counts.min())
