@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     ap.add_argument("--masses", default=",".join(map(str, MASSES)))
     ap.add_argument("--adaptive", default=",".join(ADAPTIVE), help="selectors swept with adaptive budgets")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="a subset, for exploration")
+    ap.add_argument("--skip-overhead", action="store_true", help="do not time selection (exploration)")
     args = ap.parse_args()
     n, steps = (8, 5) if args.quick else (args.n, args.steps)
     keeps = (0.25,) if args.quick else tuple(float(k) for k in args.keeps.split(",") if k)
@@ -154,19 +156,20 @@ def main() -> None:
     selectors = [s for s in args.selectors.split(",") if s]
     t0 = time.time()
     model = load_any(args.model)
-    data = heldout_by_family(n, model.config.image_size)
+    data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in args.families.split(",")}
+    fams = list(data)
 
     res: dict = {"dense": {}, "fixed": {}, "adaptive": {}}
     for fam, samples in data.items():
         res["dense"][fam] = run(model, None, samples, steps)
-    print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in FAMILIES), flush=True)
+    print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
     for sel in selectors:
         for keep in keeps:
             cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed)
             for fam, samples in data.items():
                 res["fixed"].setdefault(sel, {}).setdefault(str(keep), {})[fam] = run(model, cfg, samples, steps)
             print(f"{sel} keep={keep}: " + ", ".join(
-                f"{f} {res['fixed'][sel][str(keep)][f]['psnr']['mean']:.2f}" for f in FAMILIES), flush=True)
+                f"{f} {res['fixed'][sel][str(keep)][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
     for sel in [s for s in args.adaptive.split(",") if s]:
         for mass in masses:
             cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed)
@@ -174,29 +177,30 @@ def main() -> None:
                 res["adaptive"].setdefault(sel, {}).setdefault(str(mass), {})[fam] = run(model, cfg, samples, steps)
             r = res["adaptive"][sel][str(mass)]
             print(f"{sel} adaptive mass={mass}: " + ", ".join(
-                f"{f} {r[f]['psnr']['mean']:.2f}@{r[f]['kept_frac']:.2f}" for f in FAMILIES), flush=True)
+                f"{f} {r[f]['psnr']['mean']:.2f}@{r[f]['kept_frac']:.2f}" for f in fams), flush=True)
 
     def p(sel: str, keep: float, fam: str) -> float:
         return res["fixed"][sel][str(keep)][fam]["psnr"]["mean"]
 
     summary: dict = {}
     if "auto" in selectors and "random" in selectors and 0.25 in keeps:
-        summary["taskaware_minus_random_db"] = {f: p("auto", 0.25, f) - p("random", 0.25, f) for f in FAMILIES}
+        summary["taskaware_minus_random_db"] = {f: p("auto", 0.25, f) - p("random", 0.25, f) for f in fams}
         summary["taskaware_drop_db_keep025"] = {f: res["dense"][f]["psnr"]["mean"] - p("auto", 0.25, f)
-                                                for f in FAMILIES}
+                                                for f in fams}
     if 0.25 in keeps:
-        summary["best_selector_keep025"] = {f: max(selectors, key=lambda s: p(s, 0.25, f)) for f in FAMILIES}
+        summary["best_selector_keep025"] = {f: max(selectors, key=lambda s: p(s, 0.25, f)) for f in fams}
     if "auto" in res["adaptive"] and "random" in selectors and 0.25 in keeps:
         fr = {}
-        for f in FAMILIES:
+        for f in fams:
             pts = [(r[f]["kept_frac"], r[f]["psnr"]["mean"]) for r in res["adaptive"]["auto"].values()]
             random_frac = res["fixed"]["random"]["0.25"][f]["kept_frac"]
             m = tokens_to_match(pts, p("random", 0.25, f))
             fr[f] = None if m is None else m / random_frac
         summary["adaptive_tokens_frac_at_random25"] = fr
-    over = {sel: overhead(model, data["multi"], sel) for sel in ("auto", "attention") if sel in SCORERS}
-    summary["selection_overhead_frac"] = over["auto"]["frac"]
-    summary["selection_overhead_frac_attention"] = over["attention"]["frac"]
+    over = {} if args.skip_overhead else {sel: overhead(model, data[fams[-1]], sel) for sel in ("auto", "attention")}
+    if over:
+        summary["selection_overhead_frac"] = over["auto"]["frac"]
+        summary["selection_overhead_frac_attention"] = over["attention"]["frac"]
 
     payload = {"quick": args.quick, "model": args.model, "samples_per_family": n, "steps": steps,
                "keeps": list(keeps), "masses": list(masses), "selectors": selectors, "wall_s": time.time() - t0,
@@ -216,9 +220,11 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     res = payload["results"]
-    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(4.3 * len(FAMILIES), 3.6))
+    fams = list(res["dense"])
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.3 * len(fams), 3.6), squeeze=False)
+    axes = axes[0]
     colors = dict(zip(payload["selectors"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, fam in zip(axes, FAMILIES):
+    for ax, fam in zip(axes, fams):
         for sel, by_keep in res["fixed"].items():
             pts = sorted((r[fam]["kept_frac"], r[fam]["psnr"]["mean"]) for r in by_keep.values())
             ax.plot(*zip(*pts), "o-", color=colors.get(sel), label=sel, ms=4)

@@ -3,6 +3,8 @@ import torch
 
 import tokensparse as ts
 
+torch.set_num_threads(1)  # tiny models: threads only add overhead (and thrash on a shared 2-core machine)
+
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give zero-initialised (adaLN-zero) layers random weights so an untrained model is not the identity."""

@@ -11,6 +11,8 @@ from .api import apply_sparse_context, remove_sparse_context
 from .context import SparseContextConfig
 from .generate import generate
 from .guidance import CFGConfig, SparseGuidanceConfig
+from .integrations.merging_hooks import apply_token_merging, remove_token_merging
+from .merging import TokenMergingConfig
 from .models import RefDiT, RefDiTConfig, build_model, list_models, load_model
 from .vocab import tokenize
 
@@ -22,11 +24,14 @@ __all__ = [
     "RefDiTConfig",
     "SparseContextConfig",
     "SparseGuidanceConfig",
+    "TokenMergingConfig",
+    "apply_token_merging",
     "apply_sparse_context",
     "build_model",
     "generate",
     "list_models",
     "load_model",
     "remove_sparse_context",
+    "remove_token_merging",
     "tokenize",
 ]

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from tokensparse.context import SparseContextConfig, keep_mask
 from tokensparse.selection import (
+    INFORMED,
     SCORERS,
     RefView,
     allocate_mask,
@@ -154,7 +155,7 @@ def test_select_properties(b, n_refs, h, w, keep, selector, seed, budget, mass, 
         assert bool((per_ref <= budget_per_ref).all())
     if not config.adaptive:
         assert bool((per_ref.sum(-1) == n_refs * budget_per_ref).all())  # the average budget is respected
-        if budget == "equal" or n_refs == 1 or selector in ("random", "uniform"):
+        if budget == "equal" or n_refs == 1 or (budget != "score" and selector not in INFORMED):
             assert bool((per_ref == budget_per_ref).all())
     # kept tokens as a sparse sequence: ids unique, sorted (dense order), in range
     grids = [torch.zeros(b, h, w, 1) for _ in range(n_refs)]
@@ -181,3 +182,18 @@ def test_select_rejects_bad_names():
         select(make_views(1, 1, 2, 2, 0), 0.5, "magic", torch.Generator())
     with pytest.raises(ValueError, match="allocate"):
         select(make_views(1, 1, 2, 2, 0), 0.5, "random", torch.Generator(), allocate="fair")
+
+
+def test_detail_order_is_a_permutation_that_covers_the_grid():
+    from tokensparse.selection.scorers import spread_order
+
+    energy = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
+    s = spread_order(energy, 8, 8)
+    assert torch.equal(torch.sort(s[0]).values, torch.sort(1 - torch.arange(64) / 64).values)
+    m = topk_mask(s, 16).reshape(2, 8, 8)
+    assert m.reshape(2, 4, 2, 4, 2).sum((-1, -3)).eq(1).all()  # one token in every 2x2 cell of the grid...
+    e = energy.reshape(2, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(2, 16, 4)
+    kept = m.reshape(2, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(2, 16, 4)
+    assert torch.equal(kept.float().argmax(-1), e.argmax(-1))  # ... the one with the most energy
+    flat = spread_order(torch.zeros(1, 64), 8, 8)  # flat energy: exactly the ordered-dither ("uniform") order
+    assert torch.equal(topk_mask(flat, 16), topk_mask((1 - bayer_rank(8, 8))[None], 16))

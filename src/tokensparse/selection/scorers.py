@@ -183,28 +183,40 @@ def score_attention(view: RefView, generator: torch.Generator) -> Tensor:
     return _nonneg(att - att.min(1, keepdim=True).values)
 
 
-def spread_order(energy: Tensor, h: int, w: int, floor: float = 0.1) -> Tensor:
-    """Scores ``(B, h*w)`` whose top-``k`` is a greedy, energy-weighted farthest-point subset for every ``k``.
+def spread_order(energy: Tensor, h: int, w: int) -> Tensor:
+    """Scores ``(B, h*w)`` whose top-``k`` covers the grid evenly *and* favours high ``energy``, for every ``k``.
 
-    Step ``i`` picks the token maximising ``(floor + energy / max energy) * distance to the nearest picked
-    token``, so kept tokens favour structure but still cover the grid (flat energy: a farthest-point
-    spread). The score is ``1 - pick_step / n``.
+    Coarse to fine over cells of side 2^m (as ordered dithering): at each level, every cell that holds no
+    pick yet gets its highest-energy token, taken in order of energy. So the first 4^l picks hold one
+    token per cell of a 2^l x 2^l split (like ``uniform``), but the most structured one of each cell;
+    with flat energy this is exactly ``uniform``. The score is ``1 - pick_step / n``.
     """
     b, n = energy.shape
     dev = energy.device
-    e = energy.float() / energy.float().amax(1, keepdim=True).clamp_min(1e-12) + floor  # (B, n)
-    e = e + 1e-4 * (1.0 - bayer_rank(h, w)).to(dev)  # deterministic, spatially even tie-break
-    ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], -1).float()  # (n, 2)
-    far = float(h * h + w * w)
-    d2 = torch.full((b, n), far, device=dev)
+    e = energy.float() / energy.float().amax(1, keepdim=True).clamp_min(1e-12)
+    e = e + 1e-3 * (1.0 - bayer_rank(h, w)).to(dev)  # unique per row; flat energy -> ordered dithering
+    rows = torch.arange(h, device=dev).repeat_interleave(w)
+    cols = torch.arange(w, device=dev).repeat(h)
+    side = 1
+    while side < max(h, w):
+        side *= 2
+    picked = torch.zeros(b, n, dtype=torch.bool, device=dev)
     scores = torch.zeros(b, n, device=dev)
-    rows = torch.arange(b, device=dev)
-    for step in range(n):
-        j = (e * d2.sqrt()).argmax(1)  # (B,)
-        scores[rows, j] = 1.0 - step / n
-        d2 = torch.minimum(d2, (pos[None] - pos[j][:, None]).pow(2).sum(-1))
-        d2[rows, j] = -1.0  # never again
+    done = torch.zeros(b, 1, device=dev)
+    neg = torch.tensor(float("-inf"), device=dev)
+    while side >= 1:
+        cell = ((rows // side) * (w // side + 1) + cols // side).expand(b, n)
+        ncell = int(cell.max()) + 1
+        has = torch.zeros(b, ncell, device=dev).scatter_reduce(1, cell, picked.float(), "amax")
+        cand = torch.where(picked | has.gather(1, cell).bool(), neg, e)
+        best = torch.full((b, ncell), float("-inf"), device=dev).scatter_reduce(1, cell, cand, "amax")
+        new = (cand == best.gather(1, cell)) & torch.isfinite(cand)  # one token per open cell
+        order = torch.sort(torch.where(new, e, neg), dim=1, descending=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n).contiguous())
+        scores = torch.where(new, 1.0 - (done + rank) / n, scores)
+        picked |= new
+        done = done + new.sum(1, keepdim=True)
+        side //= 2
     return scores
 
 
