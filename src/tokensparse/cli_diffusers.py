@@ -13,12 +13,12 @@ registers them as commands.
 from __future__ import annotations
 
 import inspect
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from .images import save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -55,18 +55,6 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return device, getattr(torch, dtype)
-
-
-def _save_png_atomically(image: Any, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def generate(
@@ -109,6 +97,8 @@ def generate(
         cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache)
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
+    if out.suffix.lower() != ".png":
+        _fail(f"--out must be a .png path, got {out}")
     refs = _load_refs(list(ref or []))
     device, torch_dtype = _device_and_dtype(device, dtype)
     local = Path(model).is_dir()
@@ -167,7 +157,7 @@ def generate(
             kwargs["callback_on_step_end"] = on_step_end
         with torch.inference_mode():
             image = pipe(**kwargs).images[0]
-    _save_png_atomically(image, out)
+    save_png(image, out)
     kept = f"keep={cfg.keep:g}, selector={cfg.selector}" + (", K/V cache" if cache else "")
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +52,21 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (temp file + rename), creating parent folders."""
+    """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
+
+    Nothing is left on disk if writing fails.
+    """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output path must end in .png, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     pil = image if isinstance(image, Image.Image) else to_pil(image)
-    tmp = path.with_name(path.name + ".tmp")
-    pil.save(tmp, format="PNG")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pil.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -1,0 +1,128 @@
+"""Print the README's result tables (markdown) from the JSON files under benchmarks/results/.
+
+    python benchmarks/readme_tables.py
+
+Every number in the README's results section comes from this script's output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+R = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = R / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def flux() -> None:
+    d = load("flux_flops")
+    if not d:
+        return
+    print("**FLUX.2 [klein] 9B, 1024² output, 4 references of 1024², FLOPs per denoising step** "
+          "(`benchmarks/flux_flops.py`, meta device, no weights):\n")
+    print("| keep | TFLOP / step | vs dense | + K/V cache: TFLOP / step | vs dense | one-time reference pass (TFLOP) |")
+    print("|---|---|---|---|---|---|")
+    for r in d["rows"]:
+        if r["model"] == "FLUX.2-klein-9B" and r["refs"] == 4 and r.get("keep") is not None:
+            kv = r["kv_cache"]
+            print(f"| {r['keep']:g} | {r['step_tflop']:.1f} | {r['speedup']:.2f}× | {kv['step_tflop']:.1f} | "
+                  f"{kv['speedup']:.2f}× | {kv['reference_pass_tflop']:.1f} |")
+    one = [r for r in d["rows"] if r["model"] == "FLUX.2-klein-9B" and r["refs"] == 1 and r.get("keep") == 0.25][0]
+    k4 = [r for r in d["rows"] if r["model"] == "FLUX.2-klein-4B" and r["refs"] == 4 and r.get("keep") == 0.25][0]
+    print(f"\nOne reference (9B), keep 0.25: {one['speedup']:.2f}× ({one['kv_cache']['speedup']:.2f}× with the K/V "
+          f"cache). 4B with 4 references, keep 0.25: {k4['speedup']:.2f}× ({k4['kv_cache']['speedup']:.2f}× with "
+          "the cache). All models, reference counts and Kontext: `benchmarks/results/flux_flops.json`.\n")
+
+
+def speed() -> None:
+    d = load("speed")
+    if not d:
+        return
+    rows = [r for r in d["rows"] if r["arch"] == "refdit-s-64px"]
+    refs = sorted({r["refs"] for r in rows})
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    print(f"**RefDiT speed** (`benchmarks/speed.py{' --quick' if d['quick'] else ''}`): 20-step generation, "
+          "16×16 tokens per image, random weights, one CPU thread, CPU seconds (median of interleaved "
+          "repeats); speedup vs dense (FLOP ratio in brackets):\n")
+    print("| setting | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |")
+    print("|---|" + "---|" * len(refs))
+    for s in settings:
+        cells = []
+        for n in refs:
+            r = [x for x in rows if x["refs"] == n and x["setting"] == s][0]
+            cells.append(f"{r['speedup']:.2f}× ({r['flop_ratio']:.2f}×)")
+        print(f"| {s} | " + " | ".join(cells) + " |")
+    print(f"\nEfficiency (measured speedup / FLOP ratio), lowest over the dropping and caching settings: "
+          f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
+          f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
+
+
+def quality() -> None:
+    d = load("quality")
+    if not d:
+        return
+    res = d["results"]
+    fams = list(res["floors"])
+    print(f"**RefDiT quality under reference dropping** (`benchmarks/quality.py`, {d['samples_per_family']} "
+          f"held-out samples per family, {d['steps']} steps, random selection): PSNR (dB) against the exact "
+          "ground truth, coarse (layout) PSNR in brackets.\n")
+    print("| model | keep | " + " | ".join(fams) + " |")
+    print("|---|---|" + "---|" * len(fams))
+    for label in ("base", "sparse"):
+        for keep in d["keeps"]:
+            cells = [f"{res[label][str(keep)][f]['psnr']['mean']:.2f} ({res[label][str(keep)][f]['coarse_psnr']['mean']:.2f})"
+                     for f in fams]
+            print(f"| {d['models'][label]} | {keep:g} | " + " | ".join(cells) + " |")
+    print("| no references (sparse model) | – | " + " | ".join(
+        f"{res['ref_blind'][f]['psnr']['mean']:.2f}" for f in fams) + " |")
+    for name in ("copy_ref", "mean_image"):
+        print(f"| floor: {name} | – | " + " | ".join(
+            f"{res['floors'][f][name]['psnr']['mean']:.2f}" for f in fams) + " |")
+    print("\nSummary (dB): " + "; ".join(
+        f"`{k}` " + ", ".join(f"{f} {v:+.2f}" for f, v in vals.items()) for k, vals in d["summary"].items()) + "\n")
+
+
+def selection() -> None:
+    d = load("selection")
+    if not d or "summary" not in d:
+        return
+    print("**Task-aware selection** (`benchmarks/selection.py`), summary:\n")
+    print("```json\n" + json.dumps(d["summary"], indent=1) + "\n```\n")
+
+
+def merging() -> None:
+    d = load("merging")
+    if not d:
+        return
+    u = d["unet"]
+    print(f"**Token merging on an SD-style UNet** (`benchmarks/merging.py`; built from config, "
+          f"{u['top_level_tokens']} top-level tokens, {u['steps']}-step {u['sampler']}, one CPU thread):\n")
+    print("| config | speedup | PSNR to dense (dB) |")
+    print("|---|---|---|")
+    for name, c in u["configs"].items():
+        if name == "dense":
+            continue
+        print(f"| {name} | {c['speedup']:.2f}× | {c['psnr_to_dense']:.2f} |")
+    s = d["summary"]
+    print(f"\nvs tomesd at ratio 0.5: speed ratio {s['vs_tomesd_speed_ratio']:.2f}, error ratio "
+          f"{s['vs_tomesd_err_ratio']:.2f}. On RefDiT at 32×32 target tokens (1,024; random weights) ToMe ratio 0.5 "
+          f"gives {s['refdit_large_grid_tome_r0.5_speedup']:.2f}×; on the shipped 8×8-token RefDiT no merging "
+          f"config is faster than dense ({s['catome_config']}: {s['catome_speedup']:.2f}×).\n")
+
+
+def data() -> None:
+    d = load("data_speed")
+    if not d:
+        return
+    s = d["stream_samples_per_s"]
+    print("**Task suite throughput** (`benchmarks/data_speed.py`, one process): " + ", ".join(
+        f"{k}px {v['median']:,} samples/s" for k, v in s.items()) + ".\n")
+
+
+if __name__ == "__main__":
+    for fn in (flux, speed, quality, selection, merging, data):
+        fn()
