@@ -42,6 +42,27 @@ def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write.")
     console.print(f"wrote {out}")
 
 
+@show_app.command("selection")
+def show_selection(
+    ref: list[Path] = typer.Option(..., "--ref", exists=True, dir_okay=False, help="Reference image (repeat)."),
+    selector: str = typer.Option("auto", help="Scorer name (see tokensparse.selection.SCORERS)."),
+    keep: float = typer.Option(0.25, help="Average fraction of reference tokens kept."),
+    out: Path = typer.Option(Path("selection.png"), help="PNG to write."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt (used by selector=auto)."),
+    adaptive: bool = typer.Option(False, help="Adaptive per-reference budget."),
+    model: Optional[str] = typer.Option(None, help="RefDiT name or checkpoint (selector=attention only)."),
+) -> None:
+    """Draw the kept reference tokens over each reference image."""
+    from .show_selection import save_selection_map
+
+    try:
+        save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=1) from exc
+    console.print(f"wrote {out}")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to write the demo PNG."),
          steps: int = typer.Option(20, help="Denoising steps.")) -> None:
