@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import evaluate, heldout_by_family, load, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, floors
 from tokensparse.metrics import coarse_psnr, mean_ci95, psnr, ssim
-
-from common import evaluate, heldout_by_family, load, write_json
 
 KEEPS = (1.0, 0.5, 0.25, 0.1)
 

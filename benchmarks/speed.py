@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
-
-from common import write_json
 
 SETTINGS = {  # name -> (keep, cache, merge ratio)
     "dense": (1.0, False, 0.0),

@@ -10,7 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokensparse.train import DropConfig, TrainConfig, export_ema, latest_checkpoint, lr_at, random_keep_mask, train
+from tokensparse.train import (
+    DropConfig,
+    TrainConfig,
+    export_ema,
+    latest_checkpoint,
+    lr_at,
+    random_keep_mask,
+    train,
+)
 
 
 def tiny_cfg(out, **kw):

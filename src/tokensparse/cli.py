@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -48,9 +47,9 @@ def show_selection(
     selector: str = typer.Option("auto", help="Scorer name (see tokensparse.selection.SCORERS)."),
     keep: float = typer.Option(0.25, help="Average fraction of reference tokens kept."),
     out: Path = typer.Option(Path("selection.png"), help="PNG to write."),
-    prompt: Optional[str] = typer.Option(None, help="Prompt (used by selector=auto)."),
+    prompt: str | None = typer.Option(None, help="Prompt (used by selector=auto)."),
     adaptive: bool = typer.Option(False, help="Adaptive per-reference budget."),
-    model: Optional[str] = typer.Option(None, help="RefDiT name or checkpoint (selector=attention only)."),
+    model: str | None = typer.Option(None, help="RefDiT name or checkpoint (selector=attention only)."),
 ) -> None:
     """Draw the kept reference tokens over each reference image."""
     from .show_selection import save_selection_map
@@ -75,10 +74,10 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
 @app.command()
 def train(
     config: Path = typer.Option(..., exists=True, dir_okay=False, help="Recipe JSON (see recipes/)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (overrides the recipe's); resumes if it has checkpoints."),
-    steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
-    max_minutes: Optional[float] = typer.Option(None, help="Stop and checkpoint after this many minutes."),
-    export: Optional[Path] = typer.Option(None, help="After training, write the EMA weights here (.safetensors)."),
+    out: Path | None = typer.Option(None, help="Run folder (overrides the recipe's); resumes if it has checkpoints."),
+    steps: int | None = typer.Option(None, help="Override the recipe's step count."),
+    max_minutes: float | None = typer.Option(None, help="Stop and checkpoint after this many minutes."),
+    export: Path | None = typer.Option(None, help="After training, write the EMA weights here (.safetensors)."),
     half: bool = typer.Option(False, help="Store exported weights in float16."),
 ) -> None:
     """Train or fine-tune RefDiT. Several CPU processes: `torchrun --nproc_per_node 2 -m tokensparse.cli train

@@ -8,7 +8,8 @@ Every sampler here has one signature, ``sampler(denoise, x, timesteps, callback=
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor

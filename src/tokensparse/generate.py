@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -13,8 +13,8 @@ from .generation import begin_generation
 from .guidance import Branch, GuidanceConfig, guided
 from .images import ImageLike, batch_images
 from .models.refdit import RefDiT
-from .tokens import TokenSeq, subset
 from .selection import topk_mask
+from .tokens import TokenSeq, subset
 from .vocab import tokenize
 
 

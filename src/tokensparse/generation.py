@@ -12,7 +12,8 @@ the timesteps it sees (timesteps fall within a generation; a rise means a new on
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _CALLBACKS = "_tokensparse_generation_callbacks"
 _WRAPPED = "_tokensparse_set_timesteps"

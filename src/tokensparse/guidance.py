@@ -14,8 +14,8 @@ Outside ``interval`` (a range of t in [0, 1]) only the first branch runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor
 

@@ -52,7 +52,7 @@ class TokenSeq:
             return torch.full((self.tokens.shape[0],), self.tokens.shape[1], dtype=torch.long)
         return self.valid.sum(1)
 
-    def with_tokens(self, tokens: Tensor) -> "TokenSeq":
+    def with_tokens(self, tokens: Tensor) -> TokenSeq:
         return replace(self, tokens=tokens)
 
 

@@ -17,9 +17,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,7 +77,7 @@ class TrainConfig:
     lora_rank: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         if d.get("drop") is not None:
             d["drop"] = DropConfig(**d["drop"])

@@ -34,7 +34,6 @@ from ..kvcache import ContextKV
 from ..tokens import TokenSeq, dense_seq, gather, grid_ids, subset
 from ..vocab import MAX_PROMPT_LEN, VOCAB_SLOTS
 
-
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
