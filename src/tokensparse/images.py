@@ -65,6 +65,9 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             pil.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
