@@ -22,6 +22,7 @@ from common import write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
+from tokensparse.models.zoo import randomize_zero_init
 
 SETTINGS = {  # name -> (keep, cache, merge ratio)
     "dense": (1.0, False, 0.0),
@@ -38,11 +39,7 @@ PROMPT = "compose first top left second bottom right on red plain"
 def models(arch: str) -> dict[bool, ts.RefDiT]:
     """The joint model and the same weights as a cache-capable (separate-context) model."""
     torch.manual_seed(0)
-    joint = ts.build_model(arch).eval()
-    with torch.no_grad():  # untrained adaLN-zero layers would make every block the identity
-        for p in joint.parameters():
-            if p.abs().sum() == 0 and p.dim() > 1:
-                p.normal_(0, 0.02)
+    joint = randomize_zero_init(ts.build_model(arch).eval())  # else every untrained block is the identity
     sep = ts.build_model(arch, ref_attends_target=False).eval()
     sep.load_state_dict(joint.state_dict())
     return {False: joint, True: sep}

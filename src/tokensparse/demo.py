@@ -14,6 +14,7 @@ from .context import SparseContextConfig
 from .generate import generate
 from .images import save_png
 from .models import RefDiT, build_model, list_models, load_model
+from .models.zoo import randomize_zero_init
 
 
 def demo_model(console: Console) -> tuple[RefDiT, bool]:
@@ -24,12 +25,7 @@ def demo_model(console: Console) -> tuple[RefDiT, bool]:
     console.print("[yellow]No trained checkpoint ships in this build yet: running an UNTRAINED refdit-s "
                   "end to end (outputs are noise; timings and token counts are real).[/yellow]")
     torch.manual_seed(0)
-    model = build_model("refdit-s").eval()
-    with torch.no_grad():  # leave adaLN-zero so the untrained model is not the identity
-        for p in model.parameters():
-            if p.abs().sum() == 0 and p.dim() > 1:
-                p.normal_(0, 0.02)
-    return model, False
+    return randomize_zero_init(build_model("refdit-s").eval()), False
 
 
 def _timed(fn):

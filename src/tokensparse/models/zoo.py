@@ -61,6 +61,19 @@ def build_model(name: str | RefDiTConfig, **overrides) -> RefDiT:
     return RefDiT(cfg)
 
 
+@torch.no_grad()
+def randomize_zero_init(model: RefDiT, std: float = 0.02) -> RefDiT:
+    """Give the zero-initialised (adaLN-zero) weight matrices of an untrained model N(0, std) values.
+
+    An untrained RefDiT is the identity in every block; timing and demos of untrained models need it not to be.
+    Uses the global torch RNG (seed it first for reproducibility). Returns ``model``.
+    """
+    for p in model.parameters():
+        if p.dim() > 1 and p.abs().sum() == 0:
+            p.normal_(0, std)
+    return model
+
+
 def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
                     dtype: torch.dtype = torch.float32) -> None:
     """Write ``model`` as safetensors (weights stored in ``dtype``) plus a JSON with its config and ``meta``.
