@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -14,6 +15,14 @@ import torch
 import tokensparse as ts
 from tokensparse.data import batched, heldout
 from tokensparse.metrics import coarse_psnr, psnr, ssim
+
+
+def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: ``--quick`` and ``--out`` (default benchmarks/results/NAME.json)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results") / f"{name}.json")
+    return ap
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -11,12 +11,11 @@ Writes JSON with a `summary` and a PNG plot next to it.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, load, write_json
+from common import evaluate, heldout_by_family, load, parser, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, floors
@@ -30,9 +29,7 @@ def stats(values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="16 samples per family, 10 steps")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    ap = parser(__doc__, "quality", "16 samples per family, 10 steps")
     ap.add_argument("--base", default="refdit-base")
     ap.add_argument("--sparse", default="refdit-sparse")
     ap.add_argument("--n", type=int, default=128, help="held-out samples per family")
@@ -54,7 +51,9 @@ def main() -> None:
             for name, pred in floors(samples).items()}
     for label, model in models.items():
         for keep in KEEPS:
-            ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="random", seed=args.seed))
+            cache = not model.config.ref_attends_target  # the exact K/V cache wherever the model supports it
+            ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="random", seed=args.seed,
+                                                                  cache=cache))
             for fam, samples in data.items():
                 results[label].setdefault(str(keep), {})[fam] = stats(evaluate(model, samples, steps))
             print(f"{label} keep={keep}: " + ", ".join(
@@ -79,6 +78,7 @@ def main() -> None:
     }
     payload = {"quick": args.quick, "samples_per_family": n, "steps": steps, "selector": "random",
                "models": {"base": args.base, "sparse": args.sparse}, "keeps": list(KEEPS),
+               "kv_cache": {k: not m.config.ref_attends_target for k, m in models.items()},
                "wall_s": time.time() - t0, "summary": summary, "results": results}
     write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))

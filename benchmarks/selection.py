@@ -21,13 +21,12 @@ summary:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, median_time, write_json
+from common import evaluate, heldout_by_family, median_time, parser, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched
@@ -42,14 +41,10 @@ ADAPTIVE = ("auto",)
 def load_any(spec: str) -> ts.RefDiT:
     """A shipped model, a checkpoint path (a trainer step file needs no JSON) or ``untrained:<config>``."""
     if spec.startswith("untrained:"):
-        torch.manual_seed(0)
-        model = ts.build_model(spec.split(":", 1)[1])
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # adaLN-zero layers random, so the untrained model is not the identity
-            for p in model.parameters():
-                if p.abs().sum() == 0:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        return model.eval()
+        from tokensparse.models.zoo import randomize_zero_init
+
+        torch.manual_seed(0)  # adaLN-zero layers random, so the untrained model is not the identity
+        return randomize_zero_init(ts.build_model(spec.split(":", 1)[1]), std=0.05).eval()
     if spec.endswith(".safetensors"):
         path = Path(spec)
         if path.with_suffix(".json").is_file():
@@ -62,6 +57,11 @@ def load_any(spec: str) -> ts.RefDiT:
         load_model(model, str(path), strict=False)
         return model.eval()
     return ts.load_model(spec)
+
+
+def cache_ok(model: ts.RefDiT) -> bool:
+    """Sparse runs use the (exact) reference K/V cache wherever the model supports it, as users would."""
+    return not model.config.ref_attends_target
 
 
 class KeptCounter:
@@ -125,7 +125,7 @@ def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, re
     ts.remove_sparse_context(model)
     embed()
     dense_embed = median_time(embed, repeats * 3)
-    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.25, selector=selector))
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.25, selector=selector, cache=cache_ok(model)))
     embed()
     sparse_embed = median_time(embed, repeats * 3)
     gen = median_time(lambda: ts.generate(model, b.refs, b.prompts, steps=steps), repeats)
@@ -136,9 +136,7 @@ def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, re
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8 samples per family, 5 steps, keep 0.25 only")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/selection.json"))
+    ap = parser(__doc__, "selection", "8 samples per family, 5 steps, keep 0.25 only")
     ap.add_argument("--model", default="refdit-sparse")
     ap.add_argument("--n", type=int, default=32, help="held-out samples per family")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps of the quality runs (timing uses 20)")
@@ -165,14 +163,15 @@ def main() -> None:
     print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
     for sel in selectors:
         for keep in keeps:
-            cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed)
+            cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed, cache=cache_ok(model))
             for fam, samples in data.items():
                 res["fixed"].setdefault(sel, {}).setdefault(str(keep), {})[fam] = run(model, cfg, samples, steps)
             print(f"{sel} keep={keep}: " + ", ".join(
                 f"{f} {res['fixed'][sel][str(keep)][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
     for sel in [s for s in args.adaptive.split(",") if s]:
         for mass in masses:
-            cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed)
+            cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed,
+                                         cache=cache_ok(model))
             for fam, samples in data.items():
                 res["adaptive"].setdefault(sel, {}).setdefault(str(mass), {})[fam] = run(model, cfg, samples, steps)
             r = res["adaptive"][sel][str(mass)]

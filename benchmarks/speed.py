@@ -12,13 +12,12 @@ ref_attends_target=False, whose context K/V are computed once per generation.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import write_json
+from common import parser, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -103,9 +102,7 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
 
 def main() -> None:
     torch.set_num_threads(1)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 and 4 references, 3 repeats, 64px only")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    ap = parser(__doc__, "speed", "1 and 4 references, 3 repeats, 64px only")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()

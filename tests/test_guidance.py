@@ -44,10 +44,15 @@ def test_interval_runs_one_branch_outside():
 
 
 @pytest.mark.parametrize("kw", [dict(strong=0.9, weak=0.5), dict(weak=1.0), dict(weak_keep=0.0),
-                                dict(interval=(0.5, 0.2))])
+                                dict(interval=(0.5, 0.2)), dict(strong=0.0, weak=0.0)])
 def test_bad_sg_config(kw):
     with pytest.raises(ValueError):
         SparseGuidanceConfig(**kw)
+
+
+def test_equal_routing_is_fine_when_the_weak_branch_sees_fewer_reference_tokens():
+    strong, weak = SparseGuidanceConfig(strong=0.0, weak=0.0, weak_keep=0.1).branches()
+    assert strong.cond and weak.cond and weak.ref_keep == 0.1 and strong.ref_keep == 1.0
 
 
 @pytest.fixture

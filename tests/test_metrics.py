@@ -68,3 +68,18 @@ def test_summarize_groups_by_task_and_family():
     assert out["overall"]["psnr"]["mean"] == pytest.approx(35.0)
     with pytest.raises(ValueError):
         summarize({"psnr": vals[:3]}, tasks)
+
+
+def test_fid_orders_distributions():
+    from tokensparse.data import heldout
+    from tokensparse.features import FeatureNet
+    from tokensparse.metrics import fid
+
+    torch.manual_seed(0)
+    net = FeatureNet().eval()
+    scenes = torch.stack([s.target for s in heldout("open", 96)])
+    same = fid(scenes[:48], scenes[48:], net)
+    other = fid(scenes[:48], torch.rand(48, 3, 32, 32), net)
+    assert 0 <= same < other
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid(scenes[:1], scenes, net)

@@ -98,3 +98,31 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     assert torch.equal(r0, r1)
     init = torch.cat([p.detach().flatten() for p in __import__("tokensparse").build_model("refdit-tiny").parameters()])
     assert not torch.equal(r0, init)  # it did train
+
+
+def test_init_loads_weights_into_the_recipes_architecture(tmp_path):
+    # a joint-attention checkpoint (stored fp16) starts a K/V-cache model (ref_attends_target=False)
+    from tokensparse.models import build_model, save_checkpoint
+    from tokensparse.train import init_model
+
+    torch.manual_seed(0)
+    joint = build_model("refdit-s")
+    save_checkpoint(joint, tmp_path / "joint.safetensors", dtype=torch.float16)
+    kv = init_model(TrainConfig(out=str(tmp_path / "run"), model="refdit-s-kv", init=str(tmp_path / "joint.safetensors")))
+    assert kv.config.ref_attends_target is False
+    for (name, a), b in zip(joint.state_dict().items(), kv.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.half().float(), b), name
+    with pytest.raises(FileNotFoundError):
+        init_model(TrainConfig(out=str(tmp_path / "run"), init=str(tmp_path / "missing.safetensors")))
+
+
+def test_routed_training_runs_and_is_reproducible(tmp_path):
+    cfg = dict(model="refdit-s-kv-routed", steps=2, batch_size=2, route=0.5, tasks=["scene", "backdrop"],
+               drop=DropConfig())
+    a = train(tiny_cfg(tmp_path / "a", **cfg), progress=False)
+    b = train(tiny_cfg(tmp_path / "b", **cfg), progress=False)
+    assert a.state["losses"] == b.state["losses"]
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    with pytest.raises(ValueError, match="route_span"):
+        train(tiny_cfg(tmp_path / "c", route=0.5), progress=False)

@@ -101,6 +101,24 @@ def train(
         console.print(f"wrote {export}")
 
 
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging"),
+    quick: bool = typer.Option(False, help="The benchmark's quick variant (minutes, small samples)."),
+    out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json)."),
+) -> None:
+    """Run a benchmark script from a repository checkout; it writes JSON + a PNG plot under benchmarks/results."""
+    from .bench import run_benchmark
+
+    try:
+        code = run_benchmark(name, quick=quick, out=out.resolve() if out else None, console=console)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    if code:
+        raise typer.Exit(code=code)
+
+
 def _register_diffusers_commands() -> None:
     from .cli_diffusers import generate, train_lora
 

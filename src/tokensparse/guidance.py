@@ -50,7 +50,9 @@ class CFGConfig:
 class SparseGuidanceConfig:
     """Sparse Guidance: ``scale * D(c; strong) + (1 - scale) * D(c or null; weak)``.
 
-    strong, weak: routing rates with ``0 <= strong < weak < 1``. null_weak: the CFG+SG variant.
+    strong, weak: routing rates with ``0 <= strong <= weak < 1``; the weak branch must be weaker, by routing
+        more (``strong < weak``), seeing fewer reference tokens (``weak_keep < 1``) or the null condition.
+    null_weak: the CFG+SG variant.
     weak_keep: fraction of reference tokens the weak branch sees (``1.0`` = same as the strong branch).
     """
 
@@ -62,8 +64,10 @@ class SparseGuidanceConfig:
     weak_keep: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.strong < self.weak < 1.0:
-            raise ValueError(f"need 0 <= strong < weak < 1, got strong={self.strong}, weak={self.weak}")
+        if not 0.0 <= self.strong <= self.weak < 1.0:
+            raise ValueError(f"need 0 <= strong <= weak < 1, got strong={self.strong}, weak={self.weak}")
+        if self.strong == self.weak and self.weak_keep == 1.0 and not self.null_weak:
+            raise ValueError("the weak branch equals the strong one: set strong < weak, weak_keep < 1 or null_weak")
         if not 0.0 < self.weak_keep <= 1.0:
             raise ValueError(f"weak_keep must be in (0, 1], got {self.weak_keep}")
         _check_interval(self.interval)

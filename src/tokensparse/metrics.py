@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-__all__ = ["coarse_psnr", "mean_ci95", "psnr", "ssim", "summarize"]
+__all__ = ["coarse_psnr", "fid", "mean_ci95", "psnr", "ssim", "summarize"]
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +54,29 @@ def coarse_psnr(pred: torch.Tensor, target: torch.Tensor, factor: int = 4) -> to
     if factor > 1:
         pred, target = F.avg_pool2d(pred, factor), F.avg_pool2d(target, factor)
     return psnr(pred, target)
+
+
+def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Module | None = None,
+        batch_size: int = 256) -> float:
+    """Fréchet distance between two image sets ``(N, 3, H, W)`` in [0, 1] in the shipped FeatureNet's space.
+
+    torchmetrics' ``FrechetInceptionDistance`` with :class:`tokensparse.features.FeatureNet` (trained on the task
+    suite, 64 features) in place of Inception, so no weights are downloaded. Needs >= 2 images per set;
+    like every FID it is biased upward for small sets, so compare values computed with equal set sizes.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from .features import load_feature_net
+
+    for name, x in (("generated", generated), ("real", real)):
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 2:
+            raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
+    metric = FrechetInceptionDistance(feature=feature_net or load_feature_net(), normalize=True)
+    with torch.no_grad():
+        for x, is_real in ((real, True), (generated, False)):
+            for i in range(0, x.shape[0], batch_size):
+                metric.update(x[i : i + batch_size].detach().float().clamp(0, 1), real=is_real)
+        return float(metric.compute())
 
 
 def mean_ci95(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
-from .models.zoo import build_model, load_checkpoint, save_checkpoint
+from .models.zoo import build_model, save_checkpoint
 from .selection import topk_mask
 from .vocab import tokenize
 
@@ -66,7 +66,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     drop: DropConfig | None = None
+    route: float = 0.0  # TREAD: fraction of target tokens that skip the model's route_span (needs one)
     tasks: list[str] | None = None
+    family_weights: dict[str, float] | None = None  # relative share of batches per family (default equal)
     seed: int = 0
     ckpt_every: int = 250
     log_every: int = 50
@@ -173,10 +175,14 @@ def init_model(cfg: TrainConfig) -> RefDiT:
         ckpt = latest_checkpoint(init)
         if ckpt is None:
             raise FileNotFoundError(f"no checkpoint in run folder {init}")
-        model = build_model(cfg.model)
-        _load_into(model, load_file(str(ckpt / "ema.safetensors")))
-        return model
-    return load_checkpoint(init)
+        init = ckpt / "ema.safetensors"
+    if not init.is_file():
+        raise FileNotFoundError(f"init checkpoint {init} not found")
+    # weights go into cfg.model's architecture, so a joint-attention checkpoint can start a K/V-cache
+    # (ref_attends_target=False) model: the two have the same parameters
+    model = build_model(cfg.model)
+    _load_into(model, {k: v.float() for k, v in load_file(str(init)).items()})
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     size = raw.config.image_size
     start_step, t_start = state["step"], time.time() - state["elapsed_s"]
     batches = train_batches(cfg.batch_size, size, seed=cfg.seed, tasks=cfg.tasks,
-                            start=start_step * acc.num_processes + acc.process_index, stride=acc.num_processes)
+                            family_weights=cfg.family_weights, start=start_step * acc.num_processes + acc.process_index, stride=acc.num_processes)
     window: list[float] = []
     step = start_step
     bar = _progress(progress and acc.is_main_process and sys.stdout.isatty(), cfg.steps, start_step)
@@ -250,7 +256,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with acc.autocast():
-            pred = model(interpolate(x0, noise, t), t, refs, ids, ref_keep=keep)
+            pred = model(interpolate(x0, noise, t), t, refs, ids, ref_keep=keep, route=cfg.route,
+                         route_generator=route_gen(cfg.seed, step, acc.process_index) if cfg.route else None)
             loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
         acc.backward(loss)
         if cfg.grad_clip:
@@ -286,6 +293,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     if bar is not None:
         bar[0].stop()
     return TrainResult(state, raw)
+
+
+def route_gen(seed: int, step: int, rank: int) -> torch.Generator:
+    """The routing draws of one step: their own stream, so routing leaves noise, t and dropping unchanged."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + rank) ^ (0x5EED << 40))
 
 
 def _progress(enabled: bool, total: int, done: int):

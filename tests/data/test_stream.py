@@ -1,5 +1,6 @@
 """Training stream, held-out sets, floors and the task grid."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -122,3 +123,17 @@ def test_task_grid(tmp_path):
     save_task_grid(path, image_size=16, per_task=1)
     img = Image.open(path)
     assert img.size[0] > 300 and img.size[1] >= len(TASKS) * 16
+
+
+def test_family_weights_shift_the_mix_and_validate():
+    from collections import Counter
+
+    fams = Counter(TASKS[batch_plan(k, 2, 0, None, {"subject": 3.0})[0]].family for k in range(3000))
+    assert fams["subject"] > 1.8 * fams["editing"] and fams["subject"] > 1.8 * fams["multi"]
+    only = {TASKS[batch_plan(k, 2, 0, None, {"editing": 0, "multi": 0})[0]].family for k in range(200)}
+    assert only == {"subject"}
+    assert batch_plan(5, 4, 0) == batch_plan(5, 4, 0, None, None)  # default stream unchanged
+    with pytest.raises(ValueError, match="unknown families"):
+        batch_plan(0, 2, 0, None, {"sujet": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        batch_plan(0, 2, 0, None, {"subject": -1.0})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokensparse.data import FAMILIES, HELDOUT_SEED_BASE, TASKS, make_sample
+from tokensparse.data import ALL_FAMILIES, FAMILIES, HELDOUT_SEED_BASE, REFERENCE_TASKS, TASKS, make_sample
 from tokensparse.data.bank import COLORS, get_bank
 from tokensparse.data.tasks import RELIGHT_GAINS
 from tokensparse.vocab import MAX_PROMPT_LEN, tokenize
@@ -19,9 +19,10 @@ def test_families_and_specs():
     for fam in FAMILIES:
         assert sum(spec.family == fam for spec in TASKS.values()) >= 2
     for name, spec in TASKS.items():
-        assert spec.name == name and spec.family in FAMILIES
+        assert spec.name == name and spec.family in ALL_FAMILIES
         lo, hi = spec.num_refs
-        assert 1 <= lo <= hi <= 4
+        assert (1 if name in REFERENCE_TASKS else 0) <= lo <= hi <= 4
+    assert set(REFERENCE_TASKS) == {t for t, spec in TASKS.items() if spec.family in FAMILIES}
     assert all(TASKS[t].num_refs[1] >= 2 for t in TASKS if TASKS[t].family == "multi")
 
 
@@ -165,3 +166,17 @@ def test_references_are_redundant_for_subject_families():
                 tok = ref.unfold(1, 4, 4).unfold(2, 4, 4)  # (3, 8, 8, 4, 4) 4x4 patches
                 plain = (tok - ref[:, :1, :1, None, None]).abs().amax((0, 3, 4)) < 1e-6
                 assert (~plain).float().mean() <= 0.25 + 1e-6
+
+
+def test_scene_has_many_right_answers_for_one_prompt():
+    # same prompt, different targets: the shape's kind, size and place are free
+    by_prompt: dict[str, list[torch.Tensor]] = {}
+    for seed in range(400):
+        s = make_sample("scene", seed)
+        assert s.refs == [] and s.prompt.startswith("scene ") and tokenize(s.prompt).shape[1] == MAX_PROMPT_LEN
+        by_prompt.setdefault(s.prompt, []).append(s.target)
+    repeated = [v for v in by_prompt.values() if len(v) >= 2]
+    assert repeated and any(not torch.equal(v[0], v[1]) for v in repeated)
+    words = make_sample("scene", 7).prompt.split()
+    obj, bg = words[1], words[4]
+    assert obj != bg  # the object never disappears into its background colour

@@ -22,13 +22,26 @@ from .stream import (
     mean_image,
     train_batches,
 )
-from .tasks import FAMILIES, HELDOUT_SEED_BASE, TASKS, Sample, TaskSpec, make_sample
+from .tasks import (
+    ALL_FAMILIES,
+    FAMILIES,
+    HELDOUT_SEED_BASE,
+    OPEN_FAMILIES,
+    REFERENCE_TASKS,
+    TASKS,
+    Sample,
+    TaskSpec,
+    make_sample,
+)
 
 __all__ = [
+    "ALL_FAMILIES",
     "COLORS",
     "FAMILIES",
     "HELDOUT_SEED_BASE",
+    "OPEN_FAMILIES",
     "PATTERNS",
+    "REFERENCE_TASKS",
     "TASKS",
     "Batch",
     "Sample",

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .tasks import FAMILIES, HELDOUT_SEED_BASE, TASKS, Sample, make_arrays, make_sample
+from .tasks import (
+    ALL_FAMILIES,
+    HELDOUT_SEED_BASE,
+    REFERENCE_TASKS,
+    TASKS,
+    Sample,
+    make_arrays,
+    make_sample,
+)
 
 MEAN_IMAGE_SEEDS = 256  # train-range seeds 0..255 of a task define its mean-image floor
 _STREAM_SALT = 0x5EED
@@ -85,33 +93,49 @@ def batched(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[list[i
 
 
 def _resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
-    names = list(TASKS) if tasks is None else list(tasks)
+    names = list(REFERENCE_TASKS) if tasks is None else list(tasks)
     out: list[str] = []
     for n in names:  # family names expand to their tasks
-        if n in FAMILIES:
+        if n in ALL_FAMILIES:
             out += [t for t, spec in TASKS.items() if spec.family == n]
         elif n in TASKS:
             out.append(n)
         else:
-            raise ValueError(f"unknown task or family {n!r}; tasks: {sorted(TASKS)}, families: {FAMILIES}")
+            raise ValueError(f"unknown task or family {n!r}; tasks: {sorted(TASKS)}, families: {ALL_FAMILIES}")
     if not out:
         raise ValueError("no tasks selected")
     return list(dict.fromkeys(out))
 
 
+def _family_probs(fams: Sequence[str], weights: Mapping[str, float] | None) -> np.ndarray:
+    if weights is None:
+        return np.full(len(fams), 1.0 / len(fams))
+    unknown = set(weights) - set(ALL_FAMILIES)
+    if unknown:
+        raise ValueError(f"family_weights names unknown families {sorted(unknown)}; families: {ALL_FAMILIES}")
+    w = np.array([float(weights.get(f, 1.0)) for f in fams])
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"family_weights must be >= 0 with a positive sum, got {dict(weights)}")
+    return w / w.sum()
+
+
 def batch_plan(
-    k: int, batch_size: int, seed: int = 0, tasks: Sequence[str] | None = None
+    k: int, batch_size: int, seed: int = 0, tasks: Sequence[str] | None = None,
+    family_weights: Mapping[str, float] | None = None,
 ) -> tuple[str, int, list[int]]:
     """The task, reference count and sample seeds of training batch ``k``: a pure function of its arguments.
 
-    Each batch holds one task. Tasks are drawn so that every family present gets an equal share, then
-    uniformly within the family; the reference count uniformly from the task's range. Sample seeds are
-    drawn from the training range ``[0, HELDOUT_SEED_BASE)``.
+    Each batch holds one task. A family is drawn first (equal shares, or in proportion to ``family_weights``;
+    families it does not name weigh 1), then a task uniformly within it, and the reference count uniformly
+    from the task's range. Sample seeds are drawn from the training range ``[0, HELDOUT_SEED_BASE)``.
     """
     names = _resolve_tasks(tasks)
-    fams = [f for f in FAMILIES if any(TASKS[t].family == f for t in names)]
+    fams = [f for f in ALL_FAMILIES if any(TASKS[t].family == f for t in names)]
+    probs = _family_probs(fams, family_weights)
     rng = np.random.default_rng([int(seed), int(k), _STREAM_SALT])
-    fam = fams[int(rng.integers(len(fams)))]
+    # equal shares keep the original draw, so existing streams are unchanged
+    pick = rng.integers(len(fams)) if family_weights is None else rng.choice(len(fams), p=probs)
+    fam = fams[int(pick)]
     in_fam = [t for t in names if TASKS[t].family == fam]
     task = in_fam[int(rng.integers(len(in_fam)))]
     lo, hi = TASKS[task].num_refs
@@ -146,6 +170,7 @@ def train_batches(
     tasks: list[str] | None = None,
     start: int = 0,
     stride: int = 1,
+    family_weights: Mapping[str, float] | None = None,
 ) -> Iterator[Batch]:
     """Endless training stream. Batch ``k`` is a pure function of ``(seed, k)`` (see :func:`batch_plan`).
 
@@ -158,6 +183,7 @@ def train_batches(
             the uninterrupted stream yields from its k-th batch on.
         stride: yield batches ``start, start + stride, ...`` without building the skipped ones. For data
             parallelism, rank ``i`` of ``n`` resuming at step ``s`` uses ``start=s * n + i, stride=n``.
+        family_weights: relative share of batches per family (see :func:`batch_plan`); default equal.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -166,18 +192,18 @@ def train_batches(
     names = _resolve_tasks(tasks)
     k = int(start)
     while True:
-        task, r, seeds = batch_plan(k, batch_size, seed, names)
+        task, r, seeds = batch_plan(k, batch_size, seed, names, family_weights)
         yield make_batch(task, seeds, image_size, r)
         k += stride
 
 
 def _heldout_names(family_or_task: str) -> list[str]:
-    if family_or_task in FAMILIES:
+    if family_or_task in ALL_FAMILIES:
         return [t for t, spec in TASKS.items() if spec.family == family_or_task]
     if family_or_task in TASKS:
         return [family_or_task]
     raise ValueError(
-        f"unknown family or task {family_or_task!r}; families: {FAMILIES}, tasks: {sorted(TASKS)}"
+        f"unknown family or task {family_or_task!r}; families: {ALL_FAMILIES}, tasks: {sorted(TASKS)}"
     )
 
 

@@ -11,6 +11,9 @@ Families and tasks (S = image size; sizes small/medium/large = S/4, 3S/8, S/2; 3
   position, small or medium): ``place`` "place subject top left large on blue stripes" — the subject, resampled from
   its reference size to the named size, at the named cell on the named background. ``backdrop`` "background
   green dots" — same subject, same position and size, new named background.
+* ``open`` (no reference; not in ``FAMILIES``, trained only when named): ``scene`` "scene red object on blue
+  dots" — one opaque shape (disc, square or diamond, any size, anywhere) of the named colour on the named
+  background: many right answers, for guidance and FID.
 * ``multi`` (2-4 references): ``compose`` "compose first top left second bottom right on red plain" — each
   reference's subject (kept at its reference size) at the named cell, later ones drawn over earlier ones.
   ``compose_scene`` "compose second top left third center right on first" — the first reference is a photo
@@ -243,6 +246,20 @@ def _compose_scene(rng, bank, pool, num_refs):
     return [scene, *refs], f"compose {clauses} on first", target
 
 
+def _scene(rng, bank, pool, num_refs):
+    """Prompt only, many right answers: one opaque shape of the named colour, its shape, size and place free."""
+    color, pattern = _scene_words(rng)
+    obj = [c for c in OBJECT_COLORS if c != color][int(rng.integers(len(OBJECT_COLORS) - 1))]
+    target = bank.backgrounds[(color, pattern)].copy()
+    keys = sorted(bank.object_alpha)
+    alpha = bank.object_alpha[keys[int(rng.integers(len(keys)))]]
+    d, s = alpha.shape[-1], bank.image_size
+    y, x = int(rng.integers(s - d + 1)), int(rng.integers(s - d + 1))
+    win = target[:, y : y + d, x : x + d]
+    win[:] = _tint(win, obj, alpha)
+    return [], f"scene {obj} object on {color} {pattern}", target
+
+
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
@@ -267,9 +284,14 @@ TASKS: dict[str, TaskSpec] = {
             "1-3 subjects at named cells on the first reference's photo",
             _compose_scene,
         ),
+        TaskSpec("scene", "open", (0, 0), "prompt only: a named-colour shape anywhere on a named background", _scene),
     )
 }
-FAMILIES: tuple[str, ...] = ("editing", "subject", "multi")
+FAMILIES: tuple[str, ...] = ("editing", "subject", "multi")  # the reference-conditioned families
+# families with many right answers (for guidance and FID); trained only when a recipe names them
+OPEN_FAMILIES: tuple[str, ...] = ("open",)
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + OPEN_FAMILIES
+REFERENCE_TASKS: tuple[str, ...] = tuple(t for t, spec in TASKS.items() if spec.family in FAMILIES)
 
 
 def _check_task(task: str) -> TaskSpec:

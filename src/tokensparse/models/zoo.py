@@ -19,6 +19,9 @@ CONFIGS: dict[str, RefDiTConfig] = {
     "refdit-tiny": RefDiTConfig(image_size=16, patch_size=4, dim=48, depth=2, heads=2, rope_axes=(4, 10, 10)),
     "refdit-s": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6),
     "refdit-s-kv": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6, ref_attends_target=False),
+    # the same with TREAD routing: routed target tokens skip blocks 1-4 (Sparse Guidance's weak branch)
+    "refdit-s-kv-routed": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6,
+                                       ref_attends_target=False, route_span=(1, 5)),
     # timing configs: the same width at 16x16 and 32x32 token grids
     "refdit-s-64px": RefDiTConfig(image_size=64, patch_size=4, dim=192, depth=6, heads=6),
     "refdit-s-128px": RefDiTConfig(image_size=128, patch_size=4, dim=192, depth=6, heads=6),

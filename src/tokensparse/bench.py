@@ -1,0 +1,63 @@
+"""``tokensparse bench NAME``: run one of the repository's benchmark scripts with a live progress display.
+
+The scripts live outside the package, in a source checkout's ``benchmarks/`` folder (they write JSON and PNG
+under ``benchmarks/results/``), so this command works from a clone of the repository.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+BENCHMARKS: dict[str, str] = {
+    "speed": "speed.py",
+    "quality": "quality.py",
+    "selection": "selection.py",
+    "guidance": "guidance.py",
+    "merging": "merging.py",
+}
+
+
+def find_script(name: str, root: Path | None = None) -> Path:
+    """The benchmark script for ``name``: under ``root/benchmarks``, else the current directory's, else the
+    checkout this package was installed from (editable installs)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
+    roots = [root] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for r in roots:
+        path = r / "benchmarks" / BENCHMARKS[name]
+        if path.is_file():
+            return path
+    where = " or ".join(str(r / "benchmarks") for r in roots)
+    raise FileNotFoundError(f"benchmark script {BENCHMARKS[name]} not found in {where}; "
+                            "`tokensparse bench` runs from a clone of the tokensparse repository")
+
+
+def run_benchmark(name: str, quick: bool = False, out: Path | None = None, console: Console | None = None,
+                  extra: list[str] | None = None) -> int:
+    """Run benchmark ``name`` (``--quick``, ``--out``) in a subprocess, streaming its output; its exit code."""
+    console = console or Console()
+    script = find_script(name)
+    cmd = [sys.executable, str(script), *(["--quick"] if quick else []), *(["--out", str(out)] if out else []),
+           *(extra or [])]
+    tail: deque[str] = deque(maxlen=1)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.fields[last]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(f"bench {name}", last="starting", total=None)
+        proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                progress.console.print(line, markup=False, highlight=False)
+                tail.append(line[:60])
+                progress.update(task, last=tail[-1])
+        code = proc.wait()
+        progress.update(task, last="done" if code == 0 else f"failed (exit {code})")
+    return code

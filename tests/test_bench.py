@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tokensparse.bench import BENCHMARKS, find_script, run_benchmark
+from tokensparse.cli import app
+
+
+def test_every_benchmark_name_maps_to_a_script_name():
+    assert set(BENCHMARKS) == {"speed", "quality", "selection", "guidance", "merging"}
+
+
+def test_unknown_benchmark_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown benchmark 'fast'"):
+        find_script("fast")
+
+
+def test_missing_checkout_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="clone of the tokensparse repository"):
+        find_script("speed", root=tmp_path)
+
+
+def test_runs_the_script_and_returns_its_exit_code(tmp_path, monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "speed.py"
+    script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_script("speed") == script
+    out = tmp_path / "x.json"
+    assert run_benchmark("speed", quick=True, out=out) == 3
+
+
+def test_cli_reports_unknown_name():
+    res = CliRunner().invoke(app, ["bench", "fast"])
+    assert res.exit_code == 2 and "unknown benchmark" in res.output
+
+
+def test_repository_ships_the_scripts_it_names():
+    root = Path(__file__).resolve().parents[1]
+    present = {n for n, f in BENCHMARKS.items() if (root / "benchmarks" / f).is_file()}
+    assert {"speed", "quality", "selection", "merging"} <= present

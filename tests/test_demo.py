@@ -1,0 +1,19 @@
+import io
+
+from PIL import Image
+from rich.console import Console
+
+from tokensparse.demo import run_demo
+
+
+def test_demo_writes_png_and_sparse_keeps_fewer_tokens(tmp_path):
+    out = tmp_path / "demo.png"
+    res = run_demo(out, steps=2, console=Console(file=io.StringIO()))
+    assert out.is_file()
+    img = Image.open(out)
+    assert img.mode == "RGB" and img.width > img.height
+    rows = res["rows"]
+    assert len(rows) == 4  # two examples, dense and sparse each
+    for dense, sparse in zip(rows[0::2], rows[1::2]):
+        assert dense["mode"] == "dense" and sparse["tokens"] < dense["tokens"]
+        assert all(r["seconds"] > 0 for r in (dense, sparse))
