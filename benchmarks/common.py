@@ -25,6 +25,11 @@ def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentPars
     return ap
 
 
+def progress(done: int, total: int, what: str) -> None:
+    """A progress line ``[done/total] what``; ``tokensparse bench`` turns these into a progress bar."""
+    print(f"[{done}/{total}] {what}", flush=True)
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Atomic JSON write with a small provenance header."""
     payload = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),

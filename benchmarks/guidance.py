@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import load, parser, write_json
+from common import load, parser, progress, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched, heldout
@@ -106,8 +106,10 @@ def main() -> None:
     samples = heldout("open", n, model.config.image_size)
     real = torch.stack([s.target for s in heldout("open", 2 * n, model.config.image_size)[n:]])
 
-    rows = []
-    for name, g in configs(args.quick).items():
+    rows, todo = [], configs(args.quick)
+    total = len(todo) + len(FAMILIES) + 1
+    for i, (name, g) in enumerate(todo.items()):
+        progress(i, total, name)
         t1 = time.time()
         value = fid(generate_all(model, samples, steps, g), real)
         kind = name.split()[0]
@@ -132,7 +134,8 @@ def main() -> None:
     # sparse-reference guidance on the reference families
     sref = ts.SparseGuidanceConfig(scale=1.5, strong=0.0, weak=0.0, weak_keep=0.1)
     ref_rows: dict = {}
-    for fam in FAMILIES:
+    for i, fam in enumerate(FAMILIES):
+        progress(len(todo) + i, total, f"sparse-reference guidance, {fam}")
         fam_samples = heldout(fam, n_ref, model.config.image_size)
         target = torch.stack([s.target for s in fam_samples])
         ref_rows[fam] = {}
@@ -146,6 +149,7 @@ def main() -> None:
                                               for f, r in ref_rows.items()}
     summary["sparse_ref_guidance_cost_frac"] = f_sref / f_plain - 1
 
+    progress(total - 1, total, "routing: training step time")
     routing = train_step_speed(model, 3 if args.quick else 7)
     summary["routing_train_speedup"] = {k: v["speedup"] for k, v in routing.items()}
     summary["routing_train_flop_ratio"] = {k: v["flop_ratio"] for k, v in routing.items()}
@@ -153,6 +157,7 @@ def main() -> None:
     payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "n_ref": n_ref,
                "wall_s": time.time() - t0, "summary": summary, "rows": rows, "sparse_reference": ref_rows,
                "routing_training": routing}
+    progress(total, total, "done")
     write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))
     for k, v in summary.items():

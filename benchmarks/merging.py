@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import progress
 
 import tokensparse as ts
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
@@ -433,11 +434,13 @@ def main() -> None:
                "refdit_large": lambda: refdit_large(args.quick),
                "primitives": lambda: primitives(args.quick),
                "unet": lambda: unet_part(args.quick, steps=2 if args.quick else 3)}
-    for p in parts:
+    for i, p in enumerate(parts):
+        progress(i, len(parts), p)
         t0 = time.perf_counter()
         out[p] = runners[p]()
         out[p]["wall_seconds"] = time.perf_counter() - t0
         print(f"{p} done in {time.perf_counter() - t0:.0f}s", flush=True)
+    progress(len(parts), len(parts), "done")
     out["summary"] = summarize(out)
     out["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "device": "cpu",

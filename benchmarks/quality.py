@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, write_json
+from common import evaluate, heldout_by_family, load, parser, progress, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, floors
@@ -49,8 +49,11 @@ def main() -> None:
             name: stats({"psnr": psnr(pred, target), "coarse_psnr": coarse_psnr(pred, target),
                          "ssim": ssim(pred, target)})
             for name, pred in floors(samples).items()}
+    total, done = len(models) * len(KEEPS) + 1, 0
     for label, model in models.items():
         for keep in KEEPS:
+            progress(done, total, f"{label} keep {keep}")
+            done += 1
             cache = not model.config.ref_attends_target  # the exact K/V cache wherever the model supports it
             ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="random", seed=args.seed,
                                                                   cache=cache))
@@ -59,6 +62,7 @@ def main() -> None:
             print(f"{label} keep={keep}: " + ", ".join(
                 f"{f} {results[label][str(keep)][f]['psnr']['mean']:.2f}" for f in FAMILIES), flush=True)
         ts.remove_sparse_context(model)
+    progress(done, total, "no references")
     for fam, samples in data.items():
         results["ref_blind"][fam] = stats(evaluate(models["sparse"], samples, steps, use_refs=False))
 
@@ -80,6 +84,7 @@ def main() -> None:
                "models": {"base": args.base, "sparse": args.sparse}, "keeps": list(KEEPS),
                "kv_cache": {k: not m.config.ref_attends_target for k, m in models.items()},
                "wall_s": time.time() - t0, "summary": summary, "results": results}
+    progress(total, total, "done")
     write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))
     for k, v in summary.items():

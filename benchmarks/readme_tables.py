@@ -1,13 +1,17 @@
 """Print the README's result tables (markdown) from the JSON files under benchmarks/results/.
 
-    python benchmarks/readme_tables.py
+    python benchmarks/readme_tables.py            # print them
+    python benchmarks/readme_tables.py --write    # replace the README's generated block with them
 
 Every number in the README's results section comes from this script's output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 from pathlib import Path
 
 R = Path(__file__).parent / "results"
@@ -122,6 +126,51 @@ def merging() -> None:
           f"base checkpoint) no merging config is faster than dense ({s['catome_config']}: {s['catome_speedup']:.2f}×).\n")
 
 
+def guidance() -> None:
+    d = load("guidance")
+    if not d:
+        return
+    s = d["summary"]
+    print(f"**Guidance** (`benchmarks/guidance.py{' --quick' if d['quick'] else ''}`, `{d['model']}`): FID of "
+          f"{d['n']} generated vs {d['n']} held-out images of the prompt-only `scene` task (many right answers), "
+          f"FeatureNet features, {d['steps']} steps; GFLOPs per denoising step for one image:\n")
+    print("| config | FID | GFLOP / step |")
+    print("|---|---|---|")
+    for r in d["rows"]:
+        print(f"| {r['config']} | {r['fid']:.2f} | {r['gflops_per_step']:.3f} |")
+    frac = s["flops_frac_at_cfg_best_fid"]
+    print(f"\nBest CFG FID {s['cfg_best_fid']:.2f} ({s['cfg_best_config']}); best SG FID {s['sg_best_fid']:.2f} "
+          f"({s['sg_best_config']}) at {s['sg_best_fid_flops_frac']:.2f}× CFG's FLOPs per step; "
+          + ("no SG configuration reaches CFG's best FID" if frac is None else
+             f"SG reaches CFG's best FID at {frac:.2f}× its FLOPs per step") + ". Sparse-reference guidance "
+          "(weak branch sees 10 % of the reference tokens) vs unguided, PSNR: " + ", ".join(
+              f"{f} {v:+.2f} dB" for f, v in s["sparse_ref_guidance_gain_db"].items())
+          + f", at {s['sparse_ref_guidance_cost_frac']:+.0%} FLOPs per step. Training step with TREAD routing "
+          "(γ = 0.5) vs none: " + ", ".join(
+              f"{k} {v:.2f}× (FLOP ratio {s['routing_train_flop_ratio'][k]:.2f}×)"
+              for k, v in s["routing_train_speedup"].items()) + ".\n")
+
+
+def checkpoints() -> None:
+    w = Path(__file__).parents[1] / "src" / "tokensparse" / "weights"
+    lines = []
+    for path in sorted(w.glob("refdit-*.json")):
+        info = json.loads(path.read_text())
+        r = info.get("recipe", {})
+        drop = r.get("drop")
+        what = "dense" if not drop else (f"random reference dropping, keep ~ U[{drop['keep_min']:g}, "
+                                         f"{drop['keep_max']:g}] ({drop['p_full']:.0%} full)")
+        if r.get("route"):
+            what += f", TREAD routing γ = {r['route']:g}"
+        if r.get("init"):
+            what += f", from `{Path(r['init']).stem}`"
+        lines.append(f"`{path.stem}` ({r.get('model')}) — {what}; {info.get('step'):,} steps × "
+                     f"{r.get('batch_size')} samples × 2 processes, {info.get('wall_minutes', 0):.0f} min")
+    if lines:
+        print("**Shipped checkpoints** (`ts.load_model`, safetensors in float16, provenance JSON beside each): "
+              + "; ".join(lines) + ".\n")
+
+
 def data() -> None:
     d = load("data_speed")
     if not d:
@@ -131,6 +180,26 @@ def data() -> None:
         f"{k}px {v['median']:,} samples/s" for k, v in s.items()) + ".\n")
 
 
+BEGIN, END = "<!-- results:begin (benchmarks/readme_tables.py --write) -->", "<!-- results:end -->"
+
+
+def main() -> None:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        for fn in (flux, speed, quality, selection, guidance, merging, data, checkpoints):
+            fn()
+    if "--write" not in sys.argv:
+        print(buf.getvalue(), end="")
+        return
+    readme = Path(__file__).parents[1] / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no generated block ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{BEGIN}\n\n{buf.getvalue().rstrip()}\n\n{END}{tail}")
+    print(f"updated {readme}")
+
+
 if __name__ == "__main__":
-    for fn in (flux, speed, quality, selection, merging, data):
-        fn()
+    main()

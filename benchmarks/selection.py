@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, median_time, parser, write_json
+from common import evaluate, heldout_by_family, median_time, parser, progress, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched
@@ -161,15 +161,21 @@ def main() -> None:
     for fam, samples in data.items():
         res["dense"][fam] = run(model, None, samples, steps)
     print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
+    adaptive = [s for s in args.adaptive.split(",") if s]
+    total, done = len(selectors) * len(keeps) + len(adaptive) * len(masses), 0
     for sel in selectors:
         for keep in keeps:
+            progress(done, total, f"{sel} keep {keep}")
+            done += 1
             cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed, cache=cache_ok(model))
             for fam, samples in data.items():
                 res["fixed"].setdefault(sel, {}).setdefault(str(keep), {})[fam] = run(model, cfg, samples, steps)
             print(f"{sel} keep={keep}: " + ", ".join(
                 f"{f} {res['fixed'][sel][str(keep)][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
-    for sel in [s for s in args.adaptive.split(",") if s]:
+    for sel in adaptive:
         for mass in masses:
+            progress(done, total, f"{sel} adaptive mass {mass}")
+            done += 1
             cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed,
                                          cache=cache_ok(model))
             for fam, samples in data.items():
@@ -204,6 +210,7 @@ def main() -> None:
     payload = {"quick": args.quick, "model": args.model, "samples_per_family": n, "steps": steps,
                "keeps": list(keeps), "masses": list(masses), "selectors": selectors, "wall_s": time.time() - t0,
                "summary": summary, "overhead": over, "results": res}
+    progress(total, total, "done")
     write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))
     for k, v in summary.items():

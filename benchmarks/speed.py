@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import parser, write_json
+from common import parser, progress, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -60,11 +60,13 @@ def _remove_merging(model: ts.RefDiT) -> None:
         ts.remove_token_merging(model)
 
 
-def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, steps: int) -> list[dict]:
+def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, steps: int,
+        stage: tuple[int, int] = (0, 1)) -> list[dict]:
     pair = models(arch)
     size = pair[False].config.image_size
     rows = []
-    for n_refs in n_refs_list:
+    for i, n_refs in enumerate(n_refs_list):
+        progress(stage[0] * len(n_refs_list) + i, stage[1] * len(n_refs_list), f"{arch}, {n_refs} refs")
         g = torch.Generator().manual_seed(n_refs)
         refs = [torch.rand(3, size, size, generator=g) for _ in range(n_refs)]
         prompt = " ".join(PROMPT.split()[:3]) if n_refs == 1 else PROMPT
@@ -111,8 +113,8 @@ def main() -> None:
     if args.quick:
         rows = run("refdit-s-64px", [1, 4], settings, 3, args.steps)
     else:
-        rows = run("refdit-s-64px", [1, 2, 3, 4], settings, args.repeats, args.steps)
-        rows += run("refdit-s", [1, 2, 3, 4], settings, args.repeats, args.steps)
+        rows = run("refdit-s-64px", [1, 2, 3, 4], settings, args.repeats, args.steps, (0, 2))
+        rows += run("refdit-s", [1, 2, 3, 4], settings, args.repeats, args.steps, (1, 2))
     main_rows = [r for r in rows if r["arch"] == "refdit-s-64px"]
     speedup = {str(n): {r["setting"]: r["speedup"] for r in main_rows if r["refs"] == n} for n in (1, 4)}
     token_settings = [r for r in main_rows if r["setting"] != "dense" and "tome" not in r["setting"]]

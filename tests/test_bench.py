@@ -40,3 +40,18 @@ def test_repository_ships_the_scripts_it_names():
     root = Path(__file__).resolve().parents[1]
     present = {n for n, f in BENCHMARKS.items() if (root / "benchmarks" / f).is_file()}
     assert {"speed", "quality", "selection", "merging"} <= present
+
+
+def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "quality.py").write_text(
+        "print('[0/2] base', flush=True)\nprint('hello', flush=True)\nprint('[2/2] done', flush=True)\n")
+    monkeypatch.chdir(tmp_path)
+    buf = io.StringIO()
+    assert run_benchmark("quality", console=Console(file=buf, width=120)) == 0
+    out = buf.getvalue()
+    assert "hello" in out and "[0/2]" not in out and "2/2" in out

@@ -6,14 +6,22 @@ under ``benchmarks/results/``), so this command works from a clone of the reposi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+PROGRESS_LINE = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")  # what benchmarks/common.py's progress() prints
 BENCHMARKS: dict[str, str] = {
     "speed": "speed.py",
     "quality": "quality.py",
@@ -40,24 +48,29 @@ def find_script(name: str, root: Path | None = None) -> Path:
 
 def run_benchmark(name: str, quick: bool = False, out: Path | None = None, console: Console | None = None,
                   extra: list[str] | None = None) -> int:
-    """Run benchmark ``name`` (``--quick``, ``--out``) in a subprocess, streaming its output; its exit code."""
+    """Run benchmark ``name`` (``--quick``, ``--out``) in a subprocess; its exit code.
+
+    The script's ``[done/total] what`` lines drive a progress bar; every other line is printed as it comes.
+    """
     console = console or Console()
     script = find_script(name)
     cmd = [sys.executable, str(script), *(["--quick"] if quick else []), *(["--out", str(out)] if out else []),
            *(extra or [])]
-    tail: deque[str] = deque(maxlen=1)
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.fields[last]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task(f"bench {name}", last="starting", total=None)
         proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
-            if line:
+            step = PROGRESS_LINE.match(line)
+            if step:
+                done, total, what = int(step[1]), int(step[2]), step[3]
+                progress.update(task, completed=done, total=total, last=what[:50])
+            elif line:
                 progress.console.print(line, markup=False, highlight=False)
-                tail.append(line[:60])
-                progress.update(task, last=tail[-1])
+                progress.update(task, last=line[:50])
         code = proc.wait()
         progress.update(task, last="done" if code == 0 else f"failed (exit {code})")
     return code

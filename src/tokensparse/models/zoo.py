@@ -30,7 +30,7 @@ CONFIGS: dict[str, RefDiTConfig] = {
 # Shipped checkpoints: name -> architecture name.
 CHECKPOINTS: dict[str, str] = {
     "refdit-base": "refdit-s",
-    "refdit-sparse": "refdit-s",
+    "refdit-sparse": "refdit-s-kv",
 }
 
 
@@ -86,6 +86,7 @@ def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
     path = Path(path)
     tmp = path.with_suffix(".safetensors.tmp")
     _save_safetensors(copy.deepcopy(model).to(dtype), str(tmp))
+    tmp.chmod(0o644)  # a package file, readable by all (the temp file is private)
     tmp.replace(path)
     info = {"config": asdict(model.config), "stored_dtype": str(dtype).replace("torch.", ""), **(meta or {})}
     tmp_json = path.with_suffix(".json.tmp")
