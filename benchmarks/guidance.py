@@ -32,7 +32,7 @@ from tokensparse.flops import count_flops
 from tokensparse.metrics import fid, mean_ci95, psnr
 
 CFG_SCALES = (1.25, 1.5, 2.0, 3.0, 4.0)
-SG_GAMMAS = ((0.0, 0.5), (0.0, 0.75), (0.25, 0.75), (0.5, 0.75), (0.5, 0.9))
+SG_GAMMAS = ((0.0, 0.5), (0.0, 0.75), (0.25, 0.75), (0.5, 0.9))
 SG_SCALES = (1.5, 2.0, 3.0)
 
 
@@ -96,7 +96,7 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
 def main() -> None:
     ap = parser(__doc__, "guidance", "64 images, 8 steps, a few configurations")
     ap.add_argument("--model", default="refdit-routed")
-    ap.add_argument("--n", type=int, default=512, help="generated (and real) images for FID")
+    ap.add_argument("--n", type=int, default=256, help="generated (and real) images for FID")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--n-ref", type=int, default=32, help="held-out samples per reference family")
     args = ap.parse_args()

@@ -126,3 +126,24 @@ def test_routed_training_runs_and_is_reproducible(tmp_path):
         assert torch.equal(va, vb), k
     with pytest.raises(ValueError, match="route_span"):
         train(tiny_cfg(tmp_path / "c", route=0.5), progress=False)
+
+
+def test_condition_dropout_trains_some_samples_unconditionally(tmp_path, monkeypatch):
+    from tokensparse.models.refdit import RefDiT
+
+    seen = []
+    original = RefDiT.forward
+
+    def spy(self, x, t, refs, prompt_ids, *a, **k):
+        if self.training:
+            seen.append(prompt_ids.clone())
+        return original(self, x, t, refs, prompt_ids, *a, **k)
+
+    monkeypatch.setattr(RefDiT, "forward", spy)
+    train(tiny_cfg(tmp_path / "run", steps=6, batch_size=8, cond_drop=0.5), progress=False)
+    rows = torch.cat(seen)
+    null = (rows == 0).all(1)
+    assert 0 < int(null.sum()) < len(rows)  # some, not all, prompts replaced by the null prompt
+    seen.clear()
+    train(tiny_cfg(tmp_path / "plain", steps=2, batch_size=8), progress=False)
+    assert not (torch.cat(seen) == 0).all(1).any()

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
@@ -34,17 +35,23 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _panel(s, model: RefDiT, cfg: SparseContextConfig, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    """references with their kept tokens (dropped ones dimmed) | dense | sparse | ground truth, as (3, H, W)."""
-    from .show_selection import selection_masks
+def _panel(s, model: RefDiT, cfg: SparseContextConfig, dense: torch.Tensor, sparse: torch.Tensor,
+           cell: int = 128) -> Image.Image:
+    """One row: each reference with its kept tokens outlined (dropped ones dimmed) | dense | sparse | truth."""
+    from .images import to_pil
+    from .show_selection import draw_selection, selection_masks
 
     refs = [r.unsqueeze(0) for r in s.refs]
     masks = selection_masks(refs, cfg, model.config.patch_size, prompt=s.prompt, model=model)
-    shown = []
-    for ref, mask in zip(refs, masks):
-        cell = torch.nn.functional.interpolate(mask[None, None].float(), size=ref.shape[-2:], mode="nearest")[0]
-        shown.append(ref[0] * (0.25 + 0.75 * cell))
-    return torch.cat([*shown, dense[0], sparse[0], s.target], dim=2)
+    tiles = [draw_selection(ref, mask, scale=cell) for ref, mask in zip(refs, masks)]
+    tiles += [to_pil(img).resize((cell, cell), Image.NEAREST) for img in (dense[0], sparse[0], s.target)]
+    labels = [f"ref {i + 1}" for i in range(len(refs))] + ["dense", "sparse", "truth"]
+    row = Image.new("RGB", (cell * len(tiles), cell + 14), (255, 255, 255))
+    draw = ImageDraw.Draw(row)
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        row.paste(tile, (i * cell, 14))
+        draw.text((i * cell + 4, 1), label, fill=(0, 0, 0))
+    return row
 
 
 def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: float = 0.25) -> dict:
@@ -89,9 +96,9 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
             rows.append({"task": s.task, "mode": mode, "seconds": secs, "tokens": toks, "psnr": p})
         panels.append(_panel(s, model, cfg, dense, sparse))
     console.print(table)
-    width = max(p.shape[2] for p in panels)
-    grid = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[2])) for p in panels], dim=1)
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
+    grid = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), (255, 255, 255))
+    for i, p in enumerate(panels):
+        grid.paste(p, (0, sum(q.height for q in panels[:i])))
     save_png(grid, out)
     console.print(f"wrote {out}: each row = references (dropped tokens dimmed) | dense | sparse | ground truth")
     return {"trained": trained, "cache": cache, "rows": rows}

@@ -67,6 +67,7 @@ class TrainConfig:
     ema: float = 0.999
     drop: DropConfig | None = None
     route: float = 0.0  # TREAD: fraction of target tokens that skip the model's route_span (needs one)
+    cond_drop: float = 0.0  # fraction of samples trained with the null prompt (what CFG's unconditional pass needs)
     tasks: list[str] | None = None
     family_weights: dict[str, float] | None = None  # relative share of batches per family (default equal)
     seed: int = 0
@@ -244,6 +245,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         x0 = batch.target * 2 - 1
         refs = [r * 2 - 1 for r in batch.refs]
         ids = tokenize(batch.prompts, raw.config.max_prompt_len)
+        if cfg.cond_drop > 0:  # own stream, so noise, t, dropping and routing draws stay as without it
+            g_null = side_generator(cfg.seed, step, acc.process_index, 0xC0D)
+            null = torch.rand(len(ids), generator=g_null) < cfg.cond_drop
+            ids = ids.masked_fill(null[:, None], 0)
         noise = torch.randn(x0.shape, generator=g)
         t = sample_t(x0.shape[0], g)
         keep = None
@@ -295,9 +300,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     return TrainResult(state, raw)
 
 
+def side_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
+    """A step's draws for one optional feature (routing, condition dropout): a stream of its own, so turning
+    the feature on leaves the noise, t and reference-dropping draws of the main stream unchanged."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + rank) ^ (salt << 40))
+
+
 def route_gen(seed: int, step: int, rank: int) -> torch.Generator:
-    """The routing draws of one step: their own stream, so routing leaves noise, t and dropping unchanged."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + rank) ^ (0x5EED << 40))
+    return side_generator(seed, step, rank, 0x5EED)
 
 
 def _progress(enabled: bool, total: int, done: int):

@@ -31,6 +31,7 @@ CONFIGS: dict[str, RefDiTConfig] = {
 CHECKPOINTS: dict[str, str] = {
     "refdit-base": "refdit-s",
     "refdit-sparse": "refdit-s-kv",
+    "refdit-routed": "refdit-s-kv-routed",
 }
 
 
