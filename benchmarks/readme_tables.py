@@ -63,6 +63,14 @@ def speed() -> None:
     print(f"\nEfficiency (measured speedup / FLOP ratio), lowest over the dropping and caching settings: "
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
+    other = load("speed_run2")
+    if other:
+        o, m = other["summary"]["speedup"], d["summary"]["speedup"]
+        print("Run-to-run spread on this shared machine: an earlier full run (`benchmarks/results/speed_run2.json`) "
+              f"gave 4 refs sparse0.25 {o['4']['sparse0.25']:.2f}× (this run {m['4']['sparse0.25']:.2f}×), "
+              f"sparse0.25+kv {o['4']['sparse0.25+kv']:.2f}× ({m['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
+              f"{o['1']['sparse0.25+kv']:.2f}× ({m['1']['sparse0.25+kv']:.2f}×); minimum efficiency "
+              f"{other['summary']['min_efficiency']:.2f} ({d['summary']['min_efficiency']:.2f}).\n")
 
 
 def quality() -> None:
@@ -162,8 +170,14 @@ def checkpoints() -> None:
                                          f"{drop['keep_max']:g}] ({drop['p_full']:.0%} full)")
         if r.get("route"):
             what += f", TREAD routing γ = {r['route']:g}"
+        if r.get("cond_drop"):
+            what += f", {r['cond_drop']:.0%} null prompts"
         if r.get("init"):
             what += f", from `{Path(r['init']).stem}`"
+        prev = info.get("previous_stage")
+        if prev:
+            what += (f" (itself {prev['steps']:,} steps, {prev['wall_minutes']:.0f} min of `{prev['recipe']}`"
+                     f" from `{prev['init']}`)")
         lines.append(f"`{path.stem}` ({r.get('model')}) — {what}; {info.get('step'):,} steps × "
                      f"{r.get('batch_size')} samples × 2 processes, {info.get('wall_minutes', 0):.0f} min")
     if lines:

@@ -123,7 +123,7 @@ def main() -> None:
                "min_efficiency": min(r["efficiency"] for r in token_settings),
                "min_efficiency_with_merging": min(r["efficiency"] for r in main_rows if r["setting"] != "dense"),
                "tokens_per_image": 256}
-    write_json(args.out, {"quick": args.quick, "steps": args.steps, "wall_s": time.time() - t0,
+    write_json(args.out, {"quick": args.quick, "steps": args.steps, "repeats": args.repeats, "wall_s": time.time() - t0,
                           "summary": summary, "rows": rows})
     plot(main_rows, args.out.with_suffix(".png"))
     print(summary)
