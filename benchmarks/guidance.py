@@ -36,14 +36,15 @@ SG_GAMMAS = ((0.0, 0.5), (0.0, 0.75), (0.25, 0.75), (0.5, 0.9))
 SG_SCALES = (1.5, 2.0, 3.0)
 
 
-def configs(quick: bool) -> dict[str, ts.CFGConfig | ts.SparseGuidanceConfig | None]:
+def configs(quick: bool, cfg_scales=CFG_SCALES, sg_gammas=SG_GAMMAS, cfg_sg: bool = True
+            ) -> dict[str, ts.CFGConfig | ts.SparseGuidanceConfig | None]:
     out: dict = {"unguided": None}
-    for w in CFG_SCALES[1:3] if quick else CFG_SCALES:
+    for w in cfg_scales[1:3] if quick else cfg_scales:
         out[f"cfg w={w}"] = ts.CFGConfig(scale=w)
-    for gs, gw in SG_GAMMAS[:2] if quick else SG_GAMMAS:
+    for gs, gw in sg_gammas[:2] if quick else sg_gammas:
         for w in SG_SCALES[:2] if quick else SG_SCALES:
             out[f"sg {gs}/{gw} w={w}"] = ts.SparseGuidanceConfig(scale=w, strong=gs, weak=gw)
-    for w in SG_SCALES[:1] if quick else SG_SCALES:
+    for w in (SG_SCALES[:1] if quick else SG_SCALES) if cfg_sg else ():
         out[f"cfg+sg 0.0/0.75 w={w}"] = ts.SparseGuidanceConfig(scale=w, strong=0.0, weak=0.75, null_weak=True)
     return out
 
@@ -99,15 +100,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="generated (and real) images for FID")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--n-ref", type=int, default=32, help="held-out samples per reference family")
+    ap.add_argument("--cfg-scales", default=",".join(map(str, CFG_SCALES)))
+    ap.add_argument("--sg-gammas", default=",".join(f"{a}/{b}" for a, b in SG_GAMMAS),
+                    help="comma list of strong/weak routing pairs")
+    ap.add_argument("--fid-only", action="store_true",
+                    help="only the FID sweep (no CFG+SG, sparse-reference guidance or routing timing)")
     args = ap.parse_args()
+    cfg_scales = tuple(float(w) for w in args.cfg_scales.split(","))
+    sg_gammas = tuple(tuple(float(x) for x in pair.split("/")) for pair in args.sg_gammas.split(","))
     n, steps, n_ref = (64, 8, 8) if args.quick else (args.n, args.steps, args.n_ref)
     t0 = time.time()
     model = load(args.model)
     samples = heldout("open", n, model.config.image_size)
     real = torch.stack([s.target for s in heldout("open", 2 * n, model.config.image_size)[n:]])
 
-    rows, todo = [], configs(args.quick)
-    total = len(todo) + len(FAMILIES) + 1
+    rows, todo = [], configs(args.quick, cfg_scales, sg_gammas, cfg_sg=not args.fid_only)
+    total = len(todo) + (0 if args.fid_only else len(FAMILIES) + 1)
     for i, (name, g) in enumerate(todo.items()):
         progress(i, total, name)
         t1 = time.time()
@@ -130,6 +138,12 @@ def main() -> None:
                                        if matching else None),
         "sg_best_fid_flops_frac": sg_best["gflops_per_step"] / cfg_best["gflops_per_step"],
     }
+
+    if args.fid_only:
+        payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "fid_only": True,
+                   "wall_s": time.time() - t0, "summary": summary, "rows": rows}
+        finish(payload, args.out, summary)
+        return
 
     # sparse-reference guidance on the reference families
     sref = ts.SparseGuidanceConfig(scale=1.5, strong=0.0, weak=0.0, weak_keep=0.1)
@@ -157,12 +171,16 @@ def main() -> None:
     payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "n_ref": n_ref,
                "wall_s": time.time() - t0, "summary": summary, "rows": rows, "sparse_reference": ref_rows,
                "routing_training": routing}
-    progress(total, total, "done")
-    write_json(args.out, payload)
-    plot(payload, args.out.with_suffix(".png"))
+    finish(payload, args.out, summary)
+
+
+def finish(payload: dict, out: Path, summary: dict) -> None:
+    progress(1, 1, "done")
+    write_json(out, payload)
+    plot(payload, out.with_suffix(".png"))
     for k, v in summary.items():
         print(k, v)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 def plot(payload: dict, path: Path) -> None:

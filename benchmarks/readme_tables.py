@@ -159,6 +159,15 @@ def guidance() -> None:
           "(γ = 0.5) vs none: " + ", ".join(
               f"{k} {v:.2f}× (FLOP ratio {s['routing_train_flop_ratio'][k]:.2f}×)"
               for k, v in s["routing_train_speedup"].items()) + ".\n")
+    extra = load("guidance_sparse")
+    if extra:
+        cfg = min((r for r in extra["rows"] if r["kind"] == "cfg"), key=lambda r: r["fid"])
+        print("Sparser SG pairs (`benchmarks/guidance.py --fid-only --cfg-scales 1.25,1.5 --sg-gammas "
+              "0.5/0.9,0.75/0.9,0.9/0.95 --out benchmarks/results/guidance_sparse.json`, same images and seeds): "
+              + "; ".join(f"{r['config']} FID {r['fid']:.2f} at {r['gflops_per_step'] / cfg['gflops_per_step']:.2f}× "
+                          "CFG's FLOPs" for r in extra["rows"] if r["kind"] == "sg")
+              + (f"; SG reaches CFG's best FID at {extra['summary']['flops_frac_at_cfg_best_fid']:.2f}× its FLOPs"
+                 if extra["summary"]["flops_frac_at_cfg_best_fid"] is not None else "") + ".\n")
 
 
 def checkpoints() -> None:

@@ -21,14 +21,13 @@ def test_missing_checkout_is_a_clear_error(tmp_path):
         find_script("speed", root=tmp_path)
 
 
-def test_runs_the_script_and_returns_its_exit_code(tmp_path, monkeypatch):
+def test_runs_the_script_and_returns_its_exit_code(tmp_path):
     (tmp_path / "benchmarks").mkdir()
     script = tmp_path / "benchmarks" / "speed.py"
     script.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
-    monkeypatch.chdir(tmp_path)
-    assert find_script("speed") == script
+    assert find_script("speed", root=tmp_path) == script
     out = tmp_path / "x.json"
-    assert run_benchmark("speed", quick=True, out=out) == 3
+    assert run_benchmark("speed", quick=True, out=out, root=tmp_path) == 3
 
 
 def test_cli_reports_unknown_name():
@@ -42,7 +41,7 @@ def test_repository_ships_the_scripts_it_names():
     assert {"speed", "quality", "selection", "merging"} <= present
 
 
-def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path, monkeypatch):
+def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path):
     import io
 
     from rich.console import Console
@@ -50,8 +49,14 @@ def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path, monkeypatch):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "quality.py").write_text(
         "print('[0/2] base', flush=True)\nprint('hello', flush=True)\nprint('[2/2] done', flush=True)\n")
-    monkeypatch.chdir(tmp_path)
     buf = io.StringIO()
-    assert run_benchmark("quality", console=Console(file=buf, width=120)) == 0
+    assert run_benchmark("quality", console=Console(file=buf, width=120), root=tmp_path) == 0
     out = buf.getvalue()
     assert "hello" in out and "[0/2]" not in out and "2/2" in out
+
+
+def test_the_installed_checkout_wins_over_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "speed.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert find_script("speed") == Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"

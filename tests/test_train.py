@@ -147,3 +147,9 @@ def test_condition_dropout_trains_some_samples_unconditionally(tmp_path, monkeyp
     seen.clear()
     train(tiny_cfg(tmp_path / "plain", steps=2, batch_size=8), progress=False)
     assert not (torch.cat(seen) == 0).all(1).any()
+
+
+@pytest.mark.parametrize("kw", [{"cond_drop": 1.5}, {"cond_drop": -0.1}, {"route": 1.0}, {"route": -0.2}])
+def test_bad_rates_are_value_errors(kw):
+    with pytest.raises(ValueError):
+        TrainConfig(**kw)

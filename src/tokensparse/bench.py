@@ -6,6 +6,7 @@ under ``benchmarks/results/``), so this command works from a clone of the reposi
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,11 +33,11 @@ BENCHMARKS: dict[str, str] = {
 
 
 def find_script(name: str, root: Path | None = None) -> Path:
-    """The benchmark script for ``name``: under ``root/benchmarks``, else the current directory's, else the
-    checkout this package was installed from (editable installs)."""
+    """The benchmark script for ``name``: under ``root/benchmarks``, else in the checkout this package was
+    installed from (editable installs), else in the current directory's ``benchmarks/``."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
-    roots = [root] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[2]]
+    roots = [root] if root is not None else [Path(__file__).resolve().parents[2], Path.cwd()]
     for r in roots:
         path = r / "benchmarks" / BENCHMARKS[name]
         if path.is_file():
@@ -47,20 +48,20 @@ def find_script(name: str, root: Path | None = None) -> Path:
 
 
 def run_benchmark(name: str, quick: bool = False, out: Path | None = None, console: Console | None = None,
-                  extra: list[str] | None = None) -> int:
+                  extra: list[str] | None = None, root: Path | None = None) -> int:
     """Run benchmark ``name`` (``--quick``, ``--out``) in a subprocess; its exit code.
 
     The script's ``[done/total] what`` lines drive a progress bar; every other line is printed as it comes.
     """
     console = console or Console()
-    script = find_script(name)
+    script = find_script(name, root)
     cmd = [sys.executable, str(script), *(["--quick"] if quick else []), *(["--out", str(out)] if out else []),
            *(extra or [])]
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task(f"bench {name}", last="starting", total=None)
         proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()

@@ -71,7 +71,8 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
     for name, x in (("generated", generated), ("real", real)):
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 2:
             raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
-    metric = FrechetInceptionDistance(feature=feature_net or load_feature_net(), normalize=True)
+    net = feature_net if feature_net is not None else load_feature_net()
+    metric = FrechetInceptionDistance(feature=net, normalize=True)
     with torch.no_grad():
         for x, is_real in ((real, True), (generated, False)):
             for i in range(0, x.shape[0], batch_size):

@@ -79,6 +79,12 @@ class TrainConfig:
     mixed_precision: str = "no"
     lora_rank: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
+        if not 0.0 <= self.route < 1.0:
+            raise ValueError(f"route must be in [0, 1), got {self.route}")
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
@@ -228,8 +234,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     raw = acc.unwrap_model(model)
     size = raw.config.image_size
     start_step, t_start = state["step"], time.time() - state["elapsed_s"]
-    batches = train_batches(cfg.batch_size, size, seed=cfg.seed, tasks=cfg.tasks,
-                            family_weights=cfg.family_weights, start=start_step * acc.num_processes + acc.process_index, stride=acc.num_processes)
+    batches = train_batches(cfg.batch_size, size, seed=cfg.seed, tasks=cfg.tasks, family_weights=cfg.family_weights,
+                            start=start_step * acc.num_processes + acc.process_index, stride=acc.num_processes)
     window: list[float] = []
     step = start_step
     bar = _progress(progress and acc.is_main_process and sys.stdout.isatty(), cfg.steps, start_step)

@@ -133,8 +133,8 @@ def batch_plan(
     fams = [f for f in ALL_FAMILIES if any(TASKS[t].family == f for t in names)]
     probs = _family_probs(fams, family_weights)
     rng = np.random.default_rng([int(seed), int(k), _STREAM_SALT])
-    # equal shares keep the original draw, so existing streams are unchanged
-    pick = rng.integers(len(fams)) if family_weights is None else rng.choice(len(fams), p=probs)
+    # no weights (None or {}) keep the original draw, so existing streams are unchanged
+    pick = rng.integers(len(fams)) if not family_weights else rng.choice(len(fams), p=probs)
     fam = fams[int(pick)]
     in_fam = [t for t in names if TASKS[t].family == fam]
     task = in_fam[int(rng.integers(len(in_fam)))]

@@ -12,8 +12,10 @@ Families and tasks (S = image size; sizes small/medium/large = S/4, 3S/8, S/2; 3
   its reference size to the named size, at the named cell on the named background. ``backdrop`` "background
   green dots" — same subject, same position and size, new named background.
 * ``open`` (no reference; not in ``FAMILIES``, trained only when named): ``scene`` "scene red object on blue
-  dots" — one opaque shape (disc, square or diamond, any size, anywhere) of the named colour on the named
-  background: many right answers, for guidance and FID.
+  dots" — one opaque shape (disc, square or diamond, side S/4, 5S/16 or 3S/8, anywhere) of the named colour on
+  the named background: many right answers, for guidance and FID. (Known skew, kept so that the shipped
+  ``refdit-routed`` and FeatureNet match their data: on backgrounds that are not object colours, magenta is
+  never drawn as the shape colour.)
 * ``multi`` (2-4 references): ``compose`` "compose first top left second bottom right on red plain" — each
   reference's subject (kept at its reference size) at the named cell, later ones drawn over earlier ones.
   ``compose_scene`` "compose second top left third center right on first" — the first reference is a photo
