@@ -111,14 +111,10 @@ def train_feature_net(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3
 
 def save_feature_net(net: FeatureNet, path: str | Path, meta: dict) -> None:
     """Weights (float16 safetensors) and a provenance JSON beside them, both written atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(path)
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2))
-    tmp_json.replace(path.with_suffix(".json"))
+    from .models.zoo import write_shipped
+
+    half = {k: v.half().contiguous() for k, v in net.state_dict().items()}
+    write_shipped(path, lambda tmp: save_file(half, tmp), meta)
 
 
 def main() -> None:  # pragma: no cover - exercised by the recipe, tested through train_feature_net

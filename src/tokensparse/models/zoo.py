@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -78,21 +79,30 @@ def randomize_zero_init(model: RefDiT, std: float = 0.02) -> RefDiT:
     return model
 
 
+def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: dict) -> None:
+    """Publish a shippable weights file and its provenance JSON beside it, each atomically.
+
+    ``write_weights(tmp_path)`` writes the safetensors file; it is made world-readable (the temp file is
+    private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way.
+    """
+    path = Path(path)
+    tmp = path.with_suffix(".safetensors.tmp")
+    write_weights(str(tmp))
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    tmp_json = path.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(info, indent=2))
+    tmp_json.replace(path.with_suffix(".json"))
+
+
 def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
                     dtype: torch.dtype = torch.float32) -> None:
     """Write ``model`` as safetensors (weights stored in ``dtype``) plus a JSON with its config and ``meta``.
 
     Both files are written atomically (temp file + rename). Loading always gives a float32 model.
     """
-    path = Path(path)
-    tmp = path.with_suffix(".safetensors.tmp")
-    _save_safetensors(copy.deepcopy(model).to(dtype), str(tmp))
-    tmp.chmod(0o644)  # a package file, readable by all (the temp file is private)
-    tmp.replace(path)
     info = {"config": asdict(model.config), "stored_dtype": str(dtype).replace("torch.", ""), **(meta or {})}
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(info, indent=2))
-    tmp_json.replace(path.with_suffix(".json"))
+    write_shipped(path, lambda tmp: _save_safetensors(copy.deepcopy(model).to(dtype), tmp), info)
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
