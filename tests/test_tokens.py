@@ -44,3 +44,16 @@ def test_scatter_inverts_gather(b, n, seed):
     index, valid = pack_index(keep)
     back = scatter(gather(x, index), index, valid, n, fill=0.0)
     assert torch.equal(back, torch.where(keep[..., None], x, torch.zeros_like(x)))
+
+
+def test_kept_grids_recover_the_keep_mask_per_reference():
+    g = torch.Generator().manual_seed(0)
+    seq = dense_seq([torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 2, 2, 5, generator=g)])
+    keep = torch.rand(2, seq.dense_len, generator=g) < 0.5
+    keep[:, 0] = True
+    sub = subset(seq, keep)
+    for b in range(2):
+        masks = sub.kept_grids(b)
+        assert [m.shape for m in masks] == [(3, 4), (2, 2)]
+        assert torch.equal(torch.cat([m.flatten() for m in masks]), keep[b])
+    assert all(m.all() for m in seq.kept_grids(1))

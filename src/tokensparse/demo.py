@@ -35,14 +35,14 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _panel(s, model: RefDiT, cfg: SparseContextConfig, dense: torch.Tensor, sparse: torch.Tensor,
-           cell: int = 128) -> Image.Image:
-    """One row: each reference with its kept tokens outlined (dropped ones dimmed) | dense | sparse | truth."""
+def _panel(s, masks: list[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor, cell: int = 128
+           ) -> Image.Image:
+    """One row: each reference with its kept tokens (``masks``) outlined, dropped ones dimmed | dense | sparse |
+    truth."""
     from .images import to_pil
-    from .show_selection import draw_selection, selection_masks
+    from .show_selection import draw_selection
 
     refs = [r.unsqueeze(0) for r in s.refs]
-    masks = selection_masks(refs, cfg, model.config.patch_size, prompt=s.prompt, model=model)
     tiles = [draw_selection(ref, mask, scale=cell) for ref, mask in zip(refs, masks)]
     tiles += [to_pil(img).resize((cell, cell), Image.NEAREST) for img in (dense[0], sparse[0], s.target)]
     labels = [f"ref {i + 1}" for i in range(len(refs))] + ["dense", "sparse", "truth"]
@@ -81,20 +81,20 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
         generate(model, s.refs, s.prompt, steps=2)  # warm-up
         dense, t_dense = _timed(lambda: generate(model, s.refs, s.prompt, steps=steps))
         apply_sparse_context(model, cfg)
-        counts: list[int] = []  # registered after Sparse Context's hook, so it sees the kept tokens
-        probe = model.ref_embedder.register_forward_hook(lambda m, a, out: counts.append(int(out.counts()[0])))
+        kept_seqs: list = []  # registered after Sparse Context's hook, so it sees the kept tokens
+        probe = model.ref_embedder.register_forward_hook(lambda m, a, out: kept_seqs.append(out))
         generate(model, s.refs, s.prompt, steps=2)  # warm-up
         sparse, t_sparse = _timed(lambda: generate(model, s.refs, s.prompt, steps=steps))
         probe.remove()
         remove_sparse_context(model)
-        kept = counts[-1]
+        kept = int(kept_seqs[-1].counts()[0])
         target = s.target.unsqueeze(0)
         for mode, img, secs, toks in (("dense", dense, t_dense, n_tokens), (label, sparse, t_sparse, kept)):
             p = float(psnr(img, target)[0])
             table.add_row(s.task, str(len(s.refs)), mode, str(toks), f"{secs:.2f}", f"{t_dense / secs:.2f}x",
                           f"{p:.2f}")
             rows.append({"task": s.task, "mode": mode, "seconds": secs, "tokens": toks, "psnr": p})
-        panels.append(_panel(s, model, cfg, dense, sparse))
+        panels.append(_panel(s, kept_seqs[-1].kept_grids(0), dense, sparse))  # what generation kept
     console.print(table)
     grid = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), (255, 255, 255))
     for i, p in enumerate(panels):

@@ -55,6 +55,14 @@ class TokenSeq:
     def with_tokens(self, tokens: Tensor) -> TokenSeq:
         return replace(self, tokens=tokens)
 
+    def kept_grids(self, b: int = 0) -> list[Tensor]:
+        """Which dense positions sample ``b`` holds: one bool mask ``(h, w)`` per reference (from the ids)."""
+        ids = self.ids[b] if self.valid is None else self.ids[b][self.valid[b]]
+        masks = [torch.zeros(h, w, dtype=torch.bool) for h, w in self.grids]
+        for ref, row, col in ids.tolist():
+            masks[ref - 1][row, col] = True
+        return masks
+
 
 def dense_seq(grids: list[Tensor]) -> TokenSeq:
     """Concatenate per-reference token grids ``(B, h, w, D)`` into one dense :class:`TokenSeq`."""
