@@ -63,8 +63,6 @@ def flops_per_step(model: ts.RefDiT, sample, guidance) -> float:
 
 def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
     """Training step (forward + backward) time and FLOPs with TREAD routing at 0.5 vs none, per family."""
-    from common import median_time
-
     from tokensparse.data import make_batch
 
     out = {}
@@ -83,7 +81,9 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
         times = {r: [] for r in (0.0, 0.5)}
         for _ in range(repeats):  # interleaved
             for r in times:
-                times[r].append(median_time(lambda r=r: step(r), 1))
+                t1 = time.perf_counter()
+                step(r)
+                times[r].append(time.perf_counter() - t1)
         flops = {r: count_flops(lambda r=r: step(r)) for r in times}
         model.eval()
         sec = {r: sorted(v)[len(v) // 2] for r, v in times.items()}

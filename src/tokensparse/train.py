@@ -119,8 +119,12 @@ def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropC
     return torch.cat(masks, 1)
 
 
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return seed * 1_000_003 + step * 1009 + rank
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    return torch.Generator().manual_seed(_step_seed(seed, step, rank))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +271,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with acc.autocast():
+            g_route = side_generator(cfg.seed, step, acc.process_index, 0x5EED) if cfg.route else None
             pred = model(interpolate(x0, noise, t), t, refs, ids, ref_keep=keep, route=cfg.route,
-                         route_generator=route_gen(cfg.seed, step, acc.process_index) if cfg.route else None)
+                         route_generator=g_route)
             loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
         acc.backward(loss)
         if cfg.grad_clip:
@@ -309,11 +314,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 def side_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
     """A step's draws for one optional feature (routing, condition dropout): a stream of its own, so turning
     the feature on leaves the noise, t and reference-dropping draws of the main stream unchanged."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + rank) ^ (salt << 40))
-
-
-def route_gen(seed: int, step: int, rank: int) -> torch.Generator:
-    return side_generator(seed, step, rank, 0x5EED)
+    return torch.Generator().manual_seed(_step_seed(seed, step, rank) ^ (salt << 40))
 
 
 def _progress(enabled: bool, total: int, done: int):

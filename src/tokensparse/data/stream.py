@@ -107,9 +107,7 @@ def _resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _family_probs(fams: Sequence[str], weights: Mapping[str, float] | None) -> np.ndarray:
-    if weights is None:
-        return np.full(len(fams), 1.0 / len(fams))
+def _family_probs(fams: Sequence[str], weights: Mapping[str, float]) -> np.ndarray:
     unknown = set(weights) - set(ALL_FAMILIES)
     if unknown:
         raise ValueError(f"family_weights names unknown families {sorted(unknown)}; families: {ALL_FAMILIES}")
@@ -131,10 +129,12 @@ def batch_plan(
     """
     names = _resolve_tasks(tasks)
     fams = [f for f in ALL_FAMILIES if any(TASKS[t].family == f for t in names)]
-    probs = _family_probs(fams, family_weights)
     rng = np.random.default_rng([int(seed), int(k), _STREAM_SALT])
     # no weights (None or {}) keep the original draw, so existing streams are unchanged
-    pick = rng.integers(len(fams)) if not family_weights else rng.choice(len(fams), p=probs)
+    if family_weights:
+        pick = rng.choice(len(fams), p=_family_probs(fams, family_weights))
+    else:
+        pick = rng.integers(len(fams))
     fam = fams[int(pick)]
     in_fam = [t for t in names if TASKS[t].family == fam]
     task = in_fam[int(rng.integers(len(in_fam)))]
