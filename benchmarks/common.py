@@ -40,13 +40,26 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def load(name_or_path: str) -> ts.RefDiT:
-    """A shipped model by name, or a checkpoint path."""
-    from tokensparse.models import load_checkpoint
+def load(spec: str) -> ts.RefDiT:
+    """A shipped model by name, a checkpoint path (a trainer step file needs no JSON: it is read as refdit-s)
+    or ``untrained:<config>`` (random weights, to check that a script runs)."""
+    if spec.startswith("untrained:"):
+        from tokensparse.models.zoo import randomize_zero_init
 
-    if name_or_path.endswith(".safetensors"):
-        return load_checkpoint(name_or_path)
-    return ts.load_model(name_or_path)
+        torch.manual_seed(0)  # adaLN-zero layers random, so the untrained model is not the identity
+        return randomize_zero_init(ts.build_model(spec.split(":", 1)[1]), std=0.05).eval()
+    if spec.endswith(".safetensors"):
+        path = Path(spec)
+        if path.with_suffix(".json").is_file():
+            from tokensparse.models import load_checkpoint
+
+            return load_checkpoint(path)
+        from safetensors.torch import load_model
+
+        model = ts.build_model("refdit-s")
+        load_model(model, str(path), strict=False)
+        return model.eval()
+    return ts.load_model(spec)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, median_time, parser, progress, write_json
+from common import evaluate, heldout_by_family, load, median_time, parser, progress, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched
@@ -36,27 +36,6 @@ from tokensparse.selection import SCORERS
 KEEPS = (0.1, 0.25, 0.5)
 MASSES = (0.3, 0.6, 0.9, 0.97)
 ADAPTIVE = ("auto",)
-
-
-def load_any(spec: str) -> ts.RefDiT:
-    """A shipped model, a checkpoint path (a trainer step file needs no JSON) or ``untrained:<config>``."""
-    if spec.startswith("untrained:"):
-        from tokensparse.models.zoo import randomize_zero_init
-
-        torch.manual_seed(0)  # adaLN-zero layers random, so the untrained model is not the identity
-        return randomize_zero_init(ts.build_model(spec.split(":", 1)[1]), std=0.05).eval()
-    if spec.endswith(".safetensors"):
-        path = Path(spec)
-        if path.with_suffix(".json").is_file():
-            from tokensparse.models import load_checkpoint
-
-            return load_checkpoint(path)
-        from safetensors.torch import load_model
-
-        model = ts.build_model("refdit-s")
-        load_model(model, str(path), strict=False)
-        return model.eval()
-    return ts.load_model(spec)
 
 
 def cache_ok(model: ts.RefDiT) -> bool:
@@ -153,7 +132,7 @@ def main() -> None:
     masses = (0.8, 0.95) if args.quick else tuple(float(m) for m in args.masses.split(",") if m)
     selectors = [s for s in args.selectors.split(",") if s]
     t0 = time.time()
-    model = load_any(args.model)
+    model = load(args.model)
     data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in args.families.split(",")}
     fams = list(data)
 
