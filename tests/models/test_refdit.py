@@ -106,3 +106,30 @@ def test_cached_context_kv_is_exact(tiny_kv):
 def test_context_kv_needs_separate_mode(tiny):
     with pytest.raises(ValueError, match="ref_attends_target=False"):
         tiny.context_kv(make_refs(1), tokenize("place"))
+
+
+def test_apply_rope_is_the_pairwise_rotation():
+    from tokensparse.models.refdit import apply_rope, grid_ids, rope_angles
+
+    ids = torch.cat([grid_ids(0, 4, 4), grid_ids(2, 4, 4)])[None].expand(2, -1, -1)
+    rope = rope_angles(ids, (8, 12, 12), 1e4)
+    x = torch.randn(2, 32, 3, 6, 32).permute(2, 0, 3, 1, 4)[1]  # a strided q/k view, as in the model
+    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
+    for xi in (x, x.half()):
+        x0, x1 = xi.float()[..., 0::2], xi.float()[..., 1::2]
+        want = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(xi)
+        assert torch.equal(apply_rope(xi, rope), want)
+
+
+def test_gelu_tanh_matches_torch_with_and_without_autograd():
+    from tokensparse.models.refdit import gelu_tanh
+
+    x = (torch.randn(64, 96) * 4).requires_grad_()
+    y, ref = gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    g, gref = (torch.autograd.grad(v.square().sum(), x)[0] for v in (y, ref))
+    torch.testing.assert_close(g, gref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(gelu_tanh(x), y)  # one function in both modes: cached paths stay exact
+    xd = (torch.randn(20, 10, dtype=torch.double) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(gelu_tanh, (xd,))

@@ -116,11 +116,14 @@ def rope_angles(ids: Tensor, axes: tuple[int, ...], theta: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate ``x (B, H, N, Dh)`` pairwise by ``rope (B, N, Dh/2, 2)``."""
-    xr = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
-    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
-    return out.reshape(x.shape).type_as(x)
+    """Rotate ``x (B, H, N, Dh)`` pairwise by ``rope (B, N, Dh/2, 2)``.
+
+    Each pair ``(x0, x1)`` is a complex number multiplied by ``cos + i sin``: one complex multiply
+    instead of four real ones, a stack and two copies (the same values, bit for bit, on CPU).
+    """
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rc = torch.view_as_complex(rope if rope.stride(-1) == 1 else rope.contiguous())[:, None]
+    return torch.view_as_real(xc * rc).flatten(-2).type_as(x)
 
 
 def route_index(batch: int, n: int, route: float, generator: torch.Generator | None, device) -> Tensor:
@@ -128,6 +131,42 @@ def route_index(batch: int, n: int, route: float, generator: torch.Generator | N
     keep = n - int(round(route * n))
     scores = torch.rand(batch, n, generator=generator).to(device)
     return scores.topk(keep, dim=1).indices.sort(dim=1).values
+
+
+_GELU_A = 1.5957691216057308  # 2 sqrt(2/pi)
+_GELU_B = 0.07135481627260025  # 2 sqrt(2/pi) * 0.044715
+
+
+def _gelu_gate(x: Tensor) -> Tensor:
+    """``sigmoid(2z)`` with ``z = sqrt(2/pi) (x + 0.044715 x^3)``, so that ``gelu_tanh(x) = x * gate``."""
+    u = x * x
+    return u.mul_(_GELU_B).add_(_GELU_A).mul_(x).sigmoid_()
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        gate = _gelu_gate(x)
+        ctx.save_for_backward(x, gate)
+        return x * gate
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        x, gate = ctx.saved_tensors
+        dz = (x * x).mul_(3 * _GELU_B).add_(_GELU_A)  # d(2z)/dx
+        return dz.mul_(x).mul_(gate).mul_(1 - gate).add_(gate).mul_(grad)  # (gate + x gate (1-gate) dz) grad
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation, ``x (1 + tanh z) / 2``, computed as ``x sigmoid(2z)``.
+
+    The same function (equal to float rounding, ~1e-7 relative), 2-3x faster on CPU builds that
+    vectorise sigmoid but not tanh; identical values with and without autograd, so cached and
+    recomputed paths agree bit for bit.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GeluTanh.apply(x)
+    return _gelu_gate(x).mul_(x)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -143,7 +182,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, role: str = "target") -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 # --------------------------------------------------------------------------------------------------
