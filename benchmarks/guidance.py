@@ -6,9 +6,12 @@ FID: the held-out prompt-only ``scene`` task (one right prompt, many right image
 same number of held-out ground-truth images, in the shipped FeatureNet's space (`tokensparse.metrics.fid`).
 Configurations: unguided; CFG over scales; Sparse Guidance (both branches conditional) over a
 (gamma_strong, gamma_weak) grid and scales; CFG+SG (null condition in the weak branch). FLOPs per step are
-counted (FlopCounterMode, CPU SDPA registered) for one sample. Sparse-reference guidance: on the reference
-families, PSNR against ground truth of the unguided model vs SG whose weak branch sees 10 % of the
-reference tokens (both branches unrouted), and what it costs.
+counted (FlopCounterMode, CPU SDPA registered) for one sample over a whole generation, divided by the
+number of steps. A cache-capable model (``ref_attends_target=False``, like the shipped refdit-routed) runs
+with its context K/V cache on (exact; the one-time context pass is in the count), and SG's two conditional
+branches share the blocks before the route span (exact; CFG's branches differ from the first block).
+Sparse-reference guidance: on the reference families, PSNR against ground truth of the unguided model vs SG
+whose weak branch sees 10 % of the reference tokens (both branches unrouted), and what it costs.
 
 summary:
   cfg_best_fid, sg_best_fid                 best FID over CFG scales / over SG configurations
@@ -32,7 +35,7 @@ from tokensparse.flops import count_flops
 from tokensparse.metrics import fid, mean_ci95, psnr
 
 CFG_SCALES = (1.25, 1.5, 2.0, 3.0, 4.0)
-SG_GAMMAS = ((0.0, 0.5), (0.0, 0.75), (0.25, 0.75), (0.5, 0.9))
+SG_GAMMAS = ((0.0, 0.5), (0.0, 0.75), (0.25, 0.75), (0.5, 0.9), (0.75, 0.9), (0.9, 0.95))
 SG_SCALES = (1.5, 2.0, 3.0)
 
 
@@ -57,8 +60,9 @@ def generate_all(model: ts.RefDiT, samples: list, steps: int, guidance, batch_si
     return out
 
 
-def flops_per_step(model: ts.RefDiT, sample, guidance) -> float:
-    return count_flops(lambda: ts.generate(model, sample.refs, sample.prompt, steps=2, guidance=guidance)) / 2
+def flops_per_step(model: ts.RefDiT, sample, guidance, steps: int) -> float:
+    """FLOPs of one whole ``steps``-step generation (one-time context pass included) / ``steps``."""
+    return count_flops(lambda: ts.generate(model, sample.refs, sample.prompt, steps=steps, guidance=guidance)) / steps
 
 
 def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
@@ -111,6 +115,9 @@ def main() -> None:
     n, steps, n_ref = (64, 8, 8) if args.quick else (args.n, args.steps, args.n_ref)
     t0 = time.time()
     model = load(args.model)
+    kv_cache = not model.config.ref_attends_target
+    if kv_cache:  # exact: context K/V once per generation and branch condition
+        ts.apply_sparse_context(model, ts.SparseContextConfig(keep=1.0, cache=True))
     samples = heldout("open", n, model.config.image_size)
     real = torch.stack([s.target for s in heldout("open", 2 * n, model.config.image_size)[n:]])
 
@@ -121,7 +128,7 @@ def main() -> None:
         t1 = time.time()
         value = fid(generate_all(model, samples, steps, g), real)
         kind = name.split()[0]
-        rows.append({"config": name, "kind": kind, "fid": value, "gflops_per_step": flops_per_step(model, samples[0], g) / 1e9,
+        rows.append({"config": name, "kind": kind, "fid": value, "gflops_per_step": flops_per_step(model, samples[0], g, steps) / 1e9,
                      "seconds": time.time() - t1})
         print(f"{name:<24} FID {value:8.3f}  {rows[-1]['gflops_per_step']:.4f} GFLOP/step", flush=True)
 
@@ -140,7 +147,7 @@ def main() -> None:
     }
 
     if args.fid_only:
-        payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "fid_only": True,
+        payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "fid_only": True, "kv_cache": kv_cache,
                    "wall_s": time.time() - t0, "summary": summary, "rows": rows}
         finish(payload, args.out, summary)
         return
@@ -158,17 +165,18 @@ def main() -> None:
         print(f"{fam}: unguided {ref_rows[fam]['unguided']['mean']:.2f} dB, sparse-reference SG "
               f"{ref_rows[fam]['sparse_ref_sg']['mean']:.2f} dB", flush=True)
     s0 = heldout("multi", 1, model.config.image_size)[0]
-    f_plain, f_sref = flops_per_step(model, s0, None), flops_per_step(model, s0, sref)
+    f_plain, f_sref = flops_per_step(model, s0, None, steps), flops_per_step(model, s0, sref, steps)
     summary["sparse_ref_guidance_gain_db"] = {f: r["sparse_ref_sg"]["mean"] - r["unguided"]["mean"]
                                               for f, r in ref_rows.items()}
     summary["sparse_ref_guidance_cost_frac"] = f_sref / f_plain - 1
 
     progress(total - 1, total, "routing: training step time")
+    ts.remove_sparse_context(model)
     routing = train_step_speed(model, 3 if args.quick else 7)
     summary["routing_train_speedup"] = {k: v["speedup"] for k, v in routing.items()}
     summary["routing_train_flop_ratio"] = {k: v["flop_ratio"] for k, v in routing.items()}
 
-    payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "n_ref": n_ref,
+    payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "n_ref": n_ref, "kv_cache": kv_cache,
                "wall_s": time.time() - t0, "summary": summary, "rows": rows, "sparse_reference": ref_rows,
                "routing_training": routing}
     finish(payload, args.out, summary)

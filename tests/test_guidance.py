@@ -10,9 +10,9 @@ from .conftest import make_refs, randomize
 def recorder():
     calls = []
 
-    def denoise(x, t, branch):
-        calls.append(branch)
-        return torch.full_like(x, 1.0 if branch.cond else 0.0) + branch.gamma
+    def denoise(x, t, branches):
+        calls.extend(branches)
+        return [torch.full_like(x, 1.0 if b.cond else 0.0) + b.gamma for b in branches]
 
     return calls, denoise
 
@@ -83,7 +83,7 @@ def test_generate_with_sparse_guidance_keeps_prompt_in_both_branches(routed):
     refs = make_refs(2)
     g = SparseGuidanceConfig(scale=1.5, strong=0.25, weak=0.75)
     a = ts.generate(routed, refs, "place the subject", steps=2, guidance=g)
-    assert a.shape == (1, 3, 16, 16) and len(prompts) == 4 and min(prompts) > 0
+    assert a.shape == (1, 3, 16, 16) and len(prompts) == 2 and min(prompts) > 0  # one shared call per step
     assert torch.equal(a, ts.generate(routed, refs, "place the subject", steps=2, guidance=g))  # deterministic
     prompts.clear()
     ts.generate(routed, refs, "place the subject", steps=2, guidance=CFGConfig(scale=2.0))
@@ -96,3 +96,38 @@ def test_sparse_reference_guidance_weak_branch_sees_fewer_reference_tokens(route
     g = SparseGuidanceConfig(scale=1.5, strong=0.25, weak=0.75, weak_keep=0.25)
     ts.generate(routed, make_refs(2), "place", steps=1, guidance=g)
     assert counts == [2 + 32, 2 + 8]  # BOS + word, then 2 refs x 16 tokens / x 4 tokens
+
+
+def test_routes_share_the_trunk_and_equal_separate_calls(routed):
+    from tokensparse.flops import count_flops
+
+    x, t, p = torch.randn(2, 3, 16, 16), torch.rand(2), ts.tokenize(["place", "place"])
+    refs = make_refs(1, batch=2)
+    gen = torch.Generator().manual_seed(3)
+    many = routed(x, t, refs, p, routes=(0.25, 0.75, 0.0), route_generator=gen)
+    gen.manual_seed(3)
+    one = [routed(x, t, refs, p, route=r, route_generator=gen) for r in (0.25, 0.75, 0.0)]
+    assert len(many) == 3 and all(torch.equal(a, b) for a, b in zip(many, one))
+    with torch.no_grad():
+        both = count_flops(lambda: routed(x, t, refs, p, routes=(0.25, 0.75), route_generator=gen))
+        apart = sum(count_flops(lambda r=r: routed(x, t, refs, p, route=r, route_generator=gen)) for r in (0.25, 0.75))
+    assert both < apart  # block 0 (before the span) ran once
+    with pytest.raises(ValueError, match="routes"):
+        routed(x, t, refs, p, routes=())
+
+
+def test_sparse_guidance_in_generate_equals_two_separate_passes(routed):
+    """generate's shared-trunk SG step is the textbook w D(c; strong) + (1 - w) D(c; weak), bit for bit."""
+    from tokensparse.flow import noise_like, timesteps
+
+    g = SparseGuidanceConfig(scale=2.0, strong=0.25, weak=0.75)
+    refs, ids = make_refs(1), ts.tokenize("place the subject")
+    out = ts.generate(routed, refs, "place the subject", steps=1, seed=5, guidance=g)
+    x = noise_like((1, 3, 16, 16), [5])
+    t, t_next = (float(v) for v in timesteps(1))
+    route_gen = torch.Generator().manual_seed(5 + 7919)  # generate's routing generator
+    with torch.no_grad():
+        d1, d2 = (routed(x, torch.full((1,), t), [r * 2 - 1 for r in refs], ids, route=r, route_generator=route_gen)
+                  for r in (0.25, 0.75))
+    x0 = x + (t_next - t) * (2.0 * d1 + (1 - 2.0) * d2)
+    assert torch.equal(out, ((x0 + 1) / 2).clamp(0, 1))

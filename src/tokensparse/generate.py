@@ -97,9 +97,19 @@ def generate(
             contexts[key] = (refs_b, ids, model.context_kv(refs_b, ids) if use_cache else None)
         return contexts[key]
 
-    def branch_denoise(x: Tensor, t: Tensor, branch: Branch) -> Tensor:
-        refs_b, ids, kv = context(branch)
-        return model(x, t, refs_b, ids, context_kv=kv, route=branch.gamma, route_generator=route_gen)
+    def branch_denoise(x: Tensor, t: Tensor, branches: tuple[Branch, ...]) -> list[Tensor]:
+        """Branches with the same context run as one call sharing the blocks before the route span."""
+        groups: dict[tuple[bool, float], list[int]] = {}
+        for i, br in enumerate(branches):
+            groups.setdefault((br.cond, br.ref_keep), []).append(i)
+        out: list[Tensor] = [x] * len(branches)
+        for idx in groups.values():
+            refs_b, ids, kv = context(branches[idx[0]])
+            ys = model(x, t, refs_b, ids, context_kv=kv, routes=tuple(branches[i].gamma for i in idx),
+                       route_generator=route_gen)
+            for i, y in zip(idx, ys):
+                out[i] = y
+        return out
 
     denoise = guided(branch_denoise, guidance)
 

@@ -9,7 +9,9 @@ reference. Every rule is a weighted sum of two branches (Sparse Guidance, arXiv 
     CFG+SG   D = w * D(c; g_strong) + (1 - w) * D(null; g_weak)       (null_weak=True)
 
 ``weak_keep`` additionally gives the weak branch a heavily dropped reference (sparse-reference guidance).
-Outside ``interval`` (a range of t in [0, 1]) only the first branch runs.
+Outside ``interval`` (a range of t in [0, 1]) only the first branch runs. SG's branches share their
+condition and input, so a denoiser may compute what they have in common once (RefDiT: the blocks before
+the route span); CFG's branches differ from the first block on.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ class Branch:
     ref_keep: float = 1.0
 
 
-BranchDenoiser = Callable[[Tensor, Tensor, Branch], Tensor]
+BranchDenoiser = Callable[[Tensor, Tensor, tuple[Branch, ...]], list[Tensor]]
+"""``denoise(x, t, branches)``: one output per branch, all at the same ``(x, t)`` (so an implementation may
+share work between branches, e.g. RefDiT's blocks before the route span when two branches differ only in
+routing)."""
 
 
 @dataclass
@@ -87,16 +92,16 @@ def _check_interval(interval: tuple[float, float] | None) -> None:
 def guided(denoise: BranchDenoiser, cfg: GuidanceConfig | None) -> Callable[[Tensor, Tensor], Tensor]:
     """Turn a branch denoiser into a plain ``denoise(x, t)`` applying ``cfg`` (``None``: conditional, dense)."""
     if cfg is None:
-        return lambda x, t: denoise(x, t, Branch(cond=True))
+        return lambda x, t: denoise(x, t, (Branch(cond=True),))[0]
     if not isinstance(cfg, (CFGConfig, SparseGuidanceConfig)):
         raise TypeError(f"guidance must be a CFGConfig or SparseGuidanceConfig, got {type(cfg).__name__}")
     first, second = cfg.branches()
     w = cfg.scale
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        d1 = denoise(x, t, first)
         if cfg.interval is not None and not cfg.interval[0] <= float(t[0]) <= cfg.interval[1]:
-            return d1
-        return w * d1 + (1 - w) * denoise(x, t, second)
+            return denoise(x, t, (first,))[0]
+        d1, d2 = denoise(x, t, (first, second))
+        return w * d1 + (1 - w) * d2
 
     return fn

@@ -463,7 +463,8 @@ class RefDiT(nn.Module):
         self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor,
         ref_keep: Tensor | None = None, context_kv: ContextKV | None = None,
         route: float = 0.0, route_generator: torch.Generator | None = None,
-    ) -> Tensor:
+        routes: tuple[float, ...] | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` (1 = noise).
 
         refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
@@ -472,6 +473,9 @@ class RefDiT(nn.Module):
         context_kv: cached context K/V from :meth:`context_kv` (then ``refs`` is ignored); exact.
         route: fraction of target tokens that skip ``config.route_span`` (TREAD routing), drawn with
             ``route_generator``; they re-enter unchanged after the span.
+        routes: several routing rates at once (Sparse Guidance's branches): the blocks before the first
+            routed block are computed once and shared, and a tuple of one output per rate is returned,
+            equal to separate calls in this order (``route`` is then ignored).
         """
         cfg = self.config
         b = x.shape[0]
@@ -491,17 +495,35 @@ class RefDiT(nn.Module):
         h = self.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)  # (B, Nt, D)
         h = h + self.ref_embedder.index_embed.weight[0]
         x_rope = rope_angles(self.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
-        start, end = self.route_bounds(route)
-        for i, (blk, kv) in enumerate(zip(self.blocks, kvs)):
-            if i == start:  # TREAD: a random subset of target tokens goes through the span
-                h_full, rope_full = h, x_rope
-                idx = route_index(b, h.shape[1], route, route_generator, h.device)
-                h, x_rope = gather(h, idx), gather(x_rope, idx)
-            h, ctx = blk(h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx, ctx_kv=kv)
-            if i == end - 1:  # routed tokens re-enter unchanged
-                h = h_full.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
-                x_rope = rope_full
+        rates = (route,) if routes is None else tuple(routes)
+        if not rates:
+            raise ValueError("routes must name at least one routing rate")
+        spans = [self.route_bounds(r) for r in rates]
+        shared = min([s for s, _ in spans if s >= 0], default=len(self.blocks))
 
+        def run(h: Tensor, ctx: Tensor | None, blocks: range, span: tuple[int, int], rate: float) -> Tensor:
+            rope = x_rope
+            for i in blocks:
+                if i == span[0]:  # TREAD: a random subset of target tokens goes through the span
+                    h_full, rope_full = h, rope
+                    idx = route_index(b, h.shape[1], rate, route_generator, h.device)
+                    h, rope = gather(h, idx), gather(rope, idx)
+                h, ctx = self.blocks[i](h, rope, c, ctx, ctx_rope, ctx_valid, c_ctx, ctx_kv=kvs[i])
+                if i == span[1] - 1:  # routed tokens re-enter unchanged
+                    h = h_full.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
+                    rope = rope_full
+            return h
+
+        if shared:  # blocks no branch routes: identical for every rate, computed once
+            for i in range(shared):
+                h, ctx = self.blocks[i](h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx, ctx_kv=kvs[i])
+        outs = tuple(self._velocity(run(h, ctx, range(shared, len(self.blocks)), span, rate), c)
+                     for rate, span in zip(rates, spans))
+        return outs[0] if routes is None else outs
+
+    def _velocity(self, h: Tensor, c: Tensor) -> Tensor:
+        """Final adaLN + projection of target tokens ``(B, Nt, D)`` -> velocity image."""
+        cfg = self.config
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
         out = self.final(modulate(self.final_norm(h), shift, scale))  # (B, Nt, p*p*C)
         return unpatchify(out, cfg.patch_size, cfg.grid, cfg.grid, cfg.channels)
