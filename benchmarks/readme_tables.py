@@ -98,6 +98,26 @@ def quality() -> None:
         f"`{k}` " + ", ".join(f"{f} {v:+.2f}" for f, v in vals.items()) for k, vals in d["summary"].items()) + "\n")
 
 
+def drop_sweep() -> None:
+    d = load("drop_sweep")
+    if not d:
+        return
+    s = d["summary"]
+    fams = list(next(iter(s["psnr"].values()))["1.0"])
+    print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
+          f"{d['steps']}-step fine-tunes of refdit-base into the cache-capable model that differ only in how "
+          f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
+          f"per family, {d['generation_steps']} sampling steps, random selection:\n")
+    print("| arm (keep ~ U[min, max], p_full) | " + " | ".join(f"keep 1: {f}" for f in fams) + " | "
+          + " | ".join(f"keep 0.25: {f}" for f in fams) + " |")
+    print("|---|" + "---|" * (2 * len(fams)))
+    for arm, p in s["psnr"].items():
+        print(f"| {arm} | " + " | ".join(f"{p['1.0'][f]:.2f}" for f in fams) + " | "
+              + " | ".join(f"{p['0.25'][f]:.2f}" for f in fams) + " |")
+    print(f"\nBest arm (highest keep-0.25 PSNR among arms costing <= 0.5 dB at keep 1 on every family): "
+          f"`{s['best_arm']}`.\n")
+
+
 def selection() -> None:
     d = load("selection")
     if not d or "summary" not in d:
@@ -143,7 +163,9 @@ def guidance() -> None:
     s = d["summary"]
     print(f"**Guidance** (`benchmarks/guidance.py{' --quick' if d['quick'] else ''}`, `{d['model']}`): FID of "
           f"{d['n']} generated vs {d['n']} held-out images of the prompt-only `scene` task (many right answers), "
-          f"FeatureNet features, {d['steps']} steps; GFLOPs per denoising step for one image:\n")
+          f"FeatureNet features, {d['steps']} steps; GFLOPs per denoising step for one image"
+          + (" (whole generation / steps; context K/V cache on, and SG's two conditional branches compute the "
+             "blocks before the route span once — both exact)" if d.get("kv_cache") else "") + ":\n")
     print("| config | FID | GFLOP / step |")
     print("|---|---|---|")
     for r in d["rows"]:
@@ -159,15 +181,6 @@ def guidance() -> None:
           "(γ = 0.5) vs none: " + ", ".join(
               f"{k} {v:.2f}× (FLOP ratio {s['routing_train_flop_ratio'][k]:.2f}×)"
               for k, v in s["routing_train_speedup"].items()) + ".\n")
-    extra = load("guidance_sparse")
-    if extra:
-        cfg = min((r for r in extra["rows"] if r["kind"] == "cfg"), key=lambda r: r["fid"])
-        print("Sparser SG pairs (`benchmarks/guidance.py --fid-only --cfg-scales 1.25,1.5 --sg-gammas "
-              "0.5/0.9,0.75/0.9,0.9/0.95 --out benchmarks/results/guidance_sparse.json`, same images and seeds): "
-              + "; ".join(f"{r['config']} FID {r['fid']:.2f} at {r['gflops_per_step'] / cfg['gflops_per_step']:.2f}× "
-                          "CFG's FLOPs" for r in extra["rows"] if r["kind"] == "sg")
-              + (f"; SG reaches CFG's best FID at {extra['summary']['flops_frac_at_cfg_best_fid']:.2f}× its FLOPs"
-                 if extra["summary"]["flops_frac_at_cfg_best_fid"] is not None else "") + ".\n")
 
 
 def checkpoints() -> None:
@@ -211,7 +224,7 @@ BEGIN, END = "<!-- results:begin (benchmarks/readme_tables.py --write) -->", "<!
 def main() -> None:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        for fn in (flux, speed, quality, selection, guidance, merging, data, checkpoints):
+        for fn in (flux, speed, quality, drop_sweep, selection, guidance, merging, data, checkpoints):
             fn()
     if "--write" not in sys.argv:
         print(buf.getvalue(), end="")

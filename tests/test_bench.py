@@ -8,7 +8,7 @@ from tokensparse.cli import app
 
 
 def test_every_benchmark_name_maps_to_a_script_name():
-    assert set(BENCHMARKS) == {"speed", "quality", "selection", "guidance", "merging"}
+    assert set(BENCHMARKS) == {"speed", "quality", "selection", "guidance", "merging", "drop_sweep"}
 
 
 def test_unknown_benchmark_is_a_value_error():
@@ -38,7 +38,7 @@ def test_cli_reports_unknown_name():
 def test_repository_ships_the_scripts_it_names():
     root = Path(__file__).resolve().parents[1]
     present = {n for n, f in BENCHMARKS.items() if (root / "benchmarks" / f).is_file()}
-    assert {"speed", "quality", "selection", "merging"} <= present
+    assert {"speed", "quality", "selection", "merging", "drop_sweep"} <= present
 
 
 def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path):

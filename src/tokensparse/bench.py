@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "selection": "selection.py",
     "guidance": "guidance.py",
     "merging": "merging.py",
+    "drop_sweep": "drop_sweep.py",
 }
 
 
