@@ -114,8 +114,9 @@ def drop_sweep() -> None:
     for arm, p in s["psnr"].items():
         print(f"| {arm} | " + " | ".join(f"{p['1.0'][f]:.2f}" for f in fams) + " | "
               + " | ".join(f"{p['0.25'][f]:.2f}" for f in fams) + " |")
-    print(f"\nBest arm (highest keep-0.25 PSNR among arms costing <= 0.5 dB at keep 1 on every family): "
-          f"`{s['best_arm']}`.\n")
+    best = s.get("best_arm")
+    print(f"\nHighest keep-0.25 PSNR: `{s['best_keep025_arm']}`; among arms costing <= 0.5 dB at keep 1 on every "
+          f"family: " + (f"`{best}`" if best else "none (at this length dropping costs keep-1 quality)") + ".\n")
 
 
 def selection() -> None:

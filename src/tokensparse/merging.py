@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -140,10 +141,6 @@ class TokenMergingConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
 @dataclass(frozen=True)
 class Matching:
     """One merge plan for a batch of ``N``-token sequences (all index tensors int64, on the tokens' device).
@@ -189,32 +186,41 @@ class Matching:
         return Matching(*(t.expand(batch, *t.shape[1:]) for t in (self.keep, self.src, self.slot, self.index,
                                                                    self.counts)))
 
+    @cached_property
+    def _flat_index(self) -> Tensor:
+        """``index`` as rows of the flattened ``(B*M, C)`` merged batch, ``(B*N,)``: one index_select/index_add."""
+        offsets = torch.arange(self.batch_size, device=self.index.device)[:, None] * self.num_kept
+        return (self.index + offsets).reshape(-1)
+
+    @cached_property
+    def _flat_keep(self) -> Tensor:
+        """``keep`` as rows of the flattened ``(B*N, C)`` input batch, ``(B*M,)``."""
+        offsets = torch.arange(self.batch_size, device=self.keep.device)[:, None] * self.num_tokens
+        return (self.keep + offsets).reshape(-1)
+
     def merge(self, x: Tensor, mode: str = "mean", size: Tensor | None = None) -> Tensor:
         """``(B, N, ...)`` -> ``(B, M, ...)``.
 
         mode ``"mean"``: each kept token becomes the average of itself and the sources merged into it,
         weighted by ``size`` ``(B, N)`` (how many tokens each input token already stands for; default 1).
         mode ``"keep"``: drop merged sources, keep the destination's value (positions, RoPE tables).
+        One ``index_add`` (or ``index_select``) over the flattened batch: ~10x faster on CPU than
+        per-row gather/scatter, which matters because merging pays only if it costs less than it saves.
         """
+        if mode not in ("mean", "keep"):
+            raise ValueError(f"mode must be 'mean' or 'keep', got {mode!r}")
         if self.num_merged == 0:
             return x
-        b, m, r = self.batch_size, self.num_kept, self.num_merged
-        flat = _flat(x)
-        c = flat.shape[-1]
-        out = flat.gather(1, self.keep[..., None].expand(b, m, c))
+        b, n, m = self.batch_size, self.num_tokens, self.num_kept
+        flat = x.reshape(b * n, -1)
         if mode == "keep":
-            return out.reshape(b, m, *x.shape[2:])
-        if mode != "mean":
-            raise ValueError(f"mode must be 'mean' or 'keep', got {mode!r}")
-        sources = flat.gather(1, self.src[..., None].expand(b, r, c))
-        slot = self.slot[..., None].expand(b, r, c)
+            return flat.index_select(0, self._flat_keep).reshape(b, m, *x.shape[2:])
+        out = flat.new_zeros(b * m, flat.shape[1])
         if size is None:
-            out = out.scatter_add(1, slot, sources) / self.counts[..., None].to(out.dtype)
+            out.index_add_(0, self._flat_index, flat).div_(self.counts.reshape(-1, 1).to(out.dtype))
         else:
-            w = size.reshape(b, -1, 1).to(flat.dtype)                               # (B, N, 1)
-            out = out * w.gather(1, self.keep[..., None])
-            out = out.scatter_add(1, slot, sources * w.gather(1, self.src[..., None]))
-            out = out / self.merge_size(size).reshape(b, m, 1).to(out.dtype)
+            w = size.reshape(b * n, 1).to(flat.dtype)
+            out.index_add_(0, self._flat_index, flat * w).div_(self.merge_size(size).reshape(-1, 1).to(out.dtype))
         return out.reshape(b, m, *x.shape[2:])
 
     def merge_size(self, size: Tensor | None = None) -> Tensor:
@@ -229,9 +235,8 @@ class Matching:
         """``(B, M, ...)`` -> ``(B, N, ...)``: every original token gets its merged token's value."""
         if self.num_merged == 0:
             return y
-        flat = _flat(y)
-        out = flat.gather(1, self.index[..., None].expand(self.batch_size, self.num_tokens, flat.shape[-1]))
-        return out.reshape(self.batch_size, self.num_tokens, *y.shape[2:])
+        flat = y.reshape(self.batch_size * self.num_kept, -1)
+        return flat.index_select(0, self._flat_index).reshape(self.batch_size, self.num_tokens, *y.shape[2:])
 
 
 def random_destinations(h: int, w: int, generator: torch.Generator | None = None,
