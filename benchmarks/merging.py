@@ -127,7 +127,7 @@ def refdit_model() -> tuple[ts.RefDiT, str, bool]:
 def _samples(quick: bool) -> list:
     from tokensparse.data import heldout
 
-    n = 2 if quick else 6  # per family; editing and subject tasks take one reference: one batch
+    n = 2 if quick else 6  # per family; editing and subject tasks take one reference each
     return [s for fam in ("editing", "subject") for s in heldout(fam, n)]
 
 

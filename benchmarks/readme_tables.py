@@ -150,7 +150,7 @@ def merging() -> None:
             continue
         print(f"| {name} | {c['speedup']:.2f}× | {c['psnr_to_dense']:.2f} |")
     s = d["summary"]
-    rs = {k: v for k, v in d["refdit_speed"]["speedup"].items() if k != "dense"}
+    rs = {k: v for k, v in d["refdit_speed"]["speedup"].items() if k != "dense"} or {"dense": 1.0}
     fastest = max(rs, key=rs.get)
     verdict = ("no merging config is faster than dense" if rs[fastest] <= 1.0 else
                f"the fastest merging config is {fastest} at {rs[fastest]:.2f}×")

@@ -114,6 +114,8 @@ def test_routes_share_the_trunk_and_equal_separate_calls(routed):
     assert both < apart  # block 0 (before the span) ran once
     with pytest.raises(ValueError, match="routes"):
         routed(x, t, refs, p, routes=())
+    with pytest.raises(ValueError, match="not both"):
+        routed(x, t, refs, p, route=0.5, routes=(0.25,))
 
 
 def test_sparse_guidance_in_generate_equals_two_separate_passes(routed):

@@ -9,9 +9,9 @@ reference. Every rule is a weighted sum of two branches (Sparse Guidance, arXiv 
     CFG+SG   D = w * D(c; g_strong) + (1 - w) * D(null; g_weak)       (null_weak=True)
 
 ``weak_keep`` additionally gives the weak branch a heavily dropped reference (sparse-reference guidance).
-Outside ``interval`` (a range of t in [0, 1]) only the first branch runs. SG's branches share their
-condition and input, so a denoiser may compute what they have in common once (RefDiT: the blocks before
-the route span); CFG's branches differ from the first block on.
+Outside ``interval`` (a range of t in [0, 1]) only the first branch runs. Plain SG's branches share their
+condition, context and input, so a denoiser may compute what they have in common once (RefDiT: the blocks
+before the route span); CFG's, CFG+SG's and sparse-reference SG's branches differ from the first block on.
 """
 
 from __future__ import annotations
