@@ -228,9 +228,9 @@ class Matching:
         """Sizes ``(B, M)`` of the merged tokens, given the input tokens' sizes ``(B, N)`` (default 1)."""
         if size is None:
             return self.counts
-        size = size.reshape(self.batch_size, -1)
-        out = size.gather(1, self.keep)
-        return out.scatter_add(1, self.slot, size.gather(1, self.src))
+        flat = size.reshape(-1)
+        out = flat.new_zeros(self.batch_size * self.num_kept).index_add_(0, self._flat_index, flat)
+        return out.reshape(self.batch_size, self.num_kept)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """``(B, M, ...)`` -> ``(B, N, ...)``: every original token gets its merged token's value."""

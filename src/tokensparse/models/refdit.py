@@ -513,7 +513,8 @@ class RefDiT(nn.Module):
         spans = [self.route_bounds(r) for r in rates]
         shared = min([s for s, _ in spans if s >= 0], default=len(self.blocks))
 
-        def run(h: Tensor, ctx: Tensor | None, blocks: range, span: tuple[int, int], rate: float) -> Tensor:
+        def run(h: Tensor, ctx: Tensor | None, blocks: range, span: tuple[int, int] = (-1, -1), rate: float = 0.0
+                ) -> tuple[Tensor, Tensor | None]:
             rope = x_rope
             for i in blocks:
                 if i == span[0]:  # TREAD: a random subset of target tokens goes through the span
@@ -524,12 +525,10 @@ class RefDiT(nn.Module):
                 if i == span[1] - 1:  # routed tokens re-enter unchanged
                     h = h_full.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), h)
                     rope = rope_full
-            return h
+            return h, ctx
 
-        if shared:  # blocks no branch routes: identical for every rate, computed once
-            for i in range(shared):
-                h, ctx = self.blocks[i](h, x_rope, c, ctx, ctx_rope, ctx_valid, c_ctx, ctx_kv=kvs[i])
-        outs = tuple(self._velocity(run(h, ctx, range(shared, len(self.blocks)), span, rate), c)
+        h, ctx = run(h, ctx, range(shared))  # blocks no branch routes: identical for every rate, computed once
+        outs = tuple(self._velocity(run(h, ctx, range(shared, len(self.blocks)), span, rate)[0], c)
                      for rate, span in zip(rates, spans))
         return outs[0] if routes is None else outs
 
