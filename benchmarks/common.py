@@ -89,3 +89,32 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                prepare: dict[str, Callable[[], object]] | None = None) -> dict[str, dict]:
+    """Time several settings fairly on a shared machine: the settings alternate within each repeat (so load
+    drifts hit all alike) and ``prepare[k]`` (untimed) runs right before every timed run of ``k`` -- switch
+    the model to that setting and warm it (after a switch the allocator holds none of the new tensor sizes
+    and the first run pays page faults that steady-state use never sees).
+
+    Returns per setting the median ``wall`` and ``cpu`` (process) seconds and every repeat's ``cpu_all`` and
+    ``wall_all``. With one torch thread the process time is the steadier cost measure; both are kept."""
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(warmup + repeats):
+        for k, fn in runs.items():
+            if prepare is not None:
+                prepare[k]()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if r >= warmup:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k]),
+                "wall_all": wall[k], "cpu_all": cpu[k]} for k in runs}
+
+
+def speedups(med: dict[str, dict], base: str = "dense") -> dict[str, dict[str, float]]:
+    """``{setting: {"wall": x, "cpu": y}}``: median time of ``base`` over each setting's."""
+    return {k: {c: med[base][c] / v[c] for c in ("wall", "cpu")} for k, v in med.items()}

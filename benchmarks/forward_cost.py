@@ -54,7 +54,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     model(x, t, seqs[keep], prompt)
                     times[keep].append(time.perf_counter() - t0)
-            flops = {k: count_flops(lambda k=k: model(x, t, seqs[k], prompt)) for k in KEEPS}
+            flops = {k: count_flops(lambda k=k, x=x, t=t, seqs=seqs: model(x, t, seqs[k], prompt)) for k in KEEPS}
         dense_t, dense_f = statistics.median(times[1.0]), flops[1.0]
         for keep in KEEPS:
             med = statistics.median(times[keep])

@@ -76,7 +76,8 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
         x, t = b.target * 2 - 1, torch.full((16,), 0.5)
         model.train()
 
-        def step(route: float) -> None:
+        def step(route: float, x: torch.Tensor = x, t: torch.Tensor = t, refs: list = refs,
+                 ids: torch.Tensor = ids) -> None:
             g = torch.Generator().manual_seed(0)
             model(x, t, refs, ids, route=route, route_generator=g).pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
@@ -84,10 +85,10 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
         step(0.0), step(0.5)  # warm-up
         times = {r: [] for r in (0.0, 0.5)}
         for _ in range(repeats):  # interleaved
-            for r in times:
+            for r, samples in times.items():
                 t1 = time.perf_counter()
                 step(r)
-                times[r].append(time.perf_counter() - t1)
+                samples.append(time.perf_counter() - t1)
         flops = {r: count_flops(lambda r=r: step(r)) for r in times}
         model.eval()
         sec = {r: sorted(v)[len(v) // 2] for r, v in times.items()}

@@ -1,12 +1,13 @@
 """Token merging (ToMe, adaptive threshold, CA-ToMe cache): speed and quality on RefDiT and an SD-style UNet.
 
-    python benchmarks/merging.py [--quick] [--part all|refdit|unet] [--out benchmarks/results/merging.json]
+    python benchmarks/merging.py [--quick] [--part PARTS] [--out benchmarks/results/merging.json]
 
-RefDiT: 20-step generations of held-out task samples (``ts.load_model("refdit-base")`` when the package ships
-it, else a random-weight ``refdit-s`` -- the JSON says which); quality = PSNR to the dense model's output and
-to the ground truth (each sample generated alone, batch 1, as timed); speed = median CPU time of the whole
-generation over interleaved repeats, each right after an untimed warm-up generation in its config (UNet too).
-A second RefDiT timing runs a random-weight ``refdit-s-128px`` (32x32 = 1,024 target tokens).
+RefDiT (``merging_refdit.py``): 20-step generations of held-out task samples with the shipped
+``refdit-sparse-64px`` (16x16 target tokens, reference K/V cache on; the sweep also stacked on Sparse Context
+at 25 % of the reference tokens) and ``refdit-base`` (8x8 target tokens); quality = PSNR to the unmerged output
+and to the ground truth (each sample generated alone, batch 1, as timed); speed = median CPU time of the whole
+generation over interleaved repeats, each right after an untimed warm-up generation in its setting (UNet too).
+A third RefDiT timing runs a random-weight ``refdit-s-128px`` (32x32 = 1,024 target tokens).
 
 UNet: an SD-style ``UNet2DConditionModel`` built from a config (64x64 latents = 4,096 tokens at its top level,
 batch 2 as with classifier-free guidance), driven by a DDIM loop; our hooks side by side with the ``tomesd``
@@ -19,26 +20,25 @@ Every speedup is a ratio of medians taken within this run on this machine. Write
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
 import math
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import merging_refdit as mr
 import torch
-from common import progress
+from common import interleaved, progress, speedups
 
 import tokensparse as ts
-from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
+from tokensparse.integrations.merging_hooks import apply_token_merging, remove_token_merging
 from tokensparse.merging import TokenMergingConfig
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-SPEED = "cpu"  # which timing the speedups use: "cpu" (process time, one thread) or "wall"
 THREADS = 1
 
 
@@ -47,157 +47,11 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, peak: float = 1.0) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                prepare: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict[str, float]]:
-    """Median wall and CPU (process) seconds per run; configs alternate within each repeat so that load
-    drifts hit all alike. On a shared machine the CPU time of this (single-threaded) process is the
-    steadier cost measure; both are reported. ``prepare[k]`` (untimed) runs right before each timed run
-    of ``k``: switch the model to that config and warm it (after a switch the allocator has none of the
-    new tensor sizes cached, and the first run pays page faults that steady-state use never sees)."""
-    wall: dict[str, list[float]] = {k: [] for k in runs}
-    cpu: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(warmup):
-        for k, fn in runs.items():
-            if prepare is not None:
-                prepare[k]()
-            fn()
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            if prepare is not None:
-                prepare[k]()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in runs}
-
-
-def speedups(med: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {k: {c: med["dense"][c] / v[c] for c in ("wall", "cpu")} for k, v in med.items()}
-
-
-def at_equal_speed(points: list[tuple[float, float]], speed: float) -> tuple[float, bool]:
-    """Linear interpolation of ``drop`` at ``speed`` along (speedup, drop) points; (value, extrapolated)."""
-    pts = sorted(points)
-    if speed <= pts[0][0]:
-        return pts[0][1], speed < pts[0][0]
-    for (s0, d0), (s1, d1) in itertools.pairwise(pts):
-        if s0 <= speed <= s1:
-            return (d0 + (d1 - d0) * (speed - s0) / (s1 - s0) if s1 > s0 else d1), False
-    return pts[-1][1], True
-
-
-def configs(quick: bool) -> dict[str, TokenMergingConfig | None]:
-    """The RefDiT sweep: dense, ToMe ratios, ToMe + cache, adaptive threshold, CA-ToMe (threshold + cache)."""
-    out: dict[str, TokenMergingConfig | None] = {"dense": None}
-    for r in ((0.5,) if quick else (0.25, 0.5, 0.75)):
-        out[f"tome_r{r}"] = TokenMergingConfig(ratio=r)
-    out["tome_r0.5_cache5"] = TokenMergingConfig(ratio=0.5, recompute_every=5)
-    for thr in ((0.8,) if quick else (0.9, 0.8, 0.7, 0.5)):  # a trained RefDiT merges ~2/3 of sources at 0.5
-        out[f"adaptive_t{thr}"] = TokenMergingConfig(threshold=thr)
-        out[f"catome_t{thr}_every5"] = TokenMergingConfig(threshold=thr, recompute_every=5)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- RefDiT
-
-
-CHECKPOINT: dict[str, Any] = {"path": None, "arch": "refdit-s"}  # set from the command line
-
-
-def refdit_model() -> tuple[ts.RefDiT, str, bool]:
-    """The shipped trained model if present, else ``--checkpoint``, else random weights (said in the JSON)."""
-    try:
-        return ts.load_model("refdit-base"), "refdit-base", True
-    except (FileNotFoundError, ValueError) as err:
-        if CHECKPOINT["path"] is not None:
-            from safetensors.torch import load_model
-
-            model = ts.build_model(CHECKPOINT["arch"])
-            load_model(model, str(CHECKPOINT["path"]))
-            return model.eval(), f"{CHECKPOINT['arch']} from {CHECKPOINT['path']} (not a shipped checkpoint)", True
-        torch.manual_seed(0)
-        model = ts.build_model("refdit-s")
-        with torch.no_grad():  # adaLN-zero init makes every block the identity: give the blocks weight
-            for blk in model.blocks:
-                torch.nn.init.normal_(blk.ada[-1].weight, std=0.02)
-            torch.nn.init.normal_(model.final.weight, std=0.02)
-        return model.eval(), f"refdit-s (random weights; {err})", False
-
-
-def _samples(quick: bool) -> list:
-    from tokensparse.data import heldout
-
-    n = 2 if quick else 6  # per family; editing and subject tasks take one reference each
-    return [s for fam in ("editing", "subject") for s in heldout(fam, n)]
-
-
 def _apply(model: Any, cfg: TokenMergingConfig | None) -> None:
     if cfg is None:
         remove_token_merging(model)
     else:
         apply_token_merging(model, cfg)
-
-
-def refdit_quality(quick: bool, steps: int) -> dict:
-    """Every held-out sample generated on its own (batch 1, as refdit_speed times it: an adaptive threshold
-    merges the batch's minimum count, so a batch would merge less than the timed runs do); PSNR to dense
-    and to ground truth."""
-    model, name, trained = refdit_model()
-    samples = _samples(quick)
-    gt = torch.stack([s.target for s in samples])
-
-    def run(cfg: TokenMergingConfig | None) -> tuple[torch.Tensor, float]:
-        _apply(model, cfg)
-        outs, merged = [], 0
-        for i, s in enumerate(samples):  # noise seed i, as sample i of one seed-0 batch
-            outs.append(ts.generate(model, list(s.refs), s.prompt, steps=steps, seed=i))
-            st = merging_state(model)
-            merged += st.merged_tokens if st is not None else 0
-        remove_token_merging(model)
-        return torch.cat(outs), merged / len(samples)
-
-    dense, _ = run(None)
-    dense_gt = statistics.fmean(psnr(dense[i], gt[i]) for i in range(len(samples)))
-    results: dict[str, dict] = {}
-    for k, cfg in configs(quick).items():
-        t0 = time.perf_counter()
-        out, merged = (dense, 0) if cfg is None else run(cfg)
-        print(f"  refdit_quality {k}: {time.perf_counter() - t0:.0f}s", flush=True)
-        gt_psnr = statistics.fmean(psnr(out[i], gt[i]) for i in range(len(samples)))
-        results[k] = {
-            "config": None if cfg is None else cfg.__dict__,
-            "psnr_to_dense": psnr(out, dense) if cfg is not None else None,
-            "psnr_to_gt": gt_psnr,
-            "drop_db": dense_gt - gt_psnr,
-            "merged_tokens_per_step_per_layer": merged / steps / model.config.depth,
-        }
-    return {"model": name, "trained": trained, "steps": steps, "samples": len(samples),
-            "tasks": sorted({s.task for s in samples}), "target_tokens": model.config.grid ** 2,
-            "dense_psnr_to_gt": dense_gt, "configs": results}
-
-
-def refdit_speed(quick: bool, steps: int) -> dict:
-    """Whole 20-step generations at batch 1 (one held-out sample, one reference), every config, timed."""
-    model, name, _ = refdit_model()
-    sample = _samples(True)[0]
-    cfgs = configs(quick)
-
-    def run(n_steps: int) -> None:
-        ts.generate(model, list(sample.refs), sample.prompt, steps=n_steps, seed=0)
-
-    def prepare(cfg: TokenMergingConfig | None) -> Callable[[], None]:
-        def fn() -> None:
-            _apply(model, cfg)
-            run(2)
-        return fn
-
-    med = interleaved({k: lambda: run(steps) for k in cfgs}, repeats=3 if quick else 7,
-                      prepare={k: prepare(c) for k, c in cfgs.items()})
-    remove_token_merging(model)
-    sp = speedups(med)
-    return {"model": name, "steps": steps, "batch": 1, "references": 1,
-            "seconds": med, "speedup": {k: v[SPEED] for k, v in sp.items()}, "speedup_wall_and_cpu": sp}
 
 
 def refdit_large(quick: bool) -> dict:
@@ -226,7 +80,7 @@ def refdit_large(quick: bool) -> dict:
     sp = speedups(med)
     return {"model": "refdit-s-128px (random weights)", "references": 1, "forwards_per_run": len(times),
             "target_tokens": big.config.grid ** 2, "seconds": med,
-            "speedup": {k: v[SPEED] for k, v in sp.items()}, "speedup_wall_and_cpu": sp}
+            "speedup": {k: v[mr.SPEED] for k, v in sp.items()}, "speedup_wall_and_cpu": sp}
 
 
 # -------------------------------------------------------------------------------------------------- UNet
@@ -311,7 +165,7 @@ def unet_part(quick: bool, steps: int) -> dict:
         results[k] = {
             "config": c.__dict__ if isinstance(c, TokenMergingConfig) else c,
             "seconds": med[k],
-            "speedup": sp[k][SPEED],
+            "speedup": sp[k][mr.SPEED],
             "speedup_wall_and_cpu": sp[k],
             "psnr_to_dense": psnr(outs[k], dense, peak) if k != "dense" else None,
             "rel_rmse_to_dense": err,
@@ -351,7 +205,7 @@ def primitives(quick: bool) -> dict:
 
     med = interleaved({"ours": ours, "tomesd": theirs}, repeats=10 if quick else 30, warmup=2)
     return {"tokens": list(x.shape), "merged": r, "seconds": med,
-            "ours_over_tomesd_time": med["ours"][SPEED] / med["tomesd"][SPEED]}
+            "ours_over_tomesd_time": med["ours"][mr.SPEED] / med["tomesd"][mr.SPEED]}
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -359,22 +213,14 @@ def primitives(quick: bool) -> dict:
 
 def summarize(out: dict) -> dict:
     s: dict[str, Any] = {}
-    q, sp = out.get("refdit_quality"), out.get("refdit_speed")
-    if q and sp:
-        c, speed = q["configs"], sp["speedup"]
-        tome = [(1.0, 0.0)] + [(speed[k], v["drop_db"]) for k, v in c.items()
-                               if k.startswith("tome_r") and "cache" not in k and k in speed]
-        cat = [k for k in c if k.startswith("catome") and k in speed]
-        # headline CA-ToMe: the fastest that merges (>= 1 token per layer and step on average) with a quality
-        # drop of at most 1 dB (else the smallest drop)
-        ok = [k for k in cat if c[k]["drop_db"] <= 1.0 and c[k]["merged_tokens_per_step_per_layer"] >= 1.0]
-        best = max(ok, key=lambda k: speed[k]) if ok else min(cat, key=lambda k: c[k]["drop_db"])
-        s["catome_config"] = best
-        s["catome_speedup"] = speed[best]
-        s["catome_drop_db"] = c[best]["drop_db"]
-        s["tome_drop_db_at_equal_speed"], s["tome_equal_speed_extrapolated"] = at_equal_speed(tome, speed[best])
-        s["catome_psnr_to_dense"] = c[best]["psnr_to_dense"]
-        s["refdit_trained"] = q["trained"]
+    for key in mr.SUBJECTS:
+        q, sp = out.get(f"{key}_quality"), out.get(f"{key}_speed")
+        if q and sp:
+            part = mr.summarize(q, sp)
+            if key == "refdit":  # the headline: the issue's keys at top level
+                s.update(part)
+            else:
+                s[key] = part
     if out.get("refdit_large"):
         s["refdit_large_grid_tome_r0.5_speedup"] = out["refdit_large"]["speedup"]["tome_r0.5"]
         s["refdit_large_grid_tome_r0.5_cache5_speedup"] = out["refdit_large"]["speedup"]["tome_r0.5_cache5"]
@@ -397,11 +243,13 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = []
-    if "refdit_quality" in out and "refdit_speed" in out:
-        speed = out["refdit_speed"]["speedup"]
-        pts = {k: (speed[k], v["drop_db"]) for k, v in out["refdit_quality"]["configs"].items()
-               if k in speed and k != "dense"}
-        panels.append((f"RefDiT: {out['refdit_quality']['model'][:60]}", "PSNR drop to ground truth [dB]", pts))
+    for key in mr.SUBJECTS:
+        q, sp = out.get(f"{key}_quality"), out.get(f"{key}_speed")
+        if q and sp:
+            pts = {k: (sp["speedup"][k], v["drop_db"]) for k, v in q["configs"].items()
+                   if k in sp["speedup"] and k != "dense"}
+            title = f"RefDiT: {q['model']}, {q['target_tokens']} target tokens" + (", K/V cache" if q["kv_cache"] else "")
+            panels.append((title, "PSNR drop to ground truth [dB]", pts))
     if "unet" in out:
         pts = {k: (v["speedup"], v["psnr_to_dense"]) for k, v in out["unet"]["configs"].items() if k != "dense"}
         panels.append(("SD-style UNet (64x64 latents): ours vs tomesd", "PSNR to dense [dB]", pts))
@@ -410,7 +258,8 @@ def plot(out: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (title, ylabel, pts) in zip(axes[0], panels):
         for k, (x, y) in pts.items():
-            marker, color = (("s", "tab:red") if "tomesd" in k else ("^", "tab:green") if "catome" in k
+            marker, color = (("s", "tab:red") if "tomesd" in k else ("v", "tab:orange") if "sparse" in k
+                             else ("^", "tab:green") if "catome" in k
                              else ("D", "tab:purple") if "adaptive" in k else ("o", "tab:blue"))
             ax.scatter(x, y, marker=marker, color=color)
             ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -423,7 +272,8 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
-PARTS = ("refdit_quality", "refdit_speed", "refdit_large", "unet", "primitives")
+PARTS = ("refdit_quality", "refdit_speed", "refdit_small_quality", "refdit_small_speed", "refdit_large", "unet",
+         "primitives")
 
 
 def main() -> None:
@@ -432,11 +282,11 @@ def main() -> None:
     ap.add_argument("--part", default="all", help=f"comma list of {', '.join(PARTS)} (default: all); "
                     "results of parts not run are kept from an existing --out file")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/merging.json"))
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="RefDiT safetensors to use when no trained model ships (e.g. a training run's step)")
-    ap.add_argument("--arch", default="refdit-s", help="architecture name of --checkpoint")
+    ap.add_argument("--model", default=None, help="the headline RefDiT instead of refdit-sparse-64px: a shipped "
+                    "name, a checkpoint path or untrained:<config> (must support the K/V cache)")
     args = ap.parse_args()
-    CHECKPOINT.update(path=args.checkpoint, arch=args.arch)
+    if args.model is not None:
+        mr.SUBJECTS["refdit"] = dataclasses.replace(mr.SUBJECTS["refdit"], model=args.model)
     parts = PARTS if args.part == "all" else tuple(p.strip() for p in args.part.split(","))
     if any(p not in PARTS for p in parts):
         ap.error(f"--part takes a comma list of {PARTS}")
@@ -447,11 +297,12 @@ def main() -> None:
         old = json.loads(args.out.read_text())
         out.update({k: old[k] for k in PARTS if k in old and k not in parts and old.get("quick") == args.quick})
     steps = 8 if args.quick else 20
-    runners = {"refdit_quality": lambda: refdit_quality(args.quick, steps),
-               "refdit_speed": lambda: refdit_speed(args.quick, steps),
-               "refdit_large": lambda: refdit_large(args.quick),
-               "primitives": lambda: primitives(args.quick),
-               "unet": lambda: unet_part(args.quick, steps=2 if args.quick else 3)}
+    runners = {f"{key}_{what}": (lambda fn=fn, sub=sub: fn(sub, args.quick, steps))
+               for key, sub in mr.SUBJECTS.items() for what, fn in (("quality", mr.quality), ("speed", mr.speed))}
+    runners.update({
+        "refdit_large": lambda: refdit_large(args.quick),
+        "primitives": lambda: primitives(args.quick),
+        "unet": lambda: unet_part(args.quick, steps=2 if args.quick else 3)})
     for i, p in enumerate(parts):
         progress(i, len(parts), p)
         t0 = time.perf_counter()
@@ -462,7 +313,7 @@ def main() -> None:
     out["summary"] = summarize(out)
     out["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "device": "cpu",
-                      "speedup_basis": SPEED,
+                      "speedup_basis": mr.SPEED,
                       "note": "shared 2-core machine, one torch thread; speedups are ratios of median CPU "
                               "(process) times within one part's run; wall-clock ratios are stored too"}
     out["quick"] = args.quick

@@ -13,12 +13,12 @@ ref_attends_target=False, whose context K/V are computed once per generation.
 
 from __future__ import annotations
 
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import parser, progress, write_json
+from common import interleaved, parser, progress, speedups, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -72,29 +72,23 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
         refs = [torch.rand(3, size, size, generator=g) for _ in range(n_refs)]
         prompt = " ".join(PROMPT.split()[:3]) if n_refs == 1 else PROMPT
 
-        def gen(setting: str, n_steps: int = steps) -> torch.Tensor:
+        def gen(setting: str, n_steps: int = steps, refs: list = refs, prompt: str = prompt) -> torch.Tensor:
             return ts.generate(configure(pair, setting), refs, prompt, steps=n_steps, seed=0)
 
-        times: dict[str, list[float]] = {s: [] for s in settings}
-        walls: dict[str, list[float]] = {s: [] for s in settings}
-        for _ in range(repeats):  # interleaved repeats
-            for s in settings:
-                gen(s, 2)  # untimed warm-up in this setting: after a switch the allocator holds none of its sizes
-                t0, w0 = time.process_time(), time.perf_counter()
-                gen(s)
-                times[s].append(time.process_time() - t0)
-                walls[s].append(time.perf_counter() - w0)
+        def prepare(setting: str) -> Callable[[], object]:
+            return lambda: gen(setting, 2)  # untimed 2-step warm-up in the setting about to be timed
+
+        med = interleaved({s: (lambda s=s: gen(s)) for s in settings}, repeats, warmup=0,
+                          prepare={s: prepare(s) for s in settings})
         flops = {s: count_flops(lambda s=s: gen(s)) for s in settings}
-        dense_t = statistics.median(times["dense"])
+        sp = speedups(med)
         for s in settings:
-            med = statistics.median(times[s])
-            row = {"arch": arch, "refs": n_refs, "setting": s, "seconds": med, "speedup": dense_t / med,
-                   "wall_seconds": statistics.median(walls[s]),
-                   "wall_speedup": statistics.median(walls["dense"]) / statistics.median(walls[s]),
-                   "gflops": flops[s] / 1e9, "flop_ratio": flops["dense"] / flops[s], "times": times[s]}
+            row = {"arch": arch, "refs": n_refs, "setting": s, "seconds": med[s]["cpu"], "speedup": sp[s]["cpu"],
+                   "wall_seconds": med[s]["wall"], "wall_speedup": sp[s]["wall"],
+                   "gflops": flops[s] / 1e9, "flop_ratio": flops["dense"] / flops[s], "times": med[s]["cpu_all"]}
             row["efficiency"] = row["speedup"] / row["flop_ratio"]
             rows.append(row)
-            print(f"{arch} refs={n_refs} {s:<22} {med:7.3f} s  {row['speedup']:5.2f}x  "
+            print(f"{arch} refs={n_refs} {s:<22} {row['seconds']:7.3f} s  {row['speedup']:5.2f}x  "
                   f"FLOP ratio {row['flop_ratio']:5.2f}x  eff {row['efficiency']:.2f}", flush=True)
         for m in pair.values():
             ts.remove_sparse_context(m)

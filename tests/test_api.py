@@ -106,7 +106,7 @@ def test_kv_cache_generation_is_exact_and_stacks_with_sparsity(tiny_kv):
         ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(keep=keep, selector="uniform", cache=True))
         seen = []
         hook = tiny_kv.blocks[0].mlp.register_forward_hook(
-            lambda m, a, kw, out: seen.append(kw.get("role")), with_kwargs=True)
+            lambda m, a, kw, out, seen=seen: seen.append(kw.get("role")), with_kwargs=True)
         cached = gen(tiny_kv, refs)
         hook.remove()
         assert torch.equal(plain, cached)

@@ -92,6 +92,23 @@ def test_adaptive_threshold_counts_and_batch_minimum() -> None:
     assert m.src.tolist() == [[1], [1]]
 
 
+def test_centred_similarity_ignores_a_shared_component() -> None:
+    """A large component common to every token makes raw cosines ~1 (an adaptive threshold merges all);
+    centred, only the sources that really resemble a destination merge."""
+    g = torch.Generator().manual_seed(0)
+    detail = torch.randn(1, 16, 8, generator=g)
+    detail[0, 1] = detail[0, 0] * 2  # source 1 points the way of destination 0
+    x = detail + 100 * torch.ones(8)
+    is_dst = torch.zeros(16, dtype=torch.bool)
+    is_dst[0::4] = True
+    assert match(x, is_dst, threshold=0.9).num_merged == 12  # every source
+    centred = match(x, is_dst, threshold=0.9, center=True)
+    assert 1 <= centred.num_merged < 12 and 1 in centred.src[0].tolist()
+    assert TokenMergingConfig().center and not TokenMergingConfig(center=False).center
+    with pytest.raises(TypeError):
+        TokenMergingConfig(center=1)
+
+
 def test_bad_match_arguments() -> None:
     metric, is_dst = _hand_case()
     with pytest.raises(ValueError):

@@ -79,12 +79,12 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
     for s in examples:
         n_tokens = len(s.refs) * model.config.grid ** 2
         generate(model, s.refs, s.prompt, steps=2)  # warm-up
-        dense, t_dense = _timed(lambda: generate(model, s.refs, s.prompt, steps=steps))
+        dense, t_dense = _timed(lambda s=s: generate(model, s.refs, s.prompt, steps=steps))
         apply_sparse_context(model, cfg)
         kept_seqs: list = []  # registered after Sparse Context's hook, so it sees the kept tokens
-        probe = model.ref_embedder.register_forward_hook(lambda m, a, out: kept_seqs.append(out))
+        probe = model.ref_embedder.register_forward_hook(lambda m, a, out, kept=kept_seqs: kept.append(out))
         generate(model, s.refs, s.prompt, steps=2)  # warm-up
-        sparse, t_sparse = _timed(lambda: generate(model, s.refs, s.prompt, steps=steps))
+        sparse, t_sparse = _timed(lambda s=s: generate(model, s.refs, s.prompt, steps=steps))
         probe.remove()
         remove_sparse_context(model)
         kept = int(kept_seqs[-1].counts()[0])

@@ -6,7 +6,10 @@ One *matching* turns ``N`` tokens laid out on an ``h x w`` grid into ``M = N - r
 
 1. **Destinations**: one random token per 2x2 cell (tokens outside whole cells are destinations too, so
    they are never merged); every other token is a *source*.
-2. **Bipartite soft matching**: each source picks its most cosine-similar destination.
+2. **Bipartite soft matching**: each source picks its most cosine-similar destination. By default the
+   similarity is taken after subtracting the sequence's mean token: a DiT's hidden states share a large common
+   component that makes raw cosines ~1 for most pairs in some layers (an adaptive threshold then merges almost
+   everything there); centred, similarities mean the same in every layer.
 3. **Merge** the ``r`` sources with the highest similarity into their destinations (size-weighted average);
    ``r = int(ratio * N)`` (ToMe), or, in *adaptive* mode, the number of sources whose best similarity is at
    least ``threshold`` (CA-ToMe).
@@ -66,6 +69,8 @@ class TokenMergingConfig:
         Step 0 always computes (there is nothing to reuse yet).
     merge_attn / merge_cross / merge_mlp: which sublayers of a block run on merged tokens: self-attention,
         cross-attention (UNets; RefDiT has none), feed-forward.
+    center: measure similarity after subtracting each sequence's mean token (default; see the module
+        docstring). ``False`` gives the raw cosine of ToMe / tomesd.
     max_downsample: merge only in layers whose token grid is at most this much coarser than the finest one
         (UNets: ``1`` = top level only, like tomesd; ``2`` adds the next level, ...). DiTs have one level.
     seed: seeds the generator that picks destinations; reseeded at the start of every generation.
@@ -78,6 +83,7 @@ class TokenMergingConfig:
     merge_attn: bool = True
     merge_mlp: bool = True
     merge_cross: bool = False
+    center: bool = True
     max_downsample: int = 1
     seed: int = 0
 
@@ -102,7 +108,7 @@ class TokenMergingConfig:
             if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
                 raise ValueError(f"recompute_steps must be non-negative ints, got {self.recompute_steps}")
             self.recompute_steps = tuple(sorted(set(steps)))
-        for name in ("merge_attn", "merge_mlp", "merge_cross"):
+        for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int):
@@ -259,12 +265,13 @@ def random_destinations(h: int, w: int, generator: torch.Generator | None = None
 
 
 def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: float | None = None,
-          cap: int | None = None) -> Matching:
+          cap: int | None = None, center: bool = False) -> Matching:
     """Bipartite soft matching of ``metric`` ``(B, N, C)`` with destinations ``is_dst`` ``(N,)``.
 
     Exactly one of ``num`` (merge this many sources, ToMe) and ``threshold`` (merge sources whose best
     cosine similarity is ``>= threshold``, the minimum count over the batch, CA-ToMe) is given; ``cap`` bounds
-    the adaptive count. Ties are broken by position (stable sort), so results are deterministic.
+    the adaptive count. ``center``: cosine similarity of the tokens minus their sequence's mean token.
+    Ties are broken by position (stable sort), so results are deterministic.
     """
     if (num is None) == (threshold is None):
         raise ValueError("give exactly one of num and threshold")
@@ -283,7 +290,7 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
         best = best_dst = order = None
     else:
         with torch.no_grad():
-            m = F.normalize(metric, dim=-1, eps=1e-6)
+            m = F.normalize(metric - metric.mean(1, keepdim=True) if center else metric, dim=-1, eps=1e-6)
             scores = m.index_select(1, src_pos) @ m.index_select(1, dst_pos).transpose(1, 2)  # (B, Ns, Nd)
             best, best_dst = scores.max(dim=-1)                                    # (B, Ns)
         if num is not None:
@@ -314,7 +321,8 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
 
 def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: float = 0.0,
                             threshold: float | None = None, generator: torch.Generator | None = None,
-                            cell: tuple[int, int] = (2, 2)) -> tuple[Callable[..., Tensor], Callable[[Tensor], Tensor]]:
+                            cell: tuple[int, int] = (2, 2), center: bool = False,
+                            ) -> tuple[Callable[..., Tensor], Callable[[Tensor], Tensor]]:
     """ToMe in one call: ``(merge, unmerge)`` for tokens ``metric`` ``(B, h*w, C)`` on ``grid = (h, w)``.
 
     ``ratio`` merges ``int(ratio * N)`` tokens; with ``threshold`` set, merges adaptively (``ratio`` > 0 caps).
@@ -326,9 +334,9 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
     is_dst = random_destinations(h, w, generator, cell)
     n_src = int((~is_dst).sum())
     if threshold is None:
-        m = match(metric, is_dst, num=int(n * ratio))
+        m = match(metric, is_dst, num=int(n * ratio), center=center)
     else:
-        m = match(metric, is_dst, threshold=threshold, cap=int(n * ratio) if ratio > 0 else n_src)
+        m = match(metric, is_dst, threshold=threshold, cap=int(n * ratio) if ratio > 0 else n_src, center=center)
     return m.merge, m.unmerge
 
 

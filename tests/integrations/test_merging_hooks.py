@@ -186,6 +186,22 @@ def test_composes_with_sparse_context(refdit: ts.RefDiT) -> None:
     assert torch.equal(refdit(*args), dense)
 
 
+def test_merging_on_the_kv_cache_is_exact() -> None:
+    """Merging acts on target tokens only, so with the reference K/V cache it gives what it gives without."""
+    model = _randomize(ts.build_model("refdit-tiny", image_size=32, ref_attends_target=False))
+    g = torch.Generator().manual_seed(3)
+    refs = [torch.rand(3, 32, 32, generator=g)]
+    outs = {}
+    for cache in (False, True):
+        ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.5, selector="uniform", cache=cache))
+        apply_token_merging(model, TokenMergingConfig(threshold=0.5, recompute_every=2))
+        outs[cache] = ts.generate(model, refs, "red", steps=4, seed=0)
+        assert merging_state(model).merged_tokens > 0
+        remove_token_merging(model)
+    ts.remove_sparse_context(model)
+    assert torch.equal(outs[False], outs[True])
+
+
 def test_bad_targets_and_configs(refdit: ts.RefDiT) -> None:
     for bad in (nn.Linear(2, 2), object(), "refdit"):
         with pytest.raises(TypeError, match="RefDiT"):

@@ -94,6 +94,16 @@ def test_list_and_build_models():
         ts.build_model("nope")
 
 
+def test_every_shipped_checkpoint_loads_into_its_architecture():
+    from tokensparse.models.zoo import CHECKPOINTS, CONFIGS
+
+    for name, info in ts.list_models().items():
+        if name in CHECKPOINTS:
+            assert info["weights"], f"{name} does not ship"
+            model = ts.load_model(name)
+            assert model.config == CONFIGS[CHECKPOINTS[name]] and not model.training
+
+
 def test_cached_context_kv_is_exact(tiny_kv):
     refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])
     kv = tiny_kv.context_kv(refs, p)

@@ -94,9 +94,9 @@ class TokenMergingState:
             n_src = int((~is_dst).sum())
             metric = x.mean(0, keepdim=True) if shared else x
             if cfg.adaptive:
-                m = match(metric, is_dst, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src))
+                m = match(metric, is_dst, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src), center=cfg.center)
             else:
-                m = match(metric, is_dst, num=cfg.num_merged(n, n_src))
+                m = match(metric, is_dst, num=cfg.num_merged(n, n_src), center=cfg.center)
             return m.expand(x.shape[0]) if shared else m
 
         m = self.cache.lookup(layer, self.step, x, compute)
