@@ -11,7 +11,8 @@ A third RefDiT timing runs a random-weight ``refdit-s-128px`` (32x32 = 1,024 tar
 
 UNet: an SD-style ``UNet2DConditionModel`` built from a config (64x64 latents = 4,096 tokens at its top level,
 batch 2 as with classifier-free guidance), driven by a DDIM loop; our hooks side by side with the ``tomesd``
-package (benchmark-only dependency) at ratio 0.5 with tomesd's defaults (self-attention only, top level).
+package (benchmark-only dependency) at ratio 0.5 with tomesd's defaults (self-attention only, top level); ours
+with its default centred cosine and, like for like, with tomesd's raw cosine (``ours_r0.5_raw``).
 Quality = PSNR of the final latent to the dense one (peak = the dense latent's range).
 
 Every speedup is a ratio of medians taken within this run on this machine. Writes JSON and a PNG plot.
@@ -126,8 +127,10 @@ def unet_part(quick: bool, steps: int) -> dict:
     cfgs: dict[str, Any] = {"dense": None}
     ratios = (0.5,) if quick else (0.5, 0.7)
     for r in ratios:
-        cfgs[f"ours_r{r}"] = TokenMergingConfig(ratio=r, merge_mlp=False)  # tomesd's defaults
+        cfgs[f"ours_r{r}"] = TokenMergingConfig(ratio=r, merge_mlp=False)  # tomesd's sublayers, centred cosine
     cfgs["tomesd_r0.5"] = "tomesd"
+    if not quick:  # tomesd's raw cosine: the like-for-like matching
+        cfgs["ours_r0.5_raw"] = TokenMergingConfig(ratio=0.5, merge_mlp=False, center=False)
     cfgs["ours_r0.5_cache5"] = TokenMergingConfig(ratio=0.5, merge_mlp=False, recompute_every=5)
     if not quick:
         cfgs["ours_catome_t0.6_every5"] = TokenMergingConfig(threshold=0.6, merge_mlp=False, recompute_every=5)
@@ -196,7 +199,7 @@ def primitives(quick: bool) -> dict:
     r = x.shape[1] // 2
 
     def ours() -> None:
-        m = match(x, random_destinations(64, 64, g), num=r)
+        m = match(x, random_destinations(64, 64, g), num=r)  # raw cosine, as tomesd
         m.unmerge(m.merge(x))
 
     def theirs() -> None:
@@ -231,6 +234,10 @@ def summarize(out: dict) -> dict:
         s["unet_tomesd_r0.5_speedup"] = c["tomesd_r0.5"]["speedup"]
         s["vs_tomesd_speed_ratio"] = c["ours_r0.5"]["speedup"] / c["tomesd_r0.5"]["speedup"]
         s["vs_tomesd_err_ratio"] = c["ours_r0.5"]["rel_rmse_to_dense"] / c["tomesd_r0.5"]["rel_rmse_to_dense"]
+        if "ours_r0.5_raw" in c:
+            s["vs_tomesd_speed_ratio_raw"] = c["ours_r0.5_raw"]["speedup"] / c["tomesd_r0.5"]["speedup"]
+            s["vs_tomesd_err_ratio_raw"] = (c["ours_r0.5_raw"]["rel_rmse_to_dense"]
+                                            / c["tomesd_r0.5"]["rel_rmse_to_dense"])
     if out.get("primitives"):
         s["primitives_ours_over_tomesd_time"] = out["primitives"]["ours_over_tomesd_time"]
     return s

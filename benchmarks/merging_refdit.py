@@ -16,6 +16,7 @@ setting timed interleaved after an untimed warm-up in it, median CPU time.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def settings(subject: Subject, quick: bool) -> dict[str, Setting]:
     for r in ((0.5,) if quick else (0.25, 0.5, 0.75)):
         out[f"tome_r{r}"] = (TokenMergingConfig(ratio=r), 1.0)
     out["tome_r0.5_cache5"] = (TokenMergingConfig(ratio=0.5, recompute_every=5), 1.0)
+    if not quick:  # the raw cosine of ToMe / tomesd (and of tokensparse before 0.2)
+        out["tome_r0.5_raw"] = (TokenMergingConfig(ratio=0.5, center=False), 1.0)
     for thr in (0.4,) if quick else (0.5, 0.4):
         out[f"adaptive_t{thr}"] = (TokenMergingConfig(threshold=thr), 1.0)
         out[f"catome_t{thr}_every5"] = (TokenMergingConfig(threshold=thr, recompute_every=5), 1.0)
@@ -84,6 +87,12 @@ def configure(model: ts.RefDiT, subject: Subject, setting: Setting) -> None:
         apply_token_merging(model, merging)
 
 
+def pooled_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR (peak 1) of the mean squared error over all images at once; 99 dB where identical."""
+    mse = float((x.double() - ref.double()).pow(2).mean())
+    return 99.0 if mse == 0 else min(99.0, 10 * math.log10(1.0 / mse))
+
+
 def samples(model: ts.RefDiT, quick: bool) -> list:
     n = 2 if quick else 6  # per family; editing and subject tasks take one reference each
     return [s for fam in ("editing", "subject") for s in heldout(fam, n, model.config.image_size)]
@@ -105,12 +114,14 @@ def quality(subject: Subject, quick: bool, steps: int) -> dict:
             st = merging_state(model)
             merged += st.merged_tokens if st is not None else 0
         outs[key] = out = torch.cat(imgs)
-        base = outs["dense"] if setting[1] == 1.0 else outs.get(f"sparse{setting[1]}+dense", out)
+        base = outs["dense" if setting[1] == 1.0 else f"sparse{setting[1]}+dense"]  # same keep, no merging
         results[key] = {
             "merging": None if setting[0] is None else setting[0].__dict__, "keep": setting[1],
-            "psnr_to_unmerged": float(psnr(out, base).clamp(max=99).mean()) if setting[0] is not None else None,
+            "psnr_to_unmerged": pooled_psnr(out, base) if setting[0] is not None else None,
             "psnr_to_gt": float(psnr(out, gt).mean()),
             "merged_tokens_per_step_per_layer": merged / len(data) / steps / model.config.depth,
+            # an earlier setting whose outputs are identical (e.g. a threshold whose cap binds everywhere)
+            "same_outputs_as": next((k for k, o in outs.items() if k != key and torch.equal(o, out)), None),
         }
         print(f"  {subject.model} quality {key}: {results[key]['psnr_to_gt']:.2f} dB "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -159,17 +170,17 @@ def at_equal_speed(points: list[tuple[float, float]], speed: float) -> tuple[flo
 
 
 def summarize(q: dict, sp: dict) -> dict[str, Any]:
-    """The headline CA-ToMe setting (``HEADLINE``) against ToMe (ratios 0.25-0.75, no cache) at equal speed,
-    interpolated along ToMe's speed / drop curve (dense = (1, 0))."""
+    """The headline CA-ToMe setting (``HEADLINE``) against ToMe (ratios 0.25-0.75, no cache, centred) at equal
+    speed, interpolated along ToMe's speed / drop curve (dense = (1, 0))."""
     c, speed_ = q["configs"], sp["speedup"]
     tome = [(1.0, 0.0)] + [(speed_[k], v["drop_db"]) for k, v in c.items()
-                           if k.startswith("tome_r") and "cache" not in k and v["keep"] == 1.0]
+                           if k.startswith("tome_r") and "cache" not in k and "raw" not in k and v["keep"] == 1.0]
     best = HEADLINE
     tome_drop, extrapolated = at_equal_speed(tome, speed_[best])
     s = {"catome_config": best, "catome_speedup": speed_[best], "catome_drop_db": c[best]["drop_db"],
          "tome_drop_db_at_equal_speed": tome_drop, "tome_equal_speed_extrapolated": extrapolated,
-         "catome_psnr_to_dense": c[best]["psnr_to_unmerged"], "model": q["model"],
-         "target_tokens": q["target_tokens"],
+         "catome_psnr_to_unmerged": c[best]["psnr_to_unmerged"], "catome_same_outputs_as": c[best]["same_outputs_as"],
+         "model": q["model"], "target_tokens": q["target_tokens"], "kv_cache": q["kv_cache"],
          # every CA-ToMe setting against ToMe at its speed (negative: CA-ToMe loses less)
          "catome_minus_tome_at_equal_speed_db": {
              k: c[k]["drop_db"] - at_equal_speed(tome, speed_[k])[0]

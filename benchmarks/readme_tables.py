@@ -63,15 +63,19 @@ def speed() -> None:
     print(f"\nEfficiency (measured speedup / FLOP ratio), lowest over the dropping and caching settings: "
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
-    other = load("speed_run2")
-    if other:
-        o, m = other["summary"]["speedup"], d["summary"]["speedup"]
-        print("Run-to-run spread on this shared machine: a second full run of the same code "
-              "(`benchmarks/results/speed_run2.json`) "
-              f"gave 4 refs sparse0.25 {o['4']['sparse0.25']:.2f}× (this run {m['4']['sparse0.25']:.2f}×), "
-              f"sparse0.25+kv {o['4']['sparse0.25+kv']:.2f}× ({m['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
-              f"{o['1']['sparse0.25+kv']:.2f}× ({m['1']['sparse0.25+kv']:.2f}×); minimum efficiency "
-              f"{other['summary']['min_efficiency']:.2f} ({d['summary']['min_efficiency']:.2f}).\n")
+    m = d["summary"]
+    for name, what in (("speed_run2", "Run-to-run spread on this shared machine: a second full run of the same code"),
+                       ("speed_run3", "A third, after the timing loop moved into `benchmarks/common.py` "
+                                      "(partly beside other single-thread work)")):
+        other = load(name)
+        if other:
+            o = other["summary"]
+            print(f"{what} (`benchmarks/results/{name}.json`) gave 4 refs "
+                  f"sparse0.25 {o['speedup']['4']['sparse0.25']:.2f}× (this run {m['speedup']['4']['sparse0.25']:.2f}×), "
+                  f"sparse0.25+kv {o['speedup']['4']['sparse0.25+kv']:.2f}× "
+                  f"({m['speedup']['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
+                  f"{o['speedup']['1']['sparse0.25+kv']:.2f}× ({m['speedup']['1']['sparse0.25+kv']:.2f}×); minimum "
+                  f"efficiency {o['min_efficiency']:.2f} ({m['min_efficiency']:.2f}).\n")
 
 
 def quality() -> None:
@@ -145,6 +149,17 @@ def selection() -> None:
           f"(attention probe: {s['selection_overhead_frac_attention']:.4f}).\n")
 
 
+def _merging_desc(cfg: dict) -> str:
+    """A TokenMergingConfig (as stored in the JSON) in words."""
+    parts = [f"centred cosine threshold {cfg['threshold']:g}" if cfg.get("center", True) and cfg["threshold"]
+             is not None else f"threshold {cfg['threshold']:g}" if cfg["threshold"] is not None else ""]
+    if cfg["ratio"]:
+        parts.append(f"ratio {cfg['ratio']:g}" + (" as the cap" if cfg["threshold"] is not None else ""))
+    parts.append(f"matchings every {cfg['recompute_every']} steps" if cfg["recompute_every"] > 1 else
+                 "matchings every step")
+    return ", ".join(p for p in parts if p)
+
+
 def merging() -> None:
     d = load("merging")
     if not d:
@@ -152,57 +167,72 @@ def merging() -> None:
     s = d["summary"]
     q, sp = d.get("refdit_quality"), d.get("refdit_speed")
     if q and sp:
+        c = q["configs"]
+        keeps = sorted({v["keep"] for v in c.values() if v["keep"] < 1.0})
+        repeats = len(sp["seconds"]["dense"]["cpu_all"])
         print(f"**Token merging on RefDiT** (`benchmarks/merging.py`; `{q['model']}`, {q['target_tokens']} target "
-              f"tokens, reference K/V cache on, {q['steps']} steps, {q['samples']} held-out editing and subject "
-              "samples one at a time, one CPU thread; speedup over the same model without merging, drop = PSNR to "
-              "ground truth lost; `sparse0.25+`: stacked on Sparse Context, auto selection of 25 % of the "
-              "reference tokens, compared with the dense model):\n")
+              f"tokens, reference K/V cache {'on' if q['kv_cache'] else 'off'}, {q['steps']} steps, {q['samples']} "
+              "held-out editing and subject samples one at a time, one CPU thread, median of "
+              f"{repeats} interleaved timing repeats; speedup over the same model without merging, drop = PSNR to "
+              "ground truth lost, PSNR to unmerged pooled over the samples; thresholds are centred cosines, "
+              "`_raw` = the raw cosine of ToMe / tomesd"
+              + "".join(f"; `sparse{k:g}+`: stacked on Sparse Context, auto selection of {k:.0%} of the reference "
+                        "tokens, drop against the dense model" for k in keeps) + "):\n")
         print("| config | speedup | drop (dB) | PSNR to unmerged (dB) | merged tokens / layer |")
         print("|---|---|---|---|---|")
-        for name, c in q["configs"].items():
+        for name, v in c.items():
             if name == "dense":
                 continue
-            to_unmerged = "–" if c["psnr_to_unmerged"] is None else f"{c['psnr_to_unmerged']:.2f}"
-            print(f"| {name} | {sp['speedup'][name]:.2f}× | {c['drop_db']:+.2f} | {to_unmerged} | "
-                  f"{c['merged_tokens_per_step_per_layer']:.0f} |")
-        c = q["configs"]
-        same = [k for k in c if k.startswith("tome") and k != s["catome_config"]
-                and c[k]["psnr_to_gt"] == c[s["catome_config"]]["psnr_to_gt"]]
-        print(f"\nHeadline CA-ToMe ({s['catome_config']}, chosen from an exploratory sweep before this run: ToMe's ratio 0.5 as the cap, centred "
-              f"cosine threshold 0.3, matchings every 5 steps): {s['catome_speedup']:.2f}× at {s['catome_drop_db']:+.2f} "
+            to_unmerged = "–" if v["psnr_to_unmerged"] is None else f"{v['psnr_to_unmerged']:.2f}"
+            print(f"| {name} | {sp['speedup'][name]:.2f}× | {v['drop_db']:+.2f} | {to_unmerged} | "
+                  f"{v['merged_tokens_per_step_per_layer']:.0f} |")
+        head = s["catome_config"]
+        same = s.get("catome_same_outputs_as")
+        print(f"\nHeadline CA-ToMe ({head}, chosen from an exploratory sweep before the benchmark runs: "
+              f"{_merging_desc(c[head]['merging'])}): {s['catome_speedup']:.2f}× at {s['catome_drop_db']:+.2f} "
               f"dB, where ToMe without a cache at the same speed loses {s['tome_drop_db_at_equal_speed']:.2f} dB"
               + (" (extrapolated)" if s["tome_equal_speed_extrapolated"] else "") + "."
-              + (f" Here the cap binds in every layer and step, so it computes exactly what {same[0]} computes "
-                 "(same outputs): what it gains over ToMe comes from the cache, not the threshold." if same else "")
+              + (f" Its outputs are identical to {same}'s (the cap binds in every layer and step), which this run "
+                 f"times at {sp['speedup'][same]:.2f}×: what CA-ToMe gains over ToMe here comes from reusing "
+                 "matchings, not from the threshold." if same else "")
               + " Each CA-ToMe setting minus ToMe at its speed: " + ", ".join(
                   f"{k} {v:+.2f} dB" for k, v in s["catome_minus_tome_at_equal_speed_db"].items()) + ".")
         old = load("merging_run1")
-        if old and old.get("summary", {}).get("catome_config") == s["catome_config"]:
+        if old and old.get("summary", {}).get("catome_config") == head:
             o = old["summary"]
-            print(f"An earlier full run (7 timing repeats instead of 15) measured ToMe ratio 0.5 at "
-                  f"{old['refdit_speed']['speedup']['tome_r0.5']:.2f}× and the headline at {o['catome_speedup']:.2f}×, "
-                  f"{o['catome_drop_db'] - o['tome_drop_db_at_equal_speed']:+.2f} dB against ToMe at equal speed "
-                  f"(this run: {s['catome_drop_db'] - s['tome_drop_db_at_equal_speed']:+.2f} dB): a tie within the "
-                  "timing noise (`benchmarks/results/merging_run1.json`).")
+            print(f"The first run of the whole benchmark (`benchmarks/results/merging_run1.json`, "
+                  f"{len(old['refdit_speed']['seconds']['dense']['cpu_all'])} timing repeats, raw-cosine rows not "
+                  f"yet in it) measured ToMe ratio 0.5 at {old['refdit_speed']['speedup']['tome_r0.5']:.2f}× and the "
+                  f"headline at {o['catome_speedup']:.2f}×, {o['catome_drop_db'] - o['tome_drop_db_at_equal_speed']:+.2f}"
+                  f" dB against ToMe at equal speed (this run: {s['catome_drop_db'] - s['tome_drop_db_at_equal_speed']:+.2f}"
+                  " dB): the comparison moves with the timing noise.")
         small = s.get("refdit_small")
         if small:
             rs = d["refdit_small_speed"]["speedup"]
             fastest = max((k for k in rs if k != "dense"), key=rs.get)
-            print(f"On `{small['model']}` ({small['target_tokens']} target tokens) merging saves less than it costs: "
-                  f"fastest {fastest} {rs[fastest]:.2f}×, headline {small['catome_config']} "
-                  f"{small['catome_speedup']:.2f}×. A random-weight RefDiT with 1,024 target tokens runs ToMe "
-                  f"ratio 0.5 at {s['refdit_large_grid_tome_r0.5_speedup']:.2f}×.\n")
-    u = d["unet"]
+            print(f"On `{small['model']}` ({small['target_tokens']} target tokens) merging saves about what it costs "
+                  f"or less: fastest {fastest} {rs[fastest]:.2f}×, headline {small['catome_config']} "
+                  f"{small['catome_speedup']:.2f}×.", end=" ")
+        if "refdit_large_grid_tome_r0.5_speedup" in s:
+            print(f"A random-weight RefDiT with 1,024 target tokens runs ToMe ratio 0.5 at "
+                  f"{s['refdit_large_grid_tome_r0.5_speedup']:.2f}×.", end="")
+        print("\n")
+    u = d.get("unet")
+    if not u:
+        return
     print(f"**Token merging on an SD-style UNet** (`benchmarks/merging.py`; built from config, "
-          f"{u['top_level_tokens']} top-level tokens, {u['steps']}-step {u['sampler']}, one CPU thread):\n")
+          f"{u['top_level_tokens']} top-level tokens, {u['steps']}-step {u['sampler']}, one CPU thread; "
+          "`ours_*` with the default centred cosine, `_raw` with tomesd's raw cosine):\n")
     print("| config | speedup | PSNR to dense (dB) |")
     print("|---|---|---|")
-    for name, c in u["configs"].items():
+    for name, v in u["configs"].items():
         if name == "dense":
             continue
-        print(f"| {name} | {c['speedup']:.2f}× | {c['psnr_to_dense']:.2f} |")
+        print(f"| {name} | {v['speedup']:.2f}× | {v['psnr_to_dense']:.2f} |")
     print(f"\nvs tomesd at ratio 0.5: speed ratio {s['vs_tomesd_speed_ratio']:.2f}, error ratio "
-          f"{s['vs_tomesd_err_ratio']:.2f}.\n")
+          f"{s['vs_tomesd_err_ratio']:.2f}" + (
+              f" (raw cosine, like for like: {s['vs_tomesd_speed_ratio_raw']:.2f} and {s['vs_tomesd_err_ratio_raw']:.2f})"
+              if "vs_tomesd_err_ratio_raw" in s else "") + ".\n")
 
 
 def guidance() -> None:

@@ -6,10 +6,11 @@ One *matching* turns ``N`` tokens laid out on an ``h x w`` grid into ``M = N - r
 
 1. **Destinations**: one random token per 2x2 cell (tokens outside whole cells are destinations too, so
    they are never merged); every other token is a *source*.
-2. **Bipartite soft matching**: each source picks its most cosine-similar destination. By default the
-   similarity is taken after subtracting the sequence's mean token: a DiT's hidden states share a large common
-   component that makes raw cosines ~1 for most pairs in some layers (an adaptive threshold then merges almost
-   everything there); centred, similarities mean the same in every layer.
+2. **Bipartite soft matching**: each source picks its most cosine-similar destination. ``TokenMergingConfig``
+   (what the hooks use) takes the similarity after subtracting the sequence's mean token (``center=True``):
+   a DiT's hidden states share a large common component that makes raw cosines ~1 for most pairs in some
+   layers (an adaptive threshold then merges almost everything there); centred, they are comparable across
+   layers. The functions below take ``center=`` and default to the raw cosine of ToMe / tomesd.
 3. **Merge** the ``r`` sources with the highest similarity into their destinations (size-weighted average);
    ``r = int(ratio * N)`` (ToMe), or, in *adaptive* mode, the number of sources whose best similarity is at
    least ``threshold`` (CA-ToMe).
@@ -61,19 +62,23 @@ class TokenMergingConfig:
 
     ratio: fraction of a layer's tokens merged away, in ``[0, 1)`` (ToMe). ``0`` with no threshold is the
         dense model, exactly. In adaptive mode a nonzero ratio caps the fraction merged.
-    threshold: adaptive mode (CA-ToMe) when set: merge every source whose best cosine similarity is at
-        least ``threshold``. Cosine similarity never exceeds 1, so ``threshold > 1`` is the dense model.
+    threshold: adaptive mode (CA-ToMe) when set: merge every source whose best cosine similarity (centred,
+        unless ``center=False``) is at least ``threshold``. Cosine similarity never exceeds 1, so
+        ``threshold > 1`` is the dense model. Centred similarities run lower than raw ones: on the shipped
+        refdit-sparse-64px a centred 0.5 merges about as much as a raw 0.8 (~80 of 256 tokens per layer).
     recompute_every: recompute a layer's matching every this many denoising steps and reuse it in between
         (``1``: every step, no cache).
     recompute_steps: explicit steps (0-based) at which to recompute; overrides ``recompute_every``.
         Step 0 always computes (there is nothing to reuse yet).
     merge_attn / merge_cross / merge_mlp: which sublayers of a block run on merged tokens: self-attention,
         cross-attention (UNets; RefDiT has none), feed-forward.
-    center: measure similarity after subtracting each sequence's mean token (default; see the module
-        docstring). ``False`` gives the raw cosine of ToMe / tomesd.
     max_downsample: merge only in layers whose token grid is at most this much coarser than the finest one
         (UNets: ``1`` = top level only, like tomesd; ``2`` adds the next level, ...). DiTs have one level.
     seed: seeds the generator that picks destinations; reseeded at the start of every generation.
+    center: measure similarity after subtracting each sequence's mean token (default; see the module
+        docstring). ``False`` gives the raw cosine of ToMe / tomesd (and of tokensparse before 0.2): thresholds
+        tuned for raw cosines merge far less when centred. ``benchmarks/merging.py`` runs ToMe both ways
+        (``tome_r0.5_raw``, ``ours_r0.5_raw``).
     """
 
     ratio: float = 0.0
@@ -83,9 +88,9 @@ class TokenMergingConfig:
     merge_attn: bool = True
     merge_mlp: bool = True
     merge_cross: bool = False
-    center: bool = True
     max_downsample: int = 1
     seed: int = 0
+    center: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -290,7 +295,8 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
         best = best_dst = order = None
     else:
         with torch.no_grad():
-            m = F.normalize(metric - metric.mean(1, keepdim=True) if center else metric, dim=-1, eps=1e-6)
+            m = metric.float()  # centring and cosines in float32 also for half-precision models
+            m = F.normalize(m - m.mean(1, keepdim=True) if center else m, dim=-1, eps=1e-6)
             scores = m.index_select(1, src_pos) @ m.index_select(1, dst_pos).transpose(1, 2)  # (B, Ns, Nd)
             best, best_dst = scores.max(dim=-1)                                    # (B, Ns)
         if num is not None:

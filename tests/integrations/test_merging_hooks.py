@@ -126,6 +126,23 @@ def test_refdit_adaptive_merges_more_at_lower_threshold(refdit: ts.RefDiT) -> No
 
 
 @torch.no_grad()
+def test_refdit_center_reaches_the_matching(refdit: ts.RefDiT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``center`` goes from the config to every matching the hooks compute."""
+    import tokensparse.integrations.merging_hooks as hooks
+
+    seen: list[bool] = []
+    real = hooks.match
+    monkeypatch.setattr(hooks, "match", lambda *a, **kw: seen.append(kw["center"]) or real(*a, **kw))
+    args = _inputs(refdit)
+    for center in (True, False):
+        apply_token_merging(refdit, TokenMergingConfig(ratio=0.5, center=center))
+        refdit(*args)
+        remove_token_merging(refdit)
+    depth = refdit.config.depth
+    assert seen == [True] * depth + [False] * depth
+
+
+@torch.no_grad()
 def test_refdit_cache_over_generate(refdit: ts.RefDiT) -> None:
     img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     apply_token_merging(refdit, TokenMergingConfig(ratio=0.5, recompute_every=3))

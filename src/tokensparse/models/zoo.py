@@ -23,7 +23,7 @@ CONFIGS: dict[str, RefDiTConfig] = {
     # the same with TREAD routing: routed target tokens skip blocks 1-4 (Sparse Guidance's weak branch)
     "refdit-s-kv-routed": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6,
                                        ref_attends_target=False, route_span=(1, 5)),
-    # the same width at 16x16 and 32x32 token grids (timing; refdit-sparse-64px ships trained weights)
+    # timing configs: the same width at 16x16 and 32x32 token grids
     "refdit-s-64px": RefDiTConfig(image_size=64, patch_size=4, dim=192, depth=6, heads=6),
     "refdit-s-128px": RefDiTConfig(image_size=128, patch_size=4, dim=192, depth=6, heads=6),
     # refdit-sparse at 64 px (16x16 target tokens): where target-token merging has tokens to spare
