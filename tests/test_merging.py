@@ -119,6 +119,17 @@ def test_bad_match_arguments() -> None:
         match(metric, is_dst[:4], num=1)
     with pytest.raises(ValueError):
         bipartite_soft_matching(metric, (3, 3), ratio=0.5)
+    x = torch.randn(2, 16, 4)
+    for kwargs, err in (({"ratio": 1.0}, ValueError), ({"ratio": -0.1}, ValueError), ({"ratio": "0.5"}, TypeError),
+                        ({"threshold": float("nan")}, ValueError), ({"center": "no"}, TypeError)):
+        with pytest.raises(err):
+            bipartite_soft_matching(x, (4, 4), **kwargs)
+    with pytest.raises(ValueError, match=r"\(B, N, C\)"):
+        bipartite_soft_matching(x[0], (4, 4), ratio=0.5)
+    with pytest.raises(ValueError, match=r"\(B, N, C\)"):
+        match(x[0], torch.ones(16, dtype=torch.bool), num=1)
+    with pytest.raises(TypeError, match="recompute_steps"):
+        TokenMergingConfig(recompute_steps=5)
 
 
 def test_random_destinations_one_per_cell() -> None:

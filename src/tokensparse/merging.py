@@ -61,7 +61,8 @@ class TokenMergingConfig:
     """What to merge, how much, and how often to recompute the matching.
 
     ratio: fraction of a layer's tokens merged away, in ``[0, 1)`` (ToMe). ``0`` with no threshold is the
-        dense model, exactly. In adaptive mode a nonzero ratio caps the fraction merged.
+        dense model, exactly. In adaptive mode a nonzero ratio caps the fraction merged. Only sources merge
+        (3 of every 2x2 cell), so ratios above 0.75 merge the same as 0.75.
     threshold: adaptive mode (CA-ToMe) when set: merge every source whose best cosine similarity (centred,
         unless ``center=False``) is at least ``threshold``. Cosine similarity never exceeds 1, so
         ``threshold > 1`` is the dense model. Centred similarities run lower than raw ones: on the shipped
@@ -109,6 +110,9 @@ class TokenMergingConfig:
         if self.recompute_every < 1:
             raise ValueError(f"recompute_every must be >= 1, got {self.recompute_every}")
         if self.recompute_steps is not None:
+            if not isinstance(self.recompute_steps, (list, tuple, set, frozenset)):
+                raise TypeError(f"recompute_steps must be a tuple of step indices, got "
+                                f"{type(self.recompute_steps).__name__}")
             steps = tuple(self.recompute_steps)
             if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
                 raise ValueError(f"recompute_steps must be non-negative ints, got {self.recompute_steps}")
@@ -280,6 +284,8 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
     """
     if (num is None) == (threshold is None):
         raise ValueError("give exactly one of num and threshold")
+    if metric.ndim != 3:
+        raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
     b, n, _ = metric.shape
     if is_dst.shape != (n,):
         raise ValueError(f"is_dst must have shape ({n},), got {tuple(is_dst.shape)}")
@@ -332,7 +338,13 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
     """ToMe in one call: ``(merge, unmerge)`` for tokens ``metric`` ``(B, h*w, C)`` on ``grid = (h, w)``.
 
     ``ratio`` merges ``int(ratio * N)`` tokens; with ``threshold`` set, merges adaptively (``ratio`` > 0 caps).
+    ``center`` defaults to the raw cosine of ToMe here (``TokenMergingConfig``, used by the hooks, centres by
+    default). Destinations are drawn with ``generator`` (the global RNG when ``None``). ``ratio``,
+    ``threshold`` and ``center`` are checked as :class:`TokenMergingConfig` checks them.
     """
+    TokenMergingConfig(ratio=ratio, threshold=threshold, center=center)  # validates, names the bad argument
+    if metric.ndim != 3:
+        raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
     h, w = grid
     n = metric.shape[1]
     if h * w != n:
