@@ -301,7 +301,7 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
         best = best_dst = order = None
     else:
         with torch.no_grad():
-            m = metric.float()  # centring and cosines in float32 also for half-precision models
+            m = metric if metric.dtype in (torch.float32, torch.float64) else metric.float()  # fp16/bf16: in fp32
             m = F.normalize(m - m.mean(1, keepdim=True) if center else m, dim=-1, eps=1e-6)
             scores = m.index_select(1, src_pos) @ m.index_select(1, dst_pos).transpose(1, 2)  # (B, Ns, Nd)
             best, best_dst = scores.max(dim=-1)                                    # (B, Ns)
