@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -41,11 +40,6 @@ from tokensparse.merging import TokenMergingConfig
 # ---------------------------------------------------------------------------------------------- helpers
 
 THREADS = 1
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor, peak: float = 1.0) -> float:
-    mse = float((x.double() - ref.double()).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def _apply(model: Any, cfg: TokenMergingConfig | None) -> None:
@@ -170,7 +164,7 @@ def unet_part(quick: bool, steps: int) -> dict:
             "seconds": med[k],
             "speedup": sp[k][mr.SPEED],
             "speedup_wall_and_cpu": sp[k],
-            "psnr_to_dense": psnr(outs[k], dense, peak) if k != "dense" else None,
+            "psnr_to_dense": mr.pooled_psnr(outs[k], dense, peak) if k != "dense" else None,
             "rel_rmse_to_dense": err,
         }
     return {

@@ -87,10 +87,10 @@ def configure(model: ts.RefDiT, subject: Subject, setting: Setting) -> None:
         apply_token_merging(model, merging)
 
 
-def pooled_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR (peak 1) of the mean squared error over all images at once; 99 dB where identical."""
+def pooled_psnr(x: torch.Tensor, ref: torch.Tensor, peak: float = 1.0) -> float:
+    """PSNR of the mean squared error over all images (or latents) at once; 99 dB where identical."""
     mse = float((x.double() - ref.double()).pow(2).mean())
-    return 99.0 if mse == 0 else min(99.0, 10 * math.log10(1.0 / mse))
+    return 99.0 if mse == 0 else min(99.0, 10 * math.log10(peak**2 / mse))
 
 
 def samples(model: ts.RefDiT, quick: bool) -> list:

@@ -14,7 +14,6 @@ ref_attends_target=False, whose context K/V are computed once per generation.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,13 +51,8 @@ def configure(pair: dict[bool, ts.RefDiT], setting: str) -> ts.RefDiT:
     if merge > 0:
         ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge))
     else:
-        _remove_merging(model)
-    return model
-
-
-def _remove_merging(model: ts.RefDiT) -> None:
-    if hasattr(ts, "remove_token_merging"):
         ts.remove_token_merging(model)
+    return model
 
 
 def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, steps: int,
@@ -75,11 +69,8 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
         def gen(setting: str, n_steps: int = steps, refs: list = refs, prompt: str = prompt) -> torch.Tensor:
             return ts.generate(configure(pair, setting), refs, prompt, steps=n_steps, seed=0)
 
-        def prepare(setting: str) -> Callable[[], object]:
-            return lambda: gen(setting, 2)  # untimed 2-step warm-up in the setting about to be timed
-
         med = interleaved({s: (lambda s=s: gen(s)) for s in settings}, repeats, warmup=0,
-                          prepare={s: prepare(s) for s in settings})
+                          prepare={s: (lambda s=s: gen(s, 2)) for s in settings})  # untimed 2-step warm-up
         flops = {s: count_flops(lambda s=s: gen(s)) for s in settings}
         sp = speedups(med)
         for s in settings:
@@ -92,7 +83,7 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
                   f"FLOP ratio {row['flop_ratio']:5.2f}x  eff {row['efficiency']:.2f}", flush=True)
         for m in pair.values():
             ts.remove_sparse_context(m)
-            _remove_merging(m)
+            ts.remove_token_merging(m)
     return rows
 
 
@@ -102,7 +93,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    settings = [s for s in SETTINGS if "tome" not in s or hasattr(ts, "apply_token_merging")]
+    settings = list(SETTINGS)
     t0 = time.time()
     if args.quick:
         rows = run("refdit-s-64px", [1, 4], settings, 3, args.steps)
