@@ -83,12 +83,13 @@ def main() -> None:
     def score(arm: str) -> float:
         return sum(psnr[arm]["0.25"].values())
 
+    base_steps = json.loads(Path(BASE).with_suffix(".json").read_text())["step"]  # which refdit-base it started from
     summary = {"psnr": psnr, "gain_keep025_vs_dense": gain, "cost_keep1_vs_dense": cost,
                "best_keep025_arm": max(arms, key=score), "best_arm": max(ok, key=score) if ok else None}
     progress(len(ARMS), len(ARMS), "done")
     write_json(args.out, {"quick": args.quick, "steps": steps, "n": n, "generation_steps": gen_steps,
                           "arms": {a: (asdict(d) if d else None) for a, d in ARMS.items()}, "train_minutes": minutes,
-                          "wall_s": time.time() - t0, "summary": summary})
+                          "wall_s": time.time() - t0, "base_steps": base_steps, "summary": summary})
     for a in ARMS:
         print(f"{a:<20} keep0.25 gain {gain[a]}  keep1 cost {cost[a]}")
     print("best arm:", summary["best_arm"], "| best at keep 0.25:", summary["best_keep025_arm"])

@@ -109,8 +109,11 @@ def drop_sweep() -> None:
         return
     s = d["summary"]
     fams = list(next(iter(s["psnr"].values()))["1.0"])
+    # results written before drop_sweep.py recorded its base came from the 1,800-step refdit-base (commit 769ebd9)
+    base = (f"the {d['base_steps']:,}-step one" if "base_steps" in d
+            else "the 1,800-step one of commit 769ebd9, before the 3,500-step re-train")
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
-          f"{d['steps']}-step fine-tunes of refdit-base into the cache-capable model that differ only in how "
+          f"{d['steps']}-step fine-tunes of refdit-base ({base}) into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
           f"per family, {d['generation_steps']} sampling steps, random selection:\n")
     print("| arm (keep ~ U[min, max], p_full) | " + " | ".join(f"keep 1: {f}" for f in fams) + " | "
@@ -277,10 +280,13 @@ def checkpoints() -> None:
             what += f", {r['cond_drop']:.0%} null prompts"
         if r.get("init"):
             what += f", from `{Path(r['init']).stem}`"
+            if info.get("init_commit"):  # the parent was re-trained since: name the version it started from
+                what += f" as of commit {info['init_commit']}"
         prev = info.get("previous_stage")
         if prev:
             what += (f" (itself {prev['steps']:,} steps, {prev['wall_minutes']:.0f} min of `{prev['recipe']}`"
-                     f" from `{prev['init']}`)")
+                     f" from `{prev['init']}`"
+                     + (f" as of commit {prev['init_commit']}" if prev.get("init_commit") else "") + ")")
         lines.append(f"`{path.stem}` ({r.get('model')}) — {what}; {info.get('step'):,} steps × "
                      f"{r.get('batch_size')} samples × 2 processes, {info.get('wall_minutes', 0):.0f} min")
     if lines:
