@@ -109,9 +109,7 @@ def drop_sweep() -> None:
         return
     s = d["summary"]
     fams = list(next(iter(s["psnr"].values()))["1.0"])
-    # results written before drop_sweep.py recorded its base came from the 1,800-step refdit-base (commit 769ebd9)
-    base = (f"the {d['base_steps']:,}-step one" if "base_steps" in d
-            else "the 1,800-step one of commit 769ebd9, before the 3,500-step re-train")
+    base = f"the {d['base_steps']:,}-step one" if "base_steps" in d else "an earlier one"
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
           f"{d['steps']}-step fine-tunes of refdit-base ({base}) into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
