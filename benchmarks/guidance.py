@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import load, parser, progress, write_json
+from common import interleaved, load, parser, progress, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched, heldout
@@ -82,16 +82,10 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
             model(x, t, refs, ids, route=route, route_generator=g).pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
 
-        step(0.0), step(0.5)  # warm-up
-        times = {r: [] for r in (0.0, 0.5)}
-        for _ in range(repeats):  # interleaved
-            for r, samples in times.items():
-                t1 = time.perf_counter()
-                step(r)
-                samples.append(time.perf_counter() - t1)
-        flops = {r: count_flops(lambda r=r: step(r)) for r in times}
+        med = interleaved({r: (lambda r=r: step(r)) for r in (0.0, 0.5)}, repeats, warmup=1)
+        flops = {r: count_flops(lambda r=r: step(r)) for r in med}
         model.eval()
-        sec = {r: sorted(v)[len(v) // 2] for r, v in times.items()}
+        sec = {r: v["wall"] for r, v in med.items()}
         out[task] = {"refs": n_refs, "seconds": sec[0.0], "seconds_routed": sec[0.5],
                      "speedup": sec[0.0] / sec[0.5], "flop_ratio": flops[0.0] / flops[0.5]}
         print(f"train step {task} ({n_refs} refs): routing 0.5 {out[task]['speedup']:.2f}x "

@@ -109,9 +109,8 @@ def drop_sweep() -> None:
         return
     s = d["summary"]
     fams = list(next(iter(s["psnr"].values()))["1.0"])
-    base = f"the {d['base_steps']:,}-step one" if "base_steps" in d else "an earlier one"
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
-          f"{d['steps']}-step fine-tunes of refdit-base ({base}) into the cache-capable model that differ only in how "
+          f"{d['steps']}-step fine-tunes of refdit-base (the {d['base_steps']:,}-step one) into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
           f"per family, {d['generation_steps']} sampling steps, random selection:\n")
     print("| arm (keep ~ U[min, max], p_full) | " + " | ".join(f"keep 1: {f}" for f in fams) + " | "
@@ -263,6 +262,11 @@ def guidance() -> None:
               for k, v in s["routing_train_speedup"].items()) + ".\n")
 
 
+def _as_of(info: dict) -> str:
+    """The suffix ' as of commit X' where a checkpoint's parent has been re-trained since (``init_commit``)."""
+    return f" as of commit {info['init_commit']}" if info.get("init_commit") else ""
+
+
 def checkpoints() -> None:
     w = Path(__file__).parents[1] / "src" / "tokensparse" / "weights"
     lines = []
@@ -277,14 +281,11 @@ def checkpoints() -> None:
         if r.get("cond_drop"):
             what += f", {r['cond_drop']:.0%} null prompts"
         if r.get("init"):
-            what += f", from `{Path(r['init']).stem}`"
-            if info.get("init_commit"):  # the parent was re-trained since: name the version it started from
-                what += f" as of commit {info['init_commit']}"
+            what += f", from `{Path(r['init']).stem}`{_as_of(info)}"
         prev = info.get("previous_stage")
         if prev:
             what += (f" (itself {prev['steps']:,} steps, {prev['wall_minutes']:.0f} min of `{prev['recipe']}`"
-                     f" from `{prev['init']}`"
-                     + (f" as of commit {prev['init_commit']}" if prev.get("init_commit") else "") + ")")
+                     f" from `{prev['init']}`{_as_of(prev)})")
         lines.append(f"`{path.stem}` ({r.get('model')}) — {what}; {info.get('step'):,} steps × "
                      f"{r.get('batch_size')} samples × 2 processes, {info.get('wall_minutes', 0):.0f} min")
     if lines:
