@@ -70,7 +70,7 @@ def evaluate(model: ts.RefDiT, samples: list, steps: int, batch_size: int = 32, 
     out = {k: torch.empty(n) for k in ("psnr", "coarse_psnr", "ssim")}
     for idx, b in batched(samples, batch_size):
         refs = b.refs if use_refs else []
-        pred = ts.generate(model, refs, b.prompts, steps=steps, seed=[samples[i].seed for i in idx])
+        pred = ts.generate(model, refs, b.prompts, steps=steps, seed=[samples[i].seed for i in idx]).cpu()
         for k, fn in (("psnr", psnr), ("coarse_psnr", coarse_psnr), ("ssim", ssim)):
             out[k][idx] = fn(pred, b.target).float()
     return out

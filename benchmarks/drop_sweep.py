@@ -3,8 +3,8 @@
     python benchmarks/drop_sweep.py [--quick] [--out benchmarks/results/drop_sweep.json] [--steps 300]
 
 Every arm starts from the shipped refdit-base in the cache-capable architecture (as recipes/sparse.json:
-lr 2e-4 with warm-up and decay, family weights, same data, noise and seed) and trains the same number of
-steps; only the dropping distribution changes. ``dense`` (no dropping) is the control: it separates what
+its learning rate with warm-up and decay, family weights, same data, noise and seed) and trains the same
+number of steps; only the dropping distribution changes. ``dense`` (no dropping) is the control: it separates what
 dropping buys from what the extra steps and the architecture change do. Each arm is then scored on
 held-out samples per family at keep 1.0 and keep 0.25 (random selection, fixed seed), K/V cache on.
 Runs are resumable (``runs/drop_sweep/<arm>``).
@@ -33,19 +33,21 @@ from tokensparse.train import DropConfig, TrainConfig, export_ema, train
 
 ARMS: dict[str, DropConfig | None] = {
     "dense": None,
-    "u0.05-1_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=1.0),  # the shipped recipe's
+    "u0.05-1_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=1.0),
+    "u0.05-1_full0.5": DropConfig(p_full=0.5, keep_min=0.05, keep_max=1.0),  # recipes/sparse.json's
     "u0.05-0.5_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=0.5),
     "u0.25-1_full0.5": DropConfig(p_full=0.5, keep_min=0.25, keep_max=1.0),
 }
 KEEPS = (1.0, 0.25)
 BASE = "src/tokensparse/weights/refdit-base.safetensors"
+RECIPE = json.loads((Path(__file__).resolve().parents[1] / "recipes" / "sparse.json").read_text())
 
 
 def fine_tune(arm: str, drop: DropConfig | None, steps: int, root: Path) -> tuple[ts.RefDiT, float]:
     """Fine-tune (or resume) one arm; its EMA model and training wall minutes."""
-    cfg = TrainConfig(out=str(root / arm), model="refdit-s-kv", init=BASE, steps=steps, batch_size=16, lr=2e-4,
-                      min_lr_frac=0.1, warmup=min(50, steps // 5), ema=0.99, drop=drop, seed=1,
-                      family_weights={"editing": 1.0, "subject": 2.0, "multi": 1.5},
+    cfg = TrainConfig(out=str(root / arm), model="refdit-s-kv", init=BASE, steps=steps, batch_size=16,
+                      lr=RECIPE["lr"], min_lr_frac=0.1, warmup=min(50, steps // 5), ema=0.99, drop=drop, seed=1,
+                      family_weights=RECIPE["family_weights"],
                       ckpt_every=100, eval_every=10**9)
     train(cfg, log=lambda s: None, progress=False)
     path = root / f"{arm}.safetensors"
@@ -83,13 +85,15 @@ def main() -> None:
     def score(arm: str) -> float:
         return sum(psnr[arm]["0.25"].values())
 
-    base_steps = json.loads(Path(BASE).with_suffix(".json").read_text())["step"]  # which refdit-base it started from
+    base_info = json.loads(Path(BASE).with_suffix(".json").read_text())  # which refdit-base it started from
+    base_steps, base_lr = base_info["step"], base_info["recipe"]["lr"]
     summary = {"psnr": psnr, "gain_keep025_vs_dense": gain, "cost_keep1_vs_dense": cost,
                "best_keep025_arm": max(arms, key=score), "best_arm": max(ok, key=score) if ok else None}
     progress(len(ARMS), len(ARMS), "done")
     write_json(args.out, {"quick": args.quick, "steps": steps, "n": n, "generation_steps": gen_steps,
                           "arms": {a: (asdict(d) if d else None) for a, d in ARMS.items()}, "train_minutes": minutes,
-                          "wall_s": time.time() - t0, "base_steps": base_steps, "summary": summary})
+                          "wall_s": time.time() - t0, "base_steps": base_steps, "base_lr": base_lr,
+                          "lr": RECIPE["lr"], "summary": summary})
     for a in ARMS:
         print(f"{a:<20} keep0.25 gain {gain[a]}  keep1 cost {cost[a]}")
     print("best arm:", summary["best_arm"], "| best at keep 0.25:", summary["best_keep025_arm"])

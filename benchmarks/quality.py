@@ -35,10 +35,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=128, help="held-out samples per family")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="selection seed")
+    ap.add_argument("--device", default="cpu", help="where the models run (cuda for recipe searches)")
     args = ap.parse_args()
     n, steps = (16, 10) if args.quick else (args.n, args.steps)
     t0 = time.time()
-    models = {"base": load(args.base), "sparse": load(args.sparse)}
+    models = {"base": load(args.base).to(args.device), "sparse": load(args.sparse).to(args.device)}
     size = models["base"].config.image_size
     data = heldout_by_family(n, size)
 

@@ -109,8 +109,11 @@ def drop_sweep() -> None:
         return
     s = d["summary"]
     fams = list(next(iter(s["psnr"].values()))["1.0"])
+    # runs before the sweep followed recipes/sparse.json recorded no learning rates (they used 2e-4 on the lr-3e-4 base)
+    lr = f" (lr {d['lr']:g})" if "lr" in d else " (lr 2e-4, the fine-tune recipe of the time)"
+    base_lr = f", lr {d['base_lr']:g}" if "base_lr" in d else ", lr 3e-4"
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
-          f"{d['steps']}-step fine-tunes of refdit-base (the {d['base_steps']:,}-step one) into the cache-capable model that differ only in how "
+          f"{d['steps']}-step fine-tunes{lr} of the refdit-base of the time ({d['base_steps']:,} steps{base_lr}) into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
           f"per family, {d['generation_steps']} sampling steps, random selection:\n")
     print("| arm (keep ~ U[min, max], p_full) | " + " | ".join(f"keep 1: {f}" for f in fams) + " | "
@@ -267,6 +270,34 @@ def _as_of(info: dict) -> str:
     return f" as of commit {info['init_commit']}" if info.get("init_commit") else ""
 
 
+def recipe_search() -> None:
+    rows = []
+    for name in ("recipe_search_gpu", "recipe_search_gpu2"):
+        d = load(name)
+        for variant, row in (d or {}).get("variants", {}).items():
+            rows.append((name, variant, row))
+    if not rows:
+        return
+    keys = ("dense_margin_db", "ref_gain_db", "ft_gain_db_keep025", "ft_cost_db_keep1")
+    print("**Recipe search** (`benchmarks/recipe_search.py` on a lent H100, pipelines sharing the card; the CPU "
+          "recipes' step counts, quality.py's summary on 64 held-out samples per family, dB as editing / "
+          "subject / multi):\n")
+    print("| variant | base lr | fine-tune lr | p_full | multi weight | steps (base, fine-tune) | "
+          + " | ".join(f"`{k}`" for k in keys) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(keys))
+    for _, variant, row in rows:
+        b = row.get("base_checkpoint", {}).get("recipe", {})
+        f = row["sparse_checkpoint"]["recipe"]
+        if not b:  # fine-tune of another variant's base
+            b = next(r for _, v, r in rows if v == Path(f["init"]).parent.name)["base_checkpoint"]["recipe"]
+        s = row["summary"]
+        cells = [" / ".join(f"{s[k][fam]:+.2f}" for fam in ("editing", "subject", "multi")) for k in keys]
+        print(f"| {variant} | {b['lr']:g} | {f['lr']:g} | {f['drop']['p_full']:g} | "
+              f"{(f.get('family_weights') or {}).get('multi', 1):g} | {b['steps']:,}, {row['sparse_steps']:,} | "
+              + " | ".join(cells) + " |")
+    print()
+
+
 def checkpoints() -> None:
     w = Path(__file__).parents[1] / "src" / "tokensparse" / "weights"
     lines = []
@@ -286,8 +317,13 @@ def checkpoints() -> None:
         if prev:
             what += (f" (itself {prev['steps']:,} steps, {prev['wall_minutes']:.0f} min of `{prev['recipe']}`"
                      f" from `{prev['init']}`{_as_of(prev)})")
+        procs = info.get("processes", 2)
+        where = f", on {info['device']}" if info.get("device") else ""
+        cpu = (f"; the same recipe takes {info['cpu_wall_minutes_same_recipe']:.0f} min on the 2-core CPU"
+               if info.get("cpu_wall_minutes_same_recipe") else "")
         lines.append(f"`{path.stem}` ({r.get('model')}) — {what}; {info.get('step'):,} steps × "
-                     f"{r.get('batch_size')} samples × 2 processes, {info.get('wall_minutes', 0):.0f} min")
+                     f"{r.get('batch_size')} samples × {procs} process{'es' if procs > 1 else ''}, "
+                     f"{info.get('wall_minutes', 0):.0f} min{where}{cpu}")
     if lines:
         print("**Shipped checkpoints** (`ts.load_model`, safetensors in float16, provenance JSON beside each): "
               + "; ".join(lines) + ".\n")
@@ -308,7 +344,7 @@ BEGIN, END = "<!-- results:begin (benchmarks/readme_tables.py --write) -->", "<!
 def main() -> None:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        for fn in (flux, speed, quality, drop_sweep, selection, guidance, merging, data, checkpoints):
+        for fn in (flux, speed, quality, drop_sweep, recipe_search, selection, guidance, merging, data, checkpoints):
             fn()
     if "--write" not in sys.argv:
         print(buf.getvalue(), end="")

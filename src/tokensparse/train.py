@@ -148,8 +148,8 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
     tmp = out / f".step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_state_tensors(model), str(tmp / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    save_file({k: v.cpu() for k, v in _state_tensors(model).items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save(opt.state_dict(), tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -236,6 +236,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         log(f"resumed from {ckpt} at step {state['step']}")
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
+    ema = {k: v.to(acc.device) for k, v in ema.items()}  # EMA lives beside the weights (GPU runs)
     size = raw.config.image_size
     start_step, t_start = state["step"], time.time() - state["elapsed_s"]
     batches = train_batches(cfg.batch_size, size, seed=cfg.seed, tasks=cfg.tasks, family_weights=cfg.family_weights,
@@ -267,6 +268,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             keep = random_keep_mask(grids, x0.shape[0], cfg.drop, g)
         dev = acc.device
         x0, noise, t, ids = x0.to(dev), noise.to(dev), t.to(dev), ids.to(dev)
+        keep = keep.to(dev) if keep is not None else None
         refs = [r.to(dev) for r in refs]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -283,8 +285,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         step += 1
         with torch.no_grad():
             d = min(cfg.ema, (1 + step) / (10 + step))
-            for k, v in _state_tensors(raw).items():
-                ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+            current = _state_tensors(raw)
+            torch._foreach_lerp_([ema[k] for k in current], [v.float() for v in current.values()], 1 - d)
         window.append(float(loss.detach()))
         if bar is not None:
             bar[0].update(bar[1], completed=step, description=f"loss {sum(window[-50:]) / len(window[-50:]):.4f}")
@@ -332,8 +334,9 @@ def _progress(enabled: bool, total: int, done: int):
 def ema_model(raw: RefDiT, ema: dict[str, Tensor]) -> RefDiT:
     """A copy of ``raw`` holding the EMA weights, in eval mode."""
     model = build_model(raw.config)
-    _load_into(model, {k: v.to(next(raw.parameters()).dtype) for k, v in ema.items()})
-    return model.eval()
+    ref = next(raw.parameters())
+    _load_into(model, {k: v.to(ref.dtype) for k, v in ema.items()})
+    return model.to(ref.device).eval()
 
 
 @torch.no_grad()
@@ -348,7 +351,8 @@ def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10) -
     for fam in FAMILIES:
         vals = []
         for s in heldout(fam, n, raw.config.image_size):
-            vals.append(float(psnr(generate(model, s.refs, s.prompt, steps=steps, seed=s.seed), s.target[None])[0]))
+            pred = generate(model, s.refs, s.prompt, steps=steps, seed=s.seed).cpu()
+            vals.append(float(psnr(pred, s.target[None])[0]))
         out[fam] = sum(vals) / len(vals)
     return out
 
