@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         examples,
         cfg,
         args.out,
-        log=lambda s, k, l: print(f"step {s:5d} keep {k:.2f} loss {l:.4f}") if s % every == 0 else None,
+        log=lambda s, k, loss: print(f"step {s:5d} keep {k:.2f} loss {loss:.4f}") if s % every == 0 else None,
     )
 
     # sample with the trained LoRA and Sparse Context
