@@ -274,8 +274,7 @@ def recipe_search() -> None:
     rows = []
     for name in ("recipe_search_gpu", "recipe_search_gpu2"):
         d = load(name)
-        for variant, row in (d or {}).get("variants", {}).items():
-            rows.append((name, variant, row))
+        rows += list((d or {}).get("variants", {}).items())
     if not rows:
         return
     keys = ("dense_margin_db", "ref_gain_db", "ft_gain_db_keep025", "ft_cost_db_keep1")
@@ -285,11 +284,11 @@ def recipe_search() -> None:
     print("| variant | base lr | fine-tune lr | p_full | multi weight | steps (base, fine-tune) | "
           + " | ".join(f"`{k}`" for k in keys) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(keys))
-    for _, variant, row in rows:
+    for variant, row in rows:
         b = row.get("base_checkpoint", {}).get("recipe", {})
         f = row["sparse_checkpoint"]["recipe"]
         if not b:  # fine-tune of another variant's base
-            b = next(r for _, v, r in rows if v == Path(f["init"]).parent.name)["base_checkpoint"]["recipe"]
+            b = next(r for v, r in rows if v == Path(f["init"]).parent.name)["base_checkpoint"]["recipe"]
         s = row["summary"]
         cells = [" / ".join(f"{s[k][fam]:+.2f}" for fam in ("editing", "subject", "multi")) for k in keys]
         print(f"| {variant} | {b['lr']:g} | {f['lr']:g} | {f['drop']['p_full']:g} | "

@@ -2,7 +2,7 @@
 quality.py's summary. Made for a lent GPU (each pipeline is one process; they share the card), where it
 compares recipes at the step counts the shipped recipe affords on the 2-core CPU.
 
-    python benchmarks/recipe_search.py --variants recipes/search.json --root runs/search --device cuda
+    python benchmarks/recipe_search.py --variants benchmarks/recipe_search_gpu.json --device cuda
 
 ``--variants`` is a JSON object ``{name: {"base": {...overrides of recipes/base.json}, "sparse": {...
 overrides of recipes/sparse.json}}}``; a variant may name another's base (``"base_from": "other"``) to
@@ -23,8 +23,7 @@ from common import parser, write_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pipeline(name: str, spec: dict, root: Path, device: str, n: int, threads: int,
-                 shares_base: bool = False) -> subprocess.Popen:
+def run_pipeline(name: str, spec: dict, root: Path, device: str, n: int, threads: int) -> subprocess.Popen:
     """Start one pipeline in the background (a shell chain: base, fine-tune, quality); returns the process."""
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +45,7 @@ def run_pipeline(name: str, spec: dict, root: Path, device: str, n: int, threads
                 f"--export {sparse_w}")
     cmds.append(f"{sys.executable} {ROOT / 'benchmarks/quality.py'} --base {base_w} --sparse {sparse_w} "
                 f"--n {n} --device {device} --out {out / 'quality.json'}")
-    if shares_base:  # fine-tune-only variants wait for the base they share
+    if "base_from" in spec:  # fine-tune-only variants wait for the base they share
         cmds.insert(0, f"for i in $(seq 360); do [ -f {base_w} ] && break; sleep 5; done; [ -f {base_w} ]")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
     log = open(out / "log.txt", "w")
@@ -90,8 +89,7 @@ def main() -> None:
     t0 = time.time()
     procs = {}
     for name, spec in variants.items():
-        procs[name] = run_pipeline(name, spec, args.root, args.device, args.n, args.threads,
-                                   shares_base="base_from" in spec)
+        procs[name] = run_pipeline(name, spec, args.root, args.device, args.n, args.threads)
     for name, p in procs.items():
         print(f"{name}: exit {p.wait()} after {(time.time() - t0) / 60:.1f} min", flush=True)
     payload = {"device": args.device, "n": args.n, "wall_minutes": round((time.time() - t0) / 60, 2),
