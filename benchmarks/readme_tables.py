@@ -64,9 +64,8 @@ def speed() -> None:
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
     m = d["summary"]
-    for name, what in (("speed_run2", "Run-to-run spread on this shared machine: a second full run of the same code"),
-                       ("speed_run3", "A third, after the timing loop moved into `benchmarks/common.py` "
-                                      "(partly beside other single-thread work)")):
+    for name, what in (("speed_run2", "Run-to-run spread on this shared machine: a second full run of the same code, "
+                                      "right after this one"),):
         other = load(name)
         if other:
             o = other["summary"]
@@ -74,7 +73,9 @@ def speed() -> None:
                   f"sparse0.25 {o['speedup']['4']['sparse0.25']:.2f}× (this run {m['speedup']['4']['sparse0.25']:.2f}×), "
                   f"sparse0.25+kv {o['speedup']['4']['sparse0.25+kv']:.2f}× "
                   f"({m['speedup']['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
-                  f"{o['speedup']['1']['sparse0.25+kv']:.2f}× ({m['speedup']['1']['sparse0.25+kv']:.2f}×); minimum "
+                  f"{o['speedup']['1']['sparse0.25+kv']:.2f}× ({m['speedup']['1']['sparse0.25+kv']:.2f}×), "
+                  f"+tome0.5 {o['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}× "
+                  f"({m['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum "
                   f"efficiency {o['min_efficiency']:.2f} ({m['min_efficiency']:.2f}).\n")
 
 
@@ -150,6 +151,19 @@ def selection() -> None:
               f"{s['adaptive_tokens_frac_at_random25'][fam]:.2f}× | {s['best_selector_keep025'][fam]} |")
     print(f"\nSelection time / 20-step generation: {s['selection_overhead_frac']:.4f} "
           f"(attention probe: {s['selection_overhead_frac_attention']:.4f}).\n")
+    prev, prev_q, q = load("selection_p_selected0"), load("quality_p_selected0"), load("quality")
+    if prev and prev_q and q:  # the same fine-tune with purely random dropping (DropConfig.p_selected = 0)
+        fams = list(s["taskaware_drop_db_keep025"])
+
+        def pair(key: str, new: dict, old: dict) -> str:
+            return ", ".join(f"{f} {new[key][f]:+.2f} ({old[key][f]:+.2f})" for f in fams)
+
+        print("Selection-aware dropping in the fine-tune (`DropConfig.p_selected` 0.5: half of the dropping "
+              "references keep the tokens `auto` ranks first) against the same recipe with purely random "
+              "dropping (`benchmarks/results/*_p_selected0.json`, in brackets): dense − task-aware at ≤ 25 % "
+              f"{pair('taskaware_drop_db_keep025', s, prev['summary'])}; `ft_gain_db_keep025` (random selection) "
+              f"{pair('ft_gain_db_keep025', q['summary'], prev_q['summary'])}; `ft_cost_db_keep1` "
+              f"{pair('ft_cost_db_keep1', q['summary'], prev_q['summary'])}.\n")
 
 
 def _merging_desc(cfg: dict) -> str:
@@ -306,6 +320,9 @@ def checkpoints() -> None:
         drop = r.get("drop")
         what = "dense" if not drop else (f"random reference dropping, keep ~ U[{drop['keep_min']:g}, "
                                          f"{drop['keep_max']:g}] ({drop['p_full']:.0%} full)")
+        if drop and drop.get("p_selected"):
+            what += (f", {drop['p_selected']:.0%} of the dropping references keep the tokens `{drop['selector']}` "
+                     "ranks first")
         if r.get("route"):
             what += f", TREAD routing γ = {r['route']:g}"
         if r.get("cond_drop"):

@@ -1,6 +1,7 @@
 """Trainer: learns, resumes bit-exactly, keeps ranks in sync, random dropping is well-formed."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,26 @@ def test_random_keep_mask_budgets():
     assert m.shape == (64, 20)
     assert bool(((per[0] >= 4) & ((per[0] <= 8) | (per[0] == 16))).all())
     assert bool((per[0] == 16).any()) and bool((per[1] >= 1).all())
+
+
+def test_selected_dropping_keeps_what_the_selector_ranks_first(tmp_path):
+    from tokensparse.api import reference_views
+
+    img = torch.zeros(6, 3, 16, 16)
+    img[:, :, 4:8, 8:12] = 1.0  # a white 4x4-pixel square (one 4x4 patch) on black, in every sample
+    views = reference_views([img * 2 - 1], 4)
+    drop = DropConfig(p_full=0.0, keep_min=1 / 16, keep_max=1 / 16, p_selected=1.0, selector="foreground")
+    m = random_keep_mask(((4, 4),), 6, drop, torch.Generator().manual_seed(0), views)
+    assert m.sum(1).tolist() == [1] * 6 and bool(m[:, 1 * 4 + 2].all())  # the square's token, every time
+    plain = DropConfig(p_full=0.0, keep_min=1 / 16, keep_max=1 / 16)
+    r = random_keep_mask(((4, 4),), 6, plain, torch.Generator().manual_seed(0))
+    assert not bool(r[:, 6].all())  # random dropping does not
+    with pytest.raises(ValueError, match="RefView"):
+        random_keep_mask(((4, 4),), 6, drop, torch.Generator())
+    with pytest.raises(ValueError, match="selector"):
+        DropConfig(p_selected=0.5, selector="nope")
+    res = train(tiny_cfg(tmp_path, steps=2, drop=DropConfig(p_selected=0.5)), progress=False)  # "auto", in the loop
+    assert res.state["step"] == 2 and all(math.isfinite(v) for _, v in res.state["losses"])
 
 
 def test_lr_schedule():

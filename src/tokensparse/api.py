@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .context import SparseContextConfig, sparsify
-from .models.refdit import RefDiT, modulate, patchify, rope_angles, timestep_embedding
+from .models.refdit import RefDiT, gated_add, modulate, patchify, rope_angles, timestep_embedding
 from .selection import RefView, needs_probe
 from .tokens import TokenSeq, ref_slices
 from .vocab import detokenize
@@ -115,10 +115,10 @@ def attention_probe(model: RefDiT, refs: TokenSeq, prompt_ids: Tensor, blocks: i
             mask = None if ctx_valid is None else keep[:, None, None, :]
             ax = att.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask))
             ac = att.merge_heads(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=cmask))
-        h = h + ga * ax
-        h = h + gm * blk.mlp.forward(modulate(blk.norm2(h), sm, cm), role="target")
-        ctx = ctx + ga_c * ac
-        ctx = ctx + gm_c * blk.mlp.forward(modulate(blk.norm2(ctx), sm_c, cm_c), role="context")
+        h = gated_add(h, ga, ax)
+        h = gated_add(h, gm, blk.mlp.forward(modulate(blk.norm2(h), sm, cm), role="target"))
+        ctx = gated_add(ctx, ga_c, ac)
+        ctx = gated_add(ctx, gm_c, blk.mlp.forward(modulate(blk.norm2(ctx), sm_c, cm_c), role="context"))
     return mass
 
 

@@ -25,10 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .api import reference_views
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
-from .selection import topk_mask
+from .selection import SCORERS, RefView, needs_probe, topk_mask
 from .vocab import tokenize
 
 
@@ -37,16 +38,22 @@ class DropConfig:
     """Random reference dropping for the Sparse Context fine-tune.
 
     Each reference of each sample independently keeps everything with probability ``p_full``, else a
-    fraction drawn uniformly from ``[keep_min, keep_max]`` of its tokens, chosen uniformly at random.
+    fraction drawn uniformly from ``[keep_min, keep_max]`` of its tokens, chosen uniformly at random —
+    or, with probability ``p_selected``, the tokens ``selector`` ranks highest (the patterns inference-time
+    selection produces, so that the model also learns from them: train-test consistency).
     """
 
     p_full: float = 0.2
     keep_min: float = 0.05
     keep_max: float = 1.0
+    p_selected: float = 0.0
+    selector: str = "auto"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.p_full <= 1 or not 0 < self.keep_min <= self.keep_max <= 1:
+        if not (0 <= self.p_full <= 1 and 0 < self.keep_min <= self.keep_max <= 1 and 0 <= self.p_selected <= 1):
             raise ValueError(f"invalid DropConfig {self}")
+        if self.selector not in SCORERS or needs_probe(self.selector):
+            raise ValueError(f"DropConfig.selector must be a scorer that needs no model probe, got {self.selector!r}")
 
 
 @dataclass
@@ -107,15 +114,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropConfig,
-                     generator: torch.Generator) -> Tensor:
-    """Keep mask ``(B, N)`` over the dense reference sequence: each reference drops independently."""
+                     generator: torch.Generator, views: list[RefView] | None = None) -> Tensor:
+    """Keep mask ``(B, N)`` over the dense reference sequence: each reference drops independently.
+
+    ``views`` (one per reference, as :func:`tokensparse.api.reference_views` builds them) are needed when
+    ``drop.p_selected > 0``; with ``p_selected == 0`` the draws are those of plain random dropping.
+    """
+    if drop.p_selected > 0 and (views is None or len(views) != len(grids)):
+        raise ValueError("DropConfig.p_selected > 0 needs one RefView per reference")
     masks = []
-    for h, w in grids:
+    for i, (h, w) in enumerate(grids):
         n = h * w
         frac = drop.keep_min + (drop.keep_max - drop.keep_min) * torch.rand(batch, generator=generator)
         frac = torch.where(torch.rand(batch, generator=generator) < drop.p_full, torch.ones(batch), frac)
         counts = (frac * n).round().clamp(1, n).long()
-        masks.append(topk_mask(torch.rand(batch, n, generator=generator), counts))
+        rank = torch.rand(batch, n, generator=generator)
+        mask = topk_mask(rank, counts)
+        if drop.p_selected > 0:
+            chosen = torch.rand(batch, generator=generator) < drop.p_selected
+            scores = SCORERS[drop.selector](views[i], generator).reshape(batch, n).float().cpu()
+            mask = torch.where(chosen[:, None], topk_mask(scores, counts, tie=rank), mask)  # random tie-break
+        masks.append(mask)
     return torch.cat(masks, 1)
 
 
@@ -265,7 +284,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         keep = None
         if cfg.drop is not None and refs:
             grids = tuple((size // raw.config.patch_size,) * 2 for _ in refs)
-            keep = random_keep_mask(grids, x0.shape[0], cfg.drop, g)
+            views = reference_views(refs, raw.config.patch_size, batch.prompts) if cfg.drop.p_selected else None
+            keep = random_keep_mask(grids, x0.shape[0], cfg.drop, g, views)
         dev = acc.device
         x0, noise, t, ids = x0.to(dev), noise.to(dev), t.to(dev), ids.to(dev)
         keep = keep.to(dev) if keep is not None else None

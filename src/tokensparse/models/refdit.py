@@ -179,7 +179,13 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """adaLN modulation ``x (1 + scale) + shift``, one fused pass over ``x``."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_add(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """Gated residual ``x + gate * y``, one fused pass."""
+    return torch.addcmul(x, gate, y)
 
 
 class Mlp(nn.Module):
@@ -242,22 +248,20 @@ class JointAttention(nn.Module):
         ctx_kv: tuple[Tensor, Tensor] | None = None,  # context (k, v) computed elsewhere (cached mode)
     ) -> tuple[Tensor, Tensor | None]:
         """Target output, and the context output when ``ctx`` is given (joint mode)."""
+        mask = None
+        if ctx_valid is not None and (ctx is not None or ctx_kv is not None):
+            ones = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            mask = torch.cat([ones, ctx_valid], 1)[:, None, None, :]
+        if ctx is not None:  # joint: one projection and one attention over target + context
+            nt = x.shape[1]
+            q, k, v = self.qkv_heads(torch.cat([x, ctx], 1), torch.cat([x_rope, ctx_rope], 1))
+            o = self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            return o[:, :nt], o[:, nt:]
         qx, kx, vx = self.qkv_heads(x, x_rope)
-        if ctx is not None:
-            qc, kc, vc = self.qkv_heads(ctx, ctx_rope)
-            ctx_kv = (kc, vc)
         if ctx_kv is None:
             return self.merge_heads(F.scaled_dot_product_attention(qx, kx, vx)), None
         k, v = torch.cat([kx, ctx_kv[0]], 2), torch.cat([vx, ctx_kv[1]], 2)
-        mask = None
-        if ctx_valid is not None:
-            ones = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-            mask = torch.cat([ones, ctx_valid], 1)[:, None, None, :]
-        if ctx is None:
-            return self.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)), None
-        nt = x.shape[1]
-        o = F.scaled_dot_product_attention(torch.cat([qx, qc], 2), k, v, attn_mask=mask)
-        return self.merge_heads(o[:, :, :nt]), self.merge_heads(o[:, :, nt:])
+        return self.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)), None
 
 
 class RefDiTBlock(nn.Module):
@@ -283,8 +287,8 @@ class RefDiTBlock(nn.Module):
         """Advance the context stream one block on its own; returns it and this block's context (k, v)."""
         sa, ca, ga, sm, cm, gm = self.ada(c_ctx)[:, None].chunk(6, dim=-1)
         ac, kv = self.attn.context_attention(modulate(self.norm1(ctx), sa, ca), ctx_rope, ctx_valid)
-        ctx = ctx + ga * ac
-        ctx = ctx + gm * self.mlp(modulate(self.norm2(ctx), sm, cm), role="context")
+        ctx = gated_add(ctx, ga, ac)
+        ctx = gated_add(ctx, gm, self.mlp(modulate(self.norm2(ctx), sm, cm), role="context"))
         return ctx, kv
 
     def forward(
@@ -296,14 +300,14 @@ class RefDiTBlock(nn.Module):
         if self.joint and ctx is not None:
             sa_c, ca_c, ga_c, sm_c, cm_c, gm_c = self.ada(c_ctx)[:, None].chunk(6, dim=-1)
             ax, ac = self.attn(h, x_rope, modulate(self.norm1(ctx), sa_c, ca_c), ctx_rope, ctx_valid)
-            ctx = ctx + ga_c * ac
-            ctx = ctx + gm_c * self.mlp(modulate(self.norm2(ctx), sm_c, cm_c), role="context")
+            ctx = gated_add(ctx, ga_c, ac)
+            ctx = gated_add(ctx, gm_c, self.mlp(modulate(self.norm2(ctx), sm_c, cm_c), role="context"))
         else:
             if ctx is not None and ctx_kv is None:
                 ctx, ctx_kv = self.context_step(ctx, ctx_rope, ctx_valid, c_ctx)
             ax, _ = self.attn(h, x_rope, None, None, ctx_valid, ctx_kv=ctx_kv)
-        x = x + ga * ax
-        x = x + gm * self.mlp(modulate(self.norm2(x), sm, cm), role="target")
+        x = gated_add(x, ga, ax)
+        x = gated_add(x, gm, self.mlp(modulate(self.norm2(x), sm, cm), role="target"))
         return x, ctx
 
 
