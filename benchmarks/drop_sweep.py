@@ -6,11 +6,12 @@ Every arm starts from the shipped refdit-base in the cache-capable architecture 
 its learning rate with warm-up and decay, family weights, same data, noise and seed) and trains the same
 number of steps; only the dropping distribution changes. ``dense`` (no dropping) is the control: it separates what
 dropping buys from what the extra steps and the architecture change do. Each arm is then scored on
-held-out samples per family at keep 1.0 and keep 0.25 (random selection, fixed seed), K/V cache on.
+held-out samples per family at keep 1.0 and keep 0.25 (random selection, fixed seed) and at keep 0.25
+with task-aware selection (``auto``), K/V cache on.
 Runs are resumable (``runs/drop_sweep/<arm>``).
 
 summary:
-  psnr[arm][keep][family]               mean PSNR (dB)
+  psnr[arm][keep][family]               mean PSNR (dB); keys "1.0", "0.25" (random), "0.25_auto"
   gain_keep025_vs_dense[arm][family]    arm minus the dense control at keep 0.25 (what dropping buys)
   cost_keep1_vs_dense[arm][family]      dense control minus arm at keep 1.0 (what it costs with full refs)
   best_keep025_arm                      the dropping arm with the highest keep-0.25 PSNR summed over families
@@ -34,11 +35,13 @@ from tokensparse.train import DropConfig, TrainConfig, export_ema, train
 ARMS: dict[str, DropConfig | None] = {
     "dense": None,
     "u0.05-1_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=1.0),
-    "u0.05-1_full0.5": DropConfig(p_full=0.5, keep_min=0.05, keep_max=1.0),  # recipes/sparse.json's
+    "u0.05-1_full0.5": DropConfig(p_full=0.5, keep_min=0.05, keep_max=1.0),
+    # recipes/sparse.json's: the same, half of the dropping references keeping what selector="auto" ranks first
+    "u0.05-1_full0.5_sel0.5": DropConfig(p_full=0.5, keep_min=0.05, keep_max=1.0, p_selected=0.5),
     "u0.05-0.5_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=0.5),
     "u0.25-1_full0.5": DropConfig(p_full=0.5, keep_min=0.25, keep_max=1.0),
 }
-KEEPS = (1.0, 0.25)
+EVALS = {"1.0": (1.0, "random"), "0.25": (0.25, "random"), "0.25_auto": (0.25, "auto")}  # key -> keep, selector
 BASE = "src/tokensparse/weights/refdit-base.safetensors"
 RECIPE = json.loads((Path(__file__).resolve().parents[1] / "recipes" / "sparse.json").read_text())
 
@@ -72,9 +75,9 @@ def main() -> None:
         progress(i, len(ARMS), f"fine-tune {arm}")
         model, minutes[arm] = fine_tune(arm, drop, steps, root)
         psnr[arm] = {}
-        for keep in KEEPS:
-            ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="random", seed=0, cache=True))
-            psnr[arm][str(keep)] = {fam: float(evaluate(model, s, gen_steps)["psnr"].mean()) for fam, s in data.items()}
+        for key, (keep, selector) in EVALS.items():
+            ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector=selector, seed=0, cache=True))
+            psnr[arm][key] = {fam: float(evaluate(model, s, gen_steps)["psnr"].mean()) for fam, s in data.items()}
         print(arm, {k: {f: round(v, 2) for f, v in d.items()} for k, d in psnr[arm].items()}, flush=True)
     fams = list(data)
     gain = {a: {f: psnr[a]["0.25"][f] - psnr["dense"]["0.25"][f] for f in fams} for a in ARMS}

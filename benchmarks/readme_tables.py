@@ -116,13 +116,15 @@ def drop_sweep() -> None:
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
           f"{d['steps']}-step fine-tunes{lr} of the refdit-base of the time ({d['base_steps']:,} steps{base_lr}) into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
-          f"per family, {d['generation_steps']} sampling steps, random selection:\n")
-    print("| arm (keep ~ U[min, max], p_full) | " + " | ".join(f"keep 1: {f}" for f in fams) + " | "
-          + " | ".join(f"keep 0.25: {f}" for f in fams) + " |")
-    print("|---|" + "---|" * (2 * len(fams)))
+          f"per family, {d['generation_steps']} sampling steps, random selection"
+          + (" (and `auto` at 25 %)" if "0.25_auto" in next(iter(s["psnr"].values())) else "") + ":\n")
+    cols = [k for k in ("1.0", "0.25", "0.25_auto") if k in next(iter(s["psnr"].values()))]
+    names = {"1.0": "keep 1", "0.25": "keep 0.25", "0.25_auto": "auto 0.25"}
+    print("| arm (keep ~ U[min, max], p_full, p_selected) | "
+          + " | ".join(f"{names[k]}: {f}" for k in cols for f in fams) + " |")
+    print("|---|" + "---|" * (len(cols) * len(fams)))
     for arm, p in s["psnr"].items():
-        print(f"| {arm} | " + " | ".join(f"{p['1.0'][f]:.2f}" for f in fams) + " | "
-              + " | ".join(f"{p['0.25'][f]:.2f}" for f in fams) + " |")
+        print(f"| {arm} | " + " | ".join(f"{p[k][f]:.2f}" for k in cols for f in fams) + " |")
     best = s.get("best_arm")
     print(f"\nHighest keep-0.25 PSNR: `{s['best_keep025_arm']}`; among arms costing <= 0.5 dB at keep 1 on every "
           f"family: " + (f"`{best}`" if best else "none (at this length dropping costs keep-1 quality)") + ".\n")
