@@ -30,7 +30,7 @@ from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
 from .selection import SCORERS, RefView, needs_probe, topk_mask
-from .vocab import tokenize
+from .vocab import detokenize, tokenize
 
 
 @dataclass
@@ -39,8 +39,9 @@ class DropConfig:
 
     Each reference of each sample independently keeps everything with probability ``p_full``, else a
     fraction drawn uniformly from ``[keep_min, keep_max]`` of its tokens, chosen uniformly at random —
-    or, with probability ``p_selected``, the tokens ``selector`` ranks highest (the patterns inference-time
-    selection produces, so that the model also learns from them: train-test consistency).
+    or, with probability ``p_selected``, the tokens ``selector`` ranks highest (close to what inference-time
+    selection keeps; unlike :func:`tokensparse.selection.select`, ties are broken at random and each reference
+    has its own budget).
     """
 
     p_full: float = 0.2
@@ -122,6 +123,8 @@ def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropC
     """
     if drop.p_selected > 0 and (views is None or len(views) != len(grids)):
         raise ValueError("DropConfig.p_selected > 0 needs one RefView per reference")
+    if views is not None and any(v.batch != batch or v.grid != g for v, g in zip(views, grids)):
+        raise ValueError(f"views must match the batch ({batch}) and grids {grids}")
     masks = []
     for i, (h, w) in enumerate(grids):
         n = h * w
@@ -284,7 +287,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         keep = None
         if cfg.drop is not None and refs:
             grids = tuple((size // raw.config.patch_size,) * 2 for _ in refs)
-            views = reference_views(refs, raw.config.patch_size, batch.prompts) if cfg.drop.p_selected else None
+            prompts = detokenize(ids) if cfg.drop.p_selected else None  # what the model sees (after cond_drop)
+            views = reference_views(refs, raw.config.patch_size, prompts) if prompts is not None else None
             keep = random_keep_mask(grids, x0.shape[0], cfg.drop, g, views)
         dev = acc.device
         x0, noise, t, ids = x0.to(dev), noise.to(dev), t.to(dev), ids.to(dev)
