@@ -64,19 +64,18 @@ def speed() -> None:
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
     m = d["summary"]
-    for name, what in (("speed_run2", "Run-to-run spread on this shared machine: a second full run of the same code, "
-                                      "right after this one"),):
-        other = load(name)
-        if other:
-            o = other["summary"]
-            print(f"{what} (`benchmarks/results/{name}.json`) gave 4 refs "
-                  f"sparse0.25 {o['speedup']['4']['sparse0.25']:.2f}× (this run {m['speedup']['4']['sparse0.25']:.2f}×), "
-                  f"sparse0.25+kv {o['speedup']['4']['sparse0.25+kv']:.2f}× "
-                  f"({m['speedup']['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
-                  f"{o['speedup']['1']['sparse0.25+kv']:.2f}× ({m['speedup']['1']['sparse0.25+kv']:.2f}×), "
-                  f"+tome0.5 {o['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}× "
-                  f"({m['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum "
-                  f"efficiency {o['min_efficiency']:.2f} ({m['min_efficiency']:.2f}).\n")
+    other = load("speed_run2")
+    if other:
+        o = other["summary"]
+        print("Run-to-run spread on this shared machine: a second full run of the same code, right after this one "
+              "(`benchmarks/results/speed_run2.json`) gave 4 refs "
+              f"sparse0.25 {o['speedup']['4']['sparse0.25']:.2f}× (this run {m['speedup']['4']['sparse0.25']:.2f}×), "
+              f"sparse0.25+kv {o['speedup']['4']['sparse0.25+kv']:.2f}× "
+              f"({m['speedup']['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
+              f"{o['speedup']['1']['sparse0.25+kv']:.2f}× ({m['speedup']['1']['sparse0.25+kv']:.2f}×), "
+              f"+tome0.5 {o['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}× "
+              f"({m['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum "
+              f"efficiency {o['min_efficiency']:.2f} ({m['min_efficiency']:.2f}).\n")
 
 
 def quality() -> None:

@@ -287,8 +287,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         keep = None
         if cfg.drop is not None and refs:
             grids = tuple((size // raw.config.patch_size,) * 2 for _ in refs)
-            prompts = detokenize(ids) if cfg.drop.p_selected else None  # what the model sees (after cond_drop)
-            views = reference_views(refs, raw.config.patch_size, prompts) if prompts is not None else None
+            views = (reference_views(refs, raw.config.patch_size, detokenize(ids))  # the prompt after cond_drop
+                     if cfg.drop.p_selected else None)
             keep = random_keep_mask(grids, x0.shape[0], cfg.drop, g, views)
         dev = acc.device
         x0, noise, t, ids = x0.to(dev), noise.to(dev), t.to(dev), ids.to(dev)
