@@ -1,6 +1,7 @@
 """Dense vs sparse RefDiT forward cost: median time (interleaved repeats after warm-up) and FLOPs.
 
-    python benchmarks/forward_cost.py [--model refdit-s-64px] [--repeats 15] [--out benchmarks/results/forward_cost.json]
+    python benchmarks/forward_cost.py [--model refdit-s-64px] [--repeats 15]
+        [--out benchmarks/results/forward_cost.json]
 
 Random weights serve for timing. Prints a table and writes JSON.
 """

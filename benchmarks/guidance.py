@@ -123,7 +123,8 @@ def main() -> None:
         t1 = time.time()
         value = fid(generate_all(model, samples, steps, g), real)
         kind = name.split()[0]
-        rows.append({"config": name, "kind": kind, "fid": value, "gflops_per_step": flops_per_step(model, samples[0], g, steps) / 1e9,
+        gflops = flops_per_step(model, samples[0], g, steps) / 1e9
+        rows.append({"config": name, "kind": kind, "fid": value, "gflops_per_step": gflops,
                      "seconds": time.time() - t1})
         print(f"{name:<24} FID {value:8.3f}  {rows[-1]['gflops_per_step']:.4f} GFLOP/step", flush=True)
 
@@ -142,8 +143,8 @@ def main() -> None:
     }
 
     if args.fid_only:
-        payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "fid_only": True, "kv_cache": kv_cache,
-                   "wall_s": time.time() - t0, "summary": summary, "rows": rows}
+        payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "fid_only": True,
+                   "kv_cache": kv_cache, "wall_s": time.time() - t0, "summary": summary, "rows": rows}
         finish(payload, args.out, summary)
         return
 
@@ -156,7 +157,8 @@ def main() -> None:
         target = torch.stack([s.target for s in fam_samples])
         ref_rows[fam] = {}
         for label, g in (("unguided", None), ("sparse_ref_sg", sref)):
-            ref_rows[fam][label] = dict(zip(("mean", "ci95"), mean_ci95(psnr(generate_all(model, fam_samples, steps, g), target))))
+            scores = psnr(generate_all(model, fam_samples, steps, g), target)
+            ref_rows[fam][label] = dict(zip(("mean", "ci95"), mean_ci95(scores)))
         print(f"{fam}: unguided {ref_rows[fam]['unguided']['mean']:.2f} dB, sparse-reference SG "
               f"{ref_rows[fam]['sparse_ref_sg']['mean']:.2f} dB", flush=True)
     s0 = heldout("multi", 1, model.config.image_size)[0]

@@ -249,7 +249,8 @@ def plot(out: dict, path: Path) -> None:
         if q and sp:
             pts = {k: (sp["speedup"][k], v["drop_db"]) for k, v in q["configs"].items()
                    if k in sp["speedup"] and k != "dense"}
-            title = f"RefDiT: {q['model']}, {q['target_tokens']} target tokens" + (", K/V cache" if q["kv_cache"] else "")
+            title = (f"RefDiT: {q['model']}, {q['target_tokens']} target tokens"
+                     + (", K/V cache" if q["kv_cache"] else ""))
             panels.append((title, "PSNR drop to ground truth [dB]", pts))
     if "unet" in out:
         pts = {k: (v["speedup"], v["psnr_to_dense"]) for k, v in out["unet"]["configs"].items() if k != "dense"}

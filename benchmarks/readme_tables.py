@@ -91,8 +91,8 @@ def quality() -> None:
     print("|---|---|" + "---|" * len(fams))
     for label in ("base", "sparse"):
         for keep in d["keeps"]:
-            cells = [f"{res[label][str(keep)][f]['psnr']['mean']:.2f} ({res[label][str(keep)][f]['coarse_psnr']['mean']:.2f})"
-                     for f in fams]
+            at = res[label][str(keep)]
+            cells = [f"{at[f]['psnr']['mean']:.2f} ({at[f]['coarse_psnr']['mean']:.2f})" for f in fams]
             print(f"| {d['models'][label]} | {keep:g} | " + " | ".join(cells) + " |")
     print("| no references (sparse model) | – | " + " | ".join(
         f"{res['ref_blind'][f]['psnr']['mean']:.2f}" for f in fams) + " |")
@@ -113,7 +113,8 @@ def drop_sweep() -> None:
     lr = f" (lr {d['lr']:g})" if "lr" in d else " (lr 2e-4, the fine-tune recipe of the time)"
     base_lr = f", lr {d['base_lr']:g}" if "base_lr" in d else ", lr 3e-4"
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
-          f"{d['steps']}-step fine-tunes{lr} of the refdit-base of the time ({d['base_steps']:,} steps{base_lr}) into the cache-capable model that differ only in how "
+          f"{d['steps']}-step fine-tunes{lr} of the refdit-base of the time ({d['base_steps']:,} steps{base_lr}) "
+          "into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
           f"per family, {d['generation_steps']} sampling steps, random selection"
           + (" (and `auto` at 25 %)" if "0.25_auto" in next(iter(s["psnr"].values())) else "") + ":\n")
@@ -139,7 +140,8 @@ def selection() -> None:
           f"`adaptive=True` (mass 0.9), its tokens kept in brackets):\n")
     ada = "taskaware_adaptive_drop_db" in s
     print("| family | auto − random at 25 % (dB) | dense − auto at 25 % (dB) | "
-          + ("dense − auto adaptive (dB) [tokens kept] | dense − task-aware at ≤ 25 % average (dB) | " if ada else "")
+          + ("dense − auto adaptive (dB) [tokens kept] | dense − task-aware at ≤ 25 % average (dB) | "
+             if ada else "")
           + "tokens adaptive needs to match random-25 % | best selector |")
     print("|---|---|---|" + ("---|---|" if ada else "") + "---|---|")
     for fam in s["taskaware_minus_random_db"]:
@@ -153,15 +155,17 @@ def selection() -> None:
     print(f"\nSelection time / 20-step generation: {s['selection_overhead_frac']:.4f} "
           f"(attention probe: {s['selection_overhead_frac_attention']:.4f}).\n")
     prev, prev_q, q = load("selection_p_selected0"), load("quality_p_selected0"), load("quality")
-    if prev and prev_q and q:  # the same fine-tune with purely random dropping (DropConfig.p_selected = 0)
+    if prev and prev_q and q:  # the refdit-sparse of commit 067a892: purely random dropping (p_selected = 0)
         fams = list(s["taskaware_drop_db_keep025"])
 
         def pair(key: str, new: dict, old: dict) -> str:
             return ", ".join(f"{f} {new[key][f]:+.2f} ({old[key][f]:+.2f})" for f in fams)
 
-        print("Selection-aware dropping in the fine-tune (`DropConfig.p_selected` 0.5: half of the dropping "
-              "references keep the tokens `auto` ranks first) against the same recipe with purely random "
-              "dropping (`benchmarks/results/*_p_selected0.json`, in brackets): dense − task-aware at ≤ 25 % "
+        print("The shipped fine-tune with selection-aware dropping (`DropConfig.p_selected` 0.5: in half of the "
+              "samples the references keep exactly what `auto` selection keeps) against the refdit-sparse of "
+              "commit 067a892 (purely random dropping and fewer steps, so not a controlled comparison — the drop "
+              "sweep above is one; `benchmarks/results/*_p_selected0.json`, in brackets): dense − task-aware at "
+              "≤ 25 % "
               f"{pair('taskaware_drop_db_keep025', s, prev['summary'])}; `ft_gain_db_keep025` (random selection) "
               f"{pair('ft_gain_db_keep025', q['summary'], prev_q['summary'])}; `ft_cost_db_keep1` "
               f"{pair('ft_cost_db_keep1', q['summary'], prev_q['summary'])}.\n")
@@ -221,8 +225,9 @@ def merging() -> None:
             print(f"The first run of the whole benchmark (`benchmarks/results/merging_run1.json`, "
                   f"{len(old['refdit_speed']['seconds']['dense']['cpu_all'])} timing repeats, raw-cosine rows not "
                   f"yet in it) measured ToMe ratio 0.5 at {old['refdit_speed']['speedup']['tome_r0.5']:.2f}× and the "
-                  f"headline at {o['catome_speedup']:.2f}×, {o['catome_drop_db'] - o['tome_drop_db_at_equal_speed']:+.2f}"
-                  f" dB against ToMe at equal speed (this run: {s['catome_drop_db'] - s['tome_drop_db_at_equal_speed']:+.2f}"
+                  f"headline at {o['catome_speedup']:.2f}×, "
+                  f"{o['catome_drop_db'] - o['tome_drop_db_at_equal_speed']:+.2f} dB against ToMe at equal speed "
+                  f"(this run: {s['catome_drop_db'] - s['tome_drop_db_at_equal_speed']:+.2f}"
                   " dB): the comparison moves with the timing noise.")
         small = s.get("refdit_small")
         if small:
@@ -249,7 +254,8 @@ def merging() -> None:
         print(f"| {name} | {v['speedup']:.2f}× | {v['psnr_to_dense']:.2f} |")
     print(f"\nvs tomesd at ratio 0.5: speed ratio {s['vs_tomesd_speed_ratio']:.2f}, error ratio "
           f"{s['vs_tomesd_err_ratio']:.2f}" + (
-              f" (raw cosine, like for like: {s['vs_tomesd_speed_ratio_raw']:.2f} and {s['vs_tomesd_err_ratio_raw']:.2f})"
+              f" (raw cosine, like for like: {s['vs_tomesd_speed_ratio_raw']:.2f} and "
+              f"{s['vs_tomesd_err_ratio_raw']:.2f})"
               if "vs_tomesd_err_ratio_raw" in s else "") + ".\n")
 
 
@@ -322,8 +328,8 @@ def checkpoints() -> None:
         what = "dense" if not drop else (f"random reference dropping, keep ~ U[{drop['keep_min']:g}, "
                                          f"{drop['keep_max']:g}] ({drop['p_full']:.0%} full)")
         if drop and drop.get("p_selected"):
-            what += (f", {drop['p_selected']:.0%} of the dropping references keep the tokens `{drop['selector']}` "
-                     "ranks first")
+            what += (f", in {drop['p_selected']:.0%} of the samples the references keep what `{drop['selector']}` "
+                     "selection keeps at the drawn budgets")
         if r.get("route"):
             what += f", TREAD routing γ = {r['route']:g}"
         if r.get("cond_drop"):

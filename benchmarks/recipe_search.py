@@ -32,7 +32,8 @@ def run_pipeline(name: str, spec: dict, root: Path, device: str, n: int, threads
     if "base_path" in spec:  # a base trained elsewhere (e.g. an earlier search)
         base_w = Path(spec["base_path"])
     elif "base_from" not in spec:
-        base = {**json.loads((ROOT / "recipes/base.json").read_text()), **spec.get("base", {}), "out": str(out / "base")}
+        base = {**json.loads((ROOT / "recipes/base.json").read_text()), **spec.get("base", {}),
+                "out": str(out / "base")}
         (out / "base_recipe.json").write_text(json.dumps(base, indent=2))
         cmds.append(f"{sys.executable} -m tokensparse.cli train --config {out / 'base_recipe.json'} --export {base_w}")
     else:

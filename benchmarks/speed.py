@@ -6,9 +6,10 @@ For 1-4 references, at 16x16 tokens per image (refdit-s-64px; random weights ser
 the shipped size (refdit-s, 8x8 tokens): CPU seconds per 20-step generation on one thread (process time,
 so other jobs on a shared machine do not distort it; wall time is recorded too), interleaved repeats, each
 right after an untimed 2-step warm-up in the same setting (steady state: a switch of setting leaves the
-allocator without the new tensor sizes, and that first run pays page faults), median; speedup vs dense, FLOPs per generation (CPU SDPA counted) and efficiency = measured
-speedup / FLOP ratio. Dense and sparse run the joint model; "kv" runs the same weights built with
-ref_attends_target=False, whose context K/V are computed once per generation.
+allocator without the new tensor sizes, and that first run pays page faults), median; speedup vs dense,
+FLOPs per generation (CPU SDPA counted) and efficiency = measured speedup / FLOP ratio. Dense and sparse
+run the joint model; "kv" runs the same weights built with ref_attends_target=False, whose context K/V are
+computed once per generation.
 """
 
 from __future__ import annotations

@@ -88,6 +88,24 @@ def test_selected_dropping_keeps_what_the_selector_ranks_first(tmp_path):
     assert res.state["step"] == 2 and all(math.isfinite(v) for _, v in res.state["losses"])
 
 
+def test_selected_dropping_equals_inference_selection():
+    from tokensparse.api import reference_views
+    from tokensparse.selection import select
+
+    g = torch.Generator().manual_seed(3)
+    refs = [torch.full((5, 3, 16, 16), -0.5) for _ in range(2)]
+    for r, side in zip(refs, (4, 8)):  # a busy patch on a plain colour: "foreground" has a mass to share
+        r[:, :, 4 : 4 + side, 4 : 4 + side] = torch.rand(5, 3, side, side, generator=g)
+    views = reference_views(refs, 4, ["compose first top left second center center on red plain"] * 5)
+    for selector in ("foreground", "uniform", "auto"):  # allocate="auto": SparseContextConfig's default
+        drop = DropConfig(p_full=0.0, keep_min=0.25, keep_max=0.25, p_selected=1.0, selector=selector)
+        for refs_used in (views[:1], views):  # one reference; two sharing their budget like select()
+            grids = tuple(v.grid for v in refs_used)
+            m = random_keep_mask(grids, 5, drop, torch.Generator().manual_seed(0), refs_used)
+            want = select(refs_used, 0.25, selector, torch.Generator().manual_seed(0), allocate="auto")
+            assert torch.equal(m, want), (selector, len(refs_used))
+
+
 def test_lr_schedule():
     cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_frac=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
@@ -129,7 +147,8 @@ def test_init_loads_weights_into_the_recipes_architecture(tmp_path):
     torch.manual_seed(0)
     joint = build_model("refdit-s")
     save_checkpoint(joint, tmp_path / "joint.safetensors", dtype=torch.float16)
-    kv = init_model(TrainConfig(out=str(tmp_path / "run"), model="refdit-s-kv", init=str(tmp_path / "joint.safetensors")))
+    kv = init_model(TrainConfig(out=str(tmp_path / "run"), model="refdit-s-kv",
+                                init=str(tmp_path / "joint.safetensors")))
     assert kv.config.ref_attends_target is False
     for (name, a), b in zip(joint.state_dict().items(), kv.state_dict().values()):
         assert b.dtype == torch.float32 and torch.equal(a.half().float(), b), name

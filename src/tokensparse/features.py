@@ -69,7 +69,8 @@ def load_feature_net(path: str | Path | None = None) -> FeatureNet:
 
     path = Path(path) if path is not None else weights_dir() / FEATURES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"feature network weights {path} not found (train them: python -m tokensparse.features)")
+        raise FileNotFoundError(
+            f"feature network weights {path} not found (train them: python -m tokensparse.features)")
     net = FeatureNet()
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return net.eval().requires_grad_(False)

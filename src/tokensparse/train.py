@@ -29,7 +29,7 @@ from .api import reference_views
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
-from .selection import SCORERS, RefView, needs_probe, topk_mask
+from .selection import SCORERS, RefView, bayer_rank, budget_masks, needs_probe, shares_budget, topk_mask
 from .vocab import detokenize, tokenize
 
 
@@ -38,10 +38,11 @@ class DropConfig:
     """Random reference dropping for the Sparse Context fine-tune.
 
     Each reference of each sample independently keeps everything with probability ``p_full``, else a
-    fraction drawn uniformly from ``[keep_min, keep_max]`` of its tokens, chosen uniformly at random —
-    or, with probability ``p_selected``, the tokens ``selector`` ranks highest (close to what inference-time
-    selection keeps; unlike :func:`tokensparse.selection.select`, ties are broken at random and each reference
-    has its own budget).
+    fraction drawn uniformly from ``[keep_min, keep_max]`` of its tokens, chosen uniformly at random.
+    With probability ``p_selected`` a sample's references instead keep, at the same drawn budgets, exactly
+    what inference-time selection keeps: :func:`tokensparse.selection.select`'s ``selector`` scores, its
+    even-spread tie-break and :class:`~tokensparse.SparseContextConfig`'s default ``allocate="auto"`` (several
+    references share their summed budget by score when ``selector`` is informed).
     """
 
     p_full: float = 0.2
@@ -125,19 +126,20 @@ def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropC
         raise ValueError("DropConfig.p_selected > 0 needs one RefView per reference")
     if views is not None and any(v.batch != batch or v.grid != g for v, g in zip(views, grids)):
         raise ValueError(f"views must match the batch ({batch}) and grids {grids}")
-    masks = []
-    for i, (h, w) in enumerate(grids):
+    masks, counts = [], []
+    for h, w in grids:
         n = h * w
         frac = drop.keep_min + (drop.keep_max - drop.keep_min) * torch.rand(batch, generator=generator)
         frac = torch.where(torch.rand(batch, generator=generator) < drop.p_full, torch.ones(batch), frac)
-        counts = (frac * n).round().clamp(1, n).long()
-        rank = torch.rand(batch, n, generator=generator)
-        mask = topk_mask(rank, counts)
-        if drop.p_selected > 0:
-            chosen = torch.rand(batch, generator=generator) < drop.p_selected
-            scores = SCORERS[drop.selector](views[i], generator).reshape(batch, n).float().cpu()
-            mask = torch.where(chosen[:, None], topk_mask(scores, counts, tie=rank), mask)  # random tie-break
-        masks.append(mask)
+        counts.append((frac * n).round().clamp(1, n).long())
+        masks.append(topk_mask(torch.rand(batch, n, generator=generator), counts[-1]))
+    if drop.p_selected > 0:  # what select() keeps at these budgets, for a p_selected share of the samples
+        chosen = torch.rand(batch, generator=generator) < drop.p_selected
+        scores = [SCORERS[drop.selector](v, generator).reshape(batch, -1).float().cpu() for v in views]
+        ties = [1.0 - bayer_rank(h, w) for h, w in grids]
+        share = shares_budget(drop.selector, "auto", len(grids))
+        picked = budget_masks(scores, counts, [1] * len(grids), ties, share)
+        masks = [torch.where(chosen[:, None], p, m) for p, m in zip(picked, masks)]
     return torch.cat(masks, 1)
 
 

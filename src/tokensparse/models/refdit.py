@@ -208,18 +208,18 @@ class Mlp(nn.Module):
 class JointAttention(nn.Module):
     """Target and context tokens in one attention, with QK-RMSNorm and RoPE.
 
-    If ``ctx_attends_target`` is False, context queries see only context keys (two SDPA calls), so the
-    context's K/V never depend on the target.
+    Joint mode (``forward`` given ``ctx``): every query sees every key. Separate mode (the block's choice
+    when ``ref_attends_target=False``): :meth:`context_attention` runs the context on its own, and
+    ``forward`` given ``ctx_kv`` lets the target attend to it: the context's K/V never depend on the target.
     """
 
-    def __init__(self, dim: int, heads: int, ctx_attends_target: bool) -> None:
+    def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
-        self.ctx_attends_target = ctx_attends_target
 
     def qkv_heads(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, N, D)`` -> q, k, v each ``(B, H, N, Dh)``, RoPE applied to q and k."""
@@ -277,7 +277,7 @@ class RefDiTBlock(nn.Module):
         d = cfg.dim
         self.joint = cfg.ref_attends_target
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = JointAttention(d, cfg.heads, cfg.ref_attends_target)
+        self.attn = JointAttention(d, cfg.heads)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # zero-initialised in RefDiT.__init__

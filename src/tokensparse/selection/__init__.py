@@ -64,17 +64,33 @@ def select(
     if adaptive:
         ks = [mass_count(s, mass, lo, hi) for s, lo, hi in zip(scores, floors, budgets)]
         masks = [topk_mask(s, k, t) for s, k, t in zip(scores, ks, ties)]
-    elif len(views) > 1 and (allocate == "score" or (allocate == "auto" and selector in INFORMED)):
-        masks = allocate_mask(scores, budgets, floors, ties)
     else:
-        masks = [topk_mask(s, k, t) for s, k, t in zip(scores, budgets, ties)]
+        masks = budget_masks(scores, budgets, floors, ties, shares_budget(selector, allocate, len(views)))
     if not masks:
         return torch.zeros(1, 0, dtype=torch.bool)
     return torch.cat(masks, dim=1)
 
 
+def shares_budget(selector: str, allocate: str, num_refs: int) -> bool:
+    """Whether :func:`select` shares the references' budgets by score (``allocate`` resolved for ``selector``)."""
+    return num_refs > 1 and (allocate == "score" or (allocate == "auto" and selector in INFORMED))
+
+
+def budget_masks(scores: list[Tensor], budgets: list[int | Tensor], floors: list[int], ties: list[Tensor],
+                 share: bool) -> list[Tensor]:
+    """One keep mask ``(B, n_r)`` per reference: each its ``budgets[r]`` best tokens, or (``share``) their
+    summed budget shared by score (:func:`allocate_mask`). Budgets are ints or per-row ``(B,)`` tensors.
+
+    This is the non-adaptive half of :func:`select`, for callers that set budgets themselves (the
+    trainer's selection-aware dropping draws a budget per sample).
+    """
+    if share:
+        return allocate_mask(scores, budgets, floors, ties)
+    return [topk_mask(s, k, t) for s, k, t in zip(scores, budgets, ties)]
+
+
 __all__ = [
     "ALLOCATIONS", "FAMILY_SCORER", "INFORMED", "SCORERS", "RefView", "Scorer", "allocate_mask", "auto_choice",
-    "bayer_rank", "count_for_ratio", "floor_count", "mass_count", "needs_probe", "prompt_family",
-    "register_scorer", "select", "topk_mask",
+    "bayer_rank", "budget_masks", "count_for_ratio", "floor_count", "mass_count", "needs_probe", "prompt_family",
+    "register_scorer", "select", "shares_budget", "topk_mask",
 ]

@@ -76,7 +76,7 @@ def mass_share(scores: Tensor) -> Tensor:
     return s / s.sum(1, keepdim=True).clamp_min(1e-12)
 
 
-def allocate_mask(scores: list[Tensor], budgets: list[int], floors: list[int],
+def allocate_mask(scores: list[Tensor], budgets: list[int] | list[Tensor], floors: list[int],
                   ties: list[Tensor] | None = None) -> list[Tensor]:
     """Share the references' summed budget by score mass: one keep mask ``(B, n_r)`` per reference.
 
@@ -85,8 +85,8 @@ def allocate_mask(scores: list[Tensor], budgets: list[int], floors: list[int],
     over all references. So the scale of each reference's scores does not matter (references may even
     use different scorers): the few tokens of a small subject on a plain background each hold a large
     share and are kept first, its empty background holds none and yields its budget to busier references.
-    Each row keeps exactly ``sum(budgets)`` tokens, at least ``floors[r]`` of reference ``r``; ``ties`` as
-    in :func:`topk_mask`.
+    Each row keeps exactly ``sum(budgets)`` tokens (budgets are ints or per-row ``(B,)`` tensors), at least
+    ``floors[r]`` of reference ``r``; ``ties`` as in :func:`topk_mask`.
     """
     if not scores:
         return []
