@@ -88,6 +88,20 @@ def test_selected_dropping_keeps_what_the_selector_ranks_first(tmp_path):
     assert res.state["step"] == 2 and all(math.isfinite(v) for _, v in res.state["losses"])
 
 
+def test_plain_dropping_draws_are_pinned():
+    # p_selected=0 draws, per reference in order: keep fractions, full-or-not, a random rank per token
+    from tokensparse.selection import topk_mask
+
+    drop, grids = DropConfig(p_full=0.3, keep_min=0.1, keep_max=0.9), ((4, 4), (2, 3))
+    m = random_keep_mask(grids, 7, drop, torch.Generator().manual_seed(5))
+    g, want = torch.Generator().manual_seed(5), []
+    for h, w in grids:
+        frac = 0.1 + 0.8 * torch.rand(7, generator=g)
+        frac = torch.where(torch.rand(7, generator=g) < 0.3, torch.ones(7), frac)
+        want.append(topk_mask(torch.rand(7, h * w, generator=g), (frac * h * w).round().clamp(1, h * w).long()))
+    assert torch.equal(m, torch.cat(want, 1))
+
+
 def test_selected_dropping_equals_inference_selection():
     from tokensparse.api import reference_views
     from tokensparse.selection import select
