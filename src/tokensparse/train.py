@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .api import reference_views
+from .context import SparseContextConfig
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
-from .selection import SCORERS, RefView, bayer_rank, budget_masks, needs_probe, shares_budget, topk_mask
+from .selection import SCORERS, RefView, budget_masks, needs_probe, score_views, shares_budget, topk_mask
 from .vocab import detokenize, tokenize
 
 
@@ -135,9 +136,8 @@ def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropC
         masks.append(topk_mask(torch.rand(batch, n, generator=generator), counts[-1]))
     if drop.p_selected > 0:  # what select() keeps at these budgets, for a p_selected share of the samples
         chosen = torch.rand(batch, generator=generator) < drop.p_selected
-        scores = [SCORERS[drop.selector](v, generator).reshape(batch, -1).float().cpu() for v in views]
-        ties = [1.0 - bayer_rank(h, w) for h, w in grids]
-        share = shares_budget(drop.selector, "auto", len(grids))
+        scores, ties = score_views(views, drop.selector, generator)
+        share = shares_budget(drop.selector, SparseContextConfig.allocate, len(grids))  # the API's default
         picked = budget_masks(scores, counts, [1] * len(grids), ties, share)
         masks = [torch.where(chosen[:, None], p, m) for p, m in zip(picked, masks)]
     return torch.cat(masks, 1)

@@ -53,14 +53,12 @@ def select(
         raise ValueError(f"unknown selector {selector!r}; choose one of {sorted(SCORERS)}")
     if allocate not in ALLOCATIONS:
         raise ValueError(f"unknown allocate {allocate!r}; choose one of {list(ALLOCATIONS)}")
-    scores, budgets, floors, ties = [], [], [], []
+    scores, ties = score_views(views, selector, generator)
+    budgets, floors = [], []
     for view in views:
-        h, w = view.grid
-        n = h * w
-        scores.append(SCORERS[selector](view, generator))
+        n = view.grid[0] * view.grid[1]
         budgets.append(min(n, count) if count is not None and n > 0 else count_for_ratio(n, keep))
         floors.append(min(floor_count(n, min_keep), budgets[-1]))
-        ties.append((1.0 - bayer_rank(h, w)).to(scores[-1].device))  # equal scores: spread evenly
     if adaptive:
         ks = [mass_count(s, mass, lo, hi) for s, lo, hi in zip(scores, floors, budgets)]
         masks = [topk_mask(s, k, t) for s, k, t in zip(scores, ks, ties)]
@@ -69,6 +67,15 @@ def select(
     if not masks:
         return torch.zeros(1, 0, dtype=torch.bool)
     return torch.cat(masks, dim=1)
+
+
+def score_views(views: list[RefView], selector: str, generator: torch.Generator
+                ) -> tuple[list[Tensor], list[Tensor]]:
+    """Each reference's scores ``(B, n)`` under ``selector``, and its tie-break for equal scores (``(n,)``,
+    higher first: the grid's ordered-dither order, so ties spread evenly) — what :func:`select` ranks by."""
+    scores = [SCORERS[selector](view, generator) for view in views]
+    ties = [(1.0 - bayer_rank(*view.grid)).to(s.device) for view, s in zip(views, scores)]
+    return scores, ties
 
 
 def shares_budget(selector: str, allocate: str, num_refs: int) -> bool:
@@ -92,5 +99,5 @@ def budget_masks(scores: list[Tensor], budgets: list[int | Tensor], floors: list
 __all__ = [
     "ALLOCATIONS", "FAMILY_SCORER", "INFORMED", "SCORERS", "RefView", "Scorer", "allocate_mask", "auto_choice",
     "bayer_rank", "budget_masks", "count_for_ratio", "floor_count", "mass_count", "needs_probe", "prompt_family",
-    "register_scorer", "select", "shares_budget", "topk_mask",
+    "register_scorer", "score_views", "select", "shares_budget", "topk_mask",
 ]
