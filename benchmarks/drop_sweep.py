@@ -36,7 +36,7 @@ ARMS: dict[str, DropConfig | None] = {
     "dense": None,
     "u0.05-1_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=1.0),
     "u0.05-1_full0.5": DropConfig(p_full=0.5, keep_min=0.05, keep_max=1.0),
-    # recipes/sparse.json's: the same, half of the dropping references keeping what selector="auto" ranks first
+    # recipes/sparse.json's: the same, and in half of the samples the references keep what "auto" selection keeps
     "u0.05-1_full0.5_sel0.5": DropConfig(p_full=0.5, keep_min=0.05, keep_max=1.0, p_selected=0.5),
     "u0.05-0.5_full0.2": DropConfig(p_full=0.2, keep_min=0.05, keep_max=0.5),
     "u0.25-1_full0.5": DropConfig(p_full=0.5, keep_min=0.25, keep_max=1.0),

@@ -112,13 +112,13 @@ def drop_sweep() -> None:
     # runs before the sweep followed recipes/sparse.json recorded no learning rates (they used 2e-4 on the lr-3e-4 base)
     lr = f" (lr {d['lr']:g})" if "lr" in d else " (lr 2e-4, the fine-tune recipe of the time)"
     base_lr = f", lr {d['base_lr']:g}" if "base_lr" in d else ", lr 3e-4"
+    cols = [k for k in ("1.0", "0.25", "0.25_auto") if k in next(iter(s["psnr"].values()))]
     print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
           f"{d['steps']}-step fine-tunes{lr} of the refdit-base of the time ({d['base_steps']:,} steps{base_lr}) "
           "into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
           f"per family, {d['generation_steps']} sampling steps, random selection"
-          + (" (and `auto` at 25 %)" if "0.25_auto" in next(iter(s["psnr"].values())) else "") + ":\n")
-    cols = [k for k in ("1.0", "0.25", "0.25_auto") if k in next(iter(s["psnr"].values()))]
+          + (" (and `auto` at 25 %)" if "0.25_auto" in cols else "") + ":\n")
     names = {"1.0": "keep 1", "0.25": "keep 0.25", "0.25_auto": "auto 0.25"}
     print("| arm (keep ~ U[min, max], p_full, p_selected) | "
           + " | ".join(f"{names[k]}: {f}" for k in cols for f in fams) + " |")
