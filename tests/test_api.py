@@ -74,6 +74,17 @@ def test_bad_config(kwargs, err):
         ts.SparseContextConfig(**kwargs)
 
 
+def test_numpy_scalars_are_accepted_and_the_config_is_snapshotted(tiny):
+    import numpy as np
+
+    cfg = ts.SparseContextConfig(keep=np.float32(0.5), seed=np.int64(3), selector="random")
+    assert type(cfg.keep) is float and cfg.keep == 0.5 and type(cfg.seed) is int
+    ts.apply_sparse_context(tiny, cfg)
+    before = gen(tiny, make_refs(2))
+    cfg.keep = 1.0  # editing the caller's object after apply changes nothing
+    assert torch.equal(gen(tiny, make_refs(2)), before)
+
+
 def test_bad_targets_and_inputs(tiny):
     with pytest.raises(TypeError, match="RefDiT"):
         ts.apply_sparse_context(torch.nn.Linear(2, 2), ts.SparseContextConfig(keep=0.5))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +40,8 @@ def _is_diffusers(target: Any) -> bool:
 def _unsupported(target: Any, method: str) -> TypeError:
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers pipeline (Flux2KleinPipeline, Flux2Pipeline, "
-        f"FluxKontextPipeline, QwenImageEditPlusPipeline) or its transformer; got {type(target).__name__}"
+        f"Flux2KleinKVPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline) or its transformer; "
+        f"got {type(target).__name__}"
     )
 
 
@@ -138,6 +140,7 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     """
     if not isinstance(cfg, SparseContextConfig):
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
+    cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     model = _refdit_of(target)
     if model is None:
         if _is_diffusers(target):

@@ -13,6 +13,7 @@ registers them as commands.
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +44,19 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     return images
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be written (missing folders are created when saving)."""
+    if out.is_dir():
+        _fail(f"--out {out} is a directory")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        _fail(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        _fail(f"--out {out}: cannot write in {folder}")
+
+
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
     import torch
 
@@ -52,6 +66,16 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
         )
     if dtype not in _DTYPES:
         _fail(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        _fail(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, mps)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: this torch build sees no CUDA GPU")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        _fail(f"--device {device}: MPS is not available here")
+    if kind not in ("cpu", "cuda", "mps"):
+        _fail(f"--device {device!r} is not supported (auto, cpu, cuda, cuda:1, mps)")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return device, getattr(torch, dtype)
@@ -99,6 +123,10 @@ def generate(
         _fail(str(exc))
     if out.suffix.lower() != ".png":
         _fail(f"--out must be a .png path, got {out}")
+    _check_writable(out)
+    for name, value, low in (("--steps", steps, 1), ("--height", height, 1), ("--width", width, 1)):
+        if value is not None and value < low:
+            _fail(f"{name} must be >= {low}, got {value}")
     refs = _load_refs(list(ref or []))
     device, torch_dtype = _device_and_dtype(device, dtype)
     local = Path(model).is_dir()
@@ -155,9 +183,15 @@ def generate(
 
         if "callback_on_step_end" in params:
             kwargs["callback_on_step_end"] = on_step_end
-        with torch.inference_mode():
-            image = pipe(**kwargs).images[0]
-    save_png(image, out)
+        try:
+            with torch.inference_mode():
+                image = pipe(**kwargs).images[0]
+        except ValueError as exc:  # the pipeline's own input checks (image too small, bad size, ...)
+            _fail(f"{name} rejected the inputs: {exc}")
+    try:
+        save_png(image, out)
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc}")
     kept = f"keep={cfg.keep:g}, selector={cfg.selector}" + (", K/V cache" if cache else "")
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -44,27 +45,29 @@ class SparseContextConfig:
     allocate: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, numbers.Real):
             raise TypeError(f"keep must be a float in (0, 1], got {type(self.keep).__name__}")
         if not 0.0 < float(self.keep) <= 1.0:
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
         self.keep = float(self.keep)
         if self.selector not in SCORERS:
             raise ValueError(f"unknown selector {self.selector!r}; choose one of {sorted(SCORERS)}")
-        if not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        self.seed = int(self.seed)
         if not isinstance(self.adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {type(self.adaptive).__name__}")
         if self.count is not None:
-            if isinstance(self.count, bool) or not isinstance(self.count, int):
+            if isinstance(self.count, bool) or not isinstance(self.count, numbers.Integral):
                 raise TypeError(f"count must be an int or None, got {type(self.count).__name__}")
+            self.count = int(self.count)
             if self.count < 1:
                 raise ValueError(f"count must be >= 1, got {self.count}")
             if self.keep != 1.0 or self.adaptive:
                 raise ValueError("count sets the budget itself: leave keep at 1.0 and adaptive False")
         for name in ("mass", "min_keep"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__}")
             setattr(self, name, float(v))
         if not 0.0 < self.mass <= 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -81,6 +82,12 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
         ({"--keep": "1.5"}, "keep must be in"),
         ({"--selector": "nope"}, "unknown selector"),
         ({"--model": "./no/such/dir"}, "not a pipeline directory"),
+        ({"--steps": "0"}, "--steps must be >= 1"),
+        ({"--width": "-32"}, "--width must be >= 1"),
+        ({"--device": "tpu"}, "--device"),
+        ({"--device": "cuda"} if not torch.cuda.is_available() else {"--device": "nope:0"}, "--device"),
+        ({"--out": "d.png"}, "is a directory"),
+        ({"--out": "o.png/x.png"}, "is a file, not a folder"),
     ],
 )
 def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
@@ -90,8 +97,12 @@ def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
         "--ref": str(_ref(tmp_path)),
         "--out": str(tmp_path / "o.png"),
     }
-    opts.update({k: (str(tmp_path / v) if k == "--ref" else v) for k, v in change.items()})
+    if change.get("--out") == "o.png/x.png":
+        (tmp_path / "o.png").write_bytes(b"")  # a file where a folder would have to be
+    (tmp_path / "d.png").mkdir()
+    opts.update({k: (str(tmp_path / v) if k in ("--ref", "--out") else v) for k, v in change.items()})
     result = CliRunner().invoke(app, ["generate", *[x for kv in opts.items() for x in kv]])
     assert result.exit_code == 1
     assert message in result.output
-    assert not (tmp_path / "o.png").exists()
+    assert not (tmp_path / "o.png").exists() or change.get("--out") == "o.png/x.png"
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

@@ -147,6 +147,32 @@ def test_selection_once_per_call_on_bare_transformer(pipe):
     assert state.selections == 2  # a rising timestep starts a new generation
 
 
+@pytest.mark.parametrize("on", ["transformer", "swapped_scheduler"])
+def test_new_references_get_a_new_selection_without_a_visible_boundary(pipe, on):
+    """One-step calls on a bare transformer (the timestep never rises), or a pipeline whose scheduler was
+    replaced after apply (set_timesteps no longer wrapped): new references still get their own selection."""
+    cfg = SparseContextConfig(keep=0.25, selector="edges")
+    target = pipe.transformer if on == "transformer" else pipe
+    apply_sparse_context_diffusers(target, cfg)
+    fresh = run(pipe, refs=(2, 3), num_inference_steps=1)
+    remove_sparse_context_diffusers(pipe)
+    apply_sparse_context_diffusers(target, cfg)
+    if on == "swapped_scheduler":
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    state = sparse_context_state(pipe.transformer)
+    run(pipe, refs=(0, 1), num_inference_steps=1)
+    after = run(pipe, refs=(2, 3), num_inference_steps=1)
+    assert state.selections == 2 and np.array_equal(after, fresh)
+
+
+def test_config_is_snapshotted_at_apply(pipe):
+    cfg = SparseContextConfig(keep=0.25, selector="random")
+    apply_sparse_context_diffusers(pipe, cfg)
+    before = run(pipe)
+    cfg.keep = 1.0  # editing the caller's object after apply changes nothing
+    assert np.array_equal(run(pipe), before)
+
+
 def test_batch_of_two_shares_one_selection(pipe):
     counter = TokenCounter(pipe.transformer)
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))

@@ -115,3 +115,17 @@ def test_kept_tokens_keep_their_position_ids(pipe):
     with torch.no_grad():
         expected = tr(**dict(kw, hidden_states=kw["hidden_states"][:, index], img_ids=ids[index]))[0]
     torch.testing.assert_close(sparse[:, index], expected, rtol=0, atol=0)
+
+
+def test_batch_with_different_references_warns_once(pipe, caplog):
+    import logging
+
+    images = [Image.fromarray((np.random.RandomState(s).rand(32, 32, 3) * 255).astype("uint8")) for s in (0, 1)]
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    with caplog.at_level(logging.WARNING, logger="tokensparse.integrations.diffusers"):
+        run(pipe, prompt=["a cat", "a dog"])  # one image for both samples: nothing to warn about
+        assert "different references" not in caplog.text
+        for _ in range(2):
+            pipe(image=images, prompt=["a cat", "a dog"], generator=torch.Generator().manual_seed(0),
+                 output_type="np", **kontext_call_kwargs())
+    assert caplog.text.count("different references") == 1

@@ -145,3 +145,35 @@ def test_gelu_tanh_matches_torch_with_and_without_autograd():
     assert torch.autograd.gradcheck(gelu_tanh, (xd,)) and torch.autograd.gradgradcheck(gelu_tanh, (xd,))
     xh = x.detach().half()
     torch.testing.assert_close(gelu_tanh(xh), torch.nn.functional.gelu(xh.float(), approximate="tanh").half())
+
+
+def test_fresh_text_encoder_is_the_identity(tiny):
+    """Text blocks start with zero output projections: a new text_depth=2 model equals the text-free one."""
+    text = ts.build_model("refdit-tiny", text_depth=2)
+    result = text.load_state_dict(tiny.state_dict(), strict=False)
+    assert not result.missing_keys or all(k.startswith("prompt_embedder.blocks.") for k in result.missing_keys)
+    x, t, refs = torch.randn(2, 3, 16, 16), torch.rand(2), make_refs(1, batch=2)
+    p = tokenize(["compose first top left second center center on red plain", "relight warm"])
+    assert torch.equal(text(x, t, refs, p), tiny(x, t, refs, p))
+
+
+def test_text_encoder_mixes_words_and_ignores_padding(tiny):
+    torch.manual_seed(1)
+    text = ts.build_model("refdit-tiny", text_depth=2)
+    text.load_state_dict(tiny.state_dict(), strict=False)
+    for blk in text.prompt_embedder.blocks:  # give the zero-initialised projections values
+        torch.nn.init.normal_(blk.attn.proj.weight, std=0.2)
+        torch.nn.init.normal_(blk.mlp.fc2.weight, std=0.2)
+    emb = text.prompt_embedder
+    a, _, _ = emb(tokenize("compose first top left on red plain"))
+    b, _, _ = emb(tokenize("compose second top left on red plain"))
+    assert not torch.allclose(a[:, 4], b[:, 4])  # "left" knows which ordinal came before it
+    x, t, refs = torch.randn(2, 3, 16, 16), torch.rand(2), make_refs(1, batch=2)
+    both = text(x, t, refs, tokenize(["relight warm", "compose first top left on red plain"]))
+    alone = text(x[:1], t[:1], [r[:1] for r in refs], tokenize("relight warm"))
+    assert torch.allclose(both[:1], alone, atol=1e-5)  # a shorter prompt padded in a batch: same output
+
+
+def test_text_depth_must_not_be_negative():
+    with pytest.raises(ValueError, match="text_depth"):
+        ts.RefDiTConfig(text_depth=-1)

@@ -25,6 +25,7 @@ A call without reference tokens (text-to-image) runs unchanged and logs a warnin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..context import SparseContextConfig, keep_mask
 from ..generation import StepTracker, on_generation_start, remove_generation_callback
-from ..selection import RefView
+from ..selection import RefView, needs_probe
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
@@ -90,13 +91,16 @@ class _State:
         self.prompts_tick = -1
         self.forwards = 0  # transformer calls seen
         self.index: dict[tuple, tuple[Tensor, RefLayout] | None] = {}  # per sequence layout: kept positions
+        self.probes: dict[tuple, tuple[Tensor, Tensor]] = {}  # per layout: (positions, their tokens) at selection
         self.selections = 0  # number of selections computed (tests: once per generation)
         self.warned = False
+        self.warned_batch = False
         self.rope: tuple[Any, Tensor] | None = None  # Qwen: (dense img_shapes, kept index) for pos_embed
         self.tracker = StepTracker()
 
     def new_generation(self) -> None:
         self.index.clear()
+        self.probes.clear()
         self.warned = False
 
 
@@ -147,8 +151,10 @@ class SparseContextHook:
             return args, kwargs  # K/V of the kept references were cached at the extract step
         hs = kwargs["hidden_states"]
         key = (tuple(hs.shape[1:]), kwargs.get("kv_cache_mode"))
+        if key in self.state.index and not self._same_references(key, hs):
+            self.state.new_generation()  # new references without a visible boundary (bare transformer, 1 step)
         if key not in self.state.index:
-            self.state.index[key] = self._select(kwargs)
+            self.state.index[key] = self._select(kwargs, key)
         self.state.forwards += 1
         entry = self.state.index[key]
         if entry is None:
@@ -177,11 +183,31 @@ class SparseContextHook:
         return output
 
     # selection --------------------------------------------------------------------------------------
-    def _select(self, kwargs: dict[str, Any]) -> tuple[Tensor, RefLayout] | None:
+    def _same_references(self, key: tuple, hs: Tensor) -> bool:
+        """Whether the reference tokens the selection of ``key`` was computed from are still the input's.
+
+        Reference latents are the same tensor values at every step of a generation, so a change means new
+        references even where no generation boundary was seen (a swapped scheduler, one-step calls).
+        """
+        probe = self.state.probes.get(key)
+        return probe is None or torch.equal(hs[:1, probe[0]], probe[1])
+
+    def _select(self, kwargs: dict[str, Any], key: tuple) -> tuple[Tensor, RefLayout] | None:
         layout = self.adapter.layout(kwargs)
         if layout is None:
             return None
         hs = kwargs["hidden_states"]
+        ref_pos = torch.cat([p.to(hs.device) for p in layout.positions])
+        probe_pos = ref_pos[:: max(1, ref_pos.numel() // 256)]  # <= ~256 tokens fingerprint the references
+        self.state.probes[key] = (probe_pos, hs[:1, probe_pos].clone())
+        if hs.shape[0] > 1 and not self.state.warned_batch and not all(
+            torch.equal(hs[i, probe_pos], hs[0, probe_pos]) for i in range(1, hs.shape[0])
+        ):
+            logger.warning(
+                "tokensparse: the samples of this batch have different references; all use the selection "
+                "computed from the first sample's (the transformer takes one set of positions per batch)"
+            )
+            self.state.warned_batch = True
         # pixels only if captured by this call (no transformer call since) and one per reference
         images = self.state.images if self.state.images_tick == self.state.forwards else None
         images = images if images and len(images) == len(layout.grids) else None
@@ -259,7 +285,12 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     """
     if not isinstance(cfg, SparseContextConfig):
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
+    cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     pipe, transformer = _resolve(target)
+    if cfg.selector != "auto" and needs_probe(cfg.selector):
+        logger.warning(
+            "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "
+            "scores like 'foreground'", cfg.selector)
     if cfg.cache and not (pipe is not None and type(pipe).__name__ in KV_PIPELINES):
         raise ValueError(
             "cache=True needs a pipeline with a reference K/V cache: use Flux2KleinKVPipeline "

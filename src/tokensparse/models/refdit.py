@@ -58,6 +58,7 @@ class RefDiTConfig:
     rope_theta: float = 10_000.0
     ref_attends_target: bool = True
     route_span: tuple[int, int] | None = None  # TREAD: routed target tokens skip blocks [start, end)
+    text_depth: int = 0  # transformer blocks over the prompt before the DiT (0 = word + position embeddings only)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -66,6 +67,8 @@ class RefDiTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if sum(self.rope_axes) != self.dim // self.heads or any(a % 2 for a in self.rope_axes):
             raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.dim // self.heads}")
+        if self.text_depth < 0:
+            raise ValueError(f"text_depth must be >= 0, got {self.text_depth}")
         if self.route_span is not None and not 0 <= self.route_span[0] < self.route_span[1] <= self.depth:
             raise ValueError(f"route_span {self.route_span} must satisfy 0 <= start < end <= depth={self.depth}")
 
@@ -336,11 +339,36 @@ class RefEmbedder(nn.Module):
         return dense_seq(grids)
 
 
-class PromptEmbedder(nn.Module):
-    """Word ids ``(B, L)`` -> tokens ``(B, 1+L, D)`` (a BOS token first), valid mask, pooled vector."""
+class TextBlock(nn.Module):
+    """Pre-norm bidirectional transformer block over prompt tokens, 1-D RoPE over word positions.
+
+    Its output projections start at zero, so a freshly built text encoder is the identity.
+    """
 
     def __init__(self, cfg: RefDiTConfig) -> None:
         super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = JointAttention(d, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor, rope: Tensor, valid: Tensor | None) -> Tensor:
+        x = x + self.attn.context_attention(self.norm1(x), rope, valid)[0]
+        return x + self.mlp(self.norm2(x), role="prompt")
+
+
+class PromptEmbedder(nn.Module):
+    """Word ids ``(B, L)`` -> tokens ``(B, 1+L, D)`` (a BOS token first), valid mask, pooled vector.
+
+    With ``cfg.text_depth > 0`` the embedded words pass through that many :class:`TextBlock` first (a small
+    text encoder, as FLUX has T5: each word sees the others, so "top" can carry the ordinal before it).
+    """
+
+    def __init__(self, cfg: RefDiTConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.dim // cfg.heads
+        self.blocks = nn.ModuleList([TextBlock(cfg) for _ in range(cfg.text_depth)])
         self.words = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_prompt_len + 1, cfg.dim))
         self.bos = nn.Parameter(torch.zeros(1, 1, cfg.dim))
@@ -354,6 +382,12 @@ class PromptEmbedder(nn.Module):
         b, n = ids.shape
         tok = torch.cat([self.bos.expand(b, -1, -1), self.words(ids)], 1) + self.pos[:, : n + 1]
         valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=ids.device), ids != 0], 1)
+        if len(self.blocks):
+            pos = torch.arange(n + 1, device=ids.device)[None, :, None]
+            rope = rope_angles(pos, (self.head_dim,), 10_000.0)
+            mask = None if bool(valid.all()) else valid
+            for blk in self.blocks:
+                tok = blk(tok, rope, mask)
         pooled = (tok * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
         return tok, valid, self.pool(pooled)
 
@@ -391,7 +425,8 @@ class RefDiT(nn.Module):
         for blk in self.blocks:  # adaLN-zero: every block starts as the identity
             nn.init.zeros_(blk.ada[-1].weight)
             nn.init.zeros_(blk.ada[-1].bias)
-        for m in (self.final_ada[-1], self.final):
+        for m in (self.final_ada[-1], self.final, *[x for blk in self.prompt_embedder.blocks
+                                                    for x in (blk.attn.proj, blk.mlp.fc2)]):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 

@@ -20,6 +20,10 @@ CONFIGS: dict[str, RefDiTConfig] = {
     "refdit-tiny": RefDiTConfig(image_size=16, patch_size=4, dim=48, depth=2, heads=2, rope_axes=(4, 10, 10)),
     "refdit-s": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6),
     "refdit-s-kv": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6, ref_attends_target=False),
+    # the same with a 2-block text encoder over the prompt (binds "first" to "top left" before the DiT)
+    "refdit-s-text": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6, text_depth=2),
+    "refdit-s-kv-text": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6,
+                                     ref_attends_target=False, text_depth=2),
     # the same with TREAD routing: routed target tokens skip blocks 1-4 (Sparse Guidance's weak branch)
     "refdit-s-kv-routed": RefDiTConfig(image_size=32, patch_size=4, dim=192, depth=6, heads=6,
                                        ref_attends_target=False, route_span=(1, 5)),
