@@ -23,17 +23,32 @@ def on_generation_start(owner: Any, name: str, callback: Callable[[], None]) -> 
     """Call ``callback()`` at the start of every generation of ``owner``; ``name`` replaces an earlier one."""
     callbacks: dict[str, Callable[[], None]] = owner.__dict__.setdefault(_CALLBACKS, {})
     callbacks[name] = callback
+    _wrap_scheduler(owner)
+
+
+def _wrap_scheduler(owner: Any) -> bool:
+    """Make ``owner.scheduler.set_timesteps`` start generations; False if there is nothing (new) to wrap."""
     scheduler = getattr(owner, "scheduler", None)
-    if scheduler is not None and hasattr(scheduler, "set_timesteps") and _WRAPPED not in scheduler.__dict__:
-        original = scheduler.set_timesteps
+    if scheduler is None or not hasattr(scheduler, "set_timesteps") or _WRAPPED in scheduler.__dict__:
+        return False
+    original = scheduler.set_timesteps
 
-        @functools.wraps(original)  # pipelines inspect its signature (sigmas, mu)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            begin_generation(owner)
-            return original(*args, **kwargs)
+    @functools.wraps(original)  # pipelines inspect its signature (sigmas, mu)
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        begin_generation(owner)
+        return original(*args, **kwargs)
 
-        scheduler.__dict__[_WRAPPED] = original
-        scheduler.set_timesteps = set_timesteps
+    scheduler.__dict__[_WRAPPED] = original
+    scheduler.set_timesteps = set_timesteps
+    return True
+
+
+def check_scheduler(owner: Any) -> None:
+    """Call from a model hook: if ``owner``'s scheduler was replaced since it was wrapped (``pipe.scheduler =
+    X.from_config(...)``), wrap the new one and start a new generation — a scheduler cannot change within a
+    pipeline call, so this call is the first of a generation whose ``set_timesteps`` went unseen."""
+    if owner is not None and owner.__dict__.get(_CALLBACKS) and _wrap_scheduler(owner):
+        begin_generation(owner)
 
 
 def remove_generation_callback(owner: Any, name: str) -> None:

@@ -33,6 +33,7 @@ samples disagree. Destinations are shared by the batch.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cached_property
@@ -74,7 +75,9 @@ class TokenMergingConfig:
     merge_attn / merge_cross / merge_mlp: which sublayers of a block run on merged tokens: self-attention,
         cross-attention (UNets; RefDiT has none), feed-forward.
     max_downsample: merge only in layers whose token grid is at most this much coarser than the finest one
-        (UNets: ``1`` = top level only, like tomesd; ``2`` adds the next level, ...). DiTs have one level.
+        (UNets: ``1`` = top level only, like tomesd; ``2`` adds the next level, ...; SDXL-style UNets have no
+        attention at the top level, so they need ``2``). DiTs have one level (PixArt / DiT: the latent grid
+        divided by the model's ``patch_size``).
     seed: seeds the generator that picks destinations; reseeded at the start of every generation.
     center: measure similarity after subtracting each sequence's mean token (default; see the module
         docstring). ``False`` gives the raw cosine of ToMe / tomesd (and of tokensparse before 0.2): thresholds
@@ -94,19 +97,20 @@ class TokenMergingConfig:
     center: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real):
             raise TypeError(f"ratio must be a float in [0, 1), got {type(self.ratio).__name__}")
         if not 0.0 <= float(self.ratio) < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         self.ratio = float(self.ratio)
         if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real):
                 raise TypeError(f"threshold must be a float or None, got {type(self.threshold).__name__}")
             if not math.isfinite(self.threshold):
                 raise ValueError(f"threshold must be finite, got {self.threshold}")
             self.threshold = float(self.threshold)
-        if isinstance(self.recompute_every, bool) or not isinstance(self.recompute_every, int):
+        if isinstance(self.recompute_every, bool) or not isinstance(self.recompute_every, numbers.Integral):
             raise TypeError(f"recompute_every must be an int >= 1, got {type(self.recompute_every).__name__}")
+        self.recompute_every = int(self.recompute_every)
         if self.recompute_every < 1:
             raise ValueError(f"recompute_every must be >= 1, got {self.recompute_every}")
         if self.recompute_steps is not None:
@@ -114,18 +118,20 @@ class TokenMergingConfig:
                 raise TypeError(f"recompute_steps must be a tuple of step indices, got "
                                 f"{type(self.recompute_steps).__name__}")
             steps = tuple(self.recompute_steps)
-            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+            if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in steps):
                 raise ValueError(f"recompute_steps must be non-negative ints, got {self.recompute_steps}")
-            self.recompute_steps = tuple(sorted(set(steps)))
+            self.recompute_steps = tuple(sorted({int(s) for s in steps}))
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, int):
+        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, numbers.Integral):
             raise TypeError(f"max_downsample must be an int >= 1, got {type(self.max_downsample).__name__}")
+        self.max_downsample = int(self.max_downsample)
         if self.max_downsample < 1:
             raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        self.seed = int(self.seed)
 
     @property
     def adaptive(self) -> bool:

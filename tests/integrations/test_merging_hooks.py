@@ -341,6 +341,80 @@ def test_unet_pipeline_generations(unet: nn.Module) -> None:
     assert torch.equal(pipe(x, ctx), dense)
 
 
+@torch.no_grad()
+def test_swapped_scheduler_still_starts_generations(unet: nn.Module) -> None:
+    """``pipe.scheduler = ...`` after apply: one-step calls at one timestep still get a fresh cache each."""
+    x, _, ctx = _unet_inputs()
+    pipe = _Pipe(unet)
+    results = []
+    for inputs in ([x], [x + 1, x]):
+        apply_token_merging(pipe, TokenMergingConfig(ratio=0.5, recompute_every=4))
+        pipe.scheduler = _Scheduler()  # not wrapped by apply
+        results.append([pipe(sample, ctx, steps=1) for sample in inputs][-1])
+        assert "set_timesteps" in pipe.scheduler.__dict__  # the new scheduler is wrapped now
+        remove_token_merging(pipe)
+    assert torch.equal(results[1], results[0])  # the x + 1 call's matchings were not reused for x
+
+
+def test_config_snapshot_and_numpy_scalars(unet: nn.Module) -> None:
+    import numpy as np
+
+    cfg = TokenMergingConfig(ratio=np.float32(0.5), recompute_every=np.int64(2), seed=np.int64(1))
+    assert type(cfg.ratio) is float and type(cfg.recompute_every) is int and type(cfg.seed) is int
+    apply_token_merging(unet, cfg)
+    cfg.ratio = 0.0  # editing the caller's object after apply changes nothing
+    assert merging_state(unet).cfg.ratio == 0.5
+    remove_token_merging(unet)
+
+
+@torch.no_grad()
+def test_unet_without_top_level_attention_warns(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    torch.manual_seed(0)
+    sdxl_like = diffusers.UNet2DConditionModel(  # no attention at the top level, as in SDXL
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    args = _unet_inputs()
+    with caplog.at_level(logging.WARNING, logger="tokensparse.integrations.merging_hooks"):
+        apply_token_merging(sdxl_like, TokenMergingConfig(ratio=0.5))
+        sdxl_like(*args)
+        sdxl_like(*args)
+        assert caplog.text.count("merged nothing") == 1 and "max_downsample=2" in caplog.text
+        caplog.clear()
+        apply_token_merging(sdxl_like, TokenMergingConfig(ratio=0.5, max_downsample=2))
+        sdxl_like(*args)
+        assert "merged nothing" not in caplog.text and merging_state(sdxl_like).merged_tokens > 0
+    remove_token_merging(sdxl_like)
+
+
+@torch.no_grad()
+def test_pixart_merges_on_its_patch_grid_and_reads_positional_timesteps() -> None:
+    """PixArt patchifies 2x2: its token grid is the latent's / 2, which max_downsample=1 must merge."""
+    torch.manual_seed(0)
+    pix = _randomize(diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, out_channels=8, cross_attention_dim=16, norm_num_groups=4, use_additional_conditions=False,
+    ), std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(2, 4, 16, 12, generator=g), torch.randn(2, 5, 16, generator=g)
+    cond = {"resolution": None, "aspect_ratio": None}
+    dense = pix(x, ehs, torch.tensor([500, 500]), added_cond_kwargs=cond).sample
+    apply_token_merging(pix, TokenMergingConfig(ratio=0.5))
+    seen = []
+    handles = [b.attn1.register_forward_pre_hook(lambda m, a, k: seen.append((a or (k["hidden_states"],))[0].shape[1]),
+                                                 with_kwargs=True) for b in _blocks(pix)]
+    merged = pix(x, ehs, torch.tensor([700, 700]), added_cond_kwargs=cond).sample  # timestep given positionally
+    for h in handles:
+        h.remove()
+    assert set(seen) == {24} and not torch.equal(merged, dense)  # 8x6 = 48 tokens, half merged
+    assert merging_state(pix).tracker._last_t == 700.0
+    remove_token_merging(pix)
+    assert torch.equal(pix(x, ehs, torch.tensor([500, 500]), added_cond_kwargs=cond).sample, dense)
+
+
 # ------------------------------------------------------------------------------------------- FLUX / FLUX.2
 
 

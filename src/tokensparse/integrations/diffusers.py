@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..context import SparseContextConfig, keep_mask
-from ..generation import StepTracker, on_generation_start, remove_generation_callback
+from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
 from ..selection import RefView, needs_probe
 from .diffusers_models import (
     KV_PIPELINES,
@@ -142,6 +142,7 @@ class SparseContextHook:
             kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
             kwargs.update(kwargs.pop("kwargs", {}) or {})
             args = ()
+        check_scheduler(self.owner)  # a scheduler swapped after apply: this call starts a generation
         if kwargs.get("timestep") is not None:  # also catches pipelines sharing this transformer (from_pipe)
             gen = self.state.tracker.generation
             self.state.tracker.observe(float(kwargs["timestep"].flatten()[0]))

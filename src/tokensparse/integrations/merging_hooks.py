@@ -21,6 +21,10 @@ cache and reseeds the destination generator.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -30,11 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generation import StepTracker, on_generation_start, remove_generation_callback
+from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
 from ..merging import Matching, TokenMergingConfig, match, random_destinations
 from ..models.refdit import RefDiT
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "remove_token_merging"]
+
+logger = logging.getLogger(__name__)
 
 _STATE = "_tokensparse_token_merging"
 _CALLBACK = "token_merging"
@@ -56,6 +62,8 @@ class TokenMergingState:
     tracker: StepTracker = field(default_factory=StepTracker)
     latent_hw: tuple[int, int] | None = None
     merged_tokens: int = 0  # tokens merged away in the last generation, summed over layers and calls
+    grids_found: int = 0  # blocks of the current model call whose tokens formed a grid this config merges
+    warned: bool = False
 
     def __post_init__(self) -> None:
         self.cache = self.cfg.make_cache()
@@ -71,6 +79,9 @@ class TokenMergingState:
 
     def observe(self, t: Any) -> None:
         """Record the timestep of a model call; starts a fresh cache when a new generation begins."""
+        for owner in self.owners[1:]:  # a pipeline whose scheduler was swapped after apply
+            check_scheduler(owner)
+        self.grids_found = 0
         if isinstance(t, Tensor):
             t = t.flatten()[0].item() if t.numel() else 0.0
         self.tracker.observe(float(t))
@@ -146,6 +157,7 @@ class _BlockMerger:
             x = kwargs[sub.tokens] if from_kwargs else args[0]
             if owner:
                 grid = self.grid(x.shape[1])
+                self.state.grids_found += grid is not None
                 self.current = None if grid is None else self.state.matching(self.name, x, grid, self.shared)
             m = self.current
             if m is None or m.num_merged == 0 or not m.fits(x):
@@ -213,11 +225,20 @@ def _resolve(target: Any) -> tuple[nn.Module | None, Any]:
     return None, None
 
 
-def _timestep_arg(args: tuple, kwargs: dict, position: int, *names: str) -> Any:
+@functools.lru_cache(maxsize=64)
+def _forward_params(cls: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+
+
+def _arg(model: nn.Module, args: tuple, kwargs: dict, *names: str) -> Any:
+    """The first of ``names`` passed to ``model``'s forward, by keyword or at its position in the signature."""
+    params = _forward_params(type(model))
     for n in names:
-        if n in kwargs and kwargs[n] is not None:
+        if kwargs.get(n) is not None:
             return kwargs[n]
-    return args[position] if len(args) > position else None
+        if n in params and params.index(n) < len(args):
+            return args[params.index(n)]
+    return None
 
 
 def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
@@ -228,7 +249,7 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
         return (side, side) if n == side * side else None
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.observe(_timestep_arg(args, kwargs, 1, "t"))
+        state.observe(_arg(module, args, kwargs, "t"))
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for i, blk in enumerate(model.blocks):
@@ -280,12 +301,13 @@ def _latent_grid(state: TokenMergingState, n: int) -> tuple[int, int] | None:
 
 def _wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     cfg = state.cfg
+    patch = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)  # UNets: 1
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = _timestep_arg(args, kwargs, 0, "sample", "hidden_states")
-        if isinstance(sample, Tensor) and sample.dim() == 4:
-            state.latent_hw = (sample.shape[-2], sample.shape[-1])
-        t = _timestep_arg(args, kwargs, 1, "timestep")
+        sample = _arg(module, args, kwargs, "sample", "hidden_states")
+        if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
+            state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
+        t = _arg(module, args, kwargs, "timestep")
         state.observe(0.0 if t is None else t)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
@@ -307,12 +329,12 @@ def _wire_flux(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Tok
     grid_box: dict[str, Any] = {"grid": None, "n": None}
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = _timestep_arg(args, kwargs, 0, "hidden_states")
+        hidden = _arg(module, args, kwargs, "hidden_states")
         grid_box["grid"] = grid_box["n"] = None
-        ids = kwargs.get("img_ids")
+        ids = _arg(module, args, kwargs, "img_ids")
         if isinstance(ids, Tensor) and isinstance(hidden, Tensor):
             grid_box["grid"], grid_box["n"] = _ids_grid(ids[0] if ids.dim() == 3 else ids), hidden.shape[1]
-        t = _timestep_arg(args, kwargs, 2, "timestep")
+        t = _arg(module, args, kwargs, "timestep")
         state.observe(0.0 if t is None else t)
 
     def grid(n: int) -> tuple[int, int] | None:
@@ -366,6 +388,7 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     """
     if not isinstance(cfg, TokenMergingConfig):
         raise TypeError(f"cfg must be a TokenMergingConfig, got {type(cfg).__name__}")
+    cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     model, pipe = _resolve(target)
     if model is None:
         raise _unsupported(target, "apply_token_merging")
@@ -390,7 +413,18 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
         _wire_unet(model, basic, state)
     else:
         _wire_flux(model, flux, state)
+    state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
     return target
+
+
+def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
+    """Warn once when a model call had no block whose tokens this config can merge (a silent no-op)."""
+    if state.grids_found == 0 and not state.warned:
+        state.warned = True
+        logger.warning(
+            "tokensparse: token merging merged nothing in this %s call: no block's tokens form a grid it merges "
+            "(UNets without attention at the top level, e.g. SDXL, need max_downsample=2; FLUX sequences with "
+            "reference tokens are not merged)", type(module).__name__)
 
 
 def remove_token_merging(target: Any) -> Any:
