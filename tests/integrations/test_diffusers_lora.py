@@ -24,8 +24,16 @@ def test_config_validation_and_unsupported_pipeline():
         LoraTrainConfig(keep_min=0.0)
     with pytest.raises(ValueError):
         LoraTrainConfig(resolution=30)
+    for bad in (0.0, -1e-4, float("nan")):
+        with pytest.raises(ValueError, match="lr"):
+            LoraTrainConfig(lr=bad)
     with pytest.raises(TypeError, match="Flux2KleinPipeline"):
         train_lora_sparse(tiny_qwen_image_edit_plus(), [object()], LoraTrainConfig(steps=1), "/nonexistent")
+    import tokensparse as ts
+
+    pipe = ts.apply_sparse_context(tiny_flux2_klein(seed=0), ts.SparseContextConfig(keep=0.5))
+    with pytest.raises(ValueError, match="remove_sparse_context"):
+        train_lora_sparse(pipe, [object()], LoraTrainConfig(steps=1), "/nonexistent")
 
 
 @pytest.mark.slow

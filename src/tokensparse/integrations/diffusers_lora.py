@@ -14,6 +14,7 @@ attention projections train. ``accelerate`` places the model (one CPU process, o
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from ..context import SparseContextConfig
-from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers
+from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
 SUPPORTED = ("Flux2KleinPipeline",)
 
@@ -46,8 +47,10 @@ class LoraTrainConfig:
             raise ValueError("steps and rank must be >= 1")
         if not 0.0 < self.keep_min <= self.keep_max <= 1.0:
             raise ValueError(f"need 0 < keep_min <= keep_max <= 1, got {self.keep_min}, {self.keep_max}")
-        if self.resolution % 16:
-            raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
 
 
 @dataclass
@@ -131,6 +134,9 @@ def train_lora_sparse(
         raise TypeError(f"LoRA training supports {SUPPORTED}, got {type(pipe).__name__}")
     if not examples:
         raise ValueError("no training examples")
+    if sparse_context_state(pipe.transformer) is not None:
+        raise ValueError("Sparse Context is applied to this pipeline: remove_sparse_context(pipe) before training "
+                         "(training drops reference tokens itself, and would remove it when done)")
     accelerator = Accelerator()
     device = accelerator.device
     pipe.to(device)
