@@ -85,6 +85,23 @@ def test_numpy_scalars_are_accepted_and_the_config_is_snapshotted(tiny):
     assert torch.equal(gen(tiny, make_refs(2)), before)
 
 
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(shift=0.0), ValueError), (dict(shift=float("nan")), ValueError), (dict(steps=2.5), TypeError),
+    (dict(steps=True), TypeError), (dict(seed=[]), ValueError), (dict(seed=2**70), ValueError),
+    (dict(seed="1"), ValueError), (dict(seed=None), ValueError),
+])
+def test_generate_rejects_bad_settings(tiny, kwargs, err):
+    with pytest.raises(err):
+        ts.generate(tiny, make_refs(1), "place", **{"steps": 2, **kwargs})
+
+
+def test_generate_rejects_missing_prompt_or_references(tiny):
+    with pytest.raises(TypeError, match="prompt"):
+        ts.generate(tiny, make_refs(1), None, steps=2)
+    with pytest.raises(TypeError, match="references"):
+        ts.generate(tiny, None, "place", steps=2)
+
+
 def test_bad_targets_and_inputs(tiny):
     with pytest.raises(TypeError, match="RefDiT"):
         ts.apply_sparse_context(torch.nn.Linear(2, 2), ts.SparseContextConfig(keep=0.5))

@@ -133,3 +133,15 @@ def test_sparse_guidance_in_generate_equals_two_separate_passes(routed):
                   for r in (0.25, 0.75))
     x0 = x + (t_next - t) * (2.0 * d1 + (1 - 2.0) * d2)
     assert torch.equal(out, ((x0 + 1) / 2).clamp(0, 1))
+
+
+@pytest.mark.parametrize("cls, kw, err", [
+    (CFGConfig, dict(scale=float("nan")), ValueError), (CFGConfig, dict(scale="2"), TypeError),
+    (CFGConfig, dict(interval=(0.1,)), TypeError), (CFGConfig, dict(interval=("a", "b")), TypeError),
+    (SparseGuidanceConfig, dict(scale=float("inf")), ValueError),
+    (SparseGuidanceConfig, dict(null_weak="yes"), TypeError),
+    (SparseGuidanceConfig, dict(weak_keep="0.5"), TypeError),
+])
+def test_guidance_configs_reject_bad_values(cls, kw, err):
+    with pytest.raises(err):
+        cls(**kw)

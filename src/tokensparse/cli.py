@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_diffusers import _fail, check_png_out
+
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
                   add_completion=False)
 show_app = typer.Typer(help="Show models, tasks and selections.", no_args_is_help=True)
@@ -37,7 +39,11 @@ def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write.")
     """Draw a grid of task-suite samples: references | prompt | target, per task."""
     from .data import save_task_grid
 
-    save_task_grid(out, image_size=image_size, per_task=per_task)
+    check_png_out(out)
+    try:
+        save_task_grid(out, image_size=image_size, per_task=per_task)
+    except ValueError as exc:
+        _fail(str(exc))
     console.print(f"wrote {out}")
 
 
@@ -54,11 +60,11 @@ def show_selection(
     """Draw the kept reference tokens over each reference image."""
     from .show_selection import save_selection_map
 
+    check_png_out(out)
     try:
         save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=1) from exc
+    except (ValueError, OSError) as exc:  # OSError: unreadable image, missing checkpoint
+        _fail(str(exc))
     console.print(f"wrote {out}")
 
 
@@ -68,6 +74,9 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
     """Run a dense and a sparse generation side by side and write a PNG."""
     from .demo import run_demo
 
+    check_png_out(out)
+    if steps < 1:
+        _fail(f"--steps must be >= 1, got {steps}")
     run_demo(out=out, steps=steps, console=console)
 
 
@@ -103,7 +112,7 @@ def train(
 
 @app.command()
 def bench(
-    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging"),
+    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep"),
     quick: bool = typer.Option(False, help="The benchmark's quick variant (minutes, small samples)."),
     out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json)."),
 ) -> None:

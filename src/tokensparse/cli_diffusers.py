@@ -44,8 +44,11 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     return images
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be written (missing folders are created when saving)."""
+def check_png_out(out: Path) -> None:
+    """Fail (one line, exit 1) before any work unless ``out`` is a writable ``.png`` path (missing folders are
+    created when saving)."""
+    if out.suffix.lower() != ".png":
+        _fail(f"--out must be a .png path, got {out}")
     if out.is_dir():
         _fail(f"--out {out} is a directory")
     folder = out.absolute().parent
@@ -121,9 +124,7 @@ def generate(
         cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache)
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
-    if out.suffix.lower() != ".png":
-        _fail(f"--out must be a .png path, got {out}")
-    _check_writable(out)
+    check_png_out(out)
     for name, value, low in (("--steps", steps, 1), ("--height", height, 1), ("--width", width, 1)):
         if value is not None and value < low:
             _fail(f"{name} must be >= {low}, got {value}")
@@ -132,6 +133,11 @@ def generate(
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/"))):
         _fail(f"--model {model} is not a pipeline directory")
+    from .models.zoo import CHECKPOINTS, CONFIGS
+
+    if not local and model in {**CONFIGS, **CHECKPOINTS}:
+        _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
+              "(tokensparse.generate) or see tokensparse demo")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly

@@ -55,6 +55,8 @@ class SparseContextConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         self.seed = int(self.seed)
+        if not isinstance(self.cache, bool):
+            raise TypeError(f"cache must be a bool, got {type(self.cache).__name__}")
         if not isinstance(self.adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {type(self.adaptive).__name__}")
         if self.count is not None:

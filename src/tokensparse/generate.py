@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -53,7 +55,9 @@ def generate(
     references: PIL images, arrays or tensors in [0, 1], each ``(3, H, W)`` or ``(B, 3, H, W)``; may be empty.
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
-        ``seed[i]`` when a list is given.
+        ``seed[i]`` when a list is given. With guidance that routes tokens or drops the weak branch's
+        references, those draws are seeded from the first seed for the whole batch, so a guided sample also
+        depends on its batch.
     guidance: a :class:`~tokensparse.guidance.CFGConfig` or :class:`~tokensparse.guidance.SparseGuidanceConfig`
         (routing needs a model built with ``route_span``); ``None`` = one conditional dense pass per step.
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.
@@ -62,6 +66,19 @@ def generate(
         raise TypeError(f"generate expects a RefDiT, got {type(model).__name__}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int >= 1, got {type(steps).__name__}")
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0.0 < float(shift) < math.inf:
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    seed_list = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    if not seed_list or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**63
+                            for s in seed_list):
+        raise ValueError(f"seed must be an int in [0, 2**63) or a non-empty list of them, got {seed!r}")
+    if prompt is None or isinstance(prompt, (bytes, Tensor)):
+        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    if references is None or isinstance(references, (str, bytes)):
+        raise TypeError("references must be a list of images (empty for none), got "
+                        f"{type(references).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     refs = batch_images(list(references))
     batch = max([len(prompts)] + [r.shape[0] for r in refs])

@@ -15,19 +15,41 @@ ImageLike = Image.Image | np.ndarray | Tensor
 
 
 def to_tensor(image: ImageLike) -> Tensor:
-    """One image -> ``(3, H, W)`` float32 in [0, 1]; a ``(B, 3, H, W)`` tensor passes through."""
+    """One image -> ``(3, H, W)`` float32 in [0, 1]; a ``(B, 3, H, W)`` tensor passes through.
+
+    Integer arrays and tensors (uint8) are divided by 255; float arrays above 1 are read as 0-255 too; float
+    tensors must already be in [0, 1]. Single-channel images become RGB. Raises ``ValueError`` for values that
+    are not finite or out of range, ``TypeError`` for other objects.
+    """
     if isinstance(image, Image.Image):
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"a numpy image must be (H, W), (H, W, 3) or (3, H, W), got shape {image.shape}")
         arr = image.astype(np.float32)
-        if arr.max() > 1.0:
+        if np.issubdtype(image.dtype, np.integer) or (arr.size and arr.max() > 1.0):
             arr = arr / 255.0
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-    if isinstance(image, Tensor):
-        return image.float()
-    raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+        if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):  # channels first (3, H, W)
+            arr = arr.transpose(1, 2, 0)
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        t = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    elif isinstance(image, Tensor):
+        t = image.float() / 255.0 if not (image.is_floating_point() or image.is_complex()) else image.float()
+        if t.dim() in (3, 4) and t.shape[-3] == 1:  # grayscale (1, H, W) / (B, 1, H, W)
+            t = t.expand(*t.shape[:-3], 3, *t.shape[-2:])
+    else:
+        raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+    if t.numel():
+        lo, hi = float(t.min()), float(t.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("image values must be finite (got NaN or inf)")
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            raise ValueError(f"image values must be in [0, 1] (uint8 images are divided by 255), "
+                             f"got [{lo:.3g}, {hi:.3g}]")
+    return t
 
 
 def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tensor]:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .context import SparseContextConfig, keep_mask
-from .images import to_tensor
+from .images import save_png, to_tensor
 from .selection import needs_probe
 
 
@@ -97,5 +97,5 @@ def save_selection_map(refs: list[Path], selector: str, keep: float, out: Path, 
         canvas.paste(t, (i * (scale + 8), 0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    save_png(canvas, out)  # atomic; nothing half-written on failure
     return masks

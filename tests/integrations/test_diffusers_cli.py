@@ -82,6 +82,7 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
         ({"--keep": "1.5"}, "keep must be in"),
         ({"--selector": "nope"}, "unknown selector"),
         ({"--model": "./no/such/dir"}, "not a pipeline directory"),
+        ({"--model": "refdit-sparse"}, "is a RefDiT"),
         ({"--steps": "0"}, "--steps must be >= 1"),
         ({"--width": "-32"}, "--width must be >= 1"),
         ({"--device": "tpu"}, "--device"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..images import save_png
 from .tasks import TASKS, make_sample
 
 
@@ -20,6 +21,8 @@ def save_task_grid(
 ) -> None:
     """Write a PNG: ``per_task`` rows per task (seeds ``seed..seed+per_task-1``), columns = up to four
     references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px."""
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
+        raise ValueError(f"per_task must be an int >= 1, got {per_task!r}")
     scale = scale or max(1, 96 // image_size)
     cell = image_size * scale
     pad, text_w = 4, 300
@@ -47,5 +50,4 @@ def save_task_grid(
         for j, line in enumerate(lines):
             draw.text((tx + 4, y + 20 + 13 * j), line, fill=(0, 0, 0), font=font)
         canvas.paste(_to_pil(s.target, scale), (tx + text_w, y))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=True)
+    save_png(canvas, path)  # atomic; nothing half-written on failure
