@@ -180,3 +180,20 @@ def test_scene_has_many_right_answers_for_one_prompt():
     words = make_sample("scene", 7).prompt.split()
     obj, bg = words[1], words[4]
     assert obj != bg  # the object never disappears into its background colour
+
+
+def test_data_functions_reject_bad_arguments():
+    import numpy as np
+    import pytest
+
+    from tokensparse.data import floors, heldout, make_batch, make_sample
+
+    assert make_sample("place", 0, np.int64(32)).target.shape == (3, 32, 32)
+    with pytest.raises(TypeError, match="num_refs"):
+        make_sample("compose", 0, 32, num_refs=2.7)
+    with pytest.raises(ValueError, match="n must be"):
+        heldout("subject", n=-3)
+    with pytest.raises(ValueError, match="at least one seed"):
+        make_batch("place", [])
+    with pytest.raises(ValueError, match="references"):
+        floors(heldout("scene", 1))

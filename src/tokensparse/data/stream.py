@@ -147,6 +147,8 @@ def batch_plan(
 def make_batch(task: str, seeds: Sequence[int], image_size: int = 32, num_refs: int | None = None) -> Batch:
     """Build a batch of one task from explicit seeds (all with ``num_refs`` references; default: the
     task's minimum, so that a batch is always well formed)."""
+    if len(seeds) == 0:
+        raise ValueError("make_batch needs at least one seed")
     r = TASKS[task].num_refs[0] if num_refs is None else num_refs
     refs_np, prompts, targets = [], [], []
     for s in seeds:
@@ -220,6 +222,8 @@ def heldout(family_or_task: str, n: int = 512, image_size: int = 32) -> list[Sam
     Seeds are ``>= HELDOUT_SEED_BASE`` (never used by :func:`train_batches`), subjects come from the held-out
     part of the subject bank, and reference counts vary within a task's range (group with :func:`batched`).
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
     return [make_sample(t, s, image_size) for t, s in heldout_plan(family_or_task, n)]
 
 
@@ -240,6 +244,9 @@ def floors(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     """
     if not samples:
         raise ValueError("floors needs at least one sample")
+    if any(not s.refs for s in samples):
+        raise ValueError("floors needs samples with references (the copy-reference floor); "
+                         f"{next(s.task for s in samples if not s.refs)!r} samples have none")
     size = samples[0].target.shape[-1]
     return {
         "copy_ref": torch.stack([s.refs[0] for s in samples]),
