@@ -32,15 +32,26 @@ def _wrap_scheduler(owner: Any) -> bool:
     if scheduler is None or not hasattr(scheduler, "set_timesteps") or _WRAPPED in scheduler.__dict__:
         return False
     original = scheduler.set_timesteps
-
-    @functools.wraps(original)  # pipelines inspect its signature (sigmas, mu)
-    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        begin_generation(owner)
-        return original(*args, **kwargs)
-
     scheduler.__dict__[_WRAPPED] = original
-    scheduler.set_timesteps = set_timesteps
+    scheduler.set_timesteps = _SetTimesteps(owner, original)
     return True
+
+
+class _SetTimesteps:
+    """``scheduler.set_timesteps`` that first starts a generation of ``owner``.
+
+    An object rather than a closure so that ``copy.deepcopy(pipe)`` gives the copy a wrapper bound to the
+    copied pipeline and scheduler; ``functools.update_wrapper`` keeps the signature pipelines inspect
+    (``sigmas``, ``mu``).
+    """
+
+    def __init__(self, owner: Any, original: Callable[..., Any]) -> None:
+        self.owner, self.original = owner, original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        begin_generation(self.owner)
+        return self.original(*args, **kwargs)
 
 
 def check_scheduler(owner: Any) -> None:

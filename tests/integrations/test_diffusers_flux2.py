@@ -165,6 +165,18 @@ def test_new_references_get_a_new_selection_without_a_visible_boundary(pipe, on)
     assert state.selections == 2 and np.array_equal(after, fresh)
 
 
+def test_deepcopy_of_a_patched_pipeline_is_independent(pipe):
+    import copy
+
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
+    sparse = run(pipe)
+    twin = copy.deepcopy(pipe)
+    assert np.array_equal(run(twin), sparse)  # the copy's wrappers drive the copy's scheduler (crashed before)
+    assert twin.prepare_image_latents.__wrapped__.__self__ is twin
+    remove_sparse_context_diffusers(twin)
+    assert sparse_context_state(pipe) is not None and np.array_equal(run(pipe), sparse)
+
+
 def test_config_is_snapshotted_at_apply(pipe):
     cfg = SparseContextConfig(keep=0.25, selector="random")
     apply_sparse_context_diffusers(pipe, cfg)

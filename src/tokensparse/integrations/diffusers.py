@@ -353,33 +353,39 @@ def _invalidate(registry: Any) -> None:
 def _wrap_image_capture(pipe: Any, state: _State) -> None:
     """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``)."""
     image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
-
-    def on_images(args: tuple, kwargs: dict) -> None:
-        state.images = images_for_scorers(
-            kwargs.get(arg_name, args[arg_pos] if len(args) > arg_pos else None)
-        )
-        state.images_tick = state.forwards
-
-    def on_prompt(args: tuple, kwargs: dict) -> None:
-        if state.prompts_tick == state.forwards:  # the negative prompt, encoded after the positive one
-            return
-        prompt = kwargs.get("prompt", args[0] if args else None)
-        state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
-        state.prompts_tick = state.forwards
-
     wrapped = []
-    for name, handler in ((image_method, on_images), ("encode_prompt", on_prompt)):
+    for name, kind in ((image_method, "images"), ("encode_prompt", "prompt")):
         original = getattr(pipe, name, None)
         if original is None:
             continue
-
-        def capture(*args: Any, _original: Any = original, _handler: Any = handler, **kwargs: Any) -> Any:
-            _handler(args, kwargs)
-            return _original(*args, **kwargs)
-
-        pipe.__dict__[name] = functools.wraps(original)(capture)
+        pipe.__dict__[name] = _Capture(original, state, kind, arg_name, arg_pos)
         wrapped.append(name)
     pipe.__dict__[_CAPTURE] = wrapped
+
+
+class _Capture:
+    """A pipeline method that first records its reference images or prompt into ``state``.
+
+    An object rather than a closure so that ``copy.deepcopy(pipe)`` binds the copy's wrapper to the copied
+    pipeline and selection state.
+    """
+
+    def __init__(self, original: Any, state: _State, kind: str, arg_name: str, arg_pos: int) -> None:
+        self.original, self.state, self.kind, self.arg_name, self.arg_pos = original, state, kind, arg_name, arg_pos
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        if self.kind == "images":
+            state.images = images_for_scorers(
+                kwargs.get(self.arg_name, args[self.arg_pos] if len(args) > self.arg_pos else None)
+            )
+            state.images_tick = state.forwards
+        elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one
+            prompt = kwargs.get("prompt", args[0] if args else None)
+            state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
+            state.prompts_tick = state.forwards
+        return self.original(*args, **kwargs)
 
 
 def _unwrap_image_capture(pipe: Any) -> None:
