@@ -48,7 +48,7 @@ RECIPE = json.loads((Path(__file__).resolve().parents[1] / "recipes" / "sparse.j
 
 def fine_tune(arm: str, drop: DropConfig | None, steps: int, root: Path) -> tuple[ts.RefDiT, float]:
     """Fine-tune (or resume) one arm; its EMA model and training wall minutes."""
-    cfg = TrainConfig(out=str(root / arm), model="refdit-s-kv", init=BASE, steps=steps, batch_size=16,
+    cfg = TrainConfig(out=str(root / arm), model=RECIPE["model"], init=BASE, steps=steps, batch_size=16,
                       lr=RECIPE["lr"], min_lr_frac=0.1, warmup=min(50, steps // 5), ema=0.99, drop=drop, seed=1,
                       family_weights=RECIPE["family_weights"],
                       ckpt_every=100, eval_every=10**9)
