@@ -37,8 +37,8 @@ CONFIGS: dict[str, RefDiTConfig] = {
 
 # Shipped checkpoints: name -> architecture name.
 CHECKPOINTS: dict[str, str] = {
-    "refdit-base": "refdit-s",
-    "refdit-sparse": "refdit-s-kv",
+    "refdit-base": "refdit-s-text",
+    "refdit-sparse": "refdit-s-kv-text",
     "refdit-routed": "refdit-s-kv-routed",
     "refdit-sparse-64px": "refdit-s-kv-64px",
 }
