@@ -140,14 +140,14 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     """
     if not isinstance(cfg, SparseContextConfig):
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
-    cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     model = _refdit_of(target)
     if model is None:
         if _is_diffusers(target):
             from .integrations.diffusers import apply_sparse_context_diffusers
 
-            return apply_sparse_context_diffusers(target, cfg)
+            return apply_sparse_context_diffusers(target, cfg)  # takes its own snapshot of cfg
         raise _unsupported(target, "apply_sparse_context")
+    cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     if cfg.cache and model.config.ref_attends_target:
         raise ValueError("cache=True needs a model built with ref_attends_target=False (e.g. 'refdit-s-kv')")
     remove_sparse_context(model)
