@@ -88,7 +88,7 @@ def test_numpy_scalars_are_accepted_and_the_config_is_snapshotted(tiny):
 @pytest.mark.parametrize("kwargs, err", [
     (dict(shift=0.0), ValueError), (dict(shift=float("nan")), ValueError), (dict(steps=2.5), TypeError),
     (dict(steps=True), TypeError), (dict(seed=[]), ValueError), (dict(seed=2**70), ValueError),
-    (dict(seed="1"), ValueError), (dict(seed=None), ValueError),
+    (dict(seed="1"), TypeError), (dict(seed=None), TypeError), (dict(steps=0), ValueError),
 ])
 def test_generate_rejects_bad_settings(tiny, kwargs, err):
     with pytest.raises(err):

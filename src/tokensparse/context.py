@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import checks
 from .selection import ALLOCATIONS, SCORERS, RefView, select
 from .tokens import TokenSeq, subset
 
@@ -45,37 +45,18 @@ class SparseContextConfig:
     allocate: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep, bool) or not isinstance(self.keep, numbers.Real):
-            raise TypeError(f"keep must be a float in (0, 1], got {type(self.keep).__name__}")
-        if not 0.0 < float(self.keep) <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
-        self.keep = float(self.keep)
+        self.keep = checks.real("keep", self.keep, 0.0, 1.0, lo_open=True)
         if self.selector not in SCORERS:
             raise ValueError(f"unknown selector {self.selector!r}; choose one of {sorted(SCORERS)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        self.seed = int(self.seed)
-        if not isinstance(self.cache, bool):
-            raise TypeError(f"cache must be a bool, got {type(self.cache).__name__}")
-        if not isinstance(self.adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {type(self.adaptive).__name__}")
+        self.seed = checks.integer("seed", self.seed)
+        checks.flag("cache", self.cache)
+        checks.flag("adaptive", self.adaptive)
         if self.count is not None:
-            if isinstance(self.count, bool) or not isinstance(self.count, numbers.Integral):
-                raise TypeError(f"count must be an int or None, got {type(self.count).__name__}")
-            self.count = int(self.count)
-            if self.count < 1:
-                raise ValueError(f"count must be >= 1, got {self.count}")
+            self.count = checks.integer("count", self.count, lo=1)
             if self.keep != 1.0 or self.adaptive:
                 raise ValueError("count sets the budget itself: leave keep at 1.0 and adaptive False")
-        for name in ("mass", "min_keep"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"{name} must be a float, got {type(v).__name__}")
-            setattr(self, name, float(v))
-        if not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1], got {self.mass}")
-        if not 0.0 <= self.min_keep <= self.keep:
-            raise ValueError(f"min_keep must be in [0, keep={self.keep}], got {self.min_keep}")
+        self.mass = checks.real("mass", self.mass, 0.0, 1.0, lo_open=True)
+        self.min_keep = checks.real("min_keep", self.min_keep, 0.0, self.keep)
         if self.allocate not in ALLOCATIONS:
             raise ValueError(f"unknown allocate {self.allocate!r}; choose one of {list(ALLOCATIONS)}")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from . import checks
 from .api import selection_prompt, sparse_context_config
 from .flow import SAMPLERS, noise_like, timesteps
 from .generation import begin_generation
@@ -66,14 +65,12 @@ def generate(
         raise TypeError(f"generate expects a RefDiT, got {type(model).__name__}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-        raise TypeError(f"steps must be an int >= 1, got {type(steps).__name__}")
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0.0 < float(shift) < math.inf:
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    steps = checks.integer("steps", steps, lo=1)
+    shift = checks.real("shift", shift, 0.0, lo_open=True)
     seed_list = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-    if not seed_list or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**63
-                            for s in seed_list):
-        raise ValueError(f"seed must be an int in [0, 2**63) or a non-empty list of them, got {seed!r}")
+    if not seed_list:
+        raise ValueError("seed must be an int or a non-empty list of ints, got []")
+    seed_list = [checks.integer("seed", s, 0, 2**63 - 1) for s in seed_list]
     if prompt is None or isinstance(prompt, (bytes, Tensor)):
         raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     if references is None or isinstance(references, (str, bytes)):

@@ -16,12 +16,12 @@ before the route span); CFG's, CFG+SG's and sparse-reference SG's branches diffe
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from . import checks
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class CFGConfig:
     interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        self.scale = _real("scale", self.scale)
+        self.scale = checks.real("scale", self.scale)
         self.interval = _check_interval(self.interval)
 
     def branches(self) -> tuple[Branch, Branch]:
@@ -73,15 +73,13 @@ class SparseGuidanceConfig:
 
     def __post_init__(self) -> None:
         for name in ("scale", "strong", "weak", "weak_keep"):
-            setattr(self, name, _real(name, getattr(self, name)))
-        if not isinstance(self.null_weak, bool):
-            raise TypeError(f"null_weak must be a bool, got {type(self.null_weak).__name__}")
+            setattr(self, name, checks.real(name, getattr(self, name)))
+        checks.flag("null_weak", self.null_weak)
         if not 0.0 <= self.strong <= self.weak < 1.0:
             raise ValueError(f"need 0 <= strong <= weak < 1, got strong={self.strong}, weak={self.weak}")
         if self.strong == self.weak and self.weak_keep == 1.0 and not self.null_weak:
             raise ValueError("the weak branch equals the strong one: set strong < weak, weak_keep < 1 or null_weak")
-        if not 0.0 < self.weak_keep <= 1.0:
-            raise ValueError(f"weak_keep must be in (0, 1], got {self.weak_keep}")
+        checks.real("weak_keep", self.weak_keep, 0.0, 1.0, lo_open=True)
         self.interval = _check_interval(self.interval)
 
     def branches(self) -> tuple[Branch, Branch]:
@@ -91,21 +89,12 @@ class SparseGuidanceConfig:
 GuidanceConfig = CFGConfig | SparseGuidanceConfig
 
 
-def _real(name: str, value: object) -> float:
-    """``value`` as a finite float; ``TypeError`` / ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
 def _check_interval(interval: object) -> tuple[float, float] | None:
     if interval is None:
         return None
     if not isinstance(interval, (tuple, list)) or len(interval) != 2:
         raise TypeError(f"interval must be a (lo, hi) pair or None, got {interval!r}")
-    lo, hi = _real("interval[0]", interval[0]), _real("interval[1]", interval[1])
+    lo, hi = checks.real("interval[0]", interval[0]), checks.real("interval[1]", interval[1])
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"interval must be (lo, hi) with 0 <= lo < hi <= 1, got {interval}")
     return lo, hi

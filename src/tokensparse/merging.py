@@ -32,8 +32,6 @@ samples disagree. Destinations are shared by the batch.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,6 +39,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import checks
 
 __all__ = [
     "MatchCache",
@@ -97,41 +97,20 @@ class TokenMergingConfig:
     center: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real):
-            raise TypeError(f"ratio must be a float in [0, 1), got {type(self.ratio).__name__}")
-        if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        self.ratio = float(self.ratio)
+        self.ratio = checks.real("ratio", self.ratio, 0.0, 1.0, hi_open=True)
         if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real):
-                raise TypeError(f"threshold must be a float or None, got {type(self.threshold).__name__}")
-            if not math.isfinite(self.threshold):
-                raise ValueError(f"threshold must be finite, got {self.threshold}")
-            self.threshold = float(self.threshold)
-        if isinstance(self.recompute_every, bool) or not isinstance(self.recompute_every, numbers.Integral):
-            raise TypeError(f"recompute_every must be an int >= 1, got {type(self.recompute_every).__name__}")
-        self.recompute_every = int(self.recompute_every)
-        if self.recompute_every < 1:
-            raise ValueError(f"recompute_every must be >= 1, got {self.recompute_every}")
+            self.threshold = checks.real("threshold", self.threshold)
+        self.recompute_every = checks.integer("recompute_every", self.recompute_every, lo=1)
         if self.recompute_steps is not None:
             if not isinstance(self.recompute_steps, (list, tuple, set, frozenset)):
                 raise TypeError(f"recompute_steps must be a tuple of step indices, got "
                                 f"{type(self.recompute_steps).__name__}")
-            steps = tuple(self.recompute_steps)
-            if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in steps):
-                raise ValueError(f"recompute_steps must be non-negative ints, got {self.recompute_steps}")
-            self.recompute_steps = tuple(sorted({int(s) for s in steps}))
+            self.recompute_steps = tuple(sorted({checks.integer("recompute_steps[i]", s, lo=0)
+                                                 for s in self.recompute_steps}))
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if isinstance(self.max_downsample, bool) or not isinstance(self.max_downsample, numbers.Integral):
-            raise TypeError(f"max_downsample must be an int >= 1, got {type(self.max_downsample).__name__}")
-        self.max_downsample = int(self.max_downsample)
-        if self.max_downsample < 1:
-            raise ValueError(f"max_downsample must be >= 1, got {self.max_downsample}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        self.seed = int(self.seed)
+            checks.flag(name, getattr(self, name))
+        self.max_downsample = checks.integer("max_downsample", self.max_downsample, lo=1)
+        self.seed = checks.integer("seed", self.seed)
 
     @property
     def adaptive(self) -> bool:

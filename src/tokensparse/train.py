@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import checks
 from .api import reference_views
 from .context import SparseContextConfig
 from .flow import interpolate, sample_t, velocity
@@ -53,8 +54,10 @@ class DropConfig:
     selector: str = "auto"
 
     def __post_init__(self) -> None:
-        if not (0 <= self.p_full <= 1 and 0 < self.keep_min <= self.keep_max <= 1 and 0 <= self.p_selected <= 1):
-            raise ValueError(f"invalid DropConfig {self}")
+        self.p_full = checks.real("p_full", self.p_full, 0.0, 1.0)
+        self.keep_max = checks.real("keep_max", self.keep_max, 0.0, 1.0, lo_open=True)
+        self.keep_min = checks.real("keep_min", self.keep_min, 0.0, self.keep_max, lo_open=True)
+        self.p_selected = checks.real("p_selected", self.p_selected, 0.0, 1.0)
         if self.selector not in SCORERS or needs_probe(self.selector):
             raise ValueError(f"DropConfig.selector must be a scorer that needs no model probe, got {self.selector!r}")
 
@@ -90,10 +93,21 @@ class TrainConfig:
     lora_rank: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cond_drop <= 1.0:
-            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
-        if not 0.0 <= self.route < 1.0:
-            raise ValueError(f"route must be in [0, 1), got {self.route}")
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_every", "eval_samples"):
+            setattr(self, name, checks.integer(name, getattr(self, name), lo=1))
+        for name in ("warmup", "lora_rank"):
+            setattr(self, name, checks.integer(name, getattr(self, name), lo=0))
+        self.seed = checks.integer("seed", self.seed)
+        self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
+        for name in ("min_lr_frac", "ema", "cond_drop"):
+            setattr(self, name, checks.real(name, getattr(self, name), 0.0, 1.0))
+        for name in ("weight_decay", "grad_clip"):
+            setattr(self, name, checks.real(name, getattr(self, name), 0.0))
+        self.route = checks.real("route", self.route, 0.0, 1.0, hi_open=True)
+        if self.max_minutes is not None:
+            self.max_minutes = checks.real("max_minutes", self.max_minutes, 0.0, lo_open=True)
+        if self.stop_at is not None:
+            self.stop_at = checks.integer("stop_at", self.stop_at, lo=0)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .. import checks
 from ..images import save_png
 from .tasks import TASKS, make_sample
 
@@ -21,8 +22,7 @@ def save_task_grid(
 ) -> None:
     """Write a PNG: ``per_task`` rows per task (seeds ``seed..seed+per_task-1``), columns = up to four
     references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px."""
-    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
-        raise ValueError(f"per_task must be an int >= 1, got {per_task!r}")
+    per_task = checks.integer("per_task", per_task, lo=1)
     scale = scale or max(1, 96 // image_size)
     cell = image_size * scale
     pad, text_w = 4, 300

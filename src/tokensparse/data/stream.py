@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import checks
 from .tasks import (
     ALL_FAMILIES,
     HELDOUT_SEED_BASE,
@@ -222,8 +223,7 @@ def heldout(family_or_task: str, n: int = 512, image_size: int = 32) -> list[Sam
     Seeds are ``>= HELDOUT_SEED_BASE`` (never used by :func:`train_batches`), subjects come from the held-out
     part of the subject bank, and reference counts vary within a task's range (group with :func:`batched`).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    n = checks.integer("n", n, lo=0)
     return [make_sample(t, s, image_size) for t, s in heldout_plan(family_or_task, n)]
 
 

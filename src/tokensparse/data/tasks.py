@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import checks
 from .bank import (
     COLORS,
     COLS,
@@ -305,12 +306,11 @@ def _check_task(task: str) -> TaskSpec:
 def make_arrays(task: str, seed: int, image_size: int = 32, num_refs: int | None = None):
     """Like :func:`make_sample` but returns ``(refs, prompt, target)`` as numpy float32 (3, S, S) arrays."""
     spec = _check_task(task)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = checks.integer("seed", seed, lo=0)
     if isinstance(image_size, np.integer):
         image_size = int(image_size)
-    if num_refs is not None and (isinstance(num_refs, bool) or not isinstance(num_refs, (int, np.integer))):
-        raise TypeError(f"num_refs must be an int or None, got {type(num_refs).__name__}")
+    if num_refs is not None:
+        num_refs = checks.integer("num_refs", num_refs)
     bank = get_bank(image_size)
     rng = np.random.default_rng([int(seed), zlib.crc32(task.encode())])
     lo, hi = spec.num_refs

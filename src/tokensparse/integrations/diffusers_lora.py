@@ -14,7 +14,6 @@ attention projections train. ``accelerate`` places the model (one CPU process, o
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .. import checks
 from ..context import SparseContextConfig
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
@@ -43,14 +43,16 @@ class LoraTrainConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.rank < 1:
-            raise ValueError("steps and rank must be >= 1")
-        if not 0.0 < self.keep_min <= self.keep_max <= 1.0:
-            raise ValueError(f"need 0 < keep_min <= keep_max <= 1, got {self.keep_min}, {self.keep_max}")
-        if self.resolution < 16 or self.resolution % 16:
-            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        self.steps = checks.integer("steps", self.steps, lo=1)
+        self.rank = checks.integer("rank", self.rank, lo=1)
+        self.keep_max = checks.real("keep_max", self.keep_max, 0.0, 1.0, lo_open=True)
+        self.keep_min = checks.real("keep_min", self.keep_min, 0.0, self.keep_max, lo_open=True)
+        self.resolution = checks.integer("resolution", self.resolution, lo=16)
+        if self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
+        self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
+        self.max_sequence_length = checks.integer("max_sequence_length", self.max_sequence_length, lo=1)
+        self.seed = checks.integer("seed", self.seed)
 
 
 @dataclass

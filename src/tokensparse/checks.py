@@ -1,0 +1,50 @@
+"""Argument checks shared by the public configs and functions, so every message reads the same way.
+
+Each check returns the value as a plain Python ``float`` / ``int`` / ``bool`` (numpy scalars welcome), raises
+``TypeError`` for a wrong type and ``ValueError`` for a value out of range, and names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def real(name: str, value: object, lo: float | None = None, hi: float | None = None, *,
+         lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a finite float within ``[lo, hi]`` (``lo_open`` / ``hi_open`` exclude an end)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    below = lo is not None and (v < lo or (lo_open and v == lo))
+    above = hi is not None and (v > hi or (hi_open and v == hi))
+    if below or above:
+        raise ValueError(f"{name} must be {_span(lo, hi, lo_open, hi_open)}, got {value!r}")
+    return v
+
+
+def integer(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int within ``[lo, hi]`` (floats, even whole ones, and bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    v = int(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be {_span(lo, hi, False, False)}, got {v}")
+    return v
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool (``0`` / ``1`` / strings are refused: they are usually a mistake)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _span(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
