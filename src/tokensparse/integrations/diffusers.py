@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 from typing import Any
 
@@ -37,6 +36,7 @@ from torch import Tensor
 from ..context import SparseContextConfig, keep_mask
 from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
 from ..selection import RefView, needs_probe
+from .calls import as_keywords
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
@@ -114,12 +114,10 @@ class SparseContextHook:
         self.state = _State(cfg)
         self.adapter = adapter
         self.owner = owner  # the pipeline whose set_timesteps starts generations, or None
-        self._signature: inspect.Signature | None = None
         self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
 
     # ModelHook protocol -------------------------------------------------------------------------------
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._signature = inspect.signature(type(module).forward)
         return module
 
     def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic) diffusers' spelling
@@ -138,10 +136,7 @@ class SparseContextHook:
         if self.state.cfg.is_identity:
             return args, kwargs
         if args:  # bare-transformer callers may pass positionally; pipelines use keywords
-            bound = self._signature.bind_partial(module, *args, **kwargs)
-            kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
-            kwargs.update(kwargs.pop("kwargs", {}) or {})
-            args = ()
+            kwargs, args = as_keywords(module, args, kwargs), ()
         check_scheduler(self.owner)  # a scheduler swapped after apply: this call starts a generation
         if kwargs.get("timestep") is not None:  # also catches pipelines sharing this transformer (from_pipe)
             gen = self.state.tracker.generation

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import math
 import sys
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
 from ..merging import Matching, TokenMergingConfig, match, random_destinations
 from ..models.refdit import RefDiT
+from .calls import first_arg
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "remove_token_merging"]
 
@@ -225,22 +225,6 @@ def _resolve(target: Any) -> tuple[nn.Module | None, Any]:
     return None, None
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_params(cls: type) -> tuple[str, ...]:
-    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
-
-
-def _arg(model: nn.Module, args: tuple, kwargs: dict, *names: str) -> Any:
-    """The first of ``names`` passed to ``model``'s forward, by keyword or at its position in the signature."""
-    params = _forward_params(type(model))
-    for n in names:
-        if kwargs.get(n) is not None:
-            return kwargs[n]
-        if n in params and params.index(n) < len(args):
-            return args[params.index(n)]
-    return None
-
-
 def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
     cfg = state.cfg
     side = model.config.grid
@@ -249,7 +233,7 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
         return (side, side) if n == side * side else None
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.observe(_arg(module, args, kwargs, "t"))
+        state.observe(first_arg(module, args, kwargs, "t"))
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for i, blk in enumerate(model.blocks):
@@ -304,10 +288,10 @@ def _wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Tok
     patch = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)  # UNets: 1
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = _arg(module, args, kwargs, "sample", "hidden_states")
+        sample = first_arg(module, args, kwargs, "sample", "hidden_states")
         if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
             state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
-        t = _arg(module, args, kwargs, "timestep")
+        t = first_arg(module, args, kwargs, "timestep")
         state.observe(0.0 if t is None else t)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
@@ -329,12 +313,12 @@ def _wire_flux(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Tok
     grid_box: dict[str, Any] = {"grid": None, "n": None}
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = _arg(module, args, kwargs, "hidden_states")
+        hidden = first_arg(module, args, kwargs, "hidden_states")
         grid_box["grid"] = grid_box["n"] = None
-        ids = _arg(module, args, kwargs, "img_ids")
+        ids = first_arg(module, args, kwargs, "img_ids")
         if isinstance(ids, Tensor) and isinstance(hidden, Tensor):
             grid_box["grid"], grid_box["n"] = _ids_grid(ids[0] if ids.dim() == 3 else ids), hidden.shape[1]
-        t = _arg(module, args, kwargs, "timestep")
+        t = first_arg(module, args, kwargs, "timestep")
         state.observe(0.0 if t is None else t)
 
     def grid(n: int) -> tuple[int, int] | None:

@@ -1,0 +1,34 @@
+"""Reading a module call's arguments by name, however the caller passed them (pipelines use keywords, bare
+transformer callers often pass ``hidden_states`` and ``timestep`` positionally)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+
+
+@functools.lru_cache(maxsize=64)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of ``module(*args, **kwargs)`` as one keyword dict, positional ones named by the
+    signature of ``type(module).forward`` (a ``**kwargs`` catch-all is flattened in)."""
+    if not args:
+        return dict(kwargs)
+    bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
+    out = {k: v for k, v in bound.items() if k != "self"}
+    for name, p in _signature(type(module)).parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(out.pop(name, None) or {})
+    return out
+
+
+def first_arg(module: nn.Module, args: tuple, kwargs: dict, *names: str) -> Any:
+    """The first of ``names`` given (not ``None``) in the call ``module(*args, **kwargs)``, else ``None``."""
+    call = as_keywords(module, args, kwargs)
+    return next((call[n] for n in names if call.get(n) is not None), None)
