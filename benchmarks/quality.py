@@ -80,6 +80,9 @@ def main() -> None:
             for f in FAMILIES},
         "ft_gain_db_keep025": {f: p("sparse", 0.25, f) - p("base", 0.25, f) for f in FAMILIES},
         "ft_cost_db_keep1": {f: p("base", 1.0, f) - p("sparse", 1.0, f) for f in FAMILIES},
+        # ft_gain = ft_robustness - ft_cost: how much less the fine-tune loses to dropping, vs general training
+        "ft_robustness_db_keep025": {f: (p("sparse", 0.25, f) - p("sparse", 1.0, f))
+                                     - (p("base", 0.25, f) - p("base", 1.0, f)) for f in FAMILIES},
     }
     payload = {"quick": args.quick, "samples_per_family": n, "steps": steps, "selector": "random",
                "models": {"base": args.base, "sparse": args.sparse}, "keeps": list(KEEPS),
