@@ -25,3 +25,18 @@ def test_cli_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, args, messa
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notimg.png"]
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ('{"lr": -1}', "lr must be > 0"),
+    ('{"drop": {"keep_min": 0.9, "keep_max": 0.5}}', "keep_min must be in"),
+    ('{"stepz": 10}', "stepz"),
+    ("[1, 2]", "JSON object"),
+    ("{not json", "recipe"),
+])
+def test_train_rejects_a_bad_recipe_in_one_line(tmp_path, recipe, message):
+    path = tmp_path / "recipe.json"
+    path.write_text(recipe)
+    res = CliRunner().invoke(app, ["train", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()

@@ -96,11 +96,16 @@ def train(
     from .train import TrainConfig, export_ema
     from .train import train as run_training
 
-    raw = json.loads(config.read_text())
-    for key, value in (("out", str(out) if out else None), ("steps", steps), ("max_minutes", max_minutes)):
-        if value is not None:
-            raw[key] = value
-    cfg = TrainConfig.from_dict(raw)
+    try:
+        raw = json.loads(config.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("must be a JSON object")
+        for key, value in (("out", str(out) if out else None), ("steps", steps), ("max_minutes", max_minutes)):
+            if value is not None:
+                raw[key] = value
+        cfg = TrainConfig.from_dict(raw)
+    except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
+        _fail(f"recipe {config}: {exc}")
     state = run_training(cfg, log=console.print).state
     console.print(f"stopped at step {state['step']} after {state['elapsed_s'] / 60:.1f} min")
     if export is not None:
