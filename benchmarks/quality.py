@@ -1,7 +1,7 @@
 """Quality of RefDiT under reference dropping: base (training-free) vs the Sparse Context fine-tune.
 
     python benchmarks/quality.py [--quick] [--out benchmarks/results/quality.json]
-        [--base refdit-base] [--sparse refdit-sparse] [--n 128] [--steps 20]
+        [--base refdit-base] [--sparse refdit-sparse] [--n 64] [--steps 20]
 
 For each family of the held-out suite and keep in {1, 0.5, 0.25, 0.1} (random selection, fixed seed):
 PSNR, coarse PSNR (layout) and SSIM against the exact ground truth, mean and 95 % interval; the
@@ -32,7 +32,7 @@ def main() -> None:
     ap = parser(__doc__, "quality", "16 samples per family, 10 steps")
     ap.add_argument("--base", default="refdit-base")
     ap.add_argument("--sparse", default="refdit-sparse")
-    ap.add_argument("--n", type=int, default=128, help="held-out samples per family")
+    ap.add_argument("--n", type=int, default=64, help="held-out samples per family")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="selection seed")
     ap.add_argument("--device", default="cpu", help="where the models run (cuda for recipe searches)")

@@ -136,8 +136,8 @@ def selection() -> None:
         return
     s = d["summary"]
     print(f"**Task-aware selection** (`benchmarks/selection.py`, `{d['model']}`, {d['samples_per_family']} held-out "
-          f"samples per family, {d['steps']} sampling steps; `selector=\"auto\"`; the adaptive budget is the default "
-          f"`adaptive=True` (mass 0.9), its tokens kept in brackets):\n")
+          f"samples per family, {d['steps']} sampling steps; `selector=\"auto\"`; the adaptive budget is "
+          f"`adaptive=True` at the default mass 0.9, its tokens kept in brackets):\n")
     ada = "taskaware_adaptive_drop_db" in s
     print("| family | auto − random at 25 % (dB) | dense − auto at 25 % (dB) | "
           + ("dense − auto adaptive (dB) [tokens kept] | dense − task-aware at ≤ 25 % average (dB) | "
@@ -245,7 +245,8 @@ def merging() -> None:
         return
     print(f"**Token merging on an SD-style UNet** (`benchmarks/merging.py`; built from config, "
           f"{u['top_level_tokens']} top-level tokens, {u['steps']}-step {u['sampler']}, one CPU thread; "
-          "`ours_*` with the default centred cosine, `_raw` with tomesd's raw cosine):\n")
+          "`ours_*` merge self-attention only (`merge_mlp=False`, as tomesd) with the default centred cosine, "
+          "`_raw` with tomesd's raw cosine):\n")
     print("| config | speedup | PSNR to dense (dB) |")
     print("|---|---|---|")
     for name, v in u["configs"].items():
