@@ -38,10 +38,11 @@ def _is_diffusers(target: Any) -> bool:
 
 
 def _unsupported(target: Any, method: str) -> TypeError:
+    from .integrations.diffusers_models import PIPELINES
+
     return TypeError(
-        f"{method} expected a tokensparse RefDiT, a diffusers pipeline (Flux2KleinPipeline, Flux2Pipeline, "
-        f"Flux2KleinKVPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline) or its transformer; "
-        f"got {type(target).__name__}"
+        f"{method} expected a tokensparse RefDiT, a diffusers pipeline ({', '.join(PIPELINES)}) or its "
+        f"transformer; got {type(target).__name__}"
     )
 
 

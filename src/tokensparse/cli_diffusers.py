@@ -6,7 +6,7 @@
 ``--model`` is a Hub id or a local pipeline directory (``save_pretrained`` layout); a local directory is
 loaded with ``local_files_only`` so it works offline. Supported pipelines: FLUX.2 [klein] / FLUX.2
 (``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext and
-Qwen-Image-Edit-Plus. The functions here are plain typer-annotated functions; ``tokensparse.cli``
+Qwen-Image-Edit-Plus and Qwen-Image-Edit. The functions here are plain typer-annotated functions; ``tokensparse.cli``
 registers them as commands.
 """
 
@@ -157,13 +157,14 @@ def generate(
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
     if refs:
-        if name == "FluxKontextPipeline" and len(refs) > 1:
-            _fail("FluxKontextPipeline takes one reference image")
-        kwargs["image"] = refs[0] if name == "FluxKontextPipeline" else refs
+        single = PIPELINES[name][1] == "image"  # FluxKontextPipeline, QwenImageEditPipeline
+        if single and len(refs) > 1:
+            _fail(f"{name} takes one reference image")
+        kwargs["image"] = refs[0] if single else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
-        key = "true_cfg_scale" if name == "QwenImageEditPlusPipeline" else "guidance_scale"
+        key = "true_cfg_scale" if "true_cfg_scale" in params else "guidance_scale"  # Qwen-Image-Edit: true CFG
         if key not in params:
             _fail(f"{name} takes no guidance scale")
         kwargs[key] = guidance

@@ -107,3 +107,29 @@ def test_kept_tokens_get_their_dense_rope_rows(pipe):
     torch.testing.assert_close(seen["rope"][0], dense_freqs[0][index], rtol=0, atol=0)
     torch.testing.assert_close(seen["rope"][1], dense_freqs[1], rtol=0, atol=0)
     assert seen["mod"].tolist() == [[0] * 64 + [1] * 24]  # zero_cond_t: kept references use t = 0
+
+
+def test_single_reference_qwen_image_edit_pipeline(monkeypatch):
+    """QwenImageEditPipeline (one reference, the pre-Plus model) shares the transformer and its layout."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as module
+    from diffusers import QwenImageEditPipeline
+
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (32, 32, None))  # not 1024^2
+    pipe = QwenImageEditPipeline(**tiny_qwen_image_edit_plus(seed=0).components)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[int] = []
+    pipe.transformer.img_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    ref = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+
+    def run():
+        return pipe(image=ref, generator=torch.Generator().manual_seed(0), output_type="np",
+                    **qwen_call_kwargs()).images
+
+    dense = run()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    seen.clear()
+    sparse = run()
+    assert seen == [TOKENS + TOKENS // 4] * 4 and len(sparse_context_state(pipe).images) == 1
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(), dense)

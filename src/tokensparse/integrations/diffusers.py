@@ -1,7 +1,8 @@
 """Sparse Context for diffusers pipelines: feed the transformer a subset of each reference's tokens.
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
-``FluxKontextPipeline`` (FLUX.1 Kontext) and ``QwenImageEditPlusPipeline``, or their bare transformers.
+``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline`` and ``QwenImageEditPipeline``, or their
+bare transformers.
 
 How it works. A diffusers ``ModelHook`` on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,

@@ -158,6 +158,7 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinKVPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextPipeline": ("prepare_latents", "image", 0),
     "QwenImageEditPlusPipeline": ("prepare_latents", "images", 0),
+    "QwenImageEditPipeline": ("prepare_latents", "image", 0),
 }
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
 
