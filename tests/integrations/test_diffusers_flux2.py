@@ -375,3 +375,27 @@ def test_every_registered_selector_runs(pipe):
                 selector,
                 adaptive,
             )
+
+
+def test_inpaint_pipeline_drops_from_the_source_and_the_references(pipe):
+    """Flux2KleinInpaintPipeline puts the (encoded) source image and each reference in context."""
+    from diffusers import Flux2KleinInpaintPipeline
+
+    inpaint = Flux2KleinInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    mask = Image.fromarray((np.pad(np.ones((32, 32)), 16) * 255).astype("uint8"))
+    counter = TokenCounter(inpaint.transformer)
+
+    def call():
+        return inpaint(image=_ref(5), mask_image=mask, image_reference=[_ref(0)], prompt="a cat", strength=1.0,
+                       generator=torch.Generator().manual_seed(0), output_type="np", **flux2_call_kwargs()).images
+
+    dense = call()
+    n_target = counter.lengths[0] // 3  # target, source, one reference: equal sizes
+    apply_sparse_context_diffusers(inpaint, SparseContextConfig(keep=0.25))
+    counter.lengths.clear()
+    sparse = call()
+    assert set(counter.lengths) == {n_target + 2 * n_target // 4}
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    remove_sparse_context_diffusers(inpaint)
+    assert np.array_equal(call(), dense)

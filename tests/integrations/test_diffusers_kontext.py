@@ -129,3 +129,33 @@ def test_batch_with_different_references_warns_once(pipe, caplog):
             pipe(image=images, prompt=["a cat", "a dog"], generator=torch.Generator().manual_seed(0),
                  output_type="np", **kontext_call_kwargs())
     assert caplog.text.count("different references") == 1
+
+
+def test_inpaint_pipeline_scores_the_reference_not_the_source(pipe):
+    """FluxKontextInpaintPipeline: the in-context image is ``image_reference`` when given, else the source."""
+    from diffusers import FluxKontextInpaintPipeline
+
+    inpaint = FluxKontextInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    src, ref = (np.random.RandomState(s).rand(32, 32, 3) for s in (0, 1))
+    mask = Image.fromarray((np.pad(np.ones((16, 16)), 8) * 255).astype("uint8"))
+    seen = lengths(inpaint)
+
+    def call(**kw):
+        return inpaint(image=Image.fromarray((src * 255).astype("uint8")), mask_image=mask, prompt="a cat",
+                       strength=1.0, generator=torch.Generator().manual_seed(0), output_type="np",
+                       **kontext_call_kwargs(), **kw).images
+
+    reference = {"image_reference": Image.fromarray((ref * 255).astype("uint8"))}
+    dense = call(**reference)
+    apply_sparse_context_diffusers(inpaint, SparseContextConfig(keep=0.25))
+    seen.clear()
+    sparse = call(**reference)
+    assert seen == [TOKENS + TOKENS // 4] * 2 and not np.array_equal(sparse, dense)
+    captured = sparse_context_state(inpaint).images[0][0].permute(1, 2, 0).numpy()
+    assert np.abs(captured - ref).max() < 0.01 < np.abs(captured - src).max()
+    call()  # no image_reference: the source image is the context
+    captured = sparse_context_state(inpaint).images[0][0].permute(1, 2, 0).numpy()
+    assert np.abs(captured - src).max() < 0.01
+    remove_sparse_context_diffusers(inpaint)
+    assert np.array_equal(call(**reference), dense)

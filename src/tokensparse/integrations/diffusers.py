@@ -1,8 +1,8 @@
 """Sparse Context for diffusers pipelines: feed the transformer a subset of each reference's tokens.
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
-``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline`` and ``QwenImageEditPipeline``, or their
-bare transformers.
+``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline`` and the
+inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline``, or their bare transformers.
 
 How it works. A diffusers ``ModelHook`` on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
@@ -41,6 +41,7 @@ from .calls import as_keywords
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
+    PREFERRED_IMAGE_ARG,
     TRANSFORMERS,
     QwenImageAdapter,
     RefLayout,
@@ -349,12 +350,14 @@ def _invalidate(registry: Any) -> None:
 def _wrap_image_capture(pipe: Any, state: _State) -> None:
     """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``)."""
     image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
+    preferred = PREFERRED_IMAGE_ARG.get(type(pipe).__name__)
+    image_args = ((preferred,) if preferred else ()) + ((arg_name, arg_pos),)
     wrapped = []
-    for name, kind in ((image_method, "images"), ("encode_prompt", "prompt")):
+    for name, kind, where in ((image_method, "images", image_args), ("encode_prompt", "prompt", (("prompt", 0),))):
         original = getattr(pipe, name, None)
         if original is None:
             continue
-        pipe.__dict__[name] = _Capture(original, state, kind, arg_name, arg_pos)
+        pipe.__dict__[name] = _Capture(original, state, kind, where)
         wrapped.append(name)
     pipe.__dict__[_CAPTURE] = wrapped
 
@@ -366,19 +369,25 @@ class _Capture:
     pipeline and selection state.
     """
 
-    def __init__(self, original: Any, state: _State, kind: str, arg_name: str, arg_pos: int) -> None:
-        self.original, self.state, self.kind, self.arg_name, self.arg_pos = original, state, kind, arg_name, arg_pos
+    def __init__(self, original: Any, state: _State, kind: str, where: tuple[tuple[str, int], ...]) -> None:
+        self.original, self.state, self.kind, self.where = original, state, kind, where
         functools.update_wrapper(self, original)
+
+    def _value(self, args: tuple, kwargs: dict) -> Any:
+        """The first of the ``(name, position)`` arguments given (not ``None``)."""
+        for name, pos in self.where:
+            value = kwargs.get(name, args[pos] if len(args) > pos else None)
+            if value is not None:
+                return value
+        return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         if self.kind == "images":
-            state.images = images_for_scorers(
-                kwargs.get(self.arg_name, args[self.arg_pos] if len(args) > self.arg_pos else None)
-            )
+            state.images = images_for_scorers(self._value(args, kwargs))
             state.images_tick = state.forwards
         elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one
-            prompt = kwargs.get("prompt", args[0] if args else None)
+            prompt = self._value(args, kwargs)
             state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
             state.prompts_tick = state.forwards
         return self.original(*args, **kwargs)

@@ -159,7 +159,12 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "FluxKontextPipeline": ("prepare_latents", "image", 0),
     "QwenImageEditPlusPipeline": ("prepare_latents", "images", 0),
     "QwenImageEditPipeline": ("prepare_latents", "image", 0),
+    # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
+    "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
+    "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),
 }
+# an argument of the same method that, when given, holds the in-context image instead (name, position after self)
+PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
 
 
