@@ -140,3 +140,23 @@ def test_kv_cache_generation_is_exact_and_stacks_with_sparsity(tiny_kv):
         assert torch.equal(plain, cached)
         assert seen.count("context") == 1 and seen.count("target") == 3  # context stream ran once
     ts.remove_sparse_context(tiny_kv)
+
+
+def test_generate_checks_its_arguments_before_any_work(tiny):
+    refs = make_refs(1)
+    for kwargs, err, message in (
+        (dict(references=torch.rand(2, 3, 32, 32)), TypeError, "references must be a list"),
+        (dict(prompt=3), TypeError, "prompt"), (dict(prompt=[]), TypeError, "prompt"),
+        (dict(sampler=["euler"]), TypeError, "sampler"), (dict(callback=3), TypeError, "callback"),
+        (dict(seed=[0, 1]), ValueError, "2 seeds for a batch of 1"),
+        (dict(guidance=ts.SparseGuidanceConfig()), ValueError, "route_span"),
+    ):
+        args = {"references": refs, "prompt": "place", **kwargs}
+        with pytest.raises(err, match=message):
+            ts.generate(tiny, args.pop("references"), args.pop("prompt"), steps=1, **args)
+    edited = ts.CFGConfig()
+    edited.scale = float("nan")  # edited after construction: checked again
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ts.generate(tiny, refs, "place", steps=1, guidance=edited)
+    with pytest.raises(ValueError, match="float32"):
+        ts.generate(ts.build_model("refdit-tiny").double(), refs, "place", steps=1)

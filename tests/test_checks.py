@@ -30,7 +30,7 @@ def test_integer_and_flag():
         with pytest.raises(TypeError, match="n must be an int"):
             checks.integer("n", bad)
     assert checks.flag("f", True) is True
-    with pytest.raises(TypeError, match="f must be a bool"):
+    with pytest.raises(TypeError, match="f must be True or False"):
         checks.flag("f", 1)
 
 

@@ -40,3 +40,18 @@ def test_train_rejects_a_bad_recipe_in_one_line(tmp_path, recipe, message):
     res = CliRunner().invoke(app, ["train", "--config", str(path), "--out", str(tmp_path / "run")])
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json"], ".safetensors"),
+    (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json/w.safetensors"], "is a file"),
+    (["train", "--config", "{tmp}/missing_init.json"], "not found"),
+    (["bench", "speed", "--out", "{tmp}/r.json/x.json"], "is a file"),
+    (["show", "tasks", "--image-size", "0", "--out", "{tmp}/t.png"], "image_size"),
+])
+def test_cli_checks_outputs_and_inputs_before_working(tmp_path, args, message):
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
+    (tmp_path / "missing_init.json").write_text('{"model": "refdit-tiny", "init": "%s"}' % (tmp_path / "no.st"))
+    res = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing_init.json", "r.json"]

@@ -32,3 +32,33 @@ def test_grayscale_becomes_rgb():
 def test_bad_images_raise(bad, err):
     with pytest.raises(err):
         to_tensor(bad)
+
+
+def test_one_rule_for_every_image_type(tmp_path):
+    from PIL import Image
+
+    from tokensparse.images import batch_images, load_rgb, to_tensor
+
+    r = np.random.RandomState(0).rand(32, 32, 3).astype(np.float32)
+    a = r.copy()
+    a[0, 0, 0] = 1.0005  # resampling overshoot: still [0, 1], not 0-255
+    assert abs(float(to_tensor(a).mean()) - float(a.mean())) < 1e-6
+    g16 = (np.random.RandomState(1).rand(32, 32) * 65535).astype(np.uint16)
+    for img in (Image.fromarray(g16), Image.fromarray(g16.astype(np.int32)),
+                Image.fromarray((g16 / 65535).astype(np.float32)), g16):
+        torch.testing.assert_close(to_tensor(img)[0], torch.from_numpy(g16 / 65535).float(), atol=1e-4, rtol=0)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert abs(np.asarray(load_rgb(tmp_path / "g16.png")).mean() / 255 - g16.mean() / 65535) < 0.01
+    assert float(to_tensor(torch.ones(3, 8, 8, dtype=torch.bool)).max()) == 1.0
+    t = torch.from_numpy(r)
+    for x in (t, t.permute(2, 0, 1), (t * 255).round().to(torch.uint8), np.concatenate([r, r[..., :1]], -1)):
+        torch.testing.assert_close(to_tensor(x), t.permute(2, 0, 1), atol=3e-3, rtol=0)  # HWC, CHW, uint8, RGBA
+    assert to_tensor(t[..., 0]).shape == (3, 32, 32) == to_tensor(t[..., :1]).shape  # (H, W), (H, W, 1)
+    for bad in (np.array([["a"]]), np.empty((2, 2), dtype=object), torch.rand(3, 4, 4, dtype=torch.complex64)):
+        with pytest.raises(TypeError):
+            to_tensor(bad)
+    for bad in (torch.rand(2, 3, 8, 8), r, Image.fromarray((r * 255).astype(np.uint8))):
+        with pytest.raises(TypeError, match="references must be a list"):
+            batch_images(bad)
+    with pytest.raises(ValueError, match="reference 1: image values must be finite"):
+        batch_images([r, np.full((8, 8, 3), np.nan)])

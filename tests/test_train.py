@@ -207,3 +207,23 @@ def test_condition_dropout_trains_some_samples_unconditionally(tmp_path, monkeyp
 def test_bad_rates_are_value_errors(kw):
     with pytest.raises(ValueError):
         TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("field, err", [
+    (dict(model="nope"), ValueError), (dict(tasks=["bogus"]), ValueError), (dict(tasks="recolor"), TypeError),
+    (dict(family_weights={"bogus": 1}), ValueError), (dict(family_weights=[1, 2]), TypeError),
+    (dict(route=0.5), ValueError), (dict(seed=-1), ValueError), (dict(mixed_precision="fp64"), ValueError),
+    (dict(out=None), TypeError), (dict(drop="x"), TypeError), (dict(model=3), TypeError),
+])
+def test_train_config_rejects_what_training_would_fail_on(field, err):
+    with pytest.raises(err):
+        TrainConfig(**field)
+
+
+def test_train_config_takes_a_drop_dict_and_a_missing_init_makes_no_folder(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), model="refdit-tiny", drop={"p_full": 0.3},
+                      init=str(tmp_path / "missing.safetensors"))
+    assert isinstance(cfg.drop, DropConfig) and cfg.drop.p_full == 0.3
+    with pytest.raises(FileNotFoundError):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

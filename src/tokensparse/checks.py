@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
+
+import numpy as np
 
 
 def real(name: str, value: object, lo: float | None = None, hi: float | None = None, *,
@@ -35,10 +38,25 @@ def integer(name: str, value: object, lo: int | None = None, hi: int | None = No
     return v
 
 
+def seed(name: str, value: object) -> int:
+    """A random seed: an int in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` takes without overflow)."""
+    return integer(name, value, 0, 2**63 - 1)
+
+
 def flag(name: str, value: object) -> bool:
-    """``value`` if it is a bool (``0`` / ``1`` / strings are refused: they are usually a mistake)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    """``value`` as a bool (numpy bools too; ``0`` / ``1`` / strings are refused: they are usually a mistake)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
+def choice(name: str, value: object, options: Iterable[str]) -> str:
+    """``value`` if it is one of the strings ``options``."""
+    options = sorted(options)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {options}; got {type(value).__name__}")
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {options}")
     return value
 
 

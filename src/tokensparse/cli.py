@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_diffusers import _fail, check_png_out
+from .cli_diffusers import _fail, check_out, check_png_out
 
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
                   add_completion=False)
@@ -106,6 +106,11 @@ def train(
         cfg = TrainConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
         _fail(f"recipe {config}: {exc}")
+    if cfg.init is not None and not Path(cfg.init).exists():
+        _fail(f"recipe {config}: init {cfg.init} not found")
+    check_out(Path(cfg.out), None, "out")
+    if export is not None:
+        check_out(export, ".safetensors", "--export")
     state = run_training(cfg, log=console.print).state
     console.print(f"stopped at step {state['step']} after {state['elapsed_s'] / 60:.1f} min")
     if export is not None:
@@ -124,6 +129,8 @@ def bench(
     """Run a benchmark script from a repository checkout; it writes JSON + a PNG plot under benchmarks/results."""
     from .bench import run_benchmark
 
+    if out is not None:
+        check_out(out, ".json")
     try:
         code = run_benchmark(name, quick=quick, out=out.resolve() if out else None, console=console)
     except (ValueError, FileNotFoundError) as exc:

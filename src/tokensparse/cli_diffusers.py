@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .images import save_png
+from .images import load_rgb, save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -30,34 +30,40 @@ def _fail(message: str) -> None:
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     images = []
     for path in paths:
         if not path.is_file():
             _fail(f"reference image {path} does not exist")
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+            images.append(load_rgb(path))
         except (UnidentifiedImageError, OSError) as exc:
             _fail(f"cannot read reference image {path}: {exc}")
     return images
 
 
-def check_png_out(out: Path) -> None:
-    """Fail (one line, exit 1) before any work unless ``out`` is a writable ``.png`` path (missing folders are
-    created when saving)."""
-    if out.suffix.lower() != ".png":
-        _fail(f"--out must be a .png path, got {out}")
-    if out.is_dir():
-        _fail(f"--out {out} is a directory")
+def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
+    """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
+    path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
+    if suffix is not None and out.suffix.lower() != suffix:
+        _fail(f"{option} must be a {suffix} path, got {out}")
+    if suffix is not None and out.is_dir():
+        _fail(f"{option} {out} is a directory")
+    if suffix is None and out.exists() and not out.is_dir():
+        _fail(f"{option} {out} is a file, not a folder")
     folder = out.absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        _fail(f"--out {out}: {folder} is a file, not a folder")
+        _fail(f"{option} {out}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK):
-        _fail(f"--out {out}: cannot write in {folder}")
+        _fail(f"{option} {out}: cannot write in {folder}")
+
+
+def check_png_out(out: Path) -> None:
+    """:func:`check_out` for a ``--out`` PNG."""
+    check_out(out, ".png")
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
@@ -125,7 +131,7 @@ def generate(
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
     check_png_out(out)
-    for name, value, low in (("--steps", steps, 1), ("--height", height, 1), ("--width", width, 1)):
+    for name, value, low in (("--steps", steps, 1), ("--height", height, 16), ("--width", width, 16)):
         if value is not None and value < low:
             _fail(f"{name} must be >= {low}, got {value}")
     refs = _load_refs(list(ref or []))
@@ -225,6 +231,7 @@ def train_lora(
         )
     from .integrations.diffusers_lora import LoraTrainConfig, load_examples, train_lora_sparse
 
+    check_out(out, None)
     try:
         cfg = LoraTrainConfig(
             steps=steps, lr=lr, rank=rank, keep_min=keep_min, resolution=resolution, seed=seed

@@ -46,19 +46,17 @@ class SparseContextConfig:
 
     def __post_init__(self) -> None:
         self.keep = checks.real("keep", self.keep, 0.0, 1.0, lo_open=True)
-        if self.selector not in SCORERS:
-            raise ValueError(f"unknown selector {self.selector!r}; choose one of {sorted(SCORERS)}")
-        self.seed = checks.integer("seed", self.seed)
-        checks.flag("cache", self.cache)
-        checks.flag("adaptive", self.adaptive)
+        checks.choice("selector", self.selector, SCORERS)
+        self.seed = checks.seed("seed", self.seed)
+        self.cache = checks.flag("cache", self.cache)
+        self.adaptive = checks.flag("adaptive", self.adaptive)
         if self.count is not None:
             self.count = checks.integer("count", self.count, lo=1)
             if self.keep != 1.0 or self.adaptive:
                 raise ValueError("count sets the budget itself: leave keep at 1.0 and adaptive False")
         self.mass = checks.real("mass", self.mass, 0.0, 1.0, lo_open=True)
         self.min_keep = checks.real("min_keep", self.min_keep, 0.0, self.keep)
-        if self.allocate not in ALLOCATIONS:
-            raise ValueError(f"unknown allocate {self.allocate!r}; choose one of {list(ALLOCATIONS)}")
+        checks.choice("allocate", self.allocate, ALLOCATIONS)
 
     @property
     def is_identity(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,7 @@ from . import checks
 from .api import selection_prompt, sparse_context_config
 from .flow import SAMPLERS, noise_like, timesteps
 from .generation import begin_generation
-from .guidance import Branch, GuidanceConfig, guided
+from .guidance import Branch, CFGConfig, GuidanceConfig, SparseGuidanceConfig, guided
 from .images import ImageLike, batch_images
 from .models.refdit import RefDiT
 from .selection import topk_mask
@@ -63,19 +64,26 @@ def generate(
     """
     if not isinstance(model, RefDiT):
         raise TypeError(f"generate expects a RefDiT, got {type(model).__name__}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    checks.choice("sampler", sampler, SAMPLERS)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(f"generate runs float32 models, this one is {dtype}: call model.float() first")
     steps = checks.integer("steps", steps, lo=1)
     shift = checks.real("shift", shift, 0.0, lo_open=True)
     seed_list = list(seed) if isinstance(seed, (list, tuple)) else [seed]
     if not seed_list:
         raise ValueError("seed must be an int or a non-empty list of ints, got []")
-    seed_list = [checks.integer("seed", s, 0, 2**63 - 1) for s in seed_list]
-    if prompt is None or isinstance(prompt, (bytes, Tensor)):
-        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    if references is None or isinstance(references, (str, bytes)):
+    seed_list = [checks.seed("seed", s) for s in seed_list]
+    if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                         and all(isinstance(p, str) for p in prompt))):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
+    if not isinstance(references, (list, tuple)):
         raise TypeError("references must be a list of images (empty for none), got "
                         f"{type(references).__name__}")
+    if guidance is not None:
+        guidance = _checked_guidance(model, guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     refs = batch_images(list(references))
     batch = max([len(prompts)] + [r.shape[0] for r in refs])
@@ -84,6 +92,8 @@ def generate(
     refs = [r.expand(batch, -1, -1, -1) if r.shape[0] == 1 else r for r in refs]
     if len(prompts) != batch:
         raise ValueError(f"{len(prompts)} prompts for a batch of {batch} references")
+    if isinstance(seed, (list, tuple)) and len(seed_list) != batch:
+        raise ValueError(f"{len(seed_list)} seeds for a batch of {batch}")
 
     device = next(model.parameters()).device
     cfg = model.config
@@ -131,3 +141,14 @@ def generate(
     x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)
     x0 = SAMPLERS[sampler](denoise, x, timesteps(steps, shift).to(device), callback)
     return ((x0 + 1) / 2).clamp(0, 1)
+
+
+def _checked_guidance(model: RefDiT, guidance: GuidanceConfig) -> GuidanceConfig:
+    """A re-validated copy (fields edited after construction are checked again); routing needs a route span."""
+    if not isinstance(guidance, (CFGConfig, SparseGuidanceConfig)):
+        raise TypeError(f"guidance must be a CFGConfig or SparseGuidanceConfig, got {type(guidance).__name__}")
+    guidance = dataclasses.replace(guidance)
+    if any(b.gamma > 0 for b in guidance.branches()) and model.config.route_span is None:
+        raise ValueError("this guidance routes tokens (strong/weak > 0), which needs a model built with "
+                         "route_span (e.g. refdit-routed)")
+    return guidance

@@ -74,7 +74,7 @@ class SparseGuidanceConfig:
     def __post_init__(self) -> None:
         for name in ("scale", "strong", "weak", "weak_keep"):
             setattr(self, name, checks.real(name, getattr(self, name)))
-        checks.flag("null_weak", self.null_weak)
+        self.null_weak = checks.flag("null_weak", self.null_weak)
         if not 0.0 <= self.strong <= self.weak < 1.0:
             raise ValueError(f"need 0 <= strong <= weak < 1, got strong={self.strong}, weak={self.weak}")
         if self.strong == self.weak and self.weak_keep == 1.0 and not self.null_weak:

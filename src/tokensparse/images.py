@@ -17,46 +17,84 @@ ImageLike = Image.Image | np.ndarray | Tensor
 def to_tensor(image: ImageLike) -> Tensor:
     """One image -> ``(3, H, W)`` float32 in [0, 1]; a ``(B, 3, H, W)`` tensor passes through.
 
-    Integer arrays and tensors (uint8) are divided by 255; float arrays above 1 are read as 0-255 too; float
-    tensors must already be in [0, 1]. Single-channel images become RGB. Raises ``ValueError`` for values that
-    are not finite or out of range, ``TypeError`` for other objects.
+    PIL images, numpy arrays and tensors follow one rule: 8-bit and other integer values are divided by 255,
+    16-bit ones (uint16, PIL ``I;16``) by 65535, bools are 0 / 1; floats must be in [0, 1] -- except that float
+    numpy arrays (and PIL ``F`` images) whose maximum exceeds 1 are read as 0-255. Layouts: ``(H, W)``,
+    ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped). Raises
+    ``ValueError`` for values that are not finite or out of range, ``TypeError`` for other objects.
     """
     if isinstance(image, Image.Image):
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit and float: keep their range
+            arr = np.asarray(image)
+            if image.mode == "I" and arr.size and 255 < arr.max() <= 65535 and arr.min() >= 0:
+                arr = arr.astype(np.uint16)  # a 16-bit PNG opened as 32-bit integers
+            return to_tensor(arr)
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
+        if image.dtype.kind not in "biuf":
+            raise TypeError(f"a numpy image must hold numbers, got dtype {image.dtype}")
         if image.ndim not in (2, 3):
-            raise ValueError(f"a numpy image must be (H, W), (H, W, 3) or (3, H, W), got shape {image.shape}")
-        arr = image.astype(np.float32)
-        if np.issubdtype(image.dtype, np.integer) or (arr.size and arr.max() > 1.0):
-            arr = arr / 255.0
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):  # channels first (3, H, W)
-            arr = arr.transpose(1, 2, 0)
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        t = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), got shape {image.shape}")
+        t = torch.from_numpy(_scaled(image)) if image.dtype.kind != "f" else torch.from_numpy(image.astype(np.float32))
+        if image.dtype.kind == "f" and t.numel() and float(t.max()) > 1.0 + _TOL:
+            t = t / 255.0  # a float array holding 0-255 values
+        t = _channels_first(t)
     elif isinstance(image, Tensor):
-        t = image.float() / 255.0 if not (image.is_floating_point() or image.is_complex()) else image.float()
+        if image.is_complex():
+            raise TypeError("image tensors must be real, got a complex tensor")
+        t = image.float() if image.is_floating_point() else torch.from_numpy(_scaled(image.cpu().numpy()))
+        t = t.to(image.device)
+        if t.dim() == 2 or (t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4)):
+            t = _channels_first(t)  # (H, W) or (H, W, C) with an unambiguous layout
         if t.dim() in (3, 4) and t.shape[-3] == 1:  # grayscale (1, H, W) / (B, 1, H, W)
             t = t.expand(*t.shape[:-3], 3, *t.shape[-2:])
+        elif t.dim() in (3, 4) and t.shape[-3] == 4:  # RGBA: drop alpha
+            t = t[..., :3, :, :]
     else:
         raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
     if t.numel():
         lo, hi = float(t.min()), float(t.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError("image values must be finite (got NaN or inf)")
-        if lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise ValueError(f"image values must be in [0, 1] (uint8 images are divided by 255), "
-                             f"got [{lo:.3g}, {hi:.3g}]")
+        if lo < -_TOL or hi > 1.0 + _TOL:
+            raise ValueError(f"image values must be in [0, 1] (integer images are divided by 255, 16-bit ones "
+                             f"by 65535), got [{lo:.3g}, {hi:.3g}]")
     return t
+
+
+_TOL = 1e-3  # float images may overshoot [0, 1] by this much (resampling)
+
+
+def _scaled(arr: np.ndarray) -> np.ndarray:
+    """A bool / integer array as float32 in [0, 1] (16-bit by 65535, other integers by 255)."""
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    return arr.astype(np.float32) / (65535.0 if arr.dtype == np.uint16 else 255.0)
+
+
+def _channels_first(t: Tensor) -> Tensor:
+    """``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)`` (C in 1, 3, 4) -> ``(3, H, W)``."""
+    if t.dim() == 2:
+        t = t[None]
+    elif not (t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4)):
+        t = t.permute(2, 0, 1)  # channels last (the numpy convention when both ends could be channels)
+    if t.shape[0] == 4:
+        t = t[:3]
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return t.contiguous()
 
 
 def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tensor]:
     """A list of images -> a list of ``(B, C, H, W)`` tensors (single images repeated to ``batch``)."""
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"references must be a list of images, got {type(images).__name__}")
     out = []
     for i, img in enumerate(images):
-        t = to_tensor(img)
+        try:
+            t = to_tensor(img)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"reference {i}: {exc}") from None
         if t.dim() == 3:
             t = t.unsqueeze(0)
         if t.dim() != 4:
@@ -65,6 +103,13 @@ def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tens
             t = t.expand(batch, -1, -1, -1)
         out.append(t)
     return out
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB") if im.mode not in ("I", "I;16", "I;16B", "I;16L", "F") else to_pil(to_tensor(im))
 
 
 def to_pil(image: Tensor) -> Image.Image:

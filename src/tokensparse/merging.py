@@ -108,9 +108,9 @@ class TokenMergingConfig:
             self.recompute_steps = tuple(sorted({checks.integer("recompute_steps[i]", s, lo=0)
                                                  for s in self.recompute_steps}))
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
-            checks.flag(name, getattr(self, name))
+            setattr(self, name, checks.flag(name, getattr(self, name)))
         self.max_downsample = checks.integer("max_downsample", self.max_downsample, lo=1)
-        self.seed = checks.integer("seed", self.seed)
+        self.seed = checks.seed("seed", self.seed)
 
     @property
     def adaptive(self) -> bool:

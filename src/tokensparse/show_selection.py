@@ -18,14 +18,14 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .context import SparseContextConfig, keep_mask
-from .images import save_png, to_tensor
+from .images import load_rgb, save_png, to_tensor
 from .selection import needs_probe
 
 
 def _load_refs(refs: list[Path], size: int) -> list[Tensor]:
     out = []
     for path in refs:
-        img = to_tensor(Image.open(path).convert("RGB"))[None]  # (1, 3, H, W) in [0, 1]
+        img = to_tensor(load_rgb(path))[None]  # (1, 3, H, W) in [0, 1]
         out.append(F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
                    .clamp(0, 1))
     return out

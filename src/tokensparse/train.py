@@ -58,7 +58,8 @@ class DropConfig:
         self.keep_max = checks.real("keep_max", self.keep_max, 0.0, 1.0, lo_open=True)
         self.keep_min = checks.real("keep_min", self.keep_min, 0.0, self.keep_max, lo_open=True)
         self.p_selected = checks.real("p_selected", self.p_selected, 0.0, 1.0)
-        if self.selector not in SCORERS or needs_probe(self.selector):
+        checks.choice("selector", self.selector, SCORERS)
+        if needs_probe(self.selector):
             raise ValueError(f"DropConfig.selector must be a scorer that needs no model probe, got {self.selector!r}")
 
 
@@ -93,17 +94,36 @@ class TrainConfig:
     lora_rank: int = 0
 
     def __post_init__(self) -> None:
+        from .data.stream import check_stream
+        from .models.zoo import CONFIGS
+
+        if not isinstance(self.out, (str, Path)):
+            raise TypeError(f"out must be a folder path, got {type(self.out).__name__}")
+        self.out = str(self.out)
+        checks.choice("model", self.model, CONFIGS)
+        if self.init is not None:
+            if not isinstance(self.init, (str, Path)):
+                raise TypeError(f"init must be a checkpoint path or None, got {type(self.init).__name__}")
+            self.init = str(self.init)
+        if isinstance(self.drop, dict):
+            self.drop = DropConfig(**self.drop)
+        if self.drop is not None and not isinstance(self.drop, DropConfig):
+            raise TypeError(f"drop must be a DropConfig, a dict of its fields or None, got {type(self.drop).__name__}")
+        check_stream(self.tasks, self.family_weights)
+        checks.choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_every", "eval_samples"):
             setattr(self, name, checks.integer(name, getattr(self, name), lo=1))
         for name in ("warmup", "lora_rank"):
             setattr(self, name, checks.integer(name, getattr(self, name), lo=0))
-        self.seed = checks.integer("seed", self.seed)
+        self.seed = checks.seed("seed", self.seed)
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
         for name in ("min_lr_frac", "ema", "cond_drop"):
             setattr(self, name, checks.real(name, getattr(self, name), 0.0, 1.0))
         for name in ("weight_decay", "grad_clip"):
             setattr(self, name, checks.real(name, getattr(self, name), 0.0))
         self.route = checks.real("route", self.route, 0.0, 1.0, hi_open=True)
+        if self.route > 0 and CONFIGS[self.model].route_span is None:
+            raise ValueError(f"route > 0 needs a model with a route_span; {self.model} has none")
         if self.max_minutes is not None:
             self.max_minutes = checks.real("max_minutes", self.max_minutes, 0.0, lo_open=True)
         if self.stop_at is not None:
@@ -111,9 +131,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        if d.get("drop") is not None:
-            d["drop"] = DropConfig(**d["drop"])
+        if not isinstance(d, dict):
+            raise TypeError(f"a recipe must be a dict (JSON object), got {type(d).__name__}")
         return cls(**d)
 
 
@@ -253,11 +272,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    model = init_model(cfg)  # a missing or unfitting init fails here, before the run folder is made
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    model = init_model(cfg)
     if cfg.lora_rank > 0:
         model = _with_lora(model, cfg.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -177,3 +177,23 @@ def test_text_encoder_mixes_words_and_ignores_padding(tiny):
 def test_text_depth_must_not_be_negative():
     with pytest.raises(ValueError, match="text_depth"):
         ts.RefDiTConfig(text_depth=-1)
+
+
+@pytest.mark.parametrize("override, err", [
+    (dict(heads=0), ValueError), (dict(image_size="32"), TypeError), (dict(route_span=(1,)), TypeError),
+    (dict(depth=1.5), TypeError), (dict(mlp_ratio=-1), ValueError), (dict(vocab_size=10), ValueError),
+    (dict(ref_attends_target="no"), TypeError), (dict(depth=0), ValueError),
+    (dict(rope_theta=float("nan")), ValueError),
+])
+def test_config_rejects_bad_fields(override, err):
+    with pytest.raises(err, match=next(iter(override))):
+        ts.build_model("refdit-tiny", **override)
+
+
+def test_config_normalises_lists_and_numpy_scalars():
+    import numpy as np
+
+    cfg = ts.build_model("refdit-s", route_span=[1, 5], depth=np.int64(6)).config
+    assert cfg.route_span == (1, 5) and type(cfg.depth) is int and hash(cfg)
+    with pytest.raises(TypeError, match="RefDiTConfig"):
+        ts.RefDiT("refdit-s")

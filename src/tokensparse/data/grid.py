@@ -23,6 +23,7 @@ def save_task_grid(
     """Write a PNG: ``per_task`` rows per task (seeds ``seed..seed+per_task-1``), columns = up to four
     references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px."""
     per_task = checks.integer("per_task", per_task, lo=1)
+    image_size = checks.integer("image_size", image_size, lo=1)
     scale = scale or max(1, 96 // image_size)
     cell = image_size * scale
     pad, text_w = 4, 300

@@ -118,6 +118,21 @@ def _family_probs(fams: Sequence[str], weights: Mapping[str, float]) -> np.ndarr
     return w / w.sum()
 
 
+def check_stream(tasks: Sequence[str] | None, family_weights: Mapping[str, float] | None) -> None:
+    """Raise now (``TypeError`` / ``ValueError``) for ``tasks`` / ``family_weights`` that :func:`batch_plan`
+    would reject at the first batch."""
+    if tasks is not None and (isinstance(tasks, str) or not isinstance(tasks, Sequence)):
+        raise TypeError(f"tasks must be a list of task or family names, or None; got {tasks!r}")
+    names = _resolve_tasks(tasks)
+    if family_weights is not None:
+        if not isinstance(family_weights, Mapping):
+            raise TypeError(f"family_weights must map family names to weights, got {type(family_weights).__name__}")
+        for f, w in family_weights.items():
+            checks.real(f"family_weights[{f!r}]", w, 0.0)
+        if family_weights:
+            _family_probs([f for f in ALL_FAMILIES if any(TASKS[t].family == f for t in names)], family_weights)
+
+
 def batch_plan(
     k: int, batch_size: int, seed: int = 0, tasks: Sequence[str] | None = None,
     family_weights: Mapping[str, float] | None = None,

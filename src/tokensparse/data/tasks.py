@@ -306,7 +306,7 @@ def _check_task(task: str) -> TaskSpec:
 def make_arrays(task: str, seed: int, image_size: int = 32, num_refs: int | None = None):
     """Like :func:`make_sample` but returns ``(refs, prompt, target)`` as numpy float32 (3, S, S) arrays."""
     spec = _check_task(task)
-    seed = checks.integer("seed", seed, lo=0)
+    seed = checks.seed("seed", seed)
     if isinstance(image_size, np.integer):
         image_size = int(image_size)
     if num_refs is not None:

@@ -23,6 +23,7 @@ import torch
 
 from .. import checks
 from ..context import SparseContextConfig
+from ..images import load_rgb
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
 SUPPORTED = ("Flux2KleinPipeline",)
@@ -52,7 +53,7 @@ class LoraTrainConfig:
             raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
         self.max_sequence_length = checks.integer("max_sequence_length", self.max_sequence_length, lo=1)
-        self.seed = checks.integer("seed", self.seed)
+        self.seed = checks.seed("seed", self.seed)
 
 
 @dataclass
@@ -66,8 +67,6 @@ class Example:
 
 def load_examples(data: str | Path) -> list[Example]:
     """One example per sub-folder of ``data``: ``ref*.png`` (one or more), ``target.png``, ``prompt.txt``."""
-    from PIL import Image
-
     examples = []
     for folder in sorted(p for p in Path(data).iterdir() if p.is_dir()):
         refs = sorted(folder.glob("ref*.png"))
@@ -75,8 +74,8 @@ def load_examples(data: str | Path) -> list[Example]:
             raise ValueError(f"{folder}: needs ref*.png, target.png and prompt.txt")
         examples.append(
             Example(
-                [Image.open(r).convert("RGB") for r in refs],
-                Image.open(folder / "target.png").convert("RGB"),
+                [load_rgb(r) for r in refs],
+                load_rgb(folder / "target.png"),
                 (folder / "prompt.txt").read_text().strip(),
             )
         )

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import checks
 from ..kvcache import ContextKV
 from ..tokens import TokenSeq, dense_seq, gather, grid_ids, subset
 from ..vocab import MAX_PROMPT_LEN, VOCAB_SLOTS
@@ -61,14 +62,29 @@ class RefDiTConfig:
     text_depth: int = 0  # transformer blocks over the prompt before the DiT (0 = word + position embeddings only)
 
     def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # frozen: normalise in place (numpy ints, lists -> tuples)
+
+        for name in ("image_size", "patch_size", "channels", "dim", "depth", "heads", "max_refs", "max_prompt_len"):
+            put(name, checks.integer(name, getattr(self, name), lo=1))
+        put("vocab_size", checks.integer("vocab_size", self.vocab_size, lo=VOCAB_SLOTS))
+        put("text_depth", checks.integer("text_depth", self.text_depth, lo=0))
+        put("mlp_ratio", checks.real("mlp_ratio", self.mlp_ratio, 0.0, lo_open=True))
+        put("rope_theta", checks.real("rope_theta", self.rope_theta, 0.0, lo_open=True))
+        put("ref_attends_target", checks.flag("ref_attends_target", self.ref_attends_target))
+        if not isinstance(self.rope_axes, (tuple, list)) or len(self.rope_axes) != 3:
+            raise TypeError(f"rope_axes must be 3 ints (ref index, row, col), got {self.rope_axes!r}")
+        put("rope_axes", tuple(checks.integer("rope_axes[i]", a, lo=0) for a in self.rope_axes))
+        if self.route_span is not None:
+            if not isinstance(self.route_span, (tuple, list)) or len(self.route_span) != 2:
+                raise TypeError(f"route_span must be a (start, end) pair or None, got {self.route_span!r}")
+            put("route_span", tuple(checks.integer("route_span[i]", a) for a in self.route_span))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if sum(self.rope_axes) != self.dim // self.heads or any(a % 2 for a in self.rope_axes):
             raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.dim // self.heads}")
-        if self.text_depth < 0:
-            raise ValueError(f"text_depth must be >= 0, got {self.text_depth}")
         if self.route_span is not None and not 0 <= self.route_span[0] < self.route_span[1] <= self.depth:
             raise ValueError(f"route_span {self.route_span} must satisfy 0 <= start < end <= depth={self.depth}")
 
@@ -401,6 +417,9 @@ class RefDiT(nn.Module):
     """Reference-conditioned DiT predicting the rectified-flow velocity of the target image."""
 
     def __init__(self, cfg: RefDiTConfig) -> None:
+        if not isinstance(cfg, RefDiTConfig):
+            raise TypeError(f"RefDiT takes a RefDiTConfig (for a named model: ts.build_model / ts.load_model), "
+                            f"got {type(cfg).__name__}")
         super().__init__()
         self.config = cfg
         d = cfg.dim

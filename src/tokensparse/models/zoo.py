@@ -63,6 +63,8 @@ def build_model(name: str | RefDiTConfig, **overrides) -> RefDiT:
     """An untrained RefDiT from a named config (or a config), with optional field overrides."""
     if isinstance(name, RefDiTConfig):
         cfg = name
+    elif not isinstance(name, str):
+        raise TypeError(f"name must be a model name or a RefDiTConfig, got {type(name).__name__}")
     elif name in CONFIGS:
         cfg = CONFIGS[name]
     elif name in CHECKPOINTS:
@@ -125,6 +127,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
 
 def load_model(name: str) -> RefDiT:
     """A shipped, trained RefDiT by name (see :func:`list_models`), in eval mode."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, one of {sorted(CHECKPOINTS)}; got {type(name).__name__}")
     if name not in CHECKPOINTS:
         raise ValueError(f"no shipped checkpoint named {name!r}; shipped: {sorted(CHECKPOINTS)}")
     path = weights_dir() / f"{name}.safetensors"
