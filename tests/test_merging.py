@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -153,6 +154,8 @@ def test_config_identity_and_validation() -> None:
     assert not TokenMergingConfig(ratio=0.5).is_identity
     assert TokenMergingConfig(ratio=0.5, merge_attn=False, merge_mlp=False).is_identity
     assert TokenMergingConfig(recompute_steps=[5, 0, 5]).recompute_steps == (0, 5)
+    assert TokenMergingConfig(recompute_steps=np.array([2, 0])).recompute_steps == (0, 2) == TokenMergingConfig(
+        recompute_steps=range(0, 4, 2)).recompute_steps
     for bad in ({"ratio": 1.0}, {"ratio": -0.1}, {"recompute_every": 0}, {"recompute_steps": (-1,)},
                 {"threshold": float("nan")}, {"max_downsample": 0}):
         with pytest.raises(ValueError):

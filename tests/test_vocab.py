@@ -18,3 +18,16 @@ def test_unknown_word_is_named():
 
 def test_words_unique():
     assert len(set(WORDS)) == len(WORDS)
+
+
+def test_tokenize_rejects_bad_arguments():
+    import pytest
+
+    from tokensparse.vocab import tokenize
+
+    for bad in (None, 3, b"red"):
+        with pytest.raises(TypeError, match="prompt"):
+            tokenize(bad)
+    for bad, err in ((-1, ValueError), (1.5, TypeError), ("16", TypeError), (True, TypeError)):
+        with pytest.raises(err, match="max_len"):
+            tokenize("red", max_len=bad)

@@ -32,7 +32,7 @@ samples disagree. Destinations are shared by the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -102,7 +102,7 @@ class TokenMergingConfig:
             self.threshold = checks.real("threshold", self.threshold)
         self.recompute_every = checks.integer("recompute_every", self.recompute_every, lo=1)
         if self.recompute_steps is not None:
-            if not isinstance(self.recompute_steps, (list, tuple, set, frozenset)):
+            if isinstance(self.recompute_steps, (str, bytes)) or not isinstance(self.recompute_steps, Iterable):
                 raise TypeError(f"recompute_steps must be a tuple of step indices, got "
                                 f"{type(self.recompute_steps).__name__}")
             self.recompute_steps = tuple(sorted({checks.integer("recompute_steps[i]", s, lo=0)

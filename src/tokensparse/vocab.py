@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
+
 PAD_ID = 0
 MAX_PROMPT_LEN = 16
 VOCAB_SLOTS = 256  # embedding rows reserved in RefDiT; len(WORDS) + 1 must stay below this
@@ -35,6 +37,9 @@ def tokenize(prompt: str | list[str], max_len: int = MAX_PROMPT_LEN) -> torch.Te
 
     Raises ``ValueError`` naming the first word not in the vocabulary, or a prompt longer than ``max_len``.
     """
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    max_len = checks.integer("max_len", max_len, lo=1)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     out = torch.zeros(len(prompts), max_len, dtype=torch.long)
     for row, text in enumerate(prompts):
