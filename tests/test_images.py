@@ -62,3 +62,15 @@ def test_one_rule_for_every_image_type(tmp_path):
             batch_images(bad)
     with pytest.raises(ValueError, match="reference 1: image values must be finite"):
         batch_images([r, np.full((8, 8, 3), np.nan)])
+
+
+def test_ambiguous_layouts_and_big_endian_16_bit():
+    from PIL import Image
+
+    from tokensparse.images import to_tensor
+
+    assert to_tensor(np.random.rand(3, 8, 4)).shape == (3, 8, 4)  # channels first: width 4 is not alpha
+    assert to_tensor(np.random.rand(4, 8, 8)).shape == (3, 8, 8)  # RGBA channels first
+    assert to_tensor(np.random.rand(8, 8, 4)).shape == (3, 8, 8)  # RGBA channels last
+    big = Image.frombytes("I;16B", (8, 8), np.full((8, 8), 300, ">u2").tobytes())
+    assert abs(float(to_tensor(big).mean()) - 300 / 65535) < 1e-6

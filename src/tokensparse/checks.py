@@ -39,7 +39,8 @@ def integer(name: str, value: object, lo: int | None = None, hi: int | None = No
 
 
 def seed(name: str, value: object) -> int:
-    """A random seed: an int in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` takes without overflow)."""
+    """A random seed: an int in ``[0, 2**63)``, which seeds torch generators and numpy alike (with room for the
+    small offsets some callers add)."""
     return integer(name, value, 0, 2**63 - 1)
 
 

@@ -38,7 +38,7 @@ def _load_refs(paths: list[Path]) -> list[Any]:
             _fail(f"reference image {path} does not exist")
         try:
             images.append(load_rgb(path))
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             _fail(f"cannot read reference image {path}: {exc}")
     return images
 
@@ -151,8 +151,9 @@ def generate(
     name = type(pipe).__name__
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
-    if name not in PIPELINES:
-        _fail(f"{name} is not supported; supported pipelines: {', '.join(sorted(PIPELINES))}")
+    if name not in PIPELINES or "Inpaint" in name:
+        supported = sorted(p for p in PIPELINES if "Inpaint" not in p)
+        _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
     try:
         apply_sparse_context_diffusers(pipe, cfg)
     except (TypeError, ValueError) as exc:
@@ -170,7 +171,7 @@ def generate(
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
-        key = "true_cfg_scale" if "true_cfg_scale" in params else "guidance_scale"  # Qwen-Image-Edit: true CFG
+        key = "true_cfg_scale" if name.startswith("QwenImage") else "guidance_scale"  # Qwen: true CFG only
         if key not in params:
             _fail(f"{name} takes no guidance scale")
         kwargs[key] = guidance

@@ -69,15 +69,18 @@ def _scaled(arr: np.ndarray) -> np.ndarray:
     """A bool / integer array as float32 in [0, 1] (16-bit by 65535, other integers by 255)."""
     if arr.dtype == np.bool_:
         return arr.astype(np.float32)
-    return arr.astype(np.float32) / (65535.0 if arr.dtype == np.uint16 else 255.0)
+    sixteen = arr.dtype.kind == "u" and arr.dtype.itemsize == 2  # uint16, either byte order
+    return arr.astype(np.float32) / (65535.0 if sixteen else 255.0)
 
 
 def _channels_first(t: Tensor) -> Tensor:
     """``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)`` (C in 1, 3, 4) -> ``(3, H, W)``."""
     if t.dim() == 2:
         t = t[None]
-    elif not (t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4)):
-        t = t.permute(2, 0, 1)  # channels last (the numpy convention when both ends could be channels)
+    else:
+        first, last = t.shape[0], t.shape[-1]
+        if not ((first in (1, 3) and last not in (1, 3)) or (first == 4 and last not in (1, 3, 4))):
+            t = t.permute(2, 0, 1)  # channels last (the numpy convention when both ends could be channels)
     if t.shape[0] == 4:
         t = t[:3]
     if t.shape[0] == 1:

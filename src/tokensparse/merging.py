@@ -105,7 +105,7 @@ class TokenMergingConfig:
             if isinstance(self.recompute_steps, (str, bytes)) or not isinstance(self.recompute_steps, Iterable):
                 raise TypeError(f"recompute_steps must be a tuple of step indices, got "
                                 f"{type(self.recompute_steps).__name__}")
-            self.recompute_steps = tuple(sorted({checks.integer("recompute_steps[i]", s, lo=0)
+            self.recompute_steps = tuple(sorted({checks.integer("recompute_steps", s, lo=0)
                                                  for s in self.recompute_steps}))
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
             setattr(self, name, checks.flag(name, getattr(self, name)))

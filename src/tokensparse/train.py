@@ -95,12 +95,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from .data.stream import check_stream
-        from .models.zoo import CONFIGS
+        from .models.zoo import CHECKPOINTS, CONFIGS
 
         if not isinstance(self.out, (str, Path)):
             raise TypeError(f"out must be a folder path, got {type(self.out).__name__}")
         self.out = str(self.out)
-        checks.choice("model", self.model, CONFIGS)
+        checks.choice("model", self.model, list(CONFIGS) + list(CHECKPOINTS))  # an architecture or shipped name
         if self.init is not None:
             if not isinstance(self.init, (str, Path)):
                 raise TypeError(f"init must be a checkpoint path or None, got {type(self.init).__name__}")
@@ -122,7 +122,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             setattr(self, name, checks.real(name, getattr(self, name), 0.0))
         self.route = checks.real("route", self.route, 0.0, 1.0, hi_open=True)
-        if self.route > 0 and CONFIGS[self.model].route_span is None:
+        if self.route > 0 and CONFIGS[CHECKPOINTS.get(self.model, self.model)].route_span is None:
             raise ValueError(f"route > 0 needs a model with a route_span; {self.model} has none")
         if self.max_minutes is not None:
             self.max_minutes = checks.real("max_minutes", self.max_minutes, 0.0, lo_open=True)

@@ -53,7 +53,7 @@ class LoraTrainConfig:
             raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
         self.max_sequence_length = checks.integer("max_sequence_length", self.max_sequence_length, lo=1)
-        self.seed = checks.seed("seed", self.seed)
+        self.seed = checks.integer("seed", self.seed, 0, 2**31 - 1)  # per-step seeds are seed * 100_003 + step
 
 
 @dataclass

@@ -74,11 +74,11 @@ class RefDiTConfig:
         put("ref_attends_target", checks.flag("ref_attends_target", self.ref_attends_target))
         if not isinstance(self.rope_axes, (tuple, list)) or len(self.rope_axes) != 3:
             raise TypeError(f"rope_axes must be 3 ints (ref index, row, col), got {self.rope_axes!r}")
-        put("rope_axes", tuple(checks.integer("rope_axes[i]", a, lo=0) for a in self.rope_axes))
+        put("rope_axes", tuple(checks.integer(f"rope_axes[{i}]", a, lo=0) for i, a in enumerate(self.rope_axes)))
         if self.route_span is not None:
             if not isinstance(self.route_span, (tuple, list)) or len(self.route_span) != 2:
                 raise TypeError(f"route_span must be a (start, end) pair or None, got {self.route_span!r}")
-            put("route_span", tuple(checks.integer("route_span[i]", a) for a in self.route_span))
+            put("route_span", tuple(checks.integer(f"route_span[{i}]", a) for i, a in enumerate(self.route_span)))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
