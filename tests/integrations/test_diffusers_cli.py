@@ -107,3 +107,27 @@ def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
     assert message in result.output
     assert not (tmp_path / "o.png").exists() or change.get("--out") == "o.png/x.png"
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeypatch):
+    """FLUX.1 Kontext's --guidance sets guidance_scale (its __call__ also takes true_cfg_scale: not that)."""
+    import functools
+    from types import SimpleNamespace
+
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny import tiny_flux_kontext
+
+    tiny_flux_kontext(seed=0).save_pretrained(tmp_path / "kontext")
+    seen: dict = {}
+
+    @functools.wraps(diffusers.FluxKontextPipeline.__call__)  # keeps the signature the CLI inspects
+    def fake_call(self, **kwargs):  # record the arguments instead of running the pipeline
+        seen.update(kwargs)
+        return SimpleNamespace(images=[Image.new("RGB", (16, 16))])
+
+    monkeypatch.setattr(diffusers.FluxKontextPipeline, "__call__", fake_call)
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "kontext"), "--ref", str(_ref(tmp_path)),
+                                   "--prompt", "a cat", "--guidance", "2.5", "--out", str(tmp_path / "o.png")])
+    assert res.exit_code == 0, res.output
+    assert seen["guidance_scale"] == 2.5 and "true_cfg_scale" not in seen and "negative_prompt" not in seen
