@@ -124,7 +124,7 @@ def generate(
 
     from .context import SparseContextConfig
     from .integrations.diffusers import apply_sparse_context_diffusers
-    from .integrations.diffusers_models import PIPELINES
+    from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     try:
         cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache)
@@ -151,8 +151,8 @@ def generate(
     name = type(pipe).__name__
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
-    if name not in PIPELINES or "Inpaint" in name:
-        supported = sorted(p for p in PIPELINES if "Inpaint" not in p)
+    if name not in PIPELINES or name in MASK_PIPELINES:
+        supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
         _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
     try:
         apply_sparse_context_diffusers(pipe, cfg)

@@ -72,14 +72,14 @@ class SparseGuidanceConfig:
     weak_keep: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("scale", "strong", "weak", "weak_keep"):
+        for name in ("scale", "strong", "weak"):
             setattr(self, name, checks.real(name, getattr(self, name)))
+        self.weak_keep = checks.real("weak_keep", self.weak_keep, 0.0, 1.0, lo_open=True)
         self.null_weak = checks.flag("null_weak", self.null_weak)
         if not 0.0 <= self.strong <= self.weak < 1.0:
             raise ValueError(f"need 0 <= strong <= weak < 1, got strong={self.strong}, weak={self.weak}")
         if self.strong == self.weak and self.weak_keep == 1.0 and not self.null_weak:
             raise ValueError("the weak branch equals the strong one: set strong < weak, weak_keep < 1 or null_weak")
-        checks.real("weak_keep", self.weak_keep, 0.0, 1.0, lo_open=True)
         self.interval = _check_interval(self.interval)
 
     def branches(self) -> tuple[Branch, Branch]:

@@ -13,6 +13,9 @@ from torch import Tensor
 
 ImageLike = Image.Image | np.ndarray | Tensor
 
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # PIL modes beyond 8 bits: convert("RGB") would clip them
+_TOL = 1e-3  # float images may overshoot [0, 1] by this much (resampling)
+
 
 def to_tensor(image: ImageLike) -> Tensor:
     """One image -> ``(3, H, W)`` float32 in [0, 1]; a ``(B, 3, H, W)`` tensor passes through.
@@ -24,7 +27,7 @@ def to_tensor(image: ImageLike) -> Tensor:
     ``ValueError`` for values that are not finite or out of range, ``TypeError`` for other objects.
     """
     if isinstance(image, Image.Image):
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit and float: keep their range
+        if image.mode in _WIDE_MODES:  # 16/32-bit and float: keep their range
             arr = np.asarray(image)
             if image.mode == "I" and arr.size and 255 < arr.max() <= 65535 and arr.min() >= 0:
                 arr = arr.astype(np.uint16)  # a 16-bit PNG opened as 32-bit integers
@@ -35,9 +38,12 @@ def to_tensor(image: ImageLike) -> Tensor:
             raise TypeError(f"a numpy image must hold numbers, got dtype {image.dtype}")
         if image.ndim not in (2, 3):
             raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), got shape {image.shape}")
-        t = torch.from_numpy(_scaled(image)) if image.dtype.kind != "f" else torch.from_numpy(image.astype(np.float32))
-        if image.dtype.kind == "f" and t.numel() and float(t.max()) > 1.0 + _TOL:
-            t = t / 255.0  # a float array holding 0-255 values
+        if image.dtype.kind != "f":
+            t = torch.from_numpy(_scaled(image))
+        else:
+            t = torch.from_numpy(image.astype(np.float32))
+            if t.numel() and float(t.max()) > 1.0 + _TOL:
+                t = t / 255.0  # a float array holding 0-255 values
         t = _channels_first(t)
     elif isinstance(image, Tensor):
         if image.is_complex():
@@ -60,9 +66,6 @@ def to_tensor(image: ImageLike) -> Tensor:
             raise ValueError(f"image values must be in [0, 1] (integer images are divided by 255, 16-bit ones "
                              f"by 65535), got [{lo:.3g}, {hi:.3g}]")
     return t
-
-
-_TOL = 1e-3  # float images may overshoot [0, 1] by this much (resampling)
 
 
 def _scaled(arr: np.ndarray) -> np.ndarray:
@@ -112,7 +115,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them)."""
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB") if im.mode not in ("I", "I;16", "I;16B", "I;16L", "F") else to_pil(to_tensor(im))
+        return to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")
 
 
 def to_pil(image: Tensor) -> Image.Image:

@@ -95,7 +95,5 @@ def save_selection_map(refs: list[Path], selector: str, keep: float, out: Path, 
     canvas = Image.new("RGB", (scale * len(tiles) + 8 * (len(tiles) - 1), scale), (0, 0, 0))
     for i, t in enumerate(tiles):
         canvas.paste(t, (i * (scale + 8), 0))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_png(canvas, out)  # atomic; nothing half-written on failure
     return masks

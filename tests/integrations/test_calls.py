@@ -13,6 +13,7 @@ def test_positional_and_keyword_calls_read_the_same():
     net, x, t = Net(), torch.zeros(1), torch.ones(1)
     assert as_keywords(net, (x, t), {"img_ids": 3}) == {"hidden_states": x, "timestep": t, "img_ids": 3}
     assert as_keywords(net, (x,), {"extra": 1}) == {"hidden_states": x, "extra": 1}  # **kwargs flattened
-    assert first_arg(net, (x, t), {}, "timestep") is t and first_arg(net, (), {"timestep": t}, "timestep") is t
-    assert first_arg(net, (x,), {"timestep": None}, "timestep", "hidden_states") is x  # None is skipped
-    assert first_arg(net, (x,), {}, "sample") is None
+    assert first_arg(as_keywords(net, (x, t), {}), "timestep") is t
+    assert first_arg(as_keywords(net, (), {"timestep": t}), "timestep") is t
+    assert first_arg(as_keywords(net, (x,), {"timestep": None}), "timestep", "hidden_states") is x  # None skipped
+    assert first_arg(as_keywords(net, (x,), {}), "sample") is None

@@ -28,7 +28,6 @@ def as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     return out
 
 
-def first_arg(module: nn.Module, args: tuple, kwargs: dict, *names: str) -> Any:
-    """The first of ``names`` given (not ``None``) in the call ``module(*args, **kwargs)``, else ``None``."""
-    call = as_keywords(module, args, kwargs)
+def first_arg(call: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` given (not ``None``) in ``call`` (from :func:`as_keywords`), else ``None``."""
     return next((call[n] for n in names if call.get(n) is not None), None)

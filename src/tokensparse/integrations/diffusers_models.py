@@ -166,6 +166,7 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
 # an argument of the same method that, when given, holds the in-context image instead (name, position after self)
 PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
+MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")  # inpainting: need a mask image
 
 
 def images_for_scorers(value: Any) -> list[Tensor] | None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
 from ..merging import Matching, TokenMergingConfig, match, random_destinations
 from ..models.refdit import RefDiT
-from .calls import first_arg
+from .calls import as_keywords, first_arg
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "remove_token_merging"]
 
@@ -233,7 +233,7 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
         return (side, side) if n == side * side else None
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.observe(first_arg(module, args, kwargs, "t"))
+        state.observe(first_arg(as_keywords(module, args, kwargs), "t"))
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for i, blk in enumerate(model.blocks):
@@ -288,10 +288,11 @@ def _wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Tok
     patch = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)  # UNets: 1
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = first_arg(module, args, kwargs, "sample", "hidden_states")
+        call = as_keywords(module, args, kwargs)
+        sample = first_arg(call, "sample", "hidden_states")
         if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
             state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
-        t = first_arg(module, args, kwargs, "timestep")
+        t = first_arg(call, "timestep")
         state.observe(0.0 if t is None else t)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
@@ -313,12 +314,13 @@ def _wire_flux(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Tok
     grid_box: dict[str, Any] = {"grid": None, "n": None}
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = first_arg(module, args, kwargs, "hidden_states")
+        call = as_keywords(module, args, kwargs)
+        hidden = first_arg(call, "hidden_states")
         grid_box["grid"] = grid_box["n"] = None
-        ids = first_arg(module, args, kwargs, "img_ids")
+        ids = first_arg(call, "img_ids")
         if isinstance(ids, Tensor) and isinstance(hidden, Tensor):
             grid_box["grid"], grid_box["n"] = _ids_grid(ids[0] if ids.dim() == 3 else ids), hidden.shape[1]
-        t = first_arg(module, args, kwargs, "timestep")
+        t = first_arg(call, "timestep")
         state.observe(0.0 if t is None else t)
 
     def grid(n: int) -> tuple[int, int] | None:
