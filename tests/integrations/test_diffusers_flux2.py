@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image
 
+import tokensparse as ts
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
     HOOK_NAME,
@@ -399,3 +400,36 @@ def test_inpaint_pipeline_drops_from_the_source_and_the_references(pipe):
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
     remove_sparse_context_diffusers(inpaint)
     assert np.array_equal(call(), dense)
+
+
+class AttnLengths:
+    """Image-stream tokens the first double-stream block's attention sees per call (after any merging)."""
+
+    def __init__(self, transformer):
+        self.lengths: list[int] = []
+        self.handle = transformer.transformer_blocks[0].attn.register_forward_pre_hook(
+            lambda m, a, k: self.lengths.append(k["hidden_states"].shape[1]), with_kwargs=True
+        )
+
+
+@pytest.mark.parametrize("kv", [False, True], ids=["klein", "klein-kv"])
+def test_token_merging_stacks_with_sparse_context(pipe, kv_pipe, kv):
+    p = kv_pipe if kv else pipe
+    gs = None if kv else 2.0
+    dense = run(p, guidance_scale=gs)
+    apply_sparse_context_diffusers(p, SparseContextConfig(keep=0.25, cache=kv))
+    sparse = run(p, guidance_scale=gs)
+    ts.apply_token_merging(p, ts.TokenMergingConfig(ratio=0.5))
+    lengths = AttnLengths(p.transformer)  # registered after merging's hooks: sees the merged input
+    stacked = run(p, guidance_scale=gs)
+    lengths.handle.remove()
+    kept_refs = 2 * REF_TOKENS // 4
+    if kv:  # extract step: kept references + merged target; cached step: the merged target only
+        assert lengths.lengths == [kept_refs + TARGET_TOKENS // 2, TARGET_TOKENS // 2]
+    else:  # two steps x (conditional, unconditional)
+        assert lengths.lengths == [TARGET_TOKENS // 2 + kept_refs] * 4
+    assert np.isfinite(stacked).all() and not np.array_equal(stacked, sparse)
+    ts.remove_token_merging(p)
+    assert np.array_equal(run(p, guidance_scale=gs), sparse)
+    remove_sparse_context_diffusers(p)
+    assert np.array_equal(run(p, guidance_scale=gs), dense)

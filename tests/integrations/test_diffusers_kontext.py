@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image
 
+import tokensparse as ts
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
     HOOK_NAME,
@@ -159,3 +160,18 @@ def test_inpaint_pipeline_scores_the_reference_not_the_source(pipe):
     assert np.abs(captured - src).max() < 0.01
     remove_sparse_context_diffusers(inpaint)
     assert np.array_equal(call(**reference), dense)
+
+
+def test_token_merging_stacks_with_sparse_context(pipe):
+    # Kontext appends the reference tokens (T id 1) after the target: merging takes the target grid only
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    sparse = run(pipe)
+    ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+    seen: list[int] = []
+    pipe.transformer.transformer_blocks[0].attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True)
+    stacked = run(pipe)
+    assert seen == [TOKENS // 2 + TOKENS // 4] * 4  # merged target + kept reference tokens
+    assert np.isfinite(stacked).all() and not np.array_equal(stacked, sparse)
+    ts.remove_token_merging(pipe)
+    assert np.array_equal(run(pipe), sparse)

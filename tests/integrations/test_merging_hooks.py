@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import tokensparse as ts
 from tokensparse.generation import begin_generation
@@ -458,11 +460,67 @@ def test_flux_double_stream_blocks() -> None:
         for h in handles:
             h.remove()
         assert seen == [32, 32], kind  # 64 image tokens, half merged away, in both double-stream blocks
+        for only, n_single in ((dict(merge_attn=False), 5 + 64), (dict(merge_mlp=False), 5 + 32)):
+            apply_token_merging(model, TokenMergingConfig(ratio=0.5, **only))
+            assert _first_attn_input(model, kw)[2].shape[1] == n_single, (kind, only)  # text + image
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5))
         assert torch.isfinite(merged).all() and not torch.equal(merged, dense), kind
-        kw_ref = dict(kw, hidden_states=torch.cat([kw["hidden_states"]] * 2, 1),
-                      img_ids=torch.cat([kw["img_ids"], kw["img_ids"] + 1], 0))
-        apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_mlp=False))
-        with_ref = model(**kw_ref).sample  # references in the sequence: not a single target grid, no merging
         remove_token_merging(model)
-        assert torch.equal(model(**kw_ref).sample, with_ref), kind
         assert torch.equal(model(**kw).sample, dense), kind
+
+
+def _first_attn_input(model: nn.Module, kw: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, attention inputs of the first double-stream block (image stream) and of the first
+    single-stream block (text + image)) of one call."""
+    box: list[Tensor] = []
+    handles = [blocks[0].attn.register_forward_pre_hook(lambda m, a, k: box.append(k["hidden_states"]),
+                                                        with_kwargs=True)
+               for blocks in (model.transformer_blocks, model.single_transformer_blocks)]
+    out = model(**kw).sample
+    for h in handles:
+        h.remove()
+    return out, box[0], box[1]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("refs_first", [False, True], ids=["refs-after", "refs-before"])
+def test_flux_merges_the_target_grid_and_passes_reference_tokens(refs_first: bool) -> None:
+    # FLUX.1 Kontext / FLUX.2 append reference tokens (other T ids) after the target; FLUX.2's K/V-extract
+    # call puts them first. Either way only the target grid merges; reference tokens pass unmerged.
+    for kind, model in _flux_models():
+        kw = _flux_inputs(kind)
+        g = torch.Generator().manual_seed(1)
+        ref_hs, ref_ids = torch.randn(2, 48, 8, generator=g), _flux_inputs(kind, 6, 8)["img_ids"].clone()
+        ref_ids[:, 0] = 10
+        parts = [(ref_hs, ref_ids), (kw["hidden_states"], kw["img_ids"])]
+        if not refs_first:
+            parts.reverse()
+        kw_ref = dict(kw, hidden_states=torch.cat([p[0] for p in parts], 1),
+                      img_ids=torch.cat([p[1] for p in parts], 0))
+        dense, dense_in, _ = _first_attn_input(model, kw_ref)
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+        merged, merged_in, single_in = _first_attn_input(model, kw_ref)
+        assert merged_in.shape[1] == 32 + 48, kind  # 64 target tokens, half merged; 48 reference tokens
+        assert single_in.shape[1] == 5 + 32 + 48, kind  # single-stream: 5 text tokens first
+        ref_rows = slice(0, 48) if refs_first else slice(32, None)
+        dense_ref_rows = slice(0, 48) if refs_first else slice(64, None)
+        assert torch.equal(merged_in[:, ref_rows], dense_in[:, dense_ref_rows]), kind
+        assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+        assert merging_state(model).merged_tokens > 0
+        remove_token_merging(model)
+        assert torch.equal(model(**kw_ref).sample, dense), kind
+
+
+@torch.no_grad()
+def test_flux_target_not_one_grid_is_not_merged(caplog: pytest.LogCaptureFixture) -> None:
+    kind, model = _flux_models()[0]
+    kw = _flux_inputs(kind)
+    ids = kw["img_ids"].clone()
+    ids[::2, 0] = 1  # target and reference tokens interleaved: no leading or trailing target grid
+    kw = dict(kw, img_ids=ids)
+    dense = model(**kw).sample
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(model(**kw).sample, dense)
+    assert "merged nothing" in caplog.text
+    remove_token_merging(model)

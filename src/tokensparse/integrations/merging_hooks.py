@@ -8,8 +8,10 @@ Supported targets (a pipeline is accepted too: its ``.transformer`` or ``.unet``
 - **diffusers UNets** (SD-style, any model built of ``BasicTransformerBlock``): ``attn1`` / ``attn2`` / ``ff``
   merge their input tokens and unmerge their output, in blocks whose token grid is at most
   ``cfg.max_downsample`` times coarser than the latent.
-- **diffusers FLUX / FLUX.2 transformers**: the image stream of the double-stream blocks (``attn``: image
-  tokens and the image rows of the RoPE table; ``ff``). Text tokens and single-stream blocks are untouched.
+- **diffusers FLUX / FLUX.2 transformers**: the target grid (found from ``img_ids``: the tokens with the lowest
+  T id, at the start or the end of the image tokens) in every block: double-stream ``attn`` (with its RoPE
+  rows) and ``ff``; single-stream ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's ``proj_mlp``. Text
+  tokens and reference tokens (Kontext, FLUX.2 editing, FLUX.2's K/V-extract call) are never merged.
 
 Per block, the first merged sublayer computes (or, between recompute steps, looks up) the matching from its
 input; the block's later sublayers reuse it. A forward pre-hook on the model reads the timestep and feeds a
@@ -139,9 +141,10 @@ class _BlockMerger:
     """Hooks on the sublayers of one block; the first merged sublayer owns the matching lookup."""
 
     def __init__(self, state: TokenMergingState, name: str, sublayers: list[_Sublayer],
-                 grid: Callable[[int], tuple[int, int] | None], shared: bool = False) -> None:
+                 grid: Callable[[int], tuple[int, int, int] | None], shared: bool = False) -> None:
         self.state, self.name, self.grid, self.shared = state, name, grid, shared
         self.current: Matching | None = None
+        self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
         for i, sub in enumerate(sublayers):
             pre = self._pre_hook(sub, owner=(i == 0))
             post = self._post_hook(sub)
@@ -158,43 +161,69 @@ class _BlockMerger:
             if owner:
                 grid = self.grid(x.shape[1])
                 self.state.grids_found += grid is not None
-                self.current = None if grid is None else self.state.matching(self.name, x, grid, self.shared)
-            m = self.current
-            if m is None or m.num_merged == 0 or not m.fits(x):
+                self.current = None
+                if grid is not None:
+                    self.span = (grid[2], grid[0] * grid[1])
+                    self.current = self.state.matching(self.name, _part(x, self.span), grid[:2], self.shared)
+            m, span = self.current, self.span
+            if m is None or m.num_merged == 0 or not m.fits(_part(x, span)):
                 return None
-            module.__dict__["_tokensparse_active"] = m
-            merged = m.merge(x)
+            module.__dict__["_tokensparse_active"] = (m, span)
+            merged = _merge_span(m, x, span)
             if from_kwargs:
                 kwargs = {**kwargs, sub.tokens: merged}
             else:
                 args = (merged, *args[1:])
             if sub.rope == "refdit":  # (x, x_rope, ctx, ...): each kept token keeps its own rotation
                 if len(args) > 1:
-                    args = (args[0], m.merge(args[1], mode="keep"), *args[2:])
+                    args = (args[0], _merge_span(m, args[1], span, mode="keep"), *args[2:])
                 else:
-                    kwargs = {**kwargs, "x_rope": m.merge(kwargs["x_rope"], mode="keep")}
+                    kwargs = {**kwargs, "x_rope": _merge_span(m, kwargs["x_rope"], span, mode="keep")}
             elif sub.rope == "flux":
-                kwargs = _flux_rope(kwargs, m, x.shape[1])
+                kwargs = _flux_rope(kwargs, m, x.shape[1], span)
             return args, kwargs
 
         return hook
 
     def _post_hook(self, sub: _Sublayer) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            m = module.__dict__.pop("_tokensparse_active", None)
-            if m is None:
+            active = module.__dict__.pop("_tokensparse_active", None)
+            if active is None:
                 return None
+            m, span = active
             if sub.tuple_out or isinstance(output, tuple):
-                return (m.unmerge(output[0]), *output[1:])
-            return m.unmerge(output)
+                return (_unmerge_span(m, output[0], span), *output[1:])
+            return _unmerge_span(m, output, span)
 
         return hook
 
 
-def _flux_rope(kwargs: dict, m: Matching, n_img: int) -> dict:
-    """Keep the RoPE rows of the text tokens and of the kept image tokens (FLUX: text first, then image).
+def _part(x: Tensor, span: tuple[int, int]) -> Tensor:
+    return x[:, span[0]:span[0] + span[1]]
 
-    FLUX's tables ``(S_txt + N, D)`` have no batch dimension, so FLUX blocks use one matching per batch.
+
+def _merge_span(m: Matching, x: Tensor, span: tuple[int, int], mode: str = "mean") -> Tensor:
+    """Merge the target grid ``x[:, start:start + n]``; tokens around it (references) pass as they are."""
+    start, n = span
+    if start == 0 and n == x.shape[1]:
+        return m.merge(x, mode=mode)
+    return torch.cat([x[:, :start], m.merge(x[:, start:start + n], mode=mode), x[:, start + n:]], 1)
+
+
+def _unmerge_span(m: Matching, y: Tensor, span: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`_merge_span` on a sublayer's output, whose target part is ``n - merged`` rows long."""
+    start, k = span[0], span[1] - m.num_merged
+    if start == 0 and k == y.shape[1]:
+        return m.unmerge(y)
+    return torch.cat([y[:, :start], m.unmerge(y[:, start:start + k]), y[:, start + k:]], 1)
+
+
+def _flux_rope(kwargs: dict, m: Matching, n_img: int, span: tuple[int, int]) -> dict:
+    """Keep the RoPE rows of the text tokens, the kept target tokens and every reference token.
+
+    FLUX's tables ``(S_txt + N, D)`` list the text first, then the image stream, in which the target grid
+    is ``span`` (start, length) and any other rows are reference tokens. The tables have no batch
+    dimension, so FLUX blocks use one matching per batch.
     """
     rope = kwargs.get("image_rotary_emb")
     if rope is None:
@@ -202,8 +231,9 @@ def _flux_rope(kwargs: dict, m: Matching, n_img: int) -> dict:
     keep = m.keep[0]
 
     def sub(table: Tensor) -> Tensor:
-        n_txt = table.shape[0] - n_img
-        return torch.cat([table[:n_txt], table[n_txt:][keep]], dim=0)
+        start = table.shape[0] - n_img + span[0]
+        end = start + span[1]
+        return torch.cat([table[:start], table[start:end][keep], table[end:]], dim=0)
 
     new = tuple(sub(t) for t in rope) if isinstance(rope, (tuple, list)) else sub(rope)
     return {**kwargs, "image_rotary_emb": new}
@@ -229,8 +259,8 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
     cfg = state.cfg
     side = model.config.grid
 
-    def grid(n: int) -> tuple[int, int] | None:
-        return (side, side) if n == side * side else None
+    def grid(n: int) -> tuple[int, int, int] | None:
+        return (side, side, 0) if n == side * side else None
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state.observe(first_arg(as_keywords(module, args, kwargs), "t"))
@@ -255,22 +285,25 @@ def _diffusers_classes() -> dict[str, type]:
         return {}
     out: dict[str, type] = {"basic": BasicTransformerBlock}
     try:
-        from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-        out["flux"] = FluxTransformerBlock
+        out["flux"], out["flux_single"] = FluxTransformerBlock, FluxSingleTransformerBlock
     except ImportError:
         pass
     try:
-        from diffusers.models.transformers.transformer_flux2 import Flux2TransformerBlock
+        from diffusers.models.transformers.transformer_flux2 import (
+            Flux2SingleTransformerBlock,
+            Flux2TransformerBlock,
+        )
 
-        out["flux2"] = Flux2TransformerBlock
+        out["flux2"], out["flux2_single"] = Flux2TransformerBlock, Flux2SingleTransformerBlock
     except ImportError:
         pass
     return out
 
 
-def _latent_grid(state: TokenMergingState, n: int) -> tuple[int, int] | None:
-    """Grid of a UNet level with ``n`` tokens: the latent downsampled ``d`` times (ceil), ``d <= max``."""
+def _latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
+    """Grid ``(h, w, 0)`` of a UNet level with ``n`` tokens: the latent downsampled ``d`` times (ceil), ``d <= max``."""
     if state.latent_hw is None:
         return None
     h, w = state.latent_hw
@@ -278,7 +311,7 @@ def _latent_grid(state: TokenMergingState, n: int) -> tuple[int, int] | None:
     while d <= state.cfg.max_downsample:
         gh, gw = math.ceil(h / d), math.ceil(w / d)
         if gh * gw == n:
-            return gh, gw
+            return gh, gw, 0
         d *= 2
     return None
 
@@ -308,48 +341,79 @@ def _wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Tok
             _BlockMerger(state, name, subs, lambda n: _latent_grid(state, n))
 
 
-def _wire_flux(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
-    """FLUX / FLUX.2: the image stream of the double-stream blocks; grid from ``img_ids``."""
+def _wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: list[tuple[str, nn.Module]],
+               state: TokenMergingState) -> None:
+    """FLUX / FLUX.2: the target grid among the image tokens of every block, found from ``img_ids``.
+
+    Double-stream blocks: ``attn`` (image stream) and ``ff``. Single-stream blocks, whose sequence is text
+    then image tokens: FLUX.2's ``attn`` (attention and MLP fused in one sublayer; merged with
+    ``merge_attn``), FLUX.1's ``attn`` and ``proj_mlp``. Text tokens, and reference tokens before or after
+    the target (FLUX.1 Kontext and FLUX.2 put them after it, FLUX.2's K/V-extract call before it; thinned
+    or not by Sparse Context), pass through unmerged.
+    """
     cfg = state.cfg
-    grid_box: dict[str, Any] = {"grid": None, "n": None}
+    box: dict[str, Any] = {"grid": None, "n_txt": None}
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = as_keywords(module, args, kwargs)
-        hidden = first_arg(call, "hidden_states")
-        grid_box["grid"] = grid_box["n"] = None
-        ids = first_arg(call, "img_ids")
-        if isinstance(ids, Tensor) and isinstance(hidden, Tensor):
-            grid_box["grid"], grid_box["n"] = _ids_grid(ids[0] if ids.dim() == 3 else ids), hidden.shape[1]
+        ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
+        box["grid"] = _ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
+        box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
         t = first_arg(call, "timestep")
         state.observe(0.0 if t is None else t)
 
-    def grid(n: int) -> tuple[int, int] | None:
-        return grid_box["grid"] if grid_box["n"] == n else None
+    def grid_after(text: bool) -> Callable[[int], tuple[int, int, int] | None]:
+        def grid(n: int) -> tuple[int, int, int] | None:  # n: the sublayer's tokens (text first if ``text``)
+            if box["grid"] is None or (text and box["n_txt"] is None):
+                return None
+            h, w, leading = box["grid"]
+            lo = box["n_txt"] if text else 0
+            return None if h * w > n - lo else (h, w, lo if leading else n - h * w)
+
+        return grid
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
-    for name, blk in blocks:
+    for name, blk in double:
         subs = []
         if cfg.merge_attn:
             subs.append(_Sublayer(blk.attn, "hidden_states", rope="flux", tuple_out=True))
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(_Sublayer(blk.ff, "hidden_states"))
         if subs:
-            _BlockMerger(state, name, subs, grid, shared=True)
+            _BlockMerger(state, name, subs, grid_after(text=False), shared=True)
+    for name, blk in single:
+        subs = []
+        if cfg.merge_mlp and isinstance(getattr(blk, "proj_mlp", None), nn.Module):  # FLUX.1: runs before attn
+            subs.append(_Sublayer(blk.proj_mlp, "input"))
+        if cfg.merge_attn:
+            subs.append(_Sublayer(blk.attn, "hidden_states", rope="flux"))
+        if subs:
+            _BlockMerger(state, name, subs, grid_after(text=True), shared=True)
 
 
-def _ids_grid(ids: Tensor) -> tuple[int, int] | None:
-    """``(h, w)`` if FLUX ids ``(N, 3)`` (T, H, W) or ``(N, 4)`` (T, H, W, L) are one row-major target grid.
+def _ids_grid(ids: Tensor) -> tuple[int, int, bool] | None:
+    """The target grid in FLUX image ids ``(N, 3)`` (T, H, W) or ``(N, 4)`` (T, H, W, L): ``(h, w, leading)``.
 
-    Anything else (reference tokens in the sequence, other layouts) returns ``None``: no merging.
+    The target is the tokens with the lowest T id (0; reference tokens carry others: FLUX.1 Kontext 1,
+    FLUX.2 10, 20, ...). They must be one row-major grid, at the start of the sequence (``leading``) or at
+    its end, else ``None`` (no merging).
     """
-    if ids.dim() != 2 or ids.shape[1] not in (3, 4) or bool((ids[:, 0] != ids[0, 0]).any()):
+    if ids.dim() != 2 or ids.shape[1] not in (3, 4) or ids.shape[0] == 0:
         return None
-    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    is_target = ids[:, 0] == ids[:, 0].min()
+    n = int(is_target.sum())
+    if bool(is_target[:n].all()):
+        leading, part = True, ids[:n]
+    elif bool(is_target[-n:].all()):
+        leading, part = False, ids[-n:]
+    else:
+        return None
+    rows, cols = part[:, 1].long(), part[:, 2].long()
     rows, cols = rows - rows.min(), cols - cols.min()
     h, w = int(rows.max()) + 1, int(cols.max()) + 1
-    if h * w != ids.shape[0] or not bool((rows * w + cols == torch.arange(h * w, device=ids.device)).all()):
+    if h * w != n or not bool((rows * w + cols == torch.arange(n, device=ids.device)).all()):
         return None
-    return h, w
+    return h, w, leading
 
 
 def _unsupported(target: Any, method: str) -> TypeError:
@@ -380,8 +444,10 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
         raise _unsupported(target, "apply_token_merging")
     classes = _diffusers_classes() if not isinstance(model, RefDiT) else {}
     basic = [(n, m) for n, m in model.named_modules() if "basic" in classes and isinstance(m, classes["basic"])]
-    flux_types = tuple(classes[k] for k in ("flux", "flux2") if k in classes)
-    flux = [(n, m) for n, m in model.named_modules() if flux_types and isinstance(m, flux_types)]
+    double_types = tuple(classes[k] for k in ("flux", "flux2") if k in classes)
+    single_types = tuple(classes[k] for k in ("flux_single", "flux2_single") if k in classes)
+    flux = [(n, m) for n, m in model.named_modules() if double_types and isinstance(m, double_types)]
+    flux_single = [(n, m) for n, m in model.named_modules() if single_types and isinstance(m, single_types)]
     if not isinstance(model, RefDiT) and not basic and not flux:
         raise _unsupported(target, "apply_token_merging")
 
@@ -398,7 +464,7 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     elif basic:
         _wire_unet(model, basic, state)
     else:
-        _wire_flux(model, flux, state)
+        _wire_flux(model, flux, flux_single, state)
     state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
     return target
 
@@ -409,8 +475,8 @@ def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, ou
         state.warned = True
         logger.warning(
             "tokensparse: token merging merged nothing in this %s call: no block's tokens form a grid it merges "
-            "(UNets without attention at the top level, e.g. SDXL, need max_downsample=2; FLUX sequences with "
-            "reference tokens are not merged)", type(module).__name__)
+            "(UNets without attention at the top level, e.g. SDXL, need max_downsample=2; FLUX image tokens "
+            "must start with one row-major target grid)", type(module).__name__)
 
 
 def remove_token_merging(target: Any) -> Any:
