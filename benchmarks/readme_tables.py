@@ -42,6 +42,29 @@ def flux() -> None:
           "the cache). All models, reference counts and Kontext: `benchmarks/results/flux_flops.json`.\n")
 
 
+def flux_speed() -> None:
+    d = load("flux_speed")
+    if not d:
+        return
+    c = d["config"]
+    refs = sorted({r["refs"] for r in d["rows"]})
+    quick = " --quick" if d["quick"] else ""
+    print(f"**A real diffusers FLUX.2 transformer, timed** (`benchmarks/flux_speed.py{quick}`): diffusers' "
+          "`Flux2Transformer2DModel` with the K/V processors of `Flux2KleinKVPipeline`, random "
+          f"weights, scaled down for a CPU ({c['num_layers']} double + {c['num_single_layers']} single blocks, "
+          f"width {c['num_attention_heads'] * c['attention_head_dim']}), {d['target_tokens']} target tokens, "
+          f"{d['ref_tokens_each']} per reference; the library's hooks as users apply them; one CPU thread; speedup "
+          f"of a {d['steps']}-step generation vs dense in CPU time (median of {d['repeats']} interleaved repeats; "
+          "K/V-cache settings: one extract call, then cached calls), FLOP ratio in brackets:\n")
+    print("| setting | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |")
+    print("|---|" + "---|" * len(refs))
+    for s in dict.fromkeys(r["setting"] for r in d["rows"]):
+        cells = [next(f"{r['speedup']:.2f}× ({r['flop_ratio']:.2f}×)" for r in d["rows"]
+                      if r["refs"] == n and r["setting"] == s) for n in refs]
+        print(f"| {s} | " + " | ".join(cells) + " |")
+    print(f"\nLowest efficiency (speedup / FLOP ratio): {d['summary']['min_efficiency']:.2f}.\n")
+
+
 def speed() -> None:
     d = load("speed")
     if not d:
@@ -368,7 +391,8 @@ BEGIN, END = "<!-- results:begin (benchmarks/readme_tables.py --write) -->", "<!
 def main() -> None:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        for fn in (flux, speed, quality, drop_sweep, recipe_search, selection, guidance, merging, data, checkpoints):
+        for fn in (flux, flux_speed, speed, quality, drop_sweep, recipe_search, selection, guidance, merging, data,
+                   checkpoints):
             fn()
     if "--write" not in sys.argv:
         print(buf.getvalue(), end="")

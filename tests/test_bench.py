@@ -8,7 +8,8 @@ from tokensparse.cli import app
 
 
 def test_every_benchmark_name_maps_to_a_script_name():
-    assert set(BENCHMARKS) == {"speed", "quality", "selection", "guidance", "merging", "drop_sweep"}
+    assert set(BENCHMARKS) == {"speed", "quality", "selection", "guidance", "merging", "drop_sweep",
+                               "flux_speed"}
 
 
 def test_unknown_benchmark_is_a_value_error():

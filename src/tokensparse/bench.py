@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "guidance": "guidance.py",
     "merging": "merging.py",
     "drop_sweep": "drop_sweep.py",
+    "flux_speed": "flux_speed.py",
 }
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 
 from PIL import Image
 
+import tokensparse as ts
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
     HOOK_NAME,
@@ -133,3 +134,22 @@ def test_single_reference_qwen_image_edit_pipeline(monkeypatch):
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
     remove_sparse_context_diffusers(pipe)
     assert np.array_equal(run(), dense)
+
+
+def test_token_merging_on_the_target_stacks_with_sparse_context(pipe):
+    dense = run(pipe)
+    seen: list[int] = []
+    ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+    for blk in pipe.transformer.transformer_blocks:  # after merging's hooks: sees the merged image stream
+        blk.attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True)
+    merged = run(pipe)
+    assert seen == [TOKENS // 2 + 2 * TOKENS] * 8  # 2 blocks x 2 steps x true CFG: target halved, references whole
+    assert np.isfinite(merged).all() and not np.array_equal(merged, dense)
+    seen.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    stacked = run(pipe)
+    assert seen == [TOKENS // 2 + 2 * TOKENS // 4] * 8
+    assert np.isfinite(stacked).all()
+    ts.remove_token_merging(pipe)
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(pipe), dense)

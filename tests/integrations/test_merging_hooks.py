@@ -130,7 +130,7 @@ def test_refdit_adaptive_merges_more_at_lower_threshold(refdit: ts.RefDiT) -> No
 @torch.no_grad()
 def test_refdit_center_reaches_the_matching(refdit: ts.RefDiT, monkeypatch: pytest.MonkeyPatch) -> None:
     """``center`` goes from the config to every matching the hooks compute."""
-    import tokensparse.integrations.merging_hooks as hooks
+    import tokensparse.integrations.merging_core as hooks
 
     seen: list[bool] = []
     real = hooks.match

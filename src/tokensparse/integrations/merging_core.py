@@ -1,0 +1,173 @@
+"""Token merging wired into a model's sublayers: per-model state and the per-block hooks (no targets here).
+
+:class:`BlockMerger` puts a forward pre-hook and a forward hook on each merged sublayer of one block: the
+first computes (or, between recompute steps, looks up) the matching of the block's target grid, every one
+merges its input's grid tokens before the call and unmerges its output after. The grid is a span of the
+sublayer's tokens; tokens around it (text, reference tokens) pass through. Targets are wired in
+:mod:`.merging_hooks` (RefDiT) and :mod:`.merging_diffusers` (diffusers UNets and transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..generation import StepTracker, check_scheduler
+from ..merging import Matching, TokenMergingConfig, match, random_destinations
+
+GridFn = Callable[[int], "tuple[int, int, int] | None"]  # tokens of a call -> (h, w, start) of its target grid
+RopeFn = Callable[[tuple, dict, Matching, int, "tuple[int, int]"], "tuple[tuple, dict]"]
+
+
+@dataclass
+class TokenMergingState:
+    """What :func:`apply_token_merging` attached to a model: config, step counter, cache, hook handles."""
+
+    cfg: TokenMergingConfig
+    model: nn.Module
+    owners: list[Any] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    tracker: StepTracker = field(default_factory=StepTracker)
+    latent_hw: tuple[int, int] | None = None
+    merged_tokens: int = 0  # tokens merged away in the last generation, summed over layers and calls
+    grids_found: int = 0  # blocks of the current model call whose tokens formed a grid this config merges
+    warned: bool = False
+
+    def __post_init__(self) -> None:
+        self.cache = self.cfg.make_cache()
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self._generation = self.tracker.generation
+
+    @property
+    def step(self) -> int:
+        return max(self.tracker.step, 0)
+
+    def new_generation(self) -> None:
+        self.tracker.reset()
+
+    def observe(self, t: Any) -> None:
+        """Record the timestep of a model call; starts a fresh cache when a new generation begins."""
+        for owner in self.owners[1:]:  # a pipeline whose scheduler was swapped after apply
+            check_scheduler(owner)
+        self.grids_found = 0
+        if isinstance(t, Tensor):
+            t = t.flatten()[0].item() if t.numel() else 0.0
+        self.tracker.observe(float(t))
+        if self.tracker.generation != self._generation:
+            self._generation = self.tracker.generation
+            self.cache.reset()
+            self.generator.manual_seed(self.cfg.seed)
+            self.merged_tokens = 0
+
+    def matching(self, layer: str, x: Tensor, grid: tuple[int, int], shared: bool = False) -> Matching:
+        """The matching of ``layer`` for tokens ``x`` at this step (computed, or reused from the cache).
+
+        shared: one matching for the whole batch, computed from the batch-mean metric (for models whose
+        positional tables have no batch dimension, like FLUX's RoPE).
+        """
+        cfg = self.cfg
+        n = x.shape[1]
+
+        def compute() -> Matching:
+            is_dst = random_destinations(grid[0], grid[1], self.generator)
+            n_src = int((~is_dst).sum())
+            metric = x.mean(0, keepdim=True) if shared else x
+            if cfg.adaptive:
+                m = match(metric, is_dst, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src), center=cfg.center)
+            else:
+                m = match(metric, is_dst, num=cfg.num_merged(n, n_src), center=cfg.center)
+            return m.expand(x.shape[0]) if shared else m
+
+        m = self.cache.lookup(layer, self.step, x, compute)
+        self.merged_tokens += m.num_merged
+        return m
+
+
+
+@dataclass
+class Sublayer:
+    module: nn.Module
+    tokens: str  # name of the token argument: positional index 0 or this keyword
+    rope: RopeFn | None = None  # merges the call's positional table along with the tokens
+    target_only: bool = False  # RefDiT mlp: only calls with role="target"
+    tuple_out: bool = False  # output is (tokens, other)
+
+
+class BlockMerger:
+    """Hooks on the sublayers of one block; the first merged sublayer owns the matching lookup."""
+
+    def __init__(self, state: TokenMergingState, name: str, sublayers: list[Sublayer],
+                 grid: GridFn, shared: bool = False) -> None:
+        self.state, self.name, self.grid, self.shared = state, name, grid, shared
+        self.current: Matching | None = None
+        self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
+        for i, sub in enumerate(sublayers):
+            pre = self._pre_hook(sub, owner=(i == 0))
+            post = self._post_hook(sub)
+            state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
+            state.handles.append(sub.module.register_forward_hook(post, with_kwargs=True))
+
+    def _pre_hook(self, sub: Sublayer, owner: bool) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            module.__dict__["_tokensparse_active"] = None
+            if sub.target_only and kwargs.get("role", "target") != "target":
+                return None
+            from_kwargs = not args
+            x = kwargs[sub.tokens] if from_kwargs else args[0]
+            if owner:
+                grid = self.grid(x.shape[1])
+                self.state.grids_found += grid is not None
+                self.current = None
+                if grid is not None:
+                    self.span = (grid[2], grid[0] * grid[1])
+                    self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
+            m, span = self.current, self.span
+            if m is None or m.num_merged == 0 or not m.fits(part(x, span)):
+                return None
+            module.__dict__["_tokensparse_active"] = (m, span)
+            merged = merge_span(m, x, span)
+            if from_kwargs:
+                kwargs = {**kwargs, sub.tokens: merged}
+            else:
+                args = (merged, *args[1:])
+            if sub.rope is not None:
+                args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
+            return args, kwargs
+
+        return hook
+
+    def _post_hook(self, sub: Sublayer) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            active = module.__dict__.pop("_tokensparse_active", None)
+            if active is None:
+                return None
+            m, span = active
+            if sub.tuple_out or isinstance(output, tuple):
+                return (unmerge_span(m, output[0], span), *output[1:])
+            return unmerge_span(m, output, span)
+
+        return hook
+
+
+def part(x: Tensor, span: tuple[int, int]) -> Tensor:
+    return x[:, span[0]:span[0] + span[1]]
+
+
+def merge_span(m: Matching, x: Tensor, span: tuple[int, int], mode: str = "mean") -> Tensor:
+    """Merge the target grid ``x[:, start:start + n]``; tokens around it (references) pass as they are."""
+    start, n = span
+    if start == 0 and n == x.shape[1]:
+        return m.merge(x, mode=mode)
+    return torch.cat([x[:, :start], m.merge(x[:, start:start + n], mode=mode), x[:, start + n:]], 1)
+
+
+def unmerge_span(m: Matching, y: Tensor, span: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`_merge_span` on a sublayer's output, whose target part is ``n - merged`` rows long."""
+    start, k = span[0], span[1] - m.num_merged
+    if start == 0 and k == y.shape[1]:
+        return m.unmerge(y)
+    return torch.cat([y[:, :start], m.unmerge(y[:, start:start + k]), y[:, start + k:]], 1)

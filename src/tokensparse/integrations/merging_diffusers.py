@@ -1,0 +1,267 @@
+"""Token merging on diffusers models: which blocks merge, where their target grid is, their positional tables.
+
+- **UNets** (SD-style, any model built of ``BasicTransformerBlock``, also PixArt / DiT): ``attn1`` / ``attn2``
+  / ``ff`` merge their input tokens in blocks whose token grid is at most ``cfg.max_downsample`` times
+  coarser than the latent.
+- **FLUX / FLUX.2**: the target grid (found from ``img_ids``: the tokens with the lowest T id, at the start
+  or the end of the image tokens) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``;
+  single-stream ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's ``proj_mlp``.
+- **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
+  in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
+
+Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..merging import Matching
+from .calls import as_keywords, first_arg
+from .merging_core import BlockMerger, GridFn, Sublayer, TokenMergingState
+
+
+def diffusers_classes() -> dict[str, type]:
+    if "diffusers" not in sys.modules:  # nothing can be a diffusers model before diffusers is imported
+        return {}
+    try:
+        from diffusers.models.attention import BasicTransformerBlock
+    except ImportError:  # diffusers not installed: only RefDiT is supported
+        return {}
+    out: dict[str, type] = {"basic": BasicTransformerBlock}
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+        out["flux"], out["flux_single"] = FluxTransformerBlock, FluxSingleTransformerBlock
+    except ImportError:
+        pass
+    try:
+        from diffusers.models.transformers.transformer_flux2 import (
+            Flux2SingleTransformerBlock,
+            Flux2TransformerBlock,
+        )
+
+        out["flux2"], out["flux2_single"] = Flux2TransformerBlock, Flux2SingleTransformerBlock
+    except ImportError:
+        pass
+    try:
+        from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+        out["qwen"] = QwenImageTransformerBlock
+    except ImportError:
+        pass
+    return out
+
+
+KINDS = {"unet": ("basic",), "flux": ("flux", "flux2"), "flux_single": ("flux_single", "flux2_single"),
+         "qwen": ("qwen",)}
+
+
+def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """The blocks of ``model`` that token merging knows, by kind (``unet``, ``flux``, ``flux_single``,
+    ``qwen``); empty lists when it knows none."""
+    classes = diffusers_classes()
+    out: dict[str, list[tuple[str, nn.Module]]] = {}
+    for kind, names in KINDS.items():
+        types = tuple(classes[k] for k in names if k in classes)
+        out[kind] = [(n, m) for n, m in model.named_modules() if types and isinstance(m, types)]
+    return out
+
+
+def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state: TokenMergingState) -> None:
+    """Hook the blocks :func:`find_blocks` found (UNet blocks first: a model is one kind or another)."""
+    if blocks["unet"]:
+        wire_unet(model, blocks["unet"], state)
+    elif blocks["flux"]:
+        wire_flux(model, blocks["flux"], blocks["flux_single"], state)
+    elif blocks["qwen"]:
+        wire_qwen(model, blocks["qwen"], state)
+
+
+def _flux_rope(args: tuple, kwargs: dict, m: Matching, n_img: int, span: tuple[int, int]) -> tuple[tuple, dict]:
+    """Keep the RoPE rows of the text tokens, the kept target tokens and every reference token.
+
+    FLUX's tables ``(S_txt + N, D)`` list the text first, then the image stream, in which the target grid
+    is ``span`` (start, length) and any other rows are reference tokens. The tables have no batch
+    dimension, so FLUX blocks use one matching per batch.
+    """
+    rope = kwargs.get("image_rotary_emb")
+    if rope is None:
+        return args, kwargs
+    keep = m.keep[0]
+
+    def sub(table: Tensor) -> Tensor:
+        start = table.shape[0] - n_img + span[0]
+        end = start + span[1]
+        return torch.cat([table[:start], table[start:end][keep], table[end:]], dim=0)
+
+    new = tuple(sub(t) for t in rope) if isinstance(rope, (tuple, list)) else sub(rope)
+    return args, {**kwargs, "image_rotary_emb": new}
+
+
+def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
+    """Grid ``(h, w, 0)`` of a UNet level with ``n`` tokens: the latent downsampled ``d`` times (ceil), ``d <= max``."""
+    if state.latent_hw is None:
+        return None
+    h, w = state.latent_hw
+    d = 1
+    while d <= state.cfg.max_downsample:
+        gh, gw = math.ceil(h / d), math.ceil(w / d)
+        if gh * gw == n:
+            return gh, gw, 0
+        d *= 2
+    return None
+
+
+def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
+    cfg = state.cfg
+    patch = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)  # UNets: 1
+
+    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = as_keywords(module, args, kwargs)
+        sample = first_arg(call, "sample", "hidden_states")
+        if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
+            state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
+        t = first_arg(call, "timestep")
+        state.observe(0.0 if t is None else t)
+
+    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    for name, blk in blocks:
+        subs = []
+        if cfg.merge_attn and getattr(blk, "attn1", None) is not None:
+            subs.append(Sublayer(blk.attn1, "hidden_states"))
+        if cfg.merge_cross and getattr(blk, "attn2", None) is not None:
+            subs.append(Sublayer(blk.attn2, "hidden_states"))
+        if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
+            subs.append(Sublayer(blk.ff, "hidden_states"))
+        if subs:
+            BlockMerger(state, name, subs, lambda n: latent_grid(state, n))
+
+
+def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: list[tuple[str, nn.Module]],
+               state: TokenMergingState) -> None:
+    """FLUX / FLUX.2: the target grid among the image tokens of every block, found from ``img_ids``.
+
+    Double-stream blocks: ``attn`` (image stream) and ``ff``. Single-stream blocks, whose sequence is text
+    then image tokens: FLUX.2's ``attn`` (attention and MLP fused in one sublayer; merged with
+    ``merge_attn``), FLUX.1's ``attn`` and ``proj_mlp``. Text tokens, and reference tokens before or after
+    the target (FLUX.1 Kontext and FLUX.2 put them after it, FLUX.2's K/V-extract call before it; thinned
+    or not by Sparse Context), pass through unmerged.
+    """
+    cfg = state.cfg
+    box: dict[str, Any] = {"grid": None, "n_txt": None}
+
+    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = as_keywords(module, args, kwargs)
+        ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
+        box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
+        box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
+        t = first_arg(call, "timestep")
+        state.observe(0.0 if t is None else t)
+
+    def grid_after(text: bool) -> GridFn:
+        def grid(n: int) -> tuple[int, int, int] | None:  # n: the sublayer's tokens (text first if ``text``)
+            if box["grid"] is None or (text and box["n_txt"] is None):
+                return None
+            h, w, leading = box["grid"]
+            lo = box["n_txt"] if text else 0
+            return None if h * w > n - lo else (h, w, lo if leading else n - h * w)
+
+        return grid
+
+    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    for name, blk in double:
+        subs = []
+        if cfg.merge_attn:
+            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope, tuple_out=True))
+        if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
+            subs.append(Sublayer(blk.ff, "hidden_states"))
+        if subs:
+            BlockMerger(state, name, subs, grid_after(text=False), shared=True)
+    for name, blk in single:
+        subs = []
+        if cfg.merge_mlp and isinstance(getattr(blk, "proj_mlp", None), nn.Module):  # FLUX.1: runs before attn
+            subs.append(Sublayer(blk.proj_mlp, "input"))
+        if cfg.merge_attn:
+            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope))
+        if subs:
+            BlockMerger(state, name, subs, grid_after(text=True), shared=True)
+
+
+def ids_grid(ids: Tensor) -> tuple[int, int, bool] | None:
+    """The target grid in FLUX image ids ``(N, 3)`` (T, H, W) or ``(N, 4)`` (T, H, W, L): ``(h, w, leading)``.
+
+    The target is the tokens with the lowest T id (0; reference tokens carry others: FLUX.1 Kontext 1,
+    FLUX.2 10, 20, ...). They must be one row-major grid, at the start of the sequence (``leading``) or at
+    its end, else ``None`` (no merging).
+    """
+    if ids.dim() != 2 or ids.shape[1] not in (3, 4) or ids.shape[0] == 0:
+        return None
+    is_target = ids[:, 0] == ids[:, 0].min()
+    n = int(is_target.sum())
+    if bool(is_target[:n].all()):
+        leading, part = True, ids[:n]
+    elif bool(is_target[-n:].all()):
+        leading, part = False, ids[-n:]
+    else:
+        return None
+    rows, cols = part[:, 1].long(), part[:, 2].long()
+    rows, cols = rows - rows.min(), cols - cols.min()
+    h, w = int(rows.max()) + 1, int(cols.max()) + 1
+    if h * w != n or not bool((rows * w + cols == torch.arange(n, device=ids.device)).all()):
+        return None
+    return h, w, leading
+
+
+def _qwen_rope(args: tuple, kwargs: dict, m: Matching, n_img: int, span: tuple[int, int]) -> tuple[tuple, dict]:
+    """Qwen-Image's ``image_rotary_emb = (image rows, text rows)``: keep the kept target rows, all others."""
+    rope = kwargs.get("image_rotary_emb")
+    if rope is None:
+        return args, kwargs
+    img, txt = rope
+    start, n = span
+    img = torch.cat([img[:start], img[start:start + n][m.keep[0]], img[start + n:]], dim=0)
+    return args, {**kwargs, "image_rotary_emb": (img, txt)}
+
+
+def shapes_grid(shapes: Any) -> tuple[int, int] | None:
+    """The target grid ``(h, w)`` of Qwen-Image's ``img_shapes``: per sample a list of ``(frames, h, w)``,
+    the target first (reference images follow it in the sequence); one frame, else ``None``."""
+    first = shapes[0] if isinstance(shapes, (list, tuple)) and shapes else None
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple)):
+        first = first[0]
+    if not isinstance(first, (list, tuple)) or len(first) != 3 or int(first[0]) != 1:
+        return None
+    return int(first[1]), int(first[2])
+
+
+def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
+    """Qwen-Image(-Edit): each block's ``attn`` (image stream, RoPE rows) and ``img_mlp`` merge the target."""
+    cfg = state.cfg
+    box: dict[str, Any] = {"grid": None}
+
+    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = as_keywords(module, args, kwargs)
+        box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
+        t = first_arg(call, "timestep")
+        state.observe(0.0 if t is None else t)
+
+    def grid(n: int) -> tuple[int, int, int] | None:
+        g = box["grid"]
+        return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
+
+    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    for name, blk in blocks:
+        subs = []
+        if cfg.merge_attn:
+            subs.append(Sublayer(blk.attn, "hidden_states", rope=_qwen_rope, tuple_out=True))
+        if cfg.merge_mlp:
+            subs.append(Sublayer(blk.img_mlp, "hidden_states"))
+        if subs:
+            BlockMerger(state, name, subs, grid, shared=True)
+
