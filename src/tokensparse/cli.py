@@ -122,7 +122,7 @@ def train(
 
 @app.command()
 def bench(
-    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep"),
+    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep | flux_speed"),
     quick: bool = typer.Option(False, help="The benchmark's quick variant (minutes, small samples)."),
     out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json)."),
 ) -> None:

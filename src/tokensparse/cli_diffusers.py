@@ -100,6 +100,9 @@ def generate(
     ] = None,
     keep: Annotated[float, typer.Option(help="fraction of each reference's tokens kept, in (0, 1]")] = 0.25,
     selector: Annotated[str, typer.Option(help="token scorer (tokensparse.selection.SCORERS)")] = "uniform",
+    merge: Annotated[
+        float, typer.Option(help="token merging: fraction of the target's tokens merged per block, in [0, 1) (0: off)")
+    ] = 0.0,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the pipeline's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the pipeline's)")] = None,
     height: Annotated[int | None, typer.Option(help="output height in pixels")] = None,
@@ -114,7 +117,7 @@ def generate(
         str, typer.Option(help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     ] = "auto",
 ) -> None:
-    """Generate one image from reference images with Sparse Context."""
+    """Generate one image from reference images with Sparse Context (and, with --merge, token merging)."""
     try:
         import diffusers
         import torch
@@ -125,11 +128,16 @@ def generate(
     from .context import SparseContextConfig
     from .integrations.diffusers import apply_sparse_context_diffusers
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
+    from .integrations.merging_hooks import apply_token_merging
+    from .merging import TokenMergingConfig
 
     try:
         cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache)
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
+    if not 0.0 <= merge < 1.0:
+        _fail(f"--merge must be in [0, 1), got {merge:g}")
+    merge_cfg = TokenMergingConfig(ratio=merge, seed=seed)
     check_png_out(out)
     for name, value, low in (("--steps", steps, 1), ("--height", height, 16), ("--width", width, 16)):
         if value is not None and value < low:
@@ -156,6 +164,8 @@ def generate(
         _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
     try:
         apply_sparse_context_diffusers(pipe, cfg)
+        if not merge_cfg.is_identity:
+            apply_token_merging(pipe, merge_cfg)
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
     pipe.to(device)
@@ -206,7 +216,8 @@ def generate(
         save_png(image, out)
     except OSError as exc:
         _fail(f"cannot write {out}: {exc}")
-    kept = f"keep={cfg.keep:g}, selector={cfg.selector}" + (", K/V cache" if cache else "")
+    kept = (f"keep={cfg.keep:g}, selector={cfg.selector}" + (", K/V cache" if cache else "")
+            + (f", merge={merge:g}" if merge else ""))
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 
 

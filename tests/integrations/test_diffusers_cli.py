@@ -40,7 +40,7 @@ def _ref(tmp_path, name="ref.png"):
     return path
 
 
-@pytest.mark.parametrize("extra", [[], ["--cache"]])
+@pytest.mark.parametrize("extra", [[], ["--cache"], ["--cache", "--merge", "0.5"]])
 def test_generate_writes_png(app, model_dir, tmp_path, extra):
     out = tmp_path / "sub" / "out.png"
     args = [
@@ -70,6 +70,7 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and ("Flux2KleinKVPipeline" in result.output) == bool(extra)
+    assert ("merge=0.5" in result.output) == ("--merge" in extra)
     with Image.open(out) as im:
         assert im.size == (32, 32)
     assert [p.name for p in out.parent.iterdir()] == ["out.png"]  # no temp file left behind
@@ -80,6 +81,7 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
     [
         ({"--ref": "missing.png"}, "does not exist"),
         ({"--keep": "1.5"}, "keep must be in"),
+        ({"--merge": "1"}, "--merge must be in"),
         ({"--selector": "nope"}, "unknown selector"),
         ({"--model": "./no/such/dir"}, "not a pipeline directory"),
         ({"--model": "refdit-sparse"}, "is a RefDiT"),
