@@ -225,6 +225,9 @@ def test_bad_targets_and_configs(refdit: ts.RefDiT) -> None:
     for bad in (nn.Linear(2, 2), object(), "refdit"):
         with pytest.raises(TypeError, match="RefDiT"):
             apply_token_merging(bad, TokenMergingConfig(ratio=0.5))
+        with pytest.raises(TypeError, match="remove_token_merging expected"):  # as remove_sparse_context
+            remove_token_merging(bad)
+    assert remove_token_merging(refdit) is refdit  # never applied: a no-op
     with pytest.raises(TypeError, match="TokenMergingConfig"):
         apply_token_merging(refdit, {"ratio": 0.5})
 

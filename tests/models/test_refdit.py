@@ -20,6 +20,15 @@ def test_forward_any_number_of_references(tiny, n_refs):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+@torch.no_grad()
+def test_one_time_for_the_batch_and_prompt_ids_type(tiny):
+    x, p, refs = torch.randn(2, 3, 16, 16), tokenize(["place", "place"]), make_refs(1, batch=2)
+    full = tiny(x, torch.full((2,), 0.3), refs, p)
+    assert torch.equal(tiny(x, 0.3, refs, p), full) and torch.equal(tiny(x, torch.tensor(0.3), refs, p), full)
+    with pytest.raises(TypeError, match="prompt_ids must be"):
+        tiny(x, 0.3, refs, [[1, 2]])
+
+
 def test_references_change_the_output(tiny):
     x, t, p = torch.randn(1, 3, 16, 16), torch.rand(1), tokenize("place")
     a = tiny(x, t, make_refs(1, seed=1), p)

@@ -142,12 +142,16 @@ def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, ou
 
 
 def remove_token_merging(target: Any) -> Any:
-    """Undo :func:`apply_token_merging` (a no-op if it was never applied). Returns ``target``."""
+    """Undo :func:`apply_token_merging` (a no-op if it was never applied). Returns ``target``.
+
+    Raises ``TypeError`` for a target :func:`apply_token_merging` does not support."""
     model, _ = _resolve(target)
     if model is None:
         raise _unsupported(target, "remove_token_merging")
     state: TokenMergingState | None = model.__dict__.pop(_STATE, None)
     if state is None:
+        if not isinstance(model, RefDiT) and not any(find_blocks(model).values()):
+            raise _unsupported(target, "remove_token_merging")  # as apply_token_merging (and Sparse Context)
         return target
     for handle in state.handles:
         handle.remove()

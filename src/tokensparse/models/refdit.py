@@ -532,7 +532,8 @@ class RefDiT(nn.Module):
         route: float = 0.0, route_generator: torch.Generator | None = None,
         routes: tuple[float, ...] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
-        """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` (1 = noise).
+        """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` or one time for the
+        batch (a float or 0-d tensor; 1 = noise).
 
         refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
         prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
@@ -547,6 +548,13 @@ class RefDiT(nn.Module):
         """
         cfg = self.config
         b = x.shape[0]
+        if not isinstance(prompt_ids, Tensor):
+            raise TypeError("prompt_ids must be a (B, L) tensor (tokensparse.vocab.tokenize), got "
+                            f"{type(prompt_ids).__name__}")
+        if not isinstance(t, Tensor):
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(b)
         if context_kv is None:
             refs_seq = self.embed_references(refs, b)
             if ref_keep is not None and refs_seq is not None:
