@@ -12,7 +12,9 @@ Per setting: seconds per transformer call and per 20-step generation (the K/V-ca
 extract call that caches the references, then cached calls without them: extract + 19 x cached, both
 measured), FLOPs per generation, speedup over dense and efficiency = speedup / FLOP ratio. Settings: dense,
 sparse keep 0.25 (uniform selection), ToMe ratio 0.5 on the target tokens, both, the K/V cache, sparse +
-K/V cache, and all three. Real FLUX.2 sizes are in ``flux_flops.py`` (FLOPs only, no CPU timing).
+K/V cache, and all three. Sparse Context selects once per generation, here in the untimed warm-up call
+(uniform selection costs next to nothing; a real K/V run pays it at its extract call); merging computes its
+matchings in every timed call (``recompute_every=1``). Real FLUX.2 sizes are in ``flux_flops.py`` (FLOPs only, no CPU timing).
 """
 
 from __future__ import annotations

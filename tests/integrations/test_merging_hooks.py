@@ -527,3 +527,22 @@ def test_flux_target_not_one_grid_is_not_merged(caplog: pytest.LogCaptureFixture
         assert torch.equal(model(**kw).sample, dense)
     assert "merged nothing" in caplog.text
     remove_token_merging(model)
+
+
+@torch.no_grad()
+def test_flux_ip_adapter_output_is_unmerged_too() -> None:
+    # FLUX.1's IP-Adapter processor returns a third, image-stream output: it is unmerged like the first
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    kind, model = _flux_models()[0]
+    for b in model.transformer_blocks:
+        b.attn.set_processor(FluxIPAdapterAttnProcessor(16, 12, num_tokens=(4,)))
+    kw = _flux_inputs(kind)
+    ip = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(0))
+    kw["joint_attention_kwargs"] = {"ip_hidden_states": [ip]}
+    dense = model(**kw).sample
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    merged = model(**kw).sample
+    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+    remove_token_merging(model)
+    assert torch.equal(model(**kw).sample, dense)

@@ -94,7 +94,7 @@ class Sublayer:
     tokens: str  # name of the token argument: positional index 0 or this keyword
     rope: RopeFn | None = None  # merges the call's positional table along with the tokens
     target_only: bool = False  # RefDiT mlp: only calls with role="target"
-    tuple_out: bool = False  # output is (tokens, other)
+    outputs: tuple[int, ...] = (0,)  # which elements of a tuple output are the merged tokens' (unmerged)
 
 
 class BlockMerger:
@@ -146,8 +146,8 @@ class BlockMerger:
             if active is None:
                 return None
             m, span = active
-            if sub.tuple_out or isinstance(output, tuple):
-                return (unmerge_span(m, output[0], span), *output[1:])
+            if isinstance(output, tuple):
+                return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
             return unmerge_span(m, output, span)
 
         return hook
@@ -166,7 +166,7 @@ def merge_span(m: Matching, x: Tensor, span: tuple[int, int], mode: str = "mean"
 
 
 def unmerge_span(m: Matching, y: Tensor, span: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`_merge_span` on a sublayer's output, whose target part is ``n - merged`` rows long."""
+    """Inverse of :func:`merge_span` on a sublayer's output, whose target part is ``n - merged`` rows long."""
     start, k = span[0], span[1] - m.num_merged
     if start == 0 and k == y.shape[1]:
         return m.unmerge(y)

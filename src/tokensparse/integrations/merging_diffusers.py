@@ -178,7 +178,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     for name, blk in double:
         subs = []
         if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope, tuple_out=True))
+            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2)))
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(Sublayer(blk.ff, "hidden_states"))
         if subs:
@@ -259,7 +259,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     for name, blk in blocks:
         subs = []
         if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "hidden_states", rope=_qwen_rope, tuple_out=True))
+            subs.append(Sublayer(blk.attn, "hidden_states", rope=_qwen_rope))
         if cfg.merge_mlp:
             subs.append(Sublayer(blk.img_mlp, "hidden_states"))
         if subs:

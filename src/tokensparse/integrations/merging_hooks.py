@@ -78,7 +78,7 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
     for i, blk in enumerate(model.blocks):
         subs = []
         if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "x", rope=_refdit_rope, tuple_out=True))
+            subs.append(Sublayer(blk.attn, "x", rope=_refdit_rope))
         if cfg.merge_mlp:
             subs.append(Sublayer(blk.mlp, "x", target_only=True))
         if subs:
