@@ -14,7 +14,8 @@ measured), FLOPs per generation, speedup over dense and efficiency = speedup / F
 sparse keep 0.25 (uniform selection), ToMe ratio 0.5 on the target tokens, both, the K/V cache, sparse +
 K/V cache, and all three. Sparse Context selects once per generation, here in the untimed warm-up call
 (uniform selection costs next to nothing; a real K/V run pays it at its extract call); merging computes its
-matchings in every timed call (``recompute_every=1``). Real FLUX.2 sizes are in ``flux_flops.py`` (FLOPs only, no CPU timing).
+matchings in every timed call (``recompute_every=1``). Real FLUX.2 sizes are in ``flux_flops.py`` (FLOPs only,
+no CPU timing).
 """
 
 from __future__ import annotations

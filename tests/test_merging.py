@@ -157,7 +157,7 @@ def test_config_identity_and_validation() -> None:
     assert TokenMergingConfig(recompute_steps=np.array([2, 0])).recompute_steps == (0, 2) == TokenMergingConfig(
         recompute_steps=range(0, 4, 2)).recompute_steps
     for bad in ({"ratio": 1.0}, {"ratio": -0.1}, {"recompute_every": 0}, {"recompute_steps": (-1,)},
-                {"threshold": float("nan")}, {"max_downsample": 0}):
+                {"threshold": float("nan")}, {"threshold": -1.5}, {"max_downsample": 0}):
         with pytest.raises(ValueError):
             TokenMergingConfig(**bad)
     for bad in ({"ratio": "0.5"}, {"ratio": True}, {"seed": 1.0}, {"merge_mlp": 1}, {"recompute_every": 2.0}):

@@ -190,6 +190,9 @@ def generate(
     for key, value in (("height", height), ("width", width)):
         if value is not None:
             kwargs[key] = value
+    if "max_area" in params and (height or width):  # Kontext rescales any size to max_area (1024^2) otherwise
+        side = getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8)
+        kwargs["max_area"] = (height or side) * (width or side)
     total = steps or params["num_inference_steps"].default
 
     with Progress(

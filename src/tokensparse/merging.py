@@ -65,8 +65,8 @@ class TokenMergingConfig:
         dense model, exactly. In adaptive mode a nonzero ratio caps the fraction merged. Only sources merge
         (3 of every 2x2 cell), so ratios above 0.75 merge the same as 0.75.
     threshold: adaptive mode (CA-ToMe) when set: merge every source whose best cosine similarity (centred,
-        unless ``center=False``) is at least ``threshold``. Cosine similarity never exceeds 1, so
-        ``threshold > 1`` is the dense model. Centred similarities run lower than raw ones: on the shipped
+        unless ``center=False``) is at least ``threshold``, in ``[-1, inf)``. Cosine similarity never exceeds 1,
+        so ``threshold > 1`` is the dense model. Centred similarities run lower than raw ones: on the shipped
         refdit-sparse-64px a centred 0.5 merges about as much as a raw 0.8 (~80 of 256 tokens per layer).
     recompute_every: recompute a layer's matching every this many denoising steps and reuse it in between
         (``1``: every step, no cache).
@@ -99,7 +99,7 @@ class TokenMergingConfig:
     def __post_init__(self) -> None:
         self.ratio = checks.real("ratio", self.ratio, 0.0, 1.0, hi_open=True)
         if self.threshold is not None:
-            self.threshold = checks.real("threshold", self.threshold)
+            self.threshold = checks.real("threshold", self.threshold, -1.0)  # a cosine: below -1 merges all
         self.recompute_every = checks.integer("recompute_every", self.recompute_every, lo=1)
         if self.recompute_steps is not None:
             if isinstance(self.recompute_steps, (str, bytes)) or not isinstance(self.recompute_steps, Iterable):
@@ -348,14 +348,20 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
 # ----------------------------------------------------------------------------------------------------------
 
 
+MAX_PASSES = 8  # distinct model calls per step kept apart; more (a fixed-timestep loop) reuse the slots
+
+
 class MatchCache:
     """Matchings of one generation, one per (layer, pass), recomputed only at chosen steps.
 
-    ``lookup(layer, step, x, compute)`` returns the stored matching for ``layer`` when the policy says to reuse
-    it and it fits ``x``; otherwise it calls ``compute()`` and stores the result -- including at step 0, so
-    step 1 already hits. Several calls of one layer within a step (guidance passes run one after another) are
-    kept apart as passes 0, 1, ... . :meth:`reset` starts a new generation: nothing computed before it is
-    ever returned after it.
+    ``lookup(layer, step, x, compute, call)`` returns the stored matching for ``layer`` when the policy says to
+    reuse it and it fits ``x``; otherwise it calls ``compute()`` and stores the result -- including at step 0,
+    so step 1 already hits. Several model calls within a step (guidance passes run one after another) are
+    kept apart as passes 0, 1, ...: with a ``call`` fingerprint (see :func:`call_key`), the pass is the order
+    in which the step first saw that call, so an identical call repeated within a step gets its own earlier
+    matching back; without one, each lookup of a layer is the next pass. At most :data:`MAX_PASSES` passes
+    per step are kept (then the slots are reused), so a loop at one timestep cannot grow the cache. :meth:`reset`
+    starts a new generation: nothing computed before it is ever returned after it.
     """
 
     def __init__(self, recompute_every: int = 1, recompute_steps: tuple[int, ...] | None = None) -> None:
@@ -366,9 +372,10 @@ class MatchCache:
         self.generation = 0
         self.hits = 0
         self.misses = 0
-        self._entries: dict[Hashable, tuple[int, Matching]] = {}
+        self._entries: dict[Hashable, tuple[int, Hashable, Matching]] = {}
         self._step: int | None = None
         self._passes: dict[Hashable, int] = {}
+        self._calls: list[Hashable] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -379,6 +386,7 @@ class MatchCache:
         self.hits = self.misses = 0
         self._entries.clear()
         self._passes.clear()
+        self._calls.clear()
         self._step = None
 
     def recompute_at(self, step: int) -> bool:
@@ -387,18 +395,31 @@ class MatchCache:
             return step == 0 or step in self.recompute_steps
         return step % self.recompute_every == 0
 
-    def lookup(self, layer: Hashable, step: int, x: Tensor, compute: Callable[[], Matching]) -> Matching:
+    def _pass(self, layer: Hashable, call: Hashable | None) -> int:
+        if call is None:
+            p = self._passes.get(layer, 0)
+            self._passes[layer] = (p + 1) % MAX_PASSES
+            return p
+        if call not in self._calls:
+            if len(self._calls) == MAX_PASSES:
+                self._calls.clear()
+            self._calls.append(call)
+        return self._calls.index(call)
+
+    def lookup(self, layer: Hashable, step: int, x: Tensor, compute: Callable[[], Matching],
+               call: Hashable | None = None) -> Matching:
         if step != self._step:
             self._step = step
             self._passes.clear()
-        p = self._passes.get(layer, 0)
-        self._passes[layer] = p + 1
-        key = (layer, p)
+            self._calls.clear()
+        key = (layer, self._pass(layer, call))
         entry = self._entries.get(key)
-        if entry is not None and entry[1].fits(x) and (entry[0] == step or not self.recompute_at(step)):
+        if entry is not None and entry[2].fits(x) and (
+            entry[1] == call if entry[0] == step else not self.recompute_at(step)
+        ):
             self.hits += 1
-            return entry[1]
+            return entry[2]
         matching = compute()
         self.misses += 1
-        self._entries[key] = (step, matching)
+        self._entries[key] = (step, call, matching)
         return matching

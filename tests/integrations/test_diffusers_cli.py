@@ -133,3 +133,10 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
                                    "--prompt", "a cat", "--guidance", "2.5", "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
     assert seen["guidance_scale"] == 2.5 and "true_cfg_scale" not in seen and "negative_prompt" not in seen
+    assert "max_area" not in seen
+    seen.clear()  # a requested size is kept: Kontext would rescale it to its max_area (1024^2) otherwise
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "kontext"), "--ref", str(_ref(tmp_path)),
+                                   "--prompt", "a cat", "--height", "32", "--width", "48",
+                                   "--out", str(tmp_path / "o.png")])
+    assert res.exit_code == 0, res.output
+    assert (seen["height"], seen["width"], seen["max_area"]) == (32, 48, 32 * 48)

@@ -178,12 +178,12 @@ def test_bare_module_steps_from_timesteps(refdit: ts.RefDiT) -> None:
     first = None
     for gen in range(2):
         for i, t in enumerate((1.0, 0.5, 0.5, 0.2)):  # the repeated 0.5 is a second (guidance) pass
-            refdit(x + gen, torch.tensor([t]), refs, ids)
+            refdit(x + gen, torch.tensor([t]), refs, ids + 1 if i == 2 else ids)  # (another prompt)
             if gen == 0 and i == 0:
-                first = state.cache._entries[("blocks.0", 0)][1]
+                first = state.cache._entries[("blocks.0", 0)][2]
         # timestep rose: generation 2 got a fresh cache; 2 passes per layer cached
         assert state.cache.misses == 2 * refdit.config.depth
-    assert state.cache._entries[("blocks.0", 0)][1] is not first
+    assert state.cache._entries[("blocks.0", 0)][2] is not first
     begin_generation(refdit)
     refdit(x, torch.tensor([0.1]), refs, ids)  # explicit boundary: even a lower t starts afresh
     assert state.cache.misses == refdit.config.depth
@@ -546,3 +546,22 @@ def test_flux_ip_adapter_output_is_unmerged_too() -> None:
     assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
     remove_token_merging(model)
     assert torch.equal(model(**kw).sample, dense)
+
+
+@torch.no_grad()
+def test_identical_calls_at_one_timestep_repeat_their_output_and_the_cache_stays_bounded() -> None:
+    # a fixed-timestep loop (evaluation, timing) on a bare transformer: identical calls give identical outputs,
+    # and however many distinct calls share a timestep, the cache keeps at most MAX_PASSES passes per layer
+    from tokensparse.merging import MAX_PASSES
+
+    kind, model = _flux_models()[1]
+    kw = _flux_inputs(kind)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    first = model(**kw).sample
+    other = model(**dict(kw, hidden_states=kw["hidden_states"] + 1)).sample  # another pass at this timestep
+    assert torch.equal(model(**kw).sample, first) and not torch.equal(other, first)
+    for i in range(3 * MAX_PASSES):
+        model(**dict(kw, hidden_states=kw["hidden_states"] * (1 + i / 100)))
+    n_layers = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert len(merging_state(model).cache) <= n_layers * MAX_PASSES
+    remove_token_merging(model)

@@ -9,7 +9,7 @@ sublayer's tokens; tokens around it (text, reference tokens) pass through. Targe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class TokenMergingState:
     warned: bool = False
 
     def __post_init__(self) -> None:
+        self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
         self.cache = self.cfg.make_cache()
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self._generation = self.tracker.generation
@@ -49,11 +50,16 @@ class TokenMergingState:
     def new_generation(self) -> None:
         self.tracker.reset()
 
-    def observe(self, t: Any) -> None:
-        """Record the timestep of a model call; starts a fresh cache when a new generation begins."""
+    def observe(self, t: Any, call: dict | None = None) -> None:
+        """Record a model call (its timestep and arguments); starts a fresh cache when a new generation begins.
+
+        ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
+        identical call repeated at one timestep reuses its matchings (same output, bounded cache).
+        """
         for owner in self.owners[1:]:  # a pipeline whose scheduler was swapped after apply
             check_scheduler(owner)
         self.grids_found = 0
+        self.call = None if call is None else call_key(call)
         if isinstance(t, Tensor):
             t = t.flatten()[0].item() if t.numel() else 0.0
         self.tracker.observe(float(t))
@@ -82,10 +88,34 @@ class TokenMergingState:
                 m = match(metric, is_dst, num=cfg.num_merged(n, n_src), center=cfg.center)
             return m.expand(x.shape[0]) if shared else m
 
-        m = self.cache.lookup(layer, self.step, x, compute)
+        m = self.cache.lookup(layer, self.step, x, compute, self.call)
         self.merged_tokens += m.num_merged
         return m
 
+
+
+def call_key(call: dict) -> Hashable:
+    """A fingerprint of a model call's arguments: equal for identical calls, different (in practice) otherwise.
+
+    Tensors (also inside lists / tuples) count by shape, dtype, 16 evenly spaced values and their sum;
+    numbers, strings and ``None`` by value; other objects by identity. One device sync per call.
+    """
+    meta: list[Hashable] = []
+    probes: list[Tensor] = []
+    for name in sorted(call):
+        value = call[name]
+        for i, v in enumerate(value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(v, Tensor):
+                meta.append((name, i, tuple(v.shape), str(v.dtype)))
+                if v.numel() and not v.is_complex():
+                    flat = v.detach().flatten()
+                    sample = flat[:: max(1, flat.numel() // 16)][:16].double()
+                    probes.append(torch.cat([sample, flat.sum(dtype=torch.float64)[None]]).cpu())
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                meta.append((name, i, v))
+            else:
+                meta.append((name, i, id(v)))
+    return tuple(meta), tuple(torch.cat(probes).tolist()) if probes else ()
 
 
 @dataclass

@@ -128,7 +128,7 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
             state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
         t = first_arg(call, "timestep")
-        state.observe(0.0 if t is None else t)
+        state.observe(0.0 if t is None else t, call)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for name, blk in blocks:
@@ -162,7 +162,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
         box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
         box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
         t = first_arg(call, "timestep")
-        state.observe(0.0 if t is None else t)
+        state.observe(0.0 if t is None else t, call)
 
     def grid_after(text: bool) -> GridFn:
         def grid(n: int) -> tuple[int, int, int] | None:  # n: the sublayer's tokens (text first if ``text``)
@@ -249,7 +249,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         call = as_keywords(module, args, kwargs)
         box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
         t = first_arg(call, "timestep")
-        state.observe(0.0 if t is None else t)
+        state.observe(0.0 if t is None else t, call)
 
     def grid(n: int) -> tuple[int, int, int] | None:
         g = box["grid"]

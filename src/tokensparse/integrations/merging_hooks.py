@@ -72,7 +72,8 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
         return (side, side, 0) if n == side * side else None
 
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.observe(first_arg(as_keywords(module, args, kwargs), "t"))
+        call = as_keywords(module, args, kwargs)
+        state.observe(first_arg(call, "t"), call)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for i, blk in enumerate(model.blocks):
@@ -137,8 +138,9 @@ def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, ou
         state.warned = True
         logger.warning(
             "tokensparse: token merging merged nothing in this %s call: no block's tokens form a grid it merges "
-            "(UNets without attention at the top level, e.g. SDXL, need max_downsample=2; FLUX's target "
-            "tokens must be one row-major grid before or after the reference tokens)", type(module).__name__)
+            "(UNets without attention at the top level, e.g. SDXL, need max_downsample=2; FLUX / Qwen-Image: "
+            "apply it to the transformer or pipeline, whose img_ids / img_shapes locate the target, and the "
+            "target tokens must be one row-major grid before or after the reference tokens)", type(module).__name__)
 
 
 def remove_token_merging(target: Any) -> Any:
