@@ -62,7 +62,18 @@ def flux_speed() -> None:
         cells = [next(f"{r['speedup']:.2f}× ({r['flop_ratio']:.2f}×)" for r in d["rows"]
                       if r["refs"] == n and r["setting"] == s) for n in refs]
         print(f"| {s} | " + " | ".join(cells) + " |")
-    print(f"\nLowest efficiency (speedup / FLOP ratio): {d['summary']['min_efficiency']:.2f}.\n")
+    print(f"\nLowest efficiency (speedup / FLOP ratio): {d['summary']['min_efficiency']:.2f}.", end=" ")
+    other = load("flux_speed_run1")
+    if other:
+        o, m = other["summary"]["speedup"], d["summary"]["speedup"]
+        pairs = [(n, k) for n in ("1", "4") for k in ("sparse0.25+kv", "sparse0.25+kv+tome0.5") if n in o and n in m]
+        print("Run-to-run spread: an earlier run of the same script (`benchmarks/results/flux_speed_run1.json`, "
+              "made before this release's later merging changes -- module split, call fingerprints -- which compute "
+              "the same) gave "
+              + ", ".join(f"{n} ref{'s' if n != '1' else ''} {k} {o[n][k]:.2f}× (this run {m[n][k]:.2f}×)"
+                          for n, k in pairs)
+              + f"; lowest efficiency {other['summary']['min_efficiency']:.2f}.", end="")
+    print("\n")
 
 
 def speed() -> None:
