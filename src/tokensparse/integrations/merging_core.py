@@ -93,7 +93,6 @@ class TokenMergingState:
         return m
 
 
-
 def call_key(call: dict) -> Hashable:
     """A fingerprint of a model call's arguments: equal for identical calls, different (in practice) otherwise.
 
@@ -184,6 +183,7 @@ class BlockMerger:
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:
+    """The tokens ``(start, length)`` of ``span``: the target grid within a sublayer's input."""
     return x[:, span[0]:span[0] + span[1]]
 
 

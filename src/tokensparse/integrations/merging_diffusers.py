@@ -27,6 +27,7 @@ from .merging_core import BlockMerger, GridFn, Sublayer, TokenMergingState
 
 
 def diffusers_classes() -> dict[str, type]:
+    """The diffusers block classes token merging knows, by short name (those this diffusers version has)."""
     if "diffusers" not in sys.modules:  # nothing can be a diffusers model before diffusers is imported
         return {}
     try:

@@ -13,7 +13,8 @@ input; the block's later sublayers reuse it. A forward pre-hook on the model rea
 :class:`~tokensparse.generation.StepTracker`, which numbers the steps and notices a new generation when the
 timestep rises; :func:`tokensparse.generation.begin_generation` (``tokensparse.generate`` calls it; for
 pipelines ``scheduler.set_timesteps`` does) starts one explicitly. Each new generation empties the match
-cache and reseeds the destination generator.
+cache and reseeds the destination generator. Calls at one timestep are the passes of a step (guidance), told
+apart by a fingerprint of their arguments: an identical call gets its own matchings back.
 """
 
 from __future__ import annotations
