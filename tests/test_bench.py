@@ -56,6 +56,20 @@ def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path):
     assert "hello" in out and "[0/2]" not in out and "2/2" in out
 
 
+def test_long_lines_are_not_rewrapped_and_a_finished_run_shows_every_stage(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    (tmp_path / "benchmarks").mkdir()
+    long = "x" * 150
+    (tmp_path / "benchmarks" / "speed.py").write_text(f"print('[0/3] a', flush=True)\nprint('{long}', flush=True)\n")
+    buf = io.StringIO()
+    assert run_benchmark("speed", console=Console(file=buf, width=80), root=tmp_path) == 0
+    out = buf.getvalue()
+    assert long in out and "3/3" in out  # one line, not wrapped at 80 columns; the bar ends full
+
+
 def test_the_installed_checkout_wins_over_the_current_directory(tmp_path, monkeypatch):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "speed.py").write_text("")

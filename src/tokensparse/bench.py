@@ -72,8 +72,11 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
                 done, total, what = int(step[1]), int(step[2]), step[3]
                 progress.update(task, completed=done, total=total, last=what[:50])
             elif line:
-                progress.console.print(line, markup=False, highlight=False)
+                progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # no re-wrapping
                 progress.update(task, last=line[:50])
         code = proc.wait()
+        total = progress.tasks[0].total
+        if code == 0 and total:  # the scripts announce a stage as it starts: a finished run completed them all
+            progress.update(task, completed=total)
         progress.update(task, last="done" if code == 0 else f"failed (exit {code})")
     return code
