@@ -565,3 +565,31 @@ def test_identical_calls_at_one_timestep_repeat_their_output_and_the_cache_stays
     n_layers = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(merging_state(model).cache) <= n_layers * MAX_PASSES
     remove_token_merging(model)
+
+
+@torch.no_grad()
+def test_sd3_joint_blocks_merge_the_image_side() -> None:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    sd3 = _randomize(SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,)).eval(), std=0.05)  # SD3.5-style attn2 in block 0
+    g = torch.Generator().manual_seed(0)
+    kw = {"hidden_states": torch.randn(2, 4, 16, 12, generator=g),
+          "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+          "pooled_projections": torch.randn(2, 8, generator=g), "timestep": torch.tensor([500, 500])}
+    dense = sd3(**kw).sample
+    apply_token_merging(sd3, TokenMergingConfig(ratio=0.5))
+    seen: list[tuple[str, int]] = []
+    for i, blk in enumerate(sd3.transformer_blocks):
+        for name in ("attn", "attn2", "ff"):
+            if getattr(blk, name, None) is not None:
+                getattr(blk, name).register_forward_pre_hook(lambda m, a, k, n=f"{i}.{name}": seen.append(
+                    (n, (a or (k["hidden_states"],))[0].shape[1])), with_kwargs=True)
+    merged = sd3(**kw).sample
+    assert seen == [("0.attn", 24), ("0.attn2", 24), ("0.ff", 24), ("1.attn", 24), ("1.ff", 24)]  # 8x6 -> 24
+    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+    remove_token_merging(sd3)
+    assert torch.equal(sd3(**kw).sample, dense)

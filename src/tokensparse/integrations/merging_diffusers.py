@@ -2,7 +2,8 @@
 
 - **UNets** (SD-style, any model built of ``BasicTransformerBlock``, also PixArt / DiT): ``attn1`` / ``attn2``
   / ``ff`` merge their input tokens in blocks whose token grid is at most ``cfg.max_downsample`` times
-  coarser than the latent.
+  coarser than the latent. **SD3 / SD3.5** (``JointTransformerBlock``) the same way: the joint ``attn``
+  (image side; text tokens are its other stream), SD3.5's second self-attention ``attn2`` and ``ff``.
 - **FLUX / FLUX.2**: the target grid (found from ``img_ids``: the tokens with the lowest T id, at the start
   or the end of the image tokens) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``;
   single-stream ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's ``proj_mlp``.
@@ -36,6 +37,12 @@ def diffusers_classes() -> dict[str, type]:
         return {}
     out: dict[str, type] = {"basic": BasicTransformerBlock}
     try:
+        from diffusers.models.attention import JointTransformerBlock
+
+        out["joint"] = JointTransformerBlock
+    except ImportError:
+        pass
+    try:
         from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
         out["flux"], out["flux_single"] = FluxTransformerBlock, FluxSingleTransformerBlock
@@ -59,7 +66,7 @@ def diffusers_classes() -> dict[str, type]:
     return out
 
 
-KINDS = {"unet": ("basic",), "flux": ("flux", "flux2"), "flux_single": ("flux_single", "flux2_single"),
+KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2"), "flux_single": ("flux_single", "flux2_single"),
          "qwen": ("qwen",)}
 
 
@@ -134,9 +141,12 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for name, blk in blocks:
         subs = []
+        if not hasattr(blk, "attn1"):  # SD3's JointTransformerBlock: joint attention (image side), SD3.5's own
+            attns = [blk.attn] + ([blk.attn2] if getattr(blk, "attn2", None) is not None else [])  # self-attention
+            subs += [Sublayer(a, "hidden_states") for a in attns] if cfg.merge_attn else []
         if cfg.merge_attn and getattr(blk, "attn1", None) is not None:
             subs.append(Sublayer(blk.attn1, "hidden_states"))
-        if cfg.merge_cross and getattr(blk, "attn2", None) is not None:
+        if cfg.merge_cross and getattr(blk, "attn1", None) is not None and getattr(blk, "attn2", None) is not None:
             subs.append(Sublayer(blk.attn2, "hidden_states"))
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(Sublayer(blk.ff, "hidden_states"))
