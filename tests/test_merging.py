@@ -225,6 +225,25 @@ def test_cache_explicit_steps_passes_and_shapes() -> None:
     assert cache.lookup("other", 2, x, _matching) is not cond
 
 
+def test_cache_passes_by_call_fingerprint() -> None:
+    from tokensparse.merging import MAX_PASSES
+
+    cache = MatchCache(recompute_every=2)
+    x = torch.zeros(1, 8, 4)
+    cond = cache.lookup("b", 0, x, _matching, call="cond")
+    uncond = cache.lookup("b", 0, x, _matching, call="uncond")
+    assert cond is not uncond
+    assert cache.lookup("b", 0, x, _matching, call="cond") is cond  # an identical call: its own matching back
+    assert cache.lookup("b", 0, x, _matching, call="uncond") is uncond
+    assert len(cache) == 2
+    assert cache.lookup("b", 1, x, _matching, call="cond'") is cond  # next step, first pass: reused (every 2)
+    assert cache.lookup("b", 1, x, _matching, call="uncond'") is uncond
+    assert cache.lookup("b", 2, x, _matching, call="cond''") is not cond  # recompute step
+    for i in range(3 * MAX_PASSES):  # a loop over distinct calls at one timestep stays bounded
+        cache.lookup("b", 2, x, _matching, call=i)
+    assert len(cache) == MAX_PASSES
+
+
 # ---------------------------------------------------------------------------------------------- properties
 
 

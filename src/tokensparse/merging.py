@@ -360,7 +360,9 @@ class MatchCache:
     kept apart as passes 0, 1, ...: with a ``call`` fingerprint (see :func:`call_key`), the pass is the order
     in which the step first saw that call, so an identical call repeated within a step gets its own earlier
     matching back; without one, each lookup of a layer is the next pass. At most :data:`MAX_PASSES` passes
-    per step are kept (then the slots are reused), so a loop at one timestep cannot grow the cache. :meth:`reset`
+    per step are kept (then the slots are reused, and calls seen before are forgotten), so a loop at one
+    timestep cannot grow the cache; identical calls repeat their matching while a step sees at most
+    :data:`MAX_PASSES` distinct calls. :meth:`reset`
     starts a new generation: nothing computed before it is ever returned after it.
     """
 

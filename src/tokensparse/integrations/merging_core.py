@@ -96,25 +96,36 @@ class TokenMergingState:
 def call_key(call: dict) -> Hashable:
     """A fingerprint of a model call's arguments: equal for identical calls, different (in practice) otherwise.
 
-    Tensors (also inside lists / tuples) count by shape, dtype, 16 evenly spaced values and their sum;
-    numbers, strings and ``None`` by value; other objects by identity. One device sync per call.
+    Tensors count by shape, dtype, 16 evenly spaced values, their sum and a position-weighted sum (so a
+    permutation of token ids differs); numbers, strings and ``None`` by value; lists, tuples and dicts by
+    their contents (three levels deep); other objects by identity. float32 on the tensors' device (MPS has
+    no float64), one host copy per device.
     """
     meta: list[Hashable] = []
-    probes: list[Tensor] = []
+    probes: dict[torch.device, list[Tensor]] = {}
+
+    def visit(path: tuple, v: Any, depth: int) -> None:
+        if isinstance(v, Tensor):
+            meta.append((path, tuple(v.shape), str(v.dtype)))
+            if v.numel() and not v.is_complex():
+                flat = v.detach().flatten().float()
+                ramp = torch.linspace(1.0, 2.0, flat.numel(), device=flat.device)
+                sums = torch.stack([flat.sum(), (flat * ramp).sum()])
+                probes.setdefault(flat.device, []).append(torch.cat([flat[:: max(1, flat.numel() // 16)][:16], sums]))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            meta.append((path, v))
+        elif isinstance(v, (list, tuple, dict)) and depth < 3:
+            items = sorted(v.items(), key=lambda kv: str(kv[0])) if isinstance(v, dict) else enumerate(v)
+            meta.append((path, type(v).__name__, len(v)))
+            for k, item in items:
+                visit((*path, k), item, depth + 1)
+        else:
+            meta.append((path, id(v)))
+
     for name in sorted(call):
-        value = call[name]
-        for i, v in enumerate(value if isinstance(value, (list, tuple)) else (value,)):
-            if isinstance(v, Tensor):
-                meta.append((name, i, tuple(v.shape), str(v.dtype)))
-                if v.numel() and not v.is_complex():
-                    flat = v.detach().flatten()
-                    sample = flat[:: max(1, flat.numel() // 16)][:16].double()
-                    probes.append(torch.cat([sample, flat.sum(dtype=torch.float64)[None]]).cpu())
-            elif v is None or isinstance(v, (bool, int, float, str)):
-                meta.append((name, i, v))
-            else:
-                meta.append((name, i, id(v)))
-    return tuple(meta), tuple(torch.cat(probes).tolist()) if probes else ()
+        visit((name,), call[name], 0)
+    values = tuple(x for dev in sorted(probes, key=str) for x in torch.cat(probes[dev]).cpu().tolist())
+    return tuple(meta), values
 
 
 @dataclass
