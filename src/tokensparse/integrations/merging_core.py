@@ -96,10 +96,10 @@ class TokenMergingState:
 def call_key(call: dict) -> Hashable:
     """A fingerprint of a model call's arguments: equal for identical calls, different (in practice) otherwise.
 
-    Tensors count by shape, dtype, 16 evenly spaced values, their sum and a position-weighted sum (so a
-    permutation of token ids differs); numbers, strings and ``None`` by value; lists, tuples and dicts by
-    their contents (three levels deep); other objects by identity. float32 on the tensors' device (MPS has
-    no float64), one host copy per device.
+    Tensors count by shape, dtype, 16 evenly spaced values and their sum (integer and bool tensors also by
+    a position-weighted sum, so a permutation of token ids differs); numbers, strings and ``None`` by value;
+    lists, tuples and dicts by their contents (three levels deep); other objects by identity. float32 on the
+    tensors' device (MPS has no float64), one host copy per device.
     """
     meta: list[Hashable] = []
     probes: dict[torch.device, list[Tensor]] = {}
@@ -108,10 +108,14 @@ def call_key(call: dict) -> Hashable:
         if isinstance(v, Tensor):
             meta.append((path, tuple(v.shape), str(v.dtype)))
             if v.numel() and not v.is_complex():
-                flat = v.detach().flatten().float()
-                ramp = torch.linspace(1.0, 2.0, flat.numel(), device=flat.device)
-                sums = torch.stack([flat.sum(), (flat * ramp).sum()])
-                probes.setdefault(flat.device, []).append(torch.cat([flat[:: max(1, flat.numel() // 16)][:16], sums]))
+                flat = v.detach().flatten()
+                sample = flat[:: max(1, flat.numel() // 16)][:16].float()
+                if flat.is_floating_point():
+                    sums = flat.sum(dtype=torch.float32)[None]
+                else:  # ids and masks: order matters (a permutation of prompt ids must differ)
+                    ramp = torch.linspace(1.0, 2.0, flat.numel(), device=flat.device)
+                    sums = torch.stack([flat.sum(dtype=torch.float32), (flat * ramp).sum()])
+                probes.setdefault(flat.device, []).append(torch.cat([sample, sums]))
         elif v is None or isinstance(v, (bool, int, float, str)):
             meta.append((path, v))
         elif isinstance(v, (list, tuple, dict)) and depth < 3:
