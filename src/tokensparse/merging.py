@@ -357,13 +357,13 @@ class MatchCache:
     ``lookup(layer, step, x, compute, call)`` returns the stored matching for ``layer`` when the policy says to
     reuse it and it fits ``x``; otherwise it calls ``compute()`` and stores the result -- including at step 0,
     so step 1 already hits. Several model calls within a step (guidance passes run one after another) are
-    kept apart as passes 0, 1, ...: with a ``call`` fingerprint (see :func:`call_key`), the pass is the order
-    in which the step first saw that call, so an identical call repeated within a step gets its own earlier
-    matching back; without one, each lookup of a layer is the next pass. At most :data:`MAX_PASSES` passes
-    per step are kept (then the slots are reused, and calls seen before are forgotten), so a loop at one
-    timestep cannot grow the cache; identical calls repeat their matching while a step sees at most
-    :data:`MAX_PASSES` distinct calls. :meth:`reset`
-    starts a new generation: nothing computed before it is ever returned after it.
+    kept apart as passes 0, 1, ...: with a ``call`` fingerprint (the hooks pass
+    :func:`tokensparse.integrations.merging_core.call_key`), the pass is the order in which the step first
+    saw that call, so an identical call repeated within a step gets its own earlier matching back; without
+    one, each lookup of a layer is the next pass. At most :data:`MAX_PASSES` passes per step are kept (then
+    the slots are reused, and calls seen before are forgotten), so a loop at one timestep cannot grow the
+    cache; identical calls repeat their matching while a step sees at most :data:`MAX_PASSES` distinct
+    calls. :meth:`reset` starts a new generation: nothing computed before it is ever returned after it.
     """
 
     def __init__(self, recompute_every: int = 1, recompute_steps: tuple[int, ...] | None = None) -> None:
