@@ -189,20 +189,31 @@ def selection() -> None:
     print(f"\nSelection time / 20-step generation: {s['selection_overhead_frac']:.4f} "
           f"(attention probe: {s['selection_overhead_frac_attention']:.4f}).\n")
     prev, prev_q, q = load("selection_p_selected0"), load("quality_p_selected0"), load("quality")
+    fams = list(s["taskaware_drop_db_keep025"])
+
+    def pair(key: str, new: dict, old: dict) -> str:
+        return ", ".join(f"{f} {new[key][f]:+.2f} ({old[key][f]:+.2f})" for f in fams)
+
     if prev and prev_q and q:  # the refdit-sparse of commit 067a892: purely random dropping (p_selected = 0)
-        fams = list(s["taskaware_drop_db_keep025"])
-
-        def pair(key: str, new: dict, old: dict) -> str:
-            return ", ".join(f"{f} {new[key][f]:+.2f} ({old[key][f]:+.2f})" for f in fams)
-
-        print("The shipped fine-tune with selection-aware dropping (`DropConfig.p_selected` 0.5: in half of the "
-              "samples the references keep exactly what `auto` selection keeps) against the refdit-sparse of "
+        print("The shipped fine-tune with selection-aware dropping (`DropConfig.p_selected` 0.8: in 80 % of the "
+              "samples that drop tokens the references keep exactly what `auto` selection keeps) against the "
+              "refdit-sparse of "
               "commit 067a892 (purely random dropping and fewer steps, so not a controlled comparison — the drop "
               "sweep above is one; `benchmarks/results/*_p_selected0.json`, in brackets): dense − task-aware at "
               "≤ 25 % "
               f"{pair('taskaware_drop_db_keep025', s, prev['summary'])}; `ft_gain_db_keep025` (random selection) "
               f"{pair('ft_gain_db_keep025', q['summary'], prev_q['summary'])}; `ft_cost_db_keep1` "
               f"{pair('ft_cost_db_keep1', q['summary'], prev_q['summary'])}.\n")
+    half, half_q = load("selection_p_selected05"), load("quality_p_selected05")
+    if half and half_q and q:  # the refdit-sparse of 0.7.0: the same recipe and seed with p_selected 0.5
+        print("Against the same recipe and seed with `p_selected` 0.5 (the refdit-sparse of 0.7.0, 1,738 steps in "
+              "the same 44-minute budget; `benchmarks/results/*_p_selected05.json`, in brackets): dense − task-aware "
+              "at ≤ 25 % "
+              f"{pair('taskaware_drop_db_keep025', s, half['summary'])}; `ft_gain_db_keep025` "
+              f"{pair('ft_gain_db_keep025', q['summary'], half_q['summary'])}; `ft_cost_db_keep1` "
+              f"{pair('ft_cost_db_keep1', q['summary'], half_q['summary'])}; `dense_margin_db` "
+              f"{pair('dense_margin_db', q['summary'], half_q['summary'])}; `ref_gain_db` "
+              f"{pair('ref_gain_db', q['summary'], half_q['summary'])}.\n")
 
 
 def _merging_desc(cfg: dict) -> str:
