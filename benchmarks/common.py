@@ -91,6 +91,16 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def apply_setting(model: object, keep: float, merge: float, cache: bool = False) -> None:
+    """Sparse Context at ``keep`` (uniform selection; ``cache``: RefDiT's reference K/V cache) and token merging
+    at ratio ``merge`` (0: removed) on ``model`` -- one timing setting of the speed benchmarks."""
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="uniform", cache=cache))
+    if merge > 0:
+        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge))
+    else:
+        ts.remove_token_merging(model)
+
+
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                 prepare: dict[str, Callable[[], object]] | None = None) -> dict[str, dict]:
     """Time several settings fairly on a shared machine: the settings alternate within each repeat (so load

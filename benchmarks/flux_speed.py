@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import interleaved, parser, progress, write_json
+from common import apply_setting, interleaved, parser, progress, write_json
 
-import tokensparse as ts
 from tokensparse.flops import count_flops
 
 CONFIG = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 8, "attention_head_dim": 64,
@@ -96,17 +95,12 @@ class Clock:
 
 def configure(model: torch.nn.Module, setting: str) -> None:
     keep, _, merge = SETTINGS[setting]  # the K/V cache is the transformer's own (kv_cache_mode calls)
-    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="uniform"))
-    if merge > 0:
-        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge))
-    else:
-        ts.remove_token_merging(model)
+    apply_setting(model, keep, merge)
 
 
-def calls(model: torch.nn.Module, setting: str, n_refs: int) -> dict[str, Callable[[], object]]:
-    """The timed calls of a setting: ``step`` (one call), or ``extract`` and ``step`` (cached)."""
-    full, cached = inputs(n_refs)
-    n_ref_tokens = n_refs * GRID * GRID
+def calls(model: torch.nn.Module, setting: str, full: dict, cached: dict) -> dict[str, Callable[[], object]]:
+    """The timed calls of a setting on :func:`inputs`: ``step`` (one call), or ``extract`` and ``step`` (cached)."""
+    n_ref_tokens = full["hidden_states"].shape[1] - GRID * GRID
     if not SETTINGS[setting][1]:
         return {"step": lambda: model(**full, timestep=Clock.next())}
     box: dict = {}
@@ -122,11 +116,12 @@ def calls(model: torch.nn.Module, setting: str, n_refs: int) -> dict[str, Callab
 @torch.no_grad()
 def run(n_refs: int, repeats: int) -> list[dict]:
     model = build()
+    full, cached = inputs(n_refs)  # the same tensors for every setting
     runs, prepare, parts = {}, {}, {}
     flops: dict[str, int] = {}
     for s in SETTINGS:
         configure(model, s)
-        fns = calls(model, s, n_refs)
+        fns = calls(model, s, full, cached)
         parts[s] = list(fns)
         flops[s] = sum(count_flops(fn) * (1 if part == "extract" else (STEPS - 1 if "extract" in fns else STEPS))
                        for part, fn in fns.items())

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import interleaved, parser, progress, speedups, write_json
+from common import apply_setting, interleaved, parser, progress, speedups, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -48,11 +48,7 @@ def models(arch: str) -> dict[bool, ts.RefDiT]:
 def configure(pair: dict[bool, ts.RefDiT], setting: str) -> ts.RefDiT:
     keep, cache, merge = SETTINGS[setting]
     model = pair[cache]
-    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="uniform", cache=cache))
-    if merge > 0:
-        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge))
-    else:
-        ts.remove_token_merging(model)
+    apply_setting(model, keep, merge, cache)
     return model
 
 

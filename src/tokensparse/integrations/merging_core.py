@@ -51,7 +51,8 @@ class TokenMergingState:
         self.tracker.reset()
 
     def observe(self, t: Any, call: dict | None = None) -> None:
-        """Record a model call (its timestep and arguments); starts a fresh cache when a new generation begins.
+        """Record a model call (its timestep, ``None`` read as 0, and arguments); starts a fresh cache when a new
+        generation begins.
 
         ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
         identical call repeated at one timestep reuses its matchings (same output, bounded cache).
@@ -61,8 +62,8 @@ class TokenMergingState:
         self.grids_found = 0
         self.call = None if call is None else call_key(call)
         if isinstance(t, Tensor):
-            t = t.flatten()[0].item() if t.numel() else 0.0
-        self.tracker.observe(float(t))
+            t = t.flatten()[0].item() if t.numel() else None
+        self.tracker.observe(0.0 if t is None else float(t))
         if self.tracker.generation != self._generation:
             self._generation = self.tracker.generation
             self.cache.reset()

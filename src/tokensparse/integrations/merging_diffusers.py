@@ -135,19 +135,17 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         sample = first_arg(call, "sample", "hidden_states")
         if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
             state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
-        t = first_arg(call, "timestep")
-        state.observe(0.0 if t is None else t, call)
+        state.observe(first_arg(call, "timestep"), call)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
     for name, blk in blocks:
-        subs = []
-        if not hasattr(blk, "attn1"):  # SD3's JointTransformerBlock: joint attention (image side), SD3.5's own
-            attns = [blk.attn] + ([blk.attn2] if getattr(blk, "attn2", None) is not None else [])  # self-attention
-            subs += [Sublayer(a, "hidden_states") for a in attns] if cfg.merge_attn else []
-        if cfg.merge_attn and getattr(blk, "attn1", None) is not None:
-            subs.append(Sublayer(blk.attn1, "hidden_states"))
-        if cfg.merge_cross and getattr(blk, "attn1", None) is not None and getattr(blk, "attn2", None) is not None:
-            subs.append(Sublayer(blk.attn2, "hidden_states"))
+        attn2 = getattr(blk, "attn2", None)
+        if hasattr(blk, "attn1"):  # BasicTransformerBlock: self-attention attn1, cross-attention attn2
+            self_attns, cross = [blk.attn1], [attn2] if attn2 is not None else []
+        else:  # SD3's JointTransformerBlock: the joint attention (image side), SD3.5's second self-attention
+            self_attns, cross = [blk.attn] + ([attn2] if attn2 is not None else []), []
+        subs = [Sublayer(m, "hidden_states") for m in (self_attns if cfg.merge_attn else [])
+                + (cross if cfg.merge_cross else [])]
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(Sublayer(blk.ff, "hidden_states"))
         if subs:
@@ -172,8 +170,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
         ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
         box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
         box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
-        t = first_arg(call, "timestep")
-        state.observe(0.0 if t is None else t, call)
+        state.observe(first_arg(call, "timestep"), call)
 
     def grid_after(text: bool) -> GridFn:
         def grid(n: int) -> tuple[int, int, int] | None:  # n: the sublayer's tokens (text first if ``text``)
@@ -259,8 +256,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = as_keywords(module, args, kwargs)
         box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
-        t = first_arg(call, "timestep")
-        state.observe(0.0 if t is None else t, call)
+        state.observe(first_arg(call, "timestep"), call)
 
     def grid(n: int) -> tuple[int, int, int] | None:
         g = box["grid"]
