@@ -10,6 +10,7 @@
 from .api import apply_sparse_context, remove_sparse_context
 from .context import SparseContextConfig
 from .generate import generate
+from .generation import begin_generation
 from .guidance import CFGConfig, SparseGuidanceConfig
 from .integrations.merging_hooks import apply_token_merging, remove_token_merging
 from .merging import TokenMergingConfig
@@ -27,6 +28,7 @@ __all__ = [
     "TokenMergingConfig",
     "apply_sparse_context",
     "apply_token_merging",
+    "begin_generation",
     "build_model",
     "generate",
     "list_models",

@@ -76,7 +76,13 @@ def remove_generation_callback(owner: Any, name: str) -> None:
 
 
 def begin_generation(owner: Any) -> None:
-    """Signal that ``owner`` starts a new generation."""
+    """Signal that ``owner`` (a model or pipeline tokensparse was applied to) starts a new generation.
+
+    ``tokensparse.generate`` and diffusers pipelines do this themselves. Call it in your own sampling loop
+    over a bare model where timesteps do not show it: one-step sampling calls the model at the same
+    timestep every time, which otherwise reads as guidance passes of one step (token merging then continues
+    that step's destination draws, and Sparse Context keeps its selection while the references stay the same).
+    """
     for callback in list(owner.__dict__.get(_CALLBACKS, {}).values()):
         callback()
 

@@ -126,9 +126,12 @@ def test_apply_twice_equals_apply_once(pipe):
     assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
     apply_sparse_context_diffusers(
         pipe.transformer, SparseContextConfig(keep=0.25, seed=3)
-    )  # pipe -> transformer
+    )  # pipe -> transformer: the pipeline still calls it, and still captures its pixels and prompt
     assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
-    assert "prepare_image_latents" not in pipe.__dict__
+    assert "prepare_image_latents" in pipe.__dict__
+    assert np.array_equal(run(pipe), once)
+    remove_sparse_context_diffusers(pipe.transformer)
+    assert "prepare_image_latents" not in pipe.__dict__ and "set_timesteps" not in pipe.scheduler.__dict__
 
 
 def test_selection_runs_once_per_call_with_cfg(pipe):
@@ -284,6 +287,61 @@ def test_kv_cache_keep_one_identical_and_sparse_caches_fewer(kv_pipe):
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
     remove_sparse_context_diffusers(kv_pipe)
     assert np.array_equal(run(kv_pipe, guidance_scale=None), dense)
+
+
+def test_from_pipe_sibling_shares_the_hook_and_each_pipeline_captures_its_own(pipe, kv_pipe, caplog):
+    # README flow: Flux2KleinKVPipeline.from_pipe(pipe), Sparse Context applied through both
+    from diffusers import Flux2KleinKVPipeline
+
+    cfg = dict(keep=0.25, selector="auto")
+    apply_sparse_context_diffusers(kv_pipe, SparseContextConfig(**cfg, cache=True))
+    direct = run(kv_pipe, guidance_scale=None)  # a KV pipeline applied to directly (same weights)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(**cfg))
+    before = run(pipe)
+    sibling = Flux2KleinKVPipeline.from_pipe(pipe)
+    sibling.set_progress_bar_config(disable=True)
+    with caplog.at_level(logging.WARNING, logger="tokensparse.integrations.diffusers"):
+        run(sibling, guidance_scale=None)  # shares the transformer's hook, but nothing captured its pixels
+    assert "from_pipe" in caplog.text
+    apply_sparse_context_diffusers(sibling, SparseContextConfig(**cfg, cache=True))
+    assert np.array_equal(run(sibling, guidance_scale=None), direct)
+    assert np.array_equal(run(pipe), before)  # the first pipeline still captures its own pixels and prompt
+    remove_sparse_context_diffusers(sibling)
+    assert "prepare_image_latents" not in pipe.__dict__ and "prepare_image_latents" not in sibling.__dict__
+
+
+@pytest.mark.parametrize("offload_first", [False, True])
+def test_sparse_context_and_cpu_offload_in_either_order(pipe, offload_first, monkeypatch):
+    # the pipeline re-installs accelerate's offload wrapper after every call: Sparse Context must survive
+    # that (apply after offload), and re-applying / removing must keep the offload wrapper
+    import accelerate.hooks
+
+    offloads = []
+    original = accelerate.hooks.CpuOffload.pre_forward
+
+    def counting(self, module, *args, **kwargs):
+        offloads.append(module is pipe.transformer)
+        return original(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.hooks.CpuOffload, "pre_forward", counting)
+    dense = run(pipe)
+    counter = TokenCounter(pipe.transformer)
+    if offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
+    if not offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    for keep in (0.25, 0.5):  # the second: re-applied (remove + apply)
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=keep, selector="uniform"))
+        for _ in range(2):
+            counter.lengths.clear()
+            offloads.clear()
+            run(pipe)
+            assert counter.lengths == [TARGET_TOKENS + int(2 * REF_TOKENS * keep)] * 4
+            assert offloads.count(True) == 4  # 2 steps x 2 guidance passes through the offload wrapper
+    remove_sparse_context_diffusers(pipe)
+    offloads.clear()
+    assert np.array_equal(run(pipe), dense) and offloads.count(True) == 4
 
 
 # diffusers' own caches --------------------------------------------------------------------------------------

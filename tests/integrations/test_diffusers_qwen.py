@@ -153,3 +153,14 @@ def test_token_merging_on_the_target_stacks_with_sparse_context(pipe):
     ts.remove_token_merging(pipe)
     remove_sparse_context_diffusers(pipe)
     assert np.array_equal(run(pipe), dense)
+
+
+def test_layered_transformer_is_rejected():
+    # QwenImageLayeredPipeline's image sequence holds several target layers, not references
+    from diffusers import QwenImageTransformer2DModel
+
+    layered = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True, use_additional_t_cond=True)
+    with pytest.raises(TypeError, match="layered"):
+        ts.apply_sparse_context(layered, SparseContextConfig(keep=0.25))

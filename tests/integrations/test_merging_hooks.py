@@ -347,6 +347,23 @@ def test_unet_pipeline_generations(unet: nn.Module) -> None:
 
 
 @torch.no_grad()
+def test_begin_generation_separates_one_step_calls_on_a_bare_model(unet: nn.Module) -> None:
+    # one-step use of a bare UNet: calls at one timestep are passes of one step (guidance) unless the caller
+    # marks a new generation; then a call merges as it would on a fresh model
+    (xa, t, ctx), (xb, _, _) = _unet_inputs(0), _unet_inputs(1)
+    cfg = TokenMergingConfig(ratio=0.5)
+    apply_token_merging(unet, cfg)
+    fresh = unet(xb, t, ctx).sample
+    apply_token_merging(unet, cfg)
+    unet(xa, t, ctx)
+    assert not torch.equal(unet(xb, t, ctx).sample, fresh)  # a second pass of the step: its own draws
+    unet(xa, t, ctx)
+    ts.begin_generation(unet)
+    assert torch.equal(unet(xb, t, ctx).sample, fresh)
+    remove_token_merging(unet)
+
+
+@torch.no_grad()
 def test_swapped_scheduler_still_starts_generations(unet: nn.Module) -> None:
     """``pipe.scheduler = ...`` after apply: one-step calls at one timestep still get a fresh cache each."""
     x, _, ctx = _unet_inputs()
@@ -593,3 +610,13 @@ def test_sd3_joint_blocks_merge_the_image_side() -> None:
     assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
     remove_token_merging(sd3)
     assert torch.equal(sd3(**kw).sample, dense)
+
+
+def test_video_models_are_rejected() -> None:
+    # UNet3DConditionModel is built of BasicTransformerBlocks, but its tokens span frames
+    video = diffusers.UNet3DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+    with pytest.raises(TypeError, match="video"):
+        apply_token_merging(video, TokenMergingConfig(ratio=0.5))

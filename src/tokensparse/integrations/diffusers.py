@@ -27,7 +27,6 @@ A call without reference tokens (text-to-image) runs unchanged and logs a warnin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any
 
@@ -41,19 +40,17 @@ from .calls import as_keywords
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
-    PREFERRED_IMAGE_ARG,
     TRANSFORMERS,
     QwenImageAdapter,
     RefLayout,
-    images_for_scorers,
 )
+from .diffusers_wrapping import register_beneath_offload, remove_keeping_offload, unwrap_capture, wrap_capture
 
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "tokensparse_sparse_context"
 ROPE_HOOK_NAME = "tokensparse_sparse_context_rope"
 _CALLBACK = "tokensparse_sparse_context"
-_CAPTURE = "_tokensparse_capture_original"
 
 
 def _class_names(obj: Any) -> list[str]:
@@ -97,6 +94,7 @@ class _State:
         self.selections = 0  # number of selections computed (tests: once per generation)
         self.warned = False
         self.warned_batch = False
+        self.warned_uncaptured = False
         self.rope: tuple[Any, Tensor] | None = None  # Qwen: (dense img_shapes, kept index) for pos_embed
         self.tracker = StepTracker()
 
@@ -111,11 +109,12 @@ class SparseContextHook:
 
     _is_stateful = False
 
-    def __init__(self, cfg: SparseContextConfig, adapter: Any, owner: Any | None) -> None:
+    def __init__(self, cfg: SparseContextConfig, adapter: Any, owners: list[Any]) -> None:
         self.fn_ref = None
         self.state = _State(cfg)
         self.adapter = adapter
-        self.owner = owner  # the pipeline whose set_timesteps starts generations, or None
+        self.owners = owners  # the pipelines it was applied through: their calls are captured, start generations
+        self.installed_forward: Any = None  # the transformer's forward right after this hook was registered
         self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
 
     # ModelHook protocol -------------------------------------------------------------------------------
@@ -139,7 +138,8 @@ class SparseContextHook:
             return args, kwargs
         if args:  # bare-transformer callers may pass positionally; pipelines use keywords
             kwargs, args = as_keywords(module, args, kwargs), ()
-        check_scheduler(self.owner)  # a scheduler swapped after apply: this call starts a generation
+        for owner in self.owners:
+            check_scheduler(owner)  # a scheduler swapped after apply: this call starts a generation
         if kwargs.get("timestep") is not None:  # also catches pipelines sharing this transformer (from_pipe)
             gen = self.state.tracker.generation
             self.state.tracker.observe(float(kwargs["timestep"].flatten()[0]))
@@ -206,6 +206,13 @@ class SparseContextHook:
                 "computed from the first sample's (the transformer takes one set of positions per batch)"
             )
             self.state.warned_batch = True
+        captured = self.state.forwards in (self.state.images_tick, self.state.prompts_tick)
+        if self.owners and not captured and not self.state.warned_uncaptured:
+            logger.warning(
+                "tokensparse: this transformer call did not come through a pipeline Sparse Context was applied to "
+                "(e.g. one made with from_pipe, or the bare transformer): its selection sees latents instead of "
+                "the reference pixels, and no prompt; apply_sparse_context to that pipeline too")
+            self.state.warned_uncaptured = True
         # pixels only if captured by this call (no transformer call since) and one per reference
         images = self.state.images if self.state.images_tick == self.state.forwards else None
         images = images if images and len(images) == len(layout.grids) else None
@@ -280,11 +287,19 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     reference images (text-to-image) is a logged no-op. ``cfg.cache=True`` needs ``Flux2KleinKVPipeline``
     (whose K/V cache then holds only the kept references). Raises ``TypeError`` for unsupported targets.
     Returns ``target``.
+
+    The hook lives on the transformer, so pipelines sharing it (``from_pipe``) share its config; each
+    pipeline it was applied through captures its own reference pixels and prompt for the selection
+    (applying through a second one keeps the first's capture).
     """
     if not isinstance(cfg, SparseContextConfig):
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     pipe, transformer = _resolve(target)
+    if getattr(getattr(transformer, "config", None), "use_layer3d_rope", False):
+        raise TypeError(
+            f"Sparse Context does not support layered {type(transformer).__name__}s (use_layer3d_rope, "
+            "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
     if cfg.selector != "auto" and needs_probe(cfg.selector):
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "
@@ -296,40 +311,54 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         )
     from diffusers.hooks import HookRegistry
 
+    previous = _hook(transformer)
+    owners = [pipe] if pipe is not None else []
+    owners += [o for o in (previous.owners if previous else []) if o is not pipe and _shares(o, transformer)]
     remove_sparse_context_diffusers(target)
     if pipe is not None:
         remove_sparse_context_diffusers(transformer)
-    hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owner=pipe)
+    hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owners)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(hook, HOOK_NAME)
+    hook.installed_forward = register_beneath_offload(registry, transformer, hook, HOOK_NAME)
     if isinstance(hook.adapter, QwenImageAdapter):
         HookRegistry.check_if_exists_or_initialize(transformer.pos_embed).register_hook(
             QwenRopeHook(hook.state), ROPE_HOOK_NAME
         )
     _invalidate(registry)
-    if pipe is not None:
-        on_generation_start(pipe, _CALLBACK, hook.state.new_generation)
-        _wrap_image_capture(pipe, hook.state)
+    on_generation_start(transformer, _CALLBACK, hook.state.new_generation)  # ts.begin_generation(transformer)
+    for owner in owners:
+        on_generation_start(owner, _CALLBACK, hook.state.new_generation)
+        wrap_capture(owner, hook.state)
     return target
+
+
+def _hook(transformer: Any) -> SparseContextHook | None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return registry.get_hook(HOOK_NAME) if registry is not None else None
+
+
+def _shares(pipe: Any, transformer: Any) -> bool:
+    return getattr(pipe, "transformer", None) is transformer
 
 
 def remove_sparse_context_diffusers(target: Any) -> Any:
     """Undo :func:`apply_sparse_context_diffusers`; a target without Sparse Context is left as is."""
     pipe, transformer = _resolve(target)
     registry = getattr(transformer, "_diffusers_hook", None)
-    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    hook = _hook(transformer)
     if hook is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        if hook.owner is not None:
-            _unwrap_image_capture(hook.owner)
-            remove_generation_callback(hook.owner, _CALLBACK)
+        remove_keeping_offload(registry, transformer, HOOK_NAME, hook.installed_forward)
+        for owner in hook.owners:
+            unwrap_capture(owner)
+            remove_generation_callback(owner, _CALLBACK)
+    remove_generation_callback(transformer, _CALLBACK)
     rope_registry = getattr(getattr(transformer, "pos_embed", None), "_diffusers_hook", None)
     if rope_registry is not None and rope_registry.get_hook(ROPE_HOOK_NAME) is not None:
         rope_registry.remove_hook(ROPE_HOOK_NAME, recurse=False)
     if registry is not None:
         _invalidate(registry)
     if pipe is not None:
-        _unwrap_image_capture(pipe)
+        unwrap_capture(pipe)
         remove_generation_callback(pipe, _CALLBACK)
     return target
 
@@ -337,62 +366,10 @@ def remove_sparse_context_diffusers(target: Any) -> Any:
 def sparse_context_state(target: Any) -> _State | None:
     """The live selection state of a patched target (``selections`` counts computed selections)."""
     _, transformer = _resolve(target)
-    registry = getattr(transformer, "_diffusers_hook", None)
-    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    hook = _hook(transformer)
     return hook.state if hook is not None else None
 
 
 def _invalidate(registry: Any) -> None:
     if hasattr(registry, "invalidate_child_registries_cache"):
         registry.invalidate_child_registries_cache()
-
-
-def _wrap_image_capture(pipe: Any, state: _State) -> None:
-    """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``)."""
-    image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
-    preferred = PREFERRED_IMAGE_ARG.get(type(pipe).__name__)
-    image_args = ((preferred,) if preferred else ()) + ((arg_name, arg_pos),)
-    wrapped = []
-    for name, kind, where in ((image_method, "images", image_args), ("encode_prompt", "prompt", (("prompt", 0),))):
-        original = getattr(pipe, name, None)
-        if original is None:
-            continue
-        pipe.__dict__[name] = _Capture(original, state, kind, where)
-        wrapped.append(name)
-    pipe.__dict__[_CAPTURE] = wrapped
-
-
-class _Capture:
-    """A pipeline method that first records its reference images or prompt into ``state``.
-
-    An object rather than a closure so that ``copy.deepcopy(pipe)`` binds the copy's wrapper to the copied
-    pipeline and selection state.
-    """
-
-    def __init__(self, original: Any, state: _State, kind: str, where: tuple[tuple[str, int], ...]) -> None:
-        self.original, self.state, self.kind, self.where = original, state, kind, where
-        functools.update_wrapper(self, original)
-
-    def _value(self, args: tuple, kwargs: dict) -> Any:
-        """The first of the ``(name, position)`` arguments given (not ``None``)."""
-        for name, pos in self.where:
-            value = kwargs.get(name, args[pos] if len(args) > pos else None)
-            if value is not None:
-                return value
-        return None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        state = self.state
-        if self.kind == "images":
-            state.images = images_for_scorers(self._value(args, kwargs))
-            state.images_tick = state.forwards
-        elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one
-            prompt = self._value(args, kwargs)
-            state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
-            state.prompts_tick = state.forwards
-        return self.original(*args, **kwargs)
-
-
-def _unwrap_image_capture(pipe: Any) -> None:
-    for name in pipe.__dict__.pop(_CAPTURE, []):
-        pipe.__dict__.pop(name, None)

@@ -15,6 +15,7 @@ Text tokens and reference tokens are never merged (thinning references is Sparse
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_core import BlockMerger, GridFn, Sublayer, TokenMergingState
+
+logger = logging.getLogger(__name__)
 
 
 def diffusers_classes() -> dict[str, type]:
@@ -135,6 +138,10 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         sample = first_arg(call, "sample", "hidden_states")
         if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
             state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
+        elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned:  # (B, C, frames, H, W)
+            state.warned = True
+            logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
+                           type(module).__name__)
         state.observe(first_arg(call, "timestep"), call)
 
     state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 from typing import Any
 
 from torch import nn
@@ -38,6 +39,7 @@ __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "remove_
 logger = logging.getLogger(__name__)
 
 _STATE = "_tokensparse_token_merging"
+_VIDEO = re.compile(r"3D|Motion|Temporal|Video|I2VGenXL")  # diffusers video UNets / DiTs built of image blocks
 _CALLBACK = "token_merging"
 
 
@@ -116,6 +118,9 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     blocks = find_blocks(model) if not isinstance(model, RefDiT) else {}
     if not isinstance(model, RefDiT) and not (blocks["unet"] or blocks["flux"] or blocks["qwen"]):
         raise _unsupported(target, "apply_token_merging")
+    if _VIDEO.search(type(model).__name__):
+        raise TypeError(f"token merging does not support video models ({type(model).__name__}): their tokens span "
+                        "frames, and it merges within one image's token grid")
 
     remove_token_merging(target)
     state = TokenMergingState(cfg=cfg, model=model)
