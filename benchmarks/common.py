@@ -17,11 +17,33 @@ from tokensparse.data import batched, heldout
 from tokensparse.metrics import coarse_psnr, psnr, ssim
 
 
+def results_path(name: str, quick: bool) -> Path:
+    """Default output of benchmark ``name``: ``benchmarks/results/NAME.json``, or ``NAME_quick.json`` for a
+    ``--quick`` run (a smoke run never overwrites the committed full results the README quotes)."""
+    return Path("benchmarks/results") / f"{name}{'_quick' if quick else ''}.json"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Fills ``--out`` from ``--quick`` when it is not given."""
+
+    def __init__(self, name: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.benchmark = name
+
+    def parse_args(self, *args, **kwargs):  # type: ignore[override]
+        ns = super().parse_args(*args, **kwargs)
+        if ns.out is None:
+            ns.out = results_path(self.benchmark, ns.quick)
+        return ns
+
+
 def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark takes: ``--quick`` and ``--out`` (default benchmarks/results/NAME.json)."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments every benchmark takes: ``--quick`` and ``--out`` (default :func:`results_path`)."""
+    ap = _Parser(name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results") / f"{name}.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON to write (default: {results_path(name, False)}; "
+                         f"with --quick {results_path(name, True)})")
     return ap
 
 

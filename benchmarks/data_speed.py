@@ -36,8 +36,11 @@ def stream_rate(batch_size: int, image_size: int, n_batches: int, repeats: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer batches and sizes (a few seconds)")
-    ap.add_argument("--out", default="benchmarks/results/data_speed.json")
+    ap.add_argument("--out", default=None,
+                    help="JSON to write (default: benchmarks/results/data_speed.json; "
+                         "with --quick data_speed_quick.json)")
     args = ap.parse_args()
+    args.out = args.out or f"benchmarks/results/data_speed{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(1)
     sizes = [32] if args.quick else [16, 32, 64, 128]
     n_batches, repeats = (10, 3) if args.quick else (30, 5)

@@ -19,7 +19,12 @@ R = Path(__file__).parent / "results"
 
 def load(name: str) -> dict | None:
     path = R / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("quick"):
+        raise SystemExit(f"{path} holds a --quick run; the README quotes full runs (git checkout {path} to restore)")
+    return data
 
 
 def flux() -> None:

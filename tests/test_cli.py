@@ -10,6 +10,15 @@ def test_help_and_show_models():
     assert res.exit_code == 0 and "demo" in res.output
     res = runner.invoke(app, ["show", "models"])
     assert res.exit_code == 0 and "refdit-s" in res.output
+    import subprocess
+    import sys
+
+    import tokensparse
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"tokensparse {tokensparse.__version__}"
+    out = subprocess.run([sys.executable, "-m", "tokensparse", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == res.output.strip()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -18,6 +27,8 @@ def test_help_and_show_models():
     (["show", "tasks", "--per-task", "0", "--out", "{tmp}/t.png"], "per_task"),
     (["show", "tasks", "--image-size", "20", "--out", "{tmp}/t.png"], "image"),
     (["show", "selection", "--ref", "{tmp}/notimg.png", "--out", "{tmp}/s.png"], "cannot identify"),
+    (["show", "selection", "--ref", "{tmp}/notimg.png", "--model", "{tmp}/nope.safetensors", "--out", "{tmp}/s.png"],
+     "nope.safetensors not found"),
 ])
 def test_cli_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, args, message):
     (tmp_path / "notimg.png").write_text("not an image")

@@ -52,11 +52,27 @@ def test_config_saved_and_export_loads(tmp_path):
     assert saved["model"] == "refdit-tiny" and saved["steps"] == 2
     from tokensparse.models import load_checkpoint
 
-    path = export_ema(tmp_path / "run", tmp_path / "w.safetensors")
+    path = export_ema(tmp_path / "run", tmp_path / "new" / "folder" / "w.safetensors")  # folders created
     model = load_checkpoint(path)
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["step"] == 2 and info["recipe"]["model"] == "refdit-tiny"
     assert model.config.image_size == 16
+    import tokensparse as ts
+
+    again = ts.load_model(str(path))  # ts.load_model takes your own checkpoints by path too
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    umask = os.umask(0)
+    os.umask(umask)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    for f in (path, ckpt / "model.safetensors", ckpt / "ema.safetensors"):  # not owner-only (safetensors' temp files)
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="beside it"):
+        ts.load_model(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ts.load_model(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="safetensors"):
+        ts.load_model("refdit-nope")
 
 
 def test_random_keep_mask_budgets():

@@ -17,6 +17,20 @@ app.add_typer(show_app, name="show")
 console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"tokensparse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """tokensparse: faster reference-conditioned diffusion transformers."""
+
+
 @show_app.command("models")
 def show_models() -> None:
     """List the named RefDiT models and whether trained weights ship."""
@@ -124,9 +138,11 @@ def train(
 def bench(
     name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep | flux_speed"),
     quick: bool = typer.Option(False, help="The benchmark's quick variant (minutes, small samples)."),
-    out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json)."),
+    out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json; with "
+                                    "--quick NAME_quick.json, so a smoke run keeps the committed results)."),
 ) -> None:
-    """Run a benchmark script from a repository checkout; it writes JSON + a PNG plot under benchmarks/results."""
+    """Run a benchmark script from a repository checkout; it writes its JSON (and most a PNG plot) under
+    benchmarks/results."""
     from .bench import run_benchmark
 
     if out is not None:

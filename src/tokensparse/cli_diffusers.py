@@ -13,6 +13,7 @@ registers them as commands.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,11 +30,34 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def _pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a saved pipeline folder names in its ``model_index.json`` (None if unreadable)."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_before_loading(name: str | None, n_refs: int, cache: bool) -> None:
+    """Fail on a reference count or ``--cache`` the pipeline class ``name`` cannot take (before loading it)."""
+    from .integrations.diffusers_models import PIPELINES
+
+    if name not in PIPELINES:
+        return
+    if n_refs > 1 and PIPELINES[name][1] == "image":  # FluxKontextPipeline, QwenImageEditPipeline
+        _fail(f"{name} takes one reference image")
+    if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
+        _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
+              "K/V cache")
+
+
 def _load_refs(paths: list[Path]) -> list[Any]:
     from PIL import UnidentifiedImageError
 
     images = []
     for path in paths:
+        if path.is_dir():
+            _fail(f"reference image {path} is a folder; pass image files (--ref a.png --ref b.png)")
         if not path.is_file():
             _fail(f"reference image {path} does not exist")
         try:
@@ -152,6 +176,7 @@ def generate(
     if not local and model in {**CONFIGS, **CHECKPOINTS}:
         _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
+    _check_before_loading(_pipeline_class(Path(model)) if local else None, len(refs), cache)
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
@@ -173,11 +198,9 @@ def generate(
 
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
+    _check_before_loading(name, len(refs), cache)
     if refs:
-        single = PIPELINES[name][1] == "image"  # FluxKontextPipeline, QwenImageEditPipeline
-        if single and len(refs) > 1:
-            _fail(f"{name} takes one reference image")
-        kwargs["image"] = refs[0] if single else refs
+        kwargs["image"] = refs[0] if PIPELINES[name][1] == "image" else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
@@ -237,7 +260,7 @@ def train_lora(
     resolution: Annotated[int, typer.Option(help="training resolution in pixels (multiple of 16)")] = 512,
     seed: Annotated[int, typer.Option(help="seed of sampling, noise and dropping")] = 0,
 ) -> None:
-    """Fine-tune a FLUX.2 [klein] LoRA with random reference-token dropping."""
+    """Fine-tune a FLUX.2 \\[klein] LoRA with random reference-token dropping."""
     try:
         import diffusers
     except ImportError:

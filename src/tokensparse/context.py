@@ -20,10 +20,12 @@ class SparseContextConfig:
         With several references it is the *average* budget (see ``allocate``); with ``adaptive`` it is
         the ceiling per reference.
     selector: a scorer name from ``tokensparse.selection.SCORERS``: ``"random"``, ``"uniform"``,
-        ``"edges"``, ``"foreground"``, ``"attention"`` (a model probe) or ``"auto"`` (per task, from the prompt).
+        ``"edges"``, ``"foreground"``, ``"detail"``, ``"attention"`` (a model probe) or ``"auto"`` (per task,
+        from the prompt).
     adaptive: let the budget adapt to the input: each reference keeps the smallest set of tokens that
         holds ``mass`` of its score mass, between ``min_keep`` and ``keep`` of its tokens.
-    seed: seeds the selection's own generator, so dense and sparse runs share the diffusion noise.
+    seed: seeds the selection's own generator, so dense and sparse runs share the diffusion noise. ``"random"``
+        draws for the whole batch at once: a sample's random selection depends on its place in the batch.
     cache: compute the kept reference tokens' K/V once per generation and reuse them every step
         (models built with ``ref_attends_target=False`` only).
     count: keep this many tokens per reference instead of a ratio (``keep`` must stay 1.0).

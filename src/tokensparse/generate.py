@@ -52,12 +52,14 @@ def generate(
 ) -> Tensor:
     """Generate ``(B, 3, H, W)`` images in [0, 1].
 
-    references: PIL images, arrays or tensors in [0, 1], each ``(3, H, W)`` or ``(B, 3, H, W)``; may be empty.
+    references: PIL images, arrays or tensors in [0, 1], each one image (``(3, H, W)``, ``(H, W, 3)``, ...) or a
+        ``(B, 3, H, W)`` tensor for the batch; may be empty.
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
         ``seed[i]`` when a list is given. With guidance that routes tokens or drops the weak branch's
         references, those draws are seeded from the first seed for the whole batch, so a guided sample also
-        depends on its batch.
+        depends on its batch; so does one under Sparse Context with ``selector="random"``, whose draws come
+        from the config's seed for the whole batch (every other selector is deterministic per sample).
     guidance: a :class:`~tokensparse.guidance.CFGConfig` or :class:`~tokensparse.guidance.SparseGuidanceConfig`
         (routing needs a model built with ``route_span``); ``None`` = one conditional dense pass per step.
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.

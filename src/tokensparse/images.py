@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .files import default_mode
+
 ImageLike = Image.Image | np.ndarray | Tensor
 
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # PIL modes beyond 8 bits: convert("RGB") would clip them
@@ -138,9 +140,7 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             pil.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        default_mode(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -83,9 +83,9 @@ def save_selection_map(refs: list[Path], selector: str, keep: float, out: Path, 
                               seed=seed)
     net = None
     if model is not None:
-        from .models import load_checkpoint, load_model
+        from .models import load_model
 
-        net = load_checkpoint(model) if str(model).endswith(".safetensors") else load_model(model)
+        net = load_model(model)
         image_size, patch_size = net.config.image_size, net.config.patch_size
     elif needs_probe(selector):
         raise ValueError(f"selector {selector!r} probes a model's attention: pass model='refdit-sparse' (or a path)")

@@ -28,6 +28,7 @@ from torch import Tensor
 from . import checks
 from .api import reference_views
 from .context import SparseContextConfig
+from .files import default_mode
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
@@ -207,6 +208,8 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
     tmp.mkdir(parents=True)
     save_file({k: v.cpu() for k, v in _state_tensors(model).items()}, str(tmp / "model.safetensors"))
     save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        default_mode(tmp / name)  # safetensors writes owner-only files
     torch.save(opt.state_dict(), tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)

@@ -47,7 +47,8 @@ def tokenize(prompt: str | list[str], max_len: int = MAX_PROMPT_LEN) -> torch.Te
             raise TypeError(f"prompt must be a str, got {type(text).__name__}")
         words = text.lower().split()
         if len(words) > max_len:
-            raise ValueError(f"prompt has {len(words)} words; at most {max_len} are supported: {text!r}")
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise ValueError(f"prompt has {len(words)} words; at most {max_len} are supported: {shown!r}")
         for col, word in enumerate(words):
             if word not in _WORD_TO_ID:
                 raise ValueError(f"prompt word {word!r} is not in the vocabulary (see tokensparse.vocab.WORDS)")

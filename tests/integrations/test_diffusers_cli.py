@@ -80,6 +80,7 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
     "change, message",
     [
         ({"--ref": "missing.png"}, "does not exist"),
+        ({"--ref": "d.png"}, "is a folder"),
         ({"--keep": "1.5"}, "keep must be in"),
         ({"--merge": "1"}, "--merge must be in"),
         ({"--selector": "nope"}, "unknown selector"),
@@ -140,3 +141,16 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
                                    "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
     assert (seen["height"], seen["width"], seen["max_area"]) == (32, 48, 32 * 48)
+
+
+@pytest.mark.parametrize("extra, message", [(["--ref", "{ref}"], "takes one reference image"),
+                                            (["--cache"], "--cache needs FLUX.2")])
+def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, extra, message):
+    # only model_index.json: a check after loading would fail to load instead
+    folder = tmp_path / "kontext"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxKontextPipeline"}')
+    ref = str(_ref(tmp_path))
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", ref, "--out", str(tmp_path / "o.png")]
+    result = CliRunner().invoke(app, args + [x.replace("{ref}", ref) for x in extra])
+    assert result.exit_code == 1 and message in result.output and "cannot load" not in result.output

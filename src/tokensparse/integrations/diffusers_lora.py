@@ -23,6 +23,7 @@ import torch
 
 from .. import checks
 from ..context import SparseContextConfig
+from ..files import default_mode
 from ..images import load_rgb
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
@@ -197,5 +198,7 @@ def train_lora_sparse(
     if accelerator.is_main_process:
         state = get_peft_model_state_dict(accelerator.unwrap_model(model))
         type(pipe).save_lora_weights(out, transformer_lora_layers=state)
+        for weights in out.glob("*.safetensors"):
+            default_mode(weights)  # safetensors writes owner-only files
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return losses

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_model as _load_safetensors
 from safetensors.torch import save_model as _save_safetensors
 
+from ..files import default_mode
 from .refdit import RefDiT, RefDiTConfig
 
 # Architectures by name. Weights, where shipped, live in tokensparse/weights/<name>.safetensors.
@@ -96,9 +97,10 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
     private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".safetensors.tmp")
     write_weights(str(tmp))
-    tmp.chmod(0o644)
+    default_mode(tmp)
     tmp.replace(path)
     tmp_json = path.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(info, indent=2))
@@ -116,8 +118,14 @@ def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
-    """Load a RefDiT saved by :func:`save_checkpoint` (safetensors only; no pickle)."""
+    """Load a RefDiT saved by :func:`save_checkpoint` (``tokensparse train --export``): the safetensors file
+    and the JSON beside it (safetensors only; no pickle)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if not path.with_suffix(".json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no {path.with_suffix('.json').name} beside it (its config); "
+                                "save_checkpoint and `tokensparse train --export` write both")
     info = json.loads(path.with_suffix(".json").read_text())
     cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
     model = RefDiT(RefDiTConfig(**cfg_dict))
@@ -125,12 +133,17 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     return model.eval()
 
 
-def load_model(name: str) -> RefDiT:
-    """A shipped, trained RefDiT by name (see :func:`list_models`), in eval mode."""
+def load_model(name: str | Path) -> RefDiT:
+    """A shipped, trained RefDiT by name (see :func:`list_models`), or your own checkpoint by the path of its
+    ``.safetensors`` file (:func:`load_checkpoint`), in eval mode."""
+    if isinstance(name, Path) or (isinstance(name, str) and name.endswith(".safetensors")):
+        return load_checkpoint(name)
     if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {sorted(CHECKPOINTS)}; got {type(name).__name__}")
+        raise TypeError(f"name must be a string, one of {sorted(CHECKPOINTS)}, or a .safetensors path; "
+                        f"got {type(name).__name__}")
     if name not in CHECKPOINTS:
-        raise ValueError(f"no shipped checkpoint named {name!r}; shipped: {sorted(CHECKPOINTS)}")
+        raise ValueError(f"no shipped checkpoint named {name!r}; shipped: {sorted(CHECKPOINTS)} "
+                         "(your own: the path of its .safetensors file)")
     path = weights_dir() / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {name!r} is not in this build of tokensparse ({path} missing)")
