@@ -620,3 +620,22 @@ def test_video_models_are_rejected() -> None:
         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
     with pytest.raises(TypeError, match="video"):
         apply_token_merging(video, TokenMergingConfig(ratio=0.5))
+
+
+@torch.no_grad()
+def test_chunked_feed_forward_runs_unmerged_and_says_so(unet: nn.Module, caplog: pytest.LogCaptureFixture) -> None:
+    x, t, ctx = _unet_inputs()
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5, merge_mlp=False))
+    attn_only = unet(x, t, ctx).sample
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5))
+    for blk in _blocks(unet):
+        blk.set_chunk_feed_forward(16, dim=1)  # what enable_forward_chunking does: ff sees slices of 16 tokens
+    try:
+        with caplog.at_level(logging.WARNING):
+            chunked = unet(x, t, ctx).sample
+        assert "enable_forward_chunking" in caplog.text
+        torch.testing.assert_close(chunked, attn_only)  # attention merged, the chunked ff not
+    finally:
+        for blk in _blocks(unet):
+            blk.set_chunk_feed_forward(None, dim=0)
+        remove_token_merging(unet)

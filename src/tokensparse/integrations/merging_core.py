@@ -9,6 +9,7 @@ sublayer's tokens; tokens around it (text, reference tokens) pass through. Targe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from ..generation import StepTracker, check_scheduler
 from ..merging import Matching, TokenMergingConfig, match, random_destinations
+
+logger = logging.getLogger(__name__)
 
 GridFn = Callable[[int], "tuple[int, int, int] | None"]  # tokens of a call -> (h, w, start) of its target grid
 RopeFn = Callable[[tuple, dict, Matching, int, "tuple[int, int]"], "tuple[tuple, dict]"]
@@ -36,6 +39,7 @@ class TokenMergingState:
     merged_tokens: int = 0  # tokens merged away in the last generation, summed over layers and calls
     grids_found: int = 0  # blocks of the current model call whose tokens formed a grid this config merges
     warned: bool = False
+    warned_misfit: bool = False
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
@@ -171,7 +175,14 @@ class BlockMerger:
                     self.span = (grid[2], grid[0] * grid[1])
                     self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
             m, span = self.current, self.span
-            if m is None or m.num_merged == 0 or not m.fits(part(x, span)):
+            if m is None or m.num_merged == 0:
+                return None
+            if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
+                if not self.state.warned_misfit:
+                    self.state.warned_misfit = True
+                    logger.warning("tokensparse: token merging: %s of %s got %d tokens where the block's grid has %d "
+                                   "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
+                                   type(module).__name__, self.name, x.shape[1], span[1])
                 return None
             module.__dict__["_tokensparse_active"] = (m, span)
             merged = merge_span(m, x, span)
