@@ -8,7 +8,6 @@ warm-up), and per-task samples/s of ``make_sample`` at the training size. Writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import parser
 
 from tokensparse.data import TASKS, get_bank, make_sample, train_batches
 
@@ -34,13 +34,7 @@ def stream_rate(batch_size: int, image_size: int, n_batches: int, repeats: int) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer batches and sizes (a few seconds)")
-    ap.add_argument("--out", default=None,
-                    help="JSON to write (default: benchmarks/results/data_speed.json; "
-                         "with --quick data_speed_quick.json)")
-    args = ap.parse_args()
-    args.out = args.out or f"benchmarks/results/data_speed{'_quick' if args.quick else ''}.json"
+    args = parser(__doc__, "data_speed", "fewer batches and sizes (a few seconds)").parse_args()
     torch.set_num_threads(1)
     sizes = [32] if args.quick else [16, 32, 64, 128]
     n_batches, repeats = (10, 3) if args.quick else (30, 5)

@@ -20,7 +20,6 @@ Every speedup is a ratio of medians taken within this run on this machine. Write
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -31,7 +30,7 @@ from typing import Any
 
 import merging_refdit as mr
 import torch
-from common import interleaved, progress, results_path, speedups
+from common import interleaved, parser, progress, speedups
 
 import tokensparse as ts
 from tokensparse.integrations.merging_hooks import apply_token_merging, remove_token_merging
@@ -279,16 +278,12 @@ PARTS = ("refdit_quality", "refdit_speed", "refdit_small_quality", "refdit_small
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer configs, samples, steps and repeats")
+    ap = parser(__doc__, "merging", "fewer configs, samples, steps and repeats")
     ap.add_argument("--part", default="all", help=f"comma list of {', '.join(PARTS)} (default: all); "
                     "results of parts not run are kept from an existing --out file")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON to write (default: benchmarks/results/merging.json; with --quick merging_quick.json)")
     ap.add_argument("--model", default=None, help="the headline RefDiT instead of refdit-sparse-64px: a shipped "
                     "name, a checkpoint path or untrained:<config> (must support the K/V cache)")
     args = ap.parse_args()
-    args.out = args.out or results_path("merging", args.quick)
     if args.model is not None:
         mr.SUBJECTS["refdit"] = dataclasses.replace(mr.SUBJECTS["refdit"], model=args.model)
     parts = PARTS if args.part == "all" else tuple(p.strip() for p in args.part.split(","))

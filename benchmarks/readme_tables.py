@@ -53,8 +53,7 @@ def flux_speed() -> None:
         return
     c = d["config"]
     refs = sorted({r["refs"] for r in d["rows"]})
-    quick = " --quick" if d["quick"] else ""
-    print(f"**A real diffusers FLUX.2 transformer, timed** (`benchmarks/flux_speed.py{quick}`): diffusers' "
+    print("**A real diffusers FLUX.2 transformer, timed** (`benchmarks/flux_speed.py`): diffusers' "
           "`Flux2Transformer2DModel` with the K/V processors of `Flux2KleinKVPipeline`, random "
           f"weights, scaled down for a CPU ({c['num_layers']} double + {c['num_single_layers']} single blocks, "
           f"width {c['num_attention_heads'] * c['attention_head_dim']}), {d['target_tokens']} target tokens, "
@@ -88,7 +87,7 @@ def speed() -> None:
     rows = [r for r in d["rows"] if r["arch"] == "refdit-s-64px"]
     refs = sorted({r["refs"] for r in rows})
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    print(f"**RefDiT speed** (`benchmarks/speed.py{' --quick' if d['quick'] else ''}`): 20-step generation, "
+    print("**RefDiT speed** (`benchmarks/speed.py`): 20-step generation, "
           "16×16 tokens per image, random weights, one CPU thread, CPU seconds (median of interleaved "
           "repeats); speedup vs dense (FLOP ratio in brackets):\n")
     print("| setting | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |")
@@ -152,7 +151,7 @@ def drop_sweep() -> None:
     lr = f" (lr {d['lr']:g})" if "lr" in d else " (lr 2e-4, the fine-tune recipe of the time)"
     base_lr = f", lr {d['base_lr']:g}" if "base_lr" in d else ", lr 3e-4"
     cols = [k for k in ("1.0", "0.25", "0.25_auto") if k in next(iter(s["psnr"].values()))]
-    print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py{' --quick' if d['quick'] else ''}`): "
+    print(f"**Choosing the dropping distribution** (`benchmarks/drop_sweep.py`): "
           f"{d['steps']}-step fine-tunes{lr} of the refdit-base of the time ({d['base_steps']:,} steps{base_lr}) "
           "into the cache-capable model that differ only in how "
           f"references are dropped (`dense` = no dropping, the control); PSNR (dB) on {d['n']} held-out samples "
@@ -315,7 +314,7 @@ def guidance() -> None:
     if not d:
         return
     s = d["summary"]
-    print(f"**Guidance** (`benchmarks/guidance.py{' --quick' if d['quick'] else ''}`, `{d['model']}`): FID of "
+    print(f"**Guidance** (`benchmarks/guidance.py`, `{d['model']}`): FID of "
           f"{d['n']} generated vs {d['n']} held-out images of the prompt-only `scene` task (many right answers), "
           f"FeatureNet features, {d['steps']} steps; GFLOPs per denoising step for one image"
           + (" (whole generation / steps; context K/V cache on, and SG's two conditional branches compute the "

@@ -38,12 +38,16 @@ def _pipeline_class(folder: Path) -> str | None:
         return None
 
 
-def _check_before_loading(name: str | None, n_refs: int, cache: bool) -> None:
-    """Fail on a reference count or ``--cache`` the pipeline class ``name`` cannot take (before loading it)."""
-    from .integrations.diffusers_models import PIPELINES
+def _check_pipeline(name: str | None, n_refs: int, cache: bool) -> None:
+    """Fail on a pipeline class ``generate`` does not run, or a reference count or ``--cache`` it cannot take
+    (``None``: not known before loading, nothing to check)."""
+    from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
-    if name not in PIPELINES:
+    if name is None:
         return
+    if name not in PIPELINES or name in MASK_PIPELINES:
+        supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
+        _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
     if n_refs > 1 and PIPELINES[name][1] == "image":  # FluxKontextPipeline, QwenImageEditPipeline
         _fail(f"{name} takes one reference image")
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
@@ -151,7 +155,7 @@ def generate(
 
     from .context import SparseContextConfig
     from .integrations.diffusers import apply_sparse_context_diffusers
-    from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
+    from .integrations.diffusers_models import PIPELINES
     from .integrations.merging_hooks import apply_token_merging
     from .merging import TokenMergingConfig
 
@@ -176,17 +180,15 @@ def generate(
     if not local and model in {**CONFIGS, **CHECKPOINTS}:
         _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
-    _check_before_loading(_pipeline_class(Path(model)) if local else None, len(refs), cache)
+    _check_pipeline(_pipeline_class(Path(model)) if local else None, len(refs), cache)  # before loading
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
         _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
+    _check_pipeline(name, len(refs), cache)
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
-    if name not in PIPELINES or name in MASK_PIPELINES:
-        supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
-        _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
     try:
         apply_sparse_context_diffusers(pipe, cfg)
         if not merge_cfg.is_identity:
@@ -198,7 +200,6 @@ def generate(
 
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
-    _check_before_loading(name, len(refs), cache)
     if refs:
         kwargs["image"] = refs[0] if PIPELINES[name][1] == "image" else refs
     if steps is not None:

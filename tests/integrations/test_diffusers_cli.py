@@ -143,13 +143,16 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
     assert (seen["height"], seen["width"], seen["max_area"]) == (32, 48, 32 * 48)
 
 
-@pytest.mark.parametrize("extra, message", [(["--ref", "{ref}"], "takes one reference image"),
-                                            (["--cache"], "--cache needs FLUX.2")])
-def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, extra, message):
+@pytest.mark.parametrize("cls, extra, message", [
+    ("FluxKontextPipeline", ["--ref", "{ref}"], "takes one reference image"),
+    ("FluxKontextPipeline", ["--cache"], "--cache needs FLUX.2"),
+    ("FluxKontextInpaintPipeline", [], "not supported here"),
+])
+def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, cls, extra, message):
     # only model_index.json: a check after loading would fail to load instead
     folder = tmp_path / "kontext"
     folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "FluxKontextPipeline"}')
+    (folder / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
     ref = str(_ref(tmp_path))
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", ref, "--out", str(tmp_path / "o.png")]
     result = CliRunner().invoke(app, args + [x.replace("{ref}", ref) for x in extra])

@@ -169,16 +169,35 @@ def test_new_references_get_a_new_selection_without_a_visible_boundary(pipe, on)
     assert state.selections == 2 and np.array_equal(after, fresh)
 
 
-def test_deepcopy_of_a_patched_pipeline_is_independent(pipe):
+def test_deepcopy_of_a_patched_pipeline_is_refused_and_works_after_remove(pipe):
+    # diffusers' hooks stay bound to the module they were registered on: a copy would silently run the original
     import copy
 
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
     sparse = run(pipe)
+    with pytest.raises(TypeError, match="remove_sparse_context"):
+        copy.deepcopy(pipe)
+    remove_sparse_context_diffusers(pipe)
     twin = copy.deepcopy(pipe)
-    assert np.array_equal(run(twin), sparse)  # the copy's wrappers drive the copy's scheduler (crashed before)
-    assert twin.prepare_image_latents.__wrapped__.__self__ is twin
-    remove_sparse_context_diffusers(twin)
-    assert sparse_context_state(pipe) is not None and np.array_equal(run(pipe), sparse)
+    for p in (pipe, twin):
+        apply_sparse_context_diffusers(p, SparseContextConfig(keep=0.25, selector="uniform"))
+    with torch.no_grad():
+        for w in twin.transformer.parameters():
+            w.mul_(0.5)
+    assert np.array_equal(run(pipe), sparse) and not np.array_equal(run(twin), sparse)  # independent
+
+
+def test_removing_from_a_replaced_transformer_leaves_the_pipeline_alone(pipe):
+    import copy
+
+    old, new = pipe.transformer, copy.deepcopy(pipe.transformer)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))  # owner of old's hook
+    pipe.transformer = new
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
+    apply_sparse_context_diffusers(old, SparseContextConfig(keep=0.5))  # re-apply = remove + apply on the old one
+    remove_sparse_context_diffusers(old)
+    assert "encode_prompt" in pipe.__dict__ and "set_timesteps" in pipe.scheduler.__dict__
+    assert sparse_context_state(pipe) is not None
 
 
 def test_config_is_snapshotted_at_apply(pipe):

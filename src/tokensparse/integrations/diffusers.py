@@ -16,7 +16,8 @@ on a pipeline, a new generation starts when the pipeline calls ``scheduler.set_t
 call); on a bare transformer, when the timestep rises. The batch shares one selection because the
 transformers take one set of position ids for the whole batch (FLUX uses ``img_ids[0]``); it is
 computed from the first sample's references. When the pipeline is given the reference images as pixels,
-scorers also see them (``RefView.image``).
+scorers also see them (``RefView.image``). ``ts.begin_generation(pipe or transformer)`` starts one
+explicitly.
 
 With ``Flux2KleinKVPipeline`` the K/V-extract step sees only the kept references, so the cache holds
 fewer reference K/V and every later step attends to fewer keys (sparse + cache).
@@ -117,6 +118,12 @@ class SparseContextHook:
         self.installed_forward: Any = None  # the transformer's forward right after this hook was registered
         self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
 
+    def __deepcopy__(self, memo: dict) -> SparseContextHook:
+        raise TypeError(
+            "copy.deepcopy of a transformer or pipeline with Sparse Context applied is not supported: diffusers' "
+            "hooks stay bound to the module they were registered on, so the copy would run the original "
+            "transformer. Remove it (ts.remove_sparse_context), copy, then apply it to each")
+
     # ModelHook protocol -------------------------------------------------------------------------------
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
@@ -139,7 +146,8 @@ class SparseContextHook:
         if args:  # bare-transformer callers may pass positionally; pipelines use keywords
             kwargs, args = as_keywords(module, args, kwargs), ()
         for owner in self.owners:
-            check_scheduler(owner)  # a scheduler swapped after apply: this call starts a generation
+            if _shares(owner, module):
+                check_scheduler(owner)  # a scheduler swapped after apply: this call starts a generation
         if kwargs.get("timestep") is not None:  # also catches pipelines sharing this transformer (from_pipe)
             gen = self.state.tracker.generation
             self.state.tracker.observe(float(kwargs["timestep"].flatten()[0]))
@@ -349,8 +357,9 @@ def remove_sparse_context_diffusers(target: Any) -> Any:
     if hook is not None:
         remove_keeping_offload(registry, transformer, HOOK_NAME, hook.installed_forward)
         for owner in hook.owners:
-            unwrap_capture(owner)
-            remove_generation_callback(owner, _CALLBACK)
+            if _shares(owner, transformer):  # not one that has since been given another transformer
+                unwrap_capture(owner)
+                remove_generation_callback(owner, _CALLBACK)
     remove_generation_callback(transformer, _CALLBACK)
     rope_registry = getattr(getattr(transformer, "pos_embed", None), "_diffusers_hook", None)
     if rope_registry is not None and rope_registry.get_hook(ROPE_HOOK_NAME) is not None:

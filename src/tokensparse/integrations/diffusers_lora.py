@@ -198,7 +198,6 @@ def train_lora_sparse(
     if accelerator.is_main_process:
         state = get_peft_model_state_dict(accelerator.unwrap_model(model))
         type(pipe).save_lora_weights(out, transformer_lora_layers=state)
-        for weights in out.glob("*.safetensors"):
-            default_mode(weights)  # safetensors writes owner-only files
+        default_mode(out / "pytorch_lora_weights.safetensors")  # safetensors writes owner-only files
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return losses

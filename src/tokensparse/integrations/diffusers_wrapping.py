@@ -27,11 +27,7 @@ def wrap_capture(pipe: Any, state: Any) -> None:
 
 
 class _Capture:
-    """A pipeline method that first records its reference images or prompt into ``state``.
-
-    An object rather than a closure so that ``copy.deepcopy(pipe)`` binds the copy's wrapper to the copied
-    pipeline and selection state.
-    """
+    """A pipeline method that first records its reference images or prompt into ``state``."""
 
     def __init__(self, original: Any, state: Any, kind: str, where: tuple[tuple[str, int], ...]) -> None:
         self.original, self.state, self.kind, self.where = original, state, kind, where
@@ -71,7 +67,7 @@ def register_beneath_offload(registry: Any, transformer: Any, hook: Any, name: s
     first call's clean-up would drop it.
     """
     outer = transformer.__dict__.get("forward")
-    offload = getattr(transformer, "_hf_hook", None) is not None and "_old_forward" in transformer.__dict__
+    offload = "_old_forward" in transformer.__dict__ and _is_accelerate_forward(outer)
     if offload:
         transformer.forward = transformer._old_forward
     registry.register_hook(hook, name)
@@ -86,6 +82,14 @@ def remove_keeping_offload(registry: Any, transformer: Any, name: str, installed
     which diffusers' ``remove_hook`` would drop with it."""
     current = transformer.__dict__.get("forward")
     registry.remove_hook(name, recurse=False)
-    if installed is not None and current is not installed and getattr(transformer, "_old_forward", None) is installed:
-        transformer._old_forward = transformer.__dict__.get("forward", type(transformer).forward.__get__(transformer))
+    if (installed is not None and current is not installed and _is_accelerate_forward(current)
+            and getattr(transformer, "_old_forward", None) is installed):
+        transformer._old_forward = transformer.__dict__["forward"]  # what remove_hook restored
         transformer.forward = current
+
+
+def _is_accelerate_forward(forward: Any) -> bool:
+    """Whether ``forward`` is the wrapper accelerate's ``add_hook_to_module`` installs (not a later hook's)."""
+    func = getattr(forward, "func", None)
+    return getattr(func, "__module__", None) == "accelerate.hooks" and "add_hook_to_module" in getattr(
+        func, "__qualname__", "")

@@ -40,6 +40,7 @@ class TokenMergingState:
     grids_found: int = 0  # blocks of the current model call whose tokens formed a grid this config merges
     warned: bool = False
     warned_misfit: bool = False
+    warned_video: bool = False
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)

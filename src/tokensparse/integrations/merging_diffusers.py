@@ -138,8 +138,8 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         sample = first_arg(call, "sample", "hidden_states")
         if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
             state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
-        elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned:  # (B, C, frames, H, W)
-            state.warned = True
+        elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned_video:  # (B, C, frames, H, W)
+            state.warned_video = True
             logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
                            type(module).__name__)
         state.observe(first_arg(call, "timestep"), call)
