@@ -639,3 +639,24 @@ def test_chunked_feed_forward_runs_unmerged_and_says_so(unet: nn.Module, caplog:
         for blk in _blocks(unet):
             blk.set_chunk_feed_forward(None, dim=0)
         remove_token_merging(unet)
+
+
+@torch.no_grad()
+def test_deepcopy_of_a_merged_model_is_independent(unet: nn.Module, caplog: pytest.LogCaptureFixture) -> None:
+    import copy
+
+    x, t, ctx = _unet_inputs()
+    dense = unet(x, t, ctx).sample
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5))
+    merged = unet(x, t, ctx).sample
+    twin = copy.deepcopy(unet)
+    state, twin_state = merging_state(unet), merging_state(twin)
+    assert twin_state is not state and twin_state.model is twin
+    before = state.merged_tokens
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(twin(x, t, ctx).sample, merged)  # the copy's hooks run on the copy's state
+    assert "merged nothing" not in caplog.text
+    assert state.merged_tokens == before and twin_state.merged_tokens > 0
+    remove_token_merging(twin)
+    assert torch.equal(twin(x, t, ctx).sample, dense) and torch.equal(unet(x, t, ctx).sample, merged)
+    remove_token_merging(unet)

@@ -9,6 +9,7 @@ sublayer's tokens; tokens around it (text, reference tokens) pass through. Targe
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -155,59 +156,53 @@ class BlockMerger:
         self.state, self.name, self.grid, self.shared = state, name, grid, shared
         self.current: Matching | None = None
         self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
-        for i, sub in enumerate(sublayers):
-            pre = self._pre_hook(sub, owner=(i == 0))
-            post = self._post_hook(sub)
+        for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
+            pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
             state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
             state.handles.append(sub.module.register_forward_hook(post, with_kwargs=True))
 
-    def _pre_hook(self, sub: Sublayer, owner: bool) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            module.__dict__["_tokensparse_active"] = None
-            if sub.target_only and kwargs.get("role", "target") != "target":
-                return None
-            from_kwargs = not args
-            x = kwargs[sub.tokens] if from_kwargs else args[0]
-            if owner:
-                grid = self.grid(x.shape[1])
-                self.state.grids_found += grid is not None
-                self.current = None
-                if grid is not None:
-                    self.span = (grid[2], grid[0] * grid[1])
-                    self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
-            m, span = self.current, self.span
-            if m is None or m.num_merged == 0:
-                return None
-            if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
-                if not self.state.warned_misfit:
-                    self.state.warned_misfit = True
-                    logger.warning("tokensparse: token merging: %s of %s got %d tokens where the block's grid has %d "
-                                   "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
-                                   type(module).__name__, self.name, x.shape[1], span[1])
-                return None
-            module.__dict__["_tokensparse_active"] = (m, span)
-            merged = merge_span(m, x, span)
-            if from_kwargs:
-                kwargs = {**kwargs, sub.tokens: merged}
-            else:
-                args = (merged, *args[1:])
-            if sub.rope is not None:
-                args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
-            return args, kwargs
+    def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
+             ) -> tuple[tuple, dict] | None:
+        module.__dict__["_tokensparse_active"] = None
+        if sub.target_only and kwargs.get("role", "target") != "target":
+            return None
+        from_kwargs = not args
+        x = kwargs[sub.tokens] if from_kwargs else args[0]
+        if owner:
+            grid = self.grid(x.shape[1])
+            self.state.grids_found += grid is not None
+            self.current = None
+            if grid is not None:
+                self.span = (grid[2], grid[0] * grid[1])
+                self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
+        m, span = self.current, self.span
+        if m is None or m.num_merged == 0:
+            return None
+        if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
+            if not self.state.warned_misfit:
+                self.state.warned_misfit = True
+                logger.warning("tokensparse: token merging: %s of %s got %d tokens where the block's grid has %d "
+                               "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
+                               type(module).__name__, self.name, x.shape[1], span[1])
+            return None
+        module.__dict__["_tokensparse_active"] = (m, span)
+        merged = merge_span(m, x, span)
+        if from_kwargs:
+            kwargs = {**kwargs, sub.tokens: merged}
+        else:
+            args = (merged, *args[1:])
+        if sub.rope is not None:
+            args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
+        return args, kwargs
 
-        return hook
-
-    def _post_hook(self, sub: Sublayer) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            active = module.__dict__.pop("_tokensparse_active", None)
-            if active is None:
-                return None
-            m, span = active
-            if isinstance(output, tuple):
-                return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
-            return unmerge_span(m, output, span)
-
-        return hook
+    def _post(self, sub: Sublayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        active = module.__dict__.pop("_tokensparse_active", None)
+        if active is None:
+            return None
+        m, span = active
+        if isinstance(output, tuple):
+            return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
+        return unmerge_span(m, output, span)
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:

@@ -15,6 +15,7 @@ Text tokens and reference tokens are never merged (thinning references is Sparse
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import BlockMerger, GridFn, Sublayer, TokenMergingState
+from .merging_core import BlockMerger, Sublayer, TokenMergingState
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +130,27 @@ def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None
     return None
 
 
+# Hooks and grid functions are module-level functions bound with functools.partial, not closures, so that
+# copy.deepcopy of a merged model copies them along with their state (closures would keep the original's).
+
+
+def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = as_keywords(module, args, kwargs)
+    sample = first_arg(call, "sample", "hidden_states")
+    if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
+        state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
+    elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned_video:  # (B, C, frames, H, W)
+        state.warned_video = True
+        logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
+                       type(module).__name__)
+    state.observe(first_arg(call, "timestep"), call)
+
+
 def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     cfg = state.cfg
     patch = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)  # UNets: 1
-
-    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = as_keywords(module, args, kwargs)
-        sample = first_arg(call, "sample", "hidden_states")
-        if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
-            state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
-        elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned_video:  # (B, C, frames, H, W)
-            state.warned_video = True
-            logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
-                           type(module).__name__)
-        state.observe(first_arg(call, "timestep"), call)
-
-    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_unet, state, patch),
+                                                         with_kwargs=True))
     for name, blk in blocks:
         attn2 = getattr(blk, "attn2", None)
         if hasattr(blk, "attn1"):  # BasicTransformerBlock: self-attention attn1, cross-attention attn2
@@ -156,7 +162,7 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(Sublayer(blk.ff, "hidden_states"))
         if subs:
-            BlockMerger(state, name, subs, lambda n: latent_grid(state, n))
+            BlockMerger(state, name, subs, functools.partial(latent_grid, state))
 
 
 def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: list[tuple[str, nn.Module]],
@@ -170,26 +176,9 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     or not by Sparse Context), pass through unmerged.
     """
     cfg = state.cfg
-    box: dict[str, Any] = {"grid": None, "n_txt": None}
-
-    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = as_keywords(module, args, kwargs)
-        ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
-        box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
-        box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
-        state.observe(first_arg(call, "timestep"), call)
-
-    def grid_after(text: bool) -> GridFn:
-        def grid(n: int) -> tuple[int, int, int] | None:  # n: the sublayer's tokens (text first if ``text``)
-            if box["grid"] is None or (text and box["n_txt"] is None):
-                return None
-            h, w, leading = box["grid"]
-            lo = box["n_txt"] if text else 0
-            return None if h * w > n - lo else (h, w, lo if leading else n - h * w)
-
-        return grid
-
-    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    box: dict[str, Any] = {"grid": None, "n_txt": None}  # of the running call, read by every block
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_flux, state, box),
+                                                         with_kwargs=True))
     for name, blk in double:
         subs = []
         if cfg.merge_attn:
@@ -197,7 +186,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(Sublayer(blk.ff, "hidden_states"))
         if subs:
-            BlockMerger(state, name, subs, grid_after(text=False), shared=True)
+            BlockMerger(state, name, subs, functools.partial(_flux_grid, box, False), shared=True)
     for name, blk in single:
         subs = []
         if cfg.merge_mlp and isinstance(getattr(blk, "proj_mlp", None), nn.Module):  # FLUX.1: runs before attn
@@ -205,7 +194,24 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
         if cfg.merge_attn:
             subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope))
         if subs:
-            BlockMerger(state, name, subs, grid_after(text=True), shared=True)
+            BlockMerger(state, name, subs, functools.partial(_flux_grid, box, True), shared=True)
+
+
+def _observe_flux(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = as_keywords(module, args, kwargs)
+    ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
+    box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
+    box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
+    state.observe(first_arg(call, "timestep"), call)
+
+
+def _flux_grid(box: dict, text: bool, n: int) -> tuple[int, int, int] | None:
+    """The target grid among a sublayer's ``n`` tokens (text first if ``text``)."""
+    if box["grid"] is None or (text and box["n_txt"] is None):
+        return None
+    h, w, leading = box["grid"]
+    lo = box["n_txt"] if text else 0
+    return None if h * w > n - lo else (h, w, lo if leading else n - h * w)
 
 
 def ids_grid(ids: Tensor) -> tuple[int, int, bool] | None:
@@ -259,17 +265,8 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     """Qwen-Image(-Edit): each block's ``attn`` (image stream, RoPE rows) and ``img_mlp`` merge the target."""
     cfg = state.cfg
     box: dict[str, Any] = {"grid": None}
-
-    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = as_keywords(module, args, kwargs)
-        box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
-        state.observe(first_arg(call, "timestep"), call)
-
-    def grid(n: int) -> tuple[int, int, int] | None:
-        g = box["grid"]
-        return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
-
-    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_qwen, state, box),
+                                                         with_kwargs=True))
     for name, blk in blocks:
         subs = []
         if cfg.merge_attn:
@@ -277,5 +274,16 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         if cfg.merge_mlp:
             subs.append(Sublayer(blk.img_mlp, "hidden_states"))
         if subs:
-            BlockMerger(state, name, subs, grid, shared=True)
+            BlockMerger(state, name, subs, functools.partial(_qwen_grid, box), shared=True)
+
+
+def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = as_keywords(module, args, kwargs)
+    box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
+    state.observe(first_arg(call, "timestep"), call)
+
+
+def _qwen_grid(box: dict, n: int) -> tuple[int, int, int] | None:
+    g = box["grid"]
+    return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
 

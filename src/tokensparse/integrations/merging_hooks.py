@@ -67,18 +67,21 @@ def _refdit_rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int
     return args, {**kwargs, "x_rope": merge_span(m, kwargs["x_rope"], span, mode="keep")}
 
 
+def _square_grid(side: int, n: int) -> tuple[int, int, int] | None:
+    return (side, side, 0) if n == side * side else None
+
+
+def _observe_refdit(state: TokenMergingState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = as_keywords(module, args, kwargs)
+    state.observe(first_arg(call, "t"), call)
+
+
 def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
+    """Partials, not closures, like :mod:`.merging_diffusers`: ``copy.deepcopy`` copies them with the state."""
     cfg = state.cfg
-    side = model.config.grid
-
-    def grid(n: int) -> tuple[int, int, int] | None:
-        return (side, side, 0) if n == side * side else None
-
-    def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = as_keywords(module, args, kwargs)
-        state.observe(first_arg(call, "t"), call)
-
-    state.handles.append(model.register_forward_pre_hook(observe, with_kwargs=True))
+    grid = functools.partial(_square_grid, model.config.grid)
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_refdit, state),
+                                                         with_kwargs=True))
     for i, blk in enumerate(model.blocks):
         subs = []
         if cfg.merge_attn:
