@@ -93,7 +93,7 @@ def randomize_zero_init(model: RefDiT, std: float = 0.02) -> RefDiT:
 def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: dict) -> None:
     """Publish a shippable weights file and its provenance JSON beside it, each atomically.
 
-    ``write_weights(tmp_path)`` writes the safetensors file; it is made world-readable (the temp file is
+    ``write_weights(tmp_path)`` writes the safetensors file; it gets normal permissions (the temp file is
     private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way.
     """
     path = Path(path)
