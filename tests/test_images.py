@@ -18,6 +18,14 @@ def test_every_input_kind_gives_the_same_tensor():
     assert float(to_tensor(dark).max()) == pytest.approx(1 / 255)  # a dark uint8 image stays dark
 
 
+def test_numpy_batches_read_each_image_by_the_same_rule():
+    hwc = np.random.RandomState(1).randint(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    want = torch.stack([to_tensor(Image.fromarray(a)) for a in hwc])
+    assert torch.equal(to_tensor(hwc), want)  # (B, H, W, C)
+    assert torch.equal(to_tensor(hwc.transpose(0, 3, 1, 2).copy()), want)  # (B, C, H, W)
+    assert batch_images([hwc])[0].shape == (2, 3, 8, 8)
+
+
 def test_grayscale_becomes_rgb():
     g = torch.rand(1, 8, 8)
     assert torch.equal(to_tensor(g), g.expand(3, 8, 8))
@@ -27,7 +35,8 @@ def test_grayscale_becomes_rgb():
 
 @pytest.mark.parametrize("bad, err", [
     (torch.full((3, 4, 4), 200.0), ValueError), (torch.full((3, 4, 4), float("nan")), ValueError),
-    (torch.full((3, 4, 4), -0.5), ValueError), (np.zeros((2, 3, 4, 4)), ValueError), ("img.png", TypeError),
+    (torch.full((3, 4, 4), -0.5), ValueError), (np.zeros((2, 2, 3, 4, 4)), ValueError),
+    (np.zeros((0, 3, 4, 4)), ValueError), ("img.png", TypeError),
 ])
 def test_bad_images_raise(bad, err):
     with pytest.raises(err):

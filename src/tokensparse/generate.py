@@ -53,7 +53,7 @@ def generate(
     """Generate ``(B, 3, H, W)`` images in [0, 1].
 
     references: PIL images, arrays or tensors in [0, 1], each one image (``(3, H, W)``, ``(H, W, 3)``, ...) or a
-        ``(B, 3, H, W)`` tensor for the batch; may be empty.
+        batch (a 4-D tensor or array, ``(B, 3, H, W)`` / ``(B, H, W, 3)``); may be empty.
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
         ``seed[i]`` when a list is given. With guidance that routes tokens or drops the weak branch's

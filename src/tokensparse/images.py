@@ -20,12 +20,13 @@ _TOL = 1e-3  # float images may overshoot [0, 1] by this much (resampling)
 
 
 def to_tensor(image: ImageLike) -> Tensor:
-    """One image -> ``(3, H, W)`` float32 in [0, 1]; a ``(B, 3, H, W)`` tensor passes through.
+    """One image -> ``(3, H, W)`` float32 in [0, 1]; a batch (a 4-D tensor or numpy array) -> ``(B, 3, H, W)``.
 
     PIL images, numpy arrays and tensors follow one rule: 8-bit and other integer values are divided by 255,
     16-bit ones (uint16, PIL ``I;16``) by 65535, bools are 0 / 1; floats must be in [0, 1] -- except that float
     numpy arrays (and PIL ``F`` images) whose maximum exceeds 1 are read as 0-255. Layouts: ``(H, W)``,
-    ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped). Raises
+    ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped); numpy batches
+    ``(B, H, W, C)`` or ``(B, C, H, W)``, each image read by the same rule. Raises
     ``ValueError`` for values that are not finite or out of range, ``TypeError`` for other objects.
     """
     if isinstance(image, Image.Image):
@@ -38,15 +39,16 @@ def to_tensor(image: ImageLike) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype.kind not in "biuf":
             raise TypeError(f"a numpy image must hold numbers, got dtype {image.dtype}")
-        if image.ndim not in (2, 3):
-            raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), got shape {image.shape}")
+        if image.ndim not in (2, 3, 4) or (image.ndim == 4 and image.shape[0] == 0):
+            raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), or a batch of them "
+                             f"(B, H, W, C) / (B, C, H, W); got shape {image.shape}")
         if image.dtype.kind != "f":
             t = torch.from_numpy(_scaled(image))
         else:
             t = torch.from_numpy(image.astype(np.float32))
             if t.numel() and float(t.max()) > 1.0 + _TOL:
                 t = t / 255.0  # a float array holding 0-255 values
-        t = _channels_first(t)
+        t = _channels_first(t) if t.dim() < 4 else torch.stack([_channels_first(x) for x in t])
     elif isinstance(image, Tensor):
         if image.is_complex():
             raise TypeError("image tensors must be real, got a complex tensor")
