@@ -16,7 +16,6 @@ from PIL import Image
 import tokensparse as ts
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
-    HOOK_NAME,
     apply_sparse_context_diffusers,
     is_diffusers_target,
     remove_sparse_context_diffusers,
@@ -111,7 +110,7 @@ def test_remove_restores_identical_images(pipe):
     run(pipe)
     remove_sparse_context_diffusers(pipe)
     assert np.array_equal(run(pipe), dense)
-    assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
+    assert sparse_context_state(pipe) is None and not pipe.transformer._forward_pre_hooks
     assert "set_timesteps" not in pipe.scheduler.__dict__
     assert "prepare_image_latents" not in pipe.__dict__ and "encode_prompt" not in pipe.__dict__
     remove_sparse_context_diffusers(pipe)  # removing twice is harmless
@@ -123,11 +122,11 @@ def test_apply_twice_equals_apply_once(pipe):
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, seed=1))
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, seed=3))
     assert np.array_equal(run(pipe), once)
-    assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    assert len(pipe.transformer._forward_pre_hooks) == 1  # one hook, not stacked
     apply_sparse_context_diffusers(
         pipe.transformer, SparseContextConfig(keep=0.25, seed=3)
     )  # pipe -> transformer: the pipeline still calls it, and still captures its pixels and prompt
-    assert list(pipe.transformer._diffusers_hook.hooks) == [HOOK_NAME]
+    assert len(pipe.transformer._forward_pre_hooks) == 1  # one hook, not stacked
     assert "prepare_image_latents" in pipe.__dict__
     assert np.array_equal(run(pipe), once)
     remove_sparse_context_diffusers(pipe.transformer)
@@ -169,22 +168,22 @@ def test_new_references_get_a_new_selection_without_a_visible_boundary(pipe, on)
     assert state.selections == 2 and np.array_equal(after, fresh)
 
 
-def test_deepcopy_of_a_patched_pipeline_is_refused_and_works_after_remove(pipe):
-    # diffusers' hooks stay bound to the module they were registered on: a copy would silently run the original
+def test_deepcopy_of_a_patched_pipeline_is_independent(pipe):
     import copy
 
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
     sparse = run(pipe)
-    with pytest.raises(TypeError, match="remove_sparse_context"):
-        copy.deepcopy(pipe)
-    remove_sparse_context_diffusers(pipe)
     twin = copy.deepcopy(pipe)
-    for p in (pipe, twin):
-        apply_sparse_context_diffusers(p, SparseContextConfig(keep=0.25, selector="uniform"))
+    assert sparse_context_state(twin) is not sparse_context_state(pipe)
+    assert np.array_equal(run(twin), sparse)  # the copy's hooks and wrappers drive the copy
+    assert twin.prepare_image_latents.__wrapped__.__self__ is twin
     with torch.no_grad():
         for w in twin.transformer.parameters():
             w.mul_(0.5)
-    assert np.array_equal(run(pipe), sparse) and not np.array_equal(run(twin), sparse)  # independent
+    assert not np.array_equal(run(twin), sparse)  # the copy's own weights (not the original's)
+    assert sparse_context_state(twin).selections == 1 + 2 and sparse_context_state(pipe).selections == 1
+    remove_sparse_context_diffusers(twin)
+    assert sparse_context_state(pipe) is not None and np.array_equal(run(pipe), sparse)
 
 
 def test_removing_from_a_replaced_transformer_leaves_the_pipeline_alone(pipe):

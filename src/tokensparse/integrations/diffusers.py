@@ -4,7 +4,7 @@ Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline`` and the
 inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline``, or their bare transformers.
 
-How it works. A diffusers ``ModelHook`` on the transformer finds the reference tokens in the image
+How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
 and subsets ``hidden_states`` together with their position ids, so RoPE still places every kept token
 where it came from. Target and text tokens are untouched. The output is scattered back to the dense
@@ -38,6 +38,7 @@ from ..context import SparseContextConfig, keep_mask
 from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
 from ..selection import RefView, needs_probe
 from .calls import as_keywords
+from .diffusers_capture import unwrap_capture, wrap_capture
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
@@ -45,12 +46,10 @@ from .diffusers_models import (
     QwenImageAdapter,
     RefLayout,
 )
-from .diffusers_wrapping import register_beneath_offload, remove_keeping_offload, unwrap_capture, wrap_capture
 
 logger = logging.getLogger(__name__)
 
-HOOK_NAME = "tokensparse_sparse_context"
-ROPE_HOOK_NAME = "tokensparse_sparse_context_rope"
+_HOOK = "_tokensparse_sparse_context"  # the transformer's SparseContextHook, in its __dict__
 _CALLBACK = "tokensparse_sparse_context"
 
 
@@ -106,39 +105,37 @@ class _State:
 
 
 class SparseContextHook:
-    """``ModelHook`` on the transformer: subsets the reference tokens and their ids before ``forward``."""
+    """Forward pre-hook and hook on the transformer: subsets the reference tokens and their ids before the
+    call, scatters the output back to the dense length after it.
 
-    _is_stateful = False
+    PyTorch module hooks (``register_forward_pre_hook`` / ``register_forward_hook``, bound methods): they run
+    around whatever wraps ``forward`` (accelerate's offloading, diffusers' own hooks), and ``copy.deepcopy``
+    of the model copies them with their state.
+    """
 
     def __init__(self, cfg: SparseContextConfig, adapter: Any, owners: list[Any]) -> None:
-        self.fn_ref = None
         self.state = _State(cfg)
         self.adapter = adapter
         self.owners = owners  # the pipelines it was applied through: their calls are captured, start generations
-        self.installed_forward: Any = None  # the transformer's forward right after this hook was registered
+        self.handles: list[Any] = []
         self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
 
-    def __deepcopy__(self, memo: dict) -> SparseContextHook:
-        raise TypeError(
-            "copy.deepcopy of a transformer or pipeline with Sparse Context applied is not supported: diffusers' "
-            "hooks stay bound to the module they were registered on, so the copy would run the original "
-            "transformer. Remove it (ts.remove_sparse_context), copy, then apply it to each")
+    def attach(self, transformer: torch.nn.Module) -> None:
+        self.handles += [transformer.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
+                         transformer.register_forward_hook(self.post_forward, with_kwargs=True)]
+        if isinstance(self.adapter, QwenImageAdapter):
+            rope = QwenRopeHook(self.state)
+            self.handles += [transformer.pos_embed.register_forward_pre_hook(rope.pre_forward, with_kwargs=True),
+                             transformer.pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True)]
+        transformer.__dict__[_HOOK] = self
 
-    # ModelHook protocol -------------------------------------------------------------------------------
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
+    def detach(self, transformer: torch.nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        transformer.__dict__.pop(_HOOK, None)
 
-    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic) diffusers' spelling
-        return module
-
-    def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.new_generation()
-        return module
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._current = None
         self.state.rope = None
         if self.state.cfg.is_identity:
@@ -172,7 +169,7 @@ class SparseContextHook:
         self._current = (index, layout.n)
         return args, self.adapter.subset(kwargs, index, layout, self.state)
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None
         self.state.rope = None
         if current is None:
@@ -249,27 +246,12 @@ class SparseContextHook:
 
 
 class QwenRopeHook:
-    """``ModelHook`` on Qwen's ``pos_embed``: dense RoPE frequencies, then only the kept image rows."""
-
-    _is_stateful = False
+    """Hooks on Qwen's ``pos_embed``: dense RoPE frequencies, then only the kept image rows."""
 
     def __init__(self, state: _State) -> None:
-        self.fn_ref = None
         self.state = state
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.state.rope is not None:
             shapes = self.state.rope[0]
             if args:
@@ -278,7 +260,7 @@ class QwenRopeHook:
                 kwargs["video_fhw"] = shapes
         return args, kwargs
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.state.rope is None:
             return output
         vid, txt = output
@@ -317,8 +299,6 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
             "cache=True needs a pipeline with a reference K/V cache: use Flux2KleinKVPipeline "
             "(e.g. Flux2KleinKVPipeline.from_pipe(pipe)), or cache=False"
         )
-    from diffusers.hooks import HookRegistry
-
     previous = _hook(transformer)
     owners = [pipe] if pipe is not None else []
     owners += [o for o in (previous.owners if previous else []) if o is not pipe and _shares(o, transformer)]
@@ -326,13 +306,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     if pipe is not None:
         remove_sparse_context_diffusers(transformer)
     hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owners)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    hook.installed_forward = register_beneath_offload(registry, transformer, hook, HOOK_NAME)
-    if isinstance(hook.adapter, QwenImageAdapter):
-        HookRegistry.check_if_exists_or_initialize(transformer.pos_embed).register_hook(
-            QwenRopeHook(hook.state), ROPE_HOOK_NAME
-        )
-    _invalidate(registry)
+    hook.attach(transformer)
     on_generation_start(transformer, _CALLBACK, hook.state.new_generation)  # ts.begin_generation(transformer)
     for owner in owners:
         on_generation_start(owner, _CALLBACK, hook.state.new_generation)
@@ -341,8 +315,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
 
 
 def _hook(transformer: Any) -> SparseContextHook | None:
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return registry.get_hook(HOOK_NAME) if registry is not None else None
+    return transformer.__dict__.get(_HOOK)
 
 
 def _shares(pipe: Any, transformer: Any) -> bool:
@@ -352,20 +325,14 @@ def _shares(pipe: Any, transformer: Any) -> bool:
 def remove_sparse_context_diffusers(target: Any) -> Any:
     """Undo :func:`apply_sparse_context_diffusers`; a target without Sparse Context is left as is."""
     pipe, transformer = _resolve(target)
-    registry = getattr(transformer, "_diffusers_hook", None)
     hook = _hook(transformer)
     if hook is not None:
-        remove_keeping_offload(registry, transformer, HOOK_NAME, hook.installed_forward)
+        hook.detach(transformer)
         for owner in hook.owners:
             if _shares(owner, transformer):  # not one that has since been given another transformer
                 unwrap_capture(owner)
                 remove_generation_callback(owner, _CALLBACK)
     remove_generation_callback(transformer, _CALLBACK)
-    rope_registry = getattr(getattr(transformer, "pos_embed", None), "_diffusers_hook", None)
-    if rope_registry is not None and rope_registry.get_hook(ROPE_HOOK_NAME) is not None:
-        rope_registry.remove_hook(ROPE_HOOK_NAME, recurse=False)
-    if registry is not None:
-        _invalidate(registry)
     if pipe is not None:
         unwrap_capture(pipe)
         remove_generation_callback(pipe, _CALLBACK)
@@ -378,7 +345,3 @@ def sparse_context_state(target: Any) -> _State | None:
     hook = _hook(transformer)
     return hook.state if hook is not None else None
 
-
-def _invalidate(registry: Any) -> None:
-    if hasattr(registry, "invalidate_child_registries_cache"):
-        registry.invalidate_child_registries_cache()

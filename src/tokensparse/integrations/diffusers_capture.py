@@ -1,5 +1,4 @@
-"""How Sparse Context attaches to diffusers objects: pipeline methods that capture the reference pixels and
-the prompt, and a transformer hook that survives accelerate's model offloading."""
+"""Pipeline methods that capture the reference pixels and the prompt a Sparse Context selection reads."""
 
 from __future__ import annotations
 
@@ -57,39 +56,3 @@ def unwrap_capture(pipe: Any) -> None:
     """Undo :func:`wrap_capture` (a pipeline without it is left as is)."""
     for name in pipe.__dict__.pop(_CAPTURE, []):
         pipe.__dict__.pop(name, None)
-
-
-def register_beneath_offload(registry: Any, transformer: Any, hook: Any, name: str) -> Any:
-    """Register ``hook`` as ``name`` in ``transformer``'s diffusers ``registry``; returns the forward it installed.
-
-    Under accelerate's offload wrapper (``enable_model_cpu_offload``), which a pipeline re-installs over the
-    forward it saved in ``_old_forward`` after every call, the hook goes into ``_old_forward``: on top, the
-    first call's clean-up would drop it.
-    """
-    outer = transformer.__dict__.get("forward")
-    offload = "_old_forward" in transformer.__dict__ and _is_accelerate_forward(outer)
-    if offload:
-        transformer.forward = transformer._old_forward
-    registry.register_hook(hook, name)
-    installed = transformer.__dict__.get("forward")
-    if offload:
-        transformer._old_forward, transformer.forward = installed, outer
-    return installed
-
-
-def remove_keeping_offload(registry: Any, transformer: Any, name: str, installed: Any) -> None:
-    """Remove hook ``name`` (whose forward was ``installed``), keeping accelerate's offload wrapper over it,
-    which diffusers' ``remove_hook`` would drop with it."""
-    current = transformer.__dict__.get("forward")
-    registry.remove_hook(name, recurse=False)
-    if (installed is not None and current is not installed and _is_accelerate_forward(current)
-            and getattr(transformer, "_old_forward", None) is installed):
-        transformer._old_forward = transformer.__dict__["forward"]  # what remove_hook restored
-        transformer.forward = current
-
-
-def _is_accelerate_forward(forward: Any) -> bool:
-    """Whether ``forward`` is the wrapper accelerate's ``add_hook_to_module`` installs (not a later hook's)."""
-    func = getattr(forward, "func", None)
-    return getattr(func, "__module__", None) == "accelerate.hooks" and "add_hook_to_module" in getattr(
-        func, "__qualname__", "")
