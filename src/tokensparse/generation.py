@@ -11,6 +11,7 @@ the timesteps it sees (timesteps fall within a generation; a rise means a new on
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,20 @@ def remove_generation_callback(owner: Any, name: str) -> None:
     if scheduler is not None and _WRAPPED in scheduler.__dict__:
         del scheduler.__dict__["set_timesteps"]
         del scheduler.__dict__[_WRAPPED]
+
+
+def copy_keeping_copied_owners(obj: Any, memo: dict) -> Any:
+    """``copy.deepcopy`` of a hook state ``obj`` whose ``owners`` (the pipelines / models it was applied through)
+    are kept only where they are being copied too: ``deepcopy(pipe)`` keeps the copied pipeline, while
+    ``deepcopy(pipe.transformer)`` does not drag a copy of every pipeline (text encoders, VAE) along.
+    Use as ``__deepcopy__``."""
+    new = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = new
+    for name, value in obj.__dict__.items():
+        if name != "owners":
+            new.__dict__[name] = copy.deepcopy(value, memo)
+    new.owners = [memo[id(o)] for o in obj.owners if id(o) in memo]
+    return new
 
 
 def begin_generation(owner: Any) -> None:

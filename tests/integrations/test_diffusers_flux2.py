@@ -199,6 +199,34 @@ def test_removing_from_a_replaced_transformer_leaves_the_pipeline_alone(pipe):
     assert sparse_context_state(pipe) is not None
 
 
+@torch.no_grad()
+def test_other_hooks_see_positional_arguments_and_the_dense_output(pipe):
+    t = pipe.transformer
+    calls = []
+    handle = t.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)
+    run(pipe)
+    handle.remove()
+    kw = calls[0]
+    hs = kw.pop("hidden_states")
+    dense = t(hs, **kw)[0]
+    outputs, args_seen = [], []
+    t.register_forward_hook(lambda m, a, out: outputs.append(out[0].shape[1]))  # before apply
+    apply_sparse_context_diffusers(t, SparseContextConfig(keep=0.25, selector="uniform"))
+    t.register_forward_pre_hook(lambda m, a: args_seen.append((len(a), a[0].shape[1])))  # after apply
+    sparse = t(hs, **kw)[0]
+    assert args_seen == [(1, hs.shape[1] - 2 * REF_TOKENS * 3 // 4)]  # still positional, thinned
+    assert outputs == [hs.shape[1]] and sparse.shape == dense.shape  # other forward hooks: the dense length
+
+
+def test_deepcopy_of_a_transformer_patched_through_a_pipeline_leaves_the_pipeline(pipe):
+    import copy
+
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    twin = copy.deepcopy(pipe.transformer)
+    hook = twin.__dict__["_tokensparse_sparse_context"]
+    assert hook.owners == [] and sparse_context_state(twin) is not sparse_context_state(pipe)
+
+
 def test_config_is_snapshotted_at_apply(pipe):
     cfg = SparseContextConfig(keep=0.25, selector="random")
     apply_sparse_context_diffusers(pipe, cfg)

@@ -28,6 +28,11 @@ def as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     return out
 
 
+def positional_names(module: nn.Module, n: int) -> list[str]:
+    """The names of the first ``n`` positional parameters of ``type(module).forward`` (after ``self``)."""
+    return [name for name in _signature(type(module)).parameters if name != "self"][:n]
+
+
 def first_arg(call: dict[str, Any], *names: str) -> Any:
     """The first of ``names`` given (not ``None``) in ``call`` (from :func:`as_keywords`), else ``None``."""
     return next((call[n] for n in names if call.get(n) is not None), None)

@@ -35,9 +35,15 @@ import torch
 from torch import Tensor
 
 from ..context import SparseContextConfig, keep_mask
-from ..generation import StepTracker, check_scheduler, on_generation_start, remove_generation_callback
+from ..generation import (
+    StepTracker,
+    check_scheduler,
+    copy_keeping_copied_owners,
+    on_generation_start,
+    remove_generation_callback,
+)
 from ..selection import RefView, needs_probe
-from .calls import as_keywords
+from .calls import as_keywords, positional_names
 from .diffusers_capture import unwrap_capture, wrap_capture
 from .diffusers_models import (
     KV_PIPELINES,
@@ -110,7 +116,8 @@ class SparseContextHook:
 
     PyTorch module hooks (``register_forward_pre_hook`` / ``register_forward_hook``, bound methods): they run
     around whatever wraps ``forward`` (accelerate's offloading, diffusers' own hooks), and ``copy.deepcopy``
-    of the model copies them with their state.
+    of the model copies them with their state. Like all module hooks they act on ``transformer(...)`` calls,
+    not on ``transformer.forward(...)``; pre-hooks registered after this one see the thinned call.
     """
 
     def __init__(self, cfg: SparseContextConfig, adapter: Any, owners: list[Any]) -> None:
@@ -120,13 +127,18 @@ class SparseContextHook:
         self.handles: list[Any] = []
         self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
 
+    def __deepcopy__(self, memo: dict) -> SparseContextHook:
+        return copy_keeping_copied_owners(self, memo)
+
     def attach(self, transformer: torch.nn.Module) -> None:
         self.handles += [transformer.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
-                         transformer.register_forward_hook(self.post_forward, with_kwargs=True)]
+                         # first of the forward hooks: any other sees the dense output
+                         transformer.register_forward_hook(self.post_forward, with_kwargs=True, prepend=True)]
         if isinstance(self.adapter, QwenImageAdapter):
             rope = QwenRopeHook(self.state)
             self.handles += [transformer.pos_embed.register_forward_pre_hook(rope.pre_forward, with_kwargs=True),
-                             transformer.pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True)]
+                             transformer.pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True,
+                                                                         prepend=True)]
         transformer.__dict__[_HOOK] = self
 
     def detach(self, transformer: torch.nn.Module) -> None:
@@ -135,13 +147,19 @@ class SparseContextHook:
         self.handles.clear()
         transformer.__dict__.pop(_HOOK, None)
 
-    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The call with the kept reference tokens (arguments stay positional or keyword as given), or ``None``
+        (unchanged)."""
         self._current = None
         self.state.rope = None
         if self.state.cfg.is_identity:
-            return args, kwargs
-        if args:  # bare-transformer callers may pass positionally; pipelines use keywords
-            kwargs, args = as_keywords(module, args, kwargs), ()
+            return None
+        call = self._subset(module, as_keywords(module, args, kwargs))
+        if call is None:
+            return None
+        return tuple(call.pop(name) for name in positional_names(module, len(args))), call
+
+    def _subset(self, module: torch.nn.Module, kwargs: dict) -> dict | None:
         for owner in self.owners:
             if _shares(owner, module):
                 check_scheduler(owner)  # a scheduler swapped after apply: this call starts a generation
@@ -151,7 +169,7 @@ class SparseContextHook:
             if self.state.tracker.generation != gen:
                 self.state.new_generation()
         if self.adapter.is_kv_cached_call(kwargs):
-            return args, kwargs  # K/V of the kept references were cached at the extract step
+            return None  # K/V of the kept references were cached at the extract step
         hs = kwargs["hidden_states"]
         key = (tuple(hs.shape[1:]), kwargs.get("kv_cache_mode"))
         if key in self.state.index and not self._same_references(key, hs):
@@ -164,10 +182,10 @@ class SparseContextHook:
             if not self.state.warned:
                 logger.warning("tokensparse: no reference tokens in this call; Sparse Context is a no-op")
                 self.state.warned = True
-            return args, kwargs
+            return None
         index, layout = entry
         self._current = (index, layout.n)
-        return args, self.adapter.subset(kwargs, index, layout, self.state)
+        return self.adapter.subset(kwargs, index, layout, self.state)
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generation import StepTracker, check_scheduler
+from ..generation import StepTracker, check_scheduler, copy_keeping_copied_owners
 from ..merging import Matching, TokenMergingConfig, match, random_destinations
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,12 @@ class TokenMergingState:
     warned: bool = False
     warned_misfit: bool = False
     warned_video: bool = False
+
+    def __deepcopy__(self, memo: dict) -> TokenMergingState:
+        new = copy_keeping_copied_owners(self, memo)  # owners[0] is the model, copied with its state
+        if not new.owners or new.owners[0] is not new.model:
+            new.owners.insert(0, new.model)
+        return new
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
