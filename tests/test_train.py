@@ -243,3 +243,15 @@ def test_train_config_takes_a_drop_dict_and_a_missing_init_makes_no_folder(tmp_p
     with pytest.raises(FileNotFoundError):
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_of_another_model_is_refused_before_it_is_touched(tmp_path):
+    train(tiny_cfg(tmp_path / "run", steps=2, ckpt_every=2), progress=False)
+    saved = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match="another model than the recipe's 'refdit-s'"):
+        train(tiny_cfg(tmp_path / "run", steps=4, model="refdit-s"), progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == saved  # the run can still be resumed / exported
+    export_ema(tmp_path / "run", tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="tensors of another shape"):  # an init of another architecture
+        train(tiny_cfg(tmp_path / "run2", model="refdit-s", init=str(tmp_path / "w.safetensors")), progress=False)
+    assert not (tmp_path / "run2").exists()

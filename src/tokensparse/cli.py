@@ -125,7 +125,10 @@ def train(
     check_out(Path(cfg.out), None, "out")
     if export is not None:
         check_out(export, ".safetensors", "--export")
-    state = run_training(cfg, log=console.print).state
+    try:
+        state = run_training(cfg, log=console.print).state
+    except ValueError as exc:  # an init or run-folder checkpoint of another architecture, found before training
+        _fail(f"recipe {config}: {exc}")
     console.print(f"stopped at step {state['step']} after {state['elapsed_s'] / 60:.1f} min")
     if export is not None:
         import torch

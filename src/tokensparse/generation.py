@@ -98,6 +98,9 @@ def begin_generation(owner: Any) -> None:
     timestep every time, which otherwise reads as guidance passes of one step (token merging then continues
     that step's destination draws, and Sparse Context keeps its selection while the references stay the same).
     """
+    if not hasattr(owner, "__dict__"):
+        raise TypeError(f"begin_generation takes the model or pipeline tokensparse was applied to, got "
+                        f"{type(owner).__name__}")
     for callback in list(owner.__dict__.get(_CALLBACKS, {}).values()):
         callback()
 

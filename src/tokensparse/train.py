@@ -2,7 +2,8 @@
 
 Runs on accelerate, so the same code runs as one CPU process, ``accelerate launch --num_processes 2 --cpu``,
 or on many GPUs. Everything random in step ``k`` (data batch, times, noise, drop ratios) is a pure function
-of ``(seed, k, rank)``, so a killed run resumed from its last checkpoint continues bit-exactly.
+of ``(seed, k, rank)``, so a killed run resumed from its last checkpoint continues bit-exactly (weights, EMA,
+optimizer; the logged loss average restarts its window).
 
 Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema.safetensors``,
 ``optim.pt`` (tensors only, loaded with ``weights_only=True``) and ``state.json``; each is written to a
@@ -231,7 +232,13 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def _load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shapes differ: another architecture
+        own = model.state_dict()
+        mismatched = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+        raise ValueError(f"checkpoint does not fit the model: {len(mismatched)} tensors of another shape "
+                         f"(e.g. {mismatched[:3]})") from exc
     shared_ok = all(k.startswith("ref_embedder.patch_embed.") for k in missing)
     if unexpected or not shared_ok:
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
@@ -277,9 +284,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     model = init_model(cfg)  # a missing or unfitting init fails here, before the run folder is made
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if cfg.lora_rank > 0:
         model = _with_lora(model, cfg.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -289,11 +293,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        _load_into(model, load_file(str(ckpt / "model.safetensors")))
+        try:
+            _load_into(model, load_file(str(ckpt / "model.safetensors")))
+        except ValueError as exc:  # before config.json is rewritten: the run folder stays as it was
+            raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
+                             f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
         ema = load_file(str(ckpt / "ema.safetensors"))
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
         log(f"resumed from {ckpt} at step {state['step']}")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     ema = {k: v.to(acc.device) for k, v in ema.items()}  # EMA lives beside the weights (GPU runs)

@@ -29,6 +29,31 @@ def test_one_time_for_the_batch_and_prompt_ids_type(tiny):
         tiny(x, 0.3, refs, [[1, 2]])
 
 
+@pytest.mark.parametrize("change, err, match", [
+    ({"t": torch.rand(2, 1)}, ValueError, r"t must be one time or a \(2,\)"),
+    ({"t": torch.rand(3)}, ValueError, r"t must be one time"),
+    ({"ids": tokenize(["place"])}, ValueError, "prompt_ids must be"),
+    ({"ids": tokenize(["place", "place"]).float()}, TypeError, "integer word ids"),
+    ({"ids": torch.ones(2, 200, dtype=torch.long)}, ValueError, "L <= 16"),
+    ({"ids": torch.full((2, 4), 100000)}, ValueError, "word ids in"),
+    ({"x": torch.randn(2, 3, 24, 24)}, ValueError, r"x must be a \(B, 3, 16, 16\)"),
+    ({"x": torch.randn(3, 16, 16)}, ValueError, "x must be"),
+])
+@torch.no_grad()
+def test_bad_calls_name_the_argument(tiny, change, err, match):
+    call = {"x": torch.randn(2, 3, 16, 16), "t": torch.rand(2), "ids": tokenize(["place", "place"])}
+    call.update(change)
+    with pytest.raises(err, match=match):
+        tiny(call["x"], call["t"], make_refs(1, batch=2), call["ids"])
+
+
+@torch.no_grad()
+def test_a_half_precision_model_says_so(tiny):
+    half = ts.build_model("refdit-tiny").half()
+    with pytest.raises(TypeError, match="model.float"):
+        half(torch.randn(1, 3, 16, 16).half(), 0.5, [], tokenize(["place"]))
+
+
 def test_references_change_the_output(tiny):
     x, t, p = torch.randn(1, 3, 16, 16), torch.rand(1), tokenize("place")
     a = tiny(x, t, make_refs(1, seed=1), p)

@@ -496,6 +496,38 @@ class RefDiT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
 
+    def check_call(self, x: Tensor, t: Tensor | float, prompt_ids: Tensor) -> Tensor:
+        """Raise ``TypeError`` / ``ValueError`` naming a bad ``x``, ``t`` or ``prompt_ids``; returns ``t`` as
+        ``(B,)``."""
+        cfg = self.config
+        want = (cfg.channels, cfg.image_size, cfg.image_size)
+        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a (B, {want[0]}, {want[1]}, {want[2]}) tensor, got {got}")
+        if self.patch_embed.weight.dtype != torch.float32:
+            raise TypeError(f"RefDiT computes in float32 and its weights are {self.patch_embed.weight.dtype}: call "
+                            "model.float() first (for reduced precision, run it under torch.autocast)")
+        b = x.shape[0]
+        if not isinstance(prompt_ids, Tensor):
+            raise TypeError("prompt_ids must be a (B, L) tensor (tokensparse.vocab.tokenize), got "
+                            f"{type(prompt_ids).__name__}")
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+            raise TypeError(f"prompt_ids must hold integer word ids (tokensparse.vocab.tokenize), got "
+                            f"{prompt_ids.dtype}")
+        if prompt_ids.dim() != 2 or prompt_ids.shape[0] != b or prompt_ids.shape[1] > cfg.max_prompt_len:
+            raise ValueError(f"prompt_ids must be (B, L) with B = {b} and L <= {cfg.max_prompt_len}, got "
+                             f"{tuple(prompt_ids.shape)}")
+        if prompt_ids.numel() and not 0 <= int(prompt_ids.min()) <= int(prompt_ids.max()) < cfg.vocab_size:
+            raise ValueError(f"prompt_ids must be word ids in [0, {cfg.vocab_size}), got "
+                             f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
+        if not isinstance(t, Tensor):
+            t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        if t.dim() != 1 or t.shape[0] != b:
+            raise ValueError(f"t must be one time or a ({b},) tensor, got shape {tuple(t.shape)}")
+        return t
+
     def route_bounds(self, route: float) -> tuple[int, int]:
         """The block span routed tokens skip, or ``(-1, -1)`` when nothing is routed."""
         if route == 0.0:
@@ -547,14 +579,8 @@ class RefDiT(nn.Module):
             draws per call, so with it the shared blocks merge once instead of once per rate).
         """
         cfg = self.config
+        t = self.check_call(x, t, prompt_ids)
         b = x.shape[0]
-        if not isinstance(prompt_ids, Tensor):
-            raise TypeError("prompt_ids must be a (B, L) tensor (tokensparse.vocab.tokenize), got "
-                            f"{type(prompt_ids).__name__}")
-        if not isinstance(t, Tensor):
-            t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(b)
         if context_kv is None:
             refs_seq = self.embed_references(refs, b)
             if ref_keep is not None and refs_seq is not None:
