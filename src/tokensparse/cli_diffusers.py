@@ -279,6 +279,11 @@ def train_lora(
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     local = Path(model).is_dir()
+    from .integrations.diffusers_lora import SUPPORTED
+
+    name = _pipeline_class(Path(model)) if local else None
+    if name is not None and name not in SUPPORTED:  # before loading it
+        _fail(f"LoRA training supports {SUPPORTED}, got {name}")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, local_files_only=local)
     except Exception as exc:  # noqa: BLE001
