@@ -320,9 +320,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     previous = _hook(transformer)
     owners = [pipe] if pipe is not None else []
     owners += [o for o in (previous.owners if previous else []) if o is not pipe and _shares(o, transformer)]
-    remove_sparse_context_diffusers(target)
-    if pipe is not None:
-        remove_sparse_context_diffusers(transformer)
+    remove_sparse_context_diffusers(target)  # a pipeline target: its transformer's hook too
     hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owners)
     hook.attach(transformer)
     on_generation_start(transformer, _CALLBACK, hook.state.new_generation)  # ts.begin_generation(transformer)

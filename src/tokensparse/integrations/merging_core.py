@@ -44,10 +44,7 @@ class TokenMergingState:
     warned_video: bool = False
 
     def __deepcopy__(self, memo: dict) -> TokenMergingState:
-        new = copy_keeping_copied_owners(self, memo)  # owners[0] is the model, copied with its state
-        if not new.owners or new.owners[0] is not new.model:
-            new.owners.insert(0, new.model)
-        return new
+        return copy_keeping_copied_owners(self, memo)  # owners[0], the model, is copied with the state's fields
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)

@@ -517,9 +517,10 @@ class RefDiT(nn.Module):
         if prompt_ids.dim() != 2 or prompt_ids.shape[0] != b or prompt_ids.shape[1] > cfg.max_prompt_len:
             raise ValueError(f"prompt_ids must be (B, L) with B = {b} and L <= {cfg.max_prompt_len}, got "
                              f"{tuple(prompt_ids.shape)}")
-        if prompt_ids.numel() and not 0 <= int(prompt_ids.min()) <= int(prompt_ids.max()) < cfg.vocab_size:
-            raise ValueError(f"prompt_ids must be word ids in [0, {cfg.vocab_size}), got "
-                             f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
+        if prompt_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(prompt_ids))  # one pass (every model call)
+            if not 0 <= lo <= hi < cfg.vocab_size:
+                raise ValueError(f"prompt_ids must be word ids in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
         if not isinstance(t, Tensor):
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.dim() == 0:
