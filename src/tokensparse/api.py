@@ -91,7 +91,7 @@ def attention_probe(model: RefDiT, refs: TokenSeq, prompt_ids: Tensor, blocks: i
     c_ctx = model.context_time(t, pooled)
     h = model.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)
     h = h + model.ref_embedder.index_embed.weight[0]
-    x_rope = rope_angles(model.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
+    x_rope = model.target_rope.expand(b, -1, -1, -1)
     nt = h.shape[1]
     mass = torch.zeros(b, n_ref, device=dev)
     used = model.blocks[: max(1, min(blocks, len(model.blocks)))]

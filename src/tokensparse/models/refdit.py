@@ -243,8 +243,10 @@ class JointAttention(nn.Module):
     def qkv_heads(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, N, D)`` -> q, k, v each ``(B, H, N, Dh)``, RoPE applied to q and k."""
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope), v
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).unbind(2)  # each (B, N, H, Dh)
+        # QK-norm before the head transpose: the same values, normalised over contiguous rows (faster on CPU)
+        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
+        return apply_rope(q, rope), apply_rope(k, rope), v.transpose(1, 2)
 
     def merge_heads(self, o: Tensor) -> Tensor:
         b, h, n, d = o.shape
@@ -312,7 +314,7 @@ class RefDiTBlock(nn.Module):
 
     def forward(
         self, x: Tensor, x_rope: Tensor, c: Tensor, ctx: Tensor | None, ctx_rope: Tensor | None,
-        ctx_valid: Tensor | None, c_ctx: Tensor, ctx_kv: tuple[Tensor, Tensor] | None = None,
+        ctx_valid: Tensor | None, c_ctx: Tensor | None, ctx_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         sa, ca, ga, sm, cm, gm = self.ada(c)[:, None].chunk(6, dim=-1)  # each (B, 1, D)
         h = modulate(self.norm1(x), sa, ca)
@@ -432,6 +434,9 @@ class RefDiT(nn.Module):
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final = nn.Linear(d, cfg.patch_dim)
         self.register_buffer("target_ids", grid_ids(0, cfg.grid, cfg.grid), persistent=False)
+        # the target's RoPE never changes: computed once, not every step
+        self.register_buffer("target_rope", rope_angles(self.target_ids, cfg.rope_axes, cfg.rope_theta),
+                             persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -593,11 +598,12 @@ class RefDiT(nn.Module):
             ctx = ctx_rope = None
             ctx_valid, pooled, kvs = context_kv.valid, context_kv.pooled, context_kv.layers
         c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
-        c_ctx = self.context_time(t, pooled)
+        # context conditioning: c itself in joint mode; unused when the context K/V come from the cache
+        c_ctx = c if cfg.ref_attends_target else None if context_kv is not None else self.context_time(t, pooled)
 
         h = self.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)  # (B, Nt, D)
         h = h + self.ref_embedder.index_embed.weight[0]
-        x_rope = rope_angles(self.target_ids.expand(b, -1, -1), cfg.rope_axes, cfg.rope_theta)
+        x_rope = self.target_rope.expand(b, -1, -1, -1)
         if routes is not None and route != 0.0:
             raise ValueError("give either route or routes, not both")
         rates = (route,) if routes is None else tuple(routes)
