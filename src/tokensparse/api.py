@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .context import SparseContextConfig, sparsify
-from .models.refdit import RefDiT, gated_add, modulate, patchify, rope_angles, timestep_embedding
+from .models.layers import gated_add, modulate, patchify, rope_angles, timestep_embedding
+from .models.refdit import RefDiT
 from .selection import RefView, needs_probe
 from .tokens import TokenSeq, ref_slices
 from .vocab import detokenize

@@ -2,15 +2,9 @@ import pytest
 import torch
 
 import tokensparse as ts
-from tokensparse.models.refdit import patchify, unpatchify
 from tokensparse.vocab import tokenize
 
 from ..conftest import make_refs
-
-
-def test_patchify_roundtrip():
-    x = torch.randn(2, 3, 16, 16)
-    assert torch.equal(unpatchify(patchify(x, 4).reshape(2, 16, 48), 4, 4, 4), x)
 
 
 @pytest.mark.parametrize("n_refs", [0, 1, 2, 4])
@@ -147,38 +141,17 @@ def test_cached_context_kv_is_exact(tiny_kv):
         assert torch.equal(tiny_kv(x, tt, refs, p, context_kv=kv), tiny_kv(x, tt, refs, p))
 
 
+def test_target_rope_is_a_fixed_non_persistent_buffer(tiny):
+    from tokensparse.models.layers import rope_angles
+
+    cfg = tiny.config
+    assert torch.equal(tiny.target_rope, rope_angles(tiny.target_ids, cfg.rope_axes, cfg.rope_theta))
+    assert "target_rope" not in tiny.state_dict()  # derived from the config: old checkpoints load as before
+
+
 def test_context_kv_needs_separate_mode(tiny):
     with pytest.raises(ValueError, match="ref_attends_target=False"):
         tiny.context_kv(make_refs(1), tokenize("place"))
-
-
-def test_apply_rope_is_the_pairwise_rotation():
-    from tokensparse.models.refdit import apply_rope, grid_ids, rope_angles
-
-    ids = torch.cat([grid_ids(0, 4, 4), grid_ids(2, 4, 4)])[None].expand(2, -1, -1)
-    rope = rope_angles(ids, (8, 12, 12), 1e4)
-    x = torch.randn(2, 32, 3, 6, 32).permute(2, 0, 3, 1, 4)[1]  # a strided q/k view, as in the model
-    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
-    for xi in (x, x.half()):
-        x0, x1 = xi.float()[..., 0::2], xi.float()[..., 1::2]
-        want = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(xi)
-        torch.testing.assert_close(apply_rope(xi, rope), want, rtol=1e-6, atol=1e-6)  # bit-equal on x86 CPUs
-
-
-def test_gelu_tanh_matches_torch_with_and_without_autograd():
-    from tokensparse.models.refdit import gelu_tanh
-
-    x = (torch.randn(64, 96) * 4).requires_grad_()
-    y, ref = gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh")
-    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
-    g, gref = (torch.autograd.grad(v.square().sum(), x)[0] for v in (y, ref))
-    torch.testing.assert_close(g, gref, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        assert torch.equal(gelu_tanh(x), y)  # one function in both modes: cached paths stay exact
-    xd = (torch.randn(20, 10, dtype=torch.double) * 3).requires_grad_()
-    assert torch.autograd.gradcheck(gelu_tanh, (xd,)) and torch.autograd.gradgradcheck(gelu_tanh, (xd,))
-    xh = x.detach().half()
-    torch.testing.assert_close(gelu_tanh(xh), torch.nn.functional.gelu(xh.float(), approximate="tanh").half())
 
 
 def test_fresh_text_encoder_is_the_identity(tiny):

@@ -80,7 +80,7 @@ def subject_image(size=16, box=(4, 8, 4, 8), bg=(0.2, 0.5, 0.8)):
 
 
 def view_of(img, patch=4, prompts=None):
-    from tokensparse.models.refdit import patchify
+    from tokensparse.models.layers import patchify
 
     return RefView(features=patchify(img, patch), image=img, prompts=prompts)
 
