@@ -145,10 +145,11 @@ class RefDiTBlock(nn.Module):
         self, x: Tensor, x_rope: Tensor, c: Tensor, ctx: Tensor | None, ctx_rope: Tensor | None,
         ctx_valid: Tensor | None, c_ctx: Tensor | None, ctx_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        sa, ca, ga, sm, cm, gm = self.ada(c)[:, None].chunk(6, dim=-1)  # each (B, 1, D)
+        mod = self.ada(c)[:, None]
+        sa, ca, ga, sm, cm, gm = mod.chunk(6, dim=-1)  # each (B, 1, D)
         h = modulate(self.norm1(x), sa, ca)
-        if self.joint and ctx is not None:
-            sa_c, ca_c, ga_c, sm_c, cm_c, gm_c = self.ada(c_ctx)[:, None].chunk(6, dim=-1)
+        if self.joint and ctx is not None:  # the model passes c itself as c_ctx in joint mode: computed once
+            sa_c, ca_c, ga_c, sm_c, cm_c, gm_c = (mod if c_ctx is c else self.ada(c_ctx)[:, None]).chunk(6, dim=-1)
             ax, ac = self.attn(h, x_rope, modulate(self.norm1(ctx), sa_c, ca_c), ctx_rope, ctx_valid)
             ctx = gated_add(ctx, ga_c, ac)
             ctx = gated_add(ctx, gm_c, self.mlp(modulate(self.norm2(ctx), sm_c, cm_c), role="context"))
