@@ -232,6 +232,16 @@ def test_bad_targets_and_configs(refdit: ts.RefDiT) -> None:
         apply_token_merging(refdit, {"ratio": 0.5})
 
 
+@torch.no_grad()
+def test_a_config_that_merges_no_sublayer_of_the_model_is_refused(refdit: ts.RefDiT) -> None:
+    x, t, refs, p = _inputs(refdit)
+    dense = refdit(x, t, refs, p)
+    apply_token_merging(refdit, TokenMergingConfig(ratio=0.5))
+    with pytest.raises(ValueError, match="merges no sublayer of RefDiT.*merge_cross"):  # RefDiT has no cross-attn
+        apply_token_merging(refdit, TokenMergingConfig(ratio=0.5, merge_attn=False, merge_mlp=False, merge_cross=True))
+    assert merging_state(refdit) is None and torch.equal(refdit(x, t, refs, p), dense)  # nothing left applied
+
+
 # ------------------------------------------------------------------------------------------ diffusers UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -610,6 +620,24 @@ def test_sd3_joint_blocks_merge_the_image_side() -> None:
     assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
     remove_token_merging(sd3)
     assert torch.equal(sd3(**kw).sample, dense)
+
+
+@torch.no_grad()
+def test_a_model_called_without_a_latent_grid_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    prior = diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=1, embedding_dim=8,
+                                       num_embeddings=4, additional_embeddings=4).eval()  # (B, D) embeddings
+    kw = {"timestep": torch.tensor(5), "proj_embedding": torch.randn(2, 8),
+          "encoder_hidden_states": torch.randn(2, 4, 8)}
+    x = torch.randn(2, 8)
+    dense = prior(x, **kw).predicted_image_embedding
+    apply_token_merging(prior, TokenMergingConfig(ratio=0.5))
+    with caplog.at_level(logging.WARNING):
+        out = prior(x, **kw).predicted_image_embedding
+        prior(x, **kw)
+    assert torch.equal(out, dense) and merging_state(prior).merged_tokens == 0
+    assert caplog.text.count("(B, C, H, W) latent") == 1 and "a 2-D tensor" in caplog.text
+    assert "merged nothing" not in caplog.text  # the specific reason replaces the generic warning
+    remove_token_merging(prior)
 
 
 def test_video_models_are_rejected() -> None:

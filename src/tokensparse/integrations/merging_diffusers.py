@@ -143,6 +143,11 @@ def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args:
         state.warned_video = True
         logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
                        type(module).__name__)
+    elif not (isinstance(sample, Tensor) and sample.dim() in (4, 5)) and not state.warned:
+        state.warned = True  # instead of the generic "merged nothing" warning: the reason is known
+        got = f"a {sample.dim()}-D tensor" if isinstance(sample, Tensor) else "no sample / hidden_states tensor"
+        logger.warning("tokensparse: token merging merges the token grid of a (B, C, H, W) latent, and %s was "
+                       "called with %s; it runs unmerged", type(module).__name__, got)
     state.observe(first_arg(call, "timestep"), call)
 
 

@@ -133,10 +133,17 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
         on_generation_start(owner, _CALLBACK, state.new_generation)
     if cfg.is_identity:
         return target
+    n_hooks = len(state.handles)
     if isinstance(model, RefDiT):
         _wire_refdit(model, state)
     else:
         wire(model, blocks, state)
+    if len(state.handles) <= n_hooks + 1:  # only the per-call observer: no sublayer of any block is merged
+        remove_token_merging(target)
+        raise ValueError(
+            f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn={cfg.merge_attn}, "
+            f"merge_mlp={cfg.merge_mlp}, merge_cross={cfg.merge_cross}): cross-attention exists only in UNet / "
+            "PixArt-style blocks; enable merge_attn or merge_mlp")
     state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
     return target
 
