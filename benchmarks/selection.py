@@ -100,11 +100,10 @@ def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, re
     _, b = next(batched(samples, 8))
     refs = [r * 2 - 1 for r in b.refs]
     prompt_ids = ts.tokenize(b.prompts, model.config.max_prompt_len)
-    from tokensparse.api import selection_prompt
 
     def embed() -> None:
-        with selection_prompt(model, prompt_ids), torch.no_grad():
-            model.embed_references(refs, len(b.prompts))
+        with torch.no_grad():
+            model.embed_references(refs, len(b.prompts), prompt_ids)
 
     ts.remove_sparse_context(model)
     embed()

@@ -142,6 +142,22 @@ def test_kv_cache_generation_is_exact_and_stacks_with_sparsity(tiny_kv):
     ts.remove_sparse_context(tiny_kv)
 
 
+@pytest.mark.parametrize("selector", ["auto", "attention"])
+def test_every_model_entry_point_selects_with_its_own_prompt(tiny_kv, selector):
+    refs, x, t = [r * 2 - 1 for r in make_refs(2, batch=2)], torch.randn(2, 3, 16, 16), torch.full((2,), 0.7)
+    prompts = ts.tokenize(["place the subject", "recolor the red object blue"])
+    ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(keep=0.25, selector=selector, cache=True))
+    try:
+        with torch.no_grad():
+            kept, null_kept = (tiny_kv.embed_references(refs, 2, p).ids for p in (prompts, None))
+            assert selector == "attention" or not torch.equal(kept, null_kept)  # auto: the prompt names the task
+            cached = tiny_kv(x, t, None, prompts, context_kv=tiny_kv.context_kv(refs, prompts))
+            assert torch.equal(cached, tiny_kv(x, t, refs, prompts))  # context_kv selects as forward does
+            tiny_kv.ref_embedder(refs)  # a direct call: the null prompt, as before
+    finally:
+        ts.remove_sparse_context(tiny_kv)
+
+
 def test_generate_checks_its_arguments_before_any_work(tiny):
     refs = make_refs(1)
     for kwargs, err, message in (

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,7 +18,6 @@ from .tokens import TokenSeq, ref_slices
 from .vocab import detokenize
 
 _SPARSE_HANDLE = "_tokensparse_sparse_context"
-_PROMPT_IDS = "_tokensparse_prompt_ids"  # the prompt of the call in flight, for prompt-aware selection
 PROBE_T = 1.0  # the attention probe sees the first denoising step: pure noise at t = 1
 PROBE_BLOCKS = 2  # ... through the first blocks only (a fraction of one step's cost)
 PROBE_SEED = 0
@@ -55,21 +52,6 @@ def reference_views(images: list[torch.Tensor], patch_size: int, prompts: list[s
         img01 = (img.detach().float() + 1) / 2
         views.append(RefView(features=patchify(img01, patch_size), image=img01, index=i, prompts=prompts))
     return views
-
-
-@contextmanager
-def selection_prompt(model: RefDiT, prompt_ids: Tensor) -> Iterator[None]:
-    """Tell prompt-aware selection (``auto``, ``attention``) the prompt of the references embedded inside.
-
-    ``generate`` wraps ``model.embed_references`` in it; a plain ``model(x, t, refs, prompt_ids)`` call
-    sets it through a forward pre-hook while Sparse Context is applied.
-    """
-    previous = model.__dict__.get(_PROMPT_IDS)
-    model.__dict__[_PROMPT_IDS] = prompt_ids
-    try:
-        yield
-    finally:
-        model.__dict__[_PROMPT_IDS] = previous
 
 
 @torch.no_grad()
@@ -156,10 +138,10 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     patch = model.config.patch_size
     probe = needs_probe(cfg.selector)
 
-    def hook(module: torch.nn.Module, args: tuple, output: TokenSeq) -> TokenSeq:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: TokenSeq) -> TokenSeq:
         if cfg.is_identity:
             return output
-        prompt_ids = model.__dict__.get(_PROMPT_IDS)
+        prompt_ids = kwargs.get("prompt_ids", args[1] if len(args) > 1 else None)  # RefDiT passes its prompt
         if prompt_ids is None:  # no prompt known: the null prompt
             prompt_ids = torch.zeros(output.tokens.shape[0], 1, dtype=torch.long, device=output.tokens.device)
         views = reference_views(args[0], patch, detokenize(prompt_ids.cpu()))
@@ -167,17 +149,7 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
             _probe_views(model, output, views, prompt_ids)
         return sparsify(output, views, cfg)
 
-    def pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[3] if len(args) > 3 else kwargs.get("prompt_ids")
-        if isinstance(ids, Tensor):
-            model.__dict__[_PROMPT_IDS] = ids
-
-    def post_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        model.__dict__.pop(_PROMPT_IDS, None)
-
-    handles = (model.ref_embedder.register_forward_hook(hook),
-               model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-               model.register_forward_hook(post_forward, with_kwargs=True))
+    handles = (model.ref_embedder.register_forward_hook(hook, with_kwargs=True),)
     model.__dict__[_SPARSE_HANDLE] = (handles, cfg)
     return target
 
@@ -195,7 +167,6 @@ def remove_sparse_context(target: Any) -> Any:
     if entry is not None:
         for handle in entry[0]:
             handle.remove()
-    model.__dict__.pop(_PROMPT_IDS, None)
     return target
 
 

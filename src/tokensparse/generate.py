@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .api import selection_prompt, sparse_context_config
+from .api import sparse_context_config
 from .flow import SAMPLERS, noise_like, timesteps
 from .generation import begin_generation
 from .guidance import Branch, CFGConfig, GuidanceConfig, SparseGuidanceConfig, guided
@@ -102,8 +102,8 @@ def generate(
     prompt_ids = tokenize(prompts, cfg.max_prompt_len).to(device)
     model_refs = [(r.to(device) * 2 - 1) for r in refs]
     begin_generation(model)
-    with selection_prompt(model, prompt_ids):  # prompt-aware selection (auto, attention) sees the prompt
-        ref_tokens = model.embed_references(model_refs, batch)  # embedding + selection: once per generation
+    # embedding + selection, once per generation; prompt-aware selection (auto, attention) reads the prompt
+    ref_tokens = model.embed_references(model_refs, batch, prompt_ids)
     sparse_cfg = sparse_context_config(model)
     use_cache = sparse_cfg is not None and sparse_cfg.cache
     null_ids = torch.zeros_like(prompt_ids)

@@ -179,7 +179,8 @@ class RefEmbedder(nn.Module):
         self.patch_embed = patch_embed  # shared with the target
         self.index_embed = nn.Embedding(cfg.max_refs + 1, cfg.dim)  # 0 = target
 
-    def forward(self, images: list[Tensor]) -> TokenSeq:
+    def forward(self, images: list[Tensor], prompt_ids: Tensor | None = None) -> TokenSeq:
+        """``prompt_ids``: the prompt of the call, unused here; hooks (prompt-aware selection) read it."""
         grids = []
         for i, img in enumerate(images):
             tok = self.patch_embed(patchify(img, self.cfg.patch_size))  # (B, h, w, D)
@@ -304,8 +305,10 @@ class RefDiT(nn.Module):
             if r.shape[0] != batch:
                 raise ValueError(f"reference {i} has batch {r.shape[0]}; the target has batch {batch}")
 
-    def embed_references(self, refs: list[Tensor] | TokenSeq | None, batch: int) -> TokenSeq | None:
-        """Images ``[(B, 3, H, W)] in [-1, 1]`` -> reference tokens (through ``ref_embedder``'s hooks)."""
+    def embed_references(self, refs: list[Tensor] | TokenSeq | None, batch: int,
+                         prompt_ids: Tensor | None = None) -> TokenSeq | None:
+        """Images ``[(B, 3, H, W)] in [-1, 1]`` -> reference tokens (through ``ref_embedder``'s hooks, which
+        are given ``prompt_ids``: prompt-aware selection reads it; ``None`` = no prompt)."""
         if refs is None or isinstance(refs, TokenSeq):
             return refs
         if not isinstance(refs, (list, tuple)):
@@ -313,7 +316,7 @@ class RefDiT(nn.Module):
         if len(refs) == 0:
             return None
         self.check_references(list(refs), batch)
-        return self.ref_embedder(list(refs))
+        return self.ref_embedder(list(refs), prompt_ids=prompt_ids)
 
     def context(self, refs: TokenSeq | None, prompt_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Context tokens ``(B, Nc, D)``, their ids, valid mask (None = all valid) and pooled prompt."""
@@ -385,7 +388,7 @@ class RefDiT(nn.Module):
         if self.config.ref_attends_target:
             raise ValueError("context K/V are step-independent only in models built with ref_attends_target=False")
         b = prompt_ids.shape[0]
-        ctx, ctx_ids, ctx_valid, pooled = self.context(self.embed_references(refs, b), prompt_ids)
+        ctx, ctx_ids, ctx_valid, pooled = self.context(self.embed_references(refs, b, prompt_ids), prompt_ids)
         c_ctx = self.context_time(torch.zeros(b, device=prompt_ids.device), pooled)
         ctx_rope = rope_angles(ctx_ids, self.config.rope_axes, self.config.rope_theta)
         layers = []
@@ -418,7 +421,7 @@ class RefDiT(nn.Module):
         t = self.check_call(x, t, prompt_ids)
         b = x.shape[0]
         if context_kv is None:
-            refs_seq = self.embed_references(refs, b)
+            refs_seq = self.embed_references(refs, b, prompt_ids)
             if ref_keep is not None and refs_seq is not None:
                 refs_seq = subset(refs_seq, ref_keep)
             ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
