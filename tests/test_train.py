@@ -75,6 +75,35 @@ def test_config_saved_and_export_loads(tmp_path):
         ts.load_model("refdit-nope")
 
 
+def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
+    from tokensparse.models import build_model, load_checkpoint, save_checkpoint
+    from tokensparse.train import _load_into, _with_lora, init_model
+
+    from .conftest import randomize
+
+    base = tmp_path / "base.safetensors"  # LoRA adapts a trained model (a fresh one's zero adaLN gates block it)
+    save_checkpoint(randomize(build_model("refdit-tiny")), base)
+    cfg = tiny_cfg(tmp_path / "run", steps=4, lora_rank=2, lr=1e-2, ema=0.5, init=str(base))
+    train(cfg, progress=False)
+    torch.manual_seed(cfg.seed)
+    start = init_model(cfg).state_dict()  # the base weights the run started from
+    ckpt = latest_checkpoint(tmp_path / "run")
+    trained = load_file(str(ckpt / "model.safetensors"))
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # the adapters (zero at start) learned
+    for k, v in trained.items():  # everything else is frozen
+        if "lora_" not in k:
+            assert torch.equal(v, start[k.replace(".base_layer", "")]), k
+    exported = load_checkpoint(export_ema(tmp_path / "run", tmp_path / "w.safetensors"))  # a plain RefDiT
+    assert not any("lora" in k or "base_layer" in k for k in exported.state_dict())
+    adapted = _with_lora(build_model("refdit-tiny"), 2)
+    _load_into(adapted, load_file(str(ckpt / "ema.safetensors")))
+    x, t, p = torch.randn(2, 3, 16, 16), torch.full((2,), 0.6), torch.zeros(2, 1, dtype=torch.long)
+    refs = [torch.rand(2, 3, 16, 16) * 2 - 1]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, t, refs, p), adapted.eval()(x, t, refs, p), rtol=1e-4, atol=1e-5)
+
+
 def test_random_keep_mask_budgets():
     g = torch.Generator().manual_seed(0)
     m = random_keep_mask(((4, 4), (2, 2)), 64, DropConfig(p_full=0.5, keep_min=0.25, keep_max=0.5), g)
@@ -230,6 +259,7 @@ def test_bad_rates_are_value_errors(kw):
     (dict(family_weights={"bogus": 1}), ValueError), (dict(family_weights=[1, 2]), TypeError),
     (dict(route=0.5), ValueError), (dict(seed=-1), ValueError), (dict(mixed_precision="fp64"), ValueError),
     (dict(out=None), TypeError), (dict(drop="x"), TypeError), (dict(model=3), TypeError),
+    (dict(lora_rank=2), ValueError),  # LoRA without init: nothing to adapt
 ])
 def test_train_config_rejects_what_training_would_fail_on(field, err):
     with pytest.raises(err):

@@ -93,7 +93,7 @@ class TrainConfig:
     eval_every: int = 1000
     eval_samples: int = 32
     mixed_precision: str = "no"
-    lora_rank: int = 0
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) on qkv / proj / fc1 / fc2 of init, frozen; export merges them
 
     def __post_init__(self) -> None:
         from .data.stream import check_stream
@@ -117,6 +117,9 @@ class TrainConfig:
             setattr(self, name, checks.integer(name, getattr(self, name), lo=1))
         for name in ("warmup", "lora_rank"):
             setattr(self, name, checks.integer(name, getattr(self, name), lo=0))
+        if self.lora_rank > 0 and self.init is None:
+            raise ValueError("lora_rank > 0 needs init (a trained checkpoint to adapt): a fresh RefDiT's "
+                             "zero-initialised adaLN gates give the adapters no gradient")
         self.seed = checks.seed("seed", self.seed)
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
         for name in ("min_lr_frac", "ema", "cond_drop"):
@@ -439,7 +442,11 @@ def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
         raise FileNotFoundError(f"no checkpoint in {run}")
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     model = build_model(cfg.model)
+    if cfg.lora_rank > 0:  # the EMA holds the frozen base and the adapters: load both, then merge them
+        model = _with_lora(model, cfg.lora_rank)
     _load_into(model, load_file(str(ckpt / "ema.safetensors")))
+    if cfg.lora_rank > 0:
+        model = _merge_lora(model)
     state = json.loads((ckpt / "state.json").read_text())
     info = {"recipe": asdict(cfg), "step": state["step"], "wall_minutes": state["elapsed_s"] / 60,
             "evals": state.get("evals", []), **(meta or {})}
@@ -455,4 +462,16 @@ def _with_lora(model: RefDiT, rank: int) -> RefDiT:
     model = inject_adapter_in_model(cfg, model)
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
+    return model
+
+
+def _merge_lora(model: RefDiT) -> RefDiT:
+    """Fold the LoRA adapters of :func:`_with_lora` into their layers' weights: a plain RefDiT again."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
     return model
