@@ -24,6 +24,18 @@ def test_numpy_batches_read_each_image_by_the_same_rule():
     assert torch.equal(to_tensor(hwc), want)  # (B, H, W, C)
     assert torch.equal(to_tensor(hwc.transpose(0, 3, 1, 2).copy()), want)  # (B, C, H, W)
     assert batch_images([hwc])[0].shape == (2, 3, 8, 8)
+    assert torch.equal(to_tensor(torch.from_numpy(hwc)), want)  # a (B, H, W, C) tensor too, as the docs say
+    mixed = np.stack([hwc[0] / 255.0, hwc[1].astype(np.float64)])  # a 0-1 float image beside a 0-255 one
+    torch.testing.assert_close(to_tensor(mixed), want)
+
+
+def test_more_pil_modes_keep_their_values():
+    v = np.array([[0, 1000, 40000, 65535]], np.uint16)
+    want = torch.from_numpy(v / 65535.0).float()
+    for mode in ("I;16", "I;16N"):  # native byte order too (it was clipped at 255 by convert("RGB"))
+        torch.testing.assert_close(to_tensor(Image.frombytes(mode, (4, 1), v.tobytes()))[0], want)
+    la = to_tensor(Image.new("La", (2, 2), (100, 255)))  # premultiplied alpha: no direct RGB conversion
+    torch.testing.assert_close(la, torch.full((3, 2, 2), 100 / 255))
 
 
 def test_grayscale_becomes_rgb():
@@ -41,6 +53,16 @@ def test_grayscale_becomes_rgb():
 def test_bad_images_raise(bad, err):
     with pytest.raises(err):
         to_tensor(bad)
+
+
+@pytest.mark.parametrize("bad, shape", [
+    (np.random.rand(8, 8, 5), "(8, 8, 5)"), (np.random.rand(2, 2, 8, 8), "(2, 2, 8, 8)"),
+    (torch.rand(5, 8, 8), "(5, 8, 8)"), (torch.rand(2, 5, 8, 8), "(2, 5, 8, 8)"),
+])
+def test_a_wrong_channel_count_is_named_with_the_input_shape(bad, shape):
+    with pytest.raises(ValueError, match="1, 3 or 4 channels") as info:
+        to_tensor(bad)
+    assert shape in str(info.value)
 
 
 def test_one_rule_for_every_image_type(tmp_path):

@@ -15,7 +15,8 @@ from .files import default_mode
 
 ImageLike = Image.Image | np.ndarray | Tensor
 
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # PIL modes beyond 8 bits: convert("RGB") would clip them
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes beyond 8 bits: convert("RGB") would clip
+_VIA = {"La": "LA"}  # PIL modes with no direct conversion to RGB: through this mode first (premultiplied alpha)
 _TOL = 1e-3  # float images may overshoot [0, 1] by this much (resampling)
 
 
@@ -25,9 +26,10 @@ def to_tensor(image: ImageLike) -> Tensor:
     PIL images, numpy arrays and tensors follow one rule: 8-bit and other integer values are divided by 255,
     16-bit ones (uint16, PIL ``I;16``) by 65535, bools are 0 / 1; floats must be in [0, 1] -- except that float
     numpy arrays (and PIL ``F`` images) whose maximum exceeds 1 are read as 0-255. Layouts: ``(H, W)``,
-    ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped); numpy batches
-    ``(B, H, W, C)`` or ``(B, C, H, W)``, each image read by the same rule. Raises
-    ``ValueError`` for values that are not finite or out of range, ``TypeError`` for other objects.
+    ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped); batches
+    ``(B, H, W, C)`` or ``(B, C, H, W)``, each image of a numpy batch read by the rule on its own. Raises
+    ``ValueError`` for values that are not finite or out of range, or another number of channels, and
+    ``TypeError`` for other objects.
     """
     if isinstance(image, Image.Image):
         if image.mode in _WIDE_MODES:  # 16/32-bit and float: keep their range
@@ -35,27 +37,43 @@ def to_tensor(image: ImageLike) -> Tensor:
             if image.mode == "I" and arr.size and 255 < arr.max() <= 65535 and arr.min() >= 0:
                 arr = arr.astype(np.uint16)  # a 16-bit PNG opened as 32-bit integers
             return to_tensor(arr)
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        try:
+            rgb = image.convert(_VIA[image.mode]).convert("RGB") if image.mode in _VIA else image.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"cannot read a PIL image in mode {image.mode!r} as RGB ({exc})") from None
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
         if image.dtype.kind not in "biuf":
             raise TypeError(f"a numpy image must hold numbers, got dtype {image.dtype}")
         if image.ndim not in (2, 3, 4) or (image.ndim == 4 and image.shape[0] == 0):
             raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), or a batch of them "
                              f"(B, H, W, C) / (B, C, H, W); got shape {image.shape}")
+        if image.ndim == 4:  # a batch: every image by the rule on its own (a float 0-255 image beside 0-1 ones)
+            out = []
+            for i, x in enumerate(image):
+                try:
+                    out.append(to_tensor(x))
+                except ValueError as exc:
+                    raise ValueError(f"image {i} of the batch of shape {image.shape}: {exc}") from None
+            return torch.stack(out)
         if image.dtype.kind != "f":
             t = torch.from_numpy(_scaled(image))
         else:
             t = torch.from_numpy(image.astype(np.float32))
             if t.numel() and float(t.max()) > 1.0 + _TOL:
                 t = t / 255.0  # a float array holding 0-255 values
-        t = _channels_first(t) if t.dim() < 4 else torch.stack([_channels_first(x) for x in t])
+        t = _channels_first(t, image.shape)
     elif isinstance(image, Tensor):
         if image.is_complex():
             raise TypeError("image tensors must be real, got a complex tensor")
         t = image.float() if image.is_floating_point() else torch.from_numpy(_scaled(image.cpu().numpy()))
         t = t.to(image.device)
         if t.dim() == 2 or (t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4)):
-            t = _channels_first(t)  # (H, W) or (H, W, C) with an unambiguous layout
+            t = _channels_first(t, tuple(image.shape))  # (H, W) or (H, W, C) with an unambiguous layout
+        elif t.dim() == 4 and t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3, 4):
+            t = t.permute(0, 3, 1, 2)  # a (B, H, W, C) batch
+        if t.dim() in (3, 4) and t.shape[-3] not in (1, 3, 4):
+            raise ValueError(f"an image needs 1, 3 or 4 channels (first or last), got shape {tuple(image.shape)}")
         if t.dim() in (3, 4) and t.shape[-3] == 1:  # grayscale (1, H, W) / (B, 1, H, W)
             t = t.expand(*t.shape[:-3], 3, *t.shape[-2:])
         elif t.dim() in (3, 4) and t.shape[-3] == 4:  # RGBA: drop alpha
@@ -80,14 +98,16 @@ def _scaled(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) / (65535.0 if sixteen else 255.0)
 
 
-def _channels_first(t: Tensor) -> Tensor:
-    """``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)`` (C in 1, 3, 4) -> ``(3, H, W)``."""
+def _channels_first(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``(H, W)`` / ``(H, W, C)`` / ``(C, H, W)`` (C in 1, 3, 4) -> ``(3, H, W)``; ``shape`` names the input."""
     if t.dim() == 2:
         t = t[None]
     else:
         first, last = t.shape[0], t.shape[-1]
         if not ((first in (1, 3) and last not in (1, 3)) or (first == 4 and last not in (1, 3, 4))):
             t = t.permute(2, 0, 1)  # channels last (the numpy convention when both ends could be channels)
+        if t.shape[0] not in (1, 3, 4):
+            raise ValueError(f"an image needs 1, 3 or 4 channels (first or last), got shape {tuple(shape)}")
     if t.shape[0] == 4:
         t = t[:3]
     if t.shape[0] == 1:
