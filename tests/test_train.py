@@ -75,6 +75,26 @@ def test_config_saved_and_export_loads(tmp_path):
         ts.load_model("refdit-nope")
 
 
+def test_corrupt_or_misfitting_checkpoints_are_value_errors(tmp_path):
+    import tokensparse as ts
+    from tokensparse.models import build_model, save_checkpoint
+
+    good, other = tmp_path / "good.safetensors", tmp_path / "other.safetensors"
+    save_checkpoint(build_model("refdit-tiny"), good)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:20])  # truncated
+    bad.with_suffix(".json").write_text(good.with_suffix(".json").read_text())
+    with pytest.raises(ValueError, match="cannot read checkpoint .*bad.safetensors"):
+        ts.load_model(bad)
+    with pytest.raises(ValueError, match="cannot read .*bad.safetensors"):  # a recipe's init
+        train(tiny_cfg(tmp_path / "run", init=str(bad)), progress=False)
+    assert not (tmp_path / "run").exists()
+    save_checkpoint(build_model("refdit-s"), other)
+    other.with_suffix(".json").write_text(good.with_suffix(".json").read_text())  # weights of another size
+    with pytest.raises(ValueError, match="does not fit"):
+        ts.load_model(other)
+
+
 def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
     from tokensparse.models import build_model, load_checkpoint, save_checkpoint
     from tokensparse.train import _load_into, _with_lora, init_model

@@ -1,9 +1,11 @@
-"""File-writing helpers shared by the places that publish outputs (images, checkpoints, LoRA weights)."""
+"""File helpers shared by the places that publish outputs (images, checkpoints, LoRA weights) or read weights."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from torch import Tensor
 
 
 def default_mode(path: str | os.PathLike) -> Path:
@@ -16,3 +18,15 @@ def default_mode(path: str | os.PathLike) -> Path:
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
     return Path(path)
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file; ``ValueError`` naming the file when it is not one (corrupt,
+    truncated, another format). Safetensors only: nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as exc:
+        raise ValueError(f"cannot read {path} as safetensors ({exc})") from None

@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from . import checks
 from .api import reference_views
 from .context import SparseContextConfig
-from .files import default_mode
+from .files import default_mode, read_safetensors
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
@@ -262,7 +262,7 @@ def init_model(cfg: TrainConfig) -> RefDiT:
     # weights go into cfg.model's architecture, so a joint-attention checkpoint can start a K/V-cache
     # (ref_attends_target=False) model: the two have the same parameters
     model = build_model(cfg.model)
-    _load_into(model, {k: v.float() for k, v in load_file(str(init)).items()})
+    _load_into(model, {k: v.float() for k, v in read_safetensors(init).items()})
     return model
 
 
@@ -297,11 +297,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         try:
-            _load_into(model, load_file(str(ckpt / "model.safetensors")))
+            _load_into(model, read_safetensors(ckpt / "model.safetensors"))
         except ValueError as exc:  # before config.json is rewritten: the run folder stays as it was
             raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
                              f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
-        ema = load_file(str(ckpt / "ema.safetensors"))
+        ema = read_safetensors(ckpt / "ema.safetensors")
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
         log(f"resumed from {ckpt} at step {state['step']}")
@@ -444,7 +444,7 @@ def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
     model = build_model(cfg.model)
     if cfg.lora_rank > 0:  # the EMA holds the frozen base and the adapters: load both, then merge them
         model = _with_lora(model, cfg.lora_rank)
-    _load_into(model, load_file(str(ckpt / "ema.safetensors")))
+    _load_into(model, read_safetensors(ckpt / "ema.safetensors"))
     if cfg.lora_rank > 0:
         model = _merge_lora(model)
     state = json.loads((ckpt / "state.json").read_text())

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors
 from safetensors.torch import save_model as _save_safetensors
 
@@ -129,7 +130,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     info = json.loads(path.with_suffix(".json").read_text())
     cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
     model = RefDiT(RefDiTConfig(**cfg_dict))
-    _load_safetensors(model, str(path), device=map_location)
+    try:
+        _load_safetensors(model, str(path), device=map_location)
+    except SafetensorError as exc:
+        raise ValueError(f"cannot read checkpoint {path} as safetensors ({exc})") from None
+    except RuntimeError as exc:  # load_state_dict: missing / unexpected / reshaped tensors
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {path} does not fit the model its JSON describes: {first}") from None
     return model.eval()
 
 
