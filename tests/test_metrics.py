@@ -41,6 +41,10 @@ def test_coarse_psnr_ignores_detail_but_sees_layout():
     assert torch.isinf(coarse_psnr(p, t, factor=2)).all()
     shifted = t + 0.1
     assert torch.allclose(coarse_psnr(shifted, t, factor=4), torch.tensor([20.0]), atol=1e-3)
+    assert torch.equal(coarse_psnr(p, t, factor=1), psnr(p, t))
+    for factor, err in ((0, ValueError), (-2, ValueError), (32, ValueError), (2.0, TypeError)):
+        with pytest.raises(err, match="factor"):
+            coarse_psnr(p, t, factor=factor)
 
 
 def test_shape_mismatch_raises():

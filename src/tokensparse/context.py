@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .selection import ALLOCATIONS, SCORERS, RefView, select
+from .selection import ALLOCATIONS, SCORERS, RefView, check_adaptive, select
 from .tokens import TokenSeq, subset
 
 
@@ -23,7 +23,8 @@ class SparseContextConfig:
         ``"edges"``, ``"foreground"``, ``"detail"``, ``"attention"`` (a model probe) or ``"auto"`` (per task,
         from the prompt).
     adaptive: let the budget adapt to the input: each reference keeps the smallest set of tokens that
-        holds ``mass`` of its score mass, between ``min_keep`` and ``keep`` of its tokens.
+        holds ``mass`` of its score mass, between ``min_keep`` and ``keep`` of its tokens (informed selectors
+        only: ``edges``, ``foreground``, ``attention``, ``auto``).
     seed: seeds the selection's own generator, so dense and sparse runs share the diffusion noise. ``"random"``
         draws for the whole batch at once: a sample's random selection depends on its place in the batch.
     cache: compute the kept reference tokens' K/V once per generation and reuse them every step
@@ -52,6 +53,7 @@ class SparseContextConfig:
         self.seed = checks.seed("seed", self.seed)
         self.cache = checks.flag("cache", self.cache)
         self.adaptive = checks.flag("adaptive", self.adaptive)
+        check_adaptive(self.adaptive, self.selector)
         if self.count is not None:
             self.count = checks.integer("count", self.count, lo=1)
             if self.keep != 1.0 or self.adaptive:

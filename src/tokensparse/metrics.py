@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from . import checks
+
 __all__ = ["coarse_psnr", "fid", "mean_ci95", "psnr", "ssim", "summarize"]
 
 
@@ -51,6 +53,9 @@ def coarse_psnr(pred: torch.Tensor, target: torch.Tensor, factor: int = 4) -> to
     """PSNR after average-pooling both images by ``factor`` (the *layout* metric: right colours in the right
     places, fine detail ignored). With 4x4 patches and ``factor=4`` it compares per-token mean colours."""
     pred, target = _check(pred, target)
+    factor = checks.integer("factor", factor, lo=1)
+    if factor > min(pred.shape[-2:]):
+        raise ValueError(f"factor {factor} is larger than the {pred.shape[-2]}x{pred.shape[-1]} images")
     if factor > 1:
         pred, target = F.avg_pool2d(pred, factor), F.avg_pool2d(target, factor)
     return psnr(pred, target)

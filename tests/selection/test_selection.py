@@ -139,7 +139,7 @@ def test_select_properties(b, n_refs, h, w, keep, selector, seed, budget, mass, 
     cfg = {"keep": keep, "selector": selector, "seed": seed}
     if budget == "count":
         cfg = {"selector": selector, "seed": seed, "count": max(1, int(keep * 8))}
-    elif budget == "adaptive":
+    elif budget == "adaptive" and selector in INFORMED:  # adaptive needs score mass (uninformed: a ValueError)
         cfg.update(adaptive=True, mass=mass)
     elif budget in ("score", "equal"):
         cfg.update(allocate=budget)

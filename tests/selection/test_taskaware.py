@@ -7,7 +7,7 @@ import torch
 
 import tokensparse as ts
 from tokensparse.api import PROBE_SEED, PROBE_T, attention_probe
-from tokensparse.selection import FAMILY_SCORER, RefView, auto_choice, prompt_family
+from tokensparse.selection import FAMILY_SCORER, RefView, auto_choice, prompt_family, select
 from tokensparse.selection.auto import plain_border
 
 from ..conftest import make_refs
@@ -172,7 +172,16 @@ def test_bad_budget_config(kwargs, err):
         ts.SparseContextConfig(**kwargs)
 
 
+@pytest.mark.parametrize("selector", ["random", "uniform", "detail"])
+def test_adaptive_budgets_need_an_informed_selector(selector):
+    with pytest.raises(ValueError, match="informed selectors"):  # equal scores: "mass" would be a token count
+        ts.SparseContextConfig(selector=selector, adaptive=True)
+    v = RefView(features=torch.rand(1, 4, 4, 3))
+    with pytest.raises(ValueError, match="informed selectors"):
+        select([v], 1.0, selector, torch.Generator(), adaptive=True)
+
+
 def test_identity_flags():
     assert ts.SparseContextConfig().is_identity
-    assert not ts.SparseContextConfig(adaptive=True).is_identity
+    assert not ts.SparseContextConfig(selector="edges", adaptive=True).is_identity
     assert not ts.SparseContextConfig(count=4).is_identity

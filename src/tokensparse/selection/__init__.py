@@ -28,6 +28,13 @@ def needs_probe(selector: str) -> bool:
     return selector in NEEDS_PROBE
 
 
+def check_adaptive(adaptive: bool, selector: str) -> None:
+    """``ValueError`` for an adaptive budget over a selector whose scores carry no mass to count."""
+    if adaptive and selector not in INFORMED:
+        raise ValueError(f"adaptive budgets count score mass, which only informed selectors give "
+                         f"({sorted(INFORMED)}); selector {selector!r} scores every token alike")
+
+
 def select(
     views: list[RefView],
     keep: float,
@@ -53,6 +60,7 @@ def select(
         raise ValueError(f"unknown selector {selector!r}; choose one of {sorted(SCORERS)}")
     if allocate not in ALLOCATIONS:
         raise ValueError(f"unknown allocate {allocate!r}; choose one of {list(ALLOCATIONS)}")
+    check_adaptive(adaptive, selector)
     scores, ties = score_views(views, selector, generator)
     budgets, floors = [], []
     for view in views:
@@ -98,6 +106,6 @@ def budget_masks(scores: list[Tensor], budgets: list[int | Tensor], floors: list
 
 __all__ = [
     "ALLOCATIONS", "FAMILY_SCORER", "INFORMED", "SCORERS", "RefView", "Scorer", "allocate_mask", "auto_choice",
-    "bayer_rank", "budget_masks", "count_for_ratio", "floor_count", "mass_count", "needs_probe", "prompt_family",
-    "register_scorer", "score_views", "select", "shares_budget", "topk_mask",
+    "bayer_rank", "budget_masks", "check_adaptive", "count_for_ratio", "floor_count", "mass_count", "needs_probe",
+    "prompt_family", "register_scorer", "score_views", "select", "shares_budget", "topk_mask",
 ]
