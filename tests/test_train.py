@@ -122,6 +122,8 @@ def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
     refs = [torch.rand(2, 3, 16, 16) * 2 - 1]
     with torch.no_grad():
         torch.testing.assert_close(exported(x, t, refs, p), adapted.eval()(x, t, refs, p), rtol=1e-4, atol=1e-5)
+    again = init_model(tiny_cfg(tmp_path / "next", init=str(tmp_path / "run")))  # a LoRA run folder as init
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), exported.state_dict().values()))
 
 
 def test_random_keep_mask_budgets():
@@ -301,6 +303,9 @@ def test_a_run_folder_of_another_model_is_refused_before_it_is_touched(tmp_path)
     with pytest.raises(ValueError, match="another model than the recipe's 'refdit-s'"):
         train(tiny_cfg(tmp_path / "run", steps=4, model="refdit-s"), progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == saved  # the run can still be resumed / exported
+    with pytest.raises(ValueError, match="at step 2, past the recipe's steps=1"):  # would silently not train
+        train(tiny_cfg(tmp_path / "run", steps=1), progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == saved
     export_ema(tmp_path / "run", tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="tensors of another shape"):  # an init of another architecture
         train(tiny_cfg(tmp_path / "run2", model="refdit-s", init=str(tmp_path / "w.safetensors")), progress=False)

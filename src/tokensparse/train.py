@@ -253,17 +253,31 @@ def init_model(cfg: TrainConfig) -> RefDiT:
         return build_model(cfg.model)
     init = Path(cfg.init)
     if init.is_dir():
-        ckpt = latest_checkpoint(init)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint in run folder {init}")
-        init = ckpt / "ema.safetensors"
-    if not init.is_file():
+        tensors = run_ema(init)[0].state_dict()
+    elif init.is_file():
+        tensors = read_safetensors(init)
+    else:
         raise FileNotFoundError(f"init checkpoint {init} not found")
     # weights go into cfg.model's architecture, so a joint-attention checkpoint can start a K/V-cache
     # (ref_attends_target=False) model: the two have the same parameters
     model = build_model(cfg.model)
-    _load_into(model, {k: v.float() for k, v in read_safetensors(init).items()})
+    _load_into(model, {k: v.float() for k, v in tensors.items()})
     return model
+
+
+def run_ema(run: str | Path) -> tuple[RefDiT, TrainConfig, Path]:
+    """A run folder's latest EMA weights as a plain RefDiT (a LoRA run's adapters merged), with the run's
+    config and the checkpoint folder."""
+    run = Path(run)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in run folder {run}")
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model = build_model(cfg.model)
+    if cfg.lora_rank > 0:  # the EMA holds the frozen base and the adapters: load both, then merge them
+        model = _with_lora(model, cfg.lora_rank)
+    _load_into(model, read_safetensors(ckpt / "ema.safetensors"))
+    return (_merge_lora(model) if cfg.lora_rank > 0 else model), cfg, ckpt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,14 +310,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["step"] > cfg.steps:  # checked before config.json is rewritten: the run folder stays as it was
+            raise ValueError(f"run folder {out} is at step {state['step']}, past the recipe's steps={cfg.steps}; "
+                             "give steps >= that to train on, or a new --out")
+        weights = read_safetensors(ckpt / "model.safetensors")
         try:
-            _load_into(model, read_safetensors(ckpt / "model.safetensors"))
-        except ValueError as exc:  # before config.json is rewritten: the run folder stays as it was
+            _load_into(model, weights)
+        except ValueError as exc:
             raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
                              f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
         ema = read_safetensors(ckpt / "ema.safetensors")
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
-        state = json.loads((ckpt / "state.json").read_text())
         log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -436,17 +454,7 @@ def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10) -
 def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
                dtype: torch.dtype = torch.float32) -> Path:
     """Write the latest EMA weights of a run as a shippable checkpoint (safetensors + JSON)."""
-    run = Path(run)
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run}")
-    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    model = build_model(cfg.model)
-    if cfg.lora_rank > 0:  # the EMA holds the frozen base and the adapters: load both, then merge them
-        model = _with_lora(model, cfg.lora_rank)
-    _load_into(model, read_safetensors(ckpt / "ema.safetensors"))
-    if cfg.lora_rank > 0:
-        model = _merge_lora(model)
+    model, cfg, ckpt = run_ema(run)
     state = json.loads((ckpt / "state.json").read_text())
     info = {"recipe": asdict(cfg), "step": state["step"], "wall_minutes": state["elapsed_s"] / 60,
             "evals": state.get("evals", []), **(meta or {})}
