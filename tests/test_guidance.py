@@ -77,6 +77,15 @@ def test_routing_needs_a_span(tiny):
         tiny(torch.randn(1, 3, 16, 16), torch.rand(1), [], ts.tokenize("place"), route=0.5)
 
 
+def test_a_rate_that_routes_every_target_token_is_refused(routed):
+    x, t, p = torch.randn(1, 3, 16, 16), torch.rand(1), ts.tokenize("place")
+    routed(x, t, [], p, route=0.95)  # 16 tokens: one stays
+    with pytest.raises(ValueError, match="routes all 16 target tokens"):
+        routed(x, t, [], p, route=0.97)
+    with pytest.raises(ValueError, match="routes all 16 target tokens"):  # through Sparse Guidance's weak pass
+        ts.generate(routed, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(scale=2.0, strong=0.0, weak=0.99))
+
+
 def test_generate_with_sparse_guidance_keeps_prompt_in_both_branches(routed):
     prompts = []
     routed.prompt_embedder.register_forward_hook(lambda m, a, out: prompts.append(int(a[0].abs().sum())))

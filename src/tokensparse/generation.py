@@ -96,7 +96,8 @@ def begin_generation(owner: Any) -> None:
     ``tokensparse.generate`` and diffusers pipelines do this themselves. Call it in your own sampling loop
     over a bare model where timesteps do not show it: one-step sampling calls the model at the same
     timestep every time, which otherwise reads as guidance passes of one step (token merging then continues
-    that step's destination draws, and Sparse Context keeps its selection while the references stay the same).
+    that step's destination draws, and Sparse Context keeps its selection while the references stay the same);
+    an img2img / SDEdit-style loop that starts below the previous image's last timestep reads as its next steps.
     """
     if not hasattr(owner, "__dict__"):
         raise TypeError(f"begin_generation takes the model or pipeline tokensparse was applied to, got "

@@ -141,12 +141,16 @@ def test_cached_context_kv_is_exact(tiny_kv):
         assert torch.equal(tiny_kv(x, tt, refs, p, context_kv=kv), tiny_kv(x, tt, refs, p))
 
 
-def test_target_rope_is_a_fixed_non_persistent_buffer(tiny):
+def test_target_rope_is_computed_once_in_float32(tiny):
     from tokensparse.models.layers import rope_angles
 
     cfg = tiny.config
-    assert torch.equal(tiny.target_rope, rope_angles(tiny.target_ids, cfg.rope_axes, cfg.rope_theta))
-    assert "target_rope" not in tiny.state_dict()  # derived from the config: old checkpoints load as before
+    want = rope_angles(tiny.target_ids, cfg.rope_axes, cfg.rope_theta)
+    assert torch.equal(tiny.target_rope, want) and tiny.target_rope is tiny.target_rope  # cached
+    assert "target_rope" not in tiny.state_dict() and "_target_rope" not in tiny.state_dict()
+    copy = __import__("copy").deepcopy(tiny)
+    copy.half().float()  # a dtype round trip rounds the weights, never the derived RoPE table
+    assert torch.equal(copy.target_rope, want)
 
 
 def test_context_kv_needs_separate_mode(tiny):

@@ -64,6 +64,9 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 def route_index(batch: int, n: int, route: float, generator: torch.Generator | None, device) -> Tensor:
     """Sorted indices ``(B, n - round(route * n))`` of the target tokens that are *not* routed away."""
     keep = n - int(round(route * n))
+    if keep < 1:
+        raise ValueError(f"route {route} routes all {n} target tokens around the route span; use a rate below "
+                         f"{1 - 0.5 / n:.4g} for {n} tokens")
     scores = torch.rand(batch, n, generator=generator).to(device)
     return scores.topk(keep, dim=1).indices.sort(dim=1).values
 

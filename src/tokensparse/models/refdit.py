@@ -265,9 +265,6 @@ class RefDiT(nn.Module):
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final = nn.Linear(d, cfg.patch_dim)
         self.register_buffer("target_ids", grid_ids(0, cfg.grid, cfg.grid), persistent=False)
-        # the target's RoPE never changes: computed once, not every step
-        self.register_buffer("target_rope", rope_angles(self.target_ids, cfg.rope_axes, cfg.rope_theta),
-                             persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -284,6 +281,16 @@ class RefDiT(nn.Module):
                                                     for x in (blk.attn.proj, blk.mlp.fc2)]):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    @property
+    def target_rope(self) -> Tensor:
+        """The target's RoPE ``(Nt, Dh/2, 2)``, float32: it never changes, so it is computed once per device
+        (not a buffer: ``model.half().float()`` would round it)."""
+        rope = self.__dict__.get("_target_rope")
+        if rope is None or rope.device != self.target_ids.device:
+            rope = rope_angles(self.target_ids, self.config.rope_axes, self.config.rope_theta)
+            self.__dict__["_target_rope"] = rope
+        return rope
 
     # -- inputs -------------------------------------------------------------------------------------
 
