@@ -296,6 +296,6 @@ def train_lora(
 
     try:
         train_lora_sparse(pipe, examples, cfg, out, log=log)
-    except TypeError as exc:
+    except (TypeError, ValueError, OSError) as exc:  # an unsupported pipeline; writing the result failed
         _fail(str(exc))
     typer.echo(f"wrote LoRA to {out} (load with pipe.load_lora_weights({str(out)!r}))")

@@ -36,6 +36,49 @@ def test_config_validation_and_unsupported_pipeline():
         train_lora_sparse(pipe, [object()], LoraTrainConfig(steps=1), "/nonexistent")
 
 
+def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tokensparse.integrations.diffusers_lora import _ADAPTER, Example, load_examples
+
+    pipe = tiny_flux2_klein(seed=0)
+    img = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+    examples = [Example([img], img, "mirror it")]
+    cfg = LoraTrainConfig(steps=2, resolution=32, rank=2, max_sequence_length=16)
+    flags = {n: p.requires_grad for n, p in pipe.transformer.named_parameters()}
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    def adapters() -> dict:
+        return getattr(pipe.transformer, "peft_config", None) or {}
+
+    def boom(step: int, keep: float, loss: float) -> None:
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_lora_sparse(pipe, examples, cfg, tmp_path / "a", log=boom)
+    assert _ADAPTER not in adapters() and not (tmp_path / "a").exists()
+    assert {n: p.requires_grad for n, p in pipe.transformer.named_parameters()} == flags
+    after = pipe.transformer.state_dict()
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())
+    (tmp_path / "b" / "train_config.json").mkdir(parents=True)  # in the way: neither file may land
+    with pytest.raises(OSError, match="cannot write the LoRA"):
+        train_lora_sparse(pipe, examples, cfg, tmp_path / "b")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["train_config.json"] and _ADAPTER not in adapters()
+    assert len(train_lora_sparse(pipe, examples, cfg, tmp_path / "c")) == 2  # the same pipeline trains again
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["pytorch_lora_weights.safetensors",
+                                                                   "train_config.json"]
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):  # its adapter is still on
+        train_lora_sparse(pipe, examples, cfg, tmp_path / "d")
+    data = tmp_path / "data"
+    (data / ".ipynb_checkpoints").mkdir(parents=True)  # hidden folders are not examples
+    (data / "ex0").mkdir()
+    for name in ("ref1.png", "target.png"):
+        img.save(data / "ex0" / name)
+    (data / "ex0" / "prompt.txt").write_text("mirror it")
+    assert len(load_examples(data)) == 1
+
+
 @pytest.mark.slow
 def test_example_script_trains_saves_and_reloads(tmp_path):
     spec = importlib.util.spec_from_file_location("train_lora_sparse", EXAMPLE)

@@ -14,6 +14,9 @@ attention projections train. ``accelerate`` places the model (one CPU process, o
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from ..images import load_rgb
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
 SUPPORTED = ("Flux2KleinPipeline",)
+WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(folder) reads
+_ADAPTER = "tokensparse_sparse_context"  # the adapter this trainer adds to the transformer
 
 
 @dataclass
@@ -67,9 +72,11 @@ class Example:
 
 
 def load_examples(data: str | Path) -> list[Example]:
-    """One example per sub-folder of ``data``: ``ref*.png`` (one or more), ``target.png``, ``prompt.txt``."""
+    """One example per sub-folder of ``data``: ``ref*.png`` (one or more), ``target.png``, ``prompt.txt``.
+
+    Hidden sub-folders (``.ipynb_checkpoints``, ...) are skipped."""
     examples = []
-    for folder in sorted(p for p in Path(data).iterdir() if p.is_dir()):
+    for folder in sorted(p for p in Path(data).iterdir() if p.is_dir() and not p.name.startswith(".")):
         refs = sorted(folder.glob("ref*.png"))
         if not refs or not (folder / "target.png").is_file() or not (folder / "prompt.txt").is_file():
             raise ValueError(f"{folder}: needs ref*.png, target.png and prompt.txt")
@@ -126,12 +133,10 @@ def train_lora_sparse(
     """Train a LoRA on ``pipe.transformer`` with random reference dropping; save it to ``out_dir``.
 
     ``out_dir`` gets ``pytorch_lora_weights.safetensors`` (load with ``pipe.load_lora_weights(out_dir)``)
-    and ``train_config.json``. Returns the loss of every step. ``log(step, keep, loss)`` is called per step.
+    and ``train_config.json``, both written to a temporary folder first and then moved in. Returns the loss
+    of every step. ``log(step, keep, loss)`` is called per step. The trained adapter stays on
+    ``pipe.transformer``; if training fails, the adapter is removed and the pipeline is left as it was.
     """
-    from accelerate import Accelerator
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     if type(pipe).__name__ not in SUPPORTED:
         raise TypeError(f"LoRA training supports {SUPPORTED}, got {type(pipe).__name__}")
     if not examples:
@@ -139,6 +144,32 @@ def train_lora_sparse(
     if sparse_context_state(pipe.transformer) is not None:
         raise ValueError("Sparse Context is applied to this pipeline: remove_sparse_context(pipe) before training "
                          "(training drops reference tokens itself, and would remove it when done)")
+    if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
+        raise ValueError(f"pipe.transformer already has a LoRA adapter named {_ADAPTER!r} (an earlier "
+                         f"train_lora_sparse): load the pipeline afresh, or pipe.transformer.delete_adapters"
+                         f"({_ADAPTER!r}) first")
+    frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
+    others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
+    try:
+        return _train(pipe, examples, cfg, Path(out_dir), log)
+    except BaseException:  # a failed run leaves the pipeline as it was
+        if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
+            if others:
+                pipe.transformer.delete_adapters(_ADAPTER)
+            else:
+                pipe.transformer.unload_lora()  # the LoRA wrappers too: the original modules again
+        raise
+    finally:
+        for param, flag in frozen.items():
+            param.requires_grad_(flag)
+
+
+def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig, out: Path,
+           log: Callable[[int, float, float], None] | None) -> list[float]:
+    from accelerate import Accelerator
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
     accelerator = Accelerator()
     device = accelerator.device
     pipe.to(device)
@@ -153,7 +184,8 @@ def train_lora_sparse(
             lora_alpha=cfg.rank,
             init_lora_weights="gaussian",
             target_modules=list(cfg.target_modules),
-        )
+        ),
+        adapter_name=_ADAPTER,
     )
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -192,12 +224,29 @@ def train_lora_sparse(
     finally:
         remove_sparse_context_diffusers(transformer)
     model.eval()
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-        type(pipe).save_lora_weights(out, transformer_lora_layers=state)
-        default_mode(out / "pytorch_lora_weights.safetensors")  # safetensors writes owner-only files
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        _save(pipe, get_peft_model_state_dict(accelerator.unwrap_model(model), adapter_name=_ADAPTER), cfg, out)
     return losses
+
+
+def _save(pipe: Any, state: dict, cfg: LoraTrainConfig, out: Path) -> None:
+    """Write the weights and ``train_config.json`` into a temporary folder beside them, then move both in:
+    a failed write leaves ``out`` as it was. Raises ``OSError`` naming ``out`` (a full disk, a folder in the way)."""
+    from safetensors import SafetensorError
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
+    try:
+        type(pipe).save_lora_weights(tmp, transformer_lora_layers=state)
+        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        names = (WEIGHTS, "train_config.json")
+        for name in names:
+            default_mode(tmp / name)  # safetensors and mkdtemp make owner-only files
+            if (out / name).is_dir():  # checked for both before either moves: the pair stays matched
+                raise IsADirectoryError(f"{out / name} is a folder")
+        for name in names:
+            os.replace(tmp / name, out / name)
+    except (OSError, SafetensorError) as exc:
+        raise OSError(f"cannot write the LoRA to {out}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
