@@ -422,7 +422,8 @@ class RefDiT(nn.Module):
         routes: several routing rates at once (Sparse Guidance's branches): the blocks before the first
             routed block are computed once and shared, and a tuple of one output per rate is returned,
             equal to separate calls in this order when no stateful hooks are applied (token merging
-            draws per call, so with it the shared blocks merge once instead of once per rate).
+            draws per call, so with it the shared blocks merge once instead of once per rate, and later
+            blocks whose token count is the same in every branch reuse the first branch's matching).
         """
         cfg = self.config
         t = self.check_call(x, t, prompt_ids)
