@@ -285,6 +285,26 @@ def test_reference_pixels_reach_the_scorers(pipe):
     assert 0.0 <= float(images[0].min()) and float(images[0].max()) <= 1.0
 
 
+def test_a_failed_call_leaves_no_prompt_or_pixels_for_the_next(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="auto"))
+    with pytest.raises(ValueError):  # Flux2 takes PIL references only: fails after encoding the prompt
+        pipe(image=[np.asarray(_ref(0))], prompt="recolor the cat", output_type="np", **flux2_call_kwargs())
+    run(pipe, prompt="put the cat on a sofa")
+    assert sparse_context_state(pipe).prompts == ["put the cat on a sofa"]  # not the failed call's prompt
+    pipe.encode_prompt("recolor the cat")  # by hand, before a call: the call's own prompt still wins
+    run(pipe, prompt="place the cat on a sofa")
+    assert sparse_context_state(pipe).prompts == ["place the cat on a sofa"]
+
+
+def test_latent_items_score_from_latents_and_pixel_items_from_pixels():
+    from tokensparse.integrations.diffusers_models import images_for_scorers
+
+    latents, pixels = torch.randn(1, 16, 8, 8), torch.rand(1, 3, 32, 32) * 2 - 1  # Klein inpaint's list
+    got = images_for_scorers([latents, pixels])
+    assert got[0] is None and torch.allclose(got[1], (pixels + 1) / 2)
+    assert images_for_scorers([latents]) is None and images_for_scorers(None) is None
+
+
 def test_no_reference_images_is_a_logged_noop(pipe, caplog):
     dense = run(pipe, refs=())
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))

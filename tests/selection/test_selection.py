@@ -72,6 +72,17 @@ def test_allocate_is_scale_free():
     assert bool(a[0, 5]) and int(a.sum()) == 1 and int(b.sum()) == 7
 
 
+def test_allocate_lets_references_of_different_sizes_compete_on_equal_terms():
+    g = torch.Generator().manual_seed(2)
+    small, big = torch.rand(1, 64, generator=g), torch.rand(1, 256, generator=g)  # equally busy, 4x the tokens
+    a, b = allocate_mask([small, big], [16, 64], [1, 1])
+    assert 0.15 < a.float().mean() < 0.35 and 0.15 < b.float().mean() < 0.35  # was 58 / 22 tokens: big starved
+    busy, sparse = torch.rand(1, 128, generator=g) + 0.1, torch.zeros(1, 256)
+    sparse[0, :8] = 1.0  # a big reference whose score sits in 8 tokens: it still yields the rest
+    a, b = allocate_mask([busy, sparse], [32, 64], [1, 1])
+    assert int(b.sum()) == 8 and int(a.sum()) == 88
+
+
 def subject_image(size=16, box=(4, 8, 4, 8), bg=(0.2, 0.5, 0.8)):
     img = torch.tensor(bg).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
     y0, y1, x0, x1 = box

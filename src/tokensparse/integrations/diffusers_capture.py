@@ -11,12 +11,14 @@ _CAPTURE = "_tokensparse_capture_original"
 
 
 def wrap_capture(pipe: Any, state: Any) -> None:
-    """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``)."""
+    """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``); its
+    ``check_inputs``, which every pipeline call runs first, clears what an earlier call captured."""
     image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
     preferred = PREFERRED_IMAGE_ARG.get(type(pipe).__name__)
     image_args = ((preferred,) if preferred else ()) + ((arg_name, arg_pos),)
     wrapped = []
-    for name, kind, where in ((image_method, "images", image_args), ("encode_prompt", "prompt", (("prompt", 0),))):
+    for name, kind, where in (("check_inputs", "call", ()), (image_method, "images", image_args),
+                              ("encode_prompt", "prompt", (("prompt", 0),))):
         original = getattr(pipe, name, None)
         if original is None:
             continue
@@ -42,7 +44,9 @@ class _Capture:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self.state
-        if self.kind == "images":
+        if self.kind == "call":  # every pipeline call checks its inputs first: an earlier (failed) call's
+            state.images, state.images_tick, state.prompts_tick = None, -1, -1  # captures no longer count
+        elif self.kind == "images":
             state.images = images_for_scorers(self._value(args, kwargs))
             state.images_tick = state.forwards
         elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one

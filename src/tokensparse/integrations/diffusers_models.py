@@ -169,22 +169,20 @@ KV_PIPELINES = ("Flux2KleinKVPipeline",)
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")  # inpainting: need a mask image
 
 
-def images_for_scorers(value: Any) -> list[Tensor] | None:
+def images_for_scorers(value: Any) -> list[Tensor | None] | None:
     """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``) -> ``[0, 1]`` pixels.
 
-    Returns one ``(1, 3, H, W)`` float tensor per reference (the batch shares one selection), or ``None``
-    when the pipeline was given latents instead of pixels.
+    Returns per reference one ``(1, 3, H, W)`` float tensor (the batch shares one selection), or ``None`` for
+    one the pipeline passes as latents (Flux2KleinInpaintPipeline: the encoded source image before the
+    references); ``None`` for the whole call when no reference is pixels.
     """
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else [value]
-    out = []
+    out: list[Tensor | None] = []
     for x in items:
-        if not isinstance(x, Tensor):
-            return None
-        if x.dim() == 5:
+        if isinstance(x, Tensor) and x.dim() == 5:
             x = x[:, :, 0]
-        if x.dim() != 4 or x.shape[1] != 3:
-            return None
-        out.append(((x[:1].detach().float() + 1) / 2).clamp(0, 1))
-    return out
+        pixels = isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == 3
+        out.append(((x[:1].detach().float() + 1) / 2).clamp(0, 1) if pixels else None)
+    return out if any(x is not None for x in out) else None

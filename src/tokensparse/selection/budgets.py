@@ -81,10 +81,11 @@ def allocate_mask(scores: list[Tensor], budgets: list[int] | list[Tensor], floor
     """Share the references' summed budget by score mass: one keep mask ``(B, n_r)`` per reference.
 
     Each reference first keeps its ``floors[r]`` best tokens; the rest of the total ``sum(budgets)`` goes
-    to the tokens holding the largest *share of their own reference's score mass* (:func:`mass_share`),
-    over all references. So the scale of each reference's scores does not matter (references may even
-    use different scorers): the few tokens of a small subject on a plain background each hold a large
-    share and are kept first, its empty background holds none and yields its budget to busier references.
+    to the tokens holding the largest *share of their own reference's score mass* (:func:`mass_share`)
+    times the reference's token count, over all references: a token's score relative to its reference's
+    mean. So neither the scale of each reference's scores (references may even use different scorers) nor
+    its size matters: the few tokens of a small subject on a plain background each hold a large share and
+    are kept first, its empty background holds none and yields its budget to busier references.
     Each row keeps exactly ``sum(budgets)`` tokens (budgets are ints or per-row ``(B,)`` tensors), at least
     ``floors[r]`` of reference ``r``; ``ties`` as in :func:`topk_mask`.
     """
@@ -93,7 +94,9 @@ def allocate_mask(scores: list[Tensor], budgets: list[int] | list[Tensor], floor
     ties = ties if ties is not None else [None] * len(scores)
     floor_masks = [topk_mask(s, f, t) for s, f, t in zip(scores, floors, ties)]
     big = torch.finfo(torch.float32).max
-    joint = torch.cat([torch.where(fm, big, mass_share(s)) for s, fm in zip(scores, floor_masks)], 1)
+    n_max = max(s.shape[1] for s in scores)  # shares times n_r / n_max: equal sizes compare their shares as is
+    joint = torch.cat([torch.where(fm, big, mass_share(s) * (s.shape[1] / n_max))
+                       for s, fm in zip(scores, floor_masks)], 1)
     b = joint.shape[0]
     tie = None if ties[0] is None else torch.cat([t.float().expand(b, s.shape[1]) for s, t in zip(scores, ties)], 1)
     keep = topk_mask(joint, sum(budgets), tie)
