@@ -161,10 +161,8 @@ class JointAttention(nn.Module):
     def qkv_heads(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, N, D)`` -> q, k, v each ``(B, H, N, Dh)``, RoPE applied to q and k."""
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).unbind(2)  # each (B, N, H, Dh)
-        # QK-norm before the head transpose: the same values, normalised over contiguous rows (faster on CPU)
-        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
-        return apply_rope(q, rope), apply_rope(k, rope), v.transpose(1, 2)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope), v
 
     def merge_heads(self, o: Tensor) -> Tensor:
         b, h, n, d = o.shape
