@@ -268,7 +268,13 @@ def train_lora(
         _fail(
             "tokensparse train-lora needs diffusers, peft and accelerate: pip install 'tokensparse[diffusers,train]'"
         )
-    from .integrations.diffusers_lora import LoraTrainConfig, load_examples, train_lora_sparse
+    from .integrations.diffusers_lora import (
+        LoraTrainConfig,
+        LoraWriteError,
+        check_lora_run,
+        load_examples,
+        train_lora_sparse,
+    )
 
     check_out(out, None)
     try:
@@ -295,7 +301,11 @@ def train_lora(
             typer.echo(f"step {step:5d}  keep {keep:.2f}  loss {loss:.4f}")
 
     try:
+        check_lora_run(pipe, out)  # what can be refused before training
+    except (TypeError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    try:
         train_lora_sparse(pipe, examples, cfg, out, log=log)
-    except (TypeError, ValueError, OSError) as exc:  # an unsupported pipeline; writing the result failed
+    except LoraWriteError as exc:  # only writing the result failed (other errors keep their traceback)
         _fail(str(exc))
     typer.echo(f"wrote LoRA to {out} (load with pipe.load_lora_weights({str(out)!r}))")

@@ -36,7 +36,7 @@ def test_config_validation_and_unsupported_pipeline():
         train_lora_sparse(pipe, [object()], LoraTrainConfig(steps=1), "/nonexistent")
 
 
-def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tmp_path):
+def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
@@ -61,15 +61,24 @@ def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tm
     assert {n: p.requires_grad for n, p in pipe.transformer.named_parameters()} == flags
     after = pipe.transformer.state_dict()
     assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())
-    (tmp_path / "b" / "train_config.json").mkdir(parents=True)  # in the way: neither file may land
-    with pytest.raises(OSError, match="cannot write the LoRA"):
-        train_lora_sparse(pipe, examples, cfg, tmp_path / "b")
+    (tmp_path / "b" / "train_config.json").mkdir(parents=True)  # in the way: found before training
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        train_lora_sparse(pipe, examples, cfg, tmp_path / "b", log=boom)
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["train_config.json"] and _ADAPTER not in adapters()
     assert len(train_lora_sparse(pipe, examples, cfg, tmp_path / "c")) == 2  # the same pipeline trains again
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["pytorch_lora_weights.safetensors",
                                                                    "train_config.json"]
     with pytest.raises(ValueError, match="already has a LoRA adapter"):  # its adapter is still on
         train_lora_sparse(pipe, examples, cfg, tmp_path / "d")
+    pipe.transformer.unload_lora()
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(pipe), "save_lora_weights", full_disk)
+    with pytest.raises(OSError, match="cannot write the LoRA to .*No space left"):
+        train_lora_sparse(pipe, examples, cfg, tmp_path / "e")
+    assert _ADAPTER in adapters() and list((tmp_path / "e").iterdir()) == []  # trained adapter kept, no files
     data = tmp_path / "data"
     (data / ".ipynb_checkpoints").mkdir(parents=True)  # hidden folders are not examples
     (data / "ex0").mkdir()

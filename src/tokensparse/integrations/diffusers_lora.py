@@ -35,6 +35,10 @@ WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_
 _ADAPTER = "tokensparse_sparse_context"  # the adapter this trainer adds to the transformer
 
 
+class LoraWriteError(OSError):
+    """Training finished but its files could not be written (the adapter stays on the pipeline)."""
+
+
 @dataclass
 class LoraTrainConfig:
     """Resolved training settings (written next to the LoRA weights as ``train_config.json``)."""
@@ -134,25 +138,22 @@ def train_lora_sparse(
 
     ``out_dir`` gets ``pytorch_lora_weights.safetensors`` (load with ``pipe.load_lora_weights(out_dir)``)
     and ``train_config.json``, both written to a temporary folder first and then moved in. Returns the loss
-    of every step. ``log(step, keep, loss)`` is called per step. The trained adapter stays on
-    ``pipe.transformer``; if training fails, the adapter is removed and the pipeline is left as it was.
+    of every step. ``log(step, keep, loss)`` is called per step.
+
+    Everything that can be checked before training is (:func:`check_lora_run`: the pipeline, the output
+    folder). Afterwards the trained adapter stays on ``pipe.transformer`` as its active adapter (also when
+    only writing the files fails: ``OSError``); ``requires_grad`` flags are restored. If training fails, the
+    adapter is removed as well.
     """
-    if type(pipe).__name__ not in SUPPORTED:
-        raise TypeError(f"LoRA training supports {SUPPORTED}, got {type(pipe).__name__}")
+    out = Path(out_dir)
+    check_lora_run(pipe, out)
     if not examples:
         raise ValueError("no training examples")
-    if sparse_context_state(pipe.transformer) is not None:
-        raise ValueError("Sparse Context is applied to this pipeline: remove_sparse_context(pipe) before training "
-                         "(training drops reference tokens itself, and would remove it when done)")
-    if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
-        raise ValueError(f"pipe.transformer already has a LoRA adapter named {_ADAPTER!r} (an earlier "
-                         f"train_lora_sparse): load the pipeline afresh, or pipe.transformer.delete_adapters"
-                         f"({_ADAPTER!r}) first")
     frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
     others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
     try:
-        return _train(pipe, examples, cfg, Path(out_dir), log)
-    except BaseException:  # a failed run leaves the pipeline as it was
+        losses, state = _train(pipe, examples, cfg, log)
+    except BaseException:  # a failed run removes its adapter
         if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
             if others:
                 pipe.transformer.delete_adapters(_ADAPTER)
@@ -162,10 +163,36 @@ def train_lora_sparse(
     finally:
         for param, flag in frozen.items():
             param.requires_grad_(flag)
+    if state is not None:  # the main process writes
+        _save(pipe, state, cfg, out)
+    return losses
 
 
-def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig, out: Path,
-           log: Callable[[int, float, float], None] | None) -> list[float]:
+def check_lora_run(pipe: Any, out: Path) -> None:
+    """What :func:`train_lora_sparse` checks before any work: ``TypeError`` / ``ValueError`` for a pipeline it
+    cannot train, ``OSError`` for an output folder it could not write to afterwards."""
+    if type(pipe).__name__ not in SUPPORTED:
+        raise TypeError(f"LoRA training supports {SUPPORTED}, got {type(pipe).__name__}")
+    if sparse_context_state(pipe.transformer) is not None:
+        raise ValueError("Sparse Context is applied to this pipeline: remove_sparse_context(pipe) before training "
+                         "(training drops reference tokens itself, and would remove it when done)")
+    if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
+        raise ValueError(f"pipe.transformer already has a LoRA adapter named {_ADAPTER!r} (an earlier "
+                         "train_lora_sparse): load the pipeline afresh, or pipe.transformer.unload_lora() first")
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a folder")
+    for name in (WEIGHTS, "train_config.json"):
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"output {out / name} is a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write into {existing}")
+
+
+def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
+           log: Callable[[int, float, float], None] | None) -> tuple[list[float], dict | None]:
+    """Train; the losses and (on the main process) the adapter's state dict."""
     from accelerate import Accelerator
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -224,19 +251,20 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig, out: Pa
     finally:
         remove_sparse_context_diffusers(transformer)
     model.eval()
-    if accelerator.is_main_process:
-        _save(pipe, get_peft_model_state_dict(accelerator.unwrap_model(model), adapter_name=_ADAPTER), cfg, out)
-    return losses
+    unwrapped = accelerator.unwrap_model(model)
+    state = get_peft_model_state_dict(unwrapped, adapter_name=_ADAPTER) if accelerator.is_main_process else None
+    return losses, state
 
 
 def _save(pipe: Any, state: dict, cfg: LoraTrainConfig, out: Path) -> None:
     """Write the weights and ``train_config.json`` into a temporary folder beside them, then move both in:
-    a failed write leaves ``out`` as it was. Raises ``OSError`` naming ``out`` (a full disk, a folder in the way)."""
+    a failed write leaves ``out`` as it was. Raises :class:`LoraWriteError` naming ``out`` (a full disk)."""
     from safetensors import SafetensorError
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
+    tmp = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
         type(pipe).save_lora_weights(tmp, transformer_lora_layers=state)
         (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         names = (WEIGHTS, "train_config.json")
@@ -247,6 +275,7 @@ def _save(pipe: Any, state: dict, cfg: LoraTrainConfig, out: Path) -> None:
         for name in names:
             os.replace(tmp / name, out / name)
     except (OSError, SafetensorError) as exc:
-        raise OSError(f"cannot write the LoRA to {out}: {exc}") from None
+        raise LoraWriteError(f"cannot write the LoRA to {out}: {exc}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
