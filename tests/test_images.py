@@ -25,8 +25,8 @@ def test_numpy_batches_read_each_image_by_the_same_rule():
     assert torch.equal(to_tensor(hwc.transpose(0, 3, 1, 2).copy()), want)  # (B, C, H, W)
     assert batch_images([hwc])[0].shape == (2, 3, 8, 8)
     assert torch.equal(to_tensor(torch.from_numpy(hwc)), want)  # a (B, H, W, C) tensor too, as the docs say
-    mixed = np.stack([hwc[0] / 255.0, hwc[1].astype(np.float64)])  # a 0-1 float image beside a 0-255 one
-    torch.testing.assert_close(to_tensor(mixed), want)
+    frames = np.stack([np.full((8, 8, 3), 200.0), np.full((8, 8, 3), 1.0)])  # 0-255 frames, the 2nd near black
+    torch.testing.assert_close(to_tensor(frames)[:, 0, 0, 0], torch.tensor([200 / 255, 1 / 255]))
 
 
 def test_more_pil_modes_keep_their_values():

@@ -52,6 +52,16 @@ def test_shape_mismatch_raises():
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 4))
 
 
+def test_integer_or_out_of_range_images_are_refused():
+    x = torch.rand(2, 3, 16, 16)
+    for metric in (psnr, ssim, coarse_psnr):
+        with pytest.raises(TypeError, match="float tensor"):  # 0-255 would be scored as if in [0, 1]
+            metric((x * 255).byte(), (x * 255).byte())
+        with pytest.raises(ValueError, match=r"target images must be in \[0, 1\]"):
+            metric(x, x * 255)
+    assert ssim(x[:0], x[:0]).shape == (0,) and psnr(x[:0], x[:0]).shape == (0,)
+
+
 def test_mean_ci95():
     m, h = mean_ci95(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m == pytest.approx(2.5)
@@ -87,3 +97,9 @@ def test_fid_orders_distributions():
     assert 0 <= same < other
     with pytest.raises(ValueError, match="N >= 2"):
         fid(scenes[:1], scenes, net)
+    with pytest.raises(TypeError, match="float tensor"):
+        fid((scenes * 255).byte(), scenes, net)
+    with pytest.raises(ValueError, match="one size"):
+        fid(scenes, scenes[..., :16, :16], net)
+    with pytest.raises(ValueError, match="batch_size"):
+        fid(scenes, scenes, net, batch_size=0)

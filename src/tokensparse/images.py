@@ -27,7 +27,7 @@ def to_tensor(image: ImageLike) -> Tensor:
     16-bit ones (uint16, PIL ``I;16``) by 65535, bools are 0 / 1; floats must be in [0, 1] -- except that float
     numpy arrays (and PIL ``F`` images) whose maximum exceeds 1 are read as 0-255. Layouts: ``(H, W)``,
     ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped); batches
-    ``(B, H, W, C)`` or ``(B, C, H, W)``, each image of a numpy batch read by the rule on its own. Raises
+    ``(B, H, W, C)`` or ``(B, C, H, W)`` (a float numpy batch is read as 0-255 if any value exceeds 1). Raises
     ``ValueError`` for values that are not finite or out of range, or another number of channels, and
     ``TypeError`` for other objects.
     """
@@ -48,7 +48,9 @@ def to_tensor(image: ImageLike) -> Tensor:
         if image.ndim not in (2, 3, 4) or (image.ndim == 4 and image.shape[0] == 0):
             raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), or a batch of them "
                              f"(B, H, W, C) / (B, C, H, W); got shape {image.shape}")
-        if image.ndim == 4:  # a batch: every image by the rule on its own (a float 0-255 image beside 0-1 ones)
+        if image.ndim == 4:  # a batch: one scale for all (a dark frame of a 0-255 batch stays dark)
+            if image.dtype.kind == "f" and image.size and float(image.max()) > 1.0 + _TOL:
+                image = image / 255.0
             out = []
             for i, x in enumerate(image):
                 try:

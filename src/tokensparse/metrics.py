@@ -19,13 +19,27 @@ from . import checks
 __all__ = ["coarse_psnr", "fid", "mean_ci95", "psnr", "ssim", "summarize"]
 
 
+def _float_images(name: str, x: object) -> None:
+    """``TypeError`` unless ``x`` is a float tensor: integer images (0-255) would be scored as if in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a float tensor of images in [0, 1], got {got} "
+                        "(tokensparse.images.to_tensor converts 8- and 16-bit images)")
+
+
 def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _float_images("pred", pred)
+    _float_images("target", target)
     if pred.shape != target.shape or pred.ndim != 4:
         raise ValueError(
             f"pred and target must both be (N, C, H, W) of one shape, got {tuple(pred.shape)} "
             f"and {tuple(target.shape)}"
         )
-    return pred.detach().float().clamp(0, 1), target.detach().float()
+    target = target.detach().float()
+    if target.numel() and not -1e-3 <= float(target.min()) <= float(target.max()) <= 1 + 1e-3:
+        raise ValueError(f"target images must be in [0, 1], got [{float(target.min()):.3g}, "
+                         f"{float(target.max()):.3g}]")
+    return pred.detach().float().clamp(0, 1), target
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,6 +57,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Images smaller than the window (< 11 px) use the largest odd window that fits.
     """
     pred, target = _check(pred, target)
+    if pred.shape[0] == 0:
+        return torch.zeros(0)
     k = min(11, (min(pred.shape[-2:]) - 1) | 1)
     return structural_similarity_index_measure(
         pred, target, data_range=1.0, reduction="none", kernel_size=k, sigma=1.5 * k / 11
@@ -74,8 +90,13 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
     from .features import load_feature_net
 
     for name, x in (("generated", generated), ("real", real)):
+        _float_images(name, x)
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 2:
             raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
+    if generated.shape[-2:] != real.shape[-2:]:
+        raise ValueError(f"generated and real images must have one size, got {tuple(generated.shape[-2:])} and "
+                         f"{tuple(real.shape[-2:])}")
+    batch_size = checks.integer("batch_size", batch_size, lo=1)
     net = feature_net if feature_net is not None else load_feature_net()
     metric = FrechetInceptionDistance(feature=net, normalize=True)
     with torch.no_grad():

@@ -32,7 +32,7 @@ def check_adaptive(adaptive: bool, selector: str) -> None:
     """``ValueError`` for an adaptive budget over a selector whose scores carry no mass to count."""
     if adaptive and selector not in INFORMED:
         raise ValueError(f"adaptive budgets count score mass, which only informed selectors give "
-                         f"({sorted(INFORMED)}); selector {selector!r} scores every token alike")
+                         f"({sorted(INFORMED)}); selector {selector!r} ranks tokens without regard to content")
 
 
 def select(
