@@ -92,6 +92,11 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
             BlockMerger(state, f"blocks.{i}", subs, grid)
 
 
+def _has_cross_attention(blocks: dict[str, list[tuple[str, nn.Module]]]) -> bool:
+    """Whether any UNet-kind block (``BasicTransformerBlock``) has a cross-attention ``attn2`` to merge."""
+    return any(hasattr(blk, "attn1") and getattr(blk, "attn2", None) is not None for _, blk in blocks.get("unet", []))
+
+
 def _unsupported(target: Any, method: str) -> TypeError:
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
@@ -125,6 +130,12 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
         raise TypeError(f"token merging does not support video models ({type(model).__name__}): their tokens span "
                         "frames, and it merges within one image's token grid")
 
+    if not cfg.is_identity and not (cfg.merge_attn or cfg.merge_mlp or _has_cross_attention(blocks)):
+        raise ValueError(
+            f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn=False, "
+            "merge_mlp=False, merge_cross=True): cross-attention exists only in UNet / PixArt-style blocks; enable "
+            "merge_attn or merge_mlp")  # checked before the current config is removed: a failed apply changes nothing
+
     remove_token_merging(target)
     state = TokenMergingState(cfg=cfg, model=model)
     model.__dict__[_STATE] = state
@@ -133,17 +144,10 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
         on_generation_start(owner, _CALLBACK, state.new_generation)
     if cfg.is_identity:
         return target
-    n_hooks = len(state.handles)
     if isinstance(model, RefDiT):
         _wire_refdit(model, state)
     else:
         wire(model, blocks, state)
-    if len(state.handles) <= n_hooks + 1:  # only the per-call observer: no sublayer of any block is merged
-        remove_token_merging(target)
-        raise ValueError(
-            f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn={cfg.merge_attn}, "
-            f"merge_mlp={cfg.merge_mlp}, merge_cross={cfg.merge_cross}): cross-attention exists only in UNet / "
-            "PixArt-style blocks; enable merge_attn or merge_mlp")
     state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
     return target
 
