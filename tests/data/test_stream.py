@@ -137,3 +137,27 @@ def test_family_weights_shift_the_mix_and_validate():
         batch_plan(0, 2, 0, None, {"sujet": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         batch_plan(0, 2, 0, None, {"subject": -1.0})
+
+
+def test_bad_stream_arguments_are_named_before_the_first_batch():
+    import numpy as np
+
+    from tokensparse.data import get_bank, heldout_plan, make_batch
+
+    for kwargs, err, name in (({"seed": 1.5}, TypeError, "seed"), ({"stride": 1.5}, TypeError, "stride"),
+                              ({"start": -1}, ValueError, "start"), ({"tasks": "editing"}, TypeError, "tasks"),
+                              ({"family_weights": {"editing": "2"}}, TypeError, "family_weights"),
+                              ({"image_size": 30}, ValueError, "image_size")):
+        with pytest.raises(err, match=name):
+            train_batches(2, **kwargs)  # raised by the call itself, not at the first next()
+    with pytest.raises(TypeError, match="batch_size"):
+        train_batches(2.5)
+    with pytest.raises(ValueError, match="unknown task 'bogus'"):
+        make_batch("bogus", [0])
+    with pytest.raises(TypeError, match="seeds"):
+        make_batch("place", "12")
+    with pytest.raises(ValueError, match="batch_size"):
+        batched(heldout("subject", 2), 0)
+    with pytest.raises(ValueError, match="n must be"):
+        heldout_plan("multi", -1)
+    assert get_bank(np.int64(32)) is get_bank(32)  # numpy ints, as everywhere else

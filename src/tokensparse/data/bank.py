@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -65,10 +66,12 @@ _GRAY_PHOTOS = (("skimage", "data/brick.png"), ("skimage", "data/grass.png"), ("
 _FACES = ("skimage", "data/lfw_subset.npy")
 
 
-def check_size(image_size: int) -> None:
-    """Raise ``ValueError`` unless ``image_size`` is a multiple of 8 in [16, 256]."""
-    if not isinstance(image_size, int) or image_size % 8 or not 16 <= image_size <= 256:
+def check_size(image_size: int) -> int:
+    """``image_size`` as an int; ``ValueError`` unless it is a multiple of 8 in [16, 256] (numpy ints accepted)."""
+    if (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size % 8
+            or not 16 <= image_size <= 256):
         raise ValueError(f"image_size must be a multiple of 8 in [16, 256], got {image_size!r}")
+    return int(image_size)
 
 
 def size_px(size_word: str, image_size: int) -> int:
@@ -105,7 +108,8 @@ def _read(package: str, rel: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _raw_photos() -> tuple[list[np.ndarray], np.ndarray]:
-    """The shipped photos as float32 HWC in [0, 1] and the 200 lfw faces as float32 (200, 25, 25)."""
+    """The shipped photos as float32 HWC in [0, 1] and the 200 lfw_subset patches (100 faces, 100 non-faces)
+    as float32 (200, 25, 25)."""
     photos = [_read(*p)[..., :3] for p in _COLOR_PHOTOS]
     tints = ((1.0, 0.8, 0.6), (0.6, 0.9, 0.5), (0.8, 0.8, 0.9))
     for p, tint in zip(_GRAY_PHOTOS, tints):  # gray textures, tinted so that they are not all gray
@@ -182,6 +186,7 @@ def _background(color: str, pattern: str, s: int) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=8)
 def _build(image_size: int) -> Bank:
     s = image_size
     photos, faces = _raw_photos()
@@ -218,7 +223,8 @@ def _build(image_size: int) -> Bank:
             rgb = _resize(crop, d, d)[0].clamp(0, 1).numpy()
             a = alphas[(shape, d)]
             subj[d].append(np.concatenate([rgb * a, a[None]], 0))
-    # faces: the 200 lfw faces (gray), each with a random tint, disc shaped
+    # "faces": the 200 lfw_subset patches (gray; the second 100 are scikit-image's non-face examples), tinted,
+    # disc shaped
     ft = torch.from_numpy(faces)[:, None]
     for d in sides:
         g = _resize(ft, d, d).clamp(0, 1).numpy()  # (200, 1, d, d)
@@ -237,11 +243,9 @@ def _build(image_size: int) -> Bank:
     return Bank(s, textures, subjects, train, heldout, backgrounds, object_alpha)
 
 
-@functools.lru_cache(maxsize=8)
 def get_bank(image_size: int) -> Bank:
     """The (cached) content bank for ``image_size``; built on first use in well under a few seconds."""
-    check_size(image_size)
-    return _build(image_size)
+    return _build(check_size(image_size))  # cached on the plain int: np.int64(32) finds the bank of 32
 
 
 @functools.lru_cache(maxsize=65536)

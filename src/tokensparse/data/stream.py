@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import checks
+from .bank import check_size
 from .tasks import (
     ALL_FAMILIES,
     HELDOUT_SEED_BASE,
@@ -33,7 +34,7 @@ class Batch:
         prompts: B prompt strings (tokenize with ``tokensparse.vocab.tokenize``).
         target: (B, 3, H, W) float32 in [0, 1].
         tasks: B task names.
-        seeds: B sample seeds (``make_sample(tasks[b], seeds[b], H)`` regenerates sample b).
+        seeds: B sample seeds (``make_sample(tasks[b], seeds[b], H, num_refs=R)`` regenerates sample b).
     """
 
     refs: list[torch.Tensor]
@@ -83,6 +84,11 @@ def batched(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[list[i
     Yields ``(indices, batch)``; ``indices`` are positions in ``samples``, so per-sample results can be
     scattered back into the original order.
     """
+    batch_size = checks.integer("batch_size", batch_size, lo=1)
+    return _batched(samples, batch_size)
+
+
+def _batched(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[list[int], Batch]]:
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(len(s.refs), []).append(i)
@@ -163,8 +169,13 @@ def batch_plan(
 def make_batch(task: str, seeds: Sequence[int], image_size: int = 32, num_refs: int | None = None) -> Batch:
     """Build a batch of one task from explicit seeds (all with ``num_refs`` references; default: the
     task's minimum, so that a batch is always well formed)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASKS)}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be a sequence of ints, got {type(seeds).__name__}")
     if len(seeds) == 0:
         raise ValueError("make_batch needs at least one seed")
+    seeds = [checks.seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
     r = TASKS[task].num_refs[0] if num_refs is None else num_refs
     refs_np, prompts, targets = [], [], []
     for s in seeds:
@@ -203,12 +214,17 @@ def train_batches(
             parallelism, rank ``i`` of ``n`` resuming at step ``s`` uses ``start=s * n + i, stride=n``.
         family_weights: relative share of batches per family (see :func:`batch_plan`); default equal.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if stride < 1 or start < 0:
-        raise ValueError(f"need start >= 0 and stride >= 1, got start={start}, stride={stride}")
-    names = _resolve_tasks(tasks)
-    k = int(start)
+    batch_size = checks.integer("batch_size", batch_size, lo=1)  # all checked now, not at the first next()
+    start, stride = checks.integer("start", start, lo=0), checks.integer("stride", stride, lo=1)
+    seed = checks.seed("seed", seed)
+    check_stream(tasks, family_weights)
+    image_size = check_size(image_size)
+    return _stream(batch_size, image_size, seed, _resolve_tasks(tasks), start, stride, family_weights)
+
+
+def _stream(batch_size: int, image_size: int, seed: int, names: list[str], start: int, stride: int,
+            family_weights: Mapping[str, float] | None) -> Iterator[Batch]:
+    k = start
     while True:
         task, r, seeds = batch_plan(k, batch_size, seed, names, family_weights)
         yield make_batch(task, seeds, image_size, r)
@@ -229,6 +245,7 @@ def heldout_plan(family_or_task: str, n: int = 512) -> list[tuple[str, int]]:
     """``(task, seed)`` of each held-out sample: tasks round-robin, the j-th sample of a task has seed
     ``HELDOUT_SEED_BASE + j``. So ``heldout("place")[j]`` equals ``heldout("subject")[2 * j]``."""
     names = _heldout_names(family_or_task)
+    n = checks.integer("n", n, lo=0)
     return [(names[i % len(names)], HELDOUT_SEED_BASE + i // len(names)) for i in range(n)]
 
 

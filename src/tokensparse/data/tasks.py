@@ -27,7 +27,8 @@ redundant, and a foreground-aware selection at keep 0.25 can hold all of the sub
 sizes (``place`` resamples the reference's subject up or down).
 
 Samples with seed ``>= HELDOUT_SEED_BASE`` draw subjects from the held-out part of the subject bank, so
-held-out samples show subjects never seen in training.
+held-out samples show subject crops never used in training. They are cut from the same photos, though, and
+some near-flat crops (sky) look almost alike across the split.
 """
 
 from __future__ import annotations
