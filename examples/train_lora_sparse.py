@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         max_sequence_length=args.max_sequence_length,
         seed=args.seed,
     )
+    sample_cfg = SparseContextConfig(keep=args.sample_keep, selector="uniform")  # checked before training
     every = max(1, args.steps // 20)
     losses = train_lora_sparse(
         pipe,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     )
 
     # sample with the trained LoRA and Sparse Context
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=args.sample_keep, selector="uniform"))
+    apply_sparse_context_diffusers(pipe, sample_cfg)
     pipe.set_progress_bar_config(disable=True)
     image = pipe(
         image=examples[0].refs,
