@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def _panel(s, masks: list[torch.Tensor], dense: torch.Tensor, sparse: torch.Tens
     return row
 
 
-def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: float = 0.25) -> dict:
+def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: float = 0.25,
+             repeats: int = 3) -> dict:
     """Generate one multi- and one single-reference held-out example dense and sparse; write ``out``.
+
+    Seconds are the median wall time of ``repeats`` interleaved runs of each, after a short warm-up.
 
     Sparse = task-aware (``auto``) selection at an average budget of ``keep``, plus the reference K/V cache
     when the model supports it (``ref_attends_target=False``, as the shipped ``refdit-sparse``). Target-token
@@ -78,15 +82,25 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
     rows, panels = [], []
     for s in examples:
         n_tokens = len(s.refs) * model.config.grid ** 2
-        generate(model, s.refs, s.prompt, steps=2)  # warm-up
-        dense, t_dense = _timed(lambda s=s: generate(model, s.refs, s.prompt, steps=steps))
-        apply_sparse_context(model, cfg)
         kept_seqs: list = []  # registered after Sparse Context's hook, so it sees the kept tokens
-        probe = model.ref_embedder.register_forward_hook(lambda m, a, out, kept=kept_seqs: kept.append(out))
-        generate(model, s.refs, s.prompt, steps=2)  # warm-up
-        sparse, t_sparse = _timed(lambda s=s: generate(model, s.refs, s.prompt, steps=steps))
-        probe.remove()
-        remove_sparse_context(model)
+        times: dict[str, list[float]] = {"dense": [], "sparse": []}
+        images: dict[str, torch.Tensor] = {}
+        for r in range(-1, repeats):  # dense and sparse interleaved, median of `repeats`; r = -1 warms up
+            n_steps = 2 if r < 0 else steps
+            for mode in ("dense", "sparse"):
+                probe = None
+                if mode == "sparse":
+                    apply_sparse_context(model, cfg)
+                    probe = model.ref_embedder.register_forward_hook(
+                        lambda m, a, out, kept=kept_seqs: kept.append(out))
+                images[mode], secs = _timed(lambda s=s, n=n_steps: generate(model, s.refs, s.prompt, steps=n))
+                if probe is not None:
+                    probe.remove()
+                    remove_sparse_context(model)
+                if r >= 0:
+                    times[mode].append(secs)
+        dense, sparse = images["dense"], images["sparse"]  # the same images every repeat (seeded)
+        t_dense, t_sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
         kept = int(kept_seqs[-1].counts()[0])
         target = s.target.unsqueeze(0)
         for mode, img, secs, toks in (("dense", dense, t_dense, n_tokens), (label, sparse, t_sparse, kept)):
