@@ -143,7 +143,8 @@ def train_lora_sparse(
     Everything that can be checked before training is (:func:`check_lora_run`: the pipeline, the output
     folder). Afterwards the trained adapter stays on ``pipe.transformer`` as its active adapter (also when
     only writing the files fails: ``OSError``); ``requires_grad`` flags are restored. If training fails, the
-    adapter is removed as well.
+    adapter is removed as well (with adapters of the caller's loaded, modules that only this trainer
+    targeted keep an empty LoRA wrapper: same outputs, renamed state-dict keys).
     """
     out = Path(out_dir)
     check_lora_run(pipe, out)
