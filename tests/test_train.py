@@ -220,6 +220,22 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     assert not torch.equal(r0, init)  # it did train
 
 
+def test_two_process_cli_stops_together_on_its_wall_budget_and_exports_once(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model": "refdit-tiny", "steps": 100000, "batch_size": 2, "ckpt_every": 50,
+                                  "log_every": 10**6, "eval_every": 10**6, "warmup": 5, "max_minutes": 0.01,
+                                  "out": str(tmp_path / "run")}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "tokensparse.cli", "train", "--config", str(recipe), "--export", str(tmp_path / "w.safetensors")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("stopped at step") == 1 and proc.stdout.count("wrote ") == 1  # the main process only
+    step = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())["step"]
+    assert proc.stdout.count(f"wall budget of 0.01 min reached at step {step}") == 2  # both ranks, one step
+    assert json.loads((tmp_path / "w.json").read_text())["step"] == step
+
+
 def test_init_loads_weights_into_the_recipes_architecture(tmp_path):
     # a joint-attention checkpoint (stored fp16) starts a K/V-cache model (ref_attends_target=False)
     from tokensparse.models import build_model, save_checkpoint
@@ -310,3 +326,8 @@ def test_a_run_folder_of_another_model_is_refused_before_it_is_touched(tmp_path)
     with pytest.raises(ValueError, match="tensors of another shape"):  # an init of another architecture
         train(tiny_cfg(tmp_path / "run2", model="refdit-s", init=str(tmp_path / "w.safetensors")), progress=False)
     assert not (tmp_path / "run2").exists()
+
+
+def test_any_valid_recipe_seed_trains(tmp_path):
+    res = train(tiny_cfg(tmp_path / "run", steps=1, seed=2**62 + 12345), progress=False)  # step seeds stay < 2**63
+    assert res.state["step"] == 1

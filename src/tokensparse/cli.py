@@ -99,7 +99,8 @@ def train(
     config: Path = typer.Option(..., exists=True, dir_okay=False, help="Recipe JSON (see recipes/)."),
     out: Path | None = typer.Option(None, help="Run folder (overrides the recipe's); resumes if it has checkpoints."),
     steps: int | None = typer.Option(None, help="Override the recipe's step count."),
-    max_minutes: float | None = typer.Option(None, help="Stop and checkpoint after this many minutes."),
+    max_minutes: float | None = typer.Option(None, help="Stop and checkpoint once the run has trained this many "
+                                             "minutes in all (earlier sessions of a resumed run count)."),
     export: Path | None = typer.Option(None, help="After training, write the EMA weights here (.safetensors)."),
     half: bool = typer.Option(False, help="Store exported weights in float16."),
 ) -> None:
@@ -129,6 +130,10 @@ def train(
         state = run_training(cfg, log=console.print).state
     except ValueError as exc:  # an init or run-folder checkpoint of another architecture, found before training
         _fail(f"recipe {config}: {exc}")
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one process reports and exports (training waited for the save)
+        return
     console.print(f"stopped at step {state['step']} after {state['elapsed_s'] / 60:.1f} min")
     if export is not None:
         import torch

@@ -1,9 +1,10 @@
 """Train RefDiT on the task suite (stage 1, dense) and fine-tune it with random reference dropping (stage 2).
 
-Runs on accelerate, so the same code runs as one CPU process, ``accelerate launch --num_processes 2 --cpu``,
-or on many GPUs. Everything random in step ``k`` (data batch, times, noise, drop ratios) is a pure function
-of ``(seed, k, rank)``, so a killed run resumed from its last checkpoint continues bit-exactly (weights, EMA,
-optimizer; the logged loss average restarts its window).
+Runs on accelerate, so the same code runs as one CPU process, as several (``torchrun --nproc_per_node 2``:
+accelerate's own ``launch --cpu`` starts a single process), or on many GPUs. Everything random in step ``k``
+(data batch, times, noise, drop ratios) is a pure function of ``(seed, k, rank)``, so a killed run resumed
+from its last checkpoint continues bit-exactly (weights, EMA, optimizer; the logged loss average restarts its
+window).
 
 Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema.safetensors``,
 ``optim.pt`` (tensors only, loaded with ``weights_only=True``) and ``state.json``; each is written to a
@@ -73,7 +74,7 @@ class TrainConfig:
     model: str = "refdit-s"
     init: str | None = None  # a checkpoint (.safetensors saved by save_checkpoint, or a run folder) to start from
     steps: int = 6000
-    max_minutes: float | None = None  # wall budget: stop (and checkpoint) when it runs out
+    max_minutes: float | None = None  # wall budget of the whole run, resumes included: stop and checkpoint
     batch_size: int = 32
     lr: float = 3e-4
     min_lr_frac: float = 0.1
@@ -182,7 +183,7 @@ def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropC
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
-    return seed * 1_000_003 + step * 1009 + rank
+    return (seed * 1_000_003 + step * 1009 + rank) % 2**63  # below 2**63 (torch seeds): any recipe seed works
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -340,7 +341,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     while step < cfg.steps:
         if cfg.stop_at is not None and step >= cfg.stop_at:
             break
-        if cfg.max_minutes is not None and time.time() - t_start > 60 * cfg.max_minutes:
+        if cfg.max_minutes is not None and _out_of_time(acc, time.time() - t_start > 60 * cfg.max_minutes):
             log(f"wall budget of {cfg.max_minutes} min reached at step {step}")
             break
         batch = next(batches)
@@ -402,9 +403,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     state["step"] = step
     if acc.is_main_process and step % cfg.ckpt_every != 0:
         save_run_checkpoint(out, step, raw, ema, opt, state)
+    acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
     if bar is not None:
         bar[0].stop()
     return TrainResult(state, raw)
+
+
+def _out_of_time(acc, mine: bool) -> bool:
+    """Whether any process ran out of its wall budget: every process stops at the same step (each has its
+    own clock; one stopping alone would leave the others waiting in the next gradient sync)."""
+    if acc.num_processes == 1:
+        return mine
+    return bool(acc.reduce(torch.tensor([float(mine)], device=acc.device), reduction="sum").item() > 0)
 
 
 def side_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
