@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -166,6 +167,8 @@ def generate(
     if not 0.0 <= merge < 1.0:
         _fail(f"--merge must be in [0, 1), got {merge:g}")
     merge_cfg = TokenMergingConfig(ratio=merge, seed=seed)
+    if guidance is not None and not math.isfinite(guidance):
+        _fail(f"--guidance must be a finite number, got {guidance}")
     check_png_out(out)
     for name, value, low in (("--steps", steps, 1), ("--height", height, 16), ("--width", width, 16)):
         if value is not None and value < low:

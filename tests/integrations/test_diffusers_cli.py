@@ -83,6 +83,7 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
         ({"--ref": "d.png"}, "is a folder"),
         ({"--keep": "1.5"}, "keep must be in"),
         ({"--merge": "1"}, "--merge must be in"),
+        ({"--guidance": "nan"}, "--guidance must be a finite number"),
         ({"--selector": "nope"}, "unknown selector"),
         ({"--model": "./no/such/dir"}, "not a pipeline directory"),
         ({"--model": "refdit-sparse"}, "is a RefDiT"),
