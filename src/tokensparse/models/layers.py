@@ -54,7 +54,8 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate ``x (B, H, N, Dh)`` pairwise by ``rope (B, N, Dh/2, 2)``.
 
     Each pair ``(x0, x1)`` is a complex number multiplied by ``cos + i sin``: one complex multiply
-    instead of four real ones, a stack and two copies (the same values, bit for bit, on CPU).
+    instead of four real ones, a stack and two copies (the same values, bit for bit, on CPU for the layout
+    ``JointAttention`` passes; other strides may take another kernel and differ by float rounding).
     """
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     rc = torch.view_as_complex(rope if rope.stride(-1) == 1 else rope.contiguous())[:, None]
