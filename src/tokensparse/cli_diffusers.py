@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -228,6 +229,7 @@ def generate(
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
         transient=True,
+        disable=not sys.stdout.isatty(),  # a bar only on a terminal (piped output got a stray empty line)
     ) as progress:
         task = progress.add_task("denoise", total=total)
 
