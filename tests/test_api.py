@@ -176,3 +176,28 @@ def test_generate_checks_its_arguments_before_any_work(tiny):
         ts.generate(tiny, refs, "place", steps=1, guidance=edited)
     with pytest.raises(ValueError, match="float32"):
         ts.generate(ts.build_model("refdit-tiny").double(), refs, "place", steps=1)
+
+
+def test_a_deepcopy_of_a_patched_model_probes_with_its_own_weights_and_a_patched_model_pickles(tiny):
+    import copy
+    import io
+
+    from .conftest import randomize
+
+    cfg = ts.SparseContextConfig(keep=0.25, selector="attention")
+    refs = make_refs(2)
+    ts.apply_sparse_context(tiny, cfg)
+    twin = copy.deepcopy(tiny)
+    torch.manual_seed(7)
+    fresh = ts.apply_sparse_context(randomize(ts.build_model("refdit-tiny"), seed=7), cfg)  # other weights
+    twin.load_state_dict(fresh.state_dict())
+    want = ts.generate(fresh, refs, "place", steps=2, seed=0)
+    assert torch.equal(ts.generate(twin, refs, "place", steps=2, seed=0), want)  # the twin's probe, not tiny's
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
+    assert torch.equal(ts.generate(loaded, refs, "place", steps=2, seed=0), want)
+    ts.remove_sparse_context(loaded)
+    assert torch.equal(ts.generate(loaded, refs, "place", steps=2, seed=0),
+                       ts.generate(ts.remove_sparse_context(fresh), refs, "place", steps=2, seed=0))

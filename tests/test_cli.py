@@ -21,6 +21,15 @@ def test_help_and_show_models():
     assert out.stdout.strip() == res.output.strip()
 
 
+def test_show_models_keeps_whole_names_on_a_narrow_terminal():
+    res = CliRunner().invoke(app, ["show", "models"], env={"COLUMNS": "60"})
+    assert res.exit_code == 0
+    from tokensparse import list_models
+
+    for name in list_models():  # a name is what a user types next: it must not be cut with an ellipsis
+        assert f" {name} " in res.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["demo", "--steps", "0"], "--steps must be >= 1"),
     (["demo", "--out", "{tmp}/x.jpg"], ".png"),

@@ -148,9 +148,10 @@ def test_sparse_guidance_in_generate_equals_two_separate_passes(routed):
     (CFGConfig, dict(scale=float("nan")), ValueError), (CFGConfig, dict(scale="2"), TypeError),
     (CFGConfig, dict(interval=(0.1,)), TypeError), (CFGConfig, dict(interval=("a", "b")), TypeError),
     (SparseGuidanceConfig, dict(scale=float("inf")), ValueError),
+    (CFGConfig, dict(scale=1e30), ValueError), (SparseGuidanceConfig, dict(scale=-1e4), ValueError),
     (SparseGuidanceConfig, dict(null_weak="yes"), TypeError),
     (SparseGuidanceConfig, dict(weak_keep="0.5"), TypeError),
 ])
 def test_guidance_configs_reject_bad_values(cls, kw, err):
-    with pytest.raises(err):
+    with pytest.raises(err, match=next(iter(kw))):
         cls(**kw)

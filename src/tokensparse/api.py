@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -115,6 +116,20 @@ def _probe_views(model: RefDiT, refs: TokenSeq, views: list[RefView], prompt_ids
         view.attention = mass[:, sl].reshape(view.batch, *view.grid)
 
 
+def _sparsify_hook(model: RefDiT, cfg: SparseContextConfig, patch: int, probe: bool, module: torch.nn.Module,
+                   args: tuple, kwargs: dict, output: TokenSeq) -> TokenSeq:
+    """``model.ref_embedder``'s forward hook: keep the reference tokens ``cfg`` selects."""
+    if cfg.is_identity:
+        return output
+    prompt_ids = kwargs.get("prompt_ids", args[1] if len(args) > 1 else None)  # RefDiT passes its prompt
+    if prompt_ids is None:  # no prompt known: the null prompt
+        prompt_ids = torch.zeros(output.tokens.shape[0], 1, dtype=torch.long, device=output.tokens.device)
+    views = reference_views(args[0], patch, detokenize(prompt_ids.cpu()))
+    if probe:
+        _probe_views(model, output, views, prompt_ids)
+    return sparsify(output, views, cfg)
+
+
 def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     """Make ``target`` see only the reference tokens ``cfg`` keeps (with their original position ids).
 
@@ -135,20 +150,10 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     if cfg.cache and model.config.ref_attends_target:
         raise ValueError("cache=True needs a model built with ref_attends_target=False (e.g. 'refdit-s-kv')")
     remove_sparse_context(model)
-    patch = model.config.patch_size
-    probe = needs_probe(cfg.selector)
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: TokenSeq) -> TokenSeq:
-        if cfg.is_identity:
-            return output
-        prompt_ids = kwargs.get("prompt_ids", args[1] if len(args) > 1 else None)  # RefDiT passes its prompt
-        if prompt_ids is None:  # no prompt known: the null prompt
-            prompt_ids = torch.zeros(output.tokens.shape[0], 1, dtype=torch.long, device=output.tokens.device)
-        views = reference_views(args[0], patch, detokenize(prompt_ids.cpu()))
-        if probe:
-            _probe_views(model, output, views, prompt_ids)
-        return sparsify(output, views, cfg)
-
+    # a partial, not a closure: copy.deepcopy of the model copies it with the model (the copy probes with
+    # its own weights), and a patched model pickles
+    hook = functools.partial(_sparsify_hook, model, cfg, model.config.patch_size, needs_probe(cfg.selector))
     handles = (model.ref_embedder.register_forward_hook(hook, with_kwargs=True),)
     model.__dict__[_SPARSE_HANDLE] = (handles, cfg)
     return target

@@ -36,13 +36,16 @@ def show_models() -> None:
     """List the named RefDiT models and whether trained weights ship."""
     from .models import list_models
 
-    table = Table(title="RefDiT models")
-    for col in ("name", "image", "patch", "dim", "depth", "ref_attends_target", "weights"):
+    table = Table(title="RefDiT models",
+                  caption="K/V cache: references do not attend to the target (ref_attends_target=False), so "
+                          "SparseContextConfig(cache=True) applies")
+    table.add_column("name", no_wrap=True)  # names are what a user types: never cut
+    for col in ("image", "patch", "dim", "depth", "K/V cache", "weights"):
         table.add_column(col)
     for name, info in list_models().items():
         c = info["config"]
         table.add_row(name, str(c["image_size"]), str(c["patch_size"]), str(c["dim"]), str(c["depth"]),
-                      str(c["ref_attends_target"]), "shipped" if info["weights"] else "-")
+                      "-" if c["ref_attends_target"] else "yes", "shipped" if info["weights"] else "-")
     console.print(table)
 
 

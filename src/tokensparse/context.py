@@ -29,7 +29,10 @@ class SparseContextConfig:
         draws for the whole batch at once: a sample's random selection depends on its place in the batch.
     cache: compute the kept reference tokens' K/V once per generation and reuse them every step
         (models built with ``ref_attends_target=False`` only).
-    count: keep this many tokens per reference instead of a ratio (``keep`` must stay 1.0).
+    count: keep this many tokens per reference instead of a ratio (``keep`` must stay 1.0). Like ``keep``,
+        with several references that share their budget (``allocate``) it is the per-reference *average*
+        (the sample keeps ``count`` times its number of references); ``allocate="equal"``: exactly ``count``
+        each.
     mass: the score mass an adaptive budget covers, in ``(0, 1]``.
     min_keep: floor fraction per reference, in ``[0, keep]`` (every non-empty reference keeps >= 1 token).
     allocate: how references share the budget: ``"equal"`` (each its own), ``"score"`` (by score, so a

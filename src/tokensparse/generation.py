@@ -16,6 +16,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 _CALLBACKS = "_tokensparse_generation_callbacks"
 _WRAPPED = "_tokensparse_set_timesteps"
 
@@ -88,6 +90,17 @@ def copy_keeping_copied_owners(obj: Any, memo: dict) -> Any:
             new.__dict__[name] = copy.deepcopy(value, memo)
     new.owners = [memo[id(o)] for o in obj.owners if id(o) in memo]
     return new
+
+
+def state_without_pipelines(obj: Any) -> dict:
+    """``obj.__dict__`` for pickling a hook state: ``owners`` keeps only the modules (the patched model itself).
+
+    A pipeline is not part of a pickled model: ``torch.save(pipe.transformer)`` must not drag (or fail on) the
+    pipeline's text encoders and VAE; the loaded model behaves as if patched directly. Use as ``__getstate__``.
+    """
+    state = dict(obj.__dict__)
+    state["owners"] = [o for o in obj.owners if isinstance(o, torch.nn.Module)]
+    return state
 
 
 def begin_generation(owner: Any) -> None:

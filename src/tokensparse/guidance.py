@@ -39,15 +39,24 @@ share work between branches, e.g. RefDiT's blocks before the route span when two
 routing)."""
 
 
+MAX_SCALE = 1000.0
+"""Largest guidance scale magnitude accepted: far beyond any useful scale (tens at most), and well below
+the float32 range that ``scale * (d1 - d2)`` compounded over the steps overflows into NaN images."""
+
+
+def _check_scale(value: object) -> float:
+    return checks.real("scale", value, -MAX_SCALE, MAX_SCALE)
+
+
 @dataclass
 class CFGConfig:
-    """Classifier-free guidance with scale ``scale`` (1.0 = unguided conditional)."""
+    """Classifier-free guidance with scale ``scale`` (1.0 = unguided conditional; ``|scale| <= 1000``)."""
 
     scale: float = 1.5
     interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        self.scale = checks.real("scale", self.scale)
+        self.scale = _check_scale(self.scale)
         self.interval = _check_interval(self.interval)
 
     def branches(self) -> tuple[Branch, Branch]:
@@ -56,7 +65,7 @@ class CFGConfig:
 
 @dataclass
 class SparseGuidanceConfig:
-    """Sparse Guidance: ``scale * D(c; strong) + (1 - scale) * D(c or null; weak)``.
+    """Sparse Guidance: ``scale * D(c; strong) + (1 - scale) * D(c or null; weak)`` (``|scale| <= 1000``).
 
     strong, weak: routing rates with ``0 <= strong <= weak < 1``; the weak branch must be weaker, by routing
         more (``strong < weak``), seeing fewer reference tokens (``weak_keep < 1``) or the null condition.
@@ -72,7 +81,8 @@ class SparseGuidanceConfig:
     weak_keep: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("scale", "strong", "weak"):
+        self.scale = _check_scale(self.scale)
+        for name in ("strong", "weak"):
             setattr(self, name, checks.real(name, getattr(self, name)))
         self.weak_keep = checks.real("weak_keep", self.weak_keep, 0.0, 1.0, lo_open=True)
         self.null_weak = checks.flag("null_weak", self.null_weak)

@@ -227,6 +227,30 @@ def test_deepcopy_of_a_transformer_patched_through_a_pipeline_leaves_the_pipelin
     assert hook.owners == [] and sparse_context_state(twin) is not sparse_context_state(pipe)
 
 
+@torch.no_grad()
+def test_a_transformer_patched_through_its_pipeline_pickles_without_the_pipeline(pipe):
+    import io
+
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)
+    run(pipe)  # the dense call's arguments
+    handle.remove()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="uniform"))
+    ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+    run(pipe)  # a call leaves the text encoder with hooks that cannot be pickled: the pipeline must not come along
+    buf = io.BytesIO()
+    torch.save(pipe.transformer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
+    assert loaded.__dict__["_tokensparse_sparse_context"].owners == []
+    kw = dict(calls[0])
+    hs = kw.pop("hidden_states")
+    assert torch.equal(loaded(hs, **kw)[0], pipe.transformer(hs, **kw)[0])  # still patched, identically
+    ts.remove_token_merging(loaded)
+    remove_sparse_context_diffusers(loaded)
+    assert not [k for k in loaded.__dict__ if k.startswith("_tokensparse")]
+
+
 def test_config_is_snapshotted_at_apply(pipe):
     cfg = SparseContextConfig(keep=0.25, selector="random")
     apply_sparse_context_diffusers(pipe, cfg)

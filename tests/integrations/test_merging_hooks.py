@@ -691,3 +691,29 @@ def test_deepcopy_of_a_merged_model_is_independent(unet: nn.Module, caplog: pyte
     remove_token_merging(twin)
     assert torch.equal(twin(x, t, ctx).sample, dense) and torch.equal(unet(x, t, ctx).sample, merged)
     remove_token_merging(unet)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:torch")  # dynamo's notes on tracing the hooks
+def test_merging_applied_to_and_removed_from_a_compiled_model_takes_effect(caplog: pytest.LogCaptureFixture) -> None:
+    from ..conftest import make_refs, randomize
+
+    torch.manual_seed(0)
+    model = randomize(ts.build_model("refdit-tiny"))
+    refs = make_refs(1)
+
+    def gen() -> torch.Tensor:
+        return ts.generate(model, refs, "place", steps=1, seed=0)
+
+    dense = gen()
+    ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=0.5))
+    merged = gen()
+    ts.remove_token_merging(model)
+    assert not torch.equal(merged, dense)
+    model.compile(backend="eager")  # in place; compiled code does not see hooks added to sub-modules later
+    assert torch.equal(gen(), dense)
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=0.5))
+    assert "torch.compiler.reset()" in caplog.text
+    assert torch.equal(gen(), merged)
+    ts.remove_token_merging(model)
+    assert torch.equal(gen(), dense)

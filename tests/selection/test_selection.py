@@ -114,6 +114,30 @@ def test_edges_zero_on_flat_image_and_high_on_texture():
     assert SCORERS["edges"](no_pixels, torch.Generator()).shape == (1, 16)
 
 
+def test_count_is_exact_per_reference_with_equal_and_the_average_when_shared():
+    small, big = view_of(subject_image(box=(4, 8, 4, 8))), view_of(subject_image(box=(0, 12, 0, 16)))
+    views = [small, big]
+
+    def kept(cfg: SparseContextConfig) -> list[int]:
+        return [int(m.sum()) for m in keep_mask(views, cfg).split([16, 16], dim=1)]
+
+    assert kept(SparseContextConfig(count=5, selector="foreground", allocate="equal")) == [5, 5]
+    shared = kept(SparseContextConfig(count=5, selector="foreground"))  # allocate "auto": shared by score
+    assert sum(shared) == 10 and shared[0] < shared[1]
+    assert kept(SparseContextConfig(count=5, selector="uniform")) == [5, 5]  # uninformed: "auto" is "equal"
+
+
+def test_attention_scores_only_the_mass_above_the_uniform_share():
+    # a probe's positional ripple (+-10 %) around the uniform share, and two tokens the target singles out
+    att = (1 + 0.1 * torch.linspace(-1, 1, 16)) / 16
+    att[[5, 6]] = 4 / 16
+    v = RefView(features=torch.zeros(1, 4, 4, 3), attention=(att / att.sum()).reshape(1, 4, 4))
+    s = SCORERS["attention"](v, torch.Generator())[0]
+    assert int((s > 0).sum()) <= 9 and s[[5, 6]].min() > 10 * s[[0, 1, 2, 3, 4, 7, 8]].max()
+    m = select([v], 1.0, "attention", torch.Generator(), adaptive=True, mass=0.9)
+    assert set(m[0].nonzero().flatten().tolist()) == {5, 6}
+
+
 def test_blank_reference_adaptive_keeps_one_token():
     v = view_of(torch.full((1, 3, 16, 16), 0.5))
     for sel in ("foreground", "edges"):

@@ -41,6 +41,7 @@ from ..generation import (
     copy_keeping_copied_owners,
     on_generation_start,
     remove_generation_callback,
+    state_without_pipelines,
 )
 from ..selection import RefView, needs_probe
 from .calls import as_keywords, positional_names
@@ -129,6 +130,9 @@ class SparseContextHook:
 
     def __deepcopy__(self, memo: dict) -> SparseContextHook:
         return copy_keeping_copied_owners(self, memo)
+
+    def __getstate__(self) -> dict:
+        return state_without_pipelines(self)
 
     def attach(self, transformer: torch.nn.Module) -> None:
         self.handles += [transformer.register_forward_pre_hook(self.pre_forward, with_kwargs=True),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generation import StepTracker, check_scheduler, copy_keeping_copied_owners
+from ..generation import StepTracker, check_scheduler, copy_keeping_copied_owners, state_without_pipelines
 from ..merging import Matching, TokenMergingConfig, match, random_destinations
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class TokenMergingState:
 
     def __deepcopy__(self, memo: dict) -> TokenMergingState:
         return copy_keeping_copied_owners(self, memo)  # owners[0], the model, is copied with the state's fields
+
+    def __getstate__(self) -> dict:
+        return state_without_pipelines(self)
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)

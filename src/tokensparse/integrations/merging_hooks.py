@@ -25,6 +25,7 @@ import logging
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..generation import on_generation_start, remove_generation_callback
@@ -136,20 +137,34 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
             "merge_mlp=False, merge_cross=True): cross-attention exists only in UNet / PixArt-style blocks; enable "
             "merge_attn or merge_mlp")  # checked before the current config is removed: a failed apply changes nothing
 
-    remove_token_merging(target)
+    unwired = _unwire(model)
     state = TokenMergingState(cfg=cfg, model=model)
     model.__dict__[_STATE] = state
     state.owners = [model] + ([pipe] if pipe is not None else [])
     for owner in state.owners:
         on_generation_start(owner, _CALLBACK, state.new_generation)
     if cfg.is_identity:
+        if unwired:
+            _recompile_if_compiled(model)
         return target
     if isinstance(model, RefDiT):
         _wire_refdit(model, state)
     else:
         wire(model, blocks, state)
     state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
+    _recompile_if_compiled(model)
     return target
+
+
+def _recompile_if_compiled(model: nn.Module) -> None:
+    """Drop ``torch.compile``'s graphs when ``model`` (or a sub-module) is compiled: compiled code does not guard
+    on hooks added to or removed from sub-modules after it was traced, so merging would silently not take
+    effect (or not go away) until the next recompile."""
+    wrapped = hasattr(model, "_orig_mod")  # torch.compile(model): an OptimizedModule
+    if wrapped or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+        logger.warning("tokensparse: %s is compiled; resetting torch.compile (torch.compiler.reset()) so that the "
+                       "token-merging hooks take effect; its next call recompiles", type(model).__name__)
+        torch.compiler.reset()
 
 
 def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
@@ -170,11 +185,19 @@ def remove_token_merging(target: Any) -> Any:
     model, _ = _resolve(target)
     if model is None:
         raise _unsupported(target, "remove_token_merging")
+    if _unwire(model):
+        _recompile_if_compiled(model)
+    return target
+
+
+def _unwire(model: nn.Module) -> bool:
+    """Remove the merging state and hooks from ``model``; whether any hooks were removed."""
     state: TokenMergingState | None = model.__dict__.pop(_STATE, None)
     if state is None:
         if not isinstance(model, RefDiT) and not any(find_blocks(model).values()):
-            raise _unsupported(target, "remove_token_merging")  # as apply_token_merging (and Sparse Context)
-        return target
+            raise _unsupported(model, "remove_token_merging")  # as apply_token_merging (and Sparse Context)
+        return False
+    hooked = bool(state.handles)
     for handle in state.handles:
         handle.remove()
     state.handles.clear()
@@ -182,4 +205,4 @@ def remove_token_merging(target: Any) -> Any:
         remove_generation_callback(owner, _CALLBACK)
     for module in model.modules():
         module.__dict__.pop("_tokensparse_active", None)
-    return target
+    return hooked

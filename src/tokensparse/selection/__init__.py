@@ -4,7 +4,7 @@
 original behaviour); keyword options choose the other budgets (see :mod:`.budgets`):
 
     select(views, 0.25, "foreground", g, allocate="score")        # share 25 % on average by score
-    select(views, 1.0, "foreground", g, count=12)                  # 12 tokens per reference
+    select(views, 1.0, "foreground", g, count=12)                  # 12 tokens of each reference
     select(views, 1.0, "foreground", g, adaptive=True, mass=0.9)   # smallest set with 90 % of the mass
 """
 
@@ -50,7 +50,8 @@ def select(
     """Keep mask ``(B, N)`` over the concatenation of all references' tokens.
 
     keep: ratio budget per reference (``count`` overrides it with a token count); with ``adaptive`` it
-        is the ceiling. min_keep: floor fraction per reference (always at least one token).
+        is the ceiling; with ``allocate`` sharing, either is the per-reference average.
+    min_keep: floor fraction per reference (always at least one token).
     adaptive: each reference keeps the smallest set holding ``mass`` of its score mass (informed scorers).
     allocate: ``"equal"`` (each reference its own budget), ``"score"`` (the references of a sample share
         their summed budget by score: the average is unchanged) or ``"auto"`` (``"score"`` for informed
