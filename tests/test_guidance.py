@@ -107,6 +107,15 @@ def test_sparse_reference_guidance_weak_branch_sees_fewer_reference_tokens(route
     assert counts == [2 + 32, 2 + 8]  # BOS + word, then 2 refs x 16 tokens / x 4 tokens
 
 
+def test_reference_only_guidance_without_references_is_refused(tiny):
+    g = SparseGuidanceConfig(scale=1.5, strong=0.0, weak=0.0, weak_keep=0.25)  # needs no routing
+    ts.generate(tiny, make_refs(1), "place", steps=1, guidance=g)
+    with pytest.raises(ValueError, match="no references"):  # both branches would be the same dense pass
+        ts.generate(tiny, [], "place", steps=1, guidance=g)
+    ts.generate(tiny, [], "place", steps=1, guidance=SparseGuidanceConfig(strong=0.0, weak=0.0, weak_keep=0.25,
+                                                                          null_weak=True))
+
+
 def test_routes_share_the_trunk_and_equal_separate_calls(routed):
     from tokensparse.flops import count_flops
 

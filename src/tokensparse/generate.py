@@ -88,6 +88,11 @@ def generate(
         guidance = _checked_guidance(model, guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     refs = batch_images(list(references))
+    if not refs and isinstance(guidance, SparseGuidanceConfig) and guidance.strong == guidance.weak \
+            and not guidance.null_weak:
+        raise ValueError("this SparseGuidanceConfig weakens its weak branch only by weak_keep (fewer reference "
+                         "tokens) and this call has no references: both branches would be the same; set "
+                         "strong < weak or null_weak, or pass no guidance")
     batch = max([len(prompts)] + [r.shape[0] for r in refs])
     if len(prompts) == 1:
         prompts = prompts * batch
