@@ -41,6 +41,7 @@ class TokenMergingState:
     grids_found: int = 0  # blocks of the current model call whose tokens formed a grid this config merges
     warned: bool = False
     warned_misfit: bool = False
+    warned_mask: bool = False
     warned_video: bool = False
 
     def __deepcopy__(self, memo: dict) -> TokenMergingState:
@@ -191,6 +192,12 @@ class BlockMerger:
                                "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
                                type(module).__name__, self.name, x.shape[1], span[1])
             return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() >= 2:
+            mask = self._merged_mask(module, mask, m, span, x.shape[1], kwargs.get("encoder_hidden_states"))
+            if mask is None:
+                return None
+            kwargs = {**kwargs, "attention_mask": mask}
         module.__dict__["_tokensparse_active"] = (m, span)
         merged = merge_span(m, x, span)
         if from_kwargs:
@@ -201,6 +208,26 @@ class BlockMerger:
             args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
         return args, kwargs
 
+    def _merged_mask(self, module: nn.Module, mask: Tensor, m: Matching, span: tuple[int, int], n: int,
+                     context: Any) -> Tensor | None:
+        """The sublayer's ``attention_mask`` for the merged tokens, or ``None`` (run it unmerged).
+
+        A self-attention mask over these ``n`` tokens (last dim ``n``) keeps the entries of the surviving
+        tokens; a cross-attention mask (over ``context``) is unchanged. A mask over context + tokens together
+        (joint attention) or with a batch other than the tokens' is not merged: that sublayer runs unmerged."""
+        n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
+        if n_ctx and mask.shape[-1] == n_ctx:
+            return mask  # cross-attention: its keys are the context's, which merging leaves alone
+        merged = merge_key_mask(mask, m, span, n)
+        if merged is not None:
+            return merged
+        if not self.state.warned_mask:
+            self.state.warned_mask = True
+            logger.warning("tokensparse: token merging: %s of %s got an attention_mask of shape %s that it cannot "
+                           "thin with the tokens (%d tokens, %d context); it runs unmerged", type(module).__name__,
+                           self.name, tuple(mask.shape), n, n_ctx)
+        return None
+
     def _post(self, sub: Sublayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         active = module.__dict__.pop("_tokensparse_active", None)
         if active is None:
@@ -209,6 +236,22 @@ class BlockMerger:
         if isinstance(output, tuple):
             return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
         return unmerge_span(m, output, span)
+
+
+def merge_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> Tensor | None:
+    """A self-attention mask ``(B or 1, ..., n)`` over ``n`` tokens, for the tokens :func:`merge_span` leaves:
+    the entries of the surviving keys (around the span, and the span's kept tokens), in order. ``None``
+    where the mask is not over these ``n`` tokens or its batch is neither 1 nor the matching's."""
+    b = m.batch_size
+    if mask.shape[-1] != n or mask.shape[0] not in (1, b):
+        return None
+    start, length = span
+    dev = mask.device
+    keep = torch.cat([torch.arange(start, device=dev).expand(b, -1), m.keep.to(dev) + start,
+                      torch.arange(start + length, n, device=dev).expand(b, -1)], 1)  # (B, n - merged)
+    mask = mask.expand(b, *mask.shape[1:])
+    lead = mask.shape[1:-1]
+    return mask.gather(-1, keep.reshape(b, *([1] * len(lead)), -1).expand(b, *lead, -1))
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:

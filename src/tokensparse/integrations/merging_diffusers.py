@@ -137,8 +137,9 @@ def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None
 def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
     sample = first_arg(call, "sample", "hidden_states")
-    if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT): tokens per side
-        state.latent_hw = (math.ceil(sample.shape[-2] / patch), math.ceil(sample.shape[-1] / patch))
+    if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT, SD3): tokens per side
+        side = (lambda v: v // patch) if patch > 1 else (lambda v: v)  # a patch conv drops a partial patch
+        state.latent_hw = (side(sample.shape[-2]), side(sample.shape[-1]))
     elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned_video:  # (B, C, frames, H, W)
         state.warned_video = True
         logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
@@ -151,9 +152,22 @@ def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args:
     state.observe(first_arg(call, "timestep"), call)
 
 
+def _config_patch(module: nn.Module) -> int | None:
+    config = getattr(module, "config", None)
+    return config.get("patch_size") if isinstance(config, dict) else None
+
+
+def patch_size(model: nn.Module) -> int:
+    """Latent pixels per token side: the model's ``config.patch_size``; for a wrapper without one (e.g.
+    ``SD3MultiControlNetModel``), that of the first model it holds that has one; UNets (none anywhere): 1."""
+    if isinstance(getattr(model, "config", None), dict) and "patch_size" in model.config:
+        return int(model.config["patch_size"] or 1)
+    return next((int(p) for p in map(_config_patch, model.modules()) if p), 1)
+
+
 def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     cfg = state.cfg
-    patch = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)  # UNets: 1
+    patch = patch_size(model)
     state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_unet, state, patch),
                                                          with_kwargs=True))
     for name, blk in blocks:

@@ -127,9 +127,10 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     blocks = find_blocks(model) if not isinstance(model, RefDiT) else {}
     if not isinstance(model, RefDiT) and not (blocks["unet"] or blocks["flux"] or blocks["qwen"]):
         raise _unsupported(target, "apply_token_merging")
-    if _VIDEO.search(type(model).__name__):
-        raise TypeError(f"token merging does not support video models ({type(model).__name__}): their tokens span "
-                        "frames, and it merges within one image's token grid")
+    video = next((type(m).__name__ for m in model.modules() if _VIDEO.search(type(m).__name__)), None)
+    if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
+        raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
+                        f"{video}): their tokens span frames, and it merges within one image's token grid")
 
     if not cfg.is_identity and not (cfg.merge_attn or cfg.merge_mlp or _has_cross_attention(blocks)):
         raise ValueError(

@@ -1,0 +1,128 @@
+"""Token merging on diffusers models: patch grids, attention masks, wrapper and video models."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+
+from tokensparse.integrations.merging_core import merge_key_mask  # noqa: E402
+from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
+from tokensparse.merging import TokenMergingConfig, match  # noqa: E402
+
+from .test_merging_hooks import _randomize  # noqa: E402
+
+
+def _pixart() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize(diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, out_channels=8, cross_attention_dim=16, norm_num_groups=4, use_additional_conditions=False,
+    ), std=0.05)
+
+
+def _sd3_controlnet() -> nn.Module:
+    from diffusers.models.controlnets.controlnet_sd3 import SD3ControlNetModel
+
+    torch.manual_seed(0)
+    return _randomize(SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16), std=0.05)
+
+
+def test_merge_key_mask_keeps_the_surviving_keys_in_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 8, generator=g)
+    is_dst = torch.zeros(9, dtype=torch.bool)
+    is_dst[::2] = True
+    m = match(x[:, 2:11], is_dst, num=3)  # a 9-token span at tokens 2..10, one token after it
+    mask = torch.randn(2, 1, 12, generator=g)
+    got = merge_key_mask(mask, m, (2, 9), 12)
+    want = [torch.cat([mask[b, 0, :2], mask[b, 0, 2:11][m.keep[b]], mask[b, 0, 11:]]) for b in range(2)]
+    assert got.shape == (2, 1, 12 - m.num_merged) and torch.equal(got[:, 0], torch.stack(want))
+    assert torch.equal(merge_key_mask(mask[:1], m, (2, 9), 12)[1], merge_key_mask(mask[:1].expand(2, -1, -1),
+                                                                                   m, (2, 9), 12)[1])
+    assert merge_key_mask(mask[..., :5], m, (2, 9), 12) is None and merge_key_mask(mask.repeat(3, 1, 1), m, (2, 9),
+                                                                                  12) is None
+
+
+@torch.no_grad()
+def test_pixart_self_attention_mask_is_thinned_with_the_tokens_at_an_odd_latent_size() -> None:
+    pix = _pixart()
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(2, 4, 13, 9, generator=g), torch.randn(2, 5, 16, generator=g)  # 2x2 patches: 6x4 tokens
+    mask = torch.ones(2, 24)
+    mask[:, 20:] = 0  # the caller masks the last token row out of self-attention
+    cond = {"resolution": None, "aspect_ratio": None}
+
+    def run() -> torch.Tensor:
+        return pix(x, ehs, torch.tensor([500, 500]), attention_mask=mask, added_cond_kwargs=cond).sample
+
+    dense = run()
+    apply_token_merging(pix, TokenMergingConfig(ratio=0.5))
+    masks = []
+    pix.transformer_blocks[0].attn1.register_forward_pre_hook(
+        lambda m, a, k: masks.append(k["attention_mask"].shape), with_kwargs=True)
+    merged = run()
+    assert masks == [(2, 1, 12)]  # 24 tokens, half merged: the mask (as a bias) follows them
+    assert merging_state(pix).merged_tokens > 0 and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+    apply_token_merging(pix, TokenMergingConfig(ratio=0.0))
+    assert torch.equal(run(), dense)
+    remove_token_merging(pix)
+    assert torch.equal(run(), dense)
+
+
+@torch.no_grad()
+def test_a_wrapper_without_a_patch_size_uses_its_models_and_merges() -> None:
+    from diffusers.models.controlnets.controlnet_sd3 import SD3MultiControlNetModel
+
+    multi = SD3MultiControlNetModel([_sd3_controlnet()])
+    g = torch.Generator().manual_seed(0)
+    kw = {"hidden_states": torch.randn(2, 4, 10, 14, generator=g), "controlnet_cond": [torch.randn(2, 4, 10, 14)],
+          "conditioning_scale": [1.0], "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+          "pooled_projections": torch.randn(2, 8, generator=g), "timestep": torch.tensor([500, 500])}
+    dense = multi(**kw)
+    apply_token_merging(multi, TokenMergingConfig(ratio=0.5))
+    merged = multi(**kw)
+    assert merging_state(multi).merged_tokens > 0 and not torch.equal(merged[0][0], dense[0][0])
+    remove_token_merging(multi)
+    assert torch.equal(multi(**kw)[0][0], dense[0][0])
+
+
+@torch.no_grad()
+def test_a_joint_attention_mask_runs_that_sublayer_unmerged(caplog: pytest.LogCaptureFixture) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    flux = _randomize(FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=0,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                             pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)), std=0.05)
+    g = torch.Generator().manual_seed(0)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(6.0), torch.arange(6.0), indexing="ij"),
+                          -1).reshape(-1, 3)
+    kw = {"hidden_states": torch.randn(2, 36, 8, generator=g), "encoder_hidden_states": torch.randn(2, 5, 16),
+          "pooled_projections": torch.randn(2, 8), "timestep": torch.tensor([0.5, 0.5]),
+          "img_ids": img_ids, "txt_ids": torch.zeros(5, 3),
+          "joint_attention_kwargs": {"attention_mask": torch.ones(2, 1, 1, 41, dtype=torch.bool)}}
+    apply_token_merging(flux, TokenMergingConfig(ratio=0.5, merge_mlp=False))
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        out = flux(**kw).sample
+    assert "runs unmerged" in caplog.text and torch.isfinite(out).all()
+    remove_token_merging(flux)
+
+
+def test_a_model_with_video_modules_is_rejected() -> None:
+    sparsectrl = diffusers.SparseControlNetModel(
+        block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16, conditioning_embedding_out_channels=(8, 16),
+        motion_max_seq_length=8, motion_num_attention_heads=2, in_channels=4, conditioning_channels=4,
+        use_simplified_condition_embedding=True)
+    with pytest.raises(TypeError, match="video"):
+        apply_token_merging(sparsectrl, TokenMergingConfig(ratio=0.5))
+    assert merging_state(sparsectrl) is None
