@@ -178,6 +178,7 @@ _register_diffusers_commands()
 
 
 def main() -> None:  # pragma: no cover
+    """The ``tokensparse`` console script."""
     app()
 
 

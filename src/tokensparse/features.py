@@ -119,6 +119,7 @@ def save_feature_net(net: FeatureNet, path: str | Path, meta: dict) -> None:
 
 
 def main() -> None:  # pragma: no cover - exercised by the recipe, tested through train_feature_net
+    """``python -m tokensparse.features``: train the guidance benchmark's feature network."""
     ap = argparse.ArgumentParser(description="Train the FID feature network on the task suite.")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=128)

@@ -187,6 +187,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one training step on one rank: a function of (seed, step, rank) only, so resume is exact."""
     return torch.Generator().manual_seed(_step_seed(seed, step, rank))
 
 
@@ -207,6 +208,8 @@ def _state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
 
 def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
                         opt: torch.optim.Optimizer, state: dict, keep_last: int = 2) -> Path:
+    """Write ``out/step_N`` atomically (a temp folder renamed into place, then the ``latest`` pointer) with the
+    weights, EMA, optimizer state and ``state`` JSON; keep the ``keep_last`` newest. Returns the folder."""
     final = out / f"step_{step:07d}"
     tmp = out / f".step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +231,7 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint folder ``out/latest`` points to, or ``None`` when there is none (or it is incomplete)."""
     ptr = out / "latest"
     if not ptr.is_file():
         return None

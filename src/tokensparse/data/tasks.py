@@ -304,7 +304,8 @@ def _check_task(task: str) -> TaskSpec:
     return TASKS[task]
 
 
-def make_arrays(task: str, seed: int, image_size: int = 32, num_refs: int | None = None):
+def make_arrays(task: str, seed: int, image_size: int = 32, num_refs: int | None = None
+                ) -> tuple[list[np.ndarray], str, np.ndarray]:
     """Like :func:`make_sample` but returns ``(refs, prompt, target)`` as numpy float32 (3, S, S) arrays."""
     spec = _check_task(task)
     seed = checks.seed("seed", seed)

@@ -166,6 +166,8 @@ def patch_size(model: nn.Module) -> int:
 
 
 def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
+    """Hook the self-attention (and, as configured, cross-attention and MLP) of every ``BasicTransformerBlock`` /
+    SD3 joint block in ``blocks``; the token grid comes from the latent the model is called with."""
     cfg = state.cfg
     patch = patch_size(model)
     state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_unet, state, patch),

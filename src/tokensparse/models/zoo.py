@@ -47,6 +47,7 @@ CHECKPOINTS: dict[str, str] = {
 
 
 def weights_dir() -> Path:
+    """The folder of the shipped checkpoints inside the installed package."""
     return Path(str(resources.files("tokensparse") / "weights"))
 
 
