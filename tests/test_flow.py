@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tokensparse.flow import euler, flow_loss, interpolate, noise_like, timesteps, velocity
@@ -29,3 +30,20 @@ def test_noise_is_per_sample():
     a = noise_like((2, 3, 4, 4), [5, 6])
     b = noise_like((1, 3, 4, 4), [6])
     assert torch.equal(a[1], b[0])
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(steps=0), ValueError), (dict(steps=2.5), TypeError), (dict(steps=True), TypeError),
+    (dict(steps=3, shift=0.0), ValueError), (dict(steps=3, shift=-1.0), ValueError),
+    (dict(steps=3, shift=float("nan")), ValueError), (dict(steps=3, shift=float("inf")), ValueError),
+])
+def test_timesteps_refuse_bad_values(kwargs, err):
+    with pytest.raises(err, match="steps" if "shift" not in kwargs else "shift"):
+        timesteps(**kwargs)
+
+
+def test_noise_seeds_must_be_ints_a_generator_takes():
+    for bad, err in ((1.7, TypeError), (-1, ValueError), (2**64, ValueError)):
+        with pytest.raises(err, match="seed"):
+            noise_like((1, 1, 2, 2), [bad])
+    assert noise_like((1, 1, 2, 2), [2**63]).shape == (1, 1, 2, 2)  # seed + i past 2**63 - 1 is fine

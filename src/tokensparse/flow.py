@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from . import checks
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -47,8 +49,8 @@ def flow_loss(denoise: Denoiser, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor
 
 def timesteps(steps: int, shift: float = 1.0) -> Tensor:
     """``steps + 1`` times from 1 to 0; ``shift > 1`` spends more steps near noise (SD3 shift)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = checks.integer("steps", steps, lo=1)
+    shift = checks.real("shift", shift, 0.0, lo_open=True)
     t = torch.linspace(1.0, 0.0, steps + 1)
     return shift * t / (1 + (shift - 1) * t)
 
@@ -57,7 +59,8 @@ def noise_like(shape: tuple[int, ...], seeds: list[int], device: torch.device | 
     """Gaussian noise with one generator per sample, so a sample's noise never depends on its batch."""
     if len(seeds) != shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
-    out = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    seeds = [checks.integer("seed", s, 0, 2**64 - 1) for s in seeds]  # what a torch generator takes
+    out = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(out).to(device)
 
 

@@ -32,6 +32,8 @@ def test_one_time_for_the_batch_and_prompt_ids_type(tiny):
     ({"ids": torch.full((2, 4), 100000)}, ValueError, "word ids in"),
     ({"x": torch.randn(2, 3, 24, 24)}, ValueError, r"x must be a \(B, 3, 16, 16\)"),
     ({"x": torch.randn(3, 16, 16)}, ValueError, "x must be"),
+    ({"t": 5.0}, ValueError, r"t must be in \[0, 1\]"), ({"t": float("nan")}, ValueError, r"t must be in"),
+    ({"t": torch.tensor([0.5, -0.1])}, ValueError, r"t must be in"),
 ])
 @torch.no_grad()
 def test_bad_calls_name_the_argument(tiny, change, err, match):
@@ -156,6 +158,22 @@ def test_target_rope_is_computed_once_in_float32(tiny):
 def test_context_kv_needs_separate_mode(tiny):
     with pytest.raises(ValueError, match="ref_attends_target=False"):
         tiny.context_kv(make_refs(1), tokenize("place"))
+
+
+@torch.no_grad()
+def test_a_cache_that_does_not_fit_the_call_is_refused(tiny, tiny_kv):
+    refs, p = [r * 2 - 1 for r in make_refs(1, batch=2)], tokenize(["place", "place"])
+    kv = tiny_kv.context_kv(refs, p)
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="batch of 2, x has 1"):  # was a silently broadcast (2, ...) output
+        tiny_kv(x, 0.5, None, tokenize("place"), context_kv=kv)
+    with pytest.raises(ValueError, match="ref_attends_target=False"):  # a joint model has no step-free K/V
+        tiny(torch.randn(2, 3, 16, 16), 0.5, None, p, context_kv=kv)
+    with pytest.raises(TypeError, match="ContextKV"):
+        tiny_kv(x, 0.5, None, tokenize("place"), context_kv=(1, 2))
+    for ids, err in ((p.float(), TypeError), (p[0], ValueError), (torch.full((2, 3), 10**6), ValueError)):
+        with pytest.raises(err, match="prompt_ids"):
+            tiny_kv.context_kv(refs, ids)
 
 
 def test_fresh_text_encoder_is_the_identity(tiny):

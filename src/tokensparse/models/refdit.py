@@ -353,26 +353,49 @@ class RefDiT(nn.Module):
             raise TypeError(f"RefDiT computes in float32 and its weights are {self.patch_embed.weight.dtype}: call "
                             "model.float() first (for reduced precision, run it under torch.autocast)")
         b = x.shape[0]
-        if not isinstance(prompt_ids, Tensor):
-            raise TypeError("prompt_ids must be a (B, L) tensor (tokensparse.vocab.tokenize), got "
-                            f"{type(prompt_ids).__name__}")
-        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
-            raise TypeError(f"prompt_ids must hold integer word ids (tokensparse.vocab.tokenize), got "
-                            f"{prompt_ids.dtype}")
-        if prompt_ids.dim() != 2 or prompt_ids.shape[0] != b or prompt_ids.shape[1] > cfg.max_prompt_len:
-            raise ValueError(f"prompt_ids must be (B, L) with B = {b} and L <= {cfg.max_prompt_len}, got "
-                             f"{tuple(prompt_ids.shape)}")
-        if prompt_ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(prompt_ids))  # one pass (every model call)
-            if not 0 <= lo <= hi < cfg.vocab_size:
-                raise ValueError(f"prompt_ids must be word ids in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
+        self.check_prompt_ids(prompt_ids, b)
         if not isinstance(t, Tensor):
             t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.dim() == 0:
             t = t.expand(b)
         if t.dim() != 1 or t.shape[0] != b:
             raise ValueError(f"t must be one time or a ({b},) tensor, got shape {tuple(t.shape)}")
+        if t.is_complex() or not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError(f"t must be in [0, 1] (1 = noise), got {t.tolist() if t.numel() <= 8 else t}")
         return t
+
+    def check_prompt_ids(self, prompt_ids: Tensor, batch: int | None = None) -> None:
+        """Raise ``TypeError`` / ``ValueError`` unless ``prompt_ids`` are ``(B, L)`` word ids (``B = batch`` if
+        given) that this model's vocabulary and prompt length hold."""
+        cfg = self.config
+        if not isinstance(prompt_ids, Tensor):
+            raise TypeError("prompt_ids must be a (B, L) tensor (tokensparse.vocab.tokenize), got "
+                            f"{type(prompt_ids).__name__}")
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+            raise TypeError(f"prompt_ids must hold integer word ids (tokensparse.vocab.tokenize), got "
+                            f"{prompt_ids.dtype}")
+        if (prompt_ids.dim() != 2 or (batch is not None and prompt_ids.shape[0] != batch)
+                or prompt_ids.shape[1] > cfg.max_prompt_len):
+            want = "B" if batch is None else f"B = {batch}"
+            raise ValueError(f"prompt_ids must be (B, L) with {want} and L <= {cfg.max_prompt_len}, got "
+                             f"{tuple(prompt_ids.shape)}")
+        if prompt_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(prompt_ids))  # one pass (every model call)
+            if not 0 <= lo <= hi < cfg.vocab_size:
+                raise ValueError(f"prompt_ids must be word ids in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
+
+    def check_context_kv(self, context_kv: ContextKV, batch: int) -> None:
+        """Raise ``TypeError`` / ``ValueError`` unless ``context_kv`` is this model's cache for ``batch`` samples."""
+        if not isinstance(context_kv, ContextKV):
+            raise TypeError(f"context_kv must be a ContextKV from model.context_kv(...), got "
+                            f"{type(context_kv).__name__}")
+        if self.config.ref_attends_target:
+            raise ValueError("context_kv needs a model built with ref_attends_target=False: here the references "
+                             "attend to the target, so their K/V change every step")
+        if len(context_kv.layers) != len(self.blocks):
+            raise ValueError(f"context_kv holds {len(context_kv.layers)} layers, this model has {len(self.blocks)}")
+        if context_kv.pooled.shape[0] != batch:
+            raise ValueError(f"context_kv was computed for a batch of {context_kv.pooled.shape[0]}, x has {batch}")
 
     def route_bounds(self, route: float) -> tuple[int, int]:
         """The block span routed tokens skip, or ``(-1, -1)`` when nothing is routed."""
@@ -394,6 +417,7 @@ class RefDiT(nn.Module):
         """Run the context stream once and return every block's context K/V (``ref_attends_target=False``)."""
         if self.config.ref_attends_target:
             raise ValueError("context K/V are step-independent only in models built with ref_attends_target=False")
+        self.check_prompt_ids(prompt_ids)
         b = prompt_ids.shape[0]
         ctx, ctx_ids, ctx_valid, pooled = self.context(self.embed_references(refs, b, prompt_ids), prompt_ids)
         c_ctx = self.context_time(torch.zeros(b, device=prompt_ids.device), pooled)
@@ -416,7 +440,8 @@ class RefDiT(nn.Module):
         refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
         prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
         ref_keep: optional ``(B, N)`` keep mask over the dense reference tokens (training-time dropping).
-        context_kv: cached context K/V from :meth:`context_kv` (then ``refs`` is ignored); exact.
+        context_kv: cached context K/V from :meth:`context_kv`; exact. It holds the whole context, so ``refs``,
+            ``ref_keep`` and the content of ``prompt_ids`` are then not read (the cache's prompt is used).
         route: fraction of target tokens that skip ``config.route_span`` (TREAD routing), drawn with
             ``route_generator``; they re-enter unchanged after the span.
         routes: several routing rates at once (Sparse Guidance's branches): the blocks before the first
@@ -436,6 +461,7 @@ class RefDiT(nn.Module):
             ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
             kvs: list = [None] * len(self.blocks)
         else:
+            self.check_context_kv(context_kv, b)
             ctx = ctx_rope = None
             ctx_valid, pooled, kvs = context_kv.valid, context_kv.pooled, context_kv.layers
         c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
