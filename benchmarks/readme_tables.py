@@ -330,8 +330,8 @@ def guidance() -> None:
              f"SG reaches CFG's best FID at {frac:.2f}× its FLOPs per step") + ". Sparse-reference guidance "
           "(weak branch sees 10 % of the reference tokens) vs unguided, PSNR: " + ", ".join(
               f"{f} {v:+.2f} dB" for f, v in s["sparse_ref_guidance_gain_db"].items())
-          + f", at {s['sparse_ref_guidance_cost_frac']:+.0%} FLOPs per step. Training step with TREAD routing "
-          "(γ = 0.5) vs none: " + ", ".join(
+          + f", at {s['sparse_ref_guidance_cost_frac']:+.0%} FLOPs per step. Training step (one thread, process "
+          "time) with TREAD routing (γ = 0.5) vs none: " + ", ".join(
               f"{k} {v:.2f}× (FLOP ratio {s['routing_train_flop_ratio'][k]:.2f}×)"
               for k, v in s["routing_train_speedup"].items()) + ".\n")
 

@@ -201,3 +201,23 @@ def test_a_deepcopy_of_a_patched_model_probes_with_its_own_weights_and_a_patched
     ts.remove_sparse_context(loaded)
     assert torch.equal(ts.generate(loaded, refs, "place", steps=2, seed=0),
                        ts.generate(ts.remove_sparse_context(fresh), refs, "place", steps=2, seed=0))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:torch")  # dynamo's notes on tracing the hooks
+@torch.no_grad()
+def test_sparse_context_applied_to_a_compiled_model_takes_effect(tiny, caplog):
+    import logging
+
+    refs, p, x = [r * 2 - 1 for r in make_refs(2)], ts.tokenize("place"), torch.randn(1, 3, 16, 16)
+    dense = tiny(x, 0.5, refs, p)
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25))
+    sparse = tiny(x, 0.5, refs, p)
+    ts.remove_sparse_context(tiny)
+    tiny.compile(backend="eager")  # the reference embedder's hook runs inside the compiled forward
+    assert torch.equal(tiny(x, 0.5, refs, p), dense)
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25))
+    assert "torch.compiler.reset()" in caplog.text
+    assert torch.equal(tiny(x, 0.5, refs, p), sparse)
+    ts.remove_sparse_context(tiny)
+    assert torch.equal(tiny(x, 0.5, refs, p), dense)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .context import SparseContextConfig, sparsify
+from .generation import reset_if_compiled
 from .models.layers import gated_add, modulate, patchify, rope_angles, timestep_embedding
 from .models.refdit import RefDiT
 from .selection import RefView, needs_probe
@@ -149,13 +150,15 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     if cfg.cache and model.config.ref_attends_target:
         raise ValueError("cache=True needs a model built with ref_attends_target=False (e.g. 'refdit-s-kv')")
-    remove_sparse_context(model)
+    removed = _unhook(model)
 
     # a partial, not a closure: copy.deepcopy of the model copies it with the model (the copy probes with
     # its own weights), and a patched model pickles
     hook = functools.partial(_sparsify_hook, model, cfg, model.config.patch_size, needs_probe(cfg.selector))
     handles = (model.ref_embedder.register_forward_hook(hook, with_kwargs=True),)
     model.__dict__[_SPARSE_HANDLE] = (handles, cfg)
+    if not cfg.is_identity or removed:
+        reset_if_compiled(model, "Sparse Context")
     return target
 
 
@@ -168,11 +171,19 @@ def remove_sparse_context(target: Any) -> Any:
 
             return remove_sparse_context_diffusers(target)
         raise _unsupported(target, "remove_sparse_context")
-    entry = model.__dict__.pop(_SPARSE_HANDLE, None)
-    if entry is not None:
-        for handle in entry[0]:
-            handle.remove()
+    if _unhook(model):
+        reset_if_compiled(model, "Sparse Context")
     return target
+
+
+def _unhook(model: RefDiT) -> bool:
+    """Remove Sparse Context's hook from ``model``; whether one was there (and not the identity)."""
+    entry = model.__dict__.pop(_SPARSE_HANDLE, None)
+    if entry is None:
+        return False
+    for handle in entry[0]:
+        handle.remove()
+    return not entry[1].is_identity
 
 
 def sparse_context_config(target: Any) -> SparseContextConfig | None:

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _CALLBACKS = "_tokensparse_generation_callbacks"
 _WRAPPED = "_tokensparse_set_timesteps"
@@ -101,6 +104,22 @@ def state_without_pipelines(obj: Any) -> dict:
     state = dict(obj.__dict__)
     state["owners"] = [o for o in obj.owners if isinstance(o, torch.nn.Module)]
     return state
+
+
+def reset_if_compiled(model: torch.nn.Module, method: str) -> None:
+    """Reset ``torch.compile`` after ``method`` changed hooks inside ``model``, if it (or a sub-module) is compiled.
+
+    Compiled code does not re-check hooks added to or removed from sub-modules after it was traced, so the
+    change would silently not take effect until a recompile. ``torch.compiler.reset()`` is process-wide: all
+    compiled code recompiles on its next call. (A ``model.forward = torch.compile(model.forward)`` is not
+    detectable: apply methods before compiling it that way.)
+    """
+    if hasattr(model, "_orig_mod") or any(getattr(m, "_compiled_call_impl", None) is not None
+                                          for m in model.modules()):
+        logger.warning("tokensparse: %s changed hooks inside the compiled %s; resetting torch.compile "
+                       "(torch.compiler.reset(): all compiled code in this process recompiles on its next call)",
+                       method, type(model).__name__)
+        torch.compiler.reset()
 
 
 def begin_generation(owner: Any) -> None:

@@ -35,46 +35,57 @@ def _sd3_controlnet() -> nn.Module:
         pos_embed_max_size=16), std=0.05)
 
 
-def test_merge_key_mask_keeps_the_surviving_keys_in_order() -> None:
+def test_merge_key_mask_keeps_the_surviving_keys_and_refuses_what_would_change_attention() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 12, 8, generator=g)
     is_dst = torch.zeros(9, dtype=torch.bool)
     is_dst[::2] = True
     m = match(x[:, 2:11], is_dst, num=3)  # a 9-token span at tokens 2..10, one token after it
-    mask = torch.randn(2, 1, 12, generator=g)
+    mask = torch.zeros(2, 1, 12)
+    mask[:, 0, [0, 11]] = float("-inf")  # masked keys outside the span; the span itself all visible
     got = merge_key_mask(mask, m, (2, 9), 12)
     want = [torch.cat([mask[b, 0, :2], mask[b, 0, 2:11][m.keep[b]], mask[b, 0, 11:]]) for b in range(2)]
     assert got.shape == (2, 1, 12 - m.num_merged) and torch.equal(got[:, 0], torch.stack(want))
-    assert torch.equal(merge_key_mask(mask[:1], m, (2, 9), 12)[1], merge_key_mask(mask[:1].expand(2, -1, -1),
-                                                                                   m, (2, 9), 12)[1])
+    assert torch.equal(merge_key_mask(mask[:1, 0], m, (2, 9), 12), got[:, 0])  # (1, n): shared by the batch
+    crossing = mask.clone()
+    crossing[0, 0, 2 + int(m.src[0, 0])] = float("-inf")  # a merged source masked, its destination visible
+    assert merge_key_mask(crossing, m, (2, 9), 12) is None
+    assert merge_key_mask(torch.zeros(2, 12, 12), m, (2, 9), 12) is None  # query x key: the queries merge too
     assert merge_key_mask(mask[..., :5], m, (2, 9), 12) is None and merge_key_mask(mask.repeat(3, 1, 1), m, (2, 9),
                                                                                   12) is None
 
 
 @torch.no_grad()
-def test_pixart_self_attention_mask_is_thinned_with_the_tokens_at_an_odd_latent_size() -> None:
+def test_pixart_with_a_self_attention_mask_at_an_odd_latent_size(caplog: pytest.LogCaptureFixture) -> None:
     pix = _pixart()
     g = torch.Generator().manual_seed(0)
     x, ehs = torch.randn(2, 4, 13, 9, generator=g), torch.randn(2, 5, 16, generator=g)  # 2x2 patches: 6x4 tokens
-    mask = torch.ones(2, 24)
-    mask[:, 20:] = 0  # the caller masks the last token row out of self-attention
     cond = {"resolution": None, "aspect_ratio": None}
 
-    def run() -> torch.Tensor:
+    def run(mask: torch.Tensor | None) -> torch.Tensor:
         return pix(x, ehs, torch.tensor([500, 500]), attention_mask=mask, added_cond_kwargs=cond).sample
 
-    dense = run()
+    visible, last_row_masked = torch.ones(2, 24), torch.ones(2, 24)
+    last_row_masked[:, 20:] = 0
+    dense = [run(visible), run(last_row_masked)]
     apply_token_merging(pix, TokenMergingConfig(ratio=0.5))
     masks = []
     pix.transformer_blocks[0].attn1.register_forward_pre_hook(
-        lambda m, a, k: masks.append(k["attention_mask"].shape), with_kwargs=True)
-    merged = run()
+        lambda m, a, k: masks.append(None if k["attention_mask"] is None else k["attention_mask"].shape),
+        with_kwargs=True)
+    merged = run(visible)
     assert masks == [(2, 1, 12)]  # 24 tokens, half merged: the mask (as a bias) follows them
-    assert merging_state(pix).merged_tokens > 0 and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+    assert merging_state(pix).merged_tokens > 0 and not torch.equal(merged, dense[0])
+    masks.clear()
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        out = run(last_row_masked)  # pairs across the masked row would change what attention sees
+    assert torch.isfinite(out).all() and ("runs unmerged" in caplog.text) == (masks == [(2, 1, 24)])
+    apply_token_merging(pix, TokenMergingConfig(ratio=0.5))  # fresh draws, as for `merged`
+    assert torch.allclose(merged, run(None), atol=1e-5)  # an all-visible mask changes nothing
     apply_token_merging(pix, TokenMergingConfig(ratio=0.0))
-    assert torch.equal(run(), dense)
+    assert torch.equal(run(visible), dense[0]) and torch.equal(run(last_row_masked), dense[1])
     remove_token_merging(pix)
-    assert torch.equal(run(), dense)
+    assert torch.equal(run(visible), dense[0]) and torch.equal(run(last_row_masked), dense[1])
 
 
 @torch.no_grad()
@@ -109,10 +120,11 @@ def test_a_joint_attention_mask_runs_that_sublayer_unmerged(caplog: pytest.LogCa
           "pooled_projections": torch.randn(2, 8), "timestep": torch.tensor([0.5, 0.5]),
           "img_ids": img_ids, "txt_ids": torch.zeros(5, 3),
           "joint_attention_kwargs": {"attention_mask": torch.ones(2, 1, 1, 41, dtype=torch.bool)}}
+    dense = flux(**kw).sample
     apply_token_merging(flux, TokenMergingConfig(ratio=0.5, merge_mlp=False))
     with caplog.at_level(logging.WARNING, logger="tokensparse"):
         out = flux(**kw).sample
-    assert "runs unmerged" in caplog.text and torch.isfinite(out).all()
+    assert "attention_mask of shape (2, 1, 1, 41)" in caplog.text and torch.equal(out, dense)  # attention only
     remove_token_merging(flux)
 
 
@@ -126,3 +138,14 @@ def test_a_model_with_video_modules_is_rejected() -> None:
     with pytest.raises(TypeError, match="video"):
         apply_token_merging(sparsectrl, TokenMergingConfig(ratio=0.5))
     assert merging_state(sparsectrl) is None
+
+
+def test_an_image_model_with_3d_in_a_part_name_is_not_taken_for_video() -> None:
+    from diffusers import QwenImageTransformer2DModel
+
+    layered = QwenImageTransformer2DModel(  # holds a QwenEmbedLayer3DRope: an image model all the same
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), use_layer3d_rope=True)
+    apply_token_merging(layered, TokenMergingConfig(ratio=0.5))
+    assert merging_state(layered) is not None
+    remove_token_merging(layered)

@@ -41,6 +41,7 @@ from ..generation import (
     copy_keeping_copied_owners,
     on_generation_start,
     remove_generation_callback,
+    reset_if_compiled,
     state_without_pipelines,
 )
 from ..selection import RefView, needs_probe
@@ -324,9 +325,11 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     previous = _hook(transformer)
     owners = [pipe] if pipe is not None else []
     owners += [o for o in (previous.owners if previous else []) if o is not pipe and _shares(o, transformer)]
-    remove_sparse_context_diffusers(target)  # a pipeline target: its transformer's hook too
+    removed = _remove(target)  # a pipeline target: its transformer's hook too
     hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owners)
     hook.attach(transformer)
+    if not cfg.is_identity or removed:
+        reset_if_compiled(transformer, "Sparse Context")
     on_generation_start(transformer, _CALLBACK, hook.state.new_generation)  # ts.begin_generation(transformer)
     for owner in owners:
         on_generation_start(owner, _CALLBACK, hook.state.new_generation)
@@ -344,6 +347,13 @@ def _shares(pipe: Any, transformer: Any) -> bool:
 
 def remove_sparse_context_diffusers(target: Any) -> Any:
     """Undo :func:`apply_sparse_context_diffusers`; a target without Sparse Context is left as is."""
+    if _remove(target):
+        reset_if_compiled(_resolve(target)[1], "Sparse Context")
+    return target
+
+
+def _remove(target: Any) -> bool:
+    """Remove the hook, captures and callbacks; whether a non-identity hook was removed."""
     pipe, transformer = _resolve(target)
     hook = _hook(transformer)
     if hook is not None:
@@ -356,7 +366,7 @@ def remove_sparse_context_diffusers(target: Any) -> Any:
     if pipe is not None:
         unwrap_capture(pipe)
         remove_generation_callback(pipe, _CALLBACK)
-    return target
+    return hook is not None and not hook.state.cfg.is_identity
 
 
 def sparse_context_state(target: Any) -> _State | None:

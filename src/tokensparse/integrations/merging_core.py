@@ -212,9 +212,10 @@ class BlockMerger:
                      context: Any) -> Tensor | None:
         """The sublayer's ``attention_mask`` for the merged tokens, or ``None`` (run it unmerged).
 
-        A self-attention mask over these ``n`` tokens (last dim ``n``) keeps the entries of the surviving
-        tokens; a cross-attention mask (over ``context``) is unchanged. A mask over context + tokens together
-        (joint attention) or with a batch other than the tokens' is not merged: that sublayer runs unmerged."""
+        A self-attention key mask over these ``n`` tokens keeps the entries of the surviving tokens
+        (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged. Any other mask -- over
+        context + tokens together (FLUX double-stream / SD3 joint attention, which order them differently), a
+        query x key mask, a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
         n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
         if n_ctx and mask.shape[-1] == n_ctx:
             return mask  # cross-attention: its keys are the context's, which merging leaves alone
@@ -239,19 +240,27 @@ class BlockMerger:
 
 
 def merge_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> Tensor | None:
-    """A self-attention mask ``(B or 1, ..., n)`` over ``n`` tokens, for the tokens :func:`merge_span` leaves:
-    the entries of the surviving keys (around the span, and the span's kept tokens), in order. ``None``
-    where the mask is not over these ``n`` tokens or its batch is neither 1 nor the matching's."""
+    """A self-attention key mask ``(B or 1, [1, [1,]] n)`` over ``n`` tokens, for the tokens :func:`merge_span`
+    leaves: the entries of the surviving keys (around the span, and the span's kept tokens), in order.
+
+    ``None`` (the sublayer must run unmerged) where that would change what attention sees: the mask is not
+    over these ``n`` keys, has a query axis (``(B, n, n)``), a batch other than 1 or the matching's, or a
+    merged pair whose two tokens the mask treats differently (a visible token would vanish into a masked
+    one, or a masked one become visible through a visible one)."""
     b = m.batch_size
-    if mask.shape[-1] != n or mask.shape[0] not in (1, b):
+    if mask.shape[-1] != n or mask.shape[0] not in (1, b) or any(s != 1 for s in mask.shape[1:-1]):
         return None
     start, length = span
     dev = mask.device
+    key = mask.reshape(mask.shape[0], n).expand(b, n)
+    if m.num_merged:
+        inner = key[:, start:start + length]
+        dst = m.keep.to(dev).gather(1, m.slot.to(dev))  # original position of each source's destination
+        if not torch.equal(inner.gather(1, m.src.to(dev)), inner.gather(1, dst)):
+            return None
     keep = torch.cat([torch.arange(start, device=dev).expand(b, -1), m.keep.to(dev) + start,
                       torch.arange(start + length, n, device=dev).expand(b, -1)], 1)  # (B, n - merged)
-    mask = mask.expand(b, *mask.shape[1:])
-    lead = mask.shape[1:-1]
-    return mask.gather(-1, keep.reshape(b, *([1] * len(lead)), -1).expand(b, *lead, -1))
+    return key.gather(1, keep).reshape(b, *mask.shape[1:-1], keep.shape[1])
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:

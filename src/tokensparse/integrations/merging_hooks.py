@@ -25,10 +25,9 @@ import logging
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..generation import on_generation_start, remove_generation_callback
+from ..generation import on_generation_start, remove_generation_callback, reset_if_compiled
 from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
@@ -41,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 _STATE = "_tokensparse_token_merging"
 _VIDEO = re.compile(r"3D|Motion|Temporal|Video|I2VGenXL")  # diffusers video UNets / DiTs built of image blocks
+# modules that only video models hold (AnimateDiff motion modules, temporal transformers, 3-D blocks); narrower
+# than _VIDEO, which would also match image models' parts (e.g. QwenEmbedLayer3DRope, Kandinsky3DownSampleBlock)
+_VIDEO_PART = re.compile(r"Motion|SpatioTemporal|Temporal\w*Transformer|TransformerTemporal|Transformer3D|Block3D")
 _CALLBACK = "token_merging"
 
 
@@ -127,7 +129,8 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     blocks = find_blocks(model) if not isinstance(model, RefDiT) else {}
     if not isinstance(model, RefDiT) and not (blocks["unet"] or blocks["flux"] or blocks["qwen"]):
         raise _unsupported(target, "apply_token_merging")
-    video = next((type(m).__name__ for m in model.modules() if _VIDEO.search(type(m).__name__)), None)
+    video = type(model).__name__ if _VIDEO.search(type(model).__name__) else next(
+        (type(m).__name__ for m in model.modules() if _VIDEO_PART.search(type(m).__name__)), None)
     if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
         raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
                         f"{video}): their tokens span frames, and it merges within one image's token grid")
@@ -146,26 +149,15 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
         on_generation_start(owner, _CALLBACK, state.new_generation)
     if cfg.is_identity:
         if unwired:
-            _recompile_if_compiled(model)
+            reset_if_compiled(model, "token merging")
         return target
     if isinstance(model, RefDiT):
         _wire_refdit(model, state)
     else:
         wire(model, blocks, state)
     state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
-    _recompile_if_compiled(model)
+    reset_if_compiled(model, "token merging")
     return target
-
-
-def _recompile_if_compiled(model: nn.Module) -> None:
-    """Drop ``torch.compile``'s graphs when ``model`` (or a sub-module) is compiled: compiled code does not guard
-    on hooks added to or removed from sub-modules after it was traced, so merging would silently not take
-    effect (or not go away) until the next recompile."""
-    wrapped = hasattr(model, "_orig_mod")  # torch.compile(model): an OptimizedModule
-    if wrapped or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        logger.warning("tokensparse: %s is compiled; resetting torch.compile (torch.compiler.reset()) so that the "
-                       "token-merging hooks take effect; its next call recompiles", type(model).__name__)
-        torch.compiler.reset()
 
 
 def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
@@ -183,11 +175,13 @@ def remove_token_merging(target: Any) -> Any:
     """Undo :func:`apply_token_merging` (a no-op if it was never applied). Returns ``target``.
 
     Raises ``TypeError`` for a target :func:`apply_token_merging` does not support."""
-    model, _ = _resolve(target)
+    model, pipe = _resolve(target)
     if model is None:
         raise _unsupported(target, "remove_token_merging")
     if _unwire(model):
-        _recompile_if_compiled(model)
+        reset_if_compiled(model, "token merging")
+    if pipe is not None:  # e.g. an unpickled pipeline: its state no longer lists the pipeline among its owners
+        remove_generation_callback(pipe, _CALLBACK)
     return target
 
 
