@@ -141,7 +141,7 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
             "merge_mlp=False, merge_cross=True): cross-attention exists only in UNet / PixArt-style blocks; enable "
             "merge_attn or merge_mlp")  # checked before the current config is removed: a failed apply changes nothing
 
-    unwired = _unwire(model)
+    unwired = _unwire(model, target)
     state = TokenMergingState(cfg=cfg, model=model)
     model.__dict__[_STATE] = state
     state.owners = [model] + ([pipe] if pipe is not None else [])
@@ -178,19 +178,19 @@ def remove_token_merging(target: Any) -> Any:
     model, pipe = _resolve(target)
     if model is None:
         raise _unsupported(target, "remove_token_merging")
-    if _unwire(model):
+    if _unwire(model, target):
         reset_if_compiled(model, "token merging")
     if pipe is not None:  # e.g. an unpickled pipeline: its state no longer lists the pipeline among its owners
         remove_generation_callback(pipe, _CALLBACK)
     return target
 
 
-def _unwire(model: nn.Module) -> bool:
-    """Remove the merging state and hooks from ``model``; whether any hooks were removed."""
+def _unwire(model: nn.Module, target: Any) -> bool:
+    """Remove the merging state and hooks from ``model`` (``target``'s); whether any hooks were removed."""
     state: TokenMergingState | None = model.__dict__.pop(_STATE, None)
     if state is None:
         if not isinstance(model, RefDiT) and not any(find_blocks(model).values()):
-            raise _unsupported(model, "remove_token_merging")  # as apply_token_merging (and Sparse Context)
+            raise _unsupported(target, "remove_token_merging")  # as apply_token_merging (and Sparse Context)
         return False
     hooked = bool(state.handles)
     for handle in state.handles:
