@@ -72,8 +72,8 @@ def flux_speed() -> None:
         o, m = other["summary"]["speedup"], d["summary"]["speedup"]
         pairs = [(n, k) for n in ("1", "4") for k in ("sparse0.25+kv", "sparse0.25+kv+tome0.5") if n in o and n in m]
         print("Run-to-run spread: an earlier run of the same script (`benchmarks/results/flux_speed_run1.json`, "
-              "made before this release's later merging changes -- module split, call fingerprints -- which compute "
-              "the same) gave "
+              "made before 0.8.0's merging changes -- module split, call fingerprints -- which compute the same; "
+              "both runs predate 0.9.0-0.11.0) gave "
               + ", ".join(f"{n} ref{'s' if n != '1' else ''} {k} {o[n][k]:.2f}× (this run {m[n][k]:.2f}×)"
                           for n, k in pairs)
               + f"; lowest efficiency {other['summary']['min_efficiency']:.2f}.", end="")
@@ -202,7 +202,8 @@ def selection() -> None:
         print("The shipped fine-tune with selection-aware dropping (`DropConfig.p_selected` 0.8: in 80 % of the "
               "samples that drop tokens the references keep exactly what `auto` selection keeps) against the "
               "refdit-sparse of "
-              "commit 067a892 (purely random dropping and fewer steps, so not a controlled comparison — the drop "
+              "commit 067a892 (purely random dropping, fewer steps, no prompt text encoder and an older base, so not "
+              "a controlled comparison — the drop "
               "sweep above is one; `benchmarks/results/*_p_selected0.json`, in brackets): dense − task-aware at "
               "≤ 25 % "
               f"{pair('taskaware_drop_db_keep025', s, prev['summary'])}; `ft_gain_db_keep025` (random selection) "
@@ -349,7 +350,7 @@ def recipe_search() -> None:
     if not rows:
         return
     keys = ("dense_margin_db", "ref_gain_db", "ft_gain_db_keep025", "ft_cost_db_keep1")
-    print("**Recipe search** (`benchmarks/recipe_search.py` on a lent H100, pipelines sharing the card; the CPU "
+    print("**Recipe search** (`benchmarks/recipe_search.py` on a lent GPU, pipelines sharing the card; the CPU "
           "recipes' step counts, quality.py's summary on 64 held-out samples per family, dB as editing / "
           "subject / multi):\n")
     print("| variant | base lr | fine-tune lr | p_full | multi weight | steps (base, fine-tune) | "
