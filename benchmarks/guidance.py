@@ -6,10 +6,11 @@ FID: the held-out prompt-only ``scene`` task (one right prompt, many right image
 same number of held-out ground-truth images, in the shipped FeatureNet's space (`tokensparse.metrics.fid`).
 Configurations: unguided; CFG over scales; Sparse Guidance (both branches conditional) over a
 (gamma_strong, gamma_weak) grid and scales; CFG+SG (null condition in the weak branch). FLOPs per step are
-counted (FlopCounterMode, CPU SDPA registered) for one sample over a whole generation, divided by the
-number of steps. A cache-capable model (``ref_attends_target=False``, like the shipped refdit-routed) runs
-with its context K/V cache on (exact; the one-time context pass is in the count), and SG's two conditional
-branches share the blocks before the route span (exact; CFG's branches differ from the first block).
+counted (``tokensparse.flops``: FlopCounterMode with the CPU SDPA formulas) for one sample over a whole
+generation, divided by the number of steps. A cache-capable model (``ref_attends_target=False``, like the
+shipped refdit-routed) runs with its context K/V cache on (exact; the one-time context pass is in the count),
+and SG's two conditional branches share the blocks before the route span (exact; CFG's branches differ from
+the first block).
 Sparse-reference guidance: on the reference families, PSNR against ground truth of the unguided model vs SG
 whose weak branch sees 10 % of the reference tokens (both branches unrouted), and what it costs.
 
@@ -74,6 +75,13 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _train_steps(model, repeats, make_batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_steps(model: ts.RefDiT, repeats: int, make_batch) -> dict:
     out = {}
     for task, n_refs in (("scene", 0), ("place", 1), ("compose", 3)):
         b = make_batch(task, list(range(16)), model.config.image_size, n_refs)
@@ -97,7 +105,6 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
                      "flop_ratio": flops[0.0] / flops[0.5]}
         print(f"train step {task} ({n_refs} refs): routing 0.5 {out[task]['speedup']:.2f}x "
               f"(FLOP ratio {out[task]['flop_ratio']:.2f}x)", flush=True)
-    torch.set_num_threads(threads)
     return out
 
 

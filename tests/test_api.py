@@ -221,3 +221,11 @@ def test_sparse_context_applied_to_a_compiled_model_takes_effect(tiny, caplog):
     assert torch.equal(tiny(x, 0.5, refs, p), sparse)
     ts.remove_sparse_context(tiny)
     assert torch.equal(tiny(x, 0.5, refs, p), dense)
+
+
+def test_the_largest_numpy_seed_works_for_a_batch(tiny):
+    import numpy as np
+
+    out = ts.generate(tiny, [], ["place", "place"], steps=1, seed=np.int64(2**63 - 1))  # seed + 1 must not wrap
+    assert torch.equal(out, ts.generate(tiny, [], ["place", "place"], steps=1, seed=2**63 - 1))  # as a Python int
+    assert not torch.equal(out[0], out[1])

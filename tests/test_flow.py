@@ -47,3 +47,9 @@ def test_noise_seeds_must_be_ints_a_generator_takes():
         with pytest.raises(err, match="seed"):
             noise_like((1, 1, 2, 2), [bad])
     assert noise_like((1, 1, 2, 2), [2**63]).shape == (1, 1, 2, 2)  # seed + i past 2**63 - 1 is fine
+
+
+def test_timesteps_stay_in_zero_one_for_every_shift():
+    for shift in (1.32, 1.57, 2.14, 0.2, 0.4, 16.98, 1e-4, 1e4):  # float32 rounding put t[0] at 1.0000001
+        ts_ = timesteps(28, shift=shift)
+        assert ts_[0] == 1 and ts_[-1] == 0 and bool(((ts_ >= 0) & (ts_ <= 1)).all()), shift

@@ -48,11 +48,14 @@ def flow_loss(denoise: Denoiser, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor
 
 
 def timesteps(steps: int, shift: float = 1.0) -> Tensor:
-    """``steps + 1`` times from 1 to 0; ``shift > 1`` spends more steps near noise (SD3 shift)."""
+    """``steps + 1`` times from 1 to 0; ``shift > 1`` spends more steps near noise (SD3 shift; ``shift`` in
+    ``[1e-4, 1e4]``)."""
     steps = checks.integer("steps", steps, lo=1)
-    shift = checks.real("shift", shift, 0.0, lo_open=True)
+    shift = checks.real("shift", shift, 1e-4, 1e4)
     t = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * t / (1 + (shift - 1) * t)
+    out = (shift * t / (1 + (shift - 1) * t)).clamp_(0.0, 1.0)
+    out[0] = 1.0  # float32 rounding can put it at 1.0000001 (e.g. shift 1.32), and the model takes t in [0, 1]
+    return out
 
 
 def noise_like(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu") -> Tensor:

@@ -73,7 +73,7 @@ def generate(
     if dtype != torch.float32:
         raise ValueError(f"generate runs float32 models, this one is {dtype}: call model.float() first")
     steps = checks.integer("steps", steps, lo=1)
-    shift = checks.real("shift", shift, 0.0, lo_open=True)
+    shift = checks.real("shift", shift, 1e-4, 1e4)  # as flow.timesteps
     seed_list = list(seed) if isinstance(seed, (list, tuple)) else [seed]
     if not seed_list:
         raise ValueError("seed must be an int or a non-empty list of ints, got []")
@@ -144,7 +144,7 @@ def generate(
 
     denoise = guided(branch_denoise, guidance)
 
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+    seeds = seed_list if isinstance(seed, (list, tuple)) else [seed_list[0] + i for i in range(batch)]  # Python ints
     x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)
     x0 = SAMPLERS[sampler](denoise, x, timesteps(steps, shift).to(device), callback)
     return ((x0 + 1) / 2).clamp(0, 1)
