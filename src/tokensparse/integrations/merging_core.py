@@ -250,17 +250,12 @@ def merge_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> 
     b = m.batch_size
     if mask.shape[-1] != n or mask.shape[0] not in (1, b) or any(s != 1 for s in mask.shape[1:-1]):
         return None
-    start, length = span
-    dev = mask.device
     key = mask.reshape(mask.shape[0], n).expand(b, n)
-    if m.num_merged:
-        inner = key[:, start:start + length]
-        dst = m.keep.to(dev).gather(1, m.slot.to(dev))  # original position of each source's destination
-        if not torch.equal(inner.gather(1, m.src.to(dev)), inner.gather(1, dst)):
-            return None
-    keep = torch.cat([torch.arange(start, device=dev).expand(b, -1), m.keep.to(dev) + start,
-                      torch.arange(start + length, n, device=dev).expand(b, -1)], 1)  # (B, n - merged)
-    return key.gather(1, keep).reshape(b, *mask.shape[1:-1], keep.shape[1])
+    inner = part(key, span)
+    if not torch.equal(m.unmerge(m.merge(inner, mode="keep")), inner):  # a source masked unlike its destination
+        return None
+    merged = merge_span(m, key, span, mode="keep")
+    return merged.reshape(b, *mask.shape[1:-1], merged.shape[1])
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:
