@@ -47,11 +47,16 @@ def flow_loss(denoise: Denoiser, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor
     return (denoise(interpolate(x0, noise, t), t) - velocity(x0, noise)).pow(2).mean()
 
 
+def check_shift(shift: object) -> float:
+    """``shift`` as a float in ``[1e-4, 1e4]`` (beyond it float32 times degenerate to 0/0 or inf/inf)."""
+    return checks.real("shift", shift, 1e-4, 1e4)
+
+
 def timesteps(steps: int, shift: float = 1.0) -> Tensor:
     """``steps + 1`` times from 1 to 0; ``shift > 1`` spends more steps near noise (SD3 shift; ``shift`` in
     ``[1e-4, 1e4]``)."""
     steps = checks.integer("steps", steps, lo=1)
-    shift = checks.real("shift", shift, 1e-4, 1e4)
+    shift = check_shift(shift)
     t = torch.linspace(1.0, 0.0, steps + 1)
     out = (shift * t / (1 + (shift - 1) * t)).clamp_(0.0, 1.0)
     out[0] = 1.0  # float32 rounding can put it at 1.0000001 (e.g. shift 1.32), and the model takes t in [0, 1]

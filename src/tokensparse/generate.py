@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import checks
 from .api import sparse_context_config
-from .flow import SAMPLERS, noise_like, timesteps
+from .flow import SAMPLERS, check_shift, noise_like, timesteps
 from .generation import begin_generation
 from .guidance import Branch, CFGConfig, GuidanceConfig, SparseGuidanceConfig, guided
 from .images import ImageLike, batch_images
@@ -73,7 +73,7 @@ def generate(
     if dtype != torch.float32:
         raise ValueError(f"generate runs float32 models, this one is {dtype}: call model.float() first")
     steps = checks.integer("steps", steps, lo=1)
-    shift = checks.real("shift", shift, 1e-4, 1e4)  # as flow.timesteps
+    shift = check_shift(shift)
     seed_list = list(seed) if isinstance(seed, (list, tuple)) else [seed]
     if not seed_list:
         raise ValueError("seed must be an int or a non-empty list of ints, got []")
