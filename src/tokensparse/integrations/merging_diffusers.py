@@ -138,8 +138,8 @@ def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args:
     call = as_keywords(module, args, kwargs)
     sample = first_arg(call, "sample", "hidden_states")
     if isinstance(sample, Tensor) and sample.dim() == 4:  # patchifying DiTs (PixArt, DiT, SD3): tokens per side
-        side = (lambda v: v // patch) if patch > 1 else (lambda v: v)  # a patch conv drops a partial patch
-        state.latent_hw = (side(sample.shape[-2]), side(sample.shape[-1]))
+        # a patch conv drops a partial patch: floor (UNets: patch 1)
+        state.latent_hw = (sample.shape[-2] // patch, sample.shape[-1] // patch)
     elif isinstance(sample, Tensor) and sample.dim() == 5 and not state.warned_video:  # (B, C, frames, H, W)
         state.warned_video = True
         logger.warning("tokensparse: token merging does not merge video (5-D) inputs; %s runs unmerged",
