@@ -71,17 +71,17 @@ def train_step_speed(model: ts.RefDiT, repeats: int = 7) -> dict:
 
     Timed on one thread in process time (as speed.py), so other jobs on a shared machine do not distort it;
     wall time is kept too."""
-    from tokensparse.data import make_batch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_steps(model, repeats, make_batch)
+        return _train_steps(model, repeats)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_steps(model: ts.RefDiT, repeats: int, make_batch) -> dict:
+def _train_steps(model: ts.RefDiT, repeats: int) -> dict:
+    from tokensparse.data import make_batch
+
     out = {}
     for task, n_refs in (("scene", 0), ("place", 1), ("compose", 3)):
         b = make_batch(task, list(range(16)), model.config.image_size, n_refs)
