@@ -43,6 +43,20 @@ def test_interval_runs_one_branch_outside():
     assert len(calls) == 3
 
 
+def test_interval_bounds_are_inclusive_in_the_samplers_float32():
+    calls, den = recorder()
+    fn = guided(den, CFGConfig(scale=2.0, interval=(0.0, 0.6)))
+    t = torch.tensor([0.6])  # float32: 0.6000000238 > the Python float 0.6
+    fn(torch.zeros(1, 1), t)
+    assert len(calls) == 2
+
+
+def test_interval_guides_each_sample_of_a_straddling_batch_by_its_own_time():
+    calls, den = recorder()
+    out = guided(den, CFGConfig(scale=3.0, interval=(0.2, 0.8)))(torch.zeros(2, 1, 2), torch.tensor([0.5, 0.9]))
+    assert torch.equal(out, torch.tensor([[[3.0, 3.0]], [[1.0, 1.0]]]))  # guided: 3*1 - 2*0; outside: cond alone
+
+
 @pytest.mark.parametrize("kw", [dict(strong=0.9, weak=0.5), dict(weak=1.0), dict(weak_keep=0.0),
                                 dict(interval=(0.5, 0.2)), dict(strong=0.0, weak=0.0)])
 def test_bad_sg_config(kw):

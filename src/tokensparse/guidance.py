@@ -9,7 +9,8 @@ reference. Every rule is a weighted sum of two branches (Sparse Guidance, arXiv 
     CFG+SG   D = w * D(c; g_strong) + (1 - w) * D(null; g_weak)       (null_weak=True)
 
 ``weak_keep`` additionally gives the weak branch a heavily dropped reference (sparse-reference guidance).
-Outside ``interval`` (a range of t in [0, 1]) only the first branch runs. Plain SG's branches share their
+Outside ``interval`` (times ``lo <= t <= hi`` in [0, 1], bounds compared in t's dtype) only the first branch
+runs; a batch whose samples' times straddle a bound is guided per sample. Plain SG's branches share their
 condition, context and input, so a denoiser may compute what they have in common once (RefDiT: the blocks
 before the route span); CFG's, CFG+SG's and sparse-reference SG's branches differ from the first block on.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from . import checks
@@ -120,9 +122,15 @@ def guided(denoise: BranchDenoiser, cfg: GuidanceConfig | None) -> Callable[[Ten
     w = cfg.scale
 
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        if cfg.interval is not None and not cfg.interval[0] <= float(t[0]) <= cfg.interval[1]:
-            return denoise(x, t, (first,))[0]
+        inside = None
+        if cfg.interval is not None:  # compared in t's dtype: float32 t = 0.6 is inside (lo, 0.6)
+            inside = (t >= cfg.interval[0]) & (t <= cfg.interval[1])
+            if not bool(inside.any()):
+                return denoise(x, t, (first,))[0]
         d1, d2 = denoise(x, t, (first, second))
-        return w * d1 + (1 - w) * d2
+        out = w * d1 + (1 - w) * d2
+        if inside is None or bool(inside.all()):
+            return out
+        return torch.where(inside.reshape(-1, *([1] * (out.dim() - 1))), out, d1)  # per-sample times
 
     return fn
