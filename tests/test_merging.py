@@ -110,6 +110,22 @@ def test_centred_similarity_ignores_a_shared_component() -> None:
         TokenMergingConfig(center=1)
 
 
+
+def test_centred_matching_merges_a_constant_sequence() -> None:
+    """Centred, a constant sequence is all zero vectors; its tokens are still identical, so they all merge (and
+    a constant sample does not hold a batch's adaptive count at zero)."""
+    is_dst = torch.zeros(16, dtype=torch.bool)
+    is_dst[0::4] = True
+    const = torch.full((1, 16, 8), 0.3)
+    assert match(const, is_dst, threshold=0.9, center=True).num_merged == 12
+    assert match(torch.zeros(1, 16, 8), is_dst, threshold=0.9, center=True).num_merged == 12
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randn(1, 16, 8, generator=g)
+    varied[0, 1] = varied[0, 0]  # one source identical to destination 0
+    alone = match(varied, is_dst, threshold=0.9, center=True).num_merged
+    assert alone >= 1 and match(torch.cat([const, varied]), is_dst, threshold=0.9, center=True).num_merged == alone
+
+
 def test_bad_match_arguments() -> None:
     metric, is_dst = _hand_case()
     with pytest.raises(ValueError):

@@ -47,6 +47,14 @@ def test_coarse_psnr_ignores_detail_but_sees_layout():
             coarse_psnr(p, t, factor=factor)
 
 
+def test_coarse_psnr_sees_the_edge_cells_a_factor_does_not_divide():
+    t = torch.full((1, 3, 10, 10), 0.5)
+    p = t.clone()
+    p[..., 8:, :] += 0.3  # only the last two rows (and the partial cells) differ
+    assert torch.isfinite(coarse_psnr(p, t, factor=4)).all()
+    assert torch.equal(coarse_psnr(t, t, factor=4), psnr(t, t))
+
+
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 4))

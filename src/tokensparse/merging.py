@@ -264,7 +264,8 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
 
     Exactly one of ``num`` (merge this many sources, ToMe) and ``threshold`` (merge sources whose best
     cosine similarity is ``>= threshold``, the minimum count over the batch, CA-ToMe) is given; ``cap`` bounds
-    the adaptive count. ``center``: cosine similarity of the tokens minus their sequence's mean token.
+    the adaptive count. ``center``: cosine similarity of the tokens minus their sequence's mean token (two
+    tokens both equal to the mean, e.g. in a constant sequence, have similarity 1).
     Ties are broken by position (stable sort), so results are deterministic.
     """
     if (num is None) == (threshold is None):
@@ -287,8 +288,16 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
     else:
         with torch.no_grad():
             m = metric if metric.dtype in (torch.float32, torch.float64) else metric.float()  # fp16/bf16: in fp32
-            m = F.normalize(m - m.mean(1, keepdim=True) if center else m, dim=-1, eps=1e-6)
+            at_mean = None
+            if center:  # a token equal to its sequence's mean centres to zero: two such tokens are identical
+                c = m - m.mean(1, keepdim=True)
+                at_mean = c.norm(dim=-1) <= 1e-5 * m.norm(dim=-1)                   # (B, N)
+                m = c
+            m = F.normalize(m, dim=-1, eps=1e-6)
             scores = m.index_select(1, src_pos) @ m.index_select(1, dst_pos).transpose(1, 2)  # (B, Ns, Nd)
+            if at_mean is not None and bool(at_mean.any()):
+                both = at_mean.index_select(1, src_pos)[:, :, None] & at_mean.index_select(1, dst_pos)[:, None]
+                scores = scores.masked_fill(both, 1.0)
             best, best_dst = scores.max(dim=-1)                                    # (B, Ns)
         if num is not None:
             r = min(num, n_src)

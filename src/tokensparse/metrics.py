@@ -67,13 +67,14 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def coarse_psnr(pred: torch.Tensor, target: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """PSNR after average-pooling both images by ``factor`` (the *layout* metric: right colours in the right
-    places, fine detail ignored). With 4x4 patches and ``factor=4`` it compares per-token mean colours."""
+    places, fine detail ignored). With 4x4 patches and ``factor=4`` it compares per-token mean colours; where
+    ``factor`` does not divide the size, the partial cells at the bottom / right edge are averaged too."""
     pred, target = _check(pred, target)
     factor = checks.integer("factor", factor, lo=1)
     if factor > min(pred.shape[-2:]):
         raise ValueError(f"factor {factor} is larger than the {pred.shape[-2]}x{pred.shape[-1]} images")
     if factor > 1:
-        pred, target = F.avg_pool2d(pred, factor), F.avg_pool2d(target, factor)
+        pred, target = (F.avg_pool2d(v, factor, ceil_mode=True) for v in (pred, target))
     return psnr(pred, target)
 
 

@@ -717,3 +717,56 @@ def test_merging_applied_to_and_removed_from_a_compiled_model_takes_effect(caplo
     assert torch.equal(gen(), merged)
     ts.remove_token_merging(model)
     assert torch.equal(gen(), dense)
+
+
+@torch.no_grad()
+def test_a_one_row_target_grid_merges_nothing_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    kind, model = _flux_models()[0]
+    kw = _flux_inputs(kind, h=1, w=9)  # a grid, but no 2x2 cell to merge within
+    dense = model(**kw).sample
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(model(**kw).sample, dense)
+    assert "merged nothing" in caplog.text and "at least 2x2" in caplog.text
+    remove_token_merging(model)
+
+
+def test_gradient_checkpointing_recomputes_with_the_forwards_matchings() -> None:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).train()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        unet.zero_grad(set_to_none=True)
+        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
+        begin_generation(unet)
+        # two forwards before one backward, the second at a higher timestep (a new generation): when the first
+        # one's blocks are recomputed in backward, the step and the cache have moved on
+        loss = sum(unet(x, torch.tensor(t), ctx).sample.pow(2).mean() for t in (500.0, 700.0))
+        loss.backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    for cfg in (TokenMergingConfig(ratio=0.5), TokenMergingConfig(threshold=0.5)):
+        apply_token_merging(unet, cfg)
+        plain, checkpointed = grads(False), grads(True)
+        assert merging_state(unet).merged_tokens > 0
+        assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed)), cfg
+        remove_token_merging(unet)
+
+
+def test_remove_refuses_an_unmerged_video_model_like_apply() -> None:
+    from diffusers import UNet3DConditionModel
+
+    video = UNet3DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=4)
+    with pytest.raises(TypeError, match="video"):
+        apply_token_merging(video, TokenMergingConfig(ratio=0.5))
+    with pytest.raises(TypeError, match="video"):
+        remove_token_merging(video)

@@ -127,6 +127,15 @@ def test_count_is_exact_per_reference_with_equal_and_the_average_when_shared():
     assert kept(SparseContextConfig(count=5, selector="uniform")) == [5, 5]  # uninformed: "auto" is "equal"
 
 
+def test_select_refuses_a_count_that_would_keep_nothing():
+    views = [view_of(subject_image(box=(4, 8, 4, 8)))]
+    g = torch.Generator().manual_seed(0)
+    for bad, err in ((0, ValueError), (-3, ValueError), (2.5, TypeError)):
+        with pytest.raises(err, match="count"):
+            select(views, 1.0, "uniform", g, count=bad)
+    assert int(select(views, 1.0, "uniform", g, count=3).sum()) == 3
+
+
 def test_attention_scores_only_the_mass_above_the_uniform_share():
     # a probe's positional ripple (+-10 %) around the uniform share, and two tokens the target singles out
     att = (1 + 0.1 * torch.linspace(-1, 1, 16)) / 16

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ class TokenMergingState:
     tracker: StepTracker = field(default_factory=StepTracker)
     latent_hw: tuple[int, int] | None = None
     merged_tokens: int = 0  # tokens merged away in the last generation, summed over layers and calls
-    grids_found: int = 0  # blocks of the current model call whose tokens formed a grid this config merges
+    grids_found: int = 0  # blocks of the current model call whose tokens formed a grid (>= 2x2) this config merges
     warned: bool = False
     warned_misfit: bool = False
     warned_mask: bool = False
@@ -48,13 +49,16 @@ class TokenMergingState:
         return copy_keeping_copied_owners(self, memo)  # owners[0], the model, is copied with the state's fields
 
     def __getstate__(self) -> dict:
-        return state_without_pipelines(self)
+        state = state_without_pipelines(self)
+        state["_recorded"] = OrderedDict()  # only for a backward in flight in this process
+        return state
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
         self.cache = self.cfg.make_cache()
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self._generation = self.tracker.generation
+        self._recorded: OrderedDict[Hashable, Matching] = OrderedDict()  # see matching(): checkpoint recompute
 
     @property
     def step(self) -> int:
@@ -102,9 +106,35 @@ class TokenMergingState:
                 m = match(metric, is_dst, num=cfg.num_merged(n, n_src), center=cfg.center)
             return m.expand(x.shape[0]) if shared else m
 
+        if not torch.is_grad_enabled():  # inference: no backward will recompute this block
+            m = self.cache.lookup(layer, self.step, x, compute, self.call)
+            self.merged_tokens += m.num_merged
+            return m
+        # Training: gradient checkpointing re-runs the block inside backward, after later forwards may have
+        # moved the step (or started a new generation); it must get the matching its forward used.
+        key = (layer, call_key({"x": x}))
+        if _in_backward():
+            m = self._recorded.get(key)
+            if m is not None:
+                return m
         m = self.cache.lookup(layer, self.step, x, compute, self.call)
         self.merged_tokens += m.num_merged
+        self._recorded[key] = m
+        self._recorded.move_to_end(key)
+        while len(self._recorded) > MAX_RECORDED:
+            self._recorded.popitem(last=False)
         return m
+
+
+MAX_RECORDED = 4096
+"""Matchings of grad-enabled calls kept for recomputation in backward (gradient checkpointing), oldest
+dropped first: enough for hundreds of forwards of a deep model before one backward."""
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now (a checkpointed block being recomputed)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def call_key(call: dict) -> Hashable:
@@ -177,7 +207,7 @@ class BlockMerger:
         x = kwargs[sub.tokens] if from_kwargs else args[0]
         if owner:
             grid = self.grid(x.shape[1])
-            self.state.grids_found += grid is not None
+            self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
             self.current = None
             if grid is not None:
                 self.span = (grid[2], grid[0] * grid[1])

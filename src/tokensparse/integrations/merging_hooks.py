@@ -126,15 +126,7 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     model, pipe = _resolve(target)
     if model is None:
         raise _unsupported(target, "apply_token_merging")
-    blocks = find_blocks(model) if not isinstance(model, RefDiT) else {}
-    if not isinstance(model, RefDiT) and not (blocks["unet"] or blocks["flux"] or blocks["qwen"]):
-        raise _unsupported(target, "apply_token_merging")
-    video = type(model).__name__ if _VIDEO.search(type(model).__name__) else next(
-        (type(m).__name__ for m in model.modules() if _VIDEO_PART.search(type(m).__name__)), None)
-    if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
-        raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
-                        f"{video}): their tokens span frames, and it merges within one image's token grid")
-
+    blocks = _supported_blocks(model, target, "apply_token_merging")
     if not cfg.is_identity and not (cfg.merge_attn or cfg.merge_mlp or _has_cross_attention(blocks)):
         raise ValueError(
             f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn=False, "
@@ -168,7 +160,8 @@ def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, ou
             "tokensparse: token merging merged nothing in this %s call: no block's tokens form a grid it merges "
             "(UNets without attention at the top level, e.g. SDXL, need max_downsample=2; FLUX / Qwen-Image: "
             "apply it to the transformer or pipeline, whose img_ids / img_shapes locate the target, and the "
-            "target tokens must be one row-major grid before or after the reference tokens)", type(module).__name__)
+            "target tokens must be one row-major grid, at least 2x2, before or after the reference tokens)",
+            type(module).__name__)
 
 
 def remove_token_merging(target: Any) -> Any:
@@ -185,12 +178,26 @@ def remove_token_merging(target: Any) -> Any:
     return target
 
 
+def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
+    """``find_blocks(model)`` (``{}`` for RefDiT); ``TypeError`` for a model token merging does not support."""
+    if isinstance(model, RefDiT):
+        return {}
+    blocks = find_blocks(model)
+    if not (blocks["unet"] or blocks["flux"] or blocks["qwen"]):
+        raise _unsupported(target, action)
+    video = type(model).__name__ if _VIDEO.search(type(model).__name__) else next(
+        (type(m).__name__ for m in model.modules() if _VIDEO_PART.search(type(m).__name__)), None)
+    if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
+        raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
+                        f"{video}): their tokens span frames, and it merges within one image's token grid")
+    return blocks
+
+
 def _unwire(model: nn.Module, target: Any) -> bool:
     """Remove the merging state and hooks from ``model`` (``target``'s); whether any hooks were removed."""
     state: TokenMergingState | None = model.__dict__.pop(_STATE, None)
     if state is None:
-        if not isinstance(model, RefDiT) and not any(find_blocks(model).values()):
-            raise _unsupported(target, "remove_token_merging")  # as apply_token_merging (and Sparse Context)
+        _supported_blocks(model, target, "remove_token_merging")  # raises as apply_token_merging would
         return False
     hooked = bool(state.handles)
     for handle in state.handles:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import checks
 from . import auto as _auto  # noqa: F401  (registers "auto")
 from .auto import FAMILY_SCORER, auto_choice, prompt_family
 from .budgets import allocate_mask, count_for_ratio, floor_count, mass_count, topk_mask
@@ -62,6 +63,8 @@ def select(
     if allocate not in ALLOCATIONS:
         raise ValueError(f"unknown allocate {allocate!r}; choose one of {list(ALLOCATIONS)}")
     check_adaptive(adaptive, selector)
+    if count is not None:
+        count = checks.integer("count", count, lo=1)  # every budget keeps at least one token
     scores, ties = score_views(views, selector, generator)
     budgets, floors = [], []
     for view in views:
