@@ -75,3 +75,43 @@ def test_cli_checks_outputs_and_inputs_before_working(tmp_path, args, message):
     res = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["missing_init.json", "r.json"]
+
+
+def test_a_decompression_bomb_reference_fails_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1024 pixels: over twice the limit, PIL's bomb error
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "bomb.png"),
+                                   "--out", str(tmp_path / "s.png")])
+    assert res.exit_code == 1 and "cannot read image" in res.output and "bomb.png" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "s.png").exists()
+
+
+def test_train_refuses_a_run_folder_it_cannot_write_in(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1}')
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (mode != os.W_OK or Path(p) != locked)
+                        and access(p, mode, **kw))  # read-only for this user (the tests may run as root)
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--out", str(locked)])
+    assert res.exit_code == 1 and "cannot write in that folder" in res.output and not any(locked.iterdir())
+
+
+def test_train_names_the_damaged_file_of_a_run_folder(tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
+    assert CliRunner().invoke(app, ["train", "--config", str(recipe)]).exit_code == 0
+    (tmp_path / "run" / "step_0000001" / "optim.pt").write_bytes(b"garbage")
+    recipe.write_text('{"model": "refdit-tiny", "steps": 2, "out": "%s"}' % (tmp_path / "run"))
+    res = CliRunner().invoke(app, ["train", "--config", str(recipe)])
+    assert res.exit_code == 1 and "cannot read optim.pt" in res.output and "Traceback" not in res.output
+    (tmp_path / "empty").mkdir()
+    recipe.write_text('{"model": "refdit-tiny", "steps": 1, "init": "%s", "out": "%s"}' % (tmp_path / "empty",
+                                                                                         tmp_path / "run2"))
+    res = CliRunner().invoke(app, ["train", "--config", str(recipe)])
+    assert res.exit_code == 1 and "not a run folder" in res.output and not (tmp_path / "run2").exists()

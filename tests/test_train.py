@@ -331,3 +331,47 @@ def test_a_run_folder_of_another_model_is_refused_before_it_is_touched(tmp_path)
 def test_any_valid_recipe_seed_trains(tmp_path):
     res = train(tiny_cfg(tmp_path / "run", steps=1, seed=2**62 + 12345), progress=False)  # step seeds stay < 2**63
     assert res.state["step"] == 1
+
+
+def test_damaged_run_folders_are_value_errors_naming_the_file(tmp_path):
+    train(tiny_cfg(tmp_path / "run", steps=2, ckpt_every=2), progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = (ckpt / "state.json").read_text()
+    (ckpt / "state.json").write_text(json.dumps({"step": 2}))  # no elapsed_s
+    with pytest.raises(ValueError, match="state.json lacks"):
+        train(tiny_cfg(tmp_path / "run", steps=4), progress=False)
+    (ckpt / "state.json").write_text("{oops")
+    with pytest.raises(ValueError, match="cannot read state.json"):
+        train(tiny_cfg(tmp_path / "run", steps=4), progress=False)
+    (ckpt / "state.json").write_text(state)
+    (ckpt / "optim.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read optim.pt"):
+        train(tiny_cfg(tmp_path / "run", steps=4), progress=False)
+    (tmp_path / "empty").mkdir()  # an init folder that holds no checkpoint
+    with pytest.raises(ValueError, match="not a run folder"):
+        train(tiny_cfg(tmp_path / "run2", init=str(tmp_path / "empty")), progress=False)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_an_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import tokensparse.train as tr
+
+    train(tiny_cfg(tmp_path / "run", steps=2, ckpt_every=2), progress=False)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr.torch, "save", interrupted)  # Ctrl-C while optim.pt is written
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "run", steps=4, ckpt_every=2), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
+
+
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
+    train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False)  # step 3 saved by the final save
+    ckpt = latest_checkpoint(tmp_path / "run")
+    stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
+    assert train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False).state["step"] == 3
+    assert latest_checkpoint(tmp_path / "run") == ckpt and (ckpt / "model.safetensors").stat().st_mtime_ns == stamp

@@ -68,9 +68,12 @@ def _load_refs(paths: list[Path]) -> list[Any]:
             _fail(f"reference image {path} does not exist")
         try:
             images.append(load_rgb(path))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            _fail(f"cannot read reference image {path}: {exc}")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:  # load_rgb's ValueError names the file
+            _fail(f"reference: {exc}")
     return images
+
+
+MAX_SIDE = 8192  # --height / --width: far above what the pipelines support; a bigger image only exhausts memory
 
 
 def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
@@ -82,6 +85,8 @@ def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> 
         _fail(f"{option} {out} is a directory")
     if suffix is None and out.exists() and not out.is_dir():
         _fail(f"{option} {out} is a file, not a folder")
+    if suffix is None and out.is_dir() and not os.access(out, os.W_OK):
+        _fail(f"{option} {out}: cannot write in that folder")
     folder = out.absolute().parent
     while not folder.exists():
         folder = folder.parent
@@ -171,9 +176,12 @@ def generate(
     if guidance is not None and not math.isfinite(guidance):
         _fail(f"--guidance must be a finite number, got {guidance}")
     check_png_out(out)
-    for name, value, low in (("--steps", steps, 1), ("--height", height, 16), ("--width", width, 16)):
+    for name, value, low, high in (("--steps", steps, 1, None), ("--height", height, 16, MAX_SIDE),
+                                   ("--width", width, 16, MAX_SIDE)):
         if value is not None and value < low:
             _fail(f"{name} must be >= {low}, got {value}")
+        if value is not None and high is not None and value > high:
+            _fail(f"{name} must be <= {high} pixels (FLUX.2 / Kontext / Qwen-Image work up to about 2048), got {value}")
     refs = _load_refs(list(ref or []))
     device, torch_dtype = _device_and_dtype(device, dtype)
     local = Path(model).is_dir()

@@ -138,10 +138,18 @@ def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tens
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them)."""
-    with Image.open(path) as im:
-        im.load()
-        return to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")
+    """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them).
+
+    ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for one that is not a readable image
+    (corrupt, truncated, another format, or a decompression bomb: more pixels than PIL's safety limit)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # SyntaxError: some plugins
+        raise ValueError(f"cannot read image {path}: {exc}") from None
 
 
 def to_pil(image: Tensor) -> Image.Image:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -214,20 +215,51 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
     tmp = out / f".step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.cpu() for k, v in _state_tensors(model).items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    for name in ("model.safetensors", "ema.safetensors"):
-        default_mode(tmp / name)  # safetensors writes owner-only files
-    torch.save(opt.state_dict(), tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        save_file({k: v.cpu() for k, v in _state_tensors(model).items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        for name in ("model.safetensors", "ema.safetensors"):
+            default_mode(tmp / name)  # safetensors writes owner-only files
+        torch.save(opt.state_dict(), tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # moved aside, not deleted first: ``latest`` may point to it until the new one is in place
+        old = out / f".step_{step:07d}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
     latest_tmp = out / "latest.tmp"
     latest_tmp.write_text(final.name)
     latest_tmp.replace(out / "latest")
     for old in sorted(out.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(ckpt / name)``, a damaged or missing file raised as ``ValueError`` naming it."""
+    try:
+        return read(ckpt / name)
+    except Exception as exc:  # safetensors, pickle (weights_only) and OS errors alike
+        raise ValueError(f"checkpoint {ckpt}: cannot read {name} ({type(exc).__name__}: {exc}); delete that "
+                         "folder to resume from an earlier one, or use a new --out") from None
+
+
+def _read_state(ckpt: Path) -> dict:
+    """A checkpoint's ``state.json``; ``ValueError`` naming it when damaged."""
+    state = _read_part(ckpt, "state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
+            state.get("elapsed_s"), (int, float)):
+        raise ValueError(f"checkpoint {ckpt}: state.json lacks an integer step or a number elapsed_s; delete that "
+                         "folder to resume from an earlier one, or use a new --out")
+    state.setdefault("evals", [])
+    state.setdefault("losses", [])
+    return state
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -258,7 +290,10 @@ def init_model(cfg: TrainConfig) -> RefDiT:
         return build_model(cfg.model)
     init = Path(cfg.init)
     if init.is_dir():
-        tensors = run_ema(init)[0].state_dict()
+        try:
+            tensors = run_ema(init)[0].state_dict()
+        except (OSError, json.JSONDecodeError) as exc:  # no checkpoint, or no config.json beside it
+            raise ValueError(f"init {init} is not a run folder with a checkpoint ({exc})") from None
     elif init.is_file():
         tensors = read_safetensors(init)
     else:
@@ -315,18 +350,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = _read_state(ckpt)
         if state["step"] > cfg.steps:  # checked before config.json is rewritten: the run folder stays as it was
             raise ValueError(f"run folder {out} is at step {state['step']}, past the recipe's steps={cfg.steps}; "
                              "give steps >= that to train on, or a new --out")
-        weights = read_safetensors(ckpt / "model.safetensors")
+        weights = _read_part(ckpt, "model.safetensors", read_safetensors)
         try:
             _load_into(model, weights)
         except ValueError as exc:
             raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
                              f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
-        ema = read_safetensors(ckpt / "ema.safetensors")
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        ema = _read_part(ckpt, "ema.safetensors", read_safetensors)
+        optim = _read_part(ckpt, "optim.pt", lambda p: torch.load(p, weights_only=True))
+        try:
+            opt.load_state_dict(optim)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint {ckpt}: optim.pt does not fit this run's optimizer ({exc})") from None
         log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -405,8 +444,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             acc.wait_for_everyone()
     state["elapsed_s"] = time.time() - t_start
     state["step"] = step
-    if acc.is_main_process and step % cfg.ckpt_every != 0:
-        save_run_checkpoint(out, step, raw, ema, opt, state)
+    if acc.is_main_process and step % cfg.ckpt_every != 0 and (step != start_step or ckpt is None):
+        save_run_checkpoint(out, step, raw, ema, opt, state)  # (a resumed run that trained no step has it already)
     acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
     if bar is not None:
         bar[0].stop()
@@ -469,7 +508,7 @@ def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
                dtype: torch.dtype = torch.float32) -> Path:
     """Write the latest EMA weights of a run as a shippable checkpoint (safetensors + JSON)."""
     model, cfg, ckpt = run_ema(run)
-    state = json.loads((ckpt / "state.json").read_text())
+    state = _read_state(ckpt)
     info = {"recipe": asdict(cfg), "step": state["step"], "wall_minutes": state["elapsed_s"] / 60,
             "evals": state.get("evals", []), **(meta or {})}
     save_checkpoint(model, path, info, dtype=dtype)

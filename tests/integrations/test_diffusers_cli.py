@@ -89,6 +89,8 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
         ({"--model": "refdit-sparse"}, "is a RefDiT"),
         ({"--steps": "0"}, "--steps must be >= 1"),
         ({"--width": "-32"}, "--width must be >= 1"),
+        ({"--height": "100000"}, "--height must be <= 8192"),
+        ({"--ref": "notimg.png"}, "cannot read image"),
         ({"--device": "tpu"}, "--device"),
         ({"--device": "cuda"} if not torch.cuda.is_available() else {"--device": "nope:0"}, "--device"),
         ({"--out": "d.png"}, "is a directory"),
@@ -105,6 +107,7 @@ def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
     if change.get("--out") == "o.png/x.png":
         (tmp_path / "o.png").write_bytes(b"")  # a file where a folder would have to be
     (tmp_path / "d.png").mkdir()
+    (tmp_path / "notimg.png").write_text("not an image")
     opts.update({k: (str(tmp_path / v) if k in ("--ref", "--out") else v) for k, v in change.items()})
     result = CliRunner().invoke(app, ["generate", *[x for kv in opts.items() for x in kv]])
     assert result.exit_code == 1
