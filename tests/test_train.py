@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -375,3 +376,18 @@ def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
     stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
     assert train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False).state["step"] == 3
     assert latest_checkpoint(tmp_path / "run") == ckpt and (ckpt / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_each_step_is_saved_once_and_a_deleted_latest_falls_back_to_the_one_before(tmp_path, monkeypatch):
+    import tokensparse.train as tr
+
+    saves = []
+    real = tr.save_run_checkpoint
+    monkeypatch.setattr(tr, "save_run_checkpoint",
+                        lambda out, step, *a, **k: saves.append(step) or real(out, step, *a, **k))
+    train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False)
+    assert saves == [2, 3]  # the loop's save at the last step is not repeated after it
+    shutil.rmtree(tmp_path / "run" / "step_0000003")  # e.g. a damaged checkpoint, deleted as the error advises
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
+    assert train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False).state["step"] == 3
+    assert saves == [2, 3, 3]  # resumed from step 2, trained step 3 again

@@ -131,6 +131,10 @@ def guided(denoise: BranchDenoiser, cfg: GuidanceConfig | None) -> Callable[[Ten
         out = w * d1 + (1 - w) * d2
         if inside is None or bool(inside.all()):
             return out
-        return torch.where(inside.reshape(-1, *([1] * (out.dim() - 1))), out, d1)  # per-sample times
+        if inside.numel() != out.shape[0]:
+            raise ValueError(f"t must hold one time per sample to guide a batch that straddles the interval; got "
+                             f"shape {tuple(t.shape)} for a batch of {out.shape[0]}")
+        per_sample = inside.to(out.device).reshape(-1, *([1] * (out.dim() - 1)))
+        return torch.where(per_sample, out, d1)
 
     return fn

@@ -141,7 +141,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them).
 
     ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for one that is not a readable image
-    (corrupt, truncated, another format, or a decompression bomb: more pixels than PIL's safety limit)."""
+    (corrupt, truncated, another format, or a decompression bomb: over twice ``PIL.Image.MAX_IMAGE_PIXELS``)."""
     try:
         with Image.open(path) as im:
             im.load()

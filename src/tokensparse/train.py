@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 import sys
 import time
@@ -245,9 +246,9 @@ def _read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:
     """``read(ckpt / name)``, a damaged or missing file raised as ``ValueError`` naming it."""
     try:
         return read(ckpt / name)
-    except Exception as exc:  # safetensors, pickle (weights_only) and OS errors alike
-        raise ValueError(f"checkpoint {ckpt}: cannot read {name} ({type(exc).__name__}: {exc}); delete that "
-                         "folder to resume from an earlier one, or use a new --out") from None
+    except Exception as exc:  # safetensors, torch.load and OS errors alike
+        raise ValueError(f"checkpoint {ckpt}: cannot read {name} ({exc}); delete that folder to resume from the "
+                         "newest one before it, or use a new --out") from None
 
 
 def _read_state(ckpt: Path) -> dict:
@@ -256,19 +257,31 @@ def _read_state(ckpt: Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
             state.get("elapsed_s"), (int, float)):
         raise ValueError(f"checkpoint {ckpt}: state.json lacks an integer step or a number elapsed_s; delete that "
-                         "folder to resume from an earlier one, or use a new --out")
+                         "folder to resume from the newest one before it, or use a new --out")
     state.setdefault("evals", [])
     state.setdefault("losses", [])
     return state
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint folder ``out/latest`` points to, or ``None`` when there is none (or it is incomplete)."""
+    """The checkpoint folder ``out/latest`` points to; where that is missing (deleted, or a save interrupted
+    before the pointer was written), the newest complete ``step_*`` folder; ``None`` when there is none."""
     ptr = out / "latest"
-    if not ptr.is_file():
-        return None
-    path = out / ptr.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    if ptr.is_file():
+        path = out / ptr.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    done = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _load_optim(path: Path) -> dict:
+    """An ``optim.pt`` (tensors only: ``weights_only=True``, nothing else is unpickled)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # damaged, or holds more than tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a tensors-only torch file ({first[:160]})") from None
 
 
 def _load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -361,7 +374,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
                              f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
         ema = _read_part(ckpt, "ema.safetensors", read_safetensors)
-        optim = _read_part(ckpt, "optim.pt", lambda p: torch.load(p, weights_only=True))
+        optim = _read_part(ckpt, "optim.pt", _load_optim)
         try:
             opt.load_state_dict(optim)
         except (ValueError, KeyError, TypeError) as exc:
@@ -378,7 +391,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     batches = train_batches(cfg.batch_size, size, seed=cfg.seed, tasks=cfg.tasks, family_weights=cfg.family_weights,
                             start=start_step * acc.num_processes + acc.process_index, stride=acc.num_processes)
     window: list[float] = []
-    step = start_step
+    step = saved = start_step  # saved: the step the run folder's latest checkpoint holds (a fresh run: none needed)
     bar = _progress(progress and acc.is_main_process and sys.stdout.isatty(), cfg.steps, start_step)
     model.train()
     while step < cfg.steps:
@@ -441,11 +454,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             state["elapsed_s"] = time.time() - t_start
             if acc.is_main_process:
                 save_run_checkpoint(out, step, raw, ema, opt, state)
+            saved = step
             acc.wait_for_everyone()
     state["elapsed_s"] = time.time() - t_start
     state["step"] = step
-    if acc.is_main_process and step % cfg.ckpt_every != 0 and (step != start_step or ckpt is None):
-        save_run_checkpoint(out, step, raw, ema, opt, state)  # (a resumed run that trained no step has it already)
+    if acc.is_main_process and step != saved:  # stopped early (stop_at, max_minutes) between checkpoints
+        save_run_checkpoint(out, step, raw, ema, opt, state)
     acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
     if bar is not None:
         bar[0].stop()

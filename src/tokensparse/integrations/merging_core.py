@@ -46,19 +46,27 @@ class TokenMergingState:
     warned_video: bool = False
 
     def __deepcopy__(self, memo: dict) -> TokenMergingState:
-        return copy_keeping_copied_owners(self, memo)  # owners[0], the model, is copied with the state's fields
+        recorded, self._recorded = self._recorded, OrderedDict()  # only for a backward in flight on this model
+        try:
+            return copy_keeping_copied_owners(self, memo)  # owners[0], the model, is copied with the state's fields
+        finally:
+            self._recorded = recorded
 
     def __getstate__(self) -> dict:
         state = state_without_pipelines(self)
         state["_recorded"] = OrderedDict()  # only for a backward in flight in this process
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_recorded": OrderedDict(), "recording": False, **state})  # also 0.11 pickles
+
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
         self.cache = self.cfg.make_cache()
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self._generation = self.tracker.generation
-        self._recorded: OrderedDict[Hashable, Matching] = OrderedDict()  # see matching(): checkpoint recompute
+        self._recorded: OrderedDict[Hashable, list[Matching]] = OrderedDict()  # see matching(): checkpointing
+        self.recording = False  # this model call may be recomputed in backward (gradient checkpointing)
 
     @property
     def step(self) -> int:
@@ -74,8 +82,12 @@ class TokenMergingState:
         ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
         identical call repeated at one timestep reuses its matchings (same output, bounded cache).
         """
+        if _in_backward():  # the whole model checkpointed and recomputed: the forward already counted this call
+            return
         for owner in self.owners[1:]:  # a pipeline whose scheduler was swapped after apply
             check_scheduler(owner)
+        self.recording = (torch.is_grad_enabled() or self.model.training) and any(
+            getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         self.grids_found = 0
         self.call = None if call is None else call_key(call)
         if isinstance(t, Tensor):
@@ -106,29 +118,35 @@ class TokenMergingState:
                 m = match(metric, is_dst, num=cfg.num_merged(n, n_src), center=cfg.center)
             return m.expand(x.shape[0]) if shared else m
 
-        if not torch.is_grad_enabled():  # inference: no backward will recompute this block
-            m = self.cache.lookup(layer, self.step, x, compute, self.call)
-            self.merged_tokens += m.num_merged
-            return m
-        # Training: gradient checkpointing re-runs the block inside backward, after later forwards may have
-        # moved the step (or started a new generation); it must get the matching its forward used.
-        key = (layer, call_key({"x": x}))
-        if _in_backward():
-            m = self._recorded.get(key)
-            if m is not None:
+        # Gradient checkpointing re-runs a block inside backward, after later forwards may have moved the step
+        # (or started a new generation): the re-run must get the matching its forward used. Forwards record
+        # their matchings by layer and input; a re-run takes the newest one recorded for its input (backward
+        # visits the forwards newest first).
+        in_backward = _in_backward()
+        if in_backward and self._recorded:
+            key = (layer, call_key({"x": x}))
+            stack = self._recorded.get(key)
+            if stack:
+                m = stack.pop()
+                if not stack:
+                    del self._recorded[key]
                 return m
         m = self.cache.lookup(layer, self.step, x, compute, self.call)
-        self.merged_tokens += m.num_merged
-        self._recorded[key] = m
-        self._recorded.move_to_end(key)
-        while len(self._recorded) > MAX_RECORDED:
-            self._recorded.popitem(last=False)
+        if not in_backward:
+            self.merged_tokens += m.num_merged
+            if self.recording:
+                key = (layer, call_key({"x": x}))
+                self._recorded.setdefault(key, []).append(m)
+                self._recorded.move_to_end(key)
+                while len(self._recorded) > MAX_RECORDED:
+                    self._recorded.popitem(last=False)
         return m
 
 
 MAX_RECORDED = 4096
-"""Matchings of grad-enabled calls kept for recomputation in backward (gradient checkpointing), oldest
-dropped first: enough for hundreds of forwards of a deep model before one backward."""
+"""Inputs whose matchings are kept for their recomputation in backward (under gradient checkpointing),
+oldest dropped first; a recomputation uses its entry up. Enough for hundreds of forwards of a deep model
+before one backward."""
 
 
 def _in_backward() -> bool:
