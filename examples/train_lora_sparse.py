@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     # sample with the trained LoRA and Sparse Context
     apply_sparse_context_diffusers(pipe, sample_cfg)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(
-        image=examples[0].refs,
+    refs = [r if min(r.size) >= 64 else r.resize((max(r.width, 64), max(r.height, 64))) for r in examples[0].refs]
+    image = pipe(  # (training resizes references to its resolution; the pipeline refuses any under 64 px)
+        image=refs,
         prompt=examples[0].prompt,
         height=args.resolution,
         width=args.resolution,

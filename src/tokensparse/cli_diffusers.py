@@ -266,7 +266,8 @@ def train_lora(
         str, typer.Option("--model", "-m", help="Flux2KleinPipeline: Hub id or local directory")
     ],
     data: Annotated[Path, typer.Option(help="folder of examples: <name>/ref*.png, target.png, prompt.txt")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the LoRA weights")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the LoRA weights (an earlier run's "
+                                      "weights there are replaced)")],
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 500,
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,

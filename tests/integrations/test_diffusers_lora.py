@@ -88,6 +88,49 @@ def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tm
     assert len(load_examples(data)) == 1
 
 
+def test_a_seed_repeats_a_run_exactly_and_bad_inputs_are_refused_before_training(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from tokensparse.integrations.diffusers_lora import Example, load_examples
+
+    img = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+    examples = [Example([img], img, "mirror it")]
+    cfg = LoraTrainConfig(steps=2, resolution=32, rank=2, max_sequence_length=16, seed=3)
+    runs = []
+    for i, global_seed in enumerate((1, 2)):  # the caller's global RNG neither matters nor is consumed
+        pipe = tiny_flux2_klein(seed=0)
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        train_lora_sparse(pipe, examples, cfg, tmp_path / f"run{i}")
+        assert torch.equal(torch.random.get_rng_state(), before)
+        runs.append(load_file(str(tmp_path / f"run{i}" / "pytorch_lora_weights.safetensors")))
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+    pipe = tiny_flux2_klein(seed=0)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        train_lora_sparse(pipe, examples, cfg, tmp_path / "afile" / "sub")
+    with pytest.raises(ValueError, match=r"\['nope'\] match no module"):
+        train_lora_sparse(pipe, examples, LoraTrainConfig(steps=1, resolution=32, target_modules=["nope"]),
+                          tmp_path / "x")
+    assert len(train_lora_sparse(pipe, examples, cfg, tmp_path / "y")) == 2  # still trainable
+    with pytest.raises(ValueError, match="resolution"):
+        LoraTrainConfig(resolution=40_000)
+
+    data = tmp_path / "data"
+    (data / "ex").mkdir(parents=True)
+    for i, name in enumerate(("ref10.png", "ref2.png", "target.png")):
+        Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(data / "ex" / name)
+    (data / "ex" / "prompt.txt").write_bytes("\ufeffthe cat".encode())  # a BOM is dropped
+    ex = load_examples(data)[0]
+    assert [r.getpixel((0, 0))[0] for r in ex.refs] == [100, 0] and ex.prompt == "the cat"  # ref2, then ref10
+    (data / "ex" / "prompt.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="prompt.txt is not UTF-8"):
+        load_examples(data)
+
+
 @pytest.mark.slow
 def test_example_script_trains_saves_and_reloads(tmp_path):
     spec = importlib.util.spec_from_file_location("train_lora_sparse", EXAMPLE)

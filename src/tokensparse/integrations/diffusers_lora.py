@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from ..images import load_rgb
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
 SUPPORTED = ("Flux2KleinPipeline",)
+MAX_RESOLUTION = 8192  # far above what FLUX.2 [klein] trains at; larger images only exhaust memory
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(folder) reads
 _ADAPTER = "tokensparse_sparse_context"  # the adapter this trainer adds to the transformer
 
@@ -58,7 +60,7 @@ class LoraTrainConfig:
         self.rank = checks.integer("rank", self.rank, lo=1)
         self.keep_max = checks.real("keep_max", self.keep_max, 0.0, 1.0, lo_open=True)
         self.keep_min = checks.real("keep_min", self.keep_min, 0.0, self.keep_max, lo_open=True)
-        self.resolution = checks.integer("resolution", self.resolution, lo=16)
+        self.resolution = checks.integer("resolution", self.resolution, 16, MAX_RESOLUTION)
         if self.resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
@@ -75,22 +77,26 @@ class Example:
     prompt: str
 
 
+def _natural(path: Path) -> list:
+    """Sort key: numbers by value, so ``ref2.png`` comes before ``ref10.png`` ("image 2" of a prompt)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def load_examples(data: str | Path) -> list[Example]:
-    """One example per sub-folder of ``data``: ``ref*.png`` (one or more), ``target.png``, ``prompt.txt``.
+    """One example per sub-folder of ``data``: ``ref*.png`` (one or more, in natural order: ``ref2`` before
+    ``ref10``), ``target.png``, ``prompt.txt`` (UTF-8).
 
     Hidden sub-folders (``.ipynb_checkpoints``, ...) are skipped."""
     examples = []
     for folder in sorted(p for p in Path(data).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        refs = sorted(folder.glob("ref*.png"))
+        refs = sorted(folder.glob("ref*.png"), key=_natural)
         if not refs or not (folder / "target.png").is_file() or not (folder / "prompt.txt").is_file():
             raise ValueError(f"{folder}: needs ref*.png, target.png and prompt.txt")
-        examples.append(
-            Example(
-                [load_rgb(r) for r in refs],
-                load_rgb(folder / "target.png"),
-                (folder / "prompt.txt").read_text().strip(),
-            )
-        )
+        try:
+            prompt = (folder / "prompt.txt").read_text(encoding="utf-8-sig").strip()  # -sig: drops a BOM
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{folder / 'prompt.txt'} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        examples.append(Example([load_rgb(r) for r in refs], load_rgb(folder / "target.png"), prompt))
     if not examples:
         raise ValueError(f"no example folders in {data}")
     return examples
@@ -137,8 +143,11 @@ def train_lora_sparse(
     """Train a LoRA on ``pipe.transformer`` with random reference dropping; save it to ``out_dir``.
 
     ``out_dir`` gets ``pytorch_lora_weights.safetensors`` (load with ``pipe.load_lora_weights(out_dir)``)
-    and ``train_config.json``, both written to a temporary folder first and then moved in. Returns the loss
-    of every step. ``log(step, keep, loss)`` is called per step.
+    and ``train_config.json``, both written to a temporary folder first and then moved in (replacing those two
+    files of an earlier run there; a run does not resume). Returns the loss of every step.
+    ``log(step, keep, loss)`` is called per step. The LoRA goes on ``cfg.target_modules`` (by default the
+    image-stream attention projections of the double-stream blocks); its initialisation and every draw of
+    training come from ``cfg.seed``, so a run repeats exactly (on one device) and leaves the global RNG alone.
 
     Everything that can be checked before training is (:func:`check_lora_run`: the pipeline, the output
     folder). Afterwards the trained adapter stays on ``pipe.transformer`` as its active adapter (also when
@@ -150,6 +159,10 @@ def train_lora_sparse(
     check_lora_run(pipe, out)
     if not examples:
         raise ValueError("no training examples")
+    names = [n for n, _ in pipe.transformer.named_modules()]
+    unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"target_modules {unmatched} match no module of {type(pipe.transformer).__name__}")
     frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
     others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
     try:
@@ -160,6 +173,8 @@ def train_lora_sparse(
                 pipe.transformer.delete_adapters(_ADAPTER)
             else:
                 pipe.transformer.unload_lora()  # the LoRA wrappers too: the original modules again
+        if not others and not getattr(pipe.transformer, "peft_config", None):
+            pipe.transformer._hf_peft_config_loaded = False  # diffusers sets it before adding: adding failed
         raise
     finally:
         for param, flag in frozen.items():
@@ -184,6 +199,8 @@ def check_lora_run(pipe: Any, out: Path) -> None:
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"output {out}: {existing} is a file, not a folder")
     for name in (WEIGHTS, "train_config.json"):
         if (out / name).is_dir():
             raise IsADirectoryError(f"output {out / name} is a folder")
@@ -206,15 +223,18 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
     encoded = [_encode(pipe, ex, cfg, device) for ex in examples]
 
     transformer = pipe.transformer
-    transformer.add_adapter(
-        LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.rank,
-            init_lora_weights="gaussian",
-            target_modules=list(cfg.target_modules),
-        ),
-        adapter_name=_ADAPTER,
-    )
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the Gaussian initialisation from cfg.seed, not the global RNG
+        torch.manual_seed(cfg.seed)
+        transformer.add_adapter(
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.rank,
+                init_lora_weights="gaussian",
+                target_modules=list(cfg.target_modules),
+            ),
+            adapter_name=_ADAPTER,
+        )
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     model, optimizer = accelerator.prepare(transformer, optimizer)
