@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -34,7 +35,24 @@ class _Parser(argparse.ArgumentParser):
         ns = super().parse_args(*args, **kwargs)
         if ns.out is None:
             ns.out = results_path(self.benchmark, ns.quick)
+        check_json_out(ns.out, self)
         return ns
+
+
+def check_json_out(out: Path, ap: argparse.ArgumentParser) -> None:
+    """Refuse (``ap.error``: usage line, exit 2) before any work an ``--out`` that is not a writable ``.json``
+    path: the PNG beside it is ``out`` with ``.png``, and a folder or a file on the way fails only at the end."""
+    if out.suffix.lower() != ".json":
+        ap.error(f"--out must be a .json path, got {out}")
+    if out.is_dir():
+        ap.error(f"--out {out} is a folder")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        ap.error(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        ap.error(f"--out {out}: cannot write in {folder}")
 
 
 def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentParser:
@@ -58,8 +76,12 @@ def write_json(path: Path, payload: dict) -> None:
                **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(spec: str) -> ts.RefDiT:

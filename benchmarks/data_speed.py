@@ -39,6 +39,7 @@ def main() -> None:
     sizes = [32] if args.quick else [16, 32, 64, 128]
     n_batches, repeats = (10, 3) if args.quick else (30, 5)
     result: dict = {
+        "quick": args.quick,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -188,8 +188,9 @@ def selection() -> None:
                  f"{s['taskaware_drop_db_keep025'][fam]:+.2f} ({s['taskaware_keep025_config'][fam]}) | " if ada else "")
         drop_fixed = (d["results"]["dense"][fam]["psnr"]["mean"]
                       - d["results"]["fixed"]["auto"]["0.25"][fam]["psnr"]["mean"])
+        need = s["adaptive_tokens_frac_at_random25"][fam]  # None: no adaptive budget measured reaches it
         print(f"| {fam} | {fixed:+.2f} | {drop_fixed:+.2f} | {extra}"
-              f"{s['adaptive_tokens_frac_at_random25'][fam]:.2f}× | {s['best_selector_keep025'][fam]} |")
+              f"{'not reached' if need is None else f'{need:.2f}×'} | {s['best_selector_keep025'][fam]} |")
     print(f"\nSelection time / 20-step generation: {s['selection_overhead_frac']:.4f} "
           f"(attention probe: {s['selection_overhead_frac_attention']:.4f}).\n")
     prev, prev_q, q = load("selection_p_selected0"), load("quality_p_selected0"), load("quality")

@@ -93,7 +93,8 @@ def main() -> None:
         procs[name] = run_pipeline(name, spec, args.root, args.device, args.n, args.threads)
     for name, p in procs.items():
         print(f"{name}: exit {p.wait()} after {(time.time() - t0) / 60:.1f} min", flush=True)
-    payload = {"device": args.device, "n": args.n, "wall_minutes": round((time.time() - t0) / 60, 2),
+    payload = {"quick": args.quick, "device": args.device, "n": args.n,
+               "wall_minutes": round((time.time() - t0) / 60, 2),
                "variants": {name: collect(name, args.root) for name in variants}}
     write_json(args.out, payload)
     for name, row in payload["variants"].items():

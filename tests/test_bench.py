@@ -75,3 +75,19 @@ def test_the_installed_checkout_wins_over_the_current_directory(tmp_path, monkey
     (tmp_path / "benchmarks" / "speed.py").write_text("")
     monkeypatch.chdir(tmp_path)
     assert find_script("speed") == Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def test_a_benchmark_script_refuses_an_out_that_is_not_a_json_file_before_working(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
+    (tmp_path / "afile").write_text("")
+    for out, message in ((tmp_path / "sel.png", "must be a .json path"), (tmp_path, "must be a .json path"),
+                         (tmp_path / "d.json", "is a folder"), (tmp_path / "afile" / "s.json", "is a file")):
+        if out.name == "d.json":
+            out.mkdir()
+        res = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (out, res.stderr[-300:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.json"]  # nothing written
