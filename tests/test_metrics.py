@@ -109,5 +109,7 @@ def test_fid_orders_distributions():
         fid((scenes * 255).byte(), scenes, net)
     with pytest.raises(ValueError, match="one size"):
         fid(scenes, scenes[..., :16, :16], net)
+    with pytest.raises(ValueError, match="at least 8x8"):  # FeatureNet takes H, W >= 8
+        fid(scenes[..., :4, :4], scenes[..., :4, :4], net)
     with pytest.raises(ValueError, match="batch_size"):
         fid(scenes, scenes, net, batch_size=0)

@@ -147,11 +147,14 @@ def test_bad_stream_arguments_are_named_before_the_first_batch():
     for kwargs, err, name in (({"seed": 1.5}, TypeError, "seed"), ({"stride": 1.5}, TypeError, "stride"),
                               ({"start": -1}, ValueError, "start"), ({"tasks": "editing"}, TypeError, "tasks"),
                               ({"family_weights": {"editing": "2"}}, TypeError, "family_weights"),
+                              ({"family_weights": {"editing": float("inf")}}, ValueError, "family_weights"),
                               ({"image_size": 30}, ValueError, "image_size")):
         with pytest.raises(err, match=name):
             train_batches(2, **kwargs)  # raised by the call itself, not at the first next()
     with pytest.raises(TypeError, match="batch_size"):
         train_batches(2.5)
+    huge = next(train_batches(4, 16, family_weights={"editing": 1e308, "subject": 1e308}))  # the sum overflows
+    assert len(huge.prompts) == 4
     with pytest.raises(ValueError, match="unknown task 'bogus'"):
         make_batch("bogus", [0])
     with pytest.raises(TypeError, match="seeds"):
