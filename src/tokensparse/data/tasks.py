@@ -29,9 +29,8 @@ sizes (``place`` resamples the reference's subject up or down).
 Samples with seed ``>= HELDOUT_SEED_BASE`` draw subjects from the held-out part of the subject bank, so
 held-out samples show subject crops never used in training. They are cut from the same photos, though, and
 some near-flat crops (sky) look almost alike across the split. Editing tasks have no subjects: their space is
-small (``relight``: a texture crop, a flip and a gain word, about 4e5 samples at 32 px), so held-out ``relight``
-samples also occur in training, byte for byte (measured: 12 of 300 held-out seeds at 32 px within the first
-6,000 training seeds); ``recolor`` and ``remove`` showed no such repeats. Texture crops are resized with
+small (``relight``: a texture crop, a flip and a gain word), so some held-out ``relight`` samples also occur
+in training, byte for byte. Texture crops are resized with
 antialiasing and not clamped, so at 32 px and above pixel values may exceed 1 by float rounding (<= 3e-7).
 """
 
