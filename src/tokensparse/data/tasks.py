@@ -30,8 +30,8 @@ Samples with seed ``>= HELDOUT_SEED_BASE`` draw subjects from the held-out part 
 held-out samples show subject crops never used in training. They are cut from the same photos, though, and
 some near-flat crops (sky) look almost alike across the split. Editing tasks have no subjects: their space is
 small (``relight``: a texture crop, a flip and a gain word), so some held-out ``relight`` samples also occur
-in training, byte for byte. Texture crops are resized with
-antialiasing and not clamped, so at 32 px and above pixel values may exceed 1 by float rounding (<= 3e-7).
+in training, byte for byte. Texture crops are resized with antialiasing and not clamped, so at 32 px and above
+pixel values may exceed 1 by float rounding (a few 1e-7).
 """
 
 from __future__ import annotations
