@@ -119,9 +119,9 @@ def _family_probs(fams: Sequence[str], weights: Mapping[str, float]) -> np.ndarr
     if unknown:
         raise ValueError(f"family_weights names unknown families {sorted(unknown)}; families: {ALL_FAMILIES}")
     w = np.array([float(weights.get(f, 1.0)) for f in fams])
-    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+    if not np.isfinite(w).all() or (w < 0).any() or w.max(initial=0.0) <= 0:
         raise ValueError(f"family_weights must be finite and >= 0 with a positive sum, got {dict(weights)}")
-    if not np.isfinite(w.sum()):  # huge finite weights overflow the sum: scale them first
+    if w.max() > 1e300:  # huge finite weights would overflow the sum: scale them first
         w = w / w.max()
     return w / w.sum()
 
