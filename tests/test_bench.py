@@ -91,3 +91,27 @@ def test_a_benchmark_script_refuses_an_out_that_is_not_a_json_file_before_workin
                              text=True, timeout=120)
         assert res.returncode == 2 and message in res.stderr, (out, res.stderr[-300:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.json"]  # nothing written
+
+
+def test_an_interrupted_bench_stops_its_benchmark_and_signals_read_like_a_shell(tmp_path):
+    import io
+    import os
+
+    from rich.console import Console
+
+    (tmp_path / "benchmarks").mkdir()
+    script = tmp_path / "benchmarks" / "speed.py"
+    pid_file = tmp_path / "pid"
+    script.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                      "print('working', flush=True)\ntime.sleep(60)\n")
+
+    class Interrupting(Console):
+        def print(self, *args, **kwargs):  # Ctrl-C arrives while the benchmark runs
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark("speed", root=tmp_path, console=Interrupting(file=io.StringIO()))
+    with pytest.raises(ProcessLookupError):  # the benchmark is gone too (and was reaped)
+        os.kill(int(pid_file.read_text()), 0)
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    assert run_benchmark("speed", root=tmp_path, console=Console(file=io.StringIO())) == 128 + 15

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,16 +66,28 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
         proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            step = PROGRESS_LINE.match(line)
-            if step:
-                done, total, what = int(step[1]), int(step[2]), step[3]
-                progress.update(task, completed=done, total=total, last=what[:50])
-            elif line:
-                progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # no re-wrapping
-                progress.update(task, last=line[:50])
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                step = PROGRESS_LINE.match(line)
+                if step:
+                    done, total, what = int(step[1]), int(step[2]), step[3]
+                    progress.update(task, completed=done, total=total, last=what[:50])
+                elif line:
+                    progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # no re-wrapping
+                    progress.update(task, last=line[:50])
+        except BaseException:  # Ctrl-C (or a kill) of this process: stop the benchmark too, not at its next print
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # the script's own clean-up runs (no partial JSON)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
         code = proc.wait()
+        if code < 0:  # killed by signal N: report it the way a shell does
+            code = 128 - code
         total = progress.tasks[0].total
         if code == 0 and total:  # the scripts announce a stage as it starts: a finished run completed them all
             progress.update(task, completed=total)
