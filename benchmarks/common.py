@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -15,6 +14,7 @@ import torch
 
 import tokensparse as ts
 from tokensparse.data import batched, heldout
+from tokensparse.files import folder_problem
 from tokensparse.metrics import coarse_psnr, psnr, ssim
 
 
@@ -46,13 +46,9 @@ def check_json_out(out: Path, ap: argparse.ArgumentParser) -> None:
         ap.error(f"--out must be a .json path, got {out}")
     if out.is_dir():
         ap.error(f"--out {out} is a folder")
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        ap.error(f"--out {out}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        ap.error(f"--out {out}: cannot write in {folder}")
+    problem = folder_problem(out.absolute().parent)
+    if problem is not None:
+        ap.error(f"--out {out}: {problem}")
 
 
 def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentParser:

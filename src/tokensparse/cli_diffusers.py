@@ -22,7 +22,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .images import load_rgb, save_png
+from .files import folder_problem
+from .images import MAX_SIDE, load_rgb, save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -73,9 +74,6 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     return images
 
 
-MAX_SIDE = 8192  # --height / --width: far above what the pipelines support; a bigger image only exhausts memory
-
-
 def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
     """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
     path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
@@ -87,13 +85,9 @@ def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> 
         _fail(f"{option} {out} is a file, not a folder")
     if suffix is None and out.is_dir() and not os.access(out, os.W_OK):
         _fail(f"{option} {out}: cannot write in that folder")
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        _fail(f"{option} {out}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        _fail(f"{option} {out}: cannot write in {folder}")
+    problem = folder_problem(out.absolute().parent)
+    if problem is not None:
+        _fail(f"{option} {out}: {problem}")
 
 
 def check_png_out(out: Path) -> None:

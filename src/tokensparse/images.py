@@ -137,6 +137,11 @@ def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tens
     return out
 
 
+MAX_SIDE = 8192
+"""Largest image side the CLI and LoRA training accept: far above what FLUX.2 / Kontext / Qwen-Image work at
+(about 2048); a bigger image only exhausts memory."""
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them).
 

@@ -27,12 +27,11 @@ import torch
 
 from .. import checks
 from ..context import SparseContextConfig
-from ..files import default_mode
-from ..images import load_rgb
+from ..files import default_mode, nearest_existing
+from ..images import MAX_SIDE, load_rgb
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 
 SUPPORTED = ("Flux2KleinPipeline",)
-MAX_RESOLUTION = 8192  # far above what FLUX.2 [klein] trains at; larger images only exhaust memory
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(folder) reads
 _ADAPTER = "tokensparse_sparse_context"  # the adapter this trainer adds to the transformer
 
@@ -60,7 +59,7 @@ class LoraTrainConfig:
         self.rank = checks.integer("rank", self.rank, lo=1)
         self.keep_max = checks.real("keep_max", self.keep_max, 0.0, 1.0, lo_open=True)
         self.keep_min = checks.real("keep_min", self.keep_min, 0.0, self.keep_max, lo_open=True)
-        self.resolution = checks.integer("resolution", self.resolution, 16, MAX_RESOLUTION)
+        self.resolution = checks.integer("resolution", self.resolution, 16, MAX_SIDE)
         if self.resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
@@ -196,15 +195,15 @@ def check_lora_run(pipe: Any, out: Path) -> None:
         raise ValueError(f"pipe.transformer already has a LoRA adapter named {_ADAPTER!r} (an earlier "
                          "train_lora_sparse): load the pipeline afresh, or pipe.transformer.unload_lora() first")
     out = Path(out)
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    existing = nearest_existing(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
-    if existing is not None and not existing.is_dir():
+    if not existing.is_dir():
         raise NotADirectoryError(f"output {out}: {existing} is a file, not a folder")
     for name in (WEIGHTS, "train_config.json"):
         if (out / name).is_dir():
             raise IsADirectoryError(f"output {out / name} is a folder")
-    if existing is not None and not os.access(existing, os.W_OK):
+    if not os.access(existing, os.W_OK):
         raise PermissionError(f"cannot write into {existing}")
 
 
