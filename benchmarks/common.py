@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,18 +67,42 @@ def progress(done: int, total: int, what: str) -> None:
     print(f"[{done}/{total}] {what}", flush=True)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic JSON write with a small provenance header."""
+def write_json(path: Path, payload: dict, figure: Any = None, dpi: int = 110) -> None:
+    """Atomic JSON write with a small provenance header, and the plot ``figure`` (a matplotlib figure, closed
+    here) beside it as ``path`` with ``.png``.
+
+    Both are rendered to temp files first and renamed last, PNG then JSON: an interrupt or a failure leaves the
+    previous pair as it was and no temp file behind.
+    """
     payload = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp, png, png_tmp = path.with_suffix(".json.tmp"), path.with_suffix(".png"), path.with_suffix(".png.tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        if figure is not None:
+            figure.savefig(png_tmp, dpi=dpi, format="png")
+            png_tmp.replace(png)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        png_tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if figure is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (benchmarks draw figures for :func:`write_json`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def load(spec: str) -> ts.RefDiT:

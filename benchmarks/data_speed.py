@@ -8,15 +8,13 @@ warm-up), and per-task samples/s of ``make_sample`` at the training size. Writes
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import parser
+from common import parser, write_json
 
 from tokensparse.data import TASKS, get_bank, make_sample, train_batches
 
@@ -72,8 +70,7 @@ def main() -> None:
             make_sample(task, seed, 32)
         result["per_task_samples_per_s_32"][task] = round(n / (time.perf_counter() - t))
         print(f"  {task:14s} {result['per_task_samples_per_s_32'][task]:7d} samples/s (make_sample, 32 px)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

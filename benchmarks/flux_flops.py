@@ -19,11 +19,11 @@ JSON) -> ``benchmarks/results/flux_flops.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from common import check_json_out, write_json
 
 from tokensparse.flops import count_flops
 from tokensparse.selection import count_for_ratio
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flux_flops.json")
     parser.add_argument("--max-refs", type=int, default=4)
     args = parser.parse_args()
+    check_json_out(args.out, parser)
     t0 = time.perf_counter()
     rows = []
     checks = {}
@@ -257,10 +258,7 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=list))
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out} in {result['seconds']} s")
 
 

@@ -9,13 +9,12 @@ Random weights serve for timing. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import check_json_out, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -30,6 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/forward_cost.json"))
     args = ap.parse_args()
+    check_json_out(args.out, ap)
 
     torch.manual_seed(0)
     model = ts.build_model(args.model).eval()
@@ -67,13 +67,8 @@ def main() -> None:
             print(f"refs={n_refs} keep={keep:<4} ref_tokens={row['ref_tokens']:>5} {row['ms']:8.2f} ms "
                   f"{row['gflops']:7.3f} GFLOP  speedup {row['speedup']:.2f}x  FLOP ratio {row['flop_ratio']:.2f}x "
                   f"eff {row['efficiency']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = {"model": args.model, "image_size": size, "tokens_per_image": model.config.grid ** 2,
-           "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "machine": platform.machine(), "results": results}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, {"model": args.model, "image_size": size, "tokens_per_image": model.config.grid ** 2,
+                          "repeats": args.repeats, "results": results})
     print(f"wrote {args.out}")
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from common import interleaved, load, parser, progress, write_json
+from common import interleaved, load, parser, progress, pyplot, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched, heldout
@@ -196,19 +197,14 @@ def main() -> None:
 
 def finish(payload: dict, out: Path, summary: dict) -> None:
     progress(1, 1, "done")
-    write_json(out, payload)
-    plot(payload, out.with_suffix(".png"))
+    write_json(out, payload, figure(payload), dpi=120)
     for k, v in summary.items():
         print(k, v)
     print(f"wrote {out}")
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(payload: dict) -> Any:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, marker in (("unguided", "k*"), ("cfg", "o-"), ("sg", "s"), ("cfg+sg", "^")):
         pts = sorted((r["gflops_per_step"], r["fid"]) for r in payload["rows"] if r["kind"] == kind)
@@ -218,8 +214,7 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_title(f"guidance on {payload['model']}, {payload['n']} images, {payload['steps']} steps")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

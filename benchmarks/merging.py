@@ -25,12 +25,11 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import merging_refdit as mr
 import torch
-from common import interleaved, parser, progress, speedups
+from common import interleaved, parser, progress, pyplot, speedups, write_json
 
 import tokensparse as ts
 from tokensparse.integrations.merging_hooks import apply_token_merging, remove_token_merging
@@ -236,12 +235,8 @@ def summarize(out: dict) -> dict:
     return s
 
 
-def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(out: dict) -> Any:
+    plt = pyplot()
     panels = []
     for key in mr.SUBJECTS:
         q, sp = out.get(f"{key}_quality"), out.get(f"{key}_speed")
@@ -269,8 +264,7 @@ def plot(out: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 PARTS = ("refdit_quality", "refdit_speed", "refdit_small_quality", "refdit_small_speed", "refdit_large", "unet",
@@ -316,9 +310,7 @@ def main() -> None:
                       "note": "shared 2-core machine, one torch thread; speedups are ratios of median CPU "
                               "(process) times within one part's run; wall-clock ratios are stored too"}
     out["quick"] = args.quick
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str))
-    plot(out, args.out.with_suffix(".png"))
+    write_json(args.out, out, figure(out), dpi=120)
     print(json.dumps(out["summary"], indent=2))
 
 

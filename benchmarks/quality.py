@@ -12,10 +12,10 @@ Writes JSON with a `summary` and a PNG plot next to it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, progress, write_json
+from common import evaluate, heldout_by_family, load, parser, progress, pyplot, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, floors
@@ -89,19 +89,14 @@ def main() -> None:
                "kv_cache": {k: not m.config.ref_attends_target for k, m in models.items()},
                "wall_s": time.time() - t0, "summary": summary, "results": results}
     progress(total, total, "done")
-    write_json(args.out, payload)
-    plot(payload, args.out.with_suffix(".png"))
+    write_json(args.out, payload, figure(payload), dpi=110)
     for k, v in summary.items():
         print(k, {f: round(x, 2) for f, x in v.items()})
     print(f"wrote {args.out}")
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(payload: dict) -> Any:
+    plt = pyplot()
     res, keeps = payload["results"], payload["keeps"]
     fig, axes = plt.subplots(1, len(FAMILIES), figsize=(4 * len(FAMILIES), 3.4), sharey=False)
     for ax, fam in zip(axes, FAMILIES):
@@ -119,7 +114,7 @@ def plot(payload: dict, path: Path) -> None:
     axes[0].set_ylabel("dB")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def flux_speed() -> None:
         pairs = [(n, k) for n in ("1", "4") for k in ("sparse0.25+kv", "sparse0.25+kv+tome0.5") if n in o and n in m]
         print("Run-to-run spread: an earlier run of the same script (`benchmarks/results/flux_speed_run1.json`, "
               "made before 0.8.0's merging changes -- module split, call fingerprints -- which compute the same; "
-              "both runs predate 0.9.0-0.12.0) gave "
+              "both runs predate 0.9.0-0.13.0) gave "
               + ", ".join(f"{n} ref{'s' if n != '1' else ''} {k} {o[n][k]:.2f}× (this run {m[n][k]:.2f}×)"
                           for n, k in pairs)
               + f"; lowest efficiency {other['summary']['min_efficiency']:.2f}.", end="")
@@ -168,6 +168,27 @@ def drop_sweep() -> None:
           f"family: " + (f"`{best}`" if best else "none (at this length dropping costs keep-1 quality)") + ".\n")
 
 
+def proportional_table(d: dict) -> None:
+    """``SparseContextConfig(proportional=True)`` against plain Sparse Context, from selection.json."""
+    s, res = d["summary"], d["results"]
+    gain = s["proportional_gain_db_keep025"]
+    print("**Proportional attention for dropped tokens** (`SparseContextConfig(proportional=True)`, same run; each "
+          "dropped reference token hands its attention mass to the kept token nearest to it in pixels, as a "
+          "`log(size)` logit bias: no training, the same tokens and FLOPs):\n")
+    print("| family | dense − auto at 25 % (dB): plain → proportional | dense − task-aware at ≤ 25 % (dB): plain → "
+          "proportional | gain at 25 %, " + " / ".join(gain) + " (dB) |")
+    print("|---|---|---|---|")
+    for fam in s["taskaware_drop_db_keep025"]:
+        dense = res["dense"][fam]["psnr"]["mean"]
+        plain, prop = (dense - r["auto"]["0.25"][fam]["psnr"]["mean"]
+                       for r in (res["fixed"], res["proportional"]["fixed"]))
+        print(f"| {fam} | {plain:+.2f} → {prop:+.2f} | {s['taskaware_drop_db_keep025'][fam]:+.2f} → "
+              f"{s['taskaware_proportional_drop_db_keep025'][fam]:+.2f} "
+              f"({s['taskaware_proportional_keep025_config'][fam]}) | "
+              + " / ".join(f"{gain[sel][fam]:+.2f}" for sel in gain) + " |")
+    print(f"\nSelection time with the sizes / 20-step generation: {s['selection_overhead_frac_proportional']:.4f}.\n")
+
+
 def selection() -> None:
     d = load("selection")
     if not d or "summary" not in d:
@@ -220,6 +241,8 @@ def selection() -> None:
               f"{pair('ft_cost_db_keep1', q['summary'], half_q['summary'])}; `dense_margin_db` "
               f"{pair('dense_margin_db', q['summary'], half_q['summary'])}; `ref_gain_db` "
               f"{pair('ref_gain_db', q['summary'], half_q['summary'])}.\n")
+    if "taskaware_proportional_drop_db_keep025" in s:
+        proportional_table(d)
 
 
 def _merging_desc(cfg: dict) -> str:

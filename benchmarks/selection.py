@@ -19,6 +19,11 @@ summary:
   adaptive_tokens_frac_at_random25[family]  tokens adaptive auto needs to match random-25 % PSNR, / random's
   selection_overhead_frac                selection time (auto, multi-reference batch) / 20-step generation
   best_selector_keep025[family]          the best fixed-budget selector at 25 % (what `auto` encodes)
+  proportional_gain_db_keep025[selector][family]  proportional=True minus plain, same selector at 25 %
+  taskaware_proportional_drop_db_keep025[family]  taskaware_drop_db_keep025 with proportional=True (same rule)
+
+`--proportional` names the selectors also run with ``proportional=True`` (dropped tokens' attention mass
+handed to their nearest kept token) at every fixed budget and, for adaptive ones, every mass.
 
 `--model` takes a shipped name, a checkpoint path (.safetensors, with or without its JSON), or
 `untrained:<config>` (a randomly initialised model, to check that the script runs).
@@ -28,10 +33,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
-from common import evaluate, heldout_by_family, load, median_time, parser, progress, write_json
+from common import evaluate, heldout_by_family, load, median_time, parser, progress, pyplot, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched
@@ -95,7 +100,8 @@ def tokens_to_match(points: list[tuple[float, float]], target: float) -> float |
     return None
 
 
-def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, repeats: int = 3) -> dict:
+def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, repeats: int = 3,
+             proportional: bool = False) -> dict:
     """Selection time (embedding with selection minus without) / one 20-step generation, on one batch."""
     _, b = next(batched(samples, 8))
     refs = [r * 2 - 1 for r in b.refs]
@@ -108,14 +114,15 @@ def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, re
     ts.remove_sparse_context(model)
     embed()
     dense_embed = median_time(embed, repeats * 3)
-    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.25, selector=selector, cache=cache_ok(model)))
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.25, selector=selector, cache=cache_ok(model),
+                                                          proportional=proportional))
     embed()
     sparse_embed = median_time(embed, repeats * 3)
     gen = median_time(lambda: ts.generate(model, b.refs, b.prompts, steps=steps), repeats)
     ts.remove_sparse_context(model)
     sel = max(sparse_embed - dense_embed, 0.0)
-    return {"selector": selector, "batch": len(b.prompts), "selection_s": sel, "generation_s": gen,
-            "frac": sel / gen}
+    return {"selector": selector, "proportional": proportional, "batch": len(b.prompts), "selection_s": sel,
+            "generation_s": gen, "frac": sel / gen}
 
 
 def main() -> None:
@@ -129,6 +136,8 @@ def main() -> None:
     ap.add_argument("--masses", default=",".join(map(str, MASSES)))
     ap.add_argument("--adaptive", default=",".join(ADAPTIVE), help="selectors swept with adaptive budgets")
     ap.add_argument("--families", default=",".join(FAMILIES), help="a subset, for exploration")
+    ap.add_argument("--proportional", default="auto,random",
+                    help="selectors also run with proportional=True (empty: none)")
     ap.add_argument("--skip-overhead", action="store_true", help="do not time selection (exploration)")
     args = ap.parse_args()
     n, steps = (8, 5) if args.quick else (args.n, args.steps)
@@ -140,53 +149,79 @@ def main() -> None:
     data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in args.families.split(",")}
     fams = list(data)
 
-    res: dict = {"dense": {}, "fixed": {}, "adaptive": {}}
+    res: dict = {"dense": {}, "fixed": {}, "adaptive": {}, "proportional": {"fixed": {}, "adaptive": {}}}
     for fam, samples in data.items():
         res["dense"][fam] = run(model, None, samples, steps)
     print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
     adaptive = [s for s in args.adaptive.split(",") if s]
-    total, done = len(selectors) * len(keeps) + len(adaptive) * len(masses), 0
-    for sel in selectors:
-        for keep in keeps:
-            progress(done, total, f"{sel} keep {keep}")
-            done += 1
-            cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed, cache=cache_ok(model))
-            for fam, samples in data.items():
-                res["fixed"].setdefault(sel, {}).setdefault(str(keep), {})[fam] = run(model, cfg, samples, steps)
-            print(f"{sel} keep={keep}: " + ", ".join(
-                f"{f} {res['fixed'][sel][str(keep)][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
-    for sel in adaptive:
-        for mass in masses:
-            progress(done, total, f"{sel} adaptive mass {mass}")
-            done += 1
-            cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed,
-                                         cache=cache_ok(model))
-            for fam, samples in data.items():
-                res["adaptive"].setdefault(sel, {}).setdefault(str(mass), {})[fam] = run(model, cfg, samples, steps)
-            r = res["adaptive"][sel][str(mass)]
-            print(f"{sel} adaptive mass={mass}: " + ", ".join(
-                f"{f} {r[f]['psnr']['mean']:.2f}@{r[f]['kept_frac']:.2f}" for f in fams), flush=True)
+    proportional = [s for s in args.proportional.split(",") if s]
+    if any(s not in SCORERS for s in proportional):
+        ap.error(f"--proportional takes a comma list of selectors from {sorted(SCORERS)}")
+    total = ((len(selectors) + len(proportional)) * len(keeps)
+             + (len(adaptive) + len(set(adaptive) & set(proportional))) * len(masses))
+    done = 0
+    for prop in (False, True):
+        where = res["proportional"] if prop else res
+        label = " proportional" if prop else ""
+        for sel in proportional if prop else selectors:
+            for keep in keeps:
+                progress(done, total, f"{sel}{label} keep {keep}")
+                done += 1
+                cfg = ts.SparseContextConfig(keep=keep, selector=sel, seed=args.seed, cache=cache_ok(model),
+                                             proportional=prop)
+                r = where["fixed"].setdefault(sel, {}).setdefault(str(keep), {})
+                for fam, samples in data.items():
+                    r[fam] = run(model, cfg, samples, steps)
+                print(f"{sel}{label} keep={keep}: " + ", ".join(f"{f} {r[f]['psnr']['mean']:.2f}" for f in fams),
+                      flush=True)
+        for sel in [s for s in adaptive if s in proportional] if prop else adaptive:
+            for mass in masses:
+                progress(done, total, f"{sel}{label} adaptive mass {mass}")
+                done += 1
+                cfg = ts.SparseContextConfig(keep=1.0, selector=sel, adaptive=True, mass=mass, seed=args.seed,
+                                             cache=cache_ok(model), proportional=prop)
+                r = where["adaptive"].setdefault(sel, {}).setdefault(str(mass), {})
+                for fam, samples in data.items():
+                    r[fam] = run(model, cfg, samples, steps)
+                print(f"{sel}{label} adaptive mass={mass}: " + ", ".join(
+                    f"{f} {r[f]['psnr']['mean']:.2f}@{r[f]['kept_frac']:.2f}" for f in fams), flush=True)
 
-    def p(sel: str, keep: float, fam: str) -> float:
-        return res["fixed"][sel][str(keep)][fam]["psnr"]["mean"]
+    def p(sel: str, keep: float, fam: str, where: dict = res) -> float:
+        return where["fixed"][sel][str(keep)][fam]["psnr"]["mean"]
+
+    def taskaware(where: dict) -> tuple[dict, dict, dict | None]:
+        """Dense minus the task-aware default within a 25 % budget (auto at 25 %, or the adaptive default
+        where it keeps <= 25 % and does better), the config that gave it, and the adaptive default's drop."""
+        drop = {f: res["dense"][f]["psnr"]["mean"] - p("auto", 0.25, f, where) for f in fams}
+        config = {f: "auto keep 0.25" for f in fams}
+        default_mass = str(ts.SparseContextConfig().mass)
+        ada = where["adaptive"].get("auto", {}).get(default_mass)
+        ada_drop = None
+        if ada is not None:
+            ada_drop = {f: res["dense"][f]["psnr"]["mean"] - ada[f]["psnr"]["mean"] for f in fams}
+            for f in fams:
+                if ada[f]["kept_frac"] <= 0.25 and ada_drop[f] < drop[f]:
+                    drop[f], config[f] = ada_drop[f], f"auto adaptive mass {default_mass}"
+        return drop, config, ada_drop
 
     summary: dict = {}
     if "auto" in selectors and "random" in selectors and 0.25 in keeps:
         summary["taskaware_minus_random_db"] = {f: p("auto", 0.25, f) - p("random", 0.25, f) for f in fams}
-        summary["taskaware_drop_db_keep025"] = {f: res["dense"][f]["psnr"]["mean"] - p("auto", 0.25, f)
-                                                for f in fams}
-        summary["taskaware_keep025_config"] = {f: "auto keep 0.25" for f in fams}
-        default_mass = str(ts.SparseContextConfig().mass)
-        ada = res["adaptive"].get("auto", {}).get(default_mass)
-        if ada is not None:  # the adaptive default, where its average budget is within 25 %
-            summary["taskaware_adaptive_drop_db"] = {f: res["dense"][f]["psnr"]["mean"] - ada[f]["psnr"]["mean"]
-                                                     for f in fams}
-            summary["taskaware_adaptive_kept_frac"] = {f: ada[f]["kept_frac"] for f in fams}
-            for f in fams:
-                if ada[f]["kept_frac"] <= 0.25 and summary["taskaware_adaptive_drop_db"][f] < \
-                        summary["taskaware_drop_db_keep025"][f]:
-                    summary["taskaware_drop_db_keep025"][f] = summary["taskaware_adaptive_drop_db"][f]
-                    summary["taskaware_keep025_config"][f] = f"auto adaptive mass {default_mass}"
+        drop, config, ada_drop = taskaware(res)
+        summary["taskaware_drop_db_keep025"], summary["taskaware_keep025_config"] = drop, config
+        if ada_drop is not None:
+            summary["taskaware_adaptive_drop_db"] = ada_drop
+            default_mass = str(ts.SparseContextConfig().mass)
+            summary["taskaware_adaptive_kept_frac"] = {f: res["adaptive"]["auto"][default_mass][f]["kept_frac"]
+                                                       for f in fams}
+    if 0.25 in keeps and proportional:
+        prop = res["proportional"]
+        summary["proportional_gain_db_keep025"] = {
+            s: {f: p(s, 0.25, f, prop) - p(s, 0.25, f) for f in fams} for s in proportional if s in selectors}
+        if "auto" in proportional:
+            drop, config, _ = taskaware(prop)
+            summary["taskaware_proportional_drop_db_keep025"] = drop
+            summary["taskaware_proportional_keep025_config"] = config
     if 0.25 in keeps:
         summary["best_selector_keep025"] = {f: max(selectors, key=lambda s: p(s, 0.25, f)) for f in fams}
     if "auto" in res["adaptive"] and "random" in selectors and 0.25 in keeps:
@@ -197,29 +232,30 @@ def main() -> None:
             m = tokens_to_match(pts, p("random", 0.25, f))
             fr[f] = None if m is None else m / random_frac
         summary["adaptive_tokens_frac_at_random25"] = fr
-    over = {} if args.skip_overhead else {sel: overhead(model, data[fams[-1]], sel) for sel in ("auto", "attention")}
+    over = {} if args.skip_overhead else {
+        name: overhead(model, data[fams[-1]], sel, proportional=name.endswith("proportional"))
+        for name, sel in (("auto", "auto"), ("attention", "attention"), ("auto proportional", "auto"))}
     if over:
         summary["selection_overhead_frac"] = over["auto"]["frac"]
         summary["selection_overhead_frac_attention"] = over["attention"]["frac"]
+        summary["selection_overhead_frac_proportional"] = over["auto proportional"]["frac"]
 
     payload = {"quick": args.quick, "model": args.model, "samples_per_family": n, "steps": steps,
                "keeps": list(keeps), "masses": list(masses), "selectors": selectors, "wall_s": time.time() - t0,
                "summary": summary, "overhead": over, "results": res}
     progress(total, total, "done")
-    write_json(args.out, payload)
-    plot(payload, args.out.with_suffix(".png"))
+    write_json(args.out, payload, figure(payload), dpi=110)
+    def rounded(v: object) -> object:
+        return {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else \
+            round(v, 3) if isinstance(v, float) else v
+
     for k, v in summary.items():
-        print(k, {f: (round(x, 3) if isinstance(x, float) else x) for f, x in v.items()} if isinstance(v, dict)
-              else round(v, 4))
+        print(k, rounded(v))
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(payload: dict) -> Any:
+    plt = pyplot()
     res = payload["results"]
     fams = list(res["dense"])
     fig, axes = plt.subplots(1, len(fams), figsize=(4.3 * len(fams), 3.6), squeeze=False)
@@ -232,6 +268,9 @@ def plot(payload: dict, path: Path) -> None:
         for sel, by_mass in res["adaptive"].items():
             pts = sorted((r[fam]["kept_frac"], r[fam]["psnr"]["mean"]) for r in by_mass.values())
             ax.plot(*zip(*pts), "x--", color=colors.get(sel), label=f"{sel} adaptive", ms=5, alpha=0.8)
+        for sel, by_keep in res.get("proportional", {}).get("fixed", {}).items():
+            pts = sorted((r[fam]["kept_frac"], r[fam]["psnr"]["mean"]) for r in by_keep.values())
+            ax.plot(*zip(*pts), "d:", color=colors.get(sel), label=f"{sel} proportional", ms=5)
         ax.axhline(res["dense"][fam]["psnr"]["mean"], color="k", lw=1, ls=":", label="keep 1.0")
         ax.set_xlim(0, 1.0)
         ax.set_title(fam)
@@ -240,8 +279,7 @@ def plot(payload: dict, path: Path) -> None:
     axes[-1].legend(fontsize=6, loc="lower right")
     fig.suptitle(f"token selection, {payload['model']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

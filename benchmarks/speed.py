@@ -15,10 +15,10 @@ computed once per generation.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
-from common import apply_setting, interleaved, parser, progress, speedups, write_json
+from common import apply_setting, interleaved, parser, progress, pyplot, speedups, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -106,17 +106,12 @@ def main() -> None:
                "min_efficiency_with_merging": min(r["efficiency"] for r in main_rows if r["setting"] != "dense"),
                "tokens_per_image": 256}
     write_json(args.out, {"quick": args.quick, "steps": args.steps, "repeats": args.repeats, "wall_s": time.time() - t0,
-                          "summary": summary, "rows": rows})
-    plot(main_rows, args.out.with_suffix(".png"))
+                          "summary": summary, "rows": rows}, figure(main_rows), dpi=110)
     print(summary)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(rows: list[dict]) -> Any:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in sorted({r["setting"] for r in rows} - {"dense"}, key=list(SETTINGS).index):
         pts = sorted((r["refs"], r["speedup"]) for r in rows if r["setting"] == s)
@@ -127,7 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -229,3 +229,25 @@ def test_the_largest_numpy_seed_works_for_a_batch(tiny):
     out = ts.generate(tiny, [], ["place", "place"], steps=1, seed=np.int64(2**63 - 1))  # seed + 1 must not wrap
     assert torch.equal(out, ts.generate(tiny, [], ["place", "place"], steps=1, seed=2**63 - 1))  # as a Python int
     assert not torch.equal(out[0], out[1])
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's RMSNorm under autocast
+@pytest.mark.parametrize("selector", ["random", "auto"])
+def test_proportional_sparse_context_is_exact_cached_and_changes_only_sparse_runs(tiny_kv, selector):
+    refs = make_refs(3)
+    dense = gen(tiny_kv, refs)
+    ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(keep=1.0, proportional=True, cache=True))
+    assert torch.equal(gen(tiny_kv, refs), dense)  # keep 1.0: every token stands for itself
+    cfg = {"keep": 0.25, "selector": selector}
+    outs = {}
+    for prop, cache in ((False, False), (True, False), (True, True)):
+        ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(**cfg, proportional=prop, cache=cache))
+        outs[prop, cache] = gen(tiny_kv, refs)
+    assert torch.equal(outs[True, True], outs[True, False])  # the cache stays exact with the logit bias
+    assert not torch.allclose(outs[True, False], outs[False, False], atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float bias beside reduced-precision activations
+        assert torch.isfinite(gen(tiny_kv, refs)).all()
+    ts.remove_sparse_context(tiny_kv)
+    assert torch.equal(gen(tiny_kv, refs), dense)
+    with pytest.raises(TypeError, match="proportional"):
+        ts.SparseContextConfig(keep=0.5, proportional="yes")

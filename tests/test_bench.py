@@ -115,3 +115,44 @@ def test_an_interrupted_bench_stops_its_benchmark_and_signals_read_like_a_shell(
         os.kill(int(pid_file.read_text()), 0)
     script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
     assert run_benchmark("speed", root=tmp_path, console=Console(file=io.StringIO())) == 128 + 15
+
+
+def _common():
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_common_under_test", root / "common.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(root))
+    return mod
+
+
+def test_results_and_plot_are_replaced_together_or_not_at_all(tmp_path):
+    import json
+
+    common = _common()
+    plt = common.pyplot()
+    out = tmp_path / "speed.json"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 2])
+    common.write_json(out, {"summary": {"x": 1}}, fig)
+    assert json.loads(out.read_text())["summary"] == {"x": 1}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)  # closed after writing
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    from matplotlib.figure import Figure
+
+    class Interrupted(Figure):  # Ctrl-C while the plot renders
+        def savefig(self, path, **kwargs):
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json(out, {"summary": {"x": 2}}, Interrupted())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the old pair, and no temp files

@@ -88,6 +88,10 @@ def test_one_rule_for_every_image_type(tmp_path):
     for bad in (np.array([["a"]]), np.empty((2, 2), dtype=object), torch.rand(3, 4, 4, dtype=torch.complex64)):
         with pytest.raises(TypeError):
             to_tensor(bad)
+    for bad in (torch.rand(3, 8, 8, device="meta"), torch.zeros(3, 8, 8, dtype=torch.uint8, device="meta"),
+                torch.rand(3, 8, 8).to_sparse()):
+        with pytest.raises(TypeError, match="must be dense and hold data"):
+            to_tensor(bad)
     for bad in (torch.rand(2, 3, 8, 8), r, Image.fromarray((r * 255).astype(np.uint8))):
         with pytest.raises(TypeError, match="references must be a list"):
             batch_images(bad)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -57,3 +58,37 @@ def test_kept_grids_recover_the_keep_mask_per_reference():
         assert [m.shape for m in masks] == [(3, 4), (2, 2)]
         assert torch.equal(torch.cat([m.flatten() for m in masks]), keep[b])
     assert all(m.all() for m in seq.kept_grids(1))
+
+
+def test_stand_in_sizes_match_a_brute_force_assignment():
+    from tokensparse.tokens import stand_in_sizes
+
+    g = torch.Generator().manual_seed(0)
+    for b, n, c in ((3, 20, 5), (1, 7, 1), (2, 64, 12)):
+        feats = torch.randint(0, 4, (b, n, c), generator=g).float()  # many ties, many duplicates
+        keep = torch.rand(b, n, generator=g) < 0.3
+        keep[0] = False  # a sample that keeps nothing
+        keep[-1, 0] = True
+        sizes = stand_in_sizes(feats, keep)
+        for s in range(b):
+            want = torch.zeros(n)
+            kept = torch.nonzero(keep[s]).squeeze(1).tolist()
+            for i in range(n):
+                if keep[s, i]:
+                    want[i] += 1
+                elif kept:  # the nearest kept token, the first of equals
+                    d = [float((feats[s, i] - feats[s, j]).norm()) for j in kept]
+                    want[kept[d.index(min(d))]] += 1
+            assert torch.equal(sizes[s], want), s
+            assert float(sizes[s].sum()) == (n if kept else 0)
+    with pytest.raises(ValueError, match="keep a \\(B, N\\) bool mask"):
+        stand_in_sizes(torch.rand(1, 4, 2), torch.ones(1, 4))
+
+
+def test_subset_carries_sizes():
+    seq = dense_seq([torch.rand(2, 2, 3, 4)])
+    seq.sizes = torch.arange(12.0).reshape(2, 6)
+    keep = torch.tensor([[True, False, True, False, False, False], [False, True, False, False, False, False]])
+    out = subset(seq, keep)
+    assert out.valid.tolist() == [[True, True], [True, False]] and out.sizes[out.valid].tolist() == [0.0, 2.0, 7.0]
+    assert subset(dense_seq([torch.rand(1, 2, 2, 4)]), torch.ones(1, 4, dtype=torch.bool)).sizes is None

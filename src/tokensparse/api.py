@@ -148,8 +148,8 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
             return apply_sparse_context_diffusers(target, cfg)  # takes its own snapshot of cfg
         raise _unsupported(target, "apply_sparse_context")
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
-    if cfg.cache and model.config.ref_attends_target:
-        raise ValueError("cache=True needs a model built with ref_attends_target=False (e.g. 'refdit-s-kv')")
+    if cfg.cache:
+        model.require_cacheable_context("cache=True")
     removed = _unhook(model)
 
     # a partial, not a closure: copy.deepcopy of the model copies it with the model (the copy probes with

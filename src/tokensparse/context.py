@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from . import checks
 from .selection import ALLOCATIONS, SCORERS, RefView, check_adaptive, select
-from .tokens import TokenSeq, subset
+from .tokens import TokenSeq, ref_slices, stand_in_sizes, subset
 
 
 @dataclass
@@ -38,6 +38,10 @@ class SparseContextConfig:
     allocate: how references share the budget: ``"equal"`` (each its own), ``"score"`` (by score, so a
         near-empty reference gives its share to a busy one; the average stays ``keep``) or ``"auto"``
         (``"score"`` for informed scorers, ``"equal"`` for ``random`` / ``uniform``).
+    proportional: each dropped token hands its attention mass to the kept token of its reference nearest to
+        it (scorer features: patch pixels): a kept token standing for ``s`` tokens gets ``log(s)`` added to its
+        attention logits (:func:`tokensparse.tokens.stand_in_sizes`). Training-free, the same token count
+        and FLOPs; RefDiT only. Off by default, which is plain Sparse Context.
     """
 
     keep: float = 1.0
@@ -49,6 +53,7 @@ class SparseContextConfig:
     mass: float = 0.9
     min_keep: float = 0.0
     allocate: str = "auto"
+    proportional: bool = False
 
     def __post_init__(self) -> None:
         self.keep = checks.real("keep", self.keep, 0.0, 1.0, lo_open=True)
@@ -64,6 +69,7 @@ class SparseContextConfig:
         self.mass = checks.real("mass", self.mass, 0.0, 1.0, lo_open=True)
         self.min_keep = checks.real("min_keep", self.min_keep, 0.0, self.keep)
         checks.choice("allocate", self.allocate, ALLOCATIONS)
+        self.proportional = checks.flag("proportional", self.proportional)
 
     @property
     def is_identity(self) -> bool:
@@ -86,4 +92,9 @@ def sparsify(seq: TokenSeq, views: list[RefView], cfg: SparseContextConfig) -> T
     """Keep the tokens of a dense reference sequence that ``cfg`` selects, ids and all."""
     if cfg.is_identity:
         return seq
-    return subset(seq, keep_mask(views, cfg).to(seq.tokens.device))
+    keep = keep_mask(views, cfg).to(seq.tokens.device)
+    if cfg.proportional:
+        sizes = torch.cat([stand_in_sizes(v.features.reshape(v.batch, -1, v.features.shape[-1]).to(keep.device),
+                                          keep[:, sl]) for v, sl in zip(views, ref_slices(seq.grids))], 1)
+        seq = replace(seq, sizes=sizes)
+    return subset(seq, keep)

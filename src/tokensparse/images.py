@@ -68,6 +68,9 @@ def to_tensor(image: ImageLike) -> Tensor:
     elif isinstance(image, Tensor):
         if image.is_complex():
             raise TypeError("image tensors must be real, got a complex tensor")
+        if image.is_meta or image.layout != torch.strided:
+            kind = "meta" if image.is_meta else image.layout
+            raise TypeError(f"image tensors must be dense and hold data, got a {kind} tensor")
         t = image.float() if image.is_floating_point() else torch.from_numpy(_scaled(image.cpu().numpy()))
         t = t.to(image.device)
         if t.dim() == 2 or (t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4)):

@@ -31,12 +31,15 @@ class TokenSeq:
 
     tokens: ``(B, N, D)``; ids: ``(B, N, 3)`` int64; valid: ``(B, N)`` bool or ``None`` (= all valid).
     grids: the dense grid shape ``(h, w)`` of each reference index 1..R, for scorers and scatter.
+    sizes: ``(B, N)`` float, how many dense tokens each token stands for (:func:`stand_in_sizes`; attention
+        adds ``log(size)`` to its logits), or ``None`` (= one each: plain attention).
     """
 
     tokens: Tensor
     ids: Tensor
     valid: Tensor | None
     grids: tuple[tuple[int, int], ...]
+    sizes: Tensor | None = None
 
     @property
     def num_refs(self) -> int:
@@ -137,4 +140,27 @@ def subset(seq: TokenSeq, keep: Tensor) -> TokenSeq:
     if keep.shape != seq.tokens.shape[:2]:
         raise ValueError(f"keep mask {tuple(keep.shape)} does not match sequence {tuple(seq.tokens.shape[:2])}")
     index, valid = pack_index(keep)
-    return TokenSeq(gather(seq.tokens, index), gather(seq.ids, index), valid, seq.grids)
+    sizes = None if seq.sizes is None else gather(seq.sizes, index)
+    return TokenSeq(gather(seq.tokens, index), gather(seq.ids, index), valid, seq.grids, sizes)
+
+
+def stand_in_sizes(features: Tensor, keep: Tensor) -> Tensor:
+    """How many tokens each kept token stands for once the others are dropped: ``(B, N)`` float.
+
+    ``features (B, N, C)`` of one reference's dense tokens and its keep mask ``(B, N)``. Every dropped token is
+    assigned to the kept token of its sample nearest to it (L2 over ``features``; ties to the first); a kept
+    token's size is 1 plus the number assigned to it, a dropped token's 0, and each sample's sizes sum to
+    ``N`` (``0`` everywhere for a sample that keeps nothing). Adding ``log(size)`` to a kept token's attention
+    logits gives it the attention mass its stand-ins had when they are alike (ToMe's proportional attention,
+    for dropped instead of merged tokens).
+    """
+    if keep.dtype != torch.bool or keep.shape != features.shape[:2] or features.dim() != 3:
+        raise ValueError(f"features must be (B, N, C) and keep a (B, N) bool mask, got {tuple(features.shape)} "
+                         f"and {keep.dtype} {tuple(keep.shape)}")
+    f = features.float()
+    dist = torch.cdist(f, f).masked_fill(~keep[:, None, :], float("inf"))  # (B, N, N): to kept tokens only
+    owner = dist.argmin(-1)
+    owner = torch.where(keep, torch.arange(keep.shape[1], device=keep.device), owner)  # a kept token is its own
+    sizes = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+    sizes.scatter_add_(1, owner, torch.ones_like(sizes))
+    return sizes * keep.any(1, keepdim=True)

@@ -347,6 +347,8 @@ def test_unsupported_targets_and_bad_configs(pipe):
         apply_sparse_context_diffusers(pipe, {"keep": 0.5})
     with pytest.raises(ValueError, match="Flux2KleinKVPipeline"):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
+    with pytest.raises(ValueError, match="proportional=True is implemented for RefDiT only"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
 
 
 # K/V cache (Flux2KleinKVPipeline) ------------------------------------------------------------------------

@@ -226,3 +226,31 @@ def test_config_normalises_lists_and_numpy_scalars():
     assert cfg.route_span == (1, 5) and type(cfg.depth) is int and hash(cfg)
     with pytest.raises(TypeError, match="RefDiTConfig"):
         ts.RefDiT("refdit-s")
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@torch.no_grad()
+def test_a_token_of_size_s_attends_like_s_copies_of_it(tiny, tiny_kv, separate):
+    """RefDiT.context turns reference ``sizes`` into log-size logit biases: one token standing for s equal
+    tokens (same features, same position) gives the output of the s copies, in joint, separate and cached mode."""
+    from tokensparse.tokens import TokenSeq
+
+    model = tiny_kv if separate else tiny
+    refs = [r * 2 - 1 for r in make_refs(2, batch=2)]
+    p, x, t = tokenize(["place the subject", "place"]), torch.randn(2, 3, 16, 16), torch.full((2,), 0.6)
+    dense = model.embed_references(refs, 2, p)
+    keep = torch.tensor([0, 3, 5, 16, 20])  # tokens of both references
+    copies = torch.tensor([1, 3, 1, 2, 4])
+    rep = keep.repeat_interleave(copies)
+    many = TokenSeq(dense.tokens[:, rep], dense.ids[:, rep], None, dense.grids)
+    one = TokenSeq(dense.tokens[:, keep], dense.ids[:, keep], None, dense.grids,
+                   copies.float().expand(2, -1).clone())
+    want = model(x, t, many, p)
+    torch.testing.assert_close(model(x, t, one, p), want, atol=2e-5, rtol=0)
+    assert not torch.allclose(model(x, t, TokenSeq(one.tokens, one.ids, None, one.grids), p), want, atol=1e-3)
+    if separate:
+        torch.testing.assert_close(model(x, t, None, p, context_kv=model.context_kv(one, p)), model(x, t, one, p),
+                                   atol=0, rtol=0)
+    padded = TokenSeq(torch.cat([one.tokens, one.tokens[:, :1]], 1), torch.cat([one.ids, one.ids[:, :1]], 1),
+                      torch.tensor([[True] * 5 + [False]] * 2), one.grids, torch.cat([one.sizes, one.sizes[:, :1]], 1))
+    torch.testing.assert_close(model(x, t, padded, p), want, atol=2e-5, rtol=0)  # padding stays masked

@@ -313,6 +313,10 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         raise TypeError(
             f"Sparse Context does not support layered {type(transformer).__name__}s (use_layer3d_rope, "
             "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
+    if cfg.proportional:
+        raise ValueError("proportional=True is implemented for RefDiT only (it adds a per-token bias to the "
+                         "attention logits, which diffusers' attention processors do not take); use "
+                         "proportional=False")
     if cfg.selector != "auto" and needs_probe(cfg.selector):
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "

@@ -182,14 +182,16 @@ class JointAttention(nn.Module):
         x_rope: Tensor,  # (B, Nt, Dh/2, 2)
         ctx: Tensor | None = None,  # (B, Nc, D) context tokens (joint mode)
         ctx_rope: Tensor | None = None,
-        ctx_valid: Tensor | None = None,  # (B, Nc) bool, None = all valid
+        ctx_valid: Tensor | None = None,  # (B, Nc) bool or float logit bias (RefDiT.context), None = all valid
         ctx_kv: tuple[Tensor, Tensor] | None = None,  # context (k, v) computed elsewhere (cached mode)
     ) -> tuple[Tensor, Tensor | None]:
         """Target output, and the context output when ``ctx`` is given (joint mode)."""
         mask = None
         if ctx_valid is not None and (ctx is not None or ctx_kv is not None):
-            ones = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-            mask = torch.cat([ones, ctx_valid], 1)[:, None, None, :]
+            # target keys: always valid (True), or no bias (0.0)
+            own = torch.full((x.shape[0], x.shape[1]), ctx_valid.dtype == torch.bool, dtype=ctx_valid.dtype,
+                             device=x.device)
+            mask = torch.cat([own, ctx_valid], 1)[:, None, None, :]
         if ctx is not None:  # joint: one projection and one attention over target + context
             nt = x.shape[1]
             q, k, v = self.qkv_heads(torch.cat([x, ctx], 1), torch.cat([x_rope, ctx_rope], 1))

@@ -326,7 +326,12 @@ class RefDiT(nn.Module):
         return self.ref_embedder(list(refs), prompt_ids=prompt_ids)
 
     def context(self, refs: TokenSeq | None, prompt_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """Context tokens ``(B, Nc, D)``, their ids, valid mask (None = all valid) and pooled prompt."""
+        """Context tokens ``(B, Nc, D)``, their ids, valid mask and pooled prompt.
+
+        The mask is ``None`` (all valid), ``(B, Nc)`` bool, or -- when the references carry ``sizes``
+        (proportional Sparse Context) -- a float ``(B, Nc)`` added to the attention logits: ``log(size)`` for
+        reference tokens, 0 for prompt tokens, ``-inf`` for padding.
+        """
         txt, txt_valid, pooled = self.prompt_embedder(prompt_ids)
         b = txt.shape[0]
         txt_ids = torch.zeros(b, txt.shape[1], 3, dtype=torch.long, device=txt.device)
@@ -334,9 +339,12 @@ class RefDiT(nn.Module):
             return txt, txt_ids, (None if bool(txt_valid.all()) else txt_valid), pooled
         ref_valid = refs.valid if refs.valid is not None else torch.ones(refs.tokens.shape[:2], dtype=torch.bool,
                                                                           device=txt.device)
-        valid = torch.cat([txt_valid, ref_valid], 1)
+        valid = torch.cat([txt_valid, ref_valid.to(txt.device)], 1)
         ctx = torch.cat([txt, refs.tokens], 1)
         ids = torch.cat([txt_ids, refs.ids.to(txt.device)], 1)
+        if refs.sizes is not None:
+            log_size = torch.cat([torch.zeros_like(txt_valid, dtype=torch.float32), refs.sizes.to(txt.device).log()], 1)
+            return ctx, ids, log_size.masked_fill(~valid, float("-inf")), pooled
         return ctx, ids, (None if bool(valid.all()) else valid), pooled
 
     # -- forward ------------------------------------------------------------------------------------
@@ -384,14 +392,19 @@ class RefDiT(nn.Module):
             if not 0 <= lo <= hi < cfg.vocab_size:
                 raise ValueError(f"prompt_ids must be word ids in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
 
+    def require_cacheable_context(self, what: str) -> None:
+        """Raise ``ValueError`` naming ``what`` unless the context's K/V are the same at every step."""
+        if self.config.ref_attends_target:
+            raise ValueError(f"{what} needs a model built with ref_attends_target=False (e.g. 'refdit-sparse' or "
+                             "'refdit-s-kv'): here the references attend to the target, so their K/V change every "
+                             "step")
+
     def check_context_kv(self, context_kv: ContextKV, batch: int) -> None:
         """Raise ``TypeError`` / ``ValueError`` unless ``context_kv`` is this model's cache for ``batch`` samples."""
         if not isinstance(context_kv, ContextKV):
             raise TypeError(f"context_kv must be a ContextKV from model.context_kv(...), got "
                             f"{type(context_kv).__name__}")
-        if self.config.ref_attends_target:
-            raise ValueError("context_kv needs a model built with ref_attends_target=False: here the references "
-                             "attend to the target, so their K/V change every step")
+        self.require_cacheable_context("context_kv")
         if len(context_kv.layers) != len(self.blocks):
             raise ValueError(f"context_kv holds {len(context_kv.layers)} layers, this model has {len(self.blocks)}")
         if context_kv.pooled.shape[0] != batch:
@@ -415,8 +428,7 @@ class RefDiT(nn.Module):
     @torch.no_grad()
     def context_kv(self, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor) -> ContextKV:
         """Run the context stream once and return every block's context K/V (``ref_attends_target=False``)."""
-        if self.config.ref_attends_target:
-            raise ValueError("context K/V are step-independent only in models built with ref_attends_target=False")
+        self.require_cacheable_context("context_kv")
         self.check_prompt_ids(prompt_ids)
         b = prompt_ids.shape[0]
         ctx, ctx_ids, ctx_valid, pooled = self.context(self.embed_references(refs, b, prompt_ids), prompt_ids)
