@@ -145,8 +145,9 @@ def test_bad_match_arguments() -> None:
         bipartite_soft_matching(x[0], (4, 4), ratio=0.5)
     with pytest.raises(ValueError, match=r"\(B, N, C\)"):
         match(x[0], torch.ones(16, dtype=torch.bool), num=1)
-    with pytest.raises(TypeError, match="recompute_steps"):
-        TokenMergingConfig(recompute_steps=5)
+    for bad in (5, "5", {1: 2}):  # a mapping is not a list of steps (its keys were taken for one)
+        with pytest.raises(TypeError, match="recompute_steps"):
+            TokenMergingConfig(recompute_steps=bad)
 
 
 def test_random_destinations_one_per_cell() -> None:

@@ -55,11 +55,19 @@ def generate(
     references: PIL images, arrays or tensors in [0, 1], each one image (``(3, H, W)``, ``(H, W, 3)``, ...) or a
         batch (a 4-D tensor or array, ``(B, 3, H, W)`` / ``(B, H, W, 3)``); may be empty.
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
+    steps: denoising steps (Euler steps of the rectified flow from noise at ``t = 1`` to ``t = 0``), >= 1.
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
         ``seed[i]`` when a list is given. With guidance that routes tokens or drops the weak branch's
         references, those draws are seeded from the first seed for the whole batch, so a guided sample also
         depends on its batch; so does one under Sparse Context with ``selector="random"``, whose draws come
-        from the config's seed for the whole batch (every other selector is deterministic per sample).
+        from the config's seed for the whole batch (every other selector is deterministic per sample), and
+        one under adaptive token merging (``TokenMergingConfig(threshold=...)``), where the batch merges the
+        smallest of its samples' counts.
+    shift: timestep shift (``tokensparse.flow.timesteps``): ``> 1`` spends more steps near noise; in
+        ``[1e-4, 1e4]``.
+    sampler: a name from ``tokensparse.flow.SAMPLERS`` (``"euler"``).
+    callback: called as ``callback(step, x)`` after each step (``step`` from 0) with the current ``(B, 3, H, W)``
+        sample in the model's scale (images in ``[-1, 1]``), or ``None``.
     guidance: a :class:`~tokensparse.guidance.CFGConfig` or :class:`~tokensparse.guidance.SparseGuidanceConfig`
         (routing needs a model built with ``route_span``); ``None`` = one conditional dense pass per step.
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.

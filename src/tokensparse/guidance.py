@@ -52,7 +52,11 @@ def _check_scale(value: object) -> float:
 
 @dataclass
 class CFGConfig:
-    """Classifier-free guidance with scale ``scale`` (1.0 = unguided conditional; ``|scale| <= 1000``)."""
+    """Classifier-free guidance with scale ``scale`` (1.0 = unguided conditional; ``|scale| <= 1000``).
+
+    interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise) and run
+        the conditional pass alone elsewhere; ``None`` = every step.
+    """
 
     scale: float = 1.5
     interval: tuple[float, float] | None = None
@@ -73,6 +77,8 @@ class SparseGuidanceConfig:
         more (``strong < weak``), seeing fewer reference tokens (``weak_keep < 1``) or the null condition.
     null_weak: the CFG+SG variant.
     weak_keep: fraction of reference tokens the weak branch sees (``1.0`` = same as the strong branch).
+    interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise) and run
+        the strong branch alone elsewhere; ``None`` = every step.
     """
 
     scale: float = 1.5

@@ -32,7 +32,7 @@ samples disagree. Destinations are shared by the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -68,6 +68,7 @@ class TokenMergingConfig:
         unless ``center=False``) is at least ``threshold``, in ``[-1, inf)``. Cosine similarity never exceeds 1,
         so ``threshold > 1`` is the dense model. Centred similarities run lower than raw ones: on the shipped
         refdit-sparse-64px a centred 0.5 merges about as much as a raw 0.8 (~80 of 256 tokens per layer).
+        A batch merges the smallest of its samples' counts, so a sample's output depends on its batch.
     recompute_every: recompute a layer's matching every this many denoising steps and reuse it in between
         (``1``: every step, no cache).
     recompute_steps: explicit steps (0-based) at which to recompute; overrides ``recompute_every``.
@@ -102,11 +103,10 @@ class TokenMergingConfig:
             self.threshold = checks.real("threshold", self.threshold, -1.0)  # a cosine: below -1 merges all
         self.recompute_every = checks.integer("recompute_every", self.recompute_every, lo=1)
         if self.recompute_steps is not None:
-            if isinstance(self.recompute_steps, (str, bytes)) or not isinstance(self.recompute_steps, Iterable):
-                raise TypeError(f"recompute_steps must be a tuple of step indices, got "
-                                f"{type(self.recompute_steps).__name__}")
-            self.recompute_steps = tuple(sorted({checks.integer("recompute_steps", s, lo=0)
-                                                 for s in self.recompute_steps}))
+            steps = self.recompute_steps
+            if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+                raise TypeError(f"recompute_steps must be a tuple of step indices, got {type(steps).__name__}")
+            self.recompute_steps = tuple(sorted({checks.integer("recompute_steps", s, lo=0) for s in steps}))
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
             setattr(self, name, checks.flag(name, getattr(self, name)))
         self.max_downsample = checks.integer("max_downsample", self.max_downsample, lo=1)

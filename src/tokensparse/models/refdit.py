@@ -54,7 +54,22 @@ from .layers import (  # noqa: F401  (the building blocks, re-exported: importab
 
 @dataclass(frozen=True)
 class RefDiTConfig:
-    """Architecture of a RefDiT. ``image_size`` must be a multiple of ``patch_size``."""
+    """Architecture of a RefDiT.
+
+    image_size: side of the (square) target and reference images in pixels, a multiple of ``patch_size``.
+    patch_size: pixels per token side; ``channels``: image channels.
+    dim, depth, heads, mlp_ratio: width, number of blocks, attention heads (``dim % heads == 0``) and MLP
+        width over ``dim``.
+    max_refs: most reference images per call; vocab_size / max_prompt_len: prompt vocabulary slots (at least
+        ``tokensparse.vocab.VOCAB_SLOTS``) and the longest prompt in words.
+    rope_axes: how each head's dimensions split over the 3 RoPE axes (reference index, row, col): even, summing
+        to ``dim // heads``; rope_theta: RoPE base.
+    ref_attends_target: ``True``: one joint attention over target and context; ``False``: the context never
+        sees the target and is modulated at ``t = 0``, so its K/V can be cached (``SparseContextConfig(cache=True)``).
+    route_span: ``(start, end)`` blocks that routed target tokens skip (TREAD, Sparse Guidance's branches), or
+        ``None``.
+    text_depth: transformer blocks over the prompt before the DiT (``0``: word and position embeddings only).
+    """
 
     image_size: int = 32
     patch_size: int = 4
@@ -66,11 +81,11 @@ class RefDiTConfig:
     max_refs: int = 4
     vocab_size: int = VOCAB_SLOTS
     max_prompt_len: int = MAX_PROMPT_LEN
-    rope_axes: tuple[int, int, int] = (8, 12, 12)  # head-dim split over (ref index, row, col)
+    rope_axes: tuple[int, int, int] = (8, 12, 12)
     rope_theta: float = 10_000.0
     ref_attends_target: bool = True
-    route_span: tuple[int, int] | None = None  # TREAD: routed target tokens skip blocks [start, end)
-    text_depth: int = 0  # transformer blocks over the prompt before the DiT (0 = word + position embeddings only)
+    route_span: tuple[int, int] | None = None
+    text_depth: int = 0
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
