@@ -6,6 +6,8 @@
 For each family of the held-out suite and keep in {1, 0.5, 0.25, 0.1} (random selection, fixed seed):
 PSNR, coarse PSNR (layout) and SSIM against the exact ground truth, mean and 95 % interval; the
 copy-reference and mean-image floors; and the reference-blind floor (the sparse model with no references).
+Both models also run at keep 0.25 with ``proportional=True`` (dropped tokens' attention mass handed to their
+nearest kept token; summary ``proportional_gain_db_keep025[model][family]``, over plain random 0.25).
 Writes JSON with a `summary` and a PNG plot next to it.
 """
 
@@ -43,26 +45,29 @@ def main() -> None:
     size = models["base"].config.image_size
     data = heldout_by_family(n, size)
 
-    results: dict = {"floors": {}, "base": {}, "sparse": {}, "ref_blind": {}}
+    results: dict = {"floors": {}, "base": {}, "sparse": {}, "ref_blind": {}, "proportional": {}}
     for fam, samples in data.items():
         target = torch.stack([s.target for s in samples])
         results["floors"][fam] = {
             name: stats({"psnr": psnr(pred, target), "coarse_psnr": coarse_psnr(pred, target),
                          "ssim": ssim(pred, target)})
             for name, pred in floors(samples).items()}
-    total, done = len(models) * len(KEEPS) + 1, 0
-    for label, model in models.items():
-        for keep in KEEPS:
-            progress(done, total, f"{label} keep {keep}")
-            done += 1
-            cache = not model.config.ref_attends_target  # the exact K/V cache wherever the model supports it
-            ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="random", seed=args.seed,
-                                                                  cache=cache))
-            for fam, samples in data.items():
-                results[label].setdefault(str(keep), {})[fam] = stats(evaluate(model, samples, steps))
-            print(f"{label} keep={keep}: " + ", ".join(
-                f"{f} {results[label][str(keep)][f]['psnr']['mean']:.2f}" for f in FAMILIES), flush=True)
+    runs = [(label, keep, False) for label in models for keep in KEEPS] + [(label, 0.25, True) for label in models]
+    total = len(runs) + 1
+    for done, (label, keep, prop) in enumerate(runs):
+        name = f"{label} proportional" if prop else label
+        progress(done, total, f"{name} keep {keep}")
+        model = models[label]
+        cache = not model.config.ref_attends_target  # the exact K/V cache wherever the model supports it
+        ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="random", seed=args.seed,
+                                                              cache=cache, proportional=prop))
+        where = results["proportional"].setdefault(label, {}) if prop else results[label]
+        for fam, samples in data.items():
+            where.setdefault(str(keep), {})[fam] = stats(evaluate(model, samples, steps))
         ts.remove_sparse_context(model)
+        print(f"{name} keep={keep}: " + ", ".join(f"{f} {where[str(keep)][f]['psnr']['mean']:.2f}" for f in FAMILIES),
+              flush=True)
+    done = len(runs)
     progress(done, total, "no references")
     for fam, samples in data.items():
         results["ref_blind"][fam] = stats(evaluate(models["sparse"], samples, steps, use_refs=False))
@@ -80,6 +85,9 @@ def main() -> None:
             for f in FAMILIES},
         "ft_gain_db_keep025": {f: p("sparse", 0.25, f) - p("base", 0.25, f) for f in FAMILIES},
         "ft_cost_db_keep1": {f: p("base", 1.0, f) - p("sparse", 1.0, f) for f in FAMILIES},
+        "proportional_gain_db_keep025": {
+            label: {f: results["proportional"][label]["0.25"][f]["psnr"]["mean"] - p(label, 0.25, f) for f in FAMILIES}
+            for label in models},
         # ft_gain = ft_robustness - ft_cost: how much less the fine-tune loses to dropping, vs general training
         "ft_robustness_db_keep025": {f: (p("sparse", 0.25, f) - p("sparse", 1.0, f))
                                      - (p("base", 0.25, f) - p("base", 1.0, f)) for f in FAMILIES},
@@ -91,7 +99,8 @@ def main() -> None:
     progress(total, total, "done")
     write_json(args.out, payload, figure(payload), dpi=110)
     for k, v in summary.items():
-        print(k, {f: round(x, 2) for f, x in v.items()})
+        print(k, {f: round(x, 2) if isinstance(x, float) else {g: round(y, 2) for g, y in x.items()}
+                  for f, x in v.items()})
     print(f"wrote {args.out}")
 
 

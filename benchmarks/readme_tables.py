@@ -132,13 +132,20 @@ def quality() -> None:
             at = res[label][str(keep)]
             cells = [f"{at[f]['psnr']['mean']:.2f} ({at[f]['coarse_psnr']['mean']:.2f})" for f in fams]
             print(f"| {d['models'][label]} | {keep:g} | " + " | ".join(cells) + " |")
+    for label, by_keep in res.get("proportional", {}).items():
+        for keep, at in by_keep.items():
+            cells = [f"{at[f]['psnr']['mean']:.2f} ({at[f]['coarse_psnr']['mean']:.2f})" for f in fams]
+            print(f"| {d['models'][label]}, `proportional=True` | {float(keep):g} | " + " | ".join(cells) + " |")
     print("| no references (sparse model) | – | " + " | ".join(
         f"{res['ref_blind'][f]['psnr']['mean']:.2f}" for f in fams) + " |")
     for name in ("copy_ref", "mean_image"):
         print(f"| floor: {name} | – | " + " | ".join(
             f"{res['floors'][f][name]['psnr']['mean']:.2f}" for f in fams) + " |")
-    print("\nSummary (dB): " + "; ".join(
-        f"`{k}` " + ", ".join(f"{f} {v:+.2f}" for f, v in vals.items()) for k, vals in d["summary"].items()) + "\n")
+    def cells(vals: dict) -> str:
+        return ", ".join(f"{f} {v:+.2f}" if isinstance(v, float) else f"{d['models'][f]} ({cells(v)})"
+                         for f, v in vals.items())
+
+    print("\nSummary (dB): " + "; ".join(f"`{k}` {cells(vals)}" for k, vals in d["summary"].items()) + "\n")
 
 
 def drop_sweep() -> None:
