@@ -98,7 +98,7 @@ def test_corrupt_or_misfitting_checkpoints_are_value_errors(tmp_path):
 
 def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
     from tokensparse.models import build_model, load_checkpoint, save_checkpoint
-    from tokensparse.train import _load_into, _with_lora, init_model
+    from tokensparse.train import _with_lora, init_model, load_into
 
     from .conftest import randomize
 
@@ -118,7 +118,7 @@ def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
     exported = load_checkpoint(export_ema(tmp_path / "run", tmp_path / "w.safetensors"))  # a plain RefDiT
     assert not any("lora" in k or "base_layer" in k for k in exported.state_dict())
     adapted = _with_lora(build_model("refdit-tiny"), 2)
-    _load_into(adapted, load_file(str(ckpt / "ema.safetensors")))
+    load_into(adapted, load_file(str(ckpt / "ema.safetensors")))
     x, t, p = torch.randn(2, 3, 16, 16), torch.full((2,), 0.6), torch.zeros(2, 1, dtype=torch.long)
     refs = [torch.rand(2, 3, 16, 16) * 2 - 1]
     with torch.no_grad():

@@ -8,34 +8,39 @@ window).
 
 Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema.safetensors``,
 ``optim.pt`` (tensors only, loaded with ``weights_only=True``) and ``state.json``; each is written to a
-temp folder and renamed, then ``<out>/latest`` is replaced atomically. The resolved config is saved as
-``<out>/config.json``.
+temp folder and renamed, then ``<out>/latest`` is replaced atomically (:mod:`.run_checkpoints`). The resolved
+config is saved as ``<out>/config.json``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pickle
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from . import checks
 from .api import reference_views
 from .context import SparseContextConfig
-from .files import default_mode, read_safetensors
+from .files import read_safetensors
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
 from .models.zoo import build_model, save_checkpoint
+from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint: importable from here)
+    latest_checkpoint,
+    load_into,
+    load_optim,
+    read_part,
+    read_state,
+    save_run_checkpoint,
+    state_tensors,
+)
 from .selection import SCORERS, RefView, budget_masks, needs_probe, score_views, shares_budget, topk_mask
 from .vocab import detokenize, tokenize
 
@@ -194,107 +199,8 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
+# Starting points
 # --------------------------------------------------------------------------------------------------
-
-
-def _state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
-    seen, out = set(), {}
-    for k, v in model.state_dict().items():  # shared tensors (patch_embed) saved once
-        if v.data_ptr() in seen:
-            continue
-        seen.add(v.data_ptr())
-        out[k] = v.detach().contiguous().clone()
-    return out
-
-
-def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
-                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2) -> Path:
-    """Write ``out/step_N`` atomically (a temp folder renamed into place, then the ``latest`` pointer) with the
-    weights, EMA, optimizer state and ``state`` JSON; keep the ``keep_last`` newest. Returns the folder."""
-    final = out / f"step_{step:07d}"
-    tmp = out / f".step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file({k: v.cpu() for k, v in _state_tensors(model).items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        for name in ("model.safetensors", "ema.safetensors"):
-            default_mode(tmp / name)  # safetensors writes owner-only files
-        torch.save(opt.state_dict(), tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # moved aside, not deleted first: ``latest`` may point to it until the new one is in place
-        old = out / f".step_{step:07d}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    latest_tmp = out / "latest.tmp"
-    latest_tmp.write_text(final.name)
-    latest_tmp.replace(out / "latest")
-    for old in sorted(out.glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:
-    """``read(ckpt / name)``, a damaged or missing file raised as ``ValueError`` naming it."""
-    try:
-        return read(ckpt / name)
-    except Exception as exc:  # safetensors, torch.load and OS errors alike
-        raise ValueError(f"checkpoint {ckpt}: cannot read {name} ({exc}); delete that folder to resume from the "
-                         "newest one before it, or use a new --out") from None
-
-
-def _read_state(ckpt: Path) -> dict:
-    """A checkpoint's ``state.json``; ``ValueError`` naming it when damaged."""
-    state = _read_part(ckpt, "state.json", lambda p: json.loads(p.read_text()))
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
-            state.get("elapsed_s"), (int, float)):
-        raise ValueError(f"checkpoint {ckpt}: state.json lacks an integer step or a number elapsed_s; delete that "
-                         "folder to resume from the newest one before it, or use a new --out")
-    state.setdefault("evals", [])
-    state.setdefault("losses", [])
-    return state
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint folder ``out/latest`` points to; where that is missing (deleted, or a save interrupted
-    before the pointer was written), the newest complete ``step_*`` folder; ``None`` when there is none."""
-    ptr = out / "latest"
-    if ptr.is_file():
-        path = out / ptr.read_text().strip()
-        if (path / "state.json").is_file():
-            return path
-    done = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def _load_optim(path: Path) -> dict:
-    """An ``optim.pt`` (tensors only: ``weights_only=True``, nothing else is unpickled)."""
-    try:
-        return torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # damaged, or holds more than tensors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"not a tensors-only torch file ({first[:160]})") from None
-
-
-def _load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:  # shapes differ: another architecture
-        own = model.state_dict()
-        mismatched = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
-        raise ValueError(f"checkpoint does not fit the model: {len(mismatched)} tensors of another shape "
-                         f"(e.g. {mismatched[:3]})") from exc
-    shared_ok = all(k.startswith("ref_embedder.patch_embed.") for k in missing)
-    if unexpected or not shared_ok:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 def init_model(cfg: TrainConfig) -> RefDiT:
@@ -314,7 +220,7 @@ def init_model(cfg: TrainConfig) -> RefDiT:
     # weights go into cfg.model's architecture, so a joint-attention checkpoint can start a K/V-cache
     # (ref_attends_target=False) model: the two have the same parameters
     model = build_model(cfg.model)
-    _load_into(model, {k: v.float() for k, v in tensors.items()})
+    load_into(model, {k: v.float() for k, v in tensors.items()})
     return model
 
 
@@ -329,7 +235,7 @@ def run_ema(run: str | Path) -> tuple[RefDiT, TrainConfig, Path]:
     model = build_model(cfg.model)
     if cfg.lora_rank > 0:  # the EMA holds the frozen base and the adapters: load both, then merge them
         model = _with_lora(model, cfg.lora_rank)
-    _load_into(model, read_safetensors(ckpt / "ema.safetensors"))
+    load_into(model, read_safetensors(ckpt / "ema.safetensors"))
     return (_merge_lora(model) if cfg.lora_rank > 0 else model), cfg, ckpt
 
 
@@ -358,23 +264,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         model = _with_lora(model, cfg.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema = {k: v.detach().clone().float() for k, v in _state_tensors(model).items()}
+    ema = {k: v.detach().clone().float() for k, v in state_tensors(model).items()}
     state: dict = {"step": 0, "elapsed_s": 0.0, "evals": [], "losses": []}
 
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = _read_state(ckpt)
+        state = read_state(ckpt)
         if state["step"] > cfg.steps:  # checked before config.json is rewritten: the run folder stays as it was
             raise ValueError(f"run folder {out} is at step {state['step']}, past the recipe's steps={cfg.steps}; "
                              "give steps >= that to train on, or a new --out")
-        weights = _read_part(ckpt, "model.safetensors", read_safetensors)
+        weights = read_part(ckpt, "model.safetensors", read_safetensors)
         try:
-            _load_into(model, weights)
+            load_into(model, weights)
         except ValueError as exc:
             raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
                              f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
-        ema = _read_part(ckpt, "ema.safetensors", read_safetensors)
-        optim = _read_part(ckpt, "optim.pt", _load_optim)
+        ema = read_part(ckpt, "ema.safetensors", read_safetensors)
+        optim = read_part(ckpt, "optim.pt", load_optim)
         try:
             opt.load_state_dict(optim)
         except (ValueError, KeyError, TypeError) as exc:
@@ -436,7 +342,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         step += 1
         with torch.no_grad():
             d = min(cfg.ema, (1 + step) / (10 + step))
-            current = _state_tensors(raw)
+            current = state_tensors(raw)
             torch._foreach_lerp_([ema[k] for k in current], [v.float() for v in current.values()], 1 - d)
         window.append(float(loss.detach()))
         if bar is not None:
@@ -496,7 +402,7 @@ def ema_model(raw: RefDiT, ema: dict[str, Tensor]) -> RefDiT:
     """A copy of ``raw`` holding the EMA weights, in eval mode."""
     model = build_model(raw.config)
     ref = next(raw.parameters())
-    _load_into(model, {k: v.to(ref.dtype) for k, v in ema.items()})
+    load_into(model, {k: v.to(ref.dtype) for k, v in ema.items()})
     return model.to(ref.device).eval()
 
 
@@ -522,7 +428,7 @@ def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
                dtype: torch.dtype = torch.float32) -> Path:
     """Write the latest EMA weights of a run as a shippable checkpoint (safetensors + JSON)."""
     model, cfg, ckpt = run_ema(run)
-    state = _read_state(ckpt)
+    state = read_state(ckpt)
     info = {"recipe": asdict(cfg), "step": state["step"], "wall_minutes": state["elapsed_s"] / 60,
             "evals": state.get("evals", []), **(meta or {})}
     save_checkpoint(model, path, info, dtype=dtype)

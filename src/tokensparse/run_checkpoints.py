@@ -1,0 +1,123 @@
+"""A training run's checkpoint folders: atomic save, the ``latest`` pointer with its fallback, and reads that
+name a damaged file.
+
+``<out>/step_<k>/`` holds ``model.safetensors``, ``ema.safetensors``, ``optim.pt`` (tensors only, loaded with
+``weights_only=True``) and ``state.json``; each folder is written to a temp folder and renamed, then
+``<out>/latest`` is replaced atomically. :mod:`.train` writes and resumes them.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .files import default_mode
+
+
+def state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A module's state as detached contiguous copies, each shared tensor once."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():  # shared tensors (patch_embed) saved once
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().contiguous().clone()
+    return out
+
+
+def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
+                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2) -> Path:
+    """Write ``out/step_N`` atomically (a temp folder renamed into place, then the ``latest`` pointer) with the
+    weights, EMA, optimizer state and ``state`` JSON; keep the ``keep_last`` newest. Returns the folder."""
+    final = out / f"step_{step:07d}"
+    tmp = out / f".step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.cpu() for k, v in state_tensors(model).items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        for name in ("model.safetensors", "ema.safetensors"):
+            default_mode(tmp / name)  # safetensors writes owner-only files
+        torch.save(opt.state_dict(), tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # moved aside, not deleted first: ``latest`` may point to it until the new one is in place
+        old = out / f".step_{step:07d}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    latest_tmp = out / "latest.tmp"
+    latest_tmp.write_text(final.name)
+    latest_tmp.replace(out / "latest")
+    for old in sorted(out.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(ckpt / name)``, a damaged or missing file raised as ``ValueError`` naming it."""
+    try:
+        return read(ckpt / name)
+    except Exception as exc:  # safetensors, torch.load and OS errors alike
+        raise ValueError(f"checkpoint {ckpt}: cannot read {name} ({exc}); delete that folder to resume from the "
+                         "newest one before it, or use a new --out") from None
+
+
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's ``state.json``; ``ValueError`` naming it when damaged."""
+    state = read_part(ckpt, "state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
+            state.get("elapsed_s"), (int, float)):
+        raise ValueError(f"checkpoint {ckpt}: state.json lacks an integer step or a number elapsed_s; delete that "
+                         "folder to resume from the newest one before it, or use a new --out")
+    state.setdefault("evals", [])
+    state.setdefault("losses", [])
+    return state
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint folder ``out/latest`` points to; where that is missing (deleted, or a save interrupted
+    before the pointer was written), the newest complete ``step_*`` folder; ``None`` when there is none."""
+    ptr = out / "latest"
+    if ptr.is_file():
+        path = out / ptr.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    done = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_optim(path: Path) -> dict:
+    """An ``optim.pt`` (tensors only: ``weights_only=True``, nothing else is unpickled)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # damaged, or holds more than tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a tensors-only torch file ({first[:160]})") from None
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load ``tensors`` into ``model``; ``ValueError`` unless they fit (only shared tensors may be missing)."""
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shapes differ: another architecture
+        own = model.state_dict()
+        mismatched = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+        raise ValueError(f"checkpoint does not fit the model: {len(mismatched)} tensors of another shape "
+                         f"(e.g. {mismatched[:3]})") from exc
+    shared_ok = all(k.startswith("ref_embedder.patch_embed.") for k in missing)
+    if unexpected or not shared_ok:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
