@@ -67,21 +67,30 @@ def progress(done: int, total: int, what: str) -> None:
     print(f"[{done}/{total}] {what}", flush=True)
 
 
-def write_json(path: Path, payload: dict, figure: Any = None, dpi: int = 110) -> None:
-    """Atomic JSON write with a small provenance header, and the plot ``figure`` (a matplotlib figure, closed
-    here) beside it as ``path`` with ``.png``.
+def write_json(path: Path, payload: dict, plot: Callable[[], Any] | None = None, dpi: int = 110) -> None:
+    """Atomic JSON write with a small provenance header, and the matplotlib figure ``plot()`` returns (``None``:
+    no plot; the figure is closed here) beside it as ``path`` with ``.png``.
 
-    Both are rendered to temp files first and renamed last, PNG then JSON: an interrupt or a failure leaves the
-    previous pair as it was and no temp file behind.
+    Both are rendered to temp files first and renamed at the end, one right after the other (PNG, then JSON):
+    an interrupt leaves the previous pair and no temp file. A plot that fails does not cost the results: the
+    JSON is written, the previous PNG (which no longer matches it) removed, and the error raised.
     """
     payload = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, png, png_tmp = path.with_suffix(".json.tmp"), path.with_suffix(".png"), path.with_suffix(".png.tmp")
+    figure, failed = None, None
     try:
         tmp.write_text(json.dumps(payload, indent=2, default=str))
-        if figure is not None:
-            figure.savefig(png_tmp, dpi=dpi, format="png")
+        try:
+            figure = plot() if plot is not None else None
+            if figure is not None:
+                figure.savefig(png_tmp, dpi=dpi, format="png")
+        except Exception as exc:  # noqa: BLE001  (re-raised below, once the results are safe)
+            failed = exc
+            png_tmp.unlink(missing_ok=True)
+            png.unlink(missing_ok=True)
+        if png_tmp.exists():
             png_tmp.replace(png)
         tmp.replace(path)
     except BaseException:
@@ -90,9 +99,9 @@ def write_json(path: Path, payload: dict, figure: Any = None, dpi: int = 110) ->
         raise
     finally:
         if figure is not None:
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+            pyplot().close(figure)
+    if failed is not None:
+        raise RuntimeError(f"wrote {path}, but its plot failed") from failed
 
 
 def pyplot() -> Any:

@@ -197,7 +197,7 @@ def main() -> None:
 
 def finish(payload: dict, out: Path, summary: dict) -> None:
     progress(1, 1, "done")
-    write_json(out, payload, figure(payload), dpi=120)
+    write_json(out, payload, lambda: figure(payload), dpi=120)
     for k, v in summary.items():
         print(k, v)
     print(f"wrote {out}")

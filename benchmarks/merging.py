@@ -310,7 +310,7 @@ def main() -> None:
                       "note": "shared 2-core machine, one torch thread; speedups are ratios of median CPU "
                               "(process) times within one part's run; wall-clock ratios are stored too"}
     out["quick"] = args.quick
-    write_json(args.out, out, figure(out), dpi=120)
+    write_json(args.out, out, lambda: figure(out), dpi=120)
     print(json.dumps(out["summary"], indent=2))
 
 

@@ -97,7 +97,7 @@ def main() -> None:
                "kv_cache": {k: not m.config.ref_attends_target for k, m in models.items()},
                "wall_s": time.time() - t0, "summary": summary, "results": results}
     progress(total, total, "done")
-    write_json(args.out, payload, figure(payload), dpi=110)
+    write_json(args.out, payload, lambda: figure(payload), dpi=110)
     for k, v in summary.items():
         print(k, {f: round(x, 2) if isinstance(x, float) else {g: round(y, 2) for g, y in x.items()}
                   for f, x in v.items()})

@@ -140,6 +140,9 @@ def main() -> None:
                     help="selectors also run with proportional=True (empty: none)")
     ap.add_argument("--skip-overhead", action="store_true", help="do not time selection (exploration)")
     args = ap.parse_args()
+    proportional = [s for s in args.proportional.split(",") if s]
+    if any(s not in SCORERS for s in proportional):
+        ap.error(f"--proportional takes a comma list of selectors from {sorted(SCORERS)}")
     n, steps = (8, 5) if args.quick else (args.n, args.steps)
     keeps = (0.25,) if args.quick else tuple(float(k) for k in args.keeps.split(",") if k)
     masses = (0.8, 0.95) if args.quick else tuple(float(m) for m in args.masses.split(",") if m)
@@ -154,9 +157,6 @@ def main() -> None:
         res["dense"][fam] = run(model, None, samples, steps)
     print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
     adaptive = [s for s in args.adaptive.split(",") if s]
-    proportional = [s for s in args.proportional.split(",") if s]
-    if any(s not in SCORERS for s in proportional):
-        ap.error(f"--proportional takes a comma list of selectors from {sorted(SCORERS)}")
     total = ((len(selectors) + len(proportional)) * len(keeps)
              + (len(adaptive) + len(set(adaptive) & set(proportional))) * len(masses))
     done = 0
@@ -189,31 +189,29 @@ def main() -> None:
     def p(sel: str, keep: float, fam: str, where: dict = res) -> float:
         return where["fixed"][sel][str(keep)][fam]["psnr"]["mean"]
 
-    def taskaware(where: dict) -> tuple[dict, dict, dict | None]:
+    def taskaware(where: dict) -> tuple[dict, dict, tuple[dict, dict] | None]:
         """Dense minus the task-aware default within a 25 % budget (auto at 25 %, or the adaptive default
-        where it keeps <= 25 % and does better), the config that gave it, and the adaptive default's drop."""
+        where it keeps <= 25 % and does better), the config that gave it, and the adaptive default's drop and
+        kept fraction (None when not run)."""
         drop = {f: res["dense"][f]["psnr"]["mean"] - p("auto", 0.25, f, where) for f in fams}
         config = {f: "auto keep 0.25" for f in fams}
         default_mass = str(ts.SparseContextConfig().mass)
         ada = where["adaptive"].get("auto", {}).get(default_mass)
-        ada_drop = None
-        if ada is not None:
-            ada_drop = {f: res["dense"][f]["psnr"]["mean"] - ada[f]["psnr"]["mean"] for f in fams}
-            for f in fams:
-                if ada[f]["kept_frac"] <= 0.25 and ada_drop[f] < drop[f]:
-                    drop[f], config[f] = ada_drop[f], f"auto adaptive mass {default_mass}"
-        return drop, config, ada_drop
+        if ada is None:
+            return drop, config, None
+        ada_drop = {f: res["dense"][f]["psnr"]["mean"] - ada[f]["psnr"]["mean"] for f in fams}
+        for f in fams:
+            if ada[f]["kept_frac"] <= 0.25 and ada_drop[f] < drop[f]:
+                drop[f], config[f] = ada_drop[f], f"auto adaptive mass {default_mass}"
+        return drop, config, (ada_drop, {f: ada[f]["kept_frac"] for f in fams})
 
     summary: dict = {}
     if "auto" in selectors and "random" in selectors and 0.25 in keeps:
         summary["taskaware_minus_random_db"] = {f: p("auto", 0.25, f) - p("random", 0.25, f) for f in fams}
-        drop, config, ada_drop = taskaware(res)
+        drop, config, ada = taskaware(res)
         summary["taskaware_drop_db_keep025"], summary["taskaware_keep025_config"] = drop, config
-        if ada_drop is not None:
-            summary["taskaware_adaptive_drop_db"] = ada_drop
-            default_mass = str(ts.SparseContextConfig().mass)
-            summary["taskaware_adaptive_kept_frac"] = {f: res["adaptive"]["auto"][default_mass][f]["kept_frac"]
-                                                       for f in fams}
+        if ada is not None:
+            summary["taskaware_adaptive_drop_db"], summary["taskaware_adaptive_kept_frac"] = ada
     if 0.25 in keeps and proportional:
         prop = res["proportional"]
         summary["proportional_gain_db_keep025"] = {
@@ -232,19 +230,21 @@ def main() -> None:
             m = tokens_to_match(pts, p("random", 0.25, f))
             fr[f] = None if m is None else m / random_frac
         summary["adaptive_tokens_frac_at_random25"] = fr
+    timed = [("auto", "auto"), ("attention", "attention")] + (
+        [("auto proportional", "auto")] if "auto" in proportional else [])
     over = {} if args.skip_overhead else {
-        name: overhead(model, data[fams[-1]], sel, proportional=name.endswith("proportional"))
-        for name, sel in (("auto", "auto"), ("attention", "attention"), ("auto proportional", "auto"))}
+        name: overhead(model, data[fams[-1]], sel, proportional=name.endswith("proportional")) for name, sel in timed}
     if over:
         summary["selection_overhead_frac"] = over["auto"]["frac"]
         summary["selection_overhead_frac_attention"] = over["attention"]["frac"]
-        summary["selection_overhead_frac_proportional"] = over["auto proportional"]["frac"]
+        if "auto proportional" in over:
+            summary["selection_overhead_frac_proportional"] = over["auto proportional"]["frac"]
 
     payload = {"quick": args.quick, "model": args.model, "samples_per_family": n, "steps": steps,
                "keeps": list(keeps), "masses": list(masses), "selectors": selectors, "wall_s": time.time() - t0,
                "summary": summary, "overhead": over, "results": res}
     progress(total, total, "done")
-    write_json(args.out, payload, figure(payload), dpi=110)
+    write_json(args.out, payload, lambda: figure(payload), dpi=110)
     def rounded(v: object) -> object:
         return {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else \
             round(v, 3) if isinstance(v, float) else v

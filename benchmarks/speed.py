@@ -106,7 +106,7 @@ def main() -> None:
                "min_efficiency_with_merging": min(r["efficiency"] for r in main_rows if r["setting"] != "dense"),
                "tokens_per_image": 256}
     write_json(args.out, {"quick": args.quick, "steps": args.steps, "repeats": args.repeats, "wall_s": time.time() - t0,
-                          "summary": summary, "rows": rows}, figure(main_rows), dpi=110)
+                          "summary": summary, "rows": rows}, lambda: figure(main_rows), dpi=110)
     print(summary)
 
 

@@ -132,21 +132,27 @@ def _common():
     return mod
 
 
-def test_results_and_plot_are_replaced_together_or_not_at_all(tmp_path):
+def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_results(tmp_path):
     import json
+
+    from matplotlib.figure import Figure
 
     common = _common()
     plt = common.pyplot()
     out = tmp_path / "speed.json"
-    fig, ax = plt.subplots()
-    ax.plot([0, 1], [1, 2])
-    common.write_json(out, {"summary": {"x": 1}}, fig)
+    figs = []
+
+    def plot():
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 2])
+        figs.append(fig)
+        return fig
+
+    common.write_json(out, {"summary": {"x": 1}}, plot)
     assert json.loads(out.read_text())["summary"] == {"x": 1}
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not plt.fignum_exists(fig.number)  # closed after writing
+    assert not plt.fignum_exists(figs[0].number)  # closed after writing
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    from matplotlib.figure import Figure
 
     class Interrupted(Figure):  # Ctrl-C while the plot renders
         def savefig(self, path, **kwargs):
@@ -154,5 +160,13 @@ def test_results_and_plot_are_replaced_together_or_not_at_all(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        common.write_json(out, {"summary": {"x": 2}}, Interrupted())
+        common.write_json(out, {"summary": {"x": 2}}, Interrupted)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the old pair, and no temp files
+
+    def broken():
+        raise ValueError("no data to plot")
+
+    with pytest.raises(RuntimeError, match="its plot failed"):
+        common.write_json(out, {"summary": {"x": 3}}, broken)
+    assert json.loads(out.read_text())["summary"] == {"x": 3}  # the results are kept, the stale plot removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .context import SparseContextConfig, sparsify
 from .generation import reset_if_compiled
-from .models.layers import gated_add, modulate, patchify, rope_angles, timestep_embedding
+from .models.layers import gated_add, joint_mask, modulate, patchify, rope_angles, timestep_embedding
 from .models.refdit import RefDiT
 from .selection import RefView, needs_probe
 from .tokens import TokenSeq, ref_slices
@@ -88,19 +88,17 @@ def attention_probe(model: RefDiT, refs: TokenSeq, prompt_ids: Tensor, blocks: i
         qc, kc, vc = att.qkv_heads(modulate(blk.norm1(ctx), sa_c, ca_c), ctx_rope)
         k, v = torch.cat([kx, kc], 2), torch.cat([vx, vc], 2)
         logits = qx @ k.transpose(-1, -2) / math.sqrt(att.head_dim)  # (B, H, Nt, Nt + Nc)
-        if ctx_valid is not None:
-            keep = torch.cat([torch.ones(b, nt, dtype=torch.bool, device=dev), ctx_valid], 1)
-            logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+        mask = None if ctx_valid is None else joint_mask(ctx_valid, nt)  # bool, or a float logit bias (sizes)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
         mass += logits.softmax(-1)[..., -n_ref:].mean((1, 2)) / len(used)
         if i + 1 == len(used):
             break
         cmask = None if ctx_valid is None else ctx_valid[:, None, None, :]
         if blk.joint:  # one attention over target + context
-            mask = None if ctx_valid is None else keep[:, None, None, :]
             o = F.scaled_dot_product_attention(torch.cat([qx, qc], 2), k, v, attn_mask=mask)
             ax, ac = att.merge_heads(o[:, :, :nt]), att.merge_heads(o[:, :, nt:])
         else:  # context attends to context only; the target to both
-            mask = None if ctx_valid is None else keep[:, None, None, :]
             ax = att.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask))
             ac = att.merge_heads(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=cmask))
         h = gated_add(h, ga, ax)

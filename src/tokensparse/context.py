@@ -41,7 +41,9 @@ class SparseContextConfig:
     proportional: each dropped token hands its attention mass to the kept token of its reference nearest to
         it (scorer features: patch pixels): a kept token standing for ``s`` tokens gets ``log(s)`` added to its
         attention logits (:func:`tokensparse.tokens.stand_in_sizes`). Training-free, the same token count
-        and FLOPs; RefDiT only. Off by default, which is plain Sparse Context.
+        and FLOPs; RefDiT only. It helps random selection and ``auto`` at 25-50 %, but hurts subject
+        references where an informed selector keeps little more than the subject (keep 0.1, adaptive
+        budgets: the background's mass lands on a few subject tokens). Off by default.
     """
 
     keep: float = 1.0

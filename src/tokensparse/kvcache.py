@@ -16,7 +16,8 @@ from torch import Tensor
 
 @dataclass
 class ContextKV:
-    """Per-layer context keys/values ``(B, H, Nc, Dh)`` (RoPE applied), their valid mask, the pooled prompt."""
+    """Per-layer context keys/values ``(B, H, Nc, Dh)`` (RoPE applied), their mask as ``RefDiT.context`` gives it
+    (``None``, bool valid, or a float log-size bias), the pooled prompt."""
 
     layers: list[tuple[Tensor, Tensor]]
     valid: Tensor | None

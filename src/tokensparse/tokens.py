@@ -134,7 +134,9 @@ def scatter(y: Tensor, index: Tensor, valid: Tensor | None, n: int, fill: float 
 
 
 def subset(seq: TokenSeq, keep: Tensor) -> TokenSeq:
-    """Keep the tokens of a sequence where ``keep (B, N)`` is True (padding is never kept), ids and all."""
+    """Keep the tokens of a sequence where ``keep (B, N)`` is True (padding is never kept), ids and ``sizes``
+    too (the sizes of tokens dropped here are dropped with them, not handed on: :func:`stand_in_sizes` does
+    that)."""
     if seq.valid is not None:
         keep = keep & seq.valid
     if keep.shape != seq.tokens.shape[:2]:

@@ -52,9 +52,11 @@ def _ref_mass_from_hooks(model, refs_seq, prompt_ids, blocks):
         qx, kx, _ = mod.qkv_heads(h, x_rope)
         kc = mod.qkv_heads(ctx, ctx_rope)[1] if ctx is not None else kwargs["ctx_kv"][0]
         logits = qx @ torch.cat([kx, kc], 2).transpose(-1, -2) / math.sqrt(mod.head_dim)
-        if ctx_valid is not None:
+        if ctx_valid is not None and ctx_valid.dtype == torch.bool:
             keep = torch.cat([torch.ones(b, h.shape[1], dtype=torch.bool), ctx_valid], 1)
             logits = logits.masked_fill(~keep[:, None, None], float("-inf"))
+        elif ctx_valid is not None:  # log-size biases (proportional Sparse Context)
+            logits = logits + torch.cat([torch.zeros(b, h.shape[1]), ctx_valid], 1)[:, None, None]
         seen.append(logits.softmax(-1)[..., -refs_seq.tokens.shape[1]:].mean((1, 2)))
 
     handles = [blk.attn.register_forward_hook(hook, with_kwargs=True) for blk in model.blocks[:blocks]]
@@ -65,14 +67,17 @@ def _ref_mass_from_hooks(model, refs_seq, prompt_ids, blocks):
     return torch.stack(seen).mean(0)
 
 
+@pytest.mark.parametrize("sized", [False, True])
 @pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("kind", ["tiny", "tiny_kv"])
-def test_attention_probe_matches_the_real_forward(request, kind, blocks):
+def test_attention_probe_matches_the_real_forward(request, kind, blocks, sized):
     tiny = request.getfixturevalue(kind)
     refs = [r * 2 - 1 for r in make_refs(2, batch=2)]
     prompt_ids = ts.tokenize(["place subject top left", "relight warm"], tiny.config.max_prompt_len)
     with torch.no_grad():
         seq = tiny.embed_references(refs, 2)
+        if sized:  # tokens standing for several (TokenSeq.sizes): the probe biases their logits as the model does
+            seq.sizes = torch.randint(1, 4, seq.tokens.shape[:2], generator=torch.Generator().manual_seed(0)).float()
         probe = attention_probe(tiny, seq, prompt_ids, blocks=blocks)
     expected = _ref_mass_from_hooks(tiny, seq, prompt_ids, blocks)
     assert probe.shape == (2, 32) and bool((probe >= 0).all())

@@ -62,6 +62,14 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.view_as_real(xc * rc).flatten(-2).type_as(x)
 
 
+def joint_mask(ctx_valid: Tensor, nt: int) -> Tensor:
+    """The attention mask ``(B, 1, 1, nt + Nc)`` over ``nt`` target keys followed by the context's keys, from
+    the context's ``(B, Nc)`` mask: bool (target keys valid) or a float logit bias (target keys unbiased)."""
+    own = torch.full((ctx_valid.shape[0], nt), ctx_valid.dtype == torch.bool, dtype=ctx_valid.dtype,
+                     device=ctx_valid.device)
+    return torch.cat([own, ctx_valid], 1)[:, None, None, :]
+
+
 def route_index(batch: int, n: int, route: float, generator: torch.Generator | None, device) -> Tensor:
     """Sorted indices ``(B, n - round(route * n))`` of the target tokens that are *not* routed away."""
     keep = n - int(round(route * n))
@@ -188,10 +196,7 @@ class JointAttention(nn.Module):
         """Target output, and the context output when ``ctx`` is given (joint mode)."""
         mask = None
         if ctx_valid is not None and (ctx is not None or ctx_kv is not None):
-            # target keys: always valid (True), or no bias (0.0)
-            own = torch.full((x.shape[0], x.shape[1]), ctx_valid.dtype == torch.bool, dtype=ctx_valid.dtype,
-                             device=x.device)
-            mask = torch.cat([own, ctx_valid], 1)[:, None, None, :]
+            mask = joint_mask(ctx_valid, x.shape[1])
         if ctx is not None:  # joint: one projection and one attention over target + context
             nt = x.shape[1]
             q, k, v = self.qkv_heads(torch.cat([x, ctx], 1), torch.cat([x_rope, ctx_rope], 1))

@@ -9,7 +9,8 @@ One attention sequence holds three kinds of tokens, as in FLUX.1 Kontext / FLUX.
 Prompt and reference tokens together are the *context*. Every block modulates tokens with adaLN-zero
 from a conditioning vector ``c = time_embed(t) + text_pool(prompt)``. Position is given by a 3-axis
 RoPE over the ids, so a *sparse* reference (a subset of its tokens with their original ids) is still
-placed correctly: Sparse Context needs nothing from the model but fewer reference tokens.
+placed correctly: Sparse Context needs nothing from the model but fewer reference tokens (and, with
+``proportional=True``, their ``TokenSeq.sizes``, which :meth:`RefDiT.context` turns into logit biases).
 
 ``ref_attends_target=False`` makes the context causal-free of the target: context tokens attend only to
 context tokens and are modulated at the fixed time ``t = 0``, so their keys and values are the same at
