@@ -66,6 +66,7 @@ def test_train_rejects_a_bad_recipe_in_one_line(tmp_path, recipe, message):
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json"], ".safetensors"),
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json/w.safetensors"], "is a file"),
     (["train", "--config", "{tmp}/missing_init.json"], "not found"),
+    (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.safetensors"], "over the recipe"),
     (["bench", "speed", "--out", "{tmp}/r.json/x.json"], "is a file"),
     (["show", "tasks", "--image-size", "0", "--out", "{tmp}/t.png"], "image_size"),
 ])
@@ -115,3 +116,11 @@ def test_train_names_the_damaged_file_of_a_run_folder(tmp_path):
                                                                                          tmp_path / "run2"))
     res = CliRunner().invoke(app, ["train", "--config", str(recipe)])
     assert res.exit_code == 1 and "not a run folder" in res.output and not (tmp_path / "run2").exists()
+
+
+def test_train_with_nothing_to_export_fails_in_one_line(tmp_path):
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 2, "batch_size": 2, "stop_at": 0}')
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--out", str(tmp_path / "run"),
+                                   "--export", str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 1 and "nothing to export" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "w.safetensors").exists()

@@ -12,10 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tokensparse as ts
+from tokensparse.models import build_model, save_checkpoint
 from tokensparse.train import (
     DropConfig,
     TrainConfig,
     export_ema,
+    init_model,
     latest_checkpoint,
     lr_at,
     random_keep_mask,
@@ -317,7 +320,7 @@ def test_train_config_takes_a_drop_dict_and_a_missing_init_makes_no_folder(tmp_p
 def test_a_run_folder_of_another_model_is_refused_before_it_is_touched(tmp_path):
     train(tiny_cfg(tmp_path / "run", steps=2, ckpt_every=2), progress=False)
     saved = (tmp_path / "run" / "config.json").read_text()
-    with pytest.raises(ValueError, match="another model than the recipe's 'refdit-s'"):
+    with pytest.raises(ValueError, match="started with another recipe \\(model 'refdit-tiny' -> 'refdit-s'\\)"):
         train(tiny_cfg(tmp_path / "run", steps=4, model="refdit-s"), progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == saved  # the run can still be resumed / exported
     with pytest.raises(ValueError, match="at step 2, past the recipe's steps=1"):  # would silently not train
@@ -391,3 +394,51 @@ def test_each_step_is_saved_once_and_a_deleted_latest_falls_back_to_the_one_befo
     assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
     assert train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False).state["step"] == 3
     assert saves == [2, 3, 3]  # resumed from step 2, trained step 3 again
+
+
+def test_a_resume_keeps_the_recipe_and_the_process_count_it_started_with(tmp_path):
+    run = tmp_path / "run"
+    init = tmp_path / "init.safetensors"
+    save_checkpoint(build_model("refdit-tiny"), init)
+    train(tiny_cfg(run, steps=2, ckpt_every=2, init=str(init)), progress=False)
+    ckpt = latest_checkpoint(run)
+    assert json.loads((ckpt / "config.json").read_text())["lr"] == tiny_cfg(run).lr  # beside each checkpoint
+    assert json.loads((ckpt / "state.json").read_text())["num_processes"] == 1
+    saved = (run / "config.json").read_text()
+    for change, named in (({"lr": 1e-2}, "lr 0.0003 -> 0.01"), ({"drop": DropConfig()}, "drop None"),
+                          ({"seed": 5}, "seed 0 -> 5"), ({"tasks": ["place"]}, "tasks")):
+        with pytest.raises(ValueError, match=f"started with another recipe \\({named}"):
+            train(tiny_cfg(run, steps=4, init=str(init), **change), progress=False)
+    assert (run / "config.json").read_text() == saved  # refused before anything was written
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    with pytest.raises(ValueError, match="trained by 2 processes and this run has 1"):
+        train(tiny_cfg(run, steps=4, init=str(init)), progress=False)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    init.unlink()  # a resumed run takes its weights from the checkpoint: its init may be gone
+    res = train(tiny_cfg(run, steps=3, ckpt_every=1, log_every=1, init=str(init)), progress=False)
+    assert res.state["step"] == 3  # steps and the intervals may change
+
+
+def test_a_diverged_loss_stops_the_run_before_it_updates(tmp_path, monkeypatch):
+    import tokensparse.train as tr
+
+    run = tmp_path / "run"
+    train(tiny_cfg(run, steps=2, ckpt_every=2), progress=False)
+    before = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    monkeypatch.setattr(tr, "velocity", lambda x0, noise: torch.full_like(x0, float("nan")))
+    with pytest.raises(ValueError, match="loss is not finite at step 3.*last checkpoint \\(step 2\\)"):
+        train(tiny_cfg(run, steps=4, ckpt_every=1), progress=False)
+    after = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    assert latest_checkpoint(run).name == "step_0000002" and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_init_takes_a_shipped_name_and_fp16_on_a_cpu_is_refused(tmp_path):
+    from tokensparse.models.zoo import CHECKPOINTS
+
+    model = init_model(TrainConfig(out=str(tmp_path / "r"), model=CHECKPOINTS["refdit-base"], init="refdit-base"))
+    shipped = ts.load_model("refdit-base").state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'fp16' needs a GPU"):
+            train(tiny_cfg(tmp_path / "run", mixed_precision="fp16"), progress=False)

@@ -108,7 +108,8 @@ def train(
     half: bool = typer.Option(False, help="Store exported weights in float16."),
 ) -> None:
     """Train or fine-tune RefDiT. Several CPU processes: `torchrun --nproc_per_node 2 -m tokensparse.cli train
-    ...`; GPUs: `accelerate launch -m tokensparse.cli train ...`."""
+    ...` (or `accelerate launch --multi_gpu --num_processes 2 -m tokensparse.cli train ...`; accelerate's
+    `--cpu` launches one process); GPUs: `accelerate launch -m tokensparse.cli train ...`."""
     import json
 
     from .train import TrainConfig, export_ema
@@ -124,14 +125,20 @@ def train(
         cfg = TrainConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
         _fail(f"recipe {config}: {exc}")
-    if cfg.init is not None and not Path(cfg.init).exists():
-        _fail(f"recipe {config}: init {cfg.init} not found")
+    from .models.zoo import CHECKPOINTS
+    from .train import latest_checkpoint
+
+    resuming = Path(cfg.out).is_dir() and latest_checkpoint(Path(cfg.out)) is not None
+    if cfg.init is not None and not resuming and not Path(cfg.init).exists() and cfg.init not in CHECKPOINTS:
+        _fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
     check_out(Path(cfg.out), None, "out")
     if export is not None:
         check_out(export, ".safetensors", "--export")
+        if export.with_suffix(".json").resolve() == config.resolve():
+            _fail(f"--export {export} would write its metadata over the recipe {config}; export elsewhere")
     try:
         state = run_training(cfg, log=console.print).state
-    except ValueError as exc:  # an init or run-folder checkpoint of another architecture, found before training
+    except ValueError as exc:  # a bad init, another recipe or architecture in the run folder, a diverged loss
         _fail(f"recipe {config}: {exc}")
     from accelerate import PartialState
 
@@ -141,6 +148,8 @@ def train(
     if export is not None:
         import torch
 
+        if latest_checkpoint(Path(cfg.out)) is None:  # stopped before its first step (stop_at 0, no time left)
+            _fail(f"nothing to export: run folder {cfg.out} has no checkpoint yet")
         export_ema(cfg.out, export, dtype=torch.float16 if half else torch.float32)
         console.print(f"wrote {export}")
 

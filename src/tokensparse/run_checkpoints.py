@@ -34,9 +34,11 @@ def state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
-                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2) -> Path:
+                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2, config: dict | None = None
+                        ) -> Path:
     """Write ``out/step_N`` atomically (a temp folder renamed into place, then the ``latest`` pointer) with the
-    weights, EMA, optimizer state and ``state`` JSON; keep the ``keep_last`` newest. Returns the folder."""
+    weights, EMA, optimizer state, ``state`` JSON and the run's resolved ``config`` (``config.json``, when
+    given); keep the ``keep_last`` newest. Returns the folder."""
     final = out / f"step_{step:07d}"
     tmp = out / f".step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -48,6 +50,8 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
             default_mode(tmp / name)  # safetensors writes owner-only files
         torch.save(opt.state_dict(), tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
     except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise

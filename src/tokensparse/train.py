@@ -1,7 +1,8 @@
 """Train RefDiT on the task suite (stage 1, dense) and fine-tune it with random reference dropping (stage 2).
 
-Runs on accelerate, so the same code runs as one CPU process, as several (``torchrun --nproc_per_node 2``:
-accelerate's own ``launch --cpu`` starts a single process), or on many GPUs. Everything random in step ``k``
+Runs on accelerate, so the same code runs as one CPU process, as several (``torchrun --nproc_per_node 2``, or
+``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine; ``launch --cpu`` starts a single
+process), or on many GPUs. Everything random in step ``k``
 (data batch, times, noise, drop ratios) is a pure function of ``(seed, k, rank)``, so a killed run resumed
 from its last checkpoint continues bit-exactly (weights, EMA, optimizer; the logged loss average restarts its
 window).
@@ -31,7 +32,7 @@ from .context import SparseContextConfig
 from .files import read_safetensors
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT
-from .models.zoo import build_model, save_checkpoint
+from .models.zoo import CHECKPOINTS, build_model, save_checkpoint, weights_dir
 from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint: importable from here)
     latest_checkpoint,
     load_into,
@@ -208,6 +209,8 @@ def init_model(cfg: TrainConfig) -> RefDiT:
     if cfg.init is None:
         return build_model(cfg.model)
     init = Path(cfg.init)
+    if not init.exists() and cfg.init in CHECKPOINTS:  # a shipped model's name
+        init = weights_dir() / f"{cfg.init}.safetensors"
     if init.is_dir():
         try:
             tensors = run_ema(init)[0].state_dict()
@@ -256,20 +259,29 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 
     from .data import train_batches
 
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision 'fp16' needs a GPU (on a CPU it would silently train in float32); "
+                         "use 'bf16' or 'no'")
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    model = init_model(cfg)  # a missing or unfitting init fails here, before the run folder is made
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        check_resume(out, ckpt, cfg, acc.num_processes)
+    elif cfg.init is None and cfg.model in CHECKPOINTS:
+        log(f"model {cfg.model!r} names shipped weights, but a run without init starts from random weights of "
+            f"its architecture {CHECKPOINTS[cfg.model]!r}; set init to {cfg.model!r} to fine-tune them")
+    # a missing or unfitting init fails here, before the run folder is made; a resumed run needs no init
+    model = build_model(cfg.model) if ckpt is not None else init_model(cfg)
     if cfg.lora_rank > 0:
         model = _with_lora(model, cfg.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = {k: v.detach().clone().float() for k, v in state_tensors(model).items()}
-    state: dict = {"step": 0, "elapsed_s": 0.0, "evals": [], "losses": []}
+    state: dict = {"step": 0, "elapsed_s": 0.0, "evals": [], "losses": [], "num_processes": acc.num_processes}
 
-    ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = read_state(ckpt)
+        state = {**read_state(ckpt), "num_processes": acc.num_processes}
         if state["step"] > cfg.steps:  # checked before config.json is rewritten: the run folder stays as it was
             raise ValueError(f"run folder {out} is at step {state['step']}, past the recipe's steps={cfg.steps}; "
                              "give steps >= that to train on, or a new --out")
@@ -334,6 +346,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             pred = model(interpolate(x0, noise, t), t, refs, ids, ref_keep=keep, route=cfg.route,
                          route_generator=g_route)
             loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
+        if not _all_finite(acc, loss):  # before the update: the run folder keeps its last finite checkpoint
+            raise ValueError(f"the loss is not finite at step {step + 1} (diverged: a lower lr, or more warmup?); "
+                             f"the run folder keeps its last checkpoint (step {saved}), which is finite")
         acc.backward(loss)
         if cfg.grad_clip:
             acc.clip_grad_norm_(params, cfg.grad_clip)
@@ -359,17 +374,53 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             state["elapsed_s"] = time.time() - t_start
             if acc.is_main_process:
-                save_run_checkpoint(out, step, raw, ema, opt, state)
+                save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg))
             saved = step
             acc.wait_for_everyone()
     state["elapsed_s"] = time.time() - t_start
     state["step"] = step
     if acc.is_main_process and step != saved:  # stopped early (stop_at, max_minutes) between checkpoints
-        save_run_checkpoint(out, step, raw, ema, opt, state)
+        save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg))
     acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
     if bar is not None:
         bar[0].stop()
     return TrainResult(state, raw)
+
+
+#: recipe fields a resumed run may change: when to stop, and how often to log, evaluate and checkpoint
+RESUMABLE_CHANGES = frozenset({"out", "init", "steps", "max_minutes", "stop_at", "ckpt_every", "log_every",
+                               "eval_every", "eval_samples"})
+
+
+def check_resume(out: Path, ckpt: Path, cfg: TrainConfig, num_processes: int) -> None:
+    """``ValueError`` unless ``cfg`` may continue the run in ``out`` (checkpoint ``ckpt``): the same recipe
+    but for :data:`RESUMABLE_CHANGES`, and the same number of processes (each process reads its own slice of
+    the data stream and the global batch is theirs together)."""
+    saved = ckpt / "config.json" if (ckpt / "config.json").is_file() else out / "config.json"
+    try:
+        before = asdict(TrainConfig.from_dict(json.loads(saved.read_text())))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"run folder {out}: cannot read the recipe it started with ({saved}: {exc}); use a new "
+                         "--out") from None
+    now = asdict(cfg)
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and now[k] != before[k]]
+    if changed:
+        raise ValueError(f"run folder {out} was started with another recipe ({'; '.join(changed)}); resume it "
+                         f"with the recipe it started with (only {', '.join(sorted(RESUMABLE_CHANGES))} may "
+                         "change), or use a new --out")
+    ran = read_state(ckpt).get("num_processes")
+    if ran is not None and ran != num_processes:
+        raise ValueError(f"run folder {out} was trained by {ran} processes and this run has {num_processes}: "
+                         "each process reads its own slice of the data and the global batch is theirs together; "
+                         f"resume with {ran}, or use a new --out")
+
+
+def _all_finite(acc, loss: Tensor) -> bool:
+    """Whether every process's loss is finite (all decide together, so none waits alone in the next sync)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    return float(bad.item()) == 0.0
 
 
 def _out_of_time(acc, mine: bool) -> bool:
