@@ -509,6 +509,7 @@ def test_flux2_dev_pipeline(pipe):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:selector 'attention' got no probe attention")  # diffusers has no probe: expected
 def test_every_registered_selector_runs(pipe):
     """Whatever scorers the selection package registers work through the hook, fixed and adaptive budgets."""
     from tokensparse.selection import INFORMED, SCORERS
