@@ -431,6 +431,8 @@ def test_a_diverged_loss_stops_the_run_before_it_updates(tmp_path, monkeypatch):
         train(tiny_cfg(run, steps=4, ckpt_every=1), progress=False)
     after = load_file(str(latest_checkpoint(run) / "model.safetensors"))
     assert latest_checkpoint(run).name == "step_0000002" and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="at step 1 .*has no checkpoint yet"):
+        train(tiny_cfg(tmp_path / "fresh", steps=4), progress=False)
 
 
 def test_init_takes_a_shipped_name_and_fp16_on_a_cpu_is_refused(tmp_path):

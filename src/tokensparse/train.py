@@ -347,8 +347,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
                          route_generator=g_route)
             loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
         if not _all_finite(acc, loss):  # before the update: the run folder keeps its last finite checkpoint
+            kept = (f"keeps its last checkpoint (step {saved}), which is finite" if latest_checkpoint(out)
+                    else "has no checkpoint yet")
             raise ValueError(f"the loss is not finite at step {step + 1} (diverged: a lower lr, or more warmup?); "
-                             f"the run folder keeps its last checkpoint (step {saved}), which is finite")
+                             f"the run folder {kept}")
         acc.backward(loss)
         if cfg.grad_clip:
             acc.clip_grad_norm_(params, cfg.grad_clip)
