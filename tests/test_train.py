@@ -416,8 +416,10 @@ def test_a_resume_keeps_the_recipe_and_the_process_count_it_started_with(tmp_pat
         train(tiny_cfg(run, steps=4, init=str(init)), progress=False)
     (ckpt / "state.json").write_text(json.dumps(state))
     init.unlink()  # a resumed run takes its weights from the checkpoint: its init may be gone
+    (run / ".step_0000007.tmp").mkdir()  # left by a save killed hard (a step this session never saves)
     res = train(tiny_cfg(run, steps=3, ckpt_every=1, log_every=1, init=str(init)), progress=False)
     assert res.state["step"] == 3  # steps and the intervals may change
+    assert not list(run.glob(".step_*"))
 
 
 def test_a_diverged_loss_stops_the_run_before_it_updates(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -301,6 +302,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        for stale in [*out.glob(".step_*.tmp"), *out.glob(".step_*.old")]:  # a save killed hard (SIGKILL)
+            shutil.rmtree(stale, ignore_errors=True)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     ema = {k: v.to(acc.device) for k, v in ema.items()}  # EMA lives beside the weights (GPU runs)
