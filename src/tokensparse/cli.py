@@ -125,11 +125,10 @@ def train(
         cfg = TrainConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
         _fail(f"recipe {config}: {exc}")
-    from .models.zoo import CHECKPOINTS
-    from .train import latest_checkpoint
+    from .train import init_path, latest_checkpoint
 
-    resuming = Path(cfg.out).is_dir() and latest_checkpoint(Path(cfg.out)) is not None
-    if cfg.init is not None and not resuming and not Path(cfg.init).exists() and cfg.init not in CHECKPOINTS:
+    resuming = latest_checkpoint(Path(cfg.out)) is not None
+    if cfg.init is not None and not resuming and not init_path(cfg.init).exists():
         _fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
     check_out(Path(cfg.out), None, "out")
     if export is not None:

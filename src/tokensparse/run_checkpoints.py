@@ -71,6 +71,13 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
     return final
 
 
+def remove_partial_saves(out: Path) -> None:
+    """Remove what a save killed hard (SIGKILL) can leave in ``out``: :func:`save_run_checkpoint`'s temp and
+    moved-aside folders."""
+    for partial in [*out.glob(".step_*.tmp"), *out.glob(".step_*.old")]:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:
     """``read(ckpt / name)``, a damaged or missing file raised as ``ValueError`` naming it."""
     try:

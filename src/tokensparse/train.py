@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_chec
     load_optim,
     read_part,
     read_state,
+    remove_partial_saves,
     save_run_checkpoint,
     state_tensors,
 )
@@ -205,13 +205,17 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------------
 
 
+def init_path(init: str) -> Path:
+    """Where a recipe's ``init`` is: the path it names, or a shipped model's weights by name."""
+    path = Path(init)
+    return weights_dir() / f"{init}.safetensors" if not path.exists() and init in CHECKPOINTS else path
+
+
 def init_model(cfg: TrainConfig) -> RefDiT:
     """The model a run starts from: untrained, or ``cfg.init`` (a shipped-style checkpoint or a run folder's EMA)."""
     if cfg.init is None:
         return build_model(cfg.model)
-    init = Path(cfg.init)
-    if not init.exists() and cfg.init in CHECKPOINTS:  # a shipped model's name
-        init = weights_dir() / f"{cfg.init}.safetensors"
+    init = init_path(cfg.init)
     if init.is_dir():
         try:
             tensors = run_ema(init)[0].state_dict()
@@ -267,8 +271,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out)
+    saved_state = read_state(ckpt) if ckpt is not None else None
     if ckpt is not None:
-        check_resume(out, ckpt, cfg, acc.num_processes)
+        check_resume(out, ckpt, saved_state, cfg, acc.num_processes)
     elif cfg.init is None and cfg.model in CHECKPOINTS:
         log(f"model {cfg.model!r} names shipped weights, but a run without init starts from random weights of "
             f"its architecture {CHECKPOINTS[cfg.model]!r}; set init to {cfg.model!r} to fine-tune them")
@@ -282,7 +287,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     state: dict = {"step": 0, "elapsed_s": 0.0, "evals": [], "losses": [], "num_processes": acc.num_processes}
 
     if ckpt is not None:
-        state = {**read_state(ckpt), "num_processes": acc.num_processes}
+        state = {**saved_state, "num_processes": acc.num_processes}
         if state["step"] > cfg.steps:  # checked before config.json is rewritten: the run folder stays as it was
             raise ValueError(f"run folder {out} is at step {state['step']}, past the recipe's steps={cfg.steps}; "
                              "give steps >= that to train on, or a new --out")
@@ -302,8 +307,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        for stale in [*out.glob(".step_*.tmp"), *out.glob(".step_*.old")]:  # a save killed hard (SIGKILL)
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_partial_saves(out)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     ema = {k: v.to(acc.device) for k, v in ema.items()}  # EMA lives beside the weights (GPU runs)
@@ -349,7 +353,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             pred = model(interpolate(x0, noise, t), t, refs, ids, ref_keep=keep, route=cfg.route,
                          route_generator=g_route)
             loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
-        if not _all_finite(acc, loss):  # before the update: the run folder keeps its last finite checkpoint
+        loss_value = float(loss.detach())
+        if not _all_finite(acc, loss_value):  # before the update: the run folder keeps its last finite checkpoint
             kept = (f"keeps its last checkpoint (step {saved}), which is finite" if latest_checkpoint(out)
                     else "has no checkpoint yet")
             raise ValueError(f"the loss is not finite at step {step + 1} (diverged: a lower lr, or more warmup?); "
@@ -364,7 +369,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
             d = min(cfg.ema, (1 + step) / (10 + step))
             current = state_tensors(raw)
             torch._foreach_lerp_([ema[k] for k in current], [v.float() for v in current.values()], 1 - d)
-        window.append(float(loss.detach()))
+        window.append(loss_value)
         if bar is not None:
             bar[0].update(bar[1], completed=step, description=f"loss {sum(window[-50:]) / len(window[-50:]):.4f}")
         if step % cfg.log_every == 0:
@@ -397,8 +402,9 @@ RESUMABLE_CHANGES = frozenset({"out", "init", "steps", "max_minutes", "stop_at",
                                "eval_every", "eval_samples"})
 
 
-def check_resume(out: Path, ckpt: Path, cfg: TrainConfig, num_processes: int) -> None:
-    """``ValueError`` unless ``cfg`` may continue the run in ``out`` (checkpoint ``ckpt``): the same recipe
+def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_processes: int) -> None:
+    """``ValueError`` unless ``cfg`` may continue the run in ``out`` (checkpoint ``ckpt``, its ``state.json`` as
+    ``state``): the same recipe
     but for :data:`RESUMABLE_CHANGES`, and the same number of processes (each process reads its own slice of
     the data stream and the global batch is theirs together)."""
     saved = ckpt / "config.json" if (ckpt / "config.json").is_file() else out / "config.json"
@@ -413,19 +419,19 @@ def check_resume(out: Path, ckpt: Path, cfg: TrainConfig, num_processes: int) ->
         raise ValueError(f"run folder {out} was started with another recipe ({'; '.join(changed)}); resume it "
                          f"with the recipe it started with (only {', '.join(sorted(RESUMABLE_CHANGES))} may "
                          "change), or use a new --out")
-    ran = read_state(ckpt).get("num_processes")
+    ran = state.get("num_processes")
     if ran is not None and ran != num_processes:
         raise ValueError(f"run folder {out} was trained by {ran} processes and this run has {num_processes}: "
                          "each process reads its own slice of the data and the global batch is theirs together; "
                          f"resume with {ran}, or use a new --out")
 
 
-def _all_finite(acc, loss: Tensor) -> bool:
+def _all_finite(acc, loss: float) -> bool:
     """Whether every process's loss is finite (all decide together, so none waits alone in the next sync)."""
-    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=acc.device)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, reduction="sum")
-    return float(bad.item()) == 0.0
+    if acc.num_processes == 1:
+        return math.isfinite(loss)
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=acc.device)
+    return float(acc.reduce(bad, reduction="sum").item()) == 0.0
 
 
 def _out_of_time(acc, mine: bool) -> bool:
