@@ -104,6 +104,13 @@ def write_json(path: Path, payload: dict, plot: Callable[[], Any] | None = None,
         raise RuntimeError(f"wrote {path}, but its plot failed") from failed
 
 
+def rounded(value: Any, digits: int) -> Any:
+    """``value`` for printing: floats rounded to ``digits``, in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return round(value, digits) if isinstance(value, float) else value
+
+
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the file-only Agg backend (benchmarks draw figures for :func:`write_json`)."""
     import matplotlib

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, progress, pyplot, write_json
+from common import evaluate, heldout_by_family, load, parser, progress, pyplot, rounded, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, floors
@@ -99,8 +99,7 @@ def main() -> None:
     progress(total, total, "done")
     write_json(args.out, payload, lambda: figure(payload), dpi=110)
     for k, v in summary.items():
-        print(k, {f: round(x, 2) if isinstance(x, float) else {g: round(y, 2) for g, y in x.items()}
-                  for f, x in v.items()})
+        print(k, rounded(v, 2))
     print(f"wrote {args.out}")
 
 

@@ -127,25 +127,23 @@ def quality() -> None:
           "ground truth, coarse (layout) PSNR in brackets.\n")
     print("| model | keep | " + " | ".join(fams) + " |")
     print("|---|---|" + "---|" * len(fams))
-    for label in ("base", "sparse"):
-        for keep in d["keeps"]:
-            at = res[label][str(keep)]
-            cells = [f"{at[f]['psnr']['mean']:.2f} ({at[f]['coarse_psnr']['mean']:.2f})" for f in fams]
-            print(f"| {d['models'][label]} | {keep:g} | " + " | ".join(cells) + " |")
-    for label, by_keep in res.get("proportional", {}).items():
-        for keep, at in by_keep.items():
-            cells = [f"{at[f]['psnr']['mean']:.2f} ({at[f]['coarse_psnr']['mean']:.2f})" for f in fams]
-            print(f"| {d['models'][label]}, `proportional=True` | {float(keep):g} | " + " | ".join(cells) + " |")
+    rows = [(d["models"][label], keep, res[label][str(keep)]) for label in ("base", "sparse") for keep in d["keeps"]]
+    rows += [(f"{d['models'][label]}, `proportional=True`", float(keep), at)
+             for label, by_keep in res.get("proportional", {}).items() for keep, at in by_keep.items()]
+    for name, keep, at in rows:
+        print(f"| {name} | {keep:g} | " + " | ".join(
+            f"{at[f]['psnr']['mean']:.2f} ({at[f]['coarse_psnr']['mean']:.2f})" for f in fams) + " |")
     print("| no references (sparse model) | – | " + " | ".join(
         f"{res['ref_blind'][f]['psnr']['mean']:.2f}" for f in fams) + " |")
     for name in ("copy_ref", "mean_image"):
         print(f"| floor: {name} | – | " + " | ".join(
             f"{res['floors'][f][name]['psnr']['mean']:.2f}" for f in fams) + " |")
-    def cells(vals: dict) -> str:
-        return ", ".join(f"{f} {v:+.2f}" if isinstance(v, float) else f"{d['models'][f]} ({cells(v)})"
+    def summary_values(vals: dict) -> str:
+        return ", ".join(f"{f} {v:+.2f}" if isinstance(v, float) else f"{d['models'][f]} ({summary_values(v)})"
                          for f, v in vals.items())
 
-    print("\nSummary (dB): " + "; ".join(f"`{k}` {cells(vals)}" for k, vals in d["summary"].items()) + "\n")
+    print("\nSummary (dB): " + "; ".join(f"`{k}` {summary_values(vals)}" for k, vals in d["summary"].items())
+          + "\n")
 
 
 def drop_sweep() -> None:

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from common import evaluate, heldout_by_family, load, median_time, parser, progress, pyplot, write_json
+from common import evaluate, heldout_by_family, load, median_time, parser, progress, pyplot, rounded, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched
@@ -245,12 +245,8 @@ def main() -> None:
                "summary": summary, "overhead": over, "results": res}
     progress(total, total, "done")
     write_json(args.out, payload, lambda: figure(payload), dpi=110)
-    def rounded(v: object) -> object:
-        return {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else \
-            round(v, 3) if isinstance(v, float) else v
-
     for k, v in summary.items():
-        print(k, rounded(v))
+        print(k, rounded(v, 3))
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
 
 
