@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,16 +100,18 @@ def test_corrupt_or_misfitting_checkpoints_are_value_errors(tmp_path):
         ts.load_model(other)
 
 
-def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
+def test_lora_run_trains_the_adapters_only_evaluates_and_exports_them_merged(tmp_path):
     from tokensparse.models import build_model, load_checkpoint, save_checkpoint
-    from tokensparse.train import _with_lora, init_model, load_into
+    from tokensparse.train import _with_lora, ema_model, init_model, load_into
 
     from .conftest import randomize
 
     base = tmp_path / "base.safetensors"  # LoRA adapts a trained model (a fresh one's zero adaLN gates block it)
     save_checkpoint(randomize(build_model("refdit-tiny")), base)
-    cfg = tiny_cfg(tmp_path / "run", steps=4, lora_rank=2, lr=1e-2, ema=0.5, init=str(base))
-    train(cfg, progress=False)
+    cfg = tiny_cfg(tmp_path / "run", steps=4, lora_rank=2, lr=1e-2, ema=0.5, init=str(base), eval_every=4,
+                   eval_samples=1)
+    res = train(cfg, progress=False)
+    assert [e["step"] for e in res.state["evals"]] == [4]  # held-out evals run for LoRA runs too
     torch.manual_seed(cfg.seed)
     start = init_model(cfg).state_dict()  # the base weights the run started from
     ckpt = latest_checkpoint(tmp_path / "run")
@@ -120,6 +123,8 @@ def test_lora_run_trains_the_adapters_only_and_exports_them_merged(tmp_path):
             assert torch.equal(v, start[k.replace(".base_layer", "")]), k
     exported = load_checkpoint(export_ema(tmp_path / "run", tmp_path / "w.safetensors"))  # a plain RefDiT
     assert not any("lora" in k or "base_layer" in k for k in exported.state_dict())
+    evaluated = ema_model(res.model, load_file(str(ckpt / "ema.safetensors")), cfg.lora_rank).state_dict()
+    assert all(torch.equal(v, evaluated[k]) for k, v in exported.state_dict().items())  # the evals ran on it
     adapted = _with_lora(build_model("refdit-tiny"), 2)
     load_into(adapted, load_file(str(ckpt / "ema.safetensors")))
     x, t, p = torch.randn(2, 3, 16, 16), torch.full((2,), 0.6), torch.zeros(2, 1, dtype=torch.long)
@@ -198,17 +203,22 @@ def test_lr_schedule():
 
 
 SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from accelerate import PartialState
+    import json, sys, torch
+    from accelerate import Accelerator, PartialState
     from tokensparse.train import TrainConfig, train
-    res = train(TrainConfig(out=sys.argv[1], model="refdit-tiny", steps=3, batch_size=2, ckpt_every=3,
+    mine, backward = [], Accelerator.backward  # this process's loss at each step, as it trains on it
+    Accelerator.backward = lambda self, loss, **kw: (mine.append(float(loss)), backward(self, loss, **kw))[1]
+    res = train(TrainConfig(out=sys.argv[1], model="refdit-tiny", steps=4, batch_size=2, ckpt_every=4, log_every=2,
                             eval_every=10**9, warmup=1, tasks=["relight"]), progress=False)
+    rank = PartialState(cpu=True).process_index
     flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
-    torch.save(flat, f"{sys.argv[1]}/rank{PartialState(cpu=True).process_index}.pt")
+    torch.save(flat, f"{sys.argv[1]}/rank{rank}.pt")
+    with open(f"{sys.argv[1]}/losses{rank}.json", "w") as f:
+        json.dump({"mine": mine, "logged": res.state["losses"]}, f)
 """)
 
 
-def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
+def test_two_process_cpu_run_keeps_ranks_identical_and_logs_their_mean_loss(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -222,6 +232,16 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
     assert torch.equal(r0, r1)
     init = torch.cat([p.detach().flatten() for p in __import__("tokensparse").build_model("refdit-tiny").parameters()])
     assert not torch.equal(r0, init)  # it did train
+    runs = [json.loads((tmp_path / "out" / f"losses{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0]["logged"] == runs[1]["logged"]  # every process records the same logged loss
+    mine = [run["mine"] for run in runs]
+    assert len(mine[0]) == len(mine[1]) == 4 and mine[0] != mine[1]  # each process trains on its own batches
+    logged = runs[0]["logged"]
+    assert [s for s, _ in logged] == [2, 4]
+    for s, v in logged:  # the mean over both processes of their losses since the last log
+        assert v == pytest.approx((sum(mine[0][s - 2:s]) + sum(mine[1][s - 2:s])) / 4, rel=1e-9, abs=0)
+    printed = re.findall(r"step (\d+)/4 loss (\S+)", proc.stdout)  # the main process's log lines
+    assert printed == [(str(s), f"{v:.4f}") for s, v in logged]
 
 
 def test_two_process_cli_stops_together_on_its_wall_budget_and_exports_once(tmp_path):
@@ -446,3 +466,43 @@ def test_init_takes_a_shipped_name_and_fp16_on_a_cpu_is_refused(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'fp16' needs a GPU"):
             train(tiny_cfg(tmp_path / "run", mixed_precision="fp16"), progress=False)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_path, monkeypatch):
+    import dataclasses
+
+    import tokensparse.train as tr
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken batch")
+
+    monkeypatch.setattr(tr, "interpolate", broken)  # every step fails, the first one included
+    with pytest.raises(RuntimeError, match="broken batch"):
+        train(tiny_cfg(tmp_path / "new" / "run"), progress=False)
+    assert not (tmp_path / "new").exists()  # the folders it made are gone: nothing is left to look like a run
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="broken batch"):
+        train(tiny_cfg(tmp_path / "mine"), progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # a folder it did not make stays
+    monkeypatch.undo()
+    stale = tmp_path / "stale"  # a run killed hard (SIGKILL) before its first checkpoint leaves its config.json
+    stale.mkdir()
+    (stale / "config.json").write_text(json.dumps(dataclasses.asdict(tiny_cfg(stale, lr=1.0, seed=3))))
+    assert train(tiny_cfg(stale, steps=2), progress=False).state["step"] == 2  # no checkpoint: starts fresh
+    assert json.loads((stale / "config.json").read_text())["lr"] == tiny_cfg(stale).lr
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # bf16 autocast on CPU
+def test_train_twice_in_one_process_with_another_mixed_precision(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    train(tiny_cfg(tmp_path / "a", steps=1), progress=False)
+    assert train(tiny_cfg(tmp_path / "b", steps=1, mixed_precision="bf16"), progress=False).state["step"] == 1
+    assert AcceleratorState().mixed_precision == "bf16"
+    train(tiny_cfg(tmp_path / "c", steps=1), progress=False)
+    assert AcceleratorState().mixed_precision == "no"
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as in a distributed launch
+    with pytest.raises(ValueError, match="mixed_precision 'bf16'.*'no'.*distributed"):
+        train(tiny_cfg(tmp_path / "d", steps=1, mixed_precision="bf16"), progress=False)
+    assert not (tmp_path / "d").exists()

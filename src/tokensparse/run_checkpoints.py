@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,29 @@ def remove_partial_saves(out: Path) -> None:
     moved-aside folders."""
     for partial in [*out.glob(".step_*.tmp"), *out.glob(".step_*.old")]:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextmanager
+def discarded_unless_saved(out: Path, enabled: bool = True) -> Iterator[None]:
+    """Run a block that makes the run folder ``out``; if it raises before ``out`` holds a checkpoint, remove what
+    it wrote: ``config.json`` where there was none, and the folders it created (only while empty). A failed
+    first run thus leaves nothing that looks like a run folder. ``enabled``: the process that writes ``out``."""
+    path = out.absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    config = out / "config.json"
+    had_config = config.exists()
+    try:
+        yield
+    except BaseException:
+        if enabled and latest_checkpoint(out) is None:
+            if not had_config:
+                config.unlink(missing_ok=True)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (something else was put there), or never made
+                    break
+        raise
 
 
 def read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:

@@ -10,7 +10,12 @@ window).
 Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema.safetensors``,
 ``optim.pt`` (tensors only, loaded with ``weights_only=True``) and ``state.json``; each is written to a
 temp folder and renamed, then ``<out>/latest`` is replaced atomically (:mod:`.run_checkpoints`). The resolved
-config is saved as ``<out>/config.json``.
+config is saved as ``<out>/config.json``; a run that fails before its first checkpoint removes it again (and the
+folders it made), so a later run into that folder starts fresh.
+
+The logged loss (``state["losses"]`` and the log line, every ``log_every`` steps) is the mean over all processes
+of their losses since the previous log: one all-reduce per log step. The progress bar shows the main process's
+own running loss.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,9 +37,10 @@ from .api import reference_views
 from .context import SparseContextConfig
 from .files import read_safetensors
 from .flow import interpolate, sample_t, velocity
-from .models.refdit import RefDiT
+from .models.refdit import RefDiT, RefDiTConfig
 from .models.zoo import CHECKPOINTS, build_model, save_checkpoint, weights_dir
 from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint: importable from here)
+    discarded_unless_saved,
     latest_checkpoint,
     load_into,
     load_optim,
@@ -43,8 +50,12 @@ from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_chec
     save_run_checkpoint,
     state_tensors,
 )
+from .run_processes import accelerator, all_finite, any_process, process_mean
 from .selection import SCORERS, RefView, budget_masks, needs_probe, score_views, shares_budget, topk_mask
 from .vocab import detokenize, tokenize
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -240,11 +251,17 @@ def run_ema(run: str | Path) -> tuple[RefDiT, TrainConfig, Path]:
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in run folder {run}")
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    model = build_model(cfg.model)
-    if cfg.lora_rank > 0:  # the EMA holds the frozen base and the adapters: load both, then merge them
-        model = _with_lora(model, cfg.lora_rank)
-    load_into(model, read_safetensors(ckpt / "ema.safetensors"))
-    return (_merge_lora(model) if cfg.lora_rank > 0 else model), cfg, ckpt
+    return plain_model(cfg.model, read_safetensors(ckpt / "ema.safetensors"), cfg.lora_rank), cfg, ckpt
+
+
+def plain_model(config: str | RefDiTConfig, tensors: dict[str, Tensor], lora_rank: int = 0) -> RefDiT:
+    """A plain RefDiT of ``config`` (a name or a config) holding a run's ``tensors``; a LoRA run's
+    (``lora_rank > 0``: the frozen base and the adapters) are loaded into the adapted model and merged."""
+    model = build_model(config)
+    if lora_rank > 0:
+        model = _with_lora(model, lora_rank)
+    load_into(model, tensors)
+    return _merge_lora(model) if lora_rank > 0 else model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,20 +271,22 @@ def run_ema(run: str | Path) -> tuple[RefDiT, TrainConfig, Path]:
 
 @dataclass
 class TrainResult:
-    state: dict  # step, elapsed_s, losses [[step, mean loss]], evals
+    state: dict  # step, elapsed_s, losses [[step, mean loss over processes since the last log]], evals
     model: RefDiT  # this process's trained (non-EMA) model
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    """Run (or resume) a training run in ``cfg.out``."""
-    from accelerate import Accelerator
+    """Run (or resume) a training run in ``cfg.out``; one that fails before its first checkpoint leaves no run
+    folder behind (:func:`.run_checkpoints.discarded_unless_saved`). It may be called again in the same process,
+    with another ``mixed_precision`` too (:func:`.run_processes.accelerator`)."""
+    acc = accelerator(cfg.mixed_precision)
+    with discarded_unless_saved(Path(cfg.out), enabled=acc.is_main_process):
+        return _train(cfg, acc, log, progress)
 
+
+def _train(cfg: TrainConfig, acc: Accelerator, log: Callable[[str], None], progress: bool) -> TrainResult:
     from .data import train_batches
 
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("mixed_precision 'fp16' needs a GPU (on a CPU it would silently train in float32); "
-                         "use 'bf16' or 'no'")
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out)
@@ -322,7 +341,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     while step < cfg.steps:
         if cfg.stop_at is not None and step >= cfg.stop_at:
             break
-        if cfg.max_minutes is not None and _out_of_time(acc, time.time() - t_start > 60 * cfg.max_minutes):
+        if cfg.max_minutes is not None and any_process(acc, time.time() - t_start > 60 * cfg.max_minutes):
             log(f"wall budget of {cfg.max_minutes} min reached at step {step}")
             break
         batch = next(batches)
@@ -354,7 +373,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
                          route_generator=g_route)
             loss = (pred.float() - velocity(x0, noise)).pow(2).mean()
         loss_value = float(loss.detach())
-        if not _all_finite(acc, loss_value):  # before the update: the run folder keeps its last finite checkpoint
+        if not all_finite(acc, loss_value):  # before the update: the run folder keeps its last finite checkpoint
             kept = (f"keeps its last checkpoint (step {saved}), which is finite" if latest_checkpoint(out)
                     else "has no checkpoint yet")
             raise ValueError(f"the loss is not finite at step {step + 1} (diverged: a lower lr, or more warmup?); "
@@ -373,13 +392,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
         if bar is not None:
             bar[0].update(bar[1], completed=step, description=f"loss {sum(window[-50:]) / len(window[-50:]):.4f}")
         if step % cfg.log_every == 0:
-            state["losses"].append([step, sum(window) / len(window)])
+            state["losses"].append([step, process_mean(acc, sum(window) / len(window))])  # all processes
             if acc.is_main_process and bar is None:
                 log(f"step {step}/{cfg.steps} loss {state['losses'][-1][1]:.4f} "
                     f"({(time.time() - t_start) / 60:.1f} min)")
             window = []
-        if step % cfg.eval_every == 0 and acc.is_main_process and cfg.lora_rank == 0:
-            state["evals"].append({"step": step, **evaluate_ema(raw, ema, cfg.eval_samples)})
+        if step % cfg.eval_every == 0 and acc.is_main_process:
+            state["evals"].append({"step": step, **evaluate_ema(raw, ema, cfg.eval_samples, lora_rank=cfg.lora_rank)})
             log(f"step {step}: {state['evals'][-1]}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             state["elapsed_s"] = time.time() - t_start
@@ -426,22 +445,6 @@ def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_proce
                          f"resume with {ran}, or use a new --out")
 
 
-def _all_finite(acc, loss: float) -> bool:
-    """Whether every process's loss is finite (all decide together, so none waits alone in the next sync)."""
-    if acc.num_processes == 1:
-        return math.isfinite(loss)
-    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=acc.device)
-    return float(acc.reduce(bad, reduction="sum").item()) == 0.0
-
-
-def _out_of_time(acc, mine: bool) -> bool:
-    """Whether any process ran out of its wall budget: every process stops at the same step (each has its
-    own clock; one stopping alone would leave the others waiting in the next gradient sync)."""
-    if acc.num_processes == 1:
-        return mine
-    return bool(acc.reduce(torch.tensor([float(mine)], device=acc.device), reduction="sum").item() > 0)
-
-
 def side_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
     """A step's draws for one optional feature (routing, condition dropout): a stream of its own, so turning
     the feature on leaves the noise, t and reference-dropping draws of the main stream unchanged."""
@@ -460,22 +463,24 @@ def _progress(enabled: bool, total: int, done: int):
     return p, task
 
 
-def ema_model(raw: RefDiT, ema: dict[str, Tensor]) -> RefDiT:
-    """A copy of ``raw`` holding the EMA weights, in eval mode."""
-    model = build_model(raw.config)
+def ema_model(raw: RefDiT, ema: dict[str, Tensor], lora_rank: int = 0) -> RefDiT:
+    """A plain RefDiT of ``raw``'s config holding the EMA weights, in eval mode: what :func:`export_ema` writes. A
+    LoRA run (``lora_rank > 0``) averages its adapters (the frozen base stays as it is): they are merged."""
     ref = next(raw.parameters())
-    load_into(model, {k: v.to(ref.dtype) for k, v in ema.items()})
+    model = plain_model(raw.config, {k: v.to(ref.dtype) for k, v in ema.items()}, lora_rank)
     return model.to(ref.device).eval()
 
 
 @torch.no_grad()
-def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10) -> dict[str, float]:
-    """Held-out PSNR per family of the EMA weights (``n`` samples per family, ``steps`` Euler steps)."""
+def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10, lora_rank: int = 0
+                 ) -> dict[str, float]:
+    """Held-out PSNR per family of the EMA weights (``n`` samples per family, ``steps`` Euler steps); a LoRA
+    run's (``lora_rank > 0``) with the adapters merged."""
     from .data import FAMILIES, heldout
     from .generate import generate
     from .metrics import psnr
 
-    model = ema_model(raw, ema)
+    model = ema_model(raw, ema, lora_rank)
     out = {}
     for fam in FAMILIES:
         vals = []

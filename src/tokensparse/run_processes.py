@@ -1,0 +1,59 @@
+"""A training run's processes: the accelerate ``Accelerator`` each :func:`tokensparse.train.train` call gets, and
+the values its processes agree on (each helper is one collective that every process calls at the same step)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def accelerator(mixed_precision: str) -> Accelerator:
+    """An ``Accelerator`` with ``mixed_precision`` (on the GPU when one is visible, else the CPU).
+
+    accelerate keeps one shared state per process, so a second ``train()`` in one process with another
+    ``mixed_precision`` would be refused by it: in a single process that state, left by the finished earlier
+    run, is reset first. Inside a distributed launch the processes share it through their process group, so
+    changing it there is a ``ValueError``: run each ``mixed_precision`` in a launch of its own.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision 'fp16' needs a GPU (on a CPU it would silently train in float32); "
+                         "use 'bf16' or 'no'")
+    before = AcceleratorState._shared_state.get("_mixed_precision")
+    if before is not None and before != mixed_precision:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError(f"cannot train with mixed_precision {mixed_precision!r}: this process already set up "
+                             f"accelerate with {before!r}, and inside a distributed launch that cannot change; "
+                             "run each mixed_precision in a launch of its own")
+        AcceleratorState._reset_state()  # the earlier run's; the process (device, ranks) state stays
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def all_finite(acc: Accelerator, loss: float) -> bool:
+    """Whether every process's loss is finite (all decide together, so none waits alone in the next sync)."""
+    if acc.num_processes == 1:
+        return math.isfinite(loss)
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=acc.device)
+    return float(acc.reduce(bad, reduction="sum").item()) == 0.0
+
+
+def any_process(acc: Accelerator, mine: bool) -> bool:
+    """Whether ``mine`` holds on any process (e.g. one ran out of its wall budget: each has its own clock, and
+    one stopping alone would leave the others waiting in the next gradient sync)."""
+    if acc.num_processes == 1:
+        return mine
+    return bool(acc.reduce(torch.tensor([float(mine)], device=acc.device), reduction="sum").item() > 0)
+
+
+def process_mean(acc: Accelerator, value: float) -> float:
+    """The mean of ``value`` over all processes (in float64), the same on each."""
+    if acc.num_processes == 1:
+        return value
+    return float(acc.reduce(torch.tensor([value], dtype=torch.float64, device=acc.device), reduction="mean").item())
