@@ -12,7 +12,7 @@ to the cached reference K/V. We report the per-step cost of a cached step, and t
 pass separately (extract step minus a cached step). FLUX.1 Kontext has no K/V-cache pipeline in
 diffusers and takes one reference, so its rows have ``refs=1`` and no cache.
 
-Run: ``PYTHONPATH=src python benchmarks/flux_flops.py`` (about nine minutes on a 2-core CPU: ``seconds`` in the
+Run: ``PYTHONPATH=src python benchmarks/flux_flops.py`` (73 s on a 2-core CPU in the committed run: ``seconds`` in the
 JSON) -> ``benchmarks/results/flux_flops.json``.
 """
 
