@@ -8,6 +8,8 @@
 ``--data`` holds one folder per example: ``ref*.png`` (one or more references), ``target.png`` and
 ``prompt.txt``. Without ``--data`` the script makes synthetic examples (the target is the reference
 mirrored) so that the whole loop runs anywhere. Multi-GPU: ``accelerate launch examples/train_lora_sparse.py``.
+Checkpoints go to ``--out``/checkpoints every ``--save-every`` steps; running again with the same arguments (or more
+``--steps``) resumes from the newest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from PIL import Image, ImageOps
 
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import apply_sparse_context_diffusers
-from tokensparse.integrations.diffusers_lora import Example, LoraTrainConfig, load_examples, train_lora_sparse
+from tokensparse.integrations.diffusers_lora import (
+    Example,
+    LoraTrainConfig,
+    examples_digest,
+    find_checkpoint,
+    load_examples,
+    train_lora_sparse,
+)
 
 
 def synthetic_examples(n: int, size: int, seed: int) -> list[Example]:
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps")
     parser.add_argument(
         "--sample-keep", type=float, default=0.25, help="keep ratio of the sample made at the end"
     )
@@ -67,9 +77,13 @@ def main(argv: list[str] | None = None) -> list[float]:
         resolution=args.resolution,
         max_sequence_length=args.max_sequence_length,
         seed=args.seed,
+        save_every=args.save_every,
     )
     sample_cfg = SparseContextConfig(keep=args.sample_keep, selector="uniform")  # checked before training
     every = max(1, args.steps // 20)
+    resume = find_checkpoint(args.out, cfg, examples_digest(examples))
+    if resume is not None:
+        print(f"resuming from {resume[0]} at step {resume[1]['step']}")
     losses = train_lora_sparse(
         pipe,
         examples,

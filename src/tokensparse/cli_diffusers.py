@@ -260,16 +260,20 @@ def train_lora(
         str, typer.Option("--model", "-m", help="Flux2KleinPipeline: Hub id or local directory")
     ],
     data: Annotated[Path, typer.Option(help="folder of examples: <name>/ref*.png, target.png, prompt.txt")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the LoRA weights (an earlier run's "
-                                      "weights there are replaced)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the LoRA weights and checkpoints (a "
+                                      "run of the same recipe there resumes)")],
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 500,
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
     keep_min: Annotated[float, typer.Option(help="smallest keep ratio drawn per step (largest: 1)")] = 0.1,
     resolution: Annotated[int, typer.Option(help="training resolution in pixels (multiple of 16)")] = 512,
     seed: Annotated[int, typer.Option(help="seed of sampling, noise and dropping")] = 0,
+    save_every: Annotated[int, typer.Option(help="checkpoint every this many steps (and at the end)")] = 100,
 ) -> None:
-    """Fine-tune a FLUX.2 \\[klein] LoRA with random reference-token dropping."""
+    """Fine-tune a FLUX.2 \\[klein] LoRA with random reference-token dropping.
+
+    Checkpoints go to OUT/checkpoints; running again into OUT with the same recipe (more --steps allowed)
+    resumes from the newest one."""
     try:
         import diffusers
     except ImportError:
@@ -277,9 +281,12 @@ def train_lora(
             "tokensparse train-lora needs diffusers, peft and accelerate: pip install 'tokensparse[diffusers,train]'"
         )
     from .integrations.diffusers_lora import (
+        LoraCheckpointError,
         LoraTrainConfig,
         LoraWriteError,
         check_lora_run,
+        examples_digest,
+        find_checkpoint,
         load_examples,
         train_lora_sparse,
     )
@@ -287,9 +294,10 @@ def train_lora(
     check_out(out, None)
     try:
         cfg = LoraTrainConfig(
-            steps=steps, lr=lr, rank=rank, keep_min=keep_min, resolution=resolution, seed=seed
+            steps=steps, lr=lr, rank=rank, keep_min=keep_min, resolution=resolution, seed=seed, save_every=save_every
         )
         examples = load_examples(data)
+        resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     local = Path(model).is_dir()
@@ -312,8 +320,10 @@ def train_lora(
         check_lora_run(pipe, out)  # what can be refused before training
     except (TypeError, ValueError, OSError) as exc:
         _fail(str(exc))
+    if resume is not None:
+        typer.echo(f"resuming from {resume[0]} at step {resume[1]['step']} of {steps}")
     try:
         train_lora_sparse(pipe, examples, cfg, out, log=log)
-    except LoraWriteError as exc:  # only writing the result failed (other errors keep their traceback)
-        _fail(str(exc))
+    except (LoraWriteError, LoraCheckpointError) as exc:  # writing the result failed, or a damaged checkpoint
+        _fail(str(exc))  # (other errors keep their traceback)
     typer.echo(f"wrote LoRA to {out} (load with pipe.load_lora_weights({str(out)!r}))")

@@ -3,7 +3,8 @@ name a damaged file.
 
 ``<out>/step_<k>/`` holds ``model.safetensors``, ``ema.safetensors``, ``optim.pt`` (tensors only, loaded with
 ``weights_only=True``) and ``state.json``; each folder is written to a temp folder and renamed, then
-``<out>/latest`` is replaced atomically. :mod:`.train` writes and resumes them.
+``<out>/latest`` is replaced atomically. :mod:`.train` writes and resumes them;
+:mod:`.integrations.diffusers_lora_checkpoints` writes LoRA runs' folders with :func:`save_checkpoint_folder`.
 """
 
 from __future__ import annotations
@@ -37,22 +38,36 @@ def state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
 def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
                         opt: torch.optim.Optimizer, state: dict, keep_last: int = 2, config: dict | None = None
                         ) -> Path:
-    """Write ``out/step_N`` atomically (a temp folder renamed into place, then the ``latest`` pointer) with the
-    weights, EMA, optimizer state, ``state`` JSON and the run's resolved ``config`` (``config.json``, when
-    given); keep the ``keep_last`` newest. Returns the folder."""
+    """Write ``out/step_N`` atomically (:func:`save_checkpoint_folder`) with the weights, EMA, optimizer state,
+    ``state`` JSON and the run's resolved ``config`` (``config.json``, when given); keep the ``keep_last`` newest.
+    Returns the folder."""
+
+    def write(tmp: Path) -> None:
+        save_tensors(state_tensors(model), tmp / "model.safetensors")
+        save_tensors(ema, tmp / "ema.safetensors")
+        torch.save(opt.state_dict(), tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    return save_checkpoint_folder(out, step, write, keep_last)
+
+
+def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """``tensors`` (moved to the CPU) as a safetensors file with normal permissions."""
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(path))
+    default_mode(path)  # safetensors writes owner-only files
+
+
+def save_checkpoint_folder(out: Path, step: int, write: Callable[[Path], None], keep_last: int = 2) -> Path:
+    """Make ``out/step_N`` atomically: ``write(tmp)`` fills a temp folder, which is renamed into place, then the
+    ``latest`` pointer is replaced; the ``keep_last`` newest ``step_*`` folders are kept. Returns the folder."""
     final = out / f"step_{step:07d}"
     tmp = out / f".step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file({k: v.cpu() for k, v in state_tensors(model).items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        for name in ("model.safetensors", "ema.safetensors"):
-            default_mode(tmp / name)  # safetensors writes owner-only files
-        torch.save(opt.state_dict(), tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write(tmp)
     except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise

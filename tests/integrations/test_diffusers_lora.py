@@ -66,7 +66,7 @@ def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tm
         train_lora_sparse(pipe, examples, cfg, tmp_path / "b", log=boom)
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["train_config.json"] and _ADAPTER not in adapters()
     assert len(train_lora_sparse(pipe, examples, cfg, tmp_path / "c")) == 2  # the same pipeline trains again
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["pytorch_lora_weights.safetensors",
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["checkpoints", "pytorch_lora_weights.safetensors",
                                                                    "train_config.json"]
     with pytest.raises(ValueError, match="already has a LoRA adapter"):  # its adapter is still on
         train_lora_sparse(pipe, examples, cfg, tmp_path / "d")
@@ -78,7 +78,7 @@ def test_failed_repeated_and_blocked_runs_leave_the_pipeline_and_folder_clean(tm
     monkeypatch.setattr(type(pipe), "save_lora_weights", full_disk)
     with pytest.raises(OSError, match="cannot write the LoRA to .*No space left"):
         train_lora_sparse(pipe, examples, cfg, tmp_path / "e")
-    assert _ADAPTER in adapters() and list((tmp_path / "e").iterdir()) == []  # trained adapter kept, no files
+    assert _ADAPTER in adapters() and [p.name for p in (tmp_path / "e").iterdir()] == ["checkpoints"]  # no weights
     data = tmp_path / "data"
     (data / ".ipynb_checkpoints").mkdir(parents=True)  # hidden folders are not examples
     (data / "ex0").mkdir()
@@ -221,3 +221,115 @@ def test_train_lora_command(tmp_path):
     args = ["train-lora", "--model", str(kontext), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "l2")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "supports" in result.output and "cannot load" not in result.output
+
+
+def _examples(n: int = 2, seed: int = 0) -> list:
+    import numpy as np
+    from PIL import Image
+
+    from tokensparse.integrations.diffusers_lora import Example
+
+    rng = np.random.RandomState(seed)
+    images = [Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")) for _ in range(2 * n)]
+    return [Example([images[2 * i]], images[2 * i + 1], f"edit {i}") for i in range(n)]
+
+
+def test_an_interrupted_run_resumes_bit_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from tokensparse.integrations.diffusers_lora import _ADAPTER, WEIGHTS
+
+    examples = _examples()
+    cfg = {"resolution": 32, "rank": 2, "max_sequence_length": 16, "seed": 5, "lr": 1e-2}
+    full = train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=8, **cfg), tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["latest", "step_0000008"]
+
+    out = tmp_path / "resumed"
+    assert len(train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=4, save_every=3, **cfg),
+                                 out)) == 4  # a finished run (checkpoints at steps 3 and 4) ...
+    seen = []
+
+    def crash(step: int, keep: float, loss: float) -> None:
+        seen.append(step)
+        if step == 6:  # after the checkpoint of step 6 (0-based step 5)
+            raise KeyboardInterrupt
+
+    pipe = tiny_flux2_klein(seed=0)  # ... given more steps trains on, and is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        train_lora_sparse(pipe, examples, LoraTrainConfig(steps=8, save_every=3, **cfg), out, log=crash)
+    assert seen == [4, 5, 6] and _ADAPTER not in (getattr(pipe.transformer, "peft_config", None) or {})
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000004", "step_0000006"]
+    resumed = train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=8, save_every=3, **cfg), out)
+    assert resumed == full  # the losses of all 8 steps, the earlier ones from the checkpoint
+
+    a, b = (load_file(str(d / WEIGHTS)) for d in (tmp_path / "full", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=8, **cfg), out) == full  # done
+    fresh = tiny_flux2_klein(seed=0)
+    fresh.load_lora_weights(out)  # the exported weights load as before, beside the checkpoints folder
+    assert fresh.transformer.peft_config
+
+
+def test_resume_refuses_another_recipe_other_data_and_damaged_files(tmp_path):
+    from tokensparse.integrations.diffusers_lora import LoraCheckpointError
+
+    examples = _examples()
+    cfg = {"resolution": 32, "rank": 2, "max_sequence_length": 16}
+    out = tmp_path / "run"
+    train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=2, **cfg), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    pipe = tiny_flux2_klein(seed=0)
+    refused = [
+        (LoraTrainConfig(steps=3, **{**cfg, "rank": 4}, lr=1e-3), examples, r"\(lr 0.0001 -> 0.001; rank 2 -> 4\)"),
+        (LoraTrainConfig(steps=3, **cfg), _examples(seed=1), r"\(data \(other examples\)\)"),
+        (LoraTrainConfig(steps=1, **cfg), examples, "at step 2, past steps=1"),
+    ]
+    for recipe, data, message in refused:
+        with pytest.raises(LoraCheckpointError, match=message):
+            train_lora_sparse(pipe, data, recipe, out)
+    assert not getattr(pipe.transformer, "peft_config", None)  # refused before training
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    ckpt = out / "checkpoints" / "step_0000002"
+    for name in ("lora.safetensors", "optim.pt", "rng.safetensors", "state.json", "config.json"):
+        (ckpt / name).write_bytes(b"\x00garbage")
+        with pytest.raises(ValueError, match=rf"^checkpoint .*step_0000002: cannot read {name} \(") as info:
+            train_lora_sparse(pipe, examples, LoraTrainConfig(steps=3, **cfg), out)
+        assert "\n" not in str(info.value)
+        (ckpt / name).write_bytes(before[ckpt / name])
+    assert not getattr(pipe.transformer, "peft_config", None)  # damaged files are found before any work
+    with pytest.raises(ValueError, match="save_every"):
+        LoraTrainConfig(save_every=0)
+
+
+def test_train_lora_command_resumes_and_names_a_damaged_checkpoint(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import train_lora
+
+    model = tmp_path / "klein"
+    tiny_flux2_klein(seed=0).save_pretrained(model)
+    ex = tmp_path / "data" / "ex0"
+    ex.mkdir(parents=True)
+    example = _examples(1)[0]
+    example.refs[0].save(ex / "ref1.png")
+    example.target.save(ex / "target.png")
+    (ex / "prompt.txt").write_text(example.prompt)
+    app = typer.Typer()
+    app.command("train-lora")(train_lora)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "lora"
+    args = ["train-lora", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
+            "--resolution", "32", "--rank", "2", "--save-every", "1"]
+    assert CliRunner().invoke(app, [*args, "--steps", "1"]).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--steps", "2"])
+    assert result.exit_code == 0 and f"resuming from {out / 'checkpoints' / 'step_0000001'} at step 1 of 2" in \
+        result.output
+    (out / "checkpoints" / "step_0000002" / "optim.pt").write_bytes(b"not a torch file")
+    result = CliRunner().invoke(app, [*args, "--steps", "3"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "cannot read optim.pt" in errors[0], result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*args, "--steps", "3", "--lr", "1e-3"])  # refused before loading the model
+    assert result.exit_code == 1 and "another recipe (lr 0.0001 -> 0.001)" in result.output

@@ -9,6 +9,9 @@ re-seeded every step. Loss: rectified flow, the transformer predicts ``noise - x
 
 The VAE and text encoder are frozen and run once per example; only LoRA weights on the transformer's
 attention projections train. ``accelerate`` places the model (one CPU process, one GPU, or many).
+
+A run checkpoints every ``save_every`` steps and at its end (:mod:`.diffusers_lora_checkpoints`); a run of the
+same recipe into the same output folder resumes from the newest checkpoint and continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +33,18 @@ from .. import checks
 from ..context import SparseContextConfig
 from ..files import default_mode, nearest_existing
 from ..images import MAX_SIDE, load_rgb
+from ..run_checkpoints import remove_partial_saves
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
+from .diffusers_lora_checkpoints import (  # noqa: F401  (LoraCheckpointError, examples_digest: importable here)
+    CHECKPOINTS,
+    LoraCheckpointError,
+    Resume,
+    examples_digest,
+    find_checkpoint,
+    read_checkpoint,
+    restore,
+    save,
+)
 
 SUPPORTED = ("Flux2KleinPipeline",)
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(folder) reads
@@ -42,7 +57,8 @@ class LoraWriteError(OSError):
 
 @dataclass
 class LoraTrainConfig:
-    """Resolved training settings (written next to the LoRA weights as ``train_config.json``)."""
+    """Resolved training settings (written next to the LoRA weights as ``train_config.json``, and into every
+    checkpoint). A run may resume with other ``steps`` and ``save_every``, nothing else."""
 
     steps: int = 500
     lr: float = 1e-4
@@ -52,10 +68,12 @@ class LoraTrainConfig:
     resolution: int = 512
     max_sequence_length: int = 512
     seed: int = 0
+    save_every: int = 100  # checkpoint every this many steps (and at the end)
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
     def __post_init__(self) -> None:
         self.steps = checks.integer("steps", self.steps, lo=1)
+        self.save_every = checks.integer("save_every", self.save_every, lo=1)
         self.rank = checks.integer("rank", self.rank, lo=1)
         self.keep_max = checks.real("keep_max", self.keep_max, 0.0, 1.0, lo_open=True)
         self.keep_min = checks.real("keep_min", self.keep_min, 0.0, self.keep_max, lo_open=True)
@@ -143,14 +161,19 @@ def train_lora_sparse(
 
     ``out_dir`` gets ``pytorch_lora_weights.safetensors`` (load with ``pipe.load_lora_weights(out_dir)``)
     and ``train_config.json``, both written to a temporary folder first and then moved in (replacing those two
-    files of an earlier run there; a run does not resume). Returns the loss of every step.
+    files of an earlier run there). Checkpoints go to ``out_dir/checkpoints/`` every ``cfg.save_every`` steps and
+    at the end; when ``out_dir`` holds one, the run resumes from it and continues exactly as an uninterrupted run
+    would have (a finished run given more ``steps`` trains on). One of another recipe (but for ``steps`` and
+    ``save_every``), of other examples, or damaged is refused before any work: :class:`LoraCheckpointError` (a
+    ``ValueError``). Returns the loss of every step, the resumed run's earlier ones included.
     ``log(step, keep, loss)`` is called per step. The LoRA goes on ``cfg.target_modules`` (by default the
     image-stream attention projections of the double-stream blocks); its initialisation and every draw of
     training come from ``cfg.seed``, so a run repeats exactly (on one device) and leaves the global RNG alone.
 
     Everything that can be checked before training is (:func:`check_lora_run`: the pipeline, the output
-    folder). Afterwards the trained adapter stays on ``pipe.transformer`` as its active adapter (also when
-    only writing the files fails: ``OSError``); ``requires_grad`` flags are restored. If training fails, the
+    folder; :func:`find_checkpoint` and :func:`read_checkpoint`: the checkpoint to resume). Afterwards the trained
+    adapter stays on ``pipe.transformer`` as its active adapter (also when only writing the files fails:
+    ``OSError``); ``requires_grad`` flags are restored. If training fails, the
     adapter is removed as well (with adapters of the caller's loaded, modules that only this trainer
     targeted keep an empty LoRA wrapper: same outputs, renamed state-dict keys).
     """
@@ -162,10 +185,13 @@ def train_lora_sparse(
     unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} match no module of {type(pipe.transformer).__name__}")
+    data = examples_digest(examples)
+    found = find_checkpoint(out, cfg, data)
+    resume = read_checkpoint(*found) if found is not None else None
     frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
     others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
     try:
-        losses, state = _train(pipe, examples, cfg, log)
+        losses, state = _train(pipe, examples, cfg, log, out, data, resume)
     except BaseException:  # a failed run removes its adapter
         if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
             if others:
@@ -203,13 +229,17 @@ def check_lora_run(pipe: Any, out: Path) -> None:
     for name in (WEIGHTS, "train_config.json"):
         if (out / name).is_dir():
             raise IsADirectoryError(f"output {out / name} is a folder")
+    if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
+        raise NotADirectoryError(f"output {out / CHECKPOINTS} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise PermissionError(f"cannot write into {existing}")
 
 
 def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
-           log: Callable[[int, float, float], None] | None) -> tuple[list[float], dict | None]:
-    """Train; the losses and (on the main process) the adapter's state dict."""
+           log: Callable[[int, float, float], None] | None, out: Path, data: str,
+           resume: Resume | None) -> tuple[list[float], dict | None]:
+    """Train (from checkpoint ``resume``, if any), checkpointing into ``out``; the losses and (on the main
+    process) the adapter's state dict."""
     from accelerate import Accelerator
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -234,15 +264,21 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             ),
             adapter_name=_ADAPTER,
         )
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    model, optimizer = accelerator.prepare(transformer, optimizer)
+    params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    raw_optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, losses, elapsed = 0, [], 0.0
+    if resume is not None:
+        restore(resume, params, raw_optimizer, gen)
+        start, losses, elapsed = resume.state["step"], list(resume.state["losses"]), resume.state["elapsed_s"]
+    if accelerator.is_main_process:
+        remove_partial_saves(out / CHECKPOINTS)  # what a save killed hard left
+    model, optimizer = accelerator.prepare(transformer, raw_optimizer)
     model.train()
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
+    started = time.time() - elapsed
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             e = encoded[int(torch.randint(len(encoded), (1,), generator=gen))]
             keep = cfg.keep_min + (cfg.keep_max - cfg.keep_min) * float(torch.rand(1, generator=gen))
             apply_sparse_context_diffusers(
@@ -268,6 +304,10 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             losses.append(float(loss.detach()))
             if log is not None:
                 log(step, keep, losses[-1])
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                if accelerator.is_main_process:
+                    save(out, step + 1, params, raw_optimizer, gen, losses, started, cfg, data)
+                accelerator.wait_for_everyone()
     finally:
         remove_sparse_context_diffusers(transformer)
     model.eval()

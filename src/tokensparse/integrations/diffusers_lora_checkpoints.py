@@ -1,0 +1,140 @@
+"""Checkpoints of :func:`~tokensparse.integrations.diffusers_lora.train_lora_sparse`, so that a run resumes
+bit-exactly.
+
+``<out>/checkpoints/step_<k>/`` holds ``lora.safetensors`` (the adapter's trainable tensors, by parameter name),
+``optim.pt`` (the AdamW state: tensors only, loaded with ``weights_only=True``), ``rng.safetensors`` (the run's
+generator, which draws each step's example, keep ratio, timestep and noise), ``state.json`` (step, the loss of
+every step so far, wall time, a digest of the examples) and ``config.json`` (the resolved recipe). Each folder is
+written to a temp folder and renamed, then ``checkpoints/latest`` is replaced
+(:func:`tokensparse.run_checkpoints.save_checkpoint_folder`); the two newest are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..files import read_safetensors
+from ..run_checkpoints import latest_checkpoint, load_optim, read_part, read_state, save_checkpoint_folder, save_tensors
+
+if TYPE_CHECKING:
+    from .diffusers_lora import LoraTrainConfig
+
+CHECKPOINTS = "checkpoints"  # the sub-folder of the output folder that holds them
+#: recipe fields a resumed run may change: when to stop, and how often to checkpoint
+RESUMABLE_CHANGES = frozenset({"steps", "save_every"})
+
+
+class LoraCheckpointError(ValueError):
+    """An output folder's checkpoint cannot be resumed: a damaged file, another recipe or other examples."""
+
+
+def examples_digest(examples: Sequence[Any]) -> str:
+    """SHA-256 of the examples' prompts and pixels (a resumed run must train on the same data)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex.prompt).encode())
+        for image in (*ex.refs, ex.target):
+            h.update(f"{image.mode} {image.size}".encode())
+            h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def find_checkpoint(out: Path, cfg: LoraTrainConfig, data: str) -> tuple[Path, dict] | None:
+    """The checkpoint (folder, ``state.json``) a run of ``cfg`` on the examples of digest ``data`` into ``out``
+    resumes from; ``None`` when there is none. Reads only the small files; :class:`LoraCheckpointError` for a
+    damaged one, another recipe (but for :data:`RESUMABLE_CHANGES`), other examples, or a checkpoint past
+    ``cfg.steps``."""
+    ckpt = latest_checkpoint(Path(out) / CHECKPOINTS)
+    if ckpt is None:
+        return None
+    try:
+        state = read_state(ckpt)
+        saved = read_part(ckpt, "config.json", lambda p: json.loads(p.read_text()))
+    except ValueError as exc:  # names the damaged file
+        raise LoraCheckpointError(str(exc)) from None
+    try:
+        before = asdict(type(cfg)(**saved))
+    except (TypeError, ValueError) as exc:
+        raise LoraCheckpointError(f"checkpoint {ckpt}: config.json is not a LoRA recipe ({exc}); use a new "
+                                  "--out") from None
+    now = asdict(cfg)
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and now[k] != before[k]]
+    if state.get("data") != data:
+        changed.append("data (other examples)")
+    if changed:
+        raise LoraCheckpointError(
+            f"{out} holds a LoRA run of another recipe ({'; '.join(changed)}); resume it with the recipe and data it "
+            f"started with (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or use a new --out")
+    if state["step"] > cfg.steps:
+        raise LoraCheckpointError(f"{out} holds a LoRA run at step {state['step']}, past steps={cfg.steps}; give "
+                                  "steps >= that to train on, or use a new --out")
+    return ckpt, state
+
+
+@dataclass
+class Resume:
+    """A checkpoint read to resume from: its folder, ``state.json`` and the files :func:`restore` loads."""
+
+    path: Path
+    state: dict
+    lora: dict[str, Tensor]
+    optim: dict
+    rng: dict[str, Tensor]
+
+
+def read_checkpoint(ckpt: Path, state: dict) -> Resume:
+    """Read checkpoint ``ckpt`` (its ``state.json`` read already); :class:`LoraCheckpointError` naming a damaged
+    file."""
+    try:
+        return Resume(ckpt, state, read_part(ckpt, "lora.safetensors", read_safetensors),
+                      read_part(ckpt, "optim.pt", load_optim), read_part(ckpt, "rng.safetensors", read_safetensors))
+    except ValueError as exc:
+        raise LoraCheckpointError(str(exc)) from None
+
+
+def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> None:
+    """Load ``resume`` into the adapter's ``params`` (by name), ``optimizer`` and ``generator``;
+    :class:`LoraCheckpointError` naming the file that does not fit."""
+    ckpt, lora = resume.path, resume.lora
+    missing, unexpected = sorted(params.keys() - lora.keys()), sorted(lora.keys() - params.keys())
+    shapes = [k for k in params.keys() & lora.keys() if lora[k].shape != params[k].shape]
+    if missing or unexpected or shapes:
+        raise LoraCheckpointError(f"checkpoint {ckpt}: lora.safetensors does not fit this adapter (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}); is it "
+                                  "another base model? Use a new --out")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(lora[name])
+    for name, load in (("optim.pt", lambda: optimizer.load_state_dict(resume.optim)),
+                       ("rng.safetensors", lambda: generator.set_state(resume.rng["generator"]))):
+        try:
+            load()
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise LoraCheckpointError(f"checkpoint {ckpt}: {name} does not fit this run ({type(exc).__name__}: "
+                                      f"{exc}); use a new --out") from None
+
+
+def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+         generator: torch.Generator, losses: list[float], started: float, cfg: LoraTrainConfig, data: str) -> Path:
+    """Write checkpoint ``out/checkpoints/step_<step>`` atomically (``started``: ``time.time()`` less the
+    run's earlier wall time). Returns the folder."""
+
+    def write(tmp: Path) -> None:
+        save_tensors({k: v.detach() for k, v in params.items()}, tmp / "lora.safetensors")
+        save_tensors({"generator": generator.get_state()}, tmp / "rng.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optim.pt")
+        state = {"step": step, "elapsed_s": time.time() - started, "losses": losses, "data": data}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    return save_checkpoint_folder(Path(out) / CHECKPOINTS, step, write)
