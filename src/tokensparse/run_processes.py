@@ -1,5 +1,6 @@
-"""A training run's processes: the accelerate ``Accelerator`` each :func:`tokensparse.train.train` call gets, and
-the values its processes agree on (each helper is one collective that every process calls at the same step)."""
+"""A training run's processes: the accelerate ``Accelerator`` each :func:`tokensparse.train.train` call gets, each
+process's own random draws per step (:func:`step_generator`), and the values its processes agree on (each of
+those helpers is one collective that every process calls at the same step)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,19 @@ def process_mean(acc: Accelerator, value: float) -> float:
     if acc.num_processes == 1:
         return value
     return float(acc.reduce(torch.tensor([value], dtype=torch.float64, device=acc.device), reduction="mean").item())
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1009 + rank) % 2**63  # below 2**63 (torch seeds): any recipe seed works
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one training step on one process (``rank``): a function of (seed, step, rank) only, so a
+    resumed run draws what an uninterrupted one would, and each process draws its own samples."""
+    return torch.Generator().manual_seed(_step_seed(seed, step, rank))
+
+
+def side_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
+    """A step's draws for one optional feature (routing, condition dropout): a stream of its own, so turning
+    the feature on leaves the noise, t and reference-dropping draws of the main stream unchanged."""
+    return torch.Generator().manual_seed(_step_seed(seed, step, rank) ^ (salt << 40))

@@ -50,7 +50,7 @@ from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_chec
     save_run_checkpoint,
     state_tensors,
 )
-from .run_processes import accelerator, all_finite, any_process, process_mean
+from .run_processes import accelerator, all_finite, any_process, process_mean, side_generator, step_generator
 from .selection import SCORERS, RefView, budget_masks, needs_probe, score_views, shares_budget, topk_mask
 from .vocab import detokenize, tokenize
 
@@ -200,15 +200,6 @@ def random_keep_mask(grids: tuple[tuple[int, int], ...], batch: int, drop: DropC
         picked = budget_masks(scores, counts, [1] * len(grids), ties, share)
         masks = [torch.where(chosen[:, None], p, m) for p, m in zip(picked, masks)]
     return torch.cat(masks, 1)
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 1009 + rank) % 2**63  # below 2**63 (torch seeds): any recipe seed works
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The generator of one training step on one rank: a function of (seed, step, rank) only, so resume is exact."""
-    return torch.Generator().manual_seed(_step_seed(seed, step, rank))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,12 +434,6 @@ def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_proce
         raise ValueError(f"run folder {out} was trained by {ran} processes and this run has {num_processes}: "
                          "each process reads its own slice of the data and the global batch is theirs together; "
                          f"resume with {ran}, or use a new --out")
-
-
-def side_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
-    """A step's draws for one optional feature (routing, condition dropout): a stream of its own, so turning
-    the feature on leaves the noise, t and reference-dropping draws of the main stream unchanged."""
-    return torch.Generator().manual_seed(_step_seed(seed, step, rank) ^ (salt << 40))
 
 
 def _progress(enabled: bool, total: int, done: int):

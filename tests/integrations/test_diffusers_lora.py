@@ -291,7 +291,7 @@ def test_resume_refuses_another_recipe_other_data_and_damaged_files(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     ckpt = out / "checkpoints" / "step_0000002"
-    for name in ("lora.safetensors", "optim.pt", "rng.safetensors", "state.json", "config.json"):
+    for name in ("lora.safetensors", "optim.pt", "state.json", "config.json"):
         (ckpt / name).write_bytes(b"\x00garbage")
         with pytest.raises(ValueError, match=rf"^checkpoint .*step_0000002: cannot read {name} \(") as info:
             train_lora_sparse(pipe, examples, LoraTrainConfig(steps=3, **cfg), out)
@@ -333,3 +333,70 @@ def test_train_lora_command_resumes_and_names_a_damaged_checkpoint(tmp_path):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(app, [*args, "--steps", "3", "--lr", "1e-3"])  # refused before loading the model
     assert result.exit_code == 1 and "another recipe (lr 0.0001 -> 0.001)" in result.output
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    import json
+
+    from tokensparse.integrations.diffusers_lora import LoraCheckpointError
+
+    cfg = {"resolution": 32, "rank": 2, "max_sequence_length": 16}
+    out = tmp_path / "run"
+    train_lora_sparse(tiny_flux2_klein(seed=0), _examples(), LoraTrainConfig(steps=1, **cfg), out)
+    state_file = out / "checkpoints" / "step_0000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["num_processes"] == 1
+    state_file.write_text(json.dumps({**state, "num_processes": 2}))
+    pipe = tiny_flux2_klein(seed=0)
+    with pytest.raises(LoraCheckpointError, match="trained by 2 processes and this run has 1"):
+        train_lora_sparse(pipe, _examples(), LoraTrainConfig(steps=2, **cfg), out)
+    assert not getattr(pipe.transformer, "peft_config", None)  # refused before training
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+import torch
+from accelerate import PartialState
+from tokensparse.integrations.diffusers_lora import LoraTrainConfig, train_lora_sparse
+from tokensparse.integrations.diffusers_tiny import tiny_flux2_klein
+sys.path.insert(0, sys.argv[2])
+from test_diffusers_lora import _examples
+
+torch.set_num_threads(1)
+seen = []
+pipe = tiny_flux2_klein(seed=0)
+cfg = LoraTrainConfig(steps=3, resolution=32, rank=2, max_sequence_length=16, lr=1e-2)
+losses = train_lora_sparse(pipe, _examples(4), cfg, sys.argv[1], log=lambda s, k, l: seen.append(k))
+rank = PartialState(cpu=True).process_index  # after training: the trainer sets accelerate up (a CPU world)
+lora = {n: p.detach() for n, p in pipe.transformer.named_parameters() if "lora" in n}
+torch.save(lora, f"{sys.argv[1]}/rank{rank}.pt")
+with open(f"{sys.argv[1]}/run{rank}.json", "w") as f:
+    json.dump({"keeps": seen, "losses": losses}, f)
+"""
+
+
+def test_two_processes_draw_their_own_samples_and_stay_identical(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(out), str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((out / f"run{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0]["keeps"] != runs[1]["keeps"]  # each process draws its own keep ratios (and samples, noise)
+    assert runs[0]["losses"] == runs[1]["losses"]  # the recorded loss: the mean over both processes
+    a, b = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)  # one model on both
+    from tokensparse.run_checkpoints import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(out / "checkpoints") / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 3 and state["losses"] == runs[0]["losses"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()  # written once, by the main process

@@ -8,7 +8,9 @@ re-seeded every step. Loss: rectified flow, the transformer predicts ``noise - x
 ``x_t = (1 - t) x0 + t noise`` with logit-normal ``t`` (FLUX's convention).
 
 The VAE and text encoder are frozen and run once per example; only LoRA weights on the transformer's
-attention projections train. ``accelerate`` places the model (one CPU process, one GPU, or many).
+attention projections train. ``accelerate`` places the model (one CPU process, one GPU, or many); each
+process draws its own example, keep ratio, timestep, noise and kept tokens every step from ``(seed, step,
+rank)``, and the recorded loss is the mean over processes.
 
 A run checkpoints every ``save_every`` steps and at its end (:mod:`.diffusers_lora_checkpoints`); a run of the
 same recipe into the same output folder resumes from the newest checkpoint and continues bit-exactly.
@@ -34,11 +36,13 @@ from ..context import SparseContextConfig
 from ..files import default_mode, nearest_existing
 from ..images import MAX_SIDE, load_rgb
 from ..run_checkpoints import remove_partial_saves
+from ..run_processes import process_mean, step_generator
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 from .diffusers_lora_checkpoints import (  # noqa: F401  (LoraCheckpointError, examples_digest: importable here)
     CHECKPOINTS,
     LoraCheckpointError,
     Resume,
+    check_processes,
     examples_digest,
     find_checkpoint,
     read_checkpoint,
@@ -168,7 +172,8 @@ def train_lora_sparse(
     ``ValueError``). Returns the loss of every step, the resumed run's earlier ones included.
     ``log(step, keep, loss)`` is called per step. The LoRA goes on ``cfg.target_modules`` (by default the
     image-stream attention projections of the double-stream blocks); its initialisation and every draw of
-    training come from ``cfg.seed``, so a run repeats exactly (on one device) and leaves the global RNG alone.
+    training come from ``cfg.seed`` (each process's from ``(seed, step, rank)``), so a run repeats exactly (on
+    the same devices and number of processes) and leaves the global RNG alone; the losses are means over processes.
 
     Everything that can be checked before training is (:func:`check_lora_run`: the pipeline, the output
     folder; :func:`find_checkpoint` and :func:`read_checkpoint`: the checkpoint to resume). Afterwards the trained
@@ -187,6 +192,10 @@ def train_lora_sparse(
         raise ValueError(f"target_modules {unmatched} match no module of {type(pipe.transformer).__name__}")
     data = examples_digest(examples)
     found = find_checkpoint(out, cfg, data)
+    if found is not None:
+        from accelerate import PartialState
+
+        check_processes(*found, PartialState(cpu=not torch.cuda.is_available()).num_processes)
     resume = read_checkpoint(*found) if found is not None else None
     frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
     others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
@@ -244,7 +253,7 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun's ranks form a CPU world
     device = accelerator.device
     pipe.to(device)
     for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
@@ -266,10 +275,9 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
         )
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     raw_optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
     start, losses, elapsed = 0, [], 0.0
     if resume is not None:
-        restore(resume, params, raw_optimizer, gen)
+        restore(resume, params, raw_optimizer)
         start, losses, elapsed = resume.state["step"], list(resume.state["losses"]), resume.state["elapsed_s"]
     if accelerator.is_main_process:
         remove_partial_saves(out / CHECKPOINTS)  # what a save killed hard left
@@ -279,11 +287,12 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
     started = time.time() - elapsed
     try:
         for step in range(start, cfg.steps):
+            gen = step_generator(cfg.seed, step, accelerator.process_index)  # this process's draws of this step
             e = encoded[int(torch.randint(len(encoded), (1,), generator=gen))]
             keep = cfg.keep_min + (cfg.keep_max - cfg.keep_min) * float(torch.rand(1, generator=gen))
-            apply_sparse_context_diffusers(
-                transformer, SparseContextConfig(keep=keep, selector="random", seed=cfg.seed * 100_003 + step)
-            )
+            kept_seed = int(torch.randint(2**62, (1,), generator=gen))
+            apply_sparse_context_diffusers(transformer, SparseContextConfig(keep=keep, selector="random",
+                                                                            seed=kept_seed))
             t = torch.sigmoid(torch.randn(1, generator=gen)).to(device)  # logit-normal timestep in (0, 1)
             noise = torch.randn(e.x0.shape, generator=gen).to(device, e.x0.dtype)
             x_t = (1 - t) * e.x0 + t * noise
@@ -301,12 +310,13 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(process_mean(accelerator, float(loss.detach())))  # every process records the mean
             if log is not None:
                 log(step, keep, losses[-1])
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 if accelerator.is_main_process:
-                    save(out, step + 1, params, raw_optimizer, gen, losses, started, cfg, data)
+                    save(out, step + 1, params, raw_optimizer, accelerator.num_processes, losses, started, cfg,
+                         data)
                 accelerator.wait_for_everyone()
     finally:
         remove_sparse_context_diffusers(transformer)

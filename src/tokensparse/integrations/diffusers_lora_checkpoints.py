@@ -2,10 +2,10 @@
 bit-exactly.
 
 ``<out>/checkpoints/step_<k>/`` holds ``lora.safetensors`` (the adapter's trainable tensors, by parameter name),
-``optim.pt`` (the AdamW state: tensors only, loaded with ``weights_only=True``), ``rng.safetensors`` (the run's
-generator, which draws each step's example, keep ratio, timestep and noise), ``state.json`` (step, the loss of
-every step so far, wall time, a digest of the examples) and ``config.json`` (the resolved recipe). Each folder is
-written to a temp folder and renamed, then ``checkpoints/latest`` is replaced
+``optim.pt`` (the AdamW state: tensors only, loaded with ``weights_only=True``), ``state.json`` (step, the loss
+of every step so far, wall time, the number of processes, a digest of the examples) and ``config.json`` (the
+resolved recipe). A step's random draws are a function of (seed, step, rank), so no generator state is saved.
+Each folder is written to a temp folder and renamed, then ``checkpoints/latest`` is replaced
 (:func:`tokensparse.run_checkpoints.save_checkpoint_folder`); the two newest are kept.
 """
 
@@ -88,7 +88,6 @@ class Resume:
     state: dict
     lora: dict[str, Tensor]
     optim: dict
-    rng: dict[str, Tensor]
 
 
 def read_checkpoint(ckpt: Path, state: dict) -> Resume:
@@ -96,15 +95,23 @@ def read_checkpoint(ckpt: Path, state: dict) -> Resume:
     file."""
     try:
         return Resume(ckpt, state, read_part(ckpt, "lora.safetensors", read_safetensors),
-                      read_part(ckpt, "optim.pt", load_optim), read_part(ckpt, "rng.safetensors", read_safetensors))
+                      read_part(ckpt, "optim.pt", load_optim))
     except ValueError as exc:
         raise LoraCheckpointError(str(exc)) from None
 
 
-def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Optimizer,
-            generator: torch.Generator) -> None:
-    """Load ``resume`` into the adapter's ``params`` (by name), ``optimizer`` and ``generator``;
-    :class:`LoraCheckpointError` naming the file that does not fit."""
+def check_processes(ckpt: Path, state: dict, num_processes: int) -> None:
+    """:class:`LoraCheckpointError` unless checkpoint ``ckpt`` (``state``: its ``state.json``) was trained by
+    ``num_processes`` processes: each draws its own samples, so another count would not continue the same run."""
+    ran = state.get("num_processes", 1)
+    if ran != num_processes:
+        raise LoraCheckpointError(f"checkpoint {ckpt} was trained by {ran} processes and this run has "
+                                  f"{num_processes}: resume with {ran}, or use a new --out")
+
+
+def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Load ``resume`` into the adapter's ``params`` (by name) and ``optimizer``; :class:`LoraCheckpointError`
+    naming the file that does not fit."""
     ckpt, lora = resume.path, resume.lora
     missing, unexpected = sorted(params.keys() - lora.keys()), sorted(lora.keys() - params.keys())
     shapes = [k for k in params.keys() & lora.keys() if lora[k].shape != params[k].shape]
@@ -115,25 +122,23 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(lora[name])
-    for name, load in (("optim.pt", lambda: optimizer.load_state_dict(resume.optim)),
-                       ("rng.safetensors", lambda: generator.set_state(resume.rng["generator"]))):
-        try:
-            load()
-        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise LoraCheckpointError(f"checkpoint {ckpt}: {name} does not fit this run ({type(exc).__name__}: "
-                                      f"{exc}); use a new --out") from None
+    try:
+        optimizer.load_state_dict(resume.optim)
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise LoraCheckpointError(f"checkpoint {ckpt}: optim.pt does not fit this run ({type(exc).__name__}: "
+                                  f"{exc}); use a new --out") from None
 
 
-def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer,
-         generator: torch.Generator, losses: list[float], started: float, cfg: LoraTrainConfig, data: str) -> Path:
+def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, num_processes: int,
+         losses: list[float], started: float, cfg: LoraTrainConfig, data: str) -> Path:
     """Write checkpoint ``out/checkpoints/step_<step>`` atomically (``started``: ``time.time()`` less the
     run's earlier wall time). Returns the folder."""
 
     def write(tmp: Path) -> None:
         save_tensors({k: v.detach() for k, v in params.items()}, tmp / "lora.safetensors")
-        save_tensors({"generator": generator.get_state()}, tmp / "rng.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optim.pt")
-        state = {"step": step, "elapsed_s": time.time() - started, "losses": losses, "data": data}
+        state = {"step": step, "elapsed_s": time.time() - started, "losses": losses, "data": data,
+                 "num_processes": num_processes}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
