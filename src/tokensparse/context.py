@@ -39,11 +39,17 @@ class SparseContextConfig:
         near-empty reference gives its share to a busy one; the average stays ``keep``) or ``"auto"``
         (``"score"`` for informed scorers, ``"equal"`` for ``random`` / ``uniform``).
     proportional: each dropped token hands its attention mass to the kept token of its reference nearest to
-        it (scorer features: patch pixels): a kept token standing for ``s`` tokens gets ``log(s)`` added to its
-        attention logits (:func:`tokensparse.tokens.stand_in_sizes`). Training-free, the same token count
-        and FLOPs; RefDiT only. It helps random selection and ``auto`` at 25-50 %, but hurts subject
-        references where an informed selector keeps little more than the subject (keep 0.1, adaptive
-        budgets: the background's mass lands on a few subject tokens). Off by default.
+        it (scorer features: patch pixels for RefDiT, VAE latent tokens for diffusers): a kept token standing for
+        ``s`` tokens gets ``log(s)`` added to its attention logits in every layer
+        (:func:`tokensparse.tokens.stand_in_sizes`), exactly what ``s`` copies of it at its position would get.
+        Training-free, the same token count and FLOPs. RefDiT, and the diffusers FLUX.2 (Klein, dev, Klein
+        inpaint) and FLUX.1 Kontext pipelines (an additive ``attention_mask``: SDPA-family, ``flex`` or
+        ``xformers`` attention backends; on GPU SDPA may take a slower kernel with a mask). Refused with
+        ``Flux2KleinKVPipeline`` / ``cache=True`` on diffusers and for Qwen-Image-Edit (their attention takes no
+        float bias: :mod:`tokensparse.integrations.diffusers_proportional`). Measured on RefDiT: it helps random
+        selection and ``auto`` at 25-50 %, but hurts subject references where an informed selector keeps little
+        more than the subject (keep 0.1, adaptive budgets: the background's mass lands on a few subject tokens).
+        Off by default.
     """
 
     keep: float = 1.0

@@ -23,6 +23,8 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import flux2_call_kwargs, tiny_flux2_klein
 
+from .proportional import MaskRecorder, assert_bias_is_duplication
+
 TARGET_TOKENS = 8 * 8  # 32x32 output: VAE /2, 2x2 patches
 REF_TOKENS = 16 * 16  # 64x64 references (FLUX.2's image processor needs >= 64 px)
 
@@ -347,8 +349,6 @@ def test_unsupported_targets_and_bad_configs(pipe):
         apply_sparse_context_diffusers(pipe, {"keep": 0.5})
     with pytest.raises(ValueError, match="Flux2KleinKVPipeline"):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    with pytest.raises(ValueError, match="proportional=True is implemented for RefDiT only"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
 
 
 # K/V cache (Flux2KleinKVPipeline) ------------------------------------------------------------------------
@@ -584,3 +584,89 @@ def test_token_merging_stacks_with_sparse_context(pipe, kv_pipe, kv):
     assert np.array_equal(run(p, guidance_scale=gs), sparse)
     remove_sparse_context_diffusers(p)
     assert np.array_equal(run(p, guidance_scale=gs), dense)
+
+
+# proportional=True (log(size) attention bias) ---------------------------------------------------------------
+def _flux2_kwargs(tr, n_txt: int = 4) -> dict:
+    """A bare FLUX.2 call: an 8x8 target (T 0) and two 16x16 references (T 10, 20), random tokens."""
+    g = torch.Generator().manual_seed(0)
+    grids = [(0, 8), (10, 16), (20, 16)]
+    ids = torch.cat([torch.cartesian_prod(torch.tensor([t]), torch.arange(s), torch.arange(s), torch.tensor([0]))
+                     for t, s in grids]).unsqueeze(0)
+    return {
+        "hidden_states": torch.randn(1, ids.shape[1], 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, n_txt, tr.config.joint_attention_dim, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": ids,
+        "txt_ids": torch.zeros(1, n_txt, 4, dtype=torch.long),
+        "return_dict": False,
+    }
+
+
+@torch.no_grad()
+def test_proportional_bias_equals_duplicated_tokens(pipe):
+    kw = _flux2_kwargs(pipe.transformer)
+    assert_bias_is_duplication(pipe.transformer, kw, kw["img_ids"][0], refs=(10, 20))
+
+
+def test_proportional_keep_one_identical_bias_in_every_block_and_remove_restores(pipe):
+    dense = run(pipe)
+    rec = MaskRecorder(pipe.transformer)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0, proportional=True))
+    assert np.array_equal(run(pipe), dense) and set(map(type, rec.masks)) == {type(None)}
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    plain = run(pipe)
+    rec.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, proportional=True))
+    biased = run(pipe, attention_kwargs={"scale": 1.0})  # the caller's own attention kwargs are kept, not mutated
+    sizes, bias = sparse_context_state(pipe).sizes[((TARGET_TOKENS + 2 * REF_TOKENS, 16), None)]
+    assert torch.equal(sizes[:TARGET_TOKENS], torch.ones(TARGET_TOKENS))  # the target stands for itself
+    for r in range(2):  # each reference's sizes sum to its token count
+        assert float(sizes[TARGET_TOKENS + r * REF_TOKENS:][:REF_TOKENS].sum()) == REF_TOKENS
+    assert len(rec.masks) == 4 * rec.blocks  # 2 steps x 2 guidance passes x every block
+    for mask, keys in zip(rec.masks, rec.keys):
+        assert mask.shape == (1, 1, 1, keys) and torch.equal(mask[0, 0, 0, -len(bias):], bias)
+        assert not mask[0, 0, 0, :-len(bias)].any()  # text tokens: no bias
+    assert sparse_context_state(pipe).selections == 1
+    assert np.isfinite(biased).all() and not np.array_equal(biased, plain)
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(pipe), dense)
+
+
+def test_proportional_refusals(pipe, kv_pipe):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    for target, cache in ((kv_pipe, True), (kv_pipe, False), (pipe, True)):
+        with pytest.raises(ValueError, match="Flux2KVAttnProcessor"):
+            apply_sparse_context_diffusers(target, SparseContextConfig(keep=0.5, proportional=True, cache=cache))
+    apply_sparse_context_diffusers(kv_pipe.transformer, SparseContextConfig(keep=0.5, proportional=True))
+    with pytest.raises(ValueError, match="K/V cache"):  # the bare transformer: refused at its K/V call
+        run(kv_pipe, guidance_scale=None)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
+    with pytest.raises(ValueError, match="already has one"):
+        run(pipe, attention_kwargs={"attention_mask": torch.ones(1, 1, 1, 1)})
+    processor = pipe.transformer.single_transformer_blocks[0].attn.processor
+    processor._attention_backend = AttentionBackendName._NATIVE_FLASH  # takes no mask
+    with pytest.raises(ValueError, match="_native_flash"):
+        run(pipe)
+    processor._attention_backend = None
+    run(pipe)
+
+
+def test_token_merging_stacks_with_proportional_sparse_context(pipe, caplog):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, proportional=True))
+    sparse = run(pipe)
+    ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+    lengths, rec = AttnLengths(pipe.transformer), MaskRecorder(pipe.transformer)  # after merging: merged inputs
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        stacked = run(pipe)
+    assert "attention_mask" not in caplog.text  # the double-stream attention merges with the [text, image] mask
+    kept_refs = 2 * REF_TOKENS // 4
+    assert lengths.lengths == [TARGET_TOKENS // 2 + kept_refs] * 4
+    (_, bias), = sparse_context_state(pipe).sizes.values()
+    for mask, keys in zip(rec.masks, rec.keys):  # text and the merged target unbiased, the kept references
+        assert mask.shape[-1] == keys and torch.equal(mask[0, 0, 0, -kept_refs:], bias[TARGET_TOKENS:])
+        assert not mask[0, 0, 0, :-kept_refs].any()
+    assert np.isfinite(stacked).all() and not np.array_equal(stacked, sparse)
+    ts.remove_token_merging(pipe)
+    assert np.array_equal(run(pipe), sparse)

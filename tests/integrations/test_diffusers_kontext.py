@@ -20,6 +20,8 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import kontext_call_kwargs, tiny_flux_kontext
 
+from .proportional import MaskRecorder, assert_bias_is_duplication
+
 TOKENS = 8 * 8  # 32x32 target and reference
 
 
@@ -90,13 +92,13 @@ def test_batch_of_two_and_no_reference(pipe):
     assert seen == [TOKENS] * 4
 
 
-def test_kept_tokens_keep_their_position_ids(pipe):
-    tr = pipe.transformer
+def _kontext_kwargs() -> dict:
+    """A bare FLUX.1 Kontext call: an 8x8 target (T 0) and an 8x8 reference (T 1), random tokens."""
     g = torch.Generator().manual_seed(0)
     ids = torch.cat(
         [torch.cartesian_prod(torch.tensor([t]), torch.arange(8), torch.arange(8)) for t in (0, 1)]
     ).float()
-    kw = {
+    return {
         "hidden_states": torch.randn(1, 2 * TOKENS, 16, generator=g),
         "encoder_hidden_states": torch.randn(1, 4, 16, generator=g),
         "pooled_projections": torch.randn(1, 16, generator=g),
@@ -106,6 +108,12 @@ def test_kept_tokens_keep_their_position_ids(pipe):
         "txt_ids": torch.zeros(4, 3),
         "return_dict": False,
     }
+
+
+def test_kept_tokens_keep_their_position_ids(pipe):
+    tr = pipe.transformer
+    kw = _kontext_kwargs()
+    ids = kw["img_ids"]
     apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="random", seed=5))
     with torch.no_grad():
         sparse = tr(**kw)[0]
@@ -174,3 +182,30 @@ def test_token_merging_stacks_with_sparse_context(pipe):
     assert np.isfinite(stacked).all() and not np.array_equal(stacked, sparse)
     ts.remove_token_merging(pipe)
     assert np.array_equal(run(pipe), sparse)
+
+
+@torch.no_grad()
+def test_proportional_bias_equals_duplicated_tokens(pipe):
+    kw = _kontext_kwargs()
+    assert_bias_is_duplication(pipe.transformer, kw, kw["img_ids"], refs=(1,))
+
+
+def test_proportional_keep_one_identical_bias_in_every_block_and_remove_restores(pipe):
+    dense = run(pipe)
+    rec = MaskRecorder(pipe.transformer)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0, proportional=True))
+    assert np.array_equal(run(pipe), dense) and set(map(type, rec.masks)) == {type(None)}
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    plain = run(pipe)
+    rec.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, proportional=True))
+    biased = run(pipe)
+    (sizes, bias), = sparse_context_state(pipe).sizes.values()
+    assert torch.equal(sizes[:TOKENS], torch.ones(TOKENS)) and float(sizes[TOKENS:].sum()) == TOKENS
+    assert len(rec.masks) == 4 * rec.blocks  # 2 steps x true-CFG (two passes) x every block
+    for mask, keys in zip(rec.masks, rec.keys):
+        assert mask.shape == (1, 1, 1, keys) and torch.equal(mask[0, 0, 0, -len(bias):], bias)
+        assert not mask[0, 0, 0, :-len(bias)].any()  # text tokens: no bias
+    assert np.isfinite(biased).all() and not np.array_equal(biased, plain)
+    remove_sparse_context_diffusers(pipe)
+    assert np.array_equal(run(pipe), dense)

@@ -161,3 +161,9 @@ def test_layered_transformer_is_rejected():
         joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True, use_additional_t_cond=True)
     with pytest.raises(TypeError, match="layered"):
         ts.apply_sparse_context(layered, SparseContextConfig(keep=0.25))
+
+
+def test_proportional_is_refused_naming_the_processor(pipe):
+    with pytest.raises(ValueError, match="QwenDoubleStreamAttnProcessor2_0 refuses an external attention_mask"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
+    assert sparse_context_state(pipe) is None

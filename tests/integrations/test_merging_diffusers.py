@@ -106,7 +106,9 @@ def test_a_wrapper_without_a_patch_size_uses_its_models_and_merges() -> None:
 
 
 @torch.no_grad()
-def test_a_joint_attention_mask_runs_that_sublayer_unmerged(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_joint_text_image_key_mask_is_merged_with_the_tokens_unless_a_pair_crosses_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # FLUX double-stream attention: keys [text, image], e.g. proportional Sparse Context's log-size bias
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -118,12 +120,18 @@ def test_a_joint_attention_mask_runs_that_sublayer_unmerged(caplog: pytest.LogCa
                           -1).reshape(-1, 3)
     kw = {"hidden_states": torch.randn(2, 36, 8, generator=g), "encoder_hidden_states": torch.randn(2, 5, 16),
           "pooled_projections": torch.randn(2, 8), "timestep": torch.tensor([0.5, 0.5]),
-          "img_ids": img_ids, "txt_ids": torch.zeros(5, 3),
-          "joint_attention_kwargs": {"attention_mask": torch.ones(2, 1, 1, 41, dtype=torch.bool)}}
-    dense = flux(**kw).sample
+          "img_ids": img_ids, "txt_ids": torch.zeros(5, 3)}
+    crossing = torch.ones(2, 1, 1, 41, dtype=torch.bool)
+    crossing[..., 5::2] = False  # every other image token hidden: merged pairs cross the mask
+    dense = flux(**kw, joint_attention_kwargs={"attention_mask": crossing}).sample
     apply_token_merging(flux, TokenMergingConfig(ratio=0.5, merge_mlp=False))
+    plain = flux(**kw).sample
+    apply_token_merging(flux, TokenMergingConfig(ratio=0.5, merge_mlp=False))  # afresh: the same matching
     with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        out = flux(**kw).sample
+        visible = flux(**kw, joint_attention_kwargs={"attention_mask": torch.ones(2, 1, 1, 41, dtype=torch.bool)})
+        assert not caplog.text and merging_state(flux).merged_tokens > 0  # merged, its mask thinned along
+        torch.testing.assert_close(visible.sample, plain, rtol=1e-5, atol=1e-6)
+        out = flux(**kw, joint_attention_kwargs={"attention_mask": crossing}).sample
     assert "attention_mask of shape (2, 1, 1, 41)" in caplog.text and torch.equal(out, dense)  # attention only
     remove_token_merging(flux)
 

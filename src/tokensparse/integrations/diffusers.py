@@ -22,6 +22,15 @@ explicitly.
 With ``Flux2KleinKVPipeline`` the K/V-extract step sees only the kept references, so the cache holds
 fewer reference K/V and every later step attends to fewer keys (sparse + cache).
 
+``proportional=True`` (FLUX.2 and FLUX.1 Kontext; :mod:`.diffusers_proportional`): alongside the selection, each
+dropped reference token is assigned to the nearest kept token of its reference (L2 over the selection's latent
+features) and the hook adds ``joint_attention_kwargs["attention_mask"]``, a float ``(1, 1, 1, S_txt + K)`` mask
+holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every double- and single-stream
+attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
+(``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
+external mask), with a caller's own ``attention_mask``, and under attention backends that do not add a float
+mask (flash, sage, varlen, ...).
+
 A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.
 """
 
@@ -54,6 +63,7 @@ from .diffusers_models import (
     QwenImageAdapter,
     RefLayout,
 )
+from .diffusers_proportional import check_call, check_supported, image_bias, sequence_sizes, with_bias
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +110,9 @@ class _State:
         self.index: dict[tuple, tuple[Tensor, RefLayout] | None] = {}  # per sequence layout: kept positions
         self.probes: dict[tuple, tuple[Tensor, Tensor]] = {}  # per layout: (positions, their tokens) at selection
         self.selections = 0  # number of selections computed (tests: once per generation)
+        # proportional: per layout, (size of each dense image token, log-size bias over the kept ones or None)
+        self.sizes: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self.warned_processor = False
         self.warned = False
         self.warned_batch = False
         self.warned_uncaptured = False
@@ -109,6 +122,7 @@ class _State:
     def new_generation(self) -> None:
         self.index.clear()
         self.probes.clear()
+        self.sizes.clear()
         self.warned = False
 
 
@@ -173,6 +187,8 @@ class SparseContextHook:
             self.state.tracker.observe(float(kwargs["timestep"].flatten()[0]))
             if self.state.tracker.generation != gen:
                 self.state.new_generation()
+        if self.state.cfg.proportional:
+            check_call(kwargs)  # a K/V-cache call: the bias cannot reach its attention
         if self.adapter.is_kv_cached_call(kwargs):
             return None  # K/V of the kept references were cached at the extract step
         hs = kwargs["hidden_states"]
@@ -190,7 +206,9 @@ class SparseContextHook:
             return None
         index, layout = entry
         self._current = (index, layout.n)
-        return self.adapter.subset(kwargs, index, layout, self.state)
+        call = self.adapter.subset(kwargs, index, layout, self.state)
+        bias = self.state.sizes[key][1] if key in self.state.sizes else None
+        return call if bias is None else with_bias(module, call, bias, self.state)
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None
@@ -265,6 +283,9 @@ class SparseContextHook:
             keep_seq[pos.to(hs.device)] = keep[offset + cells.to(hs.device)]
             offset += h * w
         index = torch.nonzero(keep_seq).squeeze(1)  # sorted: target and references keep their order
+        if self.state.cfg.proportional:
+            sizes = sequence_sizes(views, keep, layout.n, layout.positions, layout.cells)
+            self.state.sizes[key] = (sizes, image_bias(sizes, index))
         return index, layout
 
 
@@ -298,8 +319,9 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     Calling it again replaces the earlier config; :func:`remove_sparse_context_diffusers` restores the
     exact original computation. ``keep=1.0`` is bit-identical to the unpatched model. A call without
     reference images (text-to-image) is a logged no-op. ``cfg.cache=True`` needs ``Flux2KleinKVPipeline``
-    (whose K/V cache then holds only the kept references). Raises ``TypeError`` for unsupported targets.
-    Returns ``target``.
+    (whose K/V cache then holds only the kept references). ``cfg.proportional=True`` needs a FLUX.2 or FLUX.1
+    Kontext target without the K/V cache (``ValueError`` naming why otherwise; see
+    :mod:`.diffusers_proportional`). Raises ``TypeError`` for unsupported targets. Returns ``target``.
 
     The hook lives on the transformer, so pipelines sharing it (``from_pipe``) share its config; each
     pipeline it was applied through captures its own reference pixels and prompt for the selection
@@ -313,10 +335,8 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         raise TypeError(
             f"Sparse Context does not support layered {type(transformer).__name__}s (use_layer3d_rope, "
             "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
-    if cfg.proportional:
-        raise ValueError("proportional=True is implemented for RefDiT only (it adds a per-token bias to the "
-                         "attention logits, which diffusers' attention processors do not take); use "
-                         "proportional=False")
+    if cfg.proportional:  # ValueError where the log(size) bias cannot reach every attention exactly
+        check_supported(transformer, pipe is not None and type(pipe).__name__ in KV_PIPELINES, cfg.cache)
     if cfg.selector != "auto" and needs_probe(cfg.selector):
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "

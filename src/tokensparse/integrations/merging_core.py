@@ -201,6 +201,7 @@ class Sublayer:
     rope: RopeFn | None = None  # merges the call's positional table along with the tokens
     target_only: bool = False  # RefDiT mlp: only calls with role="target"
     outputs: tuple[int, ...] = (0,)  # which elements of a tuple output are the merged tokens' (unmerged)
+    context_first: bool = False  # joint attention over [context, tokens]: a key mask may span both (FLUX)
 
 
 class BlockMerger:
@@ -242,7 +243,8 @@ class BlockMerger:
             return None
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() >= 2:
-            mask = self._merged_mask(module, mask, m, span, x.shape[1], kwargs.get("encoder_hidden_states"))
+            mask = self._merged_mask(module, mask, m, span, x.shape[1], kwargs.get("encoder_hidden_states"),
+                                     sub.context_first)
             if mask is None:
                 return None
             kwargs = {**kwargs, "attention_mask": mask}
@@ -257,17 +259,22 @@ class BlockMerger:
         return args, kwargs
 
     def _merged_mask(self, module: nn.Module, mask: Tensor, m: Matching, span: tuple[int, int], n: int,
-                     context: Any) -> Tensor | None:
+                     context: Any, context_first: bool = False) -> Tensor | None:
         """The sublayer's ``attention_mask`` for the merged tokens, or ``None`` (run it unmerged).
 
         A self-attention key mask over these ``n`` tokens keeps the entries of the surviving tokens
-        (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged. Any other mask -- over
-        context + tokens together (FLUX double-stream / SD3 joint attention, which order them differently), a
-        query x key mask, a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
+        (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged; with ``context_first``
+        (FLUX double-stream attention: keys ``[context, tokens]``, e.g. proportional Sparse Context's bias) a key
+        mask over context + tokens keeps the context's entries and the surviving tokens'. Any other mask -- over
+        context + tokens in another order (SD3 joint attention), a query x key mask, a merge across the mask --
+        runs that sublayer unmerged, with a one-time warning."""
         n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
         if n_ctx and mask.shape[-1] == n_ctx:
             return mask  # cross-attention: its keys are the context's, which merging leaves alone
-        merged = merge_key_mask(mask, m, span, n)
+        if n_ctx and context_first and mask.shape[-1] == n_ctx + n:
+            merged = merge_key_mask(mask, m, (n_ctx + span[0], span[1]), n_ctx + n)
+        else:
+            merged = merge_key_mask(mask, m, span, n)
         if merged is not None:
             return merged
         if not self.state.warned_mask:

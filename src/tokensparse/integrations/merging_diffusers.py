@@ -203,7 +203,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     for name, blk in double:
         subs = []
         if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2)))
+            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2), context_first=True))
         if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
             subs.append(Sublayer(blk.ff, "hidden_states"))
         if subs:
