@@ -117,6 +117,39 @@ def test_an_interrupted_bench_stops_its_benchmark_and_signals_read_like_a_shell(
     assert run_benchmark("speed", root=tmp_path, console=Console(file=io.StringIO())) == 128 + 15
 
 
+def test_a_killed_bench_stops_its_benchmark_too(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "benchmarks").mkdir()
+    pid_file = tmp_path / "pid"
+    (tmp_path / "benchmarks" / "speed.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nprint('working', flush=True)\n"
+        "time.sleep(60)\n")
+    runner = (f"from pathlib import Path\nfrom tokensparse.bench import run_benchmark\n"
+              f"run_benchmark('speed', root=Path({str(tmp_path)!r}))\n")
+    bench = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the runner is reading the benchmark's output
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM  # like a shell's report of a terminated command
+    child = int(pid_file.read_text())
+    for _ in range(100):  # the benchmark was stopped too (it is not our child: poll until it is gone)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the benchmark outlived its killed bench")
+
+
 def _common():
     import importlib.util
     import sys

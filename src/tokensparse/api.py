@@ -161,7 +161,8 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
 
 
 def remove_sparse_context(target: Any) -> Any:
-    """Undo :func:`apply_sparse_context`; a no-op if it was never applied. Returns ``target``."""
+    """Undo :func:`apply_sparse_context`; a no-op on a supported target it was never applied to (``TypeError`` for
+    an unsupported one, as ``apply_sparse_context``). Returns ``target``."""
     model = _refdit_of(target)
     if model is None:
         if _is_diffusers(target):

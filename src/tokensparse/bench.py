@@ -6,11 +6,14 @@ under ``benchmarks/results/``), so this command works from a clone of the reposi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -50,6 +53,24 @@ def find_script(name: str, root: Path | None = None) -> Path:
                             "`tokensparse bench` runs from a clone of the tokensparse repository")
 
 
+@contextlib.contextmanager
+def _termination_raises() -> Iterator[None]:
+    """While inside, a SIGTERM of this process raises ``SystemExit(143)`` like Ctrl-C raises ``KeyboardInterrupt``
+    (so a ``kill`` stops the benchmark it runs too); outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run_benchmark(name: str, quick: bool = False, out: Path | None = None, console: Console | None = None,
                   extra: list[str] | None = None, root: Path | None = None) -> int:
     """Run benchmark ``name`` (``--quick``, ``--out``) in a subprocess; its exit code.
@@ -66,25 +87,26 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
         proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                line = line.rstrip()
-                step = PROGRESS_LINE.match(line)
-                if step:
-                    done, total, what = int(step[1]), int(step[2]), step[3]
-                    progress.update(task, completed=done, total=total, last=what[:50])
-                elif line:
-                    progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # no re-wrapping
-                    progress.update(task, last=line[:50])
-        except BaseException:  # Ctrl-C (or a kill) of this process: stop the benchmark too, not at its next print
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # the script's own clean-up runs (no partial JSON)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            raise
+        with _termination_raises():  # a kill stops the benchmark as Ctrl-C does
+            try:
+                for line in proc.stdout:
+                    line = line.rstrip()
+                    step = PROGRESS_LINE.match(line)
+                    if step:
+                        done, total, what = int(step[1]), int(step[2]), step[3]
+                        progress.update(task, completed=done, total=total, last=what[:50])
+                    elif line:
+                        progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # no re-wrapping
+                        progress.update(task, last=line[:50])
+            except BaseException:  # Ctrl-C or SIGTERM of this process: stop the benchmark too, not at its next print
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)  # the script's own clean-up runs (no partial JSON)
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                raise
         code = proc.wait()
         if code < 0:  # killed by signal N: report it the way a shell does
             code = 128 - code

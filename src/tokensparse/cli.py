@@ -1,4 +1,4 @@
-"""Command line: ``tokensparse demo | show | train | generate | bench``."""
+"""Command line: ``tokensparse demo | show | train | generate | train-lora | bench``."""
 
 from __future__ import annotations
 
