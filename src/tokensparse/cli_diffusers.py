@@ -41,9 +41,9 @@ def _pipeline_class(folder: Path) -> str | None:
         return None
 
 
-def _check_pipeline(name: str | None, n_refs: int, cache: bool) -> None:
-    """Fail on a pipeline class ``generate`` does not run, or a reference count or ``--cache`` it cannot take
-    (``None``: not known before loading, nothing to check)."""
+def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False) -> None:
+    """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache`` or ``--proportional``
+    it cannot take (``None``: not known before loading, nothing to check)."""
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     if name is None:
@@ -56,6 +56,8 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool) -> None:
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
         _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
               "K/V cache")
+    if proportional and name.startswith("QwenImage"):
+        _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline: {name}'s attention takes no logit bias")
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
@@ -141,6 +143,10 @@ def generate(
     cache: Annotated[
         bool, typer.Option(help="reference K/V cache (FLUX.2 klein: runs Flux2KleinKVPipeline)")
     ] = False,
+    proportional: Annotated[
+        bool, typer.Option(help="proportional attention: a kept token gets log(tokens it stands for) added to its "
+                                "attention logits (FLUX.2 / Kontext, not with --cache)")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
@@ -161,9 +167,12 @@ def generate(
     from .merging import TokenMergingConfig
 
     try:
-        cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache)
+        cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache, proportional=proportional)
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
+    if proportional and cache:
+        _fail("--proportional cannot be combined with --cache (FLUX.2's K/V processors drop the attention mask that "
+              "carries the bias)")
     if not 0.0 <= merge < 1.0:
         _fail(f"--merge must be in [0, 1), got {merge:g}")
     merge_cfg = TokenMergingConfig(ratio=merge, seed=seed)
@@ -186,13 +195,13 @@ def generate(
     if not local and model in {**CONFIGS, **CHECKPOINTS}:
         _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
-    _check_pipeline(_pipeline_class(Path(model)) if local else None, len(refs), cache)  # before loading
+    _check_pipeline(_pipeline_class(Path(model)) if local else None, len(refs), cache, proportional)  # before loading
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
         _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
-    _check_pipeline(name, len(refs), cache)
+    _check_pipeline(name, len(refs), cache, proportional)
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
     try:
@@ -250,7 +259,8 @@ def generate(
         save_png(image, out)
     except OSError as exc:
         _fail(f"cannot write {out}: {exc}")
-    kept = (f"keep={cfg.keep:g}, selector={cfg.selector}" + (", K/V cache" if cache else "")
+    kept = (f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
+            + (", K/V cache" if cache else "")
             + (f", merge={merge:g}" if merge else ""))
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 

@@ -40,7 +40,7 @@ def _ref(tmp_path, name="ref.png"):
     return path
 
 
-@pytest.mark.parametrize("extra", [[], ["--cache"], ["--cache", "--merge", "0.5"]])
+@pytest.mark.parametrize("extra", [[], ["--cache"], ["--cache", "--merge", "0.5"], ["--proportional"]])
 def test_generate_writes_png(app, model_dir, tmp_path, extra):
     out = tmp_path / "sub" / "out.png"
     args = [
@@ -69,7 +69,8 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.output and ("Flux2KleinKVPipeline" in result.output) == bool(extra)
+    assert "wrote" in result.output and ("Flux2KleinKVPipeline" in result.output) == ("--cache" in extra)
+    assert ("proportional" in result.output) == ("--proportional" in extra)
     assert ("merge=0.5" in result.output) == ("--merge" in extra)
     with Image.open(out) as im:
         assert im.size == (32, 32)
@@ -150,6 +151,8 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
 @pytest.mark.parametrize("cls, extra, message", [
     ("FluxKontextPipeline", ["--ref", "{ref}"], "takes one reference image"),
     ("FluxKontextPipeline", ["--cache"], "--cache needs FLUX.2"),
+    ("Flux2KleinPipeline", ["--cache", "--proportional"], "cannot be combined with --cache"),
+    ("QwenImageEditPlusPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
     ("FluxKontextInpaintPipeline", [], "not supported here"),
 ])
 def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, cls, extra, message):
