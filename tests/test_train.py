@@ -485,6 +485,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_p
     with pytest.raises(RuntimeError, match="broken batch"):
         train(tiny_cfg(tmp_path / "mine"), progress=False)
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # a folder it did not make stays
+    (tmp_path / "empty").mkdir()
+    for out in ("na/../nb", "nc/../empty"):  # '..' as the shell reads it: no 'na' / 'nc' made, 'empty' kept
+        with pytest.raises(RuntimeError, match="broken batch"):
+            train(tiny_cfg(tmp_path / out), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"] and not any((tmp_path / "empty").iterdir())
     monkeypatch.undo()
     stale = tmp_path / "stale"  # a run killed hard (SIGKILL) before its first checkpoint leaves its config.json
     stale.mkdir()

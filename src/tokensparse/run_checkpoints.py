@@ -10,6 +10,7 @@ name a damaged file.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterator
@@ -99,14 +100,14 @@ def discarded_unless_saved(out: Path, enabled: bool = True) -> Iterator[None]:
     """Run a block that makes the run folder ``out``; if it raises before ``out`` holds a checkpoint, remove what
     it wrote: ``config.json`` where there was none, and the folders it created (only while empty). A failed
     first run thus leaves nothing that looks like a run folder. ``enabled``: the process that writes ``out``."""
-    path = out.absolute()
+    path = Path(os.path.abspath(out))  # '..' resolved as the run resolves it (train: os.path.normpath)
     made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
-    config = out / "config.json"
+    config = path / "config.json"
     had_config = config.exists()
     try:
         yield
     except BaseException:
-        if enabled and latest_checkpoint(out) is None:
+        if enabled and latest_checkpoint(path) is None:
             if not had_config:
                 config.unlink(missing_ok=True)
             for folder in made:

@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
+def cpu_only() -> bool:
+    """Whether no accelerator (CUDA, MPS, XPU, ...) is visible: accelerate is then told ``cpu=True``, so that
+    ``torchrun`` / ``accelerate launch`` processes form one CPU world instead of separate single-process runs
+    (``train-lora``; RefDiT's :func:`accelerator` uses a GPU or the CPU)."""
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return not probe.is_available()
+    return not torch.cuda.is_available()
+
+
 def accelerator(mixed_precision: str) -> Accelerator:
     """An ``Accelerator`` with ``mixed_precision`` (on the GPU when one is visible, else the CPU).
 

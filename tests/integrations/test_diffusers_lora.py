@@ -335,6 +335,26 @@ def test_train_lora_command_resumes_and_names_a_damaged_checkpoint(tmp_path):
     assert result.exit_code == 1 and "another recipe (lr 0.0001 -> 0.001)" in result.output
 
 
+def test_resume_matches_tuples_and_arrays_and_refuses_another_base_model(tmp_path):
+    import numpy as np
+
+    from tokensparse.integrations.diffusers_lora import Example, LoraCheckpointError
+
+    cfg = {"resolution": 32, "rank": 2, "max_sequence_length": 16, "target_modules": ("to_q", "to_k")}
+    assert LoraTrainConfig(**cfg).target_modules == ["to_q", "to_k"]
+    with pytest.raises(TypeError, match="target_modules"):
+        LoraTrainConfig(target_modules="to_q")
+    arrays = [Example([np.asarray(ex.refs[0], dtype=np.float32) / 255], np.asarray(ex.target), ex.prompt)
+              for ex in _examples()]  # arrays, as the pipeline's image processor takes them
+    out = tmp_path / "run"
+    train_lora_sparse(tiny_flux2_klein(seed=0), arrays, LoraTrainConfig(steps=1, **cfg), out)
+    assert len(train_lora_sparse(tiny_flux2_klein(seed=0), arrays, LoraTrainConfig(steps=2, **cfg), out)) == 2
+    other = tiny_flux2_klein(seed=7)  # the same architecture, other weights
+    with pytest.raises(LoraCheckpointError, match=r"base model \(another transformer"):
+        train_lora_sparse(other, arrays, LoraTrainConfig(steps=3, **cfg), out)
+    assert not getattr(other.transformer, "peft_config", None)  # refused before training
+
+
 def test_resume_refuses_another_number_of_processes(tmp_path):
     import json
 

@@ -36,12 +36,13 @@ from ..context import SparseContextConfig
 from ..files import default_mode, nearest_existing
 from ..images import MAX_SIDE, load_rgb
 from ..run_checkpoints import remove_partial_saves
-from ..run_processes import process_mean, step_generator
+from ..run_processes import cpu_only, process_mean, step_generator
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 from .diffusers_lora_checkpoints import (  # noqa: F401  (LoraCheckpointError, examples_digest: importable here)
     CHECKPOINTS,
     LoraCheckpointError,
     Resume,
+    base_fingerprint,
     check_processes,
     examples_digest,
     find_checkpoint,
@@ -86,7 +87,10 @@ class LoraTrainConfig:
             raise ValueError(f"resolution must be a multiple of 16, got {self.resolution}")
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
         self.max_sequence_length = checks.integer("max_sequence_length", self.max_sequence_length, lo=1)
-        self.seed = checks.integer("seed", self.seed, 0, 2**31 - 1)  # per-step seeds are seed * 100_003 + step
+        self.seed = checks.integer("seed", self.seed, 0, 2**31 - 1)  # each step's draws: step_generator(seed, ...)
+        if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+            raise TypeError(f"target_modules must be a list of module names, got {self.target_modules!r}")
+        self.target_modules = list(self.target_modules)  # a tuple equals its JSON round trip (resume compares)
 
 
 @dataclass
@@ -190,17 +194,17 @@ def train_lora_sparse(
     unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} match no module of {type(pipe.transformer).__name__}")
-    data = examples_digest(examples)
-    found = find_checkpoint(out, cfg, data)
+    ids = {"data": examples_digest(examples), "base": base_fingerprint(pipe.transformer, cfg.target_modules)}
+    found = find_checkpoint(out, cfg, ids["data"], base=ids["base"])
     if found is not None:
         from accelerate import PartialState
 
-        check_processes(*found, PartialState(cpu=not torch.cuda.is_available()).num_processes)
+        check_processes(*found, PartialState(cpu=cpu_only()).num_processes)
     resume = read_checkpoint(*found) if found is not None else None
     frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
     others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
     try:
-        losses, state = _train(pipe, examples, cfg, log, out, data, resume)
+        losses, state = _train(pipe, examples, cfg, log, out, ids, resume)
     except BaseException:  # a failed run removes its adapter
         if _ADAPTER in (getattr(pipe.transformer, "peft_config", None) or {}):
             if others:
@@ -245,7 +249,7 @@ def check_lora_run(pipe: Any, out: Path) -> None:
 
 
 def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
-           log: Callable[[int, float, float], None] | None, out: Path, data: str,
+           log: Callable[[int, float, float], None] | None, out: Path, ids: dict[str, str],
            resume: Resume | None) -> tuple[list[float], dict | None]:
     """Train (from checkpoint ``resume``, if any), checkpointing into ``out``; the losses and (on the main
     process) the adapter's state dict."""
@@ -253,7 +257,7 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun's ranks form a CPU world
+    accelerator = Accelerator(cpu=cpu_only())  # cpu: torchrun's ranks form a CPU world
     device = accelerator.device
     pipe.to(device)
     for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
@@ -316,7 +320,7 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 if accelerator.is_main_process:
                     save(out, step + 1, params, raw_optimizer, accelerator.num_processes, losses, started, cfg,
-                         data)
+                         ids)
                 accelerator.wait_for_everyone()
     finally:
         remove_sparse_context_diffusers(transformer)

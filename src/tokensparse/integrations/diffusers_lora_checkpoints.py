@@ -3,10 +3,10 @@ bit-exactly.
 
 ``<out>/checkpoints/step_<k>/`` holds ``lora.safetensors`` (the adapter's trainable tensors, by parameter name),
 ``optim.pt`` (the AdamW state: tensors only, loaded with ``weights_only=True``), ``state.json`` (step, the loss
-of every step so far, wall time, the number of processes, a digest of the examples) and ``config.json`` (the
-resolved recipe). A step's random draws are a function of (seed, step, rank), so no generator state is saved.
-Each folder is written to a temp folder and renamed, then ``checkpoints/latest`` is replaced
-(:func:`tokensparse.run_checkpoints.save_checkpoint_folder`); the two newest are kept.
+of every step so far, wall time, the number of processes, digests of the examples and of the base model) and
+``config.json`` (the resolved recipe). A step's random draws are a function of (seed, step, rank), so no
+generator state is saved. Each folder is written to a temp folder and renamed, then ``checkpoints/latest`` is
+replaced (:func:`tokensparse.run_checkpoints.save_checkpoint_folder`); the two newest are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from ..files import read_safetensors
@@ -38,20 +40,44 @@ class LoraCheckpointError(ValueError):
 
 
 def examples_digest(examples: Sequence[Any]) -> str:
-    """SHA-256 of the examples' prompts and pixels (a resumed run must train on the same data)."""
+    """SHA-256 of the examples' prompts and pixels (PIL images, or arrays / tensors as the pipeline's image
+    processor takes them): a resumed run must train on the same data."""
     h = hashlib.sha256()
     for ex in examples:
         h.update(json.dumps(ex.prompt).encode())
         for image in (*ex.refs, ex.target):
-            h.update(f"{image.mode} {image.size}".encode())
-            h.update(image.tobytes())
+            if isinstance(image, Image.Image):
+                h.update(f"{image.mode} {image.size}".encode())
+                h.update(image.tobytes())
+            else:
+                array = np.ascontiguousarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
+                h.update(f"{array.dtype} {array.shape}".encode())
+                h.update(array.tobytes())
     return h.hexdigest()
 
 
-def find_checkpoint(out: Path, cfg: LoraTrainConfig, data: str) -> tuple[Path, dict] | None:
+def base_fingerprint(transformer: torch.nn.Module, target_modules: Sequence[str]) -> str:
+    """SHA-256 of what a LoRA is trained on: the transformer's class, config and parameter dtype, and the weights
+    of the first and last module a LoRA target names (a resumed run must adapt the same base model). Read before
+    the adapter is added; cheap for large models (two weight matrices)."""
+    h = hashlib.sha256(type(transformer).__name__.encode())
+    config = getattr(transformer, "config", None)
+    h.update(json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str).encode())
+    h.update(str(next(transformer.parameters()).dtype).encode())
+    names = [n for n, _ in transformer.named_modules() if any(n == t or n.endswith("." + t) for t in target_modules)]
+    modules = dict(transformer.named_modules())
+    for name in dict.fromkeys(names[:1] + names[-1:]):
+        for pname, param in sorted(modules[name].named_parameters(recurse=False)):
+            h.update(name.encode() + pname.encode())
+            h.update(param.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def find_checkpoint(out: Path, cfg: LoraTrainConfig, data: str, base: str | None = None) -> tuple[Path, dict] | None:
     """The checkpoint (folder, ``state.json``) a run of ``cfg`` on the examples of digest ``data`` into ``out``
     resumes from; ``None`` when there is none. Reads only the small files; :class:`LoraCheckpointError` for a
-    damaged one, another recipe (but for :data:`RESUMABLE_CHANGES`), other examples, or a checkpoint past
+    damaged one, another recipe (but for :data:`RESUMABLE_CHANGES`), other examples, another base model
+    (:func:`base_fingerprint`; checked when ``base`` is given: the pipeline is loaded), or a checkpoint past
     ``cfg.steps``."""
     ckpt = latest_checkpoint(Path(out) / CHECKPOINTS)
     if ckpt is None:
@@ -70,6 +96,8 @@ def find_checkpoint(out: Path, cfg: LoraTrainConfig, data: str) -> tuple[Path, d
     changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and now[k] != before[k]]
     if state.get("data") != data:
         changed.append("data (other examples)")
+    if base is not None and state.get("base") != base:
+        changed.append("base model (another transformer, config, dtype or weights)")
     if changed:
         raise LoraCheckpointError(
             f"{out} holds a LoRA run of another recipe ({'; '.join(changed)}); resume it with the recipe and data it "
@@ -130,14 +158,15 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
 
 
 def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, num_processes: int,
-         losses: list[float], started: float, cfg: LoraTrainConfig, data: str) -> Path:
+         losses: list[float], started: float, cfg: LoraTrainConfig, ids: dict[str, str]) -> Path:
     """Write checkpoint ``out/checkpoints/step_<step>`` atomically (``started``: ``time.time()`` less the
-    run's earlier wall time). Returns the folder."""
+    run's earlier wall time; ``ids``: the ``data`` and ``base`` digests a resume must match). Returns the
+    folder."""
 
     def write(tmp: Path) -> None:
         save_tensors({k: v.detach() for k, v in params.items()}, tmp / "lora.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optim.pt")
-        state = {"step": step, "elapsed_s": time.time() - started, "losses": losses, "data": data,
+        state = {"step": step, "elapsed_s": time.time() - started, "losses": losses, **ids,
                  "num_processes": num_processes}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))

@@ -31,6 +31,9 @@ only a boolean padding mask (diffusers raises), and ``_native_npu`` would turn i
 wrong). A call through any backend but the first group is refused here, naming it. On GPU a mask also makes
 PyTorch's SDPA leave the FlashAttention kernel for the memory-efficient (or cuDNN) one, which can be slower.
 
+The mask has the call's dtype (SDPA takes no other): exact in float32; in bfloat16 ``log(size)`` rounds, so a
+kept token's attention mass is off by up to ~1.6 %.
+
 A caller's own ``joint_attention_kwargs["attention_mask"]`` is refused rather than combined (it would be over
 the dense sequence, which the hook thins).
 """
@@ -84,7 +87,7 @@ def sequence_sizes(views: list[RefView], keep: Tensor, n: int, positions: list[T
     per reference, as ``views``); reference ``r``'s tokens sit at ``positions[r]`` of the sequence, covering cells
     ``cells[r]``. Target tokens are 1, kept reference tokens ``1 + `` the number of dropped tokens nearest to them
     (:func:`~tokensparse.tokens.stand_in_sizes` over ``views[r].features``), dropped ones 0: each reference's
-    sizes sum to its token count.
+    sizes sum to its token count (to 0 for a reference that keeps nothing).
     """
     out = torch.ones(n, dtype=torch.float32, device=keep.device)
     offset = 0
