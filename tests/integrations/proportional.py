@@ -3,6 +3,10 @@ FLUX.1 Kontext tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,3 +75,19 @@ class MaskRecorder:
         self.masks.append(kwargs.get("attention_mask"))
         context = kwargs.get("encoder_hidden_states")
         self.keys.append(kwargs["hidden_states"].shape[1] + (0 if context is None else context.shape[1]))
+
+
+def keep_one_then_plain_sparse(pipe: Any, run: Callable[[Any], np.ndarray]
+                               ) -> tuple[MaskRecorder, np.ndarray, np.ndarray]:
+    """Check that ``proportional=True`` at ``keep=1`` is the dense output with no mask passed; returns a cleared
+    recorder of the attention masks, the dense output and the plain (unbiased) ``keep=0.25`` output, with
+    ``keep=0.25, proportional=True`` applied for the caller's next ``run``."""
+    dense = run(pipe)
+    rec = MaskRecorder(pipe.transformer)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0, proportional=True))
+    assert np.array_equal(run(pipe), dense) and set(map(type, rec.masks)) == {type(None)}
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    plain = run(pipe)
+    rec.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, proportional=True))
+    return rec, dense, plain

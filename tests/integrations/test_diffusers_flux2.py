@@ -23,7 +23,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import flux2_call_kwargs, tiny_flux2_klein
 
-from .proportional import MaskRecorder, assert_bias_is_duplication
+from .proportional import MaskRecorder, assert_bias_is_duplication, keep_one_then_plain_sparse
 
 TARGET_TOKENS = 8 * 8  # 32x32 output: VAE /2, 2x2 patches
 REF_TOKENS = 16 * 16  # 64x64 references (FLUX.2's image processor needs >= 64 px)
@@ -610,14 +610,7 @@ def test_proportional_bias_equals_duplicated_tokens(pipe):
 
 
 def test_proportional_keep_one_identical_bias_in_every_block_and_remove_restores(pipe):
-    dense = run(pipe)
-    rec = MaskRecorder(pipe.transformer)
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0, proportional=True))
-    assert np.array_equal(run(pipe), dense) and set(map(type, rec.masks)) == {type(None)}
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
-    plain = run(pipe)
-    rec.clear()
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, proportional=True))
+    rec, dense, plain = keep_one_then_plain_sparse(pipe, run)
     biased = run(pipe, attention_kwargs={"scale": 1.0})  # the caller's own attention kwargs are kept, not mutated
     sizes, bias = sparse_context_state(pipe).sizes[((TARGET_TOKENS + 2 * REF_TOKENS, 16), None)]
     assert torch.equal(sizes[:TARGET_TOKENS], torch.ones(TARGET_TOKENS))  # the target stands for itself

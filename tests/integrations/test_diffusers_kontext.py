@@ -20,7 +20,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import kontext_call_kwargs, tiny_flux_kontext
 
-from .proportional import MaskRecorder, assert_bias_is_duplication
+from .proportional import assert_bias_is_duplication, keep_one_then_plain_sparse
 
 TOKENS = 8 * 8  # 32x32 target and reference
 
@@ -191,14 +191,7 @@ def test_proportional_bias_equals_duplicated_tokens(pipe):
 
 
 def test_proportional_keep_one_identical_bias_in_every_block_and_remove_restores(pipe):
-    dense = run(pipe)
-    rec = MaskRecorder(pipe.transformer)
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0, proportional=True))
-    assert np.array_equal(run(pipe), dense) and set(map(type, rec.masks)) == {type(None)}
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
-    plain = run(pipe)
-    rec.clear()
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, proportional=True))
+    rec, dense, plain = keep_one_then_plain_sparse(pipe, run)
     biased = run(pipe)
     (sizes, bias), = sparse_context_state(pipe).sizes.values()
     assert torch.equal(sizes[:TOKENS], torch.ones(TOKENS)) and float(sizes[TOKENS:].sum()) == TOKENS
