@@ -172,8 +172,9 @@ def train_lora_sparse(
     files of an earlier run there). Checkpoints go to ``out_dir/checkpoints/`` every ``cfg.save_every`` steps and
     at the end; when ``out_dir`` holds one, the run resumes from it and continues exactly as an uninterrupted run
     would have (a finished run given more ``steps`` trains on). One of another recipe (but for ``steps`` and
-    ``save_every``), of other examples, or damaged is refused before any work: :class:`LoraCheckpointError` (a
-    ``ValueError``). Returns the loss of every step, the resumed run's earlier ones included.
+    ``save_every``), of other examples, on another base model or number of processes, or damaged is refused
+    before any training: :class:`LoraCheckpointError` (a ``ValueError``). Returns the loss of every step, the
+    resumed run's earlier ones included.
     ``log(step, keep, loss)`` is called per step. The LoRA goes on ``cfg.target_modules`` (by default the
     image-stream attention projections of the double-stream blocks); its initialisation and every draw of
     training come from ``cfg.seed`` (each process's from ``(seed, step, rank)``), so a run repeats exactly (on
