@@ -490,6 +490,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_p
         with pytest.raises(RuntimeError, match="broken batch"):
             train(tiny_cfg(tmp_path / out), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"] and not any((tmp_path / "empty").iterdir())
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")  # 'link/..' is 'real', as the kernel reads it
+    with pytest.raises(RuntimeError, match="broken batch"):
+        train(tiny_cfg(tmp_path / "link" / ".." / "run"), progress=False)
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["deep"] and not (tmp_path / "run").exists()
     monkeypatch.undo()
     stale = tmp_path / "stale"  # a run killed hard (SIGKILL) before its first checkpoint leaves its config.json
     stale.mkdir()

@@ -100,7 +100,7 @@ def discarded_unless_saved(out: Path, enabled: bool = True) -> Iterator[None]:
     """Run a block that makes the run folder ``out``; if it raises before ``out`` holds a checkpoint, remove what
     it wrote: ``config.json`` where there was none, and the folders it created (only while empty). A failed
     first run thus leaves nothing that looks like a run folder. ``enabled``: the process that writes ``out``."""
-    path = Path(os.path.abspath(out))  # '..' resolved as the run resolves it (train: os.path.normpath)
+    path = Path(os.path.realpath(out))  # '..' resolved as the run resolves it (train: os.path.realpath)
     made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     config = path / "config.json"
     had_config = config.exists()

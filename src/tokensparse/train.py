@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
 def _train(cfg: TrainConfig, acc: Accelerator, log: Callable[[str], None], progress: bool) -> TrainResult:
     from .data import train_batches
 
-    out = Path(os.path.normpath(cfg.out))  # 'a/../b' is b: no stray 'a' made, and the clean-up sees the same
+    out = Path(os.path.realpath(cfg.out))  # '..' as the kernel reads it, without making a missing 'a' of 'a/../b'
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out)
     saved_state = read_state(ckpt) if ckpt is not None else None

@@ -338,7 +338,7 @@ def test_train_lora_command_resumes_and_names_a_damaged_checkpoint(tmp_path):
 def test_resume_matches_tuples_and_arrays_and_refuses_another_base_model(tmp_path):
     import numpy as np
 
-    from tokensparse.integrations.diffusers_lora import Example, LoraCheckpointError
+    from tokensparse.integrations.diffusers_lora import Example, LoraCheckpointError, examples_digest
 
     cfg = {"resolution": 32, "rank": 2, "max_sequence_length": 16, "target_modules": ("to_q", "to_k")}
     assert LoraTrainConfig(**cfg).target_modules == ["to_q", "to_k"]
@@ -349,9 +349,19 @@ def test_resume_matches_tuples_and_arrays_and_refuses_another_base_model(tmp_pat
     out = tmp_path / "run"
     train_lora_sparse(tiny_flux2_klein(seed=0), arrays, LoraTrainConfig(steps=1, **cfg), out)
     assert len(train_lora_sparse(tiny_flux2_klein(seed=0), arrays, LoraTrainConfig(steps=2, **cfg), out)) == 2
+    import shutil
+
+    from diffusers import Flux2KleinPipeline
+
+    tiny_flux2_klein(seed=0).save_pretrained(tmp_path / "m")
+    shutil.copytree(tmp_path / "m", tmp_path / "m2")  # the same model loaded from another folder resumes
+    moved = Flux2KleinPipeline.from_pretrained(tmp_path / "m2", local_files_only=True)
+    assert len(train_lora_sparse(moved, arrays, LoraTrainConfig(steps=3, **cfg), out)) == 3
+    tensors = [Example([torch.rand(3, 32, 32).bfloat16()], torch.rand(3, 32, 32).bfloat16(), "x")]
+    assert examples_digest(tensors) == examples_digest(tensors) != examples_digest(arrays)  # bf16 tensors too
     other = tiny_flux2_klein(seed=7)  # the same architecture, other weights
     with pytest.raises(LoraCheckpointError, match=r"base model \(another transformer"):
-        train_lora_sparse(other, arrays, LoraTrainConfig(steps=3, **cfg), out)
+        train_lora_sparse(other, arrays, LoraTrainConfig(steps=4, **cfg), out)
     assert not getattr(other.transformer, "peft_config", None)  # refused before training
 
 
@@ -420,3 +430,20 @@ def test_two_processes_draw_their_own_samples_and_stay_identical(tmp_path):
     state = json.loads((latest_checkpoint(out / "checkpoints") / "state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] == 3 and state["losses"] == runs[0]["losses"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()  # written once, by the main process
+
+
+def test_base_fingerprint_reads_public_config_of_any_shape():
+    from torch import nn
+
+    from tokensparse.integrations.diffusers_lora import base_fingerprint
+
+    def model(config: dict) -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(2, 2))
+        m.config = config
+        return m
+
+    odd = {"s": {"beta", "alpha"}, 1: (2, 3), ("a", 1): None}  # a set, int and tuple keys: still one digest
+    a = base_fingerprint(model({**odd, "_name_or_path": "/x"}), ["0"])
+    assert a == base_fingerprint(model({**odd, "_name_or_path": "/y"}), ["0"])  # where it was loaded from: no
+    assert a != base_fingerprint(model({"s": {"beta"}}), ["0"])

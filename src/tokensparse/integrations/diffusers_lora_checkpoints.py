@@ -49,20 +49,37 @@ def examples_digest(examples: Sequence[Any]) -> str:
             if isinstance(image, Image.Image):
                 h.update(f"{image.mode} {image.size}".encode())
                 h.update(image.tobytes())
+            elif isinstance(image, Tensor):  # raw bytes: any dtype (bfloat16 has no numpy twin)
+                t = image.detach().cpu().contiguous()
+                h.update(f"{t.dtype} {tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
             else:
-                array = np.ascontiguousarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
+                array = np.ascontiguousarray(image)
                 h.update(f"{array.dtype} {array.shape}".encode())
                 h.update(array.tobytes())
     return h.hexdigest()
 
 
+def _canonical(value: Any) -> Any:
+    """``value`` as plain JSON that does not depend on order or on the process: mappings with string keys, sets
+    as sorted lists, anything else by its ``str``."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def base_fingerprint(transformer: torch.nn.Module, target_modules: Sequence[str]) -> str:
-    """SHA-256 of what a LoRA is trained on: the transformer's class, config and parameter dtype, and the weights
-    of the first and last module a LoRA target names (a resumed run must adapt the same base model). Read before
-    the adapter is added; cheap for large models (two weight matrices)."""
+    """SHA-256 of what a LoRA is trained on: the transformer's class, public config (not where it was loaded
+    from), parameter dtype and the weights of the first and last module a LoRA target names (a resumed run must
+    adapt the same base model). Read before the adapter is added; cheap for large models (two weight matrices)."""
     h = hashlib.sha256(type(transformer).__name__.encode())
     config = getattr(transformer, "config", None)
-    h.update(json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str).encode())
+    public = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}  # not _name_or_path etc.
+    h.update(json.dumps(_canonical(public), sort_keys=True).encode())
     h.update(str(next(transformer.parameters()).dtype).encode())
     names = [n for n, _ in transformer.named_modules() if any(n == t or n.endswith("." + t) for t in target_modules)]
     modules = dict(transformer.named_modules())
