@@ -127,6 +127,12 @@ def read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:
                          "newest one before it, or use a new --out") from None
 
 
+def changed_fields(before: dict[str, Any], now: dict[str, Any], resumable: frozenset[str]) -> list[str]:
+    """``"field old -> new"`` for every recipe field of ``now`` that differs from ``before`` and is not in
+    ``resumable`` (what a resumed run may change): the refusal of a resume with another recipe names these."""
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in resumable and now[k] != before[k]]
+
+
 def read_state(ckpt: Path) -> dict:
     """A checkpoint's ``state.json``; ``ValueError`` naming it when damaged."""
     state = read_part(ckpt, "state.json", lambda p: json.loads(p.read_text()))

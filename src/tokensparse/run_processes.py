@@ -49,10 +49,7 @@ def accelerator(mixed_precision: str) -> Accelerator:
 
 def all_finite(acc: Accelerator, loss: float) -> bool:
     """Whether every process's loss is finite (all decide together, so none waits alone in the next sync)."""
-    if acc.num_processes == 1:
-        return math.isfinite(loss)
-    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=acc.device)
-    return float(acc.reduce(bad, reduction="sum").item()) == 0.0
+    return not any_process(acc, not math.isfinite(loss))
 
 
 def any_process(acc: Accelerator, mine: bool) -> bool:

@@ -41,6 +41,7 @@ from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT, RefDiTConfig
 from .models.zoo import CHECKPOINTS, build_model, save_checkpoint, weights_dir
 from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint: importable from here)
+    changed_fields,
     discarded_unless_saved,
     latest_checkpoint,
     load_into,
@@ -272,14 +273,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     folder behind (:func:`.run_checkpoints.discarded_unless_saved`). It may be called again in the same process,
     with another ``mixed_precision`` too (:func:`.run_processes.accelerator`)."""
     acc = accelerator(cfg.mixed_precision)
-    with discarded_unless_saved(Path(cfg.out), enabled=acc.is_main_process):
-        return _train(cfg, acc, log, progress)
+    out = Path(os.path.realpath(cfg.out))  # '..' as the kernel reads it, without making a missing 'a' of 'a/../b'
+    with discarded_unless_saved(out, enabled=acc.is_main_process):
+        return _train(cfg, out, acc, log, progress)
 
 
-def _train(cfg: TrainConfig, acc: Accelerator, log: Callable[[str], None], progress: bool) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], None], progress: bool) -> TrainResult:
     from .data import train_batches
 
-    out = Path(os.path.realpath(cfg.out))  # '..' as the kernel reads it, without making a missing 'a' of 'a/../b'
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out)
     saved_state = read_state(ckpt) if ckpt is not None else None
@@ -424,8 +425,7 @@ def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_proce
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"run folder {out}: cannot read the recipe it started with ({saved}: {exc}); use a new "
                          "--out") from None
-    now = asdict(cfg)
-    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and now[k] != before[k]]
+    changed = changed_fields(before, asdict(cfg), RESUMABLE_CHANGES)
     if changed:
         raise ValueError(f"run folder {out} was started with another recipe ({'; '.join(changed)}); resume it "
                          f"with the recipe it started with (only {', '.join(sorted(RESUMABLE_CHANGES))} may "

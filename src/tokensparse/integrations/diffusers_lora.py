@@ -46,6 +46,7 @@ from .diffusers_lora_checkpoints import (  # noqa: F401  (LoraCheckpointError, e
     check_processes,
     examples_digest,
     find_checkpoint,
+    is_target,
     read_checkpoint,
     restore,
     save,
@@ -192,16 +193,16 @@ def train_lora_sparse(
     if not examples:
         raise ValueError("no training examples")
     names = [n for n, _ in pipe.transformer.named_modules()]
-    unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in cfg.target_modules if not any(is_target(n, t) for n in names)]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} match no module of {type(pipe.transformer).__name__}")
     ids = {"data": examples_digest(examples), "base": base_fingerprint(pipe.transformer, cfg.target_modules)}
-    found = find_checkpoint(out, cfg, ids["data"], base=ids["base"])
+    found, resume = find_checkpoint(out, cfg, ids["data"], base=ids["base"]), None
     if found is not None:
         from accelerate import PartialState
 
         check_processes(*found, PartialState(cpu=cpu_only()).num_processes)
-    resume = read_checkpoint(*found) if found is not None else None
+        resume = read_checkpoint(*found)
     frozen = {p: p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.transformer) for p in m.parameters()}
     others = bool(getattr(pipe.transformer, "peft_config", None))  # adapters the caller loaded before
     try:

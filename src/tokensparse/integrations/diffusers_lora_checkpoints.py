@@ -25,7 +25,15 @@ from PIL import Image
 from torch import Tensor
 
 from ..files import read_safetensors
-from ..run_checkpoints import latest_checkpoint, load_optim, read_part, read_state, save_checkpoint_folder, save_tensors
+from ..run_checkpoints import (
+    changed_fields,
+    latest_checkpoint,
+    load_optim,
+    read_part,
+    read_state,
+    save_checkpoint_folder,
+    save_tensors,
+)
 
 if TYPE_CHECKING:
     from .diffusers_lora import LoraTrainConfig
@@ -72,6 +80,12 @@ def _canonical(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
+def is_target(name: str, target: str) -> bool:
+    """Whether module ``name`` is one a LoRA ``target_modules`` entry ``target`` names (peft's rule: the whole
+    name, or its last dotted parts)."""
+    return name == target or name.endswith("." + target)
+
+
 def base_fingerprint(transformer: torch.nn.Module, target_modules: Sequence[str]) -> str:
     """SHA-256 of what a LoRA is trained on: the transformer's class, public config (not where it was loaded
     from), parameter dtype and the weights of the first and last module a LoRA target names (a resumed run must
@@ -81,8 +95,8 @@ def base_fingerprint(transformer: torch.nn.Module, target_modules: Sequence[str]
     public = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}  # not _name_or_path etc.
     h.update(json.dumps(_canonical(public), sort_keys=True).encode())
     h.update(str(next(transformer.parameters()).dtype).encode())
-    names = [n for n, _ in transformer.named_modules() if any(n == t or n.endswith("." + t) for t in target_modules)]
     modules = dict(transformer.named_modules())
+    names = [n for n in modules if any(is_target(n, t) for t in target_modules)]
     for name in dict.fromkeys(names[:1] + names[-1:]):
         for pname, param in sorted(modules[name].named_parameters(recurse=False)):
             h.update(name.encode() + pname.encode())
@@ -109,8 +123,7 @@ def find_checkpoint(out: Path, cfg: LoraTrainConfig, data: str, base: str | None
     except (TypeError, ValueError) as exc:
         raise LoraCheckpointError(f"checkpoint {ckpt}: config.json is not a LoRA recipe ({exc}); use a new "
                                   "--out") from None
-    now = asdict(cfg)
-    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and now[k] != before[k]]
+    changed = changed_fields(before, asdict(cfg), RESUMABLE_CHANGES)
     if state.get("data") != data:
         changed.append("data (other examples)")
     if base is not None and state.get("base") != base:
