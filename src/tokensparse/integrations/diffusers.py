@@ -63,7 +63,14 @@ from .diffusers_models import (
     QwenImageAdapter,
     RefLayout,
 )
-from .diffusers_proportional import check_call, check_supported, image_bias, sequence_sizes, with_bias
+from .diffusers_proportional import (
+    check_attention,
+    check_call,
+    check_supported,
+    image_bias,
+    sequence_sizes,
+    with_bias,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +203,10 @@ class SparseContextHook:
         if key in self.state.index and not self._same_references(key, hs):
             self.state.new_generation()  # new references without a visible boundary (bare transformer, 1 step)
         if key not in self.state.index:
-            self.state.index[key] = self._select(kwargs, key)
+            entry = self._select(kwargs, key)
+            if key in self.state.sizes:  # proportional: the attention must add the bias (checked per selection)
+                check_attention(module, self.state)
+            self.state.index[key] = entry
         self.state.forwards += 1
         entry = self.state.index[key]
         if entry is None:
@@ -208,7 +218,7 @@ class SparseContextHook:
         self._current = (index, layout.n)
         call = self.adapter.subset(kwargs, index, layout, self.state)
         bias = self.state.sizes[key][1] if key in self.state.sizes else None
-        return call if bias is None else with_bias(module, call, bias, self.state)
+        return call if bias is None else with_bias(call, bias)
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None

@@ -113,27 +113,31 @@ def check_call(kwargs: dict[str, Any]) -> None:
         raise ValueError(KV_REFUSAL)
 
 
-def with_bias(module: torch.nn.Module, call: dict[str, Any], bias: Tensor, state: Any) -> dict[str, Any]:
+def with_bias(call: dict[str, Any], bias: Tensor) -> dict[str, Any]:
     """``call`` (the thinned transformer call) with the ``log(size)`` mask in a copy of its
-    ``joint_attention_kwargs``; ``ValueError`` for a caller's own ``attention_mask`` or a backend that does not
-    add a float mask to the logits. An attention processor not known to pass the mask on is warned about once
-    (``state.warned_processor``)."""
+    ``joint_attention_kwargs``; ``ValueError`` for a caller's own ``attention_mask``."""
     joint = dict(call.get("joint_attention_kwargs") or {})
     if joint.get("attention_mask") is not None:
         raise ValueError("proportional=True passes its log(size) bias as joint_attention_kwargs['attention_mask'], "
                          "and this call already has one (over the dense sequence, which Sparse Context thins): "
                          "drop it or use proportional=False")
-    unknown = _check_backends(module)
-    if unknown and not state.warned_processor:
-        state.warned_processor = True
-        logger.warning("tokensparse: proportional=True passes its bias as attention_mask; attention processor(s) %s "
-                       "are not ones known to pass it on to the attention", ", ".join(unknown))
     hs, txt = call["hidden_states"], call["encoder_hidden_states"]
     if bias.numel() != hs.shape[1]:
         raise ValueError(f"the proportional bias covers {bias.numel()} tokens but the call has {hs.shape[1]}")
     mask = torch.cat([bias.new_zeros(txt.shape[1]), bias.to(hs.device)]).to(hs.dtype)
     joint["attention_mask"] = mask[None, None, None, :]  # (1, 1, 1, S_txt + K): text first, as both streams
     return {**call, "joint_attention_kwargs": joint}
+
+
+def check_attention(module: torch.nn.Module, state: Any) -> None:
+    """Before a selection's bias is used (once per generation and layout, not per step): ``ValueError`` for an
+    attention backend of ``module`` that does not add a float mask to the logits; a one-time warning
+    (``state.warned_processor``) naming attention processors not known to pass ``attention_mask`` on."""
+    unknown = _check_backends(module)
+    if unknown and not state.warned_processor:
+        state.warned_processor = True
+        logger.warning("tokensparse: proportional=True passes its bias as attention_mask; attention processor(s) %s "
+                       "are not ones known to pass it on to the attention", ", ".join(unknown))
 
 
 def _check_backends(module: torch.nn.Module) -> list[str]:
