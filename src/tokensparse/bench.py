@@ -84,10 +84,10 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task(f"bench {name}", last="starting", total=None)
-        proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert proc.stdout is not None
-        with _termination_raises():  # a kill stops the benchmark as Ctrl-C does
+        with _termination_raises():  # a kill stops the benchmark as Ctrl-C does (from before it starts)
+            proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            assert proc.stdout is not None
             try:
                 for line in proc.stdout:
                     line = line.rstrip()
