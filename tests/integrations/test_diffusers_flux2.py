@@ -329,6 +329,10 @@ def test_latent_items_score_from_latents_and_pixel_items_from_pixels():
     got = images_for_scorers([latents, pixels])
     assert got[0] is None and torch.allclose(got[1], (pixels + 1) / 2)
     assert images_for_scorers([latents]) is None and images_for_scorers(None) is None
+    stacked = torch.rand(3, 3, 32, 32) * 2 - 1  # Klein inpaint's image_reference list, stacked
+    assert len(images_for_scorers([latents, stacked], batch_size=2)) == 4  # 3 references, not 3 samples
+    assert len(images_for_scorers([latents, stacked[:2]], batch_size=2)) == 2  # one per sample: one reference
+    assert len(images_for_scorers([latents, stacked])) == 2  # no batch size: an item is one reference
 
 
 def test_no_reference_images_is_a_logged_noop(pipe, caplog):
@@ -551,6 +555,25 @@ def test_inpaint_pipeline_drops_from_the_source_and_the_references(pipe):
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
     remove_sparse_context_diffusers(inpaint)
     assert np.array_equal(call(), dense)
+
+
+def test_inpaint_pipeline_scores_every_reference_of_a_stacked_list_from_its_pixels(pipe):
+    """Flux2KleinInpaintPipeline stacks an ``image_reference`` list into one tensor: each is its own reference."""
+    from diffusers import Flux2KleinInpaintPipeline
+
+    inpaint = Flux2KleinInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    mask = Image.fromarray((np.pad(np.ones((32, 32)), 16) * 255).astype("uint8"))
+    apply_sparse_context_diffusers(inpaint, SparseContextConfig(keep=0.25, selector="edges"))
+    refs = [_ref(0), _ref(1)]
+    inpaint(image=_ref(5), mask_image=mask, image_reference=refs, prompt="a cat", strength=1.0,
+            generator=torch.Generator().manual_seed(0), output_type="np", **flux2_call_kwargs())
+    state = sparse_context_state(inpaint)
+    (_, layout), = state.index.values()
+    assert len(layout.grids) == 3  # the source image, then the two references
+    assert len(state.images) == 3 and state.images[0] is None  # the source is passed as latents
+    for got, ref in zip(state.images[1:], refs):
+        assert np.abs(got[0].permute(1, 2, 0).numpy() - np.asarray(ref) / 255).max() < 0.01
 
 
 class AttnLengths:

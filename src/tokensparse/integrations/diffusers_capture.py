@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .diffusers_models import PIPELINES, PREFERRED_IMAGE_ARG, images_for_scorers
+from .diffusers_models import PIPELINES, PREFERRED_IMAGE_ARG, STACKED_REFS_ARG, images_for_scorers
 
 _CAPTURE = "_tokensparse_capture_original"
 
@@ -16,13 +16,14 @@ def wrap_capture(pipe: Any, state: Any) -> None:
     image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
     preferred = PREFERRED_IMAGE_ARG.get(type(pipe).__name__)
     image_args = ((preferred,) if preferred else ()) + ((arg_name, arg_pos),)
+    stacked = STACKED_REFS_ARG.get(type(pipe).__name__)
     wrapped = []
     for name, kind, where in (("check_inputs", "call", ()), (image_method, "images", image_args),
                               ("encode_prompt", "prompt", (("prompt", 0),))):
         original = getattr(pipe, name, None)
         if original is None:
             continue
-        pipe.__dict__[name] = _Capture(original, state, kind, where)
+        pipe.__dict__[name] = _Capture(original, state, kind, where, stacked if kind == "images" else None)
         wrapped.append(name)
     pipe.__dict__[_CAPTURE] = wrapped
 
@@ -30,13 +31,15 @@ def wrap_capture(pipe: Any, state: Any) -> None:
 class _Capture:
     """A pipeline method that first records its reference images or prompt into ``state``."""
 
-    def __init__(self, original: Any, state: Any, kind: str, where: tuple[tuple[str, int], ...]) -> None:
+    def __init__(self, original: Any, state: Any, kind: str, where: tuple[tuple[str, int], ...],
+                 batch: tuple[str, int] | None = None) -> None:
         self.original, self.state, self.kind, self.where = original, state, kind, where
+        self.batch = batch  # the batch-size argument, where an item of several images is several references
         functools.update_wrapper(self, original)
 
-    def _value(self, args: tuple, kwargs: dict) -> Any:
+    def _value(self, args: tuple, kwargs: dict, where: tuple[tuple[str, int], ...] | None = None) -> Any:
         """The first of the ``(name, position)`` arguments given (not ``None``)."""
-        for name, pos in self.where:
+        for name, pos in self.where if where is None else where:
             value = kwargs.get(name, args[pos] if len(args) > pos else None)
             if value is not None:
                 return value
@@ -47,7 +50,8 @@ class _Capture:
         if self.kind == "call":  # every pipeline call checks its inputs first: an earlier (failed) call's
             state.images, state.images_tick, state.prompts_tick = None, -1, -1  # captures no longer count
         elif self.kind == "images":
-            state.images = images_for_scorers(self._value(args, kwargs))
+            batch = self._value(args, kwargs, (self.batch,)) if self.batch else None
+            state.images = images_for_scorers(self._value(args, kwargs), batch)
             state.images_tick = state.forwards
         elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one
             prompt = self._value(args, kwargs)

@@ -165,16 +165,21 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
 }
 # an argument of the same method that, when given, holds the in-context image instead (name, position after self)
 PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
+# the image method's argument that, with an item of B_i images (B_i neither 1 nor it), makes them B_i references
+STACKED_REFS_ARG: dict[str, tuple[str, int]] = {"Flux2KleinInpaintPipeline": ("batch_size", 1)}
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")  # inpainting: need a mask image
 
 
-def images_for_scorers(value: Any) -> list[Tensor | None] | None:
+def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor | None] | None:
     """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``) -> ``[0, 1]`` pixels.
 
     Returns per reference one ``(1, 3, H, W)`` float tensor (the batch shares one selection), or ``None`` for
     one the pipeline passes as latents (Flux2KleinInpaintPipeline: the encoded source image before the
-    references); ``None`` for the whole call when no reference is pixels.
+    references); ``None`` for the whole call when no reference is pixels. With ``batch_size`` (pipelines in
+    :data:`STACKED_REFS_ARG`), an item of ``B`` images, ``B`` neither 1 nor ``batch_size``, is ``B`` references
+    (Flux2KleinInpaintPipeline's ``image_reference`` list, stacked into one tensor); otherwise an item is one
+    reference, its samples the batch's.
     """
     if value is None:
         return None
@@ -183,6 +188,9 @@ def images_for_scorers(value: Any) -> list[Tensor | None] | None:
     for x in items:
         if isinstance(x, Tensor) and x.dim() == 5:
             x = x[:, :, 0]
+        stacked = batch_size is not None and isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] not in (
+            1, batch_size)
         pixels = isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == 3
-        out.append(((x[:1].detach().float() + 1) / 2).clamp(0, 1) if pixels else None)
+        for i in range(x.shape[0] if stacked else 1):
+            out.append(((x[i:i + 1].detach().float() + 1) / 2).clamp(0, 1) if pixels else None)
     return out if any(x is not None for x in out) else None
