@@ -14,6 +14,7 @@ from tokensparse.data import (
     floors,
     heldout,
     make_sample,
+    mean_image,
     save_task_grid,
     train_batches,
 )
@@ -116,6 +117,15 @@ def test_floors():
     assert all(torch.equal(fl["copy_ref"][i], s.refs[0]) for i, s in enumerate(ho))
     assert torch.equal(fl["mean_image"][0], fl["mean_image"][3])  # same task -> same mean image
     assert not torch.equal(fl["mean_image"][0], fl["mean_image"][1])
+
+
+def test_mean_image_is_a_fresh_tensor():
+    """Editing a returned mean image in place does not reach the cache behind it (later calls, floors)."""
+    first = mean_image("relight", 16)
+    want = first.clone()
+    first.zero_()
+    assert torch.equal(mean_image("relight", 16), want)
+    assert torch.equal(floors(heldout("relight", n=1, image_size=16))["mean_image"][0], want)
 
 
 def test_task_grid(tmp_path):

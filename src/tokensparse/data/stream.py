@@ -261,13 +261,19 @@ def heldout(family_or_task: str, n: int = 512, image_size: int = 32) -> list[Sam
     return [make_sample(t, s, image_size) for t, s in heldout_plan(family_or_task, n)]
 
 
-@functools.lru_cache(maxsize=64)
 def mean_image(task: str, image_size: int = 32) -> torch.Tensor:
-    """Mean target (3, S, S) of ``task`` over the fixed train-range seeds ``0..MEAN_IMAGE_SEEDS-1``."""
+    """Mean target (3, S, S) of ``task`` over the fixed train-range seeds ``0..MEAN_IMAGE_SEEDS-1``: a new tensor
+    each call (computed once per task and size), so editing it in place leaves later calls and :func:`floors`
+    alone."""
+    return torch.from_numpy(_mean_image(task, image_size).copy())
+
+
+@functools.lru_cache(maxsize=64)
+def _mean_image(task: str, image_size: int) -> np.ndarray:
     acc = np.zeros((3, image_size, image_size), np.float64)
     for s in range(MEAN_IMAGE_SEEDS):
         acc += make_arrays(task, s, image_size)[2]
-    return torch.from_numpy((acc / MEAN_IMAGE_SEEDS).astype(np.float32))
+    return (acc / MEAN_IMAGE_SEEDS).astype(np.float32)
 
 
 def floors(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
