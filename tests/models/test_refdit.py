@@ -134,6 +134,35 @@ def test_every_shipped_checkpoint_loads_into_its_architecture():
             assert model.config == CONFIGS[CHECKPOINTS[name]] and not model.training
 
 
+@pytest.mark.parametrize("json_text, match", [
+    ("{not json", "JSONDecodeError"),
+    ('{"step": 3}', "KeyError: 'config'"),
+    ("[1, 2]", "TypeError"),
+    ('{"config": {"image_size": 16, "dim": 48, "depth": 2, "heads": 2, "rope_axes": [4, 10, 10], "new": 1}}',
+     "unexpected keyword argument 'new'"),
+])
+def test_checkpoint_with_an_unusable_json_is_a_value_error_naming_it(tmp_path, json_text, match):
+    from tokensparse.models import save_checkpoint
+
+    path = tmp_path / "w.safetensors"
+    save_checkpoint(ts.build_model("refdit-tiny"), path)
+    path.with_suffix(".json").write_text(json_text)
+    with pytest.raises(ValueError, match=rf"w\.json does not hold a RefDiT config.*{match}"):
+        ts.load_model(path)
+
+
+def test_checkpoint_of_another_architecture_names_the_misfit(tmp_path):
+    from tokensparse.models import save_checkpoint
+
+    path = tmp_path / "w.safetensors"
+    save_checkpoint(ts.build_model("refdit-tiny", text_depth=1), path)  # weights with a text encoder
+    save_checkpoint(ts.build_model("refdit-tiny"), tmp_path / "plain.safetensors")
+    path.with_suffix(".json").write_text((tmp_path / "plain.json").read_text())  # a JSON without one
+    with pytest.raises(ValueError, match=r"does not fit the model its JSON describes: Unexpected key\(s\).*"
+                                         r"prompt_embedder\.blocks"):
+        ts.load_model(path)
+
+
 def test_cached_context_kv_is_exact(tiny_kv):
     refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])
     kv = tiny_kv.context_kv(refs, p)

@@ -128,16 +128,23 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     if not path.with_suffix(".json").is_file():
         raise FileNotFoundError(f"checkpoint {path} has no {path.with_suffix('.json').name} beside it (its config); "
                                 "save_checkpoint and `tokensparse train --export` write both")
-    info = json.loads(path.with_suffix(".json").read_text())
-    cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
-    model = RefDiT(RefDiTConfig(**cfg_dict))
+    json_path = path.with_suffix(".json")
+    try:  # unreadable JSON, no "config", or fields RefDiTConfig refuses: one error naming the file
+        info = json.loads(json_path.read_text())
+        cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
+        cfg = RefDiTConfig(**cfg_dict)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"checkpoint {path}: {json_path.name} does not hold a RefDiT config as save_checkpoint "
+                         f"writes it ({type(exc).__name__}: {exc})") from None
+    model = RefDiT(cfg)
     try:
         _load_safetensors(model, str(path), device=map_location)
     except SafetensorError as exc:
         raise ValueError(f"cannot read checkpoint {path} as safetensors ({exc})") from None
     except RuntimeError as exc:  # load_state_dict: missing / unexpected / reshaped tensors
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"checkpoint {path} does not fit the model its JSON describes: {first}") from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:300]  # line 0 is only a heading
+        raise ValueError(f"checkpoint {path} does not fit the model its JSON describes: {detail}") from None
     return model.eval()
 
 
