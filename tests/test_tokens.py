@@ -28,6 +28,8 @@ def test_subset_keeps_ids_and_pads_unequal_counts():
     assert sub.valid.tolist() == [[True, True], [True, False]]
     assert sub.ids[0, 1].tolist() == [1, 1, 1] and sub.ids[1, 0].tolist() == [1, 0, 1]
     assert sub.counts().tolist() == [2, 1]
+    with pytest.raises(ValueError, match=r"keep mask \(2, 4\) does not match sequence \(2, 2\)"):
+        subset(sub, keep)  # a dense-length mask on a padded, already sparse sequence (not a broadcast error)
 
 
 def test_equal_counts_need_no_padding():

@@ -137,10 +137,10 @@ def subset(seq: TokenSeq, keep: Tensor) -> TokenSeq:
     """Keep the tokens of a sequence where ``keep (B, N)`` is True (padding is never kept), ids and ``sizes``
     too (the sizes of tokens dropped here are dropped with them, not handed on: :func:`stand_in_sizes` does
     that)."""
+    if keep.shape != seq.tokens.shape[:2]:  # checked first: a padded sequence's valid mask would broadcast
+        raise ValueError(f"keep mask {tuple(keep.shape)} does not match sequence {tuple(seq.tokens.shape[:2])}")
     if seq.valid is not None:
         keep = keep & seq.valid
-    if keep.shape != seq.tokens.shape[:2]:
-        raise ValueError(f"keep mask {tuple(keep.shape)} does not match sequence {tuple(seq.tokens.shape[:2])}")
     index, valid = pack_index(keep)
     sizes = None if seq.sizes is None else gather(seq.sizes, index)
     return TokenSeq(gather(seq.tokens, index), gather(seq.ids, index), valid, seq.grids, sizes)
