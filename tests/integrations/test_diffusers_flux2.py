@@ -576,6 +576,27 @@ def test_inpaint_pipeline_scores_every_reference_of_a_stacked_list_from_its_pixe
         assert np.abs(got[0].permute(1, 2, 0).numpy() - np.asarray(ref) / 255).max() < 0.01
 
 
+def test_captured_images_that_miss_references_warn_once_and_score_latents(pipe, caplog, monkeypatch):
+    """Should a pipeline pass its references in a way the capture miscounts, the scorers fall back to latents,
+    and say so once (a silent fallback would hide that pixel scorers no longer see pixels)."""
+    import tokensparse.integrations.diffusers_capture as capture
+
+    original = capture.images_for_scorers
+    monkeypatch.setattr(capture, "images_for_scorers", lambda *a, **k: (original(*a, **k) or [])[:1] or None)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        run(pipe)
+        run(pipe)
+    assert sum("2 references" in r.message and "latents" in r.message for r in caplog.records) == 1
+    assert sparse_context_state(pipe).selections == 2  # still selected, once per generation, from latents
+
+
+def test_a_torch_compile_wrapper_in_place_of_the_transformer_names_the_in_place_compile(pipe):
+    pipe.transformer = torch.compile(pipe.transformer)
+    with pytest.raises(TypeError, match=r"OptimizedModule.*transformer\.compile\(\)"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+
+
 class AttnLengths:
     """Image-stream tokens the first double-stream block's attention sees per call (after any merging)."""
 

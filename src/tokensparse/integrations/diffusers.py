@@ -97,7 +97,9 @@ def _resolve(target: Any) -> tuple[Any | None, torch.nn.Module]:
     if name in PIPELINES:
         transformer = getattr(target, "transformer", None)
         if transformer is None or type(transformer).__name__ not in TRANSFORMERS:
-            raise TypeError(f"{name} has no supported transformer ({type(transformer).__name__})")
+            hint = ("; compile in place with pipe.transformer.compile() instead of replacing it with torch.compile(...)"
+                    if type(transformer).__name__ == "OptimizedModule" else "")
+            raise TypeError(f"{name} has no supported transformer ({type(transformer).__name__}){hint}")
         return target, transformer
     if name in TRANSFORMERS:
         return None, target
@@ -123,6 +125,7 @@ class _State:
         self.warned = False
         self.warned_batch = False
         self.warned_uncaptured = False
+        self.warned_count = False
         self.rope: tuple[Any, Tensor] | None = None  # Qwen: (dense img_shapes, kept index) for pos_embed
         self.tracker = StepTracker()
 
@@ -271,7 +274,13 @@ class SparseContextHook:
             self.state.warned_uncaptured = True
         # pixels only if captured by this call (no transformer call since) and one per reference
         images = self.state.images if self.state.images_tick == self.state.forwards else None
-        images = images if images and len(images) == len(layout.grids) else None
+        if images and len(images) != len(layout.grids):
+            if not self.state.warned_count:
+                logger.warning(
+                    "tokensparse: the pipeline passed %d reference image(s) but the transformer sees %d references; "
+                    "the selection scores latents instead of the reference pixels", len(images), len(layout.grids))
+                self.state.warned_count = True
+            images = None
         prompts = (
             self.state.prompts[:1]
             if self.state.prompts and self.state.prompts_tick == self.state.forwards
