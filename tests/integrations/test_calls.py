@@ -17,3 +17,12 @@ def test_positional_and_keyword_calls_read_the_same():
     assert first_arg(as_keywords(net, (), {"timestep": t}), "timestep") is t
     assert first_arg(as_keywords(net, (x,), {"timestep": None}), "timestep", "hidden_states") is x  # None skipped
     assert first_arg(as_keywords(net, (x,), {}), "sample") is None
+
+
+def test_a_torch_compile_wrapper_names_arguments_by_the_wrapped_forward():
+    from tokensparse.integrations.calls import positional_names
+
+    net, x, t = Net(), torch.zeros(1), torch.ones(1)
+    compiled = torch.compile(net, backend="eager")  # OptimizedModule.forward(*args, **kwargs); nothing compiles here
+    assert as_keywords(compiled, (x, t), {"img_ids": 3}) == {"hidden_states": x, "timestep": t, "img_ids": 3}
+    assert positional_names(compiled, 2) == ["hidden_states", "timestep"]

@@ -719,6 +719,24 @@ def test_merging_applied_to_and_removed_from_a_compiled_model_takes_effect(caplo
     assert torch.equal(gen(), dense)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:torch")  # dynamo's notes on tracing the hooks
+@torch.no_grad()
+def test_merging_applied_to_a_torch_compile_wrapper_reads_positional_arguments(unet: nn.Module) -> None:
+    # pipe.unet = torch.compile(pipe.unet): the wrapper's forward is (*args, **kwargs), and pipelines pass the
+    # UNet's sample and timestep positionally; they were not found, so nothing merged ("no sample" warning)
+    args = _unet_inputs()
+    apply_token_merging(unet, TokenMergingConfig(ratio=0.5))
+    merged = unet(*args).sample
+    remove_token_merging(unet)
+    compiled = torch.compile(unet, backend="eager")
+    try:
+        apply_token_merging(compiled, TokenMergingConfig(ratio=0.5))
+        assert torch.equal(compiled(*args).sample, merged) and merging_state(compiled).merged_tokens > 0
+        remove_token_merging(compiled)
+    finally:
+        torch.compiler.reset()
+
+
 @torch.no_grad()
 def test_a_one_row_target_grid_merges_nothing_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     kind, model = _flux_models()[0]
