@@ -141,6 +141,16 @@ def test_bad_match_arguments() -> None:
                         ({"threshold": float("nan")}, ValueError), ({"center": "no"}, TypeError)):
         with pytest.raises(err):
             bipartite_soft_matching(x, (4, 4), **kwargs)
+    # grid / cell / generator name themselves (were a bare unpack error, ZeroDivisionError, a negative-size
+    # RuntimeError for (-4, -4), whose product matches, and randint's overload list)
+    for grid, kwargs, err, name in (((4,), {}, TypeError, "grid"), ((4, 4.0), {}, TypeError, r"grid\[1\]"),
+                                    ((-4, -4), {}, ValueError, r"grid\[0\]"), ((4, 4), {"cell": (0, 2)}, ValueError,
+                                                                             r"cell\[0\]"),
+                                    ((4, 4), {"generator": 5}, TypeError, "generator")):
+        with pytest.raises(err, match=name):
+            bipartite_soft_matching(x, grid, ratio=0.5, **kwargs)
+    merge, unmerge = bipartite_soft_matching(x, [4, 4], ratio=0.5, cell=[2, 1])  # lists are pairs too
+    assert merge(x).shape == (2, 8, 4) and unmerge(merge(x)).shape == x.shape
     with pytest.raises(ValueError, match=r"\(B, N, C\)"):
         bipartite_soft_matching(x[0], (4, 4), ratio=0.5)
     with pytest.raises(ValueError, match=r"\(B, N, C\)"):

@@ -334,12 +334,16 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
     ``ratio`` merges ``int(ratio * N)`` tokens; with ``threshold`` set, merges adaptively (``ratio`` > 0 caps).
     ``center`` defaults to the raw cosine of ToMe here (``TokenMergingConfig``, used by the hooks, centres by
     default). Destinations are drawn with ``generator`` (the global RNG when ``None``). ``ratio``,
-    ``threshold`` and ``center`` are checked as :class:`TokenMergingConfig` checks them.
+    ``threshold`` and ``center`` are checked as :class:`TokenMergingConfig` checks them; ``grid`` and ``cell``
+    must be pairs of ints (``grid`` sides >= 0, ``cell`` sides >= 1).
     """
     TokenMergingConfig(ratio=ratio, threshold=threshold, center=center)  # validates, names the bad argument
     if metric.ndim != 3:
         raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
-    h, w = grid
+    h, w = _pair("grid", grid, lo=0)
+    cell = _pair("cell", cell, lo=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     n = metric.shape[1]
     if h * w != n:
         raise ValueError(f"grid {grid} has {h * w} tokens, metric has {n}")
@@ -350,6 +354,13 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
     else:
         m = match(metric, is_dst, threshold=threshold, cap=int(n * ratio) if ratio > 0 else n_src, center=center)
     return m.merge, m.unmerge
+
+
+def _pair(name: str, value: object, lo: int) -> tuple[int, int]:
+    """``value`` as two ints ``>= lo`` (a grid or cell ``(h, w)``); errors name ``name``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or len(value := tuple(value)) != 2:
+        raise TypeError(f"{name} must be a pair of ints (h, w), got {value!r:.80}")
+    return checks.integer(f"{name}[0]", value[0], lo=lo), checks.integer(f"{name}[1]", value[1], lo=lo)
 
 
 # ----------------------------------------------------------------------------------------------------------
