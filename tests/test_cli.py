@@ -124,3 +124,25 @@ def test_train_with_nothing_to_export_fails_in_one_line(tmp_path):
                                    "--export", str(tmp_path / "w.safetensors")])
     assert res.exit_code == 1 and "nothing to export" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("args", [["show", "tasks", "--per-task", "1"],
+                                  ["show", "selection", "--ref", "{tmp}/r.png"],
+                                  ["demo", "--steps", "1"]])
+def test_a_png_that_cannot_be_written_fails_in_one_line_naming_it(tmp_path, monkeypatch, args):
+    import errno
+    import os
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)  # the disk fills while the PNG is written
+    out = tmp_path / "o.png"
+    res = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--out", str(out)])
+    assert res.exit_code == 1 and "Traceback" not in res.output and res.exception.__class__ is SystemExit
+    assert f"cannot write {out}: No space left on device" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]  # no PNG, no temp file

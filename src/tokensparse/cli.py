@@ -59,7 +59,7 @@ def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write.")
     check_png_out(out)
     try:
         save_task_grid(out, image_size=image_size, per_task=per_task)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: the PNG could not be written
         _fail(str(exc))
     console.print(f"wrote {out}")
 
@@ -94,7 +94,10 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
     check_png_out(out)
     if steps < 1:
         _fail(f"--steps must be >= 1, got {steps}")
-    run_demo(out=out, steps=steps, console=console)
+    try:
+        run_demo(out=out, steps=steps, console=console)
+    except OSError as exc:  # the PNG could not be written (save_png names it)
+        _fail(str(exc))
 
 
 @app.command()

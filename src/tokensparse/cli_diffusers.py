@@ -257,8 +257,8 @@ def generate(
             _fail(f"{name} rejected the inputs: {exc}")
     try:
         save_png(image, out)
-    except OSError as exc:
-        _fail(f"cannot write {out}: {exc}")
+    except OSError as exc:  # save_png's message names the file
+        _fail(str(exc))
     kept = (f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
             + (", K/V cache" if cache else "")
             + (f", merge={merge:g}" if merge else ""))

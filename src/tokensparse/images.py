@@ -169,20 +169,26 @@ def to_pil(image: Tensor) -> Image.Image:
 def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
 
-    Nothing is left on disk if writing fails.
+    Nothing is left on disk if writing fails; an ``OSError`` (no such folder, no permission, disk full) names
+    ``path``, not the temp file.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output path must end in .png, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     pil = image if isinstance(image, Image.Image) else to_pil(image)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             pil.save(f, format="PNG")
         default_mode(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path
