@@ -109,3 +109,20 @@ def test_ambiguous_layouts_and_big_endian_16_bit():
     assert to_tensor(np.random.rand(8, 8, 4)).shape == (3, 8, 8)  # RGBA channels last
     big = Image.frombytes("I;16B", (8, 8), np.full((8, 8), 300, ">u2").tobytes())
     assert abs(float(to_tensor(big).mean()) - 300 / 65535) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_load_rgb_turns_a_photo_upright_by_its_exif_orientation(tmp_path, mode):
+    from PIL import Image
+
+    from tokensparse.images import load_rgb
+
+    wide = np.zeros((20, 40), np.uint16 if mode == "I;16" else np.uint8)
+    wide[:, :20] = np.iinfo(wide.dtype).max  # left half white
+    im = Image.fromarray(np.stack([wide] * 3, -1) if mode == "RGB" else wide)
+    exif = im.getexif()
+    exif[0x0112] = 6  # a phone held upright: the stored pixels are shown turned 90 degrees clockwise
+    im.save(tmp_path / "photo.png", exif=exif)
+    up = np.asarray(load_rgb(tmp_path / "photo.png"))
+    assert up.shape == (40, 20, 3)  # as viewers (and diffusers' load_image) show it: tall
+    assert up[:20].min() == 255 and up[20:].max() == 0  # the white half on top

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from .files import default_mode
@@ -146,13 +146,15 @@ MAX_SIDE = 8192
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them).
+    """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them), turned
+    upright by its EXIF orientation as image viewers and diffusers' ``load_image`` show it (phone photos).
 
     ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for one that is not a readable image
     (corrupt, truncated, another format, or a decompression bomb: over twice ``PIL.Image.MAX_IMAGE_PIXELS``)."""
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)
             return to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")
     except FileNotFoundError:
         raise
