@@ -146,3 +146,22 @@ def test_a_png_that_cannot_be_written_fails_in_one_line_naming_it(tmp_path, monk
     assert res.exit_code == 1 and "Traceback" not in res.output and res.exception.__class__ is SystemExit
     assert f"cannot write {out}: No space left on device" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]  # no PNG, no temp file
+
+
+def test_an_export_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import tokensparse.models.zoo as zoo
+
+    def full(model, tmp):  # the disk fills half-way through the weights
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(zoo, "_save_safetensors", full)
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "batch_size": 2}')
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--out", str(tmp_path / "run"),
+                                   "--export", str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 1 and "Traceback" not in res.output and res.exception.__class__ is SystemExit
+    assert f"cannot write {tmp_path / 'w.safetensors'}" in res.output and "No space left" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "run"]  # no weights, JSON or temp file

@@ -152,7 +152,10 @@ def train(
 
         if latest_checkpoint(Path(cfg.out)) is None:  # stopped before its first step (stop_at 0, no time left)
             _fail(f"nothing to export: run folder {cfg.out} has no checkpoint yet")
-        export_ema(cfg.out, export, dtype=torch.float16 if half else torch.float32)
+        try:
+            export_ema(cfg.out, export, dtype=torch.float16 if half else torch.float32)
+        except OSError as exc:  # disk full, a folder that vanished: the run folder keeps its checkpoints
+            _fail(f"--export: {exc}")
         console.print(f"wrote {export}")
 
 

@@ -96,17 +96,24 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
     """Publish a shippable weights file and its provenance JSON beside it, each atomically.
 
     ``write_weights(tmp_path)`` writes the safetensors file; it gets normal permissions (the temp file is
-    private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way.
+    private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way. Both are
+    written before either is renamed; a failure (disk full, no such folder) leaves no temp file and raises
+    ``OSError`` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".safetensors.tmp")
-    write_weights(str(tmp))
-    default_mode(tmp)
-    tmp.replace(path)
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(info, indent=2))
-    tmp_json.replace(path.with_suffix(".json"))
+    tmp, tmp_json = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_weights(str(tmp))
+        default_mode(tmp)
+        tmp_json.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
+        tmp_json.replace(path.with_suffix(".json"))
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as SafetensorError
+        raise OSError(f"cannot write {path}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
 
 
 def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
