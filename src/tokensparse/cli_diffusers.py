@@ -117,7 +117,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
     if kind not in ("cpu", "cuda", "mps"):
         _fail(f"--device {device!r} is not supported (auto, cpu, cuda, cuda:1, mps)")
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = "bfloat16" if kind == "cuda" else "float32"  # any CUDA device: cuda, cuda:1, ...
     return device, getattr(torch, dtype)
 
 

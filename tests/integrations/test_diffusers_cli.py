@@ -164,3 +164,14 @@ def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path,
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", ref, "--out", str(tmp_path / "o.png")]
     result = CliRunner().invoke(app, args + [x.replace("{ref}", ref) for x in extra])
     assert result.exit_code == 1 and message in result.output and "cannot load" not in result.output
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_auto_dtype_is_bfloat16_on_every_cuda_device(monkeypatch, device):
+    from tokensparse.cli_diffusers import _device_and_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU needed: nothing is allocated
+    assert _device_and_dtype(device, "auto") == (device, torch.bfloat16)
+    assert _device_and_dtype(device, "float32") == (device, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device_and_dtype("auto", "auto") == ("cpu", torch.float32) or torch.backends.mps.is_available()
