@@ -447,3 +447,13 @@ def test_base_fingerprint_reads_public_config_of_any_shape():
     a = base_fingerprint(model({**odd, "_name_or_path": "/x"}), ["0"])
     assert a == base_fingerprint(model({**odd, "_name_or_path": "/y"}), ["0"])  # where it was loaded from: no
     assert a != base_fingerprint(model({"s": {"beta"}}), ["0"])
+
+
+def test_a_missing_or_file_data_folder_is_named(tmp_path):
+    from tokensparse.integrations.diffusers_lora import load_examples
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"data folder .*nodata does not exist; expected a folder of"):
+        load_examples(tmp_path / "nodata")
+    with pytest.raises(ValueError, match=r"data folder .*afile is a file"):
+        load_examples(tmp_path / "afile")

@@ -112,7 +112,11 @@ def load_examples(data: str | Path) -> list[Example]:
     """One example per sub-folder of ``data``: ``ref*.png`` (one or more, in natural order: ``ref2`` before
     ``ref10``), ``target.png``, ``prompt.txt`` (UTF-8).
 
-    Hidden sub-folders (``.ipynb_checkpoints``, ...) are skipped."""
+    Hidden sub-folders (``.ipynb_checkpoints``, ...) are skipped. ``ValueError`` naming ``data`` when it is
+    missing or a file."""
+    if not Path(data).is_dir():
+        raise ValueError(f"data folder {data} {'is a file' if Path(data).exists() else 'does not exist'}; "
+                         "expected a folder of <example>/ref*.png, target.png, prompt.txt")
     examples = []
     for folder in sorted(p for p in Path(data).iterdir() if p.is_dir() and not p.name.startswith(".")):
         refs = sorted(folder.glob("ref*.png"), key=_natural)
