@@ -165,3 +165,18 @@ def test_an_export_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(t
     assert res.exit_code == 1 and "Traceback" not in res.output and res.exception.__class__ is SystemExit
     assert f"cannot write {tmp_path / 'w.safetensors'}" in res.output and "No space left" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "run"]  # no weights, JSON or temp file
+
+
+def test_show_selection_help_says_what_keep_and_model_do(tmp_path):
+    from PIL import Image
+
+    res = CliRunner().invoke(app, ["show", "selection", "--help"], env={"COLUMNS": "200"})
+    assert "with --adaptive: the most each reference keeps" in res.output and "token grid" in res.output
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")  # --model sets the grid for any selector, not only attention
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", "uniform",
+                                   "--model", "refdit-sparse-64px", "--keep", "0.25", "--out", str(tmp_path / "s.png")])
+    assert res.exit_code == 0, res.output
+    from tokensparse.show_selection import save_selection_map
+
+    masks = save_selection_map([tmp_path / "r.png"], "uniform", 0.25, tmp_path / "s2.png", model="refdit-sparse-64px")
+    assert masks[0].shape == (16, 16)

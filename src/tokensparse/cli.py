@@ -68,11 +68,13 @@ def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write.")
 def show_selection(
     ref: list[Path] = typer.Option(..., "--ref", exists=True, dir_okay=False, help="Reference image (repeat)."),
     selector: str = typer.Option("auto", help="Scorer name (see tokensparse.selection.SCORERS)."),
-    keep: float = typer.Option(0.25, help="Average fraction of reference tokens kept."),
+    keep: float = typer.Option(0.25, help="Average fraction of reference tokens kept (with --adaptive: the most "
+                               "each reference keeps)."),
     out: Path = typer.Option(Path("selection.png"), help="PNG to write."),
-    prompt: str | None = typer.Option(None, help="Prompt (used by selector=auto)."),
-    adaptive: bool = typer.Option(False, help="Adaptive per-reference budget."),
-    model: str | None = typer.Option(None, help="RefDiT name or checkpoint (selector=attention only)."),
+    prompt: str | None = typer.Option(None, help="Prompt (selector=auto reads its task; attention probes with it)."),
+    adaptive: bool = typer.Option(False, help="Adaptive per-reference budget (up to --keep)."),
+    model: str | None = typer.Option(None, help="RefDiT name or checkpoint: its token grid (default: 32 px, 4 px "
+                                     "patches), and the probe of selector=attention, which needs one."),
 ) -> None:
     """Draw the kept reference tokens over each reference image."""
     from .show_selection import save_selection_map
