@@ -35,6 +35,7 @@ def test_show_models_keeps_whole_names_on_a_narrow_terminal():
     (["demo", "--out", "{tmp}/x.jpg"], ".png"),
     (["show", "tasks", "--per-task", "0", "--out", "{tmp}/t.png"], "per_task"),
     (["show", "tasks", "--image-size", "20", "--out", "{tmp}/t.png"], "image"),
+    (["show", "tasks", "--per-task", "100000", "--out", "{tmp}/t.png"], "at most 81 per task"),  # not an OOM kill
     (["show", "selection", "--ref", "{tmp}/notimg.png", "--out", "{tmp}/s.png"], "cannot identify"),
     (["show", "selection", "--ref", "{tmp}/notimg.png", "--model", "{tmp}/nope.safetensors", "--out", "{tmp}/s.png"],
      "nope.safetensors not found"),

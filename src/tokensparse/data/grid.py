@@ -17,16 +17,26 @@ def _to_pil(img, scale: int) -> Image.Image:
     return Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
 
 
+MAX_HEIGHT = 65535
+"""Tallest task grid drawn: image viewers (and many libraries) refuse taller images."""
+
+
 def save_task_grid(
     path: str | Path, image_size: int = 32, per_task: int = 4, scale: int | None = None, seed: int = 0
 ) -> None:
     """Write a PNG: ``per_task`` rows per task (seeds ``seed..seed+per_task-1``), columns = up to four
-    references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px."""
+    references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px.
+
+    ``ValueError`` for a grid taller than :data:`MAX_HEIGHT` pixels (PNG viewers' limit), before drawing it."""
     per_task = checks.integer("per_task", per_task, lo=1)
     image_size = checks.integer("image_size", image_size, lo=1)
     scale = scale or max(1, 96 // image_size)
     cell = image_size * scale
     pad, text_w = 4, 300
+    fits = (MAX_HEIGHT - pad) // ((cell + pad) * len(TASKS))
+    if per_task > fits:
+        raise ValueError(f"per_task={per_task} draws a grid over {MAX_HEIGHT} pixels tall; at most {fits} per task "
+                         f"at image_size={image_size}")
     max_refs = max(spec.num_refs[1] for spec in TASKS.values())
     rows = [make_sample(t, seed + i, image_size) for t in TASKS for i in range(per_task)]
     width = pad + max_refs * (cell + pad) + text_w + cell + pad
