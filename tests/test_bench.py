@@ -203,3 +203,36 @@ def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_resu
         common.write_json(out, {"summary": {"x": 3}}, broken)
     assert json.loads(out.read_text())["summary"] == {"x": 3}  # the results are kept, the stale plot removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]
+
+
+def _script(name: str):
+    """A benchmark script as a module (``benchmarks/`` on the path for its ``common`` import)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", root / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(root))
+    return mod
+
+
+@pytest.mark.parametrize("argv, expected", [(["--quick"], 3), ([], 5), (["--repeats", "2"], 2)])
+def test_speed_records_the_repeats_its_medians_were_taken_over(tmp_path, monkeypatch, argv, expected):
+    speed = _script("speed")
+    used, written = [], {}
+
+    def fake_run(arch, n_refs_list, settings, repeats, steps, stage=(0, 1)):
+        used.append(repeats)
+        return [{"arch": arch, "refs": n, "setting": s, "speedup": 1.0, "efficiency": 1.0}
+                for n in n_refs_list for s in settings]
+
+    monkeypatch.setattr(speed, "run", fake_run)
+    monkeypatch.setattr(speed, "write_json", lambda path, payload, plot=None, dpi=110: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["speed.py", *argv, "--out", str(tmp_path / "s.json")])
+    speed.main()
+    assert set(used) == {expected} and written["repeats"] == expected  # --quick used 3 but recorded 5
