@@ -161,7 +161,7 @@ def main() -> None:
     if args.fid_only:
         payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "fid_only": True,
                    "kv_cache": kv_cache, "wall_s": time.time() - t0, "summary": summary, "rows": rows}
-        finish(payload, args.out, summary)
+        finish(payload, args.out, summary, total)
         return
 
     # sparse-reference guidance on the reference families
@@ -192,11 +192,12 @@ def main() -> None:
     payload = {"quick": args.quick, "model": args.model, "n": n, "steps": steps, "n_ref": n_ref, "kv_cache": kv_cache,
                "wall_s": time.time() - t0, "summary": summary, "rows": rows, "sparse_reference": ref_rows,
                "routing_training": routing}
-    finish(payload, args.out, summary)
+    finish(payload, args.out, summary, total)
 
 
-def finish(payload: dict, out: Path, summary: dict) -> None:
-    progress(1, 1, "done")
+def finish(payload: dict, out: Path, summary: dict, total: int) -> None:
+    """Write the JSON and plot and print the summary; the last progress line completes the ``total`` stages."""
+    progress(total, total, "done")
     write_json(out, payload, lambda: figure(payload), dpi=120)
     for k, v in summary.items():
         print(k, v)

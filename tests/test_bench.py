@@ -236,3 +236,11 @@ def test_speed_records_the_repeats_its_medians_were_taken_over(tmp_path, monkeyp
     monkeypatch.setattr("sys.argv", ["speed.py", *argv, "--out", str(tmp_path / "s.json")])
     speed.main()
     assert set(used) == {expected} and written["repeats"] == expected  # --quick used 3 but recorded 5
+
+
+def test_guidance_ends_its_progress_on_its_own_stage_count(tmp_path, monkeypatch, capsys):
+    guidance = _script("guidance")
+    monkeypatch.setattr(guidance, "write_json", lambda *args, **kwargs: None)
+    guidance.finish({}, tmp_path / "g.json", {"cfg_best_fid": 1.0}, 13)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[13/13] done"  # was "[1/1] done": the bar's total jumped from 13 to 1 at the end
