@@ -8,10 +8,10 @@ Every number in the README's results section comes from this script's output.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 R = Path(__file__).parent / "results"
@@ -445,12 +445,15 @@ BEGIN, END = "<!-- results:begin (benchmarks/readme_tables.py --write) -->", "<!
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="replace the README's generated block (default: print)")
+    args = ap.parse_args()  # --help and unknown options exit here, before anything is printed or written
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         for fn in (flux, flux_speed, speed, quality, drop_sweep, recipe_search, selection, guidance, merging, data,
                    checkpoints):
             fn()
-    if "--write" not in sys.argv:
+    if not args.write:
         print(buf.getvalue(), end="")
         return
     readme = Path(__file__).parents[1] / "README.md"

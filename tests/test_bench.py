@@ -244,3 +244,16 @@ def test_guidance_ends_its_progress_on_its_own_stage_count(tmp_path, monkeypatch
     guidance.finish({}, tmp_path / "g.json", {"cfg_best_fid": 1.0}, 13)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[13/13] done"  # was "[1/1] done": the bar's total jumped from 13 to 1 at the end
+
+
+def test_readme_tables_help_and_unknown_options_neither_print_tables_nor_touch_the_readme(monkeypatch, capsys):
+    tables = _script("readme_tables")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    before = readme.read_bytes()
+    for argv, code in ((["--help"], 0), (["--wirte"], 2)):
+        monkeypatch.setattr("sys.argv", ["readme_tables.py", *argv])
+        with pytest.raises(SystemExit) as exc:
+            tables.main()
+        out = capsys.readouterr()
+        assert exc.value.code == code and "usage:" in out.out + out.err and "| keep |" not in out.out
+    assert readme.read_bytes() == before  # was: --help printed the tables, a mistyped --write printed them too
