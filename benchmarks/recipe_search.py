@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import parser, write_json
+from common import parser, rounded, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def main() -> None:
     for name, row in payload["variants"].items():
         s = row.get("summary", {})
         print(name, row.get("base_steps"), row.get("sparse_steps"),
-              {k: {f: round(x, 2) for f, x in v.items()} for k, v in s.items()})
+              rounded(s, 2))  # quality.py's summary nests per model too (proportional_gain_db_keep025)
     print(f"wrote {args.out}")
 
 

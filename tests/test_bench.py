@@ -257,3 +257,27 @@ def test_readme_tables_help_and_unknown_options_neither_print_tables_nor_touch_t
         out = capsys.readouterr()
         assert exc.value.code == code and "usage:" in out.out + out.err and "| keep |" not in out.out
     assert readme.read_bytes() == before  # was: --help printed the tables, a mistyped --write printed them too
+
+
+def test_recipe_search_prints_a_quality_summary_that_nests_per_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({"v1": {}}))
+    summary = {"ft_gain_db_keep025": {"editing": 1.234},
+               "proportional_gain_db_keep025": {"base": {"editing": 0.456}, "sparse": {"editing": 0.789}}}
+
+    class Done:
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(search, "run_pipeline", lambda *args: Done())
+    monkeypatch.setattr(search, "collect", lambda name, root: {"base_steps": 20, "sparse_steps": 20,
+                                                                "summary": summary})
+    monkeypatch.setattr(search, "write_json", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sys.argv", ["recipe_search.py", "--quick", "--variants", str(variants), "--device", "cpu",
+                                     "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+    search.main()  # was a TypeError (round() of the per-model dict) after the JSON was written: exit 1
+    out = capsys.readouterr().out
+    assert "'base': {'editing': 0.46}" in out and "'editing': 1.23" in out
