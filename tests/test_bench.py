@@ -150,27 +150,12 @@ def test_a_killed_bench_stops_its_benchmark_too(tmp_path):
         pytest.fail("the benchmark outlived its killed bench")
 
 
-def _common():
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
-    spec = importlib.util.spec_from_file_location("bench_common_under_test", root / "common.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(root))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(root))
-    return mod
-
-
 def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_results(tmp_path):
     import json
 
     from matplotlib.figure import Figure
 
-    common = _common()
+    common = _script("common")
     plt = common.pyplot()
     out = tmp_path / "speed.json"
     figs = []
