@@ -102,7 +102,14 @@ def sparsify(seq: TokenSeq, views: list[RefView], cfg: SparseContextConfig) -> T
         return seq
     keep = keep_mask(views, cfg).to(seq.tokens.device)
     if cfg.proportional:
-        sizes = torch.cat([stand_in_sizes(v.features.reshape(v.batch, -1, v.features.shape[-1]).to(keep.device),
-                                          keep[:, sl]) for v, sl in zip(views, ref_slices(seq.grids))], 1)
-        seq = replace(seq, sizes=sizes)
+        seq = replace(seq, sizes=reference_sizes(views, keep))
     return subset(seq, keep)
+
+
+def reference_sizes(views: list[RefView], keep: Tensor) -> Tensor:
+    """How many dense tokens each reference token stands for, ``(B, N)`` over the references' tokens in ``views``
+    order (row-major each) like ``keep (B, N)``: kept ones ``1 +`` the dropped tokens of their reference nearest
+    to them in its ``features`` (:func:`~tokensparse.tokens.stand_in_sizes`), dropped ones 0."""
+    slices = ref_slices(tuple(v.grid for v in views))
+    return torch.cat([stand_in_sizes(v.features.reshape(v.batch, -1, v.features.shape[-1]).to(keep.device),
+                                     keep[:, sl]) for v, sl in zip(views, slices)], 1)

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..context import reference_sizes
 from ..selection import RefView
-from ..tokens import stand_in_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +86,15 @@ def sequence_sizes(views: list[RefView], keep: Tensor, n: int, positions: list[T
     ``keep (N_refs,)`` is the selection over the references' cells (concatenated in reference order, row-major
     per reference, as ``views``); reference ``r``'s tokens sit at ``positions[r]`` of the sequence, covering cells
     ``cells[r]``. Target tokens are 1, kept reference tokens ``1 + `` the number of dropped tokens nearest to them
-    (:func:`~tokensparse.tokens.stand_in_sizes` over ``views[r].features``), dropped ones 0: each reference's
+    (:func:`~tokensparse.context.reference_sizes` over ``views[r].features``), dropped ones 0: each reference's
     sizes sum to its token count (to 0 for a reference that keeps nothing).
     """
+    dense = reference_sizes(views, keep[None])[0]  # (N_refs,) in cell order
     out = torch.ones(n, dtype=torch.float32, device=keep.device)
     offset = 0
     for view, pos, cell in zip(views, positions, cells):
-        h, w = view.grid
-        feats = view.features[:1].reshape(1, h * w, -1).to(keep.device)
-        sizes = stand_in_sizes(feats, keep[None, offset:offset + h * w])[0]  # (h*w,) in cell order
-        out[pos.to(keep.device)] = sizes[cell.to(keep.device)]
-        offset += h * w
+        out[pos.to(keep.device)] = dense[offset + cell.to(keep.device)]
+        offset += view.grid[0] * view.grid[1]
     return out
 
 
