@@ -178,18 +178,17 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"output path must end in .png, got {str(path)!r}")
     pil = image if isinstance(image, Image.Image) else to_pil(image)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
         with os.fdopen(fd, "wb") as f:
             pil.save(f, format="PNG")
         default_mode(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
