@@ -42,7 +42,7 @@ ARMS: dict[str, DropConfig | None] = {
     "u0.25-1_full0.5": DropConfig(p_full=0.5, keep_min=0.25, keep_max=1.0),
 }
 EVALS = {"1.0": (1.0, "random"), "0.25": (0.25, "random"), "0.25_auto": (0.25, "auto")}  # key -> keep, selector
-BASE = "src/tokensparse/weights/refdit-base.safetensors"
+BASE = str(Path(ts.__file__).parent / "weights" / "refdit-base.safetensors")  # the shipped one, from any cwd
 RECIPE = json.loads((Path(__file__).resolve().parents[1] / "recipes" / "sparse.json").read_text())
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     ap = parser(__doc__, "drop_sweep", "30 steps, 8 samples per family, 6 steps")
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per arm")
     ap.add_argument("--n", type=int, default=32, help="held-out samples per family")
-    ap.add_argument("--root", type=Path, default=Path("runs/drop_sweep"))
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "drop_sweep")
     args = ap.parse_args()
     steps, n, gen_steps = (30, 8, 6) if args.quick else (args.steps, args.n, 10)
     root = args.root / ("quick" if args.quick else f"steps{steps}")

@@ -87,6 +87,7 @@ def main() -> None:
         quick = {"steps": 20, "eval_every": 10**6, "ckpt_every": 10}
         variants = {k: {**v, "base": {**v.get("base", {}), **quick}, "sparse": {**v.get("sparse", {}), **quick}}
                     for k, v in variants.items()}
+        args.root = args.root / "quick"  # never resumes (or overwrites) a full run's stages
     t0 = time.time()
     procs = {}
     for name, spec in variants.items():

@@ -266,3 +266,31 @@ def test_recipe_search_prints_a_quality_summary_that_nests_per_model(tmp_path, m
     search.main()  # was a TypeError (round() of the per-model dict) after the JSON was written: exit 1
     out = capsys.readouterr().out
     assert "'base': {'editing': 0.46}" in out and "'editing': 1.23" in out
+
+
+def test_recipe_search_quick_runs_apart_from_full_runs(tmp_path, monkeypatch):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text('{"v1": {}}')
+    roots = []
+
+    class Done:
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(search, "run_pipeline", lambda name, spec, root, *args: roots.append(root) or Done())
+    monkeypatch.setattr(search, "collect", lambda name, root: {})
+    monkeypatch.setattr(search, "write_json", lambda *args, **kwargs: None)
+    for quick in (["--quick"], []):
+        monkeypatch.setattr("sys.argv", ["recipe_search.py", *quick, "--variants", str(variants), "--device", "cpu",
+                                         "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+        search.main()
+    assert roots == [tmp_path / "runs" / "quick", tmp_path / "runs"]  # was: --quick resumed the full runs' stages
+
+
+def test_drop_sweep_reads_the_shipped_base_from_any_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    sweep = _script("drop_sweep")
+    assert Path(sweep.BASE).is_absolute() and Path(sweep.BASE).is_file()  # was relative to the repository root
