@@ -294,3 +294,38 @@ def test_drop_sweep_reads_the_shipped_base_from_any_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     sweep = _script("drop_sweep")
     assert Path(sweep.BASE).is_absolute() and Path(sweep.BASE).is_file()  # was relative to the repository root
+
+
+def test_a_second_kill_during_the_clean_up_wait_still_stops_the_benchmark(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "benchmarks").mkdir()
+    pid_file = tmp_path / "pid"
+    (tmp_path / "benchmarks" / "speed.py").write_text(  # ignores the SIGINT bench sends: bench waits up to 30 s
+        f"import os, signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\nprint('working', flush=True)\ntime.sleep(60)\n")
+    runner = (f"from pathlib import Path\nfrom tokensparse.bench import run_benchmark\n"
+              f"run_benchmark('speed', root=Path({str(tmp_path)!r}))\n")
+    bench = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    bench.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # bench is now waiting for the benchmark's clean-up
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=20) == 128 + signal.SIGTERM
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("a second SIGTERM left the benchmark running")  # was: abandoned, re-parented

@@ -99,11 +99,14 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
                         progress.console.print(line, markup=False, highlight=False, soft_wrap=True)  # no re-wrapping
                         progress.update(task, last=line[:50])
             except BaseException:  # Ctrl-C or SIGTERM of this process: stop the benchmark too, not at its next print
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)  # the script's own clean-up runs (no partial JSON)
-                    try:
+                try:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)  # the script's own clean-up runs (no partial JSON)
                         proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
+                except subprocess.TimeoutExpired:
+                    pass
+                finally:  # also when a second Ctrl-C / SIGTERM cuts the wait short: never leave it running
+                    if proc.poll() is None:
                         proc.kill()
                         proc.wait()
                 raise
