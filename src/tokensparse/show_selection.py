@@ -33,15 +33,17 @@ def _load_refs(refs: list[Path], size: int) -> list[Tensor]:
 
 def selection_masks(images: list[Tensor], cfg: SparseContextConfig, patch: int, prompt: str | None = None,
                     model=None) -> list[Tensor]:
-    """Keep masks ``(h, w)`` per reference for images ``(1, 3, S, S)`` in [0, 1] (a model for probes)."""
-    from .api import _probe_views, reference_views, remove_sparse_context
+    """Keep masks ``(h, w)`` per reference for images ``(1, 3, S, S)`` in [0, 1] (a model for probes; a Sparse
+    Context applied to it stays applied: the probe reads the dense reference tokens past its hook)."""
+    from .api import _probe_views, reference_views
     from .vocab import tokenize
 
     views = reference_views([im * 2 - 1 for im in images], patch, [prompt or ""])
     if needs_probe(cfg.selector) and model is not None:
-        remove_sparse_context(model)  # the dense reference tokens
         with torch.no_grad():
-            seq = model.embed_references([im * 2 - 1 for im in images], 1)
+            refs = [im * 2 - 1 for im in images]
+            model.check_references(refs, 1)
+            seq = model.ref_embedder.forward(refs)  # .forward, not the module call: no hooks, the dense tokens
             ids = tokenize(prompt or "", model.config.max_prompt_len)
             _probe_views(model, seq, views, ids)
     mask = keep_mask(views, cfg)[0]

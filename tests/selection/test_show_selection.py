@@ -41,3 +41,17 @@ def test_selection_map_attention_needs_a_model(refs, tmp_path, tiny):
     masks = save_selection_map(refs, "attention", 0.5, tmp_path / "att.png", model=str(ckpt),
                                prompt="place subject top left")
     assert [m.shape for m in masks] == [(4, 4), (4, 4)] and int(sum(m.sum() for m in masks)) == 16
+
+
+def test_selection_masks_leave_the_models_sparse_context_applied(tiny):
+    import tokensparse as ts
+    from tokensparse.api import sparse_context_config
+    from tokensparse.show_selection import selection_masks
+
+    images = [torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = ts.SparseContextConfig(keep=0.25, selector="attention")
+    want = selection_masks(images, cfg, 4, "place the subject", tiny)  # dense model
+    ts.apply_sparse_context(tiny, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(selection_masks(images, cfg, 4, "place the subject", tiny), want))
+    assert sparse_context_config(tiny) == cfg  # still applied (it was removed before)
+    ts.remove_sparse_context(tiny)
