@@ -74,6 +74,18 @@ def test_bad_config(kwargs, err):
         ts.SparseContextConfig(**kwargs)
 
 
+def test_a_count_that_keeps_every_token_is_refused_like_keep_above_one(tiny):
+    refs = make_refs(2)
+    dense = gen(tiny, refs)
+    for count in (16, 40):  # refdit-tiny: 4x4 = 16 tokens per reference
+        with pytest.raises(ValueError, match=f"count={count} keeps every one of this model's 16 tokens"):
+            ts.apply_sparse_context(tiny, ts.SparseContextConfig(count=count))
+    assert not tiny.ref_embedder._forward_hooks  # refused before anything was applied
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(count=15, selector="uniform"))
+    assert not torch.equal(gen(tiny, refs), dense)
+    ts.remove_sparse_context(tiny)
+
+
 def test_numpy_scalars_are_accepted_and_the_config_is_snapshotted(tiny):
     import numpy as np
 

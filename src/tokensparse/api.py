@@ -134,7 +134,8 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
 
     ``target``: a RefDiT, or a supported diffusers pipeline / transformer (needs ``tokensparse[diffusers]``).
     Calling it again replaces the earlier config; :func:`remove_sparse_context` restores exact behaviour.
-    Returns ``target``.
+    Returns ``target``. On a RefDiT, whose references all have ``config.grid ** 2`` tokens, a ``cfg.count`` of at
+    least that many is a ``ValueError`` (it would drop nothing), as ``keep`` above 1 is.
     """
     if not isinstance(cfg, SparseContextConfig):
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
@@ -148,6 +149,10 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     if cfg.cache:
         model.require_cacheable_context("cache=True")
+    n_ref = model.config.grid ** 2  # every RefDiT reference is one image_size x image_size grid
+    if cfg.count is not None and cfg.count >= n_ref:
+        raise ValueError(f"count={cfg.count} keeps every one of this model's {n_ref} tokens per reference, so nothing "
+                         f"would be dropped; give a count below {n_ref}, or keep=1.0 for the exact dense model")
     removed = _unhook(model)
 
     # a partial, not a closure: copy.deepcopy of the model copies it with the model (the copy probes with

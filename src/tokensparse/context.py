@@ -17,6 +17,8 @@ class SparseContextConfig:
     """How many reference tokens to keep and how to choose them.
 
     keep: fraction of each reference's tokens kept, in ``(0, 1]``; ``1.0`` is exactly the dense model.
+        A reference of ``n`` tokens keeps ``round(keep * n)`` of them (Python's ``round``: halves to even),
+        at least 1, so a ``keep`` just below 1 may round to all ``n`` on a small grid.
         With several references it is the *average* budget (see ``allocate``); with ``adaptive`` it is
         the ceiling per reference.
     selector: a scorer name from ``tokensparse.selection.SCORERS``: ``"random"``, ``"uniform"``,
@@ -32,7 +34,8 @@ class SparseContextConfig:
     count: keep this many tokens per reference instead of a ratio (``keep`` must stay 1.0). Like ``keep``,
         with several references that share their budget (``allocate``) it is the per-reference *average*
         (the sample keeps ``count`` times its number of references); ``allocate="equal"``: exactly ``count``
-        each.
+        each. A reference with fewer tokens keeps all of them (``min(count, n)``: diffusers references differ
+        in size); on a RefDiT, a count of at least its tokens per reference is refused at apply.
     mass: the score mass an adaptive budget covers, in ``(0, 1]``.
     min_keep: floor fraction per reference, in ``[0, keep]`` (every non-empty reference keeps >= 1 token).
     allocate: how references share the budget: ``"equal"`` (each its own), ``"score"`` (by score, so a
