@@ -40,7 +40,8 @@ class SparseContextConfig:
     min_keep: floor fraction per reference, in ``[0, keep]`` (every non-empty reference keeps >= 1 token).
     allocate: how references share the budget: ``"equal"`` (each its own), ``"score"`` (by score, so a
         near-empty reference gives its share to a busy one; the average stays ``keep``) or ``"auto"``
-        (``"score"`` for informed scorers, ``"equal"`` for ``random`` / ``uniform``).
+        (``"score"`` for informed scorers, ``"equal"`` for ``random`` / ``uniform``). Adaptive budgets are per
+        reference (as ``"equal"``): ``"score"`` with ``adaptive`` is a ``ValueError``.
     proportional: each dropped token hands its attention mass to the kept token of its reference nearest to
         it (scorer features: patch pixels for RefDiT, VAE latent tokens for diffusers): a kept token standing for
         ``s`` tokens gets ``log(s)`` added to its attention logits in every layer
@@ -80,6 +81,9 @@ class SparseContextConfig:
         self.mass = checks.real("mass", self.mass, 0.0, 1.0, lo_open=True)
         self.min_keep = checks.real("min_keep", self.min_keep, 0.0, self.keep)
         checks.choice("allocate", self.allocate, ALLOCATIONS)
+        if self.adaptive and self.allocate == "score":
+            raise ValueError("allocate='score' shares a fixed budget across references; an adaptive budget is set per "
+                             "reference by its score mass: leave allocate at 'auto' with adaptive=True")
         self.proportional = checks.flag("proportional", self.proportional)
 
     @property

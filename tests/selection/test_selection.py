@@ -127,6 +127,13 @@ def test_count_is_exact_per_reference_with_equal_and_the_average_when_shared():
     assert kept(SparseContextConfig(count=5, selector="uniform")) == [5, 5]  # uninformed: "auto" is "equal"
 
 
+def test_adaptive_budgets_refuse_score_allocation_they_would_ignore():
+    with pytest.raises(ValueError, match="allocate='score'.*adaptive"):
+        SparseContextConfig(selector="foreground", adaptive=True, allocate="score")
+    for allocate in ("auto", "equal"):  # what adaptive does: a budget per reference
+        assert SparseContextConfig(selector="foreground", adaptive=True, allocate=allocate).adaptive
+
+
 def test_select_refuses_a_count_that_would_keep_nothing():
     views = [view_of(subject_image(box=(4, 8, 4, 8)))]
     g = torch.Generator().manual_seed(0)
