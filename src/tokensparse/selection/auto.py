@@ -20,7 +20,7 @@ FAMILY_WORDS: dict[str, tuple[str, ...]] = {
     "editing": ("recolor", "remove", "relight", "denoise", "deblur", "erase", "delete", "change", "make",
                 "turn", "replace", "edit", "fix", "restore", "colorize"),
     "subject": ("place", "background", "put", "show", "subject"),
-    "multi": ("compose", "combine", "together", "and"),
+    "multi": ("compose", "combine", "together"),
 }
 # Measured on the held-out suite (benchmarks/selection.py, keep 0.25): on editing, spatial coverage wins
 # ("uniform" +0.85 dB over random; structure-seeking "edges" -0.7 dB, "detail" in between): a pixel-aligned
@@ -36,7 +36,7 @@ def prompt_family(prompt: str | None) -> str | None:
         return None
     for word in prompt.lower().replace(",", " ").split():
         for fam in ("multi", "subject", "editing"):
-            if word in FAMILY_WORDS[fam] and not (fam == "multi" and word == "and"):
+            if word in FAMILY_WORDS[fam]:
                 return fam
     return None
 

@@ -31,7 +31,8 @@ class RefView:
     index: position of the reference (0-based) among the references of the call.
     prompts: the prompts of the batch, when known.
     attention: ``(B, h, w)`` attention mass the target paid to each token in a probe pass, when the
-        wiring ran one (RefDiT with ``selector="attention"`` or ``"auto"``), else ``None``.
+        wiring ran one (RefDiT with ``selector="attention"``, or ``"auto"`` if ``FAMILY_SCORER`` names it), else
+        ``None``.
     """
 
     features: Tensor
