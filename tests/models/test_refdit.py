@@ -283,3 +283,19 @@ def test_a_token_of_size_s_attends_like_s_copies_of_it(tiny, tiny_kv, separate):
     padded = TokenSeq(torch.cat([one.tokens, one.tokens[:, :1]], 1), torch.cat([one.ids, one.ids[:, :1]], 1),
                       torch.tensor([[True] * 5 + [False]] * 2), one.grids, torch.cat([one.sizes, one.sizes[:, :1]], 1))
     torch.testing.assert_close(model(x, t, padded, p), want, atol=2e-5, rtol=0)  # padding stays masked
+
+
+@torch.no_grad()
+def test_ref_keep_under_an_applied_sparse_context_names_the_hook(tiny):
+    x, p, refs = torch.randn(1, 3, 16, 16), tokenize(["place"]), [r * 2 - 1 for r in make_refs(1)]
+    n = tiny.config.grid ** 2
+    keep = torch.ones(1, n, dtype=torch.bool)
+    keep[:, ::2] = False
+    dropped = tiny(x, 0.5, refs, p, ref_keep=keep)
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.5, selector="uniform"))
+    try:
+        with pytest.raises(ValueError, match="Sparse Context"):  # was: "keep mask ... does not match sequence"
+            tiny(x, 0.5, refs, p, ref_keep=keep)
+    finally:
+        ts.remove_sparse_context(tiny)
+    assert torch.equal(tiny(x, 0.5, refs, p, ref_keep=keep), dropped)

@@ -406,6 +406,12 @@ class RefDiT(nn.Module):
         if context_kv is None:
             refs_seq = self.embed_references(refs, b, prompt_ids)
             if ref_keep is not None and refs_seq is not None:
+                if (isinstance(refs, (list, tuple)) and self.ref_embedder._forward_hooks
+                        and isinstance(ref_keep, Tensor) and ref_keep.shape[-1] != refs_seq.tokens.shape[1]):
+                    raise ValueError(
+                        f"ref_keep masks the {ref_keep.shape[-1]} dense reference tokens, but a hook on ref_embedder "
+                        f"(Sparse Context) already kept {refs_seq.tokens.shape[1]}: remove it first "
+                        "(ts.remove_sparse_context(model)) to drop tokens with ref_keep")
                 refs_seq = subset(refs_seq, ref_keep)
             ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
             ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
