@@ -70,7 +70,8 @@ class TokenMergingConfig:
         refdit-sparse-64px a centred 0.5 merges about as much as a raw 0.8 (~80 of 256 tokens per layer).
         A batch merges the smallest of its samples' counts, so a sample's output depends on its batch.
     recompute_every: recompute a layer's matching every this many denoising steps and reuse it in between
-        (``1``: every step, no cache).
+        (``1``: every step, no cache). A model call whose samples are at different timesteps (a training
+        batch) always computes its own.
     recompute_steps: explicit steps (0-based) at which to recompute; overrides ``recompute_every``.
         Step 0 always computes (there is nothing to reuse yet).
     merge_attn / merge_cross / merge_mlp: which sublayers of a block run on merged tokens: self-attention,

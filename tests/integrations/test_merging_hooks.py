@@ -800,3 +800,29 @@ def test_remove_refuses_an_unmerged_video_model_like_apply() -> None:
         apply_token_merging(video, TokenMergingConfig(ratio=0.5))
     with pytest.raises(TypeError, match="video"):
         remove_token_merging(video)
+
+
+@torch.no_grad()
+def test_per_sample_timesteps_never_reuse_another_batchs_matchings(refdit: ts.RefDiT) -> None:
+    """A batch whose samples are at different timesteps (training) is no step of one generation: with
+    recompute_every > 1 its matchings are computed from its own tokens, not reused from the batch before."""
+    cfg = TokenMergingConfig(ratio=0.5, recompute_every=4)
+    x, _, refs, ids = _inputs(refdit, seed=0)
+    y = _inputs(refdit, seed=1)[0]
+    t1, t2 = torch.tensor([0.9, 0.3]), torch.tensor([0.5, 0.8])  # first sample's t falls: read as the next step
+    fresh = []
+    for t in (t2, torch.tensor([0.5, 0.5])):
+        apply_token_merging(refdit, cfg)
+        fresh.append(refdit(y, t, refs, ids))
+    apply_token_merging(refdit, cfg)
+    state = merging_state(refdit)
+    refdit(x, t1, refs, ids)
+    assert torch.equal(refdit(y, t2, refs, ids), fresh[0])
+    # after a mixed batch, a uniform one does not continue it either
+    refdit(x, t1, refs, ids)
+    assert torch.equal(refdit(y, torch.tensor([0.5, 0.5]), refs, ids), fresh[1])
+    assert state.cache.hits == 0
+    # uniform timesteps still step through one generation and reuse between recomputes
+    refdit(y, torch.tensor([0.4, 0.4]), refs, ids)
+    assert state.cache.hits == refdit.config.depth
+    remove_token_merging(refdit)

@@ -58,7 +58,8 @@ class TokenMergingState:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"_recorded": OrderedDict(), "recording": False, **state})  # also 0.11 pickles
+        # defaults first: also older pickles
+        self.__dict__.update({"_recorded": OrderedDict(), "recording": False, "isolated": False, **state})
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
@@ -67,6 +68,7 @@ class TokenMergingState:
         self._generation = self.tracker.generation
         self._recorded: OrderedDict[Hashable, list[Matching]] = OrderedDict()  # see matching(): checkpointing
         self.recording = False  # this model call may be recomputed in backward (gradient checkpointing)
+        self.isolated = False  # the last call's samples were at different timesteps: the next starts afresh
 
     @property
     def step(self) -> int:
@@ -81,6 +83,10 @@ class TokenMergingState:
 
         ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
         identical call repeated at one timestep reuses its matchings (same output, bounded cache).
+
+        A call whose samples are at different timesteps (a training batch) is no step of one generation: it is a
+        generation of its own (fresh matchings from its own tokens, whatever ``recompute_every`` says), and the
+        call after it starts another one.
         """
         if _in_backward():  # the whole model checkpointed and recomputed: the forward already counted this call
             return
@@ -90,8 +96,14 @@ class TokenMergingState:
             getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         self.grids_found = 0
         self.call = None if call is None else call_key(call)
+        mixed = False
         if isinstance(t, Tensor):
-            t = t.flatten()[0].item() if t.numel() else None
+            flat = t.detach().flatten()
+            mixed = flat.numel() > 1 and bool((flat != flat[0]).any())
+            t = flat[0].item() if flat.numel() else None
+        if mixed or self.isolated:
+            self.tracker.reset()
+        self.isolated = mixed
         self.tracker.observe(0.0 if t is None else float(t))
         if self.tracker.generation != self._generation:
             self._generation = self.tracker.generation

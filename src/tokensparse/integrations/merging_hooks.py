@@ -15,6 +15,8 @@ timestep rises; :func:`tokensparse.generation.begin_generation` (``tokensparse.g
 pipelines ``scheduler.set_timesteps`` does) starts one explicitly. Each new generation empties the match
 cache and reseeds the destination generator. Calls at one timestep are the passes of a step (guidance), told
 apart by a fingerprint of their arguments: an identical call gets its own matchings back.
+A call whose samples are at different timesteps (a training batch) is a generation of its own: its matchings
+are computed from its tokens, never reused from another call's.
 """
 
 from __future__ import annotations
