@@ -513,7 +513,6 @@ def test_flux2_dev_pipeline(pipe):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:selector 'attention' got no probe attention")  # diffusers has no probe: expected
 def test_every_registered_selector_runs(pipe):
     """Whatever scorers the selection package registers work through the hook, fixed and adaptive budgets."""
     from tokensparse.selection import INFORMED, SCORERS
@@ -707,3 +706,19 @@ def test_token_merging_stacks_with_proportional_sparse_context(pipe, caplog):
     assert np.isfinite(stacked).all() and not np.array_equal(stacked, sparse)
     ts.remove_token_merging(pipe)
     assert np.array_equal(run(pipe), sparse)
+
+
+def test_attention_selector_warns_once(pipe, caplog, monkeypatch):
+    """diffusers has no attention probe: apply says so (logged), and the selection does not warn again."""
+    import warnings
+
+    from tokensparse.selection import scorers
+
+    monkeypatch.setattr(scorers, "_warned_probe", False)
+    with caplog.at_level(logging.WARNING, logger="tokensparse"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="attention"))
+        run(pipe, guidance_scale=1.0, num_inference_steps=1)
+    logged = [r.getMessage() for r in caplog.records if "probe" in r.getMessage()]
+    assert len(logged) == 1 and "scores like 'foreground'" in logged[0]
+    assert [str(w.message) for w in caught if "probe" in str(w.message)] == []  # was a second, UserWarning

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -292,9 +293,10 @@ class SparseContextHook:
             feats[:, cells.to(hs.device)] = hs[:1, pos.to(hs.device)]
             image = images[r] if images else None
             views.append(RefView(feats.view(1, h, w, -1).float(), image=image, index=r, prompts=prompts))
-        keep = keep_mask(views, self.state.cfg)[0].to(
-            hs.device
-        )  # (N_refs,), the config's own seeded generator
+        with warnings.catch_warnings():
+            if _warns_no_probe(self.state.cfg):  # apply already logged it: the scorer's UserWarning would repeat it
+                warnings.filterwarnings("ignore", "selector 'attention' got no probe attention", UserWarning)
+            keep = keep_mask(views, self.state.cfg)[0].to(hs.device)  # (N_refs,), the config's own seeded generator
         self.state.selections += 1
         keep_seq = torch.ones(layout.n, dtype=torch.bool, device=hs.device)
         offset = 0
@@ -330,6 +332,11 @@ class QwenRopeHook:
         return vid.index_select(0, self.state.rope[1].to(vid.device)), txt
 
 
+def _warns_no_probe(cfg: SparseContextConfig) -> bool:
+    """Whether applying ``cfg`` logs that its selector needs a probe diffusers has none of (once, at apply)."""
+    return cfg.selector != "auto" and needs_probe(cfg.selector)
+
+
 # public API ---------------------------------------------------------------------------------------------
 def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any:
     """Make ``target`` (a supported diffusers pipeline or transformer) keep a subset of reference tokens.
@@ -356,7 +363,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
             "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
     if cfg.proportional:  # ValueError where the log(size) bias cannot reach every attention exactly
         check_supported(transformer, pipe is not None and type(pipe).__name__ in KV_PIPELINES, cfg.cache)
-    if cfg.selector != "auto" and needs_probe(cfg.selector):
+    if _warns_no_probe(cfg):
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "
             "scores like 'foreground'", cfg.selector)
