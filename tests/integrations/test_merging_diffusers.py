@@ -157,3 +157,25 @@ def test_an_image_model_with_3d_in_a_part_name_is_not_taken_for_video() -> None:
     apply_token_merging(layered, TokenMergingConfig(ratio=0.5))
     assert merging_state(layered) is not None
     remove_token_merging(layered)
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_token_merging_on_real_stable_diffusion_pipelines(xl: bool) -> None:
+    import numpy as np
+
+    from tokensparse.integrations.diffusers_tiny import sd_call_kwargs, tiny_stable_diffusion
+
+    pipe = tiny_stable_diffusion(xl=xl)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": ["a cat", "a dog"], "num_images_per_prompt": 2, "guidance_scale": 5.0}
+    dense = pipe(**call, **sd_call_kwargs()).images
+    depth = 2 if xl else 1  # SDXL's top level has no attention
+    for cfg in (TokenMergingConfig(ratio=0.5, max_downsample=depth),  # tomesd's ToMe
+                TokenMergingConfig(threshold=0.3, recompute_every=2, max_downsample=depth)):  # CA-ToMe
+        apply_token_merging(pipe, cfg)
+        merged = pipe(**call, **sd_call_kwargs()).images
+        assert merging_state(pipe).merged_tokens > 0
+        assert merged.shape == dense.shape == (4, 16, 16, 3) and np.isfinite(merged).all()
+        assert not np.array_equal(merged, dense)
+    remove_token_merging(pipe)
+    assert np.array_equal(pipe(**call, **sd_call_kwargs()).images, dense)  # the exact pipeline again
