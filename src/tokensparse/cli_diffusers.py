@@ -48,9 +48,16 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
 
     if name is None:
         return
-    if name not in PIPELINES or name in MASK_PIPELINES:
-        supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
+    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
+    if name in MASK_PIPELINES:
         _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
+    if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1): token merging alone
+        given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
+        if given:
+            _fail(f"{name} takes no reference images here, so {' / '.join(given)} (Sparse Context) cannot apply: "
+                  f"Sparse Context runs on {', '.join(supported)}; token merging (--merge) on any pipeline whose "
+                  "model it supports")
+        return
     if n_refs > 1 and PIPELINES[name][1] == "image":  # FluxKontextPipeline, QwenImageEditPipeline
         _fail(f"{name} takes one reference image")
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
@@ -152,7 +159,10 @@ def generate(
         str, typer.Option(help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     ] = "auto",
 ) -> None:
-    """Generate one image from reference images with Sparse Context (and, with --merge, token merging)."""
+    """Generate one image from reference images with Sparse Context (and, with --merge, token merging).
+
+    Text-to-image pipelines (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1) run with token merging alone (--merge).
+    """
     try:
         import diffusers
         import torch
@@ -204,8 +214,10 @@ def generate(
     _check_pipeline(name, len(refs), cache, proportional)
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
+    in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone
     try:
-        apply_sparse_context_diffusers(pipe, cfg)
+        if in_context:
+            apply_sparse_context_diffusers(pipe, cfg)
         if not merge_cfg.is_identity:
             apply_token_merging(pipe, merge_cfg)
     except (TypeError, ValueError) as exc:
@@ -259,9 +271,9 @@ def generate(
         save_png(image, out)
     except OSError as exc:  # save_png's message names the file
         _fail(str(exc))
-    kept = (f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
-            + (", K/V cache" if cache else "")
-            + (f", merge={merge:g}" if merge else ""))
+    kept = ((f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
+             + (", K/V cache" if cache else "")) if in_context else "no Sparse Context")
+    kept += f", merge={merge:g}" if merge else ""
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 
 

@@ -154,6 +154,7 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
     ("Flux2KleinPipeline", ["--cache", "--proportional"], "cannot be combined with --cache"),
     ("QwenImageEditPlusPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
     ("FluxKontextInpaintPipeline", [], "not supported here"),
+    ("StableDiffusionPipeline", [], "takes no reference images here, so --ref (Sparse Context)"),
 ])
 def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, cls, extra, message):
     # only model_index.json: a check after loading would fail to load instead
@@ -175,3 +176,18 @@ def test_auto_dtype_is_bfloat16_on_every_cuda_device(monkeypatch, device):
     assert _device_and_dtype(device, "float32") == (device, torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _device_and_dtype("auto", "auto") == ("cpu", torch.float32) or torch.backends.mps.is_available()
+
+
+def test_a_text_to_image_pipeline_runs_with_token_merging_alone(app, tmp_path):
+    from tokensparse.integrations.diffusers_tiny import tiny_stable_diffusion
+
+    tiny_stable_diffusion().save_pretrained(tmp_path / "sd")
+    out = tmp_path / "sd.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "--merge", "0.5",
+                                   "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output  # was: "StableDiffusionPipeline is not supported here"
+    assert "no Sparse Context, merge=0.5" in res.output and Image.open(out).size == (16, 16)
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "--cache",
+                                   "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 1 and "--cache (Sparse Context) cannot apply" in res.output
+    assert not (tmp_path / "x.png").exists()
