@@ -83,6 +83,13 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     return images
 
 
+def _merge_depth(pipe: Any) -> int:
+    """``max_downsample`` for token merging: the finest level of the pipeline's UNet that has attention (SDXL's top
+    level has none: 2), else 1 (DiTs have one token grid)."""
+    types = getattr(getattr(getattr(pipe, "unet", None), "config", None), "down_block_types", None) or ()
+    return next((2 ** level for level, kind in enumerate(types) if "Attn" in kind), 1)
+
+
 def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
     """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
     path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
@@ -185,7 +192,6 @@ def generate(
               "carries the bias)")
     if not 0.0 <= merge < 1.0:
         _fail(f"--merge must be in [0, 1), got {merge:g}")
-    merge_cfg = TokenMergingConfig(ratio=merge, seed=seed)
     if guidance is not None and not math.isfinite(guidance):
         _fail(f"--guidance must be a finite number, got {guidance}")
     check_png_out(out)
@@ -215,6 +221,7 @@ def generate(
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
     in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone
+    merge_cfg = TokenMergingConfig(ratio=merge, seed=seed, max_downsample=_merge_depth(pipe))
     try:
         if in_context:
             apply_sparse_context_diffusers(pipe, cfg)

@@ -178,15 +178,17 @@ def test_auto_dtype_is_bfloat16_on_every_cuda_device(monkeypatch, device):
     assert _device_and_dtype("auto", "auto") == ("cpu", torch.float32) or torch.backends.mps.is_available()
 
 
-def test_a_text_to_image_pipeline_runs_with_token_merging_alone(app, tmp_path):
+@pytest.mark.parametrize("xl", [False, True])
+def test_a_text_to_image_pipeline_runs_with_token_merging_alone(app, tmp_path, caplog, xl):
     from tokensparse.integrations.diffusers_tiny import tiny_stable_diffusion
 
-    tiny_stable_diffusion().save_pretrained(tmp_path / "sd")
+    tiny_stable_diffusion(xl=xl).save_pretrained(tmp_path / "sd")
     out = tmp_path / "sd.png"
     res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "--merge", "0.5",
                                    "--steps", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output  # was: "StableDiffusionPipeline is not supported here"
     assert "no Sparse Context, merge=0.5" in res.output and Image.open(out).size == (16, 16)
+    assert "merged nothing" not in caplog.text  # SDXL: merges one level down, where its attention starts
     res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "--cache",
                                    "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "--cache (Sparse Context) cannot apply" in res.output
