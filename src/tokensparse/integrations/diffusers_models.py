@@ -13,6 +13,8 @@ where each token sits:
 - Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
   (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
+  ``QwenImageEditInpaintPipeline`` has the same layout with one reference, the unmasked source image (its mask
+  only blends the source back into the latents between steps).
 
 A :class:`RefLayout` says where the reference tokens are; an adapter subsets ``hidden_states`` together
 with whatever places the tokens (ids, or the RoPE rows for Qwen), so each kept token keeps its position.
@@ -162,13 +164,16 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
     "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),
+    # Qwen-Image-Edit inpainting: the (unmasked) source image is the one reference, after the target
+    "QwenImageEditInpaintPipeline": ("prepare_latents", "image", 0),
 }
 # an argument of the same method that, when given, holds the in-context image instead (name, position after self)
 PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
 # the image method's argument that, with an item of B_i images (B_i neither 1 nor it), makes them B_i references
 STACKED_REFS_ARG: dict[str, tuple[str, int]] = {"Flux2KleinInpaintPipeline": ("batch_size", 1)}
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
-MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")  # inpainting: need a mask image
+# inpainting: need a mask image
+MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline", "QwenImageEditInpaintPipeline")
 
 
 def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor | None] | None:

@@ -326,3 +326,14 @@ def sd_call_kwargs(steps: int = 3, size: int = 16) -> dict[str, Any]:
     """Call arguments that fit :func:`tiny_stable_diffusion` (numpy output, a fixed generator)."""
     return {"num_inference_steps": steps, "height": size, "width": size, "output_type": "np",
             "generator": torch.Generator().manual_seed(0)}
+
+
+def tiny_qwen_image_edit_inpaint(seed: int = 0) -> Any:
+    """A ``QwenImageEditInpaintPipeline`` with the components of :func:`tiny_qwen_image_edit_plus` (no text encoder).
+
+    Call it with :func:`qwen_call_kwargs`, a ``mask_image`` and ``strength``; the pipeline sizes its output and
+    the source image from ``calculate_dimensions(1024 * 1024, ratio)`` of its module, which tests shrink.
+    """
+    from diffusers import QwenImageEditInpaintPipeline
+
+    return QwenImageEditInpaintPipeline(**tiny_qwen_image_edit_plus(seed=seed).components)
