@@ -1,9 +1,9 @@
 """Sparse Context for diffusers pipelines: feed the transformer a subset of each reference's tokens.
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
-``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline`` and the
-inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` / ``QwenImageEditInpaintPipeline``, or
-their bare transformers.
+``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
+``LongCatImageEditPipeline`` and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` /
+``QwenImageEditInpaintPipeline``, or their bare transformers.
 
 How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
@@ -29,8 +29,8 @@ features) and the hook adds ``joint_attention_kwargs["attention_mask"]``, a floa
 holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every double- and single-stream
 attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
 (``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
-external mask), with a caller's own ``attention_mask``, and under attention backends that do not add a float
-mask (flash, sage, varlen, ...).
+external mask), for LongCat-Image-Edit (no attention kwargs reach its attention), with a caller's own
+``attention_mask``, and under attention backends that do not add a float mask (flash, sage, varlen, ...).
 
 A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.
 """

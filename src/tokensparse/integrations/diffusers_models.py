@@ -10,6 +10,8 @@ where each token sits:
   reference ``i`` has T = 10 + 10 i. ``Flux2KleinKVPipeline`` puts the references *first* and passes
   ``num_ref_tokens`` at its K/V-extract step.
 - FLUX.1 Kontext (``FluxTransformer2DModel``): ``img_ids (N, 3)`` = (T, H, W); the reference has T = 1.
+- LongCat-Image-Edit (``LongCatImageTransformer2DModel``): FLUX-style ``img_ids (N, 3)`` = (modality, H, W)
+  with the target's modality 1 and the reference's 2 (text ids have 0); H and W are offset by the text length.
 - Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
   (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
@@ -50,10 +52,10 @@ class RefLayout:
         return sum(len(p) for p in self.positions)
 
 
-def _grid_layout(ids: Tensor) -> RefLayout | None:
-    """Layout from FLUX-style ids ``(N, D)`` whose first coordinate is 0 for the target, else a reference."""
+def _grid_layout(ids: Tensor, target: int = 0) -> RefLayout | None:
+    """Layout from FLUX-style ids ``(N, D)`` whose first coordinate is ``target`` for the target, else a reference."""
     t = ids[:, 0]
-    is_ref = t != 0
+    is_ref = t != target
     if not bool(is_ref.any()):
         return None
     positions, cells, grids = [], [], []
@@ -77,12 +79,14 @@ def _grid_layout(ids: Tensor) -> RefLayout | None:
 class FluxIdsAdapter:
     """FLUX.2 and FLUX.1 Kontext: references are found and placed through ``img_ids``."""
 
+    target_id = 0  # the first id coordinate of the target's tokens (every other value is a reference)
+
     def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
         ids = kwargs.get("img_ids")
         if ids is None:
             return None
         ids2 = ids[0] if ids.dim() == 3 else ids  # the transformer itself uses ids[0] for the whole batch
-        layout = _grid_layout(ids2)
+        layout = _grid_layout(ids2, self.target_id)
         if layout is not None and kwargs["hidden_states"].shape[1] != layout.n:
             raise ValueError(
                 f"hidden_states has {kwargs['hidden_states'].shape[1]} tokens but img_ids has {layout.n}"
@@ -100,6 +104,12 @@ class FluxIdsAdapter:
 
     def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("kv_cache_mode") == "cached"
+
+
+class LongCatIdsAdapter(FluxIdsAdapter):
+    """LongCat-Image-Edit: FLUX-style ``img_ids`` whose first coordinate is a modality, 1 for the target."""
+
+    target_id = 1
 
 
 class QwenImageAdapter:
@@ -153,6 +163,7 @@ TRANSFORMERS: dict[str, type] = {
     "Flux2Transformer2DModel": FluxIdsAdapter,
     "FluxTransformer2DModel": FluxIdsAdapter,
     "QwenImageTransformer2DModel": QwenImageAdapter,
+    "LongCatImageTransformer2DModel": LongCatIdsAdapter,
 }
 PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),
@@ -161,6 +172,7 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "FluxKontextPipeline": ("prepare_latents", "image", 0),
     "QwenImageEditPlusPipeline": ("prepare_latents", "images", 0),
     "QwenImageEditPipeline": ("prepare_latents", "image", 0),
+    "LongCatImageEditPipeline": ("prepare_latents", "image", 0),
     # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
     "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),

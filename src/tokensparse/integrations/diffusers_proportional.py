@@ -20,6 +20,8 @@ Where it is exact, and where it is refused:
   references nor the references' self-attention could see the bias, and at cached steps the target's queries
   attend to the cached reference keys unbiased. A per-key logit bias cannot be folded into the cached keys or
   values either (only repeating each kept K/V ``size`` times is exact, which is the dense cache).
+- LongCat-Image-Edit: refused. ``LongCatImageTransformer2DModel.forward`` takes no ``joint_attention_kwargs``, so
+  nothing can hand its attention processors an ``attention_mask``.
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
@@ -70,9 +72,11 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
     """Raise ``ValueError`` naming why ``proportional=True`` cannot be exact for this target."""
     name = type(transformer).__name__
     if name not in BIAS_TRANSFORMERS:
-        why = (" (its QwenDoubleStreamAttnProcessor2_0 refuses an external attention_mask and builds a boolean "
-               "one from encoder_hidden_states_mask, so a float log(size) bias cannot reach its attention)"
-               if name == "QwenImageTransformer2DModel" else "")
+        why = {"QwenImageTransformer2DModel": " (its QwenDoubleStreamAttnProcessor2_0 refuses an external "
+               "attention_mask and builds a boolean one from encoder_hidden_states_mask, so a float log(size) bias "
+               "cannot reach its attention)",
+               "LongCatImageTransformer2DModel": " (its forward takes no joint_attention_kwargs, so no "
+               "attention_mask can reach its attention)"}.get(name, "")
         raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel) and FLUX.1 "
                          f"Kontext (FluxTransformer2DModel) pipelines, not {name}{why}; use proportional=False")
     if kv_pipeline or cache:

@@ -337,3 +337,94 @@ def tiny_qwen_image_edit_inpaint(seed: int = 0) -> Any:
     from diffusers import QwenImageEditInpaintPipeline
 
     return QwenImageEditInpaintPipeline(**tiny_qwen_image_edit_plus(seed=seed).components)
+
+
+class QwenVLImageProcessorHolder:
+    """What ``LongCatImageEditPipeline`` reads of its ``Qwen2VLProcessor``: ``image_processor`` alone.
+
+    A real ``Qwen2VLProcessor`` cannot be built without torchvision in transformers 5 (its video processor
+    check needs it); the pipeline only uses the processor's image processor.
+    """
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+
+def tiny_qwen_vl_tokenizer() -> Any:
+    """:func:`tiny_qwen_tokenizer` plus Qwen2-VL's vision tokens as single special tokens."""
+    tok = tiny_qwen_tokenizer()
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    return tok
+
+
+def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16) -> Any:
+    """A one-layer ``Qwen2_5_VLForConditionalGeneration`` (text width ``hidden``, one vision block) for
+    :func:`tiny_qwen_vl_tokenizer`'s vocabulary; its vision tower takes 14 px patches, merged 2x2."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(f"<|{t}|>") for t in ("vision_start", "vision_end", "image_pad",
+                                                                     "video_pad")}
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 2048, "bos_token_id": None, "eos_token_id": None,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [1, 1, hidden // 4 - 2]}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": hidden, "fullatt_block_indexes": [0]},
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_longcat_image_edit(seed: int = 0) -> Any:
+    """A ``LongCatImageEditPipeline`` with a tiny Qwen2.5-VL text encoder, FLUX VAE and transformer.
+
+    The pipeline sizes its output and the reference from ``calculate_dimensions(1024 * 1024, ratio)`` of its
+    module, which tests shrink (32x32 gives 8x8 = 64 tokens per image); it pads every prompt to 512 tokens.
+    """
+    import transformers
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        LongCatImageEditPipeline,
+        LongCatImageTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_vl_tokenizer()
+    text_encoder = tiny_qwen25_vl(tokenizer)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=16,  # the pipeline packs 16 latent channels
+        norm_num_groups=4,
+        sample_size=32,
+        shift_factor=0.1,
+        scaling_factor=0.5,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    transformer = LongCatImageTransformer2DModel(
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=[4, 6, 6],
+    ).eval()
+    image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return LongCatImageEditPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_processor=QwenVLImageProcessorHolder(image_processor()),
+        transformer=transformer,
+    )

@@ -1,0 +1,126 @@
+"""Sparse Context on a tiny random-weight LongCat-Image-Edit pipeline (tiny Qwen2.5-VL text encoder, built offline).
+
+``LongCatImageEditPipeline`` feeds its transformer ``[noisy target, reference]`` with FLUX-style
+``img_ids`` = (modality, H, W): the target has modality 1, the reference 2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image
+
+import tokensparse as ts
+from tokensparse.context import SparseContextConfig
+from tokensparse.integrations.diffusers import (
+    apply_sparse_context_diffusers,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
+from tokensparse.selection import SCORERS
+
+TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
+REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
+
+
+@pytest.fixture
+def pipe(monkeypatch):
+    import diffusers.pipelines.longcat_image.pipeline_longcat_image_edit as module
+
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (32, 32))  # not 1024^2
+    p = tiny_longcat_image_edit(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def lengths(pipe) -> list[int]:
+    seen: list[int] = []
+    pipe.transformer.x_embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def run(pipe, prompt="a cat"):
+    return pipe(image=Image.fromarray(REF), prompt=prompt, num_inference_steps=2, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_identity_sparse_remove_and_reapply(pipe):
+    seen = lengths(pipe)
+    dense = run(pipe)
+    assert seen == [2 * TOKENS] * 4  # 2 steps x CFG: target + reference
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe), dense)
+    seen.clear()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    sparse = run(pipe)
+    assert seen == [TOKENS + TOKENS // 4] * 4
+    state = sparse_context_state(pipe)
+    assert state.selections == 1 and state.prompts == ["a cat"]  # not the negative prompt "", encoded after it
+    (index, layout), = state.index.values()
+    assert layout.grids == [(8, 8)] and (index[:TOKENS] == torch.arange(TOKENS)).all()  # the target is whole
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
+    assert np.array_equal(run(pipe), sparse)
+    assert len(pipe.transformer._forward_pre_hooks) == 1
+    remove_sparse_context_diffusers(pipe)
+    assert not pipe.transformer._forward_pre_hooks
+    assert np.array_equal(run(pipe), dense)
+
+
+def test_a_pixel_selector_scores_the_reference_image(pipe, monkeypatch):
+    seen = []
+    edges = SCORERS["edges"]
+    monkeypatch.setitem(SCORERS, "edges", lambda view, g: seen.append(view) or edges(view, g))
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
+    run(pipe)
+    (view,) = seen  # one reference, one selection
+    assert view.grid == (8, 8) and view.image.shape == (1, 3, 32, 32)
+    assert np.abs(view.image[0].permute(1, 2, 0).numpy() - REF / 255).max() < 0.01
+
+
+def _call(ref: bool = True) -> dict:
+    """A bare LongCat call: an 8x8 target (modality 1) and, with ``ref``, an 8x8 reference (modality 2)."""
+    g = torch.Generator().manual_seed(0)
+    n = 2 * TOKENS if ref else TOKENS
+    ids = torch.cat([torch.cartesian_prod(torch.tensor([t]), torch.arange(8) + 4, torch.arange(8) + 4)
+                     for t in ((1, 2) if ref else (1,))]).double()  # H, W offset by the text length, as the pipeline
+    return {
+        "hidden_states": torch.randn(1, n, 64, generator=g),
+        "encoder_hidden_states": torch.randn(1, 4, 16, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": ids,
+        "txt_ids": torch.stack([torch.zeros(4), torch.arange(4.0), torch.arange(4.0)], dim=1),  # modality 0
+        "return_dict": False,
+    }
+
+
+@torch.no_grad()
+def test_kept_tokens_keep_their_position_ids_and_a_call_without_reference_is_unchanged(pipe):
+    tr = pipe.transformer
+    kw = _call()
+    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="random", seed=5))
+    sparse = tr(**kw)[0]
+    t2i = _call(ref=False)  # the target alone (as LongCatImagePipeline calls it): a no-op
+    patched_t2i = tr(**t2i)[0]
+    remove_sparse_context_diffusers(tr)
+    assert torch.equal(patched_t2i, tr(**t2i)[0])
+    index = torch.nonzero(sparse[0].abs().sum(-1) != 0).squeeze(1)
+    assert len(index) == TOKENS + TOKENS // 4 and (index[:TOKENS] == torch.arange(TOKENS)).all()
+    expected = tr(**dict(kw, hidden_states=kw["hidden_states"][:, index], img_ids=kw["img_ids"][index]))[0]
+    torch.testing.assert_close(sparse[:, index], expected, rtol=0, atol=0)
+
+
+def test_proportional_cache_and_token_merging_are_refused(pipe):
+    with pytest.raises(ValueError, match="takes no joint_attention_kwargs"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
+    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
+    assert sparse_context_state(pipe) is None
+    with pytest.raises(TypeError, match="LongCatImageEditPipeline"):  # its blocks are not ones merging knows
+        ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
