@@ -41,6 +41,10 @@ def _pipeline_class(folder: Path) -> str | None:
         return None
 
 
+# pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
+_SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
+
+
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False) -> None:
     """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache`` or ``--proportional``
     it cannot take (``None``: not known before loading, nothing to check)."""
@@ -58,12 +62,14 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
                   f"Sparse Context runs on {', '.join(supported)}; token merging (--merge) on any pipeline whose "
                   "model it supports")
         return
-    if n_refs > 1 and PIPELINES[name][1] == "image":  # FluxKontextPipeline, QwenImageEditPipeline
+    if n_refs > 1 and PIPELINES[name][1] == "image":  # FluxKontextPipeline, QwenImageEditPipeline, LongCat
         _fail(f"{name} takes one reference image")
+    if n_refs == 0 and name in _SIZED_BY_REFERENCE:
+        _fail(f"{name} needs a --ref image (it sizes its output from the reference)")
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
         _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
               "K/V cache")
-    if proportional and name.startswith("QwenImage"):
+    if proportional and name.startswith(("QwenImage", "LongCat")):
         _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline: {name}'s attention takes no logit bias")
 
 
@@ -246,6 +252,8 @@ def generate(
         if key == "true_cfg_scale":
             kwargs["negative_prompt"] = " "
     for key, value in (("height", height), ("width", width)):
+        if value is not None and key not in params:  # LongCatImageEditPipeline
+            _fail(f"{name} takes no --{key}: it sizes its output from the reference")
         if value is not None:
             kwargs[key] = value
     if "max_area" in params and (height or width):  # Kontext rescales any size to max_area (1024^2) otherwise

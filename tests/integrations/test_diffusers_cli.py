@@ -153,6 +153,8 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
     ("FluxKontextPipeline", ["--cache"], "--cache needs FLUX.2"),
     ("Flux2KleinPipeline", ["--cache", "--proportional"], "cannot be combined with --cache"),
     ("QwenImageEditPlusPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
+    ("LongCatImageEditPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
+    ("LongCatImageEditPipeline", ["--ref", "{ref}"], "takes one reference image"),
     ("FluxKontextInpaintPipeline", [], "not supported here"),
     ("StableDiffusionPipeline", [], "takes no reference images here, so --ref (Sparse Context)"),
 ])
@@ -165,6 +167,31 @@ def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path,
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", ref, "--out", str(tmp_path / "o.png")]
     result = CliRunner().invoke(app, args + [x.replace("{ref}", ref) for x in extra])
     assert result.exit_code == 1 and message in result.output and "cannot load" not in result.output
+
+
+@pytest.mark.parametrize("cls", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline"])
+def test_a_pipeline_sized_by_its_reference_needs_one_before_loading(app, tmp_path, cls):
+    folder = tmp_path / "edit"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
+                                      "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 1 and f"{cls} needs a --ref image" in result.output
+
+
+def test_longcat_takes_no_height_or_width(app, tmp_path, monkeypatch):
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
+
+    folder = tmp_path / "longcat"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "LongCatImageEditPipeline"}')
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_longcat_image_edit())
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat", "--ref",
+                                      str(_ref(tmp_path)), "--height", "32", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 1 and "LongCatImageEditPipeline takes no --height" in result.output
+    assert not (tmp_path / "o.png").exists()
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
