@@ -369,8 +369,8 @@ def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16) -> Any:
         text_config={"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "max_position_embeddings": 2048, "bos_token_id": None, "eos_token_id": None,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [1, 1, hidden // 4 - 2]}},
+                     "rope_theta": 10000.0,  # the older rope_scaling spelling: transformers 5 reads it too
+                     "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, hidden // 4 - 2]}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                        "out_hidden_size": hidden, "fullatt_block_indexes": [0]},
         image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
