@@ -57,18 +57,19 @@ def timesteps(steps: int, shift: float = 1.0) -> Tensor:
     ``[1e-4, 1e4]``)."""
     steps = checks.integer("steps", steps, lo=1)
     shift = check_shift(shift)
-    t = torch.linspace(1.0, 0.0, steps + 1)
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
     out = (shift * t / (1 + (shift - 1) * t)).clamp_(0.0, 1.0)
     out[0] = 1.0  # float32 rounding can put it at 1.0000001 (e.g. shift 1.32), and the model takes t in [0, 1]
     return out
 
 
 def noise_like(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu") -> Tensor:
-    """Gaussian noise with one generator per sample, so a sample's noise never depends on its batch."""
+    """float32 Gaussian noise with one generator per sample, so a sample's noise never depends on its batch (nor on
+    ``torch.get_default_dtype()``)."""
     if len(seeds) != shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
     seeds = [checks.integer("seed", s, 0, 2**64 - 1) for s in seeds]  # what a torch generator takes
-    out = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+    out = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
     return torch.stack(out).to(device)
 
 
@@ -78,7 +79,7 @@ def euler(denoise: Denoiser, x: Tensor, timesteps: Tensor,
     """First-order ODE solve from ``timesteps[0]`` to ``timesteps[-1]``."""
     for i in range(len(timesteps) - 1):
         t, t_next = float(timesteps[i]), float(timesteps[i + 1])
-        v = denoise(x, torch.full((x.shape[0],), t, device=x.device))
+        v = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device))
         x = x + (t_next - t) * v
         if callback is not None:
             callback(i, x)

@@ -23,7 +23,7 @@ from .vocab import tokenize
 def random_keep(seq: TokenSeq, keep: float, generator: torch.Generator) -> Tensor:
     """A uniformly random keep mask ``(B, N)`` keeping ``keep`` of each reference's (valid) tokens."""
     n = seq.tokens.shape[1]
-    scores = torch.rand(seq.tokens.shape[0], n, generator=generator)
+    scores = torch.rand(seq.tokens.shape[0], n, generator=generator, dtype=torch.float32)
     if seq.valid is not None:
         scores = scores.masked_fill(~seq.valid.cpu(), -1.0)
     refs = seq.ids[..., 0].cpu()

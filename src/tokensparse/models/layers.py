@@ -76,7 +76,7 @@ def route_index(batch: int, n: int, route: float, generator: torch.Generator | N
     if keep < 1:
         raise ValueError(f"route {route} routes all {n} target tokens around the route span; use a rate below "
                          f"{1 - 0.5 / n:.4g} for {n} tokens")
-    scores = torch.rand(batch, n, generator=generator).to(device)
+    scores = torch.rand(batch, n, generator=generator, dtype=torch.float32).to(device)
     return scores.topk(keep, dim=1).indices.sort(dim=1).values
 
 
