@@ -34,13 +34,17 @@ def test_one_time_for_the_batch_and_prompt_ids_type(tiny):
     ({"x": torch.randn(3, 16, 16)}, ValueError, "x must be"),
     ({"t": 5.0}, ValueError, r"t must be in \[0, 1\]"), ({"t": float("nan")}, ValueError, r"t must be in"),
     ({"t": torch.tensor([0.5, -0.1])}, ValueError, r"t must be in"),
+    ({"x": torch.randn(2, 3, 16, 16).double()}, TypeError, "x must be a float32 tensor"),
+    ({"x": torch.zeros(2, 3, 16, 16, dtype=torch.long)}, TypeError, "x must be a float32 tensor"),
+    ({"refs": [torch.rand(2, 3, 16, 16).double()]}, TypeError, "reference 0 must be a float32 tensor"),
 ])
 @torch.no_grad()
 def test_bad_calls_name_the_argument(tiny, change, err, match):
-    call = {"x": torch.randn(2, 3, 16, 16), "t": torch.rand(2), "ids": tokenize(["place", "place"])}
+    call = {"x": torch.randn(2, 3, 16, 16), "t": torch.rand(2), "ids": tokenize(["place", "place"]),
+            "refs": make_refs(1, batch=2)}
     call.update(change)
     with pytest.raises(err, match=match):
-        tiny(call["x"], call["t"], make_refs(1, batch=2), call["ids"])
+        tiny(call["x"], call["t"], call["refs"], call["ids"])
 
 
 @torch.no_grad()
@@ -48,6 +52,14 @@ def test_a_half_precision_model_says_so(tiny):
     half = ts.build_model("refdit-tiny").half()
     with pytest.raises(TypeError, match="model.float"):
         half(torch.randn(1, 3, 16, 16).half(), 0.5, [], tokenize(["place"]))
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's, under autocast
+@torch.no_grad()
+def test_half_precision_inputs_run_under_autocast(tiny):
+    x, p = torch.randn(1, 3, 16, 16).bfloat16(), tokenize(["place"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tiny(x, 0.5, [r.bfloat16() for r in make_refs(1)], p).shape == (1, 3, 16, 16)
 
 
 def test_references_change_the_output(tiny):

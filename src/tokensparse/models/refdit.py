@@ -126,6 +126,17 @@ class RefDiTConfig:
         return self.patch_size * self.patch_size * self.channels
 
 
+def _check_float_input(name: str, tensor: Tensor) -> None:
+    """Raise ``TypeError`` naming ``name`` unless it is float32, or half precision under ``torch.autocast``
+    (float64 and integer inputs would fail deep inside the first linear layer)."""
+    if tensor.dtype == torch.float32:
+        return
+    if tensor.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(tensor.device.type):
+        return
+    raise TypeError(f"{name} must be a float32 tensor (float16 / bfloat16 only under torch.autocast), got "
+                    f"{tensor.dtype}: pass it as .float()")
+
+
 # --------------------------------------------------------------------------------------------------
 # Block
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +244,7 @@ class RefDiT(nn.Module):
     # -- inputs -------------------------------------------------------------------------------------
 
     def check_references(self, refs: list[Tensor], batch: int) -> None:
-        """Raise ``ValueError`` naming the problem if ``refs`` cannot condition this model."""
+        """Raise ``TypeError`` / ``ValueError`` naming the problem if ``refs`` cannot condition this model."""
         cfg = self.config
         if len(refs) > cfg.max_refs:
             raise ValueError(f"{len(refs)} references given; this model supports at most {cfg.max_refs}")
@@ -249,6 +260,7 @@ class RefDiT(nn.Module):
                 )
             if r.shape[0] != batch:
                 raise ValueError(f"reference {i} has batch {r.shape[0]}; the target has batch {batch}")
+            _check_float_input(f"reference {i}", r)
 
     def embed_references(self, refs: list[Tensor] | TokenSeq | None, batch: int,
                          prompt_ids: Tensor | None = None) -> TokenSeq | None:
@@ -298,6 +310,7 @@ class RefDiT(nn.Module):
         if self.patch_embed.weight.dtype != torch.float32:
             raise TypeError(f"RefDiT computes in float32 and its weights are {self.patch_embed.weight.dtype}: call "
                             "model.float() first (for reduced precision, run it under torch.autocast)")
+        _check_float_input("x", x)
         b = x.shape[0]
         self.check_prompt_ids(prompt_ids, b)
         if not isinstance(t, Tensor):
