@@ -91,6 +91,16 @@ def test_routing_needs_a_span(tiny):
         tiny(torch.randn(1, 3, 16, 16), torch.rand(1), [], ts.tokenize("place"), route=0.5)
 
 
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(routes=0.5), TypeError, "routes must be a tuple"), (dict(route=True), TypeError, "route must be a number"),
+    (dict(route="0.5"), TypeError, "route must be a number"), (dict(routes=(0.5, None)), TypeError, "route must be"),
+    (dict(route=1.0), ValueError, r"route must be in \[0.0, 1.0\)"),
+])
+def test_bad_routing_rates_name_the_argument(routed, kw, err, match):
+    with pytest.raises(err, match=match):
+        routed(torch.randn(1, 3, 16, 16), torch.rand(1), [], ts.tokenize("place"), **kw)
+
+
 def test_a_rate_that_routes_every_target_token_is_refused(routed):
     x, t, p = torch.randn(1, 3, 16, 16), torch.rand(1), ts.tokenize("place")
     routed(x, t, [], p, route=0.95)  # 16 tokens: one stays

@@ -363,10 +363,9 @@ class RefDiT(nn.Module):
 
     def route_bounds(self, route: float) -> tuple[int, int]:
         """The block span routed tokens skip, or ``(-1, -1)`` when nothing is routed."""
+        route = checks.real("route", route, 0.0, 1.0, hi_open=True)
         if route == 0.0:
             return -1, -1
-        if not 0.0 <= route < 1.0:
-            raise ValueError(f"route must be in [0, 1), got {route}")
         if self.config.route_span is None:
             raise ValueError("this model has no route_span; build it with route_span=(start, end) to route tokens")
         return self.config.route_span
@@ -442,6 +441,8 @@ class RefDiT(nn.Module):
         x_rope = self.target_rope.expand(b, -1, -1, -1)
         if routes is not None and route != 0.0:
             raise ValueError("give either route or routes, not both")
+        if routes is not None and not isinstance(routes, (tuple, list)):
+            raise TypeError(f"routes must be a tuple of routing rates, got {type(routes).__name__}")
         rates = (route,) if routes is None else tuple(routes)
         if not rates:
             raise ValueError("routes must name at least one routing rate")
