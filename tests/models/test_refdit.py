@@ -96,6 +96,16 @@ def test_sparse_reference_is_fewer_tokens_with_original_ids(tiny):
     assert out.shape == (1, 3, 16, 16)
 
 
+@torch.no_grad()
+def test_pre_embedded_reference_tokens_of_another_batch_are_refused(tiny_kv):
+    seq = tiny_kv.embed_references([r * 2 - 1 for r in make_refs(1)], 1)
+    p = tokenize(["place", "place"])
+    with pytest.raises(ValueError, match="reference tokens must be"):
+        tiny_kv(torch.randn(2, 3, 16, 16), 0.5, seq, p)
+    with pytest.raises(ValueError, match="reference tokens must be"):
+        tiny_kv.context_kv(seq, p)
+
+
 def test_padded_sparse_batch_matches_unpadded_rows(tiny):
     """Samples with different kept counts in one batch give the same result as each alone."""
     from tokensparse.tokens import subset

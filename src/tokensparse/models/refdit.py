@@ -266,8 +266,13 @@ class RefDiT(nn.Module):
                          prompt_ids: Tensor | None = None) -> TokenSeq | None:
         """Images ``[(B, 3, H, W)] in [-1, 1]`` -> reference tokens (through ``ref_embedder``'s hooks, which
         are given ``prompt_ids``: prompt-aware selection reads it; ``None`` = no prompt)."""
-        if refs is None or isinstance(refs, TokenSeq):
+        if isinstance(refs, TokenSeq):
+            if refs.tokens.dim() != 3 or refs.tokens.shape[0] != batch or refs.tokens.shape[2] != self.config.dim:
+                raise ValueError(f"reference tokens must be (B, N, D) with B = {batch} and D = {self.config.dim}, "
+                                 f"got {tuple(refs.tokens.shape)}")
             return refs
+        if refs is None:
+            return None
         if not isinstance(refs, (list, tuple)):
             raise TypeError(f"refs must be a list of (B, 3, H, W) tensors or a TokenSeq, got {type(refs).__name__}")
         if len(refs) == 0:
