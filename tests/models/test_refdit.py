@@ -222,6 +222,9 @@ def test_a_cache_that_does_not_fit_the_call_is_refused(tiny, tiny_kv):
         tiny(torch.randn(2, 3, 16, 16), 0.5, None, p, context_kv=kv)
     with pytest.raises(TypeError, match="ContextKV"):
         tiny_kv(x, 0.5, None, tokenize("place"), context_kv=(1, 2))
+    wide = ts.build_model("refdit-tiny", ref_attends_target=False, dim=64, rope_axes=(8, 12, 12))
+    with pytest.raises(ValueError, match="context_kv layer 0 holds keys"):  # was a size mismatch inside attention
+        tiny_kv(torch.randn(2, 3, 16, 16), 0.5, None, p, context_kv=wide.context_kv(refs, p))
     for ids, err in ((p.float(), TypeError), (p[0], ValueError), (torch.full((2, 3), 10**6), ValueError)):
         with pytest.raises(err, match="prompt_ids"):
             tiny_kv.context_kv(refs, ids)

@@ -365,6 +365,13 @@ class RefDiT(nn.Module):
             raise ValueError(f"context_kv holds {len(context_kv.layers)} layers, this model has {len(self.blocks)}")
         if context_kv.pooled.shape[0] != batch:
             raise ValueError(f"context_kv was computed for a batch of {context_kv.pooled.shape[0]}, x has {batch}")
+        cfg = self.config
+        want = (batch, cfg.heads, cfg.dim // cfg.heads)
+        for i, (k, v) in enumerate(context_kv.layers):
+            if k.dim() != 4 or k.shape != v.shape or (k.shape[0], k.shape[1], k.shape[3]) != want:
+                raise ValueError(f"context_kv layer {i} holds keys {tuple(k.shape)} and values {tuple(v.shape)}; this "
+                                 f"model needs (B, heads, N, head_dim) = ({want[0]}, {want[1]}, N, {want[2]}): a cache "
+                                 "from another model?")
 
     def route_bounds(self, route: float) -> tuple[int, int]:
         """The block span routed tokens skip, or ``(-1, -1)`` when nothing is routed."""
