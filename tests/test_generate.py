@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import tokensparse as ts
@@ -22,3 +23,24 @@ def test_generation_does_not_depend_on_the_default_dtype():
         torch.set_default_dtype(previous)
     assert got.dtype == torch.float32
     assert torch.equal(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, on importing its compiler
+def test_a_torch_compile_wrapper_is_refused_with_the_way_out():
+    model = ts.build_model("refdit-s").eval()
+    with pytest.raises(TypeError, match=r"got OptimizedModule: pass the RefDiT itself .*model\.compile\(\)"):
+        ts.generate(torch.compile(model), [], "scene red object on blue dots", steps=1)
+
+
+def test_random_selection_draws_the_same_tokens_whatever_the_default_dtype():
+    from tokensparse.selection.scorers import RefView, score_random
+
+    view = RefView(torch.zeros(1, 4, 4, 3))
+    draw = score_random(view, torch.Generator().manual_seed(0))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = score_random(view, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(default)
+    assert again.dtype == torch.float32 and torch.equal(again, draw)

@@ -73,7 +73,9 @@ def generate(
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.
     """
     if not isinstance(model, RefDiT):
-        raise TypeError(f"generate expects a RefDiT, got {type(model).__name__}")
+        hint = (": pass the RefDiT itself (compile in place with model.compile() instead of torch.compile(model))"
+                if isinstance(getattr(model, "_orig_mod", None), RefDiT) else "")
+        raise TypeError(f"generate expects a RefDiT, got {type(model).__name__}{hint}")
     checks.choice("sampler", sampler, SAMPLERS)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")

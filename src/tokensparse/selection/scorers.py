@@ -79,7 +79,7 @@ def register_scorer(name: str, informed: bool = False, probe: bool = False) -> C
 def score_random(view: RefView, generator: torch.Generator) -> Tensor:
     """I.i.d. uniform scores: top-k is a uniformly random subset (the fine-tuning distribution)."""
     h, w = view.grid
-    return torch.rand(view.batch, h * w, generator=generator).to(view.features.device)
+    return torch.rand(view.batch, h * w, generator=generator, dtype=torch.float32).to(view.features.device)
 
 
 def bayer_rank(h: int, w: int) -> Tensor:
