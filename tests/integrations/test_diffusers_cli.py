@@ -207,7 +207,7 @@ def test_auto_dtype_is_bfloat16_on_every_cuda_device(monkeypatch, device):
 
 @pytest.mark.parametrize("xl", [False, True])
 def test_a_text_to_image_pipeline_runs_with_token_merging_alone(app, tmp_path, caplog, xl):
-    from tokensparse.integrations.diffusers_tiny import tiny_stable_diffusion
+    from tokensparse.integrations.diffusers_tiny_sd import tiny_stable_diffusion
 
     tiny_stable_diffusion(xl=xl).save_pretrained(tmp_path / "sd")
     out = tmp_path / "sd.png"

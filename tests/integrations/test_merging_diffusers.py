@@ -163,7 +163,7 @@ def test_an_image_model_with_3d_in_a_part_name_is_not_taken_for_video() -> None:
 def test_token_merging_on_real_stable_diffusion_pipelines(xl: bool) -> None:
     import numpy as np
 
-    from tokensparse.integrations.diffusers_tiny import sd_call_kwargs, tiny_stable_diffusion
+    from tokensparse.integrations.diffusers_tiny_sd import sd_call_kwargs, tiny_stable_diffusion
 
     pipe = tiny_stable_diffusion(xl=xl)
     pipe.set_progress_bar_config(disable=True)
