@@ -516,3 +516,32 @@ def test_train_twice_in_one_process_with_another_mixed_precision(tmp_path, monke
     with pytest.raises(ValueError, match="mixed_precision 'bf16'.*'no'.*distributed"):
         train(tiny_cfg(tmp_path / "d", steps=1, mixed_precision="bf16"), progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_an_fp16_runs_loss_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
+    import tokensparse.train as tr
+
+    scalers, real = [], tr.accelerator
+
+    def with_scaler(mixed_precision):  # fp16 needs a GPU: a CPU GradScaler stands in for accelerate's
+        acc = real(mixed_precision)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1)  # doubles every step
+        scalers.append(acc.scaler)
+        return acc
+
+    monkeypatch.setattr(tr, "accelerator", with_scaler)
+    train(tiny_cfg(tmp_path / "a", grad_clip=0.0), progress=False)
+    train(tiny_cfg(tmp_path / "b", grad_clip=0.0, stop_at=5), progress=False)
+    assert torch.load(latest_checkpoint(tmp_path / "b") / "scaler.pt")["scale"] == 16.0 * 2**5
+    train(tiny_cfg(tmp_path / "b", grad_clip=0.0), progress=False)  # resume
+    assert scalers[0].get_scale() == scalers[2].get_scale() == 16.0 * 2**8  # the scale went on, not restarted
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(latest_checkpoint(tmp_path / "a") / name))
+        b = load_file(str(latest_checkpoint(tmp_path / "b") / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    (latest_checkpoint(tmp_path / "b") / "scaler.pt").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="cannot read scaler.pt"):
+        train(tiny_cfg(tmp_path / "b", grad_clip=0.0, steps=9), progress=False)
+    monkeypatch.undo()
+    train(tiny_cfg(tmp_path / "c", steps=2), progress=False)  # no scaler (float32): no scaler.pt
+    assert not (latest_checkpoint(tmp_path / "c") / "scaler.pt").exists()

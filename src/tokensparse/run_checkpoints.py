@@ -2,7 +2,8 @@
 name a damaged file.
 
 ``<out>/step_<k>/`` holds ``model.safetensors``, ``ema.safetensors``, ``optim.pt`` (tensors only, loaded with
-``weights_only=True``) and ``state.json``; each folder is written to a temp folder and renamed, then
+``weights_only=True``), ``state.json`` and, under fp16 mixed precision, ``scaler.pt`` (the loss scaler's state,
+:data:`SCALER`); each folder is written to a temp folder and renamed, then
 ``<out>/latest`` is replaced atomically. :mod:`.train` writes and resumes them;
 :mod:`.integrations.diffusers_lora_checkpoints` writes LoRA runs' folders with :func:`save_checkpoint_folder`.
 """
@@ -24,6 +25,9 @@ from torch import Tensor
 
 from .files import default_mode
 
+#: the loss scaler's state (fp16 mixed precision: accelerate's ``GradScaler``), in a checkpoint folder
+SCALER = "scaler.pt"
+
 
 def state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
     """A module's state as detached contiguous copies, each shared tensor once."""
@@ -37,11 +41,11 @@ def state_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[str, Tensor],
-                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2, config: dict | None = None
-                        ) -> Path:
+                        opt: torch.optim.Optimizer, state: dict, keep_last: int = 2, config: dict | None = None,
+                        scaler: Any = None) -> Path:
     """Write ``out/step_N`` atomically (:func:`save_checkpoint_folder`) with the weights, EMA, optimizer state,
-    ``state`` JSON and the run's resolved ``config`` (``config.json``, when given); keep the ``keep_last`` newest.
-    Returns the folder."""
+    ``state`` JSON, the run's resolved ``config`` (``config.json``, when given) and the loss ``scaler``'s state
+    (:data:`SCALER`, when given: fp16 runs); keep the ``keep_last`` newest. Returns the folder."""
 
     def write(tmp: Path) -> None:
         save_tensors(state_tensors(model), tmp / "model.safetensors")
@@ -50,8 +54,35 @@ def save_run_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: dict[
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_scaler(scaler, tmp)
 
     return save_checkpoint_folder(out, step, write, keep_last)
+
+
+def save_scaler(scaler: Any, folder: Path) -> None:
+    """Write a loss scaler's state (a ``torch.amp.GradScaler``; ``None``: none, nothing written) as
+    ``folder/``:data:`SCALER`."""
+    if scaler is not None:
+        torch.save(scaler.state_dict(), folder / SCALER)
+
+
+def read_scaler(ckpt: Path) -> dict | None:
+    """Checkpoint ``ckpt``'s loss-scaler state (:data:`SCALER`); ``None`` when it holds none (no fp16, or saved
+    before checkpoints held it); ``ValueError`` naming the file when it is damaged."""
+    return read_part(ckpt, SCALER, load_optim) if (ckpt / SCALER).is_file() else None
+
+
+def restore_scaler(scaler: Any, saved: dict | None, ckpt: Path) -> bool:
+    """Load ``saved`` (:func:`read_scaler` of checkpoint ``ckpt``) into the run's loss ``scaler`` (``None``: the
+    run has none, nothing to do). Returns ``False`` when the run has a scaler but the checkpoint held no state
+    for it, so its scale restarts; ``ValueError`` naming the checkpoint when the state does not fit."""
+    if scaler is None or saved is None:
+        return scaler is None
+    try:
+        scaler.load_state_dict(saved)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {ckpt}: {SCALER} does not fit this run's loss scaler ({exc})") from None
+    return True
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:

@@ -8,7 +8,8 @@ from its last checkpoint continues bit-exactly (weights, EMA, optimizer; the log
 window).
 
 Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema.safetensors``,
-``optim.pt`` (tensors only, loaded with ``weights_only=True``) and ``state.json``; each is written to a
+``optim.pt`` (tensors only, loaded with ``weights_only=True``), ``state.json`` and, under fp16, ``scaler.pt``
+(the loss scaler's state, so a resumed fp16 run continues its scale); each is written to a
 temp folder and renamed, then ``<out>/latest`` is replaced atomically (:mod:`.run_checkpoints`). The resolved
 config is saved as ``<out>/config.json``; a run that fails before its first checkpoint removes it again (and the
 folders it made), so a later run into that folder starts fresh.
@@ -47,8 +48,10 @@ from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_chec
     load_into,
     load_optim,
     read_part,
+    read_scaler,
     read_state,
     remove_partial_saves,
+    restore_scaler,
     save_run_checkpoint,
     state_tensors,
 )
@@ -315,6 +318,9 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
             opt.load_state_dict(optim)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint {ckpt}: optim.pt does not fit this run's optimizer ({exc})") from None
+        if not restore_scaler(acc.scaler, read_scaler(ckpt), ckpt):
+            log(f"checkpoint {ckpt} holds no loss-scaler state (saved by an older version): the fp16 loss scale "
+                "restarts, so this run does not continue bit-exactly")
         log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -396,13 +402,13 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             state["elapsed_s"] = time.time() - t_start
             if acc.is_main_process:
-                save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg))
+                save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg), scaler=acc.scaler)
             saved = step
             acc.wait_for_everyone()
     state["elapsed_s"] = time.time() - t_start
     state["step"] = step
     if acc.is_main_process and step != saved:  # stopped early (stop_at, max_minutes) between checkpoints
-        save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg))
+        save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg), scaler=acc.scaler)
     acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
     if bar is not None:
         bar[0].stop()

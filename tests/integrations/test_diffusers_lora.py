@@ -457,3 +457,25 @@ def test_a_missing_or_file_data_folder_is_named(tmp_path):
         load_examples(tmp_path / "nodata")
     with pytest.raises(ValueError, match=r"data folder .*afile is a file"):
         load_examples(tmp_path / "afile")
+
+
+def test_an_fp16_runs_loss_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
+    import accelerate
+
+    scalers = []
+
+    class WithScaler(accelerate.Accelerator):  # fp16 needs a GPU: a CPU GradScaler stands in for accelerate's
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1)  # doubles every step
+            scalers.append(self.scaler)
+
+    monkeypatch.setattr(accelerate, "Accelerator", WithScaler)
+    examples = _examples()
+    cfg = {"resolution": 32, "rank": 2, "max_sequence_length": 16, "seed": 5, "lr": 1e-2, "save_every": 2}
+    full = train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=4, **cfg), tmp_path / "full")
+    out = tmp_path / "resumed"
+    train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=2, **cfg), out)
+    assert torch.load(out / "checkpoints" / "step_0000002" / "scaler.pt")["scale"] == 16.0 * 2**2
+    assert train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=4, **cfg), out) == full
+    assert scalers[0].get_scale() == scalers[2].get_scale() == 16.0 * 2**4  # went on from the checkpoint's scale

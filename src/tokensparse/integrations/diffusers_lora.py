@@ -287,7 +287,7 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
     raw_optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr)
     start, losses, elapsed = 0, [], 0.0
     if resume is not None:
-        restore(resume, params, raw_optimizer)
+        restore(resume, params, raw_optimizer, accelerator.scaler)
         start, losses, elapsed = resume.state["step"], list(resume.state["losses"]), resume.state["elapsed_s"]
     if accelerator.is_main_process:
         remove_partial_saves(out / CHECKPOINTS)  # what a save killed hard left
@@ -326,7 +326,7 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 if accelerator.is_main_process:
                     save(out, step + 1, params, raw_optimizer, accelerator.num_processes, losses, started, cfg,
-                         ids)
+                         ids, scaler=accelerator.scaler)
                 accelerator.wait_for_everyone()
     finally:
         remove_sparse_context_diffusers(transformer)

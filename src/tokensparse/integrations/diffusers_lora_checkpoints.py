@@ -4,7 +4,8 @@ bit-exactly.
 ``<out>/checkpoints/step_<k>/`` holds ``lora.safetensors`` (the adapter's trainable tensors, by parameter name),
 ``optim.pt`` (the AdamW state: tensors only, loaded with ``weights_only=True``), ``state.json`` (step, the loss
 of every step so far, wall time, the number of processes, digests of the examples and of the base model) and
-``config.json`` (the resolved recipe). A step's random draws are a function of (seed, step, rank), so no
+``config.json`` (the resolved recipe), and under fp16 mixed precision ``scaler.pt`` (the loss scaler's state). A
+step's random draws are a function of (seed, step, rank), so no
 generator state is saved. Each folder is written to a temp folder and renamed, then ``checkpoints/latest`` is
 replaced (:func:`tokensparse.run_checkpoints.save_checkpoint_folder`); the two newest are kept.
 """
@@ -30,8 +31,11 @@ from ..run_checkpoints import (
     latest_checkpoint,
     load_optim,
     read_part,
+    read_scaler,
     read_state,
+    restore_scaler,
     save_checkpoint_folder,
+    save_scaler,
     save_tensors,
 )
 
@@ -140,12 +144,14 @@ def find_checkpoint(out: Path, cfg: LoraTrainConfig, data: str, base: str | None
 
 @dataclass
 class Resume:
-    """A checkpoint read to resume from: its folder, ``state.json`` and the files :func:`restore` loads."""
+    """A checkpoint read to resume from: its folder, ``state.json`` and the files :func:`restore` loads
+    (``scaler``: the fp16 loss scaler's state, ``None`` when it holds none)."""
 
     path: Path
     state: dict
     lora: dict[str, Tensor]
     optim: dict
+    scaler: dict | None = None
 
 
 def read_checkpoint(ckpt: Path, state: dict) -> Resume:
@@ -153,7 +159,7 @@ def read_checkpoint(ckpt: Path, state: dict) -> Resume:
     file."""
     try:
         return Resume(ckpt, state, read_part(ckpt, "lora.safetensors", read_safetensors),
-                      read_part(ckpt, "optim.pt", load_optim))
+                      read_part(ckpt, "optim.pt", load_optim), read_scaler(ckpt))
     except ValueError as exc:
         raise LoraCheckpointError(str(exc)) from None
 
@@ -167,9 +173,11 @@ def check_processes(ckpt: Path, state: dict, num_processes: int) -> None:
                                   f"{num_processes}: resume with {ran}, or use a new --out")
 
 
-def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
-    """Load ``resume`` into the adapter's ``params`` (by name) and ``optimizer``; :class:`LoraCheckpointError`
-    naming the file that does not fit."""
+def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, scaler: Any = None
+            ) -> None:
+    """Load ``resume`` into the adapter's ``params`` (by name), ``optimizer`` and the fp16 loss ``scaler`` (when
+    the run has one and the checkpoint holds its state); :class:`LoraCheckpointError` naming the file that does
+    not fit."""
     ckpt, lora = resume.path, resume.lora
     missing, unexpected = sorted(params.keys() - lora.keys()), sorted(lora.keys() - params.keys())
     shapes = [k for k in params.keys() & lora.keys() if lora[k].shape != params[k].shape]
@@ -185,13 +193,17 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise LoraCheckpointError(f"checkpoint {ckpt}: optim.pt does not fit this run ({type(exc).__name__}: "
                                   f"{exc}); use a new --out") from None
+    try:
+        restore_scaler(scaler, resume.scaler, ckpt)
+    except ValueError as exc:
+        raise LoraCheckpointError(str(exc)) from None
 
 
 def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, num_processes: int,
-         losses: list[float], started: float, cfg: LoraTrainConfig, ids: dict[str, str]) -> Path:
+         losses: list[float], started: float, cfg: LoraTrainConfig, ids: dict[str, str], scaler: Any = None) -> Path:
     """Write checkpoint ``out/checkpoints/step_<step>`` atomically (``started``: ``time.time()`` less the
-    run's earlier wall time; ``ids``: the ``data`` and ``base`` digests a resume must match). Returns the
-    folder."""
+    run's earlier wall time; ``ids``: the ``data`` and ``base`` digests a resume must match; ``scaler``: the
+    fp16 loss scaler, if any). Returns the folder."""
 
     def write(tmp: Path) -> None:
         save_tensors({k: v.detach() for k, v in params.items()}, tmp / "lora.safetensors")
@@ -200,5 +212,6 @@ def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim
                  "num_processes": num_processes}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        save_scaler(scaler, tmp)
 
     return save_checkpoint_folder(Path(out) / CHECKPOINTS, step, write)
