@@ -68,6 +68,8 @@ def test_train_rejects_a_bad_recipe_in_one_line(tmp_path, recipe, message):
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json/w.safetensors"], "is a file"),
     (["train", "--config", "{tmp}/missing_init.json"], "not found"),
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.safetensors"], "over the recipe"),
+    (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/run/config.safetensors"], "own config.json"),
+    (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/run/step_0000001/ema.safetensors"], "checkpoint folder"),
     (["bench", "speed", "--out", "{tmp}/r.json/x.json"], "is a file"),
     (["show", "tasks", "--image-size", "0", "--out", "{tmp}/t.png"], "image_size"),
 ])

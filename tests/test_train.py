@@ -80,6 +80,21 @@ def test_config_saved_and_export_loads(tmp_path):
         ts.load_model("refdit-nope")
 
 
+def test_export_refuses_paths_that_would_overwrite_the_runs_own_files(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, steps=2), progress=False)
+    recipe, ckpt = (run / "config.json").read_text(), latest_checkpoint(run)
+    ema = (ckpt / "ema.safetensors").read_bytes()
+    for path in (run / "config.safetensors", ckpt / "ema.safetensors", ckpt / "state.safetensors",
+                 tmp_path / "link" / "config.safetensors"):
+        if path.parent.name == "link":
+            (tmp_path / "link").symlink_to(run)
+        with pytest.raises(ValueError, match="config.json|checkpoint folder step_0000002"):
+            export_ema(run, path)
+    assert (run / "config.json").read_text() == recipe and (ckpt / "ema.safetensors").read_bytes() == ema
+    assert export_ema(run, run / "w.safetensors").is_file()  # beside the checkpoints: fine
+
+
 def test_corrupt_or_misfitting_checkpoints_are_value_errors(tmp_path):
     import tokensparse as ts
     from tokensparse.models import build_model, save_checkpoint

@@ -109,7 +109,8 @@ def train(
     steps: int | None = typer.Option(None, help="Override the recipe's step count."),
     max_minutes: float | None = typer.Option(None, help="Stop and checkpoint once the run has trained this many "
                                              "minutes in all (earlier sessions of a resumed run count)."),
-    export: Path | None = typer.Option(None, help="After training, write the EMA weights here (.safetensors)."),
+    export: Path | None = typer.Option(None, help="After training, write the EMA weights here (.safetensors, and its "
+                                        ".json beside it: not over the run's config.json or in a step_* folder)."),
     half: bool = typer.Option(False, help="Store exported weights in float16."),
 ) -> None:
     """Train or fine-tune RefDiT. Several CPU processes: `torchrun --nproc_per_node 2 -m tokensparse.cli train
@@ -117,7 +118,7 @@ def train(
     `--cpu` launches one process); GPUs: `accelerate launch -m tokensparse.cli train ...`."""
     import json
 
-    from .train import TrainConfig, export_ema
+    from .train import TrainConfig, export_conflict, export_ema
     from .train import train as run_training
 
     try:
@@ -140,6 +141,9 @@ def train(
         check_out(export, ".safetensors", "--export")
         if export.with_suffix(".json").resolve() == config.resolve():
             _fail(f"--export {export} would write its metadata over the recipe {config}; export elsewhere")
+        conflict = export_conflict(cfg.out, export)
+        if conflict is not None:
+            _fail(f"--export {export}: {conflict}; export elsewhere")
     try:
         state = run_training(cfg, log=console.print).state
     except ValueError as exc:  # a bad init, another recipe or architecture in the run folder, a diverged loss

@@ -483,9 +483,27 @@ def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10, l
     return out
 
 
+def export_conflict(run: str | Path, path: str | Path) -> str | None:
+    """Why exporting run folder ``run`` to ``path`` would damage the run, else ``None``: the export's JSON
+    (``path`` with ``.json``) would replace the run's ``config.json``, or either file would go into a checkpoint
+    folder (``step_*``: its files are the checkpoint's, and older folders are deleted as the run goes on)."""
+    root = Path(os.path.realpath(run))
+    for file in (Path(path), Path(path).with_suffix(".json")):
+        real = Path(os.path.realpath(file))
+        if real == root / "config.json":
+            return f"its metadata {file} would replace the run folder's own config.json (its recipe)"
+        if root in real.parents and real.relative_to(root).parts[0].lstrip(".").startswith("step_"):
+            return f"{file} would go into the run folder's checkpoint folder {real.relative_to(root).parts[0]}"
+    return None
+
+
 def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
                dtype: torch.dtype = torch.float32) -> Path:
-    """Write the latest EMA weights of a run as a shippable checkpoint (safetensors + JSON)."""
+    """Write the latest EMA weights of a run as a shippable checkpoint (safetensors + JSON beside it);
+    ``ValueError`` for a ``path`` that would overwrite the run's own files (:func:`export_conflict`)."""
+    conflict = export_conflict(run, path)
+    if conflict is not None:
+        raise ValueError(f"cannot export {run} to {path}: {conflict}; export elsewhere")
     model, cfg, ckpt = run_ema(run)
     state = read_state(ckpt)
     info = {"recipe": asdict(cfg), "step": state["step"], "wall_minutes": state["elapsed_s"] / 60,
