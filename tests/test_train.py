@@ -520,13 +520,27 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_p
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # bf16 autocast on CPU
 def test_train_twice_in_one_process_with_another_mixed_precision(tmp_path, monkeypatch):
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    import tokensparse.run_processes as rp
+
+    used, real = [], rp.accelerator
+
+    def spy(mixed_precision):
+        acc = real(mixed_precision)
+        used.append(acc.mixed_precision)
+        return acc
+
+    monkeypatch.setattr(rp, "accelerator", spy)
     train(tiny_cfg(tmp_path / "a", steps=1), progress=False)
     assert train(tiny_cfg(tmp_path / "b", steps=1, mixed_precision="bf16"), progress=False).state["step"] == 1
-    assert AcceleratorState().mixed_precision == "bf16"
     train(tiny_cfg(tmp_path / "c", steps=1), progress=False)
-    assert AcceleratorState().mixed_precision == "no"
+    assert used == ["no", "bf16", "no"] and AcceleratorState().mixed_precision == "no"
+    mine = Accelerator(cpu=True)  # an Accelerator the caller holds keeps its mixed precision through a run
+    train(tiny_cfg(tmp_path / "e", steps=1, mixed_precision="bf16"), progress=False)
+    assert used[-1] == "bf16" and mine.mixed_precision == "no" and AcceleratorState().mixed_precision == "no"
+    monkeypatch.undo()
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as in a distributed launch
     with pytest.raises(ValueError, match="mixed_precision 'bf16'.*'no'.*distributed"):
         train(tiny_cfg(tmp_path / "d", steps=1, mixed_precision="bf16"), progress=False)
@@ -534,9 +548,9 @@ def test_train_twice_in_one_process_with_another_mixed_precision(tmp_path, monke
 
 
 def test_an_fp16_runs_loss_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
-    import tokensparse.train as tr
+    import tokensparse.run_processes as rp
 
-    scalers, real = [], tr.accelerator
+    scalers, real = [], rp.accelerator
 
     def with_scaler(mixed_precision):  # fp16 needs a GPU: a CPU GradScaler stands in for accelerate's
         acc = real(mixed_precision)
@@ -544,7 +558,7 @@ def test_an_fp16_runs_loss_scaler_state_is_checkpointed_and_restored(tmp_path, m
         scalers.append(acc.scaler)
         return acc
 
-    monkeypatch.setattr(tr, "accelerator", with_scaler)
+    monkeypatch.setattr(rp, "accelerator", with_scaler)
     train(tiny_cfg(tmp_path / "a", grad_clip=0.0), progress=False)
     train(tiny_cfg(tmp_path / "b", grad_clip=0.0, stop_at=5), progress=False)
     assert torch.load(latest_checkpoint(tmp_path / "b") / "scaler.pt")["scale"] == 16.0 * 2**5

@@ -5,6 +5,8 @@ those helpers is one collective that every process calls at the same step)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,8 +30,10 @@ def accelerator(mixed_precision: str) -> Accelerator:
 
     accelerate keeps one shared state per process, so a second ``train()`` in one process with another
     ``mixed_precision`` would be refused by it: in a single process that state, left by the finished earlier
-    run, is reset first. Inside a distributed launch the processes share it through their process group, so
-    changing it there is a ``ValueError``: run each ``mixed_precision`` in a launch of its own.
+    run (or by the caller's own ``Accelerator``), is reset first -- which changes the mixed precision that
+    ``Accelerator`` reports too; :func:`run_accelerator` puts it back afterwards. Inside a distributed launch
+    the processes share it through their process group, so changing it there is a ``ValueError``: run each
+    ``mixed_precision`` in a launch of its own.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -45,6 +49,23 @@ def accelerator(mixed_precision: str) -> Accelerator:
                              "run each mixed_precision in a launch of its own")
         AcceleratorState._reset_state()  # the earlier run's; the process (device, ranks) state stays
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+@contextmanager
+def run_accelerator(mixed_precision: str) -> Iterator[Accelerator]:
+    """:func:`accelerator` for one run: where it had to reset accelerate's shared state (another
+    ``mixed_precision`` than an ``Accelerator`` made before in this process), that state is put back when the
+    block ends, so an ``Accelerator`` the caller holds reports and uses its own ``mixed_precision`` again."""
+    from accelerate.state import AcceleratorState
+
+    before = dict(AcceleratorState._shared_state)
+    acc = accelerator(mixed_precision)
+    try:
+        yield acc
+    finally:
+        if before and before.get("_mixed_precision") != mixed_precision:  # reset: the earlier state goes back
+            AcceleratorState._shared_state.clear()
+            AcceleratorState._shared_state.update(before)
 
 
 def all_finite(acc: Accelerator, loss: float) -> bool:

@@ -55,7 +55,15 @@ from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_chec
     save_run_checkpoint,
     state_tensors,
 )
-from .run_processes import accelerator, all_finite, any_process, process_mean, side_generator, step_generator
+from .run_processes import (  # noqa: F401  (accelerator: importable from here)
+    accelerator,
+    all_finite,
+    any_process,
+    process_mean,
+    run_accelerator,
+    side_generator,
+    step_generator,
+)
 from .selection import SCORERS, RefView, budget_masks, needs_probe, score_views, shares_budget, topk_mask
 from .vocab import detokenize, tokenize
 
@@ -274,10 +282,10 @@ class TrainResult:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
     """Run (or resume) a training run in ``cfg.out``; one that fails before its first checkpoint leaves no run
     folder behind (:func:`.run_checkpoints.discarded_unless_saved`). It may be called again in the same process,
-    with another ``mixed_precision`` too (:func:`.run_processes.accelerator`)."""
-    acc = accelerator(cfg.mixed_precision)
+    with another ``mixed_precision`` too (:func:`.run_processes.accelerator`); accelerate's shared state is left
+    as the call found it (:func:`.run_processes.run_accelerator`)."""
     out = Path(os.path.realpath(cfg.out))  # '..' as the kernel reads it, without making a missing 'a' of 'a/../b'
-    with discarded_unless_saved(out, enabled=acc.is_main_process):
+    with run_accelerator(cfg.mixed_precision) as acc, discarded_unless_saved(out, enabled=acc.is_main_process):
         return _train(cfg, out, acc, log, progress)
 
 
