@@ -365,7 +365,7 @@ def test_resume_matches_tuples_and_arrays_and_refuses_another_base_model(tmp_pat
     assert not getattr(other.transformer, "peft_config", None)  # refused before training
 
 
-def test_resume_refuses_another_number_of_processes(tmp_path):
+def test_resume_refuses_another_number_of_processes_or_mixed_precision(tmp_path):
     import json
 
     from tokensparse.integrations.diffusers_lora import LoraCheckpointError
@@ -381,6 +381,11 @@ def test_resume_refuses_another_number_of_processes(tmp_path):
     with pytest.raises(LoraCheckpointError, match="trained by 2 processes and this run has 1"):
         train_lora_sparse(pipe, _examples(), LoraTrainConfig(steps=2, **cfg), out)
     assert not getattr(pipe.transformer, "peft_config", None)  # refused before training
+    assert state["mixed_precision"] == "no"
+    state_file.write_text(json.dumps({**state, "mixed_precision": "bf16"}))  # as under launch --mixed_precision
+    with pytest.raises(LoraCheckpointError, match="mixed precision 'bf16' and this run has 'no'"):
+        train_lora_sparse(pipe, _examples(), LoraTrainConfig(steps=2, **cfg), out)
+    assert not getattr(pipe.transformer, "peft_config", None)
 
 
 TWO_PROCESS_SCRIPT = """

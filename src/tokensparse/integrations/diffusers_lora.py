@@ -43,6 +43,7 @@ from .diffusers_lora_checkpoints import (  # noqa: F401  (LoraCheckpointError, e
     LoraCheckpointError,
     Resume,
     base_fingerprint,
+    check_precision,
     check_processes,
     examples_digest,
     find_checkpoint,
@@ -264,6 +265,8 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
     from peft.utils import get_peft_model_state_dict
 
     accelerator = Accelerator(cpu=cpu_only())  # cpu: torchrun's ranks form a CPU world
+    if resume is not None:  # mixed precision comes from accelerate's launch / config, not the recipe
+        check_precision(resume.path, resume.state, accelerator.mixed_precision)
     device = accelerator.device
     pipe.to(device)
     for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
@@ -326,7 +329,7 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 if accelerator.is_main_process:
                     save(out, step + 1, params, raw_optimizer, accelerator.num_processes, losses, started, cfg,
-                         ids, scaler=accelerator.scaler)
+                         ids, scaler=accelerator.scaler, mixed_precision=accelerator.mixed_precision)
                 accelerator.wait_for_everyone()
     finally:
         remove_sparse_context_diffusers(transformer)

@@ -3,7 +3,8 @@ bit-exactly.
 
 ``<out>/checkpoints/step_<k>/`` holds ``lora.safetensors`` (the adapter's trainable tensors, by parameter name),
 ``optim.pt`` (the AdamW state: tensors only, loaded with ``weights_only=True``), ``state.json`` (step, the loss
-of every step so far, wall time, the number of processes, digests of the examples and of the base model) and
+of every step so far, wall time, the number of processes and their mixed precision, digests of the examples and
+of the base model) and
 ``config.json`` (the resolved recipe), and under fp16 mixed precision ``scaler.pt`` (the loss scaler's state). A
 step's random draws are a function of (seed, step, rank), so no
 generator state is saved. Each folder is written to a temp folder and renamed, then ``checkpoints/latest`` is
@@ -173,6 +174,17 @@ def check_processes(ckpt: Path, state: dict, num_processes: int) -> None:
                                   f"{num_processes}: resume with {ran}, or use a new --out")
 
 
+def check_precision(ckpt: Path, state: dict, mixed_precision: str) -> None:
+    """:class:`LoraCheckpointError` unless checkpoint ``ckpt`` (``state``: its ``state.json``) was trained with
+    accelerate's ``mixed_precision`` (set by ``accelerate launch --mixed_precision`` or ``accelerate config``, not
+    by the recipe): another one would not continue the same run. A checkpoint that does not record it passes."""
+    ran = state.get("mixed_precision")
+    if ran is not None and ran != mixed_precision:
+        raise LoraCheckpointError(f"checkpoint {ckpt} was trained with mixed precision {ran!r} and this run has "
+                                  f"{mixed_precision!r} (accelerate launch --mixed_precision, accelerate config): "
+                                  f"resume with {ran!r}, or use a new --out")
+
+
 def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, scaler: Any = None
             ) -> None:
     """Load ``resume`` into the adapter's ``params`` (by name), ``optimizer`` and the fp16 loss ``scaler`` (when
@@ -200,16 +212,17 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
 
 
 def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, num_processes: int,
-         losses: list[float], started: float, cfg: LoraTrainConfig, ids: dict[str, str], scaler: Any = None) -> Path:
+         losses: list[float], started: float, cfg: LoraTrainConfig, ids: dict[str, str], scaler: Any = None,
+         mixed_precision: str = "no") -> Path:
     """Write checkpoint ``out/checkpoints/step_<step>`` atomically (``started``: ``time.time()`` less the
     run's earlier wall time; ``ids``: the ``data`` and ``base`` digests a resume must match; ``scaler``: the
-    fp16 loss scaler, if any). Returns the folder."""
+    fp16 loss scaler, if any; ``mixed_precision``: accelerate's, which a resume must match). Returns the folder."""
 
     def write(tmp: Path) -> None:
         save_tensors({k: v.detach() for k, v in params.items()}, tmp / "lora.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optim.pt")
         state = {"step": step, "elapsed_s": time.time() - started, "losses": losses, **ids,
-                 "num_processes": num_processes}
+                 "num_processes": num_processes, "mixed_precision": mixed_precision}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
         save_scaler(scaler, tmp)
