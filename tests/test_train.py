@@ -408,6 +408,15 @@ def test_an_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
 
 
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    train(tiny_cfg(tmp_path / "run", steps=4, ckpt_every=2), progress=False)
+    (tmp_path / "other" / "step_0000009").mkdir(parents=True)  # a complete-looking folder outside the run
+    (tmp_path / "other" / "step_0000009" / "state.json").write_text('{"step": 9, "elapsed_s": 0}')
+    for damaged in (b"\xff\xfe garbage", b"../other/step_0000009", str(tmp_path / "other" / "step_0000009").encode()):
+        (tmp_path / "run" / "latest").write_bytes(damaged)
+        assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "step_0000004"
+
+
 def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
     train(tiny_cfg(tmp_path / "run", steps=3, ckpt_every=2), progress=False)  # step 3 saved by the final save
     ckpt = latest_checkpoint(tmp_path / "run")

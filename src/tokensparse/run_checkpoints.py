@@ -178,11 +178,13 @@ def read_state(ckpt: Path) -> dict:
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The checkpoint folder ``out/latest`` points to; where that is missing (deleted, or a save interrupted
-    before the pointer was written), the newest complete ``step_*`` folder; ``None`` when there is none."""
+    before the pointer was written) or damaged (not the name of a complete folder in ``out``), the newest complete
+    ``step_*`` folder; ``None`` when there is none."""
     ptr = out / "latest"
     if ptr.is_file():
-        path = out / ptr.read_text().strip()
-        if (path / "state.json").is_file():
+        name = ptr.read_bytes().decode("utf-8", errors="replace").strip()
+        path = out / name
+        if name and Path(name).name == name and (path / "state.json").is_file():
             return path
     done = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
