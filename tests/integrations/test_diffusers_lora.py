@@ -27,6 +27,11 @@ def test_config_validation_and_unsupported_pipeline():
     for bad in (0.0, -1e-4, float("nan")):
         with pytest.raises(ValueError, match="lr"):
             LoraTrainConfig(lr=bad)
+    with pytest.raises(ValueError, match="target_modules must name at least one"):
+        LoraTrainConfig(target_modules=[])
+    for bad in (None, "to_q", ["to_q", 1]):
+        with pytest.raises(TypeError, match="target_modules must be a list of module names"):
+            LoraTrainConfig(target_modules=bad)
     with pytest.raises(TypeError, match="Flux2KleinPipeline"):
         train_lora_sparse(tiny_qwen_image_edit_plus(), [object()], LoraTrainConfig(steps=1), "/nonexistent")
     import tokensparse as ts

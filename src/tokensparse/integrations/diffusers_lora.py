@@ -90,8 +90,11 @@ class LoraTrainConfig:
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
         self.max_sequence_length = checks.integer("max_sequence_length", self.max_sequence_length, lo=1)
         self.seed = checks.integer("seed", self.seed, 0, 2**31 - 1)  # each step's draws: step_generator(seed, ...)
-        if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+        if not isinstance(self.target_modules, (list, tuple)) or not all(
+                isinstance(m, str) for m in self.target_modules):
             raise TypeError(f"target_modules must be a list of module names, got {self.target_modules!r}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module to put the LoRA on")
         self.target_modules = list(self.target_modules)  # a tuple equals its JSON round trip (resume compares)
 
 
