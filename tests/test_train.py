@@ -545,10 +545,14 @@ def test_train_twice_in_one_process_with_another_mixed_precision(tmp_path, monke
     train(tiny_cfg(tmp_path / "a", steps=1), progress=False)
     assert train(tiny_cfg(tmp_path / "b", steps=1, mixed_precision="bf16"), progress=False).state["step"] == 1
     train(tiny_cfg(tmp_path / "c", steps=1), progress=False)
-    assert used == ["no", "bf16", "no"] and AcceleratorState().mixed_precision == "no"
+    assert used == ["no", "bf16", "no"]
     mine = Accelerator(cpu=True)  # an Accelerator the caller holds keeps its mixed precision through a run
     train(tiny_cfg(tmp_path / "e", steps=1, mixed_precision="bf16"), progress=False)
     assert used[-1] == "bf16" and mine.mixed_precision == "no" and AcceleratorState().mixed_precision == "no"
+    AcceleratorState._reset_state()  # a process with no accelerate state yet: a later Accelerator() (train-lora's)
+    train(tiny_cfg(tmp_path / "f", steps=1, mixed_precision="bf16"), progress=False)
+    assert not AcceleratorState._shared_state  # left as found
+    assert used[-1] == "bf16" and Accelerator(cpu=True).mixed_precision == "no"  # does not inherit the run's bf16
     monkeypatch.undo()
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as in a distributed launch
     with pytest.raises(ValueError, match="mixed_precision 'bf16'.*'no'.*distributed"):

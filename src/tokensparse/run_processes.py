@@ -53,9 +53,10 @@ def accelerator(mixed_precision: str) -> Accelerator:
 
 @contextmanager
 def run_accelerator(mixed_precision: str) -> Iterator[Accelerator]:
-    """:func:`accelerator` for one run: where it had to reset accelerate's shared state (another
-    ``mixed_precision`` than an ``Accelerator`` made before in this process), that state is put back when the
-    block ends, so an ``Accelerator`` the caller holds reports and uses its own ``mixed_precision`` again."""
+    """:func:`accelerator` for one run; accelerate's shared state is put back as it was when the block ends: an
+    ``Accelerator`` the caller holds reports and uses its own ``mixed_precision`` again (:func:`accelerator` may
+    have reset it), and where there was none, an ``Accelerator()`` made later (``train-lora``'s) starts afresh
+    instead of inheriting this run's ``mixed_precision``."""
     from accelerate.state import AcceleratorState
 
     before = dict(AcceleratorState._shared_state)
@@ -63,9 +64,8 @@ def run_accelerator(mixed_precision: str) -> Iterator[Accelerator]:
     try:
         yield acc
     finally:
-        if before and before.get("_mixed_precision") != mixed_precision:  # reset: the earlier state goes back
-            AcceleratorState._shared_state.clear()
-            AcceleratorState._shared_state.update(before)
+        AcceleratorState._shared_state.clear()
+        AcceleratorState._shared_state.update(before)
 
 
 def all_finite(acc: Accelerator, loss: float) -> bool:
