@@ -1,4 +1,5 @@
-"""Sparse Context on a tiny random-weight LongCat-Image-Edit pipeline (tiny Qwen2.5-VL text encoder, built offline).
+"""Sparse Context and token merging on a tiny random-weight LongCat-Image-Edit pipeline (tiny Qwen2.5-VL text
+encoder, built offline).
 
 ``LongCatImageEditPipeline`` feeds its transformer ``[noisy target, reference]`` with FLUX-style
 ``img_ids`` = (modality, H, W): the target has modality 1, the reference 2.
@@ -23,6 +24,7 @@ from tokensparse.integrations.diffusers import (
     sparse_context_state,
 )
 from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
+from tokensparse.integrations.merging_hooks import merging_state
 from tokensparse.selection import SCORERS
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
@@ -116,11 +118,73 @@ def test_kept_tokens_keep_their_position_ids_and_a_call_without_reference_is_unc
     torch.testing.assert_close(sparse[:, index], expected, rtol=0, atol=0)
 
 
-def test_proportional_cache_and_token_merging_are_refused(pipe):
+def test_proportional_and_cache_are_refused(pipe):
     with pytest.raises(ValueError, match="takes no joint_attention_kwargs"):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
     with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
     assert sparse_context_state(pipe) is None
-    with pytest.raises(TypeError, match="LongCatImageEditPipeline"):  # its blocks are not ones merging knows
-        ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+
+
+def image_lengths(tr) -> tuple[list[int], list[int], list[int]]:
+    """Image-stream and text tokens of every double-stream attention call, and [text, image] tokens of every
+    single-stream one (registered after merging's hooks: they see the merged inputs)."""
+    double: list[int] = []
+    text: list[int] = []
+    single: list[int] = []
+    for blk in tr.transformer_blocks:
+        blk.attn.register_forward_pre_hook(lambda m, a, k: double.append(k["hidden_states"].shape[1])
+                                           or text.append(k["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    for blk in tr.single_transformer_blocks:
+        blk.attn.register_forward_pre_hook(lambda m, a, k: single.append(k["hidden_states"].shape[1]),
+                                           with_kwargs=True)
+    return double, text, single
+
+
+def test_token_merging_merges_the_target_only_and_remove_restores(pipe):
+    dense = run(pipe)
+    tr = pipe.transformer
+    ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+    state = merging_state(tr)
+    double, text, single = image_lengths(tr)
+    merged = run(pipe)
+    calls = 4  # 2 steps x CFG
+    assert double == [TOKENS // 2 + TOKENS] * calls * len(tr.transformer_blocks)  # target halved, reference whole
+    n_txt = text[0]  # text tokens: never merged (single-stream blocks see [text, merged target, reference])
+    assert n_txt > 0 and single == [n_txt + TOKENS // 2 + TOKENS] * calls * len(tr.single_transformer_blocks)
+    assert state.merged_tokens > 0
+    assert np.isfinite(merged).all() and not np.array_equal(merged, dense)
+    ts.remove_token_merging(pipe)
+    assert np.array_equal(run(pipe), dense)
+
+
+@torch.no_grad()
+def test_token_merging_on_bare_calls_with_and_without_reference(pipe):
+    tr = pipe.transformer
+    kw = _call()
+    ts.apply_token_merging(tr, ts.TokenMergingConfig(ratio=0.5))
+    merged = tr(**kw)[0]
+    ts.remove_token_merging(tr)
+    dense = tr(**kw)[0]
+    assert merged.shape == dense.shape == (1, 2 * TOKENS, 64) and torch.isfinite(merged).all()
+    assert not torch.equal(merged[:, :TOKENS], dense[:, :TOKENS])
+    t2i = _call(ref=False)  # the target alone (modality 1, as LongCatImagePipeline calls it) merges too
+    ts.apply_token_merging(tr, ts.TokenMergingConfig(ratio=0.5))
+    state = merging_state(tr)
+    before = state.merged_tokens
+    tr(**t2i)
+    assert state.merged_tokens > before
+    ts.remove_token_merging(tr)
+
+
+def test_token_merging_stacks_with_sparse_context(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    sparse = run(pipe)
+    ts.apply_token_merging(pipe, ts.TokenMergingConfig(ratio=0.5))
+    double, _, _ = image_lengths(pipe.transformer)
+    stacked = run(pipe)
+    assert double == [TOKENS // 2 + TOKENS // 4] * 4 * len(pipe.transformer.transformer_blocks)
+    assert np.isfinite(stacked).all() and not np.array_equal(stacked, sparse)
+    ts.remove_token_merging(pipe)
+    assert np.array_equal(run(pipe), sparse)
+    remove_sparse_context_diffusers(pipe)

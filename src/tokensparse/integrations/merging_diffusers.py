@@ -4,9 +4,10 @@
   / ``ff`` merge their input tokens in blocks whose token grid is at most ``cfg.max_downsample`` times
   coarser than the latent. **SD3 / SD3.5** (``JointTransformerBlock``) the same way: the joint ``attn``
   (image side; text tokens are its other stream), SD3.5's second self-attention ``attn2`` and ``ff``.
-- **FLUX / FLUX.2**: the target grid (found from ``img_ids``: the tokens with the lowest T id, at the start
-  or the end of the image tokens) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``;
-  single-stream ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's ``proj_mlp``.
+- **FLUX / FLUX.2 / LongCat-Image(-Edit)**: the target grid (found from ``img_ids``: the tokens with the
+  lowest T id, at the start or the end of the image tokens; LongCat's first id is a modality, 1 for the target,
+  2 for the reference) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``; single-stream
+  ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's / LongCat's ``proj_mlp``.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
 
@@ -61,6 +62,15 @@ def diffusers_classes() -> dict[str, type]:
         out["flux2"], out["flux2_single"] = Flux2TransformerBlock, Flux2SingleTransformerBlock
     except ImportError:
         pass
+    try:  # LongCat-Image(-Edit): FLUX.1's blocks under other names (same sublayers, same RoPE layout)
+        from diffusers.models.transformers.transformer_longcat_image import (
+            LongCatImageSingleTransformerBlock,
+            LongCatImageTransformerBlock,
+        )
+
+        out["longcat"], out["longcat_single"] = LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock
+    except ImportError:
+        pass
     try:
         from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
@@ -70,8 +80,8 @@ def diffusers_classes() -> dict[str, type]:
     return out
 
 
-KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2"), "flux_single": ("flux_single", "flux2_single"),
-         "qwen": ("qwen",)}
+KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat"),
+         "flux_single": ("flux_single", "flux2_single", "longcat_single"), "qwen": ("qwen",)}
 
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -192,7 +202,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
 
     Double-stream blocks: ``attn`` (image stream) and ``ff``. Single-stream blocks, whose sequence is text
     then image tokens: FLUX.2's ``attn`` (attention and MLP fused in one sublayer; merged with
-    ``merge_attn``), FLUX.1's ``attn`` and ``proj_mlp``. Text tokens, and reference tokens before or after
+    ``merge_attn``), FLUX.1's and LongCat's ``attn`` and ``proj_mlp``. Text tokens, and reference tokens before or after
     the target (FLUX.1 Kontext and FLUX.2 put them after it, FLUX.2's K/V-extract call before it; thinned
     or not by Sparse Context), pass through unmerged.
     """
@@ -238,9 +248,9 @@ def _flux_grid(box: dict, text: bool, n: int) -> tuple[int, int, int] | None:
 def ids_grid(ids: Tensor) -> tuple[int, int, bool] | None:
     """The target grid in FLUX image ids ``(N, 3)`` (T, H, W) or ``(N, 4)`` (T, H, W, L): ``(h, w, leading)``.
 
-    The target is the tokens with the lowest T id (0; reference tokens carry others: FLUX.1 Kontext 1,
-    FLUX.2 10, 20, ...). They must be one row-major grid, at the start of the sequence (``leading``) or at
-    its end, else ``None`` (no merging).
+    The target is the tokens with the lowest T id (0; LongCat's modality 1; reference tokens carry others:
+    FLUX.1 Kontext 1, FLUX.2 10, 20, ..., LongCat 2). They must be one row-major grid, at the start of the
+    sequence (``leading``) or at its end, else ``None`` (no merging).
     """
     if ids.dim() != 2 or ids.shape[1] not in (3, 4) or ids.shape[0] == 0:
         return None

@@ -105,8 +105,8 @@ def _has_cross_attention(blocks: dict[str, list[tuple[str, nn.Module]]]) -> bool
 def _unsupported(target: Any, method: str) -> TypeError:
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
-        f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / Qwen-Image transformer, or a pipeline with .unet / "
-        f".transformer; got {type(target).__name__}"
+        f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / LongCat-Image / Qwen-Image transformer, or a pipeline "
+        f"with .unet / .transformer; got {type(target).__name__}"
     )
 
 
@@ -118,7 +118,7 @@ def _unsupported(target: Any, method: str) -> TypeError:
 def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     """Merge similar tokens inside ``target``'s blocks (ToMe; CA-ToMe with ``threshold`` / ``recompute_*``).
 
-    ``target``: a RefDiT, a diffusers UNet / SD3 / FLUX / FLUX.2 / Qwen-Image transformer, or a pipeline
+    ``target``: a RefDiT, a diffusers UNet / SD3 / FLUX / FLUX.2 / LongCat-Image / Qwen-Image transformer, or a pipeline
     holding one. Applying again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour;
     an identity config (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
     """
