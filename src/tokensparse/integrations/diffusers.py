@@ -2,8 +2,8 @@
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
-``LongCatImageEditPipeline`` and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` /
-``QwenImageEditInpaintPipeline``, or their bare transformers.
+``LongCatImageEditPipeline``, ``BriaFiboEditPipeline`` and the inpainting ``Flux2KleinInpaintPipeline`` /
+``FluxKontextInpaintPipeline`` / ``QwenImageEditInpaintPipeline``, or their bare transformers.
 
 How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,

@@ -12,6 +12,9 @@ where each token sits:
 - FLUX.1 Kontext (``FluxTransformer2DModel``): ``img_ids (N, 3)`` = (T, H, W); the reference has T = 1.
 - LongCat-Image-Edit (``LongCatImageTransformer2DModel``): FLUX-style ``img_ids (N, 3)`` = (modality, H, W)
   with the target's modality 1 and the reference's 2 (text ids have 0); H and W are offset by the text length.
+- Bria FIBO Edit (``BriaFiboTransformer2DModel``): FLUX-style ``img_ids (N, 3)``; the target has T = 0,
+  reference ``i`` T = i. With padded text the pipeline adds a boolean key mask ``(B, 1, 1, S_txt + N)`` in
+  ``joint_attention_kwargs["attention_mask"]``, thinned here with the kept tokens.
 - Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
   (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
@@ -112,6 +115,25 @@ class LongCatIdsAdapter(FluxIdsAdapter):
     target_id = 1
 
 
+class BriaFiboAdapter(FluxIdsAdapter):
+    """Bria FIBO Edit: FLUX-style ``img_ids`` (target 0, references 1, 2, ...) and, when the pipeline pads the
+    text, a key mask over ``[text, image]`` tokens in ``joint_attention_kwargs`` that keeps the kept tokens' keys."""
+
+    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
+        out = super().subset(kwargs, index, layout, state)
+        extra = kwargs.get("joint_attention_kwargs")
+        mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+        if mask is None:
+            return out
+        n_txt = mask.shape[-1] - layout.n
+        if not isinstance(mask, Tensor) or n_txt < 0 or any(d != 1 for d in mask.shape[1:-1]):
+            raise ValueError(f"joint_attention_kwargs['attention_mask'] must be a key mask (B, 1, 1, S_txt + "
+                             f"{layout.n}) over the text and image tokens, got {getattr(mask, 'shape', mask)}")
+        keys = torch.cat([torch.arange(n_txt, device=mask.device), n_txt + index.to(mask.device)])
+        out["joint_attention_kwargs"] = {**extra, "attention_mask": mask.index_select(-1, keys)}
+        return out
+
+
 class QwenImageAdapter:
     """Qwen-Image-Edit(-Plus): references are found through ``img_shapes`` and placed by RoPE rows.
 
@@ -164,6 +186,7 @@ TRANSFORMERS: dict[str, type] = {
     "FluxTransformer2DModel": FluxIdsAdapter,
     "QwenImageTransformer2DModel": QwenImageAdapter,
     "LongCatImageTransformer2DModel": LongCatIdsAdapter,
+    "BriaFiboTransformer2DModel": BriaFiboAdapter,
 }
 PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),
@@ -173,6 +196,7 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "QwenImageEditPlusPipeline": ("prepare_latents", "images", 0),
     "QwenImageEditPipeline": ("prepare_latents", "image", 0),
     "LongCatImageEditPipeline": ("prepare_latents", "image", 0),
+    "BriaFiboEditPipeline": ("prepare_reference_latents", "image", 0),  # once per reference, a PIL image
     # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
     "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),

@@ -76,7 +76,9 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
                "attention_mask and builds a boolean one from encoder_hidden_states_mask, so a float log(size) bias "
                "cannot reach its attention)",
                "LongCatImageTransformer2DModel": " (its forward takes no joint_attention_kwargs, so no "
-               "attention_mask can reach its attention)"}.get(name, "")
+               "attention_mask can reach its attention)",
+               "BriaFiboTransformer2DModel": " (its pipeline passes its own text-padding attention_mask, which the "
+               "log(size) bias would have to be merged into; not implemented)"}.get(name, "")
         raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel) and FLUX.1 "
                          f"Kontext (FluxTransformer2DModel) pipelines, not {name}{why}; use proportional=False")
     if kv_pipeline or cache:

@@ -1,0 +1,104 @@
+"""Sparse Context on a tiny random-weight Bria FIBO Edit pipeline (tiny SmolLM3 text encoder, built offline).
+
+``BriaFiboEditPipeline`` feeds ``BriaFiboTransformer2DModel`` ``[noisy target, reference 1, ...]`` with FLUX-style
+``img_ids`` (T = 0 for the target, ``i`` for reference ``i``); when the prompt and the (empty) negative prompt
+differ in length it also passes a boolean key mask over ``[text, image]`` in ``joint_attention_kwargs``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image
+
+from tokensparse.context import SparseContextConfig
+from tokensparse.integrations.diffusers import (
+    apply_sparse_context_diffusers,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit
+
+TOKENS = 8 * 8  # 128x128 images: 16 pixels per token
+REF = (np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")
+PROMPT = '{"edit_instruction": "a cat"}'
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_bria_fibo_edit(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def clean(pipe):
+    yield
+    remove_sparse_context_diffusers(pipe)
+
+
+class Seen:
+    """Image tokens and attention-mask keys of every transformer call (a forward pre-hook)."""
+
+    def __init__(self, tr) -> None:
+        self.tokens: list[int] = []
+        self.keys: list[int | None] = []
+        self.handle = tr.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs) -> None:
+        self.tokens.append(kwargs["hidden_states"].shape[1])
+        mask = (kwargs.get("joint_attention_kwargs") or {}).get("attention_mask")
+        self.keys.append(None if mask is None else mask.shape[-1])
+
+
+def run(pipe, refs: int = 1):
+    image = Image.fromarray(REF) if refs == 1 else [Image.fromarray(np.roll(REF, 7 * i, 0)) for i in range(refs)]
+    return pipe(prompt=PROMPT, image=image, height=128, width=128, num_inference_steps=2, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(0), output_type="np", max_sequence_length=64).images
+
+
+def test_identity_sparse_thinned_mask_remove_and_reapply(pipe):
+    dense = run(pipe)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe), dense)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    seen = Seen(pipe.transformer)  # registered after Sparse Context's hook: sees the thinned call
+    sparse = run(pipe)
+    seen.handle.remove()
+    assert seen.tokens == [TOKENS + TOKENS // 4] * 2  # 2 steps, CFG batched: target whole + a quarter
+    n_txt = seen.keys[0] - seen.tokens[0]  # the padded prompt makes the pipeline pass a key mask
+    assert n_txt > 0 and seen.keys == [n_txt + TOKENS + TOKENS // 4] * 2
+    state = sparse_context_state(pipe)
+    assert state.selections == 1
+    (index, layout), = state.index.values()
+    assert layout.grids == [(8, 8)] and (index[:TOKENS] == torch.arange(TOKENS)).all()
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
+    assert np.array_equal(run(pipe), sparse)
+    assert len(pipe.transformer._forward_pre_hooks) == 1
+    remove_sparse_context_diffusers(pipe)
+    assert not pipe.transformer._forward_pre_hooks
+    assert np.array_equal(run(pipe), dense)
+
+
+def test_two_references_each_keep_a_quarter(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    seen = Seen(pipe.transformer)
+    out = run(pipe, refs=2)
+    seen.handle.remove()
+    assert seen.tokens == [TOKENS + 2 * (TOKENS // 4)] * 2
+    (_, layout), = sparse_context_state(pipe).index.values()
+    assert layout.grids == [(8, 8), (8, 8)] and np.isfinite(out).all()
+
+
+def test_proportional_and_cache_are_refused(pipe):
+    with pytest.raises(ValueError, match="BriaFiboTransformer2DModel .its pipeline passes its own text-padding"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
+    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
+    assert sparse_context_state(pipe) is None
