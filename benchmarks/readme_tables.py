@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 R = Path(__file__).parent / "results"
@@ -73,7 +74,7 @@ def flux_speed() -> None:
         pairs = [(n, k) for n in ("1", "4") for k in ("sparse0.25+kv", "sparse0.25+kv+tome0.5") if n in o and n in m]
         print("Run-to-run spread: an earlier run of the same script (`benchmarks/results/flux_speed_run1.json`, "
               "made before 0.8.0's merging changes -- module split, call fingerprints -- which compute the same; "
-              "both runs predate 0.9.0-0.14.1) gave "
+              "both runs predate 0.9.0-0.15.0) gave "
               + ", ".join(f"{n} ref{'s' if n != '1' else ''} {k} {o[n][k]:.2f}× (this run {m[n][k]:.2f}×)"
                           for n, k in pairs)
               + f"; lowest efficiency {other['summary']['min_efficiency']:.2f}.", end="")
@@ -88,8 +89,8 @@ def speed() -> None:
     refs = sorted({r["refs"] for r in rows})
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     print("**RefDiT speed** (`benchmarks/speed.py`): 20-step generation, "
-          "16×16 tokens per image, random weights, one CPU thread, CPU seconds (median of interleaved "
-          "repeats); speedup vs dense (FLOP ratio in brackets):\n")
+          f"16×16 tokens per image, random weights, one CPU thread, CPU seconds (median of {d['repeats']} "
+          "interleaved repeats); speedup vs dense (FLOP ratio in brackets):\n")
     print("| setting | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |")
     print("|---|" + "---|" * len(refs))
     for s in settings:
@@ -102,18 +103,22 @@ def speed() -> None:
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
     m = d["summary"]
-    other = load("speed_run2")
-    if other:
-        o = other["summary"]
-        print("Run-to-run spread on this shared machine: a second full run of the same code, right after this one "
-              "(`benchmarks/results/speed_run2.json`) gave 4 refs "
-              f"sparse0.25 {o['speedup']['4']['sparse0.25']:.2f}× (this run {m['speedup']['4']['sparse0.25']:.2f}×), "
-              f"sparse0.25+kv {o['speedup']['4']['sparse0.25+kv']:.2f}× "
-              f"({m['speedup']['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25+kv "
-              f"{o['speedup']['1']['sparse0.25+kv']:.2f}× ({m['speedup']['1']['sparse0.25+kv']:.2f}×), "
-              f"+tome0.5 {o['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}× "
-              f"({m['speedup']['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum "
-              f"efficiency {o['min_efficiency']:.2f} ({m['min_efficiency']:.2f}).\n")
+    earlier = [o["summary"] for o in (load("speed_run1"), load("speed_run2")) if o]
+    if earlier:
+        def both(get: Callable[[dict], float]) -> str:
+            return " / ".join(f"{get(o):.2f}" for o in earlier)
+
+        sp = m["speedup"]
+        print("Run-to-run spread on this shared machine: earlier full runs of the same code with 5 repeats "
+              "(`benchmarks/results/speed_run1.json` / `speed_run2.json`) gave 4 refs "
+              f"sparse0.25 {both(lambda o: o['speedup']['4']['sparse0.25'])}× (this run "
+              f"{sp['4']['sparse0.25']:.2f}×), sparse0.25+kv {both(lambda o: o['speedup']['4']['sparse0.25+kv'])}× "
+              f"({sp['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25 {both(lambda o: o['speedup']['1']['sparse0.25'])}× "
+              f"({sp['1']['sparse0.25']:.2f}×), sparse0.25+kv {both(lambda o: o['speedup']['1']['sparse0.25+kv'])}× "
+              f"({sp['1']['sparse0.25+kv']:.2f}×), +tome0.5 "
+              f"{both(lambda o: o['speedup']['1']['sparse0.25+kv+tome0.5'])}× "
+              f"({sp['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum efficiency "
+              f"{both(lambda o: o['min_efficiency'])} ({m['min_efficiency']:.2f}).\n")
 
 
 def quality() -> None:

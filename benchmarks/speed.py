@@ -87,7 +87,7 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
 def main() -> None:
     torch.set_num_threads(1)
     ap = parser(__doc__, "speed", "1 and 4 references, 3 repeats, 64px only")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     settings = list(SETTINGS)

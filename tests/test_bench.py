@@ -206,7 +206,7 @@ def _script(name: str):
     return mod
 
 
-@pytest.mark.parametrize("argv, expected", [(["--quick"], 3), ([], 5), (["--repeats", "2"], 2)])
+@pytest.mark.parametrize("argv, expected", [(["--quick"], 3), ([], 9), (["--repeats", "2"], 2)])
 def test_speed_records_the_repeats_its_medians_were_taken_over(tmp_path, monkeypatch, argv, expected):
     speed = _script("speed")
     used, written = [], {}
@@ -220,7 +220,7 @@ def test_speed_records_the_repeats_its_medians_were_taken_over(tmp_path, monkeyp
     monkeypatch.setattr(speed, "write_json", lambda path, payload, plot=None, dpi=110: written.update(payload))
     monkeypatch.setattr("sys.argv", ["speed.py", *argv, "--out", str(tmp_path / "s.json")])
     speed.main()
-    assert set(used) == {expected} and written["repeats"] == expected  # --quick used 3 but recorded 5
+    assert set(used) == {expected} and written["repeats"] == expected  # --quick used 3 but recorded the default
 
 
 def test_guidance_ends_its_progress_on_its_own_stage_count(tmp_path, monkeypatch, capsys):
