@@ -102,3 +102,17 @@ def test_proportional_and_cache_are_refused(pipe):
     with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
     assert sparse_context_state(pipe) is None
+
+
+def test_a_mask_that_is_not_a_key_mask_tensor_is_a_value_error_naming_it():
+    from tokensparse.integrations.diffusers_models import BriaFiboAdapter, RefLayout
+
+    adapter = BriaFiboAdapter()
+    grid = torch.tensor([[r, c] for r in range(2) for c in range(2)], dtype=torch.float32)
+    ids = torch.cat([torch.cat([torch.full((4, 1), t), grid], 1) for t in (0.0, 1.0)])  # 2x2 target, 2x2 reference
+    kwargs = {"hidden_states": torch.zeros(1, 8, 4), "img_ids": ids,
+              "joint_attention_kwargs": {"attention_mask": [[True] * 10]}}
+    layout = adapter.layout(kwargs)
+    assert isinstance(layout, RefLayout) and layout.n == 8
+    with pytest.raises(ValueError, match="must be a key mask"):  # was an AttributeError on .shape
+        adapter.subset(kwargs, torch.tensor([0, 1, 2, 3, 5]), layout, None)

@@ -125,8 +125,8 @@ class BriaFiboAdapter(FluxIdsAdapter):
         mask = extra.get("attention_mask") if isinstance(extra, dict) else None
         if mask is None:
             return out
-        n_txt = mask.shape[-1] - layout.n
-        if not isinstance(mask, Tensor) or n_txt < 0 or any(d != 1 for d in mask.shape[1:-1]):
+        n_txt = mask.shape[-1] - layout.n if isinstance(mask, Tensor) else -1
+        if n_txt < 0 or any(d != 1 for d in mask.shape[1:-1]):
             raise ValueError(f"joint_attention_kwargs['attention_mask'] must be a key mask (B, 1, 1, S_txt + "
                              f"{layout.n}) over the text and image tokens, got {getattr(mask, 'shape', mask)}")
         keys = torch.cat([torch.arange(n_txt, device=mask.device), n_txt + index.to(mask.device)])
