@@ -116,3 +116,14 @@ def test_a_mask_that_is_not_a_key_mask_tensor_is_a_value_error_naming_it():
     assert isinstance(layout, RefLayout) and layout.n == 8
     with pytest.raises(ValueError, match="must be a key mask"):  # was an AttributeError on .shape
         adapter.subset(kwargs, torch.tensor([0, 1, 2, 3, 5]), layout, None)
+
+
+def test_pixel_scorers_get_every_reference_s_pixels(pipe):
+    # the pipeline encodes one PIL reference per prepare_reference_latents call: each call's pixels are kept
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
+    run(pipe, refs=2)
+    state = sparse_context_state(pipe)
+    assert state.images is not None and len(state.images) == 2  # was None: edges scored VAE latents
+    for i, image in enumerate(state.images):
+        want = torch.from_numpy(np.roll(REF, 7 * i, 0).astype(np.float32) / 255).permute(2, 0, 1)[None]
+        assert image.shape == want.shape and torch.allclose(image, want)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .diffusers_models import PIPELINES, PREFERRED_IMAGE_ARG, STACKED_REFS_ARG, images_for_scorers
+from .diffusers_models import (
+    PER_REFERENCE_IMAGE_CALLS,
+    PIPELINES,
+    PREFERRED_IMAGE_ARG,
+    STACKED_REFS_ARG,
+    images_for_scorers,
+)
 
 _CAPTURE = "_tokensparse_capture_original"
 
@@ -23,7 +29,8 @@ def wrap_capture(pipe: Any, state: Any) -> None:
         original = getattr(pipe, name, None)
         if original is None:
             continue
-        pipe.__dict__[name] = _Capture(original, state, kind, where, stacked if kind == "images" else None)
+        pipe.__dict__[name] = _Capture(original, state, kind, where, stacked if kind == "images" else None,
+                                       type(pipe).__name__ in PER_REFERENCE_IMAGE_CALLS)
         wrapped.append(name)
     pipe.__dict__[_CAPTURE] = wrapped
 
@@ -32,9 +39,10 @@ class _Capture:
     """A pipeline method that first records its reference images or prompt into ``state``."""
 
     def __init__(self, original: Any, state: Any, kind: str, where: tuple[tuple[str, int], ...],
-                 batch: tuple[str, int] | None = None) -> None:
+                 batch: tuple[str, int] | None = None, per_reference: bool = False) -> None:
         self.original, self.state, self.kind, self.where = original, state, kind, where
         self.batch = batch  # the batch-size argument, where an item of several images is several references
+        self.per_reference = per_reference  # the method runs once per reference: a call's captures accumulate
         functools.update_wrapper(self, original)
 
     def _value(self, args: tuple, kwargs: dict, where: tuple[tuple[str, int], ...] | None = None) -> Any:
@@ -51,7 +59,10 @@ class _Capture:
             state.images, state.images_tick, state.prompts_tick = None, -1, -1  # captures no longer count
         elif self.kind == "images":
             batch = self._value(args, kwargs, (self.batch,)) if self.batch else None
-            state.images = images_for_scorers(self._value(args, kwargs), batch)
+            images = images_for_scorers(self._value(args, kwargs), batch)
+            if self.per_reference and state.images is not None and state.images_tick == state.forwards:
+                images = state.images + (images or [None])  # the next reference of the same call
+            state.images = images
             state.images_tick = state.forwards
         elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one
             prompt = self._value(args, kwargs)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -207,13 +208,16 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
 PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
 # the image method's argument that, with an item of B_i images (B_i neither 1 nor it), makes them B_i references
 STACKED_REFS_ARG: dict[str, tuple[str, int]] = {"Flux2KleinInpaintPipeline": ("batch_size", 1)}
+# pipelines whose image method runs once per reference (each call's images follow the earlier ones of the call)
+PER_REFERENCE_IMAGE_CALLS = ("BriaFiboEditPipeline",)
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
 # inpainting: need a mask image
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline", "QwenImageEditInpaintPipeline")
 
 
 def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor | None] | None:
-    """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``) -> ``[0, 1]`` pixels.
+    """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``) or PIL images -> ``[0, 1]``
+    pixels.
 
     Returns per reference one ``(1, 3, H, W)`` float tensor (the batch shares one selection), or ``None`` for
     one the pipeline passes as latents (Flux2KleinInpaintPipeline: the encoded source image before the
@@ -227,6 +231,10 @@ def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor
     items = value if isinstance(value, (list, tuple)) else [value]
     out: list[Tensor | None] = []
     for x in items:
+        if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, Tensor):  # a PIL image (Bria FIBO)
+            rgb = torch.from_numpy(np.asarray(x.convert("RGB"), dtype=np.float32) / 255.0)
+            out.append(rgb.permute(2, 0, 1)[None].contiguous())
+            continue
         if isinstance(x, Tensor) and x.dim() == 5:
             x = x[:, :, 0]
         stacked = batch_size is not None and isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] not in (
