@@ -41,6 +41,8 @@ def _pipeline_class(folder: Path) -> str | None:
         return None
 
 
+# pipelines whose call takes one reference image (the others take a list)
+_ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline")
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
 _SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 
@@ -62,7 +64,7 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
                   f"Sparse Context runs on {', '.join(supported)}; token merging (--merge) on any pipeline whose "
                   "model it supports")
         return
-    if n_refs > 1 and PIPELINES[name][1] == "image":  # FluxKontextPipeline, QwenImageEditPipeline, LongCat
+    if n_refs > 1 and name in _ONE_REFERENCE:
         _fail(f"{name} takes one reference image")
     if n_refs == 0 and name in _SIZED_BY_REFERENCE:
         _fail(f"{name} needs a --ref image (it sizes its output from the reference)")
@@ -241,7 +243,7 @@ def generate(
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
     if refs:
-        kwargs["image"] = refs[0] if PIPELINES[name][1] == "image" else refs
+        kwargs["image"] = refs[0] if name in _ONE_REFERENCE else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:

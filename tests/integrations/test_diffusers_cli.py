@@ -220,3 +220,16 @@ def test_a_text_to_image_pipeline_runs_with_token_merging_alone(app, tmp_path, c
                                    "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "--cache (Sparse Context) cannot apply" in res.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bria_fibo_edit_takes_several_references(app, tmp_path):
+    from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit
+
+    tiny_bria_fibo_edit().save_pretrained(tmp_path / "bria")
+    refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
+    out = tmp_path / "bria.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "bria"), "--ref", refs[0], "--ref", refs[1],
+                                   "--prompt", '{"edit_instruction": "a cat"}', "--height", "128", "--width", "128",
+                                   "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output  # was: "BriaFiboEditPipeline takes one reference image"
+    assert "2 reference(s), keep=0.25" in res.output and Image.open(out).size == (128, 128)
