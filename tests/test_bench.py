@@ -117,8 +117,24 @@ def test_an_interrupted_bench_stops_its_benchmark_and_signals_read_like_a_shell(
     assert run_benchmark("speed", root=tmp_path, console=Console(file=io.StringIO())) == 128 + 15
 
 
-def test_a_killed_bench_stops_its_benchmark_too(tmp_path):
+def _assert_gone(pid: int, seconds: float, message: str) -> None:
+    """Poll until process ``pid`` (not our child) is gone; kill it and fail with ``message`` after ``seconds``."""
     import os
+    import signal
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(message)
+
+
+def test_a_killed_bench_stops_its_benchmark_too(tmp_path):
     import signal
     import subprocess
     import sys
@@ -138,16 +154,7 @@ def test_a_killed_bench_stops_its_benchmark_too(tmp_path):
     time.sleep(0.5)  # the runner is reading the benchmark's output
     bench.send_signal(signal.SIGTERM)
     assert bench.wait(timeout=60) == 128 + signal.SIGTERM  # like a shell's report of a terminated command
-    child = int(pid_file.read_text())
-    for _ in range(100):  # the benchmark was stopped too (it is not our child: poll until it is gone)
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the benchmark outlived its killed bench")
+    _assert_gone(int(pid_file.read_text()), 10.0, "the benchmark outlived its killed bench")
 
 
 def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_results(tmp_path):
@@ -297,7 +304,6 @@ def test_drop_sweep_reads_the_shipped_base_from_any_directory(tmp_path, monkeypa
 
 
 def test_a_second_kill_during_the_clean_up_wait_still_stops_the_benchmark(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
@@ -319,13 +325,4 @@ def test_a_second_kill_during_the_clean_up_wait_still_stops_the_benchmark(tmp_pa
     time.sleep(1.0)  # bench is now waiting for the benchmark's clean-up
     bench.send_signal(signal.SIGTERM)
     assert bench.wait(timeout=20) == 128 + signal.SIGTERM
-    child = int(pid_file.read_text())
-    for _ in range(50):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("a second SIGTERM left the benchmark running")  # was: abandoned, re-parented
+    _assert_gone(int(pid_file.read_text()), 5.0, "a second SIGTERM left the benchmark running")  # was: re-parented

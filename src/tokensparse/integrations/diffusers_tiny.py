@@ -130,13 +130,22 @@ def tiny_t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+def _tiny_flux_vae(latent_channels: int) -> Any:
+    """A FLUX.1-style ``AutoencoderKL`` (/2 spatially, shift and scaling factors, no quant convs), 32 px."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=latent_channels,
+                         norm_num_groups=4, sample_size=32, shift_factor=0.1, scaling_factor=0.5, use_quant_conv=False,
+                         use_post_quant_conv=False).eval()
+
+
 def tiny_flux_kontext(seed: int = 0) -> Any:
     """A ``FluxKontextPipeline`` with tiny CLIP + T5 text encoders, VAE and transformer.
 
     Call it with ``max_sequence_length=16`` and ``_auto_resize=False``; 32x32 images give 8x8 = 64 tokens.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxKontextPipeline,
         FluxTransformer2DModel,
@@ -171,19 +180,7 @@ def tiny_flux_kontext(seed: int = 0) -> Any:
             decoder_start_token_id=0,
         )
     ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.1,
-        scaling_factor=0.5,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = _tiny_flux_vae(latent_channels=4)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
@@ -339,7 +336,6 @@ def tiny_longcat_image_edit(seed: int = 0) -> Any:
     """
     import transformers
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         LongCatImageEditPipeline,
         LongCatImageTransformer2DModel,
@@ -348,19 +344,7 @@ def tiny_longcat_image_edit(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     tokenizer = tiny_qwen_vl_tokenizer()
     text_encoder = tiny_qwen25_vl(tokenizer)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=16,  # the pipeline packs 16 latent channels
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.1,
-        scaling_factor=0.5,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = _tiny_flux_vae(latent_channels=16)  # the pipeline packs 16 latent channels
     transformer = LongCatImageTransformer2DModel(
         in_channels=64,
         num_layers=1,
