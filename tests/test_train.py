@@ -412,7 +412,9 @@ def test_a_damaged_latest_pointer_falls_back_to_the_newest_complete_checkpoint(t
     train(tiny_cfg(tmp_path / "run", steps=4, ckpt_every=2), progress=False)
     (tmp_path / "other" / "step_0000009").mkdir(parents=True)  # a complete-looking folder outside the run
     (tmp_path / "other" / "step_0000009" / "state.json").write_text('{"step": 9, "elapsed_s": 0}')
-    for damaged in (b"\xff\xfe garbage", b"../other/step_0000009", str(tmp_path / "other" / "step_0000009").encode()):
+    (tmp_path / "state.json").write_text('{"step": 9, "elapsed_s": 0}')  # the run folder's parent looks complete
+    for damaged in (b"\xff\xfe garbage", b"../other/step_0000009", str(tmp_path / "other" / "step_0000009").encode(),
+                    b".."):
         (tmp_path / "run" / "latest").write_bytes(damaged)
         assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "step_0000004"
 
@@ -587,3 +589,20 @@ def test_an_fp16_runs_loss_scaler_state_is_checkpointed_and_restored(tmp_path, m
     monkeypatch.undo()
     train(tiny_cfg(tmp_path / "c", steps=2), progress=False)  # no scaler (float32): no scaler.pt
     assert not (latest_checkpoint(tmp_path / "c") / "scaler.pt").exists()
+
+
+def test_a_run_whose_accelerator_fails_still_puts_accelerates_state_back(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from tokensparse import run_processes
+
+    def failing(mixed_precision: str):
+        AcceleratorState._shared_state.clear()  # as accelerator() resets it, then Accelerator(...) raises
+        raise ValueError("bf16 is not supported here")
+
+    monkeypatch.setattr(run_processes, "accelerator", failing)
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {"marker": "caller's"})
+    with pytest.raises(ValueError, match="bf16"):
+        with run_processes.run_accelerator("bf16"):
+            pass
+    assert AcceleratorState._shared_state == {"marker": "caller's"}  # was: left cleared

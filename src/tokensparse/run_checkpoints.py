@@ -184,7 +184,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     if ptr.is_file():
         name = ptr.read_bytes().decode("utf-8", errors="replace").strip()
         path = out / name
-        if name and Path(name).name == name and (path / "state.json").is_file():
+        if name.startswith("step_") and Path(name).name == name and (path / "state.json").is_file():
             return path
     done = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None

@@ -60,9 +60,8 @@ def run_accelerator(mixed_precision: str) -> Iterator[Accelerator]:
     from accelerate.state import AcceleratorState
 
     before = dict(AcceleratorState._shared_state)
-    acc = accelerator(mixed_precision)
     try:
-        yield acc
+        yield accelerator(mixed_precision)
     finally:
         AcceleratorState._shared_state.clear()
         AcceleratorState._shared_state.update(before)
