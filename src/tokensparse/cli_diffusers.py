@@ -4,10 +4,11 @@
         --prompt "the cat from image 1 on the sofa from image 2" --keep 0.25 --selector uniform --out out.png
 
 ``--model`` is a Hub id or a local pipeline directory (``save_pretrained`` layout); a local directory is
-loaded with ``local_files_only`` so it works offline. Supported pipelines: FLUX.2 [klein] / FLUX.2
-(``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext and
-Qwen-Image-Edit-Plus and Qwen-Image-Edit. The functions here are plain typer-annotated functions; ``tokensparse.cli``
-registers them as commands.
+loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLUX.2 [klein] / FLUX.2
+(``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext, Qwen-Image-Edit(-Plus),
+LongCat-Image-Edit and Bria FIBO Edit; any other pipeline whose model token merging supports (Stable Diffusion,
+SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
+``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ def _pipeline_class(folder: Path) -> str | None:
 
 # pipelines whose call takes one reference image (the others take a list)
 _ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline")
+# pipelines whose call takes no output size (the reference's decides it)
+_UNSIZED = ("LongCatImageEditPipeline",)
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
 _SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 
 
-def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False) -> None:
-    """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache`` or ``--proportional``
-    it cannot take (``None``: not known before loading, nothing to check)."""
+def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
+                    sized: bool = False) -> None:
+    """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache``, ``--proportional``,
+    missing ``--merge`` or ``--height`` / ``--width`` (``sized``) it cannot take (``None``: not known before loading,
+    nothing to check)."""
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     if name is None:
@@ -63,6 +68,9 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
             _fail(f"{name} takes no reference images here, so {' / '.join(given)} (Sparse Context) cannot apply: "
                   f"Sparse Context runs on {', '.join(supported)}; token merging (--merge) on any pipeline whose "
                   "model it supports")
+        if merge == 0:
+            _fail(f"{name} is not a pipeline Sparse Context runs on ({', '.join(supported)}): give --merge to run it "
+                  "with token merging alone")
         return
     if n_refs > 1 and name in _ONE_REFERENCE:
         _fail(f"{name} takes one reference image")
@@ -71,8 +79,10 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
         _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
               "K/V cache")
-    if proportional and name.startswith(("QwenImage", "LongCat")):
+    if proportional and not name.startswith(("Flux2", "FluxKontext")):
         _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline: {name}'s attention takes no logit bias")
+    if sized and name in _UNSIZED:
+        _fail(f"{name} takes no --height / --width: it sizes its output from the reference")
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
@@ -219,13 +229,14 @@ def generate(
     if not local and model in {**CONFIGS, **CHECKPOINTS}:
         _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
-    _check_pipeline(_pipeline_class(Path(model)) if local else None, len(refs), cache, proportional)  # before loading
+    checks = (len(refs), cache, proportional, merge, height is not None or width is not None)
+    _check_pipeline(_pipeline_class(Path(model)) if local else None, *checks)  # before loading
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
         _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
-    _check_pipeline(name, len(refs), cache, proportional)
+    _check_pipeline(name, *checks)
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
     in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone

@@ -155,6 +155,8 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
     ("QwenImageEditPlusPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
     ("LongCatImageEditPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
     ("LongCatImageEditPipeline", ["--ref", "{ref}"], "takes one reference image"),
+    ("LongCatImageEditPipeline", ["--width", "32"], "takes no --height / --width"),  # was refused after loading
+    ("BriaFiboEditPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),  # likewise
     ("FluxKontextInpaintPipeline", [], "not supported here"),
     ("StableDiffusionPipeline", [], "takes no reference images here, so --ref (Sparse Context)"),
 ])
@@ -233,3 +235,12 @@ def test_bria_fibo_edit_takes_several_references(app, tmp_path):
                                    "--steps", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output  # was: "BriaFiboEditPipeline takes one reference image"
     assert "2 reference(s), keep=0.25" in res.output and Image.open(out).size == (128, 128)
+
+
+def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(app, tmp_path):
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
+                                      "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 1 and "give --merge" in result.output and "cannot load" not in result.output
