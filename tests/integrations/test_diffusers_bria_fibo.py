@@ -48,12 +48,14 @@ class Seen:
     def __init__(self, tr) -> None:
         self.tokens: list[int] = []
         self.keys: list[int | None] = []
+        self.masks: list = []
         self.handle = tr.register_forward_pre_hook(self.record, with_kwargs=True)
 
     def record(self, module, args, kwargs) -> None:
         self.tokens.append(kwargs["hidden_states"].shape[1])
         mask = (kwargs.get("joint_attention_kwargs") or {}).get("attention_mask")
         self.keys.append(None if mask is None else mask.shape[-1])
+        self.masks.append(mask)
 
 
 def run(pipe, refs: int = 1):
@@ -63,7 +65,9 @@ def run(pipe, refs: int = 1):
 
 
 def test_identity_sparse_thinned_mask_remove_and_reapply(pipe):
+    full = Seen(pipe.transformer)
     dense = run(pipe)
+    full.handle.remove()
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
     assert np.array_equal(run(pipe), dense)
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
@@ -77,6 +81,9 @@ def test_identity_sparse_thinned_mask_remove_and_reapply(pipe):
     assert state.selections == 1
     (index, layout), = state.index.values()
     assert layout.grids == [(8, 8)] and (index[:TOKENS] == torch.arange(TOKENS)).all()
+    keys = torch.cat([torch.arange(n_txt), n_txt + index])  # the text keys, then the kept image tokens' keys
+    assert not full.masks[0][..., :n_txt].all()  # the text is padded: the mask's text part is not all True
+    assert torch.equal(seen.masks[0], full.masks[0].index_select(-1, keys))
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
     assert np.array_equal(run(pipe), sparse)

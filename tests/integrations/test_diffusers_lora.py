@@ -489,3 +489,16 @@ def test_an_fp16_runs_loss_scaler_state_is_checkpointed_and_restored(tmp_path, m
     assert torch.load(out / "checkpoints" / "step_0000002" / "scaler.pt")["scale"] == 16.0 * 2**2
     assert train_lora_sparse(tiny_flux2_klein(seed=0), examples, LoraTrainConfig(steps=4, **cfg), out) == full
     assert scalers[0].get_scale() == scalers[2].get_scale() == 16.0 * 2**4  # went on from the checkpoint's scale
+
+
+def test_resuming_fp16_from_a_checkpoint_without_scaler_state_says_the_scale_restarts(tmp_path, caplog):
+    from tokensparse.integrations.diffusers_lora_checkpoints import Resume, restore
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight])
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    resume = Resume(tmp_path / "step_0000002", {"step": 2}, {"w": torch.ones(2)}, optimizer.state_dict(), None)
+    with caplog.at_level("WARNING"):
+        restore(resume, {"w": weight}, optimizer, scaler)
+    assert torch.equal(weight.detach(), torch.ones(2))
+    assert "holds no loss-scaler state" in caplog.text  # was silent (train() says so)

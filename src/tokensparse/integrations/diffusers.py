@@ -29,7 +29,8 @@ features) and the hook adds ``joint_attention_kwargs["attention_mask"]``, a floa
 holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every double- and single-stream
 attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
 (``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
-external mask), for LongCat-Image-Edit (no attention kwargs reach its attention), with a caller's own
+external mask), for LongCat-Image-Edit (no attention kwargs reach its attention), for Bria FIBO Edit (its
+pipeline passes its own padding mask), with a caller's own
 ``attention_mask``, and under attention backends that do not add a float mask (flash, sage, varlen, ...).
 
 A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"  # the sub-folder of the output folder that holds them
 #: recipe fields a resumed run may change: when to stop, and how often to checkpoint
 RESUMABLE_CHANGES = frozenset({"steps", "save_every"})
+
+logger = logging.getLogger(__name__)
 
 
 class LoraCheckpointError(ValueError):
@@ -206,9 +209,12 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
         raise LoraCheckpointError(f"checkpoint {ckpt}: optim.pt does not fit this run ({type(exc).__name__}: "
                                   f"{exc}); use a new --out") from None
     try:
-        restore_scaler(scaler, resume.scaler, ckpt)
+        restored = restore_scaler(scaler, resume.scaler, ckpt)
     except ValueError as exc:
         raise LoraCheckpointError(str(exc)) from None
+    if not restored:
+        logger.warning("tokensparse: checkpoint %s holds no loss-scaler state (saved by an older version): the fp16 "
+                       "loss scale restarts, so this run does not continue bit-exactly", ckpt)
 
 
 def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, num_processes: int,

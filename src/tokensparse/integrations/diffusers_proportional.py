@@ -22,6 +22,8 @@ Where it is exact, and where it is refused:
   values either (only repeating each kept K/V ``size`` times is exact, which is the dense cache).
 - LongCat-Image-Edit: refused. ``LongCatImageTransformer2DModel.forward`` takes no ``joint_attention_kwargs``, so
   nothing can hand its attention processors an ``attention_mask``.
+- Bria FIBO Edit: refused. Its pipeline passes its own boolean text-padding ``attention_mask``; the bias would
+  have to be merged into it (not implemented).
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
