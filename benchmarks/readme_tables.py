@@ -103,14 +103,17 @@ def speed() -> None:
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
     m = d["summary"]
-    earlier = [o["summary"] for o in (load("speed_run1"), load("speed_run2")) if o]
+    runs = [o for o in (load("speed_run1"), load("speed_run2")) if o]
+    earlier = [o["summary"] for o in runs]
     if earlier:
         def both(get: Callable[[dict], float]) -> str:
             return " / ".join(f"{get(o):.2f}" for o in earlier)
 
         sp = m["speedup"]
-        print("Run-to-run spread on this shared machine: earlier full runs of the same code with 5 repeats "
-              "(`benchmarks/results/speed_run1.json` / `speed_run2.json`) gave 4 refs "
+        repeats = " / ".join(str(o["repeats"]) for o in runs)
+        print("Run-to-run spread on this shared machine: two earlier full runs of this script, made at 0.9.0 (the "
+              f"model code has since gained input checks and refactors that compute the same), with {repeats} "
+              "repeats (`benchmarks/results/speed_run1.json` / `speed_run2.json`) gave 4 refs "
               f"sparse0.25 {both(lambda o: o['speedup']['4']['sparse0.25'])}× (this run "
               f"{sp['4']['sparse0.25']:.2f}×), sparse0.25+kv {both(lambda o: o['speedup']['4']['sparse0.25+kv'])}× "
               f"({sp['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25 {both(lambda o: o['speedup']['1']['sparse0.25'])}× "
