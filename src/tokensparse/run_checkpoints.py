@@ -211,3 +211,17 @@ def load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
     shared_ok = all(k.startswith("ref_embedder.patch_embed.") for k in missing)
     if unexpected or not shared_ok:
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def export_conflict(run: str | Path, path: str | Path) -> str | None:
+    """Why exporting run folder ``run`` to ``path`` would damage the run, else ``None``: the export's JSON
+    (``path`` with ``.json``) would replace the run's ``config.json``, or either file would go into a checkpoint
+    folder (``step_*``: its files are the checkpoint's, and older folders are deleted as the run goes on)."""
+    root = Path(os.path.realpath(run))
+    for file in (Path(path), Path(path).with_suffix(".json")):
+        real = Path(os.path.realpath(file))
+        if real == root / "config.json":
+            return f"its metadata {file} would replace the run folder's own config.json (its recipe)"
+        if root in real.parents and real.relative_to(root).parts[0].lstrip(".").startswith("step_"):
+            return f"{file} would go into the run folder's checkpoint folder {real.relative_to(root).parts[0]}"
+    return None

@@ -41,9 +41,10 @@ from .files import read_safetensors
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT, RefDiTConfig
 from .models.zoo import CHECKPOINTS, build_model, save_checkpoint, weights_dir
-from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint: importable from here)
+from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint / export_conflict: importable)
     changed_fields,
     discarded_unless_saved,
+    export_conflict,
     latest_checkpoint,
     load_into,
     load_optim,
@@ -489,20 +490,6 @@ def evaluate_ema(raw: RefDiT, ema: dict[str, Tensor], n: int, steps: int = 10, l
             vals.append(float(psnr(pred, s.target[None])[0]))
         out[fam] = sum(vals) / len(vals)
     return out
-
-
-def export_conflict(run: str | Path, path: str | Path) -> str | None:
-    """Why exporting run folder ``run`` to ``path`` would damage the run, else ``None``: the export's JSON
-    (``path`` with ``.json``) would replace the run's ``config.json``, or either file would go into a checkpoint
-    folder (``step_*``: its files are the checkpoint's, and older folders are deleted as the run goes on)."""
-    root = Path(os.path.realpath(run))
-    for file in (Path(path), Path(path).with_suffix(".json")):
-        real = Path(os.path.realpath(file))
-        if real == root / "config.json":
-            return f"its metadata {file} would replace the run folder's own config.json (its recipe)"
-        if root in real.parents and real.relative_to(root).parts[0].lstrip(".").startswith("step_"):
-            return f"{file} would go into the run folder's checkpoint folder {real.relative_to(root).parts[0]}"
-    return None
 
 
 def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,

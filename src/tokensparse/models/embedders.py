@@ -12,7 +12,7 @@ from ..tokens import TokenSeq, dense_seq
 from .layers import JointAttention, Mlp, patchify, rope_angles
 
 if TYPE_CHECKING:
-    from .refdit import RefDiTConfig
+    from .config import RefDiTConfig
 
 
 class RefEmbedder(nn.Module):
