@@ -117,6 +117,28 @@ def test_an_interrupted_bench_stops_its_benchmark_and_signals_read_like_a_shell(
     assert run_benchmark("speed", root=tmp_path, console=Console(file=io.StringIO())) == 128 + 15
 
 
+def _start_bench(tmp_path, prelude: str):
+    """Start ``run_benchmark('speed')`` in a subprocess on a fake 60-second benchmark (``prelude`` runs first);
+    returns the bench process and the file holding the benchmark's pid, once the benchmark is running."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "benchmarks").mkdir()
+    pid_file = tmp_path / "pid"
+    (tmp_path / "benchmarks" / "speed.py").write_text(
+        f"{prelude}import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "print('working', flush=True)\ntime.sleep(60)\n")
+    runner = (f"from pathlib import Path\nfrom tokensparse.bench import run_benchmark\n"
+              f"run_benchmark('speed', root=Path({str(tmp_path)!r}))\n")
+    bench = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the runner is reading the benchmark's output
+    return bench, pid_file
+
+
 def _assert_gone(pid: int, seconds: float, message: str) -> None:
     """Poll until process ``pid`` (not our child) is gone; kill it and fail with ``message`` after ``seconds``."""
     import os
@@ -136,22 +158,8 @@ def _assert_gone(pid: int, seconds: float, message: str) -> None:
 
 def test_a_killed_bench_stops_its_benchmark_too(tmp_path):
     import signal
-    import subprocess
-    import sys
-    import time
 
-    (tmp_path / "benchmarks").mkdir()
-    pid_file = tmp_path / "pid"
-    (tmp_path / "benchmarks" / "speed.py").write_text(
-        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nprint('working', flush=True)\n"
-        "time.sleep(60)\n")
-    runner = (f"from pathlib import Path\nfrom tokensparse.bench import run_benchmark\n"
-              f"run_benchmark('speed', root=Path({str(tmp_path)!r}))\n")
-    bench = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the runner is reading the benchmark's output
+    bench, pid_file = _start_bench(tmp_path, "")
     bench.send_signal(signal.SIGTERM)
     assert bench.wait(timeout=60) == 128 + signal.SIGTERM  # like a shell's report of a terminated command
     _assert_gone(int(pid_file.read_text()), 10.0, "the benchmark outlived its killed bench")
@@ -305,22 +313,10 @@ def test_drop_sweep_reads_the_shipped_base_from_any_directory(tmp_path, monkeypa
 
 def test_a_second_kill_during_the_clean_up_wait_still_stops_the_benchmark(tmp_path):
     import signal
-    import subprocess
-    import sys
     import time
 
-    (tmp_path / "benchmarks").mkdir()
-    pid_file = tmp_path / "pid"
-    (tmp_path / "benchmarks" / "speed.py").write_text(  # ignores the SIGINT bench sends: bench waits up to 30 s
-        f"import os, signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\nprint('working', flush=True)\ntime.sleep(60)\n")
-    runner = (f"from pathlib import Path\nfrom tokensparse.bench import run_benchmark\n"
-              f"run_benchmark('speed', root=Path({str(tmp_path)!r}))\n")
-    bench = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    # the benchmark ignores the SIGINT bench sends, so bench waits up to 30 s for its clean-up
+    bench, pid_file = _start_bench(tmp_path, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n")
     bench.send_signal(signal.SIGTERM)
     time.sleep(1.0)  # bench is now waiting for the benchmark's clean-up
     bench.send_signal(signal.SIGTERM)
