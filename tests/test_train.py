@@ -606,3 +606,23 @@ def test_a_run_whose_accelerator_fails_still_puts_accelerates_state_back(monkeyp
         with run_processes.run_accelerator("bf16"):
             pass
     assert AcceleratorState._shared_state == {"marker": "caller's"}  # was: left cleared
+
+
+@pytest.mark.parametrize("damage", ["ema", "optim"])
+def test_a_checkpoint_whose_ema_or_optimizer_state_does_not_fit_is_refused_at_resume(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    train(tiny_cfg(tmp_path / "run", steps=4, ckpt_every=2), progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    if damage == "ema":  # one tensor fewer: the first EMA update would raise a KeyError
+        ema = load_file(ckpt / "ema.safetensors")
+        ema.pop(sorted(ema)[0])
+        save_file(ema, ckpt / "ema.safetensors")
+    else:  # a moment of another shape: the first AdamW step would raise a size mismatch
+        optim = torch.load(ckpt / "optim.pt", weights_only=True)
+        first = optim["state"][0]
+        first["exp_avg"] = torch.zeros(first["exp_avg"].numel() + 1)
+        torch.save(optim, ckpt / "optim.pt")
+    name = "ema.safetensors" if damage == "ema" else "optim.pt"
+    with pytest.raises(ValueError, match=f"{name} does not fit"):  # was: a failure at step 5, mid-run
+        train(tiny_cfg(tmp_path / "run", steps=6, ckpt_every=2), progress=False)

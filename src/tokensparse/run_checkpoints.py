@@ -213,6 +213,29 @@ def load_into(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
+def check_ema_fits(ema: dict[str, Tensor], want: dict[str, Tensor], ckpt: Path) -> None:
+    """``ValueError`` naming checkpoint ``ckpt``'s ``ema.safetensors`` unless it holds exactly ``want``'s tensors,
+    each of its shape (else the run would fail at its first EMA update)."""
+    missing, unexpected = sorted(set(want) - set(ema)), sorted(set(ema) - set(want))
+    reshaped = [k for k in want if k in ema and ema[k].shape != want[k].shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(f"checkpoint {ckpt}: ema.safetensors does not fit this run's model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, reshaped {reshaped[:3]}); delete that folder to resume from "
+                         "the one before it, or use a new --out")
+
+
+def check_optim_fits(opt: torch.optim.Optimizer, ckpt: Path) -> None:
+    """``ValueError`` naming checkpoint ``ckpt``'s ``optim.pt`` unless every loaded per-parameter state tensor
+    (AdamW's moments) has its parameter's shape (``load_state_dict`` does not check; the first step would fail)."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for name, value in opt.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"checkpoint {ckpt}: optim.pt does not fit this run's optimizer ({name} of shape "
+                                     f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}); delete "
+                                     "that folder to resume from the one before it, or use a new --out")
+
+
 def export_conflict(run: str | Path, path: str | Path) -> str | None:
     """Why exporting run folder ``run`` to ``path`` would damage the run, else ``None``: the export's JSON
     (``path`` with ``.json``) would replace the run's ``config.json``, or either file would go into a checkpoint

@@ -43,6 +43,8 @@ from .models.refdit import RefDiT, RefDiTConfig
 from .models.zoo import CHECKPOINTS, build_model, save_checkpoint, weights_dir
 from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_checkpoint / export_conflict: importable)
     changed_fields,
+    check_ema_fits,
+    check_optim_fits,
     discarded_unless_saved,
     export_conflict,
     latest_checkpoint,
@@ -321,12 +323,15 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
         except ValueError as exc:
             raise ValueError(f"run folder {out} holds a checkpoint of another model than the recipe's "
                              f"{cfg.model!r} ({exc}); use a new --out, or the recipe the run started with") from None
-        ema = read_part(ckpt, "ema.safetensors", read_safetensors)
+        saved_ema = read_part(ckpt, "ema.safetensors", read_safetensors)
+        check_ema_fits(saved_ema, ema, ckpt)
+        ema = saved_ema
         optim = read_part(ckpt, "optim.pt", load_optim)
         try:
             opt.load_state_dict(optim)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint {ckpt}: optim.pt does not fit this run's optimizer ({exc})") from None
+        check_optim_fits(opt, ckpt)
         if not restore_scaler(acc.scaler, read_scaler(ckpt), ckpt):
             log(f"checkpoint {ckpt} holds no loss-scaler state (saved by an older version): the fp16 loss scale "
                 "restarts, so this run does not continue bit-exactly")

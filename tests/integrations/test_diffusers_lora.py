@@ -502,3 +502,17 @@ def test_resuming_fp16_from_a_checkpoint_without_scaler_state_says_the_scale_res
         restore(resume, {"w": weight}, optimizer, scaler)
     assert torch.equal(weight.detach(), torch.ones(2))
     assert "holds no loss-scaler state" in caplog.text  # was silent (train() says so)
+
+
+def test_an_optimizer_state_of_another_shape_is_refused_at_resume(tmp_path):
+    from tokensparse.integrations.diffusers_lora_checkpoints import LoraCheckpointError, Resume, restore
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(2)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["state"][0]["exp_avg"] = torch.zeros(3)  # load_state_dict takes it; the next step would fail
+    resume = Resume(tmp_path / "step_0000001", {"step": 1}, {"w": torch.ones(2)}, saved, None)
+    with pytest.raises(LoraCheckpointError, match="optim.pt does not fit"):
+        restore(resume, {"w": weight}, torch.optim.AdamW([weight]))

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..files import read_safetensors
 from ..run_checkpoints import (
     changed_fields,
+    check_optim_fits,
     latest_checkpoint,
     load_optim,
     read_part,
@@ -205,6 +206,7 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
             param.copy_(lora[name])
     try:
         optimizer.load_state_dict(resume.optim)
+        check_optim_fits(optimizer, ckpt)
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise LoraCheckpointError(f"checkpoint {ckpt}: optim.pt does not fit this run ({type(exc).__name__}: "
                                   f"{exc}); use a new --out") from None
