@@ -49,6 +49,8 @@ def test_grayscale_becomes_rgb():
     (torch.full((3, 4, 4), 200.0), ValueError), (torch.full((3, 4, 4), float("nan")), ValueError),
     (torch.full((3, 4, 4), -0.5), ValueError), (np.zeros((2, 2, 3, 4, 4)), ValueError),
     (np.zeros((0, 3, 4, 4)), ValueError), ("img.png", TypeError),
+    (torch.rand(5), ValueError), (torch.tensor(0.5), ValueError), (torch.rand(1, 2, 3, 4, 4), ValueError),
+    (torch.rand(0, 3, 4, 4), ValueError),
 ])
 def test_bad_images_raise(bad, err):
     with pytest.raises(err):

@@ -71,6 +71,9 @@ def to_tensor(image: ImageLike) -> Tensor:
         if image.is_meta or image.layout != torch.strided:
             kind = "meta" if image.is_meta else image.layout
             raise TypeError(f"image tensors must be dense and hold data, got a {kind} tensor")
+        if image.dim() not in (2, 3, 4) or (image.dim() == 4 and image.shape[0] == 0):
+            raise ValueError(f"an image tensor must be (H, W), (H, W, C) or (C, H, W), or a batch of them "
+                             f"(B, H, W, C) / (B, C, H, W); got shape {tuple(image.shape)}")
         t = image.float() if image.is_floating_point() else torch.from_numpy(_scaled(image.cpu().numpy()))
         t = t.to(image.device)
         if t.dim() == 2 or (t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4)):
