@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokensparse.images import batch_images, to_tensor
+from tokensparse.images import batch_images, save_png, to_pil, to_tensor
 
 
 def test_every_input_kind_gives_the_same_tensor():
@@ -128,3 +128,13 @@ def test_load_rgb_turns_a_photo_upright_by_its_exif_orientation(tmp_path, mode):
     up = np.asarray(load_rgb(tmp_path / "photo.png"))
     assert up.shape == (40, 20, 3)  # as viewers (and diffusers' load_image) show it: tall
     assert up[:20].min() == 255 and up[20:].max() == 0  # the white half on top
+
+
+@pytest.mark.parametrize("bad", [torch.rand(4, 4, 3), torch.rand(1, 4, 4), torch.rand(1, 3, 4, 4), torch.rand(4, 4)])
+def test_to_pil_refuses_a_tensor_that_is_not_3_h_w(bad, tmp_path):
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        to_pil(bad)  # (4, 4, 3) was read as RGBA 3x4 without a word
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        save_png(bad, tmp_path / "x.png")
+    assert not list(tmp_path.iterdir())
+    assert to_pil(torch.rand(3, 4, 5)).size == (5, 4)

@@ -166,7 +166,11 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    """``(3, H, W)`` in [0, 1] -> PIL RGB."""
+    """``(3, H, W)`` in [0, 1] -> PIL RGB (``TypeError`` for a non-tensor, ``ValueError`` for another shape)."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"to_pil expects a (3, H, W) tensor, got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"to_pil expects a (3, H, W) image tensor, got shape {tuple(image.shape)}")
     arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
     return Image.fromarray(arr)
 
