@@ -138,3 +138,12 @@ def test_to_pil_refuses_a_tensor_that_is_not_3_h_w(bad, tmp_path):
         save_png(bad, tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
     assert to_pil(torch.rand(3, 4, 5)).size == (5, 4)
+
+
+def test_batch_images_checks_batch():
+    assert batch_images([torch.rand(3, 4, 4)], batch=2)[0].shape == (2, 3, 4, 4)
+    for bad in (0, -1):  # were ignored: a batch of one came back
+        with pytest.raises(ValueError, match="batch"):
+            batch_images([torch.rand(3, 4, 4)], batch=bad)
+    with pytest.raises(TypeError, match="batch must be an int"):  # failed inside expand()
+        batch_images([torch.rand(3, 4, 4)], batch=2.5)

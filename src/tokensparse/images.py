@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from . import checks
 from .files import default_mode
 
 ImageLike = Image.Image | np.ndarray | Tensor
@@ -127,6 +128,8 @@ def batch_images(images: list[ImageLike], batch: int | None = None) -> list[Tens
     """A list of images -> a list of ``(B, C, H, W)`` tensors (single images repeated to ``batch``)."""
     if not isinstance(images, (list, tuple)):
         raise TypeError(f"references must be a list of images, got {type(images).__name__}")
+    if batch is not None:
+        batch = checks.integer("batch", batch, lo=1)
     out = []
     for i, img in enumerate(images):
         try:
