@@ -174,3 +174,9 @@ def test_bad_stream_arguments_are_named_before_the_first_batch():
     with pytest.raises(ValueError, match="n must be"):
         heldout_plan("multi", -1)
     assert get_bank(np.int64(32)) is get_bank(32)  # numpy ints, as everywhere else
+
+
+@pytest.mark.parametrize("size", [-8, 0, 10**7, 32.0])
+def test_mean_image_checks_the_size_first(size):
+    with pytest.raises(ValueError, match="image_size must be a multiple of 8"):  # was numpy's "negative
+        mean_image("recolor", size)  # dimensions", a 2 PiB MemoryError, or a float TypeError

@@ -265,7 +265,9 @@ def mean_image(task: str, image_size: int = 32) -> torch.Tensor:
     """Mean target (3, S, S) of ``task`` over the fixed train-range seeds ``0..MEAN_IMAGE_SEEDS-1``: a new tensor
     each call (computed once per task and size), so editing it in place leaves later calls and :func:`floors`
     alone."""
-    return torch.from_numpy(_mean_image(task, image_size).copy())
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASKS)}")
+    return torch.from_numpy(_mean_image(task, check_size(image_size)).copy())
 
 
 @functools.lru_cache(maxsize=64)
