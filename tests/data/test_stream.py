@@ -180,3 +180,10 @@ def test_bad_stream_arguments_are_named_before_the_first_batch():
 def test_mean_image_checks_the_size_first(size):
     with pytest.raises(ValueError, match="image_size must be a multiple of 8"):  # was numpy's "negative
         mean_image("recolor", size)  # dimensions", a 2 PiB MemoryError, or a float TypeError
+
+
+@pytest.mark.parametrize("scale, err", [(-1, ValueError), (0, ValueError), (2.5, TypeError)])
+def test_task_grid_checks_scale(tmp_path, scale, err):
+    with pytest.raises(err, match="scale"):  # -1 claimed the grid was too tall ("at most -683 per task")
+        save_task_grid(tmp_path / "grid.png", image_size=16, per_task=1, scale=scale)
+    assert not (tmp_path / "grid.png").exists()

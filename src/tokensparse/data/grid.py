@@ -25,12 +25,13 @@ def save_task_grid(
     path: str | Path, image_size: int = 32, per_task: int = 4, scale: int | None = None, seed: int = 0
 ) -> None:
     """Write a PNG: ``per_task`` rows per task (seeds ``seed..seed+per_task-1``), columns = up to four
-    references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px.
+    references, the task name and prompt, and the target. Images are upscaled (nearest) to ~96 px, or by the
+    integer ``scale`` (>= 1) when given.
 
     ``ValueError`` for a grid taller than :data:`MAX_HEIGHT` pixels (PNG viewers' limit), before drawing it."""
     per_task = checks.integer("per_task", per_task, lo=1)
     image_size = checks.integer("image_size", image_size, lo=1)
-    scale = scale or max(1, 96 // image_size)
+    scale = max(1, 96 // image_size) if scale is None else checks.integer("scale", scale, lo=1)
     cell = image_size * scale
     pad, text_w = 4, 300
     fits = (MAX_HEIGHT - pad) // ((cell + pad) * len(TASKS))
