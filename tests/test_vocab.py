@@ -31,3 +31,13 @@ def test_tokenize_rejects_bad_arguments():
     for bad, err in ((-1, ValueError), (1.5, TypeError), ("16", TypeError), (True, TypeError)):
         with pytest.raises(err, match="max_len"):
             tokenize("red", max_len=bad)
+
+
+def test_detokenize_refuses_ids_that_name_no_word():
+    with pytest.raises(ValueError, match="word ids must be in"):
+        detokenize(torch.tensor([[-1, 3]]))  # was read from the end of WORDS: 'gradient denoise'
+    with pytest.raises(ValueError, match="word ids must be in"):
+        detokenize(torch.tensor([[len(WORDS) + 1]]))  # was an IndexError
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        detokenize(torch.tensor([1, 2]))
+    assert detokenize(torch.tensor([[len(WORDS), 0]])) == [WORDS[-1]]

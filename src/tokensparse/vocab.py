@@ -57,5 +57,13 @@ def tokenize(prompt: str | list[str], max_len: int = MAX_PROMPT_LEN) -> torch.Te
 
 
 def detokenize(ids: torch.Tensor) -> list[str]:
-    """Inverse of :func:`tokenize` for a ``(B, L)`` id tensor (padding dropped)."""
+    """Inverse of :func:`tokenize` for a ``(B, L)`` id tensor (padding dropped); ``ValueError`` for another shape
+    or an id that names no word."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"detokenize expects a (B, L) tensor of word ids, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dim() != 2:
+        raise ValueError(f"detokenize expects a (B, L) integer tensor of word ids, got shape {tuple(ids.shape)}, "
+                         f"dtype {ids.dtype}")
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) <= len(WORDS):
+        raise ValueError(f"word ids must be in [0, {len(WORDS)}], got [{int(ids.min())}, {int(ids.max())}]")
     return [" ".join(WORDS[i - 1] for i in row.tolist() if i != PAD_ID) for row in ids]
