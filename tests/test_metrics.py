@@ -113,3 +113,12 @@ def test_fid_orders_distributions():
         fid(scenes[..., :4, :4], scenes[..., :4, :4], net)
     with pytest.raises(ValueError, match="batch_size"):
         fid(scenes, scenes, net, batch_size=0)
+
+
+def test_summarize_names_bad_tasks_and_values():
+    with pytest.raises(TypeError, match="list of task names"):  # was "unknown task names ['c', 'e', 'l', ...]"
+        summarize({"psnr": torch.zeros(7)}, "recolor")
+    with pytest.raises(ValueError, match="at least one sample"):  # was mean_ci95's "needs at least one value"
+        summarize({"psnr": torch.zeros(0)}, [])
+    with pytest.raises(TypeError, match="'psnr' must be a tensor"):  # was an AttributeError
+        summarize({"psnr": [1.0, 2.0]}, ["recolor", "recolor"])

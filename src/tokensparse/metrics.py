@@ -136,8 +136,14 @@ def summarize(per_sample: dict[str, torch.Tensor], tasks: Sequence[str]) -> dict
     """
     from .data import FAMILIES, TASKS  # local: metrics stays importable without building any data
 
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a list of task names, one per sample, got the string {tasks!r}")
     tasks = list(tasks)
+    if not tasks:
+        raise ValueError("summarize needs at least one sample (tasks is empty)")
     for name, vals in per_sample.items():
+        if not isinstance(vals, torch.Tensor):
+            raise TypeError(f"metric {name!r} must be a tensor of per-sample values, got {type(vals).__name__}")
         if vals.numel() != len(tasks):
             raise ValueError(f"metric {name!r} has {vals.numel()} values for {len(tasks)} tasks")
     unknown = sorted({t for t in tasks if t not in TASKS})
