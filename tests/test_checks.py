@@ -47,3 +47,9 @@ def test_configs_name_the_bad_field():
         TrainConfig(batch_size=8.0)
     with pytest.raises(ValueError, match="ema"):
         TrainConfig(ema=1.5)
+
+
+def test_real_calls_an_int_too_large_for_a_float_not_finite():
+    with pytest.raises(ValueError, match="x must be finite"):  # was an OverflowError naming nothing
+        checks.real("x", 10**400)
+    assert checks.real("x", 10**300) == 1e300

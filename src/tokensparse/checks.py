@@ -18,7 +18,10 @@ def real(name: str, value: object, lo: float | None = None, hi: float | None = N
     """``value`` as a finite float within ``[lo, hi]`` (``lo_open`` / ``hi_open`` exclude an end)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int (or Fraction) too large for a float
+        v = math.inf
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     below = lo is not None and (v < lo or (lo_open and v == lo))
