@@ -1,5 +1,6 @@
 """Training stream, held-out sets, floors and the task grid."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -187,3 +188,13 @@ def test_task_grid_checks_scale(tmp_path, scale, err):
     with pytest.raises(err, match="scale"):  # -1 claimed the grid was too tall ("at most -683 per task")
         save_task_grid(tmp_path / "grid.png", image_size=16, per_task=1, scale=scale)
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_batch_plan_checks_its_numbers():
+    for bad in ({"seed": 1.5}, {"k": 1.9}, {"batch_size": 2.0}):  # floats were truncated: seed 1.5 gave seed 1's plan
+        with pytest.raises(TypeError, match=f"{next(iter(bad))} must be an int"):
+            batch_plan(**{"k": 0, "batch_size": 2, **bad})
+    for bad in ({"seed": -3}, {"k": -1}, {"batch_size": -1}):  # numpy's "expected non-negative integer" / ...
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            batch_plan(**{"k": 0, "batch_size": 2, **bad})
+    assert batch_plan(np.int64(3), np.int64(2), np.int64(1)) == batch_plan(3, 2, 1)

@@ -151,6 +151,8 @@ def batch_plan(
     families it does not name weigh 1), then a task uniformly within it, and the reference count uniformly
     from the task's range. Sample seeds are drawn from the training range ``[0, HELDOUT_SEED_BASE)``.
     """
+    k, batch_size = checks.integer("k", k, lo=0), checks.integer("batch_size", batch_size, lo=1)
+    seed = checks.seed("seed", seed)
     names = _resolve_tasks(tasks)
     fams = [f for f in ALL_FAMILIES if any(TASKS[t].family == f for t in names)]
     rng = np.random.default_rng([int(seed), int(k), _STREAM_SALT])
