@@ -1,5 +1,6 @@
 import io
 
+import pytest
 from PIL import Image
 from rich.console import Console
 
@@ -17,3 +18,11 @@ def test_demo_writes_png_and_sparse_keeps_fewer_tokens(tmp_path):
     for dense, sparse in zip(rows[0::2], rows[1::2]):
         assert dense["mode"] == "dense" and sparse["tokens"] < dense["tokens"]
         assert all(r["seconds"] > 0 for r in (dense, sparse))
+
+
+def test_demo_refuses_no_repeats_before_generating(tmp_path):
+    out = tmp_path / "demo.png"
+    for repeats in (0, -1):
+        with pytest.raises(ValueError, match="repeats must be >= 1"):
+            run_demo(out, steps=1, console=Console(file=io.StringIO()), repeats=repeats)
+    assert not out.exists()

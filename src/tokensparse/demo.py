@@ -66,9 +66,11 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
     merging and guidance are left off: at RefDiT's 64 target tokens merging costs more than it saves
     (``benchmarks/results/merging.json``), and the held-out tasks have one right answer each.
     """
+    from . import checks
     from .data import heldout
     from .metrics import psnr
 
+    repeats = checks.integer("repeats", repeats, lo=1)  # the median of no runs: a StatisticsError at the end
     console = console or Console()
     model, trained = demo_model(console)
     size = model.config.image_size
