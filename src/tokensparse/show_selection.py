@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from . import checks
 from .context import SparseContextConfig, keep_mask
 from .images import load_rgb, save_png, to_tensor
 from .selection import needs_probe
@@ -91,6 +92,13 @@ def save_selection_map(refs: list[Path], selector: str, keep: float, out: Path, 
         image_size, patch_size = net.config.image_size, net.config.patch_size
     elif needs_probe(selector):
         raise ValueError(f"selector {selector!r} probes a model's attention: pass model='refdit-sparse' (or a path)")
+    else:  # no model: the grid given here (a model's config is checked when it is built)
+        image_size = checks.integer("image_size", image_size, lo=1)
+        patch_size = checks.integer("patch_size", patch_size, lo=1)
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    grid = image_size // patch_size
+    scale = checks.integer("scale", scale, lo=grid)  # every token at least one pixel wide
     images = _load_refs([Path(p) for p in refs], image_size)
     masks = selection_masks(images, cfg, patch_size, prompt, net)
     tiles = [draw_selection(im, m, scale) for im, m in zip(images, masks)]

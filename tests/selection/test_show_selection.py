@@ -55,3 +55,17 @@ def test_selection_masks_leave_the_models_sparse_context_applied(tiny):
     assert all(torch.equal(a, b) for a, b in zip(selection_masks(images, cfg, 4, "place the subject", tiny), want))
     assert sparse_context_config(tiny) == cfg  # still applied (it was removed before)
     ts.remove_sparse_context(tiny)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"image_size": 30}, "not a multiple of patch_size"),
+    ({"patch_size": 0}, "patch_size must be >= 1"),
+    ({"image_size": 0}, "image_size must be >= 1"),
+    ({"scale": 0}, "scale must be >= 8"),
+    ({"scale": 3}, "scale must be >= 8"),
+])
+def test_selection_map_refuses_a_bad_grid_or_scale_in_one_line(refs, tmp_path, kwargs, message):
+    out = tmp_path / "map.png"
+    with pytest.raises(ValueError, match=message):
+        save_selection_map(refs[:1], "foreground", 0.25, out, **kwargs)
+    assert not out.exists()
