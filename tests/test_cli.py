@@ -183,3 +183,11 @@ def test_show_selection_help_says_what_keep_and_model_do(tmp_path):
 
     masks = save_selection_map([tmp_path / "r.png"], "uniform", 0.25, tmp_path / "s2.png", model="refdit-sparse-64px")
     assert masks[0].shape == (16, 16)
+
+
+@pytest.mark.parametrize("size", ["0", "8", "264"])
+def test_show_tasks_names_the_image_sizes_it_takes(tmp_path, size):
+    res = CliRunner().invoke(app, ["show", "tasks", "--image-size", size, "--per-task", "81", "--out",
+                                   str(tmp_path / "t.png")])
+    assert res.exit_code == 1 and "a multiple of 8 in [16, 256]" in res.output  # not ">= 1", then another rule
+    assert not (tmp_path / "t.png").exists()

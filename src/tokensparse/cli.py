@@ -51,7 +51,7 @@ def show_models() -> None:
 
 @show_app.command("tasks")
 def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write."),
-               image_size: int = typer.Option(32, help="Image size of the samples."),
+               image_size: int = typer.Option(32, help="Image size of the samples (a multiple of 8 in [16, 256])."),
                per_task: int = typer.Option(3, help="Samples per task.")) -> None:
     """Draw a grid of task-suite samples: references | prompt | target, per task."""
     from .data import save_task_grid

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import checks
 from ..images import save_png
+from .bank import check_size
 from .tasks import TASKS, make_sample
 
 
@@ -30,7 +31,7 @@ def save_task_grid(
 
     ``ValueError`` for a grid taller than :data:`MAX_HEIGHT` pixels (PNG viewers' limit), before drawing it."""
     per_task = checks.integer("per_task", per_task, lo=1)
-    image_size = checks.integer("image_size", image_size, lo=1)
+    image_size = check_size(image_size)  # what make_sample takes: the one message for every size it refuses
     scale = max(1, 96 // image_size) if scale is None else checks.integer("scale", scale, lo=1)
     cell = image_size * scale
     pad, text_w = 4, 300
