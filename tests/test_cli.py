@@ -191,3 +191,18 @@ def test_show_tasks_names_the_image_sizes_it_takes(tmp_path, size):
                                    str(tmp_path / "t.png")])
     assert res.exit_code == 1 and "a multiple of 8 in [16, 256]" in res.output  # not ">= 1", then another rule
     assert not (tmp_path / "t.png").exists()
+
+
+def test_show_selection_attention_without_a_model_names_the_option(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    for selector in ("attention", "nope"):
+        res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", selector,
+                                       "--out", str(tmp_path / "s.png")])
+        assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "unknown selector 'nope'" in res.output
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", "attention",
+                                   "--out", str(tmp_path / "s.png")])
+    assert "give --model refdit-sparse" in res.output and "model='" not in res.output  # a flag, not a Python argument
+    assert not (tmp_path / "s.png").exists()

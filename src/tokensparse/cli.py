@@ -77,9 +77,12 @@ def show_selection(
                                      "patches), and the probe of selector=attention, which needs one."),
 ) -> None:
     """Draw the kept reference tokens over each reference image."""
+    from .selection import needs_probe
     from .show_selection import save_selection_map
 
     check_png_out(out)
+    if model is None and needs_probe(selector):  # the Python API's message names its model= argument
+        _fail(f"--selector {selector} probes a model's attention: give --model refdit-sparse (or a checkpoint path)")
     try:
         save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
     except (ValueError, OSError) as exc:  # OSError: unreadable image, missing checkpoint
