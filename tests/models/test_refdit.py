@@ -185,6 +185,14 @@ def test_checkpoint_of_another_architecture_names_the_misfit(tmp_path):
         ts.load_model(path)
 
 
+def test_an_exported_checkpoint_with_an_upper_case_suffix_loads_by_its_path_string(tmp_path):
+    from tokensparse.models import save_checkpoint
+
+    path = tmp_path / "W.SAFETENSORS"  # `tokensparse train --export` takes any case of .safetensors
+    save_checkpoint(ts.build_model("refdit-tiny"), path)
+    assert ts.load_model(str(path)).config == ts.build_model("refdit-tiny").config
+
+
 def test_cached_context_kv_is_exact(tiny_kv):
     refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])
     kv = tiny_kv.context_kv(refs, p)

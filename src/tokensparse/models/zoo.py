@@ -158,7 +158,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
 def load_model(name: str | Path) -> RefDiT:
     """A shipped, trained RefDiT by name (see :func:`list_models`), or your own checkpoint by the path of its
     ``.safetensors`` file (:func:`load_checkpoint`), in eval mode."""
-    if isinstance(name, Path) or (isinstance(name, str) and name.endswith(".safetensors")):
+    if isinstance(name, Path) or (isinstance(name, str) and name.lower().endswith(".safetensors")):
         return load_checkpoint(name)
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, one of {sorted(CHECKPOINTS)}, or a .safetensors path; "
