@@ -26,3 +26,15 @@ def test_demo_refuses_no_repeats_before_generating(tmp_path):
         with pytest.raises(ValueError, match="repeats must be >= 1"):
             run_demo(out, steps=1, console=Console(file=io.StringIO()), repeats=repeats)
     assert not out.exists()
+
+
+def test_demo_refuses_a_non_png_out_before_generating(tmp_path, monkeypatch):
+    import tokensparse.demo as demo
+
+    def no_model(console):
+        raise AssertionError("loaded a model for an output it cannot write")
+
+    monkeypatch.setattr(demo, "demo_model", no_model)
+    with pytest.raises(ValueError, match=r"out must be a \.png path"):
+        run_demo(tmp_path / "demo.jpg", steps=1, console=Console(file=io.StringIO()))
+    assert list(tmp_path.iterdir()) == []

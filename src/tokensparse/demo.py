@@ -71,6 +71,8 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
     from .metrics import psnr
 
     repeats = checks.integer("repeats", repeats, lo=1)  # the median of no runs: a StatisticsError at the end
+    if Path(out).suffix.lower() != ".png":  # save_png would refuse it, after all the generation
+        raise ValueError(f"out must be a .png path, got {str(out)!r}")
     console = console or Console()
     model, trained = demo_model(console)
     size = model.config.image_size
