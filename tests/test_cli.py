@@ -206,3 +206,10 @@ def test_show_selection_attention_without_a_model_names_the_option(tmp_path):
                                    "--out", str(tmp_path / "s.png")])
     assert "give --model refdit-sparse" in res.output and "model='" not in res.output  # a flag, not a Python argument
     assert not (tmp_path / "s.png").exists()
+
+
+def test_train_half_without_export_is_refused_not_ignored(tmp_path):
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--half"])
+    assert res.exit_code == 1 and "--half" in res.output and "--export" in res.output
+    assert not (tmp_path / "run").exists()  # refused before training

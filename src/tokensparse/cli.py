@@ -124,6 +124,8 @@ def train(
     from .train import TrainConfig, export_conflict, export_ema
     from .train import train as run_training
 
+    if half and export is None:  # nothing else is stored in float16: without --export it would do nothing
+        _fail("--half sets the dtype of the --export weights; give --export PATH.safetensors too")
     try:
         raw = json.loads(config.read_text())
         if not isinstance(raw, dict):
