@@ -10,6 +10,7 @@ where it probes) needs a model: a shipped name or a checkpoint path.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -80,6 +81,8 @@ def save_selection_map(refs: list[Path], selector: str, keep: float, out: Path, 
     image_size / patch_size: the token grid (RefDiT's 32 px / 4 px unless ``model`` says otherwise).
     model: a shipped model name or checkpoint path, needed by ``selector="attention"`` (its probe).
     """
+    if isinstance(refs, (str, os.PathLike)):  # a str would be read character by character as paths
+        raise TypeError(f"refs must be a list of image paths, got the single path {str(refs)!r}: pass [path]")
     if not refs:
         raise ValueError("save_selection_map needs at least one reference image")
     cfg = SparseContextConfig(keep=keep, selector=selector, adaptive=adaptive, mass=mass, allocate=allocate,

@@ -69,3 +69,10 @@ def test_selection_map_refuses_a_bad_grid_or_scale_in_one_line(refs, tmp_path, k
     with pytest.raises(ValueError, match=message):
         save_selection_map(refs[:1], "foreground", 0.25, out, **kwargs)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("as_type", [str, lambda p: p])
+def test_selection_map_names_a_single_path_given_for_the_list(refs, tmp_path, as_type):
+    with pytest.raises(TypeError, match="list of image paths.*pass \\[path\\]"):
+        save_selection_map(as_type(refs[0]), "foreground", 0.25, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
