@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+
+from ..images import to_tensor
 
 
 @dataclass
@@ -231,9 +233,8 @@ def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor
     items = value if isinstance(value, (list, tuple)) else [value]
     out: list[Tensor | None] = []
     for x in items:
-        if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, Tensor):  # a PIL image (Bria FIBO)
-            rgb = torch.from_numpy(np.asarray(x.convert("RGB"), dtype=np.float32) / 255.0)
-            out.append(rgb.permute(2, 0, 1)[None].contiguous())
+        if isinstance(x, Image.Image):  # Bria FIBO hands its references over as PIL images
+            out.append(to_tensor(x)[None].contiguous())
             continue
         if isinstance(x, Tensor) and x.dim() == 5:
             x = x[:, :, 0]
