@@ -35,6 +35,6 @@ def test_demo_refuses_a_non_png_out_before_generating(tmp_path, monkeypatch):
         raise AssertionError("loaded a model for an output it cannot write")
 
     monkeypatch.setattr(demo, "demo_model", no_model)
-    with pytest.raises(ValueError, match=r"out must be a \.png path"):
+    with pytest.raises(ValueError, match=r"output path must end in \.png"):
         run_demo(tmp_path / "demo.jpg", steps=1, console=Console(file=io.StringIO()))
     assert list(tmp_path.iterdir()) == []

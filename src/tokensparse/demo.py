@@ -14,7 +14,7 @@ from rich.table import Table
 from .api import apply_sparse_context, remove_sparse_context
 from .context import SparseContextConfig
 from .generate import generate
-from .images import save_png
+from .images import check_png_path, save_png
 from .models import RefDiT, build_model, list_models, load_model
 from .models.zoo import randomize_zero_init
 
@@ -71,8 +71,7 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
     from .metrics import psnr
 
     repeats = checks.integer("repeats", repeats, lo=1)  # the median of no runs: a StatisticsError at the end
-    if Path(out).suffix.lower() != ".png":  # save_png would refuse it, after all the generation
-        raise ValueError(f"out must be a .png path, got {str(out)!r}")
+    check_png_path(out)  # save_png would refuse it, after all the generation
     console = console or Console()
     model, trained = demo_model(console)
     size = model.config.image_size

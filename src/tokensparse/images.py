@@ -178,15 +178,21 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def check_png_path(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; ``ValueError`` unless it ends in ``.png`` (any case)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output path must end in .png, got {str(path)!r}")
+    return path
+
+
 def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
 
     Nothing is left on disk if writing fails; an ``OSError`` (no such folder, no permission, disk full) names
     ``path``, not the temp file.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"output path must end in .png, got {str(path)!r}")
+    path = check_png_path(path)
     pil = image if isinstance(image, Image.Image) else to_pil(image)
     tmp = None
     try:
