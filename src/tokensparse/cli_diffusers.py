@@ -44,21 +44,28 @@ def _pipeline_class(folder: Path) -> str | None:
 
 # pipelines whose call takes one reference image (the others take a list)
 _ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline")
-# pipelines whose call takes no output size (the reference's decides it)
-_UNSIZED = ("LongCatImageEditPipeline",)
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
 _SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 
 
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
-                    sized: bool = False) -> None:
+                    sizes: tuple[str, ...] = (), cls: type | None = None) -> None:
     """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache``, ``--proportional``,
-    missing ``--merge`` or ``--height`` / ``--width`` (``sized``) it cannot take (``None``: not known before loading,
-    nothing to check)."""
+    missing ``--merge`` or size option (``sizes``: ``"height"`` / ``"width"`` given) it cannot take (``None``: not
+    known before loading, nothing to check). ``cls``: the loaded pipeline's class (else diffusers' class ``name``),
+    whose call says which sizes it takes."""
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     if name is None:
         return
+    import diffusers
+
+    cls = cls or getattr(diffusers, name, None)
+    takes = inspect.signature(cls.__call__).parameters if cls is not None else None
+    for key in sizes:
+        if takes is not None and key not in takes:
+            why = ": it sizes its output from the reference" if name in PIPELINES else ""
+            _fail(f"{name} takes no --{key}{why}")
     supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
     if name in MASK_PIPELINES:
         _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
@@ -81,8 +88,6 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
               "K/V cache")
     if proportional and not name.startswith(("Flux2", "FluxKontext")):
         _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline: {name}'s attention takes no logit bias")
-    if sized and name in _UNSIZED:
-        _fail(f"{name} takes no --height / --width: it sizes its output from the reference")
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
@@ -229,14 +234,15 @@ def generate(
     if not local and model in {**CONFIGS, **CHECKPOINTS}:
         _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
-    checks = (len(refs), cache, proportional, merge, height is not None or width is not None)
+    sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
+    checks = (len(refs), cache, proportional, merge, sizes)
     _check_pipeline(_pipeline_class(Path(model)) if local else None, *checks)  # before loading
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
         _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
-    _check_pipeline(name, *checks)
+    _check_pipeline(name, *checks, cls=type(pipe))
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
     in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone
@@ -265,8 +271,6 @@ def generate(
         if key == "true_cfg_scale":
             kwargs["negative_prompt"] = " "
     for key, value in (("height", height), ("width", width)):
-        if value is not None and key not in params:  # LongCatImageEditPipeline
-            _fail(f"{name} takes no --{key}: it sizes its output from the reference")
         if value is not None:
             kwargs[key] = value
     if "max_area" in params and (height or width):  # Kontext rescales any size to max_area (1024^2) otherwise

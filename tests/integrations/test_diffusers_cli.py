@@ -155,7 +155,8 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
     ("QwenImageEditPlusPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
     ("LongCatImageEditPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
     ("LongCatImageEditPipeline", ["--ref", "{ref}"], "takes one reference image"),
-    ("LongCatImageEditPipeline", ["--width", "32"], "takes no --height / --width"),  # was refused after loading
+    # was refused after loading
+    ("LongCatImageEditPipeline", ["--width", "32"], "takes no --width: it sizes its output from the reference"),
     ("BriaFiboEditPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),  # likewise
     ("FluxKontextInpaintPipeline", [], "not supported here"),
     ("StableDiffusionPipeline", [], "takes no reference images here, so --ref (Sparse Context)"),
