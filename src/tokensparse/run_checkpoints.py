@@ -72,6 +72,12 @@ def read_scaler(ckpt: Path) -> dict | None:
     return read_part(ckpt, SCALER, load_optim) if (ckpt / SCALER).is_file() else None
 
 
+def scaler_restarts(ckpt: Path) -> str:
+    """What a resume says when the run has a loss scaler but checkpoint ``ckpt`` holds no state for it."""
+    return (f"checkpoint {ckpt} holds no loss-scaler state (saved by an older version): the fp16 loss scale "
+            "restarts, so this run does not continue bit-exactly")
+
+
 def restore_scaler(scaler: Any, saved: dict | None, ckpt: Path) -> bool:
     """Load ``saved`` (:func:`read_scaler` of checkpoint ``ckpt``) into the run's loss ``scaler`` (``None``: the
     run has none, nothing to do). Returns ``False`` when the run has a scaler but the checkpoint held no state

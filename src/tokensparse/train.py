@@ -56,6 +56,7 @@ from .run_checkpoints import (  # noqa: F401  (latest_checkpoint / save_run_chec
     remove_partial_saves,
     restore_scaler,
     save_run_checkpoint,
+    scaler_restarts,
     state_tensors,
 )
 from .run_processes import (  # noqa: F401  (accelerator: importable from here)
@@ -333,8 +334,7 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
             raise ValueError(f"checkpoint {ckpt}: optim.pt does not fit this run's optimizer ({exc})") from None
         check_optim_fits(opt, ckpt)
         if not restore_scaler(acc.scaler, read_scaler(ckpt), ckpt):
-            log(f"checkpoint {ckpt} holds no loss-scaler state (saved by an older version): the fp16 loss scale "
-                "restarts, so this run does not continue bit-exactly")
+            log(scaler_restarts(ckpt))
         log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from ..run_checkpoints import (
     save_checkpoint_folder,
     save_scaler,
     save_tensors,
+    scaler_restarts,
 )
 
 if TYPE_CHECKING:
@@ -215,8 +216,7 @@ def restore(resume: Resume, params: dict[str, Tensor], optimizer: torch.optim.Op
     except ValueError as exc:
         raise LoraCheckpointError(str(exc)) from None
     if not restored:
-        logger.warning("tokensparse: checkpoint %s holds no loss-scaler state (saved by an older version): the fp16 "
-                       "loss scale restarts, so this run does not continue bit-exactly", ckpt)
+        logger.warning("tokensparse: %s", scaler_restarts(ckpt))
 
 
 def save(out: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, num_processes: int,
