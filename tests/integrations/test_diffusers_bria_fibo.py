@@ -24,6 +24,8 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit
 
+from .contract import reapply_then_remove
+
 TOKENS = 8 * 8  # 128x128 images: 16 pixels per token
 REF = (np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")
 PROMPT = '{"edit_instruction": "a cat"}'
@@ -85,12 +87,7 @@ def test_identity_sparse_thinned_mask_remove_and_reapply(pipe):
     assert not full.masks[0][..., :n_txt].all()  # the text is padded: the mask's text part is not all True
     assert torch.equal(seen.masks[0], full.masks[0].index_select(-1, keys))
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
-    assert np.array_equal(run(pipe), sparse)
-    assert len(pipe.transformer._forward_pre_hooks) == 1
-    remove_sparse_context_diffusers(pipe)
-    assert not pipe.transformer._forward_pre_hooks
-    assert np.array_equal(run(pipe), dense)
+    reapply_then_remove(pipe, run, sparse, dense, [pipe.transformer])
 
 
 def test_two_references_each_keep_a_quarter(pipe):

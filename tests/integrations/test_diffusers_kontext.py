@@ -20,6 +20,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import kontext_call_kwargs, tiny_flux_kontext
 
+from .contract import reapply_then_remove
 from .proportional import assert_bias_is_duplication, keep_one_then_plain_sparse
 
 TOKENS = 8 * 8  # 32x32 target and reference
@@ -73,11 +74,7 @@ def test_identity_sparse_remove_and_reapply(pipe):
     assert seen == [TOKENS + TOKENS // 4] * 4
     assert sparse_context_state(pipe).selections == 1
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
-    assert np.array_equal(run(pipe), sparse)
-    assert len(pipe.transformer._forward_pre_hooks) == 1  # one hook, not stacked
-    remove_sparse_context_diffusers(pipe)
-    assert np.array_equal(run(pipe), dense)
+    reapply_then_remove(pipe, run, sparse, dense, [pipe.transformer])
 
 
 def test_batch_of_two_and_no_reference(pipe):

@@ -27,6 +27,8 @@ from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
 from tokensparse.integrations.merging_hooks import merging_state
 from tokensparse.selection import SCORERS
 
+from .contract import reapply_then_remove
+
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
 
@@ -67,12 +69,7 @@ def test_identity_sparse_remove_and_reapply(pipe):
     (index, layout), = state.index.values()
     assert layout.grids == [(8, 8)] and (index[:TOKENS] == torch.arange(TOKENS)).all()  # the target is whole
     assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))  # twice = once
-    assert np.array_equal(run(pipe), sparse)
-    assert len(pipe.transformer._forward_pre_hooks) == 1
-    remove_sparse_context_diffusers(pipe)
-    assert not pipe.transformer._forward_pre_hooks
-    assert np.array_equal(run(pipe), dense)
+    reapply_then_remove(pipe, run, sparse, dense, [pipe.transformer])
 
 
 def test_a_pixel_selector_scores_the_reference_image(pipe, monkeypatch):
