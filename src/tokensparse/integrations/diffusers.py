@@ -171,6 +171,7 @@ class SparseContextHook:
             self.handles += [transformer.pos_embed.register_forward_pre_hook(rope.pre_forward, with_kwargs=True),
                              transformer.pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True,
                                                                          prepend=True)]
+        self.handles += self.adapter.attach(transformer, self.state)
         transformer.__dict__[_HOOK] = self
 
     def detach(self, transformer: torch.nn.Module) -> None:
@@ -195,21 +196,22 @@ class SparseContextHook:
         for owner in self.owners:
             if _shares(owner, module):
                 check_scheduler(owner)  # a scheduler swapped after apply: this call starts a generation
-        if kwargs.get("timestep") is not None:  # also catches pipelines sharing this transformer (from_pipe)
+        t = self.adapter.timestep(kwargs)
+        if t is not None:  # also catches pipelines sharing this transformer (from_pipe)
             gen = self.state.tracker.generation
-            self.state.tracker.observe(float(kwargs["timestep"].flatten()[0]))
+            self.state.tracker.observe(t)
             if self.state.tracker.generation != gen:
                 self.state.new_generation()
         if self.state.cfg.proportional:
             check_call(kwargs)  # a K/V-cache call: the bias cannot reach its attention
         if self.adapter.is_kv_cached_call(kwargs):
             return None  # K/V of the kept references were cached at the extract step
-        hs = kwargs["hidden_states"]
+        hs = self.adapter.tokens(kwargs)
         key = (tuple(hs.shape[1:]), kwargs.get("kv_cache_mode"))
         if key in self.state.index and not self._same_references(key, hs):
             self.state.new_generation()  # new references without a visible boundary (bare transformer, 1 step)
         if key not in self.state.index:
-            entry = self._select(kwargs, key)
+            entry = self._select(kwargs, key, hs)
             if key in self.state.sizes:  # proportional: the attention must add the bias (checked per selection)
                 check_attention(module, self.state)
             self.state.index[key] = entry
@@ -221,7 +223,7 @@ class SparseContextHook:
                 self.state.warned = True
             return None
         index, layout = entry
-        self._current = (index, layout.n)
+        self._current = (index, layout.n) if self.adapter.output_is_tokens else None
         call = self.adapter.subset(kwargs, index, layout, self.state)
         bias = self.state.sizes[key][1] if key in self.state.sizes else None
         return call if bias is None else with_bias(call, bias)
@@ -252,11 +254,10 @@ class SparseContextHook:
         probe = self.state.probes.get(key)
         return probe is None or torch.equal(hs[:1, probe[0]], probe[1])
 
-    def _select(self, kwargs: dict[str, Any], key: tuple) -> tuple[Tensor, RefLayout] | None:
+    def _select(self, kwargs: dict[str, Any], key: tuple, hs: Tensor) -> tuple[Tensor, RefLayout] | None:
         layout = self.adapter.layout(kwargs)
         if layout is None:
             return None
-        hs = kwargs["hidden_states"]
         ref_pos = torch.cat([p.to(hs.device) for p in layout.positions])
         probe_pos = ref_pos[:: max(1, ref_pos.numel() // 256)]  # <= ~256 tokens fingerprint the references
         self.state.probes[key] = (probe_pos, hs[:1, probe_pos].clone())

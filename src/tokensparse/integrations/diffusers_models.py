@@ -82,7 +82,32 @@ def _grid_layout(ids: Tensor, target: int = 0) -> RefLayout | None:
     return RefLayout(ids.shape[0], positions, cells, grids)
 
 
-class FluxIdsAdapter:
+class InContextAdapter:
+    """What the hook asks of every adapter; the defaults fit transformers called with ``hidden_states (B, N, C)``,
+    a falling ``timestep`` and returning the dense token sequence (the hook scatters the kept tokens' output back).
+    Each adapter also has ``layout(kwargs) -> RefLayout | None`` and ``subset(kwargs, index, layout, state)``."""
+
+    output_is_tokens = True  # the output is (B, K, C) over the kept tokens; False: already the caller's shape
+
+    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
+        """The call's image tokens ``(B, N, C)``, the sequence :meth:`layout`'s positions index (selection features)."""
+        return kwargs["hidden_states"]
+
+    def timestep(self, kwargs: dict[str, Any]) -> float | None:
+        """The call's timestep, falling over a generation (a rise starts a new one), or ``None``."""
+        t = kwargs.get("timestep")
+        return None if t is None else float(t.flatten()[0])
+
+    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
+        """Whether the references come from a K/V cache in this call (nothing to subset)."""
+        return False
+
+    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
+        """Companion hooks on ``transformer`` (objects with ``remove()``) that read ``state`` during a call."""
+        return []
+
+
+class FluxIdsAdapter(InContextAdapter):
     """FLUX.2 and FLUX.1 Kontext: references are found and placed through ``img_ids``."""
 
     target_id = 0  # the first id coordinate of the target's tokens (every other value is a reference)
@@ -137,7 +162,7 @@ class BriaFiboAdapter(FluxIdsAdapter):
         return out
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(InContextAdapter):
     """Qwen-Image-Edit(-Plus): references are found through ``img_shapes`` and placed by RoPE rows.
 
     The transformer computes RoPE frequencies from ``img_shapes`` inside its ``pos_embed`` module, so a
@@ -177,9 +202,6 @@ class QwenImageAdapter:
         out["img_shapes"] = [[s[0], (1, 1, kept_refs)] for s in shapes]
         state.rope = (shapes, index)  # read by the pos_embed hook during this forward
         return out
-
-    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
-        return False
 
 
 # transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference
