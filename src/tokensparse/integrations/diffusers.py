@@ -2,15 +2,17 @@
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
-``LongCatImageEditPipeline``, ``BriaFiboEditPipeline`` and the inpainting ``Flux2KleinInpaintPipeline`` /
-``FluxKontextInpaintPipeline`` / ``QwenImageEditInpaintPipeline``, or their bare transformers.
+``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``, ``ZImageOmniPipeline`` and the inpainting
+``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` / ``QwenImageEditInpaintPipeline``, or their bare
+transformers.
 
 How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
 and subsets ``hidden_states`` together with their position ids, so RoPE still places every kept token
 where it came from. Target and text tokens are untouched. The output is scattered back to the dense
 sequence length (dropped reference positions are zero), so the pipeline's ``noise_pred[:, :n_target]``
-slicing and any caller expecting the dense shape keep working.
+slicing and any caller expecting the dense shape keep working. Z-Image Omni's transformer patchifies and places
+its images itself and returns the target alone: its own patchify output is thinned (:mod:`.diffusers_zimage`).
 
 The selection is computed once per generation and reused by every step and every guidance pass:
 on a pipeline, a new generation starts when the pipeline calls ``scheduler.set_timesteps`` (once per
@@ -30,7 +32,8 @@ holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every dou
 attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
 (``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
 external mask), for LongCat-Image-Edit (no attention kwargs reach its attention), for Bria FIBO Edit (its
-pipeline passes its own padding mask), with a caller's own
+pipeline passes its own padding mask), for Z-Image Omni (its attention gets only its own padding mask), with a
+caller's own
 ``attention_mask``, and under attention backends that do not add a float mask (flash, sage, varlen, ...).
 
 A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.
@@ -130,6 +133,7 @@ class _State:
         self.warned_uncaptured = False
         self.warned_count = False
         self.rope: tuple[Any, Tensor] | None = None  # Qwen: (dense img_shapes, kept index) for pos_embed
+        self.omni: tuple[Tensor, int] | None = None  # Z-Image: (kept index, dense image tokens) for KeptPatches
         self.tracker = StepTracker()
 
     def new_generation(self) -> None:
@@ -184,7 +188,7 @@ class SparseContextHook:
         """The call with the kept reference tokens (arguments stay positional or keyword as given), or ``None``
         (unchanged)."""
         self._current = None
-        self.state.rope = None
+        self.state.rope = self.state.omni = None
         if self.state.cfg.is_identity:
             return None
         call = self._subset(module, as_keywords(module, args, kwargs))
@@ -230,7 +234,7 @@ class SparseContextHook:
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None
-        self.state.rope = None
+        self.state.rope = self.state.omni = None
         if current is None:
             return output
         index, n = current

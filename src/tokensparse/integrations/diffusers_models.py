@@ -2,9 +2,9 @@
 
 Model knowledge only; the hook wiring lives in :mod:`tokensparse.integrations.diffusers`.
 
-Every supported pipeline feeds its transformer one image sequence ``hidden_states (B, N, C)`` that
-concatenates the noisy target tokens and the tokens of every reference image, and tells the transformer
-where each token sits:
+Every supported pipeline (Z-Image Omni: see below) feeds its transformer one image sequence
+``hidden_states (B, N, C)`` that concatenates the noisy target tokens and the tokens of every reference image,
+and tells the transformer where each token sits:
 
 - FLUX.2 (``Flux2Transformer2DModel``): ``img_ids (B, N, 4)`` = (T, H, W, L); the target has T = 0,
   reference ``i`` has T = 10 + 10 i. ``Flux2KleinKVPipeline`` puts the references *first* and passes
@@ -15,6 +15,10 @@ where each token sits:
 - Bria FIBO Edit (``BriaFiboTransformer2DModel``): FLUX-style ``img_ids (N, 3)``; the target has T = 0,
   reference ``i`` T = i. With padded text the pipeline adds a boolean key mask ``(B, 1, 1, S_txt + N)`` in
   ``joint_attention_kwargs["attention_mask"]``, thinned here with the kept tokens.
+- Z-Image Omni (``ZImageTransformer2DModel``): no image sequence is passed; ``x[b]`` lists sample ``b``'s
+  latents ``(C, F, H, W)``, references first, target last, and the transformer patchifies them (2x2 patches, each
+  image padded to 32 rows) into ``[caption, images, SigLIP]``, image ``j`` at positions ``(cap_end_j, h, w)``, with
+  a per-token noise mask (clean references). The subset is made on its patchify output (:mod:`.diffusers_zimage`).
 - Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
   (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
@@ -22,7 +26,8 @@ where each token sits:
   only blends the source back into the latents between steps).
 
 A :class:`RefLayout` says where the reference tokens are; an adapter subsets ``hidden_states`` together
-with whatever places the tokens (ids, or the RoPE rows for Qwen), so each kept token keeps its position.
+with whatever places the tokens (ids, or the RoPE rows for Qwen; for Z-Image the patchify output), so each kept
+token keeps its position.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import to_tensor
+from .diffusers_zimage import install as install_kept_patches
 
 
 @dataclass
@@ -204,6 +210,75 @@ class QwenImageAdapter(InContextAdapter):
         return out
 
 
+def _patches(image: Tensor, p: int, pf: int) -> Tensor:
+    """A ``(C, F, H, W)`` latent as Z-Image patchifies it: ``(F/pf * H/p * W/p, pf * p * p * C)``, row-major."""
+    c, f, h, w = image.shape
+    grid = image.reshape(c, f // pf, pf, h // p, p, w // p, p).permute(1, 3, 5, 2, 4, 6, 0)
+    return grid.reshape((f // pf) * (h // p) * (w // p), pf * p * p * c)
+
+
+class ZImageOmniAdapter(InContextAdapter):
+    """Z-Image Omni: ``x[b]`` lists sample ``b``'s images as whole ``(C, F, H, W)`` latents, the references first and
+    the noisy target last, and the transformer patchifies and places them itself (positions ``(cap_end_j, h, w)``).
+
+    The selection sees each image's patches (:func:`_patches`, padding excluded) as the image sequence
+    ``[reference 1, ..., target]``; the subset is made on the transformer's own patchify output by
+    :class:`~.diffusers_zimage.KeptPatches`, so every kept patch keeps its position id and noise-mask entry. The
+    transformer returns the target's latents only, so there is nothing to scatter back. Its SigLIP tokens (a
+    second, semantic view of each reference) stay whole. ``t`` rises over a generation: :meth:`timestep` is ``1 - t``.
+    """
+
+    output_is_tokens = False
+
+    @staticmethod
+    def _images(kwargs: dict[str, Any]) -> list[list[Tensor]] | None:
+        """Per sample, its images (``None`` entries left out); ``None`` outside omni mode (``x`` a list of tensors)."""
+        x = kwargs.get("x")
+        if not isinstance(x, (list, tuple)) or not x or not isinstance(x[0], (list, tuple)):
+            return None
+        images = [[img for img in sample if img is not None] for sample in x]
+        shapes = [[tuple(img.shape) for img in sample] for sample in images]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("Sparse Context on ZImageTransformer2DModel needs every sample of a call to have the same "
+                             f"images' sizes (the batch shares one selection), got {shapes}")
+        return images
+
+    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
+        images = self._images(kwargs)
+        if images is None:
+            return torch.zeros(len(kwargs.get("x") or [0]), 0, 1)
+        p, pf = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
+        return torch.stack([torch.cat([_patches(img, p, pf) for img in sample]) for sample in images])
+
+    def timestep(self, kwargs: dict[str, Any]) -> float | None:
+        t = kwargs.get("t")
+        return None if t is None else 1.0 - float(t.flatten()[0])
+
+    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
+        images = self._images(kwargs)
+        if images is None or len(images[0]) < 2:
+            return None
+        if kwargs.get("controlnet_block_samples") is not None:
+            raise ValueError("Sparse Context cannot thin ZImageTransformer2DModel's controlnet_block_samples (they "
+                             "are added over the dense sequence); call it without them")
+        p, pf = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
+        grids = [((f // pf) * (h // p), w // p) for _, f, h, w in (img.shape for img in images[0])]
+        device = images[0][0].device
+        positions, cells, start = [], [], 0
+        for h, w in grids[:-1]:
+            positions.append(torch.arange(start, start + h * w, device=device))
+            cells.append(torch.arange(h * w, device=device))
+            start += h * w
+        return RefLayout(start + prod(grids[-1]), positions, cells, grids[:-1])
+
+    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
+        state.omni = (index, layout.n)  # read by KeptPatches during this forward
+        return dict(kwargs)
+
+    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
+        return [install_kept_patches(transformer, state)]
+
+
 # transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference
 # images, name of that argument, its position after self)
 TRANSFORMERS: dict[str, type] = {
@@ -212,6 +287,7 @@ TRANSFORMERS: dict[str, type] = {
     "QwenImageTransformer2DModel": QwenImageAdapter,
     "LongCatImageTransformer2DModel": LongCatIdsAdapter,
     "BriaFiboTransformer2DModel": BriaFiboAdapter,
+    "ZImageTransformer2DModel": ZImageOmniAdapter,
 }
 PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),
@@ -222,6 +298,7 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "QwenImageEditPipeline": ("prepare_latents", "image", 0),
     "LongCatImageEditPipeline": ("prepare_latents", "image", 0),
     "BriaFiboEditPipeline": ("prepare_reference_latents", "image", 0),  # once per reference, a PIL image
+    "ZImageOmniPipeline": ("prepare_image_latents", "images", 0),  # a list of (1, 3, H, W) tensors
     # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
     "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),

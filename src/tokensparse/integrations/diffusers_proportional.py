@@ -24,6 +24,8 @@ Where it is exact, and where it is refused:
   nothing can hand its attention processors an ``attention_mask``.
 - Bria FIBO Edit: refused. Its pipeline passes its own boolean text-padding ``attention_mask``; the bias would
   have to be merged into it (not implemented).
+- Z-Image Omni: refused. ``ZImageTransformer2DModel.forward`` reads only the LoRA ``scale`` from
+  ``joint_attention_kwargs``; its attention gets the boolean batch-padding mask the transformer builds itself.
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
@@ -80,7 +82,10 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
                "LongCatImageTransformer2DModel": " (its forward takes no joint_attention_kwargs, so no "
                "attention_mask can reach its attention)",
                "BriaFiboTransformer2DModel": " (its pipeline passes its own text-padding attention_mask, which the "
-               "log(size) bias would have to be merged into; not implemented)"}.get(name, "")
+               "log(size) bias would have to be merged into; not implemented)",
+               "ZImageTransformer2DModel": " (its forward reads only the LoRA scale from joint_attention_kwargs and "
+               "hands its attention only the boolean batch-padding mask it builds, so no float log(size) bias can "
+               "reach it)"}.get(name, "")
         raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel) and FLUX.1 "
                          f"Kontext (FluxTransformer2DModel) pipelines, not {name}{why}; use proportional=False")
     if kv_pipeline or cache:
