@@ -6,7 +6,8 @@
 ``--model`` is a Hub id or a local pipeline directory (``save_pretrained`` layout); a local directory is
 loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLUX.2 [klein] / FLUX.2
 (``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext, Qwen-Image-Edit(-Plus),
-LongCat-Image-Edit and Bria FIBO Edit; any other pipeline whose model token merging supports (Stable Diffusion,
+LongCat-Image-Edit, Bria FIBO Edit and Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts
+the references to it); any other pipeline whose model token merging supports (Stable Diffusion,
 SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
 ``tokensparse.cli`` registers them as commands.
 """
@@ -46,6 +47,8 @@ def _pipeline_class(folder: Path) -> str | None:
 _ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline")
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
 _SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
+# pipelines whose call casts the reference pixels to bfloat16 before its VAE (which then has to be bfloat16)
+_BF16_VAE = ("ZImageOmniPipeline",)
 
 
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
@@ -255,6 +258,8 @@ def generate(
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
     pipe.to(device)
+    if name in _BF16_VAE and refs and pipe.vae.dtype != torch.bfloat16:
+        torch.nn.Module.to(pipe.vae, torch.bfloat16)  # else: "Input type (BFloat16) and bias type (float) ..."
     pipe.set_progress_bar_config(disable=True)
 
     params = inspect.signature(type(pipe).__call__).parameters

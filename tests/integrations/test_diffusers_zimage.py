@@ -175,3 +175,23 @@ def test_proportional_cache_and_controlnet_are_refused(pipe):
         tr(x, torch.tensor([0.0]), [[torch.randn(5, 16)] * 2], siglip_feats=[None], image_noise_mask=[[0, 1]],
            controlnet_block_samples={0: torch.zeros(1)})
 
+
+def test_generate_cli_takes_several_references(pipe, tmp_path):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name
+    pipe.save_pretrained(tmp_path / "zimage")
+    refs = []
+    for i in range(2):
+        ref_image(i).save(tmp_path / f"{i}.png")
+        refs += ["--ref", str(tmp_path / f"{i}.png")]
+    out = tmp_path / "z.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "zimage"), *refs, "--prompt", "a cat",
+                                   "--height", "64", "--width", "64", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output  # float32 on CPU: its VAE is made bfloat16, as the pipeline casts the refs
+    assert "ZImageOmniPipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (64, 64)
