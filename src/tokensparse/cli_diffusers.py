@@ -6,10 +6,11 @@
 ``--model`` is a Hub id or a local pipeline directory (``save_pretrained`` layout); a local directory is
 loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLUX.2 [klein] / FLUX.2
 (``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext, Qwen-Image-Edit(-Plus),
-LongCat-Image-Edit, Bria FIBO Edit and Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts
-the references to it); any other pipeline whose model token merging supports (Stable Diffusion,
-SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
-``tokensparse.cli`` registers them as commands.
+LongCat-Image-Edit, Bria FIBO Edit, Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the
+references to it) and GLM-Image (``GlmImagePipeline``, which needs ``--height`` and ``--width``); any other
+pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1) runs with
+``--merge`` alone. The functions here are plain typer-annotated functions; ``tokensparse.cli`` registers
+them as commands.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ _ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageE
 _SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 # pipelines whose call casts the reference pixels to bfloat16 before its VAE (which then has to be bfloat16)
 _BF16_VAE = ("ZImageOmniPipeline",)
+# pipelines that need --height and --width (GLM-Image's prior plans the target's token grid before it reads a reference)
+_NEEDS_SIZE = ("GlmImagePipeline",)
+# pipelines that cache their references' K/V themselves (--cache: nothing to add)
+_OWN_KV_CACHE = ("GlmImagePipeline",)
 
 
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
@@ -86,6 +91,10 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
         _fail(f"{name} takes one reference image")
     if n_refs == 0 and name in _SIZED_BY_REFERENCE:
         _fail(f"{name} needs a --ref image (it sizes its output from the reference)")
+    if name in _NEEDS_SIZE and len(sizes) < 2:
+        _fail(f"{name} needs --height and --width (its prior plans the target's token grid from them)")
+    if cache and name in _OWN_KV_CACHE:
+        _fail(f"{name} caches its reference images' K/V itself (and Sparse Context thins them): drop --cache")
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
         _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
               "K/V cache")

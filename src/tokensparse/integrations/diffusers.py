@@ -2,7 +2,8 @@
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
-``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``, ``ZImageOmniPipeline`` and the inpainting
+``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``, ``ZImageOmniPipeline``, ``GlmImagePipeline`` (GLM-Image)
+and the inpainting
 ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` / ``QwenImageEditInpaintPipeline``, or their bare
 transformers.
 
@@ -25,6 +26,9 @@ explicitly.
 With ``Flux2KleinKVPipeline`` the K/V-extract step sees only the kept references, so the cache holds
 fewer reference K/V and every later step attends to fewer keys (sparse + cache).
 
+GLM-Image always caches: its condition images' K/V are written by one transformer call each before the denoising
+loop; those calls are thinned, each selected on its own (:class:`.diffusers_models.GlmImageAdapter`).
+
 ``proportional=True`` (FLUX.2 and FLUX.1 Kontext; :mod:`.diffusers_proportional`): alongside the selection, each
 dropped reference token is assigned to the nearest kept token of its reference (L2 over the selection's latent
 features) and the hook adds ``joint_attention_kwargs["attention_mask"]``, a float ``(1, 1, 1, S_txt + K)`` mask
@@ -32,9 +36,9 @@ holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every dou
 attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
 (``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
 external mask), for LongCat-Image-Edit (no attention kwargs reach its attention), for Bria FIBO Edit (its
-pipeline passes its own padding mask), for Z-Image Omni (its attention gets only its own padding mask), with a
-caller's own
-``attention_mask``, and under attention backends that do not add a float mask (flash, sage, varlen, ...).
+pipeline passes its own padding mask), for Z-Image Omni (its attention gets only its own padding mask),
+for GLM-Image (its processor takes a text padding mask only), with a caller's own ``attention_mask``, and
+under attention backends that do not add a float mask (flash, sage, varlen, ...).
 
 A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.
 """
@@ -61,7 +65,7 @@ from ..generation import (
 )
 from ..selection import RefView, needs_probe
 from .calls import as_keywords, positional_names
-from .diffusers_capture import unwrap_capture, wrap_capture
+from .diffusers_capture import captured_inputs, unwrap_capture, wrap_capture
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
@@ -158,7 +162,7 @@ class SparseContextHook:
         self.adapter = adapter
         self.owners = owners  # the pipelines it was applied through: their calls are captured, start generations
         self.handles: list[Any] = []
-        self._current: tuple[Tensor, int] | None = None  # (kept index, dense length) of the running call
+        self._current: tuple[Tensor, RefLayout] | None = None  # (kept index, layout) of the running call
 
     def __deepcopy__(self, memo: dict) -> SparseContextHook:
         return copy_keeping_copied_owners(self, memo)
@@ -212,7 +216,9 @@ class SparseContextHook:
             return None  # K/V of the kept references were cached at the extract step
         hs = self.adapter.tokens(kwargs)
         key = (tuple(hs.shape[1:]), kwargs.get("kv_cache_mode"))
-        if key in self.state.index and not self._same_references(key, hs):
+        if self.adapter.fresh_references(kwargs):
+            self.state.new_generation()  # GLM-Image: every condition-image write call is selected on its own
+        elif key in self.state.index and not self._same_references(key, hs):
             self.state.new_generation()  # new references without a visible boundary (bare transformer, 1 step)
         if key not in self.state.index:
             entry = self._select(kwargs, key, hs)
@@ -227,7 +233,7 @@ class SparseContextHook:
                 self.state.warned = True
             return None
         index, layout = entry
-        self._current = (index, layout.n) if self.adapter.output_is_tokens else None
+        self._current = (index, layout)
         call = self.adapter.subset(kwargs, index, layout, self.state)
         bias = self.state.sizes[key][1] if key in self.state.sizes else None
         return call if bias is None else with_bias(call, bias)
@@ -237,16 +243,7 @@ class SparseContextHook:
         self.state.rope = self.state.omni = None
         if current is None:
             return output
-        index, n = current
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        if sample.shape[1] != index.numel():  # KV extract: the transformer already dropped the references
-            return output
-        dense = sample.new_zeros(sample.shape[0], n, *sample.shape[2:])
-        dense[:, index] = sample
-        if isinstance(output, tuple):
-            return (dense, *output[1:])
-        output.sample = dense
-        return output
+        return self.adapter.scatter(output, *current)
 
     # selection --------------------------------------------------------------------------------------
     def _same_references(self, key: tuple, hs: Tensor) -> bool:
@@ -273,27 +270,14 @@ class SparseContextHook:
                 "computed from the first sample's (the transformer takes one set of positions per batch)"
             )
             self.state.warned_batch = True
-        captured = self.state.forwards in (self.state.images_tick, self.state.prompts_tick)
+        inputs = self.adapter.call_inputs(self.state, kwargs)  # GLM-Image reads its own; others the pipeline's
+        images, prompts, captured = inputs if inputs is not None else captured_inputs(self.state, len(layout.grids))
         if self.owners and not captured and not self.state.warned_uncaptured:
             logger.warning(
                 "tokensparse: this transformer call did not come through a pipeline Sparse Context was applied to "
                 "(e.g. one made with from_pipe, or the bare transformer): its selection sees latents instead of "
                 "the reference pixels, and no prompt; apply_sparse_context to that pipeline too")
             self.state.warned_uncaptured = True
-        # pixels only if captured by this call (no transformer call since) and one per reference
-        images = self.state.images if self.state.images_tick == self.state.forwards else None
-        if images and len(images) != len(layout.grids):
-            if not self.state.warned_count:
-                logger.warning(
-                    "tokensparse: the pipeline passed %d reference image(s) but the transformer sees %d references; "
-                    "the selection scores latents instead of the reference pixels", len(images), len(layout.grids))
-                self.state.warned_count = True
-            images = None
-        prompts = (
-            self.state.prompts[:1]
-            if self.state.prompts and self.state.prompts_tick == self.state.forwards
-            else None
-        )
         views = []
         for r, (pos, cells, (h, w)) in enumerate(zip(layout.positions, layout.cells, layout.grids)):
             feats = hs.new_zeros(1, h * w, hs.shape[-1])
@@ -374,6 +358,8 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "
             "scores like 'foreground'", cfg.selector)
+    if cfg.cache and TRANSFORMERS[type(transformer).__name__].cache_refusal:
+        raise ValueError(TRANSFORMERS[type(transformer).__name__].cache_refusal)
     if cfg.cache and not (pipe is not None and type(pipe).__name__ in KV_PIPELINES):
         raise ValueError(
             "cache=True needs a pipeline with a reference K/V cache: use Flux2KleinKVPipeline "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from .diffusers_models import (
@@ -12,6 +13,8 @@ from .diffusers_models import (
     STACKED_REFS_ARG,
     images_for_scorers,
 )
+
+logger = logging.getLogger("tokensparse.integrations.diffusers")  # the hook's logger: one place to silence
 
 _CAPTURE = "_tokensparse_capture_original"
 
@@ -75,3 +78,20 @@ def unwrap_capture(pipe: Any) -> None:
     """Undo :func:`wrap_capture` (a pipeline without it is left as is)."""
     for name in pipe.__dict__.pop(_CAPTURE, []):
         pipe.__dict__.pop(name, None)
+
+
+def captured_inputs(state: Any, n_refs: int) -> tuple[list | None, list[str] | None, bool]:
+    """``(pixels per reference, prompts, captured)`` for the transformer call about to select: what the pipeline
+    captured just before it (no transformer call since), pixels only if one per reference (a one-time warning
+    otherwise), the first prompt; ``captured``: whether the call came through the pipeline at all."""
+    captured = state.forwards in (state.images_tick, state.prompts_tick)
+    images = state.images if state.images_tick == state.forwards else None
+    if images and len(images) != n_refs:
+        if not state.warned_count:
+            logger.warning(
+                "tokensparse: the pipeline passed %d reference image(s) but the transformer sees %d references; "
+                "the selection scores latents instead of the reference pixels", len(images), n_refs)
+            state.warned_count = True
+        images = None
+    prompts = state.prompts[:1] if state.prompts and state.prompts_tick == state.forwards else None
+    return images, prompts, captured

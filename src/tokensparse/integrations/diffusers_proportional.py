@@ -26,6 +26,9 @@ Where it is exact, and where it is refused:
   have to be merged into it (not implemented).
 - Z-Image Omni: refused. ``ZImageTransformer2DModel.forward`` reads only the LoRA ``scale`` from
   ``joint_attention_kwargs``; its attention gets the boolean batch-padding mask the transformer builds itself.
+- GLM-Image: refused. ``GlmImageAttnProcessor`` takes only a ``(batch, text length)`` padding mask and turns it into
+  a boolean one, and the denoising calls attend to the condition images through the K/V cache, which no mask
+  covers.
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
@@ -85,7 +88,10 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
                "log(size) bias would have to be merged into; not implemented)",
                "ZImageTransformer2DModel": " (its forward reads only the LoRA scale from joint_attention_kwargs and "
                "hands its attention only the boolean batch-padding mask it builds, so no float log(size) bias can "
-               "reach it)"}.get(name, "")
+               "reach it)",
+               "GlmImageTransformer2DModel": " (its GlmImageAttnProcessor takes only a (batch, text length) padding "
+               "mask, made boolean, and the denoising calls read the condition images' keys from its K/V cache, "
+               "which no mask covers)"}.get(name, "")
         raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel) and FLUX.1 "
                          f"Kontext (FluxTransformer2DModel) pipelines, not {name}{why}; use proportional=False")
     if kv_pipeline or cache:
