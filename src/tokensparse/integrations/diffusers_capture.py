@@ -8,8 +8,10 @@ from typing import Any
 
 from .diffusers_models import (
     PER_REFERENCE_IMAGE_CALLS,
+    PER_SAMPLE_IMAGES,
     PIPELINES,
     PREFERRED_IMAGE_ARG,
+    PROMPT_ARGS,
     STACKED_REFS_ARG,
     images_for_scorers,
 )
@@ -22,18 +24,24 @@ _CAPTURE = "_tokensparse_capture_original"
 def wrap_capture(pipe: Any, state: Any) -> None:
     """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``); its
     ``check_inputs``, which every pipeline call runs first, clears what an earlier call captured."""
-    image_method, arg_name, arg_pos = PIPELINES[type(pipe).__name__]
-    preferred = PREFERRED_IMAGE_ARG.get(type(pipe).__name__)
+    cls = type(pipe).__name__
+    image_method, arg_name, arg_pos = PIPELINES[cls]
+    preferred = PREFERRED_IMAGE_ARG.get(cls)
     image_args = ((preferred,) if preferred else ()) + ((arg_name, arg_pos),)
-    stacked = STACKED_REFS_ARG.get(type(pipe).__name__)
+    stacked = STACKED_REFS_ARG.get(cls)
+    prompt_method, *prompt_arg = PROMPT_ARGS.get(cls, ("encode_prompt", "prompt", 0))
+    methods = [("check_inputs", "call", ()), (image_method, "images", image_args)]
+    if prompt_method == "check_inputs":  # one wrapper: it clears the earlier captures, then takes the prompt
+        methods[0] = ("check_inputs", "call", (tuple(prompt_arg),))
+    else:
+        methods.append((prompt_method, "prompt", (tuple(prompt_arg),)))
     wrapped = []
-    for name, kind, where in (("check_inputs", "call", ()), (image_method, "images", image_args),
-                              ("encode_prompt", "prompt", (("prompt", 0),))):
+    for name, kind, where in methods:
         original = getattr(pipe, name, None)
         if original is None:
             continue
         pipe.__dict__[name] = _Capture(original, state, kind, where, stacked if kind == "images" else None,
-                                       type(pipe).__name__ in PER_REFERENCE_IMAGE_CALLS)
+                                       cls in PER_REFERENCE_IMAGE_CALLS, cls in PER_SAMPLE_IMAGES)
         wrapped.append(name)
     pipe.__dict__[_CAPTURE] = wrapped
 
@@ -42,10 +50,11 @@ class _Capture:
     """A pipeline method that first records its reference images or prompt into ``state``."""
 
     def __init__(self, original: Any, state: Any, kind: str, where: tuple[tuple[str, int], ...],
-                 batch: tuple[str, int] | None = None, per_reference: bool = False) -> None:
+                 batch: tuple[str, int] | None = None, per_reference: bool = False, per_sample: bool = False) -> None:
         self.original, self.state, self.kind, self.where = original, state, kind, where
         self.batch = batch  # the batch-size argument, where an item of several images is several references
         self.per_reference = per_reference  # the method runs once per reference: a call's captures accumulate
+        self.per_sample = per_sample  # the images argument lists the samples: the first sample's are the references
         functools.update_wrapper(self, original)
 
     def _value(self, args: tuple, kwargs: dict, where: tuple[tuple[str, int], ...] | None = None) -> Any:
@@ -60,14 +69,17 @@ class _Capture:
         state = self.state
         if self.kind == "call":  # every pipeline call checks its inputs first: an earlier (failed) call's
             state.images, state.images_tick, state.prompts_tick = None, -1, -1  # captures no longer count
-        elif self.kind == "images":
+        if self.kind == "images":
             batch = self._value(args, kwargs, (self.batch,)) if self.batch else None
-            images = images_for_scorers(self._value(args, kwargs), batch)
+            value = self._value(args, kwargs)
+            if self.per_sample and isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            images = images_for_scorers(value, batch)
             if self.per_reference and state.images is not None and state.images_tick == state.forwards:
                 images = state.images + (images or [None])  # the next reference of the same call
             state.images = images
             state.images_tick = state.forwards
-        elif state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after the positive one
+        elif self.where and state.prompts_tick != state.forwards:  # else: the negative prompt, encoded after it
             prompt = self._value(args, kwargs)
             state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
             state.prompts_tick = state.forwards

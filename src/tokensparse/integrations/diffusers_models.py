@@ -28,15 +28,17 @@ and tells the transformer where each token sits:
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
   ``QwenImageEditInpaintPipeline`` has the same layout with one reference, the unmasked source image (its mask
   only blends the source back into the latents between steps).
+- JoyImage Edit (``JoyImageEditTransformer3DModel``) and Edit Plus (``JoyImageEditPlusTransformer3DModel``): no
+  ids; RoPE from shapes inside the forward (6D latents with the references first; Plus: patches and a
+  ``shape_list``), so a pre-hook on every block swaps in the kept tokens' rows: :mod:`.diffusers_joyimage`.
 
 A :class:`RefLayout` says where the reference tokens are; an adapter subsets ``hidden_states`` together
-with whatever places the tokens (ids, or the RoPE rows for Qwen; for Z-Image the patchify output), so each kept
-token keeps its position.
+with whatever places the tokens (ids, or the RoPE rows for Qwen and JoyImage; for Z-Image the patchify
+output), so each kept token keeps its position.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import prod
 from typing import Any
 
@@ -45,27 +47,10 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import to_tensor
-from .diffusers_zimage import install as install_kept_patches
-
-
-@dataclass
-class RefLayout:
-    """The reference tokens of one transformer call.
-
-    n: length of the dense image sequence (target + references).
-    positions: per reference, ``(n_r,)`` positions of its tokens in the sequence.
-    cells: per reference, ``(n_r,)`` row-major index of each token's cell in its ``h x w`` grid.
-    grids: per reference, its grid ``(h, w)``.
-    """
-
-    n: int
-    positions: list[Tensor]
-    cells: list[Tensor]
-    grids: list[tuple[int, int]]
-
-    @property
-    def num_ref_tokens(self) -> int:
-        return sum(len(p) for p in self.positions)
+from .diffusers_glm_image import GlmImageAdapter
+from .diffusers_joyimage import JoyImageAdapter, JoyImageEditPlusAdapter
+from .diffusers_layout import InContextAdapter, RefLayout
+from .diffusers_zimage import ZImageOmniAdapter
 
 
 def _grid_layout(ids: Tensor, target: int = 0) -> RefLayout | None:
@@ -90,55 +75,6 @@ def _grid_layout(ids: Tensor, target: int = 0) -> RefLayout | None:
         cells.append(rows * w + cols)
         grids.append((h, w))
     return RefLayout(ids.shape[0], positions, cells, grids)
-
-
-class InContextAdapter:
-    """What the hook asks of every adapter; the defaults fit transformers called with ``hidden_states (B, N, C)``,
-    a falling ``timestep``, the references' pixels captured from the pipeline, and returning the token sequence
-    (:meth:`scatter` puts the kept tokens' output back). Each adapter also has ``layout(kwargs) -> RefLayout | None``
-    and ``subset(kwargs, index, layout, state)``."""
-
-    cache_refusal: str | None = None  # why cache=True cannot run on this transformer, if it cannot
-
-    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
-        """The call's image tokens ``(B, N, C)``, the sequence :meth:`layout`'s positions index (selection features)."""
-        return kwargs["hidden_states"]
-
-    def timestep(self, kwargs: dict[str, Any]) -> float | None:
-        """The call's timestep, falling over a generation (a rise starts a new one), or ``None``."""
-        t = kwargs.get("timestep")
-        return None if t is None else float(t.flatten()[0])
-
-    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
-        """Whether the references come from a K/V cache in this call (nothing to subset)."""
-        return False
-
-    def fresh_references(self, kwargs: dict[str, Any]) -> bool:
-        """Whether this call's references get a selection of their own (not the generation's)."""
-        return False
-
-    def call_inputs(self, state: Any, kwargs: dict[str, Any]) -> tuple[list | None, list | None, bool] | None:
-        """``(pixels per reference, prompts, captured)`` for this call's selection; ``None``: what the pipeline's
-        capture holds (the default)."""
-        return None
-
-    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
-        """Companion hooks on ``transformer`` (objects with ``remove()``) that read ``state`` during a call."""
-        return []
-
-    def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
-        """The thinned call's output in the caller's shape: the kept tokens' rows put back at ``index`` of the dense
-        ``layout.n``-token sequence (dropped rows zero); unchanged where the output is not over the kept tokens
-        (a K/V extract step: the transformer already dropped the references)."""
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        if sample.shape[1] != index.numel():
-            return output
-        dense = sample.new_zeros(sample.shape[0], layout.n, *sample.shape[2:])
-        dense[:, index] = sample
-        if isinstance(output, tuple):
-            return (dense, *output[1:])
-        output.sample = dense
-        return output
 
 
 class FluxIdsAdapter(InContextAdapter):
@@ -238,191 +174,6 @@ class QwenImageAdapter(InContextAdapter):
         return out
 
 
-def _patches(image: Tensor, p: int, pf: int) -> Tensor:
-    """A ``(C, F, H, W)`` latent as Z-Image patchifies it: ``(F/pf * H/p * W/p, pf * p * p * C)``, row-major."""
-    c, f, h, w = image.shape
-    grid = image.reshape(c, f // pf, pf, h // p, p, w // p, p).permute(1, 3, 5, 2, 4, 6, 0)
-    return grid.reshape((f // pf) * (h // p) * (w // p), pf * p * p * c)
-
-
-class ZImageOmniAdapter(InContextAdapter):
-    """Z-Image Omni: ``x[b]`` lists sample ``b``'s images as whole ``(C, F, H, W)`` latents, the references first and
-    the noisy target last, and the transformer patchifies and places them itself (positions ``(cap_end_j, h, w)``).
-
-    The selection sees each image's patches (:func:`_patches`, padding excluded) as the image sequence
-    ``[reference 1, ..., target]``; the subset is made on the transformer's own patchify output by
-    :class:`~.diffusers_zimage.KeptPatches`, so every kept patch keeps its position id and noise-mask entry. The
-    transformer returns the target's latents only, so there is nothing to scatter back. Its SigLIP tokens (a
-    second, semantic view of each reference) stay whole. ``t`` rises over a generation: :meth:`timestep` is ``1 - t``.
-    """
-
-    @staticmethod
-    def _images(kwargs: dict[str, Any]) -> list[list[Tensor]] | None:
-        """Per sample, its images (``None`` entries left out); ``None`` outside omni mode (``x`` a list of tensors)."""
-        x = kwargs.get("x")
-        if not isinstance(x, (list, tuple)) or not x or not isinstance(x[0], (list, tuple)):
-            return None
-        images = [[img for img in sample if img is not None] for sample in x]
-        shapes = [[tuple(img.shape) for img in sample] for sample in images]
-        if any(s != shapes[0] for s in shapes[1:]):
-            raise ValueError("Sparse Context on ZImageTransformer2DModel needs every sample of a call to have the same "
-                             f"images' sizes (the batch shares one selection), got {shapes}")
-        return images
-
-    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
-        images = self._images(kwargs)
-        if images is None:
-            return torch.zeros(len(kwargs.get("x") or [0]), 0, 1)
-        p, pf = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
-        return torch.stack([torch.cat([_patches(img, p, pf) for img in sample]) for sample in images])
-
-    def timestep(self, kwargs: dict[str, Any]) -> float | None:
-        t = kwargs.get("t")
-        return None if t is None else 1.0 - float(t.flatten()[0])
-
-    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
-        images = self._images(kwargs)
-        if images is None or len(images[0]) < 2:
-            return None
-        if kwargs.get("controlnet_block_samples") is not None:
-            raise ValueError("Sparse Context cannot thin ZImageTransformer2DModel's controlnet_block_samples (they "
-                             "are added over the dense sequence); call it without them")
-        p, pf = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
-        grids = [((f // pf) * (h // p), w // p) for _, f, h, w in (img.shape for img in images[0])]
-        device = images[0][0].device
-        positions, cells, start = [], [], 0
-        for h, w in grids[:-1]:
-            positions.append(torch.arange(start, start + h * w, device=device))
-            cells.append(torch.arange(h * w, device=device))
-            start += h * w
-        return RefLayout(start + prod(grids[-1]), positions, cells, grids[:-1])
-
-    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
-        state.omni = (index, layout.n)  # read by KeptPatches during this forward
-        return dict(kwargs)
-
-    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
-        return [install_kept_patches(transformer, state)]
-
-    def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
-        return output  # the target's latents alone, as dense
-
-
-class GlmImageAdapter(InContextAdapter):
-    """GLM-Image: each condition image has its own "write" call, whose K/V the denoising calls read from the cache.
-
-    ``hidden_states`` is a latent ``(B, C, H, W)`` the transformer patchifies itself, with RoPE over its own
-    ``H/p x W/p`` grid. A write call is thinned by handing the transformer the kept patches side by side, a
-    ``(B, C, p, K p)`` latent, with their dense RoPE rows as ``image_rotary_emb`` and their ``prior_token_id`` /
-    ``prior_token_drop``; the cache then stores the kept tokens' K/V, and :meth:`scatter` puts the output back on
-    the dense grid (dropped tokens zero).
-
-    Each write is selected on its own (:meth:`fresh_references`), with that image's pixels and its prompt
-    (:meth:`call_inputs`): every sample of a batch gets its own selection (the cache is per sample), but condition
-    images cannot share a budget (``allocate``), and ``random`` keeps the same cells of same-sized images. The
-    samples must keep equal token counts (the pipeline stacks their caches): counts that differ (adaptive budgets)
-    are a ``ValueError`` at the first denoising call.
-    """
-
-    cache_refusal = ("cache=True is for Flux2KleinKVPipeline; GlmImagePipeline caches its condition images' K/V "
-                     "itself (one write pass per image before the denoising loop, which Sparse Context thins): use "
-                     "cache=False")
-
-    def __init__(self) -> None:
-        self.rope: Any = None  # the transformer's GlmImageRotaryPosEmbed (attach)
-        self.patch = 1
-        self.first_write = -2  # state.forwards at the first write of the current pipeline call
-
-    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
-        """Remember the transformer's RoPE module and patch size (no companion hook)."""
-        self.rope, self.patch = transformer.rope, int(transformer.config.patch_size)
-        return []
-
-    @staticmethod
-    def _mode(kwargs: dict[str, Any]) -> str | None:
-        caches = kwargs.get("kv_caches")
-        return caches[0].mode if caches is not None and getattr(caches, "num_layers", 0) else None
-
-    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
-        """The latent's patches ``(B, N, C p p)``, in the order of the transformer's ``image_projector``."""
-        hs, p = kwargs["hidden_states"], self.patch
-        b, c, h, w = hs.shape
-        if h % p or w % p:
-            raise ValueError(f"hidden_states {tuple(hs.shape)} is not a whole number of {p}x{p} patches")
-        return hs.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // p ** 2, -1)
-
-    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
-        if self._mode(kwargs) != "write":
-            return None  # a call without a condition image (text-to-image, or no cache)
-        _, _, h, w = kwargs["hidden_states"].shape
-        grid = (h // self.patch, w // self.patch)
-        n = grid[0] * grid[1]
-        if kwargs["prior_token_id"].shape[-1] != n:
-            raise ValueError(f"prior_token_id has {kwargs['prior_token_id'].shape[-1]} tokens but the latent {n}")
-        cells = torch.arange(n, device=kwargs["hidden_states"].device)
-        return RefLayout(n, [cells], [cells], [grid])
-
-    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
-        out, p = dict(kwargs), self.patch
-        hs = kwargs["hidden_states"]
-        kept = self.tokens(kwargs).index_select(1, index.to(hs.device))  # (B, K, C p p)
-        b, k = kept.shape[:2]
-        out["hidden_states"] = kept.reshape(b, k, hs.shape[1], p, p).permute(0, 2, 3, 1, 4).reshape(
-            b, hs.shape[1], p, k * p)  # the kept patches side by side: the projector makes exactly these K tokens
-        rope = kwargs.get("image_rotary_emb")
-        if rope is None:
-            rope = self.rope(hs)
-        if not isinstance(rope, tuple) or any(r.shape[0] != layout.n for r in rope):
-            raise ValueError(f"image_rotary_emb must be a (cos, sin) pair of {layout.n} rows")
-        out["image_rotary_emb"] = tuple(r.index_select(0, index.to(r.device)) for r in rope)
-        for name in ("prior_token_id", "prior_token_drop"):
-            out[name] = kwargs[name].index_select(-1, index.to(kwargs[name].device))
-        return out
-
-    def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
-        """The thinned call's output ``(B, C, p, K p)`` on the dense ``(B, C, H, W)`` grid, dropped tokens zero."""
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        (h, w), p = layout.grids[0], self.patch
-        b, c = sample.shape[:2]
-        kept = sample.reshape(b, c, p, -1, p).permute(0, 3, 1, 2, 4)  # (B, K, C, p, p)
-        dense = kept.new_zeros(b, layout.n, c, p, p)
-        dense[:, index.to(kept.device)] = kept
-        dense = dense.reshape(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h * p, w * p)
-        if isinstance(output, tuple):
-            return (dense, *output[1:])
-        output.sample = dense
-        return output
-
-    def fresh_references(self, kwargs: dict[str, Any]) -> bool:
-        """Every write call brings its own condition image: select anew."""
-        return self._mode(kwargs) == "write"
-
-    def call_inputs(self, state: Any, kwargs: dict[str, Any]) -> tuple[list | None, list | None, bool]:
-        """``(pixels, prompts, captured)`` for this write: the pipeline captured every condition image (sample-major)
-        and the prompts once, just before its first write; write ``j`` of the call is image ``j``, of sample
-        ``kv_caches``' current one."""
-        cache = kwargs["kv_caches"][0]
-        if cache.current_sample_idx == 0 and not cache.k_caches:  # the first write into a fresh cache
-            self.first_write = state.forwards
-        j, sample = state.forwards - self.first_write, cache.current_sample_idx
-        images = state.images[j:j + 1] if state.images and state.images_tick == self.first_write else None
-        prompts = (state.prompts[sample:sample + 1]
-                   if state.prompts and state.prompts_tick == self.first_write else None)
-        return images or None, prompts or None, self.first_write in (state.images_tick, state.prompts_tick)
-
-    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
-        """A denoising call: the condition K/V come from the cache ("read"), or not at all ("skip")."""
-        mode = self._mode(kwargs)
-        if mode == "read":
-            lengths = {k.shape[1] for k in kwargs["kv_caches"][0].k_caches}
-            if len(lengths) > 1:
-                raise ValueError(
-                    f"the samples' condition images left K/V caches of {sorted(lengths)} tokens; GLM-Image stacks "
-                    "them per batch, so every sample must keep as many tokens (same-sized condition images, "
-                    "and a fixed budget: not adaptive=True)")
-        return mode in ("read", "skip")
-
-
 # transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference
 # images, name of that argument, its position after self)
 TRANSFORMERS: dict[str, type] = {
@@ -433,6 +184,8 @@ TRANSFORMERS: dict[str, type] = {
     "BriaFiboTransformer2DModel": BriaFiboAdapter,
     "ZImageTransformer2DModel": ZImageOmniAdapter,
     "GlmImageTransformer2DModel": GlmImageAdapter,
+    "JoyImageEditTransformer3DModel": JoyImageAdapter,
+    "JoyImageEditPlusTransformer3DModel": JoyImageEditPlusAdapter,
 }
 PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),
@@ -446,6 +199,9 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "ZImageOmniPipeline": ("prepare_image_latents", "images", 0),  # a list of (1, 3, H, W) tensors
     # every prompt's condition images as PIL images, before its first transformer call (nested per prompt)
     "GlmImagePipeline": ("_validate_and_normalize_images", "image", 0),
+    # JoyImage: PIL images per sample (JoyImageEditPipeline: each sample's one reference; Plus: its list of them)
+    "JoyImageEditPipeline": ("prepare_latents", "image", 9),
+    "JoyImageEditPlusPipeline": ("prepare_latents", "reference_images", 7),
     # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
     "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),
@@ -458,6 +214,12 @@ PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline":
 STACKED_REFS_ARG: dict[str, tuple[str, int]] = {"Flux2KleinInpaintPipeline": ("batch_size", 1)}
 # pipelines whose image method runs once per reference (each call's images follow the earlier ones of the call)
 PER_REFERENCE_IMAGE_CALLS = ("BriaFiboEditPipeline",)
+# pipelines whose image argument lists the batch's samples: the first sample's references are scored
+PER_SAMPLE_IMAGES = ("JoyImageEditPipeline", "JoyImageEditPlusPipeline")
+# where a pipeline's prompt is captured when not encode_prompt's "prompt" (method, argument, position after self);
+# JoyImage Plus encodes templated prompts, so its check_inputs gives the caller's
+PROMPT_ARGS: dict[str, tuple[str, str, int]] = {"JoyImageEditPipeline": ("encode_prompt_multiple_images", "prompt", 0),
+                                                "JoyImageEditPlusPipeline": ("check_inputs", "prompt", 0)}
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
 # inpainting: need a mask image
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline", "QwenImageEditInpaintPipeline")

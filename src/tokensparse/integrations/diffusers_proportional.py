@@ -29,6 +29,9 @@ Where it is exact, and where it is refused:
 - GLM-Image: refused. ``GlmImageAttnProcessor`` takes only a ``(batch, text length)`` padding mask and turns it into
   a boolean one, and the denoising calls attend to the condition images through the K/V cache, which no mask
   covers.
+- JoyImage Edit / Edit Plus: refused. Their forwards take no attention kwargs; ``JoyImageAttnProcessor`` calls the
+  attention with ``attn_mask=None`` and the Plus transformer passes only the boolean padding mask it builds from
+  ``encoder_hidden_states_mask``.
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
@@ -91,7 +94,11 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
                "reach it)",
                "GlmImageTransformer2DModel": " (its GlmImageAttnProcessor takes only a (batch, text length) padding "
                "mask, made boolean, and the denoising calls read the condition images' keys from its K/V cache, "
-               "which no mask covers)"}.get(name, "")
+               "which no mask covers)",
+               "JoyImageEditTransformer3DModel": " (its forward takes no attention kwargs and JoyImageAttnProcessor "
+               "calls the attention with attn_mask=None, so no log(size) bias can reach it)",
+               "JoyImageEditPlusTransformer3DModel": " (its forward takes no attention kwargs; its attention gets only "
+               "the boolean padding mask it builds from encoder_hidden_states_mask)"}.get(name, "")
         raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel) and FLUX.1 "
                          f"Kontext (FluxTransformer2DModel) pipelines, not {name}{why}; use proportional=False")
     if kv_pipeline or cache:

@@ -17,10 +17,13 @@ padding rows stay as they were (they are the transformer's learned pad token, no
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .diffusers_layout import InContextAdapter, RefLayout
 
 ATTR = "patchify_and_embed_omni"
 _RETURNS = 14  # patchify_and_embed_omni's return tuple (diffusers 0.42)
@@ -87,3 +90,73 @@ def thin_patches(out: tuple, index: Tensor, n: int, n_target: int) -> tuple:
         start = offsets[i][0]
         offsets[i] = (start + rows.numel() - tail, start + rows.numel())
     return out
+
+
+def _patches(image: Tensor, p: int, pf: int) -> Tensor:
+    """A ``(C, F, H, W)`` latent as Z-Image patchifies it: ``(F/pf * H/p * W/p, pf * p * p * C)``, row-major."""
+    c, f, h, w = image.shape
+    grid = image.reshape(c, f // pf, pf, h // p, p, w // p, p).permute(1, 3, 5, 2, 4, 6, 0)
+    return grid.reshape((f // pf) * (h // p) * (w // p), pf * p * p * c)
+
+
+class ZImageOmniAdapter(InContextAdapter):
+    """Z-Image Omni: ``x[b]`` lists sample ``b``'s images as whole ``(C, F, H, W)`` latents, the references first and
+    the noisy target last, and the transformer patchifies and places them itself (positions ``(cap_end_j, h, w)``).
+
+    The selection sees each image's patches (:func:`_patches`, padding excluded) as the image sequence
+    ``[reference 1, ..., target]``; the subset is made on the transformer's own patchify output by
+    :class:`~.diffusers_zimage.KeptPatches`, so every kept patch keeps its position id and noise-mask entry. The
+    transformer returns the target's latents only, so there is nothing to scatter back. Its SigLIP tokens (a
+    second, semantic view of each reference) stay whole. ``t`` rises over a generation: :meth:`timestep` is ``1 - t``.
+    """
+
+    @staticmethod
+    def _images(kwargs: dict[str, Any]) -> list[list[Tensor]] | None:
+        """Per sample, its images (``None`` entries left out); ``None`` outside omni mode (``x`` a list of tensors)."""
+        x = kwargs.get("x")
+        if not isinstance(x, (list, tuple)) or not x or not isinstance(x[0], (list, tuple)):
+            return None
+        images = [[img for img in sample if img is not None] for sample in x]
+        shapes = [[tuple(img.shape) for img in sample] for sample in images]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("Sparse Context on ZImageTransformer2DModel needs every sample of a call to have the same "
+                             f"images' sizes (the batch shares one selection), got {shapes}")
+        return images
+
+    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
+        images = self._images(kwargs)
+        if images is None:
+            return torch.zeros(len(kwargs.get("x") or [0]), 0, 1)
+        p, pf = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
+        return torch.stack([torch.cat([_patches(img, p, pf) for img in sample]) for sample in images])
+
+    def timestep(self, kwargs: dict[str, Any]) -> float | None:
+        t = kwargs.get("t")
+        return None if t is None else 1.0 - float(t.flatten()[0])
+
+    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
+        images = self._images(kwargs)
+        if images is None or len(images[0]) < 2:
+            return None
+        if kwargs.get("controlnet_block_samples") is not None:
+            raise ValueError("Sparse Context cannot thin ZImageTransformer2DModel's controlnet_block_samples (they "
+                             "are added over the dense sequence); call it without them")
+        p, pf = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
+        grids = [((f // pf) * (h // p), w // p) for _, f, h, w in (img.shape for img in images[0])]
+        device = images[0][0].device
+        positions, cells, start = [], [], 0
+        for h, w in grids[:-1]:
+            positions.append(torch.arange(start, start + h * w, device=device))
+            cells.append(torch.arange(h * w, device=device))
+            start += h * w
+        return RefLayout(start + prod(grids[-1]), positions, cells, grids[:-1])
+
+    def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
+        state.omni = (index, layout.n)  # read by KeptPatches during this forward
+        return dict(kwargs)
+
+    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
+        return [install(transformer, state)]
+
+    def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
+        return output  # the target's latents alone, as dense

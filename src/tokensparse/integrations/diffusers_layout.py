@@ -1,0 +1,91 @@
+"""The base of the diffusers adapters: where a transformer call's reference tokens are (:class:`RefLayout`) and
+what the Sparse Context hook asks of an adapter (:class:`InContextAdapter`). Model knowledge lives in the family
+modules (:mod:`.diffusers_models` and the modules it imports); the wiring in :mod:`.diffusers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RefLayout:
+    """The reference tokens of one transformer call.
+
+    n: length of the dense image sequence (target + references).
+    positions: per reference, ``(n_r,)`` positions of its tokens in the sequence.
+    cells: per reference, ``(n_r,)`` row-major index of each token's cell in its ``h x w`` grid.
+    grids: per reference, its grid ``(h, w)``.
+    """
+
+    n: int
+    positions: list[Tensor]
+    cells: list[Tensor]
+    grids: list[tuple[int, int]]
+
+    @property
+    def num_ref_tokens(self) -> int:
+        return sum(len(p) for p in self.positions)
+
+
+class InContextAdapter:
+    """What the hook asks of every adapter; the defaults fit transformers called with ``hidden_states (B, N, C)``,
+    a falling ``timestep``, the references' pixels captured from the pipeline, and returning the token sequence
+    (:meth:`scatter` puts the kept tokens' output back). Each adapter also has ``layout(kwargs) -> RefLayout | None``
+    and ``subset(kwargs, index, layout, state)``."""
+
+    cache_refusal: str | None = None  # why cache=True cannot run on this transformer, if it cannot
+
+    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
+        """The call's image tokens ``(B, N, C)``, the sequence :meth:`layout`'s positions index (selection features)."""
+        return kwargs["hidden_states"]
+
+    def timestep(self, kwargs: dict[str, Any]) -> float | None:
+        """The call's timestep, falling over a generation (a rise starts a new one), or ``None``."""
+        t = kwargs.get("timestep")
+        return None if t is None else float(t.flatten()[0])
+
+    def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
+        """Whether the references come from a K/V cache in this call (nothing to subset)."""
+        return False
+
+    def fresh_references(self, kwargs: dict[str, Any]) -> bool:
+        """Whether this call's references get a selection of their own (not the generation's)."""
+        return False
+
+    def call_inputs(self, state: Any, kwargs: dict[str, Any]) -> tuple[list | None, list | None, bool] | None:
+        """``(pixels per reference, prompts, captured)`` for this call's selection; ``None``: what the pipeline's
+        capture holds (the default)."""
+        return None
+
+    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
+        """Companion hooks on ``transformer`` (objects with ``remove()``) that read ``state`` during a call."""
+        return []
+
+    def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
+        """The thinned call's output in the caller's shape: the kept tokens' rows put back at ``index`` of the dense
+        ``layout.n``-token sequence (dropped rows zero); unchanged where the output is not over the kept tokens
+        (a K/V extract step: the transformer already dropped the references)."""
+        sample = output_sample(output)
+        if sample.shape[1] != index.numel():
+            return output
+        dense = sample.new_zeros(sample.shape[0], layout.n, *sample.shape[2:])
+        dense[:, index] = sample
+        return with_sample(output, dense)
+
+
+def output_sample(output: Any) -> Tensor:
+    """The prediction in a transformer's output (a tuple's first item, or ``.sample``)."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def with_sample(output: Any, sample: Tensor) -> Any:
+    """``output`` with its prediction replaced by ``sample`` (a new tuple, or the output object updated)."""
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    output.sample = sample
+    return output
