@@ -7,10 +7,10 @@
 loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLUX.2 [klein] / FLUX.2
 (``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext, Qwen-Image-Edit(-Plus),
 LongCat-Image-Edit, Bria FIBO Edit, Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the
-references to it) and GLM-Image (``GlmImagePipeline``, which needs ``--height`` and ``--width``); any other
-pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1) runs with
-``--merge`` alone. The functions here are plain typer-annotated functions; ``tokensparse.cli`` registers
-them as commands.
+references to it), GLM-Image (``GlmImagePipeline``, which needs ``--height`` and ``--width``) and JoyImage Edit
+(``JoyImageEditPipeline``: one reference; ``JoyImageEditPlusPipeline``: several); any other pipeline whose model
+token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions
+here are plain typer-annotated functions; ``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _pipeline_class(folder: Path) -> str | None:
 
 
 # pipelines whose call takes one reference image (the others take a list)
-_ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline")
+_ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline", "JoyImageEditPipeline")
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
 _SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 # pipelines whose call casts the reference pixels to bfloat16 before its VAE (which then has to be bfloat16)
@@ -274,7 +274,8 @@ def generate(
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
     if refs:
-        kwargs["image"] = refs[0] if name in _ONE_REFERENCE else refs
+        key = "image" if "image" in params else "images"  # JoyImageEditPlusPipeline: images
+        kwargs[key] = refs[0] if name in _ONE_REFERENCE else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:

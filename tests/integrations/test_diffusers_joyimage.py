@@ -252,3 +252,51 @@ def test_mrope_text_rows_stay_dense_on_the_bare_edit_transformer():
         sparse = tr(**call)[0]
     assert sparse.shape == dense.shape and not torch.equal(sparse[:, -1], dense[:, -1])
 
+
+# tokensparse generate ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app():
+    import typer
+
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
+    return app
+
+
+def cli(app, folder, cls, refs, *extra):
+    from typer.testing import CliRunner
+
+    folder.mkdir(exist_ok=True)
+    (folder / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--out", str(folder / "o.png"), *extra]
+    for i, ref in enumerate(refs):
+        Image.fromarray(ref).save(folder / f"ref{i}.png")
+        args += ["--ref", str(folder / f"ref{i}.png")]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("name, cls, refs", [("edit", "JoyImageEditPipeline", [REF]),
+                                             ("plus", "JoyImageEditPlusPipeline", [REF, REF_WIDE])])
+def test_generate_runs_joyimage(name, cls, refs, request, app, tmp_path, monkeypatch):
+    import diffusers
+
+    pipe = request.getfixturevalue(name)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pipe)
+    res = cli(app, tmp_path / name, cls, refs, "--steps", "2")
+    assert res.exit_code == 0, res.output  # Plus: its call takes images=, not image=
+    assert f"({cls}, {len(refs)} reference(s), keep=0.25" in res.output
+    assert Image.open(tmp_path / name / "o.png").size == refs[-1].shape[1::-1]  # sized by the (last) reference
+
+
+@pytest.mark.parametrize("cls, refs, extra, message", [
+    ("JoyImageEditPipeline", [REF, REF], [], "JoyImageEditPipeline takes one reference image"),
+    ("JoyImageEditPipeline", [REF], ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
+    ("JoyImageEditPlusPipeline", [REF], ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
+    ("JoyImageEditPlusPipeline", [REF], ["--cache"], "--cache needs FLUX.2"),
+])
+def test_generate_refuses_what_joyimage_cannot_take_before_loading(app, tmp_path, cls, refs, extra, message):
+    res = cli(app, tmp_path / "joy", cls, refs, *extra)  # only model_index.json: loading would fail
+    assert res.exit_code == 1 and message in res.output and "cannot load" not in res.output
