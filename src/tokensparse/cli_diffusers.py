@@ -6,11 +6,12 @@
 ``--model`` is a Hub id or a local pipeline directory (``save_pretrained`` layout); a local directory is
 loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLUX.2 [klein] / FLUX.2
 (``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext, Qwen-Image-Edit(-Plus),
-LongCat-Image-Edit, Bria FIBO Edit, Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the
-references to it), GLM-Image (``GlmImagePipeline``, which needs ``--height`` and ``--width``) and JoyImage Edit
-(``JoyImageEditPipeline``: one reference; ``JoyImageEditPlusPipeline``: several); any other pipeline whose model
-token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions
-here are plain typer-annotated functions; ``tokensparse.cli`` registers them as commands.
+LongCat-Image-Edit, Bria FIBO Edit, Fibo 2.0 (``BriaFibo2Pipeline``), Qwen-Image 2.1 (``QwenImage21Pipeline``),
+Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the references to it), GLM-Image (``GlmImagePipeline``,
+which needs ``--height`` and ``--width``) and JoyImage Edit (``JoyImageEditPipeline``: one reference;
+``JoyImageEditPlusPipeline``: several); any other pipeline whose model token merging supports (Stable Diffusion,
+SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
+``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ _BF16_VAE = ("ZImageOmniPipeline",)
 # pipelines that need --height and --width (GLM-Image's prior plans the target's token grid before it reads a reference)
 _NEEDS_SIZE = ("GlmImagePipeline",)
 # pipelines that cache their references' K/V themselves (--cache: nothing to add)
-_OWN_KV_CACHE = ("GlmImagePipeline",)
+_OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
 
 
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,

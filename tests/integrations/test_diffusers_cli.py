@@ -158,6 +158,10 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
     # was refused after loading
     ("LongCatImageEditPipeline", ["--width", "32"], "takes no --width: it sizes its output from the reference"),
     ("BriaFiboEditPipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),  # likewise
+    ("BriaFibo2Pipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
+    ("BriaFibo2Pipeline", ["--cache"], "--cache needs FLUX.2"),
+    ("QwenImage21Pipeline", ["--proportional"], "--proportional needs a FLUX.2 or FLUX.1 Kontext"),
+    ("QwenImage21Pipeline", ["--cache"], "QwenImage21Pipeline caches its reference images' K/V itself"),
     ("FluxKontextInpaintPipeline", [], "not supported here"),
     ("StableDiffusionPipeline", [], "takes no reference images here, so --ref (Sparse Context)"),
 ])
@@ -236,6 +240,42 @@ def test_bria_fibo_edit_takes_several_references(app, tmp_path):
                                    "--steps", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output  # was: "BriaFiboEditPipeline takes one reference image"
     assert "2 reference(s), keep=0.25" in res.output and Image.open(out).size == (128, 128)
+
+
+def test_fibo2_takes_several_references(app, tmp_path, monkeypatch):
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny_fibo2 import tiny_bria_fibo2
+
+    folder = tmp_path / "fibo2"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "BriaFibo2Pipeline"}')
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_bria_fibo2())
+    refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
+    out = tmp_path / "fibo2.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", refs[0], "--ref", refs[1],
+                                   "--prompt", "make it blue", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "(BriaFibo2Pipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (32, 32)
+
+
+def test_qwen_image21_takes_several_references_and_true_cfg(app, tmp_path, monkeypatch):
+    import diffusers
+    import diffusers.pipelines.qwenimage21.pipeline_qwenimage21 as module
+
+    from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
+
+    folder = tmp_path / "qwen21"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "QwenImage21Pipeline"}')
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_qwen_image21())
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (64, 64, None))  # not 1024^2
+    refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
+    out = tmp_path / "qwen21.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", refs[0], "--ref", refs[1],
+                                   "--prompt", "a cat", "--guidance", "2", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "(QwenImage21Pipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (64, 64)
 
 
 def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(app, tmp_path):

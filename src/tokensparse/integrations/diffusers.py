@@ -2,18 +2,19 @@
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
-``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``, ``ZImageOmniPipeline``, ``GlmImagePipeline`` (GLM-Image)
-and the inpainting
-``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` / ``QwenImageEditInpaintPipeline``, or their bare
-transformers.
+``QwenImage21Pipeline`` (Qwen-Image 2.1), ``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``,
+``BriaFibo2Pipeline`` (Fibo 2.0), ``ZImageOmniPipeline``, ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``,
+``GlmImagePipeline`` (GLM-Image) and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline``
+/ ``QwenImageEditInpaintPipeline``, or their bare transformers.
 
 How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
 and subsets ``hidden_states`` together with their position ids, so RoPE still places every kept token
 where it came from. Target and text tokens are untouched. The output is scattered back to the dense
 sequence length (dropped reference positions are zero), so the pipeline's ``noise_pred[:, :n_target]``
-slicing and any caller expecting the dense shape keep working. Z-Image Omni's transformer patchifies and places
-its images itself and returns the target alone: its own patchify output is thinned (:mod:`.diffusers_zimage`).
+slicing and any caller expecting the dense shape keep working. Transformers that build their token sequence
+inside ``forward`` (Z-Image Omni, JoyImage, Fibo 2.0, Qwen-Image 2.1) are thinned where they build it, by
+companion hooks their adapter registers (:class:`.diffusers_layout.InContextAdapter`).
 
 The selection is computed once per generation and reused by every step and every guidance pass:
 on a pipeline, a new generation starts when the pipeline calls ``scheduler.set_timesteps`` (once per
@@ -24,10 +25,11 @@ scorers also see them (``RefView.image``). ``ts.begin_generation(pipe or transfo
 explicitly.
 
 With ``Flux2KleinKVPipeline`` the K/V-extract step sees only the kept references, so the cache holds
-fewer reference K/V and every later step attends to fewer keys (sparse + cache).
+fewer reference K/V and every later step attends to fewer keys (sparse + cache). ``QwenImage21Pipeline``'s own
+prefix K/V cache (``use_kv_cache=True``, its default) likewise holds the kept tokens only.
 
 GLM-Image always caches: its condition images' K/V are written by one transformer call each before the denoising
-loop; those calls are thinned, each selected on its own (:class:`.diffusers_models.GlmImageAdapter`).
+loop; those calls are thinned, each selected on its own (:class:`.diffusers_glm_image.GlmImageAdapter`).
 
 ``proportional=True`` (FLUX.2 and FLUX.1 Kontext; :mod:`.diffusers_proportional`): alongside the selection, each
 dropped reference token is assigned to the nearest kept token of its reference (L2 over the selection's latent
@@ -70,7 +72,6 @@ from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
     TRANSFORMERS,
-    QwenImageAdapter,
     RefLayout,
 )
 from .diffusers_proportional import (
@@ -136,9 +137,17 @@ class _State:
         self.warned_batch = False
         self.warned_uncaptured = False
         self.warned_count = False
-        self.rope: tuple[Any, Tensor] | None = None  # Qwen: (dense img_shapes, kept index) for pos_embed
-        self.omni: tuple[Tensor, int] | None = None  # Z-Image: (kept index, dense image tokens) for KeptPatches
+        # what the running thinned call tells an adapter's companion hooks (None outside one): Qwen's pos_embed
+        # (dense img_shapes, kept index), JoyImage's blocks their RoPE, Z-Image's KeptPatches (kept index, dense
+        # image tokens), Fibo 2.0's and Qwen-Image 2.1's hooks their call
+        self.rope: Any = None
+        self.omni: tuple[Tensor, int] | None = None
+        self.call: Any = None
         self.tracker = StepTracker()
+
+    def clear_call(self) -> None:
+        """Outside a thinned call: the companion hooks pass everything through."""
+        self.rope = self.omni = self.call = None
 
     def new_generation(self) -> None:
         self.index.clear()
@@ -174,12 +183,7 @@ class SparseContextHook:
         self.handles += [transformer.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
                          # first of the forward hooks: any other sees the dense output
                          transformer.register_forward_hook(self.post_forward, with_kwargs=True, prepend=True)]
-        if isinstance(self.adapter, QwenImageAdapter):
-            rope = QwenRopeHook(self.state)
-            self.handles += [transformer.pos_embed.register_forward_pre_hook(rope.pre_forward, with_kwargs=True),
-                             transformer.pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True,
-                                                                         prepend=True)]
-        self.handles += self.adapter.attach(transformer, self.state)
+        self.handles += self.adapter.attach(transformer, self.state)  # companion hooks (Qwen's pos_embed, ...)
         transformer.__dict__[_HOOK] = self
 
     def detach(self, transformer: torch.nn.Module) -> None:
@@ -192,7 +196,7 @@ class SparseContextHook:
         """The call with the kept reference tokens (arguments stay positional or keyword as given), or ``None``
         (unchanged)."""
         self._current = None
-        self.state.rope = self.state.omni = None
+        self.state.clear_call()
         if self.state.cfg.is_identity:
             return None
         call = self._subset(module, as_keywords(module, args, kwargs))
@@ -215,7 +219,7 @@ class SparseContextHook:
         if self.adapter.is_kv_cached_call(kwargs):
             return None  # K/V of the kept references were cached at the extract step
         hs = self.adapter.tokens(kwargs)
-        key = (tuple(hs.shape[1:]), kwargs.get("kv_cache_mode"))
+        key = (tuple(hs.shape[1:]), self.adapter.cache_mode(kwargs))
         if self.adapter.fresh_references(kwargs):
             self.state.new_generation()  # GLM-Image: every condition-image write call is selected on its own
         elif key in self.state.index and not self._same_references(key, hs):
@@ -240,10 +244,10 @@ class SparseContextHook:
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None
-        self.state.rope = self.state.omni = None
-        if current is None:
-            return output
-        return self.adapter.scatter(output, *current)
+        try:
+            return output if current is None else self.adapter.scatter(output, *current)
+        finally:
+            self.state.clear_call()
 
     # selection --------------------------------------------------------------------------------------
     def _same_references(self, key: tuple, hs: Tensor) -> bool:
@@ -299,28 +303,6 @@ class SparseContextHook:
             sizes = sequence_sizes(views, keep, layout.n, layout.positions, layout.cells)
             self.state.sizes[key] = (sizes, image_bias(sizes, index))
         return index, layout
-
-
-class QwenRopeHook:
-    """Hooks on Qwen's ``pos_embed``: dense RoPE frequencies, then only the kept image rows."""
-
-    def __init__(self, state: _State) -> None:
-        self.state = state
-
-    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.state.rope is not None:
-            shapes = self.state.rope[0]
-            if args:
-                args = (shapes, *args[1:])
-            else:
-                kwargs["video_fhw"] = shapes
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.state.rope is None:
-            return output
-        vid, txt = output
-        return vid.index_select(0, self.state.rope[1].to(vid.device)), txt
 
 
 def _warns_no_probe(cfg: SparseContextConfig) -> bool:

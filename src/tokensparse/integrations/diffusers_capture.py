@@ -12,6 +12,7 @@ from .diffusers_models import (
     PIPELINES,
     PREFERRED_IMAGE_ARG,
     PROMPT_ARGS,
+    RGBA_PIPELINES,
     STACKED_REFS_ARG,
     images_for_scorers,
 )
@@ -41,7 +42,8 @@ def wrap_capture(pipe: Any, state: Any) -> None:
         if original is None:
             continue
         pipe.__dict__[name] = _Capture(original, state, kind, where, stacked if kind == "images" else None,
-                                       cls in PER_REFERENCE_IMAGE_CALLS, cls in PER_SAMPLE_IMAGES)
+                                       cls in PER_REFERENCE_IMAGE_CALLS, cls in PER_SAMPLE_IMAGES,
+                                       cls in RGBA_PIPELINES)
         wrapped.append(name)
     pipe.__dict__[_CAPTURE] = wrapped
 
@@ -50,8 +52,10 @@ class _Capture:
     """A pipeline method that first records its reference images or prompt into ``state``."""
 
     def __init__(self, original: Any, state: Any, kind: str, where: tuple[tuple[str, int], ...],
-                 batch: tuple[str, int] | None = None, per_reference: bool = False, per_sample: bool = False) -> None:
+                 batch: tuple[str, int] | None = None, per_reference: bool = False, per_sample: bool = False,
+                 rgba: bool = False) -> None:
         self.original, self.state, self.kind, self.where = original, state, kind, where
+        self.rgba = rgba  # the image method gets RGBA pixels
         self.batch = batch  # the batch-size argument, where an item of several images is several references
         self.per_reference = per_reference  # the method runs once per reference: a call's captures accumulate
         self.per_sample = per_sample  # the images argument lists the samples: the first sample's are the references
@@ -74,7 +78,7 @@ class _Capture:
             value = self._value(args, kwargs)
             if self.per_sample and isinstance(value, (list, tuple)):
                 value = value[0] if value else None
-            images = images_for_scorers(value, batch)
+            images = images_for_scorers(value, batch, self.rgba)
             if self.per_reference and state.images is not None and state.images_tick == state.forwards:
                 images = state.images + (images or [None])  # the next reference of the same call
             state.images = images

@@ -49,6 +49,11 @@ class InContextAdapter:
         t = kwargs.get("timestep")
         return None if t is None else float(t.flatten()[0])
 
+    def cache_mode(self, kwargs: dict[str, Any]) -> Any:
+        """What, besides the sequence's shape, makes a call need a selection of its own (FLUX.2 [klein] KV: the
+        extract step sees the references first, the others after the target)."""
+        return kwargs.get("kv_cache_mode")
+
     def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
         """Whether the references come from a K/V cache in this call (nothing to subset)."""
         return False

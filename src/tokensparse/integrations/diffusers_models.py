@@ -2,9 +2,9 @@
 
 Model knowledge only; the hook wiring lives in :mod:`tokensparse.integrations.diffusers`.
 
-Every supported pipeline (Z-Image Omni: see below) feeds its transformer one image sequence
-``hidden_states (B, N, C)`` that concatenates the noisy target tokens and the tokens of every reference image,
-and tells the transformer where each token sits:
+Most supported pipelines feed their transformer one image sequence ``hidden_states (B, N, C)`` that concatenates
+the noisy target tokens and the tokens of every reference image, and tell the transformer where each token sits;
+others hand over latents the transformer patchifies and places itself:
 
 - FLUX.2 (``Flux2Transformer2DModel``): ``img_ids (B, N, 4)`` = (T, H, W, L); the target has T = 0,
   reference ``i`` has T = 10 + 10 i. ``Flux2KleinKVPipeline`` puts the references *first* and passes
@@ -22,19 +22,27 @@ and tells the transformer where each token sits:
 - GLM-Image (``GlmImageTransformer2DModel``): the exception. ``hidden_states`` is a latent ``(B, C, H, W)`` the
   transformer patchifies, with RoPE over its own grid; ``GlmImagePipeline`` calls it once per condition image
   (``kv_caches`` in mode "write": that image alone, its K/V stored), then the denoising calls read the cached K/V.
-  The adapter thins the write calls (see :class:`GlmImageAdapter`).
+  The adapter thins the write calls (:mod:`.diffusers_glm_image`).
+- Fibo 2.0 (``BriaFibo2Transformer2DModel``, ``BriaFibo2Pipeline``): takes the target ``(B, C, H, W)`` and the
+  images to edit as ``context_latents`` and builds ``[target, image 1, ...]`` and its RoPE ids itself
+  (:mod:`.diffusers_fibo2`: thinned at ``x_embedder`` and ``rope_embedder``; the output is the target).
 - Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
   (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
   ``QwenImageEditInpaintPipeline`` has the same layout with one reference, the unmasked source image (its mask
   only blends the source back into the latents between steps).
+- Qwen-Image 2.1 (``QwenImage21Transformer2DModel``, ``QwenImage21Pipeline``): ``hidden_states`` holds the condition
+  images then the target, ``img_shapes`` their grids in that order; the transformer writes them into the prompt's
+  image slots (``img_mask``) and derives RoPE rows, block-causal masks, modulation rows and its prefix K/V cache
+  over that joint sequence (:mod:`.diffusers_qwen21`: thinned at every block and ``norm_out``).
 - JoyImage Edit (``JoyImageEditTransformer3DModel``) and Edit Plus (``JoyImageEditPlusTransformer3DModel``): no
   ids; RoPE from shapes inside the forward (6D latents with the references first; Plus: patches and a
   ``shape_list``), so a pre-hook on every block swaps in the kept tokens' rows: :mod:`.diffusers_joyimage`.
 
 A :class:`RefLayout` says where the reference tokens are; an adapter subsets ``hidden_states`` together
-with whatever places the tokens (ids, or the RoPE rows for Qwen and JoyImage; for Z-Image the patchify
-output), so each kept token keeps its position.
+with whatever places the tokens (ids, or the RoPE rows for Qwen and JoyImage; for Z-Image, Fibo 2.0 and
+Qwen-Image 2.1 what the transformer builds from its input), so each kept token keeps its position. The adapters
+of FLUX, LongCat, Bria FIBO Edit and Qwen-Image-Edit are here; the others in their family's module.
 """
 
 from __future__ import annotations
@@ -47,9 +55,11 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import to_tensor
+from .diffusers_fibo2 import BriaFibo2Adapter
 from .diffusers_glm_image import GlmImageAdapter
 from .diffusers_joyimage import JoyImageAdapter, JoyImageEditPlusAdapter
 from .diffusers_layout import InContextAdapter, RefLayout
+from .diffusers_qwen21 import QwenImage21Adapter
 from .diffusers_zimage import ZImageOmniAdapter
 
 
@@ -136,8 +146,8 @@ class QwenImageAdapter(InContextAdapter):
     """Qwen-Image-Edit(-Plus): references are found through ``img_shapes`` and placed by RoPE rows.
 
     The transformer computes RoPE frequencies from ``img_shapes`` inside its ``pos_embed`` module, so a
-    companion hook on ``pos_embed`` (see :class:`QwenRopeHook` in the wiring module) computes the dense
-    frequencies and keeps the rows of the kept tokens. ``img_shapes`` passed to the transformer is
+    companion hook on ``pos_embed`` (:class:`QwenRopeHook`) computes the dense frequencies and keeps the rows of
+    the kept tokens. ``img_shapes`` passed to the transformer is
     rewritten to ``[target, (1, 1, K)]`` so code that only counts tokens per image (``zero_cond_t``'s
     modulation index) sees the kept count.
     """
@@ -173,6 +183,34 @@ class QwenImageAdapter(InContextAdapter):
         state.rope = (shapes, index)  # read by the pos_embed hook during this forward
         return out
 
+    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
+        rope = QwenRopeHook(state)
+        pos_embed = transformer.pos_embed
+        return [pos_embed.register_forward_pre_hook(rope.pre_forward, with_kwargs=True),
+                pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True, prepend=True)]
+
+
+class QwenRopeHook:
+    """Hooks on Qwen's ``pos_embed``: dense RoPE frequencies, then only the kept image rows."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.state.rope is not None:
+            shapes = self.state.rope[0]
+            if args:
+                args = (shapes, *args[1:])
+            else:
+                kwargs["video_fhw"] = shapes
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.state.rope is None:
+            return output
+        vid, txt = output
+        return vid.index_select(0, self.state.rope[1].to(vid.device)), txt
+
 
 # transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference
 # images, name of that argument, its position after self)
@@ -184,6 +222,8 @@ TRANSFORMERS: dict[str, type] = {
     "BriaFiboTransformer2DModel": BriaFiboAdapter,
     "ZImageTransformer2DModel": ZImageOmniAdapter,
     "GlmImageTransformer2DModel": GlmImageAdapter,
+    "BriaFibo2Transformer2DModel": BriaFibo2Adapter,
+    "QwenImage21Transformer2DModel": QwenImage21Adapter,
     "JoyImageEditTransformer3DModel": JoyImageAdapter,
     "JoyImageEditPlusTransformer3DModel": JoyImageEditPlusAdapter,
 }
@@ -196,6 +236,8 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "QwenImageEditPipeline": ("prepare_latents", "image", 0),
     "LongCatImageEditPipeline": ("prepare_latents", "image", 0),
     "BriaFiboEditPipeline": ("prepare_reference_latents", "image", 0),  # once per reference, a PIL image
+    "BriaFibo2Pipeline": ("prepare_image_latents", "image", 0),  # a list: one (1, 3, h, w) tensor per image
+    "QwenImage21Pipeline": ("prepare_latents", "images", 0),  # a list: one (1, 4, 1, h, w) RGBA tensor per image
     "ZImageOmniPipeline": ("prepare_image_latents", "images", 0),  # a list of (1, 3, H, W) tensors
     # every prompt's condition images as PIL images, before its first transformer call (nested per prompt)
     "GlmImagePipeline": ("_validate_and_normalize_images", "image", 0),
@@ -212,6 +254,8 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
 PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
 # the image method's argument that, with an item of B_i images (B_i neither 1 nor it), makes them B_i references
 STACKED_REFS_ARG: dict[str, tuple[str, int]] = {"Flux2KleinInpaintPipeline": ("batch_size", 1)}
+# pipelines whose image method gets RGBA pixels (4 channels; the scorers read the RGB)
+RGBA_PIPELINES = ("QwenImage21Pipeline",)
 # pipelines whose image method runs once per reference (each call's images follow the earlier ones of the call)
 PER_REFERENCE_IMAGE_CALLS = ("BriaFiboEditPipeline",)
 # pipelines whose image argument lists the batch's samples: the first sample's references are scored
@@ -225,9 +269,9 @@ KV_PIPELINES = ("Flux2KleinKVPipeline",)
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline", "QwenImageEditInpaintPipeline")
 
 
-def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor | None] | None:
-    """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``) or PIL images -> ``[0, 1]``
-    pixels.
+def images_for_scorers(value: Any, batch_size: int | None = None, rgba: bool = False) -> list[Tensor | None] | None:
+    """Preprocessed pipeline images (``[-1, 1]``, ``(B, 3, H, W)`` or ``(B, 3, 1, H, W)``; with ``rgba``, 4-channel
+    RGBA ones, read as their RGB) or PIL images -> ``[0, 1]`` pixels.
 
     Returns per reference one ``(1, 3, H, W)`` float tensor (the batch shares one selection), or ``None`` for
     one the pipeline passes as latents (Flux2KleinInpaintPipeline: the encoded source image before the
@@ -250,6 +294,8 @@ def images_for_scorers(value: Any, batch_size: int | None = None) -> list[Tensor
             x = x[:, :, 0]
         stacked = batch_size is not None and isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] not in (
             1, batch_size)
+        if rgba and isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == 4:
+            x = x[:, :3]
         pixels = isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == 3
         for i in range(x.shape[0] if stacked else 1):
             out.append(((x[i:i + 1].detach().float() + 1) / 2).clamp(0, 1) if pixels else None)

@@ -32,6 +32,11 @@ Where it is exact, and where it is refused:
 - JoyImage Edit / Edit Plus: refused. Their forwards take no attention kwargs; ``JoyImageAttnProcessor`` calls the
   attention with ``attn_mask=None`` and the Plus transformer passes only the boolean padding mask it builds from
   ``encoder_hidden_states_mask``.
+- Fibo 2.0 (``BriaFibo2Transformer2DModel``): refused. Its ``forward`` takes no attention kwargs; its attention
+  only gets the boolean gist-padding mask the transformer builds itself.
+- Qwen-Image 2.1 (``QwenImage21Transformer2DModel``): refused. Its processors get only the block-causal mask
+  (a flex ``BlockMask`` or per-segment masks) and the text-padding mask the transformer builds; its
+  ``attention_kwargs`` only carry the LoRA scale.
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
@@ -89,6 +94,11 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
                "attention_mask can reach its attention)",
                "BriaFiboTransformer2DModel": " (its pipeline passes its own text-padding attention_mask, which the "
                "log(size) bias would have to be merged into; not implemented)",
+               "BriaFibo2Transformer2DModel": " (its forward takes no attention kwargs: the only mask its attention "
+               "gets is the gist-padding mask it builds itself, so no log(size) bias can reach it)",
+               "QwenImage21Transformer2DModel": " (its attention processors get only the block-causal and text-padding "
+               "masks the transformer builds itself; its attention_kwargs carry the LoRA scale alone, so no "
+               "log(size) bias can reach them)",
                "ZImageTransformer2DModel": " (its forward reads only the LoRA scale from joint_attention_kwargs and "
                "hands its attention only the boolean batch-padding mask it builds, so no float log(size) bias can "
                "reach it)",
