@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_tiny_vl import tiny_qwen3_vl, tiny_qwen3_vl_processor
+from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 
 def tiny_bria_fibo2(seed: int = 0) -> Any:
@@ -28,8 +28,7 @@ def tiny_bria_fibo2(seed: int = 0) -> Any:
     )
 
     torch.manual_seed(seed)
-    processor = tiny_qwen3_vl_processor()
-    text_encoder = tiny_qwen3_vl(processor, layers=36)
+    processor, text_encoder = tiny_qwen3_vl_with_processor(layers=36)
     vae = AutoencoderKLFlux2(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,

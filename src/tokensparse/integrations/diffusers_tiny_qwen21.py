@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_tiny_vl import tiny_qwen3_vl, tiny_qwen3_vl_processor
+from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 
 def tiny_qwen_image21(seed: int = 0, causal_condition: bool = True) -> Any:
@@ -29,8 +29,7 @@ def tiny_qwen_image21(seed: int = 0, causal_condition: bool = True) -> Any:
     )
 
     torch.manual_seed(seed)
-    processor = tiny_qwen3_vl_processor()
-    text_encoder = tiny_qwen3_vl(processor, layers=2)
+    processor, text_encoder = tiny_qwen3_vl_with_processor(layers=2)
     vae = AutoencoderKLQwenImage21(
         base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False] * 4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()

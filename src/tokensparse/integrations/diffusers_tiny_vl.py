@@ -1,5 +1,6 @@
-"""A tiny random-weight Qwen3-VL text encoder and its processor, built offline, for the tiny Fibo 2.0 and
-Qwen-Image 2.1 pipelines (both encode the prompt with the images through ``Qwen3VLForConditionalGeneration``).
+"""A tiny random-weight Qwen3-VL text encoder and its processor, built offline, for the tiny JoyImage Edit (and
+Edit Plus), Fibo 2.0 and Qwen-Image 2.1 pipelines (each encodes the prompt with the images through
+``Qwen3VLForConditionalGeneration``).
 
 The tokenizer is :func:`~.diffusers_tiny.tiny_qwen_vl_tokenizer` (one token per byte, the vision tokens special);
 the image processor is the PIL ``Qwen2VLImageProcessor`` with Qwen3-VL's 16 px patches, merged 2x2 (one
@@ -26,7 +27,7 @@ def tiny_qwen3_vl_processor() -> Any:
     """A ``Qwen3VLProcessor`` without a video processor.
 
     transformers 5 checks each processor part's class, and the video processor's base class needs torchvision;
-    neither pipeline passes videos, so the processor is built without one (a subclass skips that one check).
+    none of the pipelines passes videos, so the processor is built without one (a subclass skips that one check).
     """
     import transformers
     from transformers import Qwen3VLProcessor
@@ -64,3 +65,10 @@ def tiny_qwen3_vl(processor: Any, layers: int = 2, hidden: int = 16) -> Any:
         vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
     )
     return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen3_vl_with_processor(layers: int, hidden: int = 16) -> tuple[Any, Any]:
+    """``(processor, text_encoder)``: :func:`tiny_qwen3_vl_processor` and a :func:`tiny_qwen3_vl` of ``layers`` text
+    layers of width ``hidden`` for it (its weights drawn from the global generator, as the pipeline's other parts)."""
+    processor = tiny_qwen3_vl_processor()
+    return processor, tiny_qwen3_vl(processor, layers=layers, hidden=hidden)
