@@ -1,5 +1,5 @@
-"""The apply / re-apply / remove contract of Sparse Context on a diffusers pipeline, shared by the per-pipeline
-tests."""
+"""The apply / re-apply / remove contract of Sparse Context on a diffusers pipeline, and the fixtures, shared by the
+per-pipeline tests."""
 
 from __future__ import annotations
 
@@ -7,10 +7,39 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 from torch import nn
 
 from tokensparse.context import SparseContextConfig
-from tokensparse.integrations.diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers
+from tokensparse.integrations.diffusers import (
+    apply_sparse_context_diffusers,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+
+
+def tiny_pipeline(build: Callable[..., Any]) -> Any:
+    """A module-scoped fixture: ``build(seed=0)`` (a tiny pipeline builder) with its progress bar off."""
+
+    @pytest.fixture(scope="module")
+    def pipe() -> Any:
+        p = build(seed=0)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    return pipe
+
+
+def pipe_fixtures(build: Callable[..., Any]) -> tuple[Any, Any]:
+    """``pipe, clean = pipe_fixtures(build)``: the fixture :func:`tiny_pipeline` makes, and an autouse one that
+    removes Sparse Context from ``pipe`` after each test."""
+
+    @pytest.fixture(autouse=True)
+    def clean(pipe: Any) -> Any:
+        yield
+        remove_sparse_context_diffusers(pipe)
+
+    return tiny_pipeline(build), clean
 
 
 def reapply_then_remove(pipe: Any, run: Callable[[Any], np.ndarray], sparse: np.ndarray, dense: np.ndarray,
@@ -24,3 +53,16 @@ def reapply_then_remove(pipe: Any, run: Callable[[Any], np.ndarray], sparse: np.
     remove_sparse_context_diffusers(pipe)
     assert not any(module._forward_pre_hooks for module in hooked)
     assert np.array_equal(run(pipe), dense)
+
+
+NO_KV_CACHE = "cache=True needs a pipeline with a reference K/V cache"
+
+
+def refuses_proportional_and_cache(pipe: Any, proportional: str, cache: str = NO_KV_CACHE) -> None:
+    """Sparse Context with ``proportional=True`` and with ``cache=True`` are each a ValueError matching the given
+    pattern (``cache``: by default, that ``pipe`` has no reference K/V cache), and neither leaves it applied."""
+    with pytest.raises(ValueError, match=proportional):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
+    with pytest.raises(ValueError, match=cache):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
+    assert sparse_context_state(pipe) is None

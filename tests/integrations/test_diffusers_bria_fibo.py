@@ -19,29 +19,18 @@ from PIL import Image
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
     apply_sparse_context_diffusers,
-    remove_sparse_context_diffusers,
     sparse_context_state,
 )
 from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit
 
-from .contract import reapply_then_remove
+from .contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 128x128 images: 16 pixels per token
 REF = (np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")
 PROMPT = '{"edit_instruction": "a cat"}'
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_bria_fibo_edit(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(autouse=True)
-def clean(pipe):
-    yield
-    remove_sparse_context_diffusers(pipe)
+pipe, clean = pipe_fixtures(tiny_bria_fibo_edit)
 
 
 class Seen:
@@ -101,11 +90,7 @@ def test_two_references_each_keep_a_quarter(pipe):
 
 
 def test_proportional_and_cache_are_refused(pipe):
-    with pytest.raises(ValueError, match="BriaFiboTransformer2DModel .its pipeline passes its own text-padding"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(pipe, "BriaFiboTransformer2DModel .its pipeline passes its own text-padding")
 
 
 def test_a_mask_that_is_not_a_key_mask_tensor_is_a_value_error_naming_it():

@@ -25,23 +25,13 @@ from tokensparse.integrations.diffusers import (
 from tokensparse.integrations.diffusers_fibo2 import KeptIds
 from tokensparse.integrations.diffusers_tiny_fibo2 import tiny_bria_fibo2
 
-from .contract import reapply_then_remove
+from .contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_bria_fibo2(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(autouse=True)
-def clean(pipe):
-    yield
-    remove_sparse_context_diffusers(pipe)
+pipe, clean = pipe_fixtures(tiny_bria_fibo2)
 
 
 def patches_seen(pipe) -> tuple[list[tuple[int, int]], object]:
@@ -151,8 +141,4 @@ def test_pixel_scorers_get_the_images_pixels(pipe):
 
 
 def test_proportional_and_cache_are_refused(pipe):
-    with pytest.raises(ValueError, match="BriaFibo2Transformer2DModel .its forward takes no attention kwargs"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(pipe, "BriaFibo2Transformer2DModel .its forward takes no attention kwargs")

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image
 
-from tests.integrations.contract import reapply_then_remove
+from tests.integrations.contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations import diffusers as wiring
 from tokensparse.integrations.diffusers import (
@@ -35,17 +35,7 @@ def ref(i: int) -> Image.Image:
     return Image.fromarray((np.random.RandomState(i).rand(32, 32, 3) * 255).astype("uint8"))
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_glm_image(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(autouse=True)
-def clean(pipe):
-    yield
-    remove_sparse_context_diffusers(pipe)
+pipe, clean = pipe_fixtures(tiny_glm_image)
 
 
 class Seen:
@@ -159,11 +149,9 @@ def test_text_to_image_runs_unchanged(pipe, caplog):
 
 
 def test_proportional_and_cache_are_refused(pipe):
-    with pytest.raises(ValueError, match="GlmImageTransformer2DModel .its GlmImageAttnProcessor takes only"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="GlmImagePipeline caches its condition images' K/V itself"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(
+        pipe, proportional="GlmImageTransformer2DModel .its GlmImageAttnProcessor takes only",
+        cache="GlmImagePipeline caches its condition images' K/V itself")
 
 
 def test_samples_keeping_different_counts_are_a_value_error_naming_it():

@@ -29,7 +29,7 @@ from tokensparse.integrations.diffusers_tiny_joyimage import (
 )
 from tokensparse.selection import SCORERS
 
-from .contract import reapply_then_remove
+from .contract import reapply_then_remove, refuses_proportional_and_cache, tiny_pipeline
 
 TOKENS = 8 * 8  # 32x32 pixels: VAE /2, 2x2 patches
 WIDE = 8 * 12  # 32x48
@@ -37,18 +37,8 @@ REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
 REF_WIDE = (np.random.RandomState(1).rand(32, 48, 3) * 255).astype("uint8")
 
 
-@pytest.fixture(scope="module")
-def edit():
-    p = tiny_joyimage_edit(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def plus():
-    p = tiny_joyimage_edit_plus(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
+edit = tiny_pipeline(tiny_joyimage_edit)
+plus = tiny_pipeline(tiny_joyimage_edit_plus)
 
 
 @pytest.fixture(autouse=True)
@@ -226,12 +216,7 @@ def test_plus_batch_shares_one_selection_and_refuses_different_reference_sizes(p
 @pytest.mark.parametrize("name, why", [("edit", "JoyImageAttnProcessor calls the attention with attn_mask=None"),
                                        ("plus", "boolean padding mask it builds from encoder_hidden_states_mask")])
 def test_proportional_and_cache_are_refused(name, why, request):
-    pipe = request.getfixturevalue(name)
-    with pytest.raises(ValueError, match=f"proportional=True is implemented .*{why}"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(request.getfixturevalue(name), f"proportional=True is implemented .*{why}")
 
 
 def test_mrope_text_rows_stay_dense_on_the_bare_edit_transformer():

@@ -27,7 +27,7 @@ from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
 from tokensparse.integrations.merging_hooks import merging_state
 from tokensparse.selection import SCORERS
 
-from .contract import reapply_then_remove
+from .contract import reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
@@ -116,11 +116,7 @@ def test_kept_tokens_keep_their_position_ids_and_a_call_without_reference_is_unc
 
 
 def test_proportional_and_cache_are_refused(pipe):
-    with pytest.raises(ValueError, match="takes no joint_attention_kwargs"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(pipe, "takes no joint_attention_kwargs")
 
 
 def image_lengths(tr) -> tuple[list[int], list[int], list[int]]:

@@ -25,23 +25,13 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
 
-from .contract import reapply_then_remove
+from .contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 128x128 images at output_resolution 128: 16 pixels per token
 REF = (np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_qwen_image21(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(autouse=True)
-def clean(pipe):
-    yield
-    remove_sparse_context_diffusers(pipe)
+pipe, clean = pipe_fixtures(tiny_qwen_image21)
 
 
 class Seen:
@@ -191,8 +181,6 @@ def test_pixel_scorers_get_the_images_rgb(pipe):
 
 
 def test_proportional_and_cache_are_refused(pipe):
-    with pytest.raises(ValueError, match="QwenImage21Transformer2DModel .its attention processors get only"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="has a text and reference K/V cache of its own .use_kv_cache=True"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(
+        pipe, proportional="QwenImage21Transformer2DModel .its attention processors get only",
+        cache="has a text and reference K/V cache of its own .use_kv_cache=True")

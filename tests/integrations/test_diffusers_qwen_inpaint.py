@@ -25,7 +25,7 @@ from tokensparse.integrations.diffusers import (
 from tokensparse.integrations.diffusers_tiny import qwen_call_kwargs, tiny_qwen_image_edit_inpaint
 from tokensparse.selection import SCORERS
 
-from .contract import reapply_then_remove
+from .contract import reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 SOURCE = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
@@ -83,11 +83,7 @@ def test_a_pixel_selector_scores_the_source_image(pipe, monkeypatch):
 
 
 def test_proportional_and_cache_are_refused(pipe):
-    with pytest.raises(ValueError, match="QwenDoubleStreamAttnProcessor2_0 refuses an external attention_mask"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(pipe, "QwenDoubleStreamAttnProcessor2_0 refuses an external attention_mask")
 
 
 def test_token_merging_on_the_target_stacks_with_sparse_context(pipe):

@@ -25,24 +25,14 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_zimage import tiny_z_image_omni
 
-from .contract import reapply_then_remove
+from .contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
 
 REF_TOKENS, REF_PAD, TARGET = 17 * 16, 16, 16 * 16
 KEPT = REF_TOKENS // 4
 REF = (np.random.RandomState(0).rand(68, 64, 3) * 255).astype("uint8")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_z_image_omni(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(autouse=True)
-def clean(pipe):
-    yield
-    remove_sparse_context_diffusers(pipe)
+pipe, clean = pipe_fixtures(tiny_z_image_omni)
 
 
 def ref_image(i: int = 0) -> Image.Image:
@@ -163,11 +153,7 @@ def test_text_to_image_runs_unchanged(pipe, caplog):
 
 
 def test_proportional_cache_and_controlnet_are_refused(pipe):
-    with pytest.raises(ValueError, match="ZImageTransformer2DModel .its forward reads only the LoRA scale"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, proportional=True))
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
-        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
-    assert sparse_context_state(pipe) is None
+    refuses_proportional_and_cache(pipe, "ZImageTransformer2DModel .its forward reads only the LoRA scale")
     tr = pipe.transformer
     apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.5))
     x = [[torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)]]
