@@ -201,6 +201,21 @@ def test_edit_batch_of_prompts_shares_one_selection(edit):
     assert seen.tokens == [(2, TOKENS + TOKENS // 4)] * 4 and sparse_context_state(edit).selections == 1
 
 
+def test_edit_batch_warns_of_different_references_only_when_they_are(edit, caplog):
+    # the pipeline samples every sample's reference latents from the VAE posterior (.sample()): they differ even
+    # when the samples share one reference image, so the latents cannot tell; the images the pipeline got can
+    apply_sparse_context_diffusers(edit, SparseContextConfig(keep=0.25))
+    run_edit(edit, prompt=["a cat", "a dog"])
+    torch.manual_seed(0)
+    edit(image=Image.fromarray(REF), prompt="a cat", num_images_per_prompt=2, num_inference_steps=2,
+         guidance_scale=2.0, output_type="np")
+    assert "different references" not in caplog.text
+    torch.manual_seed(0)
+    edit(image=[Image.fromarray(REF), Image.fromarray(np.roll(REF, 5, 0))], prompt=["a cat", "a dog"],
+         num_inference_steps=2, guidance_scale=2.0, output_type="np")
+    assert caplog.text.count("different references") == 1
+
+
 def test_plus_batch_shares_one_selection_and_refuses_different_reference_sizes(plus):
     apply_sparse_context_diffusers(plus, SparseContextConfig(keep=0.25))
     pair = [Image.fromarray(REF), Image.fromarray(REF_WIDE)]

@@ -124,6 +124,8 @@ class _State:
         self.cfg = cfg
         self.images: list[Tensor] | None = None  # reference pixels captured from the pipeline, [0, 1]
         self.images_tick = -1  # value of `forwards` when the images were captured
+        # per-sample pipelines (JoyImage): whether the captured images are the same for every sample of the batch
+        self.images_shared = False
         self.prompts: list[str] | None = None  # the call's (positive) prompts, for prompt-aware scorers
         self.prompts_tick = -1
         self.forwards = 0  # transformer calls seen
@@ -266,7 +268,9 @@ class SparseContextHook:
         ref_pos = torch.cat([p.to(hs.device) for p in layout.positions])
         probe_pos = ref_pos[:: max(1, ref_pos.numel() // 256)]  # <= ~256 tokens fingerprint the references
         self.state.probes[key] = (probe_pos, hs[:1, probe_pos].clone())
-        if hs.shape[0] > 1 and not self.state.warned_batch and not all(
+        # JoyImage Edit samples each sample's reference latents from the VAE posterior: the images it got tell
+        shared = self.state.images_shared and self.state.images_tick == self.state.forwards
+        if hs.shape[0] > 1 and not self.state.warned_batch and not shared and not all(
             torch.equal(hs[i, probe_pos], hs[0, probe_pos]) for i in range(1, hs.shape[0])
         ):
             logger.warning(

@@ -6,6 +6,8 @@ import functools
 import logging
 from typing import Any
 
+import numpy as np
+
 from .diffusers_models import (
     PER_REFERENCE_IMAGE_CALLS,
     PER_SAMPLE_IMAGES,
@@ -76,7 +78,9 @@ class _Capture:
         if self.kind == "images":
             batch = self._value(args, kwargs, (self.batch,)) if self.batch else None
             value = self._value(args, kwargs)
+            state.images_shared = False  # known only where the method gets every sample's images
             if self.per_sample and isinstance(value, (list, tuple)):
+                state.images_shared = all(_same_images(x, value[0]) for x in value[1:])
                 value = value[0] if value else None
             images = images_for_scorers(value, batch, self.rgba)
             if self.per_reference and state.images is not None and state.images_tick == state.forwards:
@@ -88,6 +92,18 @@ class _Capture:
             state.prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
             state.prompts_tick = state.forwards
         return self.original(*args, **kwargs)
+
+
+def _same_images(a: Any, b: Any) -> bool:
+    """Whether two samples' images (PIL images, arrays or tensors, or lists of them) hold the same pixels."""
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_images(x, y) for x, y in zip(a, b))
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except (TypeError, ValueError):
+        return False
 
 
 def unwrap_capture(pipe: Any) -> None:
