@@ -37,10 +37,11 @@ features) and the hook adds ``joint_attention_kwargs["attention_mask"]``, a floa
 holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every double- and single-stream
 attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
 (``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
-external mask), for LongCat-Image-Edit (no attention kwargs reach its attention), for Bria FIBO Edit (its
-pipeline passes its own padding mask), for Z-Image Omni (its attention gets only its own padding mask),
-for GLM-Image (its processor takes a text padding mask only), with a caller's own ``attention_mask``, and
-under attention backends that do not add a float mask (flash, sage, varlen, ...).
+external mask), for LongCat-Image-Edit, JoyImage Edit (Plus) and Fibo 2.0 (no attention kwargs reach their
+attention), for Bria FIBO Edit (its pipeline passes its own padding mask), for Z-Image Omni and Qwen-Image 2.1
+(their attention gets only the masks they build), for GLM-Image (its processor takes a text padding mask only),
+with a caller's own ``attention_mask``, and under attention backends that do not add a float mask (flash, sage,
+varlen, ...).
 
 A call without reference tokens (text-to-image) runs unchanged and logs a warning once per generation.
 """
