@@ -162,6 +162,17 @@ def test_proportional_cache_and_controlnet_are_refused(pipe):
            controlnet_block_samples={0: torch.zeros(1)})
 
 
+def test_a_transformer_it_cannot_thin_is_refused_without_leaving_hooks(pipe, monkeypatch):
+    from diffusers import ZImageTransformer2DModel
+
+    tr = pipe.transformer
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5))  # an earlier config, replaced by the next
+    monkeypatch.delattr(ZImageTransformer2DModel, "patchify_and_embed_omni")  # a diffusers version it does not know
+    with pytest.raises(TypeError, match="has no patchify_and_embed_omni"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    assert not tr._forward_pre_hooks and not tr._forward_hooks and sparse_context_state(pipe) is None
+
+
 def test_generate_cli_takes_several_references(pipe, tmp_path):
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner

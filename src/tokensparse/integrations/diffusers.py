@@ -186,7 +186,11 @@ class SparseContextHook:
         self.handles += [transformer.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
                          # first of the forward hooks: any other sees the dense output
                          transformer.register_forward_hook(self.post_forward, with_kwargs=True, prepend=True)]
-        self.handles += self.adapter.attach(transformer, self.state)  # companion hooks (Qwen's pos_embed, ...)
+        try:
+            self.handles += self.adapter.attach(transformer, self.state)  # companion hooks (Qwen's pos_embed, ...)
+        except Exception:
+            self.detach(transformer)  # refused (a diffusers version it does not know): no hook left behind
+            raise
         transformer.__dict__[_HOOK] = self
 
     def detach(self, transformer: torch.nn.Module) -> None:
