@@ -227,6 +227,9 @@ def test_bad_targets_and_configs(refdit: ts.RefDiT) -> None:
             apply_token_merging(bad, TokenMergingConfig(ratio=0.5))
         with pytest.raises(TypeError, match="remove_token_merging expected"):  # as remove_sparse_context
             remove_token_merging(bad)
+    holder = type("SomePipeline", (), {"transformer": nn.Linear(2, 2)})()  # a pipeline whose model merging lacks
+    with pytest.raises(TypeError, match="got SomePipeline, whose model is a Linear"):
+        apply_token_merging(holder, TokenMergingConfig(ratio=0.5))
     assert remove_token_merging(refdit) is refdit  # never applied: a no-op
     with pytest.raises(TypeError, match="TokenMergingConfig"):
         apply_token_merging(refdit, {"ratio": 0.5})

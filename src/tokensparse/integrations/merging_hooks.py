@@ -102,11 +102,14 @@ def _has_cross_attention(blocks: dict[str, list[tuple[str, nn.Module]]]) -> bool
     return any(hasattr(blk, "attn1") and getattr(blk, "attn2", None) is not None for _, blk in blocks.get("unet", []))
 
 
-def _unsupported(target: Any, method: str) -> TypeError:
+def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> TypeError:
+    got = type(target).__name__
+    if model is not None and model is not target:  # a pipeline whose model is not one merging knows
+        got = f"{got}, whose model is a {type(model).__name__}"
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / LongCat-Image / Qwen-Image transformer, or a pipeline "
-        f"with .unet / .transformer; got {type(target).__name__}"
+        f"with .unet / .transformer holding one; got {got}"
     )
 
 
@@ -186,7 +189,7 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
         return {}
     blocks = find_blocks(model)
     if not (blocks["unet"] or blocks["flux"] or blocks["qwen"]):
-        raise _unsupported(target, action)
+        raise _unsupported(target, action, model)
     video = type(model).__name__ if _VIDEO.search(type(model).__name__) else next(
         (type(m).__name__ for m in model.modules() if _VIDEO_PART.search(type(m).__name__)), None)
     if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
