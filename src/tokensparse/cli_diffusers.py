@@ -8,10 +8,11 @@ loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLU
 (``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline``), FLUX.1 Kontext, Qwen-Image-Edit(-Plus),
 LongCat-Image-Edit, Bria FIBO Edit, Fibo 2.0 (``BriaFibo2Pipeline``), Qwen-Image 2.1 (``QwenImage21Pipeline``),
 Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the references to it), GLM-Image (``GlmImagePipeline``,
-which needs ``--height`` and ``--width``) and JoyImage Edit (``JoyImageEditPipeline``: one reference;
-``JoyImageEditPlusPipeline``: several); any other pipeline whose model token merging supports (Stable Diffusion,
-SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
-``tokensparse.cli`` registers them as commands.
+which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline``: one reference;
+``JoyImageEditPlusPipeline``: several) and OmniGen (``OmniGenPipeline``: several, each placed by
+``<img><|image_k|></img>`` in ``--prompt``); any other pipeline whose model token merging supports (Stable
+Diffusion, SDXL, PixArt, SD3, FLUX.1) runs with ``--merge`` alone. The functions here are plain typer-annotated
+functions; ``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ _BF16_VAE = ("ZImageOmniPipeline",)
 _NEEDS_SIZE = ("GlmImagePipeline",)
 # pipelines that cache their references' K/V themselves (--cache: nothing to add)
 _OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
+# pipelines whose call takes a grid of in-context examples and task / content prompts (from Python only)
+_GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
+
+
+def _check_placeholders(name: str | None, prompt: str, n_refs: int) -> None:
+    """Fail when ``name`` is OmniGen (it places reference ``k`` at ``<img><|image_k|></img>`` in the prompt) and
+    ``prompt`` lacks the placeholder of a ``--ref``."""
+    missing = [f"<img><|image_{k}|></img>" for k in range(1, n_refs + 1) if f"<img><|image_{k}|></img>" not in prompt]
+    if name == "OmniGenPipeline" and missing:
+        _fail(f"{name} places each reference where the prompt says: put {', '.join(missing)} in --prompt")
 
 
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
@@ -75,9 +86,10 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
         if takes is not None and key not in takes:
             why = ": it sizes its output from the reference" if name in PIPELINES else ""
             _fail(f"{name} takes no --{key}{why}")
-    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES))
-    if name in MASK_PIPELINES:
-        _fail(f"{name} is not supported here (inpainting pipelines: from Python); supported: {', '.join(supported)}")
+    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(_GRID_INPUT))
+    if name in MASK_PIPELINES or name in _GRID_INPUT:
+        what = "inpainting pipelines" if name in MASK_PIPELINES else "it takes a grid of in-context examples"
+        _fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
     if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1): token merging alone
         given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
         if given:
@@ -99,8 +111,9 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
     if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
         _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
               "K/V cache")
-    if proportional and not name.startswith(("Flux2", "FluxKontext")):
-        _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline: {name}'s attention takes no logit bias")
+    if proportional and not name.startswith(("Flux2", "FluxKontext", "OmniGen")):
+        _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline, or OmniGen: {name}'s attention takes no "
+              "logit bias")
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
@@ -250,12 +263,14 @@ def generate(
     sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
     checks = (len(refs), cache, proportional, merge, sizes)
     _check_pipeline(_pipeline_class(Path(model)) if local else None, *checks)  # before loading
+    _check_placeholders(_pipeline_class(Path(model)) if local else None, prompt, len(refs))
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
         _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
     _check_pipeline(name, *checks, cls=type(pipe))
+    _check_placeholders(name, prompt, len(refs))
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
     in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone
@@ -275,7 +290,8 @@ def generate(
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator(device="cpu").manual_seed(seed)}
     if refs:
-        key = "image" if "image" in params else "images"  # JoyImageEditPlusPipeline: images
+        # JoyImageEditPlusPipeline: images; OmniGenPipeline: input_images
+        key = next((k for k in ("image", "input_images") if k in params), "images")
         kwargs[key] = refs[0] if name in _ONE_REFERENCE else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps

@@ -4,8 +4,9 @@ Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
 ``QwenImage21Pipeline`` (Qwen-Image 2.1), ``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``,
 ``BriaFibo2Pipeline`` (Fibo 2.0), ``ZImageOmniPipeline``, ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``,
-``GlmImagePipeline`` (GLM-Image) and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline``
-/ ``QwenImageEditInpaintPipeline``, or their bare transformers.
+``GlmImagePipeline`` (GLM-Image), ``OmniGenPipeline``, ``VisualClozeGenerationPipeline`` / ``VisualClozePipeline``
+(its in-context example rows) and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` /
+``QwenImageEditInpaintPipeline``, or their bare transformers.
 
 How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
@@ -15,6 +16,8 @@ sequence length (dropped reference positions are zero), so the pipeline's ``nois
 slicing and any caller expecting the dense shape keep working. Transformers that build their token sequence
 inside ``forward`` (Z-Image Omni, JoyImage, Fibo 2.0, Qwen-Image 2.1) are thinned where they build it, by
 companion hooks their adapter registers (:class:`.diffusers_layout.InContextAdapter`).
+OmniGen's rows place their images at different places and its RoPE is row 0's: each row is thinned on
+its own, and its attention runs row by row (:mod:`.diffusers_omnigen`).
 
 The selection is computed once per generation and reused by every step and every guidance pass:
 on a pipeline, a new generation starts when the pipeline calls ``scheduler.set_timesteps`` (once per
@@ -31,11 +34,12 @@ prefix K/V cache (``use_kv_cache=True``, its default) likewise holds the kept to
 GLM-Image always caches: its condition images' K/V are written by one transformer call each before the denoising
 loop; those calls are thinned, each selected on its own (:class:`.diffusers_glm_image.GlmImageAdapter`).
 
-``proportional=True`` (FLUX.2 and FLUX.1 Kontext; :mod:`.diffusers_proportional`): alongside the selection, each
-dropped reference token is assigned to the nearest kept token of its reference (L2 over the selection's latent
-features) and the hook adds ``joint_attention_kwargs["attention_mask"]``, a float ``(1, 1, 1, S_txt + K)`` mask
-holding ``log(size)`` for kept reference tokens and 0 elsewhere, which every double- and single-stream
-attention adds to its logits (text first, then the image tokens, in both). It is refused with the K/V cache
+``proportional=True`` (FLUX.2, FLUX.1 Kontext / VisualCloze, OmniGen; :mod:`.diffusers_proportional`): alongside
+the selection, each dropped reference token goes to the nearest kept token of its reference (L2 over the selection's
+latent features), and each kept one's ``log(size)`` is added to its attention logits: through
+``joint_attention_kwargs["attention_mask"]``, a float ``(1, 1, 1, S_txt + K)`` mask that every double- and
+single-stream attention adds (text first, then the image tokens, in both); for OmniGen, through its own per-row
+mask, made additive. It is refused with the K/V cache
 (``Flux2KleinKVPipeline``: its K/V processors drop the mask), for Qwen-Image-Edit (its processor refuses an
 external mask), for LongCat-Image-Edit, JoyImage Edit (Plus) and Fibo 2.0 (no attention kwargs reach their
 attention), for Bria FIBO Edit (its pipeline passes its own padding mask), for Z-Image Omni and Qwen-Image 2.1
@@ -74,6 +78,7 @@ from .diffusers_models import (
     PIPELINES,
     TRANSFORMERS,
     RefLayout,
+    adapter_class,
 )
 from .diffusers_proportional import (
     check_attention,
@@ -81,7 +86,6 @@ from .diffusers_proportional import (
     check_supported,
     image_bias,
     sequence_sizes,
-    with_bias,
 )
 
 logger = logging.getLogger(__name__)
@@ -142,9 +146,9 @@ class _State:
         self.warned_count = False
         # what the running thinned call tells an adapter's companion hooks (None outside one): Qwen's pos_embed
         # (dense img_shapes, kept index), JoyImage's blocks their RoPE, Z-Image's KeptPatches (kept index, dense
-        # image tokens), Fibo 2.0's and Qwen-Image 2.1's hooks their call
+        # image tokens) or OmniGen's rows, Fibo 2.0's and Qwen-Image 2.1's hooks their call
         self.rope: Any = None
-        self.omni: tuple[Tensor, int] | None = None
+        self.omni: Any = None
         self.call: Any = None
         self.tracker = StepTracker()
 
@@ -247,7 +251,7 @@ class SparseContextHook:
         self._current = (index, layout)
         call = self.adapter.subset(kwargs, index, layout, self.state)
         bias = self.state.sizes[key][1] if key in self.state.sizes else None
-        return call if bias is None else with_bias(call, bias)
+        return call if bias is None else self.adapter.with_bias(call, bias)
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         current, self._current = self._current, None
@@ -328,7 +332,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     exact original computation. ``keep=1.0`` is bit-identical to the unpatched model. A call without
     reference images (text-to-image) is a logged no-op. ``cfg.cache=True`` needs ``Flux2KleinKVPipeline``
     (whose K/V cache then holds only the kept references). ``cfg.proportional=True`` needs a FLUX.2 or FLUX.1
-    Kontext target without the K/V cache (``ValueError`` naming why otherwise; see
+    Kontext / VisualCloze or OmniGen target without the K/V cache (``ValueError`` naming why otherwise; see
     :mod:`.diffusers_proportional`). Raises ``TypeError`` for unsupported targets. Returns ``target``.
 
     The hook lives on the transformer, so pipelines sharing it (``from_pipe``) share its config; each
@@ -349,8 +353,9 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "
             "scores like 'foreground'", cfg.selector)
-    if cfg.cache and TRANSFORMERS[type(transformer).__name__].cache_refusal:
-        raise ValueError(TRANSFORMERS[type(transformer).__name__].cache_refusal)
+    adapter = adapter_class(pipe, transformer)
+    if cfg.cache and adapter.cache_refusal:
+        raise ValueError(adapter.cache_refusal)
     if cfg.cache and not (pipe is not None and type(pipe).__name__ in KV_PIPELINES):
         raise ValueError(
             "cache=True needs a pipeline with a reference K/V cache: use Flux2KleinKVPipeline "
@@ -360,7 +365,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     owners = [pipe] if pipe is not None else []
     owners += [o for o in (previous.owners if previous else []) if o is not pipe and _shares(o, transformer)]
     removed = _remove(target)  # a pipeline target: its transformer's hook too
-    hook = SparseContextHook(cfg, TRANSFORMERS[type(transformer).__name__](), owners)
+    hook = SparseContextHook(cfg, adapter(), owners)
     hook.attach(transformer)
     if not cfg.is_identity or removed:
         reset_if_compiled(transformer, "Sparse Context")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .diffusers_models import (
+    CAPTURE_THROUGH,
     PER_REFERENCE_IMAGE_CALLS,
     PER_SAMPLE_IMAGES,
     PIPELINES,
@@ -26,7 +27,9 @@ _CAPTURE = "_tokensparse_capture_original"
 
 def wrap_capture(pipe: Any, state: Any) -> None:
     """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``); its
-    ``check_inputs``, which every pipeline call runs first, clears what an earlier call captured."""
+    ``check_inputs``, which every pipeline call runs first, clears what an earlier call captured. A pipeline in
+    :data:`CAPTURE_THROUGH`: its inner pipeline's."""
+    pipe = _capturing(pipe)
     cls = type(pipe).__name__
     image_method, arg_name, arg_pos = PIPELINES[cls]
     preferred = PREFERRED_IMAGE_ARG.get(cls)
@@ -106,8 +109,15 @@ def _same_images(a: Any, b: Any) -> bool:
         return False
 
 
+def _capturing(pipe: Any) -> Any:
+    """The pipeline whose methods capture for ``pipe``: itself, or its inner one (:data:`CAPTURE_THROUGH`)."""
+    inner = CAPTURE_THROUGH.get(type(pipe).__name__)
+    return getattr(pipe, inner) if inner else pipe
+
+
 def unwrap_capture(pipe: Any) -> None:
     """Undo :func:`wrap_capture` (a pipeline without it is left as is)."""
+    pipe = _capturing(pipe)
     for name in pipe.__dict__.pop(_CAPTURE, []):
         pipe.__dict__.pop(name, None)
 

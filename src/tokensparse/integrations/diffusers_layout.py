@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .diffusers_proportional import with_bias
+
 
 @dataclass
 class RefLayout:
@@ -30,6 +32,31 @@ class RefLayout:
     @property
     def num_ref_tokens(self) -> int:
         return sum(len(p) for p in self.positions)
+
+
+def grid_layout(ids: Tensor, target: int = 0) -> RefLayout | None:
+    """Layout from FLUX-style ids ``(N, D)`` whose first coordinate is ``target`` for the target, else a reference
+    (each run of one value: a reference, its cells from the ids' second and third coordinates)."""
+    t = ids[:, 0]
+    is_ref = t != target
+    if not bool(is_ref.any()):
+        return None
+    positions, cells, grids = [], [], []
+    for value in torch.unique_consecutive(t[is_ref]).tolist():
+        pos = torch.nonzero(t == value).squeeze(1)
+        rows = ids[pos, 1].long()
+        cols = ids[pos, 2].long()
+        rows, cols = rows - rows.min(), cols - cols.min()
+        h, w = int(rows.max()) + 1, int(cols.max()) + 1
+        if h * w != len(pos):
+            raise ValueError(
+                f"reference with id {value} has {len(pos)} tokens but spans a {h}x{w} grid; "
+                "tokensparse expects dense references (is another token-dropping patch applied?)"
+            )
+        positions.append(pos)
+        cells.append(rows * w + cols)
+        grids.append((h, w))
+    return RefLayout(ids.shape[0], positions, cells, grids)
 
 
 class InContextAdapter:
@@ -70,6 +97,12 @@ class InContextAdapter:
     def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
         """Companion hooks on ``transformer`` (objects with ``remove()``) that read ``state`` during a call."""
         return []
+
+    def with_bias(self, call: dict[str, Any], bias: Tensor) -> dict[str, Any]:
+        """The thinned ``call`` carrying ``proportional``'s bias: ``log(size)`` of each kept token of :meth:`layout`'s
+        sequence ``(K,)``, in ``index`` order. The default: a ``(1, 1, 1, S_txt + K)`` additive mask in
+        ``joint_attention_kwargs`` (FLUX: text first, then the kept image tokens)."""
+        return with_bias(call, bias)
 
     def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
         """The thinned call's output in the caller's shape: the kept tokens' rows put back at ``index`` of the dense

@@ -10,6 +10,10 @@ others hand over latents the transformer patchifies and places itself:
   reference ``i`` has T = 10 + 10 i. ``Flux2KleinKVPipeline`` puts the references *first* and passes
   ``num_ref_tokens`` at its K/V-extract step.
 - FLUX.1 Kontext (``FluxTransformer2DModel``): ``img_ids (N, 3)`` = (T, H, W); the reference has T = 1.
+- VisualCloze (``FluxTransformer2DModel``, a Fill model; ``VisualClozeGenerationPipeline``, ``VisualClozePipeline``):
+  ``img_ids (N, 3)`` = (row, H, W), rows of its image grid numbered from 1, the query row (the target) last; every
+  earlier row, an in-context example, is a reference (:mod:`.diffusers_visualcloze`, chosen by the pipeline:
+  :data:`PIPELINE_ADAPTERS`).
 - LongCat-Image-Edit (``LongCatImageTransformer2DModel``): FLUX-style ``img_ids (N, 3)`` = (modality, H, W)
   with the target's modality 1 and the reference's 2 (text ids have 0); H and W are offset by the text length.
 - Bria FIBO Edit (``BriaFiboTransformer2DModel``): FLUX-style ``img_ids (N, 3)``; the target has T = 0,
@@ -26,6 +30,10 @@ others hand over latents the transformer patchifies and places itself:
 - Fibo 2.0 (``BriaFibo2Transformer2DModel``, ``BriaFibo2Pipeline``): takes the target ``(B, C, H, W)`` and the
   images to edit as ``context_latents`` and builds ``[target, image 1, ...]`` and its RoPE ids itself
   (:mod:`.diffusers_fibo2`: thinned at ``x_embedder`` and ``rope_embedder``; the output is the target).
+- OmniGen (``OmniGenTransformer2DModel``): ``input_ids`` with placeholder runs that the transformer overwrites with
+  each image's patch embeddings (``input_image_sizes``: where), then ``[text and images, time token, target]`` with a
+  per-row ``(B, S, S)`` mask and 1D RoPE from row 0's ``position_ids``; the guidance rows place the images at
+  different places, so each row is thinned on its own (:mod:`.diffusers_omnigen`).
 - Qwen-Image-Edit-Plus (``QwenImageTransformer2DModel``): no ids; ``img_shapes[b] = [(1, h0, w0),
   (1, h1, w1), ...]`` lists the target grid then each reference grid, in sequence order, and the
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
@@ -58,33 +66,11 @@ from ..images import to_tensor
 from .diffusers_fibo2 import BriaFibo2Adapter
 from .diffusers_glm_image import GlmImageAdapter
 from .diffusers_joyimage import JoyImageAdapter, JoyImageEditPlusAdapter
-from .diffusers_layout import InContextAdapter, RefLayout
+from .diffusers_layout import InContextAdapter, RefLayout, grid_layout
+from .diffusers_omnigen import OmniGenAdapter
 from .diffusers_qwen21 import QwenImage21Adapter
+from .diffusers_visualcloze import VisualClozeAdapter
 from .diffusers_zimage import ZImageOmniAdapter
-
-
-def _grid_layout(ids: Tensor, target: int = 0) -> RefLayout | None:
-    """Layout from FLUX-style ids ``(N, D)`` whose first coordinate is ``target`` for the target, else a reference."""
-    t = ids[:, 0]
-    is_ref = t != target
-    if not bool(is_ref.any()):
-        return None
-    positions, cells, grids = [], [], []
-    for value in torch.unique_consecutive(t[is_ref]).tolist():
-        pos = torch.nonzero(t == value).squeeze(1)
-        rows = ids[pos, 1].long()
-        cols = ids[pos, 2].long()
-        rows, cols = rows - rows.min(), cols - cols.min()
-        h, w = int(rows.max()) + 1, int(cols.max()) + 1
-        if h * w != len(pos):
-            raise ValueError(
-                f"reference with id {value} has {len(pos)} tokens but spans a {h}x{w} grid; "
-                "tokensparse expects dense references (is another token-dropping patch applied?)"
-            )
-        positions.append(pos)
-        cells.append(rows * w + cols)
-        grids.append((h, w))
-    return RefLayout(ids.shape[0], positions, cells, grids)
 
 
 class FluxIdsAdapter(InContextAdapter):
@@ -97,7 +83,7 @@ class FluxIdsAdapter(InContextAdapter):
         if ids is None:
             return None
         ids2 = ids[0] if ids.dim() == 3 else ids  # the transformer itself uses ids[0] for the whole batch
-        layout = _grid_layout(ids2, self.target_id)
+        layout = grid_layout(ids2, self.target_id)
         if layout is not None and kwargs["hidden_states"].shape[1] != layout.n:
             raise ValueError(
                 f"hidden_states has {kwargs['hidden_states'].shape[1]} tokens but img_ids has {layout.n}"
@@ -226,6 +212,7 @@ TRANSFORMERS: dict[str, type] = {
     "QwenImage21Transformer2DModel": QwenImage21Adapter,
     "JoyImageEditTransformer3DModel": JoyImageAdapter,
     "JoyImageEditPlusTransformer3DModel": JoyImageEditPlusAdapter,
+    "OmniGenTransformer2DModel": OmniGenAdapter,
 }
 PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),
@@ -244,6 +231,12 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     # JoyImage: PIL images per sample (JoyImageEditPipeline: each sample's one reference; Plus: its list of them)
     "JoyImageEditPipeline": ("prepare_latents", "image", 9),
     "JoyImageEditPlusPipeline": ("prepare_latents", "reference_images", 7),
+    # OmniGen: every row's images (conditional, then image-guidance rows) as (1, 3, H, W) tensors; the first row's
+    # are the references
+    "OmniGenPipeline": ("encode_input_images", "input_pixel_values", 0),
+    # VisualCloze: per sample, its grid's rows of (1, 3, H, W) tensors (the first sample's are scored)
+    "VisualClozeGenerationPipeline": ("prepare_latents", "input_image", 0),
+    "VisualClozePipeline": ("prepare_latents", "input_image", 0),  # captured on its generation_pipe
     # inpainting: the source image is in-context too (Klein: a reference; Kontext: unless image_reference is given)
     "Flux2KleinInpaintPipeline": ("prepare_image_latents", "images", 0),
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),
@@ -259,14 +252,26 @@ RGBA_PIPELINES = ("QwenImage21Pipeline",)
 # pipelines whose image method runs once per reference (each call's images follow the earlier ones of the call)
 PER_REFERENCE_IMAGE_CALLS = ("BriaFiboEditPipeline",)
 # pipelines whose image argument lists the batch's samples: the first sample's references are scored
-PER_SAMPLE_IMAGES = ("JoyImageEditPipeline", "JoyImageEditPlusPipeline")
+PER_SAMPLE_IMAGES = ("JoyImageEditPipeline", "JoyImageEditPlusPipeline", "VisualClozeGenerationPipeline")
 # where a pipeline's prompt is captured when not encode_prompt's "prompt" (method, argument, position after self);
-# JoyImage Plus encodes templated prompts, so its check_inputs gives the caller's
+# JoyImage Plus encodes templated prompts, so its check_inputs gives the caller's; OmniGen has no encode_prompt
 PROMPT_ARGS: dict[str, tuple[str, str, int]] = {"JoyImageEditPipeline": ("encode_prompt_multiple_images", "prompt", 0),
-                                                "JoyImageEditPlusPipeline": ("check_inputs", "prompt", 0)}
+                                                "JoyImageEditPlusPipeline": ("check_inputs", "prompt", 0),
+                                                "OmniGenPipeline": ("check_inputs", "prompt", 0),
+                                                "VisualClozeGenerationPipeline": ("check_inputs", "task_prompt", 1)}
+# pipelines whose transformer class other pipelines use with another layout: their own adapter
+PIPELINE_ADAPTERS: dict[str, type] = {"VisualClozeGenerationPipeline": VisualClozeAdapter,
+                                      "VisualClozePipeline": VisualClozeAdapter}
+# pipelines that run an inner pipeline (attribute) on the same transformer: the captures go on that one
+CAPTURE_THROUGH = {"VisualClozePipeline": "generation_pipe"}
 KV_PIPELINES = ("Flux2KleinKVPipeline",)
 # inpainting: need a mask image
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline", "QwenImageEditInpaintPipeline")
+
+
+def adapter_class(pipe: Any, transformer: Any) -> type:
+    """The adapter of ``transformer`` in ``pipe``'s calls (``pipe`` ``None``: the bare transformer's)."""
+    return PIPELINE_ADAPTERS.get(type(pipe).__name__) or TRANSFORMERS[type(transformer).__name__]
 
 
 def images_for_scorers(value: Any, batch_size: int | None = None, rgba: bool = False) -> list[Tensor | None] | None:

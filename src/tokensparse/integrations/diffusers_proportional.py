@@ -7,7 +7,7 @@ block: exactly what ``s`` identical copies of it at its position would receive (
 
 Where it is exact, and where it is refused:
 
-- FLUX.2 (``Flux2Transformer2DModel``) and FLUX.1 Kontext (``FluxTransformer2DModel``): the transformer hands
+- FLUX.2 (``Flux2Transformer2DModel``) and FLUX.1 Kontext / VisualCloze (``FluxTransformer2DModel``): it hands
   ``joint_attention_kwargs`` to every block's attention, whose processor passes ``attention_mask`` on to the
   attention as an additive logit mask. Both stream layouts put the text first: double-stream attention
   concatenates ``[text, image]`` queries / keys, single-stream blocks ``[text, image]`` tokens; the image part
@@ -37,6 +37,9 @@ Where it is exact, and where it is refused:
 - Qwen-Image 2.1 (``QwenImage21Transformer2DModel``): refused. Its processors get only the block-causal mask
   (a flex ``BlockMask`` or per-segment masks) and the text-padding mask the transformer builds; its
   ``attention_kwargs`` only carry the LoRA scale.
+- OmniGen (``OmniGenTransformer2DModel``): its attention adds the float mask the transformer makes of the
+  pipeline's per-row 0/1 mask, and takes a 4D additive one as it is; the adapter hands it that additive mask with
+  the bias on each row's columns of its kept image tokens (``diffusers_omnigen.OmniGenAdapter.with_bias``).
 - Qwen-Image-Edit(-Plus): refused. ``QwenDoubleStreamAttnProcessor2_0`` raises on an external
   ``attention_mask`` and builds its own boolean mask from ``encoder_hidden_states_mask`` (which the transformer
   turns to bool), so a float bias has no way in.
@@ -68,12 +71,14 @@ from ..selection import RefView
 
 logger = logging.getLogger(__name__)
 
-BIAS_TRANSFORMERS = ("Flux2Transformer2DModel", "FluxTransformer2DModel")  # processors take an additive mask
+# processors take an additive mask
+BIAS_TRANSFORMERS = ("Flux2Transformer2DModel", "FluxTransformer2DModel", "OmniGenTransformer2DModel")
 # dispatch_attention_fn backends that add a float attn_mask to the logits
 MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"})
 # attention processors known to pass attention_mask on to the attention (the KV ones outside their K/V modes)
 MASK_PROCESSORS = frozenset({"Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor", "Flux2KVAttnProcessor",
-                             "Flux2KVParallelSelfAttnProcessor", "FluxAttnProcessor", "FluxIPAdapterAttnProcessor"})
+                             "Flux2KVParallelSelfAttnProcessor", "FluxAttnProcessor", "FluxIPAdapterAttnProcessor",
+                             "OmniGenAttnProcessor2_0", "RowRope"})  # RowRope: OmniGen's, run row by row
 
 KV_REFUSAL = ("proportional=True cannot be combined with FLUX.2's reference K/V cache (Flux2KleinKVPipeline, "
               "kv_cache_mode 'extract' / 'cached'): diffusers' Flux2KVAttnProcessor and "
@@ -109,8 +114,9 @@ def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
                "calls the attention with attn_mask=None, so no log(size) bias can reach it)",
                "JoyImageEditPlusTransformer3DModel": " (its forward takes no attention kwargs; its attention gets only "
                "the boolean padding mask it builds from encoder_hidden_states_mask)"}.get(name, "")
-        raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel) and FLUX.1 "
-                         f"Kontext (FluxTransformer2DModel) pipelines, not {name}{why}; use proportional=False")
+        raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel), FLUX.1 "
+                         f"Kontext / VisualCloze (FluxTransformer2DModel) and OmniGen pipelines, not {name}{why}; use "
+                         "proportional=False")
     if kv_pipeline or cache:
         raise ValueError(KV_REFUSAL)
 

@@ -1,0 +1,319 @@
+"""Sparse Context on a tiny random-weight OmniGen pipeline (word-level tokenizer, built offline).
+
+``OmniGenPipeline`` runs ``[conditional, unconditional, image-guidance]`` rows, each ``[text with the images at their
+placeholders, time token, target]``, left-padded, with a ``(B, S, S)`` 0/1 mask and RoPE from row 0's position ids.
+A 256x192 reference is 16x12 = 192 tokens, a 128x256 one 8x16 = 128; the 64x64 target 16.
+
+Its processor needs torchvision; where that is missing (or unusable: a CUDA build beside a CPU torch), its four
+transforms are stood in by equivalents here (:func:`transforms`), so the real pipeline code runs.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image
+
+from tokensparse.context import SparseContextConfig
+from tokensparse.integrations.diffusers import (
+    apply_sparse_context_diffusers,
+    remove_sparse_context_diffusers,
+    sparse_context_state,
+)
+from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen
+
+from .contract import reapply_then_remove
+
+TARGET = 16
+RS = np.random.RandomState(0)
+REFS = [(RS.rand(256, 192, 3) * 255).astype("uint8"), (RS.rand(128, 256, 3) * 255).astype("uint8")]
+GRIDS = [(16, 12), (8, 16)]
+ONE = "<img><|image_1|></img> a red cat"
+TWO = "<img><|image_1|></img> a red cat with <img><|image_2|></img>"
+
+
+def transforms() -> types.SimpleNamespace:
+    """``torchvision.transforms``' ``Compose``, ``Lambda``, ``ToTensor`` (a uint8 RGB image: ``(3, H, W)`` / 255) and
+    ``Normalize``, as OmniGen's processor uses them."""
+
+    def compose(fs):
+        def run(x):
+            for f in fs:
+                x = f(x)
+            return x
+        return run
+
+    def normalize(mean, std, inplace=False):
+        return lambda x: (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+    def to_tensor():
+        return lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
+
+    return types.SimpleNamespace(Compose=compose, Lambda=lambda f: f, ToTensor=to_tensor, Normalize=normalize)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers.pipelines.omnigen import pipeline_omnigen, processor_omnigen
+
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:  # noqa: BLE001 - missing, or a build this torch cannot load
+            mp.setattr(processor_omnigen, "transforms", transforms(), raising=False)
+            mp.setattr(pipeline_omnigen, "OmniGenMultiModalProcessor", processor_omnigen.OmniGenMultiModalProcessor,
+                       raising=False)
+        p = tiny_omnigen(seed=0)
+        p.set_progress_bar_config(disable=True)
+        yield p
+
+
+@pytest.fixture(autouse=True)
+def clean(pipe):
+    yield
+    remove_sparse_context_diffusers(pipe)
+
+
+def images(refs: int = 1) -> list[Image.Image]:
+    return [Image.fromarray(r) for r in REFS[:refs]]
+
+
+def run(pipe, refs: int = 1, prompt=ONE, **kwargs):
+    torch.manual_seed(0)  # the pipeline samples its references' VAE latents from the global generator
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    return pipe(prompt=prompts, input_images=[images(refs)] * len(prompts), height=64, width=64, output_type="np",
+                num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+class Calls:
+    """The transformer's call keywords and the token count its first block sees (forward pre-hooks)."""
+
+    def __init__(self, tr) -> None:
+        self.kwargs: list[dict] = []
+        self.lengths: list[int] = []
+        self.handles = [tr.register_forward_pre_hook(lambda m, a, k: self.kwargs.append(dict(k)), with_kwargs=True),
+                        tr.layers[0].register_forward_pre_hook(lambda m, a: self.lengths.append(a[0].shape[1]))]
+
+    def remove(self) -> "Calls":
+        for handle in self.handles:
+            handle.remove()
+        return self
+
+
+def dropped(kwargs: dict, index: torch.Tensor, layout) -> dict[int, torch.Tensor]:
+    """Per image row of a dense call, the sequence positions of its dropped image tokens (each row's ``j``-th image:
+    reference ``j``'s cells)."""
+    keep = torch.zeros(layout.n, dtype=torch.bool)
+    keep[index] = True
+    return {row: torch.cat([torch.arange(s, e)[~keep[pos]] for (s, e), pos in zip(spans, layout.positions)])
+            for row, spans in kwargs["input_image_sizes"].items()}
+
+
+def expected_length(kwargs: dict, drops: dict[int, torch.Tensor]) -> int:
+    """The thinned call's length: its longest row, a row's tokens (those its target attends to, the time token and
+    the target among them) but its dropped ones."""
+    real = (kwargs["attention_mask"][:, -1] != 0).sum(1)
+    return max(int(real[r]) - (len(drops[r]) if r in drops else 0) for r in range(len(real)))
+
+
+def test_identity_fewer_tokens_reapply_and_remove(pipe):
+    processor = type(pipe.transformer.layers[0].self_attn.processor)
+    dense_calls = Calls(pipe.transformer)
+    dense = run(pipe)
+    dense_calls.remove()
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=1.0))
+    assert np.array_equal(run(pipe), dense)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    calls = Calls(pipe.transformer)
+    sparse = run(pipe)
+    calls.remove()
+    state = sparse_context_state(pipe)
+    (index, layout), = state.index.values()
+    assert state.selections == 1 and layout.grids == GRIDS[:1] and index.numel() == 192 // 4
+    kw = dense_calls.kwargs[0]
+    length = expected_length(kw, dropped(kw, index, layout))
+    assert length < dense_calls.lengths[0] and calls.lengths == [length] * 2  # 2 steps
+    assert np.isfinite(sparse).all() and not np.array_equal(sparse, dense)
+    reapply_then_remove(pipe, run, sparse, dense, [pipe.transformer])
+    assert "_get_multimodal_embeddings" not in pipe.transformer.__dict__
+    assert all(type(block.self_attn.processor) is processor for block in pipe.transformer.layers)
+
+
+def test_thinned_call_is_the_dense_call_with_the_dropped_tokens_masked(pipe):
+    """Two prompts, two references: every kept token keeps its embedding, position and mask entries, so the thinned
+    call equals the dense one whose mask hides each row's dropped image tokens."""
+    calls = Calls(pipe.transformer)
+    run(pipe, refs=2, prompt=[TWO, "<img><|image_1|></img> blue <img><|image_2|></img>"])
+    kw = calls.remove().kwargs[0]
+    assert len(kw["input_image_sizes"]) == 4  # 2 conditional and 2 image-guidance rows of 6
+    tr = pipe.transformer
+    with torch.no_grad():
+        dense = tr(**kw)[0]
+        apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="random"))
+        calls = Calls(tr)
+        sparse = tr(**kw)[0]
+        calls.remove()
+        (index, layout), = sparse_context_state(tr).index.values()
+        remove_sparse_context_diffusers(tr)
+        drops = dropped(kw, index, layout)
+        mask = kw["attention_mask"].clone()
+        for row, cols in drops.items():
+            mask[row][:, cols] = 0
+        masked = tr(**{**kw, "attention_mask": mask})[0]
+    assert layout.grids == GRIDS and index.numel() == 192 // 4 + 128 // 4
+    assert not torch.equal(index[:48], torch.arange(48))  # a scattered subset, not a prefix
+    assert calls.lengths == [expected_length(kw, drops)] and calls.lengths[0] < kw["position_ids"].shape[1]
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+
+
+def test_kept_rows_keep_their_embeddings_and_rope_rows(pipe):
+    tr = pipe.transformer
+    calls = Calls(tr)
+    run(pipe)
+    kw = calls.remove().kwargs[0]
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("x", []).append(args[0])
+        state = sparse_context_state(tr)
+        seen.setdefault("rows", []).append(None if state is None else state.omni)
+
+    with torch.no_grad():
+        handle = tr.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+        tr(**kw)
+        apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="random"))
+        tr(**kw)
+        handle.remove()
+        rows = seen["rows"][1]
+        cos, sin = tr.rope(kw["hidden_states"], kw["position_ids"])  # the dense call's rows (row 0's positions)
+    x_dense, x_sparse = seen["x"]
+    real = ~rows.pad
+    for r in range(x_dense.shape[0]):
+        assert torch.equal(x_sparse[r][real[r]], x_dense[r][rows.gather[r][real[r]]])
+        assert torch.equal(rows.rope[0][r][real[r]], cos[rows.gather[r][real[r]]])
+        assert torch.equal(rows.rope[1][r][real[r]], sin[rows.gather[r][real[r]]])
+    (index, layout), = sparse_context_state(tr).index.values()
+    drops = dropped(kw, index, layout)
+    assert not any(bool(torch.isin(rows.gather[r][real[r]], cols).any()) for r, cols in drops.items())
+
+
+def test_batch_and_two_references(pipe):
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    calls = Calls(pipe.transformer)
+    out = run(pipe, refs=2, prompt=[TWO, TWO], num_images_per_prompt=2)
+    calls.remove()
+    assert out.shape == (4, 64, 64, 3) and np.isfinite(out).all()
+    state = sparse_context_state(pipe)
+    (index, layout), = state.index.values()
+    assert state.selections == 1 and layout.grids == GRIDS
+    assert [kw["hidden_states"].shape[0] for kw in calls.kwargs] == [12, 12]  # 4 samples x 3 rows
+    assert calls.lengths[0] == calls.kwargs[0]["position_ids"].shape[1]  # it sees the thinned call
+    assert calls.lengths[0] < calls.kwargs[0]["input_ids"].shape[1] + 1 + TARGET  # the dense text, time, target
+
+
+def test_pixel_scorers_get_the_references_pixels(pipe, monkeypatch):
+    import tokensparse.integrations.diffusers as hook_module
+
+    seen, original = [], hook_module.keep_mask
+
+    def spy(views, cfg):
+        seen.append([v.image for v in views])
+        return original(views, cfg)
+
+    monkeypatch.setattr(hook_module, "keep_mask", spy)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
+    run(pipe, refs=2, prompt=TWO)
+    state = sparse_context_state(pipe)
+    assert state.prompts == [TWO] and len(state.images) == 4  # the conditional and the image-guidance row's
+    (pixels,) = seen  # the first row's: the references
+    assert len(pixels) == 2
+    for image, ref in zip(pixels, REFS):
+        want = torch.from_numpy(ref.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        assert image.shape == want.shape and torch.allclose(image, want, atol=1e-6)
+
+
+def test_text_to_image_runs_unchanged(pipe, caplog):
+    def t2i(p):
+        torch.manual_seed(0)
+        return p(prompt="a red cat", height=64, width=64, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    dense = t2i(pipe)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    assert np.array_equal(t2i(pipe), dense) and "no reference tokens" in caplog.text
+
+
+def test_proportional_is_the_dense_call_with_the_bias_on_the_kept_tokens(pipe):
+    """``proportional=True``: each row's kept image tokens get ``log(size)`` on their attention logits, the dropped
+    ones none: the dense call whose additive mask says so."""
+    calls = Calls(pipe.transformer)
+    run(pipe, refs=2, prompt=[TWO, "<img><|image_1|></img> blue <img><|image_2|></img>"])
+    kw = calls.remove().kwargs[0]
+    tr = pipe.transformer
+    cfg = {"keep": 0.25, "selector": "random"}
+    with torch.no_grad():
+        apply_sparse_context_diffusers(tr, SparseContextConfig(**cfg, proportional=True))
+        biased = tr(**kw)[0]
+        state = sparse_context_state(tr)
+        (index, layout), = state.index.values()
+        (sizes, bias), = state.sizes.values()
+        apply_sparse_context_diffusers(tr, SparseContextConfig(**cfg))
+        plain = tr(**kw)[0]
+        remove_sparse_context_diffusers(tr)
+        low = torch.finfo(tr.dtype).min
+        additive = (1 - kw["attention_mask"].float()) * low
+        for row, spans in kw["input_image_sizes"].items():
+            for (start, end), pos in zip(spans, layout.positions):
+                cols, size = torch.arange(start, end), sizes[pos]
+                additive[row][:, cols[size == 0]] = low
+                additive[row][:, cols[size > 0]] += size[size > 0].log()
+        dense = tr(**{**kw, "attention_mask": additive[:, None]})[0]
+    assert [float(sizes[p].sum()) for p in layout.positions] == [192, 128] and int(sizes.max()) > 1
+    assert torch.equal(bias, sizes[index].log())
+    torch.testing.assert_close(biased, dense, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, dense, atol=1e-4)  # the bias is what matches
+
+
+def test_refusals(pipe):
+    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
+        apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
+    assert sparse_context_state(pipe) is None
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5))
+    with pytest.raises(ValueError, match="every prompt must place as many images of the same sizes"):
+        torch.manual_seed(0)
+        pipe(prompt=[TWO, TWO], input_images=[images(2), images(2)[::-1]], height=64, width=64, num_inference_steps=1,
+             output_type="np")
+
+
+def test_generate_cli(pipe, tmp_path):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name
+    pipe.save_pretrained(tmp_path / "omnigen")
+    refs = []
+    for i, image in enumerate(images(2)):
+        image.save(tmp_path / f"{i}.png")
+        refs += ["--ref", str(tmp_path / f"{i}.png")]
+    out = tmp_path / "o.png"
+    args = ["generate", "--model", str(tmp_path / "omnigen"), *refs, "--height", "64", "--width", "64", "--steps", "2",
+            "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--prompt", "a red cat with <img><|image_1|></img>"])
+    assert res.exit_code == 1 and "<img><|image_2|></img>" in res.output and "cannot load" not in res.output
+    res = CliRunner().invoke(app, [*args, "--prompt", TWO])
+    assert res.exit_code == 0, res.output
+    assert "OmniGenPipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (64, 64)
+    res = CliRunner().invoke(app, [*args, "--prompt", TWO, "--proportional"])
+    assert res.exit_code == 0 and "keep=0.25, selector=uniform, proportional" in res.output, res.output
