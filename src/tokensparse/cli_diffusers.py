@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,10 +63,16 @@ _GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
 
 def _check_placeholders(name: str | None, prompt: str, n_refs: int) -> None:
     """Fail when ``name`` is OmniGen (it places reference ``k`` at ``<img><|image_k|></img>`` in the prompt) and
-    ``prompt`` lacks the placeholder of a ``--ref``."""
+    ``prompt`` lacks the placeholder of a ``--ref``, or has one naming no ``--ref`` (its processor asserts on it)."""
+    if name != "OmniGenPipeline":
+        return
     missing = [f"<img><|image_{k}|></img>" for k in range(1, n_refs + 1) if f"<img><|image_{k}|></img>" not in prompt]
-    if name == "OmniGenPipeline" and missing:
+    if missing:
         _fail(f"{name} places each reference where the prompt says: put {', '.join(missing)} in --prompt")
+    extra = sorted({int(k) for k in re.findall(r"<\|image_(\d+)\|>", prompt)} - set(range(1, n_refs + 1)))
+    if extra:
+        _fail(f"{name}: --prompt places {', '.join(f'<img><|image_{k}|></img>' for k in extra)} but {n_refs} --ref "
+              "given (one --ref per image placeholder)")
 
 
 def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,

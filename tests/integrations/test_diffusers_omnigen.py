@@ -317,3 +317,28 @@ def test_generate_cli(pipe, tmp_path):
     assert "OmniGenPipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (64, 64)
     res = CliRunner().invoke(app, [*args, "--prompt", TWO, "--proportional"])
     assert res.exit_code == 0 and "keep=0.25, selector=uniform, proportional" in res.output, res.output
+
+
+@pytest.mark.parametrize("refs, prompt", [(0, ONE), (2, TWO + " and <img><|image_3|></img>")])
+def test_generate_cli_refuses_a_placeholder_without_its_ref_before_loading(tmp_path, refs, prompt):
+    """A placeholder naming no ``--ref`` fails before loading (the pipeline's processor asserts on it)."""
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)
+    folder = tmp_path / "omnigen"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "OmniGenPipeline"}')
+    args = []
+    for i, image in enumerate(images(refs)):
+        image.save(tmp_path / f"{i}.png")
+        args += ["--ref", str(tmp_path / f"{i}.png")]
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), *args, "--prompt", prompt, "--out",
+                                   str(tmp_path / "o.png")])
+    k = refs + 1
+    assert res.exit_code == 1 and not isinstance(res.exception, AssertionError), res.output
+    assert f"<img><|image_{k}|></img>" in res.output and "cannot load" not in res.output
