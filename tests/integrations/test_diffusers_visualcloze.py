@@ -168,6 +168,26 @@ def test_the_bias_acts_as_copies_on_this_transformer(pipe):
         assert_bias_is_duplication(pipe.transformer, kw, ids, (1, 2))
 
 
+def test_bare_transformer_keeps_the_query_row_whole(pipe):
+    """On the bare transformer (no pipeline to tell VisualCloze from FLUX.1 Kontext) its ids still say which row is
+    the query: the example rows are thinned, the query row stays whole, the selection is made once (from the clean
+    latents), as through the pipeline."""
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="random"))
+    through_pipe = run(pipe)
+    remove_sparse_context_diffusers(pipe)
+    tr = pipe.transformer
+    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="random"))
+    calls = Calls(tr)
+    out = run(pipe)
+    assert calls.tokens() == [2 * KEPT + ROW] * 2
+    state = sparse_context_state(tr)
+    (index, layout), = state.index.values()
+    remove_sparse_context_diffusers(tr)
+    assert state.selections == 1 and layout.grids == [(8, 16), (8, 16)]
+    assert bool((index[-ROW:] == torch.arange(2 * ROW, 3 * ROW)).all())
+    assert np.array_equal(out, through_pipe)
+
+
 def test_visualcloze_pipeline_through_its_generation_pipe():
     pipe = tiny_visualcloze(seed=0, combined=True)
     for p in (pipe, pipe.generation_pipe, pipe.upsampling_pipe):

@@ -13,7 +13,8 @@ others hand over latents the transformer patchifies and places itself:
 - VisualCloze (``FluxTransformer2DModel``, a Fill model; ``VisualClozeGenerationPipeline``, ``VisualClozePipeline``):
   ``img_ids (N, 3)`` = (row, H, W), rows of its image grid numbered from 1, the query row (the target) last; every
   earlier row, an in-context example, is a reference (:mod:`.diffusers_visualcloze`, chosen by the pipeline:
-  :data:`PIPELINE_ADAPTERS`).
+  :data:`PIPELINE_ADAPTERS`; on the bare transformer, by the ids: a call with no T = 0 is VisualCloze's,
+  :class:`FluxAdapter`).
 - LongCat-Image-Edit (``LongCatImageTransformer2DModel``): FLUX-style ``img_ids (N, 3)`` = (modality, H, W)
   with the target's modality 1 and the reference's 2 (text ids have 0); H and W are offset by the text length.
 - Bria FIBO Edit (``BriaFiboTransformer2DModel``): FLUX-style ``img_ids (N, 3)``; the target has T = 0,
@@ -101,6 +102,29 @@ class FluxIdsAdapter(InContextAdapter):
 
     def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("kv_cache_mode") == "cached"
+
+
+class FluxAdapter(FluxIdsAdapter):
+    """FLUX.1 (``FluxTransformer2DModel``): Kontext's layout (the target 0, the reference 1); a call whose ``img_ids``
+    number no token 0 is VisualCloze's (rows from 1, the query row last: :class:`.VisualClozeAdapter`'s tokens and
+    layout), so its bare transformer keeps the query row whole too."""
+
+    def __init__(self) -> None:
+        self.cloze = VisualClozeAdapter()
+
+    def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
+        return self.cloze.attach(transformer, state)
+
+    @staticmethod
+    def _is_cloze(kwargs: dict[str, Any]) -> bool:
+        ids = kwargs.get("img_ids")
+        return ids is not None and ids.numel() > 0 and not bool((ids[..., 0] == 0).any())
+
+    def tokens(self, kwargs: dict[str, Any]) -> Tensor:
+        return self.cloze.tokens(kwargs) if self._is_cloze(kwargs) else super().tokens(kwargs)
+
+    def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
+        return self.cloze.layout(kwargs) if self._is_cloze(kwargs) else super().layout(kwargs)
 
 
 class LongCatIdsAdapter(FluxIdsAdapter):
@@ -202,7 +226,7 @@ class QwenRopeHook:
 # images, name of that argument, its position after self)
 TRANSFORMERS: dict[str, type] = {
     "Flux2Transformer2DModel": FluxIdsAdapter,
-    "FluxTransformer2DModel": FluxIdsAdapter,
+    "FluxTransformer2DModel": FluxAdapter,
     "QwenImageTransformer2DModel": QwenImageAdapter,
     "LongCatImageTransformer2DModel": LongCatIdsAdapter,
     "BriaFiboTransformer2DModel": BriaFiboAdapter,

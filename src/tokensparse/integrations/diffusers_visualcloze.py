@@ -11,7 +11,8 @@ holds the target (and the query's condition images), is kept whole.
 
 A dropped example token is out of the call and its prediction is zero, so the scheduler leaves its latent where it
 is; example rows are never decoded. Registered in :mod:`.diffusers_models` for the two pipelines (their transformer
-class is FLUX.1's, whose other pipelines number the target 0).
+class is FLUX.1's, whose other pipelines number the target 0); the bare transformer's adapter reads a call whose ids
+number no token 0 with it (``FluxAdapter``).
 """
 
 from __future__ import annotations
