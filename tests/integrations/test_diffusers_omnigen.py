@@ -240,6 +240,60 @@ def test_pixel_scorers_get_the_references_pixels(pipe, monkeypatch):
         assert image.shape == want.shape and torch.allclose(image, want, atol=1e-6)
 
 
+FLIPPED = Image.fromarray(np.ascontiguousarray(REFS[0][::-1]))  # the first reference's size, other pixels
+
+
+def kept_cells(pipe, prompts, refs, cfg) -> tuple[dict, dict, list]:
+    """Run the pipeline; per image row of the first thinned call, the kept cells of each of its images, and of each
+    reference (``index`` and ``layout``) its kept cells."""
+    tr, seen = pipe.transformer, []
+    dense = Calls(tr)  # before Sparse Context's pre-hook: it sees the dense call
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(**cfg))
+    handle = tr.layers[0].register_forward_pre_hook(lambda m, a: seen.append(sparse_context_state(tr).omni))
+    try:
+        torch.manual_seed(0)
+        pipe(prompt=prompts, input_images=refs, height=64, width=64, num_inference_steps=1, output_type="np")
+    finally:
+        handle.remove()
+        dense.remove()
+    kw, rows = dense.kwargs[0], seen[0]
+    (index, layout), = sparse_context_state(pipe).index.values()
+    per_row = {}
+    for row, spans in kw["input_image_sizes"].items():
+        kept = rows.gather[row][~rows.pad[row]]
+        per_row[row] = [(kept[(kept >= s) & (kept < e)] - s).tolist() for s, e in spans]
+    per_ref = [(index[torch.isin(index, pos)] - pos[0]).tolist() for pos in layout.positions]
+    return per_row, per_ref, layout.grids
+
+
+@pytest.mark.parametrize("prompt, refs, which", [
+    ("<img><|image_2|></img> a red cat with <img><|image_1|></img>", [REFS[0], FLIPPED], [1, 0]),  # same sizes
+    ("<img><|image_2|></img> a red cat with <img><|image_1|></img>", REFS, [1, 0]),  # other sizes
+    ("<img><|image_1|></img> a red cat with <img><|image_1|></img>", REFS[:1], [0]),  # one image, twice
+])
+def test_every_image_gets_its_own_selection_wherever_a_prompt_places_it(pipe, prompt, refs, which):
+    """The references are the first row's images in its prompt's order; the image-guidance row lists the prompt's
+    images ``1, 2, ...``: each image there gets the selection of the reference with its pixels."""
+    refs = [r if isinstance(r, Image.Image) else Image.fromarray(r) for r in refs]
+    per_row, per_ref, _ = kept_cells(pipe, [prompt], [refs], {"keep": 0.25, "selector": "edges"})
+    assert sorted(per_row) == [0, 2]  # the conditional row and the image-guidance row
+    assert per_row[0] == per_ref
+    assert per_row[2] == [per_ref[k] for k in which]
+    if len(refs) == 2:
+        assert per_ref[0] != per_ref[1]  # the two selections differ: the mapping is what the test sees
+
+
+def test_a_batch_shares_the_first_prompts_selection_image_by_image(pipe, caplog):
+    """A prompt placing the first prompt's images in another order: each gets its own; one placing another image
+    of the same size: the selection of the first prompt's image at its place, with a warning."""
+    a, b = images(2)
+    per_row, per_ref, _ = kept_cells(pipe, [TWO, TWO], [[a, b], [b, a]], {"keep": 0.25, "selector": "edges"})
+    assert per_row[0] == per_ref and per_row[1] == per_ref[::-1]  # the second prompt's images 1, 2 are b, a
+    assert "place different images" not in caplog.text
+    per_row, per_ref, _ = kept_cells(pipe, [ONE, ONE], [[a], [FLIPPED]], {"keep": 0.25, "selector": "edges"})
+    assert per_row[1] == per_ref and "place different images" in caplog.text
+
+
 def test_text_to_image_runs_unchanged(pipe, caplog):
     def t2i(p):
         torch.manual_seed(0)
@@ -287,9 +341,9 @@ def test_refusals(pipe):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
     assert sparse_context_state(pipe) is None
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5))
-    with pytest.raises(ValueError, match="every prompt must place as many images of the same sizes"):
-        torch.manual_seed(0)
-        pipe(prompt=[TWO, TWO], input_images=[images(2), images(2)[::-1]], height=64, width=64, num_inference_steps=1,
+    with pytest.raises(ValueError, match="every prompt must place the first prompt's images"):
+        torch.manual_seed(0)  # the second prompt's image is none of the first's, nor of its size
+        pipe(prompt=[ONE, ONE], input_images=[images(1), images(2)[1:]], height=64, width=64, num_inference_steps=1,
              output_type="np")
 
 

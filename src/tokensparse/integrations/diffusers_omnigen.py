@@ -21,13 +21,16 @@ tokens, left-padded to the longest row (pads masked out, as the pipeline pads):
   one set of rows for the batch).
 
 So every kept token keeps its embedding, its dense position and its mask entries; the output is the target, as
-dense. ``proportional=True``: :meth:`OmniGenAdapter.with_bias` hands the transformer that mask made additive, with
+dense. The references are the first image row's images; every other row's image gets the selection of the one with
+its pixels (captured from the pipeline; else, and for an image none of them is, the one at its place).
+``proportional=True``: :meth:`OmniGenAdapter.with_bias` hands the transformer that mask made additive, with
 ``log(size)`` on each row's columns of its kept image tokens. Registered in :mod:`.diffusers_models`.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +40,15 @@ from torch import Tensor
 from .diffusers_layout import InContextAdapter, RefLayout
 
 ATTR = "_get_multimodal_embeddings"
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OmniLayout(RefLayout):
+    """:class:`RefLayout` of the first image row's images, plus ``sources``: per image row, which reference each of
+    its images is (the one with its pixels; -1: none), where the pipeline's images were captured, else ``None``."""
+
+    sources: dict[int, list[int]] | None = None
 
 
 @dataclass
@@ -164,9 +176,11 @@ def needed(mask: Tensor | None, drop: Tensor, n_target: int) -> Tensor:
 
 class OmniGenAdapter(InContextAdapter):
     """OmniGen: the references are the images of the call's first image row (the first prompt's conditional row),
-    in its placeholders' order; every other row's images get the selection of the reference in the same place (so
-    every prompt must place as many images of the same sizes: the batch shares one selection; the pipeline's
-    image-guidance row lists a prompt's images in order ``1, 2, ...``, so prompts should place them in that order).
+    in its placeholders' order. The batch shares their selection: through the pipeline, every other row's image gets
+    the selection of the reference with its pixels (a prompt may place the images in any order, or once each; the
+    image-guidance row lists them ``1, 2, ...``); an image none of them is (another prompt's own), or any image on
+    the bare transformer, gets the selection of the reference at its place, which must be of its size (a warning
+    where the images differ).
 
     A thinned call (:meth:`subset`) keeps per row what its target depends on, minus the dropped tokens, with
     their dense embeddings (:class:`KeptRows`), position ids, mask entries and RoPE rows (:class:`RowRope`); the
@@ -230,23 +244,50 @@ class OmniGenAdapter(InContextAdapter):
             positions.append(torch.arange(start, start + h * w, device=device))
             cells.append(torch.arange(h * w, device=device))
             start += h * w
-        return RefLayout(start, positions, cells, grids)
+        sources = self._sources(images)
+        if sources and any(-1 in found for found in sources.values()) and not self.state.warned_batch:
+            logger.warning("tokensparse: the prompts of this batch place different images; an image the first prompt "
+                           "does not place uses the selection of the first prompt's image at its place")
+            self.state.warned_batch = True
+        return OmniLayout(start, positions, cells, grids, sources)
+
+    def _sources(self, images: list[tuple[int, list[tuple[int, int]], list[Tensor]]]) -> dict[int, list[int]] | None:
+        """Per image row, which of the first row's images (the references) each of its images is: the first with
+        its pixels (the pipeline's, captured for this call), -1 for none; ``None`` where they were not captured."""
+        state = self.state
+        pixels = state.images if state is not None and state.images and state.images_tick == state.forwards else None
+        if pixels is None or len(pixels) != sum(len(spans) for _, spans, _ in images) or any(
+                x is None for x in pixels):
+            return None
+        refs = pixels[:len(images[0][1])]
+        sources, used = {images[0][0]: list(range(len(refs)))}, len(refs)
+        for row, spans, _ in images[1:]:
+            sources[row] = [next((k for k, ref in enumerate(refs) if ref.shape == x.shape and torch.equal(ref, x)), -1)
+                            for x in pixels[used:used + len(spans)]]
+            used += len(spans)
+        return sources
 
     def _kept(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, shape: tuple[int, int]) -> Tensor:
         """``(B, S)``: for every row's image tokens, which kept reference token each is (its place in ``index``; each
-        row's ``j``-th image: reference ``j``'s cells), -2 for a dropped one; -1 for the other tokens."""
+        image: its source reference's cells, else the reference at its place), -2 for a dropped one; -1 for the
+        other tokens."""
         ordinal = torch.full((layout.n,), -2, dtype=torch.long, device=index.device)
         ordinal[index] = torch.arange(index.numel(), device=index.device)
         refs = [ordinal[pos.to(index.device)] for pos in layout.positions]
         kept = torch.full(shape, -1, dtype=torch.long, device=index.device)
+        sources = getattr(layout, "sources", None) or {}
         for row, spans, latents in self._images(kwargs) or []:
-            if self._grids(latents) != layout.grids:
-                raise ValueError(
-                    f"Sparse Context on OmniGen gives every row's images the selection of the first row's (the batch "
-                    f"shares one): row {row} has images of {self._grids(latents)} patches, the first row "
-                    f"{layout.grids}; every prompt must place as many images of the same sizes, each once")
-            for (start, end), ref in zip(spans, refs):
-                kept[row, start:end] = ref
+            found = sources.get(row)
+            for j, ((start, end), grid) in enumerate(zip(spans, self._grids(latents))):
+                k = found[j] if found is not None and found[j] >= 0 else j
+                if k >= len(refs) or layout.grids[k] != grid:
+                    at = f"{layout.grids[k][0]}x{layout.grids[k][1]}" if k < len(refs) else "none"
+                    raise ValueError(
+                        f"Sparse Context on OmniGen gives every image the selection of the first prompt's image it is "
+                        f"(the batch shares one selection): row {row}'s image {j + 1} ({grid[0]}x{grid[1]} patches) is "
+                        f"none of them, and the first prompt's image at its place is {at}; every prompt must place "
+                        "the first prompt's images, or others of the same sizes in their places")
+                kept[row, start:end] = refs[k]
         return kept
 
     def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
