@@ -215,7 +215,7 @@ def generate(
     ] = False,
     proportional: Annotated[
         bool, typer.Option(help="proportional attention: a kept token gets log(tokens it stands for) added to its "
-                                "attention logits (FLUX.2 / Kontext, not with --cache)")
+                                "attention logits (FLUX.2 / Kontext / OmniGen, not with --cache)")
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
     dtype: Annotated[
