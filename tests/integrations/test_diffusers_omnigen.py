@@ -29,7 +29,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen
 
-from .contract import reapply_then_remove
+from .contract import NO_KV_CACHE, reapply_then_remove
 
 TARGET = 16
 RS = np.random.RandomState(0)
@@ -337,7 +337,7 @@ def test_proportional_is_the_dense_call_with_the_bias_on_the_kept_tokens(pipe):
 
 
 def test_refusals(pipe):
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
+    with pytest.raises(ValueError, match=NO_KV_CACHE):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
     assert sparse_context_state(pipe) is None
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5))

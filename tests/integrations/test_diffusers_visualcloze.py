@@ -24,7 +24,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_visualcloze import tiny_visualcloze
 
-from .contract import reapply_then_remove
+from .contract import NO_KV_CACHE, pipe_fixtures, reapply_then_remove
 from .proportional import assert_bias_is_duplication
 
 ROW, KEPT = 128, 32  # tokens of a row, and kept of an example row at keep 0.25
@@ -32,17 +32,7 @@ RS = np.random.RandomState(0)
 PIXELS = [[(RS.rand(32, 32, 3) * 255).astype("uint8") for _ in range(2)] for _ in range(3)]
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_visualcloze(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(autouse=True)
-def clean(pipe):
-    yield
-    remove_sparse_context_diffusers(pipe)
+pipe, clean = pipe_fixtures(tiny_visualcloze)
 
 
 def grid() -> list[list[Image.Image | None]]:
@@ -150,7 +140,7 @@ def test_proportional_and_cache(pipe):
     (index, layout), = sparse_context_state(pipe).index.values()
     assert [float(sizes[p].sum()) for p in layout.positions] == [ROW, ROW] and torch.equal(bias, sizes[index].log())
     assert np.isfinite(biased).all() and not np.array_equal(biased, plain)
-    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
+    with pytest.raises(ValueError, match=NO_KV_CACHE):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
 
 
