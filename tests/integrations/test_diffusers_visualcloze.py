@@ -178,6 +178,26 @@ def test_bare_transformer_keeps_the_query_row_whole(pipe):
     assert np.array_equal(out, through_pipe)
 
 
+def test_reapplied_on_its_transformer_it_still_scores_each_example_rows_pixels(pipe, monkeypatch, caplog):
+    """Applied through the pipeline, then again on its transformer (which keeps the pipeline's capture): the
+    selection still gets each example row's pixels."""
+    import tokensparse.integrations.diffusers as hook_module
+
+    seen, original = [], hook_module.keep_mask
+
+    def spy(views, cfg):
+        seen.append([v.image for v in views])
+        return original(views, cfg)
+
+    monkeypatch.setattr(hook_module, "keep_mask", spy)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))
+    apply_sparse_context_diffusers(pipe.transformer, SparseContextConfig(keep=0.25, selector="edges"))
+    run(pipe)
+    (images,) = seen
+    assert [None if x is None else tuple(x.shape) for x in images] == [(1, 3, 32, 64)] * 2
+    assert "scores latents" not in caplog.text
+
+
 def test_visualcloze_pipeline_through_its_generation_pipe():
     pipe = tiny_visualcloze(seed=0, combined=True)
     for p in (pipe, pipe.generation_pipe, pipe.upsampling_pipe):

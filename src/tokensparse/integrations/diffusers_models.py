@@ -106,8 +106,8 @@ class FluxIdsAdapter(InContextAdapter):
 
 class FluxAdapter(FluxIdsAdapter):
     """FLUX.1 (``FluxTransformer2DModel``): Kontext's layout (the target 0, the reference 1); a call whose ``img_ids``
-    number no token 0 is VisualCloze's (rows from 1, the query row last: :class:`.VisualClozeAdapter`'s tokens and
-    layout), so its bare transformer keeps the query row whole too."""
+    number no token 0 is VisualCloze's (rows from 1, the query row last: :class:`.VisualClozeAdapter`'s tokens,
+    layout and captured pixels), so its bare transformer keeps the query row whole too."""
 
     def __init__(self) -> None:
         self.cloze = VisualClozeAdapter()
@@ -125,6 +125,10 @@ class FluxAdapter(FluxIdsAdapter):
 
     def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
         return self.cloze.layout(kwargs) if self._is_cloze(kwargs) else super().layout(kwargs)
+
+    def call_inputs(self, state: Any, kwargs: dict[str, Any]) -> tuple[list | None, list | None, bool] | None:
+        """VisualCloze's: a VisualCloze pipeline's capture, kept when re-applied here, holds its grid's images."""
+        return self.cloze.call_inputs(state, kwargs) if self._is_cloze(kwargs) else super().call_inputs(state, kwargs)
 
 
 class LongCatIdsAdapter(FluxIdsAdapter):
