@@ -198,7 +198,7 @@ def test_reapplied_on_its_transformer_it_still_scores_each_example_rows_pixels(p
     assert "scores latents" not in caplog.text
 
 
-def test_visualcloze_pipeline_through_its_generation_pipe():
+def test_visualcloze_pipeline_through_its_generation_pipe(caplog):
     pipe = tiny_visualcloze(seed=0, combined=True)
     for p in (pipe, pipe.generation_pipe, pipe.upsampling_pipe):
         p.set_progress_bar_config(disable=True)
@@ -206,6 +206,7 @@ def test_visualcloze_pipeline_through_its_generation_pipe():
     calls = Calls(pipe.transformer)
     out = run(pipe, upsampling_height=32, upsampling_width=32)
     assert calls.tokens() == [2 * KEPT + ROW] * 2 + [64] * 2  # generation thinned; upsampling (no examples) as is
+    assert "no reference tokens" not in caplog.text  # the upsampling stage is expected to have none
     state = sparse_context_state(pipe)
     assert state.selections == 1 and len(state.images) == 6 and state.prompts == ["make it red"]
     assert np.asarray(out).shape == (1, 32, 32, 3)

@@ -243,7 +243,7 @@ class SparseContextHook:
         self.state.forwards += 1
         entry = self.state.index[key]
         if entry is None:
-            if not self.state.warned:
+            if not self.state.warned and self.adapter.warns_without_references:
                 logger.warning("tokensparse: no reference tokens in this call; Sparse Context is a no-op")
                 self.state.warned = True
             return None

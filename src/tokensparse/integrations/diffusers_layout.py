@@ -66,6 +66,8 @@ class InContextAdapter:
     and ``subset(kwargs, index, layout, state)``."""
 
     cache_refusal: str | None = None  # why cache=True cannot run on this transformer, if it cannot
+    # whether a call without reference tokens is worth a warning (VisualCloze: its upsampling stage has none)
+    warns_without_references = True
 
     def tokens(self, kwargs: dict[str, Any]) -> Tensor:
         """The call's image tokens ``(B, N, C)``, the sequence :meth:`layout`'s positions index (selection features)."""

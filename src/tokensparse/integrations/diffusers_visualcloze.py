@@ -31,6 +31,7 @@ class VisualClozeAdapter(InContextAdapter):
     same over a generation while the noisy part is denoised."""
 
     out_channels = 0  # the transformer's: the width of the noisy latents, first in each token
+    warns_without_references = False  # VisualClozePipeline's upsampling stage runs the transformer without examples
 
     def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
         """Remember the transformer's output channels (no companion hook)."""
