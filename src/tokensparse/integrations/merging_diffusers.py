@@ -10,6 +10,11 @@
   ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's / LongCat's ``proj_mlp``.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
+- **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
+  image grid at the start of each sequence (found from the latents ``x``) in the ``attention`` (with its
+  per-sample RoPE rows ``freqs_cis`` and the key padding mask) and ``feed_forward`` of the main ``layers`` and
+  the image-only ``noise_refiner``; the caption (and SigLIP) refiners and the caption tokens are left alone.
+  Z-Image Omni calls (reference images in the sequence) run unmerged, with a one-time warning.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import sys
 from typing import Any
 
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import BlockMerger, Sublayer, TokenMergingState
+from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_span
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +83,32 @@ def diffusers_classes() -> dict[str, type]:
         out["qwen"] = QwenImageTransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+        out["zimage"] = ZImageTransformerBlock
+    except ImportError:
+        pass
     return out
 
 
 KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat"),
-         "flux_single": ("flux_single", "flux2_single", "longcat_single"), "qwen": ("qwen",)}
+         "flux_single": ("flux_single", "flux2_single", "longcat_single"), "qwen": ("qwen",),
+         "zimage": ("zimage",)}
+# Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
+# context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
+_ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """The blocks of ``model`` that token merging knows, by kind (``unet``, ``flux``, ``flux_single``,
-    ``qwen``); empty lists when it knows none."""
+    """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
+    ``flux_single``, ``qwen``, ``zimage``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
         types = tuple(classes[k] for k in names if k in classes)
         out[kind] = [(n, m) for n, m in model.named_modules() if types and isinstance(m, types)]
+    out["zimage"] = [(n, m) for n, m in out["zimage"] if _ZIMAGE_IMAGE_BLOCKS.search(n)]
     return out
 
 
@@ -103,6 +120,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_flux(model, blocks["flux"], blocks["flux_single"], state)
     elif blocks["qwen"]:
         wire_qwen(model, blocks["qwen"], state)
+    elif blocks["zimage"]:
+        wire_zimage(model, blocks["zimage"], state)
 
 
 def _flux_rope(args: tuple, kwargs: dict, m: Matching, n_img: int, span: tuple[int, int]) -> tuple[tuple, dict]:
@@ -305,7 +324,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
         if cfg.merge_mlp:
             subs.append(Sublayer(blk.img_mlp, "hidden_states"))
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_qwen_grid, box), shared=True)
+            BlockMerger(state, name, subs, functools.partial(_leading_grid, box), shared=True)
 
 
 def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -314,7 +333,58 @@ def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: 
     state.observe(first_arg(call, "timestep"), call)
 
 
-def _qwen_grid(box: dict, n: int) -> tuple[int, int, int] | None:
+def _leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:
+    """The grid ``box["grid"]`` at the start of a sublayer's ``n`` tokens (Qwen-Image, Z-Image)."""
     g = box["grid"]
     return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
 
+
+def wire_zimage(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
+    """Z-Image: ``attention`` and ``feed_forward`` of the main ``layers`` and ``noise_refiner`` merge the image grid.
+
+    In text-to-image (basic) mode each sample's sequence is ``[image, image padding, caption, caption padding]``
+    (the refiner's: the image and its padding), padded to the longest sample, whose padding the key mask
+    ``attn_mask (B, L)`` hides; the image grid is its first ``h * w`` tokens. The RoPE table ``freqs_cis
+    (B, L, D/2)`` has a batch dimension: each sample gets its own matching, and each kept token its own rotation.
+    """
+    cfg = state.cfg
+    box: dict[str, Any] = {"grid": None, "warned_omni": False}
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_zimage, state, box),
+                                                         with_kwargs=True))
+    for name, blk in blocks:
+        subs = []
+        if cfg.merge_attn:
+            subs.append(Sublayer(blk.attention, "hidden_states", rope=_zimage_rope))
+        if cfg.merge_mlp:
+            subs.append(Sublayer(blk.feed_forward, "x"))
+        if subs:
+            BlockMerger(state, name, subs, functools.partial(_leading_grid, box))
+
+
+def _observe_zimage(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = as_keywords(module, args, kwargs)
+    x = call.get("x")
+    box["grid"] = None
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (list, tuple)):  # omni: [captions, images, SigLIP]
+        if not box["warned_omni"]:
+            box["warned_omni"] = state.warned = True  # instead of the generic "merged nothing" warning
+            logger.warning("tokensparse: token merging does not merge Z-Image Omni calls (their sequence may hold "
+                           "reference images beside the target, which it never merges); %s runs them unmerged",
+                           type(module).__name__)
+    elif isinstance(x, (list, tuple)) and x and all(isinstance(xi, Tensor) and xi.dim() == 4 for xi in x):
+        shapes = {tuple(xi.shape[1:]) for xi in x}  # (C, F, H, W) each: one grid for the batch
+        p, pf = call.get("patch_size", 2), call.get("f_patch_size", 1)
+        if len(shapes) == 1:
+            f, h, w = shapes.pop()
+            box["grid"] = (h // p, w // p) if f // pf == 1 else None
+    t = first_arg(call, "t")
+    state.observe(1.0 - t if t is not None else None, call)  # Z-Image's t rises over a generation (1 - sigma)
+
+
+def _zimage_rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:
+    """Z-Image's ``freqs_cis (B, L, D/2)``: each kept image token keeps its own row; the others all stay."""
+    freqs = kwargs.get("freqs_cis")
+    if freqs is None:
+        return args, kwargs
+    return args, {**kwargs, "freqs_cis": merge_span(m, freqs.expand(m.batch_size, *freqs.shape[1:]), span,
+                                                    mode="keep")}

@@ -1,0 +1,181 @@
+"""Token merging on Z-Image (``ZImageTransformer2DModel``, ``ZImagePipeline``): the image grid merges in the main
+layers and the noise refiner, the caption never; Omni calls (references in the sequence) run unmerged."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers.models.transformers.transformer_z_image")
+
+from tokensparse.integrations.diffusers_tiny_zimage import tiny_z_image, tiny_z_image_omni  # noqa: E402
+from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
+from tokensparse.merging import TokenMergingConfig  # noqa: E402
+
+
+def _transformer() -> nn.Module:
+    return tiny_z_image(seed=0).transformer  # 1 noise refiner, 1 context refiner, 2 main layers; dim 32
+
+
+def _inputs(batch: int = 2, h: int = 12, w: int = 20, smooth: bool = False, seed: int = 0) -> dict:
+    """Latents ``(4, 1, h, w)`` (``h/2 x w/2`` tokens: 6x10 = 60, padded to 64) and captions of 5 and 40 tokens
+    (padded to 32 and 64: the batch's sequences differ in length, so the blocks get a key padding mask)."""
+    g = torch.Generator().manual_seed(seed)
+    if smooth:  # neighbouring tokens alike, as in real latents: merging them changes little
+        x = [nn.functional.interpolate(torch.randn(1, 4, h // 4, w // 4, generator=g), size=(h, w), mode="bilinear")
+             [0, :, None] for _ in range(batch)]
+    else:
+        x = [torch.randn(4, 1, h, w, generator=g) for _ in range(batch)]
+    caps = [torch.randn(n, 16, generator=g) for n in (5, 40, 17, 9)[:batch]]
+    return {"x": x, "t": torch.full((batch,), 0.3), "cap_feats": caps, "return_dict": False}
+
+
+def _run(model: nn.Module, kw: dict) -> Tensor:
+    with torch.no_grad():
+        return torch.stack(model(**kw)[0])
+
+
+def _token_counts(model: nn.Module, kw: dict) -> dict[str, list[int]]:
+    """Tokens each sublayer of each block saw in one call, by block group."""
+    seen: dict[str, list[int]] = {}
+    handles = []
+    for group in ("noise_refiner", "context_refiner", "layers"):
+        for blk in getattr(model, group):
+            for sub in (blk.attention, blk.feed_forward):
+                handles.append(sub.register_forward_pre_hook(
+                    lambda m, a, k, group=group: seen.setdefault(group, []).append(a[0].shape[1]), with_kwargs=True))
+    _run(model, kw)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _attention_kwargs(model: nn.Module, kw: dict) -> dict:
+    box: list[dict] = []
+    handle = model.layers[0].attention.register_forward_pre_hook(lambda m, a, k: box.append(k), with_kwargs=True)
+    _run(model, kw)
+    handle.remove()
+    return box[0]
+
+
+def test_zimage_merges_the_image_grid_only_and_removes_exactly() -> None:
+    model, kw = _transformer(), _inputs()
+    dense = _run(model, kw)
+    unmerged, dense_attn = _token_counts(model, kw), _attention_kwargs(model, kw)
+    assert unmerged == {"noise_refiner": [64, 64], "context_refiner": [64, 64], "layers": [128] * 4}
+    assert dense_attn["attention_mask"].shape == (2, 128)  # captions of 32 and 64 padded tokens
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    seen = _token_counts(model, kw)
+    # 60 image tokens, 30 merged away; their 4 padding tokens and the captions pass whole
+    assert seen == {"noise_refiner": [34, 34], "context_refiner": [64, 64], "layers": [98] * 4}
+    assert merging_state(model).merged_tokens == 3 * 30  # per sample: 3 blocks, 30 tokens each
+    attn = _attention_kwargs(model, kw)
+    mask, freqs, dense_freqs = attn["attention_mask"], attn["freqs_cis"], dense_attn["freqs_cis"]
+    assert mask.shape == (2, 98) and torch.equal(mask[:, 30:], dense_attn["attention_mask"][:, 60:])
+    assert freqs.shape == (2, 98, 8) and torch.equal(freqs[:, 30:], dense_freqs[:, 60:])  # padding, caption
+    for b in range(2):  # each kept image token keeps its own RoPE row, in order
+        rows = [next(j for j in range(60) if torch.equal(dense_freqs[b, j], r)) for r in freqs[b, :30]]
+        assert rows == sorted(set(rows)), rows
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    merged = _run(model, kw)
+    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.0))  # identity: installs nothing
+    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))  # the feed-forward only
+    only_ff = _token_counts(model, kw)
+    assert only_ff["layers"] == [128, 98, 128, 98] and only_ff["noise_refiner"] == [64, 34]
+    remove_token_merging(model)
+    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
+
+
+def test_zimage_merged_output_stays_close_at_a_small_ratio() -> None:
+    model, kw = _transformer(), _inputs(smooth=True)
+    dense = _run(model, kw)
+    errors = []
+    for ratio in (0.25, 0.5):
+        apply_token_merging(model, TokenMergingConfig(ratio=ratio))
+        merged = _run(model, kw)
+        assert merging_state(model).merged_tokens > 0
+        errors.append(float((merged - dense).norm() / dense.norm()))
+    remove_token_merging(model)
+    assert errors[0] < 0.12 and errors[0] < errors[1], errors
+
+
+def test_zimage_batch_of_two_matches_each_sample_alone() -> None:
+    # The RoPE table has a batch dimension: each sample gets its own matching (from the same destination draw),
+    # so a sample merges as it would alone, whatever the other's caption length (the batch's padding mask)
+    model, kw = _transformer(), _inputs()
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    both = _run(model, kw)
+    for i in range(2):
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5))  # afresh: the same destination draw
+        alone = _run(model, {**kw, "x": kw["x"][i:i + 1], "cap_feats": kw["cap_feats"][i:i + 1], "t": kw["t"][:1]})
+        torch.testing.assert_close(both[i], alone[0], rtol=1e-4, atol=1e-5)
+    remove_token_merging(model)
+
+
+def test_zimage_omni_calls_run_unmerged_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_z_image_omni(seed=0).transformer
+    g = torch.Generator().manual_seed(0)
+    kw = {"x": [[torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)]],  # reference, target
+          "cap_feats": [[torch.randn(6, 16, generator=g), torch.randn(7, 16, generator=g)]], "siglip_feats": [None],
+          "image_noise_mask": [[0, 1]], "t": torch.tensor([0.3]), "return_dict": False}
+    dense = _run(model, kw)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        assert torch.equal(_run(model, kw), dense)
+        _run(model, kw)
+    assert caplog.text.count("does not merge Z-Image Omni calls") == 1 and "merged nothing" not in caplog.text
+    assert merging_state(model).merged_tokens == 0
+    remove_token_merging(model)
+
+
+def _pipe_call() -> dict:  # fresh each call: ZImagePipeline rewrites the prompt list it is given in place
+    return {"prompt": ["a cat", "a big red dog on a sunny day"], "height": 32, "width": 48, "num_inference_steps": 3,
+            "max_sequence_length": 128, "guidance_scale": 4.0, "output_type": "np",
+            "generator": torch.Generator().manual_seed(0)}
+
+
+def test_zimage_pipeline_generations() -> None:
+    pipe = tiny_z_image(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    dense = pipe(**_pipe_call()).images
+    for cfg in (TokenMergingConfig(ratio=0.5), TokenMergingConfig(threshold=0.3, recompute_every=2)):
+        apply_token_merging(pipe, cfg)
+        merged = pipe(**_pipe_call()).images
+        state = merging_state(pipe)
+        # t rises over a Z-Image generation (1 - sigma): still one generation of 3 steps, not 3 of one step
+        assert state.step == 2 and state.merged_tokens > 0, cfg
+        assert merged.shape == dense.shape == (2, 32, 48, 3) and np.isfinite(merged).all()
+        assert not np.array_equal(merged, dense)
+    remove_token_merging(pipe)
+    assert np.array_equal(pipe(**_pipe_call()).images, dense)
+
+
+def test_cli_generate_merges_on_a_zimage_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    typer = pytest.importorskip("typer")
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
+    tiny_z_image(seed=0).save_pretrained(tmp_path / "zimage")
+    out = tmp_path / "z.png"
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "zimage"), "--prompt", "a cat", "--merge",
+                                       "0.5", "--steps", "2", "--height", "32", "--width", "48", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "ZImagePipeline" in res.output and "no Sparse Context, merge=0.5" in res.output
+    assert Image.open(out).size == (48, 32) and "merged nothing" not in caplog.text
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "zimage"), "--prompt", "a cat",
+                                   "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 1 and "give --merge" in res.output
