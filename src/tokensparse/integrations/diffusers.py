@@ -73,6 +73,7 @@ from ..generation import (
 from ..selection import RefView, needs_probe
 from .calls import as_keywords, positional_names
 from .diffusers_capture import captured_inputs, unwrap_capture, wrap_capture
+from .diffusers_layout import InContextAdapter
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
@@ -173,7 +174,7 @@ class SparseContextHook:
     not on ``transformer.forward(...)``; pre-hooks registered after this one see the thinned call.
     """
 
-    def __init__(self, cfg: SparseContextConfig, adapter: Any, owners: list[Any]) -> None:
+    def __init__(self, cfg: SparseContextConfig, adapter: InContextAdapter, owners: list[Any]) -> None:
         self.state = _State(cfg)
         self.adapter = adapter
         self.owners = owners  # the pipelines it was applied through: their calls are captured, start generations
