@@ -277,16 +277,18 @@ class BlockMerger:
         A self-attention key mask over these ``n`` tokens keeps the entries of the surviving tokens
         (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged; with ``context_first``
         (FLUX double-stream attention: keys ``[context, tokens]``, e.g. proportional Sparse Context's bias) a key
-        mask over context + tokens keeps the context's entries and the surviving tokens'. Any other mask -- over
-        context + tokens in another order (SD3 joint attention), a query x key mask, a merge across the mask --
-        runs that sublayer unmerged, with a one-time warning."""
+        mask over context + tokens keeps the context's entries and the surviving tokens'. A query x key mask over
+        the same tokens (Chroma's ``(B, 1, L, L)``) keeps the surviving tokens' rows and columns
+        (:func:`merge_query_key_mask`). Any other mask -- over context + tokens in another order (SD3 joint
+        attention), a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
         n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
         if n_ctx and mask.shape[-1] == n_ctx:
             return mask  # cross-attention: its keys are the context's, which merging leaves alone
         if n_ctx and context_first and mask.shape[-1] == n_ctx + n:
-            merged = merge_key_mask(mask, m, (n_ctx + span[0], span[1]), n_ctx + n)
-        else:
-            merged = merge_key_mask(mask, m, span, n)
+            span, n = (n_ctx + span[0], span[1]), n_ctx + n
+        merged = merge_key_mask(mask, m, span, n)
+        if merged is None and mask.dim() >= 3 and mask.shape[-2] == n:
+            merged = merge_query_key_mask(mask, m, span, n)
         if merged is not None:
             return merged
         if not self.state.warned_mask:
@@ -323,6 +325,27 @@ def merge_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> 
         return None
     merged = merge_span(m, key, span, mode="keep")
     return merged.reshape(b, *mask.shape[1:-1], merged.shape[1])
+
+
+def merge_query_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> Tensor | None:
+    """A self-attention query x key mask ``(B or 1, [1,] n, n)`` over ``n`` tokens (queries and keys the same
+    tokens, e.g. Chroma's product of a key mask with itself), for the tokens :func:`merge_span` leaves: the rows
+    and columns of the surviving tokens, in order.
+
+    ``None`` (the sublayer must run unmerged) where the mask is not that, or where a merged pair's two tokens
+    have different rows or columns (the merged token would attend, or be attended, unlike one of them)."""
+    b = m.batch_size
+    if (mask.dim() < 3 or mask.shape[-1] != n or mask.shape[-2] != n or mask.shape[0] not in (1, b)
+            or any(s != 1 for s in mask.shape[1:-2])):
+        return None
+    sq = mask.reshape(mask.shape[0], n, n).expand(b, n, n)
+    for side in (sq, sq.transpose(1, 2)):  # rows (queries), then columns (keys)
+        inner = part(side, span)
+        if not torch.equal(m.unmerge(m.merge(inner, mode="keep")), inner):
+            return None
+    rows = merge_span(m, sq, span, mode="keep")
+    merged = merge_span(m, rows.transpose(1, 2), span, mode="keep").transpose(1, 2)
+    return merged.reshape(b, *mask.shape[1:-2], merged.shape[1], merged.shape[2])
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:

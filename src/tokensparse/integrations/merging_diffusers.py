@@ -4,10 +4,12 @@
   / ``ff`` merge their input tokens in blocks whose token grid is at most ``cfg.max_downsample`` times
   coarser than the latent. **SD3 / SD3.5** (``JointTransformerBlock``) the same way: the joint ``attn``
   (image side; text tokens are its other stream), SD3.5's second self-attention ``attn2`` and ``ff``.
-- **FLUX / FLUX.2 / LongCat-Image(-Edit)**: the target grid (found from ``img_ids``: the tokens with the
-  lowest T id, at the start or the end of the image tokens; LongCat's first id is a modality, 1 for the target,
-  2 for the reference) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``; single-stream
-  ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's / LongCat's ``proj_mlp``.
+- **FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma**: the target grid (found from ``img_ids``: the tokens with
+  the lowest T id, at the start or the end of the image tokens; LongCat's first id is a modality, 1 for the
+  target, 2 for the reference) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``;
+  single-stream ``attn`` (FLUX.2: attention and MLP fused) and FLUX.1's / LongCat's / Chroma's ``proj_mlp``.
+  Chroma's blocks are FLUX.1's with pruned modulation; they square the text padding mask into a query x key
+  mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
 - **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
@@ -77,6 +79,15 @@ def diffusers_classes() -> dict[str, type]:
         out["longcat"], out["longcat_single"] = LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock
     except ImportError:
         pass
+    try:  # Chroma: FLUX.1's blocks (pruned modulation), a text padding mask squared into a query x key mask
+        from diffusers.models.transformers.transformer_chroma import (
+            ChromaSingleTransformerBlock,
+            ChromaTransformerBlock,
+        )
+
+        out["chroma"], out["chroma_single"] = ChromaTransformerBlock, ChromaSingleTransformerBlock
+    except ImportError:
+        pass
     try:
         from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
@@ -92,8 +103,8 @@ def diffusers_classes() -> dict[str, type]:
     return out
 
 
-KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat"),
-         "flux_single": ("flux_single", "flux2_single", "longcat_single"), "qwen": ("qwen",),
+KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma"),
+         "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single"), "qwen": ("qwen",),
          "zimage": ("zimage",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
