@@ -4,13 +4,13 @@
   / ``ff`` merge their input tokens in blocks whose token grid is at most ``cfg.max_downsample`` times
   coarser than the latent. **SD3 / SD3.5** (``JointTransformerBlock``) the same way: the joint ``attn``
   (image side; text tokens are its other stream), SD3.5's second self-attention ``attn2`` and ``ff``.
-- **FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image**: the target grid (found from ``img_ids``: the
-  tokens with the lowest T id, at the start or the end of the image tokens; LongCat's first id is a modality, 1
-  for the target, 2 for the reference) in every block: double-stream ``attn`` (with its RoPE rows) and ``ff``;
-  single-stream ``attn`` (FLUX.2: attention and MLP fused) and the others' ``proj_mlp``. Ovis-Image's blocks
-  are FLUX.1's (its own attention class, same call and RoPE layout; SwiGLU MLPs).
-  Chroma's blocks are FLUX.1's with pruned modulation; they square the text padding mask into a query x key
-  mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
+- **FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image / Bria 3.x**: the target grid (found from
+  ``img_ids``: the tokens with the lowest T id, at the start or the end of the image tokens; LongCat's first id is
+  a modality, 1 for the target, 2 for the reference) in every block: double-stream ``attn`` (with its RoPE rows)
+  and ``ff``; single-stream ``attn`` (FLUX.2: attention and MLP fused) and the others' ``proj_mlp``. Ovis-Image's
+  and Bria's (``BriaTransformer2DModel``) blocks are FLUX.1's (own attention classes, same call and RoPE layout;
+  Ovis-Image's MLPs SwiGLU). Chroma's blocks are FLUX.1's with pruned modulation; they square the text padding
+  mask into a query x key mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
 - **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
@@ -98,6 +98,12 @@ def diffusers_classes() -> dict[str, type]:
         out["ovis"], out["ovis_single"] = OvisImageTransformerBlock, OvisImageSingleTransformerBlock
     except ImportError:
         pass
+    try:  # Bria 3.x (BriaPipeline): FLUX.1's blocks under other names (same call, same RoPE layout)
+        from diffusers.models.transformers.transformer_bria import BriaSingleTransformerBlock, BriaTransformerBlock
+
+        out["bria"], out["bria_single"] = BriaTransformerBlock, BriaSingleTransformerBlock
+    except ImportError:
+        pass
     try:
         from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
@@ -113,8 +119,9 @@ def diffusers_classes() -> dict[str, type]:
     return out
 
 
-KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis"),
-         "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single"),
+KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria"),
+         "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
+                         "bria_single"),
          "qwen": ("qwen",), "zimage": ("zimage",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
