@@ -11,9 +11,9 @@ Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the references to i
 which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline``: one reference;
 ``JoyImageEditPlusPipeline``: several) and OmniGen (``OmniGenPipeline``: several, each placed by
 ``<img><|image_k|></img>`` in ``--prompt``); any other pipeline whose model token merging supports (Stable
-Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x (``BriaPipeline``), Z-Image) runs with
-``--merge`` alone. The functions here are plain typer-annotated functions; ``tokensparse.cli`` registers them as
-commands.
+Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x (``BriaPipeline``), Z-Image, Lumina 2) runs
+with ``--merge`` alone. The functions here are plain typer-annotated functions; ``tokensparse.cli`` registers
+them as commands.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bo
     if name in MASK_PIPELINES or name in _GRID_INPUT:
         what = "inpainting pipelines" if name in MASK_PIPELINES else "it takes a grid of in-context examples"
         _fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
-    if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis, ...): merging alone
+    if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
         given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
         if given:
             _fail(f"{name} takes no reference images here, so {' / '.join(given)} (Sparse Context) cannot apply: "
@@ -225,8 +225,8 @@ def generate(
 ) -> None:
     """Generate one image from reference images with Sparse Context (and, with --merge, token merging).
 
-    Text-to-image pipelines (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x, Z-Image)
-    run with token merging alone (--merge).
+    Text-to-image pipelines (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x, Z-Image,
+    Lumina 2) run with token merging alone (--merge).
     """
     try:
         import diffusers

@@ -214,6 +214,11 @@ class Sublayer:
     target_only: bool = False  # RefDiT mlp: only calls with role="target"
     outputs: tuple[int, ...] = (0,)  # which elements of a tuple output are the merged tokens' (unmerged)
     context_first: bool = False  # joint attention over [context, tokens]: a key mask may span both (FLUX)
+    # self-attention called with its tokens passed again as encoder_hidden_states (Lumina 2): merged along
+    self_context: bool = False
+    # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call
+    # after the block's matching merges
+    first_call: bool = False
 
 
 class BlockMerger:
@@ -224,6 +229,7 @@ class BlockMerger:
         self.state, self.name, self.grid, self.shared = state, name, grid, shared
         self.current: Matching | None = None
         self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
+        self.called: set[int] = set()  # first_call sublayers called since the matching was looked up
         for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
             pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
             state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -240,10 +246,15 @@ class BlockMerger:
             grid = self.grid(x.shape[1])
             self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
             self.current = None
+            self.called = set()
             if grid is not None:
                 self.span = (grid[2], grid[0] * grid[1])
                 self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
         m, span = self.current, self.span
+        if sub.first_call:
+            if id(sub) in self.called:
+                return None
+            self.called.add(id(sub))
         if m is None or m.num_merged == 0:
             return None
         if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
@@ -253,9 +264,11 @@ class BlockMerger:
                                "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
                                type(module).__name__, self.name, x.shape[1], span[1])
             return None
+        context = kwargs.get("encoder_hidden_states")
+        self_context = sub.self_context and context is x
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() >= 2:
-            mask = self._merged_mask(module, mask, m, span, x.shape[1], kwargs.get("encoder_hidden_states"),
+            mask = self._merged_mask(module, mask, m, span, x.shape[1], None if self_context else context,
                                      sub.context_first)
             if mask is None:
                 return None
@@ -266,6 +279,8 @@ class BlockMerger:
             kwargs = {**kwargs, sub.tokens: merged}
         else:
             args = (merged, *args[1:])
+        if self_context:
+            kwargs = {**kwargs, "encoder_hidden_states": merged}
         if sub.rope is not None:
             args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
         return args, kwargs

@@ -18,6 +18,9 @@
   per-sample RoPE rows ``freqs_cis`` and the key padding mask) and ``feed_forward`` of the main ``layers`` and
   the image-only ``noise_refiner``; the caption (and SigLIP) refiners and the caption tokens are left alone.
   Z-Image Omni calls (reference images in the sequence) run unmerged, with a one-time warning.
+- **Lumina 2** (``Lumina2TransformerBlock``, ``Lumina2Pipeline``): the image grid in the ``attn`` (its keys, RoPE
+  rows and key padding mask along) and ``feed_forward`` of the joint ``layers`` and the image-only
+  ``noise_refiner``; the caption and its ``context_refiner`` are left alone. See :mod:`.merging_lumina2`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_span
+from .merging_lumina2 import image_blocks, wire_lumina2
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +120,19 @@ def diffusers_classes() -> dict[str, type]:
         out["zimage"] = ZImageTransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.transformer_lumina2 import Lumina2TransformerBlock
+
+        out["lumina2"] = Lumina2TransformerBlock
+    except ImportError:
+        pass
     return out
 
 
 KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria"),
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single"),
-         "qwen": ("qwen",), "zimage": ("zimage",)}
+         "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -130,13 +140,14 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``qwen``, ``zimage``); empty lists when it knows none."""
+    ``flux_single``, ``qwen``, ``zimage``, ``lumina2``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
         types = tuple(classes[k] for k in names if k in classes)
         out[kind] = [(n, m) for n, m in model.named_modules() if types and isinstance(m, types)]
     out["zimage"] = [(n, m) for n, m in out["zimage"] if _ZIMAGE_IMAGE_BLOCKS.search(n)]
+    out["lumina2"] = image_blocks(out["lumina2"])
     return out
 
 
@@ -150,6 +161,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_qwen(model, blocks["qwen"], state)
     elif blocks["zimage"]:
         wire_zimage(model, blocks["zimage"], state)
+    elif blocks["lumina2"]:
+        wire_lumina2(model, blocks["lumina2"], state)
 
 
 def _flux_rope(args: tuple, kwargs: dict, m: Matching, n_img: int, span: tuple[int, int]) -> tuple[tuple, dict]:
