@@ -11,9 +11,9 @@ Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the references to i
 which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline``: one reference;
 ``JoyImageEditPlusPipeline``: several) and OmniGen (``OmniGenPipeline``: several, each placed by
 ``<img><|image_k|></img>`` in ``--prompt``); any other pipeline whose model token merging supports (Stable
-Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x (``BriaPipeline``), Z-Image, Lumina 2) runs
-with ``--merge`` alone. The functions here are plain typer-annotated functions; ``tokensparse.cli`` registers
-them as commands.
+Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x (``BriaPipeline``), Z-Image, Lumina 2,
+CogView4) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
+``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def generate(
     """Generate one image from reference images with Sparse Context (and, with --merge, token merging).
 
     Text-to-image pipelines (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x, Z-Image,
-    Lumina 2) run with token merging alone (--merge).
+    Lumina 2, CogView4) run with token merging alone (--merge).
     """
     try:
         import diffusers

@@ -21,6 +21,9 @@
 - **Lumina 2** (``Lumina2TransformerBlock``, ``Lumina2Pipeline``): the image grid in the ``attn`` (its keys, RoPE
   rows and key padding mask along) and ``feed_forward`` of the joint ``layers`` and the image-only
   ``noise_refiner``; the caption and its ``context_refiner`` are left alone. See :mod:`.merging_lumina2`.
+- **CogView4** (``CogView4TransformerBlock``, ``CogView4Pipeline``): every block's image stream, the whole of it, in
+  ``attn1`` (with its RoPE rows; one table, so one matching, for the batch) and the image call of ``ff`` (the same
+  module then runs the text stream, unmerged). See :mod:`.merging_cogview4`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
+from .merging_cogview4 import wire_cogview4
 from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_span
 from .merging_lumina2 import image_blocks, wire_lumina2
 
@@ -126,13 +130,20 @@ def diffusers_classes() -> dict[str, type]:
         out["lumina2"] = Lumina2TransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.transformer_cogview4 import CogView4TransformerBlock
+
+        out["cogview4"] = CogView4TransformerBlock
+    except ImportError:
+        pass
     return out
 
 
 KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria"),
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single"),
-         "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",)}
+         "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
+          "cogview4": ("cogview4",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -140,7 +151,7 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``qwen``, ``zimage``, ``lumina2``); empty lists when it knows none."""
+    ``flux_single``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -163,6 +174,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_zimage(model, blocks["zimage"], state)
     elif blocks["lumina2"]:
         wire_lumina2(model, blocks["lumina2"], state)
+    elif blocks["cogview4"]:
+        wire_cogview4(model, blocks["cogview4"], state)
 
 
 def _flux_rope(args: tuple, kwargs: dict, m: Matching, n_img: int, span: tuple[int, int]) -> tuple[tuple, dict]:

@@ -1,0 +1,71 @@
+"""Token merging on CogView4 (``CogView4Transformer2DModel``, ``CogView4Pipeline``): the image stream of every block.
+
+Each ``CogView4TransformerBlock`` keeps two streams, the image tokens (a row-major ``H/p x W/p`` grid of the latent
+``(B, C, H, W)``, nothing else) and the text tokens. Its attention ``attn1`` joins them as ``[text, image]``, rotating
+the image part by a RoPE table ``(cos, sin)``, each ``(N, D)`` with no batch axis (so one matching, from the batch's
+mean tokens, serves the batch, as in FLUX); its optional text key mask ``(B, T)`` covers the text only. Its ``ff``
+runs on the image stream, then, the same module, on the text stream: only that first call merges. The text stream
+is never merged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..merging import Matching
+from .calls import as_keywords, first_arg
+from .merging_core import BlockMerger, Sublayer, TokenMergingState
+
+
+def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
+    """Hook ``attn1`` (image stream, its RoPE rows) and ``ff`` (its image-stream call) of each block."""
+    cfg = state.cfg
+    box: dict[str, Any] = {"grid": None}
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe, state, box),
+                                                         with_kwargs=True))
+    for name, blk in blocks:
+        subs = []
+        if cfg.merge_attn:
+            subs.append(Sublayer(blk.attn1, "hidden_states", rope=_rope))
+        if cfg.merge_mlp:
+            subs.append(Sublayer(blk.ff, "hidden_states", first_call=True))
+        if subs:
+            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True)
+
+
+def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = as_keywords(module, args, kwargs)
+    x, rope = call.get("hidden_states"), call.get("image_rotary_emb")
+    box["grid"] = None
+    if isinstance(x, Tensor) and x.dim() == 4:
+        p = int(module.config.get("patch_size", 2))
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        # the model's own table, or a caller's (cos, sin) with one row per image token; anything else runs unmerged
+        if rope is None or (isinstance(rope, tuple) and len(rope) == 2
+                            and all(isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] == h * w for t in rope)):
+            box["grid"] = (h, w)
+    state.observe(first_arg(call, "timestep"), call)
+
+
+def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
+    """The image stream is the grid: all ``n`` tokens of the sublayer's input."""
+    g = box["grid"]
+    return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)
+
+
+def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:
+    """``image_rotary_emb = (cos, sin)``, each ``(n, D)``: the kept tokens' rows (one matching for the batch)."""
+    rope = kwargs.get("image_rotary_emb")
+    if rope is None:
+        return args, kwargs
+    start, length = span
+    keep = m.keep[0]
+
+    def sub(t: Tensor) -> Tensor:
+        return torch.cat([t[:start], t[start:start + length][keep], t[start + length:]], dim=0)
+
+    return args, {**kwargs, "image_rotary_emb": tuple(sub(t) for t in rope)}
