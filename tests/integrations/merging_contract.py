@@ -1,0 +1,115 @@
+"""The token-merging contract on a diffusers transformer and pipeline, shared by the per-model merging tests: a
+merged call that removes exactly, a small ratio that stays close, a batch whose samples merge as they would alone,
+two whole generations, and ``generate --merge`` from the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
+from tokensparse.merging import TokenMergingConfig
+
+
+def ours(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages tokensparse logged."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("tokensparse")]
+
+
+def merged_then_removes_exactly(model: nn.Module, run: Callable[[], Tensor], dense: Tensor,
+                                counts: Callable[[], Any], unmerged: Any, mlp_only: Callable[[Any], None],
+                                reapply: bool = False) -> None:
+    """``model`` merges (``run()``: its output, ``dense`` without merging): the output differs but stays finite;
+    ratio 0 installs nothing (``counts()``, the tokens its sublayers see, back to ``unmerged``); with
+    ``merge_attn=False`` ``mlp_only(counts())`` holds; removing merging (after merging afresh, with ``reapply``)
+    gives the exact dense output and counts."""
+    merged = run()
+    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.0))  # identity: installs nothing
+    assert torch.equal(run(), dense) and counts() == unmerged
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))  # the MLPs / feed-forward only
+    mlp_only(counts())
+    if reapply:
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    remove_token_merging(model)
+    assert torch.equal(run(), dense) and counts() == unmerged
+
+
+def stays_close_at_a_small_ratio(model: nn.Module, run: Callable[[], Tensor]) -> None:
+    """On smooth inputs (``run()``: the output), merging a quarter of the grid changes the output by under 12%, and
+    less than merging half of it."""
+    dense = run()
+    errors = []
+    for ratio in (0.25, 0.5):
+        apply_token_merging(model, TokenMergingConfig(ratio=ratio))
+        merged = run()
+        assert merging_state(model).merged_tokens > 0
+        errors.append(float((merged - dense).norm() / dense.norm()))
+    remove_token_merging(model)
+    assert errors[0] < 0.12 and errors[0] < errors[1], errors
+
+
+def batch_matches_each_sample_alone(model: nn.Module, run: Callable[[], Tensor],
+                                    alone: Callable[[int], Tensor]) -> None:
+    """Each sample gets its own matching (from the same destination draw): sample ``i`` of the batch (``run()``)
+    merges as it does alone (``alone(i)``)."""
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    both = run()
+    for i in range(2):
+        apply_token_merging(model, TokenMergingConfig(ratio=0.5))  # afresh: the same destination draw
+        torch.testing.assert_close(both[i], alone(i)[0], rtol=1e-4, atol=1e-5)
+    remove_token_merging(model)
+
+
+def pipeline_generations(pipe: Any, call: Callable[[], dict], shape: tuple[int, ...],
+                         caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """Two generations of 3 steps (``pipe(**call())``, a fresh call each time) merge, at a ratio and at a threshold
+    recomputed every 2 steps, into finite images of ``shape`` unlike the dense ones (with ``caplog``: tokensparse
+    warning of nothing); removing merging gives the dense images exactly."""
+    pipe.set_progress_bar_config(disable=True)
+    dense = pipe(**call()).images
+    with caplog.at_level(logging.WARNING, logger="tokensparse") if caplog else contextlib.nullcontext():
+        for cfg in (TokenMergingConfig(ratio=0.5), TokenMergingConfig(threshold=0.3, recompute_every=2)):
+            apply_token_merging(pipe, cfg)
+            merged = pipe(**call()).images
+            state = merging_state(pipe)
+            assert state.step == 2 and state.merged_tokens > 0, cfg  # one generation of 3 steps (and CFG calls)
+            assert merged.shape == dense.shape == shape and np.isfinite(merged).all()
+            assert not np.array_equal(merged, dense)
+    if caplog:
+        assert not ours(caplog)  # no mask refused, nothing left unmerged
+    remove_token_merging(pipe)
+    assert np.array_equal(pipe(**call()).images, dense)
+
+
+def cli_generate_merges(tmp_path: Path, caplog: pytest.LogCaptureFixture, pipe: Any, name: str, pipeline: str,
+                        height: int = 32, width: int = 48) -> tuple[Any, Path]:
+    """``generate --merge 0.5`` on ``pipe`` saved as ``tmp_path / name`` runs ``pipeline`` without Sparse Context,
+    writes a ``width x height`` image and merges something; returns the typer app and the saved model's folder."""
+    typer = pytest.importorskip("typer")
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
+    pipe.save_pretrained(tmp_path / name)
+    out = tmp_path / f"{name[0]}.png"
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / name), "--prompt", "a cat", "--merge",
+                                       "0.5", "--steps", "2", "--height", str(height), "--width", str(width),
+                                       "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert pipeline in res.output and "no Sparse Context, merge=0.5" in res.output
+    assert Image.open(out).size == (width, height) and "merged nothing" not in caplog.text
+    return app, tmp_path / name
