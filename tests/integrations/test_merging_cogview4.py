@@ -3,9 +3,6 @@ block's attention (with its RoPE rows) and in the image call of its feed-forward
 
 from __future__ import annotations
 
-import logging
-
-import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -17,6 +14,13 @@ pytest.importorskip("diffusers.models.transformers.transformer_cogview4")
 from tokensparse.integrations.diffusers_tiny_cogview4 import tiny_cogview4  # noqa: E402
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
+
+from .merging_contract import (  # noqa: E402
+    cli_generate_merges,
+    merged_then_removes_exactly,
+    pipeline_generations,
+    stays_close_at_a_small_ratio,
+)
 
 
 def _transformer() -> nn.Module:
@@ -84,28 +88,17 @@ def test_cogview4_merges_the_image_stream_only_and_removes_exactly() -> None:
     rows = [next(j for j in range(60) if torch.equal(dense_cos[j], r) and torch.equal(dense_sin[j], s))
             for r, s in zip(cos, sin)]
     assert rows == sorted(set(rows)), rows  # each kept token keeps its own RoPE row, in order
-    merged = _run(model, kw)
-    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
-    apply_token_merging(model, TokenMergingConfig(ratio=0.0))  # identity: installs nothing
-    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))  # the feed-forward only
-    assert _token_counts(model, kw) == {"attn1": [60, 60], "ff": [30, 64, 30, 64]}
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    remove_token_merging(model)
-    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
+
+    def ff_only(counts: dict[str, list[int]]) -> None:
+        assert counts == {"attn1": [60, 60], "ff": [30, 64, 30, 64]}
+
+    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw), unmerged,
+                                ff_only, reapply=True)
 
 
 def test_cogview4_merged_output_stays_close_at_a_small_ratio() -> None:
     model, kw = _transformer(), _inputs(smooth=True)
-    dense = _run(model, kw)
-    errors = []
-    for ratio in (0.25, 0.5):
-        apply_token_merging(model, TokenMergingConfig(ratio=ratio))
-        merged = _run(model, kw)
-        assert merging_state(model).merged_tokens > 0
-        errors.append(float((merged - dense).norm() / dense.norm()))
-    remove_token_merging(model)
-    assert errors[0] < 0.12 and errors[0] < errors[1], errors
+    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_cogview4_batch_of_two_shares_one_matching() -> None:
@@ -132,36 +125,8 @@ def _pipe_call() -> dict:
 
 
 def test_cogview4_pipeline_generations() -> None:
-    pipe = tiny_cogview4(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    dense = pipe(**_pipe_call()).images
-    for cfg in (TokenMergingConfig(ratio=0.5), TokenMergingConfig(threshold=0.3, recompute_every=2)):
-        apply_token_merging(pipe, cfg)
-        merged = pipe(**_pipe_call()).images
-        state = merging_state(pipe)
-        assert state.step == 2 and state.merged_tokens > 0, cfg
-        assert merged.shape == dense.shape == (2, 32, 48, 3) and np.isfinite(merged).all()
-        assert not np.array_equal(merged, dense)
-    remove_token_merging(pipe)
-    assert np.array_equal(pipe(**_pipe_call()).images, dense)
+    pipeline_generations(tiny_cogview4(seed=0), _pipe_call, (2, 32, 48, 3))
 
 
 def test_cli_generate_merges_on_a_cogview4_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    typer = pytest.importorskip("typer")
-    from PIL import Image
-    from typer.testing import CliRunner
-
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
-    tiny_cogview4(seed=0).save_pretrained(tmp_path / "cogview4")
-    out = tmp_path / "c.png"
-    with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "cogview4"), "--prompt", "a cat",
-                                       "--merge", "0.5", "--steps", "2", "--height", "32", "--width", "48",
-                                       "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "CogView4Pipeline" in res.output and "no Sparse Context, merge=0.5" in res.output
-    assert Image.open(out).size == (48, 32) and "merged nothing" not in caplog.text
+    cli_generate_merges(tmp_path, caplog, tiny_cogview4(seed=0), "cogview4", "CogView4Pipeline")

@@ -4,9 +4,6 @@ the context refiner never."""
 
 from __future__ import annotations
 
-import logging
-
-import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -18,6 +15,14 @@ pytest.importorskip("diffusers.models.transformers.transformer_lumina2")
 from tokensparse.integrations.diffusers_tiny_lumina2 import tiny_lumina2  # noqa: E402
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
+
+from .merging_contract import (  # noqa: E402
+    batch_matches_each_sample_alone,
+    cli_generate_merges,
+    merged_then_removes_exactly,
+    pipeline_generations,
+    stays_close_at_a_small_ratio,
+)
 
 CAPS = (5, 40)  # unpadded caption lengths of the two samples (padded to 40)
 
@@ -93,16 +98,12 @@ def test_lumina2_merges_the_image_grid_only_and_removes_exactly() -> None:
         assert bool(mask[b, :30].all())
         rows = [next(j for j in range(60) if torch.equal(dense_freqs[b, c + j], r)) for r in freqs[b, :30]]
         assert rows == sorted(set(rows)), rows  # each kept image token keeps its own RoPE row, in order
-    merged = _run(model, kw)
-    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
-    apply_token_merging(model, TokenMergingConfig(ratio=0.0))  # identity: installs nothing
-    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))  # the feed-forward only
-    only_ff = _token_counts(model, kw)
-    assert only_ff["layers"] == [100, 70, 100, 70] and only_ff["noise_refiner"] == [60, 30]
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    remove_token_merging(model)
-    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
+
+    def ff_only(only_ff: dict[str, list[int]]) -> None:
+        assert only_ff["layers"] == [100, 70, 100, 70] and only_ff["noise_refiner"] == [60, 30]
+
+    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw), unmerged,
+                                ff_only, reapply=True)
 
 
 def test_lumina2_captions_of_one_length_merge_in_place() -> None:
@@ -118,30 +119,16 @@ def test_lumina2_captions_of_one_length_merge_in_place() -> None:
 
 def test_lumina2_merged_output_stays_close_at_a_small_ratio() -> None:
     model, kw = _transformer(), _inputs(smooth=True)
-    dense = _run(model, kw)
-    errors = []
-    for ratio in (0.25, 0.5):
-        apply_token_merging(model, TokenMergingConfig(ratio=ratio))
-        merged = _run(model, kw)
-        assert merging_state(model).merged_tokens > 0
-        errors.append(float((merged - dense).norm() / dense.norm()))
-    remove_token_merging(model)
-    assert errors[0] < 0.12 and errors[0] < errors[1], errors
+    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_lumina2_batch_of_two_matches_each_sample_alone() -> None:
     # per-sample RoPE rows: each sample its own matching (from the same destination draw), so a sample merges as it
     # would alone, whatever the other's caption length (in the batch its joint blocks run reordered)
     model, kw = _transformer(), _inputs()
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    both = _run(model, kw)
-    for i in range(2):
-        apply_token_merging(model, TokenMergingConfig(ratio=0.5))  # afresh: the same destination draw
-        alone = _run(model, {**kw, **{k: kw[k][i:i + 1] for k in ("hidden_states", "timestep",
-                                                                   "encoder_attention_mask",
-                                                                   "encoder_hidden_states")}})
-        torch.testing.assert_close(both[i], alone[0], rtol=1e-4, atol=1e-5)
-    remove_token_merging(model)
+    batch_matches_each_sample_alone(model, lambda: _run(model, kw), lambda i: _run(model, {
+        **kw, **{k: kw[k][i:i + 1] for k in ("hidden_states", "timestep", "encoder_attention_mask",
+                                             "encoder_hidden_states")}}))
 
 
 def _pipe_call() -> dict:
@@ -150,37 +137,9 @@ def _pipe_call() -> dict:
 
 
 def test_lumina2_pipeline_generations() -> None:
-    pipe = tiny_lumina2(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    dense = pipe(**_pipe_call()).images
-    for cfg in (TokenMergingConfig(ratio=0.5), TokenMergingConfig(threshold=0.3, recompute_every=2)):
-        apply_token_merging(pipe, cfg)
-        merged = pipe(**_pipe_call()).images
-        state = merging_state(pipe)
-        # the timestep rises over a Lumina generation (1 - t/1000): still one generation of 3 steps
-        assert state.step == 2 and state.merged_tokens > 0, cfg
-        assert merged.shape == dense.shape == (2, 64, 128, 3) and np.isfinite(merged).all()
-        assert not np.array_equal(merged, dense)
-    remove_token_merging(pipe)
-    assert np.array_equal(pipe(**_pipe_call()).images, dense)
+    # the timestep rises over a Lumina generation (1 - t/1000): still one generation of 3 steps
+    pipeline_generations(tiny_lumina2(seed=0), _pipe_call, (2, 64, 128, 3))
 
 
 def test_cli_generate_merges_on_a_lumina2_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    typer = pytest.importorskip("typer")
-    from PIL import Image
-    from typer.testing import CliRunner
-
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
-    tiny_lumina2(seed=0).save_pretrained(tmp_path / "lumina2")
-    out = tmp_path / "l.png"
-    with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "lumina2"), "--prompt", "a cat",
-                                       "--merge", "0.5", "--steps", "2", "--height", "64", "--width", "96",
-                                       "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "Lumina2Pipeline" in res.output and "no Sparse Context, merge=0.5" in res.output
-    assert Image.open(out).size == (96, 64) and "merged nothing" not in caplog.text
+    cli_generate_merges(tmp_path, caplog, tiny_lumina2(seed=0), "lumina2", "Lumina2Pipeline", height=64, width=96)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -17,6 +16,14 @@ pytest.importorskip("diffusers.models.transformers.transformer_z_image")
 from tokensparse.integrations.diffusers_tiny_zimage import tiny_z_image, tiny_z_image_omni  # noqa: E402
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
+
+from .merging_contract import (  # noqa: E402
+    batch_matches_each_sample_alone,
+    cli_generate_merges,
+    merged_then_removes_exactly,
+    pipeline_generations,
+    stays_close_at_a_small_ratio,
+)
 
 
 def _transformer() -> nn.Module:
@@ -83,41 +90,25 @@ def test_zimage_merges_the_image_grid_only_and_removes_exactly() -> None:
         rows = [next(j for j in range(60) if torch.equal(dense_freqs[b, j], r)) for r in freqs[b, :30]]
         assert rows == sorted(set(rows)), rows
     apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    merged = _run(model, kw)
-    assert merged.shape == dense.shape and torch.isfinite(merged).all() and not torch.equal(merged, dense)
-    apply_token_merging(model, TokenMergingConfig(ratio=0.0))  # identity: installs nothing
-    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))  # the feed-forward only
-    only_ff = _token_counts(model, kw)
-    assert only_ff["layers"] == [128, 98, 128, 98] and only_ff["noise_refiner"] == [64, 34]
-    remove_token_merging(model)
-    assert torch.equal(_run(model, kw), dense) and _token_counts(model, kw) == unmerged
+
+    def ff_only(only_ff: dict[str, list[int]]) -> None:
+        assert only_ff["layers"] == [128, 98, 128, 98] and only_ff["noise_refiner"] == [64, 34]
+
+    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw), unmerged,
+                                ff_only)
 
 
 def test_zimage_merged_output_stays_close_at_a_small_ratio() -> None:
     model, kw = _transformer(), _inputs(smooth=True)
-    dense = _run(model, kw)
-    errors = []
-    for ratio in (0.25, 0.5):
-        apply_token_merging(model, TokenMergingConfig(ratio=ratio))
-        merged = _run(model, kw)
-        assert merging_state(model).merged_tokens > 0
-        errors.append(float((merged - dense).norm() / dense.norm()))
-    remove_token_merging(model)
-    assert errors[0] < 0.12 and errors[0] < errors[1], errors
+    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_zimage_batch_of_two_matches_each_sample_alone() -> None:
     # The RoPE table has a batch dimension: each sample gets its own matching (from the same destination draw),
     # so a sample merges as it would alone, whatever the other's caption length (the batch's padding mask)
     model, kw = _transformer(), _inputs()
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    both = _run(model, kw)
-    for i in range(2):
-        apply_token_merging(model, TokenMergingConfig(ratio=0.5))  # afresh: the same destination draw
-        alone = _run(model, {**kw, "x": kw["x"][i:i + 1], "cap_feats": kw["cap_feats"][i:i + 1], "t": kw["t"][:1]})
-        torch.testing.assert_close(both[i], alone[0], rtol=1e-4, atol=1e-5)
-    remove_token_merging(model)
+    batch_matches_each_sample_alone(model, lambda: _run(model, kw), lambda i: _run(model, {
+        **kw, "x": kw["x"][i:i + 1], "cap_feats": kw["cap_feats"][i:i + 1], "t": kw["t"][:1]}))
 
 
 def test_zimage_omni_calls_run_unmerged_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
@@ -143,39 +134,14 @@ def _pipe_call() -> dict:  # fresh each call: ZImagePipeline rewrites the prompt
 
 
 def test_zimage_pipeline_generations() -> None:
-    pipe = tiny_z_image(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    dense = pipe(**_pipe_call()).images
-    for cfg in (TokenMergingConfig(ratio=0.5), TokenMergingConfig(threshold=0.3, recompute_every=2)):
-        apply_token_merging(pipe, cfg)
-        merged = pipe(**_pipe_call()).images
-        state = merging_state(pipe)
-        # t rises over a Z-Image generation (1 - sigma): still one generation of 3 steps, not 3 of one step
-        assert state.step == 2 and state.merged_tokens > 0, cfg
-        assert merged.shape == dense.shape == (2, 32, 48, 3) and np.isfinite(merged).all()
-        assert not np.array_equal(merged, dense)
-    remove_token_merging(pipe)
-    assert np.array_equal(pipe(**_pipe_call()).images, dense)
+    # t rises over a Z-Image generation (1 - sigma): still one generation of 3 steps, not 3 of one step
+    pipeline_generations(tiny_z_image(seed=0), _pipe_call, (2, 32, 48, 3))
 
 
 def test_cli_generate_merges_on_a_zimage_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    typer = pytest.importorskip("typer")
-    from PIL import Image
     from typer.testing import CliRunner
 
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
-    tiny_z_image(seed=0).save_pretrained(tmp_path / "zimage")
-    out = tmp_path / "z.png"
-    with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "zimage"), "--prompt", "a cat", "--merge",
-                                       "0.5", "--steps", "2", "--height", "32", "--width", "48", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "ZImagePipeline" in res.output and "no Sparse Context, merge=0.5" in res.output
-    assert Image.open(out).size == (48, 32) and "merged nothing" not in caplog.text
-    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "zimage"), "--prompt", "a cat",
+    app, model = cli_generate_merges(tmp_path, caplog, tiny_z_image(seed=0), "zimage", "ZImagePipeline")
+    res = CliRunner().invoke(app, ["generate", "--model", str(model), "--prompt", "a cat",
                                    "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "give --merge" in res.output
