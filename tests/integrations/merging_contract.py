@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,28 @@ from tokensparse.merging import TokenMergingConfig
 def ours(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The messages tokensparse logged."""
     return [r.getMessage() for r in caplog.records if r.name.startswith("tokensparse")]
+
+
+def tokens_seen(subs: Iterable[tuple[str, nn.Module]], run: Callable[[], Any]) -> dict[str, list[int]]:
+    """The tokens each ``(key, module)`` of ``subs`` saw (its ``hidden_states``, by keyword or else first
+    positional) in one ``run()``, listed by key in call order."""
+    seen: dict[str, list[int]] = {}
+    handles = [module.register_forward_pre_hook(
+        lambda m, a, k, key=key: seen.setdefault(key, []).append((k or {}).get(
+            "hidden_states", a[0] if a else None).shape[1]), with_kwargs=True) for key, module in subs]
+    run()
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def call_kwargs(module: nn.Module, run: Callable[[], Any]) -> dict:
+    """The keyword arguments of ``module``'s first call in one ``run()``."""
+    box: list[dict] = []
+    handle = module.register_forward_pre_hook(lambda m, a, k: box.append(k), with_kwargs=True)
+    run()
+    handle.remove()
+    return box[0]
 
 
 def merged_then_removes_exactly(model: nn.Module, run: Callable[[], Tensor], dense: Tensor,

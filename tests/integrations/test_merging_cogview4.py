@@ -16,10 +16,12 @@ from tokensparse.integrations.merging_hooks import apply_token_merging, merging_
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
 
 from .merging_contract import (  # noqa: E402
+    call_kwargs,
     cli_generate_merges,
     merged_then_removes_exactly,
     pipeline_generations,
     stays_close_at_a_small_ratio,
+    tokens_seen,
 )
 
 
@@ -48,26 +50,13 @@ def _run(model: nn.Module, kw: dict) -> Tensor:
 
 def _token_counts(model: nn.Module, kw: dict) -> dict[str, list[int]]:
     """Tokens each sublayer of each block saw in one call (the feed-forward: its image call, then its text call)."""
-    seen: dict[str, list[int]] = {}
-    handles = []
-    for blk in model.transformer_blocks:
-        for key, sub in (("attn1", blk.attn1), ("ff", blk.ff)):
-            handles.append(sub.register_forward_pre_hook(
-                lambda m, a, k, key=key: seen.setdefault(key, []).append(
-                    (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True))
-    _run(model, kw)
-    for h in handles:
-        h.remove()
-    return seen
+    return tokens_seen([(key, sub) for blk in model.transformer_blocks for key, sub in (("attn1", blk.attn1),
+                                                                                         ("ff", blk.ff))],
+                       lambda: _run(model, kw))
 
 
 def _attention_kwargs(model: nn.Module, kw: dict) -> dict:
-    box: list[dict] = []
-    handle = model.transformer_blocks[0].attn1.register_forward_pre_hook(lambda m, a, k: box.append(k),
-                                                                         with_kwargs=True)
-    _run(model, kw)
-    handle.remove()
-    return box[0]
+    return call_kwargs(model.transformer_blocks[0].attn1, lambda: _run(model, kw))
 
 
 def test_cogview4_merges_the_image_stream_only_and_removes_exactly() -> None:

@@ -19,10 +19,12 @@ from tokensparse.merging import TokenMergingConfig  # noqa: E402
 
 from .merging_contract import (  # noqa: E402
     batch_matches_each_sample_alone,
+    call_kwargs,
     cli_generate_merges,
     merged_then_removes_exactly,
     pipeline_generations,
     stays_close_at_a_small_ratio,
+    tokens_seen,
 )
 
 
@@ -50,25 +52,13 @@ def _run(model: nn.Module, kw: dict) -> Tensor:
 
 def _token_counts(model: nn.Module, kw: dict) -> dict[str, list[int]]:
     """Tokens each sublayer of each block saw in one call, by block group."""
-    seen: dict[str, list[int]] = {}
-    handles = []
-    for group in ("noise_refiner", "context_refiner", "layers"):
-        for blk in getattr(model, group):
-            for sub in (blk.attention, blk.feed_forward):
-                handles.append(sub.register_forward_pre_hook(
-                    lambda m, a, k, group=group: seen.setdefault(group, []).append(a[0].shape[1]), with_kwargs=True))
-    _run(model, kw)
-    for h in handles:
-        h.remove()
-    return seen
+    return tokens_seen([(group, sub) for group in ("noise_refiner", "context_refiner", "layers")
+                        for blk in getattr(model, group) for sub in (blk.attention, blk.feed_forward)],
+                       lambda: _run(model, kw))
 
 
 def _attention_kwargs(model: nn.Module, kw: dict) -> dict:
-    box: list[dict] = []
-    handle = model.layers[0].attention.register_forward_pre_hook(lambda m, a, k: box.append(k), with_kwargs=True)
-    _run(model, kw)
-    handle.remove()
-    return box[0]
+    return call_kwargs(model.layers[0].attention, lambda: _run(model, kw))
 
 
 def test_zimage_merges_the_image_grid_only_and_removes_exactly() -> None:
