@@ -15,14 +15,7 @@ from tokensparse.integrations.diffusers_tiny_cogview4 import tiny_cogview4  # no
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
 
-from .merging_contract import (  # noqa: E402
-    call_kwargs,
-    cli_generate_merges,
-    merged_then_removes_exactly,
-    pipeline_generations,
-    stays_close_at_a_small_ratio,
-    tokens_seen,
-)
+from . import merging_contract as contract  # noqa: E402
 
 
 def _transformer() -> nn.Module:
@@ -50,13 +43,13 @@ def _run(model: nn.Module, kw: dict) -> Tensor:
 
 def _token_counts(model: nn.Module, kw: dict) -> dict[str, list[int]]:
     """Tokens each sublayer of each block saw in one call (the feed-forward: its image call, then its text call)."""
-    return tokens_seen([(key, sub) for blk in model.transformer_blocks for key, sub in (("attn1", blk.attn1),
+    return contract.tokens_seen([(key, sub) for blk in model.transformer_blocks for key, sub in (("attn1", blk.attn1),
                                                                                          ("ff", blk.ff))],
                        lambda: _run(model, kw))
 
 
 def _attention_kwargs(model: nn.Module, kw: dict) -> dict:
-    return call_kwargs(model.transformer_blocks[0].attn1, lambda: _run(model, kw))
+    return contract.call_kwargs(model.transformer_blocks[0].attn1, lambda: _run(model, kw))
 
 
 def test_cogview4_merges_the_image_stream_only_and_removes_exactly() -> None:
@@ -81,13 +74,13 @@ def test_cogview4_merges_the_image_stream_only_and_removes_exactly() -> None:
     def ff_only(counts: dict[str, list[int]]) -> None:
         assert counts == {"attn1": [60, 60], "ff": [30, 64, 30, 64]}
 
-    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw), unmerged,
-                                ff_only, reapply=True)
+    contract.merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw),
+                                         unmerged, ff_only, reapply=True)
 
 
 def test_cogview4_merged_output_stays_close_at_a_small_ratio() -> None:
     model, kw = _transformer(), _inputs(smooth=True)
-    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
+    contract.stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_cogview4_batch_of_two_shares_one_matching() -> None:
@@ -114,8 +107,8 @@ def _pipe_call() -> dict:
 
 
 def test_cogview4_pipeline_generations() -> None:
-    pipeline_generations(tiny_cogview4(seed=0), _pipe_call, (2, 32, 48, 3))
+    contract.pipeline_generations(tiny_cogview4(seed=0), _pipe_call, (2, 32, 48, 3))
 
 
 def test_cli_generate_merges_on_a_cogview4_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    cli_generate_merges(tmp_path, caplog, tiny_cogview4(seed=0), "cogview4", "CogView4Pipeline")
+    contract.cli_generate_merges(tmp_path, caplog, tiny_cogview4(seed=0), "cogview4", "CogView4Pipeline")

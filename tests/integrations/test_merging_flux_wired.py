@@ -22,14 +22,7 @@ from tokensparse.integrations.merging_core import merge_query_key_mask  # noqa: 
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig, match  # noqa: E402
 
-from .merging_contract import (  # noqa: E402
-    batch_matches_each_sample_alone,
-    cli_generate_merges,
-    merged_then_removes_exactly,
-    ours,
-    pipeline_generations,
-    stays_close_at_a_small_ratio,
-)
+from . import merging_contract as contract  # noqa: E402
 
 H, W, TXT = 6, 10, 12  # a 6x10 grid of image tokens after 12 text tokens
 
@@ -144,7 +137,7 @@ def test_merges_the_image_grid_and_removes_exactly(wired: Wired, caplog: pytest.
     with caplog.at_level(logging.WARNING, logger="tokensparse"):
         apply_token_merging(model, TokenMergingConfig(ratio=0.5))
         attn, mlp = _calls(model, kw)
-    assert not ours(caplog)  # Chroma's square mask is thinned, not refused
+    assert not contract.ours(caplog)  # Chroma's square mask is thinned, not refused
     assert [c["hidden_states"].shape[1] for c in attn] == half and mlp == half  # 30 of 60 merged, text whole
     assert merging_state(model).merged_tokens == blocks * 30  # one matching for the batch a block (as FLUX)
     for c, d in zip(attn, dense_attn):
@@ -157,8 +150,8 @@ def test_merges_the_image_grid_and_removes_exactly(wired: Wired, caplog: pytest.
         assert counts == (whole, half)
         assert merging_state(model).merged_tokens == blocks * 30
 
-    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _counts(model, kw), (whole, whole),
-                                mlp_only)
+    contract.merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _counts(model, kw),
+                                         (whole, whole), mlp_only)
 
 
 def test_chroma_square_text_mask_loses_the_merged_rows_and_columns(caplog: pytest.LogCaptureFixture) -> None:
@@ -169,7 +162,7 @@ def test_chroma_square_text_mask_loses_the_merged_rows_and_columns(caplog: pytes
     with caplog.at_level(logging.WARNING, logger="tokensparse"):
         apply_token_merging(model, TokenMergingConfig(ratio=0.5))
         attn = _calls(model, kw)[0]
-    assert not ours(caplog)  # the square mask is thinned, not refused
+    assert not contract.ours(caplog)  # the square mask is thinned, not refused
     for c, d in zip(attn, dense_attn):
         mask, dmask = c["attention_mask"], d["attention_mask"]
         assert mask.shape == (2, 1, 42, 42) and torch.equal(mask[:, :, :TXT, :TXT], dmask[:, :, :TXT, :TXT])
@@ -178,7 +171,7 @@ def test_chroma_square_text_mask_loses_the_merged_rows_and_columns(caplog: pytes
 
 def test_merged_output_stays_close_at_a_small_ratio(wired: Wired) -> None:
     model, kw = wired.build(seed=0).transformer, _inputs(wired, smooth=True)
-    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
+    contract.stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_batch_of_two_copies_matches_one_sample_alone(wired: Wired) -> None:
@@ -186,7 +179,7 @@ def test_batch_of_two_copies_matches_one_sample_alone(wired: Wired) -> None:
     model, kw = wired.build(seed=0).transformer, _inputs(wired, batch=1)
     both = {**kw, **{k: torch.cat([kw[k]] * 2) for k in ("hidden_states", "encoder_hidden_states", "timestep",
                                                         "attention_mask") if k in kw}}
-    batch_matches_each_sample_alone(model, lambda: _run(model, both), lambda i: _run(model, kw))
+    contract.batch_matches_each_sample_alone(model, lambda: _run(model, both), lambda i: _run(model, kw))
 
 
 def test_pipeline_generations_batch_of_two_prompts(wired: Wired, caplog: pytest.LogCaptureFixture) -> None:
@@ -195,9 +188,9 @@ def test_pipeline_generations_batch_of_two_prompts(wired: Wired, caplog: pytest.
                 "num_inference_steps": 3, "max_sequence_length": wired.max_sequence_length, "guidance_scale": 4.0,
                 "output_type": "np", "generator": torch.Generator().manual_seed(0)}
 
-    pipeline_generations(wired.build(seed=0), call, (2, 32, 48, 3), caplog)
+    contract.pipeline_generations(wired.build(seed=0), call, (2, 32, 48, 3), caplog)
 
 
 def test_cli_generate_merges(wired: Wired, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    cli_generate_merges(tmp_path, caplog, wired.build(seed=0), wired.folder, wired.pipeline)
+    contract.cli_generate_merges(tmp_path, caplog, wired.build(seed=0), wired.folder, wired.pipeline)
 

@@ -16,15 +16,7 @@ from tokensparse.integrations.diffusers_tiny_lumina2 import tiny_lumina2  # noqa
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
 
-from .merging_contract import (  # noqa: E402
-    batch_matches_each_sample_alone,
-    call_kwargs,
-    cli_generate_merges,
-    merged_then_removes_exactly,
-    pipeline_generations,
-    stays_close_at_a_small_ratio,
-    tokens_seen,
-)
+from . import merging_contract as contract  # noqa: E402
 
 CAPS = (5, 40)  # unpadded caption lengths of the two samples (padded to 40)
 
@@ -56,13 +48,13 @@ def _run(model: nn.Module, kw: dict) -> Tensor:
 
 def _token_counts(model: nn.Module, kw: dict) -> dict[str, list[int]]:
     """Tokens each sublayer of each block saw in one call, by block group."""
-    return tokens_seen([(group, sub) for group in ("noise_refiner", "context_refiner", "layers")
+    return contract.tokens_seen([(group, sub) for group in ("noise_refiner", "context_refiner", "layers")
                         for blk in getattr(model, group) for sub in (blk.attn, blk.feed_forward)],
                        lambda: _run(model, kw))
 
 
 def _attention_kwargs(model: nn.Module, kw: dict) -> dict:
-    return call_kwargs(model.layers[0].attn, lambda: _run(model, kw))
+    return contract.call_kwargs(model.layers[0].attn, lambda: _run(model, kw))
 
 
 def test_lumina2_merges_the_image_grid_only_and_removes_exactly() -> None:
@@ -91,8 +83,8 @@ def test_lumina2_merges_the_image_grid_only_and_removes_exactly() -> None:
     def ff_only(only_ff: dict[str, list[int]]) -> None:
         assert only_ff["layers"] == [100, 70, 100, 70] and only_ff["noise_refiner"] == [60, 30]
 
-    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw), unmerged,
-                                ff_only, reapply=True)
+    contract.merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw),
+                                         unmerged, ff_only, reapply=True)
 
 
 def test_lumina2_captions_of_one_length_merge_in_place() -> None:
@@ -108,14 +100,14 @@ def test_lumina2_captions_of_one_length_merge_in_place() -> None:
 
 def test_lumina2_merged_output_stays_close_at_a_small_ratio() -> None:
     model, kw = _transformer(), _inputs(smooth=True)
-    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
+    contract.stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_lumina2_batch_of_two_matches_each_sample_alone() -> None:
     # per-sample RoPE rows: each sample its own matching (from the same destination draw), so a sample merges as it
     # would alone, whatever the other's caption length (in the batch its joint blocks run reordered)
     model, kw = _transformer(), _inputs()
-    batch_matches_each_sample_alone(model, lambda: _run(model, kw), lambda i: _run(model, {
+    contract.batch_matches_each_sample_alone(model, lambda: _run(model, kw), lambda i: _run(model, {
         **kw, **{k: kw[k][i:i + 1] for k in ("hidden_states", "timestep", "encoder_attention_mask",
                                              "encoder_hidden_states")}}))
 
@@ -127,8 +119,9 @@ def _pipe_call() -> dict:
 
 def test_lumina2_pipeline_generations() -> None:
     # the timestep rises over a Lumina generation (1 - t/1000): still one generation of 3 steps
-    pipeline_generations(tiny_lumina2(seed=0), _pipe_call, (2, 64, 128, 3))
+    contract.pipeline_generations(tiny_lumina2(seed=0), _pipe_call, (2, 64, 128, 3))
 
 
 def test_cli_generate_merges_on_a_lumina2_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    cli_generate_merges(tmp_path, caplog, tiny_lumina2(seed=0), "lumina2", "Lumina2Pipeline", height=64, width=96)
+    contract.cli_generate_merges(tmp_path, caplog, tiny_lumina2(seed=0), "lumina2", "Lumina2Pipeline", height=64,
+                                 width=96)

@@ -17,15 +17,7 @@ from tokensparse.integrations.diffusers_tiny_zimage import tiny_z_image, tiny_z_
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
 from tokensparse.merging import TokenMergingConfig  # noqa: E402
 
-from .merging_contract import (  # noqa: E402
-    batch_matches_each_sample_alone,
-    call_kwargs,
-    cli_generate_merges,
-    merged_then_removes_exactly,
-    pipeline_generations,
-    stays_close_at_a_small_ratio,
-    tokens_seen,
-)
+from . import merging_contract as contract  # noqa: E402
 
 
 def _transformer() -> nn.Module:
@@ -52,13 +44,13 @@ def _run(model: nn.Module, kw: dict) -> Tensor:
 
 def _token_counts(model: nn.Module, kw: dict) -> dict[str, list[int]]:
     """Tokens each sublayer of each block saw in one call, by block group."""
-    return tokens_seen([(group, sub) for group in ("noise_refiner", "context_refiner", "layers")
+    return contract.tokens_seen([(group, sub) for group in ("noise_refiner", "context_refiner", "layers")
                         for blk in getattr(model, group) for sub in (blk.attention, blk.feed_forward)],
                        lambda: _run(model, kw))
 
 
 def _attention_kwargs(model: nn.Module, kw: dict) -> dict:
-    return call_kwargs(model.layers[0].attention, lambda: _run(model, kw))
+    return contract.call_kwargs(model.layers[0].attention, lambda: _run(model, kw))
 
 
 def test_zimage_merges_the_image_grid_only_and_removes_exactly() -> None:
@@ -84,20 +76,20 @@ def test_zimage_merges_the_image_grid_only_and_removes_exactly() -> None:
     def ff_only(only_ff: dict[str, list[int]]) -> None:
         assert only_ff["layers"] == [128, 98, 128, 98] and only_ff["noise_refiner"] == [64, 34]
 
-    merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw), unmerged,
-                                ff_only)
+    contract.merged_then_removes_exactly(model, lambda: _run(model, kw), dense, lambda: _token_counts(model, kw),
+                                         unmerged, ff_only)
 
 
 def test_zimage_merged_output_stays_close_at_a_small_ratio() -> None:
     model, kw = _transformer(), _inputs(smooth=True)
-    stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
+    contract.stays_close_at_a_small_ratio(model, lambda: _run(model, kw))
 
 
 def test_zimage_batch_of_two_matches_each_sample_alone() -> None:
     # The RoPE table has a batch dimension: each sample gets its own matching (from the same destination draw),
     # so a sample merges as it would alone, whatever the other's caption length (the batch's padding mask)
     model, kw = _transformer(), _inputs()
-    batch_matches_each_sample_alone(model, lambda: _run(model, kw), lambda i: _run(model, {
+    contract.batch_matches_each_sample_alone(model, lambda: _run(model, kw), lambda i: _run(model, {
         **kw, "x": kw["x"][i:i + 1], "cap_feats": kw["cap_feats"][i:i + 1], "t": kw["t"][:1]}))
 
 
@@ -125,13 +117,13 @@ def _pipe_call() -> dict:  # fresh each call: ZImagePipeline rewrites the prompt
 
 def test_zimage_pipeline_generations() -> None:
     # t rises over a Z-Image generation (1 - sigma): still one generation of 3 steps, not 3 of one step
-    pipeline_generations(tiny_z_image(seed=0), _pipe_call, (2, 32, 48, 3))
+    contract.pipeline_generations(tiny_z_image(seed=0), _pipe_call, (2, 32, 48, 3))
 
 
 def test_cli_generate_merges_on_a_zimage_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     from typer.testing import CliRunner
 
-    app, model = cli_generate_merges(tmp_path, caplog, tiny_z_image(seed=0), "zimage", "ZImagePipeline")
+    app, model = contract.cli_generate_merges(tmp_path, caplog, tiny_z_image(seed=0), "zimage", "ZImagePipeline")
     res = CliRunner().invoke(app, ["generate", "--model", str(model), "--prompt", "a cat",
                                    "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "give --merge" in res.output
