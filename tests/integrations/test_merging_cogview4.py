@@ -112,3 +112,16 @@ def test_cogview4_pipeline_generations() -> None:
 
 def test_cli_generate_merges_on_a_cogview4_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     contract.cli_generate_merges(tmp_path, caplog, tiny_cogview4(seed=0), "cogview4", "CogView4Pipeline")
+
+
+def test_cogview4_feed_forward_alone_never_merges_a_text_stream_as_long_as_the_grid() -> None:
+    # merge_attn=False: the feed-forward owns the matching; its second call (the text stream) must not be read as a
+    # fresh image call, even where the text has exactly as many tokens as the grid (60 = 6x10)
+    model, kw = _transformer(), _inputs()
+    kw["encoder_hidden_states"] = kw["encoder_hidden_states"][:, :60]
+    unmerged = _token_counts(model, kw)
+    assert unmerged == {"attn1": [60, 60], "ff": [60, 60, 60, 60]}
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))
+    assert _token_counts(model, kw) == {"attn1": [60, 60], "ff": [30, 60, 30, 60]}
+    assert merging_state(model).merged_tokens == 2 * 30
+    remove_token_merging(model)

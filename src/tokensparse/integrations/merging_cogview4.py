@@ -34,7 +34,7 @@ def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: 
         if cfg.merge_mlp:
             subs.append(Sublayer(blk.ff, "hidden_states", first_call=True))
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True)
+            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True, block=blk)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -216,8 +216,8 @@ class Sublayer:
     context_first: bool = False  # joint attention over [context, tokens]: a key mask may span both (FLUX)
     # self-attention called with its tokens passed again as encoder_hidden_states (Lumina 2): merged along
     self_context: bool = False
-    # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call
-    # after the block's matching merges
+    # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call in
+    # each call of the block merges (BlockMerger's block= marks where a block call starts)
     first_call: bool = False
 
 
@@ -225,36 +225,42 @@ class BlockMerger:
     """Hooks on the sublayers of one block; the first merged sublayer owns the matching lookup."""
 
     def __init__(self, state: TokenMergingState, name: str, sublayers: list[Sublayer],
-                 grid: GridFn, shared: bool = False) -> None:
+                 grid: GridFn, shared: bool = False, block: nn.Module | None = None) -> None:
         self.state, self.name, self.grid, self.shared = state, name, grid, shared
         self.current: Matching | None = None
         self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
-        self.called: set[int] = set()  # first_call sublayers called since the matching was looked up
+        self.called: set[int] = set()  # first_call sublayers called in this block call
+        if block is None and any(sub.first_call for sub in sublayers):
+            raise ValueError(f"{name}: a first_call sublayer needs its block (block=), whose calls reset it")
+        if block is not None:  # first_call sublayers: each block call starts afresh
+            state.handles.append(block.register_forward_pre_hook(functools.partial(BlockMerger._start, self)))
         for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
             pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
             state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
             state.handles.append(sub.module.register_forward_hook(post, with_kwargs=True))
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.called = set()
 
     def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
              ) -> tuple[tuple, dict] | None:
         module.__dict__["_tokensparse_active"] = None
         if sub.target_only and kwargs.get("role", "target") != "target":
             return None
+        if sub.first_call:
+            if id(sub) in self.called:  # a later call in the block (CogView4's ff on the text stream): never merged
+                return None
+            self.called.add(id(sub))
         from_kwargs = not args
         x = kwargs[sub.tokens] if from_kwargs else args[0]
         if owner:
             grid = self.grid(x.shape[1])
             self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
             self.current = None
-            self.called = set()
             if grid is not None:
                 self.span = (grid[2], grid[0] * grid[1])
                 self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
         m, span = self.current, self.span
-        if sub.first_call:
-            if id(sub) in self.called:
-                return None
-            self.called.add(id(sub))
         if m is None or m.num_merged == 0:
             return None
         if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
