@@ -130,6 +130,24 @@ def tiny_t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+def tiny_clip_encoder(tokenizer: Any) -> Any:
+    """A 1-layer, 16-wide ``CLIPTextModel`` for ``tokenizer``'s vocabulary (:func:`tiny_clip_tokenizer`)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+
+def tiny_t5_encoder(tokenizer: Any) -> Any:
+    """A 1-layer, 16-wide ``T5EncoderModel`` for ``tokenizer``'s vocabulary (:func:`tiny_t5_tokenizer`, ByT5)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+
+
 def _tiny_flux_vae(latent_channels: int) -> Any:
     """A FLUX.1-style ``AutoencoderKL`` (/2 spatially, shift and scaling factors, no quant convs), 32 px."""
     from diffusers import AutoencoderKL
@@ -150,36 +168,9 @@ def tiny_flux_kontext(seed: int = 0) -> Any:
         FluxKontextPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            projection_dim=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=16,
-            d_ff=32,
-            d_kv=8,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    text_encoder, text_encoder_2 = tiny_clip_encoder(clip_tok), tiny_t5_encoder(t5_tok)
     vae = _tiny_flux_vae(latent_channels=4)
     transformer = FluxTransformer2DModel(
         patch_size=1,

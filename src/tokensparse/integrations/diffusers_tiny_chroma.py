@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_tiny import _tiny_flux_vae, tiny_t5_tokenizer
+from .diffusers_tiny import _tiny_flux_vae, tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_chroma(seed: int = 0) -> Any:
@@ -21,13 +21,10 @@ def tiny_chroma(seed: int = 0) -> Any:
     Pass ``max_sequence_length`` (e.g. 32) to keep the text short; the pipeline's default is 512 tokens.
     """
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_t5_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    text_encoder = tiny_t5_encoder(tokenizer)
     transformer = ChromaTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .diffusers_tiny import tiny_t5_encoder
+
 PRIOR_CODES = 32  # the tiny transformer's prior codebook size
 
 
@@ -28,13 +30,11 @@ def tiny_glm_image(seed: int = 0) -> Any:
         GlmImagePipeline,
         GlmImageTransformer2DModel,
     )
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     torch.manual_seed(seed)
     tokenizer = ByT5Tokenizer()
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    text_encoder = tiny_t5_encoder(tokenizer)
     vae = AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .diffusers_tiny import _tiny_flux_vae, tiny_clip_tokenizer, tiny_t5_tokenizer
+from .diffusers_tiny import _tiny_flux_vae, tiny_clip_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_visualcloze(seed: int = 0, combined: bool = False, resolution: int = 32) -> Any:
@@ -24,16 +24,11 @@ def tiny_visualcloze(seed: int = 0, combined: bool = False, resolution: int = 32
         VisualClozeGenerationPipeline,
         VisualClozePipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    text_encoder = tiny_clip_encoder(clip_tok)
+    text_encoder_2 = tiny_t5_encoder(t5_tok)
     transformer = FluxTransformer2DModel(  # in: noisy (4 x 4) + clean (4 x 4) + mask (2 x 2 pixels x 4) channels
         patch_size=1, in_channels=48, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
