@@ -18,23 +18,17 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import BlockMerger, Sublayer, TokenMergingState
+from .merging_core import Sublayer, TokenMergingState, merge_block, observe_calls
 
 
 def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     """Hook ``attn1`` (image stream, its RoPE rows) and ``ff`` (its image-stream call) of each block."""
-    cfg = state.cfg
     box: dict[str, Any] = {"grid": None}
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe, state, box),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe, box)
     for name, blk in blocks:
-        subs = []
-        if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn1, "hidden_states", rope=_rope))
-        if cfg.merge_mlp:
-            subs.append(Sublayer(blk.ff, "hidden_states", first_call=True))
-        if subs:
-            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True, block=blk)
+        merge_block(state, name, Sublayer(blk.attn1, "hidden_states", rope=_rope),
+                    Sublayer(blk.ff, "hidden_states", first_call=True), functools.partial(_grid, box), shared=True,
+                    block=blk)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:

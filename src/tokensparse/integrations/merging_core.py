@@ -369,6 +369,20 @@ def merge_query_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: in
     return merged.reshape(b, *mask.shape[1:-2], merged.shape[1], merged.shape[2])
 
 
+def observe_calls(model: nn.Module, state: TokenMergingState, observe: Callable[..., None], *args: Any) -> None:
+    """Run ``observe(state, *args, module, args, kwargs)`` before every call of ``model`` (it reads the call's grid
+    and timestep); the hook goes with ``state``'s handles. A partial, not a closure: ``copy.deepcopy`` copies it."""
+    state.handles.append(model.register_forward_pre_hook(functools.partial(observe, state, *args), with_kwargs=True))
+
+
+def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp: Sublayer | None, grid: GridFn,
+                **kwargs: Any) -> BlockMerger | None:
+    """A :class:`BlockMerger` over a block's attention and MLP sublayers, those ``state.cfg`` selects (``merge_attn``
+    / ``merge_mlp``; ``None``: the block has no such sublayer), in that order; ``None`` when it selects neither."""
+    subs = [sub for sub, on in ((attn, state.cfg.merge_attn), (mlp, state.cfg.merge_mlp)) if on and sub is not None]
+    return BlockMerger(state, name, subs, grid, **kwargs) if subs else None
+
+
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:
     """The tokens ``(start, length)`` of ``span``: the target grid within a sublayer's input."""
     return x[:, span[0]:span[0] + span[1]]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_cogview4 import wire_cogview4
-from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_span
+from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
 from .merging_lumina2 import image_blocks, wire_lumina2
 
 logger = logging.getLogger(__name__)
@@ -253,8 +253,7 @@ def wire_unet(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     SD3 joint block in ``blocks``; the token grid comes from the latent the model is called with."""
     cfg = state.cfg
     patch = patch_size(model)
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_unet, state, patch),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe_unet, patch)
     for name, blk in blocks:
         attn2 = getattr(blk, "attn2", None)
         if hasattr(blk, "attn1"):  # BasicTransformerBlock: self-attention attn1, cross-attention attn2
@@ -281,16 +280,12 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     """
     cfg = state.cfg
     box: dict[str, Any] = {"grid": None, "n_txt": None}  # of the running call, read by every block
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_flux, state, box),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe_flux, box)
     for name, blk in double:
-        subs = []
-        if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2), context_first=True))
-        if cfg.merge_mlp and getattr(blk, "ff", None) is not None:
-            subs.append(Sublayer(blk.ff, "hidden_states"))
-        if subs:
-            BlockMerger(state, name, subs, functools.partial(_flux_grid, box, False), shared=True)
+        attn = Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2), context_first=True)
+        ff = getattr(blk, "ff", None)
+        merge_block(state, name, attn, None if ff is None else Sublayer(ff, "hidden_states"),
+                    functools.partial(_flux_grid, box, False), shared=True)
     for name, blk in single:
         subs = []
         if cfg.merge_mlp and isinstance(getattr(blk, "proj_mlp", None), nn.Module):  # FLUX.1: runs before attn
@@ -367,18 +362,11 @@ def shapes_grid(shapes: Any) -> tuple[int, int] | None:
 
 def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     """Qwen-Image(-Edit): each block's ``attn`` (image stream, RoPE rows) and ``img_mlp`` merge the target."""
-    cfg = state.cfg
     box: dict[str, Any] = {"grid": None}
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_qwen, state, box),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe_qwen, box)
     for name, blk in blocks:
-        subs = []
-        if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "hidden_states", rope=_qwen_rope))
-        if cfg.merge_mlp:
-            subs.append(Sublayer(blk.img_mlp, "hidden_states"))
-        if subs:
-            BlockMerger(state, name, subs, functools.partial(_leading_grid, box), shared=True)
+        merge_block(state, name, Sublayer(blk.attn, "hidden_states", rope=_qwen_rope),
+                    Sublayer(blk.img_mlp, "hidden_states"), functools.partial(_leading_grid, box), shared=True)
 
 
 def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -401,18 +389,11 @@ def wire_zimage(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: To
     ``attn_mask (B, L)`` hides; the image grid is its first ``h * w`` tokens. The RoPE table ``freqs_cis
     (B, L, D/2)`` has a batch dimension: each sample gets its own matching, and each kept token its own rotation.
     """
-    cfg = state.cfg
     box: dict[str, Any] = {"grid": None, "warned_omni": False}
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_zimage, state, box),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe_zimage, box)
     for name, blk in blocks:
-        subs = []
-        if cfg.merge_attn:
-            subs.append(Sublayer(blk.attention, "hidden_states", rope=_zimage_rope))
-        if cfg.merge_mlp:
-            subs.append(Sublayer(blk.feed_forward, "x"))
-        if subs:
-            BlockMerger(state, name, subs, functools.partial(_leading_grid, box))
+        merge_block(state, name, Sublayer(blk.attention, "hidden_states", rope=_zimage_rope),
+                    Sublayer(blk.feed_forward, "x"), functools.partial(_leading_grid, box))
 
 
 def _observe_zimage(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:

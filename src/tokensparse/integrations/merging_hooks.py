@@ -34,7 +34,7 @@ from ..generation import on_generation_start, remove_generation_callback, reset_
 from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
-from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_span
+from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
 from .merging_diffusers import find_blocks, wire
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "remove_token_merging"]
@@ -84,18 +84,11 @@ def _observe_refdit(state: TokenMergingState, module: nn.Module, args: tuple, kw
 
 def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
     """Partials, not closures, like :mod:`.merging_diffusers`: ``copy.deepcopy`` copies them with the state."""
-    cfg = state.cfg
     grid = functools.partial(_square_grid, model.config.grid)
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe_refdit, state),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe_refdit)
     for i, blk in enumerate(model.blocks):
-        subs = []
-        if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "x", rope=_refdit_rope))
-        if cfg.merge_mlp:
-            subs.append(Sublayer(blk.mlp, "x", target_only=True))
-        if subs:
-            BlockMerger(state, f"blocks.{i}", subs, grid)
+        merge_block(state, f"blocks.{i}", Sublayer(blk.attn, "x", rope=_refdit_rope),
+                    Sublayer(blk.mlp, "x", target_only=True), grid)
 
 
 def _has_cross_attention(blocks: dict[str, list[tuple[str, nn.Module]]]) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_span
+from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
 
 _JOINT = re.compile(r"(^|\.)layers\.\d+$")
 _IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")  # the context refiner sees the caption only
@@ -37,23 +37,15 @@ def image_blocks(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
 
 def wire_lumina2(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     """Hook ``attn`` (with its RoPE rows, keys and key mask) and ``feed_forward`` of each block in ``blocks``."""
-    cfg = state.cfg
     box: dict[str, Any] = {"grid": None, "start": 0, "order": None}
-    state.handles.append(model.register_forward_pre_hook(functools.partial(_observe, state, box),
-                                                         with_kwargs=True))
+    observe_calls(model, state, _observe, box)
     for name, blk in blocks:
         joint = bool(_JOINT.search(name))
-        subs = []
-        if cfg.merge_attn:
-            subs.append(Sublayer(blk.attn, "hidden_states", rope=_rope, self_context=True))
-        if cfg.merge_mlp:
-            subs.append(Sublayer(blk.feed_forward, "x"))
-        if not subs:
-            continue
-        if joint:  # registered before the sublayers' hooks run: the reordering wraps the whole block
+        merger = merge_block(state, name, Sublayer(blk.attn, "hidden_states", rope=_rope, self_context=True),
+                             Sublayer(blk.feed_forward, "x"), functools.partial(_grid, box, joint))
+        if merger is not None and joint:  # block hooks: they run around all of the sublayers' hooks
             state.handles.append(blk.register_forward_pre_hook(functools.partial(_reorder, box), with_kwargs=True))
             state.handles.append(blk.register_forward_hook(_restore))
-        BlockMerger(state, name, subs, functools.partial(_grid, box, joint))
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
