@@ -271,8 +271,9 @@ def generate(
               "(tokensparse.generate) or see tokensparse demo")
     sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
     checks = (len(refs), cache, proportional, merge, sizes)
-    _check_pipeline(_pipeline_class(Path(model)) if local else None, *checks)  # before loading
-    _check_placeholders(_pipeline_class(Path(model)) if local else None, prompt, len(refs))
+    saved = _pipeline_class(Path(model)) if local else None  # the class a local folder names: checked before loading
+    _check_pipeline(saved, *checks)
+    _check_placeholders(saved, prompt, len(refs))
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
