@@ -66,3 +66,15 @@ def refuses_proportional_and_cache(pipe: Any, proportional: str, cache: str = NO
     with pytest.raises(ValueError, match=cache):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
     assert sparse_context_state(pipe) is None
+
+
+def generate_app() -> Any:
+    """A typer app with ``tokensparse generate`` and a second command, so that ``generate`` is addressed by name as
+    in tokensparse's CLI (skips the test without typer)."""
+    typer = pytest.importorskip("typer")
+    from tokensparse.cli_diffusers import generate
+
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("noop")(lambda: None)
+    return app

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
 from tokensparse.merging import TokenMergingConfig
 
+from .contract import generate_app
+
 
 def ours(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The messages tokensparse logged."""
@@ -116,15 +118,10 @@ def cli_generate_merges(tmp_path: Path, caplog: pytest.LogCaptureFixture, pipe: 
                         height: int = 32, width: int = 48) -> tuple[Any, Path]:
     """``generate --merge 0.5`` on ``pipe`` saved as ``tmp_path / name`` runs ``pipeline`` without Sparse Context,
     writes a ``width x height`` image and merges something; returns the typer app and the saved model's folder."""
-    typer = pytest.importorskip("typer")
     from PIL import Image
+
+    app = generate_app()
     from typer.testing import CliRunner
-
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
     pipe.save_pretrained(tmp_path / name)
     out = tmp_path / f"{name[0]}.png"
     with caplog.at_level(logging.WARNING, logger="tokensparse"):

@@ -13,18 +13,14 @@ typer = pytest.importorskip("typer")
 from PIL import Image
 from typer.testing import CliRunner
 
-from tokensparse.cli_diffusers import generate
 from tokensparse.integrations.diffusers_tiny import tiny_flux2_klein
+
+from .contract import generate_app
 
 
 @pytest.fixture(scope="module")
 def app():
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(
-        lambda: None
-    )  # two commands, so `generate` is addressed by name as in tokensparse's CLI
-    return app
+    return generate_app()
 
 
 @pytest.fixture(scope="module")

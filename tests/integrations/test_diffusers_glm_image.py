@@ -27,6 +27,8 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_glm_image import glm_image_call_kwargs, tiny_glm_image
 
+from .contract import generate_app
+
 TOKENS = 8 * 8  # 32x32 images: 4 pixels per token side (VAE /2, 2x2 patches)
 KEPT = TOKENS // 4
 
@@ -168,14 +170,9 @@ def test_samples_keeping_different_counts_are_a_value_error_naming_it():
 
 # tokensparse generate ----------------------------------------------------------------------------------------------
 def _cli(tmp_path, *extra):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
+    app = generate_app()
     folder = tmp_path / "glm"
     folder.mkdir(exist_ok=True)
     (folder / "model_index.json").write_text('{"_class_name": "GlmImagePipeline"}')

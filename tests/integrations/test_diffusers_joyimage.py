@@ -29,7 +29,7 @@ from tokensparse.integrations.diffusers_tiny_joyimage import (
 )
 from tokensparse.selection import SCORERS
 
-from .contract import reapply_then_remove, refuses_proportional_and_cache, tiny_pipeline
+from .contract import generate_app, reapply_then_remove, refuses_proportional_and_cache, tiny_pipeline
 
 TOKENS = 8 * 8  # 32x32 pixels: VAE /2, 2x2 patches
 WIDE = 8 * 12  # 32x48
@@ -256,14 +256,7 @@ def test_mrope_text_rows_stay_dense_on_the_bare_edit_transformer():
 # tokensparse generate ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app():
-    import typer
-
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name, as in tokensparse's CLI
-    return app
+    return generate_app()
 
 
 def cli(app, folder, cls, refs, *extra):

@@ -29,7 +29,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen
 
-from .contract import NO_KV_CACHE, reapply_then_remove
+from .contract import NO_KV_CACHE, generate_app, reapply_then_remove
 
 TARGET = 16
 RS = np.random.RandomState(0)
@@ -348,14 +348,9 @@ def test_refusals(pipe):
 
 
 def test_generate_cli(pipe, tmp_path):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name
+    app = generate_app()
     pipe.save_pretrained(tmp_path / "omnigen")
     refs = []
     for i, image in enumerate(images(2)):
@@ -376,14 +371,9 @@ def test_generate_cli(pipe, tmp_path):
 @pytest.mark.parametrize("refs, prompt", [(0, ONE), (2, TWO + " and <img><|image_3|></img>")])
 def test_generate_cli_refuses_a_placeholder_without_its_ref_before_loading(tmp_path, refs, prompt):
     """A placeholder naming no ``--ref`` fails before loading (the pipeline's processor asserts on it)."""
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)
+    app = generate_app()
     folder = tmp_path / "omnigen"
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "OmniGenPipeline"}')

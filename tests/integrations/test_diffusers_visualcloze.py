@@ -24,7 +24,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_visualcloze import tiny_visualcloze
 
-from .contract import NO_KV_CACHE, pipe_fixtures, reapply_then_remove
+from .contract import NO_KV_CACHE, generate_app, pipe_fixtures, reapply_then_remove
 from .proportional import assert_bias_is_duplication
 
 ROW, KEPT = 128, 32  # tokens of a row, and kept of an example row at keep 0.25
@@ -215,14 +215,9 @@ def test_visualcloze_pipeline_through_its_generation_pipe(caplog):
 
 
 def test_generate_cli_refuses_it_before_loading(tmp_path):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)
+    app = generate_app()
     folder = tmp_path / "vc"
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "VisualClozeGenerationPipeline"}')

@@ -25,7 +25,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_zimage import tiny_z_image_omni
 
-from .contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
+from .contract import generate_app, pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
 
 REF_TOKENS, REF_PAD, TARGET = 17 * 16, 16, 16 * 16
 KEPT = REF_TOKENS // 4
@@ -174,14 +174,9 @@ def test_a_transformer_it_cannot_thin_is_refused_without_leaving_hooks(pipe, mon
 
 
 def test_generate_cli_takes_several_references(pipe, tmp_path):
-    typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from tokensparse.cli_diffusers import generate
-
-    app = typer.Typer()
-    app.command()(generate)
-    app.command("noop")(lambda: None)  # two commands: `generate` is addressed by name
+    app = generate_app()
     pipe.save_pretrained(tmp_path / "zimage")
     refs = []
     for i in range(2):
