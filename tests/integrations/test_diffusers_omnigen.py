@@ -184,7 +184,7 @@ def test_kept_rows_keep_their_embeddings_and_rope_rows(pipe):
     def record(module, args, kwargs):
         seen.setdefault("x", []).append(args[0])
         state = sparse_context_state(tr)
-        seen.setdefault("rows", []).append(None if state is None else state.omni)
+        seen.setdefault("rows", []).append(None if state is None else state.call)
 
     with torch.no_grad():
         handle = tr.layers[0].register_forward_pre_hook(record, with_kwargs=True)
@@ -249,7 +249,7 @@ def kept_cells(pipe, prompts, refs, cfg) -> tuple[dict, dict, list]:
     tr, seen = pipe.transformer, []
     dense = Calls(tr)  # before Sparse Context's pre-hook: it sees the dense call
     apply_sparse_context_diffusers(pipe, SparseContextConfig(**cfg))
-    handle = tr.layers[0].register_forward_pre_hook(lambda m, a: seen.append(sparse_context_state(tr).omni))
+    handle = tr.layers[0].register_forward_pre_hook(lambda m, a: seen.append(sparse_context_state(tr).call))
     try:
         torch.manual_seed(0)
         pipe(prompt=prompts, input_images=refs, height=64, width=64, num_inference_steps=1, output_type="np")

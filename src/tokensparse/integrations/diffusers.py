@@ -145,17 +145,15 @@ class _State:
         self.warned_batch = False
         self.warned_uncaptured = False
         self.warned_count = False
-        # what the running thinned call tells an adapter's companion hooks (None outside one): Qwen's pos_embed
-        # (dense img_shapes, kept index), JoyImage's blocks their RoPE, Z-Image's KeptPatches (kept index, dense
-        # image tokens) or OmniGen's rows, Fibo 2.0's and Qwen-Image 2.1's hooks their call
-        self.rope: Any = None
-        self.omni: Any = None
+        # what the running thinned call tells its adapter's companion hooks (None outside one), set by the adapter's
+        # subset: Qwen-Image-Edit's pos_embed hook (dense img_shapes, kept index), JoyImage's blocks their RoPE,
+        # Z-Image's KeptPatches (kept index, dense image tokens), OmniGen's rows, Fibo 2.0's / Qwen-Image 2.1's call
         self.call: Any = None
         self.tracker = StepTracker()
 
     def clear_call(self) -> None:
         """Outside a thinned call: the companion hooks pass everything through."""
-        self.rope = self.omni = self.call = None
+        self.call = None
 
     def new_generation(self) -> None:
         self.index.clear()

@@ -32,18 +32,18 @@ from .diffusers_layout import InContextAdapter, RefLayout, output_sample, with_s
 
 class JoyImageRopeHook:
     """Pre-hook on every JoyImage double-stream block: during a thinned call it hands the block the RoPE of the kept
-    tokens (``state.rope``, set by the adapter's ``subset``) instead of what the transformer computed from the
+    tokens (``state.call``, set by the adapter's ``subset``) instead of what the transformer computed from the
     thinned input's shapes."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
 
     def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self.state.rope is None:
+        if self.state.call is None:
             return None
         if len(args) > 3:  # gradient checkpointing calls the block positionally: (img, txt, temb, rope, ...)
-            return (*args[:3], self.state.rope, *args[4:]), kwargs
-        return args, {**kwargs, "image_rotary_emb": self.state.rope}
+            return (*args[:3], self.state.call, *args[4:]), kwargs
+        return args, {**kwargs, "image_rotary_emb": self.state.call}
 
 
 class _JoyImageAdapter(InContextAdapter):
@@ -110,7 +110,7 @@ class JoyImageAdapter(_JoyImageAdapter):
         text = kwargs["encoder_hidden_states"].shape[1] if self.transformer.rope_type == "mrope" else None
         (cos, sin), txt = self.transformer.get_rotary_pos_embed([n * t, h // ph, w // pw], text)
         rows = index.to(cos.device)
-        state.rope = ((cos.index_select(0, rows), sin.index_select(0, rows)), txt)
+        state.call = ((cos.index_select(0, rows), sin.index_select(0, rows)), txt)
         return {**kwargs, "hidden_states": x}
 
     def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
@@ -160,7 +160,7 @@ class JoyImageEditPlusAdapter(_JoyImageAdapter):
             parts.append(self.transformer._get_rotary_pos_embed_for_range((offset, 0, 0), (offset + t, h, w)))
             offset += t
         rows = index.to(parts[0][0].device)
-        state.rope = tuple(torch.cat(f).index_select(0, rows).to(hs.device)[None].expand(hs.shape[0], -1, -1)
+        state.call = tuple(torch.cat(f).index_select(0, rows).to(hs.device)[None].expand(hs.shape[0], -1, -1)
                            for f in zip(*parts))
         kept_refs = int(index.numel()) - (layout.n - layout.num_ref_tokens)
         return {**kwargs, "hidden_states": hs.index_select(1, index),

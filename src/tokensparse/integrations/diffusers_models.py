@@ -194,7 +194,7 @@ class QwenImageAdapter(InContextAdapter):
         shapes = kwargs["img_shapes"]
         kept_refs = int(index.numel()) - (layout.n - layout.num_ref_tokens)
         out["img_shapes"] = [[s[0], (1, 1, kept_refs)] for s in shapes]
-        state.rope = (shapes, index)  # read by the pos_embed hook during this forward
+        state.call = (shapes, index)  # read by the pos_embed hook during this forward
         return out
 
     def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
@@ -211,8 +211,8 @@ class QwenRopeHook:
         self.state = state
 
     def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.state.rope is not None:
-            shapes = self.state.rope[0]
+        if self.state.call is not None:
+            shapes = self.state.call[0]
             if args:
                 args = (shapes, *args[1:])
             else:
@@ -220,10 +220,10 @@ class QwenRopeHook:
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.state.rope is None:
+        if self.state.call is None:
             return output
         vid, txt = output
-        return vid.index_select(0, self.state.rope[1].to(vid.device)), txt
+        return vid.index_select(0, self.state.call[1].to(vid.device)), txt
 
 
 # transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference

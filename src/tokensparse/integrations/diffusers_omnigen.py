@@ -66,7 +66,7 @@ class Rows:
 
 
 class KeptRows:
-    """``transformer._get_multimodal_embeddings`` (an instance attribute) that, in a thinned call (``state.omni`` a
+    """``transformer._get_multimodal_embeddings`` (an instance attribute) that, in a thinned call (``state.call`` a
     :class:`Rows`), returns the dense text-and-image embeddings gathered to the kept slots; else unchanged. Also
     its own removal handle."""
 
@@ -77,7 +77,7 @@ class KeptRows:
                  ) -> Tensor | None:
         out = type(self.transformer)._get_multimodal_embeddings(
             self.transformer, input_ids, input_img_latents, input_image_sizes)
-        rows = self.state.omni
+        rows = self.state.call
         if out is None or not isinstance(rows, Rows):
             return out
         index = rows.gather[:, :rows.n_text].to(out.device)
@@ -89,7 +89,7 @@ class KeptRows:
 
 
 class RowRope:
-    """An OmniGen block's attention processor, wrapped: in a thinned call (``state.omni`` a :class:`Rows`) it runs
+    """An OmniGen block's attention processor, wrapped: in a thinned call (``state.call`` a :class:`Rows`) it runs
     the wrapped processor once per row, with that row's RoPE rows and mask; otherwise it is the wrapped processor."""
 
     def __init__(self, processor: Any, state: Any) -> None:
@@ -98,7 +98,7 @@ class RowRope:
 
     def __call__(self, attn: torch.nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb: Any = None) -> Tensor:
-        rows = self.state.omni
+        rows = self.state.call
         if not isinstance(rows, Rows):
             extra = {"image_rotary_emb": image_rotary_emb} if self.takes_rope else {}
             return self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -317,7 +317,7 @@ class OmniGenAdapter(InContextAdapter):
             pad[:, None, :].to(mask.device), 0)  # pads attend (as the pipeline's do); nothing attends to a pad
         cos, sin = self.transformer.rope(hs, pos)  # the dense call's RoPE rows (from position_ids[0])
         rows = gather.to(cos.device)
-        state.omni = Rows(gather, pad, width - 1 - n_target, (cos[rows], sin[rows]),
+        state.call = Rows(gather, pad, width - 1 - n_target, (cos[rows], sin[rows]),
                           kept.gather(1, gather).masked_fill(pad, -1))
         self.processors.ensure()  # a processor set since apply gets its RowRope too
         return {**kwargs, "position_ids": pos.gather(1, gather).masked_fill(pad, 0), "attention_mask": kept_mask}
@@ -326,7 +326,7 @@ class OmniGenAdapter(InContextAdapter):
         """The thinned call with its 0/1 mask made the additive one the transformer would make of it (``(1 - m)``
         times the dtype's minimum), plus ``bias`` (``log(size)`` per kept reference token) on each row's columns
         of its kept image tokens: a ``(B, 1, S', S')`` mask, which the transformer passes on as it is."""
-        rows, mask = self.state.omni, call["attention_mask"]
+        rows, mask = self.state.call, call["attention_mask"]
         dtype = self.transformer.dtype
         additive = (1 - mask.float()) * torch.finfo(dtype).min
         slots = rows.kept.to(mask.device)

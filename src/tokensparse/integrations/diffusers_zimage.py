@@ -9,7 +9,7 @@ token (embedding, RoPE, padding to the batch, the noisy/clean modulation, the at
 padding, picking the target out of the output) is computed from that return value.
 
 :class:`KeptPatches` stands in for that method on the instance while Sparse Context is applied: in a call the hook
-thinned (``state.omni`` set), it keeps only the kept reference patches' rows of all four per-token lists (every
+thinned (``state.call`` set), it keeps only the kept reference patches' rows of all four per-token lists (every
 target patch and every padding row stays), so each kept patch keeps its position id and noise-mask entry, and it
 rewrites the sizes and offsets so that ``unpatchify`` reads the target from where it now sits. The per-image
 padding rows stay as they were (they are the transformer's learned pad token, not image content).
@@ -34,7 +34,7 @@ class KeptPatches:
     """``transformer.patchify_and_embed_omni`` (an instance attribute) that drops the dropped reference patches.
 
     Also the removal handle (``remove()``) of itself. It calls the class's method, then thins its result when
-    ``state.omni`` (``(kept image-token positions, dense image-token count)``, set by the adapter for the running
+    ``state.call`` (``(kept image-token positions, dense image-token count)``, set by the adapter for the running
     call) is set; otherwise it returns it unchanged.
     """
 
@@ -45,7 +45,7 @@ class KeptPatches:
                  f_patch_size: int, images_noise_mask: list) -> tuple:
         out = type(self.transformer).patchify_and_embed_omni(
             self.transformer, all_x, all_cap_feats, all_siglip_feats, patch_size, f_patch_size, images_noise_mask)
-        kept = self.state.omni
+        kept = self.state.call
         if kept is None:
             return out
         target = all_x[0][-1].shape  # (C, F, H, W): the last image is the one the transformer returns
@@ -152,7 +152,7 @@ class ZImageOmniAdapter(InContextAdapter):
         return RefLayout(start + prod(grids[-1]), positions, cells, grids[:-1])
 
     def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
-        state.omni = (index, layout.n)  # read by KeptPatches during this forward
+        state.call = (index, layout.n)  # read by KeptPatches during this forward
         return dict(kwargs)
 
     def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
