@@ -442,6 +442,20 @@ def test_each_step_is_saved_once_and_a_deleted_latest_falls_back_to_the_one_befo
     assert saves == [2, 3, 3]  # resumed from step 2, trained step 3 again
 
 
+def test_a_resave_killed_between_its_renames_keeps_the_moved_aside_checkpoint(tmp_path):
+    train(tiny_cfg(tmp_path / "run", steps=2, ckpt_every=2), progress=False)
+    run = tmp_path / "run"
+    saved = {p.name: p.read_bytes() for p in (run / "step_0000002").iterdir()}
+    (run / "step_0000002").rename(run / ".step_0000002.old")  # killed after the first rename of a re-save of step 2
+    (run / ".step_0000002.tmp").mkdir()  # ... whose new copy was still being written
+    (run / ".step_0000002.tmp" / "model.safetensors").write_bytes(b"half")
+    assert latest_checkpoint(run) == run / ".step_0000002.old"
+    assert train(tiny_cfg(run, steps=2, ckpt_every=2), progress=False).state["step"] == 2  # resumed, not restarted
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".step", "step"))) == ["step_0000002"]
+    assert {p.name: p.read_bytes() for p in (run / "step_0000002").iterdir()} == saved
+    assert latest_checkpoint(run) == run / "step_0000002"
+
+
 def test_a_resume_keeps_the_recipe_and_the_process_count_it_started_with(tmp_path):
     run = tmp_path / "run"
     init = tmp_path / "init.safetensors"

@@ -125,9 +125,22 @@ def save_checkpoint_folder(out: Path, step: int, write: Callable[[Path], None], 
     return final
 
 
+def _stranded(out: Path) -> dict[str, Path]:
+    """Complete checkpoints a save killed between its two renames left moved aside (``.step_N.old`` with no
+    ``step_N``), by the name they had."""
+    found = {}
+    for old in out.glob(".step_*.old"):
+        name = old.name[1:-len(".old")]
+        if not (out / name).exists() and (old / "state.json").is_file():
+            found[name] = old
+    return found
+
+
 def remove_partial_saves(out: Path) -> None:
-    """Remove what a save killed hard (SIGKILL) can leave in ``out``: :func:`save_run_checkpoint`'s temp and
-    moved-aside folders."""
+    """Clean up after a save killed hard (SIGKILL) in ``out``: a moved-aside checkpoint whose replacement never
+    took its place gets its name back; the other temp and moved-aside folders are removed."""
+    for name, old in _stranded(out).items():
+        old.rename(out / name)
     for partial in [*out.glob(".step_*.tmp"), *out.glob(".step_*.old")]:
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -185,15 +198,17 @@ def read_state(ckpt: Path) -> dict:
 def latest_checkpoint(out: Path) -> Path | None:
     """The checkpoint folder ``out/latest`` points to; where that is missing (deleted, or a save interrupted
     before the pointer was written) or damaged (not the name of a complete folder in ``out``), the newest complete
-    ``step_*`` folder; ``None`` when there is none."""
+    ``step_*`` folder (or the moved-aside copy of one whose re-save was killed mid-way, which
+    :func:`remove_partial_saves` then puts back); ``None`` when there is none."""
     ptr = out / "latest"
     if ptr.is_file():
         name = ptr.read_bytes().decode("utf-8", errors="replace").strip()
         path = out / name
         if name.startswith("step_") and Path(name).name == name and (path / "state.json").is_file():
             return path
-    done = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+    done = {p.name: p for p in out.glob("step_*") if (p / "state.json").is_file()}
+    done = {**_stranded(out), **done}  # a save killed between its renames: the moved-aside copy
+    return done[max(done)] if done else None
 
 
 def load_optim(path: Path) -> dict:
