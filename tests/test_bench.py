@@ -33,7 +33,7 @@ def test_runs_the_script_and_returns_its_exit_code(tmp_path):
 
 def test_cli_reports_unknown_name():
     res = CliRunner().invoke(app, ["bench", "fast"])
-    assert res.exit_code == 2 and "unknown benchmark" in res.output
+    assert res.exit_code == 2 and "unknown benchmark" in res.stderr and not res.stdout
 
 
 def test_repository_ships_the_scripts_it_names():

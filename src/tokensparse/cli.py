@@ -185,8 +185,8 @@ def bench(
         check_out(out, ".json")
     try:
         code = run_benchmark(name, quick=quick, out=out.resolve() if out else None, console=console)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except (ValueError, FileNotFoundError) as exc:  # an unknown name, no checkout: a usage error (exit 2)
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from exc
     if code:
         raise typer.Exit(code=code)
