@@ -172,12 +172,13 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def apply_setting(model: object, keep: float, merge: float, cache: bool = False) -> None:
+def apply_setting(model: object, keep: float, merge: float, cache: bool = False, recompute_every: int = 1) -> None:
     """Sparse Context at ``keep`` (uniform selection; ``cache``: RefDiT's reference K/V cache) and token merging
-    at ratio ``merge`` (0: removed) on ``model`` -- one timing setting of the speed benchmarks."""
+    at ratio ``merge`` (0: removed; matchings recomputed every ``recompute_every`` steps) on ``model`` -- one
+    timing setting of the speed benchmarks."""
     ts.apply_sparse_context(model, ts.SparseContextConfig(keep=keep, selector="uniform", cache=cache))
     if merge > 0:
-        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge))
+        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=merge, recompute_every=recompute_every))
     else:
         ts.remove_token_merging(model)
 

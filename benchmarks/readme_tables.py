@@ -81,6 +81,9 @@ def flux_speed() -> None:
     print("\n")
 
 
+EARLIER_SPEED = {"speed_run1": "0.9.0", "speed_run2": "0.9.0", "speed_run3": "0.14.1"}  # committed runs: version
+
+
 def speed() -> None:
     d = load("speed")
     if not d:
@@ -90,7 +93,9 @@ def speed() -> None:
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     print("**RefDiT speed** (`benchmarks/speed.py`): 20-step generation, "
           f"16×16 tokens per image, random weights, one CPU thread, CPU seconds (median of {d['repeats']} "
-          "interleaved repeats); speedup vs dense (FLOP ratio in brackets):\n")
+          "interleaved repeats); speedup vs dense (FLOP ratio in brackets). tome0.5 merges half the target tokens "
+          "in every block with a new matching each step (ToMe); tome0.5c5 merges as many with CA-ToMe's cache, "
+          "each layer's matching recomputed every 5th step:\n")
     print("| setting | " + " | ".join(f"{n} ref{'s' if n > 1 else ''}" for n in refs) + " |")
     print("|---|" + "---|" * len(refs))
     for s in settings:
@@ -103,25 +108,44 @@ def speed() -> None:
           f"{d['summary']['min_efficiency']:.2f}; with target-token merging: "
           f"{d['summary']['min_efficiency_with_merging']:.2f}.\n")
     m = d["summary"]
-    runs = [o for o in (load("speed_run1"), load("speed_run2")) if o]
-    earlier = [o["summary"] for o in runs]
-    if earlier:
-        def both(get: Callable[[dict], float]) -> str:
-            return " / ".join(f"{get(o):.2f}" for o in earlier)
+    named = [(name, o) for name in EARLIER_SPEED if (o := load(name))]
+    if not named:
+        return
+    earlier = [o["summary"] for _, o in named]
 
-        sp = m["speedup"]
-        repeats = " / ".join(str(o["repeats"]) for o in runs)
-        print("Run-to-run spread on this shared machine: two earlier full runs of this script, made at 0.9.0 (the "
-              f"model code has since gained input checks and refactors that compute the same), with {repeats} "
-              "repeats (`benchmarks/results/speed_run1.json` / `speed_run2.json`) gave 4 refs "
-              f"sparse0.25 {both(lambda o: o['speedup']['4']['sparse0.25'])}× (this run "
-              f"{sp['4']['sparse0.25']:.2f}×), sparse0.25+kv {both(lambda o: o['speedup']['4']['sparse0.25+kv'])}× "
-              f"({sp['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25 {both(lambda o: o['speedup']['1']['sparse0.25'])}× "
-              f"({sp['1']['sparse0.25']:.2f}×), sparse0.25+kv {both(lambda o: o['speedup']['1']['sparse0.25+kv'])}× "
-              f"({sp['1']['sparse0.25+kv']:.2f}×), +tome0.5 "
-              f"{both(lambda o: o['speedup']['1']['sparse0.25+kv+tome0.5'])}× "
-              f"({sp['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum efficiency "
-              f"{both(lambda o: o['min_efficiency'])} ({m['min_efficiency']:.2f}).\n")
+    def each(get: Callable[[dict], float]) -> str:
+        return " / ".join(f"{get(o):.2f}" for o in earlier)
+
+    sp = m["speedup"]
+    made = "; ".join(f"`{name}.json`, at {EARLIER_SPEED[name]} with {o['repeats']} repeats" for name, o in named)
+    print(f"Run-to-run spread on this shared machine: {len(named)} earlier full runs of this script are committed "
+          f"({made}; the model code has since gained input checks and refactors that compute the same). "
+          f"In that order they gave 4 refs "
+          f"sparse0.25 {each(lambda o: o['speedup']['4']['sparse0.25'])}× (this run "
+          f"{sp['4']['sparse0.25']:.2f}×), sparse0.25+kv {each(lambda o: o['speedup']['4']['sparse0.25+kv'])}× "
+          f"({sp['4']['sparse0.25+kv']:.2f}×); 1 ref sparse0.25 {each(lambda o: o['speedup']['1']['sparse0.25'])}× "
+          f"({sp['1']['sparse0.25']:.2f}×), sparse0.25+kv {each(lambda o: o['speedup']['1']['sparse0.25+kv'])}× "
+          f"({sp['1']['sparse0.25+kv']:.2f}×), +tome0.5 "
+          f"{each(lambda o: o['speedup']['1']['sparse0.25+kv+tome0.5'])}× "
+          f"({sp['1']['sparse0.25+kv+tome0.5']:.2f}×); minimum efficiency "
+          f"{each(lambda o: o['min_efficiency'])} ({m['min_efficiency']:.2f}).", end=" ")
+    every = [d, *(o for _, o in named)]
+    spans = []
+    for arch, size in (("refdit-s-64px", "16×16"), ("refdit-s", "the shipped 8×8")):
+        moved = {}
+        for tome in (False, True):
+            by_setting: dict[tuple, list[float]] = {}
+            for run in every:
+                for r in run["rows"]:
+                    if r["arch"] == arch and r["setting"] != "dense" and ("tome" in r["setting"]) == tome:
+                        by_setting.setdefault((r["refs"], r["setting"]), []).append(r["speedup"])
+            moved[tome] = max(max(v) / min(v) - 1 for v in by_setting.values() if len(v) > 1)
+        eff = [r["efficiency"] for run in every for r in run["rows"]
+               if r["arch"] == arch and r["setting"] != "dense" and "tome" not in r["setting"]]
+        spans.append(f"up to {moved[False]:.0%} at {size} tokens ({moved[True]:.0%} with merging stacked), "
+                     f"where efficiency ranges over {min(eff):.2f}–{max(eff):.2f}")
+    print(f"Across the {len(every)} runs a setting's speedup moves by {spans[0]}, and by {spans[1]} "
+          "(above 1 is timing noise): targets within that margin pass in one run and miss in another.\n")
 
 
 def quality() -> None:

@@ -9,7 +9,9 @@ right after an untimed 2-step warm-up in the same setting (steady state: a switc
 allocator without the new tensor sizes, and that first run pays page faults), median; speedup vs dense,
 FLOPs per generation (CPU SDPA counted) and efficiency = measured speedup / FLOP ratio. Dense and sparse
 run the joint model; "kv" runs the same weights built with ref_attends_target=False, whose context K/V are
-computed once per generation.
+computed once per generation. "tome0.5" merges half the target tokens in every block (ToMe, a new matching
+each step); "tome0.5c5" merges the same number with CA-ToMe's cache, a layer's matching recomputed every 5th
+step (`benchmarks/merging.py` measures what merging costs in quality).
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ import tokensparse as ts
 from tokensparse.flops import count_flops
 from tokensparse.models.zoo import randomize_zero_init
 
-SETTINGS = {  # name -> (keep, cache, merge ratio)
-    "dense": (1.0, False, 0.0),
-    "sparse0.5": (0.5, False, 0.0),
-    "sparse0.25": (0.25, False, 0.0),
-    "sparse0.1": (0.1, False, 0.0),
-    "kv": (1.0, True, 0.0),
-    "sparse0.25+kv": (0.25, True, 0.0),
-    "sparse0.25+kv+tome0.5": (0.25, True, 0.5),
+SETTINGS = {  # name -> (keep, cache, merge ratio, merging's recompute_every)
+    "dense": (1.0, False, 0.0, 1),
+    "sparse0.5": (0.5, False, 0.0, 1),
+    "sparse0.25": (0.25, False, 0.0, 1),
+    "sparse0.1": (0.1, False, 0.0, 1),
+    "kv": (1.0, True, 0.0, 1),
+    "sparse0.25+kv": (0.25, True, 0.0, 1),
+    "sparse0.25+kv+tome0.5": (0.25, True, 0.5, 1),  # ToMe: a new matching every step
+    "sparse0.25+kv+tome0.5c5": (0.25, True, 0.5, 5),  # CA-ToMe's cache: matchings recomputed every 5th step
 }
 PROMPT = "compose first top left second bottom right on red plain"
 
@@ -46,9 +49,9 @@ def models(arch: str) -> dict[bool, ts.RefDiT]:
 
 
 def configure(pair: dict[bool, ts.RefDiT], setting: str) -> ts.RefDiT:
-    keep, cache, merge = SETTINGS[setting]
+    keep, cache, merge, every = SETTINGS[setting]
     model = pair[cache]
-    apply_setting(model, keep, merge, cache)
+    apply_setting(model, keep, merge, cache, recompute_every=every)
     return model
 
 
