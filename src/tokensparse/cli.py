@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_diffusers import _fail, check_out, check_png_out
+from .cli_checks import fail
+from .cli_diffusers import check_out, check_png_out
 
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
                   add_completion=False)
@@ -60,7 +61,7 @@ def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write.")
     try:
         save_task_grid(out, image_size=image_size, per_task=per_task)
     except (ValueError, OSError) as exc:  # OSError: the PNG could not be written
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"wrote {out}")
 
 
@@ -82,11 +83,11 @@ def show_selection(
 
     check_png_out(out)
     if model is None and needs_probe(selector):  # the Python API's message names its model= argument
-        _fail(f"--selector {selector} probes a model's attention: give --model refdit-sparse (or a checkpoint path)")
+        fail(f"--selector {selector} probes a model's attention: give --model refdit-sparse (or a checkpoint path)")
     try:
         save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
     except (ValueError, OSError) as exc:  # OSError: unreadable image, missing checkpoint
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"wrote {out}")
 
 
@@ -98,11 +99,11 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
 
     check_png_out(out)
     if steps < 1:
-        _fail(f"--steps must be >= 1, got {steps}")
+        fail(f"--steps must be >= 1, got {steps}")
     try:
         run_demo(out=out, steps=steps, console=console)
     except OSError as exc:  # the PNG could not be written (save_png names it)
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -125,7 +126,7 @@ def train(
     from .train import train as run_training
 
     if half and export is None:  # nothing else is stored in float16: without --export it would do nothing
-        _fail("--half sets the dtype of the --export weights; give --export PATH.safetensors too")
+        fail("--half sets the dtype of the --export weights; give --export PATH.safetensors too")
     try:
         raw = json.loads(config.read_text())
         if not isinstance(raw, dict):
@@ -135,24 +136,24 @@ def train(
                 raw[key] = value
         cfg = TrainConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
-        _fail(f"recipe {config}: {exc}")
+        fail(f"recipe {config}: {exc}")
     from .train import init_path, latest_checkpoint
 
     resuming = latest_checkpoint(Path(cfg.out)) is not None
     if cfg.init is not None and not resuming and not init_path(cfg.init).exists():
-        _fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
+        fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
     check_out(Path(cfg.out), None, "out")
     if export is not None:
         check_out(export, ".safetensors", "--export")
         if export.with_suffix(".json").resolve() == config.resolve():
-            _fail(f"--export {export} would write its metadata over the recipe {config}; export elsewhere")
+            fail(f"--export {export} would write its metadata over the recipe {config}; export elsewhere")
         conflict = export_conflict(cfg.out, export)
         if conflict is not None:
-            _fail(f"--export {export}: {conflict}; export elsewhere")
+            fail(f"--export {export}: {conflict}; export elsewhere")
     try:
         state = run_training(cfg, log=console.print).state
     except ValueError as exc:  # a bad init, another recipe or architecture in the run folder, a diverged loss
-        _fail(f"recipe {config}: {exc}")
+        fail(f"recipe {config}: {exc}")
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one process reports and exports (training waited for the save)
@@ -162,11 +163,11 @@ def train(
         import torch
 
         if latest_checkpoint(Path(cfg.out)) is None:  # stopped before its first step (stop_at 0, no time left)
-            _fail(f"nothing to export: run folder {cfg.out} has no checkpoint yet")
+            fail(f"nothing to export: run folder {cfg.out} has no checkpoint yet")
         try:
             export_ema(cfg.out, export, dtype=torch.float16 if half else torch.float32)
         except OSError as exc:  # disk full, a folder that vanished: the run folder keeps its checkpoints
-            _fail(f"--export: {exc}")
+            fail(f"--export: {exc}")
         console.print(f"wrote {export}")
 
 

@@ -19,109 +19,30 @@ CogView4) runs with ``--merge`` alone. The functions here are plain typer-annota
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from .cli_checks import (
+    ONE_REFERENCE,
+    check_mergeable,
+    check_pipeline,
+    check_placeholders,
+    fail,
+    pipeline_class,
+)
 from .files import folder_problem
 from .images import MAX_SIDE, load_rgb, save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
-
-
-def _pipeline_class(folder: Path) -> str | None:
-    """The pipeline class a saved pipeline folder names in its ``model_index.json`` (None if unreadable)."""
-    try:
-        return json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-# pipelines whose call takes one reference image (the others take a list)
-_ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline", "JoyImageEditPipeline")
-# pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
-_SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 # pipelines whose call casts the reference pixels to bfloat16 before its VAE (which then has to be bfloat16)
 _BF16_VAE = ("ZImageOmniPipeline",)
-# pipelines that need --height and --width (GLM-Image's prior plans the target's token grid before it reads a reference)
-_NEEDS_SIZE = ("GlmImagePipeline",)
-# pipelines that cache their references' K/V themselves (--cache: nothing to add)
-_OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
-# pipelines whose call takes a grid of in-context examples and task / content prompts (from Python only)
-_GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
-
-
-def _check_placeholders(name: str | None, prompt: str, n_refs: int) -> None:
-    """Fail when ``name`` is OmniGen (it places reference ``k`` at ``<img><|image_k|></img>`` in the prompt) and
-    ``prompt`` lacks the placeholder of a ``--ref``, or has one naming no ``--ref`` (its processor asserts on it)."""
-    if name != "OmniGenPipeline":
-        return
-    missing = [f"<img><|image_{k}|></img>" for k in range(1, n_refs + 1) if f"<img><|image_{k}|></img>" not in prompt]
-    if missing:
-        _fail(f"{name} places each reference where the prompt says: put {', '.join(missing)} in --prompt")
-    extra = sorted({int(k) for k in re.findall(r"<\|image_(\d+)\|>", prompt)} - set(range(1, n_refs + 1)))
-    if extra:
-        _fail(f"{name}: --prompt places {', '.join(f'<img><|image_{k}|></img>' for k in extra)} but {n_refs} --ref "
-              "given (one --ref per image placeholder)")
-
-
-def _check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
-                    sizes: tuple[str, ...] = (), cls: type | None = None) -> None:
-    """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache``, ``--proportional``,
-    missing ``--merge`` or size option (``sizes``: ``"height"`` / ``"width"`` given) it cannot take (``None``: not
-    known before loading, nothing to check). ``cls``: the loaded pipeline's class (else diffusers' class ``name``),
-    whose call says which sizes it takes."""
-    from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
-
-    if name is None:
-        return
-    import diffusers
-
-    cls = cls or getattr(diffusers, name, None)
-    takes = inspect.signature(cls.__call__).parameters if cls is not None else None
-    for key in sizes:
-        if takes is not None and key not in takes:
-            why = ": it sizes its output from the reference" if name in PIPELINES else ""
-            _fail(f"{name} takes no --{key}{why}")
-    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(_GRID_INPUT))
-    if name in MASK_PIPELINES or name in _GRID_INPUT:
-        what = "inpainting pipelines" if name in MASK_PIPELINES else "it takes a grid of in-context examples"
-        _fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
-    if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
-        given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
-        if given:
-            _fail(f"{name} takes no reference images here, so {' / '.join(given)} (Sparse Context) cannot apply: "
-                  f"Sparse Context runs on {', '.join(supported)}; token merging (--merge) on any pipeline whose "
-                  "model it supports")
-        if merge == 0:
-            _fail(f"{name} is not a pipeline Sparse Context runs on ({', '.join(supported)}): give --merge to run it "
-                  "with token merging alone")
-        return
-    if n_refs > 1 and name in _ONE_REFERENCE:
-        _fail(f"{name} takes one reference image")
-    if n_refs == 0 and name in _SIZED_BY_REFERENCE:
-        _fail(f"{name} needs a --ref image (it sizes its output from the reference)")
-    if name in _NEEDS_SIZE and len(sizes) < 2:
-        _fail(f"{name} needs --height and --width (its prior plans the target's token grid from them)")
-    if cache and name in _OWN_KV_CACHE:
-        _fail(f"{name} caches its reference images' K/V itself (and Sparse Context thins them): drop --cache")
-    if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
-        _fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
-              "K/V cache")
-    if proportional and not name.startswith(("Flux2", "FluxKontext", "OmniGen")):
-        _fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline, or OmniGen: {name}'s attention takes no "
-              "logit bias")
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
@@ -130,13 +51,13 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     images = []
     for path in paths:
         if path.is_dir():
-            _fail(f"reference image {path} is a folder; pass image files (--ref a.png --ref b.png)")
+            fail(f"reference image {path} is a folder; pass image files (--ref a.png --ref b.png)")
         if not path.is_file():
-            _fail(f"reference image {path} does not exist")
+            fail(f"reference image {path} does not exist")
         try:
             images.append(load_rgb(path))
         except (UnidentifiedImageError, OSError, ValueError) as exc:  # load_rgb's ValueError names the file
-            _fail(f"reference: {exc}")
+            fail(f"reference: {exc}")
     return images
 
 
@@ -151,16 +72,16 @@ def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> 
     """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
     path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
     if suffix is not None and out.suffix.lower() != suffix:
-        _fail(f"{option} must be a {suffix} path, got {out}")
+        fail(f"{option} must be a {suffix} path, got {out}")
     if suffix is not None and out.is_dir():
-        _fail(f"{option} {out} is a directory")
+        fail(f"{option} {out} is a directory")
     if suffix is None and out.exists() and not out.is_dir():
-        _fail(f"{option} {out} is a file, not a folder")
+        fail(f"{option} {out} is a file, not a folder")
     if suffix is None and out.is_dir() and not os.access(out, os.W_OK):
-        _fail(f"{option} {out}: cannot write in that folder")
+        fail(f"{option} {out}: cannot write in that folder")
     problem = folder_problem(out.absolute().parent)
     if problem is not None:
-        _fail(f"{option} {out}: {problem}")
+        fail(f"{option} {out}: {problem}")
 
 
 def check_png_out(out: Path) -> None:
@@ -176,17 +97,17 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
             "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         )
     if dtype not in _DTYPES:
-        _fail(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        fail(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
-        _fail(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, mps)")
+        fail(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, mps)")
     if kind == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {device}: this torch build sees no CUDA GPU")
+        fail(f"--device {device}: this torch build sees no CUDA GPU")
     if kind == "mps" and not torch.backends.mps.is_available():
-        _fail(f"--device {device}: MPS is not available here")
+        fail(f"--device {device}: MPS is not available here")
     if kind not in ("cpu", "cuda", "mps"):
-        _fail(f"--device {device!r} is not supported (auto, cpu, cuda, cuda:1, mps)")
+        fail(f"--device {device!r} is not supported (auto, cpu, cuda, cuda:1, mps)")
     if dtype == "auto":
         dtype = "bfloat16" if kind == "cuda" else "float32"  # any CUDA device: cuda, cuda:1, ...
     return device, getattr(torch, dtype)
@@ -232,7 +153,7 @@ def generate(
         import diffusers
         import torch
     except ImportError:
-        _fail("tokensparse generate needs diffusers: pip install 'tokensparse[diffusers]'")
+        fail("tokensparse generate needs diffusers: pip install 'tokensparse[diffusers]'")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .context import SparseContextConfig
@@ -244,43 +165,45 @@ def generate(
     try:
         cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache, proportional=proportional)
     except (TypeError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if proportional and cache:
-        _fail("--proportional cannot be combined with --cache (FLUX.2's K/V processors drop the attention mask that "
+        fail("--proportional cannot be combined with --cache (FLUX.2's K/V processors drop the attention mask that "
               "carries the bias)")
     if not 0.0 <= merge < 1.0:
-        _fail(f"--merge must be in [0, 1), got {merge:g}")
+        fail(f"--merge must be in [0, 1), got {merge:g}")
     if guidance is not None and not math.isfinite(guidance):
-        _fail(f"--guidance must be a finite number, got {guidance}")
+        fail(f"--guidance must be a finite number, got {guidance}")
     check_png_out(out)
     for name, value, low, high in (("--steps", steps, 1, None), ("--height", height, 16, MAX_SIDE),
                                    ("--width", width, 16, MAX_SIDE)):
         if value is not None and value < low:
-            _fail(f"{name} must be >= {low}, got {value}")
+            fail(f"{name} must be >= {low}, got {value}")
         if value is not None and high is not None and value > high:
-            _fail(f"{name} must be <= {high} pixels (FLUX.2 / Kontext / Qwen-Image work up to about 2048), got {value}")
+            fail(f"{name} must be <= {high} pixels (FLUX.2 / Kontext / Qwen-Image work up to about 2048), got {value}")
     refs = _load_refs(list(ref or []))
     device, torch_dtype = _device_and_dtype(device, dtype)
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/"))):
-        _fail(f"--model {model} is not a pipeline directory")
+        fail(f"--model {model} is not a pipeline directory")
     from .models.zoo import CHECKPOINTS, CONFIGS
 
     if not local and model in {**CONFIGS, **CHECKPOINTS}:
-        _fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
+        fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
     sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
     checks = (len(refs), cache, proportional, merge, sizes)
-    saved = _pipeline_class(Path(model)) if local else None  # the class a local folder names: checked before loading
-    _check_pipeline(saved, *checks)
-    _check_placeholders(saved, prompt, len(refs))
+    saved = pipeline_class(Path(model)) if local else None  # the class a local folder names: checked before loading
+    check_pipeline(saved, *checks)
+    check_placeholders(saved, prompt, len(refs))
+    if local and merge > 0:
+        check_mergeable(Path(model))
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
-        _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
+        fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
-    _check_pipeline(name, *checks, cls=type(pipe))
-    _check_placeholders(name, prompt, len(refs))
+    check_pipeline(name, *checks, cls=type(pipe))
+    check_placeholders(name, prompt, len(refs))
     if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
     in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone
@@ -291,7 +214,7 @@ def generate(
         if not merge_cfg.is_identity:
             apply_token_merging(pipe, merge_cfg)
     except (TypeError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     pipe.to(device)
     if name in _BF16_VAE and refs and pipe.vae.dtype != torch.bfloat16:
         torch.nn.Module.to(pipe.vae, torch.bfloat16)  # else: "Input type (BFloat16) and bias type (float) ..."
@@ -302,13 +225,13 @@ def generate(
     if refs:
         # JoyImageEditPlusPipeline: images; OmniGenPipeline: input_images
         key = next((k for k in ("image", "input_images") if k in params), "images")
-        kwargs[key] = refs[0] if name in _ONE_REFERENCE else refs
+        kwargs[key] = refs[0] if name in ONE_REFERENCE else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
         key = "true_cfg_scale" if name.startswith("QwenImage") else "guidance_scale"  # Qwen: true CFG only
         if key not in params:
-            _fail(f"{name} takes no guidance scale")
+            fail(f"{name} takes no guidance scale")
         kwargs[key] = guidance
         if key == "true_cfg_scale":
             kwargs["negative_prompt"] = " "
@@ -340,11 +263,11 @@ def generate(
             with torch.inference_mode():
                 image = pipe(**kwargs).images[0]
         except ValueError as exc:  # the pipeline's own input checks (image too small, bad size, ...)
-            _fail(f"{name} rejected the inputs: {exc}")
+            fail(f"{name} rejected the inputs: {exc}")
     try:
         save_png(image, out)
     except OSError as exc:  # save_png's message names the file
-        _fail(str(exc))
+        fail(str(exc))
     kept = ((f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
              + (", K/V cache" if cache else "")) if in_context else "no Sparse Context")
     kept += f", merge={merge:g}" if merge else ""
@@ -373,7 +296,7 @@ def train_lora(
     try:
         import diffusers
     except ImportError:
-        _fail(
+        fail(
             "tokensparse train-lora needs diffusers, peft and accelerate: pip install 'tokensparse[diffusers,train]'"
         )
     from .integrations.diffusers_lora import (
@@ -395,17 +318,17 @@ def train_lora(
         examples = load_examples(data)
         resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     local = Path(model).is_dir()
     from .integrations.diffusers_lora import SUPPORTED
 
-    name = _pipeline_class(Path(model)) if local else None
+    name = pipeline_class(Path(model)) if local else None
     if name is not None and name not in SUPPORTED:  # before loading it
-        _fail(f"LoRA training supports {SUPPORTED}, got {name}")
+        fail(f"LoRA training supports {SUPPORTED}, got {name}")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, local_files_only=local)
     except Exception as exc:  # noqa: BLE001
-        _fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
+        fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     every = max(1, steps // 20)
 
     def log(step: int, keep: float, loss: float) -> None:
@@ -415,11 +338,11 @@ def train_lora(
     try:
         check_lora_run(pipe, out)  # what can be refused before training
     except (TypeError, ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if resume is not None:
         typer.echo(f"resuming from {resume[0]} at step {resume[1]['step']} of {steps}")
     try:
         train_lora_sparse(pipe, examples, cfg, out, log=log)
     except (LoraWriteError, LoraCheckpointError) as exc:  # writing the result failed, or a damaged checkpoint
-        _fail(str(exc))  # (other errors keep their traceback)
+        fail(str(exc))  # (other errors keep their traceback)
     typer.echo(f"wrote LoRA to {out} (load with pipe.load_lora_weights({str(out)!r}))")

@@ -281,3 +281,40 @@ def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(ap
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
                                       "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and "give --merge" in result.output and "cannot load" not in result.output
+
+
+def test_merge_on_a_model_token_merging_does_not_know_fails_before_loading(app, tmp_path, monkeypatch):
+    import json
+
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny_glm_image import tiny_glm_image
+
+    folder = tmp_path / "glm"  # what the check reads: model_index.json and the transformer's config
+    transformer = tiny_glm_image().transformer
+    transformer.save_config(folder / "transformer")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline",
+                                                         "transformer": ["diffusers", type(transformer).__name__]}))
+    loads = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", str(_ref(tmp_path)), "--height", "32",
+            "--width", "32", "--out", str(tmp_path / "o.png")]
+    res = CliRunner().invoke(app, args + ["--merge", "0.5"])
+    assert res.exit_code == 1 and not loads, res.output
+    assert "--merge: GlmImagePipeline's transformer" in res.stderr and type(transformer).__name__ in res.stderr
+    res = CliRunner().invoke(app, args)  # without --merge nothing is checked before loading: it loads
+    assert res.exit_code == 1 and loads and "cannot load" in res.stderr
+
+
+def test_merge_on_a_model_token_merging_knows_passes_the_check_before_loading(app, model_dir, tmp_path, monkeypatch):
+    from tokensparse.integrations import merging_hooks
+
+    built = []
+
+    monkeypatch.setattr(merging_hooks, "merging_supports", lambda model: built.append(model) or None)
+    ref = str(_ref(tmp_path))
+    res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "a cat", "--ref", ref,
+                                   "--merge", "0.5", "--steps", "1", "--out", str(tmp_path / "o.png")])
+    assert res.exit_code == 0, res.output
+    assert [type(m).__name__ for m in built] == ["Flux2Transformer2DModel"]
+    assert next(built[0].parameters()).device.type == "meta"  # built from its config, no weights read

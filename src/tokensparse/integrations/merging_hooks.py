@@ -37,7 +37,7 @@ from .calls import as_keywords, first_arg
 from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
 from .merging_diffusers import find_blocks, wire
 
-__all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "remove_token_merging"]
+__all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "merging_supports", "remove_token_merging"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,16 @@ def remove_token_merging(target: Any) -> Any:
     if pipe is not None:  # e.g. an unpickled pipeline: its state no longer lists the pipeline among its owners
         remove_generation_callback(pipe, _CALLBACK)
     return target
+
+
+def merging_supports(model: nn.Module) -> str | None:
+    """``None`` where :func:`apply_token_merging` takes ``model``, else why not (the ``TypeError`` it would raise):
+    a pre-flight check, e.g. on a model built on the meta device from its config."""
+    try:
+        _supported_blocks(model, model, "apply_token_merging")
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:

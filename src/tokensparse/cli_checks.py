@@ -1,0 +1,129 @@
+"""Checks ``tokensparse generate`` / ``train-lora`` make before loading a pipeline (what a local folder's
+``model_index.json`` and configs tell) and again on the loaded pipeline: a wrong option fails in seconds, with a
+message naming it, instead of after minutes of loading weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import typer
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` to stderr and exit with status 1 (every command's way to refuse)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a saved pipeline folder names in its ``model_index.json`` (None if unreadable)."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# pipelines whose call takes one reference image (the others take a list)
+ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline", "JoyImageEditPipeline")
+# pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
+SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
+# pipelines that need --height and --width (GLM-Image's prior plans the target's token grid before it reads a reference)
+NEEDS_SIZE = ("GlmImagePipeline",)
+# pipelines that cache their references' K/V themselves (--cache: nothing to add)
+OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
+# pipelines whose call takes a grid of in-context examples and task / content prompts (from Python only)
+GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
+
+
+def check_placeholders(name: str | None, prompt: str, n_refs: int) -> None:
+    """Fail when ``name`` is OmniGen (it places reference ``k`` at ``<img><|image_k|></img>`` in the prompt) and
+    ``prompt`` lacks the placeholder of a ``--ref``, or has one naming no ``--ref`` (its processor asserts on it)."""
+    if name != "OmniGenPipeline":
+        return
+    missing = [f"<img><|image_{k}|></img>" for k in range(1, n_refs + 1) if f"<img><|image_{k}|></img>" not in prompt]
+    if missing:
+        fail(f"{name} places each reference where the prompt says: put {', '.join(missing)} in --prompt")
+    extra = sorted({int(k) for k in re.findall(r"<\|image_(\d+)\|>", prompt)} - set(range(1, n_refs + 1)))
+    if extra:
+        fail(f"{name}: --prompt places {', '.join(f'<img><|image_{k}|></img>' for k in extra)} but {n_refs} --ref "
+              "given (one --ref per image placeholder)")
+
+
+def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
+                    sizes: tuple[str, ...] = (), cls: type | None = None) -> None:
+    """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache``, ``--proportional``,
+    missing ``--merge`` or size option (``sizes``: ``"height"`` / ``"width"`` given) it cannot take (``None``: not
+    known before loading, nothing to check). ``cls``: the loaded pipeline's class (else diffusers' class ``name``),
+    whose call says which sizes it takes."""
+    from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
+
+    if name is None:
+        return
+    import diffusers
+
+    cls = cls or getattr(diffusers, name, None)
+    takes = inspect.signature(cls.__call__).parameters if cls is not None else None
+    for key in sizes:
+        if takes is not None and key not in takes:
+            why = ": it sizes its output from the reference" if name in PIPELINES else ""
+            fail(f"{name} takes no --{key}{why}")
+    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(GRID_INPUT))
+    if name in MASK_PIPELINES or name in GRID_INPUT:
+        what = "inpainting pipelines" if name in MASK_PIPELINES else "it takes a grid of in-context examples"
+        fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
+    if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
+        given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
+        if given:
+            fail(f"{name} takes no reference images here, so {' / '.join(given)} (Sparse Context) cannot apply: "
+                  f"Sparse Context runs on {', '.join(supported)}; token merging (--merge) on any pipeline whose "
+                  "model it supports")
+        if merge == 0:
+            fail(f"{name} is not a pipeline Sparse Context runs on ({', '.join(supported)}): give --merge to run it "
+                  "with token merging alone")
+        return
+    if n_refs > 1 and name in ONE_REFERENCE:
+        fail(f"{name} takes one reference image")
+    if n_refs == 0 and name in SIZED_BY_REFERENCE:
+        fail(f"{name} needs a --ref image (it sizes its output from the reference)")
+    if name in NEEDS_SIZE and len(sizes) < 2:
+        fail(f"{name} needs --height and --width (its prior plans the target's token grid from them)")
+    if cache and name in OWN_KV_CACHE:
+        fail(f"{name} caches its reference images' K/V itself (and Sparse Context thins them): drop --cache")
+    if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
+        fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
+              "K/V cache")
+    if proportional and not name.startswith(("Flux2", "FluxKontext", "OmniGen")):
+        fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline, or OmniGen: {name}'s attention takes no "
+              "logit bias")
+
+
+def check_mergeable(folder: Path) -> None:
+    """Fail when token merging knows no block of the transformer (or UNet) a local pipeline folder names, built
+    from its config on the meta device (no weights read). Silent where that cannot be told before loading (no
+    readable ``model_index.json`` or config, a class diffusers lacks): the loaded model is checked again."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        part, (library, cls_name) = next((p, index[p]) for p in ("transformer", "unet")
+                                         if isinstance(index.get(p), list) and len(index[p]) == 2)
+    except (OSError, ValueError, AttributeError, StopIteration, TypeError):
+        return
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from .integrations.merging_hooks import merging_supports
+
+    cls = getattr(diffusers, cls_name, None) if library == "diffusers" else None
+    if cls is None:
+        return
+    try:
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(folder / part))
+    except Exception:  # noqa: BLE001 - a config this diffusers cannot build: loading will say why
+        return
+    problem = merging_supports(model)
+    if problem is not None:
+        fail(f"--merge: {index.get('_class_name')}'s {part}: {problem}")
