@@ -8,8 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_checks import fail
-from .cli_diffusers import check_out, check_png_out
+from .cli_checks import check_out, check_png_out, fail
 
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
                   add_completion=False)

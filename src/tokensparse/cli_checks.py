@@ -1,22 +1,46 @@
-"""Checks ``tokensparse generate`` / ``train-lora`` make before loading a pipeline (what a local folder's
-``model_index.json`` and configs tell) and again on the loaded pipeline: a wrong option fails in seconds, with a
-message naming it, instead of after minutes of loading weights.
+"""Checks the CLI makes before it does any work: output paths (:func:`check_out`), and for ``tokensparse generate``
+/ ``train-lora`` what a local pipeline folder's ``model_index.json`` and configs tell (checked again on the loaded
+pipeline): a wrong option fails in seconds, with a message naming it, instead of after minutes of loading weights.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 from pathlib import Path
 
 import typer
+
+from .files import folder_problem
 
 
 def fail(message: str) -> None:
     """Print ``error: message`` to stderr and exit with status 1 (every command's way to refuse)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
+    """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
+    path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
+    if suffix is not None and out.suffix.lower() != suffix:
+        fail(f"{option} must be a {suffix} path, got {out}")
+    if suffix is not None and out.is_dir():
+        fail(f"{option} {out} is a directory")
+    if suffix is None and out.exists() and not out.is_dir():
+        fail(f"{option} {out} is a file, not a folder")
+    if suffix is None and out.is_dir() and not os.access(out, os.W_OK):
+        fail(f"{option} {out}: cannot write in that folder")
+    problem = folder_problem(out.absolute().parent)
+    if problem is not None:
+        fail(f"{option} {out}: {problem}")
+
+
+def check_png_out(out: Path) -> None:
+    """:func:`check_out` for a ``--out`` PNG."""
+    check_out(out, ".png")
 
 
 def pipeline_class(folder: Path) -> str | None:
@@ -116,7 +140,7 @@ def check_mergeable(folder: Path) -> None:
 
     from .integrations.merging_hooks import merging_supports
 
-    cls = getattr(diffusers, cls_name, None) if library == "diffusers" else None
+    cls = getattr(diffusers, cls_name, None) if library == "diffusers" and isinstance(cls_name, str) else None
     if cls is None:
         return
     try:

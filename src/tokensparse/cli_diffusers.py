@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,12 +29,13 @@ import typer
 from .cli_checks import (
     ONE_REFERENCE,
     check_mergeable,
+    check_out,
     check_pipeline,
     check_placeholders,
+    check_png_out,
     fail,
     pipeline_class,
 )
-from .files import folder_problem
 from .images import MAX_SIDE, load_rgb, save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -66,27 +66,6 @@ def _merge_depth(pipe: Any) -> int:
     level has none: 2), else 1 (DiTs have one token grid)."""
     types = getattr(getattr(getattr(pipe, "unet", None), "config", None), "down_block_types", None) or ()
     return next((2 ** level for level, kind in enumerate(types) if "Attn" in kind), 1)
-
-
-def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
-    """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
-    path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
-    if suffix is not None and out.suffix.lower() != suffix:
-        fail(f"{option} must be a {suffix} path, got {out}")
-    if suffix is not None and out.is_dir():
-        fail(f"{option} {out} is a directory")
-    if suffix is None and out.exists() and not out.is_dir():
-        fail(f"{option} {out} is a file, not a folder")
-    if suffix is None and out.is_dir() and not os.access(out, os.W_OK):
-        fail(f"{option} {out}: cannot write in that folder")
-    problem = folder_problem(out.absolute().parent)
-    if problem is not None:
-        fail(f"{option} {out}: {problem}")
-
-
-def check_png_out(out: Path) -> None:
-    """:func:`check_out` for a ``--out`` PNG."""
-    check_out(out, ".png")
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
