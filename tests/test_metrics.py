@@ -122,3 +122,17 @@ def test_summarize_names_bad_tasks_and_values():
         summarize({"psnr": torch.zeros(0)}, [])
     with pytest.raises(TypeError, match="'psnr' must be a tensor"):  # was an AttributeError
         summarize({"psnr": [1.0, 2.0]}, ["recolor", "recolor"])
+
+
+def test_fid_refuses_nan_images():
+    from tokensparse.features import FeatureNet
+    from tokensparse.metrics import fid
+
+    net = FeatureNet().eval()
+    x = torch.rand(4, 3, 32, 32)
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="generated images must not hold NaN"):  # was a crash in MKL (segfault)
+        fid(bad, x, net)
+    with pytest.raises(ValueError, match="real images must not hold NaN"):
+        fid(x, bad, net)

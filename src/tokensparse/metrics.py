@@ -94,6 +94,8 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
         _float_images(name, x)
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 2:
             raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
+        if bool(torch.isnan(x).any()):  # NaN features crash scipy's matrix square root (MKL), not raise
+            raise ValueError(f"{name} images must not hold NaN")
     if min(generated.shape[-2:]) < 8 or min(real.shape[-2:]) < 8:
         raise ValueError(f"fid's feature network needs images of at least 8x8, got {tuple(generated.shape[-2:])} and "
                          f"{tuple(real.shape[-2:])}")
