@@ -136,3 +136,11 @@ def test_fid_refuses_nan_images():
         fid(bad, x, net)
     with pytest.raises(ValueError, match="real images must not hold NaN"):
         fid(x, bad, net)
+
+
+def test_images_without_pixels_are_refused():
+    for shape in ((2, 3, 0, 0), (2, 3, 8, 0), (2, 0, 8, 8)):
+        x = torch.rand(shape)
+        for metric in (psnr, ssim, coarse_psnr):  # psnr was nan, ssim a torchmetrics kernel_size error
+            with pytest.raises(ValueError, match="at least one pixel"):
+                metric(x, x)

@@ -35,6 +35,8 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
             f"pred and target must both be (N, C, H, W) of one shape, got {tuple(pred.shape)} "
             f"and {tuple(target.shape)}"
         )
+    if 0 in pred.shape[1:]:  # a per-image score of no pixels: psnr was nan, ssim failed inside torchmetrics
+        raise ValueError(f"pred and target images need at least one pixel and channel, got {tuple(pred.shape)}")
     target = target.detach().float()
     if target.numel() and not -1e-3 <= float(target.min()) <= float(target.max()) <= 1 + 1e-3:
         raise ValueError(f"target images must be in [0, 1], got [{float(target.min()):.3g}, "
