@@ -147,3 +147,14 @@ def test_batch_images_checks_batch():
             batch_images([torch.rand(3, 4, 4)], batch=bad)
     with pytest.raises(TypeError, match="batch must be an int"):  # failed inside expand()
         batch_images([torch.rand(3, 4, 4)], batch=2.5)
+
+
+def test_to_pil_takes_any_float_dtype_and_refuses_integer_tensors(tmp_path):
+    x = torch.rand(3, 4, 5)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # bfloat16 failed in numpy ("unsupported ScalarType")
+        assert np.abs(np.asarray(to_pil(x.to(dtype)), dtype=float) - np.asarray(to_pil(x), dtype=float)).max() <= 2
+    with pytest.raises(TypeError, match="float tensor"):  # uint8 128 was clamped to 1: a white image
+        to_pil(torch.full((3, 4, 5), 128, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="float tensor"):
+        save_png(torch.ones(3, 4, 5, dtype=torch.bool), tmp_path / "x.png")
+    assert not list(tmp_path.iterdir())

@@ -169,11 +169,17 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    """``(3, H, W)`` in [0, 1] -> PIL RGB (``TypeError`` for a non-tensor, ``ValueError`` for another shape)."""
+    """``(3, H, W)`` float in [0, 1] -> PIL RGB (``TypeError`` for a non-tensor or an integer one, ``ValueError`` for
+    another shape)."""
     if not isinstance(image, Tensor):
         raise TypeError(f"to_pil expects a (3, H, W) tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"to_pil expects a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+    if not image.is_floating_point():  # clamped to [0, 1], 8-bit values would all turn white
+        raise TypeError(f"to_pil expects a float tensor in [0, 1], got {image.dtype} (to_tensor converts 8- and "
+                        "16-bit images)")
+    if image.dtype == torch.bfloat16:  # numpy has no bfloat16
+        image = image.float()
     arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
     return Image.fromarray(arr)
 
