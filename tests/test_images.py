@@ -158,3 +158,11 @@ def test_to_pil_takes_any_float_dtype_and_refuses_integer_tensors(tmp_path):
     with pytest.raises(TypeError, match="float tensor"):
         save_png(torch.ones(3, 4, 5, dtype=torch.bool), tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_load_rgb_names_a_path_that_is_not_one():
+    from tokensparse.images import load_rgb
+
+    for bad in (3, None, ["a.png"]):
+        with pytest.raises(TypeError, match="load_rgb takes an image file path"):  # was PIL's AttributeError ('read')
+            load_rgb(bad)

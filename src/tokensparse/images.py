@@ -157,6 +157,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
     ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for one that is not a readable image
     (corrupt, truncated, another format, or a decompression bomb: over twice ``PIL.Image.MAX_IMAGE_PIXELS``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_rgb takes an image file path (str or os.PathLike), got {type(path).__name__}")
     try:
         with Image.open(path) as im:
             im.load()
