@@ -144,3 +144,8 @@ def test_images_without_pixels_are_refused():
         for metric in (psnr, ssim, coarse_psnr):  # psnr was nan, ssim a torchmetrics kernel_size error
             with pytest.raises(ValueError, match="at least one pixel"):
                 metric(x, x)
+
+
+def test_summarize_names_per_sample_that_is_not_a_mapping():
+    with pytest.raises(TypeError, match="per_sample must be a dict"):  # was an AttributeError ('list' has no 'items')
+        summarize([torch.zeros(2)], ["recolor", "recolor"])

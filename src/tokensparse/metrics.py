@@ -8,7 +8,7 @@ image, shape (N,), so callers can average, bootstrap or group as they like.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,9 @@ def summarize(per_sample: dict[str, torch.Tensor], tasks: Sequence[str]) -> dict
     """
     from .data import FAMILIES, TASKS  # local: metrics stays importable without building any data
 
+    if not isinstance(per_sample, Mapping):
+        raise TypeError(f"per_sample must be a dict of metric name -> per-sample values, got "
+                        f"{type(per_sample).__name__}")
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of task names, one per sample, got the string {tasks!r}")
     tasks = list(tasks)
