@@ -166,3 +166,12 @@ def test_load_rgb_names_a_path_that_is_not_one():
     for bad in (3, None, ["a.png"]):
         with pytest.raises(TypeError, match="load_rgb takes an image file path"):  # was PIL's AttributeError ('read')
             load_rgb(bad)
+
+
+def test_a_tensor_that_requires_grad_converts_without_a_warning():
+    import warnings
+
+    image = torch.rand(3, 4, 4, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor that requires grad becomes a Python float
+        assert torch.equal(to_tensor(image), image.detach())

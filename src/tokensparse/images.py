@@ -90,7 +90,7 @@ def to_tensor(image: ImageLike) -> Tensor:
     else:
         raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
     if t.numel():
-        lo, hi = float(t.min()), float(t.max())
+        lo, hi = float(t.detach().min()), float(t.detach().max())  # a tensor that requires grad: no warning
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError("image values must be finite (got NaN or inf)")
         if lo < -_TOL or hi > 1.0 + _TOL:
