@@ -208,6 +208,17 @@ def test_show_selection_attention_without_a_model_names_the_option(tmp_path):
     assert not (tmp_path / "s.png").exists()
 
 
+def test_show_selection_refuses_an_out_that_is_one_of_its_refs(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "r.png")
+    before = (tmp_path / "r.png").read_bytes()
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--out",
+                                   str(tmp_path / "r.png")])
+    assert res.exit_code == 1 and "--ref" in res.output and "overwrite" in res.output
+    assert (tmp_path / "r.png").read_bytes() == before
+
+
 def test_train_half_without_export_is_refused_not_ignored(tmp_path):
     (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--half"])

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_checks import check_out, check_png_out, fail
+from .cli_checks import check_out, check_out_not_ref, check_png_out, fail
 
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
                   add_completion=False)
@@ -81,6 +81,7 @@ def show_selection(
     from .show_selection import save_selection_map
 
     check_png_out(out)
+    check_out_not_ref(out, list(ref))
     if model is None and needs_probe(selector):  # the Python API's message names its model= argument
         fail(f"--selector {selector} probes a model's attention: give --model refdit-sparse (or a checkpoint path)")
     try:

@@ -51,6 +51,12 @@ def pipeline_class(folder: Path) -> str | None:
         return None
 
 
+def check_out_not_ref(out: Path, refs: list[Path]) -> None:
+    """Fail when ``out`` is the same file as one of the ``--ref`` images (writing it would destroy that input)."""
+    if any(out.resolve() == ref.resolve() for ref in refs):
+        fail(f"--out {out} is also a --ref image: writing it would overwrite that reference; write elsewhere")
+
+
 # pipelines whose call takes one reference image (the others take a list)
 ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline", "JoyImageEditPipeline")
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)

@@ -30,6 +30,7 @@ from .cli_checks import (
     ONE_REFERENCE,
     check_mergeable,
     check_out,
+    check_out_not_ref,
     check_pipeline,
     check_placeholders,
     check_png_out,
@@ -153,6 +154,7 @@ def generate(
     if guidance is not None and not math.isfinite(guidance):
         fail(f"--guidance must be a finite number, got {guidance}")
     check_png_out(out)
+    check_out_not_ref(out, list(ref or []))
     for name, value, low, high in (("--steps", steps, 1, None), ("--height", height, 16, MAX_SIDE),
                                    ("--width", width, 16, MAX_SIDE)):
         if value is not None and value < low:

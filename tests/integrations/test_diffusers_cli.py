@@ -113,6 +113,15 @@ def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_generate_refuses_an_out_that_is_one_of_its_refs(app, model_dir, tmp_path):
+    ref = _ref(tmp_path)
+    before = ref.read_bytes()
+    result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "a cat", "--ref", str(ref),
+                                      "--out", str(tmp_path / "." / ref.name)])
+    assert result.exit_code == 1 and "--ref" in result.output and "overwrite" in result.output
+    assert ref.read_bytes() == before  # the reference image is left as it was
+
+
 def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeypatch):
     """FLUX.1 Kontext's --guidance sets guidance_scale (its __call__ also takes true_cfg_scale: not that)."""
     import functools
