@@ -219,6 +219,19 @@ def test_show_selection_refuses_an_out_that_is_one_of_its_refs(tmp_path):
     assert (tmp_path / "r.png").read_bytes() == before
 
 
+def test_show_selection_model_that_is_an_existing_folder_or_file_is_not_called_unshipped(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "w.json").write_text("{}")
+    for model, kind in (("run", "folder"), ("w.json", "file")):
+        res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector",
+                                       "attention", "--model", str(tmp_path / model), "--out", str(tmp_path / "s.png")])
+        assert res.exit_code == 1 and "no shipped checkpoint" not in res.output  # it exists: say what it is
+        assert f"is a {kind}, not a .safetensors checkpoint" in res.output
+
+
 def test_train_half_without_export_is_refused_not_ignored(tmp_path):
     (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--half"])

@@ -163,6 +163,11 @@ def load_model(name: str | Path) -> RefDiT:
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, one of {sorted(CHECKPOINTS)}, or a .safetensors path; "
                         f"got {type(name).__name__}")
+    if name not in CHECKPOINTS and Path(name).exists():  # a run folder, a JSON: say what it is, not "unshipped"
+        kind = "folder" if Path(name).is_dir() else "file"
+        raise ValueError(f"{name} is a {kind}, not a .safetensors checkpoint; give the path of a checkpoint's "
+                         ".safetensors file (a run folder's: tokensparse train --export) or one of "
+                         f"{sorted(CHECKPOINTS)}")
     if name not in CHECKPOINTS:
         raise ValueError(f"no shipped checkpoint named {name!r}; shipped: {sorted(CHECKPOINTS)} "
                          "(your own: the path of its .safetensors file)")
