@@ -250,7 +250,7 @@ def generate(
     except OSError as exc:  # save_png's message names the file
         fail(str(exc))
     kept = ((f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
-             + (", K/V cache" if cache else "")) if in_context else "no Sparse Context")
+             + (", K/V cache" if cache else "")) if in_context and refs else "no Sparse Context")
     kept += f", merge={merge:g}" if merge else ""
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 

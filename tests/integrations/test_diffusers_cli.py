@@ -122,6 +122,14 @@ def test_generate_refuses_an_out_that_is_one_of_its_refs(app, model_dir, tmp_pat
     assert ref.read_bytes() == before  # the reference image is left as it was
 
 
+def test_generate_without_refs_does_not_report_a_keep_it_did_not_apply(app, model_dir, tmp_path):
+    result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "a cat", "--steps", "1",
+                                      "--height", "32", "--width", "32", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "wrote" in x)
+    assert "0 reference(s)" in line and "no Sparse Context" in line and "keep=" not in line
+
+
 def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeypatch):
     """FLUX.1 Kontext's --guidance sets guidance_scale (its __call__ also takes true_cfg_scale: not that)."""
     import functools
