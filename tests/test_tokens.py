@@ -62,9 +62,13 @@ def test_kept_grids_recover_the_keep_mask_per_reference():
     assert all(m.all() for m in seq.kept_grids(1))
 
 
-def test_stand_in_sizes_match_a_brute_force_assignment():
+@pytest.mark.parametrize("block", [None, 1, 50])  # distances computed whole, one row at a time, in row blocks
+def test_stand_in_sizes_match_a_brute_force_assignment(block, monkeypatch):
+    import tokensparse.tokens as tokens
     from tokensparse.tokens import stand_in_sizes
 
+    if block is not None:
+        monkeypatch.setattr(tokens, "CDIST_ELEMENTS", block)
     g = torch.Generator().manual_seed(0)
     for b, n, c in ((3, 20, 5), (1, 7, 1), (2, 64, 12)):
         feats = torch.randint(0, 4, (b, n, c), generator=g).float()  # many ties, many duplicates

@@ -146,6 +146,10 @@ def subset(seq: TokenSeq, keep: Tensor) -> TokenSeq:
     return TokenSeq(gather(seq.tokens, index), gather(seq.ids, index), valid, seq.grids, sizes)
 
 
+CDIST_ELEMENTS = 1 << 24
+"""Most distances :func:`stand_in_sizes` holds at once (64 MB of float32): it computes them in blocks of rows."""
+
+
 def stand_in_sizes(features: Tensor, keep: Tensor) -> Tensor:
     """How many tokens each kept token stands for once the others are dropped: ``(B, N)`` float.
 
@@ -160,9 +164,13 @@ def stand_in_sizes(features: Tensor, keep: Tensor) -> Tensor:
         raise ValueError(f"features must be (B, N, C) and keep a (B, N) bool mask, got {tuple(features.shape)} "
                          f"and {keep.dtype} {tuple(keep.shape)}")
     f = features.float()
-    dist = torch.cdist(f, f).masked_fill(~keep[:, None, :], float("inf"))  # (B, N, N): to kept tokens only
-    owner = dist.argmin(-1)
-    owner = torch.where(keep, torch.arange(keep.shape[1], device=keep.device), owner)  # a kept token is its own
+    b, n = keep.shape
+    owner = torch.empty(b, n, dtype=torch.long, device=keep.device)
+    rows = max(1, CDIST_ELEMENTS // max(1, b * n))  # distances in row blocks: a 2048^2 FLUX.2 reference has 16k tokens
+    for start in range(0, n, rows):
+        dist = torch.cdist(f[:, start:start + rows], f).masked_fill_(~keep[:, None, :], float("inf"))  # to kept only
+        owner[:, start:start + rows] = dist.argmin(-1)
+    owner = torch.where(keep, torch.arange(n, device=keep.device), owner)  # a kept token is its own
     sizes = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
     sizes.scatter_add_(1, owner, torch.ones_like(sizes))
     return sizes * keep.any(1, keepdim=True)
