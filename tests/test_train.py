@@ -335,7 +335,8 @@ def test_bad_rates_are_value_errors(kw):
     (dict(model="nope"), ValueError), (dict(tasks=["bogus"]), ValueError), (dict(tasks="recolor"), TypeError),
     (dict(family_weights={"bogus": 1}), ValueError), (dict(family_weights=[1, 2]), TypeError),
     (dict(route=0.5), ValueError), (dict(seed=-1), ValueError), (dict(mixed_precision="fp64"), ValueError),
-    (dict(out=None), TypeError), (dict(drop="x"), TypeError), (dict(model=3), TypeError),
+    (dict(out=None), TypeError), (dict(out=""), ValueError), (dict(out="  "), ValueError), (dict(drop="x"), TypeError),
+    (dict(model=3), TypeError),
     (dict(lora_rank=2), ValueError),  # LoRA without init: nothing to adapt
 ])
 def test_train_config_rejects_what_training_would_fail_on(field, err):

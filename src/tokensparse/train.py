@@ -140,6 +140,8 @@ class TrainConfig:
         if not isinstance(self.out, (str, Path)):
             raise TypeError(f"out must be a folder path, got {type(self.out).__name__}")
         self.out = str(self.out)
+        if not self.out.strip():  # "" resolves to the current directory: its files would become a run folder
+            raise ValueError("out must name a run folder, got an empty path (give '.' to train into this folder)")
         checks.choice("model", self.model, list(CONFIGS) + list(CHECKPOINTS))  # an architecture or shipped name
         if self.init is not None:
             if not isinstance(self.init, (str, Path)):
