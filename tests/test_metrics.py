@@ -136,6 +136,9 @@ def test_fid_refuses_nan_images():
         fid(bad, x, net)
     with pytest.raises(ValueError, match="real images must not hold NaN"):
         fid(x, bad, net)
+    with pytest.raises(ValueError, match=r"real images must be in \[0, 1\], got \[.*, 5\]"):  # was clamped, silently
+        fid(x, x * 5, net)
+    assert math.isfinite(fid(x * 5, x, net))  # generated images are scored as displayed (clamped), like psnr's pred
 
 
 def test_images_without_pixels_are_refused():

@@ -43,6 +43,13 @@ def check_png_out(out: Path) -> None:
     check_out(out, ".png")
 
 
+def check_model(model: str) -> None:
+    """Fail on an empty ``--model`` (``Path("")`` is the current directory, and Hugging Face's repo-id error
+    would follow)."""
+    if not model.strip():
+        fail("--model must name a local pipeline folder or a Hub id, got an empty string")
+
+
 def pipeline_class(folder: Path) -> str | None:
     """The pipeline class a saved pipeline folder names in its ``model_index.json`` (None if unreadable)."""
     try:

@@ -29,6 +29,7 @@ import typer
 from .cli_checks import (
     ONE_REFERENCE,
     check_mergeable,
+    check_model,
     check_out,
     check_out_not_ref,
     check_pipeline,
@@ -163,6 +164,7 @@ def generate(
             fail(f"{name} must be <= {high} pixels (FLUX.2 / Kontext / Qwen-Image work up to about 2048), got {value}")
     refs = _load_refs(list(ref or []))
     device, torch_dtype = _device_and_dtype(device, dtype)
+    check_model(model)
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/"))):
         fail(f"--model {model} is not a pipeline directory")
@@ -300,6 +302,7 @@ def train_lora(
         resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    check_model(model)
     local = Path(model).is_dir()
     from .integrations.diffusers_lora import SUPPORTED
 

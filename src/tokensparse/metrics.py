@@ -98,6 +98,8 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
             raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
         if bool(torch.isnan(x).any()):  # NaN features crash scipy's matrix square root (MKL), not raise
             raise ValueError(f"{name} images must not hold NaN")
+    if real.numel() and not -1e-3 <= float(real.min()) <= float(real.max()) <= 1 + 1e-3:  # as psnr's target
+        raise ValueError(f"real images must be in [0, 1], got [{float(real.min()):.3g}, {float(real.max()):.3g}]")
     if min(generated.shape[-2:]) < 8 or min(real.shape[-2:]) < 8:
         raise ValueError(f"fid's feature network needs images of at least 8x8, got {tuple(generated.shape[-2:])} and "
                          f"{tuple(real.shape[-2:])}")

@@ -84,6 +84,7 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
         ({"--selector": "nope"}, "unknown selector"),
         ({"--model": "./no/such/dir"}, "not a pipeline directory"),
         ({"--model": "refdit-sparse"}, "is a RefDiT"),
+        ({"--model": ""}, "--model must name a local pipeline folder or a Hub id"),  # was HF's repo-id error
         ({"--steps": "0"}, "--steps must be >= 1"),
         ({"--width": "-32"}, "--width must be >= 1"),
         ({"--height": "100000"}, "--height must be <= 8192"),
