@@ -3,7 +3,9 @@ per-pipeline tests."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,3 +80,11 @@ def generate_app() -> Any:
     app.command()(generate)
     app.command("noop")(lambda: None)
     return app
+
+
+def pipeline_folder(folder: Path, cls: str, **components: Any) -> Path:
+    """``folder`` made (if missing) with a ``model_index.json`` naming pipeline ``cls`` (and ``components``, e.g.
+    ``transformer=["diffusers", "FluxTransformer2DModel"]``) and nothing else: what the CLI reads before loading."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": cls, **components}))
+    return folder

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from tokensparse.integrations.diffusers_tiny import tiny_flux2_klein
 
-from .contract import generate_app
+from .contract import generate_app, pipeline_folder
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +181,7 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
 ])
 def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, cls, extra, message):
     # only model_index.json: a check after loading would fail to load instead
-    folder = tmp_path / "kontext"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
+    folder = pipeline_folder(tmp_path / "kontext", cls)
     ref = str(_ref(tmp_path))
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", ref, "--out", str(tmp_path / "o.png")]
     result = CliRunner().invoke(app, args + [x.replace("{ref}", ref) for x in extra])
@@ -192,9 +190,7 @@ def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path,
 
 @pytest.mark.parametrize("cls", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline"])
 def test_a_pipeline_sized_by_its_reference_needs_one_before_loading(app, tmp_path, cls):
-    folder = tmp_path / "edit"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
+    folder = pipeline_folder(tmp_path / "edit", cls)
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
                                       "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and f"{cls} needs a --ref image" in result.output
@@ -205,9 +201,7 @@ def test_longcat_takes_no_height_or_width(app, tmp_path, monkeypatch):
 
     from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
 
-    folder = tmp_path / "longcat"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "LongCatImageEditPipeline"}')
+    folder = pipeline_folder(tmp_path / "longcat", "LongCatImageEditPipeline")
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_longcat_image_edit())
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat", "--ref",
                                       str(_ref(tmp_path)), "--height", "32", "--out", str(tmp_path / "o.png")])
@@ -261,9 +255,7 @@ def test_fibo2_takes_several_references(app, tmp_path, monkeypatch):
 
     from tokensparse.integrations.diffusers_tiny_fibo2 import tiny_bria_fibo2
 
-    folder = tmp_path / "fibo2"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "BriaFibo2Pipeline"}')
+    folder = pipeline_folder(tmp_path / "fibo2", "BriaFibo2Pipeline")
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_bria_fibo2())
     refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
     out = tmp_path / "fibo2.png"
@@ -279,9 +271,7 @@ def test_qwen_image21_takes_several_references_and_true_cfg(app, tmp_path, monke
 
     from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
 
-    folder = tmp_path / "qwen21"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "QwenImage21Pipeline"}')
+    folder = pipeline_folder(tmp_path / "qwen21", "QwenImage21Pipeline")
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_qwen_image21())
     monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (64, 64, None))  # not 1024^2
     refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
@@ -293,26 +283,21 @@ def test_qwen_image21_takes_several_references_and_true_cfg(app, tmp_path, monke
 
 
 def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(app, tmp_path):
-    folder = tmp_path / "sd"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    folder = pipeline_folder(tmp_path / "sd", "StableDiffusionPipeline")
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
                                       "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and "give --merge" in result.output and "cannot load" not in result.output
 
 
 def test_merge_on_a_model_token_merging_does_not_know_fails_before_loading(app, tmp_path, monkeypatch):
-    import json
-
     import diffusers
 
     from tokensparse.integrations.diffusers_tiny_glm_image import tiny_glm_image
 
-    folder = tmp_path / "glm"  # what the check reads: model_index.json and the transformer's config
-    transformer = tiny_glm_image().transformer
+    transformer = tiny_glm_image().transformer  # what the check reads: model_index.json and the transformer's config
+    folder = pipeline_folder(tmp_path / "glm", "GlmImagePipeline",
+                             transformer=["diffusers", type(transformer).__name__])
     transformer.save_config(folder / "transformer")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline",
-                                                         "transformer": ["diffusers", type(transformer).__name__]}))
     loads = []
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", str(_ref(tmp_path)), "--height", "32",

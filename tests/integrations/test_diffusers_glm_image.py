@@ -27,7 +27,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_glm_image import glm_image_call_kwargs, tiny_glm_image
 
-from .contract import generate_app
+from .contract import generate_app, pipeline_folder
 
 TOKENS = 8 * 8  # 32x32 images: 4 pixels per token side (VAE /2, 2x2 patches)
 KEPT = TOKENS // 4
@@ -173,9 +173,7 @@ def _cli(tmp_path, *extra):
     from typer.testing import CliRunner
 
     app = generate_app()
-    folder = tmp_path / "glm"
-    folder.mkdir(exist_ok=True)
-    (folder / "model_index.json").write_text('{"_class_name": "GlmImagePipeline"}')
+    folder = pipeline_folder(tmp_path / "glm", "GlmImagePipeline")
     refs = []
     for i in range(2):
         refs += ["--ref", str(tmp_path / f"{i}.png")]

@@ -29,7 +29,13 @@ from tokensparse.integrations.diffusers_tiny_joyimage import (
 )
 from tokensparse.selection import SCORERS
 
-from .contract import generate_app, reapply_then_remove, refuses_proportional_and_cache, tiny_pipeline
+from .contract import (
+    generate_app,
+    pipeline_folder,
+    reapply_then_remove,
+    refuses_proportional_and_cache,
+    tiny_pipeline,
+)
 
 TOKENS = 8 * 8  # 32x32 pixels: VAE /2, 2x2 patches
 WIDE = 8 * 12  # 32x48
@@ -262,8 +268,7 @@ def app():
 def cli(app, folder, cls, refs, *extra):
     from typer.testing import CliRunner
 
-    folder.mkdir(exist_ok=True)
-    (folder / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
+    pipeline_folder(folder, cls)
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--out", str(folder / "o.png"), *extra]
     for i, ref in enumerate(refs):
         Image.fromarray(ref).save(folder / f"ref{i}.png")

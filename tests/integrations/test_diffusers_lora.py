@@ -220,9 +220,10 @@ def test_train_lora_command(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    kontext = tmp_path / "kontext"  # only model_index.json: an unsupported class fails before loading
-    kontext.mkdir()
-    (kontext / "model_index.json").write_text('{"_class_name": "FluxKontextPipeline"}')
+    from .contract import pipeline_folder  # here: subprocesses import this module on its own, as no package
+
+    # only model_index.json: an unsupported class fails before loading
+    kontext = pipeline_folder(tmp_path / "kontext", "FluxKontextPipeline")
     args = ["train-lora", "--model", str(kontext), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "l2")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "supports" in result.output and "cannot load" not in result.output

@@ -29,7 +29,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen
 
-from .contract import NO_KV_CACHE, generate_app, reapply_then_remove
+from .contract import NO_KV_CACHE, generate_app, pipeline_folder, reapply_then_remove
 
 TARGET = 16
 RS = np.random.RandomState(0)
@@ -374,9 +374,7 @@ def test_generate_cli_refuses_a_placeholder_without_its_ref_before_loading(tmp_p
     from typer.testing import CliRunner
 
     app = generate_app()
-    folder = tmp_path / "omnigen"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "OmniGenPipeline"}')
+    folder = pipeline_folder(tmp_path / "omnigen", "OmniGenPipeline")
     args = []
     for i, image in enumerate(images(refs)):
         image.save(tmp_path / f"{i}.png")

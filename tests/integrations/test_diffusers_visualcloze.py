@@ -24,7 +24,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_visualcloze import tiny_visualcloze
 
-from .contract import NO_KV_CACHE, generate_app, pipe_fixtures, reapply_then_remove
+from .contract import NO_KV_CACHE, generate_app, pipe_fixtures, pipeline_folder, reapply_then_remove
 from .proportional import assert_bias_is_duplication
 
 ROW, KEPT = 128, 32  # tokens of a row, and kept of an example row at keep 0.25
@@ -218,9 +218,7 @@ def test_generate_cli_refuses_it_before_loading(tmp_path):
     from typer.testing import CliRunner
 
     app = generate_app()
-    folder = tmp_path / "vc"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "VisualClozeGenerationPipeline"}')
+    folder = pipeline_folder(tmp_path / "vc", "VisualClozeGenerationPipeline")
     res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat", "--out",
                                    str(tmp_path / "o.png")])
     assert res.exit_code == 1 and "grid of in-context examples" in res.output and "cannot load" not in res.output
