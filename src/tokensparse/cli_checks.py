@@ -50,12 +50,19 @@ def check_model(model: str) -> None:
         fail("--model must name a local pipeline folder or a Hub id, got an empty string")
 
 
-def pipeline_class(folder: Path) -> str | None:
-    """The pipeline class a saved pipeline folder names in its ``model_index.json`` (None if unreadable)."""
+def model_index(folder: Path) -> dict | None:
+    """A saved pipeline folder's ``model_index.json`` (None if unreadable or not a JSON object), read once for the
+    checks before loading."""
     try:
-        return json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
         return None
+    return index if isinstance(index, dict) else None
+
+
+def pipeline_class(index: dict | None) -> str | None:
+    """The pipeline class a :func:`model_index` names (None where there is none)."""
+    return None if index is None else index.get("_class_name")
 
 
 def check_out_not_ref(out: Path, refs: list[Path]) -> None:
@@ -138,15 +145,15 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
               "logit bias")
 
 
-def check_mergeable(folder: Path) -> None:
-    """Fail when token merging knows no block of the transformer (or UNet) a local pipeline folder names, built
-    from its config on the meta device (no weights read). Silent where that cannot be told before loading (no
-    readable ``model_index.json`` or config, a class diffusers lacks): the loaded model is checked again."""
+def check_mergeable(folder: Path, index: dict | None) -> None:
+    """Fail when token merging knows no block of the transformer (or UNet) that a local pipeline folder's
+    :func:`model_index` ``index`` names, built from its config on the meta device (no weights read). Silent where
+    that cannot be told before loading (no readable ``model_index.json`` or config, a class diffusers lacks): the
+    loaded model is checked again."""
     try:
-        index = json.loads((folder / "model_index.json").read_text())
         part, (library, cls_name) = next((p, index[p]) for p in ("transformer", "unet")
                                          if isinstance(index.get(p), list) and len(index[p]) == 2)
-    except (OSError, ValueError, AttributeError, StopIteration, TypeError):
+    except (AttributeError, StopIteration):  # no index, or no transformer / UNet in it
         return
     import diffusers
     from accelerate import init_empty_weights

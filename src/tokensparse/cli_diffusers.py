@@ -36,6 +36,7 @@ from .cli_checks import (
     check_placeholders,
     check_png_out,
     fail,
+    model_index,
     pipeline_class,
 )
 from .images import MAX_SIDE, load_rgb, save_png
@@ -175,11 +176,12 @@ def generate(
               "(tokensparse.generate) or see tokensparse demo")
     sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
     checks = (len(refs), cache, proportional, merge, sizes)
-    saved = pipeline_class(Path(model)) if local else None  # the class a local folder names: checked before loading
+    index = model_index(Path(model)) if local else None
+    saved = pipeline_class(index)  # the class a local folder names: checked before loading
     check_pipeline(saved, *checks)
     check_placeholders(saved, prompt, len(refs))
     if local and merge > 0:
-        check_mergeable(Path(model))
+        check_mergeable(Path(model), index)
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
@@ -306,7 +308,7 @@ def train_lora(
     local = Path(model).is_dir()
     from .integrations.diffusers_lora import SUPPORTED
 
-    name = pipeline_class(Path(model)) if local else None
+    name = pipeline_class(model_index(Path(model)) if local else None)
     if name is not None and name not in SUPPORTED:  # before loading it
         fail(f"LoRA training supports {SUPPORTED}, got {name}")
     try:
