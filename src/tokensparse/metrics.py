@@ -27,6 +27,13 @@ def _float_images(name: str, x: object) -> None:
                         "(tokensparse.images.to_tensor converts 8- and 16-bit images)")
 
 
+def _in_unit_range(name: str, x: torch.Tensor) -> None:
+    """``ValueError`` unless the images ``x`` (the reference side of a metric) are in [0, 1] (to 1e-3)."""
+    lo, hi = (float(x.detach().min()), float(x.detach().max())) if x.numel() else (0.0, 1.0)
+    if not -1e-3 <= lo <= hi <= 1 + 1e-3:
+        raise ValueError(f"{name} images must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+
+
 def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _float_images("pred", pred)
     _float_images("target", target)
@@ -38,9 +45,7 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
     if 0 in pred.shape[1:]:  # a per-image score of no pixels: psnr was nan, ssim failed inside torchmetrics
         raise ValueError(f"pred and target images need at least one pixel and channel, got {tuple(pred.shape)}")
     target = target.detach().float()
-    if target.numel() and not -1e-3 <= float(target.min()) <= float(target.max()) <= 1 + 1e-3:
-        raise ValueError(f"target images must be in [0, 1], got [{float(target.min()):.3g}, "
-                         f"{float(target.max()):.3g}]")
+    _in_unit_range("target", target)
     return pred.detach().float().clamp(0, 1), target
 
 
@@ -98,8 +103,7 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
             raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
         if bool(torch.isnan(x).any()):  # NaN features crash scipy's matrix square root (MKL), not raise
             raise ValueError(f"{name} images must not hold NaN")
-    if real.numel() and not -1e-3 <= float(real.min()) <= float(real.max()) <= 1 + 1e-3:  # as psnr's target
-        raise ValueError(f"real images must be in [0, 1], got [{float(real.min()):.3g}, {float(real.max()):.3g}]")
+    _in_unit_range("real", real)  # as psnr's target
     if min(generated.shape[-2:]) < 8 or min(real.shape[-2:]) < 8:
         raise ValueError(f"fid's feature network needs images of at least 8x8, got {tuple(generated.shape[-2:])} and "
                          f"{tuple(real.shape[-2:])}")
