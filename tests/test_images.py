@@ -175,3 +175,16 @@ def test_a_tensor_that_requires_grad_converts_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when a tensor that requires grad becomes a Python float
         assert torch.equal(to_tensor(image), image.detach())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nan_or_inf_image_is_refused_and_nothing_is_written(value, tmp_path):
+    image = torch.rand(3, 4, 5)
+    image[1, 2, :3] = value  # a diverged model's output: NaN was written black, +/-inf white / black
+    with pytest.raises(ValueError, match="3 of 60 values that are not finite"):
+        to_pil(image)
+    out = tmp_path / "sub" / "x.png"
+    with pytest.raises(ValueError, match=r"cannot write .*x\.png: .*3 of 60 values that are not finite"):
+        save_png(image.to(torch.bfloat16), out)
+    assert not list(tmp_path.iterdir())  # no file, no temp file, no folder
+    assert save_png(image.nan_to_num(0.0, 1.0, 0.0), out).is_file()

@@ -172,7 +172,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 def to_pil(image: Tensor) -> Image.Image:
     """``(3, H, W)`` float in [0, 1] -> PIL RGB (``TypeError`` for a non-tensor or an integer one, ``ValueError`` for
-    another shape)."""
+    another shape or for NaN / inf values, which have no pixel value)."""
     if not isinstance(image, Tensor):
         raise TypeError(f"to_pil expects a (3, H, W) tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
@@ -180,6 +180,10 @@ def to_pil(image: Tensor) -> Image.Image:
     if not image.is_floating_point():  # clamped to [0, 1], 8-bit values would all turn white
         raise TypeError(f"to_pil expects a float tensor in [0, 1], got {image.dtype} (to_tensor converts 8- and "
                         "16-bit images)")
+    bad = int((~torch.isfinite(image.detach())).sum())
+    if bad:  # clamp() left NaN, which became 0 (black), and made inf white: a diverged model's output, saved
+        raise ValueError(f"to_pil: the image has {bad} of {image.numel()} values that are not finite (NaN or inf), "
+                         "as from a model that diverged")
     if image.dtype == torch.bfloat16:  # numpy has no bfloat16
         image = image.float()
     arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
@@ -198,10 +202,14 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
 
     Nothing is left on disk if writing fails; an ``OSError`` (no such folder, no permission, disk full) names
-    ``path``, not the temp file.
+    ``path``, not the temp file. A tensor is converted by :func:`to_pil` first, whose errors (a wrong shape or
+    dtype, NaN / inf values) name ``path`` too and leave nothing on disk.
     """
     path = check_png_path(path)
-    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    try:
+        pil = image if isinstance(image, Image.Image) else to_pil(image)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"cannot write {path}: {exc}") from None
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
