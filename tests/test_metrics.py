@@ -132,10 +132,12 @@ def test_fid_refuses_nan_images():
     x = torch.rand(4, 3, 32, 32)
     bad = x.clone()
     bad[1, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="generated images must not hold NaN"):  # was a crash in MKL (segfault)
+    with pytest.raises(ValueError, match="generated images must be finite"):  # was a crash in MKL (segfault)
         fid(bad, x, net)
-    with pytest.raises(ValueError, match="real images must not hold NaN"):
+    with pytest.raises(ValueError, match="real images must be finite, got 1 of 12288 values NaN or inf"):
         fid(x, bad, net)
+    with pytest.raises(ValueError, match="generated images must be finite"):  # inf was clamped to white, silently
+        fid(x.masked_fill(x > 0.5, float("inf")), x, net)
     with pytest.raises(ValueError, match=r"real images must be in \[0, 1\], got \[.*, 5\]"):  # was clamped, silently
         fid(x, x * 5, net)
     assert math.isfinite(fid(x * 5, x, net))  # generated images are scored as displayed (clamped), like psnr's pred
@@ -152,3 +154,16 @@ def test_images_without_pixels_are_refused():
 def test_summarize_names_per_sample_that_is_not_a_mapping():
     with pytest.raises(TypeError, match="per_sample must be a dict"):  # was an AttributeError ('list' has no 'items')
         summarize([torch.zeros(2)], ["recolor", "recolor"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_images_are_refused_naming_the_argument(value):
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    bad = x.clone()
+    bad[1, :, 3, :2] = value  # a diverged model: psnr / ssim were NaN, inf clamped and scored as a pixel value
+    for metric in (psnr, ssim, coarse_psnr):
+        with pytest.raises(ValueError, match="pred images must be finite, got 6 of 1536 values NaN or inf"):
+            metric(bad, x)
+        with pytest.raises(ValueError, match="target images must be finite, got 6 of 1536"):  # not "in [0, 1]"
+            metric(x, bad)
+    assert torch.isfinite(psnr(x, x.flip(0))).all()

@@ -27,8 +27,18 @@ def _float_images(name: str, x: object) -> None:
                         "(tokensparse.images.to_tensor converts 8- and 16-bit images)")
 
 
+def _finite(name: str, x: torch.Tensor) -> None:
+    """``ValueError`` unless every value of the images ``x`` is finite: NaN / inf images come from a model that
+    diverged, and would score NaN, or (clamped) as black / white pixels."""
+    bad = int((~torch.isfinite(x.detach())).sum())
+    if bad:
+        raise ValueError(f"{name} images must be finite, got {bad} of {x.numel()} values NaN or inf")
+
+
 def _in_unit_range(name: str, x: torch.Tensor) -> None:
-    """``ValueError`` unless the images ``x`` (the reference side of a metric) are in [0, 1] (to 1e-3)."""
+    """``ValueError`` unless the images ``x`` (the reference side of a metric) are finite and in [0, 1] (to
+    1e-3)."""
+    _finite(name, x)
     lo, hi = (float(x.detach().min()), float(x.detach().max())) if x.numel() else (0.0, 1.0)
     if not -1e-3 <= lo <= hi <= 1 + 1e-3:
         raise ValueError(f"{name} images must be in [0, 1], got [{lo:.3g}, {hi:.3g}]")
@@ -44,6 +54,7 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
         )
     if 0 in pred.shape[1:]:  # a per-image score of no pixels: psnr was nan, ssim failed inside torchmetrics
         raise ValueError(f"pred and target images need at least one pixel and channel, got {tuple(pred.shape)}")
+    _finite("pred", pred)
     target = target.detach().float()
     _in_unit_range("target", target)
     return pred.detach().float().clamp(0, 1), target
@@ -52,7 +63,8 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB with data range 1: ``10 log10(1 / MSE)``; ``inf`` where the images are identical.
 
-    ``pred`` is clamped to [0, 1] first (a model's raw output is scored as the image it would display).
+    ``pred`` is clamped to [0, 1] first (a model's raw output is scored as the image it would display); NaN or
+    inf in ``pred`` or ``target`` is a ``ValueError`` naming it (as for :func:`ssim` and :func:`coarse_psnr`).
     """
     pred, target = _check(pred, target)
     return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -91,7 +103,8 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
 
     torchmetrics' ``FrechetInceptionDistance`` with :class:`tokensparse.features.FeatureNet` (trained on the task
     suite, 64 features) in place of Inception, so no weights are downloaded. Needs >= 2 images per set;
-    like every FID it is biased upward for small sets, so compare values computed with equal set sizes.
+    like every FID it is biased upward for small sets, so compare values computed with equal set sizes. NaN or
+    inf in either set is a ``ValueError`` naming it; ``generated`` images are clamped to [0, 1], as psnr's pred.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -101,8 +114,7 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
         _float_images(name, x)
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 2:
             raise ValueError(f"{name} images must be (N >= 2, 3, H, W), got {tuple(x.shape)}")
-        if bool(torch.isnan(x).any()):  # NaN features crash scipy's matrix square root (MKL), not raise
-            raise ValueError(f"{name} images must not hold NaN")
+        _finite(name, x)  # NaN features crash scipy's matrix square root (MKL), not raise
     _in_unit_range("real", real)  # as psnr's target
     if min(generated.shape[-2:]) < 8 or min(real.shape[-2:]) < 8:
         raise ValueError(f"fid's feature network needs images of at least 8x8, got {tuple(generated.shape[-2:])} and "
