@@ -167,3 +167,29 @@ def test_nan_or_inf_images_are_refused_naming_the_argument(value):
         with pytest.raises(ValueError, match="target images must be finite, got 6 of 1536"):  # not "in [0, 1]"
             metric(x, bad)
     assert torch.isfinite(psnr(x, x.flip(0))).all()
+
+
+def test_mean_ci95_names_values_of_a_wrong_type_or_nan():
+    for bad, got in (("12", "the string '12'"), (None, "NoneType"), (["1", "2"], "list"), ({1: 2}, "dict"),
+                     (torch.tensor([1j, 2j]), "complex64 tensor")):  # "12" was torch's "new(): invalid data type 'str'"
+        with pytest.raises(TypeError, match=f"values must be a real tensor or a sequence of real numbers, got .*{got}"):
+            mean_ci95(bad)
+    with pytest.raises(ValueError, match="values is empty"):
+        mean_ci95([])
+    with pytest.raises(ValueError, match="values must not hold NaN, got 1 of 3"):  # was (nan, nan), silently
+        mean_ci95([1.0, float("nan"), 3.0])
+    m, h = mean_ci95(torch.tensor([float("inf"), 30.0]))  # psnr of identical images: kept, as the mean it gives
+    assert m == math.inf and math.isnan(h)
+    assert mean_ci95(torch.tensor([1, 3])) == pytest.approx((2.0, 1.96))  # integer values still welcome
+
+
+def test_summarize_names_the_metric_and_tasks_that_are_wrong():
+    tasks = ["recolor", "remove", "recolor"]
+    with pytest.raises(ValueError, match="'psnr': values must not hold NaN, got 1 of 3"):  # was a NaN mean
+        summarize({"ssim": torch.ones(3), "psnr": torch.tensor([20.0, float("nan"), 30.0])}, tasks)
+    with pytest.raises(TypeError, match="'psnr': values must be a real tensor"):
+        summarize({"psnr": torch.ones(3, dtype=torch.complex64)}, tasks)
+    with pytest.raises(TypeError, match="tasks must be task names"):  # was "unhashable type: 'list'"
+        summarize({"psnr": torch.ones(2)}, [["recolor"], "remove"])
+    with pytest.raises(ValueError, match="per_sample is empty"):  # was a summary with no numbers in it
+        summarize({}, tasks)

@@ -132,12 +132,32 @@ def fid(generated: torch.Tensor, real: torch.Tensor, feature_net: torch.nn.Modul
         return float(metric.compute())
 
 
+def _kind(x: object) -> str:
+    """How an error message names the type of ``x``: a tensor by its dtype, a string with its value."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor"
+    return f"the string {x!r}" if isinstance(x, (str, bytes)) else type(x).__name__
+
+
 def mean_ci95(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % confidence interval (normal approximation, 1.96 standard errors
-    with the sample standard deviation). Half-width is ``nan`` for fewer than two values."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    with the sample standard deviation). Half-width is ``nan`` for fewer than two values.
+
+    ``values``: a real tensor or a sequence of real numbers (``TypeError`` otherwise), at least one, none NaN
+    (``ValueError``). Infinite values are kept: :func:`psnr` is ``inf`` for identical images, and their mean is too.
+    """
+    if isinstance(values, (str, bytes)) or (isinstance(values, torch.Tensor) and values.is_complex()):
+        raise TypeError(f"values must be a real tensor or a sequence of real numbers, got {_kind(values)}")
+    try:
+        v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    except (TypeError, ValueError) as exc:  # e.g. None, a list of strings, a ragged nested list
+        raise TypeError(f"values must be a real tensor or a sequence of real numbers, got {_kind(values)} "
+                        f"({exc})") from None
     if v.numel() == 0:
-        raise ValueError("mean_ci95 needs at least one value")
+        raise ValueError("mean_ci95 needs at least one value (values is empty)")
+    nan = int(torch.isnan(v).sum())
+    if nan:  # a NaN mean and interval, silently
+        raise ValueError(f"values must not hold NaN, got {nan} of {v.numel()}")
     mean = float(v.mean())
     if v.numel() < 2:
         return mean, math.nan
@@ -163,14 +183,23 @@ def summarize(per_sample: dict[str, torch.Tensor], tasks: Sequence[str]) -> dict
                         f"{type(per_sample).__name__}")
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of task names, one per sample, got the string {tasks!r}")
+    if not per_sample:
+        raise ValueError("summarize needs at least one metric (per_sample is empty)")
     tasks = list(tasks)
     if not tasks:
         raise ValueError("summarize needs at least one sample (tasks is empty)")
+    not_str = next((t for t in tasks if not isinstance(t, str)), None)
+    if not_str is not None:  # was "unhashable type" for a list, or a failed sort of the unknown names
+        raise TypeError(f"tasks must be task names (strings), got {type(not_str).__name__} {not_str!r}")
     for name, vals in per_sample.items():
         if not isinstance(vals, torch.Tensor):
             raise TypeError(f"metric {name!r} must be a tensor of per-sample values, got {type(vals).__name__}")
         if vals.numel() != len(tasks):
             raise ValueError(f"metric {name!r} has {vals.numel()} values for {len(tasks)} tasks")
+        try:  # mean_ci95's checks (real values, no NaN) on all of them, before any group
+            mean_ci95(vals.detach().flatten().cpu())
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"metric {name!r}: {exc}") from None
     unknown = sorted({t for t in tasks if t not in TASKS})
     if unknown:
         raise ValueError(f"unknown task names {unknown}")
