@@ -51,13 +51,24 @@ def check_model(model: str) -> None:
 
 
 def model_index(folder: Path) -> dict | None:
-    """A saved pipeline folder's ``model_index.json`` (None if unreadable or not a JSON object), read once for the
-    checks before loading."""
+    """A saved pipeline folder's (``--model``'s) ``model_index.json``, read once for the checks before loading; None
+    where the folder has none (loading says so). ValueError, naming the file, where it cannot be read, is not JSON
+    or is not a JSON object (diffusers failed on a list with a TypeError from inside its loader)."""
+    path = folder / "model_index.json"
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
-    return index if isinstance(index, dict) else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--model: {path} cannot be read ({exc}); it must be a JSON object") from exc
+    try:
+        index = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--model: {path} is not valid JSON ({exc}); it must be a JSON object") from exc
+    if not isinstance(index, dict):
+        raise ValueError(f"--model: {path} must be a JSON object (the pipeline's class and components), got "
+                         f"{type(index).__name__}")
+    return index
 
 
 def pipeline_class(index: dict | None) -> str | None:

@@ -176,7 +176,10 @@ def generate(
               "(tokensparse.generate) or see tokensparse demo")
     sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
     checks = (len(refs), cache, proportional, merge, sizes)
-    index = model_index(Path(model)) if local else None
+    try:
+        index = model_index(Path(model)) if local else None
+    except ValueError as exc:
+        fail(str(exc))
     saved = pipeline_class(index)  # the class a local folder names: checked before loading
     check_pipeline(saved, *checks)
     check_placeholders(saved, prompt, len(refs))
@@ -308,7 +311,10 @@ def train_lora(
     local = Path(model).is_dir()
     from .integrations.diffusers_lora import SUPPORTED
 
-    name = pipeline_class(model_index(Path(model)) if local else None)
+    try:
+        name = pipeline_class(model_index(Path(model)) if local else None)
+    except ValueError as exc:
+        fail(str(exc))
     if name is not None and name not in SUPPORTED:  # before loading it
         fail(f"LoRA training supports {SUPPORTED}, got {name}")
     try:

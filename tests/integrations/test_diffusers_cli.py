@@ -321,3 +321,40 @@ def test_merge_on_a_model_token_merging_knows_passes_the_check_before_loading(ap
     assert res.exit_code == 0, res.output
     assert [type(m).__name__ for m in built] == ["Flux2Transformer2DModel"]
     assert next(built[0].parameters()).device.type == "meta"  # built from its config, no weights read
+
+
+@pytest.mark.parametrize("content, message", [
+    ('["FluxKontextPipeline"]', "must be a JSON object (the pipeline's class and components), got list"),
+    ('"FluxKontextPipeline"', "must be a JSON object (the pipeline's class and components), got str"),
+    ('{"_class_name": ', "is not valid JSON"),
+    (b"\xff\xfe{}", "cannot be read"),
+    (None, "cannot be read"),  # a folder named model_index.json
+])
+def test_a_model_index_that_is_not_a_json_object_is_refused_before_loading(app, tmp_path, monkeypatch, content,
+                                                                            message):
+    import diffusers
+
+    from tokensparse.cli_diffusers import train_lora
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    index = folder / "model_index.json"
+    if content is None:
+        index.mkdir()
+    else:
+        index.write_bytes(content if isinstance(content, bytes) else content.encode())
+    loads = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
+                                   "--out", str(tmp_path / "o.png")])
+    assert res.exit_code == 1 and not loads, res.output  # was a TypeError from inside diffusers' loader (a list)
+    assert f"--model: {index}" in res.stderr and message in res.stderr
+    example = tmp_path / "data" / "ex0"
+    example.mkdir(parents=True)
+    for name in ("ref1.png", "target.png"):
+        _ref(example, name)
+    (example / "prompt.txt").write_text("mirror it")
+    app.command("train-lora")(train_lora)
+    res = CliRunner().invoke(app, ["train-lora", "--model", str(folder), "--data", str(tmp_path / "data"),
+                                   "--out", str(tmp_path / "lora")])
+    assert res.exit_code == 1 and not loads and message in res.stderr, res.output
