@@ -97,9 +97,10 @@ class SparseContextConfig:
                     "allocate": self.allocate}
 
 
-def keep_mask(views: list[RefView], cfg: SparseContextConfig) -> Tensor:
-    """Keep mask ``(B, N)`` over the references' dense tokens, with ``cfg``'s own seeded generator."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def keep_mask(views: list[RefView], cfg: SparseContextConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Keep mask ``(B, N)`` over the references' dense tokens, with ``cfg``'s own seeded generator (``generator``:
+    draw on from that one instead, for references selected one call at a time, as GLM-Image's)."""
+    gen = torch.Generator().manual_seed(cfg.seed) if generator is None else generator
     return select(views, cfg.keep, cfg.selector, gen, **cfg.budget_kwargs())
 
 

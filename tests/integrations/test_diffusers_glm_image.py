@@ -129,7 +129,7 @@ def test_kept_tokens_keep_their_positions(pipe):
 def test_pixel_scorers_and_prompts_reach_each_write_of_a_batch(pipe, monkeypatch):
     views = []
     original = wiring.keep_mask
-    monkeypatch.setattr(wiring, "keep_mask", lambda v, cfg: views.append(v) or original(v, cfg))
+    monkeypatch.setattr(wiring, "keep_mask", lambda v, cfg, **kw: views.append(v) or original(v, cfg, **kw))
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
     seen = Seen(pipe.transformer)
     images = [[ref(0), ref(1)], [ref(2), ref(3)]]  # two prompts, two condition images each
@@ -141,6 +141,34 @@ def test_pixel_scorers_and_prompts_reach_each_write_of_a_batch(pipe, monkeypatch
     for v, i in zip(views, range(4)):
         want = torch.from_numpy(np.asarray(ref(i), dtype=np.float32) / 255).permute(2, 0, 1)[None]
         assert len(v) == 1 and torch.allclose(v[0].image, want)
+
+
+def test_random_draws_each_condition_image_its_own_cells(pipe):
+    from tokensparse.context import keep_mask
+    from tokensparse.selection import RefView
+
+    cfg = SparseContextConfig(keep=0.25, selector="random", seed=5)
+    apply_sparse_context_diffusers(pipe, cfg)
+    kept = []
+
+    def record(module, args, kwargs):  # after Sparse Context's pre-hook: the write's selection is the only one
+        if kwargs["kv_caches"][0].mode == "write":
+            (index, _), = sparse_context_state(pipe).index.values()
+            kept.append(index.tolist())
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        images = [[ref(0), ref(1)], [ref(2), ref(3)]]  # two prompts, two same-sized condition images each
+        run(pipe, images, prompt=["a cat", "a dog"], prompts=2)
+        first = kept[:]
+        run(pipe, images, prompt=["a cat", "a dog"], prompts=2)
+    finally:
+        handle.remove()
+    assert first[0] != first[1]  # was: every write re-seeded, the same cells for every image of one size
+    # what one call holding both images draws (FLUX.2, Kontext, Qwen): one generator, image after image
+    both = keep_mask([RefView(torch.zeros(1, 8, 8, 4), index=r) for r in range(2)], cfg)[0]
+    assert [torch.nonzero(m).squeeze(1).tolist() for m in both.split(TOKENS)] == first[:2]
+    assert first[2:] == first[:2] and kept[4:] == first  # each sample alike; the same again for the same seed
 
 
 def test_text_to_image_runs_unchanged(pipe, caplog):

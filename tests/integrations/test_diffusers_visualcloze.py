@@ -106,9 +106,9 @@ def test_pixel_scorers_get_each_example_rows_pixels(pipe, monkeypatch):
 
     seen, original = [], hook_module.keep_mask
 
-    def spy(views, cfg):
+    def spy(views, cfg, **kwargs):
         seen.append([(v.image, v.prompts) for v in views])
-        return original(views, cfg)
+        return original(views, cfg, **kwargs)
 
     monkeypatch.setattr(hook_module, "keep_mask", spy)
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
@@ -185,9 +185,9 @@ def test_reapplied_on_its_transformer_it_still_scores_each_example_rows_pixels(p
 
     seen, original = [], hook_module.keep_mask
 
-    def spy(views, cfg):
+    def spy(views, cfg, **kwargs):
         seen.append([v.image for v in views])
-        return original(views, cfg)
+        return original(views, cfg, **kwargs)
 
     monkeypatch.setattr(hook_module, "keep_mask", spy)
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))

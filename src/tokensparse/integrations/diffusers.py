@@ -303,7 +303,8 @@ class SparseContextHook:
         with warnings.catch_warnings():
             if _warns_no_probe(self.state.cfg):  # apply already logged it: the scorer's UserWarning would repeat it
                 warnings.filterwarnings("ignore", "selector 'attention' got no probe attention", UserWarning)
-            keep = keep_mask(views, self.state.cfg)[0].to(hs.device)  # (N_refs,), the config's own seeded generator
+            gen = self.adapter.selection_generator(self.state.cfg, kwargs)  # None: the config's own seeded one
+            keep = keep_mask(views, self.state.cfg, generator=gen)[0].to(hs.device)  # (N_refs,)
         self.state.selections += 1
         keep_seq = torch.ones(layout.n, dtype=torch.bool, device=hs.device)
         offset = 0

@@ -26,7 +26,9 @@ class GlmImageAdapter(InContextAdapter):
 
     Each write is selected on its own (:meth:`fresh_references`), with that image's pixels and its prompt
     (:meth:`call_inputs`): every sample of a batch gets its own selection (the cache is per sample), but condition
-    images cannot share a budget (``allocate``), and ``random`` keeps the same cells of same-sized images. The
+    images cannot share a budget (``allocate``). A sample's images draw on from one generator seeded ``cfg.seed``
+    at its first image (:meth:`selection_generator`), so ``random`` keeps what a call holding all of them would
+    keep (each image its own cells, as FLUX.2 / Kontext / Qwen's references), the same for every sample. The
     samples must keep equal token counts (the pipeline stacks their caches): counts that differ (adaptive budgets)
     are a ``ValueError`` at the first denoising call.
     """
@@ -39,6 +41,7 @@ class GlmImageAdapter(InContextAdapter):
         self.rope: Any = None  # the transformer's GlmImageRotaryPosEmbed (attach)
         self.patch = 1
         self.first_write = -2  # state.forwards at the first write of the current pipeline call
+        self.generator: torch.Generator | None = None  # the current sample's selection draws (selection_generator)
 
     def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
         """Remember the transformer's RoPE module and patch size (no companion hook)."""
@@ -113,6 +116,15 @@ class GlmImageAdapter(InContextAdapter):
         prompts = (state.prompts[sample:sample + 1]
                    if state.prompts and state.prompts_tick == self.first_write else None)
         return images or None, prompts or None, self.first_write in (state.images_tick, state.prompts_tick)
+
+    def selection_generator(self, cfg: Any, kwargs: dict[str, Any]) -> torch.Generator:
+        """One generator per sample's condition images: seeded ``cfg.seed`` at the sample's first write (nothing
+        cached for it yet), drawn on by its next images (each write was re-seeded alike: same-sized images kept
+        the same ``random`` cells)."""
+        cache = kwargs["kv_caches"][0]
+        if self.generator is None or len(cache.k_caches) <= cache.current_sample_idx:
+            self.generator = torch.Generator().manual_seed(cfg.seed)
+        return self.generator
 
     def is_kv_cached_call(self, kwargs: dict[str, Any]) -> bool:
         """A denoising call: the condition K/V come from the cache ("read"), or not at all ("skip")."""

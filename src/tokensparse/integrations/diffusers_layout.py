@@ -96,6 +96,11 @@ class InContextAdapter:
         capture holds (the default)."""
         return None
 
+    def selection_generator(self, cfg: Any, kwargs: dict[str, Any]) -> torch.Generator | None:
+        """The generator this call's selection draws from; ``None`` (the default): a fresh one seeded ``cfg.seed``,
+        drawn reference after reference (one call holds all references, so each gets its own draw)."""
+        return None
+
     def attach(self, transformer: torch.nn.Module, state: Any) -> list[Any]:
         """Companion hooks on ``transformer`` (objects with ``remove()``) that read ``state`` during a call."""
         return []
