@@ -171,6 +171,17 @@ def test_random_draws_each_condition_image_its_own_cells(pipe):
     assert first[2:] == first[:2] and kept[4:] == first  # each sample alike; the same again for the same seed
 
 
+def test_auto_reads_each_samples_own_prompt_without_a_warning(pipe, monkeypatch, caplog):
+    prompts = []
+    original = wiring.keep_mask
+    monkeypatch.setattr(wiring, "keep_mask",
+                        lambda v, cfg, **kw: prompts.append(v[0].prompts) or original(v, cfg, **kw))
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="auto"))
+    run(pipe, [[ref(0)], [ref(1)]], prompt=["a cat", "change the background"], prompts=2)
+    assert prompts == [["a cat"], ["change the background"]]  # each sample selected on its own
+    assert "the prompts of this batch differ" not in caplog.text  # what the pipelines sharing one selection warn
+
+
 def test_text_to_image_runs_unchanged(pipe, caplog):
     dense = pipe(prompt="a cat", **glm_image_call_kwargs(None)).images
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25))

@@ -240,6 +240,29 @@ def test_pixel_scorers_get_the_references_pixels(pipe, monkeypatch):
         assert image.shape == want.shape and torch.allclose(image, want, atol=1e-6)
 
 
+EDIT = "<img><|image_1|></img> change the background to a beach"  # another task than ONE's
+
+
+@pytest.mark.parametrize("prompts, selector, warns", [
+    ([ONE, EDIT], "auto", True), ([ONE, ONE], "auto", False), ([ONE, EDIT], "edges", False)])
+def test_a_batch_of_prompts_is_selected_by_the_first_with_a_warning_for_auto(pipe, monkeypatch, caplog, prompts,
+                                                                              selector, warns):
+    import tokensparse.integrations.diffusers as hook_module
+
+    seen, original = [], hook_module.keep_mask
+
+    def spy(views, cfg, **kwargs):
+        seen.append([v.prompts for v in views])
+        return original(views, cfg, **kwargs)
+
+    monkeypatch.setattr(hook_module, "keep_mask", spy)
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector=selector))
+    out = run(pipe, prompt=prompts)
+    assert out.shape[0] == 2 and np.isfinite(out).all()
+    assert seen == [[[ONE]]]  # one selection for the batch, scored with the first prompt (documented)
+    assert ("the prompts of this batch differ; selector 'auto'" in caplog.text) == warns  # was silent
+
+
 FLIPPED = Image.fromarray(np.ascontiguousarray(REFS[0][::-1]))  # the first reference's size, other pixels
 
 

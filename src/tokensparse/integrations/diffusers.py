@@ -23,8 +23,9 @@ The selection is computed once per generation and reused by every step and every
 on a pipeline, a new generation starts when the pipeline calls ``scheduler.set_timesteps`` (once per
 call); on a bare transformer, when the timestep rises. The batch shares one selection because the
 transformers take one set of position ids for the whole batch (FLUX uses ``img_ids[0]``); it is
-computed from the first sample's references. When the pipeline is given the reference images as pixels,
-scorers also see them (``RefView.image``). ``ts.begin_generation(pipe or transformer)`` starts one
+computed from the first sample's references and prompt (``selector="auto"`` picks its scorer by the first prompt's
+task for every sample; a batch of different prompts logs a warning once). When the pipeline is given the reference
+images as pixels, scorers also see them (``RefView.image``). ``ts.begin_generation(pipe or transformer)`` starts one
 explicitly.
 
 With ``Flux2KleinKVPipeline`` the K/V-extract step sees only the kept references, so the cache holds
@@ -145,6 +146,7 @@ class _State:
         self.warned_batch = False
         self.warned_uncaptured = False
         self.warned_count = False
+        self.warned_prompts = False
         # what the running thinned call tells its adapter's companion hooks (None outside one), set by the adapter's
         # subset: Qwen-Image-Edit's pos_embed hook (dense img_shapes, kept index), JoyImage's blocks their RoPE,
         # Z-Image's KeptPatches (kept index, dense image tokens), OmniGen's rows, Fibo 2.0's / Qwen-Image 2.1's call
@@ -288,6 +290,7 @@ class SparseContextHook:
             self.state.warned_batch = True
         inputs = self.adapter.call_inputs(self.state, kwargs)  # GLM-Image reads its own; others the pipeline's
         images, prompts, captured = inputs if inputs is not None else captured_inputs(self.state, len(layout.grids))
+        _warn_first_prompt(self.state, self.adapter)
         if self.owners and not captured and not self.state.warned_uncaptured:
             logger.warning(
                 "tokensparse: this transformer call did not come through a pipeline Sparse Context was applied to "
@@ -316,6 +319,18 @@ class SparseContextHook:
             sizes = sequence_sizes(views, keep, layout.n, layout.positions, layout.cells)
             self.state.sizes[key] = (sizes, image_bias(sizes, index))
         return index, layout
+
+
+def _warn_first_prompt(state: _State, adapter: InContextAdapter) -> None:
+    """Warn once where ``auto`` scores a shared selection by the first of a batch's different prompts."""
+    prompts = state.prompts if state.prompts_tick == state.forwards else None
+    if (state.cfg.selector == "auto" and not adapter.selects_per_sample and not state.warned_prompts and prompts
+            and any(p != prompts[0] for p in prompts[1:])):
+        logger.warning(
+            "tokensparse: the prompts of this batch differ; selector 'auto' chose its scorer by the first prompt's "
+            "task for every sample (the batch shares one selection): run the prompts in separate calls to select "
+            "by each")
+        state.warned_prompts = True
 
 
 def _warns_no_probe(cfg: SparseContextConfig) -> bool:

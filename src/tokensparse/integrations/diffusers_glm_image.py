@@ -36,6 +36,7 @@ class GlmImageAdapter(InContextAdapter):
     cache_refusal = ("cache=True is for Flux2KleinKVPipeline; GlmImagePipeline caches its condition images' K/V "
                      "itself (one write pass per image before the denoising loop, which Sparse Context thins): use "
                      "cache=False")
+    selects_per_sample = True  # one write call per sample and image, each with that sample's prompt
 
     def __init__(self) -> None:
         self.rope: Any = None  # the transformer's GlmImageRotaryPosEmbed (attach)

@@ -68,6 +68,9 @@ class InContextAdapter:
     cache_refusal: str | None = None  # why cache=True cannot run on this transformer, if it cannot
     # whether a call without reference tokens is worth a warning (VisualCloze: its upsampling stage has none)
     warns_without_references = True
+    # whether every sample of a batch is selected on its own, with its own prompt (GLM-Image); else the batch shares
+    # the first sample's selection (and selector "auto" reads the first prompt)
+    selects_per_sample = False
 
     def tokens(self, kwargs: dict[str, Any]) -> Tensor:
         """The call's image tokens ``(B, N, C)``, the sequence :meth:`layout`'s positions index (selection features)."""

@@ -180,7 +180,9 @@ class OmniGenAdapter(InContextAdapter):
     the selection of the reference with its pixels (a prompt may place the images in any order, or once each; the
     image-guidance row lists them ``1, 2, ...``); an image none of them is (another prompt's own), or any image on
     the bare transformer, gets the selection of the reference at its place, which must be of its size (a warning
-    where the images differ).
+    where the images differ). The selection is scored with the first prompt (its conditional row): ``selector="auto"``
+    picks its scorer by that prompt's task for every prompt of the batch (other prompts cannot reach it: they share
+    the selection), with a warning once where the prompts differ, as on the other pipelines whose batch shares one.
 
     A thinned call (:meth:`subset`) keeps per row what its target depends on, minus the dropped tokens, with
     their dense embeddings (:class:`KeptRows`), position ids, mask entries and RoPE rows (:class:`RowRope`); the
@@ -338,7 +340,7 @@ class OmniGenAdapter(InContextAdapter):
 
     def call_inputs(self, state: Any, kwargs: dict[str, Any]) -> tuple[list | None, list | None, bool]:
         """The pipeline captured every row's image pixels (``encode_input_images``): the references are the first
-        ones; and the prompts (``check_inputs``): the first."""
+        ones; and the prompts (``check_inputs``): the first (the batch shares its selection)."""
         images = self._images(kwargs)
         k = len(images[0][1]) if images else 0
         pixels = state.images[:k] if state.images and state.images_tick == state.forwards else None
