@@ -142,3 +142,29 @@ def test_pixel_scorers_get_the_images_pixels(pipe):
 
 def test_proportional_and_cache_are_refused(pipe):
     refuses_proportional_and_cache(pipe, "BriaFibo2Transformer2DModel .its forward takes no attention kwargs")
+
+
+def test_a_lora_added_after_apply_is_thinned_too():
+    LoraConfig = pytest.importorskip("peft").LoraConfig  # what diffusers' add_adapter / load_lora_weights use
+
+    p = tiny_bria_fibo2(seed=0)
+    p.set_progress_bar_config(disable=True)
+    base = p.transformer.x_embedder
+    apply_sparse_context_diffusers(p, SparseContextConfig(keep=0.25))
+    sparse = run(p)
+    torch.manual_seed(1)  # the LoRA's random (not zero) initial weights: it changes the output
+    p.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["x_embedder"], init_lora_weights=False))
+    wrapper = p.transformer.x_embedder
+    assert wrapper is not base and wrapper.base_layer is base
+    with_lora = run(p)  # was a RuntimeError: the hook thinned the base Linear's input, not the LoRA term's
+    assert len(wrapper._forward_pre_hooks) == 1 and not base._forward_pre_hooks  # moved, not doubled
+    remove_sparse_context_diffusers(p)
+    assert not wrapper._forward_pre_hooks and not base._forward_pre_hooks
+    dense = run(p)
+    apply_sparse_context_diffusers(p, SparseContextConfig(keep=0.25))  # the LoRA there first: the same result
+    assert np.array_equal(run(p), with_lora)
+    assert np.isfinite(with_lora).all() and not np.array_equal(with_lora, sparse)
+    assert not np.array_equal(with_lora, dense)
+    p.transformer.unload_lora()  # x_embedder is the base Linear again: the hook follows it back
+    assert p.transformer.x_embedder is base
+    assert np.array_equal(run(p), sparse) and len(base._forward_pre_hooks) == 1 and not wrapper._forward_pre_hooks

@@ -9,8 +9,10 @@ it. Everything after that is sized from the embedded sequence (noise masks, gist
 and the final layer reads the target tokens only (the output is the dense ``(B, C, H, W)`` target).
 
 So the call is left as it is and two companion hooks thin the sequence where it is made: a pre-hook on
-``x_embedder`` keeps the kept tokens' patches, and a wrapper around ``rope_embedder`` (a plain object, not a
-module) keeps the same tokens' ``ids`` at its first call of the forward (the image ids; the second is the gist's).
+``x_embedder`` keeps the kept tokens' patches (:class:`EmbedderHook`: on whatever module ``x_embedder`` is at each
+thinned call, so a LoRA added after Sparse Context, which wraps it, is thinned too), and a wrapper around
+``rope_embedder`` (a plain object, not a module) keeps the same tokens' ``ids`` at its first call of the forward (the
+image ids; the second is the gist's).
 The target stays whole and first, so the transformer's own noise masks and final slice stay right.
 """
 
@@ -40,6 +42,7 @@ class BriaFibo2Adapter(InContextAdapter):
 
     def __init__(self) -> None:
         self.patch = 2  # the transformer's patch_size, read at attach
+        self.embedder: EmbedderHook | None = None
 
     def _grids(self, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
         """Token grid of the target, then of each context image."""
@@ -71,6 +74,7 @@ class BriaFibo2Adapter(InContextAdapter):
 
     def subset(self, kwargs: dict[str, Any], index: Tensor, layout: RefLayout, state: Any) -> dict[str, Any]:
         state.call = Fibo2Call(index, layout.n)  # read by the x_embedder hook and the rope_embedder wrapper
+        self.embedder.ensure()  # an x_embedder set since apply (a LoRA wrapping it) gets the hook instead
         return dict(kwargs)
 
     def scatter(self, output: Any, index: Tensor, layout: RefLayout) -> Any:
@@ -82,8 +86,33 @@ class BriaFibo2Adapter(InContextAdapter):
         if isinstance(rope, KeptIds):  # attached before without removal (a copied model): wrap the original
             rope = rope.inner
         transformer.rope_embedder = KeptIds(rope, state)
-        embed = transformer.x_embedder.register_forward_pre_hook(KeptPatches(state))
-        return [embed, RestoreAttribute(transformer, "rope_embedder", rope)]
+        self.embedder = EmbedderHook(transformer, KeptPatches(state))
+        return [self.embedder, RestoreAttribute(transformer, "rope_embedder", rope)]
+
+
+class EmbedderHook:
+    """``hook`` as a forward pre-hook on the transformer's ``x_embedder``; :meth:`ensure` moves it onto the module
+    there now where that was replaced (peft's LoRA wraps the ``Linear``, then adds its own term of the unthinned
+    input: a hook left on the wrapped one thinned only the base term, and the sum failed). Its own removal
+    handle."""
+
+    def __init__(self, transformer: torch.nn.Module, hook: KeptPatches) -> None:
+        self.transformer, self.hook = transformer, hook
+        self.module: torch.nn.Module | None = None
+        self.handle: Any = None
+        self.ensure()
+
+    def ensure(self) -> None:
+        """Hook the module ``x_embedder`` is now (only that one)."""
+        module = self.transformer.x_embedder
+        if module is not self.module:
+            self.remove()
+            self.handle, self.module = module.register_forward_pre_hook(self.hook), module
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle, self.module = None, None
 
 
 class KeptPatches:
