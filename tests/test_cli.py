@@ -121,6 +121,32 @@ def test_train_names_the_damaged_file_of_a_run_folder(tmp_path):
     assert res.exit_code == 1 and "not a run folder" in res.output and not (tmp_path / "run2").exists()
 
 
+def test_train_resumes_a_run_from_its_own_config_and_keeps_its_recipe(tmp_path, monkeypatch):
+    import json
+
+    from tokensparse.train import latest_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "batch_size": 2, "out": "runs/base"}')
+    assert CliRunner().invoke(app, ["train", "--config", "r.json"]).exit_code == 0
+    run = tmp_path / "runs" / "base"
+    before = json.loads((run / "config.json").read_text())
+    monkeypatch.chdir(run)  # its out, runs/base, is relative to tmp_path: the run folder's own config means this one
+    for args in (["--steps", "2"], ["--out", ".", "--steps", "3"]):
+        res = CliRunner().invoke(app, ["train", "--config", "config.json", *args])
+        assert res.exit_code == 0 and "resumed from" in res.output, res.output
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "latest", "step_0000002", "step_0000003"]
+    assert json.loads((run / "config.json").read_text()) == {**before, "steps": 3}  # out kept, not '.'
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["train", "--config", "runs/base/config.json", "--steps", "4"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "runs"] and (run / "step_0000004").is_dir()
+    edited = json.dumps({**before, "steps": 5, "lr": 0.01})  # a change the run cannot take: refused, not written
+    (run / "config.json").write_text(edited)
+    res = CliRunner().invoke(app, ["train", "--config", "runs/base/config.json"])
+    assert res.exit_code == 1 and "started with another recipe (lr 0.0003 -> 0.01)" in res.output
+    assert (run / "config.json").read_text() == edited and latest_checkpoint(run).name == "step_0000004"
+
+
 def test_train_with_nothing_to_export_fails_in_one_line(tmp_path):
     (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 2, "batch_size": 2, "stop_at": 0}')
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--out", str(tmp_path / "run"),

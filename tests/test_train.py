@@ -483,6 +483,16 @@ def test_a_resume_keeps_the_recipe_and_the_process_count_it_started_with(tmp_pat
     assert not list(run.glob(".step_*"))
 
 
+def test_a_resume_that_spells_the_run_folder_otherwise_keeps_its_saved_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(tiny_cfg("runs/base", steps=2, ckpt_every=2), progress=False)
+    monkeypatch.chdir(tmp_path / "runs" / "base")
+    assert train(tiny_cfg(".", steps=3, ckpt_every=1), progress=False).state["step"] == 3  # resumed in place
+    for path in ("config.json", "step_0000003/config.json"):  # '.' would train another folder from elsewhere
+        saved = json.loads((tmp_path / "runs" / "base" / path).read_text())
+        assert saved["out"] == "runs/base" and saved["steps"] == 3, path
+
+
 def test_a_diverged_loss_stops_the_run_before_it_updates(tmp_path, monkeypatch):
     import tokensparse.train as tr
 

@@ -109,7 +109,8 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
 @app.command()
 def train(
     config: Path = typer.Option(..., exists=True, dir_okay=False, help="Recipe JSON (see recipes/)."),
-    out: Path | None = typer.Option(None, help="Run folder (overrides the recipe's); resumes if it has checkpoints."),
+    out: Path | None = typer.Option(None, help="Run folder (overrides the recipe's; default for a run folder's own "
+                                    "config.json: that folder); resumes if it has checkpoints."),
     steps: int | None = typer.Option(None, help="Override the recipe's step count."),
     max_minutes: float | None = typer.Option(None, help="Stop and checkpoint once the run has trained this many "
                                              "minutes in all (earlier sessions of a resumed run count)."),
@@ -122,11 +123,13 @@ def train(
     `--cpu` launches one process); GPUs: `accelerate launch -m tokensparse.cli train ...`."""
     import json
 
-    from .train import TrainConfig, export_conflict, export_ema
+    from .train import TrainConfig, export_conflict, export_ema, init_path, latest_checkpoint
     from .train import train as run_training
 
     if half and export is None:  # nothing else is stored in float16: without --export it would do nothing
         fail("--half sets the dtype of the --export weights; give --export PATH.safetensors too")
+    if out is None and config.name == "config.json" and latest_checkpoint(config.parent) is not None:
+        out = config.parent  # a run folder's own config resumes that run (its out may be relative to another folder)
     try:
         raw = json.loads(config.read_text())
         if not isinstance(raw, dict):
@@ -137,8 +140,6 @@ def train(
         cfg = TrainConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
         fail(f"recipe {config}: {exc}")
-    from .train import init_path, latest_checkpoint
-
     resuming = latest_checkpoint(Path(cfg.out)) is not None
     if cfg.init is not None and not resuming and not init_path(cfg.init).exists():
         fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")

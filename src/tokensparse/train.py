@@ -11,7 +11,8 @@ Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema
 ``optim.pt`` (tensors only, loaded with ``weights_only=True``), ``state.json`` and, under fp16, ``scaler.pt``
 (the loss scaler's state, so a resumed fp16 run continues its scale); each is written to a
 temp folder and renamed, then ``<out>/latest`` is replaced atomically (:mod:`.run_checkpoints`). The resolved
-config is saved as ``<out>/config.json``; a run that fails before its first checkpoint removes it again (and the
+config is saved as ``<out>/config.json`` (a resumed run keeps the ``out`` it was started with, however the
+resume spells the folder's path); a run that fails before its first checkpoint removes it again (and the
 folders it made), so a later run into that folder starts fresh.
 
 The logged loss (``state["losses"]`` and the log line, every ``log_every`` steps) is the mean over all processes
@@ -301,8 +302,10 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out)
     saved_state = read_state(ckpt) if ckpt is not None else None
+    recipe = asdict(cfg)  # what config.json says, in the run folder and beside each checkpoint
     if ckpt is not None:
-        check_resume(out, ckpt, saved_state, cfg, acc.num_processes)
+        started = check_resume(out, ckpt, saved_state, cfg, acc.num_processes)
+        recipe["out"] = started["out"]  # the same folder however this session spells it ('.', '../run'): kept
     elif cfg.init is None and cfg.model in CHECKPOINTS:
         log(f"model {cfg.model!r} names shipped weights, but a run without init starts from random weights of "
             f"its architecture {CHECKPOINTS[cfg.model]!r}; set init to {cfg.model!r} to fine-tune them")
@@ -340,7 +343,7 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
         log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "config.json").write_text(json.dumps(recipe, indent=2))
         remove_partial_saves(out)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
@@ -418,13 +421,13 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             state["elapsed_s"] = time.time() - t_start
             if acc.is_main_process:
-                save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg), scaler=acc.scaler)
+                save_run_checkpoint(out, step, raw, ema, opt, state, config=recipe, scaler=acc.scaler)
             saved = step
             acc.wait_for_everyone()
     state["elapsed_s"] = time.time() - t_start
     state["step"] = step
     if acc.is_main_process and step != saved:  # stopped early (stop_at, max_minutes) between checkpoints
-        save_run_checkpoint(out, step, raw, ema, opt, state, config=asdict(cfg), scaler=acc.scaler)
+        save_run_checkpoint(out, step, raw, ema, opt, state, config=recipe, scaler=acc.scaler)
     acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
     if bar is not None:
         bar[0].stop()
@@ -436,11 +439,12 @@ RESUMABLE_CHANGES = frozenset({"out", "init", "steps", "max_minutes", "stop_at",
                                "eval_every", "eval_samples"})
 
 
-def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_processes: int) -> None:
+def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_processes: int) -> dict:
     """``ValueError`` unless ``cfg`` may continue the run in ``out`` (checkpoint ``ckpt``, its ``state.json`` as
     ``state``): the same recipe
     but for :data:`RESUMABLE_CHANGES`, and the same number of processes (each process reads its own slice of
-    the data stream and the global batch is theirs together)."""
+    the data stream and the global batch is theirs together). Returns the recipe the run started with (as a
+    dict of :class:`TrainConfig`'s fields)."""
     saved = ckpt / "config.json" if (ckpt / "config.json").is_file() else out / "config.json"
     try:
         before = asdict(TrainConfig.from_dict(json.loads(saved.read_text())))
@@ -457,6 +461,7 @@ def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_proce
         raise ValueError(f"run folder {out} was trained by {ran} processes and this run has {num_processes}: "
                          "each process reads its own slice of the data and the global batch is theirs together; "
                          f"resume with {ran}, or use a new --out")
+    return before
 
 
 def _progress(enabled: bool, total: int, done: int):
