@@ -554,6 +554,17 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_p
     assert json.loads((stale / "config.json").read_text())["lr"] == tiny_cfg(stale).lr
 
 
+def test_a_run_that_stops_before_its_first_step_leaves_no_run_folder(tmp_path):
+    logged = []
+    for i, stop in enumerate(({"stop_at": 0}, {"max_minutes": 1e-12})):  # 1e-12 min: spent before step 1
+        res = train(tiny_cfg(tmp_path / "new" / str(i), **stop), log=logged.append, progress=False)
+        assert res.state["step"] == 0 and not (tmp_path / "new").exists()  # no config.json without a checkpoint
+    assert logged.count("stopped before its first step: nothing saved") == 2
+    train(tiny_cfg(tmp_path / "run", steps=2, ckpt_every=2), progress=False)
+    assert train(tiny_cfg(tmp_path / "run", steps=4, stop_at=0), progress=False).state["step"] == 2  # a resume
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002" and (tmp_path / "run" / "config.json").is_file()
+
+
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # bf16 autocast on CPU
 def test_train_twice_in_one_process_with_another_mixed_precision(tmp_path, monkeypatch):
     from accelerate import Accelerator

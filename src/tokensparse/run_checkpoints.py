@@ -147,16 +147,16 @@ def remove_partial_saves(out: Path) -> None:
 
 @contextmanager
 def discarded_unless_saved(out: Path, enabled: bool = True) -> Iterator[None]:
-    """Run a block that makes the run folder ``out``; if it raises before ``out`` holds a checkpoint, remove what
-    it wrote: ``config.json`` where there was none, and the folders it created (only while empty). A failed
-    first run thus leaves nothing that looks like a run folder. ``enabled``: the process that writes ``out``."""
+    """Run a block that makes the run folder ``out``; if it raises, or ends, before ``out`` holds a checkpoint
+    (it failed, or stopped before its first step: ``stop_at`` 0, a spent wall budget), remove what it wrote:
+    ``config.json`` where there was none, and the folders it created (only while empty). A first run that saved
+    nothing thus leaves nothing that looks like a run folder. ``enabled``: the process that writes ``out``."""
     path = Path(os.path.realpath(out))  # '..' resolved as the run resolves it (train: os.path.realpath)
     made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     config = path / "config.json"
     had_config = config.exists()
-    try:
-        yield
-    except BaseException:
+
+    def discard() -> None:
         if enabled and latest_checkpoint(path) is None:
             if not had_config:
                 config.unlink(missing_ok=True)
@@ -165,7 +165,13 @@ def discarded_unless_saved(out: Path, enabled: bool = True) -> Iterator[None]:
                     folder.rmdir()
                 except OSError:  # not empty (something else was put there), or never made
                     break
+
+    try:
+        yield
+    except BaseException:
+        discard()
         raise
+    discard()
 
 
 def read_part(ckpt: Path, name: str, read: Callable[[Path], Any]) -> Any:

@@ -12,8 +12,8 @@ Checkpoints are folders ``<out>/step_<k>/`` holding ``model.safetensors``, ``ema
 (the loss scaler's state, so a resumed fp16 run continues its scale); each is written to a
 temp folder and renamed, then ``<out>/latest`` is replaced atomically (:mod:`.run_checkpoints`). The resolved
 config is saved as ``<out>/config.json`` (a resumed run keeps the ``out`` it was started with, however the
-resume spells the folder's path); a run that fails before its first checkpoint removes it again (and the
-folders it made), so a later run into that folder starts fresh.
+resume spells the folder's path); a run that fails or stops before its first checkpoint removes it again (and
+the folders it made), so a later run into that folder starts fresh.
 
 The logged loss (``state["losses"]`` and the log line, every ``log_every`` steps) is the mean over all processes
 of their losses since the previous log: one all-reduce per log step. The progress bar shows the main process's
@@ -287,8 +287,9 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    """Run (or resume) a training run in ``cfg.out``; one that fails before its first checkpoint leaves no run
-    folder behind (:func:`.run_checkpoints.discarded_unless_saved`). It may be called again in the same process,
+    """Run (or resume) a training run in ``cfg.out``; one that fails or stops (``stop_at`` 0, a spent
+    ``max_minutes``) before its first checkpoint leaves no run folder behind
+    (:func:`.run_checkpoints.discarded_unless_saved`). It may be called again in the same process,
     with another ``mixed_precision`` too (:func:`.run_processes.accelerator`); accelerate's shared state is left
     as the call found it (:func:`.run_processes.run_accelerator`)."""
     out = Path(os.path.realpath(cfg.out))  # '..' as the kernel reads it, without making a missing 'a' of 'a/../b'
@@ -426,6 +427,8 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
             acc.wait_for_everyone()
     state["elapsed_s"] = time.time() - t_start
     state["step"] = step
+    if step == 0:  # stop_at 0, a spent wall budget: no checkpoint, so discarded_unless_saved leaves no run folder
+        log("stopped before its first step: nothing saved")
     if acc.is_main_process and step != saved:  # stopped early (stop_at, max_minutes) between checkpoints
         save_run_checkpoint(out, step, raw, ema, opt, state, config=recipe, scaler=acc.scaler)
     acc.wait_for_everyone()  # the last checkpoint is on disk before any process goes on (export, exit)
