@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 from typer.testing import CliRunner
 
@@ -33,8 +35,8 @@ def test_show_models_keeps_whole_names_on_a_narrow_terminal():
 @pytest.mark.parametrize("args, message", [
     (["demo", "--steps", "0"], "--steps must be >= 1"),
     (["demo", "--out", "{tmp}/x.jpg"], ".png"),
-    (["show", "tasks", "--per-task", "0", "--out", "{tmp}/t.png"], "per_task"),
-    (["show", "tasks", "--image-size", "20", "--out", "{tmp}/t.png"], "image"),
+    (["show", "tasks", "--per-task", "0", "--out", "{tmp}/t.png"], "--per-task must be >= 1"),
+    (["show", "tasks", "--image-size", "20", "--out", "{tmp}/t.png"], "--image-size must be"),
     (["show", "tasks", "--per-task", "100000", "--out", "{tmp}/t.png"], "at most 81 per task"),  # not an OOM kill
     (["show", "selection", "--ref", "{tmp}/notimg.png", "--out", "{tmp}/s.png"], "cannot identify"),
     (["show", "selection", "--ref", "{tmp}/notimg.png", "--model", "{tmp}/nope.safetensors", "--out", "{tmp}/s.png"],
@@ -52,6 +54,7 @@ def test_cli_bad_inputs_fail_in_one_line_and_write_nothing(tmp_path, args, messa
     ('{"lr": -1}', "lr must be > 0"),
     ('{"drop": {"keep_min": 0.9, "keep_max": 0.5}}', "keep_min must be in"),
     ('{"stepz": 10}', "stepz"),
+    ('{"steps": 0}', ": steps must be >= 1"),  # a recipe field keeps its name: no --steps was given
     ("[1, 2]", "JSON object"),
     ("{not json", "recipe"),
 ])
@@ -63,6 +66,36 @@ def test_train_rejects_a_bad_recipe_in_one_line(tmp_path, recipe, message):
     assert not (tmp_path / "run").exists()
 
 
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "tasks", "--per-task", "100000", "--out", "{tmp}/t.png"], "--per-task=100000 draws"),
+    (["show", "selection", "--ref", "{tmp}/r.png", "--keep", "2", "--out", "{tmp}/s.png"],
+     "error: --keep must be in (0.0, 1.0], got 2.0"),
+    (["show", "selection", "--ref", "{tmp}/r.png", "--selector", "nope", "--out", "{tmp}/s.png"],
+     "error: unknown --selector 'nope'"),
+    (["train", "--config", "{tmp}/r.json", "--steps", "0"], "error: --steps must be >= 1, got 0"),
+    (["train", "--config", "{tmp}/r.json", "--max-minutes", "0"], "error: --max-minutes must be > 0"),
+    (["train", "--config", "{tmp}/r.json", "--out", ""], "error: --out must name a run folder"),  # not '.'
+    (["train", "--config", "{tmp}/r.json", "--out", "{tmp}/r.png"], "error: --out {tmp}/r.png is a file"),
+    pytest.param(["generate", "-m", "x", "-p", "a", "--keep", "2"], "error: --keep must be in", marks=needs_diffusers),
+    pytest.param(["generate", "-m", "x", "-p", "a", "--seed", "-1"], "error: --seed must be in", marks=needs_diffusers),
+    pytest.param(["train-lora", "-m", "x", "--data", "{tmp}", "--out", "{tmp}/o", "--keep-min", "2"],
+                 "error: --keep-min must be in", marks=needs_diffusers),
+    pytest.param(["train-lora", "-m", "x", "--data", "{tmp}", "--out", "{tmp}/o", "--save-every", "0"],
+                 "error: --save-every must be >= 1", marks=needs_diffusers),
+])
+def test_cli_errors_name_the_flag_not_the_python_argument(tmp_path, args, message):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
+    res = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 1 and message.replace("{tmp}", str(tmp_path)) in res.output, res.output
+    assert "Traceback" not in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json"], ".safetensors"),
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/r.json/w.safetensors"], "is a file"),
@@ -71,7 +104,7 @@ def test_train_rejects_a_bad_recipe_in_one_line(tmp_path, recipe, message):
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/run/config.safetensors"], "own config.json"),
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/run/step_0000001/ema.safetensors"], "checkpoint folder"),
     (["bench", "speed", "--out", "{tmp}/r.json/x.json"], "is a file"),
-    (["show", "tasks", "--image-size", "0", "--out", "{tmp}/t.png"], "image_size"),
+    (["show", "tasks", "--image-size", "0", "--out", "{tmp}/t.png"], "--image-size"),
 ])
 def test_cli_checks_outputs_and_inputs_before_working(tmp_path, args, message):
     (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
@@ -227,7 +260,7 @@ def test_show_selection_attention_without_a_model_names_the_option(tmp_path):
         res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", selector,
                                        "--out", str(tmp_path / "s.png")])
         assert res.exit_code == 1 and "Traceback" not in res.output
-    assert "unknown selector 'nope'" in res.output
+    assert "unknown --selector 'nope'" in res.output
     res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", "attention",
                                    "--out", str(tmp_path / "s.png")])
     assert "give --model refdit-sparse" in res.output and "model='" not in res.output  # a flag, not a Python argument

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_checks import check_out, check_out_not_ref, check_png_out, fail
+from .cli_checks import check_out, check_out_not_ref, check_png_out, fail, flag_names
 
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
                   add_completion=False)
@@ -60,7 +60,7 @@ def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write.")
     try:
         save_task_grid(out, image_size=image_size, per_task=per_task)
     except (ValueError, OSError) as exc:  # OSError: the PNG could not be written
-        fail(str(exc))
+        fail(flag_names(str(exc), ("image_size", "per_task")))
     console.print(f"wrote {out}")
 
 
@@ -87,7 +87,7 @@ def show_selection(
     try:
         save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
     except (ValueError, OSError) as exc:  # OSError: unreadable image, missing checkpoint
-        fail(str(exc))
+        fail(flag_names(str(exc), ("selector", "keep", "prompt", "model")))
     console.print(f"wrote {out}")
 
 
@@ -109,8 +109,8 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
 @app.command()
 def train(
     config: Path = typer.Option(..., exists=True, dir_okay=False, help="Recipe JSON (see recipes/)."),
-    out: Path | None = typer.Option(None, help="Run folder (overrides the recipe's; default for a run folder's own "
-                                    "config.json: that folder); resumes if it has checkpoints."),
+    out: str | None = typer.Option(None, help="Run folder (overrides the recipe's; default for a run folder's own "
+                                   "config.json: that folder); resumes if it has checkpoints."),
     steps: int | None = typer.Option(None, help="Override the recipe's step count."),
     max_minutes: float | None = typer.Option(None, help="Stop and checkpoint once the run has trained this many "
                                              "minutes in all (earlier sessions of a resumed run count)."),
@@ -129,21 +129,21 @@ def train(
     if half and export is None:  # nothing else is stored in float16: without --export it would do nothing
         fail("--half sets the dtype of the --export weights; give --export PATH.safetensors too")
     if out is None and config.name == "config.json" and latest_checkpoint(config.parent) is not None:
-        out = config.parent  # a run folder's own config resumes that run (its out may be relative to another folder)
+        out = str(config.parent)  # a run folder's own config resumes that run (its out may be relative to elsewhere)
+    flags = {key: value for key, value in (("out", out), ("steps", steps), ("max_minutes", max_minutes))
+             if value is not None}  # a str --out: Path('') would be '.', and TrainConfig refuses an empty out
     try:
         raw = json.loads(config.read_text())
         if not isinstance(raw, dict):
             raise ValueError("must be a JSON object")
-        for key, value in (("out", str(out) if out else None), ("steps", steps), ("max_minutes", max_minutes)):
-            if value is not None:
-                raw[key] = value
-        cfg = TrainConfig.from_dict(raw)
+        cfg = TrainConfig.from_dict({**raw, **flags})
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
-        fail(f"recipe {config}: {exc}")
+        message = flag_names(str(exc), flags)
+        fail(message if message != str(exc) else f"recipe {config}: {exc}")  # a flag's value, else the recipe's
     resuming = latest_checkpoint(Path(cfg.out)) is not None
     if cfg.init is not None and not resuming and not init_path(cfg.init).exists():
         fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
-    check_out(Path(cfg.out), None, "out")
+    check_out(Path(cfg.out), None, "--out" if out is not None else f"recipe {config}: out")
     if export is not None:
         check_out(export, ".safetensors", "--export")
         if export.with_suffix(".json").resolve() == config.resolve():

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import typer
@@ -20,6 +21,19 @@ def fail(message: str) -> None:
     """Print ``error: message`` to stderr and exit with status 1 (every command's way to refuse)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def flag_names(message: str, names: Iterable[str]) -> str:
+    """A Python API error's ``message`` as the CLI reports it: each of ``names`` (arguments the user set with a flag,
+    ``--`` and the name with ``-`` for ``_``) written as that flag where the message names it as an argument --
+    ``keep_min must be ...`` -> ``--keep-min must be ...`` (at the start of the message or of a clause),
+    ``per_task=99`` -> ``--per-task=99``, ``unknown selector 'x'`` -> ``unknown --selector 'x'``. Other uses of the
+    word, and flags the message already names, stay as they are."""
+    for name in names:
+        word = re.escape(name)
+        pattern = rf"(?:^|(?<=[:;(,] )){word}(?= must\b)|(?:^|(?<=[\s(])){word}(?==)|(?<=\bunknown ){word}(?= )"
+        message = re.sub(pattern, "--" + name.replace("_", "-"), message)
+    return message
 
 
 def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:

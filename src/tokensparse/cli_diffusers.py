@@ -36,6 +36,7 @@ from .cli_checks import (
     check_placeholders,
     check_png_out,
     fail,
+    flag_names,
     model_index,
     pipeline_class,
 )
@@ -147,7 +148,7 @@ def generate(
     try:
         cfg = SparseContextConfig(keep=keep, selector=selector, seed=seed, cache=cache, proportional=proportional)
     except (TypeError, ValueError) as exc:
-        fail(str(exc))
+        fail(flag_names(str(exc), ("keep", "selector", "seed")))
     if proportional and cache:
         fail("--proportional cannot be combined with --cache (FLUX.2's K/V processors drop the attention mask that "
               "carries the bias)")
@@ -306,7 +307,7 @@ def train_lora(
         examples = load_examples(data)
         resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:
-        fail(str(exc))
+        fail(flag_names(str(exc), ("steps", "lr", "rank", "keep_min", "resolution", "seed", "save_every")))
     check_model(model)
     local = Path(model).is_dir()
     from .integrations.diffusers_lora import SUPPORTED

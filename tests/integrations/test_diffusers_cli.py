@@ -78,10 +78,10 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
     [
         ({"--ref": "missing.png"}, "does not exist"),
         ({"--ref": "d.png"}, "is a folder"),
-        ({"--keep": "1.5"}, "keep must be in"),
+        ({"--keep": "1.5"}, "--keep must be in"),
         ({"--merge": "1"}, "--merge must be in"),
         ({"--guidance": "nan"}, "--guidance must be a finite number"),
-        ({"--selector": "nope"}, "unknown selector"),
+        ({"--selector": "nope"}, "unknown --selector"),
         ({"--model": "./no/such/dir"}, "not a pipeline directory"),
         ({"--model": "refdit-sparse"}, "is a RefDiT"),
         ({"--model": ""}, "--model must name a local pipeline folder or a Hub id"),  # was HF's repo-id error
