@@ -173,6 +173,9 @@ def test_train_resumes_a_run_from_its_own_config_and_keeps_its_recipe(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert CliRunner().invoke(app, ["train", "--config", "runs/base/config.json", "--steps", "4"]).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "runs"] and (run / "step_0000004").is_dir()
+    res = CliRunner().invoke(app, ["train", "--config", "runs/base/config.json", "--steps", "3"])
+    assert res.exit_code == 1 and "error: run folder" in res.output  # the flag's value, not the recipe's
+    assert "past --steps=3: give --steps=4 or more" in res.output
     edited = json.dumps({**before, "steps": 5, "lr": 0.01})  # a change the run cannot take: refused, not written
     (run / "config.json").write_text(edited)
     res = CliRunner().invoke(app, ["train", "--config", "runs/base/config.json"])

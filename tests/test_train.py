@@ -359,7 +359,7 @@ def test_a_run_folder_of_another_model_is_refused_before_it_is_touched(tmp_path)
     with pytest.raises(ValueError, match="started with another recipe \\(model 'refdit-tiny' -> 'refdit-s'\\)"):
         train(tiny_cfg(tmp_path / "run", steps=4, model="refdit-s"), progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == saved  # the run can still be resumed / exported
-    with pytest.raises(ValueError, match="at step 2, past the recipe's steps=1"):  # would silently not train
+    with pytest.raises(ValueError, match="at step 2, past steps=1: give steps=2 or more"):  # would silently not train
         train(tiny_cfg(tmp_path / "run", steps=1), progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == saved
     export_ema(tmp_path / "run", tmp_path / "w.safetensors")

@@ -138,8 +138,7 @@ def train(
             raise ValueError("must be a JSON object")
         cfg = TrainConfig.from_dict({**raw, **flags})
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
-        message = flag_names(str(exc), flags)
-        fail(message if message != str(exc) else f"recipe {config}: {exc}")  # a flag's value, else the recipe's
+        fail(_recipe_error(config, exc, flags))
     resuming = latest_checkpoint(Path(cfg.out)) is not None
     if cfg.init is not None and not resuming and not init_path(cfg.init).exists():
         fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
@@ -154,7 +153,7 @@ def train(
     try:
         state = run_training(cfg, log=console.print).state
     except ValueError as exc:  # a bad init, another recipe or architecture in the run folder, a diverged loss
-        fail(f"recipe {config}: {exc}")
+        fail(_recipe_error(config, exc, flags))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one process reports and exports (training waited for the save)
@@ -170,6 +169,13 @@ def train(
         except OSError as exc:  # disk full, a folder that vanished: the run folder keeps its checkpoints
             fail(f"--export: {exc}")
         console.print(f"wrote {export}")
+
+
+def _recipe_error(config: Path, exc: Exception, flags: dict) -> str:
+    """How ``train`` reports ``exc``: naming the flag where it is about a value one of ``flags`` set (--steps 0),
+    else as the recipe's."""
+    message = flag_names(str(exc), flags)
+    return message if message != str(exc) else f"recipe {config}: {exc}"
 
 
 @app.command()

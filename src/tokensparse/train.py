@@ -322,8 +322,8 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
     if ckpt is not None:
         state = {**saved_state, "num_processes": acc.num_processes}
         if state["step"] > cfg.steps:  # checked before config.json is rewritten: the run folder stays as it was
-            raise ValueError(f"run folder {out} is at step {state['step']}, past the recipe's steps={cfg.steps}; "
-                             "give steps >= that to train on, or a new --out")
+            raise ValueError(f"run folder {out} is at step {state['step']}, past steps={cfg.steps}: give "
+                             f"steps={state['step']} or more to train on, or a new --out")
         weights = read_part(ckpt, "model.safetensors", read_safetensors)
         try:
             load_into(model, weights)
