@@ -268,8 +268,8 @@ def train_lora(
         str, typer.Option("--model", "-m", help="Flux2KleinPipeline: Hub id or local directory")
     ],
     data: Annotated[Path, typer.Option(help="folder of examples: <name>/ref*.png, target.png, prompt.txt")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the LoRA weights and checkpoints (a "
-                                      "run of the same recipe there resumes)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder for the LoRA weights and checkpoints (a "
+                                     "run of the same recipe there resumes)")],
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 500,
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
@@ -299,6 +299,9 @@ def train_lora(
         train_lora_sparse,
     )
 
+    if not out.strip():  # a str: Path('') would be '.', and train into the current directory
+        fail("--out must name a folder for the LoRA run, got ''")
+    out = Path(out)
     check_out(out, None)
     try:
         cfg = LoraTrainConfig(

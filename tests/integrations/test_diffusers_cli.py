@@ -358,3 +358,13 @@ def test_a_model_index_that_is_not_a_json_object_is_refused_before_loading(app, 
     res = CliRunner().invoke(app, ["train-lora", "--model", str(folder), "--data", str(tmp_path / "data"),
                                    "--out", str(tmp_path / "lora")])
     assert res.exit_code == 1 and not loads and message in res.stderr, res.output
+
+
+def test_train_lora_refuses_an_empty_out(app, tmp_path, monkeypatch):
+    from tokensparse.cli_diffusers import train_lora
+
+    monkeypatch.chdir(tmp_path)  # an empty --out was read as '.', and trained into the current directory
+    app.command("train-lora")(train_lora)
+    res = CliRunner().invoke(app, ["train-lora", "--model", "some/model", "--data", str(tmp_path), "--out", ""])
+    assert res.exit_code == 1 and "--out must name a folder" in res.stderr, res.output
+    assert list(tmp_path.iterdir()) == []
