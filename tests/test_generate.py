@@ -44,3 +44,26 @@ def test_random_selection_draws_the_same_tokens_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert again.dtype == torch.float32 and torch.equal(again, draw)
+
+
+def test_a_model_whose_weights_are_not_loaded_is_named_before_any_work():
+    # a model built under torch.device("meta") failed deep in the sampler ("Tensor.item() cannot be called on meta
+    # tensors"); one loaded with assign=True kept its meta target_ids, and to_empty() left them uninitialised:
+    # the images came out silently wrong
+    with torch.device("meta"):
+        meta = ts.build_model("refdit-tiny")
+    with pytest.raises(ValueError, match=r"model \(a RefDiT\) has its weights on the meta device \(not loaded\): "
+                                         r"\d+ of its \d+ parameters, e.g. patch_embed.weight"):
+        ts.generate(meta, make_refs(1), "place", steps=1)
+    torch.manual_seed(0)
+    state = randomize(ts.build_model("refdit-tiny")).state_dict()
+    meta.load_state_dict(state, assign=True)
+    with pytest.raises(ValueError, match="buffer target_ids on the meta device: it is made when the model is built"):
+        ts.generate(meta, make_refs(1), "place", steps=1)
+    with torch.device("meta"):
+        empty = ts.build_model("refdit-tiny")
+    empty = empty.to_empty(device="cpu")
+    empty.load_state_dict(state)
+    empty.target_ids.fill_(7)  # to_empty's memory: whatever was there
+    with pytest.raises(ValueError, match="buffer target_ids holding other values than the target's position ids"):
+        ts.generate(empty, make_refs(1), "place", steps=1)

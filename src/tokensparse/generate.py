@@ -16,7 +16,7 @@ from .guidance import Branch, CFGConfig, GuidanceConfig, SparseGuidanceConfig, g
 from .images import ImageLike, batch_images
 from .models.refdit import RefDiT
 from .selection import topk_mask
-from .tokens import TokenSeq, subset
+from .tokens import TokenSeq, grid_ids, subset
 from .vocab import tokenize
 
 
@@ -76,6 +76,7 @@ def generate(
         hint = (": pass the RefDiT itself (compile in place with model.compile() instead of torch.compile(model))"
                 if isinstance(getattr(model, "_orig_mod", None), RefDiT) else "")
         raise TypeError(f"generate expects a RefDiT, got {type(model).__name__}{hint}")
+    _check_loaded(model)
     checks.choice("sampler", sampler, SAMPLERS)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
@@ -158,6 +159,24 @@ def generate(
     x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)
     x0 = SAMPLERS[sampler](denoise, x, timesteps(steps, shift).to(device), callback)
     return ((x0 + 1) / 2).clamp(0, 1)
+
+
+def _check_loaded(model: RefDiT) -> None:
+    """``ValueError`` unless ``model``'s parameters and buffers hold data: not on the meta device, and the target
+    position ids (``target_ids``, made at construction, not loaded with the weights) intact."""
+    params = [name for name, p in model.named_parameters() if p.is_meta]
+    if params:
+        raise ValueError(f"model (a RefDiT) has its weights on the meta device (not loaded): {len(params)} of its "
+                         f"{len(list(model.parameters()))} parameters, e.g. {params[0]}; build it on a real device "
+                         "(not under torch.device('meta')) and load its weights (ts.load_model, or "
+                         "model.load_state_dict(state))")
+    grid = model.config.grid
+    if model.target_ids.is_meta or not torch.equal(model.target_ids.cpu(), grid_ids(0, grid, grid)):
+        problem = ("on the meta device" if model.target_ids.is_meta else
+                   "holding other values than the target's position ids (to_empty() leaves it uninitialised)")
+        raise ValueError(f"model (a RefDiT) has its buffer target_ids {problem}: it is made when the model is built, "
+                         "not loaded with the weights; build the RefDiT on a real device (not under "
+                         "torch.device('meta')), then load its weights with model.load_state_dict(state)")
 
 
 def _checked_guidance(model: RefDiT, guidance: GuidanceConfig) -> GuidanceConfig:
