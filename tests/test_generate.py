@@ -67,3 +67,41 @@ def test_a_model_whose_weights_are_not_loaded_is_named_before_any_work():
     empty.target_ids.fill_(7)  # to_empty's memory: whatever was there
     with pytest.raises(ValueError, match="buffer target_ids holding other values than the target's position ids"):
         ts.generate(empty, make_refs(1), "place", steps=1)
+
+
+def test_a_model_with_other_channel_counts_takes_references_with_its_own():
+    # every reference was made RGB, so a RefDiT built with channels=1 or 4 refused any reference ("reference 0 has
+    # shape (1, 3, 16, 16); expected (B, 1, H, W)") even one with its own channel count
+    import numpy as np
+    from PIL import Image
+
+    for channels, mode in ((1, "L"), (4, "RGBA")):
+        torch.manual_seed(0)
+        model = randomize(ts.build_model("refdit-tiny", channels=channels, ref_attends_target=False))
+        ref = torch.rand(channels, 16, 16, generator=torch.Generator().manual_seed(1)).mul(255).round().div(255)
+        u8 = (ref * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, C)
+        dense = ts.generate(model, [ref], "place", steps=2)
+        assert dense.shape == (1, channels, 16, 16)
+        assert not torch.equal(dense, ts.generate(model, [], "place", steps=2))  # the reference is seen
+        pil = Image.fromarray(u8[..., 0] if channels == 1 else u8, mode)
+        for same in (u8, torch.from_numpy(u8), ref[None], pil):  # (H, W, C) uint8, a batch, a PIL image
+            assert torch.allclose(ts.generate(model, [same], "place", steps=2), dense, atol=1e-6)
+        pair = ts.generate(model, [torch.stack([ref, ref.flip(-1)])], ["place", "place"], steps=2)
+        assert torch.allclose(pair[:1], dense, atol=1e-5)  # batch-independent noise: sample 0 as alone
+        sparse = ts.SparseContextConfig(keep=0.5, selector="auto", cache=True, proportional=True)
+        ts.apply_sparse_context(model, sparse)
+        ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=0.5))
+        guided = ts.generate(model, [ref], "place", steps=2, guidance=ts.SparseGuidanceConfig(2.0, 0, 0, weak_keep=0.5))
+        assert guided.shape == dense.shape and not torch.allclose(guided, dense, atol=1e-4)
+        ts.remove_token_merging(model)
+        ts.remove_sparse_context(model)
+        assert torch.equal(ts.generate(model, [ref], "place", steps=2), dense)
+        with pytest.raises(ValueError, match=rf"reference 1 has shape \(3, 16, 16\); this model takes {channels}-"):
+            ts.generate(model, [ref, torch.rand(3, 16, 16)], "place", steps=1)
+        with pytest.raises(ValueError, match="reference 0 is a PIL image in mode 'RGB'; this model takes"):
+            ts.generate(model, [pil.convert("RGB")], "place", steps=1)
+        with pytest.raises(ValueError, match=r"reference 0: image values must be in \[0, 1\]"):
+            ts.generate(model, [ref * 2], "place", steps=1)
+    gray = np.full((16, 16), 128, dtype=np.uint8)
+    rgb = ts.generate(randomize(ts.build_model("refdit-tiny")), [Image.fromarray(gray)], "place", steps=1)
+    assert rgb.shape == (1, 3, 16, 16)  # an RGB model still takes a grayscale reference, made RGB

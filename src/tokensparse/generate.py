@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from . import checks
@@ -13,7 +15,7 @@ from .api import sparse_context_config
 from .flow import SAMPLERS, check_shift, noise_like, timesteps
 from .generation import begin_generation
 from .guidance import Branch, CFGConfig, GuidanceConfig, SparseGuidanceConfig, guided
-from .images import ImageLike, batch_images
+from .images import ImageLike, batch_images, to_tensor
 from .models.refdit import RefDiT
 from .selection import topk_mask
 from .tokens import TokenSeq, grid_ids, subset
@@ -37,6 +39,55 @@ def random_keep(seq: TokenSeq, keep: float, generator: torch.Generator) -> Tenso
     return mask.to(seq.tokens.device)
 
 
+_GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # one-band PIL modes holding values (not "P")
+
+
+def _references(images: list[ImageLike], channels: int) -> list[Tensor]:
+    """References -> a list of ``(B, channels, H, W)`` float32 tensors in [0, 1], values read as
+    :func:`~tokensparse.images.to_tensor` reads them.
+
+    ``channels=3`` (RGB) is :func:`~tokensparse.images.batch_images`: 1- and 4-channel images are made RGB. For any
+    other count a reference must have exactly ``channels`` channels: ``(C, H, W)`` or ``(H, W, C)`` (``(H, W)`` for
+    one), a batch ``(B, C, H, W)`` / ``(B, H, W, C)``, or a PIL image with that many bands (``"L"``, ``"I;16"``...
+    for 1, ``"RGBA"`` for 4). ``ValueError`` naming the reference otherwise.
+    """
+    if channels == 3:
+        return batch_images(images)
+    return [_reference(image, channels, i) for i, image in enumerate(images)]
+
+
+def _reference(image: ImageLike, channels: int, i: int) -> Tensor:
+    """Reference ``i`` of a model taking ``channels`` (not 3) channels -> ``(B, channels, H, W)``."""
+    want = f"this model takes {channels}-channel images"
+    if isinstance(image, Image.Image):
+        bands = 1 if image.mode in _GRAY_MODES else None if image.mode in ("P", "PA") else len(image.getbands())
+        if bands != channels:
+            hint = ": convert it with image.convert('L')" if channels == 1 else ""
+            raise ValueError(f"reference {i} is a PIL image in mode {image.mode!r}; {want}{hint}")
+        if channels == 1:
+            return to_tensor(image)[None, :1]
+        image = np.asarray(image)
+    if not isinstance(image, (np.ndarray, Tensor)):
+        raise TypeError(f"reference {i}: expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    single = len(shape) in (2, 3)
+    x = image[None] if single else image  # a batch (B, ...)
+    if x.ndim == 3 and channels == 1:  # (1, H, W)
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1] != channels and x.shape[-1] == channels:  # channels last
+        x = np.moveaxis(x, -1, 1) if isinstance(x, np.ndarray) else x.movedim(-1, 1)
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"reference {i} has shape {shape}; {want}: (C, H, W) or (H, W, C)"
+                         f"{' or (H, W)' if channels == 1 else ''}, or a batch (B, C, H, W) / (B, H, W, C), "
+                         f"with C = {channels}")
+    b, _, h, w = x.shape
+    try:  # one 2-D image: to_tensor's value rules (and range checks) over the whole reference at once
+        t = to_tensor(x.reshape(b * channels * h, w))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"reference {i}: {exc}") from None
+    return t[0].reshape(b, channels, h, w)
+
+
 @torch.no_grad()
 def generate(
     model: RefDiT,
@@ -50,10 +101,12 @@ def generate(
     callback: Callable[[int, Tensor], None] | None = None,
     guidance: GuidanceConfig | None = None,
 ) -> Tensor:
-    """Generate ``(B, 3, H, W)`` images in [0, 1].
+    """Generate ``(B, C, H, W)`` images in [0, 1], ``C = model.config.channels`` (3: RGB).
 
     references: PIL images, arrays or tensors in [0, 1], each one image (``(3, H, W)``, ``(H, W, 3)``, ...) or a
-        batch (a 4-D tensor or array, ``(B, 3, H, W)`` / ``(B, H, W, 3)``); may be empty.
+        batch (a 4-D tensor or array, ``(B, 3, H, W)`` / ``(B, H, W, 3)``); may be empty. Grayscale and RGBA
+        images are made RGB; a model with ``channels`` other than 3 takes references with exactly that many
+        channels (``(C, H, W)``, ``(H, W, C)``, ``(H, W)`` for one, batches; PIL images with that many bands).
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
     steps: denoising steps (Euler steps of the rectified flow from noise at ``t = 1`` to ``t = 0``), >= 1.
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
@@ -66,7 +119,7 @@ def generate(
     shift: timestep shift (``tokensparse.flow.timesteps``): ``> 1`` spends more steps near noise; in
         ``[1e-4, 1e4]``.
     sampler: a name from ``tokensparse.flow.SAMPLERS`` (``"euler"``).
-    callback: called as ``callback(step, x)`` after each step (``step`` from 0) with the current ``(B, 3, H, W)``
+    callback: called as ``callback(step, x)`` after each step (``step`` from 0) with the current ``(B, C, H, W)``
         sample in the model's scale (images in ``[-1, 1]``), or ``None``.
     guidance: a :class:`~tokensparse.guidance.CFGConfig` or :class:`~tokensparse.guidance.SparseGuidanceConfig`
         (routing needs a model built with ``route_span``); ``None`` = one conditional dense pass per step.
@@ -98,7 +151,7 @@ def generate(
     if guidance is not None:
         guidance = _checked_guidance(model, guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    refs = batch_images(list(references))
+    refs = _references(list(references), model.config.channels)
     if not refs and isinstance(guidance, SparseGuidanceConfig) and guidance.strong == guidance.weak \
             and not guidance.null_weak:
         raise ValueError("this SparseGuidanceConfig weakens its weak branch only by weak_keep (fewer reference "
