@@ -105,3 +105,25 @@ def test_a_model_with_other_channel_counts_takes_references_with_its_own():
     gray = np.full((16, 16), 128, dtype=np.uint8)
     rgb = ts.generate(randomize(ts.build_model("refdit-tiny")), [Image.fromarray(gray)], "place", steps=1)
     assert rgb.shape == (1, 3, 16, 16)  # an RGB model still takes a grayscale reference, made RGB
+
+
+def test_a_routing_rate_that_routes_every_target_token_and_a_bad_seed_are_named_before_any_work():
+    import numpy as np
+
+    model = randomize(ts.build_model("refdit-tiny", ref_attends_target=False, route_span=(0, 2)))  # 16 tokens
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    for name, kw in (("weak", dict(strong=0.0, weak=0.97)), ("strong", dict(strong=0.99, weak=0.99, null_weak=True))):
+        # the first step failed with the layer's "route 0.97 routes all 16 target tokens", naming no argument
+        with pytest.raises(ValueError, match=rf"guidance {name}=0.9\d routes all 16 target tokens of this model "
+                                             r"around its route span; give a rate below 0.9688"):
+            ts.generate(model, [], "place", steps=2, guidance=ts.SparseGuidanceConfig(**kw))
+    for seed, err, message in ((np.arange(2), TypeError, "seed must be an int or a list of ints, got ndarray"),
+                               (range(2), TypeError, "seed must be an int or a list of ints, got range"),
+                               ([0, np.array(1)], TypeError, r"seed\[1\] must be an int, got ndarray"),
+                               ([0, -1], ValueError, r"seed\[1\] must be in \[0, ")):
+        with pytest.raises(err, match=message):
+            ts.generate(model, [], ["place", "place"], steps=1, seed=seed)
+    assert not calls
+    out = ts.generate(model, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=0.0, weak=0.96))
+    assert out.shape == (1, 3, 16, 16)  # 0.96 of 16 tokens routes 15: one goes through the span

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -138,10 +139,14 @@ def generate(
         raise ValueError(f"generate runs float32 models, this one is {dtype}: call model.float() first")
     steps = checks.integer("steps", steps, lo=1)
     shift = check_shift(shift)
-    seed_list = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-    if not seed_list:
-        raise ValueError("seed must be an int or a non-empty list of ints, got []")
-    seed_list = [checks.seed("seed", s) for s in seed_list]
+    if isinstance(seed, (list, tuple)):
+        if not seed:
+            raise ValueError("seed must be an int or a non-empty list of ints, got []")
+        seed_list = [checks.seed(f"seed[{i}]", s) for i, s in enumerate(seed)]
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
+    else:
+        seed_list = [checks.seed("seed", seed)]
     if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
                                          and all(isinstance(p, str) for p in prompt))):
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
@@ -240,4 +245,10 @@ def _checked_guidance(model: RefDiT, guidance: GuidanceConfig) -> GuidanceConfig
     if any(b.gamma > 0 for b in guidance.branches()) and model.config.route_span is None:
         raise ValueError("this guidance routes tokens (strong/weak > 0), which needs a model built with "
                          "route_span (e.g. refdit-routed)")
+    n = model.config.grid ** 2  # routed rates drop round(rate * n) of the n target tokens; one must stay
+    for name in ("strong", "weak") if isinstance(guidance, SparseGuidanceConfig) else ():
+        rate = getattr(guidance, name)
+        if n - int(round(rate * n)) < 1:
+            raise ValueError(f"guidance {name}={rate} routes all {n} target tokens of this model around its route "
+                             f"span; give a rate below {1 - 0.5 / n:.4g}")
     return guidance
