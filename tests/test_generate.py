@@ -127,3 +127,14 @@ def test_a_routing_rate_that_routes_every_target_token_and_a_bad_seed_are_named_
     assert not calls
     out = ts.generate(model, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=0.0, weak=0.96))
     assert out.shape == (1, 3, 16, 16)  # 0.96 of 16 tokens routes 15: one goes through the span
+
+
+def test_a_reference_batch_that_fits_neither_the_prompts_nor_the_other_references_is_named():
+    # the model's check said "reference 0 has batch 2; the target has batch 3", a target the caller never gave
+    model = randomize(ts.build_model("refdit-tiny"))
+    with pytest.raises(ValueError, match=r"reference 0 is a batch of 2 images, but this call's batch is 3 "
+                                         r"\(prompts: 3, images per reference: \[2\]\): give each reference 1 image"):
+        ts.generate(model, make_refs(1, batch=2), ["place"] * 3, steps=1)
+    with pytest.raises(ValueError, match=r"reference 1 is a batch of 2 .* \(prompts: 1, images per reference: "
+                                         r"\[1, 2, 3\]\)"):
+        ts.generate(model, make_refs(1) + make_refs(1, batch=2) + make_refs(1, batch=3), "place", steps=1)

@@ -162,12 +162,18 @@ def generate(
         raise ValueError("this SparseGuidanceConfig weakens its weak branch only by weak_keep (fewer reference "
                          "tokens) and this call has no references: both branches would be the same; set "
                          "strong < weak or null_weak, or pass no guidance")
-    batch = max([len(prompts)] + [r.shape[0] for r in refs])
+    sizes = [len(prompts)] + [r.shape[0] for r in refs]  # the batch: the most prompts or reference images
+    batch = max(sizes)
     if len(prompts) == 1:
         prompts = prompts * batch
     refs = [r.expand(batch, -1, -1, -1) if r.shape[0] == 1 else r for r in refs]
     if len(prompts) != batch:
         raise ValueError(f"{len(prompts)} prompts for a batch of {batch} references")
+    for i, r in enumerate(refs):
+        if r.shape[0] != batch:  # say where the batch comes from (the model's check names only "the target")
+            raise ValueError(f"reference {i} is a batch of {r.shape[0]} images, but this call's batch is {batch} "
+                             f"(prompts: {sizes[0]}, images per reference: {sizes[1:]}): give each reference 1 image "
+                             f"or {batch}")
     if isinstance(seed, (list, tuple)) and len(seed_list) != batch:
         raise ValueError(f"{len(seed_list)} seeds for a batch of {batch}")
 
