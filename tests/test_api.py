@@ -129,6 +129,18 @@ def test_bad_targets_and_inputs(tiny):
         ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.5, cache=True))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, on importing its compiler
+def test_a_torch_compile_wrapper_is_refused_with_the_way_out(tiny):
+    # the message ended "got OptimizedModule" after the list of pipelines, as ts.generate's did before it gave a hint
+    compiled = torch.compile(tiny)
+    for method in (ts.apply_sparse_context, ts.remove_sparse_context):
+        args = (ts.SparseContextConfig(keep=0.5),) if method is ts.apply_sparse_context else ()
+        with pytest.raises(TypeError, match=r"got OptimizedModule: pass the RefDiT itself \(compile in place with "
+                                            r"\.compile\(\) instead of torch\.compile\(\.\.\.\)\)"):
+            method(compiled, *args)
+    assert not tiny.ref_embedder._forward_hooks
+
+
 def test_pil_references_accepted(tiny):
     from tokensparse.images import to_pil
 

@@ -40,9 +40,12 @@ def _is_diffusers(target: Any) -> bool:
 def _unsupported(target: Any, method: str) -> TypeError:
     from .integrations.diffusers_models import PIPELINES
 
+    inner = getattr(target, "_orig_mod", None)  # torch.compile(model): hooks belong on the model itself
+    hint = (f": pass the {type(inner).__name__} itself (compile in place with .compile() instead of torch.compile(...))"
+            if isinstance(inner, torch.nn.Module) else "")
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers pipeline ({', '.join(PIPELINES)}) or its "
-        f"transformer; got {type(target).__name__}"
+        f"transformer; got {type(target).__name__}{hint}"
     )
 
 
