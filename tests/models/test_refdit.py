@@ -332,3 +332,11 @@ def test_ref_keep_under_an_applied_sparse_context_names_the_hook(tiny):
     finally:
         ts.remove_sparse_context(tiny)
     assert torch.equal(tiny(x, 0.5, refs, p, ref_keep=keep), dropped)
+
+
+@torch.no_grad()
+def test_a_ref_keep_that_is_not_a_tensor_is_named(tiny):
+    # a list of lists failed in tokens.subset with "'list' object has no attribute 'shape'"
+    x, p, refs = torch.randn(1, 3, 16, 16), tokenize(["place"]), [r * 2 - 1 for r in make_refs(1)]
+    with pytest.raises(TypeError, match=r"ref_keep must be a \(B, N\) bool tensor or None, got list"):
+        tiny(x, 0.5, refs, p, ref_keep=[[True] * tiny.config.grid ** 2])

@@ -349,6 +349,8 @@ class RefDiT(nn.Module):
         cfg = self.config
         t = self.check_call(x, t, prompt_ids)
         b = x.shape[0]
+        if ref_keep is not None and not isinstance(ref_keep, Tensor):
+            raise TypeError(f"ref_keep must be a (B, N) bool tensor or None, got {type(ref_keep).__name__}")
         if context_kv is None:
             refs_seq = self.embed_references(refs, b, prompt_ids)
             if ref_keep is not None and refs_seq is not None:
