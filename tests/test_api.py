@@ -139,6 +139,14 @@ def test_a_torch_compile_wrapper_is_refused_with_the_way_out(tiny):
                                             r"\.compile\(\) instead of torch\.compile\(\.\.\.\)\)"):
             method(compiled, *args)
     assert not tiny.ref_embedder._forward_hooks
+    with pytest.raises(TypeError, match=r"got OptimizedModule: pass the RefDiT itself"):  # token merging alike
+        ts.apply_token_merging(compiled, ts.TokenMergingConfig(ratio=0.5))
+    cfgs = {ts.apply_sparse_context: ts.SparseContextConfig(keep=0.5),
+            ts.apply_token_merging: ts.TokenMergingConfig(ratio=0.5)}
+    for method, cfg in cfgs.items():  # no hint where the wrapped model is refused too
+        with pytest.raises(TypeError) as err:
+            method(torch.compile(torch.nn.Linear(2, 2)), cfg)
+        assert str(err.value).endswith("got OptimizedModule"), str(err.value)
 
 
 def test_pil_references_accepted(tiny):

@@ -177,6 +177,15 @@ def test_sparse_guidance_in_generate_equals_two_separate_passes(routed):
     assert torch.equal(out, ((x0 + 1) / 2).clamp(0, 1))
 
 
+def test_an_interval_given_as_an_array_is_its_pair():
+    import numpy as np
+
+    for pair in (np.array([0.2, 0.5]), torch.tensor([0.2, 0.5], dtype=torch.float64)):  # was "must be a pair"
+        assert CFGConfig(interval=pair).interval == (0.2, 0.5)
+    with pytest.raises(TypeError, match="interval"):
+        CFGConfig(interval=np.array([0.1, 0.2, 0.3]))
+
+
 @pytest.mark.parametrize("cls, kw, err", [
     (CFGConfig, dict(scale=float("nan")), ValueError), (CFGConfig, dict(scale="2"), TypeError),
     (CFGConfig, dict(interval=(0.1,)), TypeError), (CFGConfig, dict(interval=("a", "b")), TypeError),

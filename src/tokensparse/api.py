@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .context import SparseContextConfig, sparsify
-from .generation import reset_if_compiled
+from .generation import compile_hint, reset_if_compiled
 from .models.layers import gated_add, joint_mask, modulate, patchify, rope_angles, timestep_embedding
 from .models.refdit import RefDiT
 from .selection import RefView, needs_probe
@@ -40,12 +40,10 @@ def _is_diffusers(target: Any) -> bool:
 def _unsupported(target: Any, method: str) -> TypeError:
     from .integrations.diffusers_models import PIPELINES
 
-    inner = getattr(target, "_orig_mod", None)  # torch.compile(model): hooks belong on the model itself
-    hint = (f": pass the {type(inner).__name__} itself (compile in place with .compile() instead of torch.compile(...))"
-            if isinstance(inner, torch.nn.Module) else "")
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers pipeline ({', '.join(PIPELINES)}) or its "
-        f"transformer; got {type(target).__name__}{hint}"
+        f"transformer; got {type(target).__name__}"
+        f"{compile_hint(target, lambda m: _refdit_of(m) is not None or _is_diffusers(m))}"
     )
 
 

@@ -106,6 +106,15 @@ def state_without_pipelines(obj: Any) -> dict:
     return state
 
 
+def compile_hint(target: Any, accepts: Callable[[torch.nn.Module], bool]) -> str:
+    """The end of a refusal of ``target`` where it is a ``torch.compile(model)`` wrapper of a model the refusing
+    method ``accepts`` (hooks belong on the model itself): what to pass instead; ``""`` for anything else."""
+    inner = getattr(target, "_orig_mod", None)
+    if not isinstance(inner, torch.nn.Module) or not accepts(inner):
+        return ""
+    return f": pass the {type(inner).__name__} itself (compile in place with .compile() instead of torch.compile(...))"
+
+
 def reset_if_compiled(model: torch.nn.Module, method: str) -> None:
     """Reset ``torch.compile`` after ``method`` changed hooks inside ``model``, if it (or a sub-module) is compiled.
 

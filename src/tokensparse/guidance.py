@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,6 +111,8 @@ GuidanceConfig = CFGConfig | SparseGuidanceConfig
 def _check_interval(interval: object) -> tuple[float, float] | None:
     if interval is None:
         return None
+    if isinstance(interval, (np.ndarray, Tensor)) and interval.ndim == 1:  # a pair as an array: its numbers
+        interval = interval.tolist()
     if not isinstance(interval, (tuple, list)) or len(interval) != 2:
         raise TypeError(f"interval must be a (lo, hi) pair or None, got {interval!r}")
     lo, hi = checks.real("interval[0]", interval[0]), checks.real("interval[1]", interval[1])

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from ..generation import on_generation_start, remove_generation_callback, reset_if_compiled
+from ..generation import compile_hint, on_generation_start, remove_generation_callback, reset_if_compiled
 from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
@@ -104,7 +104,7 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / LongCat-Image / Chroma / Ovis-Image / Bria / "
         f"Qwen-Image / Z-Image / Lumina 2 / CogView4 transformer, or a pipeline with .unet / .transformer holding "
-        f"one; got {got}"
+        f"one; got {got}{compile_hint(target, lambda m: merging_supports(m) is None)}"
     )
 
 

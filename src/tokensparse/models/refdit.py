@@ -186,8 +186,9 @@ class RefDiT(nn.Module):
 
     def embed_references(self, refs: list[Tensor] | TokenSeq | None, batch: int,
                          prompt_ids: Tensor | None = None) -> TokenSeq | None:
-        """Images ``[(B, 3, H, W)] in [-1, 1]`` -> reference tokens (through ``ref_embedder``'s hooks, which
-        are given ``prompt_ids``: prompt-aware selection reads it; ``None`` = no prompt)."""
+        """Images ``[(B, C, H, W)] in [-1, 1]`` (C: ``config.channels``) -> reference tokens (through
+        ``ref_embedder``'s hooks, which are given ``prompt_ids``: prompt-aware selection reads it; ``None`` = no
+        prompt)."""
         if isinstance(refs, TokenSeq):
             if refs.tokens.dim() != 3 or refs.tokens.shape[0] != batch or refs.tokens.shape[2] != self.config.dim:
                 raise ValueError(f"reference tokens must be (B, N, D) with B = {batch} and D = {self.config.dim}, "
@@ -196,7 +197,7 @@ class RefDiT(nn.Module):
         if refs is None:
             return None
         if not isinstance(refs, (list, tuple)):
-            raise TypeError(f"refs must be a list of (B, 3, H, W) tensors or a TokenSeq, got {type(refs).__name__}")
+            raise TypeError(f"refs must be a list of (B, C, H, W) tensors or a TokenSeq, got {type(refs).__name__}")
         if len(refs) == 0:
             return None
         self.check_references(list(refs), batch)
@@ -330,8 +331,8 @@ class RefDiT(nn.Module):
         route: float = 0.0, route_generator: torch.Generator | None = None,
         routes: tuple[float, ...] | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
-        """Velocity ``(B, 3, H, W)`` for noisy target ``x (B, 3, H, W)`` at time ``t (B,)`` or one time for the
-        batch (a float or 0-d tensor; 1 = noise).
+        """Velocity ``(B, C, H, W)`` for noisy target ``x (B, C, H, W)`` (C: ``config.channels``) at time ``t (B,)``
+        or one time for the batch (a float or 0-d tensor; 1 = noise).
 
         refs: reference images in [-1, 1] (a list, possibly empty) or pre-embedded reference tokens.
         prompt_ids: ``(B, L)`` word ids from :func:`tokensparse.vocab.tokenize` (all zeros = no prompt).
