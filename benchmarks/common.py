@@ -62,6 +62,56 @@ def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentPars
     return ap
 
 
+def positive_int(text: str, least: int = 1) -> int:
+    """An ``argparse`` ``type=`` for counts (``--n``, ``--steps``, ``--repeats``): an integer >= ``least``; else
+    argparse's usage error naming the flag (exit 2, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+    return value
+
+
+def at_least_two(text: str) -> int:
+    """:func:`positive_int` for counts that need two (FID's sets)."""
+    return positive_int(text, 2)
+
+
+def float_list(ap: argparse.ArgumentParser, flag: str, text: str, lo: float = 0.0, hi: float = 1.0,
+               ) -> tuple[float, ...]:
+    """The comma list ``text`` of ``flag`` as floats in ``(lo, hi]``; ``ap.error`` naming the flag when it is empty,
+    holds a non-number or a value out of range."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        ap.error(f"{flag} takes a comma list of numbers, got {text!r}")
+    if not values or any(not lo < v <= hi for v in values):
+        ap.error(f"{flag} takes a comma list of numbers in ({lo:g}, {hi:g}], got {text!r}")
+    return values
+
+
+def names_list(ap: argparse.ArgumentParser, flag: str, text: str, choices: Any, empty_ok: bool = False,
+               ) -> list[str]:
+    """The comma list ``text`` of ``flag``, each one of ``choices``; ``ap.error`` naming the flag otherwise (and
+    when it is empty, unless ``empty_ok``)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if any(v not in choices for v in names) or not (names or empty_ok):
+        ap.error(f"{flag} takes a comma list of {', '.join(choices)}; got {text!r}")
+    return names
+
+
+def check_device(device: str, ap: argparse.ArgumentParser, flag: str = "--device") -> None:
+    """Refuse (``ap.error``) before any work a device torch cannot parse, or CUDA where none is available."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        ap.error(f"{flag} must be a torch device (cpu, cuda, cuda:1, ...), got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"{flag} {device}: no CUDA device is available here (use --device cpu)")
+
+
 def progress(done: int, total: int, what: str) -> None:
     """A progress line ``[done/total] what``; ``tokensparse bench`` turns these into a progress bar."""
     print(f"[{done}/{total}] {what}", flush=True)

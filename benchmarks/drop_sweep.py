@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, progress, write_json
+from common import evaluate, heldout_by_family, load, parser, positive_int, progress, write_json
 
 import tokensparse as ts
 from tokensparse.train import DropConfig, TrainConfig, export_ema, train
@@ -61,8 +61,8 @@ def fine_tune(arm: str, drop: DropConfig | None, steps: int, root: Path) -> tupl
 def main() -> None:
     torch.set_num_threads(1)
     ap = parser(__doc__, "drop_sweep", "30 steps, 8 samples per family, 6 steps")
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per arm")
-    ap.add_argument("--n", type=int, default=32, help="held-out samples per family")
+    ap.add_argument("--steps", type=positive_int, default=300, help="fine-tuning steps per arm")
+    ap.add_argument("--n", type=positive_int, default=32, help="held-out samples per family")
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "drop_sweep")
     args = ap.parse_args()
     steps, n, gen_steps = (30, 8, 6) if args.quick else (args.steps, args.n, 10)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import check_json_out, write_json
+from common import check_json_out, positive_int, write_json
 
 from tokensparse.flops import count_flops
 from tokensparse.selection import count_for_ratio
@@ -162,7 +162,7 @@ def flux2_closed_form(cfg: dict, n_img: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flux_flops.json")
-    parser.add_argument("--max-refs", type=int, default=4)
+    parser.add_argument("--max-refs", type=positive_int, default=4)
     args = parser.parse_args()
     check_json_out(args.out, parser)
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import apply_setting, interleaved, parser, progress, write_json
+from common import apply_setting, interleaved, parser, positive_int, progress, write_json
 
 from tokensparse.flops import count_flops
 
@@ -149,7 +149,7 @@ def run(n_refs: int, repeats: int) -> list[dict]:
 def main() -> None:
     torch.set_num_threads(1)
     ap = parser(__doc__, "flux_speed", "1 reference, 2 repeats")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args()
     t0 = time.time()
     ref_counts, repeats = ([1], 2) if args.quick else ([1, 4], args.repeats)

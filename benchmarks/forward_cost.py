@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import check_json_out, write_json
+from common import check_json_out, positive_int, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -26,7 +26,7 @@ KEEPS = (1.0, 0.5, 0.25, 0.1)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="refdit-s-64px")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=positive_int, default=15)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/forward_cost.json"))
     args = ap.parse_args()
     check_json_out(args.out, ap)

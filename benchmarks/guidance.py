@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import interleaved, load, parser, progress, pyplot, write_json
+from common import at_least_two, float_list, interleaved, load, parser, positive_int, progress, pyplot, write_json
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched, heldout
@@ -44,7 +44,9 @@ SG_SCALES = (1.5, 2.0, 3.0)
 def configs(quick: bool, cfg_scales=CFG_SCALES, sg_gammas=SG_GAMMAS, cfg_sg: bool = True
             ) -> dict[str, ts.CFGConfig | ts.SparseGuidanceConfig | None]:
     out: dict = {"unguided": None}
-    for w in cfg_scales[1:3] if quick else cfg_scales:
+    if quick:  # two CFG scales: the defaults' middle ones, or the first two given (CFG rows are never empty)
+        cfg_scales = cfg_scales[1:3] if len(cfg_scales) > 2 else cfg_scales[:2]
+    for w in cfg_scales:
         out[f"cfg w={w}"] = ts.CFGConfig(scale=w)
     for gs, gw in sg_gammas[:2] if quick else sg_gammas:
         for w in SG_SCALES[:2] if quick else SG_SCALES:
@@ -112,17 +114,23 @@ def _train_steps(model: ts.RefDiT, repeats: int) -> dict:
 def main() -> None:
     ap = parser(__doc__, "guidance", "64 images, 8 steps, a few configurations")
     ap.add_argument("--model", default="refdit-routed")
-    ap.add_argument("--n", type=int, default=256, help="generated (and real) images for FID")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--n-ref", type=int, default=32, help="held-out samples per reference family")
+    ap.add_argument("--n", type=at_least_two, default=256, help="generated (and real) images for FID")
+    ap.add_argument("--steps", type=positive_int, default=12)
+    ap.add_argument("--n-ref", type=positive_int, default=32, help="held-out samples per reference family")
     ap.add_argument("--cfg-scales", default=",".join(map(str, CFG_SCALES)))
     ap.add_argument("--sg-gammas", default=",".join(f"{a}/{b}" for a, b in SG_GAMMAS),
                     help="comma list of strong/weak routing pairs")
     ap.add_argument("--fid-only", action="store_true",
                     help="only the FID sweep (no CFG+SG, sparse-reference guidance or routing timing)")
     args = ap.parse_args()
-    cfg_scales = tuple(float(w) for w in args.cfg_scales.split(","))
-    sg_gammas = tuple(tuple(float(x) for x in pair.split("/")) for pair in args.sg_gammas.split(","))
+    cfg_scales = float_list(ap, "--cfg-scales", args.cfg_scales, hi=float("inf"))
+    try:
+        sg_gammas = tuple(tuple(float(x) for x in pair.split("/")) for pair in args.sg_gammas.split(",") if pair)
+    except ValueError:
+        sg_gammas = ()
+    if not sg_gammas or any(len(pair) != 2 or not 0 <= pair[0] <= pair[1] < 1 for pair in sg_gammas):
+        ap.error(f"--sg-gammas takes a comma list of strong/weak pairs with 0 <= strong <= weak < 1, "
+                 f"got {args.sg_gammas!r}")
     n, steps, n_ref = (64, 8, 8) if args.quick else (args.n, args.steps, args.n_ref)
     t0 = time.time()
     model = load(args.model)

@@ -17,7 +17,18 @@ import time
 from typing import Any
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, progress, pyplot, rounded, write_json
+from common import (
+    check_device,
+    evaluate,
+    heldout_by_family,
+    load,
+    parser,
+    positive_int,
+    progress,
+    pyplot,
+    rounded,
+    write_json,
+)
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, floors
@@ -34,11 +45,12 @@ def main() -> None:
     ap = parser(__doc__, "quality", "16 samples per family, 10 steps")
     ap.add_argument("--base", default="refdit-base")
     ap.add_argument("--sparse", default="refdit-sparse")
-    ap.add_argument("--n", type=int, default=64, help="held-out samples per family")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--n", type=positive_int, default=64, help="held-out samples per family")
+    ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="selection seed")
     ap.add_argument("--device", default="cpu", help="where the models run (cuda for recipe searches)")
     args = ap.parse_args()
+    check_device(args.device, ap)
     n, steps = (16, 10) if args.quick else (args.n, args.steps)
     t0 = time.time()
     models = {"base": load(args.base).to(args.device), "sparse": load(args.sparse).to(args.device)}

@@ -11,6 +11,7 @@ recipes as run, steps reached, wall minutes and quality.py's summary.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import parser, rounded, write_json
+from common import check_device, parser, positive_int, rounded, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,15 +74,31 @@ def collect(name: str, root: Path) -> dict:
     return row
 
 
+def read_variants(path: Path, ap: argparse.ArgumentParser) -> dict[str, dict]:
+    """The ``--variants`` file: a JSON object of objects (``ap.error`` naming the flag otherwise)."""
+    try:
+        variants = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        ap.error(f"--variants {path}: cannot read it as JSON ({exc})")
+    if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
+        ap.error(f"--variants {path} must hold a JSON object {{name: {{\"base\": {{...}}, \"sparse\": {{...}}}}}}")
+    for name, spec in variants.items():  # else its pipeline waits 30 minutes for a base that never comes
+        src = spec.get("base_from")
+        if src is not None and (src not in variants or {"base_from", "base_path"} & set(variants[src])):
+            ap.error(f"--variants {path}: {name}'s base_from {src!r} must name another variant that trains its base")
+    return variants
+
+
 def main() -> None:
     ap = parser(__doc__, "recipe_search", "20-step stages and 4 samples per family: checks the wiring")
     ap.add_argument("--variants", type=Path, required=True)
     ap.add_argument("--root", type=Path, default=ROOT / "runs/search")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--n", type=int, default=32, help="held-out samples per family for each quality run")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads per pipeline")
+    ap.add_argument("--n", type=positive_int, default=32, help="held-out samples per family for each quality run")
+    ap.add_argument("--threads", type=positive_int, default=2, help="CPU threads per pipeline")
     args = ap.parse_args()
-    variants = json.loads(args.variants.read_text())
+    check_device(args.device, ap)  # the quality stages run there, each after minutes of training
+    variants = read_variants(args.variants, ap)
     if args.quick:
         args.n = 4
         quick = {"steps": 20, "eval_every": 10**6, "ckpt_every": 10}

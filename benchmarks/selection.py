@@ -36,7 +36,20 @@ import time
 from typing import Any
 
 import torch
-from common import evaluate, heldout_by_family, load, median_time, parser, progress, pyplot, rounded, write_json
+from common import (
+    evaluate,
+    float_list,
+    heldout_by_family,
+    load,
+    median_time,
+    names_list,
+    parser,
+    positive_int,
+    progress,
+    pyplot,
+    rounded,
+    write_json,
+)
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched
@@ -128,8 +141,9 @@ def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, re
 def main() -> None:
     ap = parser(__doc__, "selection", "8 samples per family, 5 steps, keep 0.25 only")
     ap.add_argument("--model", default="refdit-sparse")
-    ap.add_argument("--n", type=int, default=32, help="held-out samples per family")
-    ap.add_argument("--steps", type=int, default=10, help="sampling steps of the quality runs (timing uses 20)")
+    ap.add_argument("--n", type=positive_int, default=32, help="held-out samples per family")
+    ap.add_argument("--steps", type=positive_int, default=10,
+                    help="sampling steps of the quality runs (timing uses 20)")
     ap.add_argument("--seed", type=int, default=0, help="selection seed")
     ap.add_argument("--selectors", default=",".join(s for s in SCORERS))
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
@@ -140,23 +154,23 @@ def main() -> None:
                     help="selectors also run with proportional=True (empty: none)")
     ap.add_argument("--skip-overhead", action="store_true", help="do not time selection (exploration)")
     args = ap.parse_args()
-    proportional = [s for s in args.proportional.split(",") if s]
-    if any(s not in SCORERS for s in proportional):
-        ap.error(f"--proportional takes a comma list of selectors from {sorted(SCORERS)}")
+    # every list checked here, before the dense runs: a misspelt selector failed only after them
+    proportional = names_list(ap, "--proportional", args.proportional, sorted(SCORERS), empty_ok=True)
+    selectors = names_list(ap, "--selectors", args.selectors, sorted(SCORERS))
+    adaptive = names_list(ap, "--adaptive", args.adaptive, sorted(SCORERS), empty_ok=True)
+    families = names_list(ap, "--families", args.families, FAMILIES)
     n, steps = (8, 5) if args.quick else (args.n, args.steps)
-    keeps = (0.25,) if args.quick else tuple(float(k) for k in args.keeps.split(",") if k)
-    masses = (0.8, 0.95) if args.quick else tuple(float(m) for m in args.masses.split(",") if m)
-    selectors = [s for s in args.selectors.split(",") if s]
+    keeps = (0.25,) if args.quick else float_list(ap, "--keeps", args.keeps)
+    masses = (0.8, 0.95) if args.quick else float_list(ap, "--masses", args.masses)
     t0 = time.time()
     model = load(args.model)
-    data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in args.families.split(",")}
+    data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in families}
     fams = list(data)
 
     res: dict = {"dense": {}, "fixed": {}, "adaptive": {}, "proportional": {"fixed": {}, "adaptive": {}}}
     for fam, samples in data.items():
         res["dense"][fam] = run(model, None, samples, steps)
     print("dense: " + ", ".join(f"{f} {res['dense'][f]['psnr']['mean']:.2f}" for f in fams), flush=True)
-    adaptive = [s for s in args.adaptive.split(",") if s]
     total = ((len(selectors) + len(proportional)) * len(keeps)
              + (len(adaptive) + len(set(adaptive) & set(proportional))) * len(masses))
     done = 0

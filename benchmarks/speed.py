@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import torch
-from common import apply_setting, interleaved, parser, progress, pyplot, speedups, write_json
+from common import apply_setting, interleaved, parser, positive_int, progress, pyplot, speedups, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -90,8 +90,8 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
 def main() -> None:
     torch.set_num_threads(1)
     ap = parser(__doc__, "speed", "1 and 4 references, 3 repeats, 64px only")
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=positive_int, default=9)
+    ap.add_argument("--steps", type=positive_int, default=20)
     args = ap.parse_args()
     settings = list(SETTINGS)
     repeats = 3 if args.quick else args.repeats  # the JSON records the repeats each median was taken over

@@ -322,3 +322,90 @@ def test_a_second_kill_during_the_clean_up_wait_still_stops_the_benchmark(tmp_pa
     bench.send_signal(signal.SIGTERM)
     assert bench.wait(timeout=20) == 128 + signal.SIGTERM
     _assert_gone(int(pid_file.read_text()), 5.0, "a second SIGTERM left the benchmark running")  # was: re-parented
+
+
+def test_count_flags_are_refused_naming_the_flag_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    cases = [("speed.py", ["--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
+             ("flux_speed.py", ["--repeats", "x"], "argument --repeats: expected an integer >= 1, got 'x'"),
+             ("quality.py", ["--n", "0"], "argument --n: expected an integer >= 1"),
+             ("guidance.py", ["--n", "1"], "argument --n: expected an integer >= 2"),
+             ("flux_flops.py", ["--max-refs", "0"], "argument --max-refs: expected an integer >= 1")]
+    for script, argv, message in cases:  # were: a traceback (no median of nothing) or a JSON without rows
+        res = subprocess.run([sys.executable, str(root / script), *argv, "--out", str(tmp_path / "r.json")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (script, res.stderr[-300:])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--selectors", "random,nope"], "--selectors takes a comma list of"),
+    (["--selectors", ""], "--selectors takes a comma list of"),
+    (["--families", "editing,typo"], "--families takes a comma list of"),
+    (["--keeps", "0.25,abc"], "--keeps takes a comma list of numbers"),
+    (["--masses", "1.5"], "--masses takes a comma list of numbers in (0, 1]"),
+])
+def test_selection_refuses_bad_lists_before_the_dense_runs(tmp_path, monkeypatch, capsys, argv, message):
+    selection = _script("selection")
+    monkeypatch.setattr(selection, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
+    monkeypatch.setattr("sys.argv", ["selection.py", *argv, "--out", str(tmp_path / "s.json")])
+    with pytest.raises(SystemExit) as exc:
+        selection.main()  # --selectors nope was a KeyError after the dense runs of every family
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg-scales", "1.5,x"], "--cfg-scales takes a comma list of numbers"),
+    (["--sg-gammas", "0.5"], "--sg-gammas takes a comma list of strong/weak pairs"),
+    (["--sg-gammas", "0.9/0.5"], "0 <= strong <= weak < 1"),
+])
+def test_guidance_refuses_bad_lists_before_loading(tmp_path, monkeypatch, capsys, argv, message):
+    guidance = _script("guidance")
+    monkeypatch.setattr(guidance, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
+    monkeypatch.setattr("sys.argv", ["guidance.py", *argv, "--out", str(tmp_path / "g.json")])
+    with pytest.raises(SystemExit) as exc:
+        guidance.main()
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_guidance_quick_keeps_cfg_rows_for_a_short_scale_list():
+    guidance = _script("guidance")
+    names = list(guidance.configs(True, cfg_scales=(1.5,), sg_gammas=((0.0, 0.5),)))
+    assert "cfg w=1.5" in names  # was: none, and min() of no CFG rows failed after the whole FID sweep
+    assert [n for n in guidance.configs(True) if n.startswith("cfg ")] == ["cfg w=1.5", "cfg w=2.0"]  # as before
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--variants"), ("{not json", "cannot read it as JSON"), ('["r0"]', "must hold a JSON object"),
+    ('{"a": {}, "b": {"base_from": "typo"}}', "b's base_from 'typo' must name another variant"),
+])
+def test_recipe_search_refuses_a_bad_variants_file_before_starting_pipelines(tmp_path, monkeypatch, capsys,
+                                                                             content, message):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    if content is not None:
+        variants.write_text(content)
+    monkeypatch.setattr(search, "run_pipeline", lambda *args: pytest.fail("started a pipeline"))
+    monkeypatch.setattr("sys.argv", ["recipe_search.py", "--variants", str(variants), "--device", "cpu",
+                                     "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit) as exc:
+        search.main()  # was a FileNotFoundError / JSONDecodeError traceback, or a 30-minute wait for "typo"
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_cuda_device_is_refused_where_there_is_none(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quality = _script("quality")
+    monkeypatch.setattr(quality, "load", lambda spec: pytest.fail("loaded a model before checking --device"))
+    for device, message in (("cuda", "--device cuda: no CUDA device is available"),
+                            ("gpu0", "--device must be a torch device")):
+        monkeypatch.setattr("sys.argv", ["quality.py", "--device", device, "--out", str(tmp_path / "q.json")])
+        with pytest.raises(SystemExit) as exc:
+            quality.main()
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
