@@ -109,8 +109,12 @@ def main() -> None:
     procs = {}
     for name, spec in variants.items():
         procs[name] = run_pipeline(name, spec, args.root, args.device, args.n, args.threads)
+    failed = []
     for name, p in procs.items():
-        print(f"{name}: exit {p.wait()} after {(time.time() - t0) / 60:.1f} min", flush=True)
+        code = p.wait()
+        print(f"{name}: exit {code} after {(time.time() - t0) / 60:.1f} min", flush=True)
+        if code:
+            failed.append(name)
     payload = {"quick": args.quick, "device": args.device, "n": args.n,
                "wall_minutes": round((time.time() - t0) / 60, 2),
                "variants": {name: collect(name, args.root) for name in variants}}
@@ -120,6 +124,8 @@ def main() -> None:
         print(name, row.get("base_steps"), row.get("sparse_steps"),
               rounded(s, 2))  # quality.py's summary nests per model too (proportional_gain_db_keep025)
     print(f"wrote {args.out}")
+    if failed:  # the JSON keeps what the others reached; the exit status says it is incomplete
+        sys.exit(f"failed pipelines: {', '.join(failed)} (their logs: {args.root}/NAME/log.txt)")
 
 
 if __name__ == "__main__":

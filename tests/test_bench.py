@@ -409,3 +409,25 @@ def test_a_cuda_device_is_refused_where_there_is_none(tmp_path, monkeypatch, cap
             quality.main()
         assert exc.value.code == 2 and message in capsys.readouterr().err
 
+
+def test_recipe_search_exits_non_zero_when_a_pipeline_failed_and_keeps_the_others_results(tmp_path, monkeypatch):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text('{"ok": {}, "broken": {}}')
+    written = {}
+
+    class Exited:
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def wait(self) -> int:
+            return self.code
+
+    monkeypatch.setattr(search, "run_pipeline", lambda name, *args: Exited(1 if name == "broken" else 0))
+    monkeypatch.setattr(search, "collect", lambda name, root: {"summary": {"x": 1.0}} if name == "ok" else {})
+    monkeypatch.setattr(search, "write_json", lambda path, payload, plot=None: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["recipe_search.py", "--variants", str(variants), "--device", "cpu",
+                                     "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit) as exc:
+        search.main()  # was: exit 0, as if every pipeline had finished
+    assert "failed pipelines: broken" in str(exc.value.code) and written["variants"]["ok"] == {"summary": {"x": 1.0}}
