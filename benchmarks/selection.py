@@ -161,7 +161,8 @@ def main() -> None:
     families = names_list(ap, "--families", args.families, FAMILIES)
     n, steps = (8, 5) if args.quick else (args.n, args.steps)
     keeps = (0.25,) if args.quick else float_list(ap, "--keeps", args.keeps)
-    masses = (0.8, 0.95) if args.quick else float_list(ap, "--masses", args.masses)
+    # quick: the default mass too, so that the summary's adaptive keys (taskaware_adaptive_*) are exercised
+    masses = (0.6, ts.SparseContextConfig().mass) if args.quick else float_list(ap, "--masses", args.masses)
     t0 = time.time()
     model = load(args.model)
     data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in families}

@@ -431,3 +431,26 @@ def test_recipe_search_exits_non_zero_when_a_pipeline_failed_and_keeps_the_other
     with pytest.raises(SystemExit) as exc:
         search.main()  # was: exit 0, as if every pipeline had finished
     assert "failed pipelines: broken" in str(exc.value.code) and written["variants"]["ok"] == {"summary": {"x": 1.0}}
+
+
+def test_selection_quick_sweeps_the_default_adaptive_mass_so_its_summary_is_complete(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    selection = _script("selection")
+    written, masses = {}, []
+
+    def fake_run(model, cfg, samples, steps):
+        if cfg is not None and cfg.adaptive:
+            masses.append(cfg.mass)
+        kept = 1.0 if cfg is None else 0.2 if cfg.adaptive else cfg.keep
+        return {"psnr": {"mean": 20.0 + kept}, "kept_frac": kept}
+
+    monkeypatch.setattr(selection, "load", lambda spec: SimpleNamespace(
+        config=SimpleNamespace(image_size=32, ref_attends_target=False)))
+    monkeypatch.setattr(selection, "heldout_by_family", lambda n, size: {f: [] for f in selection.FAMILIES})
+    monkeypatch.setattr(selection, "run", fake_run)
+    monkeypatch.setattr(selection, "write_json", lambda path, payload, plot=None, dpi=110: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["selection.py", "--quick", "--skip-overhead", "--out", str(tmp_path / "s.json")])
+    selection.main()
+    assert selection.ts.SparseContextConfig().mass in masses  # was 0.8 and 0.95 only: no taskaware_adaptive_* keys
+    assert {"taskaware_adaptive_drop_db", "taskaware_adaptive_kept_frac"} <= set(written["summary"])
