@@ -18,11 +18,14 @@ from tokensparse.data import batched, heldout
 from tokensparse.files import folder_problem
 from tokensparse.metrics import coarse_psnr, psnr, ssim
 
+RESULTS = Path(__file__).resolve().parent / "results"  # where readme_tables.py reads, from any working directory
+
 
 def results_path(name: str, quick: bool) -> Path:
-    """Default output of benchmark ``name``: ``benchmarks/results/NAME.json``, or ``NAME_quick.json`` for a
-    ``--quick`` run (a smoke run never overwrites the committed full results the README quotes)."""
-    return Path("benchmarks/results") / f"{name}{'_quick' if quick else ''}.json"
+    """Default output of benchmark ``name``: this checkout's ``benchmarks/results/NAME.json`` (whatever the working
+    directory), or ``NAME_quick.json`` for a ``--quick`` run (a smoke run never overwrites the committed full
+    results the README quotes)."""
+    return RESULTS / f"{name}{'_quick' if quick else ''}.json"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,8 +60,8 @@ def parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentPars
     ap = _Parser(name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"JSON to write (default: {results_path(name, False)}; "
-                         f"with --quick {results_path(name, True)})")
+                    help=f"JSON to write (default: benchmarks/results/{name}.json; "
+                         f"with --quick benchmarks/results/{name}_quick.json)")
     return ap
 
 

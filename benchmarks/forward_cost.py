@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="refdit-s-64px")
     ap.add_argument("--repeats", type=positive_int, default=15)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/forward_cost.json"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "forward_cost.json")
     args = ap.parse_args()
     check_json_out(args.out, ap)
 

@@ -454,3 +454,14 @@ def test_selection_quick_sweeps_the_default_adaptive_mass_so_its_summary_is_comp
     selection.main()
     assert selection.ts.SparseContextConfig().mass in masses  # was 0.8 and 0.95 only: no taskaware_adaptive_* keys
     assert {"taskaware_adaptive_drop_db", "taskaware_adaptive_kept_frac"} <= set(written["summary"])
+
+
+def test_default_results_go_to_the_checkout_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = _script("common")
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    assert common.results_path("speed", False) == results / "speed.json"  # was relative: ./benchmarks/results
+    assert common.results_path("speed", True) == results / "speed_quick.json"
+    monkeypatch.setattr("sys.argv", ["speed.py", "--quick"])
+    assert common.parser(None, "speed", "quick").parse_args().out == results / "speed_quick.json"
+    assert not (tmp_path / "benchmarks").exists()
