@@ -20,11 +20,13 @@ Every speedup is a ratio of medians taken within this run on this machine. Write
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import merging_refdit as mr
@@ -271,6 +273,19 @@ PARTS = ("refdit_quality", "refdit_speed", "refdit_small_quality", "refdit_small
          "primitives")
 
 
+def read_previous(path: Path, ap: argparse.ArgumentParser) -> dict:
+    """An existing ``--out``, whose parts not rerun are kept; ``ap.error`` before any work when it is not a JSON
+    object (it failed after nothing, but with a traceback)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        old = exc
+    if not isinstance(old, dict):
+        ap.error(f"--out {path} exists but is not a results JSON object ({old!r:.80}); the parts not rerun are kept "
+                 "from it: remove it or pass another --out")
+    return old
+
+
 def main() -> None:
     ap = parser(__doc__, "merging", "fewer configs, samples, steps and repeats")
     ap.add_argument("--part", default="all", help=f"comma list of {', '.join(PARTS)} (default: all); "
@@ -287,7 +302,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     out: dict[str, Any] = {}
     if args.out.exists():  # keep the parts not rerun
-        old = json.loads(args.out.read_text())
+        old = read_previous(args.out, ap)
         out.update({k: old[k] for k in PARTS if k in old and k not in parts and old.get("quick") == args.quick})
     steps = 8 if args.quick else 20
     runners = {f"{key}_{what}": (lambda fn=fn, sub=sub: fn(sub, args.quick, steps))

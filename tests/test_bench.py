@@ -465,3 +465,16 @@ def test_default_results_go_to_the_checkout_from_any_working_directory(tmp_path,
     monkeypatch.setattr("sys.argv", ["speed.py", "--quick"])
     assert common.parser(None, "speed", "quick").parse_args().out == results / "speed_quick.json"
     assert not (tmp_path / "benchmarks").exists()
+
+
+@pytest.mark.parametrize("content", ["{truncated", "[1, 2]"])
+def test_merging_refuses_an_existing_out_it_cannot_keep_parts_from(tmp_path, monkeypatch, capsys, content):
+    merging = _script("merging")
+    out = tmp_path / "m.json"
+    out.write_text(content)
+    monkeypatch.setattr(merging, "primitives", lambda quick: pytest.fail("ran a part"))
+    monkeypatch.setattr("sys.argv", ["merging.py", "--quick", "--part", "primitives", "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        merging.main()  # was a JSONDecodeError / AttributeError traceback
+    assert exc.value.code == 2 and f"--out {out} exists but is not a results JSON" in capsys.readouterr().err
+    assert out.read_text() == content
