@@ -2,6 +2,7 @@
 
     python benchmarks/readme_tables.py            # print them
     python benchmarks/readme_tables.py --write    # replace the README's generated block with them
+    python benchmarks/readme_tables.py --check    # exit 1 when that block differs from them (README untouched)
 
 Every number in the README's results section comes from this script's output.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import json
 from collections.abc import Callable
@@ -474,28 +476,43 @@ def data() -> None:
 
 
 BEGIN, END = "<!-- results:begin (benchmarks/readme_tables.py --write) -->", "<!-- results:end -->"
+README = Path(__file__).parents[1] / "README.md"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="replace the README's generated block (default: print)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="replace the README's generated block (default: print)")
+    mode.add_argument("--check", action="store_true",
+                      help="exit 1 when the README's generated block differs from the tables (the README is untouched)")
     args = ap.parse_args()  # --help and unknown options exit here, before anything is printed or written
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         for fn in (flux, flux_speed, speed, quality, drop_sweep, recipe_search, selection, guidance, merging, data,
                    checkpoints):
             fn()
-    if not args.write:
+    if not (args.write or args.check):
         print(buf.getvalue(), end="")
         return
-    readme = Path(__file__).parents[1] / "README.md"
-    text = readme.read_text()
+    text = README.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no generated block ({BEGIN} ... {END})")
+        raise SystemExit(f"{README} has no generated block ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n\n{buf.getvalue().rstrip()}\n\n{END}{tail}")
-    print(f"updated {readme}")
+    old, tail = rest.split(END, 1)
+    new = f"\n\n{buf.getvalue().rstrip()}\n\n"
+    if args.check:
+        if old == new:
+            print(f"{README}: the results block matches the tables")
+            return
+        diff = difflib.unified_diff(old.strip().splitlines(), new.strip().splitlines(), "README.md", "tables",
+                                    lineterm="", n=0)
+        print("\n".join(line[:200] for line in diff))
+        raise SystemExit(f"{README}: the results block differs from the tables (python benchmarks/readme_tables.py "
+                         "--write updates it)")
+    tmp = README.with_name(README.name + ".tmp")  # atomic: an interrupt leaves the old README, no half of one
+    tmp.write_text(f"{head}{BEGIN}{new}{END}{tail}")
+    tmp.replace(README)
+    print(f"updated {README}")
 
 
 if __name__ == "__main__":

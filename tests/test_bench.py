@@ -478,3 +478,32 @@ def test_merging_refuses_an_existing_out_it_cannot_keep_parts_from(tmp_path, mon
         merging.main()  # was a JSONDecodeError / AttributeError traceback
     assert exc.value.code == 2 and f"--out {out} exists but is not a results JSON" in capsys.readouterr().err
     assert out.read_text() == content
+
+
+def test_readme_tables_check_reports_drift_without_touching_the_readme(tmp_path, monkeypatch, capsys):
+    tables = _script("readme_tables")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    before = readme.read_bytes()
+    monkeypatch.setattr("sys.argv", ["readme_tables.py", "--check"])
+    tables.main()  # the committed README matches the committed results
+    assert "matches the tables" in capsys.readouterr().out
+    stale = tmp_path / "README.md"
+    stale.write_text(before.decode().replace("| keep |", "| kept |", 1))
+    monkeypatch.setattr(tables, "README", stale)
+    with pytest.raises(SystemExit) as exc:
+        tables.main()
+    assert "differs from the tables" in str(exc.value.code) and "+| keep |" in capsys.readouterr().out
+    assert stale.read_text() == before.decode().replace("| keep |", "| kept |", 1)
+    assert readme.read_bytes() == before
+
+
+def test_readme_tables_write_rewrites_only_the_block_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    tables = _script("readme_tables")
+    committed = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin = committed.index(tables.BEGIN) + len(tables.BEGIN)
+    copy = tmp_path / "README.md"
+    copy.write_text(committed[:begin] + "\nstale\n" + committed[committed.index(tables.END):])
+    monkeypatch.setattr(tables, "README", copy)
+    monkeypatch.setattr("sys.argv", ["readme_tables.py", "--write"])
+    tables.main()
+    assert copy.read_text() == committed and [p.name for p in tmp_path.iterdir()] == ["README.md"]
