@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, positive_int, progress, write_json
+from common import evaluate, heldout_by_family, load, parser, positive_int, progress, rounded, write_json
 
 import tokensparse as ts
 from tokensparse.train import DropConfig, TrainConfig, export_ema, train
@@ -98,8 +98,9 @@ def main() -> None:
                           "wall_s": time.time() - t0, "base_steps": base_steps, "base_lr": base_lr,
                           "lr": RECIPE["lr"], "summary": summary})
     for a in ARMS:
-        print(f"{a:<20} keep0.25 gain {gain[a]}  keep1 cost {cost[a]}")
+        print(f"{a:<22} keep0.25 gain {rounded(gain[a], 2)}  keep1 cost {rounded(cost[a], 2)}")
     print("best arm:", summary["best_arm"], "| best at keep 0.25:", summary["best_keep025_arm"])
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

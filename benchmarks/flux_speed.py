@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import apply_setting, interleaved, parser, positive_int, progress, write_json
+from common import apply_setting, interleaved, parser, positive_int, progress, rounded, write_json
 
 from tokensparse.flops import count_flops
 
@@ -164,7 +164,9 @@ def main() -> None:
     write_json(args.out, {"quick": args.quick, "repeats": repeats, "steps": STEPS, "config": CONFIG,
                           "target_tokens": GRID * GRID, "ref_tokens_each": GRID * GRID, "text_tokens": TEXT,
                           "wall_s": time.time() - t0, "summary": summary, "rows": rows})
-    print(summary)
+    for k, v in summary.items():  # was one dict with 16-digit floats
+        print(k, rounded(v, 3))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

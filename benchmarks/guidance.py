@@ -29,7 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import at_least_two, float_list, interleaved, load, parser, positive_int, progress, pyplot, write_json
+from common import (
+    at_least_two,
+    float_list,
+    interleaved,
+    load,
+    parser,
+    positive_int,
+    progress,
+    pyplot,
+    rounded,
+    write_json,
+)
 
 import tokensparse as ts
 from tokensparse.data import FAMILIES, batched, heldout
@@ -208,7 +219,7 @@ def finish(payload: dict, out: Path, summary: dict, total: int) -> None:
     progress(total, total, "done")
     write_json(out, payload, lambda: figure(payload), dpi=120)
     for k, v in summary.items():
-        print(k, v)
+        print(k, rounded(v, 3))
     print(f"wrote {out}")
 
 

@@ -327,6 +327,7 @@ def main() -> None:
     out["quick"] = args.quick
     write_json(args.out, out, lambda: figure(out), dpi=120)
     print(json.dumps(out["summary"], indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import torch
-from common import apply_setting, interleaved, parser, positive_int, progress, pyplot, speedups, write_json
+from common import apply_setting, interleaved, parser, positive_int, progress, pyplot, rounded, speedups, write_json
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -111,7 +111,9 @@ def main() -> None:
                "tokens_per_image": 256}
     write_json(args.out, {"quick": args.quick, "steps": args.steps, "repeats": repeats, "wall_s": time.time() - t0,
                           "summary": summary, "rows": rows}, lambda: figure(main_rows), dpi=110)
-    print(summary)
+    for k, v in summary.items():  # was one dict with 16-digit floats
+        print(k, rounded(v, 3))
+    print(f"wrote {args.out}")
 
 
 def figure(rows: list[dict]) -> Any:

@@ -507,3 +507,16 @@ def test_readme_tables_write_rewrites_only_the_block_and_leaves_no_temp_file(tmp
     monkeypatch.setattr("sys.argv", ["readme_tables.py", "--write"])
     tables.main()
     assert copy.read_text() == committed and [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_speed_prints_a_rounded_summary_and_where_it_wrote(tmp_path, monkeypatch, capsys):
+    speed = _script("speed")
+    monkeypatch.setattr(speed, "run", lambda arch, n_refs_list, settings, *args, **kwargs: [
+        {"arch": arch, "refs": n, "setting": s, "speedup": 1.23456789, "efficiency": 0.87654321}
+        for n in n_refs_list for s in settings])
+    monkeypatch.setattr(speed, "write_json", lambda *args, **kwargs: None)
+    out = tmp_path / "s.json"
+    monkeypatch.setattr("sys.argv", ["speed.py", "--quick", "--out", str(out)])
+    speed.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "min_efficiency 0.877" in lines and lines[-1] == f"wrote {out}"  # was one dict of 16-digit floats
