@@ -1,0 +1,332 @@
+"""The benchmark scripts under benchmarks/ (imported as modules): their flags, outputs and summaries."""
+
+from pathlib import Path
+
+import pytest
+
+
+def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_results(tmp_path):
+    import json
+
+    from matplotlib.figure import Figure
+
+    common = _script("common")
+    plt = common.pyplot()
+    out = tmp_path / "speed.json"
+    figs = []
+
+    def plot():
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 2])
+        figs.append(fig)
+        return fig
+
+    common.write_json(out, {"summary": {"x": 1}}, plot)
+    assert json.loads(out.read_text())["summary"] == {"x": 1}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(figs[0].number)  # closed after writing
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    class Interrupted(Figure):  # Ctrl-C while the plot renders
+        def savefig(self, path, **kwargs):
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json(out, {"summary": {"x": 2}}, Interrupted)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the old pair, and no temp files
+
+    def broken():
+        raise ValueError("no data to plot")
+
+    with pytest.raises(RuntimeError, match="its plot failed"):
+        common.write_json(out, {"summary": {"x": 3}}, broken)
+    assert json.loads(out.read_text())["summary"] == {"x": 3}  # the results are kept, the stale plot removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]
+
+
+def _script(name: str):
+    """A benchmark script as a module (``benchmarks/`` on the path for its ``common`` import)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", root / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(root))
+    return mod
+
+
+@pytest.mark.parametrize("argv, expected", [(["--quick"], 3), ([], 9), (["--repeats", "2"], 2)])
+def test_speed_records_the_repeats_its_medians_were_taken_over(tmp_path, monkeypatch, argv, expected):
+    speed = _script("speed")
+    used, written = [], {}
+
+    def fake_run(arch, n_refs_list, settings, repeats, steps, stage=(0, 1)):
+        used.append(repeats)
+        return [{"arch": arch, "refs": n, "setting": s, "speedup": 1.0, "efficiency": 1.0}
+                for n in n_refs_list for s in settings]
+
+    monkeypatch.setattr(speed, "run", fake_run)
+    monkeypatch.setattr(speed, "write_json", lambda path, payload, plot=None, dpi=110: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["speed.py", *argv, "--out", str(tmp_path / "s.json")])
+    speed.main()
+    assert set(used) == {expected} and written["repeats"] == expected  # --quick used 3 but recorded the default
+
+
+def test_guidance_ends_its_progress_on_its_own_stage_count(tmp_path, monkeypatch, capsys):
+    guidance = _script("guidance")
+    monkeypatch.setattr(guidance, "write_json", lambda *args, **kwargs: None)
+    guidance.finish({}, tmp_path / "g.json", {"cfg_best_fid": 1.0}, 13)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[13/13] done"  # was "[1/1] done": the bar's total jumped from 13 to 1 at the end
+
+
+def test_readme_tables_help_and_unknown_options_neither_print_tables_nor_touch_the_readme(monkeypatch, capsys):
+    tables = _script("readme_tables")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    before = readme.read_bytes()
+    for argv, code in ((["--help"], 0), (["--wirte"], 2)):
+        monkeypatch.setattr("sys.argv", ["readme_tables.py", *argv])
+        with pytest.raises(SystemExit) as exc:
+            tables.main()
+        out = capsys.readouterr()
+        assert exc.value.code == code and "usage:" in out.out + out.err and "| keep |" not in out.out
+    assert readme.read_bytes() == before  # was: --help printed the tables, a mistyped --write printed them too
+
+
+def test_recipe_search_prints_a_quality_summary_that_nests_per_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({"v1": {}}))
+    summary = {"ft_gain_db_keep025": {"editing": 1.234},
+               "proportional_gain_db_keep025": {"base": {"editing": 0.456}, "sparse": {"editing": 0.789}}}
+
+    class Done:
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(search, "run_pipeline", lambda *args: Done())
+    monkeypatch.setattr(search, "collect", lambda name, root: {"base_steps": 20, "sparse_steps": 20,
+                                                                "summary": summary})
+    monkeypatch.setattr(search, "write_json", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sys.argv", ["recipe_search.py", "--quick", "--variants", str(variants), "--device", "cpu",
+                                     "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+    search.main()  # was a TypeError (round() of the per-model dict) after the JSON was written: exit 1
+    out = capsys.readouterr().out
+    assert "'base': {'editing': 0.46}" in out and "'editing': 1.23" in out
+
+
+def test_recipe_search_quick_runs_apart_from_full_runs(tmp_path, monkeypatch):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text('{"v1": {}}')
+    roots = []
+
+    class Done:
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(search, "run_pipeline", lambda name, spec, root, *args: roots.append(root) or Done())
+    monkeypatch.setattr(search, "collect", lambda name, root: {})
+    monkeypatch.setattr(search, "write_json", lambda *args, **kwargs: None)
+    for quick in (["--quick"], []):
+        monkeypatch.setattr("sys.argv", ["recipe_search.py", *quick, "--variants", str(variants), "--device", "cpu",
+                                         "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+        search.main()
+    assert roots == [tmp_path / "runs" / "quick", tmp_path / "runs"]  # was: --quick resumed the full runs' stages
+
+
+def test_drop_sweep_reads_the_shipped_base_from_any_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    sweep = _script("drop_sweep")
+    assert Path(sweep.BASE).is_absolute() and Path(sweep.BASE).is_file()  # was relative to the repository root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--selectors", "random,nope"], "--selectors takes a comma list of"),
+    (["--selectors", ""], "--selectors takes a comma list of"),
+    (["--families", "editing,typo"], "--families takes a comma list of"),
+    (["--keeps", "0.25,abc"], "--keeps takes a comma list of numbers"),
+    (["--masses", "1.5"], "--masses takes a comma list of numbers in (0, 1]"),
+])
+def test_selection_refuses_bad_lists_before_the_dense_runs(tmp_path, monkeypatch, capsys, argv, message):
+    selection = _script("selection")
+    monkeypatch.setattr(selection, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
+    monkeypatch.setattr("sys.argv", ["selection.py", *argv, "--out", str(tmp_path / "s.json")])
+    with pytest.raises(SystemExit) as exc:
+        selection.main()  # --selectors nope was a KeyError after the dense runs of every family
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg-scales", "1.5,x"], "--cfg-scales takes a comma list of numbers"),
+    (["--sg-gammas", "0.5"], "--sg-gammas takes a comma list of strong/weak pairs"),
+    (["--sg-gammas", "0.9/0.5"], "0 <= strong <= weak < 1"),
+])
+def test_guidance_refuses_bad_lists_before_loading(tmp_path, monkeypatch, capsys, argv, message):
+    guidance = _script("guidance")
+    monkeypatch.setattr(guidance, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
+    monkeypatch.setattr("sys.argv", ["guidance.py", *argv, "--out", str(tmp_path / "g.json")])
+    with pytest.raises(SystemExit) as exc:
+        guidance.main()
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_guidance_quick_keeps_cfg_rows_for_a_short_scale_list():
+    guidance = _script("guidance")
+    names = list(guidance.configs(True, cfg_scales=(1.5,), sg_gammas=((0.0, 0.5),)))
+    assert "cfg w=1.5" in names  # was: none, and min() of no CFG rows failed after the whole FID sweep
+    assert [n for n in guidance.configs(True) if n.startswith("cfg ")] == ["cfg w=1.5", "cfg w=2.0"]  # as before
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--variants"), ("{not json", "cannot read it as JSON"), ('["r0"]', "must hold a JSON object"),
+    ('{"a": {}, "b": {"base_from": "typo"}}', "b's base_from 'typo' must name another variant"),
+])
+def test_recipe_search_refuses_a_bad_variants_file_before_starting_pipelines(tmp_path, monkeypatch, capsys,
+                                                                             content, message):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    if content is not None:
+        variants.write_text(content)
+    monkeypatch.setattr(search, "run_pipeline", lambda *args: pytest.fail("started a pipeline"))
+    monkeypatch.setattr("sys.argv", ["recipe_search.py", "--variants", str(variants), "--device", "cpu",
+                                     "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit) as exc:
+        search.main()  # was a FileNotFoundError / JSONDecodeError traceback, or a 30-minute wait for "typo"
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_cuda_device_is_refused_where_there_is_none(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quality = _script("quality")
+    monkeypatch.setattr(quality, "load", lambda spec: pytest.fail("loaded a model before checking --device"))
+    for device, message in (("cuda", "--device cuda: no CUDA device is available"),
+                            ("gpu0", "--device must be a torch device")):
+        monkeypatch.setattr("sys.argv", ["quality.py", "--device", device, "--out", str(tmp_path / "q.json")])
+        with pytest.raises(SystemExit) as exc:
+            quality.main()
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_recipe_search_exits_non_zero_when_a_pipeline_failed_and_keeps_the_others_results(tmp_path, monkeypatch):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text('{"ok": {}, "broken": {}}')
+    written = {}
+
+    class Exited:
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def wait(self) -> int:
+            return self.code
+
+    monkeypatch.setattr(search, "run_pipeline", lambda name, *args: Exited(1 if name == "broken" else 0))
+    monkeypatch.setattr(search, "collect", lambda name, root: {"summary": {"x": 1.0}} if name == "ok" else {})
+    monkeypatch.setattr(search, "write_json", lambda path, payload, plot=None: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["recipe_search.py", "--variants", str(variants), "--device", "cpu",
+                                     "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit) as exc:
+        search.main()  # was: exit 0, as if every pipeline had finished
+    assert "failed pipelines: broken" in str(exc.value.code) and written["variants"]["ok"] == {"summary": {"x": 1.0}}
+
+
+def test_selection_quick_sweeps_the_default_adaptive_mass_so_its_summary_is_complete(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    selection = _script("selection")
+    written, masses = {}, []
+
+    def fake_run(model, cfg, samples, steps):
+        if cfg is not None and cfg.adaptive:
+            masses.append(cfg.mass)
+        kept = 1.0 if cfg is None else 0.2 if cfg.adaptive else cfg.keep
+        return {"psnr": {"mean": 20.0 + kept}, "kept_frac": kept}
+
+    monkeypatch.setattr(selection, "load", lambda spec: SimpleNamespace(
+        config=SimpleNamespace(image_size=32, ref_attends_target=False)))
+    monkeypatch.setattr(selection, "heldout_by_family", lambda n, size: {f: [] for f in selection.FAMILIES})
+    monkeypatch.setattr(selection, "run", fake_run)
+    monkeypatch.setattr(selection, "write_json", lambda path, payload, plot=None, dpi=110: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["selection.py", "--quick", "--skip-overhead", "--out", str(tmp_path / "s.json")])
+    selection.main()
+    assert selection.ts.SparseContextConfig().mass in masses  # was 0.8 and 0.95 only: no taskaware_adaptive_* keys
+    assert {"taskaware_adaptive_drop_db", "taskaware_adaptive_kept_frac"} <= set(written["summary"])
+
+
+def test_default_results_go_to_the_checkout_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = _script("common")
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    assert common.results_path("speed", False) == results / "speed.json"  # was relative: ./benchmarks/results
+    assert common.results_path("speed", True) == results / "speed_quick.json"
+    monkeypatch.setattr("sys.argv", ["speed.py", "--quick"])
+    assert common.parser(None, "speed", "quick").parse_args().out == results / "speed_quick.json"
+    assert not (tmp_path / "benchmarks").exists()
+
+
+@pytest.mark.parametrize("content", ["{truncated", "[1, 2]"])
+def test_merging_refuses_an_existing_out_it_cannot_keep_parts_from(tmp_path, monkeypatch, capsys, content):
+    merging = _script("merging")
+    out = tmp_path / "m.json"
+    out.write_text(content)
+    monkeypatch.setattr(merging, "primitives", lambda quick: pytest.fail("ran a part"))
+    monkeypatch.setattr("sys.argv", ["merging.py", "--quick", "--part", "primitives", "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        merging.main()  # was a JSONDecodeError / AttributeError traceback
+    assert exc.value.code == 2 and f"--out {out} exists but is not a results JSON" in capsys.readouterr().err
+    assert out.read_text() == content
+
+
+def test_readme_tables_check_reports_drift_without_touching_the_readme(tmp_path, monkeypatch, capsys):
+    tables = _script("readme_tables")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    before = readme.read_bytes()
+    monkeypatch.setattr("sys.argv", ["readme_tables.py", "--check"])
+    tables.main()  # the committed README matches the committed results
+    assert "matches the tables" in capsys.readouterr().out
+    stale = tmp_path / "README.md"
+    stale.write_text(before.decode().replace("| keep |", "| kept |", 1))
+    monkeypatch.setattr(tables, "README", stale)
+    with pytest.raises(SystemExit) as exc:
+        tables.main()
+    assert "differs from the tables" in str(exc.value.code) and "+| keep |" in capsys.readouterr().out
+    assert stale.read_text() == before.decode().replace("| keep |", "| kept |", 1)
+    assert readme.read_bytes() == before
+
+
+def test_readme_tables_write_rewrites_only_the_block_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    tables = _script("readme_tables")
+    committed = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin = committed.index(tables.BEGIN) + len(tables.BEGIN)
+    copy = tmp_path / "README.md"
+    copy.write_text(committed[:begin] + "\nstale\n" + committed[committed.index(tables.END):])
+    monkeypatch.setattr(tables, "README", copy)
+    monkeypatch.setattr("sys.argv", ["readme_tables.py", "--write"])
+    tables.main()
+    assert copy.read_text() == committed and [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_speed_prints_a_rounded_summary_and_where_it_wrote(tmp_path, monkeypatch, capsys):
+    speed = _script("speed")
+    monkeypatch.setattr(speed, "run", lambda arch, n_refs_list, settings, *args, **kwargs: [
+        {"arch": arch, "refs": n, "setting": s, "speedup": 1.23456789, "efficiency": 0.87654321}
+        for n in n_refs_list for s in settings])
+    monkeypatch.setattr(speed, "write_json", lambda *args, **kwargs: None)
+    out = tmp_path / "s.json"
+    monkeypatch.setattr("sys.argv", ["speed.py", "--quick", "--out", str(out)])
+    speed.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "min_efficiency 0.877" in lines and lines[-1] == f"wrote {out}"  # was one dict of 16-digit floats
