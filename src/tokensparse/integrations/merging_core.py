@@ -3,7 +3,9 @@
 :class:`BlockMerger` puts a forward pre-hook and a forward hook on each merged sublayer of one block: the
 first computes (or, between recompute steps, looks up) the matching of the block's target grid, every one
 merges its input's grid tokens before the call and unmerges its output after. The grid is a span of the
-sublayer's tokens; tokens around it (text, reference tokens) pass through. Targets are wired in
+sublayer's tokens; tokens around it (text, reference tokens) pass through. The hooks act only inside a call of
+the merged model (or the backward recomputation of one): a module it shares with another model -- Z-Image's
+ControlNet runs the transformer's own noise-refiner blocks -- runs unmerged in that model's calls. Targets are wired in
 :mod:`.merging_hooks` (RefDiT) and :mod:`.merging_diffusers` (diffusers UNets and transformers).
 """
 
@@ -59,7 +61,8 @@ class TokenMergingState:
 
     def __setstate__(self, state: dict) -> None:
         # defaults first: also older pickles
-        self.__dict__.update({"_recorded": OrderedDict(), "recording": False, "isolated": False, **state})
+        self.__dict__.update({"_recorded": OrderedDict(), "recording": False, "isolated": False, **state,
+                              "running": 0})
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
@@ -69,6 +72,7 @@ class TokenMergingState:
         self._recorded: OrderedDict[Hashable, list[Matching]] = OrderedDict()  # see matching(): checkpointing
         self.recording = False  # this model call may be recomputed in backward (gradient checkpointing)
         self.isolated = False  # the last call's samples were at different timesteps: the next starts afresh
+        self.running = 0  # calls of the model in progress: its sublayers merge only inside one
 
     @property
     def step(self) -> int:
@@ -245,6 +249,8 @@ class BlockMerger:
     def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
              ) -> tuple[tuple, dict] | None:
         module.__dict__["_tokensparse_active"] = None
+        if not self.state.running and not _in_backward():  # called by another model sharing it (a ControlNet)
+            return None
         if sub.target_only and kwargs.get("role", "target") != "target":
             return None
         if sub.first_call:
@@ -371,8 +377,19 @@ def merge_query_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: in
 
 def observe_calls(model: nn.Module, state: TokenMergingState, observe: Callable[..., None], *args: Any) -> None:
     """Run ``observe(state, *args, module, args, kwargs)`` before every call of ``model`` (it reads the call's grid
-    and timestep); the hook goes with ``state``'s handles. A partial, not a closure: ``copy.deepcopy`` copies it."""
+    and timestep), and count the calls in progress (``state.running``: sublayers merge only inside one); the hooks
+    go with ``state``'s handles. Partials, not closures: ``copy.deepcopy`` copies them."""
+    state.handles.append(model.register_forward_pre_hook(functools.partial(_enter, state)))
     state.handles.append(model.register_forward_pre_hook(functools.partial(observe, state, *args), with_kwargs=True))
+    state.handles.append(model.register_forward_hook(functools.partial(_leave, state), always_call=True))
+
+
+def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
+    state.running += 1
+
+
+def _leave(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
+    state.running = max(state.running - 1, 0)  # also when the call raised (always_call)
 
 
 def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp: Sublayer | None, grid: GridFn,
