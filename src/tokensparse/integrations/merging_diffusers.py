@@ -6,11 +6,12 @@
   (image side; text tokens are its other stream), SD3.5's second self-attention ``attn2`` and ``ff``.
 - **FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image / Bria 3.x**: the target grid (found from
   ``img_ids``: the tokens with the lowest T id, at the start or the end of the image tokens; LongCat's first id is
-  a modality, 1 for the target, 2 for the reference) in every block: double-stream ``attn`` (with its RoPE rows)
-  and ``ff``; single-stream ``attn`` (FLUX.2: attention and MLP fused) and the others' ``proj_mlp``. Ovis-Image's
-  and Bria's (``BriaTransformer2DModel``) blocks are FLUX.1's (own attention classes, same call and RoPE layout;
-  Ovis-Image's MLPs SwiGLU). Chroma's blocks are FLUX.1's with pruned modulation; they square the text padding
-  mask into a query x key mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
+  a modality, 1 for the target, 2 for the reference; a FLUX.1 call that numbers no token 0 is VisualCloze's, whose
+  rows count from 1 and whose query row, the last, holds the target) in every block: double-stream ``attn`` (with
+  its RoPE rows) and ``ff``; single-stream ``attn`` (FLUX.2: attention and MLP fused) and the others' ``proj_mlp``.
+  Ovis-Image's and Bria's (``BriaTransformer2DModel``) blocks are FLUX.1's (own attention classes, same call and
+  RoPE layout; Ovis-Image's MLPs SwiGLU). Chroma's blocks are FLUX.1's with pruned modulation; they square the text
+  padding mask into a query x key mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
 - **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
@@ -279,7 +280,8 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     or not by Sparse Context), pass through unmerged.
     """
     cfg = state.cfg
-    box: dict[str, Any] = {"grid": None, "n_txt": None}  # of the running call, read by every block
+    # of the running call, read by every block; "cloze": FLUX.1, whose VisualCloze calls number no token 0
+    box: dict[str, Any] = {"grid": None, "n_txt": None, "cloze": type(model).__name__ == "FluxTransformer2DModel"}
     observe_calls(model, state, _observe_flux, box)
     for name, blk in double:
         attn = Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2), context_first=True)
@@ -299,7 +301,7 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
 def _observe_flux(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
     ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
-    box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids) if isinstance(ids, Tensor) else None
+    box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids, box["cloze"]) if isinstance(ids, Tensor) else None
     box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
     state.observe(first_arg(call, "timestep"), call)
 
@@ -313,16 +315,19 @@ def _flux_grid(box: dict, text: bool, n: int) -> tuple[int, int, int] | None:
     return None if h * w > n - lo else (h, w, lo if leading else n - h * w)
 
 
-def ids_grid(ids: Tensor) -> tuple[int, int, bool] | None:
+def ids_grid(ids: Tensor, cloze: bool = False) -> tuple[int, int, bool] | None:
     """The target grid in FLUX image ids ``(N, 3)`` (T, H, W) or ``(N, 4)`` (T, H, W, L): ``(h, w, leading)``.
 
     The target is the tokens with the lowest T id (0; LongCat's modality 1; reference tokens carry others:
-    FLUX.1 Kontext 1, FLUX.2 10, 20, ..., LongCat 2). They must be one row-major grid, at the start of the
-    sequence (``leading``) or at its end, else ``None`` (no merging).
+    FLUX.1 Kontext 1, FLUX.2 10, 20, ..., LongCat 2). With ``cloze`` (FLUX.1) ids that number no token 0 are
+    VisualCloze's: rows of its image grid from 1, the in-context examples first, the query row (with the target)
+    last; there the target is the tokens with the highest T id. They must be one row-major grid, at the start of
+    the sequence (``leading``) or at its end, else ``None`` (no merging).
     """
     if ids.dim() != 2 or ids.shape[1] not in (3, 4) or ids.shape[0] == 0:
         return None
-    is_target = ids[:, 0] == ids[:, 0].min()
+    t = ids[:, 0]
+    is_target = t == (t.max() if cloze and not bool((t == 0).any()) else t.min())
     n = int(is_target.sum())
     if bool(is_target[:n].all()):
         leading, part = True, ids[:n]
