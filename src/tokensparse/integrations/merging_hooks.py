@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import re
 from typing import Any
@@ -120,6 +121,11 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     Qwen-Image / Z-Image / Lumina 2 / CogView4 transformer, or a pipeline holding one. Applying again replaces the
     earlier config; :func:`remove_token_merging` restores exact behaviour; an identity config (``ratio=0``,
     ``threshold > 1``) installs no merging at all. Returns ``target``.
+
+    ``TypeError`` for a target it cannot merge: an unknown model, a video model, a model whose ``forward`` takes no
+    latent (aMUSEd), the layered Qwen-Image transformer. ``ValueError`` for a config that would merge an attention
+    map ``target``'s pipeline reads (``StableDiffusionSAGPipeline``, ``StableDiffusionAttendAndExcitePipeline``);
+    a failed apply leaves the earlier state as it was.
     """
     if not isinstance(cfg, TokenMergingConfig):
         raise TypeError(f"cfg must be a TokenMergingConfig, got {type(cfg).__name__}")
@@ -128,6 +134,8 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     if model is None:
         raise _unsupported(target, "apply_token_merging")
     blocks = _supported_blocks(model, target, "apply_token_merging")
+    if pipe is not None and not cfg.is_identity:
+        _check_pipeline(pipe, model, cfg)
     if not cfg.is_identity and not (cfg.merge_attn or cfg.merge_mlp or _has_cross_attention(blocks)):
         raise ValueError(
             f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn=False, "
@@ -201,7 +209,40 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
     if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
         raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
                         f"{video}): their tokens span frames, and it merges within one image's token grid")
+    if getattr(getattr(model, "config", None), "use_layer3d_rope", False):
+        raise TypeError(f"token merging does not support layered {type(model).__name__}s (use_layer3d_rope, "
+                        "QwenImageLayeredPipeline): their image sequence holds several target layers, and it merges "
+                        "one target grid (only the first layer, the input image the pipeline drops)")
+    if blocks["unet"] and not _takes_latent(model):
+        name = type(model).__name__
+        raise TypeError(f"token merging does not support {name}: it merges the token grid of a latent passed as "
+                        f"sample / hidden_states, and {name}.forward takes neither (aMUSEd's UVit2DModel takes token "
+                        "ids)")
     return blocks
+
+
+def _takes_latent(model: nn.Module) -> bool:
+    """Whether ``model.forward`` has a ``sample`` or ``hidden_states`` parameter (UNet-kind models: the latent)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call-time check warn instead
+        return True
+    return "sample" in params or "hidden_states" in params or any(
+        p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
+
+
+def _check_pipeline(pipe: Any, model: nn.Module, cfg: TokenMergingConfig) -> None:
+    """``ValueError`` where ``pipe`` reads attention maps that ``cfg`` would merge (it would fail inside the call)."""
+    name = type(pipe).__name__
+    if name == "StableDiffusionAttendAndExcitePipeline" and cfg.merge_cross:
+        raise ValueError(f"cfg.merge_cross=True does not work with {name}: it reads the cross-attention maps over "
+                         "every latent token, which merging would thin; use merge_cross=False")
+    if name == "StableDiffusionSAGPipeline" and cfg.merge_attn:
+        mid = 2 ** sum(1 for blk in getattr(model, "down_blocks", []) if getattr(blk, "downsamplers", None))
+        if cfg.max_downsample >= mid:
+            raise ValueError(f"cfg.max_downsample={cfg.max_downsample} merges the self-attention of the UNet's mid "
+                             f"block (its tokens {mid}x coarser than the latent), whose attention map {name} reads; "
+                             f"use max_downsample < {mid} or merge_attn=False")
 
 
 def _unwire(model: nn.Module, target: Any) -> bool:
