@@ -185,8 +185,8 @@ def bench(
     out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json; with "
                                     "--quick NAME_quick.json, so a smoke run keeps the committed results)."),
 ) -> None:
-    """Run a benchmark script from a repository checkout; it writes its JSON (and most a PNG plot) under
-    benchmarks/results."""
+    """Run a benchmark script from a repository checkout; it writes its JSON (and, all but drop_sweep and
+    flux_speed, a PNG plot) under benchmarks/results."""
     from .bench import run_benchmark
 
     if out is not None:
