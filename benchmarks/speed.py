@@ -79,7 +79,7 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
                    "gflops": flops[s] / 1e9, "flop_ratio": flops["dense"] / flops[s], "times": med[s]["cpu_all"]}
             row["efficiency"] = row["speedup"] / row["flop_ratio"]
             rows.append(row)
-            print(f"{arch} refs={n_refs} {s:<22} {row['seconds']:7.3f} s  {row['speedup']:5.2f}x  "
+            print(f"{arch} refs={n_refs} {s:<{max(map(len, SETTINGS))}} {row['seconds']:7.3f} s  {row['speedup']:5.2f}x  "
                   f"FLOP ratio {row['flop_ratio']:5.2f}x  eff {row['efficiency']:.2f}", flush=True)
         for m in pair.values():
             ts.remove_sparse_context(m)
