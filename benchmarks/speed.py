@@ -36,6 +36,7 @@ SETTINGS = {  # name -> (keep, cache, merge ratio, merging's recompute_every)
     "sparse0.25+kv+tome0.5": (0.25, True, 0.5, 1),  # ToMe: a new matching every step
     "sparse0.25+kv+tome0.5c5": (0.25, True, 0.5, 5),  # CA-ToMe's cache: matchings recomputed every 5th step
 }
+WIDTH = max(map(len, SETTINGS))  # the printed table's setting column
 PROMPT = "compose first top left second bottom right on red plain"
 
 
@@ -79,7 +80,7 @@ def run(arch: str, n_refs_list: list[int], settings: list[str], repeats: int, st
                    "gflops": flops[s] / 1e9, "flop_ratio": flops["dense"] / flops[s], "times": med[s]["cpu_all"]}
             row["efficiency"] = row["speedup"] / row["flop_ratio"]
             rows.append(row)
-            print(f"{arch} refs={n_refs} {s:<{max(map(len, SETTINGS))}} {row['seconds']:7.3f} s  {row['speedup']:5.2f}x  "
+            print(f"{arch} refs={n_refs} {s:<{WIDTH}} {row['seconds']:7.3f} s  {row['speedup']:5.2f}x  "
                   f"FLOP ratio {row['flop_ratio']:5.2f}x  eff {row['efficiency']:.2f}", flush=True)
         for m in pair.values():
             ts.remove_sparse_context(m)
