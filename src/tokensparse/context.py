@@ -28,7 +28,9 @@ class SparseContextConfig:
         holds ``mass`` of its score mass, between ``min_keep`` and ``keep`` of its tokens (informed selectors
         only: ``edges``, ``foreground``, ``attention``, ``auto``).
     seed: seeds the selection's own generator, so dense and sparse runs share the diffusion noise. ``"random"``
-        draws for the whole batch at once: a sample's random selection depends on its place in the batch.
+        draws for the whole batch at once, reference after reference: a sample's random selection depends on its
+        place in the batch and on the batch size (never on the other samples' images); every other selector
+        scores each sample on its own, from its own references and prompt.
     cache: compute the kept reference tokens' K/V once per generation and reuse them every step
         (models built with ``ref_attends_target=False`` only).
     count: keep this many tokens per reference instead of a ratio (``keep`` must stay 1.0). Like ``keep``,

@@ -114,7 +114,8 @@ def generate(
         ``seed[i]`` when a list is given. With guidance that routes tokens or drops the weak branch's
         references, those draws are seeded from the first seed for the whole batch, so a guided sample also
         depends on its batch; so does one under Sparse Context with ``selector="random"``, whose draws come
-        from the config's seed for the whole batch (every other selector is deterministic per sample), and
+        from the config's seed for the whole batch (they depend on the sample's place in it and its size, not on
+        the other samples' images; every other selector scores each sample from its own references and prompt), and
         one under adaptive token merging (``TokenMergingConfig(threshold=...)``), where the batch merges the
         smallest of its samples' counts.
     shift: timestep shift (``tokensparse.flow.timesteps``): ``> 1`` spends more steps near noise; in
