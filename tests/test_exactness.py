@@ -22,8 +22,9 @@ PROMPTS = [PROMPT, "recolor the red object blue", ""]  # "" is the null conditio
 
 
 def kv_model(**kw) -> ts.RefDiT:
-    torch.manual_seed(0)
-    return randomize(ts.build_model("refdit-tiny", ref_attends_target=False, **kw))
+    with torch.random.fork_rng():  # built at import: leave the global generator as it was
+        torch.manual_seed(0)
+        return randomize(ts.build_model("refdit-tiny", ref_attends_target=False, **kw))
 
 
 def gen(model: ts.RefDiT, refs, prompt=PROMPT, **kw) -> torch.Tensor:
@@ -43,8 +44,10 @@ def test_keep_one_is_the_dense_model_for_every_selector_with_and_without_the_cac
             for selector, proportional in itertools.product(sorted(SCORERS), (False, True)):
                 ts.apply_sparse_context(model, ts.SparseContextConfig(keep=1.0, selector=selector, cache=cache,
                                                                       proportional=proportional))
+                ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=0.0) if proportional else
+                                       ts.TokenMergingConfig(threshold=1.5))  # merging's identities beside it
                 assert torch.equal(gen(model, refs, prompt, seed=n), dense), (selector, proportional, n, batch)
-            ts.remove_sparse_context(model)
+            clear(model)
 
 
 GUIDANCE = [None, ts.CFGConfig(2.0), ts.CFGConfig(3.0, interval=(0.2, 0.7)), ts.SparseGuidanceConfig(2.0, 0.25, 0.5),
@@ -235,7 +238,7 @@ def test_sparse_flops_follow_the_kept_tokens_and_attention_is_counted(tiny_kv):
         kept = round(keep * nt) * n_refs
         assert sparse_sdpa == sdpa_formula(kept)
         tokens = (nt + n_prompt + kept) / (nt + n_prompt + n_refs * nt)  # what the per-token layers see
-        assert sparse < dense and abs(sparse / dense - tokens) < 0.1, (keep, sparse / dense, tokens)
+        assert sparse < dense and abs(sparse / dense - tokens) < 0.05, (keep, sparse / dense, tokens)
     ts.remove_sparse_context(tiny_kv)
     assert count_flops(lambda: tiny_kv(x, t, refs, p)) == dense
 
