@@ -201,7 +201,11 @@ def generate(
                 keep = random_keep(ref_tokens, branch.ref_keep, torch.Generator().manual_seed(int(first_seed)))
                 refs_b = subset(ref_tokens, keep)
             ids = prompt_ids if branch.cond else null_ids
-            contexts[key] = (refs_b, ids, model.context_kv(refs_b, ids) if use_cache else None)
+            same = next((c for c in contexts.values() if c[0] is refs_b and torch.equal(c[1], ids)), None)
+            if same is not None:  # e.g. CFG under the null prompt: one context, one K/V (token merging's call
+                contexts[key] = same  # fingerprint then sees the same call, as without the cache)
+            else:
+                contexts[key] = (refs_b, ids, model.context_kv(refs_b, ids) if use_cache else None)
         return contexts[key]
 
     def branch_denoise(x: Tensor, t: Tensor, branches: tuple[Branch, ...]) -> list[Tensor]:

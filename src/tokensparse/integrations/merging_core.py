@@ -15,7 +15,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -176,9 +176,10 @@ def call_key(call: dict) -> Hashable:
 
     Tensors count by shape, dtype, 16 evenly spaced values and their sum (integer and bool tensors also by
     a position-weighted sum, so a permutation of token ids differs); numbers, strings and ``None`` by value;
-    lists, tuples, dicts and dataclass instances (RefDiT's reference ``TokenSeq`` and cached ``ContextKV``) by
-    their contents (three levels deep); other objects by identity. float32 on the tensors' device (MPS has no
-    float64), one host copy per device.
+    lists, tuples and dicts by their contents (three levels deep); other objects by identity (RefDiT's reference
+    ``TokenSeq`` and cached ``ContextKV``: ``generate`` passes one object per distinct context, so CFG's two
+    branches under the null prompt are one call with the cache as without it). float32 on the tensors' device (MPS
+    has no float64), one host copy per device.
     """
     meta: list[Hashable] = []
     probes: dict[torch.device, list[Tensor]] = {}
@@ -197,12 +198,6 @@ def call_key(call: dict) -> Hashable:
                 probes.setdefault(flat.device, []).append(torch.cat([sample, sums]))
         elif v is None or isinstance(v, (bool, int, float, str)):
             meta.append((path, v))
-        elif is_dataclass(v) and not isinstance(v, type) and depth < 3:
-            # by content, not identity: two equal K/V caches (CFG's two branches under the null prompt) are one
-            # call, as the same branches are without the cache (one reference TokenSeq object)
-            meta.append((path, type(v).__qualname__, len(fields(v))))
-            for f in fields(v):
-                visit((*path, f.name), getattr(v, f.name), depth + 1)
         elif isinstance(v, (list, tuple, dict)) and depth < 3:
             items = sorted(v.items(), key=lambda kv: str(kv[0])) if isinstance(v, dict) else enumerate(v)
             meta.append((path, type(v).__name__, len(v)))
