@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from tokensparse.context import SparseContextConfig
+from tokensparse.generation import begin_generation
 from tokensparse.integrations.diffusers import (
     apply_sparse_context_diffusers,
     remove_sparse_context_diffusers,
@@ -88,3 +90,43 @@ def pipeline_folder(folder: Path, cls: str, **components: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": cls, **components}))
     return folder
+
+
+def first_call(pipe: Any, run: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """The arguments (tensors cloned) of the first transformer call of ``run(pipe)``."""
+    seen: list[tuple[tuple, dict]] = []
+
+    def clone(value: Any) -> Any:
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not seen:
+            seen.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True, prepend=True)
+    try:
+        run(pipe)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def checkpointed_grads(transformer: nn.Module, calls: Sequence[tuple[tuple, dict]], checkpointing: bool) -> Any:
+    """Every parameter's gradient (flattened, concatenated) after one backward through ``transformer``'s outputs
+    for ``calls`` (each a generation of its own), with or without diffusers' gradient checkpointing; the
+    transformer is left in eval mode, without checkpointing or gradients."""
+    transformer.train()
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    try:
+        loss = 0.0
+        for args, kwargs in calls:
+            begin_generation(transformer)
+            out = transformer(*args, **{**kwargs, "return_dict": False})[0]
+            loss = loss + out.float().square().mean()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in transformer.parameters() if p.grad is not None])
+    finally:
+        transformer.eval()
+        transformer.disable_gradient_checkpointing()
+        transformer.zero_grad(set_to_none=True)

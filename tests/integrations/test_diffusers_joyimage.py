@@ -30,6 +30,8 @@ from tokensparse.integrations.diffusers_tiny_joyimage import (
 from tokensparse.selection import SCORERS
 
 from .contract import (
+    checkpointed_grads,
+    first_call,
     generate_app,
     pipeline_folder,
     reapply_then_remove,
@@ -232,6 +234,21 @@ def test_plus_batch_shares_one_selection_and_refuses_different_reference_sizes(p
     assert seen.tokens == [(4, WIDE + TOKENS // 4 + WIDE // 4)] * 2 and sparse_context_state(plus).selections == 1
     with pytest.raises(ValueError, match="different sizes or counts .shape_list differs"):
         run_plus(plus, prompt=["a cat", "a dog"], images=[pair, pair[::-1]])
+
+
+@pytest.mark.parametrize("name", ["edit", "plus"])
+def test_gradient_checkpointing_recomputes_blocks_with_the_kept_tokens_rope(name, request):
+    # a checkpointed block runs again in backward, after its call ended: it must get the RoPE rows its forward got
+    # (it got the rows the transformer builds from the thinned shapes: silently other gradients)
+    pipe, run = request.getfixturevalue(name), run_edit if name == "edit" else run_plus
+    args, kwargs = first_call(pipe, run)
+    noise = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
+    calls = [(args, kwargs), (args, {**kwargs, "hidden_states": kwargs["hidden_states"] + noise})]  # other refs
+    apply_sparse_context_diffusers(pipe.transformer, SparseContextConfig(keep=0.5, selector="edges"))
+    plain = checkpointed_grads(pipe.transformer, calls, checkpointing=False)
+    checkpointed = checkpointed_grads(pipe.transformer, calls, checkpointing=True)
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+    assert sparse_context_state(pipe.transformer).selections == 4 and not sparse_context_state(pipe).replay._recorded
 
 
 @pytest.mark.parametrize("name, why", [("edit", "JoyImageAttnProcessor calls the attention with attn_mask=None"),

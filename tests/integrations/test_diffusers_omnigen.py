@@ -29,7 +29,14 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen
 
-from .contract import NO_KV_CACHE, generate_app, pipeline_folder, reapply_then_remove
+from .contract import (
+    NO_KV_CACHE,
+    checkpointed_grads,
+    first_call,
+    generate_app,
+    pipeline_folder,
+    reapply_then_remove,
+)
 
 TARGET = 16
 RS = np.random.RandomState(0)
@@ -357,6 +364,20 @@ def test_proportional_is_the_dense_call_with_the_bias_on_the_kept_tokens(pipe):
     assert torch.equal(bias, sizes[index].log())
     torch.testing.assert_close(biased, dense, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain, dense, atol=1e-4)  # the bias is what matches
+
+
+def test_gradient_checkpointing_recomputes_attention_row_by_row(pipe):
+    # a checkpointed block runs again in backward, after its call ended: its attention must run row by row with
+    # each row's RoPE rows, as in its forward (it ran batched: a CheckpointError in backward)
+    args, kwargs = first_call(pipe, lambda p: run(p, refs=2, prompt=TWO))
+    g = torch.Generator().manual_seed(1)
+    other = [x + torch.randn(x.shape, generator=g) for x in kwargs["input_img_latents"]]
+    calls = [(args, kwargs), (args, {**kwargs, "input_img_latents": other})]  # other references
+    apply_sparse_context_diffusers(pipe.transformer, SparseContextConfig(keep=0.5, selector="edges"))
+    plain = checkpointed_grads(pipe.transformer, calls, checkpointing=False)
+    checkpointed = checkpointed_grads(pipe.transformer, calls, checkpointing=True)
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+    assert sparse_context_state(pipe).selections == 4 and not sparse_context_state(pipe).replay._recorded
 
 
 def test_refusals(pipe):

@@ -25,7 +25,13 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
 
-from .contract import pipe_fixtures, reapply_then_remove, refuses_proportional_and_cache
+from .contract import (
+    checkpointed_grads,
+    first_call,
+    pipe_fixtures,
+    reapply_then_remove,
+    refuses_proportional_and_cache,
+)
 
 TOKENS = 8 * 8  # 128x128 images at output_resolution 128: 16 pixels per token
 REF = (np.random.RandomState(0).rand(128, 128, 3) * 255).astype("uint8")
@@ -163,6 +169,19 @@ def test_a_cache_filled_by_another_selection_is_refused(pipe):
         apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25))
         with pytest.raises(ValueError, match="filled by a call with another selection"):
             tr(**call, timestep=torch.tensor([0.8]), kv_cache_mode="cached")
+
+
+def test_gradient_checkpointing_recomputes_blocks_over_the_kept_tokens(pipe):
+    # a checkpointed block runs again in backward, after its call ended: it must get the kept tokens' rows its
+    # forward got (it got the dense ones: a size mismatch in backward)
+    args, kwargs = first_call(pipe, lambda p: run(p, image=refs(2), kv=False))
+    noise = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
+    calls = [(args, kwargs), (args, {**kwargs, "hidden_states": kwargs["hidden_states"] + noise})]  # other images
+    apply_sparse_context_diffusers(pipe.transformer, SparseContextConfig(keep=0.5, selector="edges"))
+    plain = checkpointed_grads(pipe.transformer, calls, checkpointing=False)
+    checkpointed = checkpointed_grads(pipe.transformer, calls, checkpointing=True)
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+    assert sparse_context_state(pipe).selections == 4 and not sparse_context_state(pipe).replay._recorded
 
 
 def test_text_to_image_is_left_dense(pipe):

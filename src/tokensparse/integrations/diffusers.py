@@ -74,7 +74,7 @@ from ..generation import (
 from ..selection import RefView, needs_probe
 from .calls import as_keywords, positional_names
 from .diffusers_capture import captured_inputs, unwrap_capture, wrap_capture
-from .diffusers_layout import InContextAdapter
+from .diffusers_layout import BlockReplay, InContextAdapter
 from .diffusers_models import (
     KV_PIPELINES,
     PIPELINES,
@@ -151,6 +151,7 @@ class _State:
         # subset: Qwen-Image-Edit's pos_embed hook (dense img_shapes, kept index), JoyImage's blocks their RoPE,
         # Z-Image's KeptPatches (kept index, dense image tokens), OmniGen's rows, Fibo 2.0's / Qwen-Image 2.1's call
         self.call: Any = None
+        self.replay = BlockReplay()  # what block-level companion hooks read, for gradient checkpointing's recompute
         self.tracker = StepTracker()
 
     def clear_call(self) -> None:
@@ -217,6 +218,7 @@ class SparseContextHook:
         return tuple(call.pop(name) for name in positional_names(module, len(args))), call
 
     def _subset(self, module: torch.nn.Module, kwargs: dict) -> dict | None:
+        self.state.replay.start(module)
         for owner in self.owners:
             if _shares(owner, module):
                 check_scheduler(owner)  # a scheduler swapped after apply: this call starts a generation

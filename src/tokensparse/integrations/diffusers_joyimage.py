@@ -39,11 +39,12 @@ class JoyImageRopeHook:
         self.state = state
 
     def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self.state.call is None:
+        rope = self.state.replay.current(self.state.call, module, args, kwargs)  # its forward's, when recomputed
+        if rope is None:
             return None
         if len(args) > 3:  # gradient checkpointing calls the block positionally: (img, txt, temb, rope, ...)
-            return (*args[:3], self.state.call, *args[4:]), kwargs
-        return args, {**kwargs, "image_rotary_emb": self.state.call}
+            return (*args[:3], rope, *args[4:]), kwargs
+        return args, {**kwargs, "image_rotary_emb": rope}
 
 
 class _JoyImageAdapter(InContextAdapter):

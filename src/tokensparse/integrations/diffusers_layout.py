@@ -1,10 +1,14 @@
 """The base of the diffusers adapters: where a transformer call's reference tokens are (:class:`RefLayout`) and
-what the Sparse Context hook asks of an adapter (:class:`InContextAdapter`). Model knowledge lives in the family
-modules (:mod:`.diffusers_models` and the modules it imports); the wiring in :mod:`.diffusers`.
+what the Sparse Context hook asks of an adapter (:class:`InContextAdapter`), and how hooks inside a transformer's
+blocks get the running call's thinning again when gradient checkpointing recomputes a block (:class:`BlockReplay`).
+Model knowledge lives in the family modules (:mod:`.diffusers_models` and the modules it imports); the wiring in
+:mod:`.diffusers`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .diffusers_proportional import with_bias
+from .merging_core import _in_backward, call_key
 
 
 @dataclass
@@ -137,3 +142,56 @@ def with_sample(output: Any, sample: Tensor) -> Any:
         return (sample, *output[1:])
     output.sample = sample
     return output
+
+
+class BlockReplay:
+    """What companion hooks inside a transformer's blocks read of the running thinned call (``state.call``), kept
+    for gradient checkpointing.
+
+    A checkpointed block runs again in backward, after the transformer call it belonged to ended (``state.call`` is
+    cleared, or already another call's), with the arguments its forward got. While the transformer's blocks may be
+    recomputed (:meth:`start`: gradients on, ``gradient_checkpointing`` set), :meth:`current` records what each
+    block call read, by block and arguments; a recomputation in backward gets it back (the newest recorded for its
+    arguments: backward visits the forwards newest first), so it recomputes exactly what its forward computed.
+    """
+
+    MAX_RECORDED = 4096  # block calls kept for a backward, oldest dropped first (a recomputation uses its entry up)
+
+    def __init__(self) -> None:
+        self.recording = False  # the running transformer call's blocks may be recomputed in backward
+        self._recorded: OrderedDict[Hashable, list[Any]] = OrderedDict()
+
+    def __deepcopy__(self, memo: dict) -> BlockReplay:
+        return BlockReplay()  # a backward in flight is the original model's
+
+    def __getstate__(self) -> dict:
+        return {"recording": False, "_recorded": OrderedDict()}
+
+    def start(self, model: torch.nn.Module) -> None:
+        """At a (thinned) call of ``model``, not its recomputation: whether its blocks' calls are to be recorded."""
+        if not _in_backward():
+            self.recording = torch.is_grad_enabled() and any(
+                getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+    def current(self, call: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """``call`` (``state.call``) for this call of ``module`` (a block, or a sub-module of one) with ``args`` /
+        ``kwargs``: in backward, what the forward of a call with these arguments read (``call`` if none was
+        recorded); in a forward that may be recomputed, ``call``, recorded."""
+        if _in_backward():
+            if not self._recorded:
+                return call
+            key = (id(module), call_key({"args": args, "kwargs": kwargs}))
+            stack = self._recorded.get(key)
+            if not stack:
+                return call
+            found = stack.pop()
+            if not stack:
+                del self._recorded[key]
+            return found
+        if call is not None and self.recording:
+            key = (id(module), call_key({"args": args, "kwargs": kwargs}))
+            self._recorded.setdefault(key, []).append(call)
+            self._recorded.move_to_end(key)
+            while len(self._recorded) > self.MAX_RECORDED:
+                self._recorded.popitem(last=False)
+        return call

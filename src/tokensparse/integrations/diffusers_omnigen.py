@@ -98,7 +98,8 @@ class RowRope:
 
     def __call__(self, attn: torch.nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb: Any = None) -> Tensor:
-        rows = self.state.call
+        inputs = (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        rows = self.state.replay.current(self.state.call, attn, inputs, {})  # its forward's, when recomputed
         if not isinstance(rows, Rows):
             extra = {"image_rotary_emb": image_rotary_emb} if self.takes_rope else {}
             return self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,

@@ -141,7 +141,7 @@ class KeptBlockInputs:
         self.state = state
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        call = self.state.call
+        call = self.state.replay.current(self.state.call, module, args, kwargs)  # its forward's, when recomputed
         if not isinstance(call, Qwen21Call):
             return None
         kw = as_keywords(module, args, kwargs)
