@@ -96,10 +96,6 @@ _HOOK = "_tokensparse_sparse_context"  # the transformer's SparseContextHook, in
 _CALLBACK = "tokensparse_sparse_context"
 
 
-def _class_names(obj: Any) -> list[str]:
-    return [c.__name__ for c in type(obj).__mro__]
-
-
 def is_diffusers_target(obj: Any) -> bool:
     """True for any diffusers pipeline or model (without importing diffusers)."""
     return any(c.__module__.split(".")[0] == "diffusers" for c in type(obj).__mro__)
