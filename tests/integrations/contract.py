@@ -130,3 +130,15 @@ def checkpointed_grads(transformer: nn.Module, calls: Sequence[tuple[tuple, dict
         transformer.eval()
         transformer.disable_gradient_checkpointing()
         transformer.zero_grad(set_to_none=True)
+
+
+def assert_checkpointing_is_exact(transformer: nn.Module, calls: Sequence[tuple[tuple, dict]]) -> None:
+    """With Sparse Context (keep 0.5, ``edges``) applied to ``transformer``, gradients through ``calls`` under
+    diffusers' gradient checkpointing equal those without it (a recomputed block gets what its forward got), each
+    call selects once per run, and nothing recorded for a backward is left behind."""
+    apply_sparse_context_diffusers(transformer, SparseContextConfig(keep=0.5, selector="edges"))
+    plain = checkpointed_grads(transformer, calls, checkpointing=False)
+    checkpointed = checkpointed_grads(transformer, calls, checkpointing=True)
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+    state = sparse_context_state(transformer)
+    assert state.selections == 2 * len(calls) and not state.replay._recorded

@@ -26,7 +26,7 @@ from tokensparse.integrations.diffusers import (
 from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
 
 from .contract import (
-    checkpointed_grads,
+    assert_checkpointing_is_exact,
     first_call,
     pipe_fixtures,
     reapply_then_remove,
@@ -177,11 +177,7 @@ def test_gradient_checkpointing_recomputes_blocks_over_the_kept_tokens(pipe):
     args, kwargs = first_call(pipe, lambda p: run(p, image=refs(2), kv=False))
     noise = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
     calls = [(args, kwargs), (args, {**kwargs, "hidden_states": kwargs["hidden_states"] + noise})]  # other images
-    apply_sparse_context_diffusers(pipe.transformer, SparseContextConfig(keep=0.5, selector="edges"))
-    plain = checkpointed_grads(pipe.transformer, calls, checkpointing=False)
-    checkpointed = checkpointed_grads(pipe.transformer, calls, checkpointing=True)
-    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
-    assert sparse_context_state(pipe).selections == 4 and not sparse_context_state(pipe).replay._recorded
+    assert_checkpointing_is_exact(pipe.transformer, calls)
 
 
 def test_text_to_image_is_left_dense(pipe):
