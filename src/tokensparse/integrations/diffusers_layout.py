@@ -7,8 +7,6 @@ Model knowledge lives in the family modules (:mod:`.diffusers_models` and the mo
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .diffusers_proportional import with_bias
-from .merging_core import _in_backward, call_key
+from .merging_core import Recorded, _in_backward, call_key
 
 
 @dataclass
@@ -155,17 +153,15 @@ class BlockReplay:
     arguments: backward visits the forwards newest first), so it recomputes exactly what its forward computed.
     """
 
-    MAX_RECORDED = 4096  # block calls kept for a backward, oldest dropped first (a recomputation uses its entry up)
-
     def __init__(self) -> None:
         self.recording = False  # the running transformer call's blocks may be recomputed in backward
-        self._recorded: OrderedDict[Hashable, list[Any]] = OrderedDict()
+        self._recorded = Recorded()  # block calls kept for a backward (merging_core.MAX_RECORDED at most)
 
     def __deepcopy__(self, memo: dict) -> BlockReplay:
         return BlockReplay()  # a backward in flight is the original model's
 
     def __getstate__(self) -> dict:
-        return {"recording": False, "_recorded": OrderedDict()}
+        return {"recording": False, "_recorded": Recorded()}
 
     def start(self, model: torch.nn.Module) -> None:
         """At a (thinned) call of ``model``, not its recomputation: whether its blocks' calls are to be recorded."""
@@ -180,18 +176,8 @@ class BlockReplay:
         if _in_backward():
             if not self._recorded:
                 return call
-            key = (id(module), call_key({"args": args, "kwargs": kwargs}))
-            stack = self._recorded.get(key)
-            if not stack:
-                return call
-            found = stack.pop()
-            if not stack:
-                del self._recorded[key]
-            return found
+            found = self._recorded.pop((id(module), call_key({"args": args, "kwargs": kwargs})))
+            return call if found is None else found
         if call is not None and self.recording:
-            key = (id(module), call_key({"args": args, "kwargs": kwargs}))
-            self._recorded.setdefault(key, []).append(call)
-            self._recorded.move_to_end(key)
-            while len(self._recorded) > self.MAX_RECORDED:
-                self._recorded.popitem(last=False)
+            self._recorded.push((id(module), call_key({"args": args, "kwargs": kwargs})), call)
         return call

@@ -48,7 +48,7 @@ class TokenMergingState:
     warned_video: bool = False
 
     def __deepcopy__(self, memo: dict) -> TokenMergingState:
-        recorded, self._recorded = self._recorded, OrderedDict()  # only for a backward in flight on this model
+        recorded, self._recorded = self._recorded, Recorded()  # only for a backward in flight on this model
         try:
             return copy_keeping_copied_owners(self, memo)  # owners[0], the model, is copied with the state's fields
         finally:
@@ -56,20 +56,19 @@ class TokenMergingState:
 
     def __getstate__(self) -> dict:
         state = state_without_pipelines(self)
-        state["_recorded"] = OrderedDict()  # only for a backward in flight in this process
+        state["_recorded"] = Recorded()  # only for a backward in flight in this process
         return state
 
     def __setstate__(self, state: dict) -> None:
         # defaults first: also older pickles
-        self.__dict__.update({"_recorded": OrderedDict(), "recording": False, "isolated": False, **state,
-                              "running": 0})
+        self.__dict__.update({"recording": False, "isolated": False, **state, "_recorded": Recorded(), "running": 0})
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
         self.cache = self.cfg.make_cache()
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self._generation = self.tracker.generation
-        self._recorded: OrderedDict[Hashable, list[Matching]] = OrderedDict()  # see matching(): checkpointing
+        self._recorded = Recorded()  # matchings for gradient checkpointing's recomputations, see matching()
         self.recording = False  # this model call may be recomputed in backward (gradient checkpointing)
         self.isolated = False  # the last call's samples were at different timesteps: the next starts afresh
         self.running = 0  # calls of the model in progress: its sublayers merge only inside one
@@ -140,29 +139,50 @@ class TokenMergingState:
         # visits the forwards newest first).
         in_backward = _in_backward()
         if in_backward and self._recorded:
-            key = (layer, call_key({"x": x}))
-            stack = self._recorded.get(key)
-            if stack:
-                m = stack.pop()
-                if not stack:
-                    del self._recorded[key]
+            m = self._recorded.pop((layer, call_key({"x": x})))
+            if m is not None:
                 return m
         m = self.cache.lookup(layer, self.step, x, compute, self.call)
         if not in_backward:
             self.merged_tokens += m.num_merged
             if self.recording:
-                key = (layer, call_key({"x": x}))
-                self._recorded.setdefault(key, []).append(m)
-                self._recorded.move_to_end(key)
-                while len(self._recorded) > MAX_RECORDED:
-                    self._recorded.popitem(last=False)
+                self._recorded.push((layer, call_key({"x": x})), m)
         return m
 
 
 MAX_RECORDED = 4096
-"""Inputs whose matchings are kept for their recomputation in backward (under gradient checkpointing),
-oldest dropped first; a recomputation uses its entry up. Enough for hundreds of forwards of a deep model
-before one backward."""
+"""Inputs whose values :class:`Recorded` keeps for their recomputation in backward (under gradient
+checkpointing), oldest dropped first; a recomputation uses its entry up. Enough for hundreds of forwards of a
+deep model before one backward."""
+
+
+class Recorded:
+    """What forwards computed, by key (a module and a fingerprint of its input), for gradient checkpointing: a
+    block recomputed in backward must get what its forward got. :meth:`pop` hands back the newest value pushed
+    for a key (backward visits the forwards newest first) and uses it up; at most :data:`MAX_RECORDED` keys,
+    oldest dropped first. Token merging records matchings, Sparse Context's block hooks their call's thinning."""
+
+    def __init__(self) -> None:
+        self._stacks: OrderedDict[Hashable, list[Any]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._stacks)
+
+    def push(self, key: Hashable, value: Any) -> None:
+        self._stacks.setdefault(key, []).append(value)
+        self._stacks.move_to_end(key)
+        while len(self._stacks) > MAX_RECORDED:
+            self._stacks.popitem(last=False)
+
+    def pop(self, key: Hashable) -> Any | None:
+        """The newest value pushed for ``key``, removed; ``None`` if there is none."""
+        stack = self._stacks.get(key)
+        if not stack:
+            return None
+        value = stack.pop()
+        if not stack:
+            del self._stacks[key]
+        return value
 
 
 def _in_backward() -> bool:
