@@ -151,33 +151,23 @@ def test_drop_sweep_reads_the_shipped_base_from_any_directory(tmp_path, monkeypa
     assert Path(sweep.BASE).is_absolute() and Path(sweep.BASE).is_file()  # was relative to the repository root
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--selectors", "random,nope"], "--selectors takes a comma list of"),
-    (["--selectors", ""], "--selectors takes a comma list of"),
-    (["--families", "editing,typo"], "--families takes a comma list of"),
-    (["--keeps", "0.25,abc"], "--keeps takes a comma list of numbers"),
-    (["--masses", "1.5"], "--masses takes a comma list of numbers in (0, 1]"),
+@pytest.mark.parametrize("script, argv, message", [
+    ("selection", ["--selectors", "random,nope"], "--selectors takes a comma list of"),
+    ("selection", ["--selectors", ""], "--selectors takes a comma list of"),
+    ("selection", ["--families", "editing,typo"], "--families takes a comma list of"),
+    ("selection", ["--keeps", "0.25,abc"], "--keeps takes a comma list of numbers"),
+    ("selection", ["--masses", "1.5"], "--masses takes a comma list of numbers in (0, 1]"),
+    ("guidance", ["--cfg-scales", "1.5,x"], "--cfg-scales takes a comma list of numbers"),
+    ("guidance", ["--sg-gammas", "0.5"], "--sg-gammas takes a comma list of strong/weak pairs"),
+    ("guidance", ["--sg-gammas", "0.9/0.5"], "0 <= strong <= weak < 1"),
 ])
-def test_selection_refuses_bad_lists_before_the_dense_runs(tmp_path, monkeypatch, capsys, argv, message):
-    selection = _script("selection")
-    monkeypatch.setattr(selection, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
-    monkeypatch.setattr("sys.argv", ["selection.py", *argv, "--out", str(tmp_path / "s.json")])
+def test_bad_lists_are_refused_before_loading(tmp_path, monkeypatch, capsys, script, argv, message):
+    # selection's --selectors nope was a KeyError after the dense runs of every family
+    mod = _script(script)
+    monkeypatch.setattr(mod, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
+    monkeypatch.setattr("sys.argv", [f"{script}.py", *argv, "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit) as exc:
-        selection.main()  # --selectors nope was a KeyError after the dense runs of every family
-    assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--cfg-scales", "1.5,x"], "--cfg-scales takes a comma list of numbers"),
-    (["--sg-gammas", "0.5"], "--sg-gammas takes a comma list of strong/weak pairs"),
-    (["--sg-gammas", "0.9/0.5"], "0 <= strong <= weak < 1"),
-])
-def test_guidance_refuses_bad_lists_before_loading(tmp_path, monkeypatch, capsys, argv, message):
-    guidance = _script("guidance")
-    monkeypatch.setattr(guidance, "load", lambda spec: pytest.fail("loaded a model before checking the flags"))
-    monkeypatch.setattr("sys.argv", ["guidance.py", *argv, "--out", str(tmp_path / "g.json")])
-    with pytest.raises(SystemExit) as exc:
-        guidance.main()
+        mod.main()
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
