@@ -29,18 +29,41 @@ def results_path(name: str, quick: bool) -> Path:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Fills ``--out`` from ``--quick`` when it is not given."""
+    """Fills ``--out`` from ``--quick`` when it is not given, and records in ``given`` the destinations of the
+    flags typed on the command line (:func:`quick_or`: a typed flag wins over ``--quick``'s small setting)."""
 
     def __init__(self, name: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.benchmark = name
 
-    def parse_args(self, *args, **kwargs):  # type: ignore[override]
-        ns = super().parse_args(*args, **kwargs)
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns = super().parse_args(args, namespace)
+        ns.given = self._typed(args)
         if ns.out is None:
             ns.out = results_path(self.benchmark, ns.quick)
         check_json_out(ns.out, self)
         return ns
+
+    def _typed(self, args) -> frozenset[str]:
+        """The destinations the command line sets: parse it again with every default replaced by a marker."""
+        unset = object()
+        saved = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in saved:
+                action.default = unset
+            ns = super().parse_args(args)
+        finally:
+            for action, default in saved:
+                action.default = default
+        return frozenset(k for k, v in vars(ns).items() if v is not unset)
+
+
+def quick_or(args: argparse.Namespace, name: str, quick_value: Any) -> Any:
+    """``args.<name>``, or ``quick_value`` under ``--quick`` when the flag was not typed (``--quick --n 32`` runs
+    32 samples: a flag given on the command line is never silently replaced by the smoke run's value)."""
+    if args.quick and name not in getattr(args, "given", ()):
+        return quick_value
+    return getattr(args, name)
 
 
 def check_json_out(out: Path, ap: argparse.ArgumentParser) -> None:

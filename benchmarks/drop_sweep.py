@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import evaluate, heldout_by_family, load, parser, positive_int, progress, rounded, write_json
+from common import evaluate, heldout_by_family, load, parser, positive_int, progress, quick_or, rounded, write_json
 
 import tokensparse as ts
 from tokensparse.train import DropConfig, TrainConfig, export_ema, train
@@ -65,8 +65,9 @@ def main() -> None:
     ap.add_argument("--n", type=positive_int, default=32, help="held-out samples per family")
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "drop_sweep")
     args = ap.parse_args()
-    steps, n, gen_steps = (30, 8, 6) if args.quick else (args.steps, args.n, 10)
-    root = args.root / ("quick" if args.quick else f"steps{steps}")
+    steps, n, gen_steps = quick_or(args, "steps", 30), quick_or(args, "n", 8), (6 if args.quick else 10)
+    stage = f"steps{steps}"  # runs of another length never resume these
+    root = args.root / (("quick" if steps == 30 else f"quick_{stage}") if args.quick else stage)
     t0 = time.time()
     data = heldout_by_family(n, 32)
     psnr: dict = {}

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import apply_setting, interleaved, parser, positive_int, progress, rounded, write_json
+from common import apply_setting, interleaved, parser, positive_int, progress, quick_or, rounded, write_json
 
 from tokensparse.flops import count_flops
 
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args()
     t0 = time.time()
-    ref_counts, repeats = ([1], 2) if args.quick else ([1, 4], args.repeats)
+    ref_counts, repeats = ([1] if args.quick else [1, 4]), quick_or(args, "repeats", 2)
     rows = []
     for i, n in enumerate(ref_counts):
         progress(i, len(ref_counts), f"{n} reference(s)")

@@ -38,6 +38,7 @@ from common import (
     positive_int,
     progress,
     pyplot,
+    quick_or,
     rounded,
     write_json,
 )
@@ -142,7 +143,7 @@ def main() -> None:
     if not sg_gammas or any(len(pair) != 2 or not 0 <= pair[0] <= pair[1] < 1 for pair in sg_gammas):
         ap.error(f"--sg-gammas takes a comma list of strong/weak pairs with 0 <= strong <= weak < 1, "
                  f"got {args.sg_gammas!r}")
-    n, steps, n_ref = (64, 8, 8) if args.quick else (args.n, args.steps, args.n_ref)
+    n, steps, n_ref = quick_or(args, "n", 64), quick_or(args, "steps", 8), quick_or(args, "n_ref", 8)
     t0 = time.time()
     model = load(args.model)
     kv_cache = not model.config.ref_attends_target

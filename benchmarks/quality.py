@@ -26,6 +26,7 @@ from common import (
     positive_int,
     progress,
     pyplot,
+    quick_or,
     rounded,
     write_json,
 )
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the models run (cuda for recipe searches)")
     args = ap.parse_args()
     check_device(args.device, ap)
-    n, steps = (16, 10) if args.quick else (args.n, args.steps)
+    n, steps = quick_or(args, "n", 16), quick_or(args, "steps", 10)
     t0 = time.time()
     models = {"base": load(args.base).to(args.device), "sparse": load(args.sparse).to(args.device)}
     size = models["base"].config.image_size

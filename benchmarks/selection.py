@@ -47,6 +47,7 @@ from common import (
     positive_int,
     progress,
     pyplot,
+    quick_or,
     rounded,
     write_json,
 )
@@ -159,10 +160,10 @@ def main() -> None:
     selectors = names_list(ap, "--selectors", args.selectors, sorted(SCORERS))
     adaptive = names_list(ap, "--adaptive", args.adaptive, sorted(SCORERS), empty_ok=True)
     families = names_list(ap, "--families", args.families, FAMILIES)
-    n, steps = (8, 5) if args.quick else (args.n, args.steps)
-    keeps = (0.25,) if args.quick else float_list(ap, "--keeps", args.keeps)
+    n, steps = quick_or(args, "n", 8), quick_or(args, "steps", 5)
+    keeps = float_list(ap, "--keeps", quick_or(args, "keeps", "0.25"))
     # quick: the default mass too, so that the summary's adaptive keys (taskaware_adaptive_*) are exercised
-    masses = (0.6, ts.SparseContextConfig().mass) if args.quick else float_list(ap, "--masses", args.masses)
+    masses = float_list(ap, "--masses", quick_or(args, "masses", f"0.6,{ts.SparseContextConfig().mass}"))
     t0 = time.time()
     model = load(args.model)
     data = {f: v for f, v in heldout_by_family(n, model.config.image_size).items() if f in families}

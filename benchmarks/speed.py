@@ -20,7 +20,18 @@ import time
 from typing import Any
 
 import torch
-from common import apply_setting, interleaved, parser, positive_int, progress, pyplot, rounded, speedups, write_json
+from common import (
+    apply_setting,
+    interleaved,
+    parser,
+    positive_int,
+    progress,
+    pyplot,
+    quick_or,
+    rounded,
+    speedups,
+    write_json,
+)
 
 import tokensparse as ts
 from tokensparse.flops import count_flops
@@ -95,7 +106,7 @@ def main() -> None:
     ap.add_argument("--steps", type=positive_int, default=20)
     args = ap.parse_args()
     settings = list(SETTINGS)
-    repeats = 3 if args.quick else args.repeats  # the JSON records the repeats each median was taken over
+    repeats = quick_or(args, "repeats", 3)  # the JSON records the repeats each median was taken over
     t0 = time.time()
     if args.quick:
         rows = run("refdit-s-64px", [1, 4], settings, repeats, args.steps)

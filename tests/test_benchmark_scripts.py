@@ -267,6 +267,51 @@ def test_default_results_go_to_the_checkout_from_any_working_directory(tmp_path,
     assert not (tmp_path / "benchmarks").exists()
 
 
+def test_quick_keeps_the_flags_typed_beside_it(monkeypatch):
+    common = _script("common")
+    ap = common.parser(None, "quality", "quick")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    monkeypatch.setattr("sys.argv", ["quality.py", "--quick", "--n", "64"])
+    args = ap.parse_args()
+    assert args.given == {"quick", "n"}
+    assert common.quick_or(args, "n", 16) == 64  # typed (even at its default): kept; was 16, silently
+    assert common.quick_or(args, "steps", 10) == 10  # not typed: the smoke run's value
+    args = ap.parse_args(["--n", "5"])
+    assert common.quick_or(args, "n", 16) == 5 and common.quick_or(args, "steps", 10) == 20
+    assert [a.default for a in ap._actions if a.dest in ("n", "steps")] == [64, 20]  # defaults restored
+
+
+@pytest.mark.parametrize("script, argv, seen", [
+    ("quality", ["--n", "3", "--steps", "2"], (3, 16)),
+    ("selection", ["--n", "3", "--keeps", "0.5"], (3, 8)),
+])
+def test_quick_benchmarks_run_the_sample_count_typed(tmp_path, monkeypatch, script, argv, seen):
+    module = _script(script)
+    counts = []
+
+    def stop(n, size):
+        counts.append(n)
+        raise KeyboardInterrupt  # enough: the sample count is what the run would use
+
+    monkeypatch.setattr(module, "load", lambda spec: pytest.importorskip("tokensparse").build_model("refdit-s"))
+    monkeypatch.setattr(module, "heldout_by_family", stop)
+    for extra in (argv, []):
+        monkeypatch.setattr("sys.argv", [f"{script}.py", "--quick", *extra, "--out", str(tmp_path / "r.json")])
+        with pytest.raises(KeyboardInterrupt):
+            module.main()
+    assert tuple(counts) == seen
+
+
+def test_selection_quick_checks_a_typed_keep_list(tmp_path, monkeypatch, capsys):
+    selection = _script("selection")
+    monkeypatch.setattr(selection, "load", lambda spec: pytest.fail("loaded a model"))
+    monkeypatch.setattr("sys.argv", ["selection.py", "--quick", "--keeps", "2", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit):
+        selection.main()  # was: --keeps ignored (unchecked) under --quick
+    assert "--keeps takes a comma list of numbers in (0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content", ["{truncated", "[1, 2]"])
 def test_merging_refuses_an_existing_out_it_cannot_keep_parts_from(tmp_path, monkeypatch, capsys, content):
     merging = _script("merging")
