@@ -9,7 +9,7 @@ from tokensparse.cli import app
 
 def test_every_benchmark_name_maps_to_a_script_name():
     assert set(BENCHMARKS) == {"speed", "quality", "selection", "guidance", "merging", "drop_sweep",
-                               "flux_speed"}
+                               "flux_speed", "data_speed"}
 
 
 def test_unknown_benchmark_is_a_value_error():
@@ -39,7 +39,7 @@ def test_cli_reports_unknown_name():
 def test_repository_ships_the_scripts_it_names():
     root = Path(__file__).resolve().parents[1]
     present = {n for n, f in BENCHMARKS.items() if (root / "benchmarks" / f).is_file()}
-    assert {"speed", "quality", "selection", "merging", "drop_sweep"} <= present
+    assert set(BENCHMARKS) == present
 
 
 def test_progress_lines_drive_the_bar_and_are_not_echoed(tmp_path):
@@ -193,3 +193,21 @@ def test_count_flags_are_refused_naming_the_flag_before_any_work(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and message in res.stderr, (script, res.stderr[-300:])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_passes_the_scripts_own_flags_through(monkeypatch, tmp_path):
+    import tokensparse.bench as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_benchmark", lambda name, **kw: seen.update(name=name, **kw) or 0)
+    res = CliRunner().invoke(app, ["bench", "quality", "--quick", "--n", "32", "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    assert seen["name"] == "quality" and seen["quick"] and seen["extra"] == ["--n", "32", "--steps", "4"]  # was: exit 2
+
+
+def test_a_flag_the_script_does_not_know_is_its_usage_error(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "quality.py").write_text(
+        "import argparse\nap = argparse.ArgumentParser()\nap.add_argument('--n', type=int)\nap.parse_args()\n")
+    assert run_benchmark("quality", extra=["--n", "3"], root=tmp_path) == 0
+    assert run_benchmark("quality", extra=["--nope"], root=tmp_path) == 2

@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "merging": "merging.py",
     "drop_sweep": "drop_sweep.py",
     "flux_speed": "flux_speed.py",
+    "data_speed": "data_speed.py",
 }
 
 
@@ -73,7 +74,8 @@ def _termination_raises() -> Iterator[None]:
 
 def run_benchmark(name: str, quick: bool = False, out: Path | None = None, console: Console | None = None,
                   extra: list[str] | None = None, root: Path | None = None) -> int:
-    """Run benchmark ``name`` (``--quick``, ``--out``) in a subprocess; its exit code.
+    """Run benchmark ``name`` (``--quick``, ``--out``, then ``extra``: the script's own flags) in a subprocess;
+    its exit code.
 
     The script's ``[done/total] what`` lines drive a progress bar; every other line is printed as it comes.
     """

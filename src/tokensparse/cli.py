@@ -178,21 +178,25 @@ def _recipe_error(config: Path, exc: Exception, flags: dict) -> str:
     return message if message != str(exc) else f"recipe {config}: {exc}"
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
-    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep | flux_speed"),
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep | flux_speed "
+                               "| data_speed"),
     quick: bool = typer.Option(False, help="The benchmark's quick variant (minutes, small samples)."),
     out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json; with "
                                     "--quick NAME_quick.json, so a smoke run keeps the committed results)."),
 ) -> None:
-    """Run a benchmark script from a repository checkout; it writes its JSON (and, all but drop_sweep and
-    flux_speed, a PNG plot) under benchmarks/results."""
+    """Run a benchmark script from a repository checkout; it writes its JSON (and, all but drop_sweep,
+    flux_speed and data_speed, a PNG plot) under benchmarks/results. Other flags go to the script as typed
+    (`tokensparse bench quality --n 32 --steps 10`; the script's --help lists them)."""
     from .bench import run_benchmark
 
     if out is not None:
         check_out(out, ".json")
     try:
-        code = run_benchmark(name, quick=quick, out=out.resolve() if out else None, console=console)
+        code = run_benchmark(name, quick=quick, out=out.resolve() if out else None, console=console,
+                             extra=list(ctx.args))
     except (ValueError, FileNotFoundError) as exc:  # an unknown name, no checkout: a usage error (exit 2)
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from exc
