@@ -188,3 +188,28 @@ def test_a_nan_or_inf_image_is_refused_and_nothing_is_written(value, tmp_path):
         save_png(image.to(torch.bfloat16), out)
     assert not list(tmp_path.iterdir())  # no file, no temp file, no folder
     assert save_png(image.nan_to_num(0.0, 1.0, 0.0), out).is_file()
+
+
+@pytest.mark.parametrize("mode", ["F", "CMYK", "YCbCr", "HSV"])
+def test_save_png_writes_pil_modes_a_png_cannot_hold_as_rgb(tmp_path, mode):
+    import numpy as np
+    from PIL import Image
+
+    if mode == "F":
+        image = Image.fromarray(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4), mode="F")
+    else:
+        image = Image.new("RGB", (4, 3), (200, 30, 90)).convert(mode)
+    out = save_png(image, tmp_path / "x.png")  # was an OSError ("cannot write mode F as PNG")
+    written = Image.open(out)
+    assert written.mode == "RGB" and written.size == (4, 3)
+    expect = to_pil(to_tensor(image))
+    assert np.array_equal(np.asarray(written), np.asarray(expect))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_save_png_keeps_16_bit_grey(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    assert Image.open(save_png(image, tmp_path / "x.png")).getpixel((3, 2)) == 55000

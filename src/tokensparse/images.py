@@ -190,6 +190,9 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B")  # modes PIL writes to PNG as they are
+
+
 def check_png_path(path: str | os.PathLike) -> Path:
     """``path`` as a ``Path``; ``ValueError`` unless it ends in ``.png`` (any case)."""
     path = Path(path)
@@ -207,7 +210,10 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     """
     path = check_png_path(path)
     try:
-        pil = image if isinstance(image, Image.Image) else to_pil(image)
+        if isinstance(image, Image.Image):  # a mode PNG cannot hold (float "F", CMYK, YCbCr, ...): as 8-bit RGB
+            pil = image if image.mode in _PNG_MODES else to_pil(to_tensor(image))
+        else:
+            pil = to_pil(image)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"cannot write {path}: {exc}") from None
     tmp = None
