@@ -105,6 +105,8 @@ def test_cli_errors_name_the_flag_not_the_python_argument(tmp_path, args, messag
     (["train", "--config", "{tmp}/r.json", "--export", "{tmp}/run/step_0000001/ema.safetensors"], "checkpoint folder"),
     (["bench", "speed", "--out", "{tmp}/r.json/x.json"], "is a file"),
     (["show", "tasks", "--image-size", "0", "--out", "{tmp}/t.png"], "--image-size"),
+    (["show", "tasks", "--out", ""], "got . (an empty path or the current folder)"),  # was "got ." alone
+    (["bench", "speed", "--out", ""], "got . (an empty path or the current folder)"),
 ])
 def test_cli_checks_outputs_and_inputs_before_working(tmp_path, args, message):
     (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))

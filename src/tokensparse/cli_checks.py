@@ -39,8 +39,9 @@ def flag_names(message: str, names: Iterable[str]) -> str:
 def check_out(out: Path, suffix: str | None = ".png", option: str = "--out") -> None:
     """Fail (one line, exit 1) before any work unless ``out`` is a writable path ending in ``suffix`` -- a file
     path; ``suffix=None``: a folder, existing or not (missing folders are created when saving)."""
-    if suffix is not None and out.suffix.lower() != suffix:
-        fail(f"{option} must be a {suffix} path, got {out}")
+    if suffix is not None and out.suffix.lower() != suffix:  # Path("") is ".": say so, not "got ."
+        fail(f"{option} must be a {suffix} path, got {out}" + (" (an empty path or the current folder)"
+                                                                 if out == Path(".") else ""))
     if suffix is not None and out.is_dir():
         fail(f"{option} {out} is a directory")
     if suffix is None and out.exists() and not out.is_dir():
