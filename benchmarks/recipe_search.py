@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -36,22 +37,29 @@ def run_pipeline(name: str, spec: dict, root: Path, device: str, n: int, threads
         base = {**json.loads((ROOT / "recipes/base.json").read_text()), **spec.get("base", {}),
                 "out": str(out / "base")}
         (out / "base_recipe.json").write_text(json.dumps(base, indent=2))
-        cmds.append(f"{sys.executable} -m tokensparse.cli train --config {out / 'base_recipe.json'} --export {base_w}")
+        cmds.append(_cmd(sys.executable, "-m", "tokensparse.cli", "train", "--config", out / "base_recipe.json",
+                         "--export", base_w))
     else:
         base_w = root / spec["base_from"] / "base.safetensors"
     sparse = {**json.loads((ROOT / "recipes/sparse.json").read_text()), **spec.get("sparse", {}),
               "out": str(out / "sparse"), "init": str(base_w)}
     (out / "sparse_recipe.json").write_text(json.dumps(sparse, indent=2))
     sparse_w = out / "sparse.safetensors"
-    cmds.append(f"{sys.executable} -m tokensparse.cli train --config {out / 'sparse_recipe.json'} "
-                f"--export {sparse_w}")
-    cmds.append(f"{sys.executable} {ROOT / 'benchmarks/quality.py'} --base {base_w} --sparse {sparse_w} "
-                f"--n {n} --device {device} --out {out / 'quality.json'}")
+    cmds.append(_cmd(sys.executable, "-m", "tokensparse.cli", "train", "--config", out / "sparse_recipe.json",
+                     "--export", sparse_w))
+    cmds.append(_cmd(sys.executable, ROOT / "benchmarks/quality.py", "--base", base_w, "--sparse", sparse_w,
+                     "--n", n, "--device", device, "--out", out / "quality.json"))
     if "base_from" in spec:  # fine-tune-only variants wait for the base they share
-        cmds.insert(0, f"for i in $(seq 360); do [ -f {base_w} ] && break; sleep 5; done; [ -f {base_w} ]")
+        base_q = shlex.quote(str(base_w))
+        cmds.insert(0, f"for i in $(seq 360); do [ -f {base_q} ] && break; sleep 5; done; [ -f {base_q} ]")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
-    log = open(out / "log.txt", "w")
-    return subprocess.Popen(" && ".join(cmds), shell=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(out / "log.txt", "w") as log:  # the child keeps its own descriptor; this process closes its copy
+        return subprocess.Popen(" && ".join(cmds), shell=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _cmd(*args: object) -> str:
+    """One shell command from ``args``, each quoted (a root or variant name with spaces stays one argument)."""
+    return shlex.join(str(a) for a in args)
 
 
 def collect(name: str, root: Path) -> dict:

@@ -365,3 +365,23 @@ def test_speed_prints_a_rounded_summary_and_where_it_wrote(tmp_path, monkeypatch
     speed.main()
     lines = capsys.readouterr().out.splitlines()
     assert "min_efficiency 0.877" in lines and lines[-1] == f"wrote {out}"  # was one dict of 16-digit floats
+
+
+def test_recipe_search_quotes_paths_and_closes_its_log(tmp_path, monkeypatch):
+    import shlex
+
+    search = _script("recipe_search")
+    started = {}
+
+    def popen(cmd, stdout=None, **kwargs):
+        started.update(cmd=cmd, log=stdout)
+        return "proc"
+
+    monkeypatch.setattr(search.subprocess, "Popen", popen)
+    root = tmp_path / "my runs"
+    assert search.run_pipeline("v 1", {}, root, "cpu", 4, 1) == "proc"
+    parts = [shlex.split(c) for c in started["cmd"].split(" && ")]
+    assert [p[p.index("--config") + 1] for p in parts[:2]] == [str(root / "v 1" / "base_recipe.json"),
+                                                               str(root / "v 1" / "sparse_recipe.json")]
+    assert parts[2][parts[2].index("--out") + 1] == str(root / "v 1" / "quality.json")  # was split at the spaces
+    assert started["log"].closed  # was left open in this process
