@@ -160,6 +160,31 @@ def test_bad_match_arguments() -> None:
             TokenMergingConfig(recompute_steps=bad)
 
 
+def test_merge_and_unmerge_refuse_tokens_of_another_shape() -> None:
+    """A tensor with another batch or length but as many elements was read as this matching's rows: merge of a
+    (4, 8, C) or (1, 32, C) tensor by a (2, 16) matching, unmerge of (1, 16, C) for (2, 8, C), returned garbage."""
+    x = torch.randn(2, 16, 8)
+    merge, unmerge = bipartite_soft_matching(x, (4, 4), ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert unmerge(merge(x)).shape == x.shape
+    for bad in (torch.randn(4, 8, 8), torch.randn(1, 32, 8), torch.randn(2, 12, 8), torch.randn(32)):
+        for mode in ("mean", "keep"):
+            with pytest.raises(ValueError, match=r"x must be \(B, N, \.\.\.\) = \(2, 16, \.\.\.\)"):
+                merge(bad, mode=mode)
+    for bad in (torch.randn(1, 16, 8), torch.randn(4, 4, 8), torch.randn(2, 16, 8)):
+        with pytest.raises(ValueError, match=r"y must be \(B, M, \.\.\.\) = \(2, 8, \.\.\.\)"):
+            unmerge(bad)
+    with pytest.raises(ValueError, match=r"size must be \(B, N\) = \(2, 16\)"):
+        merge(x, size=torch.ones(1, 32))
+    with pytest.raises(TypeError, match="floating point"):
+        merge(torch.ones(2, 16, 8, dtype=torch.long))
+    assert torch.equal(merge(torch.arange(32).reshape(2, 16), mode="keep"), merge(torch.arange(32.0).reshape(2, 16),
+                                                                                 mode="keep").long())
+    metric, is_dst = _hand_case()
+    none = match(metric, is_dst, num=0)  # nothing merged: still only its own shape
+    with pytest.raises(ValueError, match="x must be"):
+        none.merge(torch.randn(2, 4, 3))
+
+
 def test_random_destinations_one_per_cell() -> None:
     g = torch.Generator().manual_seed(0)
     d = random_destinations(6, 7, g).reshape(6, 7)

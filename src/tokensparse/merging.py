@@ -208,9 +208,17 @@ class Matching:
         mode ``"keep"``: drop merged sources, keep the destination's value (positions, RoPE tables).
         One ``index_add`` (or ``index_select``) over the flattened batch: ~10x faster on CPU than
         per-row gather/scatter, which matters because merging pays only if it costs less than it saves.
+        ``ValueError`` for an ``x`` (or ``size``) whose batch or length is not this matching's (it would be read
+        as other rows), ``TypeError`` for an ``x`` that is not floating point with ``mode="mean"``.
         """
         if mode not in ("mean", "keep"):
             raise ValueError(f"mode must be 'mean' or 'keep', got {mode!r}")
+        self._check("x", x, self.num_tokens, "N")
+        if mode == "mean" and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"merging with mode='mean' averages tokens: x must be floating point, got {x.dtype} "
+                            "(mode='keep' takes any dtype)")
+        if size is not None:
+            self._check("size", size, self.num_tokens, "N", exact=True)
         if self.num_merged == 0:
             return x
         b, n, m = self.batch_size, self.num_tokens, self.num_kept
@@ -229,16 +237,30 @@ class Matching:
         """Sizes ``(B, M)`` of the merged tokens, given the input tokens' sizes ``(B, N)`` (default 1)."""
         if size is None:
             return self.counts
+        self._check("size", size, self.num_tokens, "N", exact=True)
         flat = size.reshape(-1)
         out = flat.new_zeros(self.batch_size * self.num_kept).index_add_(0, self._flat_index, flat)
         return out.reshape(self.batch_size, self.num_kept)
 
     def unmerge(self, y: Tensor) -> Tensor:
-        """``(B, M, ...)`` -> ``(B, N, ...)``: every original token gets its merged token's value."""
+        """``(B, M, ...)`` -> ``(B, N, ...)``: every original token gets its merged token's value (``ValueError`` for a
+        ``y`` whose batch or length is not this matching's merged one)."""
+        self._check("y", y, self.num_kept, "M")
         if self.num_merged == 0:
             return y
         flat = y.reshape(self.batch_size * self.num_kept, -1)
         return flat.index_select(0, self._flat_index).reshape(self.batch_size, self.num_tokens, *y.shape[2:])
+
+    def _check(self, name: str, x: object, n: int, axis: str, exact: bool = False) -> None:
+        """``x`` must be a tensor ``(B, n, ...)`` (``exact``: ``(B, n)``) of this matching's batch: a reshape of the
+        flattened batch would otherwise read another shape with as many elements as other rows, silently."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        shape = tuple(x.shape)
+        if len(shape) < 2 or shape[:2] != (self.batch_size, n) or (exact and len(shape) != 2):
+            want = f"({self.batch_size}, {n}{'' if exact else ', ...'})"
+            raise ValueError(f"{name} must be (B, {axis}{'' if exact else ', ...'}) = {want} for this matching "
+                             f"(batch {self.batch_size}, {self.num_tokens} tokens -> {self.num_kept}), got {shape}")
 
 
 def random_destinations(h: int, w: int, generator: torch.Generator | None = None,
