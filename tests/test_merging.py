@@ -185,6 +185,16 @@ def test_merge_and_unmerge_refuse_tokens_of_another_shape() -> None:
         none.merge(torch.randn(2, 4, 3))
 
 
+def test_match_refuses_destinations_that_are_not_a_bool_mask() -> None:
+    """0/1 destinations as ints: ``~is_dst`` is -1/-2, so every token was a source (destinations merged into
+    themselves, an index -1 deep in the matching)."""
+    metric, is_dst = _hand_case()
+    for bad in (is_dst.long(), is_dst.float(), is_dst.tolist()):
+        with pytest.raises(TypeError, match="is_dst must be a bool tensor"):
+            match(metric, bad, num=2)
+    assert match(metric, is_dst, num=2).src.tolist() == [[1, 2]]
+
+
 def test_random_destinations_one_per_cell() -> None:
     g = torch.Generator().manual_seed(0)
     d = random_destinations(6, 7, g).reshape(6, 7)

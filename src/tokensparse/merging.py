@@ -283,7 +283,8 @@ def random_destinations(h: int, w: int, generator: torch.Generator | None = None
 
 def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: float | None = None,
           cap: int | None = None, center: bool = False) -> Matching:
-    """Bipartite soft matching of ``metric`` ``(B, N, C)`` with destinations ``is_dst`` ``(N,)``.
+    """Bipartite soft matching of ``metric`` ``(B, N, C)`` with destinations ``is_dst``, a bool ``(N,)`` (True =
+    destination).
 
     Exactly one of ``num`` (merge this many sources, ToMe) and ``threshold`` (merge sources whose best
     cosine similarity is ``>= threshold``, the minimum count over the batch, CA-ToMe) is given; ``cap`` bounds
@@ -296,6 +297,9 @@ def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: 
     if metric.ndim != 3:
         raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
     b, n, _ = metric.shape
+    if not isinstance(is_dst, Tensor) or is_dst.dtype != torch.bool:  # ~ of 0/1 ints is -1/-2: every token a source
+        got = is_dst.dtype if isinstance(is_dst, Tensor) else type(is_dst).__name__
+        raise TypeError(f"is_dst must be a bool tensor (True = destination, as random_destinations gives), got {got}")
     if is_dst.shape != (n,):
         raise ValueError(f"is_dst must have shape ({n},), got {tuple(is_dst.shape)}")
     device = metric.device
