@@ -57,6 +57,22 @@ def test_interval_guides_each_sample_of_a_straddling_batch_by_its_own_time():
     assert torch.equal(out, torch.tensor([[[3.0, 3.0]], [[1.0, 1.0]]]))  # guided: 3*1 - 2*0; outside: cond alone
 
 
+def test_guided_checks_a_config_edited_after_construction_and_snapshots_it():
+    """guided() took the scale and branches when called but read the interval at every step, unchecked: an
+    interval edited to (0.7, 0.2) never guided (silently), one edited after guided() changed a running sampler."""
+    calls, den = recorder()
+    for field, value, err in (("interval", (0.7, 0.2), ValueError), ("scale", 5000.0, ValueError),
+                              ("scale", "2", TypeError)):
+        cfg = CFGConfig(scale=2.0)
+        setattr(cfg, field, value)
+        with pytest.raises(err, match=field):
+            guided(den, cfg)
+    cfg = CFGConfig(scale=2.0)
+    fn = guided(den, cfg)
+    cfg.interval, cfg.scale = (0.0, 0.1), 5.0  # later edits of the caller's object leave fn as it was made
+    assert torch.equal(fn(torch.zeros(1, 1), torch.tensor([0.5])), torch.full((1, 1), 2.0)) and len(calls) == 2
+
+
 @pytest.mark.parametrize("kw", [dict(strong=0.9, weak=0.5), dict(weak=1.0), dict(weak_keep=0.0),
                                 dict(interval=(0.5, 0.2)), dict(strong=0.0, weak=0.0)])
 def test_bad_sg_config(kw):

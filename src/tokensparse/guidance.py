@@ -17,6 +17,7 @@ before the route span); CFG's, CFG+SG's and sparse-reference SG's branches diffe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,11 +123,16 @@ def _check_interval(interval: object) -> tuple[float, float] | None:
 
 
 def guided(denoise: BranchDenoiser, cfg: GuidanceConfig | None) -> Callable[[Tensor, Tensor], Tensor]:
-    """Turn a branch denoiser into a plain ``denoise(x, t)`` applying ``cfg`` (``None``: conditional, dense)."""
+    """Turn a branch denoiser into a plain ``denoise(x, t)`` applying ``cfg`` (``None``: conditional, dense).
+
+    ``cfg`` is checked again and copied here: fields edited after construction are validated (``ValueError`` /
+    ``TypeError`` as the constructor's), and later edits of the caller's object do not change the returned
+    function."""
     if cfg is None:
         return lambda x, t: denoise(x, t, (Branch(cond=True),))[0]
     if not isinstance(cfg, (CFGConfig, SparseGuidanceConfig)):
         raise TypeError(f"guidance must be a CFGConfig or SparseGuidanceConfig, got {type(cfg).__name__}")
+    cfg = dataclasses.replace(cfg)  # a validated snapshot: fn reads cfg.interval at every call
     first, second = cfg.branches()
     w = cfg.scale
 
