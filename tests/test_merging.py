@@ -259,6 +259,18 @@ def test_cache_first_step_is_stored_and_hit() -> None:
     assert len(calls) == 2
 
 
+def test_cache_checks_its_policy_as_the_config_does() -> None:
+    """MatchCache took recompute_every=2.5 (recomputing at steps 0, 5, 10...), True, and negative recompute steps,
+    and failed on recompute_steps=3 with a TypeError that did not name it."""
+    for kwargs, err in (({"recompute_every": 2.5}, TypeError), ({"recompute_every": True}, TypeError),
+                        ({"recompute_every": 0}, ValueError), ({"recompute_steps": 3}, TypeError),
+                        ({"recompute_steps": (2, -1)}, ValueError), ({"recompute_steps": "12"}, TypeError)):
+        with pytest.raises(err, match=next(iter(kwargs))):
+            MatchCache(**kwargs)
+    cache = MatchCache(recompute_every=np.int64(3), recompute_steps=[4, 2, 2])
+    assert cache.recompute_every == 3 and [s for s in range(6) if cache.recompute_at(s)] == [0, 2, 4]
+
+
 def test_cache_never_crosses_generations() -> None:
     cache = MatchCache(recompute_every=1000)
     x = torch.zeros(1, 8, 4)

@@ -103,11 +103,7 @@ class TokenMergingConfig:
         if self.threshold is not None:
             self.threshold = checks.real("threshold", self.threshold, -1.0)  # a cosine: below -1 merges all
         self.recompute_every = checks.integer("recompute_every", self.recompute_every, lo=1)
-        if self.recompute_steps is not None:
-            steps = self.recompute_steps
-            if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
-                raise TypeError(f"recompute_steps must be a tuple of step indices, got {type(steps).__name__}")
-            self.recompute_steps = tuple(sorted({checks.integer("recompute_steps", s, lo=0) for s in steps}))
+        self.recompute_steps = _check_steps(self.recompute_steps)
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
             setattr(self, name, checks.flag(name, getattr(self, name)))
         self.max_downsample = checks.integer("max_downsample", self.max_downsample, lo=1)
@@ -136,6 +132,15 @@ class TokenMergingConfig:
 
     def make_cache(self) -> MatchCache:
         return MatchCache(self.recompute_every, self.recompute_steps)
+
+
+def _check_steps(steps: object) -> tuple[int, ...] | None:
+    """``recompute_steps`` as sorted distinct step indices ``>= 0`` (``None`` stays ``None``)."""
+    if steps is None:
+        return None
+    if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+        raise TypeError(f"recompute_steps must be a tuple of step indices, got {type(steps).__name__}")
+    return tuple(sorted({checks.integer("recompute_steps", s, lo=0) for s in steps}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,10 +419,9 @@ class MatchCache:
     """
 
     def __init__(self, recompute_every: int = 1, recompute_steps: tuple[int, ...] | None = None) -> None:
-        if recompute_every < 1:
-            raise ValueError(f"recompute_every must be >= 1, got {recompute_every}")
-        self.recompute_every = recompute_every
-        self.recompute_steps = None if recompute_steps is None else frozenset(recompute_steps)
+        self.recompute_every = checks.integer("recompute_every", recompute_every, lo=1)  # 2.5 recomputed at 0, 5, ...
+        steps = _check_steps(recompute_steps)
+        self.recompute_steps = None if steps is None else frozenset(steps)
         self.generation = 0
         self.hits = 0
         self.misses = 0
