@@ -206,6 +206,17 @@ def test_random_destinations_one_per_cell() -> None:
     assert torch.equal(a, b)
 
 
+def test_random_destinations_names_a_bad_grid_cell_or_generator() -> None:
+    """They failed as a negative-size RuntimeError, ZeroDivisionError, an unpack error and randint's overload list."""
+    for args, kwargs, err, name in (((-4, 4), {}, ValueError, "h"), ((4, -1), {}, ValueError, "w"),
+                                    ((4.0, 4), {}, TypeError, "h"), ((4, 4), {"cell": (2,)}, TypeError, "cell"),
+                                    ((4, 4), {"cell": (0, 2)}, ValueError, r"cell\[0\]"),
+                                    ((4, 4), {"generator": 5}, TypeError, "generator")):
+        with pytest.raises(err, match=name):
+            random_destinations(*args, **kwargs)
+    assert random_destinations(np.int64(4), 4, cell=[2, 2]).sum() == 4 and random_destinations(0, 3).numel() == 0
+
+
 # -------------------------------------------------------------------------------------------------- config
 
 

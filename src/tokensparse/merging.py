@@ -272,9 +272,13 @@ def random_destinations(h: int, w: int, generator: torch.Generator | None = None
                         cell: tuple[int, int] = (2, 2)) -> Tensor:
     """Boolean mask ``(h*w,)`` over a row-major grid: one random destination per ``cell``; True = destination.
 
-    Tokens in the partial cells at the bottom / right edge are destinations (never merged).
+    Tokens in the partial cells at the bottom / right edge are destinations (never merged). ``h``, ``w``: ints
+    ``>= 0``; ``cell``: a pair of ints ``>= 1``; ``TypeError`` / ``ValueError`` naming the argument otherwise.
     """
-    sy, sx = cell
+    h, w = checks.integer("h", h, lo=0), checks.integer("w", w, lo=0)
+    sy, sx = _pair("cell", cell, lo=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     hc, wc = h // sy, w // sx
     is_dst = torch.ones(h, w, dtype=torch.bool)
     if hc and wc:
