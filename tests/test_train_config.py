@@ -70,3 +70,19 @@ def test_bad_rates_are_value_errors(kw):
 def test_train_config_rejects_what_training_would_fail_on(field, err):
     with pytest.raises(err):
         TrainConfig(**field)
+
+
+def test_every_committed_recipe_is_a_valid_config():
+    import json
+    from pathlib import Path
+
+    from tokensparse.models import list_models
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = sorted((root / "recipes").rglob("*.json"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+        assert cfg.model in list_models(), path
+        # repository-relative: shipped weights, or an earlier stage's output under runs/
+        assert cfg.init is None or cfg.init.startswith("runs/") or (root / cfg.init).is_file(), path
