@@ -133,6 +133,20 @@ CALLS: dict[str, Callable[[], dict]] = {
     "StableDiffusionXLPAGPipeline": lambda: _base(16, pag_scale=2.0),
     "StableDiffusionXLPAGImg2ImgPipeline": lambda: _no_size(_edit(16, pag_scale=2.0)),
     "StableDiffusionXLInstructPix2PixPipeline": lambda: _no_size(_base(16, image=_image(0, 16))),
+    "StableDiffusionXLAdapterPipeline": lambda: _base(16, image=_image(1, 16)),
+    "StableDiffusionXLControlNetImg2ImgPipeline": lambda: _edit(16, control_image=_image(1, 16)),
+    "StableDiffusionXLControlNetUnionImg2ImgPipeline": lambda: _edit(16, control_image=[_image(1, 16)],
+                                                                     control_mode=[0]),
+    "StableDiffusionXLControlNetUnionInpaintPipeline": lambda: _edit(16, mask=True, control_image=[_image(1, 16)],
+                                                                     control_mode=[0]),
+    "StableDiffusionXLControlNetXSPipeline": lambda: _base(16, image=_image(1, 16)),
+    "StableDiffusionXLPAGInpaintPipeline": lambda: _edit(16, mask=True, pag_scale=2.0),
+    "StableDiffusionXLControlNetPAGPipeline": lambda: _base(16, image=_image(1, 16), pag_scale=2.0),
+    "StableDiffusionXLControlNetPAGImg2ImgPipeline": lambda: _edit(16, control_image=_image(1, 16), pag_scale=2.0),
+    "StableDiffusionControlNetPAGInpaintPipeline": lambda: _edit(16, mask=True, control_image=_image(1, 16),
+                                                                 pag_scale=2.0),
+    "StableDiffusionPanoramaPipeline": lambda: {**_base(16), "width": 32, "view_batch_size": 1},
+    "StableDiffusionLDM3DPipeline": lambda: _base(16),
 }
 @pytest.fixture
 def small_qwen_edit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +158,7 @@ def small_qwen_edit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _run(pipe: Any, call: Callable[[], dict]) -> np.ndarray:
     torch.manual_seed(0)  # CogView4ControlPipeline samples the control image's latents without the generator
-    return pipe(**call()).images
+    return pipe(**call())[0]  # images; AudioLDM's audios, Marigold's predictions
 
 
 def merges_deterministically_and_removes_exactly(pipe: Any, call: Callable[[], dict], caplog: pytest.LogCaptureFixture,

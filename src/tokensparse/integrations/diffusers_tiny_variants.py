@@ -144,9 +144,10 @@ def _stable_diffusion(name: str, seed: int) -> Any:
     elif "ControlNet" in name:
         extra["controlnet"] = _nonzero(diffusers.ControlNetModel.from_unet(unet,
                                                                            conditioning_embedding_out_channels=(16,)))
-    if "Adapter" in name:
-        extra["adapter"] = _nonzero(diffusers.T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1,
-                                                         downscale_factor=1, adapter_type="full_adapter"))
+    if "Adapter" in name:  # one feature map per down block, of its output's size (SDXL: after its downsampler)
+        extra["adapter"] = _nonzero(diffusers.T2IAdapter(
+            in_channels=3, channels=[32, 64, 64, 64] if xl else [32, 64], num_res_blocks=1,
+            downscale_factor=2 if xl else 1, adapter_type="full_adapter_xl" if xl else "full_adapter"))
     return _pipeline(name, comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **extra)
 
 
@@ -196,10 +197,15 @@ def _dit_family(name: str, seed: int) -> Any:
 def tiny_variant(name: str, seed: int = 0) -> Any:
     """The tiny random-weight pipeline of diffusers class ``name`` (e.g. ``"FluxFillPipeline"``,
     ``"StableDiffusionXLControlNetPipeline"``, ``"ZImageControlNetPipeline"``); ``ValueError`` for a name it does not
-    build. Image sizes: FLUX.1 / FLUX.2 / Chroma / Z-Image / SD3 / PixArt / DiT / Qwen-Image / LongCat 32x32 (8x8
+    build; the names of :data:`.diffusers_tiny_unets.UNET_VARIANTS` come from :func:`.tiny_unet_variant`. Image
+    sizes: FLUX.1 / FLUX.2 / Chroma / Z-Image / SD3 / PixArt / DiT / Qwen-Image / LongCat 32x32 (8x8
     tokens), CogView4 multiples of 16, SD / SDXL 16x16 (no VAE downsampling)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a diffusers pipeline class name, got {type(name).__name__}")
+    from .diffusers_tiny_unets import UNET_VARIANTS, tiny_unet_variant
+
+    if name in UNET_VARIANTS:  # AudioLDM, Marigold, GLIGEN, ..., and the UNets token merging refuses
+        return tiny_unet_variant(name, seed)
     torch.manual_seed(seed)
     if name.startswith("Flux") and not name.startswith("Flux2"):
         return _flux(name, seed)

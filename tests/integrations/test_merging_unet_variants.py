@@ -1,0 +1,80 @@
+"""Token merging on UNet pipelines beyond Stable Diffusion's own variants (audio, Marigold, GLIGEN, image variation,
+upscaling, depth-to-image, Paint-by-Example, Stable unCLIP), tiny and random-weight
+(:func:`~tokensparse.integrations.diffusers_tiny_unets.tiny_unet_variant`): each merges, deterministically, and
+removing merging gives the dense output exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from tokensparse.integrations.diffusers_tiny_unets import tiny_unet_variant  # noqa: E402
+
+from .test_merging_variants import (  # noqa: E402
+    _base,
+    _edit,
+    _image,
+    _mask,
+    _no_size,
+    merges_deterministically_and_removes_exactly,
+)
+
+
+def _embeds(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(*shape, generator=g) for shape in shapes]
+
+
+def _audioldm() -> dict:
+    """AudioLDM: CLAP text embeddings (one vector a prompt); 0.004 s of 16 kHz audio, a 16x8 latent."""
+    pos, neg = _embeds((1, 16), (1, 16))
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg, "audio_length_in_s": 0.004, "num_inference_steps": 3,
+            "output_type": "np", "generator": torch.Generator().manual_seed(0)}
+
+
+def _audioldm2() -> dict:
+    """AudioLDM 2: T5-side embeddings (with a padding mask) and the language model's generated embeddings."""
+    pos, neg, gen, neg_gen = _embeds((1, 5, 32), (1, 5, 32), (1, 4, 16), (1, 4, 16))
+    mask = torch.ones(1, 5, dtype=torch.long)
+    mask[:, -1] = 0
+    return {**_audioldm(), "prompt_embeds": pos, "negative_prompt_embeds": neg, "generated_prompt_embeds": gen,
+            "negative_generated_prompt_embeds": neg_gen, "attention_mask": mask, "negative_attention_mask": mask}
+
+
+def _marigold(**kw: object) -> dict:
+    return {"image": _image(0, 16), "num_inference_steps": 3, "processing_resolution": 16, "output_type": "np",
+            "generator": torch.Generator().manual_seed(0), **kw}
+
+
+def _no_prompt(call: dict) -> dict:
+    return {k: v for k, v in call.items() if k != "prompt"}
+
+
+CALLS: dict[str, Callable[[], dict]] = {
+    "AudioLDMPipeline": _audioldm,
+    "AudioLDM2Pipeline": _audioldm2,
+    "MarigoldDepthPipeline": _marigold,
+    "MarigoldNormalsPipeline": lambda: _marigold(ensemble_size=3, batch_size=2),  # calls of 2 samples, then 1
+    "StableDiffusionGLIGENPipeline": lambda: _base(16, gligen_phrases=["a cat"], gligen_boxes=[[0.1, 0.1, 0.6, 0.6]],
+                                                   gligen_scheduled_sampling_beta=1.0),
+    "StableDiffusionImageVariationPipeline": lambda: _no_prompt(_base(16, image=_image(1, 32))),
+    "StableDiffusionUpscalePipeline": lambda: _no_size(_base(16, image=_image(1, 16), noise_level=20)),
+    "StableDiffusionDepth2ImgPipeline": lambda: _no_size(_edit(16, depth_map=torch.rand(
+        1, 16, 16, generator=torch.Generator().manual_seed(4)))),
+    "PaintByExamplePipeline": lambda: _no_prompt(_base(16, image=_image(0, 16), mask_image=_mask(16),
+                                                       example_image=_image(2, 32))),
+    "StableUnCLIPImg2ImgPipeline": lambda: _base(16, image=_image(1, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_unet_variant_merges_deterministically_and_removes_exactly(name: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # the audio UNets, like SDXL's, have no attention at the top level
+    merges_deterministically_and_removes_exactly(tiny_unet_variant(name), CALLS[name], caplog,
+                                                 max_downsample=2 if name.startswith("AudioLDM") else 1)
