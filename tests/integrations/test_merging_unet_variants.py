@@ -1,7 +1,8 @@
 """Token merging on UNet pipelines beyond Stable Diffusion's own variants (audio, Marigold, GLIGEN, image variation,
 upscaling, depth-to-image, Paint-by-Example, Stable unCLIP), tiny and random-weight
 (:func:`~tokensparse.integrations.diffusers_tiny_unets.tiny_unet_variant`): each merges, deterministically, and
-removing merging gives the dense output exactly."""
+removing merging gives the dense output exactly. The pipelines whose models it cannot merge (Kandinsky 2.2, DeepFloyd
+IF, the latent upscaler) are refused at apply time, naming the pipeline and the reason."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from tokensparse.integrations.diffusers_tiny_unets import tiny_unet_variant  # noqa: E402
+from tokensparse.integrations.merging_hooks import (  # noqa: E402
+    apply_token_merging,
+    merging_state,
+    merging_supports,
+    remove_token_merging,
+)
+from tokensparse.merging import TokenMergingConfig  # noqa: E402
 
 from .test_merging_variants import (  # noqa: E402
     _base,
@@ -78,3 +86,23 @@ def test_unet_variant_merges_deterministically_and_removes_exactly(name: str,
     # the audio UNets, like SDXL's, have no attention at the top level
     merges_deterministically_and_removes_exactly(tiny_unet_variant(name), CALLS[name], caplog,
                                                  max_downsample=2 if name.startswith("AudioLDM") else 1)
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("KandinskyV22Pipeline", "SimpleCrossAttnDownBlock2D, SimpleCrossAttnUpBlock2D, UNetMidBlock2DSimpleCrossAttn"),
+    ("IFPipeline", "SimpleCrossAttnDownBlock2D, SimpleCrossAttnUpBlock2D, UNetMidBlock2DSimpleCrossAttn"),
+    ("StableDiffusionLatentUpscalePipeline", "KAttentionBlock"),
+])
+def test_unets_attending_in_blocks_merging_does_not_know_are_refused_naming_them(name: str, why: str) -> None:
+    pipe = tiny_unet_variant(name)
+    with pytest.raises(TypeError, match=f"got {name}, whose model is a UNet2DConditionModel with its attention in "
+                                        f"{why} \\(blocks token merging does not know\\)"):
+        apply_token_merging(pipe, TokenMergingConfig(ratio=0.5))
+    assert why in merging_supports(pipe.unet) and merging_state(pipe) is None
+    with pytest.raises(TypeError, match="got UNet2DConditionModel with its attention in"):
+        remove_token_merging(pipe.unet)
+
+
+def test_a_model_without_attention_is_named_so() -> None:
+    with pytest.raises(TypeError, match="got Linear with no attention module"):
+        apply_token_merging(torch.nn.Linear(2, 2), TokenMergingConfig(ratio=0.5))

@@ -97,15 +97,46 @@ def _has_cross_attention(blocks: dict[str, list[tuple[str, nn.Module]]]) -> bool
     return any(hasattr(blk, "attn1") and getattr(blk, "attn2", None) is not None for _, blk in blocks.get("unet", []))
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _attention_holders(model: nn.Module, limit: int = 4) -> list[str]:
+    """The class names (distinct, in module order, at most ``limit``) of the blocks holding ``model``'s attention
+    modules (those whose class name ends in ``Attention``): the nearest ancestor that is not a container."""
+    parents: dict[int, nn.Module] = {}
+    names: list[str] = []
+    for module in model.modules():
+        for child in module.children():
+            parents[id(child)] = module
+        if module is model or not type(module).__name__.endswith("Attention"):
+            continue
+        holder = parents.get(id(module))
+        while isinstance(holder, _CONTAINERS):
+            holder = parents.get(id(holder))
+        if holder is None or (holder is not model and type(holder).__name__.endswith("Attention")):
+            continue  # an attention module inside another (its processor, a sub-attention): counted with it
+        name = type(holder).__name__
+        if name not in names:
+            names.append(name)
+            if len(names) == limit:
+                break
+    return names
+
+
 def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> TypeError:
     got = type(target).__name__
     if model is not None and model is not target:  # a pipeline whose model is not one merging knows
         got = f"{got}, whose model is a {type(model).__name__}"
+    why = ""
+    if model is not None:  # a model it does not know: where its attention is, so the reason is visible
+        holders = _attention_holders(model)
+        why = (f" with its attention in {', '.join(holders)} (blocks token merging does not know)" if holders
+               else " with no attention module")
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / LongCat-Image / Chroma / Ovis-Image / Bria / "
         f"Qwen-Image / Z-Image / Lumina 2 / CogView4 transformer, or a pipeline with .unet / .transformer holding "
-        f"one; got {got}{compile_hint(target, lambda m: merging_supports(m) is None)}"
+        f"one; got {got}{why}{compile_hint(target, lambda m: merging_supports(m) is None)}"
     )
 
 
@@ -122,10 +153,12 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     earlier config; :func:`remove_token_merging` restores exact behaviour; an identity config (``ratio=0``,
     ``threshold > 1``) installs no merging at all. Returns ``target``.
 
-    ``TypeError`` for a target it cannot merge: an unknown model, a video model, a model whose ``forward`` takes no
-    latent (aMUSEd), the layered Qwen-Image transformer. ``ValueError`` for a config that would merge an attention
-    map ``target``'s pipeline reads (``StableDiffusionSAGPipeline``, ``StableDiffusionAttendAndExcitePipeline``);
-    a failed apply leaves the earlier state as it was.
+    ``TypeError`` for a target it cannot merge: an unknown model (the message names the blocks holding its
+    attention, e.g. Kandinsky 2.2's and DeepFloyd IF's ``SimpleCrossAttnDownBlock2D``), a video model, a model whose
+    ``forward`` takes no latent (aMUSEd), the layered Qwen-Image transformer.
+    ``ValueError`` for a config that would merge an attention map ``target``'s pipeline reads
+    (``StableDiffusionSAGPipeline``, ``StableDiffusionAttendAndExcitePipeline``); a failed apply leaves the earlier
+    state as it was.
     """
     if not isinstance(cfg, TokenMergingConfig):
         raise TypeError(f"cfg must be a TokenMergingConfig, got {type(cfg).__name__}")
