@@ -2,7 +2,7 @@
 upscaling, depth-to-image, Paint-by-Example, Stable unCLIP), tiny and random-weight
 (:func:`~tokensparse.integrations.diffusers_tiny_unets.tiny_unet_variant`): each merges, deterministically, and
 removing merging gives the dense output exactly. The pipelines whose models it cannot merge (Kandinsky 2.2, DeepFloyd
-IF, the latent upscaler) are refused at apply time, naming the pipeline and the reason."""
+IF, the latent upscaler, VQ-Diffusion) are refused at apply time, naming the pipeline and the reason."""
 
 from __future__ import annotations
 
@@ -101,6 +101,18 @@ def test_unets_attending_in_blocks_merging_does_not_know_are_refused_naming_them
     assert why in merging_supports(pipe.unet) and merging_state(pipe) is None
     with pytest.raises(TypeError, match="got UNet2DConditionModel with its attention in"):
         remove_token_merging(pipe.unet)
+
+
+def test_vq_diffusion_is_refused_before_any_call() -> None:
+    # its Transformer2DModel holds BasicTransformerBlocks over VQ codebook ids: accepted, it ran every call unmerged
+    pipe = tiny_unet_variant("VQDiffusionPipeline")
+    with pytest.raises(TypeError, match="Transformer2DModel with num_vector_embeds .*VQDiffusionPipeline"):
+        apply_token_merging(pipe, TokenMergingConfig(ratio=0.5))
+    assert "num_vector_embeds" in merging_supports(pipe.transformer) and merging_state(pipe) is None
+    torch.manual_seed(0)
+    continuous = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                              norm_num_groups=4, cross_attention_dim=16)
+    assert merging_supports(continuous) is None  # the same class over a latent still merges
 
 
 def test_a_model_without_attention_is_named_so() -> None:

@@ -155,7 +155,7 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
 
     ``TypeError`` for a target it cannot merge: an unknown model (the message names the blocks holding its
     attention, e.g. Kandinsky 2.2's and DeepFloyd IF's ``SimpleCrossAttnDownBlock2D``), a video model, a model whose
-    ``forward`` takes no latent (aMUSEd), the layered Qwen-Image transformer.
+    ``forward`` takes no latent (aMUSEd; VQ-Diffusion's codebook ids), the layered Qwen-Image transformer.
     ``ValueError`` for a config that would merge an attention map ``target``'s pipeline reads
     (``StableDiffusionSAGPipeline``, ``StableDiffusionAttendAndExcitePipeline``); a failed apply leaves the earlier
     state as it was.
@@ -251,6 +251,10 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
         raise TypeError(f"token merging does not support {name}: it merges the token grid of a latent passed as "
                         f"sample / hidden_states, and {name}.forward takes neither (aMUSEd's UVit2DModel takes token "
                         "ids)")
+    if blocks["unet"] and getattr(getattr(model, "config", None), "num_vector_embeds", None) is not None:
+        raise TypeError(f"token merging does not support a {type(model).__name__} with num_vector_embeds (discrete "
+                        "input, VQDiffusionPipeline): its hidden_states are ids of VQ codebook entries, not a latent "
+                        "whose token grid it merges")
     return blocks
 
 
