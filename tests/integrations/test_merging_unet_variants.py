@@ -1,8 +1,9 @@
 """Token merging on UNet pipelines beyond Stable Diffusion's own variants (audio, Marigold, GLIGEN, image variation,
-upscaling, depth-to-image, Paint-by-Example, Stable unCLIP), tiny and random-weight
+upscaling, depth-to-image, Paint-by-Example, Stable unCLIP, Pix2Pix-Zero, LEdits++), tiny and random-weight
 (:func:`~tokensparse.integrations.diffusers_tiny_unets.tiny_unet_variant`): each merges, deterministically, and
 removing merging gives the dense output exactly. The pipelines whose models it cannot merge (Kandinsky 2.2, DeepFloyd
-IF, the latent upscaler, VQ-Diffusion) are refused at apply time, naming the pipeline and the reason."""
+IF, the latent upscaler, VQ-Diffusion) are refused at apply time, naming the pipeline and the reason, and so is
+merging the cross-attention maps a pipeline reads (Attend-and-Excite, Pix2Pix-Zero, LEdits++)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def _no_prompt(call: dict) -> dict:
     return {k: v for k, v in call.items() if k != "prompt"}
 
 
+def _pix2pix_zero() -> dict:
+    """Pix2Pix-Zero: the edit direction from two sets of text embeddings (the tiny CLIP's 16 tokens, 16 wide)."""
+    source, target = _embeds((2, 16, 16), (2, 16, 16))
+    return _base(16, source_embeds=source, target_embeds=target, cross_attention_guidance_amount=0.15)
+
+
+def _ledits(pipe: object, **kw: object) -> Callable[[], dict]:
+    """LEdits++ edits the image its ``invert`` stored (done here once, unmerged): masks from cross-attention maps."""
+    pipe.invert(image=_image(0, 32), num_inversion_steps=4, skip=0.25, generator=torch.Generator().manual_seed(0))
+    return lambda: {"editing_prompt": ["a dog"], "edit_guidance_scale": 5.0, "edit_threshold": 0.75,
+                    "use_cross_attn_mask": True, "output_type": "np", "generator": torch.Generator().manual_seed(0),
+                    **kw}
+
+
 CALLS: dict[str, Callable[[], dict]] = {
     "AudioLDMPipeline": _audioldm,
     "AudioLDM2Pipeline": _audioldm2,
@@ -77,6 +92,7 @@ CALLS: dict[str, Callable[[], dict]] = {
     "PaintByExamplePipeline": lambda: _no_prompt(_base(16, image=_image(0, 16), mask_image=_mask(16),
                                                        example_image=_image(2, 32))),
     "StableUnCLIPImg2ImgPipeline": lambda: _base(16, image=_image(1, 32)),
+    "StableDiffusionPix2PixZeroPipeline": _pix2pix_zero,
 }
 
 
@@ -86,6 +102,36 @@ def test_unet_variant_merges_deterministically_and_removes_exactly(name: str,
     # the audio UNets, like SDXL's, have no attention at the top level
     merges_deterministically_and_removes_exactly(tiny_unet_variant(name), CALLS[name], caplog,
                                                  max_downsample=2 if name.startswith("AudioLDM") else 1)
+
+
+def test_ledits_merges_around_the_cross_attention_maps_it_reads(caplog: pytest.LogCaptureFixture) -> None:
+    # its edit masks come from the 8x8 level's cross-attention maps: self-attention and MLPs merge at every level
+    pipe = tiny_unet_variant("LEditsPPPipelineStableDiffusion")
+    pipe.set_progress_bar_config(disable=True)
+    merges_deterministically_and_removes_exactly(pipe, _ledits(pipe), caplog, max_downsample=4)
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionPix2PixZeroPipeline", "LEditsPPPipelineStableDiffusion",
+                                  "LEditsPPPipelineStableDiffusionXL", "StableDiffusionAttendAndExcitePipeline"])
+def test_merging_the_cross_attention_maps_a_pipeline_reads_is_refused(name: str) -> None:
+    # Pix2Pix-Zero compared maps of differently merged passes (a size mismatch inside its loss with a threshold);
+    # LEdits++ lost the merged level's maps (torch.cat of nothing) or, at some ratios, read merged ones as a grid
+    if name == "LEditsPPPipelineStableDiffusionXL":
+        from tokensparse.integrations.diffusers_tiny_sd import tiny_stable_diffusion
+
+        pipe = diffusers.LEditsPPPipelineStableDiffusionXL(**{
+            **tiny_stable_diffusion(xl=True).components, "image_encoder": None, "feature_extractor": None,
+            "scheduler": diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)})
+    else:
+        from tokensparse.integrations.diffusers_tiny_variants import tiny_variant
+
+        pipe = tiny_variant(name)
+    with pytest.raises(ValueError, match=f"cfg.merge_cross=True does not work with {name}: it .*cross-attention "
+                                         "maps.*use merge_cross=False"):
+        apply_token_merging(pipe, TokenMergingConfig(threshold=0.5, merge_cross=True, recompute_every=2))
+    assert merging_state(pipe) is None
+    apply_token_merging(pipe, TokenMergingConfig(ratio=0.5))  # self-attention and MLPs only: accepted
+    remove_token_merging(pipe)
 
 
 @pytest.mark.parametrize(("name", "why"), [

@@ -1,16 +1,15 @@
 """Tiny random-weight UNet pipelines beyond Stable Diffusion's own variants, built offline, for the token-merging
-tests: audio (AudioLDM, AudioLDM 2), Marigold, GLIGEN, image variation, x4 upscaling, depth-to-image, Paint-by-Example,
-Stable unCLIP, and the pipelines token merging refuses (Kandinsky 2.2 and DeepFloyd IF, whose UNets attend in
-``SimpleCrossAttn`` blocks; the latent upscaler's ``KAttentionBlock`` UNet; VQ-Diffusion, whose transformer takes
-codebook ids).
+tests: audio (AudioLDM, AudioLDM 2), Marigold, GLIGEN, image variation, x4 upscaling, depth-to-image,
+Paint-by-Example, Stable unCLIP, Pix2Pix-Zero, LEdits++, and the pipelines token merging refuses (Kandinsky 2.2 and
+DeepFloyd IF, whose UNets attend in ``SimpleCrossAttn`` blocks; the latent upscaler's ``KAttentionBlock`` UNet;
+VQ-Diffusion, whose transformer takes codebook ids).
 
 :func:`tiny_unet_variant` builds one by its diffusers class name (``tiny_variant`` forwards these names here). The
 text encoders are tiny CLIP / T5 / CLAP / GPT-2 models from ``transformers`` configs, the tokenizers those of
 :mod:`.diffusers_tiny`; the audio pipelines have no tokenizer (call them with prompt embeddings). Images 16x16
-(Marigold, ImageVariation, unCLIP and Paint-by-Example's example image: 32x32 for the CLIP image encoder), no VAE
-downsampling; audio ``audio_length_in_s=0.004`` gives a 16x8 latent.
+(Marigold, ImageVariation, unCLIP and Paint-by-Example's example image: 32x32 for the CLIP image encoder; LEdits++
+32x32), no VAE downsampling; audio ``audio_length_in_s=0.004`` gives a 16x8 latent.
 """
-
 from __future__ import annotations
 
 from typing import Any
@@ -32,6 +31,10 @@ _UNETS: dict[str, dict[str, Any]] = {
     "StableUnCLIPImg2ImgPipeline": {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 32},
     "MarigoldDepthPipeline": {"in_channels": 8},  # + the image's latents
     "MarigoldNormalsPipeline": {"in_channels": 8},
+    "StableDiffusionPix2PixZeroPipeline": {},
+    # three levels: a 32x32 image's edit masks come from the 8x8 level's cross-attention maps
+    "LEditsPPPipelineStableDiffusion": {"block_out_channels": (32, 32, 64), "down_block_types": (
+        "CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3},
 }
 UNET_VARIANTS = (*_UNETS, "AudioLDMPipeline", "AudioLDM2Pipeline", "KandinskyV22Pipeline", "IFPipeline",
                  "StableDiffusionLatentUpscalePipeline", "VQDiffusionPipeline")
@@ -101,6 +104,11 @@ def _sd_unet_pipeline(name: str, seed: int) -> Any:
 
         comps.update(image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=16),
                      image_noising_scheduler=diffusers.DDPMScheduler())
+    if name == "StableDiffusionPix2PixZeroPipeline":  # no captioner: call it with a prompt
+        comps.update(inverse_scheduler=diffusers.DDIMInverseScheduler(clip_sample=False), caption_generator=None,
+                     caption_processor=None)
+    if name.startswith("LEditsPP"):  # its inversion needs an SDE DPM-Solver
+        comps["scheduler"] = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
     if name.startswith("Marigold"):
         comps.update(scheduler=diffusers.DDIMScheduler(
             prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False),

@@ -157,8 +157,9 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     attention, e.g. Kandinsky 2.2's and DeepFloyd IF's ``SimpleCrossAttnDownBlock2D``), a video model, a model whose
     ``forward`` takes no latent (aMUSEd; VQ-Diffusion's codebook ids), the layered Qwen-Image transformer.
     ``ValueError`` for a config that would merge an attention map ``target``'s pipeline reads
-    (``StableDiffusionSAGPipeline``, ``StableDiffusionAttendAndExcitePipeline``); a failed apply leaves the earlier
-    state as it was.
+    (``StableDiffusionSAGPipeline``; ``merge_cross=True`` with ``StableDiffusionAttendAndExcitePipeline``,
+    ``StableDiffusionPix2PixZeroPipeline``, the LEdits++ pipelines); a failed apply leaves the earlier state as it
+    was.
     """
     if not isinstance(cfg, TokenMergingConfig):
         raise TypeError(f"cfg must be a TokenMergingConfig, got {type(cfg).__name__}")
@@ -268,12 +269,24 @@ def _takes_latent(model: nn.Module) -> bool:
         p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values())
 
 
+_LEDITS = "takes the cross-attention maps of the latent's 1/4-size level for its edit masks (use_cross_attn_mask)"
+# pipelines that read the cross-attention maps of the UNet's latent tokens: what they do with them
+_CROSS_MAP_READERS = {
+    "StableDiffusionAttendAndExcitePipeline": "reads the cross-attention maps over every latent token",
+    "StableDiffusionPix2PixZeroPipeline": "compares each step's cross-attention maps with those of its reference "
+                                          "pass, token by token",
+    "LEditsPPPipelineStableDiffusion": _LEDITS,
+    "LEditsPPPipelineStableDiffusionXL": _LEDITS,
+}
+
+
 def _check_pipeline(pipe: Any, model: nn.Module, cfg: TokenMergingConfig) -> None:
-    """``ValueError`` where ``pipe`` reads attention maps that ``cfg`` would merge (it would fail inside the call)."""
+    """``ValueError`` where ``pipe`` reads attention maps that ``cfg`` would merge (it would fail inside the call, or
+    read the maps of other tokens)."""
     name = type(pipe).__name__
-    if name == "StableDiffusionAttendAndExcitePipeline" and cfg.merge_cross:
-        raise ValueError(f"cfg.merge_cross=True does not work with {name}: it reads the cross-attention maps over "
-                         "every latent token, which merging would thin; use merge_cross=False")
+    if name in _CROSS_MAP_READERS and cfg.merge_cross:
+        raise ValueError(f"cfg.merge_cross=True does not work with {name}: it {_CROSS_MAP_READERS[name]}, which "
+                         "merging would thin; use merge_cross=False")
     if name == "StableDiffusionSAGPipeline" and cfg.merge_attn:
         mid = 2 ** sum(1 for blk in getattr(model, "down_blocks", []) if getattr(blk, "downsamplers", None))
         if cfg.max_downsample >= mid:
