@@ -1,5 +1,5 @@
 """Token merging on UNet pipelines beyond Stable Diffusion's own variants (audio, Marigold, GLIGEN, image variation,
-upscaling, depth-to-image, Paint-by-Example, Stable unCLIP, Pix2Pix-Zero, LEdits++), tiny and random-weight
+upscaling, depth-to-image, Paint-by-Example, Stable unCLIP, Pix2Pix-Zero, DiffEdit, LEdits++), tiny and random-weight
 (:func:`~tokensparse.integrations.diffusers_tiny_unets.tiny_unet_variant`): each merges, deterministically, and
 removing merging gives the dense output exactly. The pipelines whose models it cannot merge (Kandinsky 2.2, DeepFloyd
 IF, the latent upscaler, VQ-Diffusion) are refused at apply time, naming the pipeline and the reason, and so is
@@ -109,6 +109,20 @@ def test_ledits_merges_around_the_cross_attention_maps_it_reads(caplog: pytest.L
     pipe = tiny_unet_variant("LEditsPPPipelineStableDiffusion")
     pipe.set_progress_bar_config(disable=True)
     merges_deterministically_and_removes_exactly(pipe, _ledits(pipe), caplog, max_downsample=4)
+
+
+def test_diffedit_merges_its_mask_inversion_and_edit(caplog: pytest.LogCaptureFixture) -> None:
+    pipe = tiny_unet_variant("StableDiffusionDiffEditPipeline")
+    pipe.set_progress_bar_config(disable=True)
+
+    def call() -> dict:  # the mask (two prompts' noise estimates) and the inversion run merged too
+        kw = {"num_inference_steps": 3, "generator": torch.Generator().manual_seed(0)}
+        mask = pipe.generate_mask(image=_image(0, 16), source_prompt="a cat", target_prompt="a dog",
+                                  num_maps_per_mask=2, mask_thresholding_ratio=1.0, output_type="np", **kw)
+        inverted = pipe.invert(prompt="a cat", image=_image(0, 16), **kw).latents
+        return {"prompt": "a dog", "mask_image": mask, "image_latents": inverted, "output_type": "np", **kw}
+
+    merges_deterministically_and_removes_exactly(pipe, call, caplog)
 
 
 @pytest.mark.parametrize("name", ["StableDiffusionPix2PixZeroPipeline", "LEditsPPPipelineStableDiffusion",

@@ -1,8 +1,8 @@
 """Tiny random-weight UNet pipelines beyond Stable Diffusion's own variants, built offline, for the token-merging
 tests: audio (AudioLDM, AudioLDM 2), Marigold, GLIGEN, image variation, x4 upscaling, depth-to-image,
-Paint-by-Example, Stable unCLIP, Pix2Pix-Zero, LEdits++, and the pipelines token merging refuses (Kandinsky 2.2 and
-DeepFloyd IF, whose UNets attend in ``SimpleCrossAttn`` blocks; the latent upscaler's ``KAttentionBlock`` UNet;
-VQ-Diffusion, whose transformer takes codebook ids).
+Paint-by-Example, Stable unCLIP, Pix2Pix-Zero, DiffEdit, LEdits++, and the pipelines token merging refuses
+(Kandinsky 2.2 and DeepFloyd IF, whose UNets attend in ``SimpleCrossAttn`` blocks; the latent upscaler's
+``KAttentionBlock`` UNet; VQ-Diffusion, whose transformer takes codebook ids).
 
 :func:`tiny_unet_variant` builds one by its diffusers class name (``tiny_variant`` forwards these names here). The
 text encoders are tiny CLIP / T5 / CLAP / GPT-2 models from ``transformers`` configs, the tokenizers those of
@@ -32,6 +32,7 @@ _UNETS: dict[str, dict[str, Any]] = {
     "MarigoldDepthPipeline": {"in_channels": 8},  # + the image's latents
     "MarigoldNormalsPipeline": {"in_channels": 8},
     "StableDiffusionPix2PixZeroPipeline": {},
+    "StableDiffusionDiffEditPipeline": {},
     # three levels: a 32x32 image's edit masks come from the 8x8 level's cross-attention maps
     "LEditsPPPipelineStableDiffusion": {"block_out_channels": (32, 32, 64), "down_block_types": (
         "CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3},
@@ -104,9 +105,9 @@ def _sd_unet_pipeline(name: str, seed: int) -> Any:
 
         comps.update(image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=16),
                      image_noising_scheduler=diffusers.DDPMScheduler())
-    if name == "StableDiffusionPix2PixZeroPipeline":  # no captioner: call it with a prompt
-        comps.update(inverse_scheduler=diffusers.DDIMInverseScheduler(clip_sample=False), caption_generator=None,
-                     caption_processor=None)
+    if name in ("StableDiffusionPix2PixZeroPipeline", "StableDiffusionDiffEditPipeline"):  # no captioner
+        comps.update(scheduler=diffusers.DDIMScheduler(clip_sample=False), caption_generator=None,
+                     inverse_scheduler=diffusers.DDIMInverseScheduler(clip_sample=False), caption_processor=None)
     if name.startswith("LEditsPP"):  # its inversion needs an SDE DPM-Solver
         comps["scheduler"] = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
     if name.startswith("Marigold"):
