@@ -6,7 +6,9 @@ Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (
 ``BriaFibo2Pipeline`` (Fibo 2.0), ``ZImageOmniPipeline``, ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``,
 ``GlmImagePipeline`` (GLM-Image), ``OmniGenPipeline``, ``VisualClozeGenerationPipeline`` / ``VisualClozePipeline``
 (its in-context example rows) and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` /
-``QwenImageEditInpaintPipeline``, or their bare transformers.
+``QwenImageEditInpaintPipeline``, or their bare transformers; and subclasses of any of them, which run as their
+nearest supported base class (:mod:`.classes`: e.g. ``class MyKontext(FluxKontextPipeline)`` overriding
+``__call__``, or a transformer with an extra method).
 
 How it works. A forward pre-hook on the transformer finds the reference tokens in the image
 sequence of every call (see :mod:`.diffusers_models`), keeps the ones the configured selector picks,
@@ -73,6 +75,7 @@ from ..generation import (
 )
 from ..selection import RefView, needs_probe
 from .calls import as_keywords, positional_names
+from .classes import known_name
 from .diffusers_capture import captured_inputs, unwrap_capture, wrap_capture
 from .diffusers_layout import BlockReplay, InContextAdapter
 from .diffusers_models import (
@@ -81,6 +84,8 @@ from .diffusers_models import (
     TRANSFORMERS,
     RefLayout,
     adapter_class,
+    pipeline_name,
+    transformer_name,
 )
 from .diffusers_proportional import (
     check_attention,
@@ -102,20 +107,21 @@ def is_diffusers_target(obj: Any) -> bool:
 
 
 def _supported() -> str:
-    return f"pipelines {sorted(PIPELINES)} or transformers {sorted(TRANSFORMERS)}"
+    return f"pipelines {sorted(PIPELINES)} or transformers {sorted(TRANSFORMERS)}, or subclasses of them"
 
 
 def _resolve(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    """``(pipeline or None, transformer)``; ``TypeError`` naming what is supported otherwise."""
+    """``(pipeline or None, transformer)``; ``TypeError`` naming what is supported otherwise. Subclasses of supported
+    pipelines and transformers are supported as their base (:func:`.diffusers_models.pipeline_name`)."""
     name = type(target).__name__
-    if name in PIPELINES:
+    if pipeline_name(target) is not None:
         transformer = getattr(target, "transformer", None)
-        if transformer is None or type(transformer).__name__ not in TRANSFORMERS:
+        if transformer is None or transformer_name(transformer) is None:
             hint = ("; compile in place with pipe.transformer.compile() instead of replacing it with torch.compile(...)"
-                    if type(transformer).__name__ == "OptimizedModule" else "")
+                    if known_name(type(transformer), ("OptimizedModule",)) else "")
             raise TypeError(f"{name} has no supported transformer ({type(transformer).__name__}){hint}")
         return target, transformer
-    if name in TRANSFORMERS:
+    if transformer_name(target) is not None:
         return None, target
     raise TypeError(f"Sparse Context does not support {name}; expected {_supported()}")
 
@@ -361,7 +367,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
             f"Sparse Context does not support layered {type(transformer).__name__}s (use_layer3d_rope, "
             "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
     if cfg.proportional:  # ValueError where the log(size) bias cannot reach every attention exactly
-        check_supported(transformer, pipe is not None and type(pipe).__name__ in KV_PIPELINES, cfg.cache)
+        check_supported(transformer, _kv_pipeline(pipe), cfg.cache)
     if _warns_no_probe(cfg):
         logger.warning(
             "tokensparse: selector %r needs RefDiT attention probes; diffusers transformers have none, so it "
@@ -369,7 +375,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     adapter = adapter_class(pipe, transformer)
     if cfg.cache and adapter.cache_refusal:
         raise ValueError(adapter.cache_refusal)
-    if cfg.cache and not (pipe is not None and type(pipe).__name__ in KV_PIPELINES):
+    if cfg.cache and not _kv_pipeline(pipe):
         raise ValueError(
             "cache=True needs a pipeline with a reference K/V cache: use Flux2KleinKVPipeline "
             "(e.g. Flux2KleinKVPipeline.from_pipe(pipe)), or cache=False"
@@ -387,6 +393,11 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         on_generation_start(owner, _CALLBACK, hook.state.new_generation)
         wrap_capture(owner, hook.state)
     return target
+
+
+def _kv_pipeline(pipe: Any | None) -> bool:
+    """Whether ``pipe`` is a pipeline with a reference K/V cache (:data:`.diffusers_models.KV_PIPELINES`)."""
+    return pipe is not None and pipeline_name(pipe) in KV_PIPELINES
 
 
 def _hook(transformer: Any) -> SparseContextHook | None:

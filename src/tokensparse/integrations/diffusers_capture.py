@@ -18,6 +18,7 @@ from .diffusers_models import (
     RGBA_PIPELINES,
     STACKED_REFS_ARG,
     images_for_scorers,
+    pipeline_name,
 )
 
 logger = logging.getLogger("tokensparse.integrations.diffusers")  # the hook's logger: one place to silence
@@ -28,9 +29,9 @@ _CAPTURE = "_tokensparse_capture_original"
 def wrap_capture(pipe: Any, state: Any) -> None:
     """Record the reference images the pipeline encodes (pixel scorers) and the prompt (``auto``); its
     ``check_inputs``, which every pipeline call runs first, clears what an earlier call captured. A pipeline in
-    :data:`CAPTURE_THROUGH`: its inner pipeline's."""
+    :data:`CAPTURE_THROUGH`: its inner pipeline's. A subclass captures as its supported base (:func:`pipeline_name`)."""
     pipe = _capturing(pipe)
-    cls = type(pipe).__name__
+    cls = pipeline_name(pipe)
     image_method, arg_name, arg_pos = PIPELINES[cls]
     preferred = PREFERRED_IMAGE_ARG.get(cls)
     image_args = ((preferred,) if preferred else ()) + ((arg_name, arg_pos),)
@@ -111,7 +112,7 @@ def _same_images(a: Any, b: Any) -> bool:
 
 def _capturing(pipe: Any) -> Any:
     """The pipeline whose methods capture for ``pipe``: itself, or its inner one (:data:`CAPTURE_THROUGH`)."""
-    inner = CAPTURE_THROUGH.get(type(pipe).__name__)
+    inner = CAPTURE_THROUGH.get(pipeline_name(pipe))
     return getattr(pipe, inner) if inner else pipe
 
 

@@ -64,6 +64,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import to_tensor
+from .classes import known_name
 from .diffusers_fibo2 import BriaFibo2Adapter
 from .diffusers_glm_image import GlmImageAdapter
 from .diffusers_joyimage import JoyImageAdapter, JoyImageEditPlusAdapter
@@ -227,7 +228,8 @@ class QwenRopeHook:
 
 
 # transformer class name -> adapter; pipeline class name -> (method receiving the preprocessed reference
-# images, name of that argument, its position after self)
+# images, name of that argument, its position after self). Every table here is keyed by diffusers class names and
+# read through :func:`pipeline_name` / :func:`transformer_name`: a subclass is its nearest known base.
 TRANSFORMERS: dict[str, type] = {
     "Flux2Transformer2DModel": FluxIdsAdapter,
     "FluxTransformer2DModel": FluxAdapter,
@@ -297,9 +299,22 @@ KV_PIPELINES = ("Flux2KleinKVPipeline",)
 MASK_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline", "QwenImageEditInpaintPipeline")
 
 
+def pipeline_name(pipe: Any) -> str | None:
+    """The supported pipeline class ``pipe`` is (the nearest of its class's MRO in :data:`PIPELINES`: a subclass of
+    a supported pipeline is its base), or ``None``. The pipeline side tables here are read with this name."""
+    return known_name(type(pipe), PIPELINES)
+
+
+def transformer_name(transformer: Any) -> str | None:
+    """The supported transformer class ``transformer`` is (the nearest of its class's MRO in
+    :data:`TRANSFORMERS`), or ``None``."""
+    return known_name(type(transformer), TRANSFORMERS)
+
+
 def adapter_class(pipe: Any, transformer: Any) -> type:
     """The adapter of ``transformer`` in ``pipe``'s calls (``pipe`` ``None``: the bare transformer's)."""
-    return PIPELINE_ADAPTERS.get(type(pipe).__name__) or TRANSFORMERS[type(transformer).__name__]
+    own = PIPELINE_ADAPTERS.get(pipeline_name(pipe)) if pipe is not None else None
+    return own or TRANSFORMERS[transformer_name(transformer)]
 
 
 def images_for_scorers(value: Any, batch_size: int | None = None, rgba: bool = False) -> list[Tensor | None] | None:

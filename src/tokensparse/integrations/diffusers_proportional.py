@@ -68,11 +68,37 @@ from torch import Tensor
 
 from ..context import reference_sizes
 from ..selection import RefView
+from .classes import known_name
 
 logger = logging.getLogger(__name__)
 
 # processors take an additive mask
 BIAS_TRANSFORMERS = ("Flux2Transformer2DModel", "FluxTransformer2DModel", "OmniGenTransformer2DModel")
+# the other supported transformers: why no log(size) bias reaches their attention
+NO_BIAS: dict[str, str] = {
+    "QwenImageTransformer2DModel": " (its QwenDoubleStreamAttnProcessor2_0 refuses an external "
+        "attention_mask and builds a boolean one from encoder_hidden_states_mask, so a float log(size) bias "
+        "cannot reach its attention)",
+    "LongCatImageTransformer2DModel": " (its forward takes no joint_attention_kwargs, so no "
+        "attention_mask can reach its attention)",
+    "BriaFiboTransformer2DModel": " (its pipeline passes its own text-padding attention_mask, which the "
+        "log(size) bias would have to be merged into; not implemented)",
+    "BriaFibo2Transformer2DModel": " (its forward takes no attention kwargs: the only mask its attention "
+        "gets is the gist-padding mask it builds itself, so no log(size) bias can reach it)",
+    "QwenImage21Transformer2DModel": " (its attention processors get only the block-causal and text-padding "
+        "masks the transformer builds itself; its attention_kwargs carry the LoRA scale alone, so no "
+        "log(size) bias can reach them)",
+    "ZImageTransformer2DModel": " (its forward reads only the LoRA scale from joint_attention_kwargs and "
+        "hands its attention only the boolean batch-padding mask it builds, so no float log(size) bias can "
+        "reach it)",
+    "GlmImageTransformer2DModel": " (its GlmImageAttnProcessor takes only a (batch, text length) padding "
+        "mask, made boolean, and the denoising calls read the condition images' keys from its K/V cache, "
+        "which no mask covers)",
+    "JoyImageEditTransformer3DModel": " (its forward takes no attention kwargs and JoyImageAttnProcessor "
+        "calls the attention with attn_mask=None, so no log(size) bias can reach it)",
+    "JoyImageEditPlusTransformer3DModel": " (its forward takes no attention kwargs; its attention gets only "
+        "the boolean padding mask it builds from encoder_hidden_states_mask)",
+}
 # dispatch_attention_fn backends that add a float attn_mask to the logits
 MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"})
 # attention processors known to pass attention_mask on to the attention (the KV ones outside their K/V modes)
@@ -89,34 +115,14 @@ KV_REFUSAL = ("proportional=True cannot be combined with FLUX.2's reference K/V 
 
 
 def check_supported(transformer: Any, kv_pipeline: bool, cache: bool) -> None:
-    """Raise ``ValueError`` naming why ``proportional=True`` cannot be exact for this target."""
+    """Raise ``ValueError`` naming why ``proportional=True`` cannot be exact for this target (a subclass of a
+    transformer is judged as its base, :func:`.classes.known_name`)."""
     name = type(transformer).__name__
-    if name not in BIAS_TRANSFORMERS:
-        why = {"QwenImageTransformer2DModel": " (its QwenDoubleStreamAttnProcessor2_0 refuses an external "
-               "attention_mask and builds a boolean one from encoder_hidden_states_mask, so a float log(size) bias "
-               "cannot reach its attention)",
-               "LongCatImageTransformer2DModel": " (its forward takes no joint_attention_kwargs, so no "
-               "attention_mask can reach its attention)",
-               "BriaFiboTransformer2DModel": " (its pipeline passes its own text-padding attention_mask, which the "
-               "log(size) bias would have to be merged into; not implemented)",
-               "BriaFibo2Transformer2DModel": " (its forward takes no attention kwargs: the only mask its attention "
-               "gets is the gist-padding mask it builds itself, so no log(size) bias can reach it)",
-               "QwenImage21Transformer2DModel": " (its attention processors get only the block-causal and text-padding "
-               "masks the transformer builds itself; its attention_kwargs carry the LoRA scale alone, so no "
-               "log(size) bias can reach them)",
-               "ZImageTransformer2DModel": " (its forward reads only the LoRA scale from joint_attention_kwargs and "
-               "hands its attention only the boolean batch-padding mask it builds, so no float log(size) bias can "
-               "reach it)",
-               "GlmImageTransformer2DModel": " (its GlmImageAttnProcessor takes only a (batch, text length) padding "
-               "mask, made boolean, and the denoising calls read the condition images' keys from its K/V cache, "
-               "which no mask covers)",
-               "JoyImageEditTransformer3DModel": " (its forward takes no attention kwargs and JoyImageAttnProcessor "
-               "calls the attention with attn_mask=None, so no log(size) bias can reach it)",
-               "JoyImageEditPlusTransformer3DModel": " (its forward takes no attention kwargs; its attention gets only "
-               "the boolean padding mask it builds from encoder_hidden_states_mask)"}.get(name, "")
+    kind = known_name(type(transformer), (*BIAS_TRANSFORMERS, *NO_BIAS))
+    if kind not in BIAS_TRANSFORMERS:
         raise ValueError(f"proportional=True is implemented for RefDiT, FLUX.2 (Flux2Transformer2DModel), FLUX.1 "
-                         f"Kontext / VisualCloze (FluxTransformer2DModel) and OmniGen pipelines, not {name}{why}; use "
-                         "proportional=False")
+                         f"Kontext / VisualCloze (FluxTransformer2DModel) and OmniGen pipelines, not {name}"
+                         f"{NO_BIAS.get(kind, '')}; use proportional=False")
     if kv_pipeline or cache:
         raise ValueError(KV_REFUSAL)
 
@@ -201,6 +207,6 @@ def _check_backends(module: torch.nn.Module) -> list[str]:
                              f"{backend!r} ({type(m).__name__}) does not add a float mask to the logits; use one of "
                              f"{sorted(MASK_BACKENDS)} (e.g. transformer.reset_attention_backend()) or "
                              "proportional=False")
-        if type(processor).__name__ not in MASK_PROCESSORS:
+        if known_name(type(processor), MASK_PROCESSORS) is None:
             unknown.add(type(processor).__name__)
     return sorted(unknown)

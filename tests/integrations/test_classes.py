@@ -1,0 +1,160 @@
+"""Subclasses of supported diffusers pipelines and transformers run as their base (:mod:`.classes`): Sparse Context
+gives them bit-identical outputs for the same seed, and the refusals that exist on purpose refuse them too, naming
+the user's class."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+import tokensparse as ts  # noqa: E402
+from tokensparse.context import SparseContextConfig  # noqa: E402
+from tokensparse.integrations.classes import known_name  # noqa: E402
+from tokensparse.integrations.diffusers import sparse_context_state  # noqa: E402
+from tokensparse.integrations.diffusers_tiny import (  # noqa: E402
+    flux2_call_kwargs,
+    kontext_call_kwargs,
+    qwen_call_kwargs,
+    tiny_flux2_klein,
+    tiny_flux_kontext,
+    tiny_qwen_image_edit_plus,
+)
+
+
+def subclass(cls: type, **attrs: Any) -> type:
+    """A user's trivial subclass ``My<cls>`` of ``cls``: a method of its own, ``__call__`` post-processing."""
+    return type(f"My{cls.__name__}", (cls,), {"owner": lambda self: "mine", **attrs})
+
+
+def user_pipeline(pipe: Any) -> Any:
+    """``pipe``'s components in a user's subclass of its pipeline, whose transformer is a user's subclass too
+    (built from the same config, the same weights loaded), as ``MyPipeline.from_pipe(pipe, transformer=...)``."""
+    base_call = type(pipe).__call__
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = base_call(self, *args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1  # a user's post-processing
+        return out
+
+    transformer = subclass(type(pipe.transformer)).from_config(pipe.transformer.config)
+    transformer.load_state_dict(pipe.transformer.state_dict())
+    mine = subclass(type(pipe), __call__=call).from_pipe(pipe, transformer=transformer.eval())
+    mine.set_progress_bar_config(disable=True)
+    assert type(mine).__name__.startswith("My") and type(mine.transformer).__name__.startswith("My")
+    return mine
+
+
+def _image(seed: int, side: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(side, side, 3) * 255).astype("uint8"))
+
+
+def _klein_call(guidance: bool = True) -> dict:
+    return {"image": [_image(0, 64), _image(1, 64)], "prompt": "put the cat on the sofa", **flux2_call_kwargs(),
+            **({"guidance_scale": 2.0} if guidance else {})}  # the KV pipeline has no CFG
+
+
+def _kontext_call() -> dict:
+    return {"image": _image(0, 32), "prompt": "make it red", "negative_prompt": "blur", "true_cfg_scale": 2.0,
+            **kontext_call_kwargs()}
+
+
+def _qwen_call() -> dict:
+    return {"image": [_image(0, 32), _image(1, 32)], **qwen_call_kwargs()}
+
+
+CASES = {  # builder (seed 0), call, config
+    "Flux2KleinPipeline": (tiny_flux2_klein, _klein_call, SparseContextConfig(keep=0.5, selector="auto")),
+    "Flux2KleinKVPipeline": (lambda: tiny_flux2_klein(kv=True), lambda: _klein_call(guidance=False),
+                             SparseContextConfig(keep=0.5, selector="auto", cache=True)),
+    "FluxKontextPipeline": (tiny_flux_kontext, _kontext_call, SparseContextConfig(keep=0.5, selector="auto")),
+    "QwenImageEditPlusPipeline": (tiny_qwen_image_edit_plus, _qwen_call,
+                                  SparseContextConfig(keep=0.5, selector="auto")),
+}
+
+
+def _run(pipe: Any, call: Any) -> np.ndarray:
+    return pipe(**call(), generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_known_name_is_the_nearest_known_class_of_the_mro() -> None:
+    class A:
+        pass
+
+    class B(A):
+        pass
+
+    class C(B):
+        pass
+
+    class Other:
+        pass
+
+    class Both(Other, C):
+        pass
+
+    assert known_name(C, ("A", "B")) == "B" and known_name(C, {"A": 1}) == "A" and known_name(A, ("B",)) is None
+    assert known_name(Both, ("A", "Other")) == "Other"  # MRO order: the nearest base decides
+    assert known_name(C, re.compile("^A$")) == "A" and known_name(C, re.compile("Z")) is None
+    with pytest.raises(TypeError, match="takes a class"):
+        known_name(C(), ("A",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_subclassed_pipeline_and_transformer_give_their_base_outputs_bit_for_bit(name: str, monkeypatch) -> None:
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as qwen
+
+    monkeypatch.setattr(qwen, "VAE_IMAGE_SIZE", 32 * 32)  # Qwen resizes references to this many pixels
+    build, call, cfg = CASES[name]
+    base = build()
+    base.set_progress_bar_config(disable=True)
+    assert type(base).__name__ == name
+    dense = _run(base, call)
+    expected = _run(ts.apply_sparse_context(base, cfg), call)
+    mine = user_pipeline(build())
+    got = _run(ts.apply_sparse_context(mine, cfg), call)
+    assert mine.calls == 1 and mine.owner() == "mine" and mine.transformer.owner() == "mine"
+    state = sparse_context_state(mine)
+    assert state.selections >= 1 and state.images is not None  # its reference pixels were captured, as the base's
+    assert np.array_equal(got, expected) and not np.array_equal(got, dense)
+    ts.remove_sparse_context(mine)
+    assert np.array_equal(_run(mine, call), dense)
+    if name == "Flux2KleinPipeline":  # the bare subclassed transformer too
+        ts.apply_sparse_context(mine.transformer, cfg)
+        assert sparse_context_state(mine.transformer) is not None
+
+
+def test_refusals_hold_for_subclasses_and_name_the_users_class() -> None:
+    from diffusers import Flux2KleinKVPipeline, QwenImageTransformer2DModel
+
+    layered = subclass(QwenImageTransformer2DModel)(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True, use_additional_t_cond=True)
+    with pytest.raises(TypeError, match="layered MyQwenImageTransformer2DModels"):
+        ts.apply_sparse_context(layered, SparseContextConfig(keep=0.25))
+    with pytest.raises(ValueError, match="not MyQwenImageTransformer2DModel .its QwenDoubleStreamAttnProcessor2_0"):
+        ts.apply_sparse_context(layered.__class__.from_config({**layered.config, "use_layer3d_rope": False}),
+                                SparseContextConfig(keep=0.5, proportional=True))
+
+    klein = tiny_flux2_klein()
+    mine = user_pipeline(klein)
+    with pytest.raises(ValueError, match="cache=True needs a pipeline with a reference K/V cache"):
+        ts.apply_sparse_context(mine, SparseContextConfig(keep=0.5, cache=True))
+    kv = subclass(Flux2KleinKVPipeline).from_pipe(klein)
+    with pytest.raises(ValueError, match="proportional=True cannot be combined with FLUX.2's reference K/V cache"):
+        ts.apply_sparse_context(kv, SparseContextConfig(keep=0.5, proportional=True))
+    mine.transformer = torch.compile(mine.transformer)  # an OptimizedModule wrapper: hooks belong on the model
+    with pytest.raises(TypeError, match=r"MyFlux2KleinPipeline has no supported transformer \(OptimizedModule\); "
+                                        "compile in place"):
+        ts.apply_sparse_context(mine, SparseContextConfig(keep=0.5))
+    mine.transformer = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"MyFlux2KleinPipeline has no supported transformer \(Linear\)$"):
+        ts.apply_sparse_context(mine, SparseContextConfig(keep=0.5))
