@@ -29,28 +29,7 @@ from tokensparse.integrations.diffusers_tiny import (  # noqa: E402
     tiny_qwen_image_edit_plus,
 )
 
-
-def subclass(cls: type, **attrs: Any) -> type:
-    """A user's trivial subclass ``My<cls>`` of ``cls``: a method of its own, ``__call__`` post-processing."""
-    return type(f"My{cls.__name__}", (cls,), {"owner": lambda self: "mine", **attrs})
-
-
-def user_pipeline(pipe: Any) -> Any:
-    """``pipe``'s components in a user's subclass of its pipeline, whose transformer is a user's subclass too
-    (built from the same config, the same weights loaded), as ``MyPipeline.from_pipe(pipe, transformer=...)``."""
-    base_call = type(pipe).__call__
-
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = base_call(self, *args, **kwargs)
-        self.calls = getattr(self, "calls", 0) + 1  # a user's post-processing
-        return out
-
-    transformer = subclass(type(pipe.transformer)).from_config(pipe.transformer.config)
-    transformer.load_state_dict(pipe.transformer.state_dict())
-    mine = subclass(type(pipe), __call__=call).from_pipe(pipe, transformer=transformer.eval())
-    mine.set_progress_bar_config(disable=True)
-    assert type(mine).__name__.startswith("My") and type(mine.transformer).__name__.startswith("My")
-    return mine
+from .subclassing import subclass, user_pipeline  # noqa: E402
 
 
 def _image(seed: int, side: int) -> Image.Image:

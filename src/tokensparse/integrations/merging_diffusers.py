@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
+from .classes import known_name
 from .merging_cogview4 import wire_cogview4
 from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
 from .merging_lumina2 import image_blocks, wire_lumina2
@@ -281,7 +282,8 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     """
     cfg = state.cfg
     # of the running call, read by every block; "cloze": FLUX.1, whose VisualCloze calls number no token 0
-    box: dict[str, Any] = {"grid": None, "n_txt": None, "cloze": type(model).__name__ == "FluxTransformer2DModel"}
+    cloze = known_name(type(model), ("FluxTransformer2DModel",)) is not None  # a subclass too
+    box: dict[str, Any] = {"grid": None, "n_txt": None, "cloze": cloze}
     observe_calls(model, state, _observe_flux, box)
     for name, blk in double:
         attn = Sublayer(blk.attn, "hidden_states", rope=_flux_rope, outputs=(0, 2), context_first=True)

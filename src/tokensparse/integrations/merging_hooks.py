@@ -35,6 +35,7 @@ from ..generation import compile_hint, on_generation_start, remove_generation_ca
 from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
+from .classes import known_name
 from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
 from .merging_diffusers import find_blocks, wire
 
@@ -238,8 +239,9 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
     blocks = find_blocks(model)
     if not any(found for kind, found in blocks.items() if kind != "flux_single"):  # wire() starts from the others
         raise _unsupported(target, action, model)
-    video = type(model).__name__ if _VIDEO.search(type(model).__name__) else next(
-        (type(m).__name__ for m in model.modules() if _VIDEO_PART.search(type(m).__name__)), None)
+    # the model's class or a base of it (a subclass of a video model), else a part's (or a base of a part's)
+    video = known_name(type(model), _VIDEO) or next(
+        (type(m).__name__ for m in model.modules() if known_name(type(m), _VIDEO_PART)), None)
     if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
         raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
                         f"{video}): their tokens span frames, and it merges within one image's token grid")
@@ -278,16 +280,18 @@ _CROSS_MAP_READERS = {
     "LEditsPPPipelineStableDiffusion": _LEDITS,
     "LEditsPPPipelineStableDiffusionXL": _LEDITS,
 }
+# pipelines that read attention maps merging would thin (refused with the configs that would): by their MRO
+_ATTENTION_MAP_PIPELINES = (*_CROSS_MAP_READERS, "StableDiffusionSAGPipeline")
 
 
 def _check_pipeline(pipe: Any, model: nn.Module, cfg: TokenMergingConfig) -> None:
     """``ValueError`` where ``pipe`` reads attention maps that ``cfg`` would merge (it would fail inside the call, or
     read the maps of other tokens)."""
-    name = type(pipe).__name__
-    if name in _CROSS_MAP_READERS and cfg.merge_cross:
-        raise ValueError(f"cfg.merge_cross=True does not work with {name}: it {_CROSS_MAP_READERS[name]}, which "
+    name, kind = type(pipe).__name__, known_name(type(pipe), _ATTENTION_MAP_PIPELINES)  # kind: a subclass's base
+    if kind in _CROSS_MAP_READERS and cfg.merge_cross:
+        raise ValueError(f"cfg.merge_cross=True does not work with {name}: it {_CROSS_MAP_READERS[kind]}, which "
                          "merging would thin; use merge_cross=False")
-    if name == "StableDiffusionSAGPipeline" and cfg.merge_attn:
+    if kind == "StableDiffusionSAGPipeline" and cfg.merge_attn:
         mid = 2 ** sum(1 for blk in getattr(model, "down_blocks", []) if getattr(blk, "downsamplers", None))
         if cfg.max_downsample >= mid:
             raise ValueError(f"cfg.max_downsample={cfg.max_downsample} merges the self-attention of the UNet's mid "
