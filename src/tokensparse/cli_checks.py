@@ -109,10 +109,13 @@ OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
 GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
 
 
-def check_placeholders(name: str | None, prompt: str, n_refs: int) -> None:
+def check_placeholders(name: str | None, prompt: str, n_refs: int, cls: type | None = None) -> None:
     """Fail when ``name`` is OmniGen (it places reference ``k`` at ``<img><|image_k|></img>`` in the prompt) and
-    ``prompt`` lacks the placeholder of a ``--ref``, or has one naming no ``--ref`` (its processor asserts on it)."""
-    if name != "OmniGenPipeline":
+    ``prompt`` lacks the placeholder of a ``--ref``, or has one naming no ``--ref`` (its processor asserts on it).
+    ``cls``: the loaded pipeline's class (a subclass of ``OmniGenPipeline`` is checked too)."""
+    from .integrations.classes import known_name
+
+    if (known_name(cls, ("OmniGenPipeline",)) if cls is not None else name) != "OmniGenPipeline":
         return
     missing = [f"<img><|image_{k}|></img>" for k in range(1, n_refs + 1) if f"<img><|image_{k}|></img>" not in prompt]
     if missing:
@@ -128,7 +131,9 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
     """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache``, ``--proportional``,
     missing ``--merge`` or size option (``sizes``: ``"height"`` / ``"width"`` given) it cannot take (``None``: not
     known before loading, nothing to check). ``cls``: the loaded pipeline's class (else diffusers' class ``name``),
-    whose call says which sizes it takes."""
+    whose call says which sizes it takes; a subclass of a supported pipeline is checked as its base (messages name
+    ``name``)."""
+    from .integrations.classes import known_name
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     if name is None:
@@ -136,16 +141,17 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
     import diffusers
 
     cls = cls or getattr(diffusers, name, None)
+    kind = (known_name(cls, PIPELINES) if isinstance(cls, type) else None) or name  # as the tables below know it
     takes = inspect.signature(cls.__call__).parameters if cls is not None else None
     for key in sizes:
         if takes is not None and key not in takes:
-            why = ": it sizes its output from the reference" if name in PIPELINES else ""
+            why = ": it sizes its output from the reference" if kind in PIPELINES else ""
             fail(f"{name} takes no --{key}{why}")
     supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(GRID_INPUT))
-    if name in MASK_PIPELINES or name in GRID_INPUT:
-        what = "inpainting pipelines" if name in MASK_PIPELINES else "it takes a grid of in-context examples"
+    if kind in MASK_PIPELINES or kind in GRID_INPUT:
+        what = "inpainting pipelines" if kind in MASK_PIPELINES else "it takes a grid of in-context examples"
         fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
-    if name not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
+    if kind not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
         given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
         if given:
             fail(f"{name} takes no reference images here, so {' / '.join(given)} (Sparse Context) cannot apply: "
@@ -155,18 +161,18 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
             fail(f"{name} is not a pipeline Sparse Context runs on ({', '.join(supported)}): give --merge to run it "
                   "with token merging alone")
         return
-    if n_refs > 1 and name in ONE_REFERENCE:
+    if n_refs > 1 and kind in ONE_REFERENCE:
         fail(f"{name} takes one reference image")
-    if n_refs == 0 and name in SIZED_BY_REFERENCE:
+    if n_refs == 0 and kind in SIZED_BY_REFERENCE:
         fail(f"{name} needs a --ref image (it sizes its output from the reference)")
-    if name in NEEDS_SIZE and len(sizes) < 2:
+    if kind in NEEDS_SIZE and len(sizes) < 2:
         fail(f"{name} needs --height and --width (its prior plans the target's token grid from them)")
-    if cache and name in OWN_KV_CACHE:
+    if cache and kind in OWN_KV_CACHE:
         fail(f"{name} caches its reference images' K/V itself (and Sparse Context thins them): drop --cache")
-    if cache and name not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
+    if cache and kind not in ("Flux2KleinPipeline", "Flux2KleinKVPipeline"):
         fail(f"--cache needs FLUX.2 [klein] (Flux2KleinPipeline / Flux2KleinKVPipeline); {name} has no reference "
               "K/V cache")
-    if proportional and not name.startswith(("Flux2", "FluxKontext", "OmniGen")):
+    if proportional and not kind.startswith(("Flux2", "FluxKontext", "OmniGen")):
         fail(f"--proportional needs a FLUX.2 or FLUX.1 Kontext pipeline, or OmniGen: {name}'s attention takes no "
               "logit bias")
 

@@ -140,6 +140,7 @@ def generate(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .context import SparseContextConfig
+    from .integrations.classes import known_name
     from .integrations.diffusers import apply_sparse_context_diffusers
     from .integrations.diffusers_models import PIPELINES
     from .integrations.merging_hooks import apply_token_merging
@@ -191,11 +192,13 @@ def generate(
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
         fail(f"cannot load pipeline {model!r}: {type(exc).__name__}: {exc}")
     name = type(pipe).__name__
+    kind = known_name(type(pipe), PIPELINES) or name  # a subclass of a supported pipeline: its base
     check_pipeline(name, *checks, cls=type(pipe))
-    check_placeholders(name, prompt, len(refs))
-    if cache and name == "Flux2KleinPipeline":  # same weights, reference K/V computed once
-        pipe, name = diffusers.Flux2KleinKVPipeline.from_pipe(pipe), "Flux2KleinKVPipeline"
-    in_context = name in PIPELINES  # else a text-to-image pipeline: token merging alone
+    check_placeholders(name, prompt, len(refs), cls=type(pipe))
+    if cache and kind == "Flux2KleinPipeline":  # same weights, reference K/V computed once
+        pipe = diffusers.Flux2KleinKVPipeline.from_pipe(pipe)
+        name = kind = "Flux2KleinKVPipeline"
+    in_context = kind in PIPELINES  # else a text-to-image pipeline: token merging alone
     merge_cfg = TokenMergingConfig(ratio=merge, seed=seed, max_downsample=_merge_depth(pipe))
     try:
         if in_context:
@@ -205,7 +208,7 @@ def generate(
     except (TypeError, ValueError) as exc:
         fail(str(exc))
     pipe.to(device)
-    if name in _BF16_VAE and refs and pipe.vae.dtype != torch.bfloat16:
+    if kind in _BF16_VAE and refs and pipe.vae.dtype != torch.bfloat16:
         torch.nn.Module.to(pipe.vae, torch.bfloat16)  # else: "Input type (BFloat16) and bias type (float) ..."
     pipe.set_progress_bar_config(disable=True)
 
@@ -214,11 +217,11 @@ def generate(
     if refs:
         # JoyImageEditPlusPipeline: images; OmniGenPipeline: input_images
         key = next((k for k in ("image", "input_images") if k in params), "images")
-        kwargs[key] = refs[0] if name in ONE_REFERENCE else refs
+        kwargs[key] = refs[0] if kind in ONE_REFERENCE else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:
-        key = "true_cfg_scale" if name.startswith("QwenImage") else "guidance_scale"  # Qwen: true CFG only
+        key = "true_cfg_scale" if kind.startswith("QwenImage") else "guidance_scale"  # Qwen: true CFG only
         if key not in params:
             fail(f"{name} takes no guidance scale")
         kwargs[key] = guidance

@@ -137,3 +137,40 @@ def test_refusals_hold_for_subclasses_and_name_the_users_class() -> None:
     mine.transformer = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match=r"MyFlux2KleinPipeline has no supported transformer \(Linear\)$"):
         ts.apply_sparse_context(mine, SparseContextConfig(keep=0.5))
+
+
+def test_lora_training_trains_a_subclassed_klein_as_its_base(tmp_path) -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    from tokensparse.integrations.diffusers_lora import WEIGHTS, Example, LoraTrainConfig, train_lora_sparse
+
+    examples = [Example([_image(2 * i, 32)], _image(2 * i + 1, 32), f"edit {i}") for i in range(2)]
+    cfg = LoraTrainConfig(steps=2, resolution=32, rank=2, max_sequence_length=16, seed=5, lr=1e-2)
+    expected = train_lora_sparse(tiny_flux2_klein(seed=0), examples, cfg, tmp_path / "base")
+    mine = user_pipeline(tiny_flux2_klein(seed=0))
+    assert train_lora_sparse(mine, examples, cfg, tmp_path / "mine") == expected
+    base_weights, weights = load_file(tmp_path / "base" / WEIGHTS), load_file(tmp_path / "mine" / WEIGHTS)
+    assert base_weights.keys() == weights.keys() and all(torch.equal(weights[k], base_weights[k]) for k in weights)
+    other = subclass(type(tiny_qwen_image_edit_plus()))
+    with pytest.raises(TypeError, match=r"supports \('Flux2KleinPipeline',\) \(or subclasses\), got MyQwenImageEdit"):
+        train_lora_sparse(other.from_pipe(tiny_qwen_image_edit_plus()), examples, cfg, tmp_path / "other")
+
+
+def test_generate_commands_checks_take_a_subclass_as_its_base(capsys) -> None:
+    import typer
+    from diffusers import FluxKontextInpaintPipeline, OmniGenPipeline, QwenImageEditPipeline
+
+    from tokensparse.cli_checks import check_pipeline, check_placeholders
+
+    for cls, n_refs, why in ((FluxKontextInpaintPipeline, 1, "is not supported here (inpainting pipelines"),
+                             (QwenImageEditPipeline, 2, "takes one reference image")):
+        mine = subclass(cls)
+        with pytest.raises(typer.Exit):
+            check_pipeline(mine.__name__, n_refs, cache=False, cls=mine)
+        assert f"My{cls.__name__} {why}" in capsys.readouterr().err
+    check_pipeline("MyQwenImageEditPipeline", 1, cache=False, cls=subclass(QwenImageEditPipeline))  # runs
+    with pytest.raises(typer.Exit):
+        check_placeholders("MyOmniGenPipeline", "a cat", 1, cls=subclass(OmniGenPipeline))
+    assert "MyOmniGenPipeline places each reference" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from ..files import default_mode, nearest_existing
 from ..images import MAX_SIDE, load_rgb
 from ..run_checkpoints import remove_partial_saves
 from ..run_processes import cpu_only, process_mean, step_generator
+from .classes import known_name
 from .diffusers import apply_sparse_context_diffusers, remove_sparse_context_diffusers, sparse_context_state
 from .diffusers_lora_checkpoints import (  # noqa: F401  (LoraCheckpointError, examples_digest: importable here)
     CHECKPOINTS,
@@ -235,8 +236,8 @@ def train_lora_sparse(
 def check_lora_run(pipe: Any, out: Path) -> None:
     """What :func:`train_lora_sparse` checks before any work: ``TypeError`` / ``ValueError`` for a pipeline it
     cannot train, ``OSError`` for an output folder it could not write to afterwards."""
-    if type(pipe).__name__ not in SUPPORTED:
-        raise TypeError(f"LoRA training supports {SUPPORTED}, got {type(pipe).__name__}")
+    if known_name(type(pipe), SUPPORTED) is None:  # a subclass of a supported pipeline trains as its base
+        raise TypeError(f"LoRA training supports {SUPPORTED} (or subclasses), got {type(pipe).__name__}")
     if sparse_context_state(pipe.transformer) is not None:
         raise ValueError("Sparse Context is applied to this pipeline: remove_sparse_context(pipe) before training "
                          "(training drops reference tokens itself, and would remove it when done)")
