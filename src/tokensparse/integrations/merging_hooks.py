@@ -128,8 +128,9 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
     got = type(target).__name__
     if model is not None and model is not target:  # a pipeline whose model is not one merging knows
         got = f"{got}, whose model is a {type(model).__name__}"
-    why = ""
-    if model is not None:  # a model it does not know: where its attention is, so the reason is visible
+    why, hint = "", compile_hint(target, lambda m: merging_supports(m) is None)
+    # a model it does not know (not a torch.compile wrapper): where its attention is, so the reason is visible
+    if model is not None and not hint and not hasattr(model, "_orig_mod"):
         holders = _attention_holders(model)
         why = (f" with its attention in {', '.join(holders)} (blocks token merging does not know)" if holders
                else " with no attention module")
@@ -137,7 +138,7 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / LongCat-Image / Chroma / Ovis-Image / Bria / "
         f"Qwen-Image / Z-Image / Lumina 2 / CogView4 transformer, or a pipeline with .unet / .transformer holding "
-        f"one; got {got}{why}{compile_hint(target, lambda m: merging_supports(m) is None)}"
+        f"one; got {got}{why}{hint}"
     )
 
 
