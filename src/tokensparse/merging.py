@@ -80,7 +80,8 @@ class TokenMergingConfig:
         (UNets: ``1`` = top level only, like tomesd; ``2`` adds the next level, ...; SDXL-style UNets have no
         attention at the top level, so they need ``2``). DiTs have one level (PixArt / DiT: the latent grid
         divided by the model's ``patch_size``).
-    seed: seeds the generator that picks destinations; reseeded at the start of every generation.
+    seed: seeds the random destinations: a layer's destinations at a step depend only on ``seed``, the step and
+        the layer, so every pass of a step (CFG's two calls, guidance branches) draws the same ones.
     center: measure similarity after subtracting each sequence's mean token (default; see the module
         docstring). ``False`` gives the raw cosine of ToMe / tomesd (and of tokensparse before 0.2): thresholds
         tuned for raw cosines merge far less when centred. ``benchmarks/merging.py`` runs ToMe both ways

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -66,7 +67,6 @@ class TokenMergingState:
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
         self.cache = self.cfg.make_cache()
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self._generation = self.tracker.generation
         self._recorded = Recorded()  # matchings for gradient checkpointing's recomputations, see matching()
         self.recording = False  # this model call may be recomputed in backward (gradient checkpointing)
@@ -111,8 +111,15 @@ class TokenMergingState:
         if self.tracker.generation != self._generation:
             self._generation = self.tracker.generation
             self.cache.reset()
-            self.generator.manual_seed(self.cfg.seed)
             self.merged_tokens = 0
+
+    def destination_generator(self, layer: str) -> torch.Generator:
+        """The generator of ``layer``'s random destinations at this step: seeded by ``cfg.seed``, the step and the
+        layer's name only, so every pass of a step (CFG's conditional and unconditional calls, guidance branches)
+        draws the same destinations for a layer, whichever passes run and in what order (as one batched call
+        would): CFG at scale 1 is then exactly the unguided generation."""
+        key = f"{self.cfg.seed}/{self.step}/{layer.removeprefix('_orig_mod.')}".encode()  # torch.compile: as unwrapped
+        return torch.Generator().manual_seed(zlib.crc32(key) | (zlib.adler32(key) << 32))
 
     def matching(self, layer: str, x: Tensor, grid: tuple[int, int], shared: bool = False) -> Matching:
         """The matching of ``layer`` for tokens ``x`` at this step (computed, or reused from the cache).
@@ -124,7 +131,7 @@ class TokenMergingState:
         n = x.shape[1]
 
         def compute() -> Matching:
-            is_dst = random_destinations(grid[0], grid[1], self.generator)
+            is_dst = random_destinations(grid[0], grid[1], self.destination_generator(layer))
             n_src = int((~is_dst).sum())
             metric = x.mean(0, keepdim=True) if shared else x
             if cfg.adaptive:

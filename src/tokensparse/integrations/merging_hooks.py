@@ -14,8 +14,9 @@ input; the block's later sublayers reuse it. A forward pre-hook on the model rea
 :class:`~tokensparse.generation.StepTracker`, which numbers the steps and notices a new generation when the
 timestep rises; :func:`tokensparse.generation.begin_generation` (``tokensparse.generate`` calls it; for
 pipelines ``scheduler.set_timesteps`` does) starts one explicitly. Each new generation empties the match
-cache and reseeds the destination generator. Calls at one timestep are the passes of a step (guidance), told
-apart by a fingerprint of their arguments: an identical call gets its own matchings back.
+cache. A layer's random destinations at a step depend only on the config's seed, the step and the layer, so every
+pass of a step draws the same ones, as one batched call would. Calls at one timestep are the passes of a step
+(guidance), told apart by a fingerprint of their arguments: an identical call gets its own matchings back.
 A call whose samples are at different timesteps (a training batch) is a generation of its own: its matchings
 are computed from its tokens, never reused from another call's.
 """
