@@ -62,6 +62,7 @@ def test_bad_rates_are_value_errors(kw):
 @pytest.mark.parametrize("field, err", [
     (dict(model="nope"), ValueError), (dict(tasks=["bogus"]), ValueError), (dict(tasks="recolor"), TypeError),
     (dict(family_weights={"bogus": 1}), ValueError), (dict(family_weights=[1, 2]), TypeError),
+    (dict(family_weights={"open": 2.0}), ValueError),  # no open task selected: the weight would be dropped
     (dict(route=0.5), ValueError), (dict(seed=-1), ValueError), (dict(mixed_precision="fp64"), ValueError),
     (dict(out=None), TypeError), (dict(out=""), ValueError), (dict(out="  "), ValueError), (dict(drop="x"), TypeError),
     (dict(model=3), TypeError),

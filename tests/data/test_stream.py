@@ -198,3 +198,14 @@ def test_batch_plan_checks_its_numbers():
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             batch_plan(**{"k": 0, "batch_size": 2, **bad})
     assert batch_plan(np.int64(3), np.int64(2), np.int64(1)) == batch_plan(3, 2, 1)
+
+
+def test_family_weights_for_a_family_with_no_selected_task_are_refused():
+    # the open family is trained only when named: {"open": 2} with the default tasks drew no scene batch at all
+    for tasks, weights in ((None, {"open": 2.0}), (["relight", "recolor"], {"editing": 1.0, "subject": 5.0})):
+        with pytest.raises(ValueError, match="none of the selected tasks"):
+            train_batches(2, 16, tasks=tasks, family_weights=weights)
+        with pytest.raises(ValueError, match="none of the selected tasks"):
+            batch_plan(0, 2, 0, tasks, weights)
+    # a zero weight for such a family asks for what happens anyway: fine
+    assert batch_plan(3, 2, 0, None, {"open": 0.0, "subject": 2.0})[0] in TASKS

@@ -118,6 +118,11 @@ def _family_probs(fams: Sequence[str], weights: Mapping[str, float]) -> np.ndarr
     unknown = set(weights) - set(ALL_FAMILIES)
     if unknown:
         raise ValueError(f"family_weights names unknown families {sorted(unknown)}; families: {ALL_FAMILIES}")
+    absent = sorted(f for f, v in weights.items() if f not in fams and float(v) > 0)
+    if absent:  # their weight would be dropped silently: none of their batches can be drawn
+        raise ValueError(f"family_weights weighs families {absent} that none of the selected tasks belong to "
+                         f"(those are of {list(fams)}); add their tasks to tasks (the open family is trained only "
+                         "when named) or leave them out of family_weights")
     w = np.array([float(weights.get(f, 1.0)) for f in fams])
     if not np.isfinite(w).all() or (w < 0).any() or w.max(initial=0.0) <= 0:
         raise ValueError(f"family_weights must be finite and >= 0 with a positive sum, got {dict(weights)}")
@@ -148,7 +153,8 @@ def batch_plan(
     """The task, reference count and sample seeds of training batch ``k``: a pure function of its arguments.
 
     Each batch holds one task. A family is drawn first (equal shares, or in proportion to ``family_weights``;
-    families it does not name weigh 1), then a task uniformly within it, and the reference count uniformly
+    families it does not name weigh 1, and a positive weight for a family none of ``tasks`` belongs to is a
+    ``ValueError``), then a task uniformly within it, and the reference count uniformly
     from the task's range. Sample seeds are drawn from the training range ``[0, HELDOUT_SEED_BASE)``.
     """
     k, batch_size = checks.integer("k", k, lo=0), checks.integer("batch_size", batch_size, lo=1)
