@@ -87,3 +87,22 @@ def test_every_committed_recipe_is_a_valid_config():
         assert cfg.model in list_models(), path
         # repository-relative: shipped weights, or an earlier stage's output under runs/
         assert cfg.init is None or cfg.init.startswith("runs/") or (root / cfg.init).is_file(), path
+
+
+def test_a_recipe_given_tuples_or_numpy_weights_resumes_as_it_was_saved(tmp_path):
+    # config.json holds lists and floats: a tuple of tasks read back as a list refused the run's own resume
+    # ("tasks ['relight'] -> ('relight',)"), and a numpy float32 weight could not be written at all
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from tokensparse.train import check_resume
+
+    cfg = TrainConfig(out=str(tmp_path), model="refdit-tiny", tasks=("relight", "place"),
+                      family_weights={"editing": np.float32(2.0), "subject": 1})
+    assert cfg.tasks == ["relight", "place"] and cfg.family_weights == {"editing": 2.0, "subject": 1.0}
+    saved = json.dumps(asdict(cfg))  # what train() writes as config.json
+    assert json.loads(saved) == asdict(cfg)
+    (tmp_path / "config.json").write_text(saved)
+    assert check_resume(tmp_path, tmp_path / "step_0000001", {"step": 1}, cfg, 1)["tasks"] == ["relight", "place"]

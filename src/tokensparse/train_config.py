@@ -93,6 +93,12 @@ class TrainConfig:
         if self.drop is not None and not isinstance(self.drop, DropConfig):
             raise TypeError(f"drop must be a DropConfig, a dict of its fields or None, got {type(self.drop).__name__}")
         check_stream(self.tasks, self.family_weights)
+        # stored as config.json reads them back (a list, float weights): a resume compares the two, and a tuple
+        # of tasks or numpy weights would differ from (or not be written as) the saved recipe's
+        if self.tasks is not None:
+            self.tasks = [str(t) for t in self.tasks]
+        if self.family_weights is not None:
+            self.family_weights = {str(f): float(w) for f, w in self.family_weights.items()}
         checks.choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_every", "eval_samples"):
             setattr(self, name, checks.integer(name, getattr(self, name), lo=1))
