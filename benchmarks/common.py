@@ -198,8 +198,10 @@ def pyplot() -> Any:
 
 
 def load(spec: str) -> ts.RefDiT:
-    """A shipped model by name, a checkpoint path (a trainer step file needs no JSON: it is read as refdit-s)
-    or ``untrained:<config>`` (random weights, to check that a script runs)."""
+    """A shipped model by name, a checkpoint path or ``untrained:<config>`` (random weights, to check that a script
+    runs). A trainer step file (``runs/NAME/step_N/ema.safetensors``, no JSON beside it) is read as the recipe's
+    model (the ``config.json`` of its checkpoint folder or run folder; a LoRA run's adapters merged), and as
+    refdit-s where neither holds one."""
     if spec.startswith("untrained:"):
         from tokensparse.models.zoo import randomize_zero_init
 
@@ -211,12 +213,27 @@ def load(spec: str) -> ts.RefDiT:
             from tokensparse.models import load_checkpoint
 
             return load_checkpoint(path)
-        from safetensors.torch import load_model
-
-        model = ts.build_model("refdit-s")
-        load_model(model, str(path), strict=False)
-        return model.eval()
+        return load_step_file(path)
     return ts.load_model(spec)
+
+
+def load_step_file(path: Path) -> ts.RefDiT:
+    """A trainer step file (``model.safetensors`` / ``ema.safetensors`` of a run's checkpoint folder) as the model
+    of the recipe beside it (refdit-s without one); ``ValueError`` when the tensors do not fit that model (they
+    were read into refdit-s with missing and unexpected tensors skipped: a K/V-cache or text-encoder run's weights
+    became a joint-attention refdit-s, silently)."""
+    from tokensparse.files import read_safetensors
+    from tokensparse.train import TrainConfig, plain_model
+
+    beside = (path.parent / "config.json", path.parent.parent / "config.json") if path.parent.name.startswith(
+        "step_") else ()  # a checkpoint folder's recipe, else its run folder's
+    recipe = next((p for p in beside if p.is_file()), None)
+    cfg = TrainConfig.from_dict(json.loads(recipe.read_text())) if recipe is not None else None
+    model, rank = (cfg.model, cfg.lora_rank) if cfg is not None else ("refdit-s", 0)
+    try:
+        return plain_model(model, read_safetensors(path), rank).eval()
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a {model} checkpoint ({exc})") from None
 
 
 @torch.no_grad()

@@ -385,3 +385,31 @@ def test_recipe_search_quotes_paths_and_closes_its_log(tmp_path, monkeypatch):
                                                                str(root / "v 1" / "sparse_recipe.json")]
     assert parts[2][parts[2].index("--out") + 1] == str(root / "v 1" / "quality.json")  # was split at the spaces
     assert started["log"].closed  # was left open in this process
+
+
+
+def test_a_trainer_step_file_loads_as_its_recipes_model(tmp_path):
+    # a refdit-s-kv step file has refdit-s's tensors: it was read as a joint-attention refdit-s, silently
+    import torch
+
+    import tokensparse as ts
+    from tokensparse.run_checkpoints import save_tensors, state_tensors
+    from tokensparse.train import TrainConfig, latest_checkpoint, run_ema, train
+
+    common = _script("common")
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), model="refdit-s-kv", steps=1, batch_size=1, eval_every=10**9, tasks=["relight"]),
+          log=lambda s: None, progress=False)
+    step = latest_checkpoint(run)
+    model = common.load(str(step / "ema.safetensors"))
+    assert model.config == ts.build_model("refdit-s-kv").config and not model.training
+    want = run_ema(run)[0].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    (step / "config.json").unlink()  # a checkpoint folder without its own recipe: the run folder's
+    assert common.load(str(step / "ema.safetensors")).config.ref_attends_target is False
+    (run / "config.json").unlink()  # no recipe at all: read as refdit-s, whose tensors these are
+    assert common.load(str(step / "ema.safetensors")).config == ts.build_model("refdit-s").config
+    (step / "model.safetensors").unlink()
+    save_tensors(state_tensors(ts.build_model("refdit-s-text")), step / "model.safetensors")
+    with pytest.raises(ValueError, match="not a refdit-s checkpoint"):  # a text encoder's tensors: not skipped
+        common.load(str(step / "model.safetensors"))
