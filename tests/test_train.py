@@ -595,3 +595,17 @@ def test_a_checkpoint_whose_ema_or_optimizer_state_does_not_fit_is_refused_at_re
     name = "ema.safetensors" if damage == "ema" else "optim.pt"
     with pytest.raises(ValueError, match=f"{name} does not fit"):  # was: a failure at step 5, mid-run
         train(tiny_cfg(tmp_path / "run", steps=6, ckpt_every=2), progress=False)
+
+
+def test_a_fresh_run_does_not_replace_a_config_json_that_is_not_a_recipe(tmp_path):
+    # `--out .` in a model's folder: its config.json was overwritten with the recipe, silently
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for text in ('{"hidden_size": 64}', "[1, 2]", "not json"):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ValueError, match="not a training recipe"):
+            train(tiny_cfg(folder, steps=1), progress=False)
+        assert (folder / "config.json").read_text() == text and sorted(p.name for p in folder.iterdir()) == [
+            "config.json"]
+    (folder / "config.json").write_text(json.dumps({"model": "refdit-s", "steps": 9}))  # a run that saved nothing
+    assert train(tiny_cfg(folder, steps=1), progress=False).state["step"] == 1

@@ -22,6 +22,7 @@ own running loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -158,7 +159,9 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
     if ckpt is not None:
         started = check_resume(out, ckpt, saved_state, cfg, acc.num_processes)
         recipe["out"] = started["out"]  # the same folder however this session spells it ('.', '../run'): kept
-    elif cfg.init is None and cfg.model in CHECKPOINTS:
+    else:
+        check_not_foreign(out)
+    if ckpt is None and cfg.init is None and cfg.model in CHECKPOINTS:
         log(f"model {cfg.model!r} names shipped weights, but a run without init starts from random weights of "
             f"its architecture {CHECKPOINTS[cfg.model]!r}; set init to {cfg.model!r} to fine-tune them")
     # a missing or unfitting init fails here, before the run folder is made; a resumed run needs no init
@@ -316,6 +319,22 @@ def check_resume(out: Path, ckpt: Path, state: dict, cfg: TrainConfig, num_proce
                          "each process reads its own slice of the data and the global batch is theirs together; "
                          f"resume with {ran}, or use a new --out")
     return before
+
+
+def check_not_foreign(out: Path) -> None:
+    """``ValueError`` when folder ``out`` (which holds no checkpoint) has a ``config.json`` that is not a training
+    recipe: a fresh run writes its own there, and would replace, say, a model folder's config."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        found = None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(found, dict) or not found or not set(found) <= fields:  # a recipe: of a run that saved nothing
+        raise ValueError(f"{out} holds a config.json that is not a training recipe, which this run would replace "
+                         "with its own: train into a new or empty --out")
 
 
 def _progress(enabled: bool, total: int, done: int):
