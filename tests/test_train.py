@@ -242,6 +242,10 @@ def test_init_loads_weights_into_the_recipes_architecture(tmp_path):
         assert b.dtype == torch.float32 and torch.equal(a.half().float(), b), name
     with pytest.raises(FileNotFoundError):
         init_model(TrainConfig(out=str(tmp_path / "run"), init=str(tmp_path / "missing.safetensors")))
+    # another architecture: the error says it is the init, and which model it had to fit
+    with pytest.raises(ValueError, match=r"init .*joint.safetensors does not fit the recipe's model 'refdit-tiny'"):
+        init_model(TrainConfig(out=str(tmp_path / "run"), model="refdit-tiny",
+                               init=str(tmp_path / "joint.safetensors")))
 
 
 def test_routed_training_runs_and_is_reproducible(tmp_path):

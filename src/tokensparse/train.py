@@ -102,7 +102,11 @@ def init_model(cfg: TrainConfig) -> RefDiT:
     # weights go into cfg.model's architecture, so a joint-attention checkpoint can start a K/V-cache
     # (ref_attends_target=False) model: the two have the same parameters
     model = build_model(cfg.model)
-    load_into(model, {k: v.float() for k, v in tensors.items()})
+    try:
+        load_into(model, {k: v.float() for k, v in tensors.items()})
+    except ValueError as exc:  # another architecture: say it is the init, and which model it had to fit
+        raise ValueError(f"init {init} does not fit the recipe's model {cfg.model!r} ({exc}); give init a "
+                         f"checkpoint of {cfg.model!r}'s architecture, or the model it was trained as") from None
     return model
 
 
