@@ -316,6 +316,7 @@ def main() -> None:
         t0 = time.perf_counter()
         out[p] = runners[p]()
         out[p]["wall_seconds"] = time.perf_counter() - t0
+        out[p]["tokensparse"] = ts.__version__  # parts kept from an earlier run keep theirs
         print(f"{p} done in {time.perf_counter() - t0:.0f}s", flush=True)
     progress(len(parts), len(parts), "done")
     out["summary"] = summarize(out)

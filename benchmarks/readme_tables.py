@@ -321,6 +321,13 @@ def _merging_desc(cfg: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _versions(quality: dict, speed: dict) -> str:
+    """Where a benchmark's quality and timing parts ran on different releases, say which (the timings do not
+    depend on which tokens merge; merging.py --part re-runs some parts and keeps the rest)."""
+    qv, sv = (part.get("tokensparse", "an earlier release") for part in (quality, speed))
+    return "" if qv == sv else f"; drop and PSNR columns from tokensparse {qv}, speedups from {sv}"
+
+
 def merging() -> None:
     d = load("merging")
     if not d:
@@ -338,7 +345,7 @@ def merging() -> None:
               "ground truth lost, PSNR to unmerged pooled over the samples; thresholds are centred cosines, "
               "`_raw` = the raw cosine of ToMe / tomesd"
               + "".join(f"; `sparse{k:g}+`: stacked on Sparse Context, auto selection of {k:.0%} of the reference "
-                        "tokens, drop against the dense model" for k in keeps) + "):\n")
+                        "tokens, drop against the dense model" for k in keeps) + _versions(q, sp) + "):\n")
         print("| config | speedup | drop (dB) | PSNR to unmerged (dB) | merged tokens / layer |")
         print("|---|---|---|---|---|")
         for name, v in c.items():
