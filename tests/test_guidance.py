@@ -126,6 +126,15 @@ def test_a_rate_that_routes_every_target_token_is_refused(routed):
         ts.generate(routed, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(scale=2.0, strong=0.0, weak=0.99))
 
 
+def test_rates_that_route_as_many_tokens_on_this_grid_are_refused(routed):
+    # 16 target tokens: 0.01 and 0.02 both route 0 (the two branches were the same pass: guidance did nothing)
+    for strong, weak in ((0.01, 0.02), (0.5, 0.52)):
+        with pytest.raises(ValueError, match=r"both route \d+ of this model's 16 target tokens"):
+            ts.generate(routed, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=strong, weak=weak))
+    ts.generate(routed, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=0.5, weak=0.57))  # 8 vs 9
+    ts.generate(routed, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=0.01, weak=0.02, null_weak=True))
+
+
 def test_generate_with_sparse_guidance_keeps_prompt_in_both_branches(routed):
     prompts = []
     routed.prompt_embedder.register_forward_hook(lambda m, a, out: prompts.append(int(a[0].abs().sum())))
