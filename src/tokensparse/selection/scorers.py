@@ -29,7 +29,7 @@ class RefView:
     features: ``(B, h, w, C)`` per-token features (raw patch pixels for RefDiT, VAE latents for diffusers).
     image: ``(B, 3, H, W)`` in ``[0, 1]`` when the pixels are at hand, else ``None``.
     index: position of the reference (0-based) among the references of the call.
-    prompts: the prompts of the batch, when known.
+    prompts: the prompts of the batch, one per sample, when known.
     attention: ``(B, h, w)`` attention mass the target paid to each token in a probe pass, when the
         wiring ran one (RefDiT with ``selector="attention"``, or ``"auto"`` if ``FAMILY_SCORER`` names it), else
         ``None``.
@@ -41,6 +41,28 @@ class RefView:
     prompts: list[str] | None = None
     attention: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("features", "image"):
+            value = getattr(self, name)
+            if value is None and name == "image":
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"RefView {name} must be a tensor, got {type(value).__name__}")
+            if value.dim() != 4 or value.shape[0] != self.features.shape[0]:
+                want = "(B, h, w, C)" if name == "features" else f"None or (B={self.features.shape[0]}, C, H, W)"
+                raise ValueError(f"RefView {name} must be {want}, got {tuple(value.shape)}")
+        b = self.features.shape[0]
+        if self.prompts is not None:
+            if isinstance(self.prompts, str):  # was read character by character: every sample lost its prompt
+                raise TypeError("RefView prompts must be a list of strings, one per sample, got a str: pass [prompt]")
+            if not isinstance(self.prompts, (list, tuple)) or not all(isinstance(p, str) for p in self.prompts):
+                raise TypeError(f"RefView prompts must be a list of strings, one per sample, or None; got "
+                                f"{self.prompts!r:.80}")
+            if len(self.prompts) != b:
+                raise ValueError(f"RefView prompts hold {len(self.prompts)} prompts for a batch of {b}: give one per "
+                                 "sample")
+        check_attention(self)
+
     @property
     def batch(self) -> int:
         return self.features.shape[0]
@@ -48,6 +70,14 @@ class RefView:
     @property
     def grid(self) -> tuple[int, int]:
         return self.features.shape[1], self.features.shape[2]
+
+
+def check_attention(view: RefView) -> None:
+    """``ValueError`` unless ``view.attention`` is ``None`` or holds one value per token, ``(B, h, w)``."""
+    att, (h, w) = view.attention, view.grid
+    if att is not None and (not isinstance(att, Tensor) or att.shape not in ((view.batch, h, w), (view.batch, h * w))):
+        got = tuple(att.shape) if isinstance(att, Tensor) else type(att).__name__
+        raise ValueError(f"RefView attention must be None or a (B={view.batch}, h={h}, w={w}) tensor, got {got}")
 
 
 Scorer = Callable[[RefView, torch.Generator], Tensor]
@@ -181,6 +211,7 @@ def score_attention(view: RefView, generator: torch.Generator) -> Tensor:
             warnings.warn("selector 'attention' got no probe attention; using 'foreground'", stacklevel=2)
             _warned_probe = True
         return score_foreground(view, generator)
+    check_attention(view)  # set after construction by the wiring's probe
     att = view.attention.reshape(view.batch, h * w).float()
     return _nonneg(att - att.mean(1, keepdim=True))  # a token at or below the uniform share scores 0
 
