@@ -99,15 +99,25 @@ class SparseContextConfig:
                     "allocate": self.allocate}
 
 
+def checked(cfg: SparseContextConfig) -> SparseContextConfig:
+    """``cfg`` checked again as its constructor checks it (a field edited after construction: ``keep = 1.5``), as a
+    copy; ``TypeError`` for anything but a :class:`SparseContextConfig`."""
+    if not isinstance(cfg, SparseContextConfig):
+        raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
+    return replace(cfg)
+
+
 def keep_mask(views: list[RefView], cfg: SparseContextConfig, generator: torch.Generator | None = None) -> Tensor:
     """Keep mask ``(B, N)`` over the references' dense tokens, with ``cfg``'s own seeded generator (``generator``:
     draw on from that one instead, for references selected one call at a time, as GLM-Image's)."""
+    cfg = checked(cfg)
     gen = torch.Generator().manual_seed(cfg.seed) if generator is None else generator
     return select(views, cfg.keep, cfg.selector, gen, **cfg.budget_kwargs())
 
 
 def sparsify(seq: TokenSeq, views: list[RefView], cfg: SparseContextConfig) -> TokenSeq:
     """Keep the tokens of a dense reference sequence that ``cfg`` selects, ids and all."""
+    cfg = checked(cfg)
     if cfg.is_identity:
         return seq
     keep = keep_mask(views, cfg).to(seq.tokens.device)

@@ -36,6 +36,18 @@ def check_adaptive(adaptive: bool, selector: str) -> None:
                          f"({sorted(INFORMED)}); selector {selector!r} ranks tokens without regard to content")
 
 
+def check_views(views: list[RefView]) -> None:
+    """``TypeError`` / ``ValueError`` unless ``views`` is a list of :class:`RefView` of one batch size."""
+    if not isinstance(views, (list, tuple)):
+        raise TypeError(f"views must be a list of RefView (one per reference), got {type(views).__name__}")
+    for i, view in enumerate(views):
+        if not isinstance(view, RefView):
+            raise TypeError(f"views[{i}] must be a RefView, got {type(view).__name__}")
+        if view.batch != views[0].batch:
+            raise ValueError(f"views[{i}] has a batch of {view.batch}, views[0] of {views[0].batch}: the references "
+                             "of one call hold the same samples")
+
+
 def select(
     views: list[RefView],
     keep: float,
@@ -57,14 +69,20 @@ def select(
     allocate: ``"equal"`` (each reference its own budget), ``"score"`` (the references of a sample share
         their summed budget by score: the average is unchanged) or ``"auto"`` (``"score"`` for informed
         scorers, ``"equal"`` for ``random``/``uniform``). Ignored by ``adaptive``.
+
+    ``keep`` and ``mass`` are in ``(0, 1]``, ``min_keep`` in ``[0, 1]``: others are a ``ValueError`` /
+    ``TypeError`` naming them, as are ``views`` that are not a list of :class:`RefView` of one batch size.
     """
-    if selector not in SCORERS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {sorted(SCORERS)}")
-    if allocate not in ALLOCATIONS:
-        raise ValueError(f"unknown allocate {allocate!r}; choose one of {list(ALLOCATIONS)}")
+    checks.choice("selector", selector, SCORERS)
+    checks.choice("allocate", allocate, ALLOCATIONS)
+    keep = checks.real("keep", keep, 0.0, 1.0, lo_open=True)  # 0 or 1.5 kept 1 token / every token, silently
+    min_keep = checks.real("min_keep", min_keep, 0.0, 1.0)
+    mass = checks.real("mass", mass, 0.0, 1.0, lo_open=True)
+    adaptive = checks.flag("adaptive", adaptive)
     check_adaptive(adaptive, selector)
     if count is not None:
         count = checks.integer("count", count, lo=1)  # every budget keeps at least one token
+    check_views(views)
     scores, ties = score_views(views, selector, generator)
     budgets, floors = [], []
     for view in views:
@@ -110,6 +128,6 @@ def budget_masks(scores: list[Tensor], budgets: list[int | Tensor], floors: list
 
 __all__ = [
     "ALLOCATIONS", "FAMILY_SCORER", "INFORMED", "SCORERS", "RefView", "Scorer", "allocate_mask", "auto_choice",
-    "bayer_rank", "budget_masks", "check_adaptive", "count_for_ratio", "floor_count", "mass_count", "needs_probe",
-    "prompt_family", "register_scorer", "score_views", "select", "shares_budget", "topk_mask",
+    "bayer_rank", "budget_masks", "check_adaptive", "check_views", "count_for_ratio", "floor_count", "mass_count",
+    "needs_probe", "prompt_family", "register_scorer", "score_views", "select", "shares_budget", "topk_mask",
 ]
