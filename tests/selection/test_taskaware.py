@@ -23,6 +23,17 @@ def test_prompt_family(prompt, family):
     assert prompt_family(prompt) == family
 
 
+@pytest.mark.parametrize("prompt, family", [
+    ("Recolor.", "editing"), ("remove; then relight", "editing"), ('"compose" the first and second', "multi"),
+    ("(place) the subject", "subject"), ("Edit: make it red", "editing"), ("a cat, a dog.", None),
+])
+def test_prompt_family_reads_words_through_punctuation(prompt, family):
+    # only commas were split off: "Recolor." or '"compose"' named no family and auto fell back to its image rule
+    assert prompt_family(prompt) == family
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        prompt_family(["recolor"])
+
+
 def test_plain_border_tells_subjects_from_photos():
     subj = torch.full((2, 4, 4, 48), 0.3)
     subj[:, 1:3, 1:3] = torch.rand(2, 2, 2, 48)

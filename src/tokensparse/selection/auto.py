@@ -10,6 +10,8 @@ scene) uses the editing scorer.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -31,10 +33,15 @@ PLAIN_BORDER_REL = 0.1  # border spread / image spread below this: the border is
 
 
 def prompt_family(prompt: str | None) -> str | None:
-    """The task family a prompt names (first matching word wins, in prompt order), or ``None``."""
+    """The task family a prompt names (first matching word wins, in prompt order), or ``None``.
+
+    Words are the prompt's runs of letters, so punctuation around one does not hide it (``"Recolor."``,
+    ``'"compose" them'``)."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
     if not prompt:
         return None
-    for word in prompt.lower().replace(",", " ").split():
+    for word in re.findall(r"[a-z]+", prompt.lower()):
         for fam in ("multi", "subject", "editing"):
             if word in FAMILY_WORDS[fam]:
                 return fam
