@@ -97,6 +97,19 @@ def test_numpy_scalars_are_accepted_and_the_config_is_snapshotted(tiny):
     assert torch.equal(gen(tiny, make_refs(2)), before)
 
 
+def test_the_applied_config_read_back_is_a_copy(tiny):
+    from tokensparse.api import sparse_context_config
+
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.5, selector="uniform"))
+    before = gen(tiny, make_refs(2))
+    read = sparse_context_config(tiny)
+    assert read == ts.SparseContextConfig(keep=0.5, selector="uniform")
+    read.keep, read.selector = 0.1, "random"  # it was the hook's own object: the next generation kept 10 %
+    assert torch.equal(gen(tiny, make_refs(2)), before) and sparse_context_config(tiny).keep == 0.5
+    ts.remove_sparse_context(tiny)
+    assert sparse_context_config(tiny) is None
+
+
 @pytest.mark.parametrize("kwargs, err", [
     (dict(shift=0.0), ValueError), (dict(shift=float("nan")), ValueError), (dict(steps=2.5), TypeError),
     (dict(steps=True), TypeError), (dict(seed=[]), ValueError), (dict(seed=2**70), ValueError),

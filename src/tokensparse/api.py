@@ -192,6 +192,7 @@ def _unhook(model: RefDiT) -> bool:
 
 
 def sparse_context_config(target: Any) -> SparseContextConfig | None:
-    """The config applied to a RefDiT, or ``None``."""
+    """A copy of the config applied to a RefDiT, or ``None`` (editing it changes nothing: apply the edited config
+    with :func:`apply_sparse_context`)."""
     entry = target.__dict__.get(_SPARSE_HANDLE) if isinstance(target, RefDiT) else None
-    return None if entry is None else entry[1]
+    return None if entry is None else dataclasses.replace(entry[1])  # the applied one is the hook's own
