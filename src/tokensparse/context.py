@@ -131,5 +131,9 @@ def reference_sizes(views: list[RefView], keep: Tensor) -> Tensor:
     order (row-major each) like ``keep (B, N)``: kept ones ``1 +`` the dropped tokens of their reference nearest
     to them in its ``features`` (:func:`~tokensparse.tokens.stand_in_sizes`), dropped ones 0."""
     slices = ref_slices(tuple(v.grid for v in views))
+    n = slices[-1].stop if slices else 0
+    if not isinstance(keep, Tensor) or keep.dim() != 2 or keep.shape[1] != n:
+        got = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
+        raise ValueError(f"keep must be a (B, N) mask over the views' {n} tokens, got {got}")
     return torch.cat([stand_in_sizes(v.features.reshape(v.batch, -1, v.features.shape[-1]).to(keep.device),
                                      keep[:, sl]) for v, sl in zip(views, slices)], 1)

@@ -112,3 +112,16 @@ def test_keep_mask_and_sparsify_check_the_config_again():
         keep_mask(views(), {"keep": 0.25})  # 'dict' object has no attribute 'seed'
     cfg = SparseContextConfig(keep=0.25, selector="foreground")
     assert keep_mask(views(), cfg).sum(1).tolist() == [8, 8] and cfg.keep == 0.25
+
+
+def test_reference_sizes_wants_a_mask_over_exactly_the_views_tokens():
+    from tokensparse.context import reference_sizes
+
+    keep = torch.zeros(2, 32, dtype=torch.bool)
+    keep[:, ::4] = True
+    sizes = reference_sizes(views(), keep)
+    assert sizes.shape == (2, 32) and sizes.sum(1).tolist() == [32.0, 32.0]
+    with pytest.raises(ValueError, match="over the views' 32 tokens"):  # extra columns were ignored, silently
+        reference_sizes(views(), torch.ones(2, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match="over the views' 32 tokens"):
+        reference_sizes(views(), torch.ones(2, 24, dtype=torch.bool))
