@@ -84,6 +84,10 @@ def test_a_count_that_keeps_every_token_is_refused_like_keep_above_one(tiny):
     ts.apply_sparse_context(tiny, ts.SparseContextConfig(count=15, selector="uniform"))
     assert not torch.equal(gen(tiny, refs), dense)
     ts.remove_sparse_context(tiny)
+    one = ts.build_model("refdit-tiny", image_size=4)  # one token per reference: "give a count below 1" was the hint
+    with pytest.raises(ValueError, match="one token per reference no count drops any") as err:
+        ts.apply_sparse_context(one, ts.SparseContextConfig(count=1))
+    assert "below 1" not in str(err.value)
 
 
 def test_numpy_scalars_are_accepted_and_the_config_is_snapshotted(tiny):

@@ -152,8 +152,10 @@ def apply_sparse_context(target: Any, cfg: SparseContextConfig) -> Any:
         model.require_cacheable_context("cache=True")
     n_ref = model.config.grid ** 2  # every RefDiT reference is one image_size x image_size grid
     if cfg.count is not None and cfg.count >= n_ref:
+        way_out = (f"give a count below {n_ref}" if n_ref > 1 else
+                   "with one token per reference no count drops any (every reference keeps at least one)")
         raise ValueError(f"count={cfg.count} keeps every one of this model's {n_ref} tokens per reference, so nothing "
-                         f"would be dropped; give a count below {n_ref}, or keep=1.0 for the exact dense model")
+                         f"would be dropped; {way_out}, or keep=1.0 for the exact dense model")
     removed = _unhook(model)
 
     # a partial, not a closure: copy.deepcopy of the model copies it with the model (the copy probes with
