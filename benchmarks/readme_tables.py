@@ -375,6 +375,17 @@ def merging() -> None:
                   f"{o['catome_drop_db'] - o['tome_drop_db_at_equal_speed']:+.2f} dB against ToMe at equal speed "
                   f"(this run: {s['catome_drop_db'] - s['tome_drop_db_at_equal_speed']:+.2f}"
                   " dB): the comparison moves with the timing noise.")
+        prev = load("merging_run2")
+        if prev and prev.get("summary", {}).get("catome_config") == head:
+            ps, pd = prev["refdit_speed"], d["refdit_speed"]
+            dense = (ps["seconds"]["dense"]["cpu"], pd["seconds"]["dense"]["cpu"])
+            print(f"The previous full run (`benchmarks/results/merging_run2.json`, tokensparse 0.3.0, before the "
+                  "per-step destination seeding of 0.19.0) timed ToMe ratio 0.5 at "
+                  f"{ps['speedup']['tome_r0.5']:.2f}× and the headline at {prev['summary']['catome_speedup']:.2f}× "
+                  f"(this run: {pd['speedup']['tome_r0.5']:.2f}× and {s['catome_speedup']:.2f}×); its unmerged model "
+                  f"took {dense[0]:.2f} s per generation, this run's {dense[1]:.2f} s (the machine and the unmerged "
+                  "model's code both changed since), and against a faster unmerged model the per-step costs merging "
+                  "does not shrink (matching, norms, residuals on every token) weigh more.")
         small = s.get("refdit_small")
         if small:
             rs = d["refdit_small_speed"]["speedup"]
