@@ -84,7 +84,8 @@ def flux_speed() -> None:
 
 
 EARLIER_SPEED = {  # committed earlier runs: the version each was made at
-    "speed_run1": "0.9.0", "speed_run2": "0.9.0", "speed_run3": "0.14.1", "speed_run4": "0.17.0"}
+    "speed_run1": "0.9.0", "speed_run2": "0.9.0", "speed_run3": "0.14.1", "speed_run4": "0.17.0",
+    "speed_run5": "0.18.0"}
 
 
 def speed() -> None:
