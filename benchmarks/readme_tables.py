@@ -76,7 +76,7 @@ def flux_speed() -> None:
         pairs = [(n, k) for n in ("1", "4") for k in ("sparse0.25+kv", "sparse0.25+kv+tome0.5") if n in o and n in m]
         print("Run-to-run spread: an earlier run of the same script (`benchmarks/results/flux_speed_run1.json`, "
               "made before 0.8.0's merging changes -- module split, call fingerprints -- which compute the same; "
-              "both runs predate 0.9.0-0.18.0) gave "
+              "both runs predate 0.9.0 and every release since) gave "
               + ", ".join(f"{n} ref{'s' if n != '1' else ''} {k} {o[n][k]:.2f}× (this run {m[n][k]:.2f}×)"
                           for n, k in pairs)
               + f"; lowest efficiency {other['summary']['min_efficiency']:.2f}.", end="")
