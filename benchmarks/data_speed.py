@@ -16,6 +16,7 @@ import time
 import torch
 from common import parser, write_json
 
+import tokensparse
 from tokensparse.data import TASKS, get_bank, make_sample, train_batches
 
 
@@ -38,6 +39,7 @@ def main() -> None:
     n_batches, repeats = (10, 3) if args.quick else (30, 5)
     result: dict = {
         "quick": args.quick,
+        "tokensparse": tokensparse.__version__,  # the task suite's speed changes with its code
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

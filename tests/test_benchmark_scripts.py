@@ -413,3 +413,31 @@ def test_a_trainer_step_file_loads_as_its_recipes_model(tmp_path):
     save_tensors(state_tensors(ts.build_model("refdit-s-text")), step / "model.safetensors")
     with pytest.raises(ValueError, match="not a refdit-s checkpoint"):  # a text encoder's tensors: not skipped
         common.load(str(step / "model.safetensors"))
+
+
+def test_data_speed_records_the_release_and_readme_tables_names_it(tmp_path, monkeypatch, capsys):
+    import json
+
+    import tokensparse
+
+    data_speed = _script("data_speed")
+    written = {}
+    monkeypatch.setattr(data_speed, "get_bank", lambda size: None)
+    monkeypatch.setattr(data_speed, "stream_rate", lambda *args: [100.0, 200.0, 300.0])
+    monkeypatch.setattr(data_speed, "make_sample", lambda *args: None)
+    monkeypatch.setattr(data_speed, "write_json", lambda path, payload, plot=None: written.update(payload))
+    monkeypatch.setattr("sys.argv", ["data_speed.py", "--quick", "--out", str(tmp_path / "d.json")])
+    data_speed.main()
+    assert written["tokensparse"] == tokensparse.__version__
+
+    tables = _script("readme_tables")
+    monkeypatch.setattr(tables, "R", tmp_path)
+    run = {"stream_samples_per_s": {"32": {"median": 2780}}}
+    (tmp_path / "data_speed.json").write_text(json.dumps(run))  # the committed run: no version recorded
+    capsys.readouterr()
+    tables.data()
+    out = capsys.readouterr().out
+    assert "run at tokensparse 0.1.0, the first task suite" in out and "32px 2,780 samples/s" in out
+    (tmp_path / "data_speed.json").write_text(json.dumps({**run, "tokensparse": "9.9.9"}))
+    tables.data()
+    assert "one process, run at tokensparse 9.9.9): 32px 2,780 samples/s." in capsys.readouterr().out
