@@ -92,6 +92,14 @@ def test_summarize_groups_by_task_and_family():
         summarize({"psnr": vals[:3]}, tasks)
 
 
+def test_summarize_reports_the_open_family():
+    out = summarize({"psnr": torch.tensor([10.0, 20.0, 30.0])}, ["scene", "place", "scene"])
+    assert list(out["per_family"]) == ["subject", "open"]  # "open" was missing: its samples in no family
+    assert out["per_family"]["open"]["psnr"] == {"mean": pytest.approx(20.0), "ci95": pytest.approx(19.6),
+                                                 "n": 2}
+    assert list(summarize({"psnr": torch.ones(2)}, ["scene", "scene"])["per_family"]) == ["open"]
+
+
 def test_fid_orders_distributions():
     from tokensparse.data import heldout
     from tokensparse.features import FeatureNet

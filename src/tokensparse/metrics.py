@@ -173,10 +173,11 @@ def summarize(per_sample: dict[str, torch.Tensor], tasks: Sequence[str]) -> dict
 
     Returns:
         ``{"per_task": {task: {metric: {"mean", "ci95", "n"}}}, "per_family": {family: {...}},
-        "overall": {metric: {...}}}``; families follow ``tokensparse.data.FAMILIES`` order, tasks first-seen
-        order. Family and overall means are over samples (held-out sets are balanced over tasks).
+        "overall": {metric: {...}}}``; families follow ``tokensparse.data.ALL_FAMILIES`` order (the open family,
+        e.g. ``scene`` samples, last), tasks first-seen order; a family with no sample is left out. Family and
+        overall means are over samples (held-out sets are balanced over tasks).
     """
-    from .data import FAMILIES, TASKS  # local: metrics stays importable without building any data
+    from .data import ALL_FAMILIES, TASKS  # local: metrics stays importable without building any data
 
     if not isinstance(per_sample, Mapping):
         raise TypeError(f"per_sample must be a dict of metric name -> per-sample values, got "
@@ -213,7 +214,7 @@ def summarize(per_sample: dict[str, torch.Tensor], tasks: Sequence[str]) -> dict
 
     per_task = {t: stats([i for i, x in enumerate(tasks) if x == t]) for t in dict.fromkeys(tasks)}
     per_family = {}
-    for fam in FAMILIES:
+    for fam in ALL_FAMILIES:  # the open family too: its samples were left out of every family, silently
         idx = [i for i, x in enumerate(tasks) if TASKS[x].family == fam]
         if idx:
             per_family[fam] = stats(idx)
