@@ -12,6 +12,7 @@ from tokensparse.data import (
     Batch,
     batch_plan,
     batched,
+    collate,
     floors,
     heldout,
     make_sample,
@@ -118,6 +119,16 @@ def test_floors():
     assert all(torch.equal(fl["copy_ref"][i], s.refs[0]) for i, s in enumerate(ho))
     assert torch.equal(fl["mean_image"][0], fl["mean_image"][3])  # same task -> same mean image
     assert not torch.equal(fl["mean_image"][0], fl["mean_image"][1])
+
+
+def test_mixed_image_sizes_are_a_value_error():
+    small, big = make_sample("place", 0, 16), make_sample("place", 0, 32)
+    for fn in (collate, floors):  # both were a RuntimeError from torch.stack
+        with pytest.raises(ValueError, match=r"one image size, got \(3, 16, 16\) \(sample 0\) and \(3, 32, 32\)"):
+            fn([small, big])
+    with pytest.raises(ValueError, match="one image size"):
+        list(batched([small, big], 2))
+    assert collate([small, make_sample("place", 1, 16)]).target.shape == (2, 3, 16, 16)
 
 
 def test_mean_image_is_a_fresh_tensor():

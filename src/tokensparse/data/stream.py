@@ -62,13 +62,25 @@ class Batch:
         )
 
 
+def _one_size(samples: Sequence[Sample], what: str) -> None:
+    """``ValueError`` unless every image of ``samples`` (targets and references) has one shape: stacking them
+    failed inside ``torch.stack`` with a ``RuntimeError``."""
+    shape = tuple(samples[0].target.shape)
+    for i, s in enumerate(samples):
+        bad = next((tuple(x.shape) for x in (s.target, *s.refs) if tuple(x.shape) != shape), None)
+        if bad is not None:
+            raise ValueError(f"{what} needs samples of one image size, got {shape} (sample 0) and {bad} (sample {i})")
+
+
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Stack samples that share one reference count into a :class:`Batch` (``ValueError`` otherwise)."""
+    """Stack samples that share one reference count and one image size into a :class:`Batch` (``ValueError``
+    otherwise)."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     r = len(samples[0].refs)
     if any(len(s.refs) != r for s in samples):
         raise ValueError("all samples of a batch must have the same number of references; use batched()")
+    _one_size(samples, "collate")
     return Batch(
         refs=[torch.stack([s.refs[i] for s in samples]) for i in range(r)],
         prompts=[s.prompt for s in samples],
@@ -287,7 +299,7 @@ def _mean_image(task: str, image_size: int) -> np.ndarray:
 
 
 def floors(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Trivial per-sample predictions to report next to every model number.
+    """Trivial per-sample predictions to report next to every model number (samples of one image size).
 
     Returns ``{"copy_ref": (N,3,H,W) the first reference, "mean_image": (N,3,H,W) the mean target of the
     sample's task}``. Score them with :mod:`tokensparse.metrics` exactly like model outputs.
@@ -297,6 +309,7 @@ def floors(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     if any(not s.refs for s in samples):
         raise ValueError("floors needs samples with references (the copy-reference floor); "
                          f"{next(s.task for s in samples if not s.refs)!r} samples have none")
+    _one_size(samples, "floors")
     size = samples[0].target.shape[-1]
     return {
         "copy_ref": torch.stack([s.refs[0] for s in samples]),
