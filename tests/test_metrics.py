@@ -92,6 +92,18 @@ def test_summarize_groups_by_task_and_family():
         summarize({"psnr": vals[:3]}, tasks)
 
 
+def test_float64_images_keep_their_precision():
+    target = torch.full((1, 3, 4, 4), 0.5, dtype=torch.float64)
+    pred = target + 1e-12  # the same image in float32: psnr was inf, "identical"
+    got = psnr(pred, target)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(240.0, abs=0.5)
+    assert coarse_psnr(pred, target, 2).item() == pytest.approx(240.0, abs=0.5)
+    assert ssim(pred, target).dtype == torch.float64
+    assert psnr(pred.float(), target.float()).dtype == torch.float32  # float32 stays float32
+    assert psnr(pred.half(), target.float()).dtype == torch.float32
+
+
 def test_summarize_reports_the_open_family():
     out = summarize({"psnr": torch.tensor([10.0, 20.0, 30.0])}, ["scene", "place", "scene"])
     assert list(out["per_family"]) == ["subject", "open"]  # "open" was missing: its samples in no family

@@ -2,7 +2,8 @@
 and per-task / per-family summaries. (FLOP counting lives in :mod:`tokensparse.flops`.)
 
 All image inputs are float tensors (N, 3, H, W) with values in [0, 1]; every metric returns one value per
-image, shape (N,), so callers can average, bootstrap or group as they like.
+image, shape (N,), so callers can average, bootstrap or group as they like. Metrics compute in float32, or in
+float64 when either input is float64 (their values are then float64).
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
     if 0 in pred.shape[1:]:  # a per-image score of no pixels: psnr was nan, ssim failed inside torchmetrics
         raise ValueError(f"pred and target images need at least one pixel and channel, got {tuple(pred.shape)}")
     _finite("pred", pred)
-    target = target.detach().float()
+    # float32, or float64 when either side is: differences below float32's resolution (1e-12 between float64
+    # images) were rounded away, and psnr read them as identical (inf)
+    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
+    target = target.detach().to(dtype)
     _in_unit_range("target", target)
-    return pred.detach().float().clamp(0, 1), target
+    return pred.detach().to(dtype).clamp(0, 1), target
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
