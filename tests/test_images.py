@@ -213,3 +213,11 @@ def test_save_png_keeps_16_bit_grey(tmp_path):
 
     image = Image.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
     assert Image.open(save_png(image, tmp_path / "x.png")).getpixel((3, 2)) == 55000
+
+
+@pytest.mark.parametrize("image", [torch.rand(3, 0, 4), Image.new("RGB", (0, 0))], ids=["tensor", "pil"])
+def test_save_png_names_the_path_of_an_empty_image(image, tmp_path):
+    path = tmp_path / "empty.png"
+    with pytest.raises(ValueError, match=r"cannot write .*empty\.png: a PNG needs at least one pixel"):
+        save_png(image, path)  # was PIL's "cannot write empty image", naming no file
+    assert list(tmp_path.iterdir()) == []

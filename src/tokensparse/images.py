@@ -206,7 +206,7 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
 
     Nothing is left on disk if writing fails; an ``OSError`` (no such folder, no permission, disk full) names
     ``path``, not the temp file. A tensor is converted by :func:`to_pil` first, whose errors (a wrong shape or
-    dtype, NaN / inf values) name ``path`` too and leave nothing on disk.
+    dtype, NaN / inf values) name ``path`` too and leave nothing on disk, as does an image of no pixels.
     """
     path = check_png_path(path)
     try:
@@ -216,6 +216,8 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
             pil = to_pil(image)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"cannot write {path}: {exc}") from None
+    if 0 in pil.size:  # PIL's own error named no file: "cannot write empty image"
+        raise ValueError(f"cannot write {path}: a PNG needs at least one pixel, the image is {pil.width}x{pil.height}")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
