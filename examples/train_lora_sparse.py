@@ -26,6 +26,7 @@ from tokensparse.integrations.diffusers import apply_sparse_context_diffusers
 from tokensparse.integrations.diffusers_lora import (
     Example,
     LoraTrainConfig,
+    check_data_out,
     examples_digest,
     find_checkpoint,
     load_examples,
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=Path(args.model).is_dir())
+    if args.data:
+        check_data_out(args.data, args.out)  # the next run would read --out as an example
     examples = load_examples(args.data) if args.data else synthetic_examples(4, args.resolution, args.seed)
     cfg = LoraTrainConfig(
         steps=args.steps,

@@ -295,6 +295,7 @@ def train_lora(
         LoraCheckpointError,
         LoraTrainConfig,
         LoraWriteError,
+        check_data_out,
         check_lora_run,
         examples_digest,
         find_checkpoint,
@@ -310,6 +311,7 @@ def train_lora(
         cfg = LoraTrainConfig(
             steps=steps, lr=lr, rank=rank, keep_min=keep_min, resolution=resolution, seed=seed, save_every=save_every
         )
+        check_data_out(data, out)
         examples = load_examples(data)
         resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:

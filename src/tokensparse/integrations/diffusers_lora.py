@@ -137,6 +137,17 @@ def load_examples(data: str | Path) -> list[Example]:
     return examples
 
 
+def check_data_out(data: str | Path, out: str | Path) -> None:
+    """``ValueError`` when the output folder ``out`` is the data folder ``data`` or inside it: the run's files
+    (``checkpoints/``, the output folder itself) would be read as an example folder by the next run's
+    :func:`load_examples`, so resuming would fail."""
+    data_abs, out_abs = Path(data).resolve(), Path(out).resolve()
+    if out_abs == data_abs or data_abs in out_abs.parents:
+        where = "is the --data folder" if out_abs == data_abs else f"is inside --data {data}"
+        raise ValueError(f"--out {out} {where}: the next run would read the output folder as an example (and "
+                         "could not resume); write the LoRA outside the data folder")
+
+
 @dataclass
 class _Encoded:
     x0: torch.Tensor  # (1, n_target, C) packed target latents

@@ -1,0 +1,48 @@
+"""LoRA training's data and output folders (checked before the pipeline loads)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from tokensparse.integrations.diffusers_lora import check_data_out, load_examples
+
+
+def _data(root):
+    import numpy as np
+    from PIL import Image
+
+    ex = root / "ex0"
+    ex.mkdir(parents=True)
+    img = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+    img.save(ex / "ref1.png")
+    img.save(ex / "target.png")
+    (ex / "prompt.txt").write_text("keep it")
+    return root
+
+
+def test_an_output_folder_inside_the_data_folder_is_refused(tmp_path):
+    data = _data(tmp_path / "data")
+    for out in (data / "lora", data, data / "ex0" / "lora"):
+        with pytest.raises(ValueError, match="inside --data|is the --data folder"):
+            check_data_out(data, out)
+    check_data_out(data, tmp_path / "data2")  # a sibling sharing the name's prefix is fine
+    check_data_out(data, tmp_path)  # data inside out is fine too: the run writes only its own names there
+    assert len(load_examples(data)) == 1
+
+
+def test_train_lora_command_refuses_out_inside_data_before_loading(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from tokensparse.cli_diffusers import train_lora
+
+    data = _data(tmp_path / "data")
+    app = typer.Typer()
+    app.command("train-lora")(train_lora)
+    app.command("noop")(lambda: None)
+    args = ["train-lora", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(data / "lora")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "inside --data" in result.output, result.output
+    assert "cannot load" not in result.output and not (data / "lora").exists()
