@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image, ImageOps
 
 from tokensparse.context import SparseContextConfig
@@ -32,6 +33,7 @@ from tokensparse.integrations.diffusers_lora import (
     load_examples,
     train_lora_sparse,
 )
+from tokensparse.run_processes import cpu_only
 
 
 def synthetic_examples(n: int, size: int, seed: int) -> list[Example]:
@@ -84,17 +86,21 @@ def main(argv: list[str] | None = None) -> list[float]:
     )
     sample_cfg = SparseContextConfig(keep=args.sample_keep, selector="uniform")  # checked before training
     every = max(1, args.steps // 20)
+    main_process = PartialState(cpu=cpu_only()).is_main_process  # under accelerate / torchrun: one writer
     resume = find_checkpoint(args.out, cfg, examples_digest(examples))
-    if resume is not None:
+    if resume is not None and main_process:
         print(f"resuming from {resume[0]} at step {resume[1]['step']}")
     losses = train_lora_sparse(
         pipe,
         examples,
         cfg,
         args.out,
-        log=lambda s, k, loss: print(f"step {s:5d} keep {k:.2f} loss {loss:.4f}") if s % every == 0 else None,
+        log=lambda s, k, loss: print(f"step {s:5d} keep {k:.2f} loss {loss:.4f}") if s % every == 0 and main_process
+        else None,
     )
 
+    if not main_process:  # the main process samples and writes sample.png (every process writing it raced)
+        return losses
     # sample with the trained LoRA and Sparse Context
     apply_sparse_context_diffusers(pipe, sample_cfg)
     pipe.set_progress_bar_config(disable=True)

@@ -46,3 +46,26 @@ def test_train_lora_command_refuses_out_inside_data_before_loading(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "inside --data" in result.output, result.output
     assert "cannot load" not in result.output and not (data / "lora").exists()
+
+
+def test_example_script_samples_on_the_main_process_only(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_lora_sparse.py"
+    spec = importlib.util.spec_from_file_location("train_lora_sparse_main_only", example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class OtherRank:  # what a process of rank 1 sees under torchrun / accelerate launch
+        is_main_process = False
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(module, "PartialState", OtherRank)
+    out = tmp_path / "lora"
+    args = ["--model", "tiny", "--steps", "2", "--resolution", "32", "--rank", "2", "--max-sequence-length", "16",
+            "--out", str(out)]
+    assert len(module.main(args)) == 2
+    assert not (out / "sample.png").exists()  # every process wrote it (a race on one file)
