@@ -69,3 +69,24 @@ def test_example_script_samples_on_the_main_process_only(tmp_path, monkeypatch):
             "--out", str(out)]
     assert len(module.main(args)) == 2
     assert not (out / "sample.png").exists()  # every process wrote it (a race on one file)
+
+
+def test_a_bfloat16_pipeline_trains_float32_lora_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tokensparse.integrations.diffusers_lora import Example, LoraTrainConfig, train_lora_sparse
+    from tokensparse.integrations.diffusers_tiny import tiny_flux2_klein
+
+    (ex,) = load_examples(_data(tmp_path / "data"))
+    weights = {}
+    for steps in (1, 4):
+        pipe = tiny_flux2_klein(seed=0).to(torch.bfloat16)
+        cfg = LoraTrainConfig(steps=steps, resolution=32, rank=4, max_sequence_length=16)
+        train_lora_sparse(pipe, [Example(ex.refs, ex.target, ex.prompt)], cfg, tmp_path / f"out{steps}")
+        weights[steps] = load_file(tmp_path / f"out{steps}" / "pytorch_lora_weights.safetensors")
+    a = [k for k in weights[1] if "lora_A" in k]
+    assert a and all(weights[4][k].dtype == torch.float32 for k in weights[4])
+    moved = sum(int((weights[1][k] != weights[4][k]).sum()) for k in a) / sum(weights[1][k].numel() for k in a)
+    assert moved > 0.9, moved  # bf16 LoRA weights: about 8% of lora_A entries took AdamW's 1e-4 steps
+    assert pipe.transformer.dtype == torch.bfloat16  # the base model stays in bf16

@@ -197,7 +197,8 @@ def train_lora_sparse(
     before any training: :class:`LoraCheckpointError` (a ``ValueError``). Returns the loss of every step, the
     resumed run's earlier ones included.
     ``log(step, keep, loss)`` is called per step. The LoRA goes on ``cfg.target_modules`` (by default the
-    image-stream attention projections of the double-stream blocks); its initialisation and every draw of
+    image-stream attention projections of the double-stream blocks), in float32 on a half-precision model too; its
+    initialisation and every draw of
     training come from ``cfg.seed`` (each process's from ``(seed, step, rank)``), so a run repeats exactly (on
     the same devices and number of processes) and leaves the global RNG alone; the losses are means over processes.
 
@@ -302,6 +303,8 @@ def _train(pipe: Any, examples: Sequence[Example], cfg: LoraTrainConfig,
             adapter_name=_ADAPTER,
         )
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    for param in params.values():  # float32 LoRA on a half-precision model: AdamW's small steps rounded away in
+        param.data = param.data.float()  # bf16 (most lora_A entries never moved); peft casts the input to them
     raw_optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr)
     start, losses, elapsed = 0, [], 0.0
     if resume is not None:
