@@ -277,7 +277,8 @@ def train_lora(
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-4,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
     keep_min: Annotated[float, typer.Option(help="smallest keep ratio drawn per step (largest: 1)")] = 0.1,
-    resolution: Annotated[int, typer.Option(help="training resolution in pixels (multiple of 16)")] = 512,
+    resolution: Annotated[int, typer.Option(help="training resolution in pixels (multiple of 16): references and "
+                                            "target are scaled and center-cropped to this square")] = 512,
     seed: Annotated[int, typer.Option(help="seed of sampling, noise and dropping")] = 0,
     save_every: Annotated[int, typer.Option(help="checkpoint every this many steps (and at the end)")] = 100,
 ) -> None:
