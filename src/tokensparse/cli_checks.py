@@ -60,9 +60,11 @@ def check_png_out(out: Path) -> None:
 
 def check_model(model: str) -> None:
     """Fail on an empty ``--model`` (``Path("")`` is the current directory, and Hugging Face's repo-id error
-    would follow)."""
+    would follow) or one that is a file (a single-file checkpoint is no pipeline folder)."""
     if not model.strip():
         fail("--model must name a local pipeline folder or a Hub id, got an empty string")
+    if Path(model).is_file():  # else read as a Hub id: a long Hugging Face error about repo ids
+        fail(f"--model {model} is a file; give a diffusers pipeline folder (holding model_index.json) or a Hub id")
 
 
 def model_index(folder: Path) -> dict | None:

@@ -368,3 +368,23 @@ def test_train_lora_refuses_an_empty_out(app, tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["train-lora", "--model", "some/model", "--data", str(tmp_path), "--out", ""])
     assert res.exit_code == 1 and "--out must name a folder" in res.stderr, res.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["generate", "train-lora"])
+def test_a_model_that_is_a_file_is_named(tmp_path, command):
+    from tokensparse.cli import app
+
+    checkpoint = tmp_path / "flux.safetensors"
+    checkpoint.write_bytes(b"weights")
+    extra = (["--prompt", "a cat", "--out", str(tmp_path / "o.png")] if command == "generate"
+             else ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")])
+    example = tmp_path / "data" / "ex1"
+    example.mkdir(parents=True)
+    from PIL import Image
+
+    for name in ("ref1.png", "target.png"):
+        Image.new("RGB", (32, 32)).save(example / name)
+    (example / "prompt.txt").write_text("a cat")
+    result = CliRunner().invoke(app, [command, "--model", str(checkpoint), *extra])
+    assert result.exit_code == 1 and "is a file; give a diffusers pipeline folder" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) <= ["data", "flux.safetensors"]  # was a long Hub repo-id error
