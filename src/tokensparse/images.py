@@ -28,7 +28,9 @@ def to_tensor(image: ImageLike) -> Tensor:
     16-bit ones (uint16, PIL ``I;16``) by 65535, bools are 0 / 1; floats must be in [0, 1] -- except that float
     numpy arrays (and PIL ``F`` images) whose maximum exceeds 1 are read as 0-255. Layouts: ``(H, W)``,
     ``(H, W, C)`` and ``(C, H, W)`` with C = 1 (grayscale, made RGB), 3 or 4 (alpha dropped); batches
-    ``(B, H, W, C)`` or ``(B, C, H, W)`` (a float numpy batch is read as 0-255 if any value exceeds 1). Raises
+    ``(B, H, W, C)`` or ``(B, C, H, W)`` (a float numpy batch is read as 0-255 if any value exceeds 1). A shape that
+    fits both layouts, such as ``(3, 4, 3)``, follows its library's convention: channels-first for a tensor,
+    channels-last for a numpy array (as PIL gives it). Raises
     ``ValueError`` for values that are not finite or out of range, or another number of channels, and
     ``TypeError`` for other objects.
     """
