@@ -377,10 +377,7 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
     TokenMergingConfig(ratio=ratio, threshold=threshold, center=center)  # validates, names the bad argument
     if metric.ndim != 3:
         raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
-    h, w = _pair("grid", grid, lo=0)
-    cell = _pair("cell", cell, lo=1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    h, w = _pair("grid", grid, lo=0)  # cell and generator: checked by random_destinations
     n = metric.shape[1]
     if h * w != n:
         raise ValueError(f"grid {grid} has {h * w} tokens, metric has {n}")
