@@ -12,6 +12,23 @@ import torch
 
 from .diffusers_tiny import tiny_clip_tokenizer
 
+# the tiny SD 1.x UNet (``UNet2DConditionModel`` keyword arguments); SDXL's levels attend from the second one only
+SD_UNET: dict[str, Any] = {
+    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 64),
+    "attention_head_dim": 8, "norm_num_groups": 8, "cross_attention_dim": 16,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2}
+XL_BLOCKS: dict[str, Any] = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}
+
+
+def tiny_sd_vae(channels: int = 3) -> Any:
+    """The tiny SD ``AutoencoderKL``: no downsampling, 4 latent channels, ``channels`` image channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=channels, out_channels=channels, block_out_channels=(8,),
+                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                         latent_channels=4, norm_num_groups=8).eval()
+
 
 def tiny_stable_diffusion(seed: int = 0, xl: bool = False) -> Any:
     """A ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline`` with ``xl=True``: two text encoders, no
@@ -20,13 +37,7 @@ def tiny_stable_diffusion(seed: int = 0, xl: bool = False) -> Any:
     Call it with :func:`sd_call_kwargs`. The VAE does not downsample: 16x16 images give 256 latent tokens at the UNet's
     top level, 64 at the next.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -34,20 +45,13 @@ def tiny_stable_diffusion(seed: int = 0, xl: bool = False) -> Any:
     text = CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                           num_attention_heads=2, max_position_embeddings=16, projection_dim=16, bos_token_id=0,
                           eos_token_id=1, pad_token_id=1)
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8).eval()
-    common = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-              "block_out_channels": (32, 64), "attention_head_dim": 8, "norm_num_groups": 8}
+    vae = tiny_sd_vae()
     if not xl:
-        unet = UNet2DConditionModel(**common, cross_attention_dim=16,
-                                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+        unet = UNet2DConditionModel(**SD_UNET).eval()
         return StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text).eval(), tokenizer=tok, unet=unet,
                                        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    unet = UNet2DConditionModel(**common, cross_attention_dim=32,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+    unet = UNet2DConditionModel(**{**SD_UNET, **XL_BLOCKS, "cross_attention_dim": 32}, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8).eval()
     return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text).eval(),
                                      text_encoder_2=CLIPTextModelWithProjection(text).eval(), tokenizer=tok,

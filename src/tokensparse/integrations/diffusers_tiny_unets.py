@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from .diffusers_tiny import tiny_t5_encoder, tiny_t5_tokenizer
-from .diffusers_tiny_sd import tiny_stable_diffusion
+from .diffusers_tiny_sd import SD_UNET, XL_BLOCKS, tiny_sd_vae, tiny_stable_diffusion
 
 __all__ = ["UNET_VARIANTS", "tiny_unet_variant"]
 
-# the UNet of each (keyword arguments over _SD_UNET); "xl": attention from the second level only, like SDXL's
+# the UNet of each (keyword arguments over the tiny SD one, SD_UNET)
 _UNETS: dict[str, dict[str, Any]] = {
     "StableDiffusionGLIGENPipeline": {"attention_type": "gated"},
     "StableDiffusionImageVariationPipeline": {},
@@ -39,25 +39,12 @@ _UNETS: dict[str, dict[str, Any]] = {
 }
 UNET_VARIANTS = (*_UNETS, "AudioLDMPipeline", "AudioLDM2Pipeline", "KandinskyV22Pipeline", "IFPipeline",
                  "StableDiffusionLatentUpscalePipeline", "VQDiffusionPipeline")
-_SD_UNET = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-            "block_out_channels": (32, 64), "attention_head_dim": 8, "norm_num_groups": 8, "cross_attention_dim": 16,
-            "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2}
-_XL_BLOCKS = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}
 
 
 def _unet(**kw: Any) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**{**_SD_UNET, **kw}).eval()
-
-
-def _vae(io: int = 3) -> Any:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=io, out_channels=io, block_out_channels=(8,), latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                         norm_num_groups=8).eval()
+    return UNet2DConditionModel(**{**SD_UNET, **kw}).eval()
 
 
 def _clip_image() -> tuple[Any, Any]:
@@ -124,10 +111,10 @@ def _audio(name: str) -> Any:
     import diffusers
     from transformers import ClapTextConfig, ClapTextModelWithProjection, GPT2Config, GPT2LMHeadModel
 
-    common = {"vae": _vae(io=1), "tokenizer": None, "scheduler": diffusers.DDIMScheduler(clip_sample=False),
-              "vocoder": _hifigan()}
+    common = {"vae": tiny_sd_vae(channels=1), "tokenizer": None,
+              "scheduler": diffusers.DDIMScheduler(clip_sample=False), "vocoder": _hifigan()}
     if name == "AudioLDMPipeline":
-        unet = _unet(**_XL_BLOCKS, cross_attention_dim=(32, 64), class_embed_type="simple_projection",
+        unet = _unet(**XL_BLOCKS, cross_attention_dim=(32, 64), class_embed_type="simple_projection",
                      projection_class_embeddings_input_dim=16, class_embeddings_concat=True)
         text = ClapTextModelWithProjection(ClapTextConfig(
             hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=100,
@@ -135,7 +122,7 @@ def _audio(name: str) -> Any:
         return diffusers.AudioLDMPipeline(**common, text_encoder=text, unet=unet)
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
 
-    unet = AudioLDM2UNet2DConditionModel(**{**_SD_UNET, **_XL_BLOCKS, "cross_attention_dim": ([None, 16, 32],) * 2}
+    unet = AudioLDM2UNet2DConditionModel(**{**SD_UNET, **XL_BLOCKS, "cross_attention_dim": ([None, 16, 32],) * 2}
                                          ).eval()
     language = GPT2LMHeadModel(GPT2Config(n_embd=16, n_head=2, n_layer=1, vocab_size=100, n_positions=32,
                                           bos_token_id=0, eos_token_id=0)).eval()
