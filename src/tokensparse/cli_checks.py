@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from .files import folder_problem
+from .integrations.classes import known_name
 
 
 def fail(message: str) -> None:
@@ -115,8 +116,6 @@ def check_placeholders(name: str | None, prompt: str, n_refs: int, cls: type | N
     """Fail when ``name`` is OmniGen (it places reference ``k`` at ``<img><|image_k|></img>`` in the prompt) and
     ``prompt`` lacks the placeholder of a ``--ref``, or has one naming no ``--ref`` (its processor asserts on it).
     ``cls``: the loaded pipeline's class (a subclass of ``OmniGenPipeline`` is checked too)."""
-    from .integrations.classes import known_name
-
     if (known_name(cls, ("OmniGenPipeline",)) if cls is not None else name) != "OmniGenPipeline":
         return
     missing = [f"<img><|image_{k}|></img>" for k in range(1, n_refs + 1) if f"<img><|image_{k}|></img>" not in prompt]
@@ -135,7 +134,6 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
     known before loading, nothing to check). ``cls``: the loaded pipeline's class (else diffusers' class ``name``),
     whose call says which sizes it takes; a subclass of a supported pipeline is checked as its base (messages name
     ``name``)."""
-    from .integrations.classes import known_name
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     if name is None:
