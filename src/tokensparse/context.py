@@ -110,7 +110,11 @@ def checked(cfg: SparseContextConfig) -> SparseContextConfig:
 def keep_mask(views: list[RefView], cfg: SparseContextConfig, generator: torch.Generator | None = None) -> Tensor:
     """Keep mask ``(B, N)`` over the references' dense tokens, with ``cfg``'s own seeded generator (``generator``:
     draw on from that one instead, for references selected one call at a time, as GLM-Image's)."""
-    cfg = checked(cfg)
+    return _mask(views, checked(cfg), generator)
+
+
+def _mask(views: list[RefView], cfg: SparseContextConfig, generator: torch.Generator | None) -> Tensor:
+    """:func:`keep_mask` of a ``cfg`` already checked."""
     gen = torch.Generator().manual_seed(cfg.seed) if generator is None else generator
     return select(views, cfg.keep, cfg.selector, gen, **cfg.budget_kwargs())
 
@@ -120,7 +124,7 @@ def sparsify(seq: TokenSeq, views: list[RefView], cfg: SparseContextConfig) -> T
     cfg = checked(cfg)
     if cfg.is_identity:
         return seq
-    keep = keep_mask(views, cfg).to(seq.tokens.device)
+    keep = _mask(views, cfg, None).to(seq.tokens.device)  # cfg checked above
     if cfg.proportional:
         seq = replace(seq, sizes=reference_sizes(views, keep))
     return subset(seq, keep)
