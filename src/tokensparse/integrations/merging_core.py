@@ -39,6 +39,8 @@ class TokenMergingState:
     model: nn.Module
     owners: list[Any] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    # the modules whose calls merge (BlockMerger's sublayers) and every module inside them
+    sublayers: list[nn.Module] = field(default_factory=list)
     tracker: StepTracker = field(default_factory=StepTracker)
     latent_hw: tuple[int, int] | None = None
     merged_tokens: int = 0  # tokens merged away in the last generation, summed over layers and calls
@@ -62,7 +64,8 @@ class TokenMergingState:
 
     def __setstate__(self, state: dict) -> None:
         # defaults first: also older pickles
-        self.__dict__.update({"recording": False, "isolated": False, **state, "_recorded": Recorded(), "running": 0})
+        self.__dict__.update({"recording": False, "isolated": False, "sublayers": [], **state, "_recorded": Recorded(),
+                              "running": 0})
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
@@ -267,6 +270,7 @@ class BlockMerger:
             raise ValueError(f"{name}: a first_call sublayer needs its block (block=), whose calls reset it")
         if block is not None:  # first_call sublayers: each block call starts afresh
             state.handles.append(block.register_forward_pre_hook(functools.partial(BlockMerger._start, self)))
+        state.sublayers.extend(m for sub in sublayers for m in sub.module.modules())
         for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
             pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
             state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -414,7 +418,39 @@ def observe_calls(model: nn.Module, state: TokenMergingState, observe: Callable[
 
 
 def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
+    refuse_output_caches(module, state.sublayers)  # e.g. a cache enabled after apply_token_merging
     state.running += 1
+
+
+def output_caches(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    """The stateful diffusers hooks (``module._diffusers_hook``) on ``modules`` of ``model`` (merged sublayers and the
+    modules inside them), as ``"HookClass on module.name"``: diffusers' Pyramid Attention Broadcast, FasterCache and
+    TaylorSeer caches, which hand back (or extrapolate from) a module's output of an earlier step. Block-level caches
+    (FirstBlockCache, MagCache) hook the blocks around the merged sublayers, whose outputs are unmerged. A dict
+    lookup per module when none is found (every model call checks)."""
+    found: list[str] = []
+    for module in modules:
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is None:
+            continue
+        for hook in getattr(registry, "hooks", {}).values():
+            if getattr(hook, "_is_stateful", False):
+                name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+                found.append(f"{type(hook).__name__} on {name}")
+    return list(dict.fromkeys(found))
+
+
+def refuse_output_caches(model: nn.Module, modules: list[nn.Module]) -> None:
+    """``ValueError`` where :func:`output_caches` finds a cache on a merged sublayer: its output of an earlier step
+    has that step's merged tokens, which this step's matching would unmerge into the wrong tokens (or fail)."""
+    caches = output_caches(model, modules)
+    if caches:
+        raise ValueError(
+            f"token merging cannot run under diffusers caches that reuse a merged sublayer's output across steps "
+            f"({'; '.join(caches[:3])}{'; ...' if len(caches) > 3 else ''}): that output holds an earlier step's "
+            f"merged tokens, which another step's matching would unmerge into the wrong tokens; disable the cache "
+            f"(e.g. transformer.disable_cache()) or use a block-level one (FirstBlockCache, MagCache), which "
+            f"stacks with token merging")
 
 
 def _leave(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:

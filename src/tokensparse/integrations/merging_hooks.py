@@ -37,7 +37,7 @@ from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
 from .classes import known_name
-from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
+from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls, refuse_output_caches
 from .merging_diffusers import find_blocks, wire
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "merging_supports", "remove_token_merging"]
@@ -161,8 +161,10 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     ``forward`` takes no latent (aMUSEd; VQ-Diffusion's codebook ids), the layered Qwen-Image transformer.
     ``ValueError`` for a config that would merge an attention map ``target``'s pipeline reads
     (``StableDiffusionSAGPipeline``; ``merge_cross=True`` with ``StableDiffusionAttendAndExcitePipeline``,
-    ``StableDiffusionPix2PixZeroPipeline``, the LEdits++ pipelines); a failed apply leaves the earlier state as it
-    was.
+    ``StableDiffusionPix2PixZeroPipeline``, the LEdits++ pipelines), or for a model with a diffusers cache on a
+    sublayer it would merge (``enable_cache`` with Pyramid Attention Broadcast, FasterCache, TaylorSeer: they reuse the
+    sublayer's merged output of an earlier step; a model call raises it too, for a cache enabled after this); a failed
+    apply leaves the earlier state as it was.
     """
     if not isinstance(cfg, TokenMergingConfig):
         raise TypeError(f"cfg must be a TokenMergingConfig, got {type(cfg).__name__}")
@@ -178,6 +180,8 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
             f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn=False, "
             "merge_mlp=False, merge_cross=True): cross-attention exists only in UNet / PixArt-style blocks; enable "
             "merge_attn or merge_mlp")  # checked before the current config is removed: a failed apply changes nothing
+    if not cfg.is_identity and not isinstance(model, RefDiT):
+        _refuse_output_caches(model, blocks, cfg)
 
     unwired = _unwire(model, target)
     state = TokenMergingState(cfg=cfg, model=model)
@@ -196,6 +200,19 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     state.handles.append(model.register_forward_hook(functools.partial(_report_no_grid, state)))
     reset_if_compiled(model, "token merging")
     return target
+
+
+def _refuse_output_caches(model: nn.Module, blocks: dict, cfg: TokenMergingConfig) -> None:
+    """``ValueError`` where a diffusers cache (Pyramid Attention Broadcast, FasterCache, TaylorSeer) hooks a sublayer
+    ``cfg`` would merge: wired into a throwaway state, whose hooks are removed at once (the model's current merging
+    stays as it is)."""
+    probe = TokenMergingState(cfg=cfg, model=model)
+    try:
+        wire(model, blocks, probe)
+    finally:
+        for handle in probe.handles:
+            handle.remove()
+    refuse_output_caches(model, probe.sublayers)
 
 
 def _report_no_grid(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
