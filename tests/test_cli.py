@@ -301,3 +301,12 @@ def test_train_half_without_export_is_refused_not_ignored(tmp_path):
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--half"])
     assert res.exit_code == 1 and "--half" in res.output and "--export" in res.output
     assert not (tmp_path / "run").exists()  # refused before training
+
+
+def test_train_refuses_an_export_whose_json_is_a_folder_before_training(tmp_path):
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
+    (tmp_path / "w.json").mkdir()
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--export",
+                                   str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 1 and f"its metadata {tmp_path / 'w.json'} is a folder" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.json"]  # no training, no weights

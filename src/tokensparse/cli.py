@@ -145,6 +145,8 @@ def train(
     check_out(Path(cfg.out), None, "--out" if out is not None else f"recipe {config}: out")
     if export is not None:
         check_out(export, ".safetensors", "--export")
+        if export.with_suffix(".json").is_dir():  # found only after training, by the rename of the JSON
+            fail(f"--export {export}: its metadata {export.with_suffix('.json')} is a folder; export elsewhere")
         if export.with_suffix(".json").resolve() == config.resolve():
             fail(f"--export {export} would write its metadata over the recipe {config}; export elsewhere")
         conflict = export_conflict(cfg.out, export)

@@ -193,6 +193,17 @@ def test_an_exported_checkpoint_with_an_upper_case_suffix_loads_by_its_path_stri
     assert ts.load_model(str(path)).config == ts.build_model("refdit-tiny").config
 
 
+@pytest.mark.parametrize("folder", ["w.json", "w.safetensors"])
+def test_checkpoint_over_a_folder_writes_nothing(tmp_path, folder):
+    from tokensparse.models import save_checkpoint
+
+    path = tmp_path / "w.safetensors"
+    (tmp_path / folder).mkdir()  # the weights were renamed into place, then the JSON's rename failed
+    with pytest.raises(IsADirectoryError, match=rf"cannot write {path}: {tmp_path / folder} is a folder"):
+        save_checkpoint(ts.build_model("refdit-tiny"), path)
+    assert [p.name for p in tmp_path.iterdir()] == [folder]
+
+
 def test_cached_context_kv_is_exact(tiny_kv):
     refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])
     kv = tiny_kv.context_kv(refs, p)

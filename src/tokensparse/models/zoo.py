@@ -98,9 +98,13 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
     ``write_weights(tmp_path)`` writes the safetensors file; it gets normal permissions (the temp file is
     private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way. Both are
     written before either is renamed; a failure (disk full, no such folder) leaves no temp file and raises
-    ``OSError`` naming ``path``.
+    ``OSError`` naming ``path``. A folder where either file goes is an ``IsADirectoryError`` before anything is
+    written (renaming the JSON over it failed after the weights were in place: a pair with no config).
     """
     path = Path(path)
+    for target in (path, path.with_suffix(".json")):
+        if target.is_dir():
+            raise IsADirectoryError(f"cannot write {path}: {target} is a folder")
     tmp, tmp_json = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
