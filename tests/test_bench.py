@@ -31,6 +31,16 @@ def test_runs_the_script_and_returns_its_exit_code(tmp_path):
     assert run_benchmark("speed", quick=True, out=out, root=tmp_path) == 3
 
 
+def test_the_scripts_flags_read_relative_paths_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "checkout" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "checkout" / "benchmarks" / "speed.py").write_text(
+        "import sys\nfrom pathlib import Path\nsys.exit(0 if Path(sys.argv[-1]).is_file() else 4)\n")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "w.safetensors").write_text("")
+    monkeypatch.chdir(tmp_path / "here")  # `tokensparse bench speed --model w.safetensors` typed here
+    assert run_benchmark("speed", extra=["--model", "w.safetensors"], root=tmp_path / "checkout") == 0
+
+
 def test_cli_reports_unknown_name():
     res = CliRunner().invoke(app, ["bench", "fast"])
     assert res.exit_code == 2 and "unknown benchmark" in res.stderr and not res.stdout

@@ -74,8 +74,8 @@ def _termination_raises() -> Iterator[None]:
 
 def run_benchmark(name: str, quick: bool = False, out: Path | None = None, console: Console | None = None,
                   extra: list[str] | None = None, root: Path | None = None) -> int:
-    """Run benchmark ``name`` (``--quick``, ``--out``, then ``extra``: the script's own flags) in a subprocess;
-    its exit code.
+    """Run benchmark ``name`` (``--quick``, ``--out``, then ``extra``: the script's own flags) in a subprocess in
+    the current directory (relative paths in ``extra`` are read from it); its exit code.
 
     The script's ``[done/total] what`` lines drive a progress bar; every other line is printed as it comes.
     """
@@ -87,7 +87,9 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task(f"bench {name}", last="starting", total=None)
         with _termination_raises():  # a kill stops the benchmark as Ctrl-C does (from before it starts)
-            proc = subprocess.Popen(cmd, cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # run where the user typed the command: relative paths in the script's flags (--sparse my/w.safetensors)
+            # mean what they typed (the scripts find the checkout's files from their own path)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             assert proc.stdout is not None
             try:
