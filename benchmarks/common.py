@@ -73,6 +73,8 @@ def check_json_out(out: Path, ap: argparse.ArgumentParser) -> None:
         ap.error(f"--out must be a .json path, got {out}")
     if out.is_dir():
         ap.error(f"--out {out} is a folder")
+    if out.with_suffix(".png").is_dir():
+        ap.error(f"--out {out}: {out.with_suffix('.png')}, where its plot goes, is a folder")
     problem = folder_problem(out.absolute().parent)
     if problem is not None:
         ap.error(f"--out {out}: {problem}")
@@ -162,12 +164,12 @@ def write_json(path: Path, payload: dict, plot: Callable[[], Any] | None = None,
             figure = plot() if plot is not None else None
             if figure is not None:
                 figure.savefig(png_tmp, dpi=dpi, format="png")
+                png_tmp.replace(png)  # a folder in its place fails here: the plot's failure, not the results'
         except Exception as exc:  # noqa: BLE001  (re-raised below, once the results are safe)
             failed = exc
             png_tmp.unlink(missing_ok=True)
-            png.unlink(missing_ok=True)
-        if png_tmp.exists():
-            png_tmp.replace(png)
+            if not png.is_dir():
+                png.unlink(missing_ok=True)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -45,6 +45,28 @@ def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_resu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]
 
 
+def test_a_folder_where_the_plot_goes_is_refused_before_working_and_never_costs_the_results(tmp_path):
+    import argparse
+    import json
+
+    common = _script("common")
+    out = tmp_path / "speed.json"
+    out.with_suffix(".png").mkdir()
+    ap = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):  # ap.error: a usage error before the benchmark runs
+        common.check_json_out(out, ap)
+
+    def plot():
+        fig, ax = common.pyplot().subplots()
+        ax.plot([0, 1], [1, 2])
+        return fig
+
+    with pytest.raises(RuntimeError, match="its plot failed"):  # the rename over the folder failed
+        common.write_json(out, {"summary": {"x": 1}}, plot)
+    assert json.loads(out.read_text())["summary"] == {"x": 1}  # was lost: the JSON's rename came after it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "speed.png"]
+
+
 def _script(name: str):
     """A benchmark script as a module (``benchmarks/`` on the path for its ``common`` import)."""
     import importlib.util
