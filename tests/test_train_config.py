@@ -106,3 +106,14 @@ def test_a_recipe_given_tuples_or_numpy_weights_resumes_as_it_was_saved(tmp_path
     assert json.loads(saved) == asdict(cfg)
     (tmp_path / "config.json").write_text(saved)
     assert check_resume(tmp_path, tmp_path / "step_0000001", {"step": 1}, cfg, 1)["tasks"] == ["relight", "place"]
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"stepz": 3}, "unknown recipe field 'stepz' (did you mean 'steps'?); fields: out, model"),
+    ({"drop": {"keep_mn": 0.1}}, "unknown drop field 'keep_mn' (did you mean 'keep_min'?)"),
+    ({"a": 1, "b": 2}, "unknown recipe fields 'a', 'b'; fields:"),
+])
+def test_a_recipe_field_with_a_typo_is_named_as_such(recipe, message):
+    with pytest.raises(TypeError) as info:  # was "TrainConfig.__init__() got an unexpected keyword argument"
+        TrainConfig.from_dict(recipe)
+    assert message in str(info.value)

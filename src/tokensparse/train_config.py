@@ -5,7 +5,7 @@ only on it: the learning-rate schedule and the Sparse Context fine-tune's random
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -89,6 +89,7 @@ class TrainConfig:
                 raise TypeError(f"init must be a checkpoint path or None, got {type(self.init).__name__}")
             self.init = str(self.init)
         if isinstance(self.drop, dict):
+            _check_fields(DropConfig, self.drop, "drop")
             self.drop = DropConfig(**self.drop)
         if self.drop is not None and not isinstance(self.drop, DropConfig):
             raise TypeError(f"drop must be a DropConfig, a dict of its fields or None, got {type(self.drop).__name__}")
@@ -125,7 +126,22 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         if not isinstance(d, dict):
             raise TypeError(f"a recipe must be a dict (JSON object), got {type(d).__name__}")
+        _check_fields(cls, d, "recipe")
         return cls(**d)
+
+
+def _check_fields(cls: type, d: dict, what: str) -> None:
+    """``TypeError`` naming the keys of ``d`` that are no field of the dataclass ``cls`` (a typo in a recipe read
+    as ``TrainConfig.__init__() got an unexpected keyword argument``), with the closest field where one is near."""
+    import difflib
+
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise TypeError(f"unknown {what} field{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(k) for k in unknown)}{hint}; fields: {', '.join(names)}")
 
 
 # --------------------------------------------------------------------------------------------------
