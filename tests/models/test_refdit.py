@@ -204,6 +204,12 @@ def test_checkpoint_over_a_folder_writes_nothing(tmp_path, folder):
     assert [p.name for p in tmp_path.iterdir()] == [folder]
 
 
+def test_a_checkpoint_path_that_is_a_folder_is_called_a_folder_not_missing(tmp_path):
+    (tmp_path / "w.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"w\.safetensors is a folder, not a \.safetensors file"):
+        ts.load_model(tmp_path / "w.safetensors")
+
+
 def test_cached_context_kv_is_exact(tiny_kv):
     refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])
     kv = tiny_kv.context_kv(refs, p)

@@ -134,6 +134,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     """Load a RefDiT saved by :func:`save_checkpoint` (``tokensparse train --export``): the safetensors file
     and the JSON beside it (safetensors only; no pickle)."""
     path = Path(path)
+    if path.is_dir():  # "not found" would send the user looking for a file that is there
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if not path.with_suffix(".json").is_file():
