@@ -221,3 +221,10 @@ def test_a_flag_the_script_does_not_know_is_its_usage_error(tmp_path):
         "import argparse\nap = argparse.ArgumentParser()\nap.add_argument('--n', type=int)\nap.parse_args()\n")
     assert run_benchmark("quality", extra=["--n", "3"], root=tmp_path) == 0
     assert run_benchmark("quality", extra=["--nope"], root=tmp_path) == 2
+
+
+def test_bench_help_names_the_way_to_the_scripts_own_flags():
+    res = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert "tokensparse bench quality -h" in " ".join(res.output.split())  # `bench quality --help`: this help
+    res = CliRunner().invoke(app, ["bench", "data_speed", "-h"])
+    assert res.exit_code == 0 and "usage: data_speed.py" in res.output, res.output

@@ -191,7 +191,8 @@ def bench(
 ) -> None:
     """Run a benchmark script from a repository checkout; it writes its JSON (and, all but drop_sweep,
     flux_speed and data_speed, a PNG plot) under benchmarks/results. Other flags go to the script as typed
-    (`tokensparse bench quality --n 32 --steps 10`; the script's --help lists them)."""
+    (`tokensparse bench quality --n 32 --steps 10`; `tokensparse bench quality -h` lists them, as --help shows
+    this help)."""
     from .bench import run_benchmark
 
     if out is not None:
