@@ -65,6 +65,22 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     return images
 
 
+def _loading_bars_off() -> None:
+    """Hide diffusers' and transformers' loading bars (tqdm, on stderr) where stderr is no terminal: in a log file
+    or a pipe they are runs of carriage returns and cursor-up escapes, not bars (the denoising bar is shown on a
+    terminal only as well)."""
+    if sys.stderr.isatty():
+        return
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # a pipeline without a transformers text encoder
+        return
+    transformers_logging.disable_progress_bar()
+
+
 def _merge_depth(pipe: Any) -> int:
     """``max_downsample`` for token merging: the finest level of the pipeline's UNet that has attention (SDXL's top
     level has none: 2), else 1 (DiTs have one token grid)."""
@@ -187,6 +203,7 @@ def generate(
     check_placeholders(saved, prompt, len(refs))
     if local and merge > 0:
         check_mergeable(Path(model), index)
+    _loading_bars_off()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - loading errors come in many types; show them plainly
@@ -327,6 +344,7 @@ def train_lora(
         fail(str(exc))
     if name is not None and name not in SUPPORTED:  # before loading it
         fail(f"LoRA training supports {SUPPORTED}, got {name}")
+    _loading_bars_off()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, local_files_only=local)
     except Exception as exc:  # noqa: BLE001

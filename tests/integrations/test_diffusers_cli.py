@@ -131,6 +131,21 @@ def test_generate_without_refs_does_not_report_a_keep_it_did_not_apply(app, mode
     assert "0 reference(s)" in line and "no Sparse Context" in line and "keep=" not in line
 
 
+def test_loading_bars_stay_out_of_a_log_that_is_no_terminal(app, model_dir, tmp_path):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "a cat", "--steps", "1",
+                                          "--height", "32", "--width", "32", "--out", str(tmp_path / "o.png")])
+    finally:  # the CLI turns them off for its process; other tests keep them
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+    assert result.exit_code == 0, result.output
+    assert "Loading pipeline components" not in result.output and "\r" not in result.output  # tqdm's redraws
+    assert result.output.strip().startswith("wrote")
+
+
 def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeypatch):
     """FLUX.1 Kontext's --guidance sets guidance_scale (its __call__ also takes true_cfg_scale: not that)."""
     import functools
