@@ -310,3 +310,10 @@ def test_train_refuses_an_export_whose_json_is_a_folder_before_training(tmp_path
                                    str(tmp_path / "w.safetensors")])
     assert res.exit_code == 1 and f"its metadata {tmp_path / 'w.json'} is a folder" in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.json"]  # no training, no weights
+
+
+def test_train_reads_a_recipe_saved_with_a_utf8_bom(tmp_path):
+    recipe = '{"model": "refdit-tiny", "steps": 1, "batch_size": 2, "out": "%s"}' % (tmp_path / "rün")
+    (tmp_path / "r.json").write_bytes(b"\xef\xbb\xbf" + recipe.encode())  # as Windows editors may save it
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json")])
+    assert res.exit_code == 0 and "stopped at step 1" in res.output, res.output  # was "Unexpected UTF-8 BOM"

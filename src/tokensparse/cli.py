@@ -133,7 +133,7 @@ def train(
     flags = {key: value for key, value in (("out", out), ("steps", steps), ("max_minutes", max_minutes))
              if value is not None}  # a str --out: Path('') would be '.', and TrainConfig refuses an empty out
     try:
-        raw = json.loads(config.read_text())
+        raw = json.loads(config.read_text(encoding="utf-8-sig"))  # -sig: a BOM (Notepad) is no error
         if not isinstance(raw, dict):
             raise ValueError("must be a JSON object")
         cfg = TrainConfig.from_dict({**raw, **flags})
