@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kvcache import KVJoin
+
 # --------------------------------------------------------------------------------------------------
 # Small pieces
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +193,8 @@ class JointAttention(nn.Module):
         ctx: Tensor | None = None,  # (B, Nc, D) context tokens (joint mode)
         ctx_rope: Tensor | None = None,
         ctx_valid: Tensor | None = None,  # (B, Nc) bool or float logit bias (RefDiT.context), None = all valid
-        ctx_kv: tuple[Tensor, Tensor] | None = None,  # context (k, v) computed elsewhere (cached mode)
+        # context (k, v) computed elsewhere (cached mode), or a KVJoin of them (joined without copying them again)
+        ctx_kv: tuple[Tensor, Tensor] | KVJoin | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Target output, and the context output when ``ctx`` is given (joint mode)."""
         mask = None
@@ -205,5 +208,8 @@ class JointAttention(nn.Module):
         qx, kx, vx = self.qkv_heads(x, x_rope)
         if ctx_kv is None:
             return self.merge_heads(F.scaled_dot_product_attention(qx, kx, vx)), None
-        k, v = torch.cat([kx, ctx_kv[0]], 2), torch.cat([vx, ctx_kv[1]], 2)
+        if isinstance(ctx_kv, KVJoin):
+            k, v = ctx_kv.join(kx, vx)
+        else:
+            k, v = torch.cat([kx, ctx_kv[0]], 2), torch.cat([vx, ctx_kv[1]], 2)
         return self.merge_heads(F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)), None

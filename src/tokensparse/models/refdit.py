@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..kvcache import ContextKV
+from ..kvcache import ContextKV, KVJoin
 from ..tokens import TokenSeq, gather, grid_ids, subset
 from .config import RefDiTConfig  # noqa: F401  (re-exported: importable from here as before)
 from .embedders import PromptEmbedder, RefEmbedder, TextBlock  # noqa: F401  (re-exported, as before)
@@ -93,7 +93,7 @@ class RefDiTBlock(nn.Module):
 
     def forward(
         self, x: Tensor, x_rope: Tensor, c: Tensor, ctx: Tensor | None, ctx_rope: Tensor | None,
-        ctx_valid: Tensor | None, c_ctx: Tensor | None, ctx_kv: tuple[Tensor, Tensor] | None = None,
+        ctx_valid: Tensor | None, c_ctx: Tensor | None, ctx_kv: tuple[Tensor, Tensor] | KVJoin | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         mod = self.ada(c)[:, None]
         sa, ca, ga, sm, cm, gm = mod.chunk(6, dim=-1)  # each (B, 1, D)
@@ -368,7 +368,7 @@ class RefDiT(nn.Module):
         else:
             self.check_context_kv(context_kv, b)
             ctx = ctx_rope = None
-            ctx_valid, pooled, kvs = context_kv.valid, context_kv.pooled, context_kv.layers
+            ctx_valid, pooled, kvs = context_kv.valid, context_kv.pooled, context_kv.joins()
         c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
         # context conditioning: c itself in joint mode; unused when the context K/V come from the cache
         c_ctx = c if cfg.ref_attends_target else None if context_kv is not None else self.context_time(t, pooled)
