@@ -138,3 +138,15 @@ def test_a_reference_batch_that_fits_neither_the_prompts_nor_the_other_reference
     with pytest.raises(ValueError, match=r"reference 1 is a batch of 2 .* \(prompts: 1, images per reference: "
                                          r"\[1, 2, 3\]\)"):
         ts.generate(model, make_refs(1) + make_refs(1, batch=2) + make_refs(1, batch=3), "place", steps=1)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_generation_prepares_each_context_once(tiny, tiny_kv, monkeypatch, cache):
+    # the prompt's encoding, the context's RoPE table and mask were recomputed at every step (and guidance pass)
+    model = tiny_kv if cache else tiny
+    ts.apply_sparse_context(model, ts.SparseContextConfig(keep=0.5, cache=cache))
+    calls = []
+    original = type(model).context
+    monkeypatch.setattr(type(model), "context", lambda self, *a: calls.append(1) or original(self, *a))
+    ts.generate(model, make_refs(2), "place the subject top left", steps=4, guidance=ts.CFGConfig(2.0))
+    assert len(calls) == 2  # the conditional and the null prompt's contexts, once each

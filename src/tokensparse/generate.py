@@ -193,7 +193,8 @@ def generate(
     contexts: dict[tuple[bool, float], tuple] = {}
 
     def context(branch: Branch) -> tuple:
-        """(reference tokens, prompt ids, cached K/V) of a branch, built once per generation."""
+        """(reference tokens, prompt ids, cached K/V or None, prepared context or None) of a branch, built once per
+        generation: with the cache its K/V, else the context the blocks start from at every step."""
         key = (branch.cond, branch.ref_keep)
         if key not in contexts:
             refs_b = ref_tokens
@@ -205,7 +206,8 @@ def generate(
             if same is not None:  # e.g. CFG under the null prompt: one context, one K/V (token merging's call
                 contexts[key] = same  # fingerprint then sees the same call, as without the cache)
             else:
-                contexts[key] = (refs_b, ids, model.context_kv(refs_b, ids) if use_cache else None)
+                contexts[key] = ((refs_b, ids, model.context_kv(refs_b, ids), None) if use_cache else
+                                 (refs_b, ids, None, model.prepare_context(refs_b, ids)))
         return contexts[key]
 
     def branch_denoise(x: Tensor, t: Tensor, branches: tuple[Branch, ...]) -> list[Tensor]:
@@ -215,8 +217,8 @@ def generate(
             groups.setdefault((br.cond, br.ref_keep), []).append(i)
         out: list[Tensor] = [x] * len(branches)
         for idx in groups.values():
-            refs_b, ids, kv = context(branches[idx[0]])
-            ys = model(x, t, refs_b, ids, context_kv=kv, routes=tuple(branches[i].gamma for i in idx),
+            refs_b, ids, kv, prepared = context(branches[idx[0]])
+            ys = model(x, t, refs_b, ids, context_kv=kv, context=prepared, routes=tuple(branches[i].gamma for i in idx),
                        route_generator=route_gen)
             for i, y in zip(idx, ys):
                 out[i] = y

@@ -66,3 +66,18 @@ class ContextKV:
             self._joins = joins = [joins[i] if i < len(joins) and joins[i].k is k and joins[i].v is v else KVJoin(k, v)
                                    for i, (k, v) in enumerate(self.layers)]
         return joins
+
+
+@dataclass
+class PreparedContext:
+    """What a RefDiT computes from its references and prompt before its blocks, computed once for many calls
+    (``RefDiT.prepare_context``, passed as ``forward``'s ``context=``; ``tokensparse.generate`` does so once per
+    generation): the context tokens ``(B, Nc, D)``, their RoPE table ``(B, Nc, Dh/2, 2)``, their mask as
+    ``RefDiT.context`` gives it, the pooled prompt, and in separate mode (``ref_attends_target=False``) the context's
+    conditioning at its fixed time 0 (``None`` in joint mode, where it is the step's own)."""
+
+    tokens: Tensor
+    rope: Tensor
+    valid: Tensor | None
+    pooled: Tensor
+    c_ctx: Tensor | None

@@ -357,3 +357,36 @@ def test_a_ref_keep_that_is_not_a_tensor_is_named(tiny):
     x, p, refs = torch.randn(1, 3, 16, 16), tokenize(["place"]), [r * 2 - 1 for r in make_refs(1)]
     with pytest.raises(TypeError, match=r"ref_keep must be a \(B, N\) bool tensor or None, got list"):
         tiny(x, 0.5, refs, p, ref_keep=[[True] * tiny.config.grid ** 2])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("joint", [True, False])
+def test_a_prepared_context_is_exact(tiny, tiny_kv, joint):
+    model = tiny if joint else tiny_kv
+    refs, p = [r * 2 - 1 for r in make_refs(3, batch=2)], tokenize(["place the subject", "place"])  # padded prompts
+    keep = torch.rand(2, 48, generator=torch.Generator().manual_seed(0)) > 0.5  # different counts: a valid mask
+    for ref_keep in (None, keep):
+        ctx = model.prepare_context(refs, p, ref_keep)
+        assert (ctx.c_ctx is None) == joint and ctx.valid is not None
+        for t in (0.9, 0.3):  # one context for every step
+            x, tt = torch.randn(2, 3, 16, 16), torch.full((2,), t)
+            assert torch.equal(model(x, tt, refs, p, context=ctx), model(x, tt, refs, p, ref_keep=ref_keep))
+            assert torch.equal(model(x, tt, None, p, context=ctx), model(x, tt, refs, p, ref_keep=ref_keep))
+
+
+@torch.no_grad()
+def test_a_prepared_context_that_does_not_fit_the_call_is_refused(tiny, tiny_kv):
+    refs, p = [r * 2 - 1 for r in make_refs(1, batch=2)], tokenize(["place", "place"])
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="either context or context_kv"):
+        tiny_kv(x, 0.5, None, p, context=tiny_kv.prepare_context(refs, p), context_kv=tiny_kv.context_kv(refs, p))
+    with pytest.raises(TypeError, match="PreparedContext"):
+        tiny(x, 0.5, None, p, context=tiny_kv.context_kv(refs, p))
+    with pytest.raises(ValueError, match="B = 1"):
+        tiny(x[:1], 0.5, None, p[:1], context=tiny.prepare_context(refs, p))
+    with pytest.raises(ValueError, match="other attention mode"):  # no conditioning at t = 0 for the context
+        tiny_kv(x, 0.5, None, p, context=tiny.prepare_context(refs, p))
+    with pytest.raises(TypeError, match="ref_keep"):
+        tiny.prepare_context(refs, p, ref_keep=[[True]])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        tiny.prepare_context(refs, p[0])

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..kvcache import ContextKV, KVJoin
+from ..kvcache import ContextKV, KVJoin, PreparedContext
 from ..tokens import TokenSeq, gather, grid_ids, subset
 from .config import RefDiTConfig  # noqa: F401  (re-exported: importable from here as before)
 from .embedders import PromptEmbedder, RefEmbedder, TextBlock  # noqa: F401  (re-exported, as before)
@@ -310,26 +310,65 @@ class RefDiT(nn.Module):
         tc = t if self.config.ref_attends_target else torch.zeros_like(t)
         return self.time_embed(timestep_embedding(tc, 256)) + pooled
 
+    def prepare_context(self, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor,
+                        ref_keep: Tensor | None = None) -> PreparedContext:
+        """The context the blocks start from, for :meth:`forward`'s ``context=``: what every call with these ``refs``,
+        ``prompt_ids`` and ``ref_keep`` computes before its blocks (references embedded through ``ref_embedder``'s
+        hooks, the prompt encoded, their RoPE table and mask; in separate mode their conditioning at ``t = 0``)."""
+        self.check_prompt_ids(prompt_ids)
+        if ref_keep is not None and not isinstance(ref_keep, Tensor):
+            raise TypeError(f"ref_keep must be a (B, N) bool tensor or None, got {type(ref_keep).__name__}")
+        return self._prepare_context(refs, prompt_ids, ref_keep)
+
+    def _prepare_context(self, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor, ref_keep: Tensor | None
+                         ) -> PreparedContext:
+        """:meth:`prepare_context` of a checked ``prompt_ids`` and ``ref_keep``."""
+        b = prompt_ids.shape[0]
+        refs_seq = self.embed_references(refs, b, prompt_ids)
+        if ref_keep is not None and refs_seq is not None:
+            if (isinstance(refs, (list, tuple)) and self.ref_embedder._forward_hooks
+                    and ref_keep.shape[-1] != refs_seq.tokens.shape[1]):
+                raise ValueError(
+                    f"ref_keep masks the {ref_keep.shape[-1]} dense reference tokens, but a hook on ref_embedder "
+                    f"(Sparse Context) already kept {refs_seq.tokens.shape[1]}: remove it first "
+                    "(ts.remove_sparse_context(model)) to drop tokens with ref_keep")
+            refs_seq = subset(refs_seq, ref_keep)
+        ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
+        rope = rope_angles(ctx_ids, self.config.rope_axes, self.config.rope_theta)
+        c_ctx = None if self.config.ref_attends_target else self.context_time(
+            torch.zeros(b, device=prompt_ids.device), pooled)
+        return PreparedContext(ctx, rope, ctx_valid, pooled, c_ctx)
+
+    def check_prepared_context(self, context: PreparedContext, batch: int) -> None:
+        """Raise ``TypeError`` / ``ValueError`` unless ``context`` is a :class:`PreparedContext` of this model's kind
+        for ``batch`` samples."""
+        if not isinstance(context, PreparedContext):
+            raise TypeError(f"context must be a PreparedContext from model.prepare_context(...), got "
+                            f"{type(context).__name__}")
+        tokens, cfg = context.tokens, self.config
+        if tokens.dim() != 3 or tokens.shape[0] != batch or tokens.shape[2] != cfg.dim:
+            raise ValueError(f"context holds tokens {tuple(tokens.shape)}; this call needs (B, N, D) with B = {batch} "
+                             f"and D = {cfg.dim}")
+        if (context.c_ctx is None) != cfg.ref_attends_target:
+            raise ValueError("context was prepared by a model of the other attention mode (ref_attends_target "
+                             f"{not cfg.ref_attends_target}); prepare it with this model")
+
     @torch.no_grad()
     def context_kv(self, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor) -> ContextKV:
         """Run the context stream once and return every block's context K/V (``ref_attends_target=False``)."""
         self.require_cacheable_context("context_kv")
-        self.check_prompt_ids(prompt_ids)
-        b = prompt_ids.shape[0]
-        ctx, ctx_ids, ctx_valid, pooled = self.context(self.embed_references(refs, b, prompt_ids), prompt_ids)
-        c_ctx = self.context_time(torch.zeros(b, device=prompt_ids.device), pooled)
-        ctx_rope = rope_angles(ctx_ids, self.config.rope_axes, self.config.rope_theta)
-        layers = []
+        prep = self.prepare_context(refs, prompt_ids)
+        ctx, layers = prep.tokens, []
         for blk in self.blocks:
-            ctx, kv = blk.context_step(ctx, ctx_rope, ctx_valid, c_ctx)
+            ctx, kv = blk.context_step(ctx, prep.rope, prep.valid, prep.c_ctx)
             layers.append(kv)
-        return ContextKV(layers, ctx_valid, pooled)
+        return ContextKV(layers, prep.valid, prep.pooled)
 
     def forward(
         self, x: Tensor, t: Tensor, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor,
         ref_keep: Tensor | None = None, context_kv: ContextKV | None = None,
         route: float = 0.0, route_generator: torch.Generator | None = None,
-        routes: tuple[float, ...] | None = None,
+        routes: tuple[float, ...] | None = None, context: PreparedContext | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
         """Velocity ``(B, C, H, W)`` for noisy target ``x (B, C, H, W)`` (C: ``config.channels``) at time ``t (B,)``
         or one time for the batch (a float or 0-d tensor; 1 = noise).
@@ -339,6 +378,8 @@ class RefDiT(nn.Module):
         ref_keep: optional ``(B, N)`` keep mask over the dense reference tokens (training-time dropping).
         context_kv: cached context K/V from :meth:`context_kv`; exact. It holds the whole context, so ``refs``,
             ``ref_keep`` and the content of ``prompt_ids`` are then not read (the cache's prompt is used).
+        context: the context from :meth:`prepare_context`, computed once for many calls (a generation's steps);
+            exact. As with ``context_kv``, ``refs``, ``ref_keep`` and the content of ``prompt_ids`` are then not read.
         route: fraction of target tokens that skip ``config.route_span`` (TREAD routing), drawn with
             ``route_generator``; they re-enter unchanged after the span.
         routes: several routing rates at once (Sparse Guidance's branches): the blocks before the first
@@ -352,26 +393,23 @@ class RefDiT(nn.Module):
         b = x.shape[0]
         if ref_keep is not None and not isinstance(ref_keep, Tensor):
             raise TypeError(f"ref_keep must be a (B, N) bool tensor or None, got {type(ref_keep).__name__}")
+        if context is not None and context_kv is not None:
+            raise ValueError("give either context or context_kv, not both")
         if context_kv is None:
-            refs_seq = self.embed_references(refs, b, prompt_ids)
-            if ref_keep is not None and refs_seq is not None:
-                if (isinstance(refs, (list, tuple)) and self.ref_embedder._forward_hooks
-                        and isinstance(ref_keep, Tensor) and ref_keep.shape[-1] != refs_seq.tokens.shape[1]):
-                    raise ValueError(
-                        f"ref_keep masks the {ref_keep.shape[-1]} dense reference tokens, but a hook on ref_embedder "
-                        f"(Sparse Context) already kept {refs_seq.tokens.shape[1]}: remove it first "
-                        "(ts.remove_sparse_context(model)) to drop tokens with ref_keep")
-                refs_seq = subset(refs_seq, ref_keep)
-            ctx, ctx_ids, ctx_valid, pooled = self.context(refs_seq, prompt_ids)
-            ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
+            if context is None:
+                context = self._prepare_context(refs, prompt_ids, ref_keep)  # both checked above
+            else:
+                self.check_prepared_context(context, b)
+            ctx, ctx_rope, ctx_valid, pooled = context.tokens, context.rope, context.valid, context.pooled
             kvs: list = [None] * len(self.blocks)
         else:
             self.check_context_kv(context_kv, b)
             ctx = ctx_rope = None
             ctx_valid, pooled, kvs = context_kv.valid, context_kv.pooled, context_kv.joins()
         c = self.time_embed(timestep_embedding(t, 256)) + pooled  # (B, D)
-        # context conditioning: c itself in joint mode; unused when the context K/V come from the cache
-        c_ctx = c if cfg.ref_attends_target else None if context_kv is not None else self.context_time(t, pooled)
+        # context conditioning: c itself in joint mode, at the fixed time 0 in separate mode (computed with the
+        # context); unused when the context K/V come from the cache
+        c_ctx = c if cfg.ref_attends_target else None if context_kv is not None else context.c_ctx
 
         h = self.patch_embed(patchify(x, cfg.patch_size)).reshape(b, cfg.grid * cfg.grid, -1)  # (B, Nt, D)
         h = h + self.ref_embedder.index_embed.weight[0]
