@@ -14,6 +14,7 @@ from tokensparse.merging import (
     TokenMergingConfig,
     bipartite_soft_matching,
     match,
+    num_sources,
     random_destinations,
 )
 
@@ -204,6 +205,13 @@ def test_random_destinations_one_per_cell() -> None:
     a = random_destinations(8, 8, torch.Generator().manual_seed(3))
     b = random_destinations(8, 8, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_num_sources_counts_every_random_destinations_mask() -> None:
+    for h, w, cell, seed in [(16, 16, (2, 2), 0), (7, 5, (2, 2), 1), (5, 9, (3, 2), 2), (1, 4, (2, 2), 3),
+                             (6, 6, (1, 1), 4), (0, 3, (2, 2), 5), (8, 3, (4, 1), 6)]:
+        is_dst = random_destinations(h, w, torch.Generator().manual_seed(seed), cell)
+        assert num_sources(h, w, cell) == int((~is_dst).sum()), (h, w, cell)
 
 
 def test_random_destinations_names_a_bad_grid_cell_or_generator() -> None:

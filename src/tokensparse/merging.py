@@ -48,6 +48,7 @@ __all__ = [
     "TokenMergingConfig",
     "bipartite_soft_matching",
     "match",
+    "num_sources",
     "random_destinations",
 ]
 
@@ -291,6 +292,14 @@ def random_destinations(h: int, w: int, generator: torch.Generator | None = None
     return is_dst.reshape(-1)
 
 
+def num_sources(h: int, w: int, cell: tuple[int, int] = (2, 2)) -> int:
+    """How many sources (False) every :func:`random_destinations` mask of an ``h x w`` grid holds, whatever it draws:
+    each whole ``cell`` has one destination, the partial cells at the edges none but destinations. Arithmetic (the
+    token mergers needed the count at every step and layer, and counted the mask: three ops and a host read)."""
+    sy, sx = cell
+    return (h // sy) * (w // sx) * (sy * sx - 1)
+
+
 def match(metric: Tensor, is_dst: Tensor, *, num: int | None = None, threshold: float | None = None,
           cap: int | None = None, center: bool = False) -> Matching:
     """Bipartite soft matching of ``metric`` ``(B, N, C)`` with destinations ``is_dst``, a bool ``(N,)`` (True =
@@ -382,7 +391,7 @@ def bipartite_soft_matching(metric: Tensor, grid: tuple[int, int], *, ratio: flo
     if h * w != n:
         raise ValueError(f"grid {grid} has {h * w} tokens, metric has {n}")
     is_dst = random_destinations(h, w, generator, cell)
-    n_src = int((~is_dst).sum())
+    n_src = num_sources(h, w, cell)
     if threshold is None:
         m = match(metric, is_dst, num=int(n * ratio), center=center)
     else:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..generation import StepTracker, check_scheduler, copy_keeping_copied_owners, state_without_pipelines
-from ..merging import Matching, TokenMergingConfig, match, random_destinations
+from ..merging import Matching, TokenMergingConfig, match, num_sources, random_destinations
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class TokenMergingState:
 
         def compute() -> Matching:
             is_dst = random_destinations(grid[0], grid[1], self.destination_generator(layer))
-            n_src = int((~is_dst).sum())
+            n_src = num_sources(grid[0], grid[1])  # random_destinations' default cell
             metric = x.mean(0, keepdim=True) if shared else x
             if cfg.adaptive:
                 m = match(metric, is_dst, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src), center=cfg.center)
