@@ -73,8 +73,9 @@ def show_selection(
     out: Path = typer.Option(Path("selection.png"), help="PNG to write."),
     prompt: str | None = typer.Option(None, help="Prompt (selector=auto reads its task; attention probes with it)."),
     adaptive: bool = typer.Option(False, help="Adaptive per-reference budget (up to --keep)."),
-    model: str | None = typer.Option(None, help="RefDiT name or checkpoint: its token grid (default: 32 px, 4 px "
-                                     "patches), and the probe of selector=attention, which needs one."),
+    model: str | None = typer.Option(None, help="Shipped RefDiT name or checkpoint path: its token grid "
+                                     "(default: 32 px, 4 px patches), and the probe of selector=attention, which "
+                                     "needs one."),
 ) -> None:
     """Draw the kept reference tokens over each reference image."""
     from .selection import needs_probe
