@@ -231,6 +231,17 @@ def test_target_rope_is_computed_once_in_float32(tiny):
     assert torch.equal(copy.target_rope, want)
 
 
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_kv"])
+def test_a_model_first_run_under_inference_mode_still_trains(request, fixture):
+    model = request.getfixturevalue(fixture)
+    x, refs, p = torch.randn(1, 3, 16, 16), make_refs(1), tokenize(["place"])
+    with torch.inference_mode():  # the first call caches the target's RoPE table
+        model(x, 0.5, refs, p)
+    model.train()
+    model(x, 0.5, refs, p).square().mean().backward()  # was: "Inference tensors cannot be saved for backward"
+    assert model.final.weight.grad is not None
+
+
 def test_context_kv_needs_separate_mode(tiny):
     with pytest.raises(ValueError, match="ref_attends_target=False"):
         tiny.context_kv(make_refs(1), tokenize("place"))

@@ -156,10 +156,12 @@ class RefDiT(nn.Module):
     @property
     def target_rope(self) -> Tensor:
         """The target's RoPE ``(Nt, Dh/2, 2)``, float32: it never changes, so it is computed once per device
-        (not a buffer: ``model.half().float()`` would round it)."""
+        (not a buffer: ``model.half().float()`` would round it). Computed outside ``torch.inference_mode``: an
+        inference tensor kept here would break every later training step (autograd cannot save it)."""
         rope = self.__dict__.get("_target_rope")
         if rope is None or rope.device != self.target_ids.device:
-            rope = rope_angles(self.target_ids, self.config.rope_axes, self.config.rope_theta)
+            with torch.inference_mode(False):
+                rope = rope_angles(self.target_ids, self.config.rope_axes, self.config.rope_theta)
             self.__dict__["_target_rope"] = rope
         return rope
 
