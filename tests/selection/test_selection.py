@@ -248,3 +248,18 @@ def test_detail_order_is_a_permutation_that_covers_the_grid():
     assert torch.equal(kept.float().argmax(-1), e.argmax(-1))  # ... the one with the most energy
     flat = spread_order(torch.zeros(1, 64), 8, 8)  # flat energy: exactly the ordered-dither ("uniform") order
     assert torch.equal(topk_mask(flat, 16), topk_mask((1 - bayer_rank(8, 8))[None], 16))
+
+
+def test_detail_order_does_not_depend_on_the_default_dtype():
+    # a float64 default made spread_order's float64 buffers meet its float32 energy: scatter_reduce raised
+    from tokensparse.selection.scorers import spread_order
+
+    energy = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
+    want = spread_order(energy, 8, 8)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = spread_order(energy, 8, 8)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

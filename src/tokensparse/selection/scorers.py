@@ -234,15 +234,16 @@ def spread_order(energy: Tensor, h: int, w: int) -> Tensor:
     while side < max(h, w):
         side *= 2
     picked = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    scores = torch.zeros(b, n, device=dev)
-    done = torch.zeros(b, 1, device=dev)
-    neg = torch.tensor(float("-inf"), device=dev)
+    f32 = {"dtype": torch.float32, "device": dev}  # not torch.get_default_dtype(): e is float32
+    scores = torch.zeros(b, n, **f32)
+    done = torch.zeros(b, 1, **f32)
+    neg = torch.tensor(float("-inf"), **f32)
     while side >= 1:
         cell = ((rows // side) * (w // side + 1) + cols // side).expand(b, n)
         ncell = int(cell.max()) + 1
-        has = torch.zeros(b, ncell, device=dev).scatter_reduce(1, cell, picked.float(), "amax")
+        has = torch.zeros(b, ncell, **f32).scatter_reduce(1, cell, picked.float(), "amax")
         cand = torch.where(picked | has.gather(1, cell).bool(), neg, e)
-        best = torch.full((b, ncell), float("-inf"), device=dev).scatter_reduce(1, cell, cand, "amax")
+        best = torch.full((b, ncell), float("-inf"), **f32).scatter_reduce(1, cell, cand, "amax")
         new = (cand == best.gather(1, cell)) & torch.isfinite(cand)  # one token per open cell
         order = torch.sort(torch.where(new, e, neg), dim=1, descending=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n).contiguous())
