@@ -300,3 +300,17 @@ def test_proportional_sparse_context_is_exact_cached_and_changes_only_sparse_run
     assert torch.equal(gen(tiny_kv, refs), dense)
     with pytest.raises(TypeError, match="proportional"):
         ts.SparseContextConfig(keep=0.5, proportional="yes")
+
+
+def test_the_attention_probe_does_not_depend_on_the_default_dtype(tiny_kv):
+    # the probe drew its noise and time in the default dtype: float64 ones into the float32 model raised
+    ts.apply_sparse_context(tiny_kv, ts.SparseContextConfig(keep=0.5, selector="attention", adaptive=True))
+    refs = make_refs(2)
+    want = gen(tiny_kv, refs)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = gen(tiny_kv, refs)
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(got, want)

@@ -68,8 +68,10 @@ def attention_probe(model: RefDiT, refs: TokenSeq, prompt_ids: Tensor, blocks: i
     cfg = model.config
     b, dev = refs.tokens.shape[0], refs.tokens.device
     g = torch.Generator().manual_seed(PROBE_SEED)
-    x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(dev).expand(b, -1, -1, -1)
-    t = torch.full((b,), PROBE_T, device=dev)
+    # float32 whatever torch.get_default_dtype() says: the model computes in float32
+    x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float32)
+    x = x.to(dev).expand(b, -1, -1, -1)
+    t = torch.full((b,), PROBE_T, dtype=torch.float32, device=dev)
     ctx, ctx_ids, ctx_valid, pooled = model.context(refs, prompt_ids.to(dev))
     n_ref = refs.tokens.shape[1]
     ctx_rope = rope_angles(ctx_ids, cfg.rope_axes, cfg.rope_theta)
@@ -79,7 +81,7 @@ def attention_probe(model: RefDiT, refs: TokenSeq, prompt_ids: Tensor, blocks: i
     h = h + model.ref_embedder.index_embed.weight[0]
     x_rope = model.target_rope.expand(b, -1, -1, -1)
     nt = h.shape[1]
-    mass = torch.zeros(b, n_ref, device=dev)
+    mass = torch.zeros(b, n_ref, dtype=torch.float32, device=dev)
     used = model.blocks[: max(1, min(blocks, len(model.blocks)))]
     for i, blk in enumerate(used):
         att = blk.attn
