@@ -146,15 +146,16 @@ def progress(done: int, total: int, what: str) -> None:
 
 
 def write_json(path: Path, payload: dict, plot: Callable[[], Any] | None = None, dpi: int = 110) -> None:
-    """Atomic JSON write with a small provenance header, and the matplotlib figure ``plot()`` returns (``None``:
-    no plot; the figure is closed here) beside it as ``path`` with ``.png``.
+    """Atomic JSON write with a small provenance header (machine, torch and tokensparse versions, threads; a key
+    ``payload`` sets itself wins), and the matplotlib figure ``plot()`` returns (``None``: no plot; the figure is
+    closed here) beside it as ``path`` with ``.png``.
 
     Both are rendered to temp files first and renamed at the end, one right after the other (PNG, then JSON):
     an interrupt leaves the previous pair and no temp file. A plot that fails does not cost the results: the
     JSON is written, the previous PNG (which no longer matches it) removed, and the error raised.
     """
-    payload = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               **payload}
+    payload = {"machine": platform.machine(), "torch": torch.__version__, "tokensparse": ts.__version__,
+               "threads": torch.get_num_threads(), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, png, png_tmp = path.with_suffix(".json.tmp"), path.with_suffix(".png"), path.with_suffix(".png.tmp")
     figure, failed = None, None

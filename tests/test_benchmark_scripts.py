@@ -67,6 +67,23 @@ def test_a_folder_where_the_plot_goes_is_refused_before_working_and_never_costs_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "speed.png"]
 
 
+def test_results_record_the_tokensparse_version_that_made_them(tmp_path):
+    """Every benchmark JSON names the release of the code that wrote it (the README dates earlier runs by it),
+    unless the payload records its own (merging.py per part)."""
+    import json
+
+    import tokensparse as ts
+
+    common = _script("common")
+    out = tmp_path / "speed.json"
+    common.write_json(out, {"summary": {"x": 1}})
+    written = json.loads(out.read_text())
+    assert written["tokensparse"] == ts.__version__
+    assert {"machine", "torch", "threads"} <= set(written)
+    common.write_json(out, {"tokensparse": "0.1.0", "summary": {}})
+    assert json.loads(out.read_text())["tokensparse"] == "0.1.0"
+
+
 def _script(name: str):
     """A benchmark script as a module (``benchmarks/`` on the path for its ``common`` import)."""
     import importlib.util
