@@ -317,3 +317,24 @@ def test_train_reads_a_recipe_saved_with_a_utf8_bom(tmp_path):
     (tmp_path / "r.json").write_bytes(b"\xef\xbb\xbf" + recipe.encode())  # as Windows editors may save it
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json")])
     assert res.exit_code == 0 and "stopped at step 1" in res.output, res.output  # was "Unexpected UTF-8 BOM"
+
+
+def test_train_without_accelerate_fails_in_one_line_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed (no [train] extra)
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "batch_size": 2}')
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "pip install 'tokensparse[train]'" in res.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("missing", ["diffusers", "peft", "accelerate"])
+def test_train_lora_names_each_missing_package(tmp_path, monkeypatch, missing):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # [diffusers] alone has no peft
+    res = CliRunner().invoke(app, ["train-lora", "--model", str(tmp_path / "m"), "--data", str(tmp_path),
+                                   "--out", str(tmp_path / "lora")])
+    assert res.exit_code == 1 and f"({missing} not installed)" in res.stderr, res.output
+    assert "pip install 'tokensparse[diffusers,train]'" in res.stderr

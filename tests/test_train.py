@@ -613,3 +613,21 @@ def test_a_fresh_run_does_not_replace_a_config_json_that_is_not_a_recipe(tmp_pat
             "config.json"]
     (folder / "config.json").write_text(json.dumps({"model": "refdit-s", "steps": 9}))  # a run that saved nothing
     assert train(tiny_cfg(folder, steps=1), progress=False).state["step"] == 1
+
+
+def test_training_without_accelerate_names_the_extra_and_leaves_no_run_folder(tmp_path, monkeypatch):
+    from tokensparse.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed (no [train] extra)
+    with pytest.raises(MissingExtraError, match=r"pip install 'tokensparse\[train\]'"):
+        train(tiny_cfg(tmp_path / "run", steps=1), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_run_without_peft_names_the_extra(monkeypatch):
+    from tokensparse.extras import MissingExtraError
+    from tokensparse.train import plain_model
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(MissingExtraError, match=r"needs peft, which is not installed: pip install 'tokensparse\[train"):
+        plain_model("refdit-tiny", {}, lora_rank=2)

@@ -124,6 +124,7 @@ def train(
     `--cpu` launches one process); GPUs: `accelerate launch -m tokensparse.cli train ...`."""
     import json
 
+    from .extras import MissingExtraError
     from .train import TrainConfig, export_conflict, export_ema, init_path, latest_checkpoint
     from .train import train as run_training
 
@@ -157,6 +158,8 @@ def train(
         state = run_training(cfg, log=console.print).state
     except ValueError as exc:  # a bad init, another recipe or architecture in the run folder, a diverged loss
         fail(_recipe_error(config, exc, flags))
+    except MissingExtraError as exc:  # no accelerate (or peft, for a LoRA recipe): the message names the extra
+        fail(str(exc))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one process reports and exports (training waited for the save)

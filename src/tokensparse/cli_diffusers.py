@@ -18,6 +18,7 @@ CogView4) runs with ``--merge`` alone. The functions here are plain typer-annota
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import sys
@@ -303,12 +304,12 @@ def train_lora(
 
     Checkpoints go to OUT/checkpoints; running again into OUT with the same recipe (more --steps allowed)
     resumes from the newest one."""
-    try:
-        import diffusers
-    except ImportError:
-        fail(
-            "tokensparse train-lora needs diffusers, peft and accelerate: pip install 'tokensparse[diffusers,train]'"
-        )
+    missing = [name for name in ("diffusers", "peft", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(f"tokensparse train-lora needs diffusers, peft and accelerate ({', '.join(missing)} not installed): "
+             "pip install 'tokensparse[diffusers,train]'")
+    import diffusers
+
     from .integrations.diffusers_lora import (
         LoraCheckpointError,
         LoraTrainConfig,

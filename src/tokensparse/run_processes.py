@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .extras import require
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -35,6 +37,7 @@ def accelerator(mixed_precision: str) -> Accelerator:
     the processes share it through their process group, so changing it there is a ``ValueError``: run each
     ``mixed_precision`` in a launch of its own.
     """
+    require("accelerate", "training RefDiT")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -57,6 +60,7 @@ def run_accelerator(mixed_precision: str) -> Iterator[Accelerator]:
     ``Accelerator`` the caller holds reports and uses its own ``mixed_precision`` again (:func:`accelerator` may
     have reset it), and where there was none, an ``Accelerator()`` made later (``train-lora``'s) starts afresh
     instead of inheriting this run's ``mixed_precision``."""
+    require("accelerate", "training RefDiT")
     from accelerate.state import AcceleratorState
 
     before = dict(AcceleratorState._shared_state)

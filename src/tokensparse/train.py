@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .api import reference_views
+from .extras import require
 from .files import read_safetensors
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT, RefDiTConfig
@@ -398,6 +399,7 @@ def export_ema(run: str | Path, path: str | Path, meta: dict | None = None,
 
 def _with_lora(model: RefDiT, rank: int) -> RefDiT:
     """Freeze ``model`` and add LoRA adapters (peft) to its attention and MLP projections."""
+    require("peft", "a LoRA run of RefDiT (lora_rank > 0)")
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv", "proj", "fc1", "fc2"])
@@ -409,6 +411,7 @@ def _with_lora(model: RefDiT, rank: int) -> RefDiT:
 
 def _merge_lora(model: RefDiT) -> RefDiT:
     """Fold the LoRA adapters of :func:`_with_lora` into their layers' weights: a plain RefDiT again."""
+    require("peft", "a LoRA run of RefDiT (lora_rank > 0)")
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):

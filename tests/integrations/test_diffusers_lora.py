@@ -517,3 +517,15 @@ def test_an_optimizer_state_of_another_shape_is_refused_at_resume(tmp_path):
     resume = Resume(tmp_path / "step_0000001", {"step": 1}, {"w": torch.ones(2)}, saved, None)
     with pytest.raises(LoraCheckpointError, match="optim.pt does not fit"):
         restore(resume, {"w": weight}, torch.optim.AdamW([weight]))
+
+
+@pytest.mark.parametrize("missing", ["peft", "accelerate"])
+def test_training_without_the_train_extra_names_it_before_any_work(tmp_path, monkeypatch, missing):
+    import sys
+
+    from tokensparse.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, missing, None)  # [diffusers] alone has accelerate but no peft
+    with pytest.raises(MissingExtraError, match=rf"train_lora_sparse needs {missing}, .*tokensparse\[train\]"):
+        train_lora_sparse(object(), [], LoraTrainConfig(), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()

@@ -33,6 +33,7 @@ import torch
 
 from .. import checks
 from ..context import SparseContextConfig
+from ..extras import require
 from ..files import default_mode, nearest_existing
 from ..images import MAX_SIDE, load_rgb
 from ..run_checkpoints import remove_partial_saves
@@ -209,6 +210,8 @@ def train_lora_sparse(
     adapter is removed as well (with adapters of the caller's loaded, modules that only this trainer
     targeted keep an empty LoRA wrapper: same outputs, renamed state-dict keys).
     """
+    for package in ("accelerate", "peft"):  # diffusers is there: pipe is its pipeline
+        require(package, "train_lora_sparse")
     out = Path(out_dir)
     check_lora_run(pipe, out)
     if not examples:
