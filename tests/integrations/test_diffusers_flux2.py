@@ -355,6 +355,51 @@ def test_unsupported_targets_and_bad_configs(pipe):
         apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.5, cache=True))
 
 
+def test_a_modular_pipeline_is_refused_naming_its_transformer_which_thins_its_calls(pipe):
+    from diffusers.modular_pipelines import Flux2KleinAutoBlocks
+
+    blocks = Flux2KleinAutoBlocks()
+    modular = blocks.init_pipeline()
+    cfg = SparseContextConfig(keep=0.25, selector="random")
+    with pytest.raises(TypeError, match=r"load its transformer first.*pipe\.transformer"):
+        ts.apply_sparse_context(modular, cfg)  # its components are not loaded yet
+    with pytest.raises(TypeError, match=r"modular pipeline blocks \(Flux2KleinAutoBlocks\).*pipe\.transformer"):
+        ts.apply_sparse_context(blocks, cfg)
+    modular.update_components(**pipe.components)
+    modular.set_progress_bar_config(disable=True)
+    for call in (lambda: ts.apply_sparse_context(modular, cfg), lambda: ts.remove_sparse_context(modular)):
+        with pytest.raises(TypeError, match=r"Flux2KleinModularPipeline.*ts\.apply_sparse_context\(pipe\.transformer"):
+            call()
+
+    def generate():
+        out = modular(image=[_ref(0), _ref(1)], prompt="a cat", generator=torch.Generator().manual_seed(0),
+                      output_type="np", **flux2_call_kwargs())
+        return out.values["images"]
+
+    dense = generate()
+    ts.apply_sparse_context(modular.transformer, cfg)
+    counter = TokenCounter(modular.transformer)
+    sparse = generate()
+    assert counter.lengths == [TARGET_TOKENS + 2 * REF_TOKENS // 4] * 2  # 2 steps, no guidance
+    assert not np.array_equal(sparse, dense)
+    ts.apply_sparse_context(modular.transformer, SparseContextConfig(keep=1.0))
+    assert np.array_equal(generate(), dense)
+    ts.remove_sparse_context(modular.transformer)
+    assert np.array_equal(generate(), dense)
+
+
+def test_a_modular_pipeline_whose_transformer_it_cannot_thin_is_refused_naming_that():
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.modular_pipelines import QwenImageLayeredAutoBlocks
+
+    modular = QwenImageLayeredAutoBlocks().init_pipeline()
+    modular.update_components(transformer=QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True, use_additional_t_cond=True))
+    with pytest.raises(TypeError, match=r"nor their transformer \(QwenImageTransformer2DModel, layered\)"):
+        ts.apply_sparse_context(modular, SparseContextConfig(keep=0.5))
+
+
 # K/V cache (Flux2KleinKVPipeline) ------------------------------------------------------------------------
 class KVRecorder:
     def __init__(self, transformer):

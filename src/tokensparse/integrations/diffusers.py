@@ -123,7 +123,38 @@ def _resolve(target: Any) -> tuple[Any | None, torch.nn.Module]:
         return target, transformer
     if transformer_name(target) is not None:
         return None, target
+    modular = _modular_refusal(target)
+    if modular is not None:
+        raise TypeError(modular)
     raise TypeError(f"Sparse Context does not support {name}; expected {_supported()}")
+
+
+def _modular_refusal(target: Any) -> str | None:
+    """What to do instead, for a diffusers modular pipeline or its blocks (``None`` for anything else).
+
+    Modular pipelines assemble their call from blocks, so there is no fixed method to capture the reference
+    pixels and prompt from; their transformer is one of the supported ones and takes the same inputs, so
+    Sparse Context applied to the transformer thins their calls like a bare transformer's.
+    """
+    name = type(target).__name__
+    if known_name(type(target), ("ModularPipelineBlocks",)) is not None:
+        return (f"Sparse Context does not take modular pipeline blocks ({name}); build the pipeline "
+                "(pipe = blocks.init_pipeline(...), then load its components) and apply it to pipe.transformer")
+    if known_name(type(target), ("ModularPipeline",)) is None:
+        return None
+    transformer = getattr(target, "transformer", None)
+    if transformer is None:
+        how = "load its transformer first (pipe.load_components() or pipe.update_components(transformer=...)), "
+    elif transformer_name(transformer) is None or _layered(transformer):
+        return (f"Sparse Context does not support diffusers modular pipelines ({name}), nor their transformer "
+                f"({type(transformer).__name__}{', layered' if _layered(transformer) else ''}); "
+                f"expected {_supported()}")
+    else:
+        how = ""
+    return (f"Sparse Context does not take diffusers modular pipelines ({name}) as a pipeline: {how}apply it to "
+            "the pipeline's transformer instead, ts.apply_sparse_context(pipe.transformer, cfg) (remove it with "
+            "ts.remove_sparse_context(pipe.transformer)); the selection then sees the references' latents instead "
+            "of their pixels, and no prompt")
 
 
 class _State:
@@ -362,7 +393,7 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     pipe, transformer = _resolve(target)
-    if getattr(getattr(transformer, "config", None), "use_layer3d_rope", False):
+    if _layered(transformer):
         raise TypeError(
             f"Sparse Context does not support layered {type(transformer).__name__}s (use_layer3d_rope, "
             "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
@@ -393,6 +424,11 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         on_generation_start(owner, _CALLBACK, hook.state.new_generation)
         wrap_capture(owner, hook.state)
     return target
+
+
+def _layered(transformer: Any) -> bool:
+    """Whether ``transformer`` is the layered Qwen-Image one (``use_layer3d_rope``: several target layers)."""
+    return bool(getattr(getattr(transformer, "config", None), "use_layer3d_rope", False))
 
 
 def _kv_pipeline(pipe: Any | None) -> bool:
