@@ -74,3 +74,24 @@ def test_a_block_level_diffusers_cache_stacks_with_merging() -> None:
     assert all(torch.isfinite(x).all() for x in _generate(model)) and merging_state(model).merged_tokens > 0
     remove_token_merging(model)
     model.disable_cache()
+
+
+def test_smoothed_energy_guidance_on_a_merged_attention_is_refused() -> None:
+    # a modular pipeline's SEG guider hooks an attention's to_q for its pass and blurs the queries as a square grid of
+    # the sequence: under merging they are fewer and out of grid order, so the blur mixed unrelated tokens silently
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
+
+    model = _flux()
+    merged = _generate(apply_token_merging(model, TokenMergingConfig(ratio=0.5)))
+    registry = HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0].attn.to_q)
+    registry.register_hook(SmoothedEnergyGuidanceHook(blur_sigma=1.0), "seg")  # as the guider does for its pass
+    with pytest.raises(ValueError, match=r"Smoothed Energy Guidance \(SmoothedEnergyGuidanceHook on "
+                                         r"transformer_blocks\.0\.attn\.to_q\)"):
+        _generate(model)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5, merge_attn=False))  # its attention runs unmerged: fine
+    assert all(torch.isfinite(x).all() for x in _generate(model))
+    registry.remove_hook("seg")  # the guider's cleanup after its pass
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(_generate(model), merged))
+    remove_token_merging(model)

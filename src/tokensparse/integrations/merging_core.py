@@ -422,35 +422,60 @@ def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
     state.running += 1
 
 
-def output_caches(model: nn.Module, modules: list[nn.Module]) -> list[str]:
-    """The stateful diffusers hooks (``module._diffusers_hook``) on ``modules`` of ``model`` (merged sublayers and the
-    modules inside them), as ``"HookClass on module.name"``: diffusers' Pyramid Attention Broadcast, FasterCache and
-    TaylorSeer caches, which hand back (or extrapolate from) a module's output of an earlier step. Block-level caches
-    (FirstBlockCache, MagCache) hook the blocks around the merged sublayers, whose outputs are unmerged. A dict
-    lookup per module when none is found (every model call checks)."""
+#: diffusers hooks that read a sublayer's tokens as the model's image grid: Smoothed Energy Guidance (a guider's pass,
+#: modular pipelines) blurs an attention's queries as a square grid of the sequence, which merged tokens are not
+GRID_HOOKS = ("SmoothedEnergyGuidanceHook",)
+
+
+def _hooks_on(model: nn.Module, modules: list[nn.Module], pick: Callable[[Any], bool]) -> list[str]:
+    """The diffusers hooks (``module._diffusers_hook``) on ``modules`` of ``model`` for which ``pick(hook)``, as
+    ``"HookClass on module.name"``; a dict lookup per module when there is none (every model call checks)."""
     found: list[str] = []
     for module in modules:
         registry = module.__dict__.get("_diffusers_hook")
         if registry is None:
             continue
         for hook in getattr(registry, "hooks", {}).values():
-            if getattr(hook, "_is_stateful", False):
+            if pick(hook):
                 name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
                 found.append(f"{type(hook).__name__} on {name}")
     return list(dict.fromkeys(found))
 
 
+def output_caches(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    """The stateful diffusers hooks on ``modules`` of ``model`` (merged sublayers and the modules inside them), as
+    ``"HookClass on module.name"``: diffusers' Pyramid Attention Broadcast, FasterCache and TaylorSeer caches, which
+    hand back (or extrapolate from) a module's output of an earlier step. Block-level caches (FirstBlockCache,
+    MagCache) hook the blocks around the merged sublayers, whose outputs are unmerged."""
+    return _hooks_on(model, modules, lambda hook: getattr(hook, "_is_stateful", False))
+
+
+def grid_hooks(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    """The diffusers hooks of :data:`GRID_HOOKS` on ``modules`` of ``model``, as ``"HookClass on module.name"``."""
+    return _hooks_on(model, modules, lambda hook: type(hook).__name__ in GRID_HOOKS)
+
+
+def _first(found: list[str]) -> str:
+    return "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
+
+
 def refuse_output_caches(model: nn.Module, modules: list[nn.Module]) -> None:
-    """``ValueError`` where :func:`output_caches` finds a cache on a merged sublayer: its output of an earlier step
-    has that step's merged tokens, which this step's matching would unmerge into the wrong tokens (or fail)."""
+    """``ValueError`` where :func:`output_caches` finds a cache on a merged sublayer (its output of an earlier step
+    has that step's merged tokens, which this step's matching would unmerge into the wrong tokens, or fail), or
+    :func:`grid_hooks` a hook that reads its merged tokens as the image grid (Smoothed Energy Guidance)."""
     caches = output_caches(model, modules)
     if caches:
         raise ValueError(
             f"token merging cannot run under diffusers caches that reuse a merged sublayer's output across steps "
-            f"({'; '.join(caches[:3])}{'; ...' if len(caches) > 3 else ''}): that output holds an earlier step's "
-            f"merged tokens, which another step's matching would unmerge into the wrong tokens; disable the cache "
-            f"(e.g. transformer.disable_cache()) or use a block-level one (FirstBlockCache, MagCache), which "
-            f"stacks with token merging")
+            f"({_first(caches)}): that output holds an earlier step's merged tokens, which another step's matching "
+            f"would unmerge into the wrong tokens; disable the cache (e.g. transformer.disable_cache()) or use a "
+            f"block-level one (FirstBlockCache, MagCache), which stacks with token merging")
+    grid = grid_hooks(model, modules)
+    if grid:
+        raise ValueError(
+            f"token merging cannot run under Smoothed Energy Guidance ({_first(grid)}): it blurs an attention's "
+            f"queries as a square grid of the sequence's tokens, and a merged sublayer's tokens are fewer and out of "
+            f"grid order; use another guider or remove token merging (ts.remove_token_merging)")
 
 
 def _leave(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
