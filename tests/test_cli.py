@@ -338,3 +338,35 @@ def test_train_lora_names_each_missing_package(tmp_path, monkeypatch, missing):
                                    "--out", str(tmp_path / "lora")])
     assert res.exit_code == 1 and f"({missing} not installed)" in res.stderr, res.output
     assert "pip install 'tokensparse[diffusers,train]'" in res.stderr
+
+
+def _commands(group, path=()):
+    """Every command of the click group ``group`` as its argv path."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_help_reflows_docstring_paragraphs(width):
+    import inspect
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for path in _commands(group):
+        command = group
+        for name in path:
+            command = command.commands[name]
+        res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": str(width)})
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        text = lines[next(i for i, line in enumerate(lines) if "Usage:" in line) + 1:]
+        text = [line.rstrip() for line in text[:next(i for i, line in enumerate(text) if "╭" in line)]]
+        for line, after in zip(text, text[1:]):  # within a paragraph a line ends only where the next word won't fit
+            if line and after:
+                assert len(line) + 1 + len(after.split()[0]) > width - 3, (path, width, line)
+        doc = inspect.getdoc(command.callback).replace("\\[", "[")
+        assert " ".join(" ".join(text).split()) == " ".join(doc.split()), path  # all of it, nothing more

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import typer
@@ -219,6 +220,26 @@ def _register_diffusers_commands() -> None:
 
 
 _register_diffusers_commands()
+
+
+def _reflowed(doc: str) -> str:
+    """A command's docstring as its --help shows it: paragraphs (split at blank lines) each on one line, so that
+    rich wraps them at the terminal's width (typer keeps a single line break after the first paragraph, which broke
+    sentences mid-line)."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def _reflow_help(*apps: typer.Typer) -> None:
+    """Give every command of ``apps`` its reflowed docstring (:func:`_reflowed`) as help, where it sets none."""
+    for typer_app in apps:
+        for info in typer_app.registered_commands:
+            doc = info.help or inspect.getdoc(info.callback)
+            if doc:
+                info.help = _reflowed(doc)
+
+
+_reflow_help(app, show_app)
 
 
 def main() -> None:  # pragma: no cover
