@@ -370,3 +370,14 @@ def test_help_reflows_docstring_paragraphs(width):
                 assert len(line) + 1 + len(after.split()[0]) > width - 3, (path, width, line)
         doc = inspect.getdoc(command.callback).replace("\\[", "[")
         assert " ".join(" ".join(text).split()) == " ".join(doc.split()), path  # all of it, nothing more
+
+
+def test_h_is_help_everywhere_but_after_a_bench_name():
+    import typer.main
+
+    paths = [(), ("show",), *_commands(typer.main.get_command(app))]
+    for path in paths:
+        long, short = (CliRunner().invoke(app, [*path, flag], env={"COLUMNS": "100"}) for flag in ("--help", "-h"))
+        assert short.exit_code == 0 and short.output == long.output, (path, short.output)
+    res = CliRunner().invoke(app, ["bench", "-h"])  # no NAME yet: bench's own help, not "unknown benchmark '-h'"
+    assert res.exit_code == 0 and "Run a benchmark script" in res.output

@@ -11,8 +11,9 @@ from rich.table import Table
 
 from .cli_checks import check_out, check_out_not_ref, check_png_out, fail, flag_names
 
+# -h is --help everywhere (subcommands inherit it) but in `bench`, which passes -h on to the benchmark's script
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
 show_app = typer.Typer(help="Show models, tasks and selections.", no_args_is_help=True)
 app.add_typer(show_app, name="show")
 console = Console()
@@ -185,7 +186,8 @@ def _recipe_error(config: Path, exc: Exception, flags: dict) -> str:
     return message if message != str(exc) else f"recipe {config}: {exc}"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": ["--help"]})
 def bench(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep | flux_speed "
@@ -200,6 +202,9 @@ def bench(
     this help)."""
     from .bench import run_benchmark
 
+    if name == "-h":  # `tokensparse bench -h`: no benchmark named yet, so this help (-h after NAME is the script's)
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
     if out is not None:
         check_out(out, ".json")
     try:
