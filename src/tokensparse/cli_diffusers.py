@@ -89,6 +89,25 @@ def _merge_depth(pipe: Any) -> int:
     return next((2 ** level for level, kind in enumerate(types) if "Attn" in kind), 1)
 
 
+def _warn(message: str) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+def _warn_size(pipe: Any, name: str, height: int | None, width: int | None) -> bool:
+    """Warn (and return True) where ``--height`` / ``--width`` is not a multiple of the pixel multiple ``pipe``'s
+    image processor works in: diffusers rounds such a size (FLUX, Qwen-Image: down, with a log line that does not say
+    to what) or refuses it (Stable Diffusion); the warning names the nearest multiples."""
+    multiple = getattr(getattr(getattr(pipe, "image_processor", None), "config", None), "vae_scale_factor", None)
+    if not isinstance(multiple, int) or multiple < 2:
+        return False
+    odd = [f"--{key} {value} (nearest: {value // multiple * multiple} or {(value // multiple + 1) * multiple})"
+           for key, value in (("height", height), ("width", width)) if value is not None and value % multiple]
+    if odd:
+        _warn(f"{name} makes images in multiples of {multiple} px (or more): it resizes or refuses "
+              f"{', '.join(odd)}")
+    return bool(odd)
+
+
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
     import torch
 
@@ -128,8 +147,10 @@ def generate(
     ] = 0.0,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the pipeline's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the pipeline's)")] = None,
-    height: Annotated[int | None, typer.Option(help="output height in pixels")] = None,
-    width: Annotated[int | None, typer.Option(help="output width in pixels")] = None,
+    height: Annotated[int | None, typer.Option(help="output height in pixels: a multiple of the pipeline's (16 for "
+                                                    "FLUX / Qwen-Image; others it resizes, with a warning, or "
+                                                    "refuses)")] = None,
+    width: Annotated[int | None, typer.Option(help="output width in pixels (a multiple, as --height)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the diffusion noise and of the selection")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="output PNG")] = Path("out.png"),
     cache: Annotated[
@@ -251,6 +272,7 @@ def generate(
     if "max_area" in params and (height or width):  # Kontext rescales any size to max_area (1024^2) otherwise
         side = getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8)
         kwargs["max_area"] = (height or side) * (width or side)
+    warned = _warn_size(pipe, name, height, width)
     total = steps or params["num_inference_steps"].default
 
     with Progress(
@@ -274,6 +296,9 @@ def generate(
                 image = pipe(**kwargs).images[0]
         except ValueError as exc:  # the pipeline's own input checks (image too small, bad size, ...)
             fail(f"{name} rejected the inputs: {exc}")
+    asked = (width or image.width, height or image.height)
+    if image.size != asked and not warned:  # rounded by a rule the warning before did not know
+        _warn(f"{name} made a {image.width}x{image.height} image, not the {asked[0]}x{asked[1]} asked (its multiple)")
     try:
         save_png(image, out)
     except OSError as exc:  # save_png's message names the file

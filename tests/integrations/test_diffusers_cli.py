@@ -403,3 +403,15 @@ def test_a_model_that_is_a_file_is_named(tmp_path, command):
     result = CliRunner().invoke(app, [command, "--model", str(checkpoint), *extra])
     assert result.exit_code == 1 and "is a file; give a diffusers pipeline folder" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) <= ["data", "flux.safetensors"]  # was a long Hub repo-id error
+
+
+def test_generate_warns_of_a_size_the_pipeline_rounds(app, model_dir, tmp_path):
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(model_dir), "--ref", str(_ref(tmp_path)), "--prompt", "a cat", "--steps", "1",
+            "--height", "17", "--width", "32", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output  # diffusers rounds it down, as it does without tokensparse
+    assert "warning: Flux2KleinPipeline makes images in multiples of 4 px" in result.output
+    assert "--height 17 (nearest: 16 or 20)" in result.output and "--width" not in result.output
+    with Image.open(out) as im:
+        assert im.size == (32, 16)
