@@ -18,10 +18,13 @@ CogView4) runs with ``--merge`` alone. The functions here are plain typer-annota
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,6 +53,27 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BF16_VAE = ("ZImageOmniPipeline",)
 
 
+@contextlib.contextmanager
+def _bomb_warning_named(path: Path) -> Iterator[None]:
+    """PIL's ``DecompressionBombWarning`` (an image over ``Image.MAX_IMAGE_PIXELS``, ~89 megapixels, but not over
+    twice that, which is an error) while ``path`` loads, shown as one ``warning:`` line naming ``path`` instead of
+    Python's ``file:line: DecompressionBombWarning: ...`` (other warnings show as before)."""
+    from PIL import Image
+
+    show = warnings.showwarning
+
+    def show_named(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, Image.DecompressionBombWarning):
+            _warn(f"reference image {path}: {message} (loading it anyway)")
+        else:
+            show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():  # restores showwarning and the filters
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        warnings.showwarning = show_named
+        yield
+
+
 def _load_refs(paths: list[Path]) -> list[Any]:
     from PIL import UnidentifiedImageError
 
@@ -60,7 +84,8 @@ def _load_refs(paths: list[Path]) -> list[Any]:
         if not path.is_file():
             fail(f"reference image {path} does not exist")
         try:
-            images.append(load_rgb(path))
+            with _bomb_warning_named(path):
+                images.append(load_rgb(path))
         except (UnidentifiedImageError, OSError, ValueError) as exc:  # load_rgb's ValueError names the file
             fail(f"reference: {exc}")
     return images

@@ -415,3 +415,16 @@ def test_generate_warns_of_a_size_the_pipeline_rounds(app, model_dir, tmp_path):
     assert "--height 17 (nearest: 16 or 20)" in result.output and "--width" not in result.output
     with Image.open(out) as im:
         assert im.size == (32, 16)
+
+
+def test_generate_names_a_reference_over_the_decompression_bomb_limit(app, tmp_path, monkeypatch):
+    ref = _ref(tmp_path)  # 64x64 = 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
+    args = ["generate", "--model", "/no/such/model", "--ref", str(ref), "--prompt", "a cat"]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if "pixels" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: reference image {ref}: Image size (4096 pixels)")
+    assert "DecompressionBombWarning" not in result.output and ".py:" not in result.output
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: still refused
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and f"error: reference: cannot read image {ref}" in result.output
