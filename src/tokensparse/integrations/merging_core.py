@@ -427,32 +427,29 @@ def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
 GRID_HOOKS = ("SmoothedEnergyGuidanceHook",)
 
 
-def _hooks_on(model: nn.Module, modules: list[nn.Module], pick: Callable[[Any], bool]) -> list[str]:
-    """The diffusers hooks (``module._diffusers_hook``) on ``modules`` of ``model`` for which ``pick(hook)``, as
-    ``"HookClass on module.name"``; a dict lookup per module when there is none (every model call checks)."""
-    found: list[str] = []
+def _hooks_on(model: nn.Module, modules: list[nn.Module]) -> list[tuple[Any, str]]:
+    """The diffusers hooks (``module._diffusers_hook``) on ``modules`` of ``model``, each with its module's name; a
+    dict lookup per module when there is none (every model call checks)."""
+    found: list[tuple[Any, str]] = []
     for module in modules:
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is None:
-            continue
-        for hook in getattr(registry, "hooks", {}).values():
-            if pick(hook):
-                name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
-                found.append(f"{type(hook).__name__} on {name}")
-    return list(dict.fromkeys(found))
+        hooks = getattr(module.__dict__.get("_diffusers_hook"), "hooks", None)  # its HookRegistry's {name: hook}
+        if hooks:
+            name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+            found.extend((hook, name) for hook in hooks.values())
+    return found
 
 
-def output_caches(model: nn.Module, modules: list[nn.Module]) -> list[str]:
-    """The stateful diffusers hooks on ``modules`` of ``model`` (merged sublayers and the modules inside them), as
-    ``"HookClass on module.name"``: diffusers' Pyramid Attention Broadcast, FasterCache and TaylorSeer caches, which
-    hand back (or extrapolate from) a module's output of an earlier step. Block-level caches (FirstBlockCache,
-    MagCache) hook the blocks around the merged sublayers, whose outputs are unmerged."""
-    return _hooks_on(model, modules, lambda hook: getattr(hook, "_is_stateful", False))
+def _named(found: list[tuple[Any, str]], pick: Callable[[Any], bool]) -> list[str]:
+    """The hooks of ``found`` for which ``pick(hook)``, as distinct ``"HookClass on module.name"``."""
+    return list(dict.fromkeys(f"{type(hook).__name__} on {name}" for hook, name in found if pick(hook)))
 
 
-def grid_hooks(model: nn.Module, modules: list[nn.Module]) -> list[str]:
-    """The diffusers hooks of :data:`GRID_HOOKS` on ``modules`` of ``model``, as ``"HookClass on module.name"``."""
-    return _hooks_on(model, modules, lambda hook: type(hook).__name__ in GRID_HOOKS)
+def _stateful(hook: Any) -> bool:
+    return bool(getattr(hook, "_is_stateful", False))
+
+
+def _reads_grid(hook: Any) -> bool:
+    return type(hook).__name__ in GRID_HOOKS
 
 
 def _first(found: list[str]) -> str:
@@ -460,17 +457,23 @@ def _first(found: list[str]) -> str:
 
 
 def refuse_output_caches(model: nn.Module, modules: list[nn.Module]) -> None:
-    """``ValueError`` where :func:`output_caches` finds a cache on a merged sublayer (its output of an earlier step
-    has that step's merged tokens, which this step's matching would unmerge into the wrong tokens, or fail), or
-    :func:`grid_hooks` a hook that reads its merged tokens as the image grid (Smoothed Energy Guidance)."""
-    caches = output_caches(model, modules)
+    """``ValueError`` where ``modules`` of ``model`` (merged sublayers and the modules inside them) carry a stateful
+    diffusers hook: Pyramid Attention Broadcast, FasterCache and TaylorSeer caches hand back (or extrapolate from) a
+    module's output of an earlier step, whose merged tokens this step's matching would unmerge into the wrong tokens
+    (or fail); block-level caches (FirstBlockCache, MagCache) hook the blocks around the merged sublayers, whose
+    outputs are unmerged, and pass. Or one of :data:`GRID_HOOKS`, which read its merged tokens as the image grid
+    (Smoothed Energy Guidance). One pass over ``modules`` (every model call checks)."""
+    found = _hooks_on(model, modules)
+    if not found:
+        return
+    caches = _named(found, _stateful)
     if caches:
         raise ValueError(
             f"token merging cannot run under diffusers caches that reuse a merged sublayer's output across steps "
             f"({_first(caches)}): that output holds an earlier step's merged tokens, which another step's matching "
             f"would unmerge into the wrong tokens; disable the cache (e.g. transformer.disable_cache()) or use a "
             f"block-level one (FirstBlockCache, MagCache), which stacks with token merging")
-    grid = grid_hooks(model, modules)
+    grid = _named(found, _reads_grid)
     if grid:
         raise ValueError(
             f"token merging cannot run under Smoothed Energy Guidance ({_first(grid)}): it blurs an attention's "

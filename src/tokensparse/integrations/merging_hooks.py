@@ -203,9 +203,9 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
 
 
 def _refuse_output_caches(model: nn.Module, blocks: dict, cfg: TokenMergingConfig) -> None:
-    """``ValueError`` where a diffusers cache (Pyramid Attention Broadcast, FasterCache, TaylorSeer) hooks a sublayer
-    ``cfg`` would merge: wired into a throwaway state, whose hooks are removed at once (the model's current merging
-    stays as it is)."""
+    """``ValueError`` where a diffusers cache (Pyramid Attention Broadcast, FasterCache, TaylorSeer) or Smoothed Energy
+    Guidance's hook is on a sublayer ``cfg`` would merge (:func:`.merging_core.refuse_output_caches`): wired into a
+    throwaway state, whose hooks are removed at once (the model's current merging stays as it is)."""
     probe = TokenMergingState(cfg=cfg, model=model)
     try:
         wire(model, blocks, probe)
