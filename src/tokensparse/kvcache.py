@@ -31,13 +31,14 @@ class KVJoin:
 
     def join(self, kx: Tensor, vx: Tensor) -> tuple[Tensor, Tensor]:
         k, v, nt = self.k, self.v, kx.shape[2]
+        # a buffer the next call can write into: no autograd graph, and the dtypes cat would not promote
+        reusable = not torch.is_grad_enabled() and kx.dtype == k.dtype and vx.dtype == v.dtype
         joined = self._joined
-        if (torch.is_grad_enabled() or joined is None or kx.dtype != k.dtype or vx.dtype != v.dtype
-                or joined[0].shape[2] != nt + k.shape[2] or joined[0].shape[:2] != kx.shape[:2]
-                or joined[0].device != kx.device or joined[0].is_inference() != torch.is_inference_mode_enabled()):
+        if (not reusable or joined is None or joined[0].shape[2] != nt + k.shape[2]
+                or joined[0].shape[:2] != kx.shape[:2] or joined[0].device != kx.device
+                or joined[0].is_inference() != torch.is_inference_mode_enabled()):
             joined = torch.cat([kx, k], 2), torch.cat([vx, v], 2)
-            # kept where the next call can write into it: no autograd graph, and the dtypes cat would not promote
-            self._joined = None if torch.is_grad_enabled() or kx.dtype != k.dtype or vx.dtype != v.dtype else joined
+            self._joined = joined if reusable else None
             return joined
         joined[0][:, :, :nt].copy_(kx)
         joined[1][:, :, :nt].copy_(vx)
