@@ -59,6 +59,12 @@ def _check_float_input(name: str, tensor: Tensor) -> None:
                     f"{tensor.dtype}: pass it as .float()")
 
 
+def _check_ref_keep(ref_keep: object) -> None:
+    """``TypeError`` unless ``ref_keep`` is ``None`` or a tensor (a ``(B, N)`` keep mask)."""
+    if ref_keep is not None and not isinstance(ref_keep, Tensor):
+        raise TypeError(f"ref_keep must be a (B, N) bool tensor or None, got {type(ref_keep).__name__}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Block
 # --------------------------------------------------------------------------------------------------
@@ -318,8 +324,7 @@ class RefDiT(nn.Module):
         ``prompt_ids`` and ``ref_keep`` computes before its blocks (references embedded through ``ref_embedder``'s
         hooks, the prompt encoded, their RoPE table and mask; in separate mode their conditioning at ``t = 0``)."""
         self.check_prompt_ids(prompt_ids)
-        if ref_keep is not None and not isinstance(ref_keep, Tensor):
-            raise TypeError(f"ref_keep must be a (B, N) bool tensor or None, got {type(ref_keep).__name__}")
+        _check_ref_keep(ref_keep)
         return self._prepare_context(refs, prompt_ids, ref_keep)
 
     def _prepare_context(self, refs: list[Tensor] | TokenSeq | None, prompt_ids: Tensor, ref_keep: Tensor | None
@@ -393,8 +398,7 @@ class RefDiT(nn.Module):
         cfg = self.config
         t = self.check_call(x, t, prompt_ids)
         b = x.shape[0]
-        if ref_keep is not None and not isinstance(ref_keep, Tensor):
-            raise TypeError(f"ref_keep must be a (B, N) bool tensor or None, got {type(ref_keep).__name__}")
+        _check_ref_keep(ref_keep)
         if context is not None and context_kv is not None:
             raise ValueError("give either context or context_kv, not both")
         if context_kv is None:
