@@ -264,8 +264,7 @@ def _checked_guidance(model: RefDiT, guidance: GuidanceConfig) -> GuidanceConfig
         if n - int(round(rate * n)) < 1:
             raise ValueError(f"guidance {name}={rate} routes all {n} target tokens of this model around its route "
                              f"span; give a rate below {1 - 0.5 / n:.4g}")
-    if (isinstance(guidance, SparseGuidanceConfig) and guidance.weak_keep == 1.0 and not guidance.null_weak
-            and round(guidance.strong * n) == round(guidance.weak * n)):  # the config's own check, on this grid
+    if isinstance(guidance, SparseGuidanceConfig) and guidance.weak_is_strong(n):  # the config's check, on this grid
         raise ValueError(f"guidance strong={guidance.strong} and weak={guidance.weak} both route "
                          f"{round(guidance.weak * n)} of this model's {n} target tokens, so the weak branch is the "
                          "strong one (guidance would do nothing, or only differ by which tokens are drawn): set them "

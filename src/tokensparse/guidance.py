@@ -98,12 +98,21 @@ class SparseGuidanceConfig:
         self.null_weak = checks.flag("null_weak", self.null_weak)
         if not 0.0 <= self.strong <= self.weak < 1.0:
             raise ValueError(f"need 0 <= strong <= weak < 1, got strong={self.strong}, weak={self.weak}")
-        if self.strong == self.weak and self.weak_keep == 1.0 and not self.null_weak:
+        if self.weak_is_strong():
             raise ValueError("the weak branch equals the strong one: set strong < weak, weak_keep < 1 or null_weak")
         self.interval = _check_interval(self.interval)
 
     def branches(self) -> tuple[Branch, Branch]:
         return Branch(True, self.strong), Branch(not self.null_weak, self.weak, self.weak_keep)
+
+    def weak_is_strong(self, tokens: int | None = None) -> bool:
+        """Whether the weak branch is the strong one (guidance would do nothing): both conditional with every
+        reference token, at the same rate, or, on a model of ``tokens`` target tokens, routing as many of them."""
+        if self.weak_keep != 1.0 or self.null_weak:
+            return False
+        if tokens is None:
+            return self.strong == self.weak
+        return round(self.strong * tokens) == round(self.weak * tokens)
 
 
 GuidanceConfig = CFGConfig | SparseGuidanceConfig
