@@ -31,6 +31,9 @@ others hand over latents the transformer patchifies and places itself:
 - Fibo 2.0 (``BriaFibo2Transformer2DModel``, ``BriaFibo2Pipeline``): takes the target ``(B, C, H, W)`` and the
   images to edit as ``context_latents`` and builds ``[target, image 1, ...]`` and its RoPE ids itself
   (:mod:`.diffusers_fibo2`: thinned at ``x_embedder`` and ``rope_embedder``; the output is the target).
+- FLUX.3 (``Flux3Transformer2DModel``, modular pipelines only): the references come apart from the target, as
+  ``image_cond_hidden_states`` with ``image_cond_ids`` (T, H, W, L), reference ``i`` at L = -1 - i, and produce no
+  output (:mod:`.diffusers_flux3`).
 - OmniGen (``OmniGenTransformer2DModel``): ``input_ids`` with placeholder runs that the transformer overwrites with
   each image's patch embeddings (``input_image_sizes``: where), then ``[text and images, time token, target]`` with a
   per-row ``(B, S, S)`` mask and 1D RoPE from row 0's ``position_ids``; the guidance rows place the images at
@@ -66,6 +69,7 @@ from torch import Tensor
 from ..images import to_tensor
 from .classes import known_name
 from .diffusers_fibo2 import BriaFibo2Adapter
+from .diffusers_flux3 import Flux3Adapter
 from .diffusers_glm_image import GlmImageAdapter
 from .diffusers_joyimage import JoyImageAdapter, JoyImageEditPlusAdapter
 from .diffusers_layout import InContextAdapter, RefLayout, grid_layout
@@ -243,6 +247,7 @@ TRANSFORMERS: dict[str, type] = {
     "JoyImageEditTransformer3DModel": JoyImageAdapter,
     "JoyImageEditPlusTransformer3DModel": JoyImageEditPlusAdapter,
     "OmniGenTransformer2DModel": OmniGenAdapter,
+    "Flux3Transformer2DModel": Flux3Adapter,  # modular pipelines only (Flux3ModularPipeline): on the transformer
 }
 PIPELINES: dict[str, tuple[str, str, int]] = {
     "Flux2KleinPipeline": ("prepare_image_latents", "images", 0),

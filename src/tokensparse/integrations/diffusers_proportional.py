@@ -98,6 +98,8 @@ NO_BIAS: dict[str, str] = {
         "calls the attention with attn_mask=None, so no log(size) bias can reach it)",
     "JoyImageEditPlusTransformer3DModel": " (its forward takes no attention kwargs; its attention gets only "
         "the boolean padding mask it builds from encoder_hidden_states_mask)",
+    "Flux3Transformer2DModel": " (its attention_kwargs carry the LoRA scale alone and its blocks call the attention "
+        "without a mask, so no log(size) bias can reach it)",
 }
 # dispatch_attention_fn backends that add a float attn_mask to the logits
 MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"})
