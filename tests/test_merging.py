@@ -337,6 +337,33 @@ def test_cache_passes_by_call_fingerprint() -> None:
     assert len(cache) == MAX_PASSES
 
 
+def test_cache_never_hands_an_inference_mode_matching_to_autograd() -> None:
+    """A matching made under torch.inference_mode() was reused at a later step with grad on (a training step after
+    a generation): its index tensors are inference tensors, and merging with them failed ("Inference tensors
+    cannot be saved for backward")."""
+    cache = MatchCache(recompute_every=5)
+    x = torch.zeros(1, 8, 4)
+    with torch.inference_mode():
+        made = cache.lookup("b", 0, x, _matching)
+        assert cache.lookup("b", 1, x, _matching) is made  # reused inside inference mode
+    assert made.is_inference
+    with torch.no_grad():
+        assert cache.lookup("b", 2, x, _matching) is made  # no graph recorded: reusable
+    tokens = torch.randn(1, 8, 4, requires_grad=True)
+    fresh = cache.lookup("b", 3, x, _matching)
+    assert fresh is not made and not fresh.is_inference
+    fresh.unmerge(fresh.merge(tokens)).sum().backward()
+    assert cache.lookup("b", 4, x, _matching) is fresh  # the step-3 one, made here, is reused as before
+
+
+def test_matching_made_outside_inference_mode_with_flat_indices_made_inside_is_inference() -> None:
+    m = _matching()
+    assert not m.is_inference
+    with torch.inference_mode():
+        m.merge(torch.randn(1, 8, 4))  # builds and keeps its flattened index in inference mode
+    assert m.is_inference
+
+
 # ---------------------------------------------------------------------------------------------- properties
 
 

@@ -183,6 +183,15 @@ class Matching:
     def num_merged(self) -> int:
         return self.src.shape[1]
 
+    @property
+    def is_inference(self) -> bool:
+        """Whether any of its index tensors (or their flattened forms, once made) was made under
+        ``torch.inference_mode()``: autograd cannot save those for backward, so such a matching is never reused
+        where autograd records (see :meth:`MatchCache.lookup`)."""
+        made = [self.keep, self.src, self.slot, self.index, self.counts]
+        made += [self.__dict__[k] for k in ("_flat_index", "_flat_keep") if k in self.__dict__]
+        return any(t.is_inference() for t in made)
+
     def fits(self, x: Tensor) -> bool:
         """Whether ``x`` ``(B, N, ...)`` has the batch size, length and device this matching was made for."""
         return (x.shape[0] == self.batch_size and x.shape[1] == self.num_tokens
@@ -427,6 +436,8 @@ class MatchCache:
     the slots are reused, and calls seen before are forgotten), so a loop at one timestep cannot grow the
     cache; identical calls repeat their matching while a step sees at most :data:`MAX_PASSES` distinct
     calls. :meth:`reset` starts a new generation: nothing computed before it is ever returned after it.
+    A matching made under ``torch.inference_mode()`` is never returned where autograd records (grad mode on,
+    outside inference mode): its index tensors cannot be saved for backward; it is recomputed there instead.
     """
 
     def __init__(self, recompute_every: int = 1, recompute_steps: tuple[int, ...] | None = None) -> None:
@@ -478,7 +489,7 @@ class MatchCache:
             self._calls.clear()
         key = (layer, self._pass(layer, call))
         entry = self._entries.get(key)
-        if entry is not None and entry[2].fits(x) and (
+        if entry is not None and entry[2].fits(x) and not _unusable_here(entry[2]) and (
             entry[1] == call if entry[0] == step else not self.recompute_at(step)
         ):
             self.hits += 1
@@ -487,3 +498,9 @@ class MatchCache:
         self.misses += 1
         self._entries[key] = (step, call, matching)
         return matching
+
+
+def _unusable_here(m: Matching) -> bool:
+    """Whether autograd records here (grad mode on, outside inference mode) and ``m`` was made under inference mode:
+    merging or unmerging with it would fail ("Inference tensors cannot be saved for backward")."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and m.is_inference
