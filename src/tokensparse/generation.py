@@ -164,6 +164,11 @@ class StepTracker:
         self.step = -1
         self._last_t = None
 
+    def advances(self, t: float) -> bool:
+        """Whether a call at timestep ``t`` would be the next step of the current generation (it is lower than the
+        last call's); ``False`` for the first call of a generation, a repeat of the step's timestep or a rise."""
+        return self._last_t is not None and t < self._last_t
+
     def observe(self, t: float) -> int:
         """Record a call at timestep ``t``; returns the step index within the current generation."""
         if self._last_t is not None and t > self._last_t:

@@ -1,17 +1,23 @@
-"""The per-block merging machinery (:mod:`tokensparse.integrations.merging_core`) against other hooks on the same
-sublayers: diffusers' caches that hand back a sublayer's output of an earlier step are refused, block-level ones
-stack."""
+"""The per-block merging machinery (:mod:`tokensparse.integrations.merging_core`): where a generation starts (steps
+and generations read from the calls), and other hooks on the same sublayers: diffusers' caches that hand back a
+sublayer's output of an earlier step are refused, block-level ones stack."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 from torch import nn
 
-diffusers = pytest.importorskip("diffusers")
+import tokensparse as ts
+from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
+from tokensparse.merging import TokenMergingConfig
+from tokensparse.models.zoo import randomize_zero_init
 
-from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
-from tokensparse.merging import TokenMergingConfig  # noqa: E402
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+if importlib.util.find_spec("diffusers") is not None:
+    import diffusers
 
 H = W = 6  # a 6x6 grid of image tokens
 
@@ -23,11 +29,11 @@ def _flux() -> nn.Module:
         joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
 
 
-def _inputs(t: float) -> dict:
+def _inputs(t: float, h: int = H, w: int = W) -> dict:
     g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(H, W, 3)
-    ids[..., 1], ids[..., 2] = torch.arange(H)[:, None], torch.arange(W)[None, :]
-    return {"hidden_states": torch.randn(1, H * W, 8, generator=g), "encoder_hidden_states": torch.randn(1, 4, 16,
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    return {"hidden_states": torch.randn(1, h * w, 8, generator=g), "encoder_hidden_states": torch.randn(1, 4, 16,
                                                                                                          generator=g),
             "pooled_projections": torch.randn(1, 8, generator=g), "timestep": torch.tensor([t]),
             "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(4, 3), "return_dict": False}
@@ -40,6 +46,7 @@ def _generate(model: nn.Module) -> list[torch.Tensor]:
         return [model(**_inputs(t))[0] for t in (0.9, 0.6, 0.3)]
 
 
+@needs_diffusers
 def test_diffusers_caches_reusing_a_merged_sublayers_output_are_refused() -> None:
     # Pyramid Attention Broadcast / TaylorSeer hand back (or extrapolate from) an attention's output of an earlier
     # step: under merging, that step's merged tokens, which this step's matching unmerged into the wrong tokens
@@ -67,6 +74,7 @@ def test_diffusers_caches_reusing_a_merged_sublayers_output_are_refused() -> Non
     remove_token_merging(model)
 
 
+@needs_diffusers
 def test_a_block_level_diffusers_cache_stacks_with_merging() -> None:
     model = _flux()
     model.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.5))  # caches whole blocks' (unmerged) outputs
@@ -76,6 +84,7 @@ def test_a_block_level_diffusers_cache_stacks_with_merging() -> None:
     model.disable_cache()
 
 
+@needs_diffusers
 def test_smoothed_energy_guidance_on_a_merged_attention_is_refused() -> None:
     # a modular pipeline's SEG guider hooks an attention's to_q for its pass and blurs the queries as a square grid of
     # the sequence: under merging they are fewer and out of grid order, so the blur mixed unrelated tokens silently
@@ -94,4 +103,125 @@ def test_smoothed_energy_guidance_on_a_merged_attention_is_refused() -> None:
     registry.remove_hook("seg")  # the guider's cleanup after its pass
     apply_token_merging(model, TokenMergingConfig(ratio=0.5))
     assert all(torch.equal(a, b) for a, b in zip(_generate(model), merged))
+    remove_token_merging(model)
+
+
+# ------------------------------------------------------------------------------------- where generations start
+
+EVERY_100 = TokenMergingConfig(ratio=0.5, recompute_every=100)  # reuses step 0's matchings for the whole generation
+
+
+@pytest.fixture(scope="module")
+def refdit() -> ts.RefDiT:
+    torch.manual_seed(0)
+    return randomize_zero_init(ts.build_model("refdit-tiny", image_size=32).eval())  # 8x8 target tokens
+
+
+def _call(model: ts.RefDiT, t: float, seed: int = 1, batch: int = 1) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    s = model.config.image_size
+    refs = [torch.rand(batch, 3, s, s, generator=g) * 2 - 1]
+    return torch.randn(batch, 3, s, s, generator=g), torch.full((batch,), t), refs, torch.zeros(batch, 3,
+                                                                                                 dtype=torch.long)
+
+
+def _fresh(model: nn.Module, call: tuple | dict, grad: bool = False) -> torch.Tensor:
+    """What ``call`` computes as the first call of a freshly merged model (step 0 of a new generation)."""
+    apply_token_merging(model, EVERY_100)
+    with torch.set_grad_enabled(grad):
+        out = model(**call)[0] if isinstance(call, dict) else model(*call)
+    return out.detach()
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_a_training_step_after_a_generation_starts_a_new_one(refdit: ts.RefDiT, mode) -> None:
+    """A grad-enabled call (a training step with a fresh timestep) after a generation, at a timestep below the
+    generation's last (0.25 at 4 steps), was read as its next step and reused its matchings: from another image, and
+    under inference_mode made of inference tensors, which failed the call ("Inference tensors cannot be saved for
+    backward")."""
+    call = _call(refdit, t=0.1)
+    want = _fresh(refdit, call, grad=True)
+    apply_token_merging(refdit, EVERY_100)
+    state = merging_state(refdit)
+    with mode():
+        ts.generate(refdit, [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))], "", steps=4)
+    assert state.cache.hits > 0  # the generation reused its matchings
+    out = refdit(*call)
+    assert state.tracker.step == 0 and state.cache.hits == 0  # step 0 of a new generation
+    assert torch.equal(out.detach(), want)
+    out.pow(2).mean().backward()  # its matchings are its own: autograd can save them
+    refdit.zero_grad(set_to_none=True)
+    remove_token_merging(refdit)
+
+
+@torch.no_grad()
+def test_a_step_of_another_batch_size_starts_a_new_generation(refdit: ts.RefDiT) -> None:
+    call = _call(refdit, t=0.3, batch=2)
+    want = _fresh(refdit, call)
+    apply_token_merging(refdit, EVERY_100)
+    for t in (0.9, 0.6):  # a bare loop over one image
+        refdit(*_call(refdit, t, seed=3))
+    assert torch.equal(refdit(*call), want)  # was step 2 of the batch-1 generation (its destination draws)
+    remove_token_merging(refdit)
+
+
+@needs_diffusers
+@torch.no_grad()
+def test_a_step_on_another_grid_starts_a_new_generation() -> None:
+    model = _flux()
+    call = _inputs(0.3, h=4, w=4)
+    want = _fresh(model, call)
+    apply_token_merging(model, EVERY_100)
+    for t in (0.9, 0.6):
+        model(**_inputs(t))  # 6x6
+    assert torch.equal(model(**call)[0], want)
+    assert merging_state(model).tracker.step == 0
+    remove_token_merging(model)
+
+
+def test_a_switch_into_or_out_of_inference_mode_starts_a_new_generation(refdit: ts.RefDiT) -> None:
+    call = _call(refdit, t=0.6)
+    for first, then in ((torch.no_grad, torch.inference_mode), (torch.inference_mode, torch.no_grad)):
+        with then():
+            want = _fresh(refdit, call)
+        apply_token_merging(refdit, EVERY_100)
+        with first():
+            for t in (0.9, 0.6):
+                refdit(*_call(refdit, t))
+        with then():  # an identical call at the same timestep, but not under the same mode
+            assert torch.equal(refdit(*call), want)
+        assert merging_state(refdit).tracker.step == 0
+    remove_token_merging(refdit)
+
+
+def test_passes_of_a_step_may_differ_in_batch_and_grad_mode(refdit: ts.RefDiT) -> None:
+    """CFG-style passes keep sharing their step: SD3's skip-layer-guidance pass (batch 1 beside the batch-2 CFG call,
+    only in some steps), Attend-and-Excite's grad-enabled passes (batch 1) before its no-grad CFG pass (batch 2), in
+    its first steps. A step whose first call is like one of the previous step's continues the generation."""
+    apply_token_merging(refdit, EVERY_100)
+    state = merging_state(refdit)
+    schedule = {0.9: ["grad", "cfg"], 0.8: ["grad", "grad", "cfg"], 0.7: ["cfg"], 0.6: ["cfg", "slg"],
+                0.5: ["cfg", "slg"], 0.4: ["cfg"]}
+    generation = None
+    for step, (t, passes) in enumerate(schedule.items()):
+        for kind in passes:
+            with torch.set_grad_enabled(kind == "grad"):
+                refdit(*_call(refdit, t, seed=len(kind), batch=2 if kind == "cfg" else 1))
+            generation = state.tracker.generation if generation is None else generation
+            assert (state.tracker.generation, state.tracker.step) == (generation, step), (t, kind)
+    assert state.cache.hits > 0
+    remove_token_merging(refdit)
+
+
+@needs_diffusers
+def test_a_training_step_after_a_diffusers_generation_under_inference_mode_runs() -> None:
+    model = _flux()
+    call = _inputs(0.1)  # below the generation's last timestep
+    want = _fresh(model, call, grad=True)
+    apply_token_merging(model, EVERY_100)
+    with torch.inference_mode():
+        _generate(model)
+    out = model(**call)[0]
+    assert torch.equal(out.detach(), want)
+    out.pow(2).mean().backward()  # failed: "Inference tensors cannot be saved for backward"
     remove_token_merging(model)

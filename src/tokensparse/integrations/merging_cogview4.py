@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import Sublayer, TokenMergingState, merge_block, observe_calls
+from .merging_core import Sublayer, TokenMergingState, call_shape, merge_block, observe_calls
 
 
 def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
@@ -42,7 +42,7 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         if rope is None or (isinstance(rope, tuple) and len(rope) == 2
                             and all(isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] == h * w for t in rope)):
             box["grid"] = (h, w)
-    state.observe(first_arg(call, "timestep"), call)
+    state.observe(first_arg(call, "timestep"), call, call_shape(x, box["grid"]))
 
 
 def _grid(box: dict, n: int) -> tuple[int, int, int] | None:

@@ -64,8 +64,8 @@ class TokenMergingState:
 
     def __setstate__(self, state: dict) -> None:
         # defaults first: also older pickles
-        self.__dict__.update({"recording": False, "isolated": False, "sublayers": [], **state, "_recorded": Recorded(),
-                              "running": 0})
+        self.__dict__.update({"recording": False, "isolated": False, "sublayers": [], "inference": None,
+                              "kinds": set(), **state, "_recorded": Recorded(), "running": 0})
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
@@ -75,6 +75,8 @@ class TokenMergingState:
         self.recording = False  # this model call may be recomputed in backward (gradient checkpointing)
         self.isolated = False  # the last call's samples were at different timesteps: the next starts afresh
         self.running = 0  # calls of the model in progress: its sublayers merge only inside one
+        self.inference: bool | None = None  # whether the last call ran under torch.inference_mode()
+        self.kinds: set[Hashable] = set()  # (shape, grad mode) of the calls of the current step, see observe
 
     @property
     def step(self) -> int:
@@ -83,12 +85,23 @@ class TokenMergingState:
     def new_generation(self) -> None:
         self.tracker.reset()
 
-    def observe(self, t: Any, call: dict | None = None) -> None:
+    def observe(self, t: Any, call: dict | None = None, shape: Hashable = None) -> None:
         """Record a model call (its timestep, ``None`` read as 0, and arguments); starts a fresh cache when a new
         generation begins.
 
         ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
         identical call repeated at one timestep reuses its matchings (same output, bounded cache).
+        ``shape``: the call's batch size and target grid (see :func:`call_shape`), ``None`` if unknown.
+
+        Steps: calls at one timestep are the passes of a step (guidance), a lower timestep is the next step, a
+        higher one starts a new generation (:class:`~tokensparse.generation.StepTracker`). A call that cannot
+        continue the current generation starts a new one as well:
+
+        - a switch into or out of ``torch.inference_mode()`` (a training step after a generation run under it);
+        - the first call of a new step whose shape and grad mode no call of the previous step had (another batch
+          or image size; a grad-enabled training step after a generation under ``no_grad``, or the reverse). Passes
+          of one step may differ (SD3's skip-layer pass, Attend-and-Excite's grad-enabled passes before its CFG
+          pass): a step whose first call is like one of the previous step's continues the generation.
 
         A call whose samples are at different timesteps (a training batch) is no step of one generation: it is a
         generation of its own (fresh matchings from its own tokens, whatever ``recompute_every`` says), and the
@@ -98,7 +111,8 @@ class TokenMergingState:
             return
         for owner in self.owners[1:]:  # a pipeline whose scheduler was swapped after apply
             check_scheduler(owner)
-        self.recording = (torch.is_grad_enabled() or self.model.training) and any(
+        inference = torch.is_inference_mode_enabled()
+        self.recording = (torch.is_grad_enabled() or self.model.training) and not inference and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         self.grids_found = 0
         self.call = None if call is None else call_key(call)
@@ -107,10 +121,17 @@ class TokenMergingState:
             flat = t.detach().flatten()
             mixed = flat.numel() > 1 and bool((flat != flat[0]).any())
             t = flat[0].item() if flat.numel() else None
-        if mixed or self.isolated:
+        t = 0.0 if t is None else float(t)
+        kind = (shape, torch.is_grad_enabled())
+        if (mixed or self.isolated or (self.inference is not None and inference != self.inference)
+                or (self.tracker.advances(t) and self.kinds and kind not in self.kinds)):
             self.tracker.reset()
-        self.isolated = mixed
-        self.tracker.observe(0.0 if t is None else float(t))
+        self.isolated, self.inference = mixed, inference
+        step, generation = self.tracker.step, self.tracker.generation
+        self.tracker.observe(t)
+        if (self.tracker.step, self.tracker.generation) != (step, generation):  # a new step: its first call
+            self.kinds = set()
+        self.kinds.add(kind)
         if self.tracker.generation != self._generation:
             self._generation = self.tracker.generation
             self.cache.reset()
@@ -193,6 +214,19 @@ class Recorded:
         if not stack:
             del self._stacks[key]
         return value
+
+
+def call_shape(tokens: Any, grid: Any) -> tuple[int | None, Any]:
+    """A model call's shape for :meth:`TokenMergingState.observe`: its batch size (``tokens``' first dimension, or
+    the length of a list of per-sample tensors) and its target ``grid`` (any hashable: ``(h, w)``, a latent's
+    shape), the things a generation keeps from step to step whatever else its calls change (reference tokens
+    thinned, a K/V-extract call)."""
+    batch = None
+    if isinstance(tokens, Tensor) and tokens.dim() >= 1:
+        batch = tokens.shape[0]
+    elif isinstance(tokens, (list, tuple)):
+        batch = len(tokens)
+    return batch, grid
 
 
 def _in_backward() -> bool:

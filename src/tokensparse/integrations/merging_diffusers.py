@@ -45,7 +45,15 @@ from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .classes import known_name
 from .merging_cogview4 import wire_cogview4
-from .merging_core import BlockMerger, Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
+from .merging_core import (
+    BlockMerger,
+    Sublayer,
+    TokenMergingState,
+    call_shape,
+    merge_block,
+    merge_span,
+    observe_calls,
+)
 from .merging_lumina2 import image_blocks, wire_lumina2
 
 logger = logging.getLogger(__name__)
@@ -234,7 +242,8 @@ def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args:
         got = f"a {sample.dim()}-D tensor" if isinstance(sample, Tensor) else "no sample / hidden_states tensor"
         logger.warning("tokensparse: token merging merges the token grid of a (B, C, H, W) latent, and %s was "
                        "called with %s; it runs unmerged", type(module).__name__, got)
-    state.observe(first_arg(call, "timestep"), call)
+    grid = tuple(sample.shape[1:]) if isinstance(sample, Tensor) else None
+    state.observe(first_arg(call, "timestep"), call, call_shape(sample, grid))
 
 
 def _config_patch(module: nn.Module) -> int | None:
@@ -305,7 +314,7 @@ def _observe_flux(state: TokenMergingState, box: dict, module: nn.Module, args: 
     ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
     box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids, box["cloze"]) if isinstance(ids, Tensor) else None
     box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
-    state.observe(first_arg(call, "timestep"), call)
+    state.observe(first_arg(call, "timestep"), call, call_shape(call.get("hidden_states"), box["grid"]))
 
 
 def _flux_grid(box: dict, text: bool, n: int) -> tuple[int, int, int] | None:
@@ -379,7 +388,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
 def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
     box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
-    state.observe(first_arg(call, "timestep"), call)
+    state.observe(first_arg(call, "timestep"), call, call_shape(call.get("hidden_states"), box["grid"]))
 
 
 def _leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:
@@ -420,7 +429,8 @@ def _observe_zimage(state: TokenMergingState, box: dict, module: nn.Module, args
             f, h, w = shapes.pop()
             box["grid"] = (h // p, w // p) if f // pf == 1 else None
     t = first_arg(call, "t")
-    state.observe(1.0 - t if t is not None else None, call)  # Z-Image's t rises over a generation (1 - sigma)
+    # Z-Image's t rises over a generation (1 - sigma)
+    state.observe(1.0 - t if t is not None else None, call, call_shape(x, box["grid"]))
 
 
 def _zimage_rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

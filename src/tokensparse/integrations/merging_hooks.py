@@ -13,7 +13,9 @@ Per block, the first merged sublayer computes (or, between recompute steps, look
 input; the block's later sublayers reuse it. A forward pre-hook on the model reads the timestep and feeds a
 :class:`~tokensparse.generation.StepTracker`, which numbers the steps and notices a new generation when the
 timestep rises; :func:`tokensparse.generation.begin_generation` (``tokensparse.generate`` calls it; for
-pipelines ``scheduler.set_timesteps`` does) starts one explicitly. Each new generation empties the match
+pipelines ``scheduler.set_timesteps`` does) starts one explicitly. A call that cannot continue the generation
+(another batch size, grid or grad mode at a new step, a switch of ``torch.inference_mode()``) starts one too
+(:meth:`~.merging_core.TokenMergingState.observe`). Each new generation empties the match
 cache. A layer's random destinations at a step depend only on the config's seed, the step and the layer, so every
 pass of a step draws the same ones, as one batched call would. Calls at one timestep are the passes of a step
 (guidance), told apart by a fingerprint of their arguments: an identical call gets its own matchings back.
@@ -30,14 +32,22 @@ import logging
 import re
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..generation import compile_hint, on_generation_start, remove_generation_callback, reset_if_compiled
 from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
 from .classes import known_name
-from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls, refuse_output_caches
+from .merging_core import (
+    Sublayer,
+    TokenMergingState,
+    call_shape,
+    merge_block,
+    merge_span,
+    observe_calls,
+    refuse_output_caches,
+)
 from .merging_diffusers import find_blocks, wire
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "merging_supports", "remove_token_merging"]
@@ -82,7 +92,8 @@ def _square_grid(side: int, n: int) -> tuple[int, int, int] | None:
 
 def _observe_refdit(state: TokenMergingState, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
-    state.observe(first_arg(call, "t"), call)
+    x = call.get("x")
+    state.observe(first_arg(call, "t"), call, call_shape(x, tuple(x.shape[1:]) if isinstance(x, Tensor) else None))
 
 
 def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import Sublayer, TokenMergingState, merge_block, merge_span, observe_calls
+from .merging_core import Sublayer, TokenMergingState, call_shape, merge_block, merge_span, observe_calls
 
 _JOINT = re.compile(r"(^|\.)layers\.\d+$")
 _IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")  # the context refiner sees the caption only
@@ -62,7 +62,7 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         else:
             box["order"] = image_first(caps, h * w, x.device)
     t = first_arg(call, "timestep")
-    state.observe(1.0 - t if t is not None else None, call)  # Lumina's timestep rises (1 - t/1000)
+    state.observe(1.0 - t if t is not None else None, call, call_shape(x, box["grid"]))  # Lumina's t rises (1 - t/1000)
 
 
 def image_first(caps: list[int], n: int, device: torch.device) -> Tensor:
