@@ -53,3 +53,23 @@ def test_timesteps_stay_in_zero_one_for_every_shift():
     for shift in (1.32, 1.57, 2.14, 0.2, 0.4, 16.98, 1e-4, 1e4):  # float32 rounding put t[0] at 1.0000001
         ts_ = timesteps(28, shift=shift)
         assert ts_[0] == 1 and ts_[-1] == 0 and bool(((ts_ >= 0) & (ts_ <= 1)).all()), shift
+
+
+def test_euler_continues_from_what_the_callback_leaves_or_returns():
+    # like diffusers' callback_on_step_end (its returned "latents"): the callback may steer the sample
+    timesteps_ = timesteps(3)
+    x = torch.ones(1, 1, 2, 2)
+
+    def denoise(x, t):
+        return torch.zeros_like(x)
+
+    assert torch.equal(euler(denoise, x.clone(), timesteps_, lambda i, s: s.mul_(2)), 8 * x)  # in place
+    assert torch.equal(euler(denoise, x.clone(), timesteps_, lambda i, s: s * 2), 8 * x)  # returned
+    assert euler(denoise, x.clone(), timesteps_, lambda i, s: (s * 2).double()).dtype == torch.float32
+    seen = []
+    assert torch.equal(euler(denoise, x.clone(), timesteps_, lambda i, s: seen.append(s) or True), x)  # ignored
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match=r"callback returned a tensor of shape \(1, 4\) after step 0"):
+        euler(denoise, x.clone(), timesteps_, lambda i, s: s.reshape(1, 4))
+    with pytest.raises(TypeError, match="callback returned a torch.int64 tensor"):
+        euler(denoise, x.clone(), timesteps_, lambda i, s: s.long())

@@ -150,3 +150,23 @@ def test_a_generation_prepares_each_context_once(tiny, tiny_kv, monkeypatch, cac
     monkeypatch.setattr(type(model), "context", lambda self, *a: calls.append(1) or original(self, *a))
     ts.generate(model, make_refs(2), "place the subject top left", steps=4, guidance=ts.CFGConfig(2.0))
     assert len(calls) == 2  # the conditional and the null prompt's contexts, once each
+
+
+def test_the_callback_may_steer_the_sample_and_a_looking_one_needs_no_copy():
+    """generate's callback gets the live sample: an in-place edit or a returned sample is what the next step continues
+    from (as diffusers' callback_on_step_end changes latents); one that only keeps the samples sees each unchanged."""
+    torch.manual_seed(0)
+    model = randomize(ts.build_model("refdit-tiny"))
+    refs = make_refs(1)
+    kept = []
+    plain = ts.generate(model, refs, "place red object", steps=3, callback=lambda i, x: kept.append(x))
+    copies = []
+    ts.generate(model, refs, "place red object", steps=3, callback=lambda i, x: copies.append(x.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(kept, copies)) and len(kept) == 3
+    assert torch.equal(plain, ((kept[-1] + 1) / 2).clamp(0, 1))
+    for steer in (lambda i, x: x.zero_() if i == 2 else None, lambda i, x: torch.zeros_like(x) if i == 2 else None):
+        assert torch.equal(ts.generate(model, refs, "place red object", steps=3, callback=steer),
+                           torch.full_like(plain, 0.5))
+    first = ts.generate(model, refs, "place red object", steps=3, callback=lambda i, x: x.neg() if i == 0 else None)
+    assert not torch.equal(first, plain)
+

@@ -3,7 +3,10 @@
     x_t = (1 - t) * x0 + t * eps          velocity  v = eps - x0          dx/dt = v
 
 Every sampler here has one signature, ``sampler(denoise, x, timesteps, callback=None) -> x0``, where
-``denoise(x, t) -> v`` takes ``t`` of shape ``(B,)``; guidance and sparsity wrap ``denoise``.
+``denoise(x, t) -> v`` takes ``t`` of shape ``(B,)``; guidance and sparsity wrap ``denoise``. ``callback(i, x)``
+runs after step ``i`` with the live sample and may change it, as a diffusers ``callback_on_step_end`` may change
+its latents: an in-place edit of ``x``, or a returned tensor of ``x``'s shape (which replaces it), is what the
+next step continues from (:func:`step_callback`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,29 @@ from torch import Tensor
 from . import checks
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+StepCallback = Callable[[int, Tensor], "Tensor | None"]
 
 
 class Sampler(Protocol):
     def __call__(self, denoise: Denoiser, x: Tensor, timesteps: Tensor,
-                 callback: Callable[[int, Tensor], None] | None = None) -> Tensor: ...
+                 callback: StepCallback | None = None) -> Tensor: ...
+
+
+def step_callback(callback: StepCallback, i: int, x: Tensor) -> Tensor:
+    """Run ``callback(i, x)`` after step ``i`` and return the sample the sampler continues from: ``x`` itself (with
+    any in-place edit the callback made), or the tensor the callback returned, which replaces it (cast to ``x``'s
+    dtype and device). Returns other than a tensor (``None``, a progress bar's ``update``) are ignored.
+    ``ValueError`` for a returned tensor of another shape, ``TypeError`` for one that is not floating point."""
+    out = callback(i, x)
+    if not isinstance(out, Tensor) or out is x:
+        return x
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"callback returned a tensor of shape {tuple(out.shape)} after step {i}; it replaces the "
+                         f"sample, which is {tuple(x.shape)}: return a sample of that shape, or None to keep it")
+    if not out.is_floating_point():
+        raise TypeError(f"callback returned a {out.dtype} tensor after step {i}; it replaces the sample, which is "
+                        f"{x.dtype}: return a floating-point sample, or None to keep it")
+    return out.to(dtype=x.dtype, device=x.device)
 
 
 def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -75,14 +96,14 @@ def noise_like(shape: tuple[int, ...], seeds: list[int], device: torch.device | 
 
 @torch.no_grad()
 def euler(denoise: Denoiser, x: Tensor, timesteps: Tensor,
-          callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """First-order ODE solve from ``timesteps[0]`` to ``timesteps[-1]``."""
+          callback: StepCallback | None = None) -> Tensor:
+    """First-order ODE solve from ``timesteps[0]`` to ``timesteps[-1]``; ``callback``: see :func:`step_callback`."""
     for i in range(len(timesteps) - 1):
         t, t_next = float(timesteps[i]), float(timesteps[i + 1])
         v = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device))
         x = x + (t_next - t) * v
         if callback is not None:
-            callback(i, x)
+            x = step_callback(callback, i, x)
     return x
 
 

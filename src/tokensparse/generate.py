@@ -99,7 +99,7 @@ def generate(
     seed: int | list[int] = 0,
     shift: float = 1.0,
     sampler: str = "euler",
-    callback: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[[int, Tensor], Tensor | None] | None = None,
     guidance: GuidanceConfig | None = None,
 ) -> Tensor:
     """Generate ``(B, C, H, W)`` images in [0, 1], ``C = model.config.channels`` (3: RGB).
@@ -122,7 +122,11 @@ def generate(
         ``[1e-4, 1e4]``.
     sampler: a name from ``tokensparse.flow.SAMPLERS`` (``"euler"``).
     callback: called as ``callback(step, x)`` after each step (``step`` from 0) with the current ``(B, C, H, W)``
-        sample in the model's scale (images in ``[-1, 1]``), or ``None``.
+        sample in the model's scale (images in ``[-1, 1]``), or ``None``. ``x`` is the live sample, and the callback
+        may change it, as a diffusers ``callback_on_step_end`` may change its ``latents``: an in-place edit of ``x``,
+        or a returned tensor of its shape (which replaces it), is what the next step continues from (after the last
+        step, what the result is made of). Other returns (``None``) change nothing. A callback that only looks (a
+        preview, a progress bar) needs no copy: no later step writes into ``x``.
     guidance: a :class:`~tokensparse.guidance.CFGConfig` or :class:`~tokensparse.guidance.SparseGuidanceConfig`
         (routing needs a model built with ``route_span``); ``None`` = one conditional dense pass per step.
     Methods applied to ``model`` (sparse context, token merging) take effect; selection runs once per call.
