@@ -6,8 +6,13 @@ inside a call."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 #: the extra of pyproject.toml's [project.optional-dependencies] that installs each optional package
 EXTRAS: dict[str, str] = {
@@ -40,3 +45,24 @@ def require(module: str, feature: str) -> ModuleType:
             raise
         raise MissingExtraError(f"{feature} needs {package}, which is not installed: "
                                 f"pip install 'tokensparse[{EXTRAS[package]}]'") from exc
+
+
+def needs(*modules: str) -> Callable[[_F], _F]:
+    """Decorator: the function imports each of ``modules`` through :func:`require` before it runs (the message names
+    the function), so calling it without its extra raises :class:`MissingExtraError` instead of a
+    ``ModuleNotFoundError`` from the import inside it. The modules are checked at the call, not at the decoration:
+    importing the decorated function needs none of them."""
+    for module in modules:
+        if module.partition(".")[0] not in EXTRAS:
+            raise ValueError(f"{module!r} is no optional dependency of tokensparse; known: {sorted(EXTRAS)}")
+
+    def decorate(function: _F) -> _F:
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for module in modules:
+                require(module, function.__qualname__)
+            return function(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate

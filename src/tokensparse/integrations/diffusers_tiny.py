@@ -11,12 +11,15 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
+
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
+@needs("transformers")
 def tiny_qwen_tokenizer() -> Any:
     """A byte-level BPE ``Qwen2Tokenizer`` with no merges (one token per byte), with a chat template."""
     from transformers import Qwen2Tokenizer
@@ -30,6 +33,7 @@ def tiny_qwen_tokenizer() -> Any:
     return tok
 
 
+@needs("diffusers", "transformers")
 def tiny_flux2_klein(
     seed: int = 0,
     kv: bool = False,
@@ -108,6 +112,7 @@ def flux2_call_kwargs(steps: int = 2, size: int = 32) -> dict[str, Any]:
     return {"num_inference_steps": steps, "height": size, "width": size, "max_sequence_length": 16}
 
 
+@needs("transformers")
 def tiny_clip_tokenizer() -> Any:
     """A character-level ``CLIPTokenizer`` (no merges), 16 tokens long."""
     import string
@@ -121,6 +126,7 @@ def tiny_clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
 
 
+@needs("transformers")
 def tiny_t5_tokenizer() -> Any:
     """A character-level unigram ``T5Tokenizer``."""
     from transformers import T5Tokenizer
@@ -130,6 +136,7 @@ def tiny_t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+@needs("transformers")
 def tiny_clip_encoder(tokenizer: Any) -> Any:
     """A 1-layer, 16-wide ``CLIPTextModel`` for ``tokenizer``'s vocabulary (:func:`tiny_clip_tokenizer`)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -139,6 +146,7 @@ def tiny_clip_encoder(tokenizer: Any) -> Any:
         max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
 
 
+@needs("transformers")
 def tiny_t5_encoder(tokenizer: Any) -> Any:
     """A 1-layer, 16-wide ``T5EncoderModel`` for ``tokenizer``'s vocabulary (:func:`tiny_t5_tokenizer`, ByT5)."""
     from transformers import T5Config, T5EncoderModel
@@ -158,6 +166,7 @@ def _tiny_flux_vae(latent_channels: int) -> Any:
                          use_post_quant_conv=False).eval()
 
 
+@needs("diffusers", "transformers")
 def tiny_flux_kontext(seed: int = 0) -> Any:
     """A ``FluxKontextPipeline`` with tiny CLIP + T5 text encoders, VAE and transformer.
 
@@ -207,6 +216,7 @@ def kontext_call_kwargs(steps: int = 2, size: int = 32) -> dict[str, Any]:
     }
 
 
+@needs("diffusers", "transformers")
 def tiny_qwen_image_edit_plus(seed: int = 0, zero_cond_t: bool = False) -> Any:
     """A ``QwenImageEditPlusPipeline`` with a tiny VAE and transformer and *no* text encoder.
 
@@ -268,6 +278,7 @@ def qwen_call_kwargs(steps: int = 2, size: int = 32, seed: int = 0) -> dict[str,
     }
 
 
+@needs("diffusers", "transformers")
 def tiny_qwen_image_edit_inpaint(seed: int = 0) -> Any:
     """A ``QwenImageEditInpaintPipeline`` with the components of :func:`tiny_qwen_image_edit_plus` (no text encoder).
 
@@ -290,6 +301,7 @@ class QwenVLImageProcessorHolder:
         self.image_processor = image_processor
 
 
+@needs("transformers")
 def tiny_qwen_vl_tokenizer() -> Any:
     """:func:`tiny_qwen_tokenizer` plus Qwen2-VL's vision tokens as single special tokens."""
     tok = tiny_qwen_tokenizer()
@@ -298,6 +310,7 @@ def tiny_qwen_vl_tokenizer() -> Any:
     return tok
 
 
+@needs("transformers")
 def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16) -> Any:
     """A one-layer ``Qwen2_5_VLForConditionalGeneration`` (text width ``hidden``, one vision block) for
     :func:`tiny_qwen_vl_tokenizer`'s vocabulary; its vision tower takes 14 px patches, merged 2x2."""
@@ -319,6 +332,7 @@ def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16) -> Any:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
+@needs("diffusers", "transformers")
 def tiny_longcat_image_edit(seed: int = 0) -> Any:
     """A ``LongCatImageEditPipeline`` with a tiny Qwen2.5-VL text encoder, FLUX VAE and transformer.
 

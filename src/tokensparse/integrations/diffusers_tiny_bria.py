@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import tiny_qwen_tokenizer
 
 EMPTY_PROMPT_TOKEN = 128000  # BriaFiboEditPipeline.get_prompt_embeds encodes "" as this one token
 
 
+@needs("diffusers", "transformers")
 def tiny_bria_fibo_edit(seed: int = 0) -> Any:
     """A ``BriaFiboEditPipeline`` with a tiny SmolLM3 text encoder, Wan VAE and FIBO transformer.
 

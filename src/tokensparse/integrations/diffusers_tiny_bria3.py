@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import _tiny_flux_vae, tiny_t5_encoder, tiny_t5_tokenizer
 
 
+@needs("diffusers", "transformers")
 def tiny_bria(seed: int = 0) -> Any:
     """A ``BriaPipeline`` with a tiny T5 text encoder, VAE and Bria transformer.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import _tiny_flux_vae, tiny_qwen_tokenizer
 
 
@@ -28,6 +29,7 @@ def _tiny_glm_tokenizer() -> Any:
     return tok
 
 
+@needs("diffusers", "transformers")
 def tiny_cogview4(seed: int = 0, num_layers: int = 2) -> Any:
     """A ``CogView4Pipeline`` with a tiny GLM text encoder, VAE (/2) and CogView4 transformer (dim 32, patch 2).
 

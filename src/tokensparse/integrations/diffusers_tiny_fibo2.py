@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 
+@needs("diffusers", "transformers")
 def tiny_bria_fibo2(seed: int = 0) -> Any:
     """A ``BriaFibo2Pipeline`` with a tiny Qwen3-VL text encoder, FLUX.2 VAE and Fibo 2.0 transformer.
 

@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import tiny_t5_encoder
 
 PRIOR_CODES = 32  # the tiny transformer's prior codebook size
 
 
+@needs("diffusers", "transformers")
 def tiny_glm_image(seed: int = 0) -> Any:
     """A ``GlmImagePipeline`` without its AR prior (``vision_language_encoder`` and ``processor`` are ``None``).
 

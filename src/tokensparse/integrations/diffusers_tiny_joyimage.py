@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 SMALL_BUCKETS = [(32, 32), (32, 48), (48, 32)]  # (height, width): pixel sizes for tiny tests
@@ -45,6 +46,7 @@ def _components(seed: int, plus: bool) -> dict[str, Any]:
     }
 
 
+@needs("diffusers", "transformers")
 def tiny_joyimage_edit(seed: int = 0) -> Any:
     """A ``JoyImageEditPipeline`` (one reference, in the transformer's sequence after the target) with the tiny
     components above."""
@@ -53,6 +55,7 @@ def tiny_joyimage_edit(seed: int = 0) -> Any:
     return JoyImageEditPipeline(**_components(seed, plus=False))
 
 
+@needs("diffusers", "transformers")
 def tiny_joyimage_edit_plus(seed: int = 0) -> Any:
     """A ``JoyImageEditPlusPipeline`` (several references of any size, patchified after the target) with the tiny
     components above."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import tiny_qwen_tokenizer
 
 
@@ -23,6 +24,7 @@ def _tiny_vae8(latent_channels: int = 4) -> Any:
                          norm_num_groups=4, sample_size=64, shift_factor=0.1, scaling_factor=0.5).eval()
 
 
+@needs("diffusers", "transformers")
 def tiny_lumina2(seed: int = 0, num_layers: int = 2) -> Any:
     """A ``Lumina2Pipeline`` with a tiny Gemma 2 text encoder, VAE (/8) and Lumina 2 transformer (dim 32, patch 2).
 

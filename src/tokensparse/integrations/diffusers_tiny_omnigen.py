@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
+
 WORDS = ("a an the cat dog red blue green in on of and with image photo generate according to following instructions "
          "user assistant end diffusion img")
 
 
+@needs("transformers")
 def tiny_word_tokenizer() -> Any:
     """A ``PreTrainedTokenizerFast`` over :data:`WORDS` (lower-cased; words and runs of punctuation are tokens,
     anything else ``<unk>``): ``<unk>`` 0, ``<s>`` 1 (never emitted), ``<pad>`` 2, as OmniGen's collator pads."""
@@ -31,6 +34,7 @@ def tiny_word_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", pad_token="<pad>")
 
 
+@needs("diffusers", "transformers")
 def tiny_omnigen(seed: int = 0) -> Any:
     """An ``OmniGenPipeline`` with the word tokenizer, a tiny VAE (/8) and a 2-layer OmniGen transformer.
 

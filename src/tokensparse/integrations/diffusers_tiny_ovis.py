@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import _tiny_flux_vae, tiny_qwen_tokenizer
 
 
+@needs("diffusers", "transformers")
 def tiny_ovis_image(seed: int = 0) -> Any:
     """An ``OvisImagePipeline`` with a tiny Qwen3 text encoder, VAE and Ovis-Image transformer.
 

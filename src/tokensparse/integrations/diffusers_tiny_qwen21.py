@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 
+@needs("diffusers", "transformers")
 def tiny_qwen_image21(seed: int = 0, causal_condition: bool = True) -> Any:
     """A ``QwenImage21Pipeline`` with a tiny Qwen3-VL text encoder, VAE and Qwen-Image 2.1 transformer.
 

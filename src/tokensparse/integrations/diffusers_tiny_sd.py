@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import tiny_clip_tokenizer
 
 # the tiny SD 1.x UNet (``UNet2DConditionModel`` keyword arguments); SDXL's levels attend from the second one only
@@ -21,6 +22,7 @@ XL_BLOCKS: dict[str, Any] = {"down_block_types": ("DownBlock2D", "CrossAttnDownB
                              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}
 
 
+@needs("diffusers", "transformers")
 def tiny_sd_vae(channels: int = 3) -> Any:
     """The tiny SD ``AutoencoderKL``: no downsampling, 4 latent channels, ``channels`` image channels."""
     from diffusers import AutoencoderKL
@@ -30,6 +32,7 @@ def tiny_sd_vae(channels: int = 3) -> Any:
                          latent_channels=4, norm_num_groups=8).eval()
 
 
+@needs("diffusers", "transformers")
 def tiny_stable_diffusion(seed: int = 0, xl: bool = False) -> Any:
     """A ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline`` with ``xl=True``: two text encoders, no
     attention at the UNet's top level, as in SDXL) with tiny CLIP text encoders, VAE and UNet.

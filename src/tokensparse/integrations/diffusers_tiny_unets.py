@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import tiny_t5_encoder, tiny_t5_tokenizer
 from .diffusers_tiny_sd import SD_UNET, XL_BLOCKS, tiny_sd_vae, tiny_stable_diffusion
 
@@ -179,6 +180,7 @@ def _refused(name: str) -> Any:
         learned_classifier_free_sampling_embeddings=LearnedClassifierFreeSamplingEmbeddings(learnable=False))
 
 
+@needs("diffusers", "transformers")
 def tiny_unet_variant(name: str, seed: int = 0) -> Any:
     """The tiny random-weight pipeline of diffusers class ``name``, one of :data:`UNET_VARIANTS`
     (``ValueError`` for another name)."""

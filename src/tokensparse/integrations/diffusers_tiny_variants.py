@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import (
     _tiny_flux_vae,
     tiny_clip_tokenizer,
@@ -194,6 +195,7 @@ def _dit_family(name: str, seed: int) -> Any:
     raise ValueError(f"name: no tiny variant {name!r}")
 
 
+@needs("diffusers", "transformers")
 def tiny_variant(name: str, seed: int = 0) -> Any:
     """The tiny random-weight pipeline of diffusers class ``name`` (e.g. ``"FluxFillPipeline"``,
     ``"StableDiffusionXLControlNetPipeline"``, ``"ZImageControlNetPipeline"``); ``ValueError`` for a name it does not

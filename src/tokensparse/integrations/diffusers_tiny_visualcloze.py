@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import _tiny_flux_vae, tiny_clip_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
 
+@needs("diffusers", "transformers")
 def tiny_visualcloze(seed: int = 0, combined: bool = False, resolution: int = 32) -> Any:
     """A ``VisualClozeGenerationPipeline`` (``combined=True``: a ``VisualClozePipeline``, with its upsampling stage)
     of tiny models. Each image is resized to about ``resolution``\\ :sup:`2` pixels (multiples of 4): at 32, a

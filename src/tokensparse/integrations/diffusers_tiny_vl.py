@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..extras import needs
 from .diffusers_tiny import tiny_qwen_vl_tokenizer
 
 # renders a message's content given as a string or as a list of {"type": "text", "text": ...} parts (Qwen-Image
@@ -23,6 +24,7 @@ CHAT_TEMPLATE = (
 )
 
 
+@needs("transformers")
 def tiny_qwen3_vl_processor() -> Any:
     """A ``Qwen3VLProcessor`` without a video processor.
 
@@ -45,6 +47,7 @@ def tiny_qwen3_vl_processor() -> Any:
                                      video_processor=None, chat_template=CHAT_TEMPLATE)
 
 
+@needs("transformers")
 def tiny_qwen3_vl(processor: Any, layers: int = 2, hidden: int = 16) -> Any:
     """A ``Qwen3VLForConditionalGeneration`` of ``layers`` text layers of width ``hidden`` and one vision block,
     for ``processor``'s vocabulary (:func:`tiny_qwen3_vl_processor`)."""
@@ -67,6 +70,7 @@ def tiny_qwen3_vl(processor: Any, layers: int = 2, hidden: int = 16) -> Any:
     return Qwen3VLForConditionalGeneration(config).eval()
 
 
+@needs("transformers")
 def tiny_qwen3_vl_with_processor(layers: int, hidden: int = 16) -> tuple[Any, Any]:
     """``(processor, text_encoder)``: :func:`tiny_qwen3_vl_processor` and a :func:`tiny_qwen3_vl` of ``layers`` text
     layers of width ``hidden`` for it (its weights drawn from the global generator, as the pipeline's other parts)."""

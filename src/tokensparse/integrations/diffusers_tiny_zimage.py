@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
 from .diffusers_tiny import _tiny_flux_vae, tiny_qwen_tokenizer
 
 
@@ -33,6 +34,7 @@ def _tiny_transformer(text_hidden: int, siglip_feat_dim: int | None, n_layers: i
         axes_lens=[512, 64, 64]).eval()
 
 
+@needs("diffusers", "transformers")
 def tiny_z_image(seed: int = 0, n_layers: int = 2) -> Any:
     """A text-to-image ``ZImagePipeline`` with a tiny Qwen3 text encoder, VAE (float32) and Z-Image transformer.
 
@@ -49,6 +51,7 @@ def tiny_z_image(seed: int = 0, n_layers: int = 2) -> Any:
                           text_encoder=text_encoder, tokenizer=tiny_qwen_tokenizer(), transformer=transformer)
 
 
+@needs("diffusers", "transformers")
 def tiny_z_image_omni(seed: int = 0) -> Any:
     """A ``ZImageOmniPipeline`` with a tiny Qwen3 text encoder, SigLIP2 vision model, VAE and Z-Image transformer.
 
