@@ -15,7 +15,7 @@ import torch
 
 import tokensparse as ts
 from tokensparse.data import batched, heldout
-from tokensparse.files import folder_problem
+from tokensparse.files import default_mode, folder_problem, temp_beside
 from tokensparse.metrics import coarse_psnr, psnr, ssim
 
 RESULTS = Path(__file__).resolve().parent / "results"  # where readme_tables.py reads, from any working directory
@@ -157,26 +157,26 @@ def write_json(path: Path, payload: dict, plot: Callable[[], Any] | None = None,
     payload = {"machine": platform.machine(), "torch": torch.__version__, "tokensparse": ts.__version__,
                "threads": torch.get_num_threads(), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, png, png_tmp = path.with_suffix(".json.tmp"), path.with_suffix(".png"), path.with_suffix(".png.tmp")
+    png = path.with_suffix(".png")
+    temps: list[Path] = []  # unique names (temp_beside): two runs writing one results file do not collide
     figure, failed = None, None
     try:
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        temps.append(temp_beside(path))
+        temps[0].write_text(json.dumps(payload, indent=2, default=str))
         try:
             figure = plot() if plot is not None else None
             if figure is not None:
-                figure.savefig(png_tmp, dpi=dpi, format="png")
-                png_tmp.replace(png)  # a folder in its place fails here: the plot's failure, not the results'
+                temps.append(temp_beside(png))
+                figure.savefig(temps[1], dpi=dpi, format="png")
+                default_mode(temps[1]).replace(png)  # a folder in its place fails here: the plot's failure
         except Exception as exc:  # noqa: BLE001  (re-raised below, once the results are safe)
             failed = exc
-            png_tmp.unlink(missing_ok=True)
             if not png.is_dir():
                 png.unlink(missing_ok=True)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        png_tmp.unlink(missing_ok=True)
-        raise
+        default_mode(temps[0]).replace(path)
     finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         if figure is not None:
             pyplot().close(figure)
     if failed is not None:

@@ -560,9 +560,10 @@ def main() -> None:
         print("\n".join(line[:200] for line in diff))
         raise SystemExit(f"{README}: the results block differs from the tables (python benchmarks/readme_tables.py "
                          "--write updates it)")
-    tmp = README.with_name(README.name + ".tmp")  # atomic: an interrupt leaves the old README, no half of one
-    tmp.write_text(f"{head}{BEGIN}{new}{END}{tail}")
-    tmp.replace(README)
+    from tokensparse.files import published  # here: the other modes need no torch
+
+    with published(README) as (tmp,):  # atomic: an interrupt leaves the old README, no half of one
+        tmp.write_text(f"{head}{BEGIN}{new}{END}{tail}")
     print(f"updated {README}")
 
 

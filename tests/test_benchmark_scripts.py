@@ -45,6 +45,24 @@ def test_results_and_plot_are_replaced_together_and_a_failed_plot_keeps_the_resu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json"]
 
 
+def test_two_runs_writing_one_results_file_at_once_do_not_collide(tmp_path):
+    import json
+
+    common = _script("common")
+    plt = common.pyplot()
+    out = tmp_path / "speed.json"
+
+    def plot():  # another run writes the same results while this one renders its plot
+        common.write_json(out, {"summary": {"run": 2}})
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 2])
+        return fig
+
+    common.write_json(out, {"summary": {"run": 1}}, plot)  # shared temp names: the other run took this one's JSON
+    assert json.loads(out.read_text())["summary"] == {"run": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "speed.png"]  # no temp file left
+
+
 def test_a_folder_where_the_plot_goes_is_refused_before_working_and_never_costs_the_results(tmp_path):
     import argparse
     import json

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from tokensparse.files import default_mode
 
 
@@ -25,3 +27,57 @@ def test_folder_problem_looks_at_the_nearest_existing_ancestor(tmp_path, monkeyp
     access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: p != tmp_path and access(p, mode, **kw))
     assert folder_problem(tmp_path / "new") == f"cannot write in {tmp_path}"
+
+
+def test_published_renames_whole_files_with_normal_permissions_from_unique_temp_names(tmp_path):
+    from tokensparse.files import published
+
+    target, other = tmp_path / "w.safetensors", tmp_path / "w.json"
+    umask = os.umask(0o022)
+    try:
+        with published(target, other) as (a, b), published(target) as (c,):
+            assert len({a, b, c}) == 3 and all(t.parent == tmp_path for t in (a, b, c))
+            assert a.name.startswith(".w.safetensors.") and a.name.endswith(".tmp")  # hidden, and `*.tmp`
+            a.write_text("a")
+            b.write_text("b")
+            c.write_text("c")
+            assert not target.exists()  # nothing is published before the block ends
+    finally:
+        os.umask(umask)
+    assert target.read_text() == "a" and other.read_text() == "b"  # the outer block renamed last
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.safetensors"]
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_published_leaves_no_temp_file_and_the_old_files_when_the_block_fails(tmp_path, error):
+    from tokensparse.files import published
+
+    target = tmp_path / "w.png"
+    target.write_text("old")
+    with pytest.raises(type(error)):
+        with published(target, tmp_path / "w.json") as (tmp, _):
+            tmp.write_text("half")
+            raise error
+    assert [p.name for p in tmp_path.iterdir()] == ["w.png"] and target.read_text() == "old"
+
+
+def test_a_rename_that_fails_leaves_no_temp_file(tmp_path):
+    from tokensparse.files import published
+
+    (tmp_path / "w.json").mkdir()  # the second rename fails: the first file is in place, no temp file stays
+    with pytest.raises(OSError):
+        with published(tmp_path / "w.bin", tmp_path / "w.json") as (a, b):
+            a.write_text("a")
+            b.write_text("b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "w.json"]
+
+
+def test_temp_beside_makes_a_unique_file_or_folder_in_the_target_folder(tmp_path):
+    from tokensparse.files import temp_beside
+
+    made = [temp_beside(tmp_path / "step_1", folder=True), temp_beside(tmp_path / "step_1", folder=True),
+            temp_beside(tmp_path / "x.png")]
+    assert len(set(made)) == 3 and made[0].is_dir() and made[2].is_file() and made[2].stat().st_size == 0
+    assert all(p.parent == tmp_path and p.name.endswith(".tmp") for p in made)
+    assert made[0].name.startswith(".step_1.") and made[2].name.startswith(".x.png.")

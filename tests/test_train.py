@@ -394,6 +394,30 @@ def test_a_resave_killed_between_its_renames_keeps_the_moved_aside_checkpoint(tm
     assert latest_checkpoint(run) == run / "step_0000002"
 
 
+def test_two_saves_of_one_checkpoint_at_once_do_not_collide(tmp_path):
+    from tokensparse.run_checkpoints import save_checkpoint_folder
+
+    run, temps = tmp_path / "run", []
+
+    def second(tmp):
+        temps.append(tmp)
+        (tmp / "state.json").write_text("2")
+
+    def first(tmp):  # another save of step 1 runs while this one writes (shared temp names: it removed this one's)
+        temps.append(tmp)
+        save_checkpoint_folder(run, 1, second)
+        (tmp / "state.json").write_text("1")
+
+    assert save_checkpoint_folder(run, 1, first) == run / "step_0000001"
+    assert len(set(temps)) == 2 and all(t.parent == run and t.name.startswith(".step_0000001.") for t in temps)
+    assert (run / "step_0000001" / "state.json").read_text() == "1"
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step_0000001"]  # no temp folder or file left
+    assert (run / "latest").read_text() == "step_0000001"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "step_0000001").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only
+
+
 def test_a_resume_keeps_the_recipe_and_the_process_count_it_started_with(tmp_path):
     run = tmp_path / "run"
     init = tmp_path / "init.safetensors"

@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
 
 
 def default_mode(path: str | os.PathLike) -> Path:
-    """Give ``path`` the permissions a new file normally gets (``0o666`` less the umask).
+    """Give ``path`` the permissions a new file normally gets (``0o666`` less the umask; a folder ``0o777`` less it).
 
-    Temp-file-then-rename writers (``tempfile.mkstemp``, safetensors' own atomic save) create files
-    readable by their owner only; published outputs should not be. Returns ``path``.
+    Temp-file-then-rename writers (``tempfile.mkstemp`` / ``mkdtemp``, safetensors' own atomic save) create files
+    and folders readable by their owner only; published outputs should not be. Returns ``path``.
     """
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
     return Path(path)
+
+
+def temp_beside(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Create an empty temp file (or, with ``folder``, a temp folder) in ``path``'s folder, named
+    ``.NAME.XXXXXXXX.tmp`` with a random part no other writer gets, and return it: two writers publishing to one
+    ``path`` at once never share a temp file. Its permissions are owner-only (:func:`default_mode` undoes that)."""
+    path = Path(path)
+    prefix, where = f".{path.name}.", path.parent
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=where))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=where)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def published(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Publish ``paths`` atomically, together: yields a temp file beside each (:func:`temp_beside`) for the block
+    to write. When the block ends, each gets normal permissions, and then they are renamed onto their paths in
+    order (all are written before any is renamed). If the block or a rename raises (an error, Ctrl-C,
+    ``SystemExit``), the temp files not yet renamed are removed: a failed write leaves no temp file behind.
+    The paths' folders must exist."""
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            tmps.append(temp_beside(path))
+        yield list(tmps)
+        for tmp in tmps:
+            default_mode(tmp)
+        while tmps:
+            os.replace(tmps[0], paths[len(paths) - len(tmps)])
+            tmps.pop(0)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def nearest_existing(path: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import checks
-from .files import default_mode
+from .files import published
 
 ImageLike = Image.Image | np.ndarray | Tensor
 
@@ -220,18 +219,10 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
         raise type(exc)(f"cannot write {path}: {exc}") from None
     if 0 in pil.size:  # PIL's own error named no file: "cannot write empty image"
         raise ValueError(f"cannot write {path}: a PNG needs at least one pixel, the image is {pil.width}x{pil.height}")
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="PNG")
-        default_mode(tmp)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
+        with published(path) as (tmp,):  # a unique temp file beside it: writers of one path do not collide
+            pil.save(tmp, format="PNG")
+    except OSError as exc:
+        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .files import default_mode
+from .files import default_mode, published, temp_beside
 
 #: the loss scaler's state (fp16 mixed precision: accelerate's ``GradScaler``), in a checkpoint folder
 SCALER = "scaler.pt"
@@ -101,11 +101,11 @@ def save_checkpoint_folder(out: Path, step: int, write: Callable[[Path], None], 
     """Make ``out/step_N`` atomically: ``write(tmp)`` fills a temp folder, which is renamed into place, then the
     ``latest`` pointer is replaced; the ``keep_last`` newest ``step_*`` folders are kept. Returns the folder."""
     final = out / f"step_{step:07d}"
-    tmp = out / f".step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(final, folder=True)  # .step_N.XXXXXXXX.tmp: a save that overlaps another has its own
     try:
         write(tmp)
+        default_mode(tmp)  # mkdtemp makes it owner-only
     except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -117,9 +117,8 @@ def save_checkpoint_folder(out: Path, step: int, write: Callable[[Path], None], 
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    latest_tmp = out / "latest.tmp"
-    latest_tmp.write_text(final.name)
-    latest_tmp.replace(out / "latest")
+    with published(out / "latest") as (latest,):
+        latest.write_text(final.name)
     for old in sorted(out.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -202,6 +205,41 @@ def test_checkpoint_over_a_folder_writes_nothing(tmp_path, folder):
     with pytest.raises(IsADirectoryError, match=rf"cannot write {path}: {tmp_path / folder} is a folder"):
         save_checkpoint(ts.build_model("refdit-tiny"), path)
     assert [p.name for p in tmp_path.iterdir()] == [folder]
+
+
+def test_two_exports_to_one_path_at_once_do_not_collide(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tokensparse.models.zoo import write_shipped
+
+    path, temps = tmp_path / "w.safetensors", []
+
+    def second(tmp: str) -> None:
+        temps.append(tmp)
+        save_file({"w": torch.full((2,), 2.0)}, tmp)
+
+    def first(tmp: str) -> None:  # another export to the same path runs while this one writes
+        temps.append(tmp)
+        save_file({"w": torch.full((3,), 1.0)}, tmp)
+        write_shipped(path, second, {"export": 2})
+
+    write_shipped(path, first, {"export": 1})  # shared temp names: the second export took the first's temp file
+    assert len(set(temps)) == 2 and all(Path(t).parent == tmp_path for t in temps)
+    assert load_file(path)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert json.loads(path.with_suffix(".json").read_text()) == {"export": 1}  # the last renamed: a matched pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.safetensors"]
+
+
+def test_a_failed_export_leaves_no_temp_file(tmp_path):
+    from tokensparse.models.zoo import write_shipped
+
+    def fails(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="cannot write .*w.safetensors: .*No space left"):
+        write_shipped(tmp_path / "w.safetensors", fails, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_checkpoint_path_that_is_a_folder_is_called_a_folder_not_missing(tmp_path):

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors
 from safetensors.torch import save_model as _save_safetensors
 
-from ..files import default_mode
+from ..files import published
 from .refdit import RefDiT, RefDiTConfig
 
 # Architectures by name. Weights, where shipped, live in tokensparse/weights/<name>.safetensors.
@@ -95,9 +95,11 @@ def randomize_zero_init(model: RefDiT, std: float = 0.02) -> RefDiT:
 def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: dict) -> None:
     """Publish a shippable weights file and its provenance JSON beside it, each atomically.
 
-    ``write_weights(tmp_path)`` writes the safetensors file; it gets normal permissions (the temp file is
-    private) and renamed into place, then ``info`` goes to ``path.with_suffix(".json")`` the same way. Both are
-    written before either is renamed; a failure (disk full, no such folder) leaves no temp file and raises
+    ``write_weights(tmp_path)`` writes the safetensors file to a temp file of its own beside ``path``
+    (:func:`~tokensparse.files.published`: two exports to one path at once do not collide: each file is whole,
+    the last renamed wins); it gets normal permissions and is renamed into place, then ``info`` goes to
+    ``path.with_suffix(".json")`` the same way. Both are written before either is renamed; a failure (disk full,
+    no such folder, an interrupt) leaves no temp file and raises
     ``OSError`` naming ``path``. A folder where either file goes is an ``IsADirectoryError`` before anything is
     written (renaming the JSON over it failed after the weights were in place: a pair with no config).
     """
@@ -105,19 +107,13 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
     for target in (path, path.with_suffix(".json")):
         if target.is_dir():
             raise IsADirectoryError(f"cannot write {path}: {target} is a folder")
-    tmp, tmp_json = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_weights(str(tmp))
-        default_mode(tmp)
-        tmp_json.write_text(json.dumps(info, indent=2))
-        tmp.replace(path)
-        tmp_json.replace(path.with_suffix(".json"))
+        with published(path, path.with_suffix(".json")) as (tmp, tmp_json):  # unique names: exports may overlap
+            write_weights(str(tmp))
+            tmp_json.write_text(json.dumps(info, indent=2))
     except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as SafetensorError
         raise OSError(f"cannot write {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
 
 
 def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
