@@ -381,3 +381,68 @@ def test_h_is_help_everywhere_but_after_a_bench_name():
         assert short.exit_code == 0 and short.output == long.output, (path, short.output)
     res = CliRunner().invoke(app, ["bench", "-h"])  # no NAME yet: bench's own help, not "unknown benchmark '-h'"
     assert res.exit_code == 0 and "Run a benchmark script" in res.output
+
+
+def test_sigterm_while_a_png_is_written_exits_and_leaves_no_temp_file(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, time
+        from PIL import Image
+
+        def slow_save(self, fp, *args, **kwargs):  # the temp file is there, half written, when SIGTERM comes
+            with open(fp, "wb") as f:
+                f.write(b"half a PNG")
+            print("writing", flush=True)
+            time.sleep(60)
+
+        Image.Image.save = slow_save
+        from tokensparse.cli import app
+        app(["show", "tasks", "--per-task", "1", "--image-size", "16", "--out", sys.argv[1]])
+    """)
+    out = tmp_path / "tasks.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the write is in progress
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM  # was -15: killed on the spot, no cleanup
+    finally:
+        proc.kill()
+    assert "stopped (SIGTERM)" in proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []  # no .tasks.png.*.tmp
+
+
+def test_the_sigterm_handler_is_a_normal_exit_and_is_restored_after_the_command(monkeypatch):
+    import os
+    import signal
+
+    from tokensparse import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    class Console:  # records the handler in force while the command runs
+        def print(self, *args, **kwargs):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    monkeypatch.setattr(cli, "console", Console())
+    res = CliRunner().invoke(app, ["show", "models"])
+    assert res.exit_code == 0, res.output
+    assert seen == [cli._stop_on_sigterm]
+    assert signal.getsignal(signal.SIGTERM) is before  # the test process's own handling is back
+    signal.signal(signal.SIGTERM, cli._stop_on_sigterm)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+            pytest.fail("no SystemExit")
+        assert exc.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process at once
+    finally:
+        signal.signal(signal.SIGTERM, before)

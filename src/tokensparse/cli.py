@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -27,10 +31,36 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM's handler while a command runs: a normal exit (``SystemExit``, status 128 + 15 as a shell reports a
+    signal), so ``finally`` blocks run and remove the temp files of a write in progress; a second SIGTERM ends the
+    process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(OSError, ValueError):  # a closed stderr must not replace the exit
+        print("tokensparse: stopped (SIGTERM)", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm(ctx: typer.Context) -> None:
+    """Handle SIGTERM (:func:`_stop_on_sigterm`) until ``ctx`` closes, then restore the previous handler. Python's
+    default lets SIGTERM end the process on the spot, leaving a ``.NAME.png.*.tmp`` file (or a checkpoint's temp
+    folder) that a write in progress had made. Only in the main thread (the only one signal handlers can be set in),
+    and not where SIGTERM is ignored (the parent process asked for that)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        return
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous))
+
+
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+def _root(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """tokensparse: faster reference-conditioned diffusion transformers."""
+    exit_on_sigterm(ctx)
 
 
 @show_app.command("models")
