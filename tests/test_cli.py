@@ -215,6 +215,22 @@ def test_a_png_that_cannot_be_written_fails_in_one_line_naming_it(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]  # no PNG, no temp file
 
 
+@pytest.mark.parametrize("args", [["show", "tasks", "--per-task", "1"], ["demo", "--steps", "1"]])
+def test_a_png_that_cannot_be_written_leaves_no_folder_the_command_made(tmp_path, monkeypatch, args):
+    import errno
+    import os
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)  # the disk fills while the PNG is written
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "sub" / "o.png"
+    res = CliRunner().invoke(app, args + ["--out", str(out)])
+    assert res.exit_code == 1 and f"cannot write {out}: No space left on device" in res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_an_export_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     from safetensors import SafetensorError
 

@@ -81,3 +81,40 @@ def test_temp_beside_makes_a_unique_file_or_folder_in_the_target_folder(tmp_path
     assert len(set(made)) == 3 and made[0].is_dir() and made[2].is_file() and made[2].stat().st_size == 0
     assert all(p.parent == tmp_path and p.name.endswith(".tmp") for p in made)
     assert made[0].name.startswith(".step_1.") and made[2].name.startswith(".x.png.")
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), SystemExit(143)])
+def test_output_folder_removes_only_the_folders_it_made_when_the_block_fails(tmp_path, error):
+    from tokensparse.files import output_folder
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(type(error)):
+        with output_folder(tmp_path / "kept" / "a" / "b") as folder:
+            assert folder.is_dir()
+            raise error
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+    with output_folder(tmp_path / "kept" / "a" / "b") as folder:  # a block that ends keeps them
+        (folder / "x").write_text("x")
+    assert (tmp_path / "kept" / "a" / "b" / "x").is_file()
+
+
+def test_output_folder_keeps_a_made_folder_another_writer_filled(tmp_path):
+    from tokensparse.files import output_folder
+
+    with pytest.raises(OSError):
+        with output_folder(tmp_path / "a" / "b"):
+            (tmp_path / "a" / "other.png").write_text("x")  # written there meanwhile
+            raise OSError("disk full")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["other.png"]  # b removed, a kept: not empty
+
+
+def test_output_folder_refuses_a_file_in_the_way_like_mkdir(tmp_path):
+    from tokensparse.files import output_folder
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError):
+        with output_folder(tmp_path / "f" / "sub"):
+            pass
+    with pytest.raises(FileExistsError):
+        with output_folder(tmp_path / "f"):
+            pass

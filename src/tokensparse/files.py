@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +23,39 @@ def default_mode(path: str | os.PathLike) -> Path:
     os.umask(umask)
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
     return Path(path)
+
+
+@contextmanager
+def output_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Make ``folder`` and its missing parents for a block that writes into it, and yield it. If the block raises
+    (an error, Ctrl-C, ``SystemExit``), the folders made here are removed again, innermost first and each only
+    while empty: a failed write leaves the tree as it found it. A folder that existed before, or that another
+    process made meanwhile, is never removed. ``FileExistsError`` / ``NotADirectoryError`` where a file is in the
+    way, as ``Path.mkdir`` raises them."""
+    folder = Path(folder)
+    missing = []
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        missing.append(ancestor)
+        ancestor = ancestor.parent
+    if not missing and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, "a file is in the way", str(folder))
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):  # outermost first
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():  # a file in the way
+                    raise
+                continue  # made by another writer meanwhile: not ours to remove
+            made.append(path)
+        yield folder
+    except BaseException:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):  # not empty (another writer's file): it stays
+                path.rmdir()
+        raise
 
 
 def temp_beside(path: str | os.PathLike, folder: bool = False) -> Path:

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import checks
-from .files import published
+from .files import output_folder, published
 
 ImageLike = Image.Image | np.ndarray | Tensor
 
@@ -205,8 +205,8 @@ def check_png_path(path: str | os.PathLike) -> Path:
 def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
 
-    Nothing is left on disk if writing fails; an ``OSError`` (no such folder, no permission, disk full) names
-    ``path``, not the temp file. A tensor is converted by :func:`to_pil` first, whose errors (a wrong shape or
+    Nothing is left on disk if writing fails, nor the folders it created; an ``OSError`` (no permission, disk full)
+    names ``path``, not the temp file. A tensor is converted by :func:`to_pil` first, whose errors (a wrong shape or
     dtype, NaN / inf values) name ``path`` too and leave nothing on disk, as does an image of no pixels.
     """
     path = check_png_path(path)
@@ -220,8 +220,8 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
     if 0 in pil.size:  # PIL's own error named no file: "cannot write empty image"
         raise ValueError(f"cannot write {path}: a PNG needs at least one pixel, the image is {pil.width}x{pil.height}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with published(path) as (tmp,):  # a unique temp file beside it: writers of one path do not collide
+        # the folders it makes are removed again if the write fails; a unique temp file: writers do not collide
+        with output_folder(path.parent), published(path) as (tmp,):
             pil.save(tmp, format="PNG")
     except OSError as exc:
         raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -439,3 +439,14 @@ def test_a_prepared_context_that_does_not_fit_the_call_is_refused(tiny, tiny_kv)
         tiny.prepare_context(refs, p, ref_keep=[[True]])
     with pytest.raises(ValueError, match="prompt_ids"):
         tiny.prepare_context(refs, p[0])
+
+
+def test_a_failed_export_removes_the_folders_it_made(tmp_path):
+    from tokensparse.models.zoo import write_shipped
+
+    def fails(tmp: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_shipped(tmp_path / "new" / "w.safetensors", fails, {})
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors
 from safetensors.torch import save_model as _save_safetensors
 
-from ..files import published
+from ..files import output_folder, published
 from .refdit import RefDiT, RefDiTConfig
 
 # Architectures by name. Weights, where shipped, live in tokensparse/weights/<name>.safetensors.
@@ -99,7 +99,7 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
     (:func:`~tokensparse.files.published`: two exports to one path at once do not collide: each file is whole,
     the last renamed wins); it gets normal permissions and is renamed into place, then ``info`` goes to
     ``path.with_suffix(".json")`` the same way. Both are written before either is renamed; a failure (disk full,
-    no such folder, an interrupt) leaves no temp file and raises
+    an interrupt) leaves no temp file, nor a folder made for it, and raises
     ``OSError`` naming ``path``. A folder where either file goes is an ``IsADirectoryError`` before anything is
     written (renaming the JSON over it failed after the weights were in place: a pair with no config).
     """
@@ -108,8 +108,7 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
         if target.is_dir():
             raise IsADirectoryError(f"cannot write {path}: {target} is a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with published(path, path.with_suffix(".json")) as (tmp, tmp_json):  # unique names: exports may overlap
+        with output_folder(path.parent), published(path, path.with_suffix(".json")) as (tmp, tmp_json):
             write_weights(str(tmp))
             tmp_json.write_text(json.dumps(info, indent=2))
     except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as SafetensorError
