@@ -12,9 +12,12 @@ from typing import Any
 
 import torch
 
+from ..extras import needs
+
 CHANNELS = 16  # packed latent channels of the target and of the references
 
 
+@needs("diffusers", "transformers")
 def tiny_flux3_denoise(seed: int = 0) -> Any:
     """A modular ``Flux3ImageConditionedCoreDenoiseStep`` pipeline with a tiny ``Flux3Transformer2DModel`` (one
     per-mode and one single block, width 32) and a default ``ClassifierFreeGuidance`` guider (two transformer calls
