@@ -26,7 +26,7 @@ def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: 
     box: dict[str, Any] = {"grid": None}
     observe_calls(model, state, _observe, box)
     for name, blk in blocks:
-        merge_block(state, name, Sublayer(blk.attn1, "hidden_states", rope=_rope),
+        merge_block(state, name, Sublayer(blk.attn1, "hidden_states", rope=rope_rows),
                     Sublayer(blk.ff, "hidden_states", first_call=True), functools.partial(_grid, box), shared=True,
                     block=blk)
 
@@ -51,8 +51,9 @@ def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
     return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)
 
 
-def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:
-    """``image_rotary_emb = (cos, sin)``, each ``(n, D)``: the kept tokens' rows (one matching for the batch)."""
+def rope_rows(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:
+    """``image_rotary_emb = (cos, sin)``, each ``(n, D)``, one row per token of the sublayer's input (CogView4, FLUX.3):
+    the rows around ``span`` and the span's kept tokens' (one matching for the batch)."""
     rope = kwargs.get("image_rotary_emb")
     if rope is None:
         return args, kwargs

@@ -12,6 +12,9 @@
   Ovis-Image's and Bria's (``BriaTransformer2DModel``) blocks are FLUX.1's (own attention classes, same call and
   RoPE layout; Ovis-Image's MLPs SwiGLU). Chroma's blocks are FLUX.1's with pruned modulation; they square the text
   padding mask into a query x key mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
+- **FLUX.3** (``Flux3Transformer2DModel``, its modular pipelines): the target grid (``img_ids``; the references come
+  apart, as ``image_cond_hidden_states``) in the target's per-mode blocks (``mode_blocks["image"]``) and in the single
+  blocks over ``[text, target, references]``: ``attn`` (with its RoPE rows) and ``ff``. See :mod:`.merging_flux3`.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
 - **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
@@ -54,6 +57,7 @@ from .merging_core import (
     merge_span,
     observe_calls,
 )
+from .merging_flux3 import target_blocks, wire_flux3
 from .merging_lumina2 import image_blocks, wire_lumina2
 
 logger = logging.getLogger(__name__)
@@ -122,6 +126,15 @@ def diffusers_classes() -> dict[str, type]:
         out["bria"], out["bria_single"] = BriaTransformerBlock, BriaSingleTransformerBlock
     except ImportError:
         pass
+    try:  # FLUX.3: per-mode blocks (each token mode alone) and single blocks over [text, target, references]
+        from diffusers.models.transformers.transformer_flux3 import (
+            Flux3ModeTransformerBlock,
+            Flux3SingleTransformerBlock,
+        )
+
+        out["flux3"], out["flux3_single"] = Flux3ModeTransformerBlock, Flux3SingleTransformerBlock
+    except ImportError:
+        pass
     try:
         from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
@@ -152,7 +165,7 @@ def diffusers_classes() -> dict[str, type]:
 KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria"),
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single"),
-         "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
+         "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
           "cogview4": ("cogview4",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
@@ -161,7 +174,7 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``); empty lists when it knows none."""
+    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -169,6 +182,7 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
         out[kind] = [(n, m) for n, m in model.named_modules() if types and isinstance(m, types)]
     out["zimage"] = [(n, m) for n, m in out["zimage"] if _ZIMAGE_IMAGE_BLOCKS.search(n)]
     out["lumina2"] = image_blocks(out["lumina2"])
+    out["flux3"] = target_blocks(out["flux3"], classes.get("flux3_single"))
     return out
 
 
@@ -178,6 +192,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_unet(model, blocks["unet"], state)
     elif blocks["flux"]:
         wire_flux(model, blocks["flux"], blocks["flux_single"], state)
+    elif blocks["flux3"]:
+        wire_flux3(model, blocks["flux3"], state)
     elif blocks["qwen"]:
         wire_qwen(model, blocks["qwen"], state)
     elif blocks["zimage"]:
