@@ -11,7 +11,9 @@ MINIMUMS = {
                            "peft where it is installed: training, train-lora and generate failed"),
     "torch": ("2.4", "nn.RMSNorm, torch.is_autocast_enabled(device_type)"),
     "safetensors": ("0.4.3", "safetensors.torch.load_model(..., device=) (models/zoo.py; load_model failed)"),
-    "typer": ("0.12.4", "options annotated `X | None` (older: 'Type not yet supported', even for --help)"),
+    "typer": ("0.21", "options annotated `X | None` (< 0.12.4: 'Type not yet supported', even for --help); --help "
+                      "with click >= 8.2 (< 0.16: \"make_metavar() missing 1 required positional argument\"); rich "
+                      "escapes in help text (< 0.21 printed 'FLUX.2 \\[klein]')"),
     "peft": ("0.18", "older peft fails to import beside transformers 5, which diffusers 0.42's huggingface-hub "
                      ">= 1.32 brings"),
 }
