@@ -53,3 +53,50 @@ def test_real_calls_an_int_too_large_for_a_float_not_finite():
     with pytest.raises(ValueError, match="x must be finite"):  # was an OverflowError naming nothing
         checks.real("x", 10**400)
     assert checks.real("x", 10**300) == 1e300
+
+
+def test_zero_d_tensors_read_as_their_scalars():
+    import torch
+
+    # torch.tensor(0.25) was a TypeError ("must be a number, got Tensor") where np.float32(0.25) was accepted
+    assert checks.real("x", torch.tensor(0.25)) == 0.25 and type(checks.real("x", torch.tensor(3))) is float
+    assert checks.integer("n", torch.tensor(4, dtype=torch.int32), lo=1) == 4
+    assert type(checks.integer("n", torch.tensor(4))) is int
+    assert checks.flag("f", torch.tensor(True)) is True
+    with pytest.raises(ValueError, match=r"x must be in \(0, 1\], got 1.5"):
+        checks.real("x", torch.tensor(1.5), 0, 1, lo_open=True)
+    with pytest.raises(ValueError, match="x must be finite"):
+        checks.real("x", torch.tensor(float("nan")))
+    for bad, got in ((torch.tensor([0.25]), r"tensor of shape \(1,\) and dtype torch.float32"),
+                     (torch.tensor(True), "dtype torch.bool"), (torch.tensor(1j), "dtype torch.complex64"),
+                     (torch.tensor(0.25, device="meta"), "meta tensor")):
+        with pytest.raises(TypeError, match=f"x must be a number, got .*{got}"):
+            checks.real("x", bad)
+    for bad in (torch.tensor(2.0), torch.tensor(True), torch.tensor([2])):
+        with pytest.raises(TypeError, match="n must be an int, got a"):
+            checks.integer("n", bad)
+    for bad in (torch.tensor(1), torch.tensor([True])):
+        with pytest.raises(TypeError, match="f must be True or False, got a"):
+            checks.flag("f", bad)
+
+
+def test_configs_take_zero_d_tensors_for_numbers():
+    import torch
+
+    import tokensparse as ts
+
+    t = torch.tensor
+    cfg = ts.SparseContextConfig(keep=t(0.25), mass=t(0.5), min_keep=t(0.125), seed=t(3), cache=t(True))
+    assert (cfg.keep, cfg.mass, cfg.min_keep, cfg.seed, cfg.cache) == (0.25, 0.5, 0.125, 3, True)
+    assert type(cfg.keep) is float and type(cfg.seed) is int
+    assert ts.SparseContextConfig(selector="uniform", count=t(5)).count == 5
+    merge = ts.TokenMergingConfig(ratio=t(0.5), recompute_every=t(5), recompute_steps=t([0, 3]), max_downsample=t(2))
+    assert (merge.ratio, merge.recompute_every, merge.recompute_steps, merge.max_downsample) == (0.5, 5, (0, 3), 2)
+    assert ts.TokenMergingConfig(threshold=t(0.75)).threshold == 0.75
+    sg = ts.SparseGuidanceConfig(scale=t(2.0), strong=t(0.5), weak=t(0.75), weak_keep=t(0.5), null_weak=t(False))
+    assert (sg.scale, sg.strong, sg.weak, sg.weak_keep, sg.null_weak) == (2.0, 0.5, 0.75, 0.5, False)
+    assert ts.CFGConfig(scale=t(3.0), interval=(t(0.0), t(0.5))).scale == 3.0
+    with pytest.raises(TypeError, match=r"keep must be a number, got a tensor of shape \(2,\)"):
+        ts.SparseContextConfig(keep=t([0.25, 0.5]))
+    with pytest.raises(TypeError, match="count must be an int, got a tensor of shape \\(\\) and dtype torch.float32"):
+        ts.SparseContextConfig(count=t(5.0))

@@ -125,6 +125,9 @@ def test_a_routing_rate_that_routes_every_target_token_and_a_bad_seed_are_named_
         with pytest.raises(err, match=message):
             ts.generate(model, [], ["place", "place"], steps=1, seed=seed)
     assert not calls
+    # a 0-d tensor seed reads as its int, as in the configs (it was "seed must be an int or a list of ints")
+    assert torch.equal(ts.generate(model, [], "place", steps=1, seed=torch.tensor(3)),
+                       ts.generate(model, [], "place", steps=1, seed=3))
     out = ts.generate(model, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=0.0, weak=0.96))
     assert out.shape == (1, 3, 16, 16)  # 0.96 of 16 tokens routes 15: one goes through the span
 

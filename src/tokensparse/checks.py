@@ -1,21 +1,25 @@
 """Argument checks shared by the public configs and functions, so every message reads the same way.
 
-Each check returns the value as a plain Python ``float`` / ``int`` / ``bool`` (numpy scalars welcome), raises
-``TypeError`` for a wrong type and ``ValueError`` for a value out of range, and names the argument.
+Each check returns the value as a plain Python ``float`` / ``int`` / ``bool`` (numpy scalars and 0-d torch tensors
+of a fitting dtype welcome: ``keep=torch.tensor(0.25)`` reads as ``keep=np.float32(0.25)``), raises
+``TypeError`` for a wrong type (a tensor of another shape or dtype too) and ``ValueError`` for a value out of
+range, and names the argument.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 
 
 def real(name: str, value: object, lo: float | None = None, hi: float | None = None, *,
          lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a finite float within ``[lo, hi]`` (``lo_open`` / ``hi_open`` exclude an end)."""
+    value = _unwrap(name, value, "a number", lambda d: not d.is_complex and d != torch.bool)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
@@ -33,6 +37,7 @@ def real(name: str, value: object, lo: float | None = None, hi: float | None = N
 
 def integer(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` as an int within ``[lo, hi]`` (floats, even whole ones, and bools are refused)."""
+    value = _unwrap(name, value, "an int", lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     v = int(value)
@@ -49,6 +54,7 @@ def seed(name: str, value: object) -> int:
 
 def flag(name: str, value: object) -> bool:
     """``value`` as a bool (numpy bools too; ``0`` / ``1`` / strings are refused: they are usually a mistake)."""
+    value = _unwrap(name, value, "True or False", lambda d: d == torch.bool)
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
     return bool(value)
@@ -61,6 +67,17 @@ def choice(name: str, value: object, options: Iterable[str]) -> str:
         raise TypeError(f"{name} must be a string, one of {options}; got {type(value).__name__}")
     if value not in options:
         raise ValueError(f"unknown {name} {value!r}; choose one of {options}")
+    return value
+
+
+def _unwrap(name: str, value: object, want: str, dtype_ok: Callable[[torch.dtype], bool]) -> object:
+    """A 0-d torch tensor of a dtype ``dtype_ok`` accepts as its Python scalar; any other tensor a ``TypeError``
+    naming ``name``, its shape and dtype; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and dtype_ok(value.dtype) and not value.is_meta:
+            return value.item()
+        raise TypeError(f"{name} must be {want}, got a {'meta ' if value.is_meta else ''}tensor of shape "
+                        f"{tuple(value.shape)} and dtype {value.dtype}")
     return value
 
 

@@ -148,7 +148,8 @@ def generate(
         if not seed:
             raise ValueError("seed must be an int or a non-empty list of ints, got []")
         seed_list = [checks.seed(f"seed[{i}]", s) for i, s in enumerate(seed)]
-    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    elif isinstance(seed, bool) or not (isinstance(seed, numbers.Integral)
+                                        or (isinstance(seed, Tensor) and seed.dim() == 0)):
         raise TypeError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
     else:
         seed_list = [checks.seed("seed", seed)]
