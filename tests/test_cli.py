@@ -127,6 +127,20 @@ def test_a_decompression_bomb_reference_fails_in_one_line(tmp_path, monkeypatch)
     assert "Traceback" not in res.output and not (tmp_path / "s.png").exists()
 
 
+def test_show_selection_names_a_reference_over_the_decompression_bomb_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")  # 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "big.png"), "--selector", "uniform",
+                                   "--out", str(tmp_path / "s.png")])
+    assert res.exit_code == 0, res.output  # Python's two-line "file.py:N: DecompressionBombWarning: ..." before
+    lines = [line for line in res.output.splitlines() if "pixels" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: reference image {tmp_path / 'big.png'}: Image size "
+                                                   "(4096 pixels)"), res.output
+    assert "DecompressionBombWarning" not in res.output and ".py:" not in res.output
+
+
 def test_train_refuses_a_run_folder_it_cannot_write_in(tmp_path, monkeypatch):
     import os
     from pathlib import Path

@@ -221,3 +221,31 @@ def test_save_png_names_the_path_of_an_empty_image(image, tmp_path):
     with pytest.raises(ValueError, match=r"cannot write .*empty\.png: a PNG needs at least one pixel"):
         save_png(image, path)  # was PIL's "cannot write empty image", naming no file
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_rgb_names_the_file_in_pils_decompression_bomb_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    from tokensparse.images import LargeImageWarning, load_rgb
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "big.png")  # 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = load_rgb(tmp_path / "big.png")
+    assert image.size == (64, 64) and image.getpixel((0, 0)) == (255, 0, 0)  # loaded all the same
+    assert [w.category for w in caught] == [LargeImageWarning]  # PIL's own, which named no file, not shown too
+    assert issubclass(LargeImageWarning, Image.DecompressionBombWarning)  # filters on PIL's category still apply
+    assert caught[0].message.path == tmp_path / "big.png" and caught[0].filename == __file__  # the caller's line
+    assert str(caught[0].message) == f"image {tmp_path / 'big.png'}: Image size (4096 pixels) exceeds limit of 3000 " \
+                                     "pixels, could be decompression bomb DOS attack."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # a user's filter on PIL's category
+        load_rgb(tmp_path / "big.png")
+    assert caught == []
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: an error naming the file
+    with pytest.raises(ValueError, match="cannot read image .*big.png"):
+        load_rgb(tmp_path / "big.png")

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_checks import check_out, check_out_not_ref, check_png_out, fail, flag_names
+from .cli_checks import check_out, check_out_not_ref, check_png_out, fail, flag_names, large_images_named
 
 # -h is --help everywhere (subcommands inherit it) but in `bench`, which passes -h on to the benchmark's script
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
@@ -118,7 +118,8 @@ def show_selection(
     if model is None and needs_probe(selector):  # the Python API's message names its model= argument
         fail(f"--selector {selector} probes a model's attention: give --model refdit-sparse (or a checkpoint path)")
     try:
-        save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
+        with large_images_named("reference image"):
+            save_selection_map(list(ref), selector, keep, out, prompt=prompt, adaptive=adaptive, model=model)
     except (ValueError, OSError) as exc:  # OSError: unreadable image, missing checkpoint
         fail(flag_names(str(exc), ("selector", "keep", "prompt", "model")))
     console.print(f"wrote {out}")

@@ -5,12 +5,15 @@ pipeline): a wrong option fails in seconds, with a message naming it, instead of
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import re
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -22,6 +25,33 @@ def fail(message: str) -> None:
     """Print ``error: message`` to stderr and exit with status 1 (every command's way to refuse)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` to stderr (one line; the command goes on)."""
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+@contextlib.contextmanager
+def large_images_named(what: str) -> Iterator[None]:
+    """While the block reads images (:func:`tokensparse.images.load_rgb`), show each
+    :class:`~tokensparse.images.LargeImageWarning` (PIL's decompression-bomb warning, naming the file) as one
+    ``warning: {what} PATH: ...`` line instead of Python's ``file:line: LargeImageWarning: ...`` and its source line;
+    other warnings show as before. Every command that reads the user's images reads them inside this."""
+    from .images import LargeImageWarning
+
+    show = warnings.showwarning
+
+    def show_named(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if isinstance(message, LargeImageWarning):
+            warn(f"{what} {message.path}: {message.detail} (loading it anyway)")
+        else:
+            show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():  # restores showwarning and the filters
+        warnings.simplefilter("always", LargeImageWarning)  # each file's, not the first one's alone
+        warnings.showwarning = show_named
+        yield
 
 
 def flag_names(message: str, names: Iterable[str]) -> str:

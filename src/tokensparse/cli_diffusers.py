@@ -18,13 +18,10 @@ CogView4) runs with ``--merge`` alone. The functions here are plain typer-annota
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import math
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,8 +38,10 @@ from .cli_checks import (
     check_png_out,
     fail,
     flag_names,
+    large_images_named,
     model_index,
     pipeline_class,
+    warn,
 )
 from .images import MAX_SIDE, load_rgb, save_png
 
@@ -51,27 +50,6 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # pipelines whose call casts the reference pixels to bfloat16 before its VAE (which then has to be bfloat16)
 _BF16_VAE = ("ZImageOmniPipeline",)
-
-
-@contextlib.contextmanager
-def _bomb_warning_named(path: Path) -> Iterator[None]:
-    """PIL's ``DecompressionBombWarning`` (an image over ``Image.MAX_IMAGE_PIXELS``, ~89 megapixels, but not over
-    twice that, which is an error) while ``path`` loads, shown as one ``warning:`` line naming ``path`` instead of
-    Python's ``file:line: DecompressionBombWarning: ...`` (other warnings show as before)."""
-    from PIL import Image
-
-    show = warnings.showwarning
-
-    def show_named(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, Image.DecompressionBombWarning):
-            _warn(f"reference image {path}: {message} (loading it anyway)")
-        else:
-            show(message, category, *args, **kwargs)
-
-    with warnings.catch_warnings():  # restores showwarning and the filters
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
-        warnings.showwarning = show_named
-        yield
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
@@ -84,7 +62,7 @@ def _load_refs(paths: list[Path]) -> list[Any]:
         if not path.is_file():
             fail(f"reference image {path} does not exist")
         try:
-            with _bomb_warning_named(path):
+            with large_images_named("reference image"):
                 images.append(load_rgb(path))
         except (UnidentifiedImageError, OSError, ValueError) as exc:  # load_rgb's ValueError names the file
             fail(f"reference: {exc}")
@@ -114,10 +92,6 @@ def _merge_depth(pipe: Any) -> int:
     return next((2 ** level for level, kind in enumerate(types) if "Attn" in kind), 1)
 
 
-def _warn(message: str) -> None:
-    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
-
-
 def _warn_size(pipe: Any, name: str, height: int | None, width: int | None) -> bool:
     """Warn (and return True) where ``--height`` / ``--width`` is not a multiple of the pixel multiple ``pipe``'s
     image processor works in: diffusers rounds such a size (FLUX, Qwen-Image: down, with a log line that does not say
@@ -128,7 +102,7 @@ def _warn_size(pipe: Any, name: str, height: int | None, width: int | None) -> b
     odd = [f"--{key} {value} (nearest: {value // multiple * multiple} or {(value // multiple + 1) * multiple})"
            for key, value in (("height", height), ("width", width)) if value is not None and value % multiple]
     if odd:
-        _warn(f"{name} makes images in multiples of {multiple} px (or more): it resizes or refuses "
+        warn(f"{name} makes images in multiples of {multiple} px (or more): it resizes or refuses "
               f"{', '.join(odd)}")
     return bool(odd)
 
@@ -323,7 +297,7 @@ def generate(
             fail(f"{name} rejected the inputs: {exc}")
     asked = (width or image.width, height or image.height)
     if image.size != asked and not warned:  # rounded by a rule the warning before did not know
-        _warn(f"{name} made a {image.width}x{image.height} image, not the {asked[0]}x{asked[1]} asked (its multiple)")
+        warn(f"{name} made a {image.width}x{image.height} image, not the {asked[0]}x{asked[1]} asked (its multiple)")
     try:
         save_png(image, out)
     except OSError as exc:  # save_png's message names the file
@@ -381,7 +355,8 @@ def train_lora(
             steps=steps, lr=lr, rank=rank, keep_min=keep_min, resolution=resolution, seed=seed, save_every=save_every
         )
         check_data_out(data, out)
-        examples = load_examples(data)
+        with large_images_named("training image"):
+            examples = load_examples(data)
         resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:
         fail(flag_names(str(exc), ("steps", "lr", "rank", "keep_min", "resolution", "seed", "save_every")))

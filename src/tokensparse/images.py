@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,16 +153,47 @@ MAX_SIDE = 8192
 (about 2048); a bigger image only exhausts memory."""
 
 
+class LargeImageWarning(Image.DecompressionBombWarning):
+    """PIL's ``DecompressionBombWarning`` for a file :func:`load_rgb` reads (over ``PIL.Image.MAX_IMAGE_PIXELS``,
+    about 89 megapixels, but not over twice that, which is an error), naming the file: ``path``, and PIL's own
+    message as ``detail``. A subclass, so filters on PIL's category apply to it."""
+
+    def __init__(self, path: str | os.PathLike, detail: str) -> None:
+        super().__init__(f"image {path}: {detail}")
+        self.path, self.detail = path, detail
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    """``Image.open(path)``, with PIL's decompression-bomb warning raised again as a :class:`LargeImageWarning` that
+    names ``path`` (PIL's names no file)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL closes the file when open raises
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombWarning as exc:
+            detail = str(exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    try:
+        warnings.warn(LargeImageWarning(path, detail), stacklevel=3)  # at load_rgb's caller
+    except BaseException:  # a filter that makes it an error
+        image.close()
+        raise
+    return image
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """An image file as 8-bit RGB PIL, 16-bit and float files rescaled (``convert("RGB")`` clips them), turned
     upright by its EXIF orientation as image viewers and diffusers' ``load_image`` show it (phone photos).
 
     ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for one that is not a readable image
-    (corrupt, truncated, another format, or a decompression bomb: over twice ``PIL.Image.MAX_IMAGE_PIXELS``)."""
+    (corrupt, truncated, another format, or a decompression bomb: over twice ``PIL.Image.MAX_IMAGE_PIXELS``); a
+    :class:`LargeImageWarning` naming it for one over that limit but not over twice it (loaded all the same)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_rgb takes an image file path (str or os.PathLike), got {type(path).__name__}")
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")

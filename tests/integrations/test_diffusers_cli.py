@@ -428,3 +428,30 @@ def test_generate_names_a_reference_over_the_decompression_bomb_limit(app, tmp_p
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: still refused
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and f"error: reference: cannot read image {ref}" in result.output
+
+
+def test_train_lora_names_an_image_over_the_decompression_bomb_limit(app, tmp_path, monkeypatch):
+    from tokensparse.cli_diffusers import train_lora
+
+    example = tmp_path / "data" / "ex0"
+    example.mkdir(parents=True)
+    for name in ("ref1.png", "target.png"):
+        _ref(example, name)  # 64x64 = 4096 pixels
+    (example / "prompt.txt").write_text("mirror it")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
+    app.command("train-lora")(train_lora)
+    args = ["train-lora", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--out",
+            str(tmp_path / "o")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "LoRA training supports" in res.output, res.output  # refused after reading
+    lines = [line for line in res.output.splitlines() if "pixels" in line]  # Python's two-line warning before
+    assert [line.split(": Image size")[0] for line in lines] == [f"warning: training image {example / name}"
+                                                                 for name in ("ref1.png", "target.png")], res.output
+    assert "DecompressionBombWarning" not in res.output and ".py:" not in res.output
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: refused in one line
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and f"error: cannot read image {example / 'ref1.png'}" in res.output, res.output
+    assert "Traceback" not in res.output
+
