@@ -83,6 +83,29 @@ def test_allocate_lets_references_of_different_sizes_compete_on_equal_terms():
     assert int(b.sum()) == 8 and int(a.sum()) == 88
 
 
+def test_score_allocation_keeps_the_total_of_the_other_allocations():
+    """allocate="score" only moves budget between references: each sample keeps exactly what "equal" keeps, the sum
+    of every reference's own budget (round(keep * n_r) each, so not always round(keep * sum n_r)), for references of
+    different sizes and counts, blank ones, floors and counts."""
+    import random
+
+    rng = random.Random(0)
+    for case in range(150):
+        grids = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(rng.randint(2, 4))]
+        b, seed = rng.randint(1, 2), rng.randint(0, 99)
+        views = [RefView(torch.rand(b, h, w, 3, generator=torch.Generator().manual_seed(seed + i))
+                         * (0.0 if rng.random() < 0.2 else 1.0), index=i) for i, (h, w) in enumerate(grids)]
+        keep = rng.choice([0.05, 0.1, 0.125, 0.25, 0.3, 1 / 3, 0.375, 0.5, 0.625, 0.9, 1.0])
+        kw = {"count": rng.randint(1, 12)} if rng.random() < 0.2 else {"min_keep": rng.choice([0.0, 0.05, keep / 2])}
+        selector = rng.choice(["edges", "foreground", "detail", "uniform", "random"])
+        kept = {a: select(views, 1.0 if "count" in kw else keep, selector, torch.Generator().manual_seed(seed),
+                          allocate=a, **kw).sum(1) for a in ("equal", "score", "auto")}
+        ns = [h * w for h, w in grids]
+        total = sum(min(n, kw["count"]) if "count" in kw else count_for_ratio(n, keep) for n in ns)
+        for allocate, k in kept.items():
+            assert k.tolist() == [total] * b, (case, grids, keep, kw, selector, allocate)
+
+
 def subject_image(size=16, box=(4, 8, 4, 8), bg=(0.2, 0.5, 0.8)):
     img = torch.tensor(bg).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
     y0, y1, x0, x1 = box
