@@ -92,18 +92,53 @@ def _merge_depth(pipe: Any) -> int:
     return next((2 ** level for level, kind in enumerate(types) if "Attn" in kind), 1)
 
 
-def _warn_size(pipe: Any, name: str, height: int | None, width: int | None) -> bool:
-    """Warn (and return True) where ``--height`` / ``--width`` is not a multiple of the pixel multiple ``pipe``'s
-    image processor works in: diffusers rounds such a size (FLUX, Qwen-Image: down, with a log line that does not say
-    to what) or refuses it (Stable Diffusion); the warning names the nearest multiples."""
-    multiple = getattr(getattr(getattr(pipe, "image_processor", None), "config", None), "vae_scale_factor", None)
-    if not isinstance(multiple, int) or multiple < 2:
+# pipelines whose sizes are coarser than their VAE and transformer patches make them: GLM-Image's prior plans the
+# target at half its DiT's token grid (its check_inputs: multiples of vae_scale_factor * patch_size * 2, 32 px)
+_SIZE_FACTOR = {"GlmImagePipeline": 2}
+
+
+def size_multiple(pipe: Any, kind: str) -> int | None:
+    """The pixel multiple ``pipe`` (a pipeline of class ``kind``, or of a subclass of it) makes its images' height and
+    width in: the largest of its image processor's ``vae_scale_factor`` (FLUX-style pipelines count their 2x2 latent
+    packing in it) and its ``vae_scale_factor`` times its transformer's (spatial) ``patch_size`` (the image processor
+    of SD3, CogView4, GLM-Image, JoyImage counts the VAE alone), times :data:`_SIZE_FACTOR`'s factor for ``kind``;
+    ``None`` where neither is known (a UNet pipeline without an image processor). A pipeline that bins resolutions
+    (``use_resolution_binning``: PixArt, Sana, HunyuanDiT) makes its latents at a bin's size and resizes the image back
+    to the size asked: its image processor's multiple (what its check takes) alone."""
+    processor = getattr(getattr(getattr(pipe, "image_processor", None), "config", None), "vae_scale_factor", None)
+    vae = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    try:
+        binned = "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):  # no signature to read
+        binned = False
+    if binned:
+        patch = None
+    if isinstance(patch, (list, tuple)) and patch:  # (t, h, w) patches of video-style transformers (JoyImage)
+        patch = patch[-1]
+    known = [m for m in (processor, vae * patch if isinstance(vae, int) and isinstance(patch, int) else None)
+             if isinstance(m, int) and not isinstance(m, bool)]
+    return max(known) * _SIZE_FACTOR.get(kind, 1) if known else None
+
+
+def _warn_size(pipe: Any, name: str, kind: str, height: int | None, width: int | None) -> bool:
+    """Warn (and return True) where ``--height`` / ``--width`` is not a multiple of the pixel multiple ``pipe`` makes
+    images in (:func:`size_multiple`): diffusers rounds such a size (FLUX, Qwen-Image: down, with a log line that does
+    not say to what) or refuses it (Stable Diffusion, SD3, CogView4, GLM-Image); the warning names the nearest
+    multiples."""
+    multiple = size_multiple(pipe, kind)
+    if multiple is None or multiple < 2:
         return False
-    odd = [f"--{key} {value} (nearest: {value // multiple * multiple} or {(value // multiple + 1) * multiple})"
+
+    def nearest(value: int) -> str:
+        low, high = value // multiple * multiple, (value // multiple + 1) * multiple
+        return f"{low} or {high}" if low else str(high)
+
+    odd = [f"--{key} {value} (nearest: {nearest(value)})"
            for key, value in (("height", height), ("width", width)) if value is not None and value % multiple]
     if odd:
         warn(f"{name} makes images in multiples of {multiple} px (or more): it resizes or refuses "
-              f"{', '.join(odd)}")
+             f"{', '.join(odd)}")
     return bool(odd)
 
 
@@ -147,8 +182,8 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the pipeline's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the pipeline's)")] = None,
     height: Annotated[int | None, typer.Option(help="output height in pixels: a multiple of the pipeline's (16 for "
-                                                    "FLUX / Qwen-Image; others it resizes, with a warning, or "
-                                                    "refuses)")] = None,
+                                                    "FLUX / Qwen-Image, 32 for GLM-Image; others it resizes, with a "
+                                                    "warning, or refuses)")] = None,
     width: Annotated[int | None, typer.Option(help="output width in pixels (a multiple, as --height)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the diffusion noise and of the selection")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="output PNG")] = Path("out.png"),
@@ -271,7 +306,7 @@ def generate(
     if "max_area" in params and (height or width):  # Kontext rescales any size to max_area (1024^2) otherwise
         side = getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8)
         kwargs["max_area"] = (height or side) * (width or side)
-    warned = _warn_size(pipe, name, height, width)
+    warned = _warn_size(pipe, name, kind, height, width)
     total = steps or params["num_inference_steps"].default
 
     with Progress(

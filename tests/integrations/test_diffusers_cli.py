@@ -417,6 +417,40 @@ def test_generate_warns_of_a_size_the_pipeline_rounds(app, model_dir, tmp_path):
         assert im.size == (32, 16)
 
 
+def test_size_multiple_counts_the_transformers_patches_and_glm_images_prior():
+    from tokensparse.cli_diffusers import _warn_size, size_multiple
+    from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit
+    from tokensparse.integrations.diffusers_tiny_glm_image import tiny_glm_image
+    from tokensparse.integrations.diffusers_tiny_variants import tiny_variant
+
+    glm = tiny_glm_image()  # VAE /2, 2x2 patches: its image processor says 2, its check_inputs wants 8
+    assert size_multiple(glm, "GlmImagePipeline") == glm.vae_scale_factor * glm.transformer.config.patch_size * 2 == 8
+    for height in (32, 40, 36, 44):  # what it refuses is what the warning names
+        refused = bool(height % 8)
+        try:
+            glm.check_inputs("a cat", height, 32, None)
+        except ValueError:
+            assert refused
+        else:
+            assert not refused
+    with pytest.MonkeyPatch.context() as mp:
+        lines = []
+        mp.setattr("tokensparse.cli_diffusers.warn", lines.append)
+        assert _warn_size(glm, "GlmImagePipeline", "GlmImagePipeline", 36, 32)  # no warning before (36 % 2 == 0)
+        assert _warn_size(glm, "MyGlm", "GlmImagePipeline", 20, 32)  # a subclass: its base's rule
+        assert not _warn_size(glm, "GlmImagePipeline", "GlmImagePipeline", 40, 32)
+    assert lines == ["GlmImagePipeline makes images in multiples of 8 px (or more): it resizes or refuses --height 36 "
+                     "(nearest: 32 or 40)", "MyGlm makes images in multiples of 8 px (or more): it resizes or refuses "
+                     "--height 20 (nearest: 16 or 24)"]
+    sd3 = tiny_variant("StableDiffusion3Pipeline")  # refuses sizes off vae_scale_factor * patch_size; its processor: 2
+    assert size_multiple(sd3, "StableDiffusion3Pipeline") == sd3.vae_scale_factor * sd3.patch_size == 4
+    pixart = tiny_variant("PixArtSigmaPipeline")  # bins resolutions and resizes back: its check's multiple alone
+    assert size_multiple(pixart, "PixArtSigmaPipeline") == pixart.image_processor.config.vae_scale_factor == 2
+    # Bria FIBO Edit: 16 (its VAE's /16, unpatched as generate calls it: 48 px makes 48 px, though it logs "32")
+    assert size_multiple(tiny_bria_fibo_edit(), "BriaFiboEditPipeline") == 16
+    assert size_multiple(object(), "X") is None
+
+
 def test_generate_names_a_reference_over_the_decompression_bomb_limit(app, tmp_path, monkeypatch):
     ref = _ref(tmp_path)  # 64x64 = 4096 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
