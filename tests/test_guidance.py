@@ -223,3 +223,26 @@ def test_an_interval_given_as_an_array_is_its_pair():
 def test_guidance_configs_reject_bad_values(cls, kw, err):
     with pytest.raises(err, match=next(iter(kw))):
         cls(**kw)
+
+
+def test_a_weak_keep_that_keeps_every_reference_token_is_refused(tiny):
+    # 16 px references of refdit-tiny: 16 tokens each; round(0.97 * 16) = 16 keeps them all, so the weak branch,
+    # weakened by weak_keep alone, would be the strong one (guidance doing nothing at twice the cost)
+    g = SparseGuidanceConfig(scale=3.0, strong=0.0, weak=0.0, weak_keep=0.97)
+    with pytest.raises(ValueError, match="weak_keep=0.97 keeps every token"):
+        ts.generate(tiny, make_refs(2), "place", steps=1, guidance=g)
+    ts.generate(tiny, make_refs(2), "place", steps=1, guidance=SparseGuidanceConfig(strong=0.0, weak=0.0,
+                                                                                    weak_keep=0.9))  # drops 2
+    ts.generate(tiny, make_refs(2), "place", steps=1, guidance=SparseGuidanceConfig(strong=0.0, weak=0.0,
+                                                                                    weak_keep=0.97, null_weak=True))
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(keep=0.25, selector="uniform"))  # 4 tokens per reference
+    with pytest.raises(ValueError, match="keeps every token"):  # round(0.9 * 4) = 4
+        ts.generate(tiny, make_refs(2), "place", steps=1, guidance=SparseGuidanceConfig(strong=0.0, weak=0.0,
+                                                                                        weak_keep=0.9))
+
+
+def test_reference_only_guidance_is_told_by_the_routed_token_counts(routed):
+    # strong and weak differ, but route as many of the 16 target tokens: weak_keep alone weakens the weak branch
+    g = SparseGuidanceConfig(scale=1.5, strong=0.5, weak=0.52, weak_keep=0.5)
+    with pytest.raises(ValueError, match="no references"):
+        ts.generate(routed, [], "place", steps=1, guidance=g)

@@ -23,21 +23,35 @@ from .tokens import TokenSeq, grid_ids, subset
 from .vocab import tokenize
 
 
+def _keep_counts(seq: TokenSeq, keep: float) -> list[tuple[Tensor, Tensor]]:
+    """Per reference of ``seq``: its (valid) tokens ``(B, N)`` bool and how many of them :func:`random_keep` keeps
+    in each sample ``(B,)`` (``keep`` of them, rounded, at least one)."""
+    refs = seq.ids[..., 0].cpu()
+    out = []
+    for r in refs.unique().tolist():
+        in_r = refs == r
+        if seq.valid is not None:
+            in_r &= seq.valid.cpu()
+        out.append((in_r, (in_r.sum(1).float() * keep).round().clamp(min=1).long()))
+    return out
+
+
 def random_keep(seq: TokenSeq, keep: float, generator: torch.Generator) -> Tensor:
     """A uniformly random keep mask ``(B, N)`` keeping ``keep`` of each reference's (valid) tokens."""
     n = seq.tokens.shape[1]
     scores = torch.rand(seq.tokens.shape[0], n, generator=generator, dtype=torch.float32)
     if seq.valid is not None:
         scores = scores.masked_fill(~seq.valid.cpu(), -1.0)
-    refs = seq.ids[..., 0].cpu()
     mask = torch.zeros(seq.tokens.shape[0], n, dtype=torch.bool)
-    for r in refs.unique().tolist():
-        in_r = refs == r
-        if seq.valid is not None:
-            in_r &= seq.valid.cpu()
-        counts = (in_r.sum(1).float() * keep).round().clamp(min=1).long()
+    for in_r, counts in _keep_counts(seq, keep):
         mask |= topk_mask(scores.masked_fill(~in_r, -2.0), counts) & in_r
     return mask.to(seq.tokens.device)
+
+
+def keeps_every_token(seq: TokenSeq, keep: float) -> bool:
+    """Whether :func:`random_keep` at ``keep`` keeps every (valid) token of every reference in every sample of
+    ``seq`` (``keep`` close to 1, or references of a few tokens): it would drop nothing."""
+    return all(bool((counts >= in_r.sum(1)).all()) for in_r, counts in _keep_counts(seq, keep))
 
 
 _GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # one-band PIL modes holding values (not "P")
@@ -163,8 +177,7 @@ def generate(
         guidance = _checked_guidance(model, guidance)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     refs = _references(list(references), model.config.channels)
-    if not refs and isinstance(guidance, SparseGuidanceConfig) and guidance.strong == guidance.weak \
-            and not guidance.null_weak:
+    if not refs and _weakened_only_by_weak_keep(guidance, model.config.grid ** 2):
         raise ValueError("this SparseGuidanceConfig weakens its weak branch only by weak_keep (fewer reference "
                          "tokens) and this call has no references: both branches would be the same; set "
                          "strong < weak or null_weak, or pass no guidance")
@@ -190,6 +203,13 @@ def generate(
     begin_generation(model)
     # embedding + selection, once per generation; prompt-aware selection (auto, attention) reads the prompt
     ref_tokens = model.embed_references(model_refs, batch, prompt_ids)
+    if (ref_tokens is not None and _weakened_only_by_weak_keep(guidance, cfg.grid ** 2)
+            and keeps_every_token(ref_tokens, guidance.weak_keep)):
+        most = max(int(in_r.sum(1).max()) for in_r, _ in _keep_counts(ref_tokens, 1.0))
+        raise ValueError(f"guidance weak_keep={guidance.weak_keep} keeps every token of this call's references "
+                         f"({most} or fewer each, as the model sees them), and weak_keep is all that weakens the weak "
+                         "branch: both branches would be the same; give a smaller weak_keep, strong < weak or "
+                         "null_weak")
     sparse_cfg = sparse_context_config(model)
     use_cache = sparse_cfg is not None and sparse_cfg.cache
     null_ids = torch.zeros_like(prompt_ids)
@@ -235,6 +255,14 @@ def generate(
     x = noise_like((batch, cfg.channels, cfg.image_size, cfg.image_size), seeds, device)
     x0 = SAMPLERS[sampler](denoise, x, timesteps(steps, shift).to(device), callback)
     return ((x0 + 1) / 2).clamp(0, 1)
+
+
+def _weakened_only_by_weak_keep(guidance: GuidanceConfig | None, tokens: int) -> bool:
+    """Whether ``guidance`` is Sparse Guidance whose weak branch differs from the strong one only by seeing fewer
+    reference tokens (``weak_keep``) on a model of ``tokens`` target tokens: both conditional, and routing as many
+    tokens."""
+    return (isinstance(guidance, SparseGuidanceConfig) and not guidance.null_weak
+            and round(guidance.strong * tokens) == round(guidance.weak * tokens))
 
 
 def _check_loaded(model: RefDiT) -> None:

@@ -78,7 +78,8 @@ class SparseGuidanceConfig:
     strong, weak: routing rates with ``0 <= strong <= weak < 1``; the weak branch must be weaker, by routing
         more (``strong < weak``), seeing fewer reference tokens (``weak_keep < 1``) or the null condition.
     null_weak: the CFG+SG variant.
-    weak_keep: fraction of reference tokens the weak branch sees (``1.0`` = same as the strong branch).
+    weak_keep: fraction of reference tokens the weak branch sees (``1.0`` = same as the strong branch); where it
+        is all that weakens the weak branch, ``generate`` refuses a call whose references it would keep whole.
     interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise) and run
         the strong branch alone elsewhere; ``None`` = every step.
     """
