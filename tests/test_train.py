@@ -94,6 +94,24 @@ def test_export_refuses_paths_that_would_overwrite_the_runs_own_files(tmp_path):
     assert export_ema(run, run / "w.safetensors").is_file()  # beside the checkpoints: fine
 
 
+def test_export_refuses_to_replace_a_json_that_no_export_wrote(tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(tiny_cfg(run, steps=2), progress=False)
+    train(tiny_cfg(other, steps=2), progress=False)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": "refdit-tiny", "steps": 4}))
+    notes = tmp_path / "notes.json"
+    notes.write_text("not json")
+    saved = {p: p.read_text() for p in (other / "config.json", recipe, notes)}
+    for path in (other / "config.safetensors", recipe.with_suffix(".safetensors"), notes.with_suffix(".safetensors")):
+        with pytest.raises(ValueError, match="not an exported checkpoint's metadata"):
+            export_ema(run, path)
+    assert {p: p.read_text() for p in saved} == saved
+    assert not recipe.with_suffix(".safetensors").exists()
+    out = export_ema(run, tmp_path / "w.safetensors")
+    assert export_ema(run, out) == out  # an earlier export's metadata is replaced: exporting again is fine
+
+
 def test_corrupt_or_misfitting_checkpoints_are_value_errors(tmp_path):
     import tokensparse as ts
     from tokensparse.models import build_model, save_checkpoint

@@ -265,7 +265,9 @@ def check_optim_fits(opt: torch.optim.Optimizer, ckpt: Path) -> None:
 def export_conflict(run: str | Path, path: str | Path) -> str | None:
     """Why exporting run folder ``run`` to ``path`` would damage the run, else ``None``: the export's JSON
     (``path`` with ``.json``) would replace the run's ``config.json``, or either file would go into a checkpoint
-    folder (``step_*``: its files are the checkpoint's, and older folders are deleted as the run goes on)."""
+    folder (``step_*``: its files are the checkpoint's, and older folders are deleted as the run goes on), or the
+    JSON is a file that no export wrote (another run's ``config.json``, a recipe): an earlier export's metadata
+    (a JSON object with a model ``config``) may be replaced."""
     root = Path(os.path.realpath(run))
     for file in (Path(path), Path(path).with_suffix(".json")):
         real = Path(os.path.realpath(file))
@@ -273,4 +275,18 @@ def export_conflict(run: str | Path, path: str | Path) -> str | None:
             return f"its metadata {file} would replace the run folder's own config.json (its recipe)"
         if root in real.parents and real.relative_to(root).parts[0].lstrip(".").startswith("step_"):
             return f"{file} would go into the run folder's checkpoint folder {real.relative_to(root).parts[0]}"
+    meta = Path(path).with_suffix(".json")
+    if meta.is_file() and not _is_export_metadata(meta):
+        return (f"its metadata {meta} would replace a file that is not an exported checkpoint's metadata (a recipe, "
+                "another run's config.json?)")
     return None
+
+
+def _is_export_metadata(path: Path) -> bool:
+    """Whether the JSON file ``path`` is what an export (:func:`tokensparse.models.save_checkpoint`) writes beside
+    its weights: an object whose ``config`` is an object (the model's config)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(found, dict) and isinstance(found.get("config"), dict)
