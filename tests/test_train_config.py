@@ -117,3 +117,14 @@ def test_a_recipe_field_with_a_typo_is_named_as_such(recipe, message):
     with pytest.raises(TypeError) as info:  # was "TrainConfig.__init__() got an unexpected keyword argument"
         TrainConfig.from_dict(recipe)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("drop, error, message", [
+    ({"p_full": "x"}, TypeError, "drop.p_full must be a number"),
+    ({"keep_max": 1.5}, ValueError, "drop.keep_max"),
+    ({"selector": "attention"}, ValueError, "drop.selector must be a scorer that needs no model probe"),
+])
+def test_a_bad_drop_value_in_a_recipe_is_named_with_its_section(drop, error, message):
+    with pytest.raises(error) as info:  # was "p_full must be a number": which p_full, in a recipe?
+        TrainConfig.from_dict({"drop": drop})
+    assert str(info.value).startswith(message)

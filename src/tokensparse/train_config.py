@@ -41,7 +41,7 @@ class DropConfig:
         self.p_selected = checks.real("p_selected", self.p_selected, 0.0, 1.0)
         checks.choice("selector", self.selector, SCORERS)
         if needs_probe(self.selector):
-            raise ValueError(f"DropConfig.selector must be a scorer that needs no model probe, got {self.selector!r}")
+            raise ValueError(f"selector must be a scorer that needs no model probe, got {self.selector!r}")
 
 
 @dataclass
@@ -90,7 +90,10 @@ class TrainConfig:
             self.init = str(self.init)
         if isinstance(self.drop, dict):
             _check_fields(DropConfig, self.drop, "drop")
-            self.drop = DropConfig(**self.drop)
+            try:
+                self.drop = DropConfig(**self.drop)
+            except (TypeError, ValueError) as e:  # name the field as the recipe spells it: drop.p_full
+                raise type(e)(f"drop.{e}") from None
         if self.drop is not None and not isinstance(self.drop, DropConfig):
             raise TypeError(f"drop must be a DropConfig, a dict of its fields or None, got {type(self.drop).__name__}")
         check_stream(self.tasks, self.family_weights)
