@@ -140,6 +140,8 @@ NEEDS_SIZE = ("GlmImagePipeline",)
 OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
 # pipelines whose call takes a grid of in-context examples and task / content prompts (from Python only)
 GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
+# pipelines whose call returns several RGBA layers per image (and takes no height / width: from Python only)
+LAYERED_OUTPUT = ("QwenImageLayeredPipeline",)
 
 
 def check_placeholders(name: str | None, prompt: str, n_refs: int, cls: type | None = None) -> None:
@@ -177,9 +179,10 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
         if takes is not None and key not in takes:
             why = ": it sizes its output from the reference" if kind in PIPELINES else ""
             fail(f"{name} takes no --{key}{why}")
-    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(GRID_INPUT))
-    if kind in MASK_PIPELINES or kind in GRID_INPUT:
-        what = "inpainting pipelines" if kind in MASK_PIPELINES else "it takes a grid of in-context examples"
+    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(GRID_INPUT) - set(LAYERED_OUTPUT))
+    if kind in MASK_PIPELINES or kind in GRID_INPUT or kind in LAYERED_OUTPUT:
+        what = ("inpainting pipelines" if kind in MASK_PIPELINES else "it takes a grid of in-context examples"
+                if kind in GRID_INPUT else "it decomposes an RGBA image into a list of RGBA layers")
         fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
     if kind not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
         given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]

@@ -389,6 +389,18 @@ def test_a_modular_pipeline_is_refused_naming_its_transformer_which_thins_its_ca
 
 
 def test_a_modular_pipeline_whose_transformer_it_cannot_thin_is_refused_naming_that():
+    from diffusers import SD3Transformer2DModel
+    from diffusers.modular_pipelines import StableDiffusion3AutoBlocks
+
+    modular = StableDiffusion3AutoBlocks().init_pipeline()
+    modular.update_components(transformer=SD3Transformer2DModel(
+        sample_size=8, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16))
+    with pytest.raises(TypeError, match=r"nor their transformer \(SD3Transformer2DModel\)"):
+        ts.apply_sparse_context(modular, SparseContextConfig(keep=0.5))
+
+
+def test_the_layered_qwen_image_modular_pipeline_is_pointed_to_its_transformer():
     from diffusers import QwenImageTransformer2DModel
     from diffusers.modular_pipelines import QwenImageLayeredAutoBlocks
 
@@ -396,8 +408,12 @@ def test_a_modular_pipeline_whose_transformer_it_cannot_thin_is_refused_naming_t
     modular.update_components(transformer=QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True, use_additional_t_cond=True))
-    with pytest.raises(TypeError, match=r"nor their transformer \(QwenImageTransformer2DModel, layered\)"):
+    pointed = r"QwenImageLayeredModularPipeline.*ts\.apply_sparse_context\(pipe\.transformer"
+    with pytest.raises(TypeError, match=pointed):
         ts.apply_sparse_context(modular, SparseContextConfig(keep=0.5))
+    ts.apply_sparse_context(modular.transformer, SparseContextConfig(keep=0.5))  # as the bare layered transformer
+    assert sparse_context_state(modular.transformer) is not None
+    ts.remove_sparse_context(modular.transformer)
 
 
 # K/V cache (Flux2KleinKVPipeline) ------------------------------------------------------------------------

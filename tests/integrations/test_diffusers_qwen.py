@@ -152,15 +152,20 @@ def test_token_merging_on_the_target_stacks_with_sparse_context(pipe):
     assert np.array_equal(run(pipe), dense)
 
 
-def test_layered_transformer_is_rejected():
-    # QwenImageLayeredPipeline's image sequence holds several target layers, not references
+def test_the_layered_transformer_takes_its_last_image_as_the_reference():
+    # QwenImageLayeredPipeline's sequence: its target layers, then the input image (test_diffusers_qwen_layered)
     from diffusers import QwenImageTransformer2DModel
 
-    layered = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True, use_additional_t_cond=True)
-    with pytest.raises(TypeError, match="layered"):
-        ts.apply_sparse_context(layered, SparseContextConfig(keep=0.25))
+    from tokensparse.integrations.diffusers_models import QwenImageAdapter, QwenImageLayeredAdapter, adapter_class
+
+    config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True)
+    layered = QwenImageTransformer2DModel(**config, use_layer3d_rope=True)
+    assert adapter_class(None, layered) is QwenImageLayeredAdapter
+    assert adapter_class(None, QwenImageTransformer2DModel(**config)) is QwenImageAdapter
+    kw = {"hidden_states": torch.zeros(1, 3 * 16 + 24, 16), "img_shapes": [[(1, 4, 4)] * 3 + [(1, 4, 6)]]}
+    layout = QwenImageLayeredAdapter().layout(kw)
+    assert layout.grids == [(4, 6)] and layout.positions[0].tolist() == list(range(48, 72))
 
 
 def test_proportional_is_refused_naming_the_processor(pipe):

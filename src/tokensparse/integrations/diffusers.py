@@ -2,7 +2,8 @@
 
 Supported: ``Flux2KleinPipeline``, ``Flux2Pipeline``, ``Flux2KleinKVPipeline`` (FLUX.2),
 ``FluxKontextPipeline`` (FLUX.1 Kontext), ``QwenImageEditPlusPipeline``, ``QwenImageEditPipeline``,
-``QwenImage21Pipeline`` (Qwen-Image 2.1), ``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``,
+``QwenImage21Pipeline`` (Qwen-Image 2.1), ``QwenImageLayeredPipeline`` (its input image; every target layer stays
+whole), ``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``,
 ``BriaFibo2Pipeline`` (Fibo 2.0), ``ZImageOmniPipeline``, ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``,
 ``GlmImagePipeline`` (GLM-Image), ``OmniGenPipeline``, ``VisualClozeGenerationPipeline`` / ``VisualClozePipeline``
 (its in-context example rows) and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` /
@@ -145,10 +146,9 @@ def _modular_refusal(target: Any) -> str | None:
     transformer = getattr(target, "transformer", None)
     if transformer is None:
         how = "load its transformer first (pipe.load_components() or pipe.update_components(transformer=...)), "
-    elif transformer_name(transformer) is None or _layered(transformer):
+    elif transformer_name(transformer) is None:
         return (f"Sparse Context does not support diffusers modular pipelines ({name}), nor their transformer "
-                f"({type(transformer).__name__}{', layered' if _layered(transformer) else ''}); "
-                f"expected {_supported()}")
+                f"({type(transformer).__name__}); expected {_supported()}")
     else:
         how = ""
     return (f"Sparse Context does not take diffusers modular pipelines ({name}) as a pipeline: {how}apply it to "
@@ -393,10 +393,6 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
     pipe, transformer = _resolve(target)
-    if _layered(transformer):
-        raise TypeError(
-            f"Sparse Context does not support layered {type(transformer).__name__}s (use_layer3d_rope, "
-            "QwenImageLayeredPipeline): their image sequence holds several target layers, not references")
     if cfg.proportional:  # ValueError where the log(size) bias cannot reach every attention exactly
         check_supported(transformer, _kv_pipeline(pipe), cfg.cache)
     if _warns_no_probe(cfg):
@@ -424,11 +420,6 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
         on_generation_start(owner, _CALLBACK, hook.state.new_generation)
         wrap_capture(owner, hook.state)
     return target
-
-
-def _layered(transformer: Any) -> bool:
-    """Whether ``transformer`` is the layered Qwen-Image one (``use_layer3d_rope``: several target layers)."""
-    return bool(getattr(getattr(transformer, "config", None), "use_layer3d_rope", False))
 
 
 def _kv_pipeline(pipe: Any | None) -> bool:

@@ -43,6 +43,10 @@ others hand over latents the transformer patchifies and places itself:
   transformer's ``pos_embed`` turns those shapes into RoPE frequencies (one row per image token).
   ``QwenImageEditInpaintPipeline`` has the same layout with one reference, the unmasked source image (its mask
   only blends the source back into the latents between steps).
+- Qwen-Image-Layered (the same transformer with ``use_layer3d_rope``, ``QwenImageLayeredPipeline``): ``img_shapes[b]``
+  lists the target layers (the composite, then each generated layer) and, *last*, the input image, the one
+  reference; its ``pos_embed`` (``QwenEmbedLayer3DRope``) gives that last entry the condition image's frequencies
+  and derives the text rows' offset from every entry's grid and their count (:class:`QwenImageLayeredAdapter`).
 - Qwen-Image 2.1 (``QwenImage21Transformer2DModel``, ``QwenImage21Pipeline``): ``hidden_states`` holds the condition
   images then the target, ``img_shapes`` their grids in that order; the transformer writes them into the prompt's
   image slots (``img_mask``) and derives RoPE rows, block-causal masks, modulation rows and its prefix K/V cache
@@ -171,6 +175,10 @@ class QwenImageAdapter(InContextAdapter):
     modulation index) sees the kept count.
     """
 
+    def targets(self, per_sample: list) -> int:
+        """How many leading entries of a sample's ``img_shapes`` are target images (the rest are references)."""
+        return 1
+
     def layout(self, kwargs: dict[str, Any]) -> RefLayout | None:
         shapes = kwargs.get("img_shapes")
         if not shapes:
@@ -185,8 +193,9 @@ class QwenImageAdapter(InContextAdapter):
                 f"hidden_states has {kwargs['hidden_states'].shape[1]} tokens but img_shapes says {n}"
             )
         device = kwargs["hidden_states"].device
-        positions, cells, grids, start = [], [], [], sizes[0]
-        for (f, h, w), size in zip(per_sample[1:], sizes[1:]):
+        n_targets = self.targets(per_sample)
+        positions, cells, grids, start = [], [], [], sum(sizes[:n_targets])
+        for (f, h, w), size in zip(per_sample[n_targets:], sizes[n_targets:]):
             positions.append(torch.arange(start, start + size, device=device))
             cells.append(torch.arange(size, device=device))
             grids.append((f * h, w))
@@ -198,7 +207,7 @@ class QwenImageAdapter(InContextAdapter):
         out["hidden_states"] = kwargs["hidden_states"].index_select(1, index)
         shapes = kwargs["img_shapes"]
         kept_refs = int(index.numel()) - (layout.n - layout.num_ref_tokens)
-        out["img_shapes"] = [[s[0], (1, 1, kept_refs)] for s in shapes]
+        out["img_shapes"] = [[*s[:self.targets(s)], (1, 1, kept_refs)] for s in shapes]
         state.call = (shapes, index)  # read by the pos_embed hook during this forward
         return out
 
@@ -207,6 +216,25 @@ class QwenImageAdapter(InContextAdapter):
         pos_embed = transformer.pos_embed
         return [pos_embed.register_forward_pre_hook(rope.pre_forward, with_kwargs=True),
                 pos_embed.register_forward_hook(rope.post_forward, with_kwargs=True, prepend=True)]
+
+
+class QwenImageLayeredAdapter(QwenImageAdapter):
+    """The layered Qwen-Image transformer (``use_layer3d_rope``, ``QwenImageLayeredPipeline``): ``img_shapes`` lists
+    the target layers (the composite first, then each layer) and, *last*, the input image, the one reference.
+
+    Its ``pos_embed`` (``QwenEmbedLayer3DRope``) gives the last entry the condition image's frequencies (layer index
+    -1) and offsets the text rows by the largest grid and the layer count, all from the dense shapes, which
+    :class:`QwenRopeHook` hands it; ``img_shapes`` is rewritten to ``[*layers, (1, 1, K)]`` for the token counting.
+    """
+
+    def targets(self, per_sample: list) -> int:
+        return len(per_sample) - 1
+
+
+def is_layered(transformer: Any) -> bool:
+    """Whether ``transformer`` is the layered Qwen-Image one (``use_layer3d_rope``: its ``img_shapes`` end with the
+    input image, after the target layers)."""
+    return bool(getattr(getattr(transformer, "config", None), "use_layer3d_rope", False))
 
 
 class QwenRopeHook:
@@ -277,13 +305,15 @@ PIPELINES: dict[str, tuple[str, str, int]] = {
     "FluxKontextInpaintPipeline": ("prepare_latents", "image", 0),
     # Qwen-Image-Edit inpainting: the (unmasked) source image is the one reference, after the target
     "QwenImageEditInpaintPipeline": ("prepare_latents", "image", 0),
+    # Qwen-Image-Layered: the input image, a (B, 4, 1, H, W) RGBA tensor, the one reference after the target layers
+    "QwenImageLayeredPipeline": ("prepare_latents", "image", 0),
 }
 # an argument of the same method that, when given, holds the in-context image instead (name, position after self)
 PREFERRED_IMAGE_ARG: dict[str, tuple[str, int]] = {"FluxKontextInpaintPipeline": ("image_reference", 10)}
 # the image method's argument that, with an item of B_i images (B_i neither 1 nor it), makes them B_i references
 STACKED_REFS_ARG: dict[str, tuple[str, int]] = {"Flux2KleinInpaintPipeline": ("batch_size", 1)}
 # pipelines whose image method gets RGBA pixels (4 channels; the scorers read the RGB)
-RGBA_PIPELINES = ("QwenImage21Pipeline",)
+RGBA_PIPELINES = ("QwenImage21Pipeline", "QwenImageLayeredPipeline")
 # pipelines whose image method runs once per reference (each call's images follow the earlier ones of the call)
 PER_REFERENCE_IMAGE_CALLS = ("BriaFiboEditPipeline",)
 # pipelines whose image argument lists the batch's samples: the first sample's references are scored
@@ -317,9 +347,11 @@ def transformer_name(transformer: Any) -> str | None:
 
 
 def adapter_class(pipe: Any, transformer: Any) -> type:
-    """The adapter of ``transformer`` in ``pipe``'s calls (``pipe`` ``None``: the bare transformer's)."""
+    """The adapter of ``transformer`` in ``pipe``'s calls (``pipe`` ``None``: the bare transformer's); the layered
+    Qwen-Image transformer's is :class:`QwenImageLayeredAdapter`, whichever pipeline calls it."""
     own = PIPELINE_ADAPTERS.get(pipeline_name(pipe)) if pipe is not None else None
-    return own or TRANSFORMERS[transformer_name(transformer)]
+    adapter = own or TRANSFORMERS[transformer_name(transformer)]
+    return QwenImageLayeredAdapter if adapter is QwenImageAdapter and is_layered(transformer) else adapter
 
 
 def images_for_scorers(value: Any, batch_size: int | None = None, rgba: bool = False) -> list[Tensor | None] | None:
