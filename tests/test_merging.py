@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +14,9 @@ from tokensparse.merging import (
     Matching,
     TokenMergingConfig,
     bipartite_soft_matching,
+    destination_positions,
     match,
+    match_positions,
     num_sources,
     random_destinations,
 )
@@ -357,11 +360,113 @@ def test_cache_never_hands_an_inference_mode_matching_to_autograd() -> None:
 
 
 def test_matching_made_outside_inference_mode_with_flat_indices_made_inside_is_inference() -> None:
-    m = _matching()
+    m = _matching(b=2)  # batch > 1: its flattened indices are new tensors (batch 1: views, see below)
     assert not m.is_inference
     with torch.inference_mode():
-        m.merge(torch.randn(1, 8, 4))  # builds and keeps its flattened index in inference mode
+        m.merge(torch.randn(2, 8, 4))  # builds and keeps its flattened index in inference mode
     assert m.is_inference
+
+
+def test_batch_one_matching_stays_usable_by_autograd_after_merging_in_inference_mode() -> None:
+    """A batch of one flattens its index tensors as views (no ops): made outside inference mode, they stay normal
+    tensors when first used inside it, so the matching stays usable where autograd records."""
+    m = _matching()
+    with torch.inference_mode():
+        m.merge(torch.randn(1, 8, 4))
+    assert not m.is_inference
+    tokens = torch.randn(1, 8, 4, requires_grad=True)
+    m.unmerge(m.merge(tokens)).sum().backward()
+    assert tokens.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+
+
+def _plain_match(metric: torch.Tensor, is_dst: torch.Tensor, num: int | None, threshold: float | None,
+                 cap: int | None, center: bool) -> tuple[torch.Tensor, ...]:
+    """The matching as first written (F.normalize, a second norm for the at-mean test, out-of-place index ops,
+    per-row offsets for the flattened indices): ``match`` / ``match_positions`` must give these tensors bit for bit."""
+    b, n, _ = metric.shape
+    dst_pos, src_pos = is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
+    n_src = src_pos.numel()
+    limit = n_src if cap is None else max(0, min(cap, n_src))
+    if n_src == 0 or dst_pos.numel() == 0 or (num is not None and num <= 0) or limit == 0:
+        keep = torch.arange(n).repeat(b, 1)
+        return keep, keep[:, :0], keep[:, :0], keep, torch.ones(b, n, dtype=metric.dtype)
+    m = metric if metric.dtype in (torch.float32, torch.float64) else metric.float()
+    at_mean = None
+    if center:
+        c = m - m.mean(1, keepdim=True)
+        at_mean = c.norm(dim=-1) <= 1e-5 * m.norm(dim=-1)
+        m = c
+    m = F.normalize(m, dim=-1, eps=1e-6)
+    scores = m[:, src_pos] @ m[:, dst_pos].transpose(1, 2)
+    if at_mean is not None and bool(at_mean.any()):
+        scores = scores.masked_fill(at_mean[:, src_pos][:, :, None] & at_mean[:, dst_pos][:, None], 1.0)
+    best, best_dst = scores.max(dim=-1)
+    r = min(num, n_src) if num is not None else min(int((best >= threshold).sum(dim=-1).min()), limit)
+    if r == 0:
+        keep = torch.arange(n).repeat(b, 1)
+        return keep, keep[:, :0], keep[:, :0], keep, torch.ones(b, n, dtype=metric.dtype)
+    merged = best.argsort(dim=-1, descending=True, stable=True)[:, :r]
+    src = src_pos[merged]
+    dst_of_src = dst_pos[best_dst.gather(1, merged)]
+    kept = torch.ones(b, n, dtype=torch.bool).scatter_(1, src, False)
+    keep = kept.nonzero()[:, 1].reshape(b, n - r)
+    index = kept.cumsum(1) - 1
+    slot = index.gather(1, dst_of_src)
+    index.scatter_(1, src, slot)
+    counts = torch.ones(b, n - r, dtype=metric.dtype).scatter_add(1, slot, torch.ones(b, r, dtype=metric.dtype))
+    return keep, src, slot, index, counts
+
+
+def _plain_merge(x: torch.Tensor, keep: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    b, n, m = x.shape[0], x.shape[1], keep.shape[1]
+    flat_index = (index + torch.arange(b)[:, None] * m).reshape(-1)
+    out = x.new_zeros(b * m, x.shape[2]).index_add_(0, flat_index, x.reshape(b * n, -1))
+    return out.div_(counts.reshape(-1, 1).to(out.dtype)).reshape(b, m, -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 3), st.sampled_from(["float32", "float64", "bfloat16"]),
+       st.booleans(), st.sampled_from(["num", "threshold", "capped"]),
+       st.sampled_from(["random", "ties", "constant", "collinear"]), st.integers(0, 2**16))
+def test_match_is_bit_identical_to_the_plain_formulation(h, w, b, dtype, center, mode, tokens, seed) -> None:
+    """The fast path (one norm per normalisation, in-place index ops, batch-one flattened indices as views) gives the
+    plain formulation's matchings, merged tokens and unmerged outputs bit for bit, for every mode: centred or raw,
+    ToMe or adaptive (capped), batch one or more, fp16-ish metrics, tied and at-mean tokens."""
+    g = torch.Generator().manual_seed(seed)
+    n = h * w
+    metric = torch.randn(b, n, 5, generator=g).to(getattr(torch, dtype))
+    if tokens == "ties":  # duplicated tokens: argsort's and max's tie-breaking decide
+        metric[:, 1::2] = metric[:, :1]
+    elif tokens == "constant":  # every token at its sequence's mean: the at-mean override
+        metric[:, :] = metric[:, :1]
+    elif tokens == "collinear":  # multiples of one token: cosines 1 up to rounding, whose last bit picks the order
+        metric = (metric[:, :1] * torch.rand(b, n, 1, generator=g).add(0.1)).to(metric.dtype)
+    is_dst = random_destinations(h, w, g)
+    kw = {"num": n // 2} if mode == "num" else {"threshold": 0.2, "cap": n // 3 if mode == "capped" else None}
+    got = match(metric, is_dst, center=center, **kw)
+    want = _plain_match(metric, is_dst, kw.get("num"), kw.get("threshold"), kw.get("cap"), center)
+    for name, ref in zip(("keep", "src", "slot", "index", "counts"), want):
+        assert getattr(got, name).dtype == ref.dtype and torch.equal(getattr(got, name), ref), name
+    same = match_positions(metric, *destination_positions(is_dst), center=center, **kw)
+    assert all(torch.equal(getattr(same, k), getattr(got, k)) for k in ("keep", "src", "slot", "index", "counts"))
+    x = torch.randn(b, n, 3, generator=g).to(metric.dtype)
+    if got.num_merged:
+        merged = got.merge(x)
+        assert torch.equal(merged, _plain_merge(x, want[0], want[3], want[4]))
+        flat_index = (want[3] + torch.arange(b)[:, None] * got.num_kept).reshape(-1)
+        assert torch.equal(got.unmerge(merged), merged.reshape(-1, 3).index_select(0, flat_index).reshape(b, n, 3))
+        assert torch.equal(got.merge(x, mode="keep"), x.gather(1, want[0][..., None].expand(-1, -1, 3)))
+
+
+def test_destination_positions_are_the_masks_sources_and_destinations() -> None:
+    is_dst = random_destinations(5, 7, torch.Generator().manual_seed(3))
+    src_pos, dst_pos = destination_positions(is_dst)
+    assert src_pos.dtype == dst_pos.dtype == torch.int64
+    assert src_pos.tolist() == [i for i in range(35) if not is_dst[i]]
+    assert dst_pos.tolist() == [i for i in range(35) if is_dst[i]]
 
 
 # ---------------------------------------------------------------------------------------------- properties

@@ -225,3 +225,46 @@ def test_a_training_step_after_a_diffusers_generation_under_inference_mode_runs(
     assert torch.equal(out.detach(), want)
     out.pow(2).mean().backward()  # failed: "Inference tensors cannot be saved for backward"
     remove_token_merging(model)
+
+
+def test_kept_destinations_are_the_ones_drawn_and_repeat_across_generations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination positions a state keeps per (step, layer, grid, device, inference mode) are the ones its
+    generator draws; a later generation gets them back without drawing again, and its outputs are the same."""
+    from tokensparse.integrations import merging_core
+    from tokensparse.merging import destination_positions, random_destinations
+
+    torch.manual_seed(0)
+    model = randomize_zero_init(ts.build_model("refdit-tiny").eval())
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    state = merging_state(model)
+    src_pos, dst_pos = state.destinations("blocks.0", (4, 6), torch.device("cpu"))
+    want = destination_positions(random_destinations(4, 6, state.destination_generator("blocks.0")))
+    assert torch.equal(src_pos, want[0]) and torch.equal(dst_pos, want[1])
+    assert state.destinations("blocks.0", (4, 6), torch.device("cpu"))[0] is src_pos  # kept
+    with torch.inference_mode():  # kept apart: inference tensors must not reach a grad-recording step
+        inside = state.destinations("blocks.0", (4, 6), torch.device("cpu"))
+    assert inside[0] is not src_pos and inside[0].is_inference() and not src_pos.is_inference()
+    assert torch.equal(inside[0], src_pos)
+
+    size = model.config.image_size
+    refs = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))]
+    first = ts.generate(model, refs, "place the subject top left", steps=3, seed=0)
+    drawn: list[str] = []
+    real = merging_core.random_destinations
+    monkeypatch.setattr(merging_core, "random_destinations", lambda *a: drawn.append("x") or real(*a))
+    again = ts.generate(model, refs, "place the subject top left", steps=3, seed=0)
+    assert drawn == [] and torch.equal(first, again)
+
+
+def test_kept_destinations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_DESTINATION_TOKENS positions nothing more is kept (the positions are still returned)."""
+    from tokensparse.integrations import merging_core
+
+    monkeypatch.setattr(merging_core, "MAX_DESTINATION_TOKENS", 100)
+    state = merging_core.TokenMergingState(cfg=TokenMergingConfig(ratio=0.5), model=nn.Linear(1, 1))
+    for layer in ("a", "b", "c"):
+        state.destinations(layer, (6, 6), torch.device("cpu"))  # 36 positions each: the third does not fit
+    kept = state._destinations._positions
+    assert len(kept) == 2 and state._destinations._size == 72
+    assert state.destinations("c", (6, 6), torch.device("cpu"))[0] is not state.destinations("c", (6, 6),
+                                                                                         torch.device("cpu"))[0]

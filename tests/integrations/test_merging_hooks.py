@@ -133,8 +133,8 @@ def test_refdit_center_reaches_the_matching(refdit: ts.RefDiT, monkeypatch: pyte
     import tokensparse.integrations.merging_core as hooks
 
     seen: list[bool] = []
-    real = hooks.match
-    monkeypatch.setattr(hooks, "match", lambda *a, **kw: seen.append(kw["center"]) or real(*a, **kw))
+    real = hooks.match_positions  # what the hooks call (match with the destinations' positions kept)
+    monkeypatch.setattr(hooks, "match_positions", lambda *a, **kw: seen.append(kw["center"]) or real(*a, **kw))
     args = _inputs(refdit)
     for center in (True, False):
         apply_token_merging(refdit, TokenMergingConfig(ratio=0.5, center=center))

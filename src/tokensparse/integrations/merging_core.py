@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from ..generation import StepTracker, check_scheduler, copy_keeping_copied_owners, state_without_pipelines
-from ..merging import Matching, TokenMergingConfig, match, num_sources, random_destinations
+from ..merging import (
+    Matching,
+    TokenMergingConfig,
+    destination_positions,
+    match_positions,
+    num_sources,
+    random_destinations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,8 @@ class TokenMergingState:
     def __setstate__(self, state: dict) -> None:
         # defaults first: also older pickles
         self.__dict__.update({"recording": False, "isolated": False, "sublayers": [], "inference": None,
-                              "kinds": set(), **state, "_recorded": Recorded(), "running": 0})
+                              "kinds": set(), "_destinations": Destinations(), **state, "_recorded": Recorded(),
+                              "running": 0})
 
     def __post_init__(self) -> None:
         self.call: Hashable | None = None  # fingerprint of the running model call (see call_key)
@@ -77,6 +85,7 @@ class TokenMergingState:
         self.running = 0  # calls of the model in progress: its sublayers merge only inside one
         self.inference: bool | None = None  # whether the last call ran under torch.inference_mode()
         self.kinds: set[Hashable] = set()  # (shape, grad mode) of the calls of the current step, see observe
+        self._destinations = Destinations()  # each layer's destination positions by step, see destinations()
 
     @property
     def step(self) -> int:
@@ -145,6 +154,23 @@ class TokenMergingState:
         key = f"{self.cfg.seed}/{self.step}/{layer.removeprefix('_orig_mod.')}".encode()  # torch.compile: as unwrapped
         return torch.Generator().manual_seed(zlib.crc32(key) | (zlib.adler32(key) << 32))
 
+    def destinations(self, layer: str, grid: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(src_pos, dst_pos)`` of ``layer``'s random destinations on ``grid`` at this step (see
+        :meth:`destination_generator`), on ``device``.
+
+        They depend on nothing but the seed, the step, the layer and the grid, so they are kept (in
+        :class:`Destinations`): every later generation with this config -- and every other pass of a step --
+        draws the same ones, and seeding a generator, drawing and finding the positions (~15 ops) would be
+        repeated for every layer at every step. Kept apart by inference mode: tensors made under
+        ``torch.inference_mode()`` must not reach a grad-recording step."""
+        key = (self.step, layer, grid, device, torch.is_inference_mode_enabled())
+        positions = self._destinations.get(key)
+        if positions is None:
+            is_dst = random_destinations(grid[0], grid[1], self.destination_generator(layer))
+            positions = destination_positions(is_dst.to(device))
+            self._destinations.put(key, positions)
+        return positions
+
     def matching(self, layer: str, x: Tensor, grid: tuple[int, int], shared: bool = False) -> Matching:
         """The matching of ``layer`` for tokens ``x`` at this step (computed, or reused from the cache).
 
@@ -155,13 +181,14 @@ class TokenMergingState:
         n = x.shape[1]
 
         def compute() -> Matching:
-            is_dst = random_destinations(grid[0], grid[1], self.destination_generator(layer))
+            src_pos, dst_pos = self.destinations(layer, grid, x.device)
             n_src = num_sources(grid[0], grid[1])  # random_destinations' default cell
             metric = x.mean(0, keepdim=True) if shared else x
             if cfg.adaptive:
-                m = match(metric, is_dst, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src), center=cfg.center)
+                m = match_positions(metric, src_pos, dst_pos, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src),
+                                    center=cfg.center)
             else:
-                m = match(metric, is_dst, num=cfg.num_merged(n, n_src), center=cfg.center)
+                m = match_positions(metric, src_pos, dst_pos, num=cfg.num_merged(n, n_src), center=cfg.center)
             return m.expand(x.shape[0]) if shared else m
 
         # Gradient checkpointing re-runs a block inside backward, after later forwards may have moved the step
@@ -179,6 +206,31 @@ class TokenMergingState:
             if self.recording:
                 self._recorded.push((layer, call_key({"x": x})), m)
         return m
+
+
+MAX_DESTINATION_TOKENS = 1 << 20
+"""Positions :class:`Destinations` keeps (8 MiB of int64): every step and layer of a 16x16-token model, the
+first few steps of a 64x64-token one."""
+
+
+class Destinations:
+    """Destination positions by (step, layer, grid, device, inference mode), kept for the life of a
+    :class:`TokenMergingState` (they are a function of its seed and the key) up to :data:`MAX_DESTINATION_TOKENS`
+    positions; once full it keeps what it has and adds nothing (steps visit the keys in a cycle, where evicting the
+    oldest would keep nothing that is used again)."""
+
+    def __init__(self) -> None:
+        self._positions: dict[Hashable, tuple[Tensor, Tensor]] = {}
+        self._size = 0
+
+    def get(self, key: Hashable) -> tuple[Tensor, Tensor] | None:
+        return self._positions.get(key)
+
+    def put(self, key: Hashable, positions: tuple[Tensor, Tensor]) -> None:
+        size = positions[0].numel() + positions[1].numel()
+        if self._size + size <= MAX_DESTINATION_TOKENS:
+            self._positions[key] = positions
+            self._size += size
 
 
 MAX_RECORDED = 4096
