@@ -166,19 +166,20 @@ class Matching:
     index: Tensor
     counts: Tensor
 
-    @property
+    # sizes kept once read (the tensors never change): the hooks read them several times per sublayer call
+    @cached_property
     def batch_size(self) -> int:
         return self.index.shape[0]
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
         return self.index.shape[1]
 
-    @property
+    @cached_property
     def num_kept(self) -> int:
         return self.keep.shape[1]
 
-    @property
+    @cached_property
     def num_merged(self) -> int:
         return self.src.shape[1]
 
@@ -188,7 +189,7 @@ class Matching:
         ``torch.inference_mode()``: autograd cannot save those for backward, so such a matching is never reused
         where autograd records (see :meth:`MatchCache.lookup`)."""
         made = [self.keep, self.src, self.slot, self.index, self.counts]
-        made += [self.__dict__[k] for k in ("_flat_index", "_flat_keep") if k in self.__dict__]
+        made += [self.__dict__[k] for k in ("_flat_index", "_flat_keep", "_counts_column") if k in self.__dict__]
         return any(t.is_inference() for t in made)
 
     def fits(self, x: Tensor) -> bool:
@@ -220,6 +221,11 @@ class Matching:
         offsets = torch.arange(self.batch_size, device=self.keep.device)[:, None] * self.num_tokens
         return (self.keep + offsets).reshape(-1)
 
+    @cached_property
+    def _counts_column(self) -> Tensor:
+        """``counts`` as a column ``(B*M, 1)`` of the flattened merged batch, what a mean merge divides by."""
+        return self.counts.reshape(-1, 1)
+
     def merge(self, x: Tensor, mode: str = "mean", size: Tensor | None = None) -> Tensor:
         """``(B, N, ...)`` -> ``(B, M, ...)``.
 
@@ -247,7 +253,10 @@ class Matching:
             return flat.index_select(0, self._flat_keep).reshape(b, m, *x.shape[2:])
         out = flat.new_zeros(b * m, flat.shape[1])
         if size is None:
-            out.index_add_(0, self._flat_index, flat).div_(self.counts.reshape(-1, 1).to(out.dtype))
+            counts = self._counts_column
+            if counts.dtype != out.dtype:
+                counts = counts.to(out.dtype)
+            out.index_add_(0, self._flat_index, flat).div_(counts)
         else:
             w = size.reshape(b * n, 1).to(flat.dtype)
             out.index_add_(0, self._flat_index, flat * w).div_(self.merge_size(size).reshape(-1, 1).to(out.dtype))
@@ -512,9 +521,9 @@ class MatchCache:
             self._calls.clear()
         key = (layer, self._pass(layer, call))
         entry = self._entries.get(key)
-        if entry is not None and entry[2].fits(x) and not _unusable_here(entry[2]) and (
+        if entry is not None and (  # the policy first: with recompute_every=1 it decides alone, at no cost
             entry[1] == call if entry[0] == step else not self.recompute_at(step)
-        ):
+        ) and entry[2].fits(x) and not _unusable_here(entry[2]):
             self.hits += 1
             return entry[2]
         matching = compute()

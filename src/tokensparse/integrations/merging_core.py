@@ -290,28 +290,32 @@ def _in_backward() -> bool:
 def call_key(call: dict) -> Hashable:
     """A fingerprint of a model call's arguments: equal for identical calls, different (in practice) otherwise.
 
-    Tensors count by shape, dtype, 16 evenly spaced values and their sum (integer and bool tensors also by
-    a position-weighted sum, so a permutation of token ids differs); numbers, strings and ``None`` by value;
+    Tensors count by shape, dtype, 16 evenly spaced values and, past 16 values, their sum (integer and bool tensors
+    also by a position-weighted sum, so a permutation of token ids differs; a tensor of at most 16 values is
+    sampled whole, which tells any change). Numbers, strings and ``None`` by value;
     lists, tuples and dicts by their contents (three levels deep); other objects by identity (RefDiT's reference
     ``TokenSeq`` and cached ``ContextKV``: ``generate`` passes one object per distinct context, so CFG's two
     branches under the null prompt are one call with the cache as without it). float32 on the tensors' device (MPS
-    has no float64), one host copy per device.
+    has no float64), one host copy per device. Every model call of a merged model takes one, so it is kept to a
+    few ops per tensor: one strided slice for the sample, the sums stacked once per device, the ramps kept.
     """
     meta: list[Hashable] = []
-    probes: dict[torch.device, list[Tensor]] = {}
+    samples: dict[torch.device, list[Tensor]] = {}
+    sums: dict[torch.device, list[Tensor]] = {}
 
     def visit(path: tuple, v: Any, depth: int) -> None:
         if isinstance(v, Tensor):
             meta.append((path, tuple(v.shape), str(v.dtype)))
-            if v.numel() and not v.is_complex():
-                flat = v.detach().flatten()
-                sample = flat[:: max(1, flat.numel() // 16)][:16].float()
-                if flat.is_floating_point():
-                    sums = flat.sum(dtype=torch.float32)[None]
-                else:  # ids and masks: order matters (a permutation of prompt ids must differ)
-                    ramp = torch.linspace(1.0, 2.0, flat.numel(), device=flat.device)
-                    sums = torch.stack([flat.sum(dtype=torch.float32), (flat * ramp).sum()])
-                probes.setdefault(flat.device, []).append(torch.cat([sample, sums]))
+            n = v.numel()
+            if n and not v.is_complex():
+                flat = v.detach().reshape(-1)
+                step = max(1, n // 16)
+                samples.setdefault(flat.device, []).append(flat[: 16 * step: step].float())
+                if n > 16:
+                    out = sums.setdefault(flat.device, [])
+                    out.append(flat.sum(dtype=torch.float32))
+                    if not flat.is_floating_point():  # ids and masks: order matters (a permutation must differ)
+                        out.append((flat * _ramp(n, flat.device)).sum())
         elif v is None or isinstance(v, (bool, int, float, str)):
             meta.append((path, v))
         elif isinstance(v, (list, tuple, dict)) and depth < 3:
@@ -324,8 +328,19 @@ def call_key(call: dict) -> Hashable:
 
     for name in sorted(call):
         visit((name,), call[name], 0)
-    values = tuple(x for dev in sorted(probes, key=str) for x in torch.cat(probes[dev]).cpu().tolist())
-    return tuple(meta), values
+    values: list[float] = []
+    for dev in sorted(samples, key=str):
+        probes = samples[dev] + ([torch.stack(sums[dev])] if dev in sums else [])
+        values.extend(torch.cat(probes).cpu().tolist())
+    return tuple(meta), tuple(values)
+
+
+@functools.lru_cache(maxsize=16)
+def _ramp(n: int, device: torch.device) -> Tensor:
+    """``linspace(1, 2, n)`` on ``device``, the weights of :func:`call_key`'s position-weighted sums (made once per
+    length: every call of a model passes ids of the same length). Made outside inference mode."""
+    with torch.inference_mode(False):
+        return torch.linspace(1.0, 2.0, n, device=device)
 
 
 @dataclass
@@ -580,7 +595,10 @@ def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp:
 
 
 def part(x: Tensor, span: tuple[int, int]) -> Tensor:
-    """The tokens ``(start, length)`` of ``span``: the target grid within a sublayer's input."""
+    """The tokens ``(start, length)`` of ``span``: the target grid within a sublayer's input (``x`` itself where the
+    span is all of it, as in a DiT whose blocks see only the image tokens: no slicing op per sublayer call)."""
+    if span[0] == 0 and span[1] == x.shape[1]:
+        return x
     return x[:, span[0]:span[0] + span[1]]
 
 
