@@ -86,7 +86,7 @@ def flux_speed() -> None:
 EARLIER_SPEED = {  # committed earlier runs: the tokensparse.__version__ of the code that made each (what write_json
     # records since 0.20.0; these runs predate that): speed_run4 ran between 0.16.0 and 0.17.0, on code saying 0.16.0
     "speed_run1": "0.9.0", "speed_run2": "0.9.0", "speed_run3": "0.14.1", "speed_run4": "0.16.0",
-    "speed_run5": "0.18.0", "speed_run6": "0.19.0"}
+    "speed_run5": "0.18.0", "speed_run6": "0.19.0", "speed_run7": "0.20.0"}
 
 
 def speed() -> None:
