@@ -270,23 +270,15 @@ def test_kept_destinations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                                          torch.device("cpu"))[0]
 
 
-def test_call_key_tells_calls_apart_by_every_value() -> None:
-    """Equal for equal arguments; different where any value differs: a tensor of at most 16 values is sampled whole,
-    a longer one also counts by its sum (and, for ids, a position-weighted sum: a permutation differs)."""
-    from tokensparse.integrations.merging_core import call_key
+def test_names_moved_out_stay_importable_from_here() -> None:
+    """The per-block hooks, call fingerprints, span merging / mask thinning and the refused hooks moved to their own
+    modules; the names callers imported from ``merging_core`` are the same objects there."""
+    from tokensparse.integrations import fingerprints, merging_blocks, merging_conflicts, merging_core, merging_spans
 
-    x = torch.randn(2, 40)
-    ids, short = torch.arange(30)[None], torch.arange(16)[None]
-    base = {"x": x, "t": torch.tensor([0.5]), "ids": ids, "short": short, "n": 3, "obj": None}
-    key = call_key(base)
-    assert call_key({**base, "x": x.clone(), "ids": ids.clone()}) == key
-    unsampled = x.clone()
-    unsampled[0, 1] += 1.0  # not one of the 16 sampled values: the sum tells
-    swapped, swapped_short = ids.clone(), short.clone()
-    swapped[0, [1, 2]] = swapped[0, [2, 1]]
-    swapped_short[0, [1, 2]] = swapped_short[0, [2, 1]]
-    for change in ({"x": unsampled}, {"ids": swapped}, {"short": swapped_short}, {"t": torch.tensor([0.25])},
-                   {"n": 4}, {"x": x.double()}, {"x": x[:1]}):
-        assert call_key({**base, **change}) != key, change
-    grad = torch.randn(2, 40, requires_grad=True)
-    assert call_key({"x": grad}) == call_key({"x": grad.detach().clone()})  # no graph recorded, values only
+    for module, names in ((merging_blocks, ("BlockMerger", "GridFn", "RopeFn", "Sublayer", "merge_block")),
+                          (fingerprints, ("MAX_RECORDED", "Recorded", "_in_backward", "call_key", "call_shape")),
+                          (merging_spans, ("merge_key_mask", "merge_query_key_mask", "merge_span", "part",
+                                           "unmerge_span")),
+                          (merging_conflicts, ("GRID_HOOKS", "refuse_output_caches"))):
+        for name in names:
+            assert getattr(merging_core, name) is getattr(module, name), name

@@ -10,8 +10,8 @@ from torch import nn
 
 diffusers = pytest.importorskip("diffusers")
 
-from tokensparse.integrations.merging_core import merge_key_mask  # noqa: E402
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
+from tokensparse.integrations.merging_spans import merge_key_mask  # noqa: E402
 from tokensparse.merging import TokenMergingConfig, match  # noqa: E402
 
 from .test_merging_hooks import _randomize  # noqa: E402

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tokensparse.integrations.merging_core import merge_query_key_mask  # noqa: E402
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging  # noqa: E402
+from tokensparse.integrations.merging_spans import merge_query_key_mask  # noqa: E402
 from tokensparse.merging import TokenMergingConfig, match  # noqa: E402
 
 from . import merging_contract as contract  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .diffusers_proportional import with_bias
-from .merging_core import Recorded, _in_backward, call_key
+from .fingerprints import Recorded, _in_backward, call_key
 
 
 @dataclass
@@ -155,7 +155,7 @@ class BlockReplay:
 
     def __init__(self) -> None:
         self.recording = False  # the running transformer call's blocks may be recomputed in backward
-        self._recorded = Recorded()  # block calls kept for a backward (merging_core.MAX_RECORDED at most)
+        self._recorded = Recorded()  # block calls kept for a backward (fingerprints.MAX_RECORDED at most)
 
     def __deepcopy__(self, memo: dict) -> BlockReplay:
         return BlockReplay()  # a backward in flight is the original model's

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import Sublayer, TokenMergingState, call_shape, merge_block, observe_calls
+from .fingerprints import call_shape
+from .merging_blocks import Sublayer, merge_block
+from .merging_core import TokenMergingState, observe_calls
 
 
 def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:

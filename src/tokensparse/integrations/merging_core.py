@@ -1,20 +1,21 @@
-"""Token merging wired into a model's sublayers: per-model state and the per-block hooks (no targets here).
+"""Token merging's per-model state: :class:`TokenMergingState` (config, step counter, match cache, each layer's
+destinations, hook handles) and the hooks on the model's calls that feed it (:func:`observe_calls`). No targets here.
 
-:class:`BlockMerger` puts a forward pre-hook and a forward hook on each merged sublayer of one block: the
-first computes (or, between recompute steps, looks up) the matching of the block's target grid, every one
-merges its input's grid tokens before the call and unmerges its output after. The grid is a span of the
-sublayer's tokens; tokens around it (text, reference tokens) pass through. The hooks act only inside a call of
-the merged model (or the backward recomputation of one): a module it shares with another model -- Z-Image's
-ControlNet runs the transformer's own noise-refiner blocks -- runs unmerged in that model's calls. Targets are wired in
-:mod:`.merging_hooks` (RefDiT) and :mod:`.merging_diffusers` (diffusers UNets and transformers).
+The per-block hooks, :class:`~.merging_blocks.BlockMerger`, merge a sublayer's target grid and unmerge its output;
+they act only inside a call of the merged model (or the backward recomputation of one): a module it shares with
+another model -- Z-Image's ControlNet runs the transformer's own noise-refiner blocks -- runs unmerged in that
+model's calls. Targets are wired in :mod:`.merging_hooks` (RefDiT) and :mod:`.merging_diffusers` (diffusers UNets
+and transformers).
+
+Beside it, and importable from here as before: the per-block hooks in :mod:`.merging_blocks`; call fingerprints and
+what gradient checkpointing's recomputations need in :mod:`.fingerprints`; merging a span of tokens and thinning
+attention masks in :mod:`.merging_spans`; the diffusers hooks merging refuses in :mod:`.merging_conflicts`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +32,22 @@ from ..merging import (
     num_sources,
     random_destinations,
 )
-
-logger = logging.getLogger(__name__)
-
-GridFn = Callable[[int], "tuple[int, int, int] | None"]  # tokens of a call -> (h, w, start) of its target grid
-RopeFn = Callable[[tuple, dict, Matching, int, "tuple[int, int]"], "tuple[tuple, dict]"]
+from .fingerprints import (  # noqa: F401  (MAX_RECORDED, call_shape: importable from here as before)
+    MAX_RECORDED,
+    Recorded,
+    _in_backward,
+    call_key,
+    call_shape,
+)
+from .merging_blocks import BlockMerger, GridFn, RopeFn, Sublayer, merge_block  # noqa: F401  (importable as before)
+from .merging_conflicts import GRID_HOOKS, refuse_output_caches  # noqa: F401  (GRID_HOOKS: importable as before)
+from .merging_spans import (  # noqa: F401  (importable from here as before)
+    merge_key_mask,
+    merge_query_key_mask,
+    merge_span,
+    part,
+    unmerge_span,
+)
 
 
 @dataclass
@@ -233,282 +245,6 @@ class Destinations:
             self._size += size
 
 
-MAX_RECORDED = 4096
-"""Inputs whose values :class:`Recorded` keeps for their recomputation in backward (under gradient
-checkpointing), oldest dropped first; a recomputation uses its entry up. Enough for hundreds of forwards of a
-deep model before one backward."""
-
-
-class Recorded:
-    """What forwards computed, by key (a module and a fingerprint of its input), for gradient checkpointing: a
-    block recomputed in backward must get what its forward got. :meth:`pop` hands back the newest value pushed
-    for a key (backward visits the forwards newest first) and uses it up; at most :data:`MAX_RECORDED` keys,
-    oldest dropped first. Token merging records matchings, Sparse Context's block hooks their call's thinning."""
-
-    def __init__(self) -> None:
-        self._stacks: OrderedDict[Hashable, list[Any]] = OrderedDict()
-
-    def __bool__(self) -> bool:
-        return bool(self._stacks)
-
-    def push(self, key: Hashable, value: Any) -> None:
-        self._stacks.setdefault(key, []).append(value)
-        self._stacks.move_to_end(key)
-        while len(self._stacks) > MAX_RECORDED:
-            self._stacks.popitem(last=False)
-
-    def pop(self, key: Hashable) -> Any | None:
-        """The newest value pushed for ``key``, removed; ``None`` if there is none."""
-        stack = self._stacks.get(key)
-        if not stack:
-            return None
-        value = stack.pop()
-        if not stack:
-            del self._stacks[key]
-        return value
-
-
-def call_shape(tokens: Any, grid: Any) -> tuple[int | None, Any]:
-    """A model call's shape for :meth:`TokenMergingState.observe`: its batch size (``tokens``' first dimension, or
-    the length of a list of per-sample tensors) and its target ``grid`` (any hashable: ``(h, w)``, a latent's
-    shape), the things a generation keeps from step to step whatever else its calls change (reference tokens
-    thinned, a K/V-extract call)."""
-    batch = None
-    if isinstance(tokens, Tensor) and tokens.dim() >= 1:
-        batch = tokens.shape[0]
-    elif isinstance(tokens, (list, tuple)):
-        batch = len(tokens)
-    return batch, grid
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass now (a checkpointed block being recomputed)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def call_key(call: dict) -> Hashable:
-    """A fingerprint of a model call's arguments: equal for identical calls, different (in practice) otherwise.
-
-    Tensors count by shape, dtype, 16 evenly spaced values and, past 16 values, their sum (integer and bool tensors
-    also by a position-weighted sum, so a permutation of token ids differs; a tensor of at most 16 values is
-    sampled whole, which tells any change). Numbers, strings and ``None`` by value;
-    lists, tuples and dicts by their contents (three levels deep); other objects by identity (RefDiT's reference
-    ``TokenSeq`` and cached ``ContextKV``: ``generate`` passes one object per distinct context, so CFG's two
-    branches under the null prompt are one call with the cache as without it). float32 on the tensors' device (MPS
-    has no float64), one host copy per device. Every model call of a merged model takes one, so it is kept to a
-    few ops per tensor: one strided slice for the sample, the sums stacked once per device, the ramps kept.
-    """
-    meta: list[Hashable] = []
-    samples: dict[torch.device, list[Tensor]] = {}
-    sums: dict[torch.device, list[Tensor]] = {}
-
-    def visit(path: tuple, v: Any, depth: int) -> None:
-        if isinstance(v, Tensor):
-            meta.append((path, tuple(v.shape), str(v.dtype)))
-            n = v.numel()
-            if n and not v.is_complex():
-                flat = v.detach().reshape(-1)
-                step = max(1, n // 16)
-                samples.setdefault(flat.device, []).append(flat[: 16 * step: step].float())
-                if n > 16:
-                    out = sums.setdefault(flat.device, [])
-                    out.append(flat.sum(dtype=torch.float32))
-                    if not flat.is_floating_point():  # ids and masks: order matters (a permutation must differ)
-                        out.append((flat * _ramp(n, flat.device)).sum())
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            meta.append((path, v))
-        elif isinstance(v, (list, tuple, dict)) and depth < 3:
-            items = sorted(v.items(), key=lambda kv: str(kv[0])) if isinstance(v, dict) else enumerate(v)
-            meta.append((path, type(v).__name__, len(v)))
-            for k, item in items:
-                visit((*path, k), item, depth + 1)
-        else:
-            meta.append((path, id(v)))
-
-    for name in sorted(call):
-        visit((name,), call[name], 0)
-    values: list[float] = []
-    for dev in sorted(samples, key=str):
-        probes = samples[dev] + ([torch.stack(sums[dev])] if dev in sums else [])
-        values.extend(torch.cat(probes).cpu().tolist())
-    return tuple(meta), tuple(values)
-
-
-@functools.lru_cache(maxsize=16)
-def _ramp(n: int, device: torch.device) -> Tensor:
-    """``linspace(1, 2, n)`` on ``device``, the weights of :func:`call_key`'s position-weighted sums (made once per
-    length: every call of a model passes ids of the same length). Made outside inference mode."""
-    with torch.inference_mode(False):
-        return torch.linspace(1.0, 2.0, n, device=device)
-
-
-@dataclass
-class Sublayer:
-    module: nn.Module
-    tokens: str  # name of the token argument: positional index 0 or this keyword
-    rope: RopeFn | None = None  # merges the call's positional table along with the tokens
-    target_only: bool = False  # RefDiT mlp: only calls with role="target"
-    outputs: tuple[int, ...] = (0,)  # which elements of a tuple output are the merged tokens' (unmerged)
-    context_first: bool = False  # joint attention over [context, tokens]: a key mask may span both (FLUX)
-    # self-attention called with its tokens passed again as encoder_hidden_states (Lumina 2): merged along
-    self_context: bool = False
-    # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call in
-    # each call of the block merges (BlockMerger's block= marks where a block call starts)
-    first_call: bool = False
-
-
-class BlockMerger:
-    """Hooks on the sublayers of one block; the first merged sublayer owns the matching lookup."""
-
-    def __init__(self, state: TokenMergingState, name: str, sublayers: list[Sublayer],
-                 grid: GridFn, shared: bool = False, block: nn.Module | None = None) -> None:
-        self.state, self.name, self.grid, self.shared = state, name, grid, shared
-        self.current: Matching | None = None
-        self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
-        self.called: set[int] = set()  # first_call sublayers called in this block call
-        if block is None and any(sub.first_call for sub in sublayers):
-            raise ValueError(f"{name}: a first_call sublayer needs its block (block=), whose calls reset it")
-        if block is not None:  # first_call sublayers: each block call starts afresh
-            state.handles.append(block.register_forward_pre_hook(functools.partial(BlockMerger._start, self)))
-        state.sublayers.extend(m for sub in sublayers for m in sub.module.modules())
-        for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
-            pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
-            state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
-            state.handles.append(sub.module.register_forward_hook(post, with_kwargs=True))
-
-    def _start(self, module: nn.Module, args: tuple) -> None:
-        self.called = set()
-
-    def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
-             ) -> tuple[tuple, dict] | None:
-        module.__dict__["_tokensparse_active"] = None
-        if not self.state.running and not _in_backward():  # called by another model sharing it (a ControlNet)
-            return None
-        if sub.target_only and kwargs.get("role", "target") != "target":
-            return None
-        if sub.first_call:
-            if id(sub) in self.called:  # a later call in the block (CogView4's ff on the text stream): never merged
-                return None
-            self.called.add(id(sub))
-        from_kwargs = not args
-        x = kwargs[sub.tokens] if from_kwargs else args[0]
-        if owner:
-            grid = self.grid(x.shape[1])
-            self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
-            self.current = None
-            if grid is not None:
-                self.span = (grid[2], grid[0] * grid[1])
-                self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
-        m, span = self.current, self.span
-        if m is None or m.num_merged == 0:
-            return None
-        if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
-            if not self.state.warned_misfit:
-                self.state.warned_misfit = True
-                logger.warning("tokensparse: token merging: %s of %s got %d tokens where the block's grid has %d "
-                               "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
-                               type(module).__name__, self.name, x.shape[1], span[1])
-            return None
-        context = kwargs.get("encoder_hidden_states")
-        self_context = sub.self_context and context is x
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() >= 2:
-            mask = self._merged_mask(module, mask, m, span, x.shape[1], None if self_context else context,
-                                     sub.context_first)
-            if mask is None:
-                return None
-            kwargs = {**kwargs, "attention_mask": mask}
-        module.__dict__["_tokensparse_active"] = (m, span)
-        merged = merge_span(m, x, span)
-        if from_kwargs:
-            kwargs = {**kwargs, sub.tokens: merged}
-        else:
-            args = (merged, *args[1:])
-        if self_context:
-            kwargs = {**kwargs, "encoder_hidden_states": merged}
-        if sub.rope is not None:
-            args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
-        return args, kwargs
-
-    def _merged_mask(self, module: nn.Module, mask: Tensor, m: Matching, span: tuple[int, int], n: int,
-                     context: Any, context_first: bool = False) -> Tensor | None:
-        """The sublayer's ``attention_mask`` for the merged tokens, or ``None`` (run it unmerged).
-
-        A self-attention key mask over these ``n`` tokens keeps the entries of the surviving tokens
-        (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged; with ``context_first``
-        (FLUX double-stream attention: keys ``[context, tokens]``, e.g. proportional Sparse Context's bias) a key
-        mask over context + tokens keeps the context's entries and the surviving tokens'. A query x key mask over
-        the same tokens (Chroma's ``(B, 1, L, L)``) keeps the surviving tokens' rows and columns
-        (:func:`merge_query_key_mask`). Any other mask -- over context + tokens in another order (SD3 joint
-        attention), a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
-        n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
-        if n_ctx and mask.shape[-1] == n_ctx:
-            return mask  # cross-attention: its keys are the context's, which merging leaves alone
-        if n_ctx and context_first and mask.shape[-1] == n_ctx + n:
-            span, n = (n_ctx + span[0], span[1]), n_ctx + n
-        merged = merge_key_mask(mask, m, span, n)
-        if merged is None and mask.dim() >= 3 and mask.shape[-2] == n:
-            merged = merge_query_key_mask(mask, m, span, n)
-        if merged is not None:
-            return merged
-        if not self.state.warned_mask:
-            self.state.warned_mask = True
-            logger.warning("tokensparse: token merging: %s of %s got an attention_mask of shape %s that it cannot "
-                           "thin with the tokens (%d tokens, %d context); it runs unmerged", type(module).__name__,
-                           self.name, tuple(mask.shape), n, n_ctx)
-        return None
-
-    def _post(self, sub: Sublayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        active = module.__dict__.pop("_tokensparse_active", None)
-        if active is None:
-            return None
-        m, span = active
-        if isinstance(output, tuple):
-            return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
-        return unmerge_span(m, output, span)
-
-
-def merge_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> Tensor | None:
-    """A self-attention key mask ``(B or 1, [1, [1,]] n)`` over ``n`` tokens, for the tokens :func:`merge_span`
-    leaves: the entries of the surviving keys (around the span, and the span's kept tokens), in order.
-
-    ``None`` (the sublayer must run unmerged) where that would change what attention sees: the mask is not
-    over these ``n`` keys, has a query axis (``(B, n, n)``), a batch other than 1 or the matching's, or a
-    merged pair whose two tokens the mask treats differently (a visible token would vanish into a masked
-    one, or a masked one become visible through a visible one)."""
-    b = m.batch_size
-    if mask.shape[-1] != n or mask.shape[0] not in (1, b) or any(s != 1 for s in mask.shape[1:-1]):
-        return None
-    key = mask.reshape(mask.shape[0], n).expand(b, n)
-    inner = part(key, span)
-    if not torch.equal(m.unmerge(m.merge(inner, mode="keep")), inner):  # a source masked unlike its destination
-        return None
-    merged = merge_span(m, key, span, mode="keep")
-    return merged.reshape(b, *mask.shape[1:-1], merged.shape[1])
-
-
-def merge_query_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: int) -> Tensor | None:
-    """A self-attention query x key mask ``(B or 1, [1,] n, n)`` over ``n`` tokens (queries and keys the same
-    tokens, e.g. Chroma's product of a key mask with itself), for the tokens :func:`merge_span` leaves: the rows
-    and columns of the surviving tokens, in order.
-
-    ``None`` (the sublayer must run unmerged) where the mask is not that, or where a merged pair's two tokens
-    have different rows or columns (the merged token would attend, or be attended, unlike one of them)."""
-    b = m.batch_size
-    if (mask.dim() < 3 or mask.shape[-1] != n or mask.shape[-2] != n or mask.shape[0] not in (1, b)
-            or any(s != 1 for s in mask.shape[1:-2])):
-        return None
-    sq = mask.reshape(mask.shape[0], n, n).expand(b, n, n)
-    for side in (sq, sq.transpose(1, 2)):  # rows (queries), then columns (keys)
-        inner = part(side, span)
-        if not torch.equal(m.unmerge(m.merge(inner, mode="keep")), inner):
-            return None
-    rows = merge_span(m, sq, span, mode="keep")
-    merged = merge_span(m, rows.transpose(1, 2), span, mode="keep").transpose(1, 2)
-    return merged.reshape(b, *mask.shape[1:-2], merged.shape[1], merged.shape[2])
-
-
 def observe_calls(model: nn.Module, state: TokenMergingState, observe: Callable[..., None], *args: Any) -> None:
     """Run ``observe(state, *args, module, args, kwargs)`` before every call of ``model`` (it reads the call's grid
     and timestep), and count the calls in progress (``state.running``: sublayers merge only inside one); the hooks
@@ -523,96 +259,5 @@ def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
     state.running += 1
 
 
-#: diffusers hooks that read a sublayer's tokens as the model's image grid: Smoothed Energy Guidance (a guider's pass,
-#: modular pipelines) blurs an attention's queries as a square grid of the sequence, which merged tokens are not
-GRID_HOOKS = ("SmoothedEnergyGuidanceHook",)
-
-
-def _hooks_on(model: nn.Module, modules: list[nn.Module]) -> list[tuple[Any, str]]:
-    """The diffusers hooks (``module._diffusers_hook``) on ``modules`` of ``model``, each with its module's name; a
-    dict lookup per module when there is none (every model call checks)."""
-    found: list[tuple[Any, str]] = []
-    for module in modules:
-        hooks = getattr(module.__dict__.get("_diffusers_hook"), "hooks", None)  # its HookRegistry's {name: hook}
-        if hooks:
-            name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
-            found.extend((hook, name) for hook in hooks.values())
-    return found
-
-
-def _named(found: list[tuple[Any, str]], pick: Callable[[Any], bool]) -> list[str]:
-    """The hooks of ``found`` for which ``pick(hook)``, as distinct ``"HookClass on module.name"``."""
-    return list(dict.fromkeys(f"{type(hook).__name__} on {name}" for hook, name in found if pick(hook)))
-
-
-def _stateful(hook: Any) -> bool:
-    return bool(getattr(hook, "_is_stateful", False))
-
-
-def _reads_grid(hook: Any) -> bool:
-    return type(hook).__name__ in GRID_HOOKS
-
-
-def _first(found: list[str]) -> str:
-    return "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
-
-
-def refuse_output_caches(model: nn.Module, modules: list[nn.Module]) -> None:
-    """``ValueError`` where ``modules`` of ``model`` (merged sublayers and the modules inside them) carry a stateful
-    diffusers hook: Pyramid Attention Broadcast, FasterCache and TaylorSeer caches hand back (or extrapolate from) a
-    module's output of an earlier step, whose merged tokens this step's matching would unmerge into the wrong tokens
-    (or fail); block-level caches (FirstBlockCache, MagCache) hook the blocks around the merged sublayers, whose
-    outputs are unmerged, and pass. Or one of :data:`GRID_HOOKS`, which read its merged tokens as the image grid
-    (Smoothed Energy Guidance). One pass over ``modules`` (every model call checks)."""
-    found = _hooks_on(model, modules)
-    if not found:
-        return
-    caches = _named(found, _stateful)
-    if caches:
-        raise ValueError(
-            f"token merging cannot run under diffusers caches that reuse a merged sublayer's output across steps "
-            f"({_first(caches)}): that output holds an earlier step's merged tokens, which another step's matching "
-            f"would unmerge into the wrong tokens; disable the cache (e.g. transformer.disable_cache()) or use a "
-            f"block-level one (FirstBlockCache, MagCache), which stacks with token merging")
-    grid = _named(found, _reads_grid)
-    if grid:
-        raise ValueError(
-            f"token merging cannot run under Smoothed Energy Guidance ({_first(grid)}): it blurs an attention's "
-            f"queries as a square grid of the sequence's tokens, and a merged sublayer's tokens are fewer and out of "
-            f"grid order; use another guider or remove token merging (ts.remove_token_merging)")
-
-
 def _leave(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
     state.running = max(state.running - 1, 0)  # also when the call raised (always_call)
-
-
-def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp: Sublayer | None, grid: GridFn,
-                **kwargs: Any) -> BlockMerger | None:
-    """A :class:`BlockMerger` over a block's attention and MLP sublayers, those ``state.cfg`` selects (``merge_attn``
-    / ``merge_mlp``; ``None``: the block has no such sublayer), in that order; ``None`` when it selects neither."""
-    subs = [sub for sub, on in ((attn, state.cfg.merge_attn), (mlp, state.cfg.merge_mlp)) if on and sub is not None]
-    return BlockMerger(state, name, subs, grid, **kwargs) if subs else None
-
-
-def part(x: Tensor, span: tuple[int, int]) -> Tensor:
-    """The tokens ``(start, length)`` of ``span``: the target grid within a sublayer's input (``x`` itself where the
-    span is all of it, as in a DiT whose blocks see only the image tokens: no slicing op per sublayer call)."""
-    if span[0] == 0 and span[1] == x.shape[1]:
-        return x
-    return x[:, span[0]:span[0] + span[1]]
-
-
-def merge_span(m: Matching, x: Tensor, span: tuple[int, int], mode: str = "mean") -> Tensor:
-    """Merge the target grid ``x[:, start:start + n]``; tokens around it (references) pass as they are."""
-    start, n = span
-    if start == 0 and n == x.shape[1]:
-        return m.merge(x, mode=mode)
-    return torch.cat([x[:, :start], m.merge(x[:, start:start + n], mode=mode), x[:, start + n:]], 1)
-
-
-def unmerge_span(m: Matching, y: Tensor, span: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`merge_span` on a sublayer's output, whose target part is ``n - merged`` rows long."""
-    start, k = span[0], span[1] - m.num_merged
-    if start == 0 and k == y.shape[1]:
-        return m.unmerge(y)
-    return torch.cat([y[:, :start], m.unmerge(y[:, start:start + k]), y[:, start + k:]], 1)

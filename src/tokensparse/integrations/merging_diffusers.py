@@ -47,18 +47,13 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .classes import known_name
+from .fingerprints import call_shape
+from .merging_blocks import BlockMerger, Sublayer, merge_block
 from .merging_cogview4 import wire_cogview4
-from .merging_core import (
-    BlockMerger,
-    Sublayer,
-    TokenMergingState,
-    call_shape,
-    merge_block,
-    merge_span,
-    observe_calls,
-)
+from .merging_core import TokenMergingState, observe_calls
 from .merging_flux3 import target_blocks, wire_flux3
 from .merging_lumina2 import image_blocks, wire_lumina2
+from .merging_spans import merge_span
 
 logger = logging.getLogger(__name__)
 

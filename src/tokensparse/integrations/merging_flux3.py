@@ -23,8 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
+from .fingerprints import call_shape
+from .merging_blocks import Sublayer, merge_block
 from .merging_cogview4 import rope_rows
-from .merging_core import Sublayer, TokenMergingState, call_shape, merge_block, observe_calls
+from .merging_core import TokenMergingState, observe_calls
 
 _IMAGE_MODE = re.compile(r"(^|\.)mode_blocks\.image\.\d+$")  # the target's per-mode blocks (not image_cond's, txt's)
 

@@ -39,16 +39,12 @@ from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
 from .classes import known_name
-from .merging_core import (
-    Sublayer,
-    TokenMergingState,
-    call_shape,
-    merge_block,
-    merge_span,
-    observe_calls,
-    refuse_output_caches,
-)
+from .fingerprints import call_shape
+from .merging_blocks import Sublayer, merge_block
+from .merging_conflicts import refuse_output_caches
+from .merging_core import TokenMergingState, observe_calls
 from .merging_diffusers import find_blocks, wire
+from .merging_spans import merge_span
 
 __all__ = ["TokenMergingState", "apply_token_merging", "merging_state", "merging_supports", "remove_token_merging"]
 
@@ -215,7 +211,7 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
 
 def _refuse_output_caches(model: nn.Module, blocks: dict, cfg: TokenMergingConfig) -> None:
     """``ValueError`` where a diffusers cache (Pyramid Attention Broadcast, FasterCache, TaylorSeer) or Smoothed Energy
-    Guidance's hook is on a sublayer ``cfg`` would merge (:func:`.merging_core.refuse_output_caches`): wired into a
+    Guidance's hook is on a sublayer ``cfg`` would merge (:func:`.merging_conflicts.refuse_output_caches`): wired into a
     throwaway state, whose hooks are removed at once (the model's current merging stays as it is)."""
     probe = TokenMergingState(cfg=cfg, model=model)
     try:

@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_core import Sublayer, TokenMergingState, call_shape, merge_block, merge_span, observe_calls
+from .fingerprints import call_shape
+from .merging_blocks import Sublayer, merge_block
+from .merging_core import TokenMergingState, observe_calls
+from .merging_spans import merge_span
 
 _JOINT = re.compile(r"(^|\.)layers\.\d+$")
 _IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")  # the context refiner sees the caption only

@@ -31,7 +31,7 @@ class MatchCache:
     reuse it and it fits ``x``; otherwise it calls ``compute()`` and stores the result -- including at step 0,
     so step 1 already hits. Several model calls within a step (guidance passes run one after another) are
     kept apart as passes 0, 1, ...: with a ``call`` fingerprint (the hooks pass
-    :func:`tokensparse.integrations.merging_core.call_key`), the pass is the order in which the step first
+    :func:`tokensparse.integrations.fingerprints.call_key`), the pass is the order in which the step first
     saw that call, so an identical call repeated within a step gets its own earlier matching back; without
     one, each lookup of a layer is the next pass. At most :data:`MAX_PASSES` passes per step are kept (then
     the slots are reused, and calls seen before are forgotten), so a loop at one timestep cannot grow the

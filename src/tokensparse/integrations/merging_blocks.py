@@ -1,0 +1,161 @@
+"""The per-block hooks of token merging: :class:`BlockMerger` puts a forward pre-hook and a forward hook on each
+merged sublayer (a :class:`Sublayer`) of one block: the first computes (or, between recompute steps, looks up) the
+matching of the block's target grid through the model's :class:`~.merging_core.TokenMergingState`, every one merges
+its input's grid tokens before the call and unmerges its output after; :func:`merge_block` builds one for the
+sublayers a config selects. No targets here: :mod:`.merging_hooks` and :mod:`.merging_diffusers` wire them."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from ..merging import Matching
+from .fingerprints import _in_backward
+from .merging_spans import merge_key_mask, merge_query_key_mask, merge_span, part, unmerge_span
+
+if TYPE_CHECKING:
+    from .merging_core import TokenMergingState
+
+logger = logging.getLogger(__name__)
+
+GridFn = Callable[[int], "tuple[int, int, int] | None"]  # tokens of a call -> (h, w, start) of its target grid
+RopeFn = Callable[[tuple, dict, Matching, int, "tuple[int, int]"], "tuple[tuple, dict]"]
+
+
+@dataclass
+class Sublayer:
+    module: nn.Module
+    tokens: str  # name of the token argument: positional index 0 or this keyword
+    rope: RopeFn | None = None  # merges the call's positional table along with the tokens
+    target_only: bool = False  # RefDiT mlp: only calls with role="target"
+    outputs: tuple[int, ...] = (0,)  # which elements of a tuple output are the merged tokens' (unmerged)
+    context_first: bool = False  # joint attention over [context, tokens]: a key mask may span both (FLUX)
+    # self-attention called with its tokens passed again as encoder_hidden_states (Lumina 2): merged along
+    self_context: bool = False
+    # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call in
+    # each call of the block merges (BlockMerger's block= marks where a block call starts)
+    first_call: bool = False
+
+
+class BlockMerger:
+    """Hooks on the sublayers of one block; the first merged sublayer owns the matching lookup."""
+
+    def __init__(self, state: TokenMergingState, name: str, sublayers: list[Sublayer],
+                 grid: GridFn, shared: bool = False, block: nn.Module | None = None) -> None:
+        self.state, self.name, self.grid, self.shared = state, name, grid, shared
+        self.current: Matching | None = None
+        self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
+        self.called: set[int] = set()  # first_call sublayers called in this block call
+        if block is None and any(sub.first_call for sub in sublayers):
+            raise ValueError(f"{name}: a first_call sublayer needs its block (block=), whose calls reset it")
+        if block is not None:  # first_call sublayers: each block call starts afresh
+            state.handles.append(block.register_forward_pre_hook(functools.partial(BlockMerger._start, self)))
+        state.sublayers.extend(m for sub in sublayers for m in sub.module.modules())
+        for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
+            pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
+            state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
+            state.handles.append(sub.module.register_forward_hook(post, with_kwargs=True))
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.called = set()
+
+    def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
+             ) -> tuple[tuple, dict] | None:
+        module.__dict__["_tokensparse_active"] = None
+        if not self.state.running and not _in_backward():  # called by another model sharing it (a ControlNet)
+            return None
+        if sub.target_only and kwargs.get("role", "target") != "target":
+            return None
+        if sub.first_call:
+            if id(sub) in self.called:  # a later call in the block (CogView4's ff on the text stream): never merged
+                return None
+            self.called.add(id(sub))
+        from_kwargs = not args
+        x = kwargs[sub.tokens] if from_kwargs else args[0]
+        if owner:
+            grid = self.grid(x.shape[1])
+            self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
+            self.current = None
+            if grid is not None:
+                self.span = (grid[2], grid[0] * grid[1])
+                self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
+        m, span = self.current, self.span
+        if m is None or m.num_merged == 0:
+            return None
+        if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
+            if not self.state.warned_misfit:
+                self.state.warned_misfit = True
+                logger.warning("tokensparse: token merging: %s of %s got %d tokens where the block's grid has %d "
+                               "(feed-forward chunking, enable_forward_chunking?); it runs unmerged",
+                               type(module).__name__, self.name, x.shape[1], span[1])
+            return None
+        context = kwargs.get("encoder_hidden_states")
+        self_context = sub.self_context and context is x
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() >= 2:
+            mask = self._merged_mask(module, mask, m, span, x.shape[1], None if self_context else context,
+                                     sub.context_first)
+            if mask is None:
+                return None
+            kwargs = {**kwargs, "attention_mask": mask}
+        module.__dict__["_tokensparse_active"] = (m, span)
+        merged = merge_span(m, x, span)
+        if from_kwargs:
+            kwargs = {**kwargs, sub.tokens: merged}
+        else:
+            args = (merged, *args[1:])
+        if self_context:
+            kwargs = {**kwargs, "encoder_hidden_states": merged}
+        if sub.rope is not None:
+            args, kwargs = sub.rope(args, kwargs, m, x.shape[1], span)
+        return args, kwargs
+
+    def _merged_mask(self, module: nn.Module, mask: Tensor, m: Matching, span: tuple[int, int], n: int,
+                     context: Any, context_first: bool = False) -> Tensor | None:
+        """The sublayer's ``attention_mask`` for the merged tokens, or ``None`` (run it unmerged).
+
+        A self-attention key mask over these ``n`` tokens keeps the entries of the surviving tokens
+        (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged; with ``context_first``
+        (FLUX double-stream attention: keys ``[context, tokens]``, e.g. proportional Sparse Context's bias) a key
+        mask over context + tokens keeps the context's entries and the surviving tokens'. A query x key mask over
+        the same tokens (Chroma's ``(B, 1, L, L)``) keeps the surviving tokens' rows and columns
+        (:func:`merge_query_key_mask`). Any other mask -- over context + tokens in another order (SD3 joint
+        attention), a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
+        n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
+        if n_ctx and mask.shape[-1] == n_ctx:
+            return mask  # cross-attention: its keys are the context's, which merging leaves alone
+        if n_ctx and context_first and mask.shape[-1] == n_ctx + n:
+            span, n = (n_ctx + span[0], span[1]), n_ctx + n
+        merged = merge_key_mask(mask, m, span, n)
+        if merged is None and mask.dim() >= 3 and mask.shape[-2] == n:
+            merged = merge_query_key_mask(mask, m, span, n)
+        if merged is not None:
+            return merged
+        if not self.state.warned_mask:
+            self.state.warned_mask = True
+            logger.warning("tokensparse: token merging: %s of %s got an attention_mask of shape %s that it cannot "
+                           "thin with the tokens (%d tokens, %d context); it runs unmerged", type(module).__name__,
+                           self.name, tuple(mask.shape), n, n_ctx)
+        return None
+
+    def _post(self, sub: Sublayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        active = module.__dict__.pop("_tokensparse_active", None)
+        if active is None:
+            return None
+        m, span = active
+        if isinstance(output, tuple):
+            return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
+        return unmerge_span(m, output, span)
+
+
+def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp: Sublayer | None, grid: GridFn,
+                **kwargs: Any) -> BlockMerger | None:
+    """A :class:`BlockMerger` over a block's attention and MLP sublayers, those ``state.cfg`` selects (``merge_attn``
+    / ``merge_mlp``; ``None``: the block has no such sublayer), in that order; ``None`` when it selects neither."""
+    subs = [sub for sub, on in ((attn, state.cfg.merge_attn), (mlp, state.cfg.merge_mlp)) if on and sub is not None]
+    return BlockMerger(state, name, subs, grid, **kwargs) if subs else None
