@@ -155,13 +155,17 @@ def test_a_training_step_after_a_generation_starts_a_new_one(refdit: ts.RefDiT, 
 
 
 @torch.no_grad()
-def test_a_step_of_another_batch_size_starts_a_new_generation(refdit: ts.RefDiT) -> None:
-    call = _call(refdit, t=0.3, batch=2)
-    want = _fresh(refdit, call)
+def test_a_batch_that_shrinks_part_way_continues_the_generation(refdit: ts.RefDiT) -> None:
+    """diffusers' dynamic CFG: a callback drops the unconditional half of the batch part-way through a generation;
+    the steps after it are still that generation's (step numbers, destination draws, recompute schedule)."""
     apply_token_merging(refdit, EVERY_100)
-    for t in (0.9, 0.6):  # a bare loop over one image
-        refdit(*_call(refdit, t, seed=3))
-    assert torch.equal(refdit(*call), want)  # was step 2 of the batch-1 generation (its destination draws)
+    state = merging_state(refdit)
+    generation = None
+    for step, (t, batch) in enumerate(((0.9, 2), (0.8, 2), (0.7, 1), (0.6, 1))):
+        refdit(*_call(refdit, t, seed=3, batch=batch))
+        generation = state.tracker.generation if generation is None else generation
+        assert (state.tracker.generation, state.tracker.step) == (generation, step), t
+    assert state.cache.hits > 0  # each batch size reuses its first step's matchings (batch 2 ones do not fit batch 1)
     remove_token_merging(refdit)
 
 

@@ -96,7 +96,7 @@ class TokenMergingState:
         self.isolated = False  # the last call's samples were at different timesteps: the next starts afresh
         self.running = 0  # calls of the model in progress: its sublayers merge only inside one
         self.inference: bool | None = None  # whether the last call ran under torch.inference_mode()
-        self.kinds: set[Hashable] = set()  # (shape, grad mode) of the calls of the current step, see observe
+        self.kinds: set[Hashable] = set()  # (grid, grad mode) of the calls of the current step, see observe
         self._destinations = Destinations()  # each layer's destination positions by step, see destinations()
 
     @property
@@ -112,15 +112,16 @@ class TokenMergingState:
 
         ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
         identical call repeated at one timestep reuses its matchings (same output, bounded cache).
-        ``shape``: the call's batch size and target grid (see :func:`call_shape`), ``None`` if unknown.
+        ``shape``: the call's batch size and target grid (see :func:`call_shape`), ``None`` if unknown; only the grid
+        is compared (the batch may change within a generation: diffusers' dynamic CFG halves it part-way).
 
         Steps: calls at one timestep are the passes of a step (guidance), a lower timestep is the next step, a
         higher one starts a new generation (:class:`~tokensparse.generation.StepTracker`). A call that cannot
         continue the current generation starts a new one as well:
 
         - a switch into or out of ``torch.inference_mode()`` (a training step after a generation run under it);
-        - the first call of a new step whose shape and grad mode no call of the previous step had (another batch
-          or image size; a grad-enabled training step after a generation under ``no_grad``, or the reverse). Passes
+        - the first call of a new step whose grid and grad mode no call of the previous step had (another image
+          size; a grad-enabled training step after a generation under ``no_grad``, or the reverse). Passes
           of one step may differ (SD3's skip-layer pass, Attend-and-Excite's grad-enabled passes before its CFG
           pass): a step whose first call is like one of the previous step's continues the generation.
 
@@ -143,7 +144,7 @@ class TokenMergingState:
             mixed = flat.numel() > 1 and bool((flat != flat[0]).any())
             t = flat[0].item() if flat.numel() else None
         t = 0.0 if t is None else float(t)
-        kind = (shape, torch.is_grad_enabled())
+        kind = (shape[1] if isinstance(shape, tuple) and len(shape) == 2 else shape, torch.is_grad_enabled())
         if (mixed or self.isolated or (self.inference is not None and inference != self.inference)
                 or (self.tracker.advances(t) and self.kinds and kind not in self.kinds)):
             self.tracker.reset()

@@ -14,7 +14,7 @@ input; the block's later sublayers reuse it. A forward pre-hook on the model rea
 :class:`~tokensparse.generation.StepTracker`, which numbers the steps and notices a new generation when the
 timestep rises; :func:`tokensparse.generation.begin_generation` (``tokensparse.generate`` calls it; for
 pipelines ``scheduler.set_timesteps`` does) starts one explicitly. A call that cannot continue the generation
-(another batch size, grid or grad mode at a new step, a switch of ``torch.inference_mode()``) starts one too
+(another grid or grad mode at a new step, a switch of ``torch.inference_mode()``) starts one too
 (:meth:`~.merging_core.TokenMergingState.observe`). Each new generation empties the match
 cache. A layer's random destinations at a step depend only on the config's seed, the step and the layer, so every
 pass of a step draws the same ones, as one batched call would. Calls at one timestep are the passes of a step
