@@ -436,6 +436,26 @@ def test_two_saves_of_one_checkpoint_at_once_do_not_collide(tmp_path):
     assert (run / "step_0000001").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only
 
 
+def test_a_save_whose_rename_fails_leaves_no_temp_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tokensparse.run_checkpoints import save_checkpoint_folder
+
+    run = tmp_path / "run"
+    save_checkpoint_folder(run, 1, lambda tmp: (tmp / "state.json").write_text("1"))
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.endswith(".tmp"):
+            raise OSError(39, "Directory not empty")  # another save of the step put its copy in place first
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="Directory not empty"):
+        save_checkpoint_folder(run, 1, lambda tmp: (tmp / "state.json").write_text("2"))
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # the finished copy was left behind
+
+
 def test_a_resume_keeps_the_recipe_and_the_process_count_it_started_with(tmp_path):
     run = tmp_path / "run"
     init = tmp_path / "init.safetensors"

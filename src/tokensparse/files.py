@@ -73,9 +73,9 @@ def temp_beside(path: str | os.PathLike, folder: bool = False) -> Path:
 
 @contextmanager
 def published(*paths: str | os.PathLike) -> Iterator[list[Path]]:
-    """Publish ``paths`` atomically, together: yields a temp file beside each (:func:`temp_beside`) for the block
-    to write. When the block ends, each gets normal permissions, and then they are renamed onto their paths in
-    order (all are written before any is renamed). If the block or a rename raises (an error, Ctrl-C,
+    """Publish ``paths``, each atomically (not as a set): yields a temp file beside each (:func:`temp_beside`)
+    for the block to write. When the block ends, each gets normal permissions, and then they are renamed onto
+    their paths in order (all are written before any is renamed). If the block or a rename raises (an error, Ctrl-C,
     ``SystemExit``), the temp files not yet renamed are removed: a failed write leaves no temp file behind.
     The paths' folders must exist."""
     tmps: list[Path] = []

@@ -106,17 +106,17 @@ def save_checkpoint_folder(out: Path, step: int, write: Callable[[Path], None], 
     try:
         write(tmp)
         default_mode(tmp)  # mkdtemp makes it owner-only
-    except BaseException:  # an error or Ctrl-C mid-save: nothing half-written stays in the run folder
-        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():  # moved aside, not deleted first: ``latest`` may point to it until the new one is in place
+            old = out / f".step_{step:07d}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:  # an error or Ctrl-C mid-save (a rename too): no temp folder stays in the run folder
+        shutil.rmtree(tmp, ignore_errors=True)  # a stranded .step_N.old is recovered by the next run (_stranded)
         raise
-    if final.exists():  # moved aside, not deleted first: ``latest`` may point to it until the new one is in place
-        old = out / f".step_{step:07d}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
     with published(out / "latest") as (latest,):
         latest.write_text(final.name)
     for old in sorted(out.glob("step_*"))[:-keep_last]:

@@ -97,7 +97,8 @@ def write_shipped(path: str | Path, write_weights: Callable[[str], None], info: 
 
     ``write_weights(tmp_path)`` writes the safetensors file to a temp file of its own beside ``path``
     (:func:`~tokensparse.files.published`: two exports to one path at once do not collide: each file is whole,
-    the last renamed wins); it gets normal permissions and is renamed into place, then ``info`` goes to
+    the last renamed wins, though the pair may then mix the two exports); it gets normal permissions and is
+    renamed into place, then ``info`` goes to
     ``path.with_suffix(".json")`` the same way. Both are written before either is renamed; a failure (disk full,
     an interrupt) leaves no temp file, nor a folder made for it, and raises
     ``OSError`` naming ``path``. A folder where either file goes is an ``IsADirectoryError`` before anything is
