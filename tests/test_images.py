@@ -249,3 +249,15 @@ def test_load_rgb_names_the_file_in_pils_decompression_bomb_warning(tmp_path, mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: an error naming the file
     with pytest.raises(ValueError, match="cannot read image .*big.png"):
         load_rgb(tmp_path / "big.png")
+
+
+def test_a_large_image_warning_pickles_and_copies():
+    import copy
+    import pickle
+
+    from tokensparse.images import LargeImageWarning
+
+    w = LargeImageWarning("big.png", "Image size (100000000 pixels) exceeds limit")
+    for again in (pickle.loads(pickle.dumps(w)), copy.copy(w)):  # __init__ needs both fields: args held one
+        assert type(again) is LargeImageWarning and str(again) == str(w)
+        assert (again.path, again.detail) == (w.path, w.detail)

@@ -162,6 +162,9 @@ class LargeImageWarning(Image.DecompressionBombWarning):
         super().__init__(f"image {path}: {detail}")
         self.path, self.detail = path, detail
 
+    def __reduce__(self) -> tuple:  # pickled (a worker process's error under -W error) and copied by its fields
+        return type(self), (self.path, self.detail)
+
 
 def _open(path: str | os.PathLike) -> Image.Image:
     """``Image.open(path)``, with PIL's decompression-bomb warning raised again as a :class:`LargeImageWarning` that
