@@ -259,10 +259,8 @@ def generate(
 
 def _weakened_only_by_weak_keep(guidance: GuidanceConfig | None, tokens: int) -> bool:
     """Whether ``guidance`` is Sparse Guidance whose weak branch differs from the strong one only by seeing fewer
-    reference tokens (``weak_keep``) on a model of ``tokens`` target tokens: both conditional, and routing as many
-    tokens."""
-    return (isinstance(guidance, SparseGuidanceConfig) and not guidance.null_weak
-            and round(guidance.strong * tokens) == round(guidance.weak * tokens))
+    reference tokens (``weak_keep``) on a model of ``tokens`` target tokens."""
+    return isinstance(guidance, SparseGuidanceConfig) and guidance.routes_as_strong(tokens)
 
 
 def _check_loaded(model: RefDiT) -> None:

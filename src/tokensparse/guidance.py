@@ -109,7 +109,12 @@ class SparseGuidanceConfig:
     def weak_is_strong(self, tokens: int | None = None) -> bool:
         """Whether the weak branch is the strong one (guidance would do nothing): both conditional with every
         reference token, at the same rate, or, on a model of ``tokens`` target tokens, routing as many of them."""
-        if self.weak_keep != 1.0 or self.null_weak:
+        return self.weak_keep == 1.0 and self.routes_as_strong(tokens)
+
+    def routes_as_strong(self, tokens: int | None = None) -> bool:
+        """Whether the weak branch is conditional and routes as the strong one does (the same rate, or on a model of
+        ``tokens`` target tokens as many of them), so that only ``weak_keep`` (fewer reference tokens) weakens it."""
+        if self.null_weak:
             return False
         if tokens is None:
             return self.strong == self.weak
