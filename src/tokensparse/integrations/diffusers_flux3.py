@@ -22,8 +22,9 @@ _REFS = "image_cond_hidden_states"
 _IDS = "image_cond_ids"
 
 
-def _grid_cells(coord: Tensor) -> tuple[Tensor, int]:
-    """Each token's row (or column) index among the distinct values of ``coord (n,)``, and how many there are."""
+def grid_cells(coord: Tensor) -> tuple[Tensor, int]:
+    """Each token's row (or column) index among the distinct values of ``coord (n,)`` (FLUX.3's scaled H or W ids,
+    not integers), and how many there are; token merging reads the target's grid with it too."""
     values, rank = torch.unique(coord, sorted=True, return_inverse=True)
     return rank, int(values.numel())
 
@@ -51,8 +52,8 @@ class Flux3Adapter(InContextAdapter):
         positions, cells, grids = [], [], []
         for value in torch.unique_consecutive(layer).tolist():
             pos = torch.nonzero(layer == value).squeeze(1)
-            rows, h = _grid_cells(ids[pos, 1])
-            cols, w = _grid_cells(ids[pos, 2])
+            rows, h = grid_cells(ids[pos, 1])
+            cols, w = grid_cells(ids[pos, 2])
             if h * w != len(pos):
                 raise ValueError(
                     f"FLUX.3 reference with layer id {value} has {len(pos)} tokens but spans a {h}x{w} grid; "

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
+from .diffusers_flux3 import grid_cells
 from .fingerprints import call_shape
 from .merging_blocks import Sublayer, merge_block
 from .merging_cogview4 import rope_rows
@@ -73,9 +74,7 @@ def ids_grid(ids: Tensor) -> tuple[int, int] | None:
     ids = ids[0] if ids.dim() == 3 else ids
     if ids.dim() != 2 or ids.shape[1] < 3 or ids.shape[0] == 0:
         return None
-    _, rows = torch.unique(ids[:, 1], return_inverse=True)
-    _, cols = torch.unique(ids[:, 2], return_inverse=True)
-    h, w, n = int(rows.max()) + 1, int(cols.max()) + 1, ids.shape[0]
+    (rows, h), (cols, w), n = grid_cells(ids[:, 1]), grid_cells(ids[:, 2]), ids.shape[0]
     if h * w != n or not bool((rows * w + cols == torch.arange(n, device=ids.device)).all()):
         return None
     return h, w
