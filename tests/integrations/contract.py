@@ -22,6 +22,14 @@ from tokensparse.integrations.diffusers import (
 )
 
 
+def input_lengths(module: nn.Module) -> list[int]:
+    """The token count of ``module``'s first argument at each of its calls from now on (a forward pre-hook): what a
+    pipeline's patch embedder sees, target and references together."""
+    seen: list[int] = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    return seen
+
+
 def tiny_pipeline(build: Callable[..., Any]) -> Any:
     """A module-scoped fixture: ``build(seed=0)`` (a tiny pipeline builder) with its progress bar off."""
 

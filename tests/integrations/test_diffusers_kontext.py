@@ -20,7 +20,7 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import kontext_call_kwargs, tiny_flux_kontext
 
-from .contract import reapply_then_remove
+from .contract import input_lengths, reapply_then_remove
 from .proportional import assert_bias_is_duplication, keep_one_then_plain_sparse
 
 TOKENS = 8 * 8  # 32x32 target and reference
@@ -55,10 +55,8 @@ def run(pipe, prompt="a cat", ref=True):
     ).images
 
 
-def lengths(pipe):
-    seen: list[int] = []
-    pipe.transformer.x_embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    return seen
+def lengths(pipe) -> list[int]:
+    return input_lengths(pipe.transformer.x_embedder)
 
 
 def test_identity_sparse_remove_and_reapply(pipe):

@@ -27,7 +27,7 @@ from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
 from tokensparse.integrations.merging_hooks import merging_state
 from tokensparse.selection import SCORERS
 
-from .contract import reapply_then_remove, refuses_proportional_and_cache
+from .contract import input_lengths, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
@@ -44,9 +44,7 @@ def pipe(monkeypatch):
 
 
 def lengths(pipe) -> list[int]:
-    seen: list[int] = []
-    pipe.transformer.x_embedder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    return seen
+    return input_lengths(pipe.transformer.x_embedder)
 
 
 def run(pipe, prompt="a cat"):

@@ -25,7 +25,7 @@ from tokensparse.integrations.diffusers import (
 from tokensparse.integrations.diffusers_tiny import qwen_call_kwargs, tiny_qwen_image_edit_inpaint
 from tokensparse.selection import SCORERS
 
-from .contract import reapply_then_remove, refuses_proportional_and_cache
+from .contract import input_lengths, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 SOURCE = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
@@ -43,9 +43,7 @@ def pipe(monkeypatch):
 
 
 def lengths(pipe) -> list[int]:
-    seen: list[int] = []
-    pipe.transformer.img_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    return seen
+    return input_lengths(pipe.transformer.img_in)
 
 
 def run(pipe):

@@ -28,7 +28,7 @@ from tokensparse.integrations.diffusers_models import QwenImageLayeredAdapter
 from tokensparse.integrations.diffusers_tiny_qwen_layered import tiny_qwen_image_layered
 from tokensparse.selection import SCORERS
 
-from .contract import generate_app, pipeline_folder, reapply_then_remove, refuses_proportional_and_cache
+from .contract import generate_app, input_lengths, pipeline_folder, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 pixels: VAE /2, 2x2 patches
 LAYERS = 2  # the pipeline's target layers: the composite and LAYERS more
@@ -46,9 +46,7 @@ def pipe(monkeypatch):
 
 
 def lengths(pipe) -> list[int]:
-    seen: list[int] = []
-    pipe.transformer.img_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    return seen
+    return input_lengths(pipe.transformer.img_in)
 
 
 def run(pipe, **kwargs):
