@@ -230,6 +230,9 @@ def test_bad_targets_and_configs(refdit: ts.RefDiT) -> None:
     holder = type("SomePipeline", (), {"transformer": nn.Linear(2, 2)})()  # a pipeline whose model merging lacks
     with pytest.raises(TypeError, match="got SomePipeline, whose model is a Linear"):
         apply_token_merging(holder, TokenMergingConfig(ratio=0.5))
+    unloaded = type("SomeModularPipeline", (), {"transformer": None})()  # its transformer not loaded yet
+    with pytest.raises(TypeError, match=r"got SomeModularPipeline, whose \.transformer is None \(not loaded"):
+        apply_token_merging(unloaded, TokenMergingConfig(ratio=0.5))
     assert remove_token_merging(refdit) is refdit  # never applied: a no-op
     with pytest.raises(TypeError, match="TokenMergingConfig"):
         apply_token_merging(refdit, {"ratio": 0.5})

@@ -137,6 +137,11 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
     if model is not None and model is not target:  # a pipeline whose model is not one merging knows
         got = f"{got}, whose model is a {type(model).__name__}"
     why, hint = "", compile_hint(target, lambda m: merging_supports(m) is None)
+    if model is None and not isinstance(target, nn.Module):  # a pipeline whose model is not loaded yet
+        empty = [a for a in ("transformer", "unet") if hasattr(target, a) and getattr(target, a) is None]
+        if empty:
+            why = (f", whose .{empty[0]} is None (not loaded: load it first, e.g. a modular pipeline's "
+                   f"pipe.load_components() or pipe.update_components({empty[0]}=...))")
     # a model it does not know (not a torch.compile wrapper): where its attention is, so the reason is visible
     if model is not None and not hint and not hasattr(model, "_orig_mod"):
         holders = _attention_holders(model)
