@@ -59,9 +59,17 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
     state.observe(first_arg(call, "timestep"), call, call_shape(x, box["grid"]))
 
 
+_COMPILED = ("token merging's FLUX.3 hooks must run as Python under torch.compile (traced, the merged outputs drifted "
+             "from the uncompiled ones); this torch did not fall back: call the transformer uncompiled")
+
+
 def _grid(box: dict, joint: bool, n: int) -> tuple[int, int, int] | None:
     """The target grid among a sublayer's ``n`` tokens: all of them (a per-mode block), or the span after the text
-    (a single block; the references, if any, follow it)."""
+    (a single block; the references, if any, follow it). Never traced: under ``torch.compile(transformer)`` the
+    error makes dynamo run the merged blocks' hooks as Python, which keeps their outputs exact (traced, they drifted
+    from the uncompiled ones from the second step on)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(_COMPILED)
     g, start = box["grid"], box["n_txt"] if joint else 0
     if g is None or start is None or start + g[0] * g[1] > n or (not joint and g[0] * g[1] != n):
         return None
