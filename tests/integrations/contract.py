@@ -30,6 +30,19 @@ def input_lengths(module: nn.Module) -> list[int]:
     return seen
 
 
+def edges_views(monkeypatch: pytest.MonkeyPatch, pipe: Any, run: Callable[[Any], Any]) -> list[Any]:
+    """The reference views the ``edges`` scorer gets when ``run(pipe)`` runs under Sparse Context (keep 0.25,
+    ``selector="edges"``): what a pixel selector sees of each reference."""
+    from tokensparse.selection import SCORERS
+
+    seen: list[Any] = []
+    edges = SCORERS["edges"]
+    monkeypatch.setitem(SCORERS, "edges", lambda view, g: seen.append(view) or edges(view, g))
+    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
+    run(pipe)
+    return seen
+
+
 def tiny_pipeline(build: Callable[..., Any]) -> Any:
     """A module-scoped fixture: ``build(seed=0)`` (a tiny pipeline builder) with its progress bar off."""
 

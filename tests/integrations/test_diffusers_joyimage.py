@@ -27,10 +27,10 @@ from tokensparse.integrations.diffusers_tiny_joyimage import (
     tiny_joyimage_edit,
     tiny_joyimage_edit_plus,
 )
-from tokensparse.selection import SCORERS
 
 from .contract import (
     assert_checkpointing_is_exact,
+    edges_views,
     first_call,
     generate_app,
     pipeline_folder,
@@ -188,11 +188,7 @@ def test_kept_tokens_keep_their_positions_on_the_plus_transformer(plus):
 @pytest.mark.parametrize("name", ["edit", "plus"])
 def test_pixel_scorers_get_the_reference_pixels(name, request, monkeypatch):
     pipe = request.getfixturevalue(name)
-    seen = []
-    edges = SCORERS["edges"]
-    monkeypatch.setitem(SCORERS, "edges", lambda view, g: seen.append(view) or edges(view, g))
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
-    run_edit(pipe) if name == "edit" else run_plus(pipe)
+    seen = edges_views(monkeypatch, pipe, run_edit if name == "edit" else run_plus)
     refs = [REF] if name == "edit" else [REF, REF_WIDE]  # already bucket-sized: passed through unchanged
     assert len(seen) == len(refs)
     for view, ref in zip(seen, refs):

@@ -25,9 +25,8 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import tiny_longcat_image_edit
 from tokensparse.integrations.merging_hooks import merging_state
-from tokensparse.selection import SCORERS
 
-from .contract import input_lengths, reapply_then_remove, refuses_proportional_and_cache
+from .contract import edges_views, input_lengths, reapply_then_remove, refuses_proportional_and_cache
 
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 REF = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")
@@ -71,11 +70,7 @@ def test_identity_sparse_remove_and_reapply(pipe):
 
 
 def test_a_pixel_selector_scores_the_reference_image(pipe, monkeypatch):
-    seen = []
-    edges = SCORERS["edges"]
-    monkeypatch.setitem(SCORERS, "edges", lambda view, g: seen.append(view) or edges(view, g))
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
-    run(pipe)
+    seen = edges_views(monkeypatch, pipe, run)
     (view,) = seen  # one reference, one selection
     assert view.grid == (8, 8) and view.image.shape == (1, 3, 32, 32)
     assert np.abs(view.image[0].permute(1, 2, 0).numpy() - REF / 255).max() < 0.01

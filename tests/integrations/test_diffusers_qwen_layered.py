@@ -26,9 +26,15 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_models import QwenImageLayeredAdapter
 from tokensparse.integrations.diffusers_tiny_qwen_layered import tiny_qwen_image_layered
-from tokensparse.selection import SCORERS
 
-from .contract import generate_app, input_lengths, pipeline_folder, reapply_then_remove, refuses_proportional_and_cache
+from .contract import (
+    edges_views,
+    generate_app,
+    input_lengths,
+    pipeline_folder,
+    reapply_then_remove,
+    refuses_proportional_and_cache,
+)
 
 TOKENS = 8 * 8  # 32x32 pixels: VAE /2, 2x2 patches
 LAYERS = 2  # the pipeline's target layers: the composite and LAYERS more
@@ -118,11 +124,7 @@ def test_kept_tokens_get_their_dense_rope_rows_and_modulation():
 
 
 def test_a_pixel_selector_scores_the_input_images_rgb(pipe, monkeypatch):
-    seen = []
-    edges = SCORERS["edges"]
-    monkeypatch.setitem(SCORERS, "edges", lambda view, g: seen.append(view) or edges(view, g))
-    apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
-    run(pipe)
+    seen = edges_views(monkeypatch, pipe, run)
     (view,) = seen  # one reference, one selection
     assert view.grid == (8, 8) and view.image.shape == (1, 3, 32, 32)
     assert np.abs(view.image[0].permute(1, 2, 0).numpy() - INPUT[..., :3] / 255).max() < 0.01
