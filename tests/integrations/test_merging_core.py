@@ -280,7 +280,7 @@ def test_names_moved_out_stay_importable_from_here() -> None:
     from tokensparse.integrations import fingerprints, merging_blocks, merging_conflicts, merging_core, merging_spans
 
     for module, names in ((merging_blocks, ("BlockMerger", "GridFn", "RopeFn", "Sublayer", "merge_block")),
-                          (fingerprints, ("MAX_RECORDED", "Recorded", "_in_backward", "call_key", "call_shape")),
+                          (fingerprints, ("MAX_RECORDED", "Recorded", "_in_backward", "call_key")),
                           (merging_spans, ("merge_key_mask", "merge_query_key_mask", "merge_span", "part",
                                            "unmerge_span")),
                           (merging_conflicts, ("GRID_HOOKS", "refuse_output_caches"))):

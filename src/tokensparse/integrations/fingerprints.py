@@ -1,8 +1,8 @@
 """Model calls told apart, and replayed under gradient checkpointing (no merging or model knowledge here).
 
 :func:`call_key` fingerprints a call's arguments (identical calls repeat their matchings, a block recomputed in
-backward finds its forward's record), :func:`call_shape` is the batch and grid a generation keeps from step to step;
-:func:`_in_backward` tells a recomputation in backward, and :class:`Recorded` keeps what forwards computed for it.
+backward finds its forward's record); :func:`_in_backward` tells a recomputation in backward, and :class:`Recorded`
+keeps what forwards computed for it.
 Token merging (:mod:`.merging_core`, :mod:`.merging_blocks`) and Sparse Context's block hooks
 (:mod:`.diffusers_layout`) use them.
 """
@@ -72,19 +72,6 @@ def _ramp(n: int, device: torch.device) -> Tensor:
     length: every call of a model passes ids of the same length). Made outside inference mode."""
     with torch.inference_mode(False):
         return torch.linspace(1.0, 2.0, n, device=device)
-
-
-def call_shape(tokens: Any, grid: Any) -> tuple[int | None, Any]:
-    """A model call's shape for :meth:`~.merging_core.TokenMergingState.observe`: its batch size (``tokens``' first
-    dimension, or the length of a list of per-sample tensors) and its target ``grid`` (any hashable: ``(h, w)``, a
-    latent's shape), the things a generation keeps from step to step whatever else its calls change (reference
-    tokens thinned, a K/V-extract call)."""
-    batch = None
-    if isinstance(tokens, Tensor) and tokens.dim() >= 1:
-        batch = tokens.shape[0]
-    elif isinstance(tokens, (list, tuple)):
-        batch = len(tokens)
-    return batch, grid
 
 
 def _in_backward() -> bool:

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .fingerprints import call_shape
 from .merging_blocks import Sublayer, merge_block
 from .merging_core import TokenMergingState, observe_calls
 
@@ -44,7 +43,7 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         if rope is None or (isinstance(rope, tuple) and len(rope) == 2
                             and all(isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] == h * w for t in rope)):
             box["grid"] = (h, w)
-    state.observe(first_arg(call, "timestep"), call, call_shape(x, box["grid"]))
+    state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
 def _grid(box: dict, n: int) -> tuple[int, int, int] | None:

@@ -32,12 +32,11 @@ from ..merging import (
     num_sources,
     random_destinations,
 )
-from .fingerprints import (  # noqa: F401  (MAX_RECORDED, call_shape: importable from here as before)
+from .fingerprints import (  # noqa: F401  (MAX_RECORDED: importable from here as before)
     MAX_RECORDED,
     Recorded,
     _in_backward,
     call_key,
-    call_shape,
 )
 from .merging_blocks import BlockMerger, GridFn, RopeFn, Sublayer, merge_block  # noqa: F401  (importable as before)
 from .merging_conflicts import GRID_HOOKS, refuse_output_caches  # noqa: F401  (GRID_HOOKS: importable as before)
@@ -106,14 +105,15 @@ class TokenMergingState:
     def new_generation(self) -> None:
         self.tracker.reset()
 
-    def observe(self, t: Any, call: dict | None = None, shape: Hashable = None) -> None:
+    def observe(self, t: Any, call: dict | None = None, grid: Hashable = None) -> None:
         """Record a model call (its timestep, ``None`` read as 0, and arguments); starts a fresh cache when a new
         generation begins.
 
         ``call``: the call's arguments by name; their fingerprint tells the passes of a step apart, so an
         identical call repeated at one timestep reuses its matchings (same output, bounded cache).
-        ``shape``: the call's batch size and target grid (see :func:`call_shape`), ``None`` if unknown; only the grid
-        is compared (the batch may change within a generation: diffusers' dynamic CFG halves it part-way).
+        ``grid``: the call's target grid (any hashable: ``(h, w)``, a latent's shape; ``None`` if unknown), what a
+        generation keeps from step to step whatever else its calls change (thinned reference tokens, a K/V-extract
+        call, the batch, which diffusers' dynamic CFG halves part-way).
 
         Steps: calls at one timestep are the passes of a step (guidance), a lower timestep is the next step, a
         higher one starts a new generation (:class:`~tokensparse.generation.StepTracker`). A call that cannot
@@ -144,7 +144,7 @@ class TokenMergingState:
             mixed = flat.numel() > 1 and bool((flat != flat[0]).any())
             t = flat[0].item() if flat.numel() else None
         t = 0.0 if t is None else float(t)
-        kind = (shape[1] if isinstance(shape, tuple) and len(shape) == 2 else shape, torch.is_grad_enabled())
+        kind = (grid, torch.is_grad_enabled())
         if (mixed or self.isolated or (self.inference is not None and inference != self.inference)
                 or (self.tracker.advances(t) and self.kinds and kind not in self.kinds)):
             self.tracker.reset()

@@ -47,7 +47,6 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .classes import known_name
-from .fingerprints import call_shape
 from .merging_blocks import BlockMerger, Sublayer, merge_block
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
@@ -254,7 +253,7 @@ def _observe_unet(state: TokenMergingState, patch: int, module: nn.Module, args:
         logger.warning("tokensparse: token merging merges the token grid of a (B, C, H, W) latent, and %s was "
                        "called with %s; it runs unmerged", type(module).__name__, got)
     grid = tuple(sample.shape[1:]) if isinstance(sample, Tensor) else None
-    state.observe(first_arg(call, "timestep"), call, call_shape(sample, grid))
+    state.observe(first_arg(call, "timestep"), call, grid)
 
 
 def _config_patch(module: nn.Module) -> int | None:
@@ -325,7 +324,7 @@ def _observe_flux(state: TokenMergingState, box: dict, module: nn.Module, args: 
     ids, txt = first_arg(call, "img_ids"), first_arg(call, "encoder_hidden_states")
     box["grid"] = ids_grid(ids[0] if ids.dim() == 3 else ids, box["cloze"]) if isinstance(ids, Tensor) else None
     box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
-    state.observe(first_arg(call, "timestep"), call, call_shape(call.get("hidden_states"), box["grid"]))
+    state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
 def _flux_grid(box: dict, text: bool, n: int) -> tuple[int, int, int] | None:
@@ -399,7 +398,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
 def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
     box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
-    state.observe(first_arg(call, "timestep"), call, call_shape(call.get("hidden_states"), box["grid"]))
+    state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
 def _leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:
@@ -441,7 +440,7 @@ def _observe_zimage(state: TokenMergingState, box: dict, module: nn.Module, args
             box["grid"] = (h // p, w // p) if f // pf == 1 else None
     t = first_arg(call, "t")
     # Z-Image's t rises over a generation (1 - sigma)
-    state.observe(1.0 - t if t is not None else None, call, call_shape(x, box["grid"]))
+    state.observe(1.0 - t if t is not None else None, call, box["grid"])
 
 
 def _zimage_rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
 from .diffusers_flux3 import grid_cells
-from .fingerprints import call_shape
 from .merging_blocks import Sublayer, merge_block
 from .merging_cogview4 import rope_rows
 from .merging_core import TokenMergingState, observe_calls
@@ -56,7 +55,7 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         grid = None
     box["grid"] = grid
     box["n_txt"] = txt.shape[1] if isinstance(txt, Tensor) and txt.dim() == 3 else None
-    state.observe(first_arg(call, "timestep"), call, call_shape(x, box["grid"]))
+    state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
 _COMPILED = ("token merging's FLUX.3 hooks must run as Python under torch.compile (traced, the merged outputs drifted "

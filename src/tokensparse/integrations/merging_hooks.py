@@ -39,7 +39,6 @@ from ..merging import Matching, TokenMergingConfig
 from ..models.refdit import RefDiT
 from .calls import as_keywords, first_arg
 from .classes import known_name
-from .fingerprints import call_shape
 from .merging_blocks import Sublayer, merge_block
 from .merging_conflicts import refuse_output_caches
 from .merging_core import TokenMergingState, observe_calls
@@ -89,7 +88,7 @@ def _square_grid(side: int, n: int) -> tuple[int, int, int] | None:
 def _observe_refdit(state: TokenMergingState, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
     x = call.get("x")
-    state.observe(first_arg(call, "t"), call, call_shape(x, tuple(x.shape[1:]) if isinstance(x, Tensor) else None))
+    state.observe(first_arg(call, "t"), call, tuple(x.shape[1:]) if isinstance(x, Tensor) else None)
 
 
 def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .fingerprints import call_shape
 from .merging_blocks import Sublayer, merge_block
 from .merging_core import TokenMergingState, observe_calls
 from .merging_spans import merge_span
@@ -65,7 +64,7 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         else:
             box["order"] = image_first(caps, h * w, x.device)
     t = first_arg(call, "timestep")
-    state.observe(1.0 - t if t is not None else None, call, call_shape(x, box["grid"]))  # Lumina's t rises (1 - t/1000)
+    state.observe(1.0 - t if t is not None else None, call, box["grid"])  # Lumina's t rises (1 - t/1000)
 
 
 def image_first(caps: list[int], n: int, device: torch.device) -> Tensor:
