@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tokensparse.context import SparseContextConfig
 from tokensparse.generation import begin_generation
@@ -41,6 +41,23 @@ def edges_views(monkeypatch: pytest.MonkeyPatch, pipe: Any, run: Callable[[Any],
     apply_sparse_context_diffusers(pipe, SparseContextConfig(keep=0.25, selector="edges"))
     run(pipe)
     return seen
+
+
+def qwen_thinned_call(transformer: nn.Module, kwargs: dict) -> tuple[Tensor, Tensor, dict]:
+    """A Qwen-Image transformer called once with ``kwargs`` under Sparse Context (keep 0.25, ``uniform``), then
+    restored: its output, the rows that output keeps (the thinned positions: dropped rows come back as zeros) and
+    what its first block got (``rope``: the rotary tables; ``mod``: the ``modulate_index``)."""
+    seen: dict = {}
+    handle = transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kw: seen.update(rope=kw["image_rotary_emb"], mod=kw["modulate_index"]), with_kwargs=True)
+    apply_sparse_context_diffusers(transformer, SparseContextConfig(keep=0.25, selector="uniform"))
+    try:
+        with torch.no_grad():
+            out = transformer(**kwargs)[0]
+    finally:
+        remove_sparse_context_diffusers(transformer)
+        handle.remove()
+    return out, torch.nonzero(out[0].abs().sum(-1) != 0).squeeze(1), seen
 
 
 def tiny_pipeline(build: Callable[..., Any]) -> Any:

@@ -23,6 +23,8 @@ from tokensparse.integrations.diffusers import (
 )
 from tokensparse.integrations.diffusers_tiny import qwen_call_kwargs, tiny_qwen_image_edit_plus
 
+from .contract import qwen_thinned_call
+
 TOKENS = 8 * 8  # 32x32 images: VAE /2, 2x2 patches
 
 
@@ -89,18 +91,8 @@ def test_kept_tokens_get_their_dense_rope_rows(pipe):
     }
     with torch.no_grad():
         dense_freqs = tr.pos_embed(shapes, max_txt_seq_len=5, device=torch.device("cpu"))
-    seen = {}
-    handle = tr.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(rope=kwargs["image_rotary_emb"], mod=kwargs["modulate_index"]),
-        with_kwargs=True,
-    )
-    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="uniform"))
-    with torch.no_grad():
-        out = tr(**kw)[0]
-    remove_sparse_context_diffusers(tr)
-    handle.remove()
+    out, index, seen = qwen_thinned_call(tr, kw)
     assert out.shape == (1, n, 16)
-    index = torch.nonzero(out[0].abs().sum(-1) != 0).squeeze(1)
     assert len(index) == 64 + 16 + 8 and (index[:64] == torch.arange(64)).all()
     torch.testing.assert_close(seen["rope"][0], dense_freqs[0][index], rtol=0, atol=0)
     torch.testing.assert_close(seen["rope"][1], dense_freqs[1], rtol=0, atol=0)

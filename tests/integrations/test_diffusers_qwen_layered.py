@@ -21,7 +21,6 @@ import tokensparse as ts
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
     apply_sparse_context_diffusers,
-    remove_sparse_context_diffusers,
     sparse_context_state,
 )
 from tokensparse.integrations.diffusers_models import QwenImageLayeredAdapter
@@ -32,6 +31,7 @@ from .contract import (
     generate_app,
     input_lengths,
     pipeline_folder,
+    qwen_thinned_call,
     reapply_then_remove,
     refuses_proportional_and_cache,
 )
@@ -106,17 +106,8 @@ def test_kept_tokens_get_their_dense_rope_rows_and_modulation():
         dense_freqs = tr.pos_embed(shapes, max_txt_seq_len=5, device=torch.device("cpu"))
         thin_freqs = tr.pos_embed([[(1, 4, 4), (1, 4, 4), (1, 1, 15)]], max_txt_seq_len=5, device=torch.device("cpu"))
     assert not torch.equal(thin_freqs[1], dense_freqs[1])  # what the counting shapes alone would give the text
-    seen = {}
-    handle = tr.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(rope=kwargs["image_rotary_emb"], mod=kwargs["modulate_index"]),
-        with_kwargs=True)
-    apply_sparse_context_diffusers(tr, SparseContextConfig(keep=0.25, selector="uniform"))
-    with torch.no_grad():
-        out = tr(**kw)[0]
-    remove_sparse_context_diffusers(tr)
-    handle.remove()
+    out, index, seen = qwen_thinned_call(tr, kw)
     assert out.shape == (1, n, 16)
-    index = torch.nonzero(out[0].abs().sum(-1) != 0).squeeze(1)
     assert len(index) == 32 + 15 and (index[:32] == torch.arange(32)).all() and (index[32:] >= 32).all()
     torch.testing.assert_close(seen["rope"][0], dense_freqs[0][index], rtol=0, atol=0)
     torch.testing.assert_close(seen["rope"][1], dense_freqs[1], rtol=0, atol=0)
