@@ -286,3 +286,24 @@ def test_detail_order_does_not_depend_on_the_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("selector", sorted(SCORERS))
+@pytest.mark.parametrize("budget", [{}, {"allocate": "score"}, {"count": 3}, {"adaptive": True}, {"min_keep": 0.5}])
+def test_a_reference_with_no_tokens_keeps_none_under_every_selector(selector, budget):
+    # edges / foreground / detail / attention / auto crashed on a 0 x w grid (IndexError / RuntimeError) where
+    # random and uniform kept nothing of it; allocate="score" crashed for every selector beside a non-empty one
+    if budget.get("adaptive") and selector not in INFORMED:
+        return
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(2, 4, 4, 3, generator=g)
+    img = torch.rand(2, 3, 16, 16, generator=g)
+    busy = RefView(feats, image=img, index=1, prompts=["place it", "recolor it"])
+    keep = 1.0 if "count" in budget else 0.5
+    alone = select([busy], keep, selector, torch.Generator().manual_seed(1), **budget)
+    for grid in ((0, 4), (4, 0)):
+        empty = RefView(torch.rand(2, *grid, 3), image=torch.rand(2, 3, 4 * grid[0], 4 * grid[1]),
+                        prompts=["place it", "recolor it"])
+        m = select([empty, busy], keep, selector, torch.Generator().manual_seed(1), **budget)
+        assert torch.equal(m, alone)  # the empty reference holds no columns; the other keeps what it keeps alone
+        assert select([empty], keep, selector, g, **budget).shape == (2, 0)

@@ -60,6 +60,8 @@ def mass_count(scores: Tensor, mass: float, lo: int, hi: int) -> Tensor:
     """
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
+    if scores.shape[1] == 0:  # an empty reference keeps nothing (its min would be a reduction over nothing)
+        return torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     s = scores.float()
     s = s - s.min(1, keepdim=True).values
     srt = torch.sort(s, dim=1, descending=True).values
@@ -72,6 +74,8 @@ def mass_count(scores: Tensor, mass: float, lo: int, hi: int) -> Tensor:
 
 def mass_share(scores: Tensor) -> Tensor:
     """Each token's share of its row's score mass (above the row minimum), ``(B, n)``; 0 for a massless row."""
+    if scores.shape[1] == 0:  # an empty reference: no shares (and no minimum to take)
+        return scores.float()
     s = scores.float() - scores.float().min(1, keepdim=True).values
     return s / s.sum(1, keepdim=True).clamp_min(1e-12)
 
@@ -94,7 +98,7 @@ def allocate_mask(scores: list[Tensor], budgets: list[int] | list[Tensor], floor
     ties = ties if ties is not None else [None] * len(scores)
     floor_masks = [topk_mask(s, f, t) for s, f, t in zip(scores, floors, ties)]
     big = torch.finfo(torch.float32).max
-    n_max = max(s.shape[1] for s in scores)  # shares times n_r / n_max: equal sizes compare their shares as is
+    n_max = max(1, *(s.shape[1] for s in scores))  # shares times n_r / n_max: equal sizes compare their shares as is
     joint = torch.cat([torch.where(fm, big, mass_share(s) * (s.shape[1] / n_max))
                        for s, fm in zip(scores, floor_masks)], 1)
     b = joint.shape[0]
