@@ -693,3 +693,29 @@ def test_a_lora_run_without_peft_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(MissingExtraError, match=r"needs peft, which is not installed: pip install 'tokensparse\[train"):
         plain_model("refdit-tiny", {}, lora_rank=2)
+
+
+def test_a_failed_write_of_config_json_keeps_the_run_recipe_whole(tmp_path, monkeypatch):
+    # config.json was written in place: a write that failed half-way (disk full, Ctrl-C) left half a recipe, and
+    # the run could no longer be resumed or exported
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    train(tiny_cfg(run, steps=2, ckpt_every=2), progress=False)
+    saved = (run / "config.json").read_text()
+    plain = Path.write_text
+
+    def half_then_fail(self, data, *args, **kwargs):
+        if "config.json" in self.name:
+            plain(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return plain(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        train(tiny_cfg(run, steps=4, ckpt_every=2), progress=False)
+    monkeypatch.undo()
+    assert (run / "config.json").read_text() == saved
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+    assert train(tiny_cfg(run, steps=4, ckpt_every=2), progress=False).state["step"] == 4  # still resumable
+

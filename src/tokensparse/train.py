@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .api import reference_views
 from .extras import require
-from .files import read_safetensors
+from .files import published, read_safetensors
 from .flow import interpolate, sample_t, velocity
 from .models.refdit import RefDiT, RefDiTConfig
 from .models.zoo import CHECKPOINTS, build_model, save_checkpoint, weights_dir
@@ -203,7 +203,8 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
         log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(recipe, indent=2))
+        with published(out / "config.json") as (tmp,):  # atomic: a failed write keeps the run's recipe whole
+            tmp.write_text(json.dumps(recipe, indent=2))
         remove_partial_saves(out)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
