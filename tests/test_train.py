@@ -719,3 +719,16 @@ def test_a_failed_write_of_config_json_keeps_the_run_recipe_whole(tmp_path, monk
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
     assert train(tiny_cfg(run, steps=4, ckpt_every=2), progress=False).state["step"] == 4  # still resumable
 
+
+def test_only_the_main_process_says_the_run_was_resumed(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    run = tmp_path / "run"
+    train(tiny_cfg(run, steps=2, ckpt_every=2), progress=False)
+    said: list[str] = []
+    train(tiny_cfg(run, steps=3, ckpt_every=2), log=said.append, progress=False)
+    assert any(m.startswith("resumed from") for m in said)  # the main process says it
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))  # as another rank sees it
+    said.clear()
+    res = train(tiny_cfg(run, steps=4, ckpt_every=2), log=said.append, progress=False)
+    assert res.state["step"] == 4 and said == []  # every rank printed "resumed from ..."

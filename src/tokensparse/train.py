@@ -148,7 +148,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool =
     ``max_minutes``) before its first checkpoint leaves no run folder behind
     (:func:`.run_checkpoints.discarded_unless_saved`). It may be called again in the same process,
     with another ``mixed_precision`` too (:func:`.run_processes.accelerator`); accelerate's shared state is left
-    as the call found it (:func:`.run_processes.run_accelerator`)."""
+    as the call found it (:func:`.run_processes.run_accelerator`). ``log`` gets the run's messages; under a
+    multi-process launch the run-wide ones (resumed from, the loss every ``log_every`` steps) come from the main
+    process only, while each process says where it stopped on its wall budget."""
     out = Path(os.path.realpath(cfg.out))  # '..' as the kernel reads it, without making a missing 'a' of 'a/../b'
     with run_accelerator(cfg.mixed_precision) as acc, discarded_unless_saved(out, enabled=acc.is_main_process):
         return _train(cfg, out, acc, log, progress)
@@ -200,7 +202,8 @@ def _train(cfg: TrainConfig, out: Path, acc: Accelerator, log: Callable[[str], N
         check_optim_fits(opt, ckpt)
         if not restore_scaler(acc.scaler, read_scaler(ckpt), ckpt):
             log(scaler_restarts(ckpt))
-        log(f"resumed from {ckpt} at step {state['step']}")
+        if acc.is_main_process:  # once per run, not once per process
+            log(f"resumed from {ckpt} at step {state['step']}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         with published(out / "config.json") as (tmp,):  # atomic: a failed write keeps the run's recipe whole
