@@ -100,3 +100,34 @@ def test_configs_take_zero_d_tensors_for_numbers():
         ts.SparseContextConfig(keep=t([0.25, 0.5]))
     with pytest.raises(TypeError, match="count must be an int, got a tensor of shape \\(\\) and dtype torch.float32"):
         ts.SparseContextConfig(count=t(5.0))
+
+
+def test_zero_d_numpy_arrays_read_as_their_scalars_like_zero_d_tensors():
+    import torch
+
+    import tokensparse as ts
+
+    # np.array(1) was "must be an int, got ndarray" where torch.tensor(1) and np.int64(1) were accepted
+    assert checks.integer("n", np.array(4), lo=1) == 4 and type(checks.integer("n", np.array(4))) is int
+    assert checks.seed("seed", np.array(1, dtype=np.uint8)) == 1
+    assert checks.real("x", np.array(0.25)) == 0.25 and type(checks.real("x", np.array(3))) is float
+    assert checks.flag("f", np.array(True)) is True
+    assert ts.SparseContextConfig(keep=np.array(0.25), seed=np.array(3), cache=np.array(False)).seed == 3
+    assert ts.SparseContextConfig(keep=np.array(0.25)) == ts.SparseContextConfig(keep=torch.tensor(0.25))
+    with pytest.raises(ValueError, match="x must be finite"):
+        checks.real("x", np.array(np.inf))
+    with pytest.raises(ValueError, match=r"seed must be in \[0, "):
+        checks.seed("seed", np.array(-1))
+    # the dtype decides as for numpy scalars: no float for an int, no number for a flag, no bool for a number
+    for check, bad, got in ((checks.integer, np.array(2.0), "an int, got float64"),
+                            (checks.flag, np.array(1), "True or False, got int64"),
+                            (checks.real, np.array(True), "a number, got bool"),
+                            (checks.real, np.array(1j), "a number, got complex128"),
+                            (checks.real, np.array([0.5]), r"a number, got a numpy array of shape \(1,\) and dtype "
+                                                           "float64"),
+                            (checks.integer, np.zeros((2, 2), dtype=int), r"an int, got a numpy array of shape "
+                                                                          r"\(2, 2\)")):
+        with pytest.raises(TypeError, match=f"v must be {got}"):
+            check("v", bad)
+    assert checks.scalar(np.array(3)) == 3 and checks.scalar(torch.tensor(2.5)) == 2.5
+    assert checks.scalar([1]) == [1] and checks.scalar(torch.tensor([1])).shape == (1,)

@@ -120,7 +120,8 @@ def test_a_routing_rate_that_routes_every_target_token_and_a_bad_seed_are_named_
             ts.generate(model, [], "place", steps=2, guidance=ts.SparseGuidanceConfig(**kw))
     for seed, err, message in ((np.arange(2), TypeError, "seed must be an int or a list of ints, got ndarray"),
                                (range(2), TypeError, "seed must be an int or a list of ints, got range"),
-                               ([0, np.array(1)], TypeError, r"seed\[1\] must be an int, got ndarray"),
+                               ([0, np.array([1])], TypeError, r"seed\[1\] must be an int, got a numpy array of "
+                                                                r"shape \(1,\)"),
                                ([0, -1], ValueError, r"seed\[1\] must be in \[0, ")):
         with pytest.raises(err, match=message):
             ts.generate(model, [], ["place", "place"], steps=1, seed=seed)
@@ -128,6 +129,9 @@ def test_a_routing_rate_that_routes_every_target_token_and_a_bad_seed_are_named_
     # a 0-d tensor seed reads as its int, as in the configs (it was "seed must be an int or a list of ints")
     assert torch.equal(ts.generate(model, [], "place", steps=1, seed=torch.tensor(3)),
                        ts.generate(model, [], "place", steps=1, seed=3))
+    # so does a 0-d numpy array, as a numpy int does (np.array(1) was "must be an int, got ndarray")
+    assert torch.equal(ts.generate(model, [], ["place", "place"], steps=1, seed=np.array(3)),
+                       ts.generate(model, [], ["place", "place"], steps=1, seed=[np.int64(3), np.array(4)]))
     out = ts.generate(model, [], "place", steps=1, guidance=ts.SparseGuidanceConfig(strong=0.0, weak=0.96))
     assert out.shape == (1, 3, 16, 16)  # 0.96 of 16 tokens routes 15: one goes through the span
 

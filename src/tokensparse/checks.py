@@ -1,9 +1,9 @@
 """Argument checks shared by the public configs and functions, so every message reads the same way.
 
-Each check returns the value as a plain Python ``float`` / ``int`` / ``bool`` (numpy scalars and 0-d torch tensors
-of a fitting dtype welcome: ``keep=torch.tensor(0.25)`` reads as ``keep=np.float32(0.25)``), raises
-``TypeError`` for a wrong type (a tensor of another shape or dtype too) and ``ValueError`` for a value out of
-range, and names the argument.
+Each check returns the value as a plain Python ``float`` / ``int`` / ``bool`` (numpy scalars, 0-d numpy arrays and
+0-d torch tensors of a fitting dtype welcome: ``keep=torch.tensor(0.25)`` and ``keep=np.array(0.25)`` read as
+``keep=np.float64(0.25)``), raises ``TypeError`` for a wrong type (a tensor or array of another shape or dtype too)
+and ``ValueError`` for a value out of range, and names the argument.
 """
 
 from __future__ import annotations
@@ -70,9 +70,25 @@ def choice(name: str, value: object, options: Iterable[str]) -> str:
     return value
 
 
+def scalar(value: object) -> object:
+    """``value`` with a 0-d torch tensor or 0-d numpy array read as its scalar (``torch.tensor(3)`` as ``3``,
+    ``np.array(3)`` as ``np.int64(3)``), anything else as it is: for checks of their own that treat those as
+    numbers, as the checks here do."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_meta:
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]
+    return value
+
+
 def _unwrap(name: str, value: object, want: str, dtype_ok: Callable[[torch.dtype], bool]) -> object:
-    """A 0-d torch tensor of a dtype ``dtype_ok`` accepts as its Python scalar; any other tensor a ``TypeError``
-    naming ``name``, its shape and dtype; everything else as it is."""
+    """A 0-d torch tensor of a dtype ``dtype_ok`` accepts as its Python scalar, a 0-d numpy array as its numpy
+    scalar (checked as numpy scalars are); any other tensor or array a ``TypeError`` naming ``name``, its shape and
+    dtype; everything else as it is."""
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return value[()]
+        raise TypeError(f"{name} must be {want}, got a numpy array of shape {value.shape} and dtype {value.dtype}")
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and dtype_ok(value.dtype) and not value.is_meta:
             return value.item()

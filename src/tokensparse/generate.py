@@ -163,7 +163,7 @@ def generate(
             raise ValueError("seed must be an int or a non-empty list of ints, got []")
         seed_list = [checks.seed(f"seed[{i}]", s) for i, s in enumerate(seed)]
     elif isinstance(seed, bool) or not (isinstance(seed, numbers.Integral)
-                                        or (isinstance(seed, Tensor) and seed.dim() == 0)):
+                                        or (isinstance(seed, (Tensor, np.ndarray)) and seed.ndim == 0)):
         raise TypeError(f"seed must be an int or a list of ints, got {type(seed).__name__}")
     else:
         seed_list = [checks.seed("seed", seed)]
