@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import checks
+
 BANK_SEED = 20261122
 NUM_PHOTO_SUBJECTS = 1024
 MIN_SUBJECT_STD = 0.08
@@ -67,7 +69,9 @@ _FACES = ("skimage", "data/lfw_subset.npy")
 
 
 def check_size(image_size: int) -> int:
-    """``image_size`` as an int; ``ValueError`` unless it is a multiple of 8 in [16, 256] (numpy ints accepted)."""
+    """``image_size`` as an int; ``ValueError`` unless it is a multiple of 8 in [16, 256] (numpy ints, 0-d tensors
+    and arrays accepted, as :mod:`tokensparse.checks` accepts them)."""
+    image_size = checks.scalar(image_size)
     if (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size % 8
             or not 16 <= image_size <= 256):
         raise ValueError(f"image_size must be a multiple of 8 in [16, 256], got {image_size!r}")
