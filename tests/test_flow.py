@@ -73,3 +73,12 @@ def test_euler_continues_from_what_the_callback_leaves_or_returns():
         euler(denoise, x.clone(), timesteps_, lambda i, s: s.reshape(1, 4))
     with pytest.raises(TypeError, match="callback returned a torch.int64 tensor"):
         euler(denoise, x.clone(), timesteps_, lambda i, s: s.long())
+
+
+def test_a_step_count_past_max_steps_is_named():
+    # steps=10**12 failed allocating its times ("DefaultCPUAllocator: can't allocate memory"), naming no argument
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 100000\], got 1000000000000"):
+        timesteps(10**12)
+    from tokensparse.flow import MAX_STEPS
+
+    assert timesteps(MAX_STEPS).shape == (MAX_STEPS + 1,)

@@ -177,3 +177,13 @@ def test_the_callback_may_steer_the_sample_and_a_looking_one_needs_no_copy():
     first = ts.generate(model, refs, "place red object", steps=3, callback=lambda i, x: x.neg() if i == 0 else None)
     assert not torch.equal(first, plain)
 
+
+
+def test_a_step_count_past_max_steps_is_named_before_any_work():
+    model = randomize(ts.build_model("refdit-tiny"))
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    # the allocator's "can't allocate memory: you tried to allocate 4000000000004 bytes", after the selection
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 100000\], got 1000000000000"):
+        ts.generate(model, [], "place", steps=10**12)
+    assert not calls

@@ -73,10 +73,20 @@ def check_shift(shift: object) -> float:
     return checks.real("shift", shift, 1e-4, 1e4)
 
 
+MAX_STEPS = 100_000
+"""Most denoising steps a sampler takes: far beyond any useful count (tens to a thousand); a larger count (a typo,
+``10**12``) would run for days, or fail allocating its times with the allocator's message."""
+
+
+def check_steps(steps: object) -> int:
+    """``steps`` as an int in ``[1, MAX_STEPS]``."""
+    return checks.integer("steps", steps, 1, MAX_STEPS)
+
+
 def timesteps(steps: int, shift: float = 1.0) -> Tensor:
     """``steps + 1`` times from 1 to 0; ``shift > 1`` spends more steps near noise (SD3 shift; ``shift`` in
-    ``[1e-4, 1e4]``)."""
-    steps = checks.integer("steps", steps, lo=1)
+    ``[1e-4, 1e4]``); ``steps`` in ``[1, MAX_STEPS]``."""
+    steps = check_steps(steps)
     shift = check_shift(shift)
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
     out = (shift * t / (1 + (shift - 1) * t)).clamp_(0.0, 1.0)

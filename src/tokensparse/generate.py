@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import checks
 from .api import sparse_context_config
-from .flow import SAMPLERS, check_shift, noise_like, timesteps
+from .flow import SAMPLERS, check_shift, check_steps, noise_like, timesteps
 from .generation import begin_generation
 from .guidance import Branch, CFGConfig, GuidanceConfig, SparseGuidanceConfig, guided
 from .images import ImageLike, batch_images, to_tensor
@@ -123,7 +123,8 @@ def generate(
         images are made RGB; a model with ``channels`` other than 3 takes references with exactly that many
         channels (``(C, H, W)``, ``(H, W, C)``, ``(H, W)`` for one, batches; PIL images with that many bands).
     prompt: one prompt, or a list of ``B`` prompts; ``""`` is the null condition.
-    steps: denoising steps (Euler steps of the rectified flow from noise at ``t = 1`` to ``t = 0``), >= 1.
+    steps: denoising steps (Euler steps of the rectified flow from noise at ``t = 1`` to ``t = 0``), in
+        ``[1, tokensparse.flow.MAX_STEPS]`` (100,000).
     seed: sample ``i`` of the batch uses noise seed ``seed + i`` (independent of the batch it is in), or
         ``seed[i]`` when a list is given. With guidance that routes tokens or drops the weak branch's
         references, those draws are seeded from the first seed for the whole batch, so a guided sample also
@@ -156,7 +157,7 @@ def generate(
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         raise ValueError(f"generate runs float32 models, this one is {dtype}: call model.float() first")
-    steps = checks.integer("steps", steps, lo=1)
+    steps = check_steps(steps)
     shift = check_shift(shift)
     if isinstance(seed, (list, tuple)):
         if not seed:
