@@ -165,6 +165,8 @@ def load_model(name: str | Path) -> RefDiT:
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, one of {sorted(CHECKPOINTS)}, or a .safetensors path; "
                         f"got {type(name).__name__}")
+    if not name.strip():  # Path("") is the working folder: it was called "a folder, not a .safetensors checkpoint"
+        raise ValueError(f"name is empty; give one of {sorted(CHECKPOINTS)} or the path of a .safetensors checkpoint")
     if name not in CHECKPOINTS and Path(name).exists():  # a run folder, a JSON: say what it is, not "unshipped"
         kind = "folder" if Path(name).is_dir() else "file"
         raise ValueError(f"{name} is a {kind}, not a .safetensors checkpoint; give the path of a checkpoint's "
