@@ -14,6 +14,7 @@ from tokensparse.merging import (
     Matching,
     TokenMergingConfig,
     bipartite_soft_matching,
+    concat_matchings,
     destination_positions,
     match,
     match_positions,
@@ -197,6 +198,24 @@ def test_match_refuses_destinations_that_are_not_a_bool_mask() -> None:
         with pytest.raises(TypeError, match="is_dst must be a bool tensor"):
             match(metric, bad, num=2)
     assert match(metric, is_dst, num=2).src.tolist() == [[1, 2]]
+
+
+def test_concat_matchings_merges_each_run_as_its_own_matching_would() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3 * 16, 5, generator=g)
+    parts = [match(x[:, i * 16:(i + 1) * 16], random_destinations(4, 4, g), num=4 + i) for i in range(3)]
+    m = concat_matchings(parts)
+    assert (m.batch_size, m.num_tokens, m.num_merged) == (2, 48, 4 + 5 + 6)
+    merged, pieces = m.merge(x), [p.merge(x[:, i * 16:(i + 1) * 16]) for i, p in enumerate(parts)]
+    assert torch.equal(merged, torch.cat(pieces, 1))
+    assert torch.equal(m.unmerge(merged), torch.cat([p.unmerge(y) for p, y in zip(parts, pieces)], 1))
+    assert torch.equal(m.merge(x, mode="keep"), torch.cat([p.merge(x[:, i * 16:(i + 1) * 16], mode="keep")
+                                                          for i, p in enumerate(parts)], 1))
+    assert torch.equal(m.keep, m.keep.sort(1).values) and concat_matchings(parts[:1]) is parts[0]
+    with pytest.raises(ValueError, match="at least one"):
+        concat_matchings([])
+    with pytest.raises(ValueError, match="one batch size"):
+        concat_matchings([parts[0], match(x[:1, :16], random_destinations(4, 4, g), num=2)])
 
 
 def test_random_destinations_one_per_cell() -> None:

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GridFn = Callable[[int], "tuple[int, int, int] | None"]  # tokens of a call -> (h, w, start) of its target grid
+# tokens of a call -> (h, w, start) of its target grid, or (h, w, start, frames): that many h x w grids one after
+# another from start (Qwen-Image-Layered's target layers), each merged on its own
+GridFn = Callable[[int], "tuple[int, ...] | None"]
 RopeFn = Callable[[tuple, dict, Matching, int, "tuple[int, int]"], "tuple[tuple, dict]"]
 
 
@@ -82,8 +84,9 @@ class BlockMerger:
             self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
             self.current = None
             if grid is not None:
-                self.span = (grid[2], grid[0] * grid[1])
-                self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared)
+                frames = grid[3] if len(grid) > 3 else 1
+                self.span = (grid[2], frames * grid[0] * grid[1])
+                self.current = self.state.matching(self.name, part(x, self.span), grid[:2], self.shared, frames)
         m, span = self.current, self.span
         if m is None or m.num_merged == 0:
             return None

@@ -27,6 +27,7 @@ from ..generation import StepTracker, check_scheduler, copy_keeping_copied_owner
 from ..merging import (
     Matching,
     TokenMergingConfig,
+    concat_matchings,
     destination_positions,
     match_positions,
     num_sources,
@@ -184,24 +185,33 @@ class TokenMergingState:
             self._destinations.put(key, positions)
         return positions
 
-    def matching(self, layer: str, x: Tensor, grid: tuple[int, int], shared: bool = False) -> Matching:
+    def matching(self, layer: str, x: Tensor, grid: tuple[int, int], shared: bool = False,
+                 frames: int = 1) -> Matching:
         """The matching of ``layer`` for tokens ``x`` at this step (computed, or reused from the cache).
 
         shared: one matching for the whole batch, computed from the batch-mean metric (for models whose
         positional tables have no batch dimension, like FLUX's RoPE).
+        frames: ``x`` holds this many ``grid`` grids one after another (the target layers of Qwen-Image-Layered): each
+        is matched on its own, as one grid alone would be, and no token merges with another frame's
+        (:func:`~tokensparse.merging.concat_matchings`).
         """
         cfg = self.cfg
-        n = x.shape[1]
+
+        def match_grid(tokens: Tensor) -> Matching:
+            n = tokens.shape[1]
+            src_pos, dst_pos = self.destinations(layer, grid, tokens.device)
+            n_src = num_sources(grid[0], grid[1])  # random_destinations' default cell
+            metric = tokens.mean(0, keepdim=True) if shared else tokens
+            if cfg.adaptive:
+                return match_positions(metric, src_pos, dst_pos, threshold=cfg.threshold,
+                                       cap=cfg.num_merged(n, n_src), center=cfg.center)
+            return match_positions(metric, src_pos, dst_pos, num=cfg.num_merged(n, n_src), center=cfg.center)
 
         def compute() -> Matching:
-            src_pos, dst_pos = self.destinations(layer, grid, x.device)
-            n_src = num_sources(grid[0], grid[1])  # random_destinations' default cell
-            metric = x.mean(0, keepdim=True) if shared else x
-            if cfg.adaptive:
-                m = match_positions(metric, src_pos, dst_pos, threshold=cfg.threshold, cap=cfg.num_merged(n, n_src),
-                                    center=cfg.center)
+            if frames == 1:
+                m = match_grid(x)
             else:
-                m = match_positions(metric, src_pos, dst_pos, num=cfg.num_merged(n, n_src), center=cfg.center)
+                m = concat_matchings([match_grid(frame) for frame in x.chunk(frames, dim=1)])
             return m.expand(x.shape[0]) if shared else m
 
         # Gradient checkpointing re-runs a block inside backward, after later forwards may have moved the step

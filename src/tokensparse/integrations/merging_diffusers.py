@@ -12,7 +12,9 @@
   apart, as ``image_cond_hidden_states``) in the target's per-mode blocks (``mode_blocks["image"]``) and in the single
   blocks over ``[text, target, references]``: ``attn`` (with its RoPE rows) and ``ff``. See :mod:`.merging_flux3`.
 - **Qwen-Image(-Edit)**: the target grid (the first entry of ``img_shapes``; reference tokens follow it)
-  in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``.
+  in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``. **Qwen-Image-Layered** (``use_layer3d_rope``,
+  ``QwenImageLayeredPipeline``): its target is every entry of ``img_shapes`` but the last (the input image, the one
+  reference), the layers, each merged on its own grid (no token merges into another layer).
 - **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
   image grid at the start of each sequence (found from the latents ``x``) in the ``attention`` (with its
   per-sample RoPE rows ``freqs_cis`` and the key padding mask) and ``feed_forward`` of the main ``layers`` and
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
+from .diffusers_models import is_layered
 from .merging_blocks import BlockMerger, Sublayer, merge_block
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
@@ -292,19 +295,45 @@ def shapes_grid(shapes: Any) -> tuple[int, int] | None:
     return int(first[1]), int(first[2])
 
 
+def layers_grid(shapes: Any) -> tuple[int, int, int] | None:
+    """The target of Qwen-Image-Layered's ``img_shapes`` (per sample a list of ``(frames, h, w)``: the target layers,
+    then the input image, the one reference) as ``(h, w, layers)``: every entry but the last, each one frame of one
+    ``h x w`` grid; else ``None`` (no merging)."""
+    entries = shapes[0] if isinstance(shapes, (list, tuple)) and shapes else None
+    if not isinstance(entries, (list, tuple)) or len(entries) < 2:
+        return None
+    layers = {tuple(int(v) for v in e) if isinstance(e, (list, tuple)) and len(e) == 3 else None
+              for e in entries[:-1]}
+    if len(layers) != 1 or None in layers:
+        return None
+    frames, h, w = layers.pop()
+    return (h, w, len(entries) - 1) if frames == 1 else None
+
+
 def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
-    """Qwen-Image(-Edit): each block's ``attn`` (image stream, RoPE rows) and ``img_mlp`` merge the target."""
-    box: dict[str, Any] = {"grid": None}
+    """Qwen-Image(-Edit): each block's ``attn`` (image stream, RoPE rows) and ``img_mlp`` merge the target; on the
+    layered transformer (:func:`layers_grid`) the target's layers, each on its own grid."""
+    layered = is_layered(model)
+    box: dict[str, Any] = {"grid": None, "layered": layered}
     observe_calls(model, state, _observe_qwen, box)
+    grid = functools.partial(_layers_grid if layered else _leading_grid, box)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attn, "hidden_states", rope=_qwen_rope),
-                    Sublayer(blk.img_mlp, "hidden_states"), functools.partial(_leading_grid, box), shared=True)
+                    Sublayer(blk.img_mlp, "hidden_states"), grid, shared=True)
 
 
 def _observe_qwen(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
-    box["grid"] = shapes_grid(first_arg(call, "img_shapes"))
+    shapes = first_arg(call, "img_shapes")
+    box["grid"] = layers_grid(shapes) if box.get("layered") else shapes_grid(shapes)
     state.observe(first_arg(call, "timestep"), call, box["grid"])
+
+
+def _layers_grid(box: dict, n: int) -> tuple[int, int, int, int] | None:
+    """The layers ``box["grid"] = (h, w, layers)`` at the start of a sublayer's ``n`` tokens (Qwen-Image-Layered):
+    ``(h, w, 0, layers)``, ``layers`` grids one after another."""
+    g = box["grid"]
+    return None if g is None or g[0] * g[1] * g[2] > n else (g[0], g[1], 0, g[2])
 
 
 def _leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:

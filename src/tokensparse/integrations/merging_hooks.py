@@ -163,13 +163,13 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     """Merge similar tokens inside ``target``'s blocks (ToMe; CA-ToMe with ``threshold`` / ``recompute_*``).
 
     ``target``: a RefDiT, a diffusers UNet / SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image /
-    Bria / Qwen-Image / Z-Image / Lumina 2 / CogView4 transformer, or a pipeline (FLUX.3: modular) holding one. Applying
-    again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour; an identity config
-    (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
+    Bria / Qwen-Image(-Layered) / Z-Image / Lumina 2 / CogView4 transformer, or a pipeline (FLUX.3: modular) holding
+    one. Applying again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour; an
+    identity config (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
 
     ``TypeError`` for a target it cannot merge: an unknown model (the message names the blocks holding its
     attention, e.g. Kandinsky 2.2's and DeepFloyd IF's ``SimpleCrossAttnDownBlock2D``), a video model, a model whose
-    ``forward`` takes no latent (aMUSEd; VQ-Diffusion's codebook ids), the layered Qwen-Image transformer.
+    ``forward`` takes no latent (aMUSEd; VQ-Diffusion's codebook ids).
     ``ValueError`` for a config that would merge an attention map ``target``'s pipeline reads
     (``StableDiffusionSAGPipeline``; ``merge_cross=True`` with ``StableDiffusionAttendAndExcitePipeline``,
     ``StableDiffusionPix2PixZeroPipeline``, the LEdits++ pipelines), or for a model with a diffusers cache on a
@@ -275,10 +275,6 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
     if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
         raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
                         f"{video}): their tokens span frames, and it merges within one image's token grid")
-    if getattr(getattr(model, "config", None), "use_layer3d_rope", False):
-        raise TypeError(f"token merging does not support layered {type(model).__name__}s (use_layer3d_rope, "
-                        "QwenImageLayeredPipeline): their image sequence holds several target layers, and it merges "
-                        "one target grid (only the first layer, the input image the pipeline drops)")
     if blocks["unet"] and not _takes_latent(model):
         name = type(model).__name__
         raise TypeError(f"token merging does not support {name}: it merges the token grid of a latent passed as "

@@ -46,13 +46,14 @@ from .bipartite import (  # noqa: F401  (destination_positions, match_positions:
 )
 from .cache import MAX_PASSES, MatchCache  # noqa: F401  (MAX_PASSES: importable from here as before)
 from .config import TokenMergingConfig
-from .matching import Matching
+from .matching import Matching, concat_matchings
 
 __all__ = [
     "MatchCache",
     "Matching",
     "TokenMergingConfig",
     "bipartite_soft_matching",
+    "concat_matchings",
     "match",
     "num_sources",
     "random_destinations",

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -152,3 +153,26 @@ class Matching:
             want = f"({self.batch_size}, {n}{'' if exact else ', ...'})"
             raise ValueError(f"{name} must be (B, {axis}{'' if exact else ', ...'}) = {want} for this matching "
                              f"(batch {self.batch_size}, {self.num_tokens} tokens -> {self.num_kept}), got {shape}")
+
+
+def concat_matchings(parts: Sequence[Matching]) -> Matching:
+    """One matching of consecutive runs of tokens, each merged by its own matching of ``parts`` and never with another
+    run's tokens (e.g. the frames of a layered target, each on its own grid): the runs' positions and slots offset by
+    the tokens and kept tokens of the runs before them. ``ValueError`` for no parts or parts of different batch sizes.
+    """
+    if not parts:
+        raise ValueError("concat_matchings needs at least one matching")
+    if len({m.batch_size for m in parts}) != 1:
+        raise ValueError(f"the matchings must have one batch size, got {[m.batch_size for m in parts]}")
+    if len(parts) == 1:
+        return parts[0]
+    keep, src, slot, index = [], [], [], []
+    tokens = kept = 0
+    for m in parts:
+        keep.append(m.keep + tokens)
+        src.append(m.src + tokens)
+        slot.append(m.slot + kept)
+        index.append(m.index + kept)
+        tokens, kept = tokens + m.num_tokens, kept + m.num_kept
+    return Matching(keep=torch.cat(keep, 1), src=torch.cat(src, 1), slot=torch.cat(slot, 1),
+                    index=torch.cat(index, 1), counts=torch.cat([m.counts for m in parts], 1))
