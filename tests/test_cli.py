@@ -326,6 +326,17 @@ def test_show_selection_model_that_is_an_existing_folder_or_file_is_not_called_u
         assert f"is a {kind}, not a .safetensors checkpoint" in res.output
 
 
+@pytest.mark.parametrize("model", ["", " "])
+def test_show_selection_refuses_an_empty_model_naming_the_flag(tmp_path, model):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--model", model,
+                                   "--out", str(tmp_path / "s.png")])
+    assert res.exit_code == 1 and "--model must name" in res.output and "is a folder" not in res.output
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_train_half_without_export_is_refused_not_ignored(tmp_path):
     (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 1, "out": "%s"}' % (tmp_path / "run"))
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--half"])

@@ -115,6 +115,8 @@ def show_selection(
 
     check_png_out(out)
     check_out_not_ref(out, list(ref))
+    if model is not None and not model.strip():  # Path("") is the current folder: " is a folder" would follow
+        fail("--model must name a shipped RefDiT (tokensparse show models) or a checkpoint path, got an empty string")
     if model is None and needs_probe(selector):  # the Python API's message names its model= argument
         fail(f"--selector {selector} probes a model's attention: give --model refdit-sparse (or a checkpoint path)")
     try:

@@ -450,10 +450,3 @@ def test_a_failed_export_removes_the_folders_it_made(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_shipped(tmp_path / "new" / "w.safetensors", fails, {})
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("name", ["", "  "])
-def test_an_empty_model_name_is_called_empty(name):
-    # "" is the working folder to Path: it read " is a folder, not a .safetensors checkpoint"
-    with pytest.raises(ValueError, match=r"name is empty; give one of \['refdit-base'"):
-        ts.load_model(name)
