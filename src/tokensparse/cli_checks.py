@@ -91,11 +91,16 @@ def check_png_out(out: Path) -> None:
 
 def check_model(model: str) -> None:
     """Fail on an empty ``--model`` (``Path("")`` is the current directory, and Hugging Face's repo-id error
-    would follow) or one that is a file (a single-file checkpoint is no pipeline folder)."""
+    would follow), one that is a file (a single-file checkpoint is no pipeline folder), or a path that does not
+    exist (starting with ``.``, ``/`` or ``~``, as no Hub id does: else a repo-id error, or "not a pipeline
+    directory")."""
     if not model.strip():
         fail("--model must name a local pipeline folder or a Hub id, got an empty string")
     if Path(model).is_file():  # else read as a Hub id: a long Hugging Face error about repo ids
         fail(f"--model {model} is a file; give a diffusers pipeline folder (holding model_index.json) or a Hub id")
+    if model.startswith((".", "/", "~")) and not Path(model).exists():  # a path (no Hub id starts so) not there
+        fail(f"--model {model} is not a pipeline directory: it does not exist; give a diffusers pipeline folder "
+             "(holding model_index.json) or a Hub id")
 
 
 def model_index(folder: Path) -> dict | None:

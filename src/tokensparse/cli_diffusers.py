@@ -241,7 +241,7 @@ def generate(
     device, torch_dtype = _device_and_dtype(device, dtype)
     check_model(model)
     local = Path(model).is_dir()
-    if not local and (Path(model).exists() or model.startswith((".", "/"))):
+    if not local and Path(model).exists():  # neither a folder nor a file (check_model): a device, a FIFO
         fail(f"--model {model} is not a pipeline directory")
     from .models.zoo import CHECKPOINTS, CONFIGS
 

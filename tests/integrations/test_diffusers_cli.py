@@ -405,6 +405,27 @@ def test_a_model_that_is_a_file_is_named(tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir()) <= ["data", "flux.safetensors"]  # was a long Hub repo-id error
 
 
+@pytest.mark.parametrize("command", ["generate", "train-lora"])
+@pytest.mark.parametrize("model", ["./no-such-pipeline", "{tmp}/no-such-pipeline", "~no-such-user/pipeline"])
+def test_a_model_path_that_does_not_exist_is_named_missing(tmp_path, command, model):
+    from tokensparse.cli import app
+
+    model = model.replace("{tmp}", str(tmp_path))
+    extra = (["--prompt", "a cat", "--merge", "0.5", "--out", str(tmp_path / "o.png")] if command == "generate"
+             else ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")])
+    example = tmp_path / "data" / "ex1"
+    example.mkdir(parents=True)
+    from PIL import Image
+
+    for name in ("ref1.png", "target.png"):
+        Image.new("RGB", (32, 32)).save(example / name)
+    (example / "prompt.txt").write_text("a cat")
+    result = CliRunner().invoke(app, [command, "--model", model, *extra])
+    assert result.exit_code == 1, result.output
+    assert f"--model {model} is not a pipeline directory: it does not exist" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # was a repo-id error (train-lora)
+
+
 def test_generate_warns_of_a_size_the_pipeline_rounds(app, model_dir, tmp_path):
     out = tmp_path / "out.png"
     args = ["generate", "--model", str(model_dir), "--ref", str(_ref(tmp_path)), "--prompt", "a cat", "--steps", "1",
