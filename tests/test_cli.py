@@ -413,6 +413,24 @@ def test_help_reflows_docstring_paragraphs(width):
         assert " ".join(" ".join(text).split()) == " ".join(doc.split()), path  # all of it, nothing more
 
 
+def test_every_output_option_says_what_happens_to_an_existing_output():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    seen = []
+    for path in _commands(group):
+        command = group
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            if param.name in ("out", "export"):
+                seen.append((path, param.name))
+                text = " ".join(param.help.split())
+                # a file is replaced; a run folder resumes (train, train-lora)
+                assert "replaced if" in text or "resumes" in text, (path, param.name, text)
+    assert len(seen) == 8, seen  # demo, show tasks / selection, generate, bench; train (--out, --export), train-lora
+
+
 def test_h_is_help_everywhere_but_after_a_bench_name():
     import typer.main
 

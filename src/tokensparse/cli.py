@@ -82,7 +82,7 @@ def show_models() -> None:
 
 
 @show_app.command("tasks")
-def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write."),
+def show_tasks(out: Path = typer.Option(Path("tasks.png"), help="PNG to write (replaced if it exists)."),
                image_size: int = typer.Option(32, help="Image size of the samples (a multiple of 8 in [16, 256])."),
                per_task: int = typer.Option(3, help="Samples per task.")) -> None:
     """Draw a grid of task-suite samples: references | prompt | target, per task."""
@@ -102,7 +102,7 @@ def show_selection(
     selector: str = typer.Option("auto", help="Scorer name (see tokensparse.selection.SCORERS)."),
     keep: float = typer.Option(0.25, help="Average fraction of reference tokens kept (with --adaptive: the most "
                                "each reference keeps)."),
-    out: Path = typer.Option(Path("selection.png"), help="PNG to write."),
+    out: Path = typer.Option(Path("selection.png"), help="PNG to write (replaced if it exists)."),
     prompt: str | None = typer.Option(None, help="Prompt (selector=auto reads its task; attention probes with it)."),
     adaptive: bool = typer.Option(False, help="Adaptive per-reference budget (up to --keep)."),
     model: str | None = typer.Option(None, help="Shipped RefDiT name or checkpoint path: its token grid "
@@ -128,7 +128,8 @@ def show_selection(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to write the demo PNG."),
+def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to write the demo PNG (replaced if it "
+                                  "exists)."),
          steps: int = typer.Option(20, help="Denoising steps.")) -> None:
     """Run a dense and a sparse generation side by side and write a PNG."""
     from .demo import run_demo
@@ -151,7 +152,8 @@ def train(
     max_minutes: float | None = typer.Option(None, help="Stop and checkpoint once the run has trained this many "
                                              "minutes in all (earlier sessions of a resumed run count)."),
     export: Path | None = typer.Option(None, help="After training, write the EMA weights here (.safetensors, and its "
-                                        ".json beside it: not over the run's config.json or in a step_* folder)."),
+                                        ".json beside it: not over the run's config.json or in a step_* folder; "
+                                        "both replaced if they exist)."),
     half: bool = typer.Option(False, help="Store exported weights in float16."),
 ) -> None:
     """Train or fine-tune RefDiT. Several CPU processes: `torchrun --nproc_per_node 2 -m tokensparse.cli train
@@ -226,7 +228,8 @@ def bench(
     name: str = typer.Argument(..., help="speed | quality | selection | guidance | merging | drop_sweep | flux_speed "
                                "| data_speed"),
     quick: bool = typer.Option(False, help="The benchmark's quick variant (minutes, small samples)."),
-    out: Path | None = typer.Option(None, help="JSON to write (default: benchmarks/results/NAME.json; with "
+    out: Path | None = typer.Option(None, help="JSON to write, replaced if it exists (default: "
+                                    "benchmarks/results/NAME.json; with "
                                     "--quick NAME_quick.json, so a smoke run keeps the committed results)."),
 ) -> None:
     """Run a benchmark script from a repository checkout; it writes its JSON (and, all but drop_sweep,

@@ -186,7 +186,7 @@ def generate(
                                                     "warning, or refuses)")] = None,
     width: Annotated[int | None, typer.Option(help="output width in pixels (a multiple, as --height)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the diffusion noise and of the selection")] = 0,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output PNG")] = Path("out.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output PNG (replaced if it exists)")] = Path("out.png"),
     cache: Annotated[
         bool, typer.Option(help="reference K/V cache (FLUX.2 klein: runs Flux2KleinKVPipeline)")
     ] = False,
