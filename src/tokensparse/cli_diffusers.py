@@ -59,7 +59,7 @@ def _load_refs(paths: list[Path]) -> list[Any]:
     for path in paths:
         if path.is_dir():
             fail(f"reference image {path} is a folder; pass image files (--ref a.png --ref b.png)")
-        if not path.is_file():
+        if not path.exists():  # not is_file(): a pipe is readable (`--ref <(curl ...)`, /dev/stdin)
             fail(f"reference image {path} does not exist")
         try:
             with large_images_named("reference image"):

@@ -114,6 +114,26 @@ def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_a_reference_read_from_a_pipe_is_loaded_not_called_missing(tmp_path):
+    import os
+    import threading
+
+    from tokensparse.cli_diffusers import _load_refs
+
+    data = _ref(tmp_path).read_bytes()
+    fifo = tmp_path / "ref.fifo"  # what `--ref <(cat a.png)` or `--ref /dev/stdin` hands over: no regular file
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:  # blocks until the reader opens it
+            f.write(data)
+
+    threading.Thread(target=feed, daemon=True).start()
+    (image,) = _load_refs([fifo])  # was: "reference image ... does not exist"
+    assert image.size == (64, 64) and image.mode == "RGB"
+
+
 def test_generate_refuses_an_out_that_is_one_of_its_refs(app, model_dir, tmp_path):
     ref = _ref(tmp_path)
     before = ref.read_bytes()
