@@ -47,6 +47,9 @@ def test_configs_name_the_bad_field():
         TrainConfig(batch_size=8.0)
     with pytest.raises(ValueError, match="ema"):
         TrainConfig(ema=1.5)
+    with pytest.raises(ValueError, match=r"ema must be in \[0.0, 1.0\), got 1"):  # 1: the EMA weights never moved
+        TrainConfig(ema=1)
+    assert TrainConfig(ema=0.0).ema == 0.0
 
 
 def test_real_calls_an_int_too_large_for_a_float_not_finite():

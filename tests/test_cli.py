@@ -360,6 +360,14 @@ def test_train_reads_a_recipe_saved_with_a_utf8_bom(tmp_path):
     assert res.exit_code == 0 and "stopped at step 1" in res.output, res.output  # was "Unexpected UTF-8 BOM"
 
 
+def test_train_names_a_recipe_that_is_no_text_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "a.png"), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "is not a text file" in res.stderr and "codec" not in res.stderr  # was "'utf-8' codec can't decode ..."
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_without_accelerate_fails_in_one_line_naming_the_extra(tmp_path, monkeypatch):
     import sys
 

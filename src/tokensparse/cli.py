@@ -176,6 +176,8 @@ def train(
         if not isinstance(raw, dict):
             raise ValueError("must be a JSON object")
         cfg = TrainConfig.from_dict({**raw, **flags})
+    except UnicodeDecodeError:  # a PNG, a checkpoint: it said "'utf-8' codec can't decode byte 0x89 ..."
+        fail(f"recipe {config} is not a text file: give a JSON recipe (see recipes/)")
     except (ValueError, TypeError) as exc:  # bad JSON, an unknown field, a value out of range
         fail(_recipe_error(config, exc, flags))
     resuming = latest_checkpoint(Path(cfg.out)) is not None

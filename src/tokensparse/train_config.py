@@ -113,8 +113,10 @@ class TrainConfig:
                              "zero-initialised adaLN gates give the adapters no gradient")
         self.seed = checks.seed("seed", self.seed)
         self.lr = checks.real("lr", self.lr, 0.0, lo_open=True)
-        for name in ("min_lr_frac", "ema", "cond_drop"):
+        for name in ("min_lr_frac", "cond_drop"):
             setattr(self, name, checks.real(name, getattr(self, name), 0.0, 1.0))
+        # ema = 1 would keep the starting weights forever: the exported (EMA) model would never learn
+        self.ema = checks.real("ema", self.ema, 0.0, 1.0, hi_open=True)
         for name in ("weight_decay", "grad_clip"):
             setattr(self, name, checks.real(name, getattr(self, name), 0.0))
         self.route = checks.real("route", self.route, 0.0, 1.0, hi_open=True)
