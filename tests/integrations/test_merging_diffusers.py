@@ -179,3 +179,33 @@ def test_token_merging_on_real_stable_diffusion_pipelines(xl: bool) -> None:
         assert not np.array_equal(merged, dense)
     remove_token_merging(pipe)
     assert np.array_equal(pipe(**call, **sd_call_kwargs()).images, dense)  # the exact pipeline again
+
+
+@torch.no_grad()
+def test_a_lora_on_flux_proj_mlp_merges_in_either_order_and_after_unloading() -> None:
+    """FLUX.1's single-stream ``proj_mlp`` is a ``Linear``, which peft's LoRA replaces by a wrapper (and unloading
+    replaces back): the merging follows the module at ``block.proj_mlp``."""
+    lora_config = pytest.importorskip("peft").LoraConfig
+    from .test_merging_hooks import _flux_inputs, _flux_models
+
+    def flux(lora: bool = False) -> nn.Module:
+        model = dict(_flux_models())["flux"]
+        if lora:
+            torch.manual_seed(1)
+            model.add_adapter(lora_config(r=2, lora_alpha=2, target_modules=["proj_mlp"], init_lora_weights=False))
+        return model
+
+    kw, cfg = _flux_inputs("flux"), TokenMergingConfig(ratio=0.5)
+    plain = apply_token_merging(flux(), cfg)(**kw).sample
+    first = apply_token_merging(flux(lora=True), cfg)
+    lora_then_merging = first(**kw).sample
+    after = apply_token_merging(flux(), cfg)
+    after(**kw)
+    torch.manual_seed(1)
+    after.add_adapter(lora_config(r=2, lora_alpha=2, target_modules=["proj_mlp"], init_lora_weights=False))
+    assert torch.equal(after(**kw).sample, lora_then_merging)  # was: the LoRA term of the unmerged tokens added
+    first.unload_lora()  # proj_mlp is the base Linear again
+    assert torch.equal(first(**kw).sample, plain)  # was: proj_mlp unmerged, attn merged by an earlier call's matching
+    for model in (first, after):
+        remove_token_merging(model)
+        assert not any(m._forward_pre_hooks for m in model.single_transformer_blocks.modules())

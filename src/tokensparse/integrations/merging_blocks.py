@@ -42,6 +42,9 @@ class Sublayer:
     # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call in
     # each call of the block merges (BlockMerger's block= marks where a block call starts)
     first_call: bool = False
+    # the block's attribute holding ``module``, where something may replace it (peft's LoRA wraps a ``Linear``,
+    # unloading it puts the base back): the hooks move to the module there at each block call (needs block=)
+    attr: str | None = None
 
 
 class BlockMerger:
@@ -53,18 +56,33 @@ class BlockMerger:
         self.current: Matching | None = None
         self.span = (0, 0)  # (start, length) of the target grid in the sublayer's input: the tokens merged
         self.called: set[int] = set()  # first_call sublayers called in this block call
-        if block is None and any(sub.first_call for sub in sublayers):
-            raise ValueError(f"{name}: a first_call sublayer needs its block (block=), whose calls reset it")
-        if block is not None:  # first_call sublayers: each block call starts afresh
+        self.sublayers = sublayers
+        if block is None and any(sub.first_call or sub.attr for sub in sublayers):
+            raise ValueError(f"{name}: a first_call or attr sublayer needs its block (block=), whose calls reset it")
+        if block is not None:  # first_call sublayers: each block call starts afresh; attr ones: moved if replaced
             state.handles.append(block.register_forward_pre_hook(functools.partial(BlockMerger._start, self)))
-        state.sublayers.extend(m for sub in sublayers for m in sub.module.modules())
-        for i, sub in enumerate(sublayers):  # partials of methods, not closures: copy.deepcopy copies them along
-            pre, post = functools.partial(self._pre, sub, i == 0), functools.partial(self._post, sub)
-            state.handles.append(sub.module.register_forward_pre_hook(pre, with_kwargs=True))
-            state.handles.append(sub.module.register_forward_hook(post, with_kwargs=True))
+        # per sublayer, its hooks' handles (also in state.handles, which removing the merging removes)
+        self.hooks = [self._hook(sub, i == 0) for i, sub in enumerate(sublayers)]
+
+    def _hook(self, sub: Sublayer, owner: bool) -> list[Any]:
+        """Hook ``sub.module``; its handles. Partials of methods, not closures: copy.deepcopy copies them along."""
+        self.state.sublayers.extend(sub.module.modules())
+        pre, post = functools.partial(self._pre, sub, owner), functools.partial(self._post, sub)
+        handles = [sub.module.register_forward_pre_hook(pre, with_kwargs=True),
+                   sub.module.register_forward_hook(post, with_kwargs=True)]
+        self.state.handles.extend(handles)
+        return handles
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         self.called = set()
+        for i, sub in enumerate(self.sublayers):
+            now = getattr(module, sub.attr, None) if sub.attr else None
+            if isinstance(now, nn.Module) and now is not sub.module:  # replaced since wired (a LoRA added, unloaded)
+                for handle in self.hooks[i]:
+                    handle.remove()
+                    self.state.handles.remove(handle)
+                sub.module = now
+                self.hooks[i] = self._hook(sub, i == 0)
 
     def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
              ) -> tuple[tuple, dict] | None:

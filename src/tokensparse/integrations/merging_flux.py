@@ -74,11 +74,11 @@ def wire_flux(model: nn.Module, double: list[tuple[str, nn.Module]], single: lis
     for name, blk in single:
         subs = []
         if cfg.merge_mlp and isinstance(getattr(blk, "proj_mlp", None), nn.Module):  # FLUX.1: runs before attn
-            subs.append(Sublayer(blk.proj_mlp, "input"))
+            subs.append(Sublayer(blk.proj_mlp, "input", attr="proj_mlp"))  # a Linear: peft's LoRA may replace it
         if cfg.merge_attn:
             subs.append(Sublayer(blk.attn, "hidden_states", rope=_flux_rope))
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_flux_grid, box, True), shared=True)
+            BlockMerger(state, name, subs, functools.partial(_flux_grid, box, True), shared=True, block=blk)
 
 
 def _observe_flux(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
