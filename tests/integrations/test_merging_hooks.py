@@ -745,6 +745,34 @@ def test_merging_applied_to_a_torch_compile_wrapper_reads_positional_arguments(u
         torch.compiler.reset()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:torch")  # dynamo's notes on tracing the hooks
+@torch.no_grad()
+def test_a_torch_compile_wrapper_and_its_model_share_one_merging(unet: nn.Module) -> None:
+    # apply_token_merging(pipe), then pipe.unet = torch.compile(pipe.unet): applying again through the wrapper
+    # stacked a second merging on the model's (a shape error in FLUX), removing through it left the model merged
+    args = _unet_inputs()
+    dense = unet(*args).sample
+    cfg = TokenMergingConfig(ratio=0.5)
+    apply_token_merging(unet, cfg)
+    merged = unet(*args).sample
+    compiled = torch.compile(unet, backend="eager")
+    try:
+        assert merging_state(compiled) is merging_state(unet)
+        apply_token_merging(compiled, cfg)
+        assert torch.equal(compiled(*args).sample, merged)
+        remove_token_merging(compiled)
+        assert merging_state(unet) is None and torch.equal(unet(*args).sample, dense)
+        apply_token_merging(compiled, cfg)  # the other way round
+        assert merging_state(unet) is merging_state(compiled)
+        apply_token_merging(unet, cfg)
+        assert torch.equal(compiled(*args).sample, merged)
+        remove_token_merging(unet)
+        assert merging_state(compiled) is None and torch.equal(compiled(*args).sample, dense)
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in (compiled, *unet.modules()))
+    finally:
+        torch.compiler.reset()
+
+
 @torch.no_grad()
 def test_a_one_row_target_grid_merges_nothing_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     kind, model = _flux_models()[0]

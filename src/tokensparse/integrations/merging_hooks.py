@@ -60,7 +60,19 @@ _CALLBACK = "token_merging"
 def merging_state(target: Any) -> TokenMergingState | None:
     """The :class:`TokenMergingState` of a patched model or pipeline, or ``None``."""
     model = _resolve(target)[0] if target is not None else None
-    return None if model is None else model.__dict__.get(_STATE)
+    return None if model is None else _find_state(model)
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    """``model`` and, for a ``torch.compile(model)`` wrapper, the model it wraps: token merging applied through
+    either is the other's too (``pipe.unet = torch.compile(pipe.unet)`` after applying it to ``pipe``)."""
+    inner = getattr(model, "_orig_mod", None)
+    return [model, inner] if isinstance(inner, nn.Module) else [model]
+
+
+def _find_state(model: nn.Module) -> TokenMergingState | None:
+    """The state of the merging applied to ``model``, to the model it wraps, or to a wrapper of it."""
+    return next((m.__dict__[_STATE] for m in _holders(model) if _STATE in m.__dict__), None)
 
 
 def _resolve(target: Any) -> tuple[nn.Module | None, Any]:
@@ -196,7 +208,8 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
 
     unwired = _unwire(model, target)
     state = TokenMergingState(cfg=cfg, model=model)
-    model.__dict__[_STATE] = state
+    for holder in _holders(model):  # a wrapper's state is its model's too: removing through either removes it
+        holder.__dict__[_STATE] = state
     state.owners = [model] + ([pipe] if pipe is not None else [])
     for owner in state.owners:
         on_generation_start(owner, _CALLBACK, state.new_generation)
@@ -327,10 +340,12 @@ def _check_pipeline(pipe: Any, model: nn.Module, cfg: TokenMergingConfig) -> Non
 
 def _unwire(model: nn.Module, target: Any) -> bool:
     """Remove the merging state and hooks from ``model`` (``target``'s); whether any hooks were removed."""
-    state: TokenMergingState | None = model.__dict__.pop(_STATE, None)
+    state = _find_state(model)
     if state is None:
         _supported_blocks(model, target, "remove_token_merging")  # raises as apply_token_merging would
         return False
+    for holder in _holders(state.model):  # applied through a torch.compile wrapper: the model it wraps holds it too
+        holder.__dict__.pop(_STATE, None)
     hooked = bool(state.handles)
     for handle in state.handles:
         handle.remove()
