@@ -62,7 +62,7 @@ def list_models() -> dict[str, dict]:
     return out
 
 
-def build_model(name: str | RefDiTConfig, **overrides) -> RefDiT:
+def build_model(name: str | RefDiTConfig, **overrides: object) -> RefDiT:
     """An untrained RefDiT from a named config (or a config), with optional field overrides."""
     if isinstance(name, RefDiTConfig):
         cfg = name
