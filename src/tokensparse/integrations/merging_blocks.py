@@ -45,6 +45,9 @@ class Sublayer:
     # the block's attribute holding ``module``, where something may replace it (peft's LoRA wraps a ``Linear``,
     # unloading it puts the base back): the hooks move to the module there at each block call (needs block=)
     attr: str | None = None
+    # a pointwise (1x1) convolution over the token grid as a (B, C, H, W) map (Sana's mix-FFN): its input read as the
+    # grid's H * W tokens (row-major), the merged ones passed as a (B, C, N', 1) column, its output unmerged back
+    channels_first: bool = False
 
 
 class BlockMerger:
@@ -87,6 +90,7 @@ class BlockMerger:
     def _pre(self, sub: Sublayer, owner: bool, module: nn.Module, args: tuple, kwargs: dict
              ) -> tuple[tuple, dict] | None:
         module.__dict__["_tokensparse_active"] = None
+        module.__dict__.pop("_tokensparse_hw", None)
         if not self.state.running and not _in_backward():  # called by another model sharing it (a ControlNet)
             return None
         if sub.target_only and kwargs.get("role", "target") != "target":
@@ -97,6 +101,11 @@ class BlockMerger:
             self.called.add(id(sub))
         from_kwargs = not args
         x = kwargs[sub.tokens] if from_kwargs else args[0]
+        hw = None
+        if sub.channels_first:
+            if not isinstance(x, Tensor) or x.dim() != 4:
+                return None
+            hw, x = tuple(x.shape[-2:]), x.flatten(2).transpose(1, 2)
         if owner:
             grid = self.grid(x.shape[1])
             self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
@@ -125,7 +134,11 @@ class BlockMerger:
                 return None
             kwargs = {**kwargs, "attention_mask": mask}
         module.__dict__["_tokensparse_active"] = (m, span)
+        if hw is not None:  # a pointwise convolution: its output goes back onto this grid
+            module.__dict__["_tokensparse_hw"] = hw
         merged = merge_span(m, x, span)
+        if hw is not None:
+            merged = merged.transpose(1, 2).unsqueeze(-1)
         if from_kwargs:
             kwargs = {**kwargs, sub.tokens: merged}
         else:
@@ -169,6 +182,9 @@ class BlockMerger:
         if active is None:
             return None
         m, span = active
+        hw = module.__dict__.pop("_tokensparse_hw", None)
+        if hw is not None:  # a pointwise convolution: (B, C, N', 1) -> tokens, unmerged, -> (B, C, H, W)
+            return unmerge_span(m, output.squeeze(-1).transpose(1, 2), span).transpose(1, 2).unflatten(2, hw)
         if isinstance(output, tuple):
             return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
         return unmerge_span(m, output, span)

@@ -26,6 +26,10 @@
 - **CogView4** (``CogView4TransformerBlock``, ``CogView4Pipeline``): every block's image stream, the whole of it, in
   ``attn1`` (with its RoPE rows; one table, so one matching, for the batch) and the image call of ``ff`` (the same
   module then runs the text stream, unmerged). See :mod:`.merging_cogview4`.
+- **Sana** (``SanaTransformerBlock``, ``SanaPipeline``, Sana Sprint): every block's image tokens in the linear
+  self-attention ``attn1``, the cross-attention ``attn2`` (``merge_cross``: its queries) and the two pointwise
+  convolutions of the mix-FFN (the depthwise 3x3 convolution between them runs on the whole grid). See
+  :mod:`.merging_sana`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -57,6 +61,7 @@ from .merging_flux import (  # noqa: F401  (importable from here as before; the 
 )
 from .merging_flux3 import target_blocks, wire_flux3
 from .merging_lumina2 import image_blocks, wire_lumina2
+from .merging_sana import wire_sana
 from .merging_spans import merge_span
 
 logger = logging.getLogger(__name__)
@@ -158,6 +163,12 @@ def diffusers_classes() -> dict[str, type]:
         out["cogview4"] = CogView4TransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+        out["sana"] = SanaTransformerBlock
+    except ImportError:
+        pass
     return out
 
 
@@ -165,7 +176,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
-          "cogview4": ("cogview4",)}
+          "cogview4": ("cogview4",), "sana": ("sana",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -173,7 +184,8 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``); empty lists when it knows none."""
+    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``); empty lists when it knows
+    none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -201,6 +213,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_lumina2(model, blocks["lumina2"], state)
     elif blocks["cogview4"]:
         wire_cogview4(model, blocks["cogview4"], state)
+    elif blocks["sana"]:
+        wire_sana(model, blocks["sana"], state)
 
 
 def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
