@@ -30,6 +30,9 @@
   self-attention ``attn1``, the cross-attention ``attn2`` (``merge_cross``: its queries) and the two pointwise
   convolutions of the mix-FFN (the depthwise 3x3 convolution between them runs on the whole grid). See
   :mod:`.merging_sana`.
+- **HunyuanDiT** (``HunyuanDiTBlock``, ``HunyuanDiTPipeline``): every block's image tokens in ``attn1`` and (with
+  ``merge_cross``) ``attn2``, each with its RoPE rows (one table, so one matching, for the batch), and ``ff``. See
+  :mod:`.merging_hunyuan_dit`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -60,6 +63,7 @@ from .merging_flux import (  # noqa: F401  (importable from here as before; the 
     wire_flux,
 )
 from .merging_flux3 import target_blocks, wire_flux3
+from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_lumina2 import image_blocks, wire_lumina2
 from .merging_sana import wire_sana
 from .merging_spans import merge_span
@@ -169,6 +173,12 @@ def diffusers_classes() -> dict[str, type]:
         out["sana"] = SanaTransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
+
+        out["hunyuan_dit"] = HunyuanDiTBlock
+    except ImportError:
+        pass
     return out
 
 
@@ -176,7 +186,8 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
-          "cogview4": ("cogview4",), "sana": ("sana",)}
+          "cogview4": ("cogview4",), "sana": ("sana",),
+         "hunyuan_dit": ("hunyuan_dit",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -184,8 +195,8 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``); empty lists when it knows
-    none."""
+    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``); empty
+    lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -215,6 +226,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_cogview4(model, blocks["cogview4"], state)
     elif blocks["sana"]:
         wire_sana(model, blocks["sana"], state)
+    elif blocks["hunyuan_dit"]:
+        wire_hunyuan_dit(model, blocks["hunyuan_dit"], state)
 
 
 def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
