@@ -33,6 +33,9 @@
 - **HunyuanDiT** (``HunyuanDiTBlock``, ``HunyuanDiTPipeline``): every block's image tokens in ``attn1`` and (with
   ``merge_cross``) ``attn2``, each with its RoPE rows (one table, so one matching, for the batch), and ``ff``. See
   :mod:`.merging_hunyuan_dit`.
+- **AuraFlow** (``AuraFlowJointTransformerBlock`` / ``AuraFlowSingleTransformerBlock``, ``AuraFlowPipeline``): the
+  image tokens in every joint block's ``attn`` (image side) and ``ff``, and in every single block's ``attn`` and
+  ``ff`` (the span after the registers and caption). See :mod:`.merging_auraflow`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -52,6 +55,7 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .diffusers_models import is_layered
+from .merging_auraflow import wire_auraflow
 from .merging_blocks import BlockMerger, Sublayer, merge_block
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
@@ -179,6 +183,15 @@ def diffusers_classes() -> dict[str, type]:
         out["hunyuan_dit"] = HunyuanDiTBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.auraflow_transformer_2d import (
+            AuraFlowJointTransformerBlock,
+            AuraFlowSingleTransformerBlock,
+        )
+
+        out["auraflow"], out["auraflow_single"] = AuraFlowJointTransformerBlock, AuraFlowSingleTransformerBlock
+    except ImportError:
+        pass
     return out
 
 
@@ -187,7 +200,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
                          "bria_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
           "cogview4": ("cogview4",), "sana": ("sana",),
-         "hunyuan_dit": ("hunyuan_dit",)}
+         "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single")}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -195,8 +208,8 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``); empty
-    lists when it knows none."""
+    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
+    ``auraflow``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -228,6 +241,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_sana(model, blocks["sana"], state)
     elif blocks["hunyuan_dit"]:
         wire_hunyuan_dit(model, blocks["hunyuan_dit"], state)
+    elif blocks["auraflow"]:
+        wire_auraflow(model, blocks["auraflow"], state)
 
 
 def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
