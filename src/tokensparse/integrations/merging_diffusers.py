@@ -36,6 +36,10 @@
 - **AuraFlow** (``AuraFlowJointTransformerBlock`` / ``AuraFlowSingleTransformerBlock``, ``AuraFlowPipeline``): the
   image tokens in every joint block's ``attn`` (image side) and ``ff``, and in every single block's ``attn`` and
   ``ff`` (the span after the registers and caption). See :mod:`.merging_auraflow`.
+- **HiDream-I1** (``HiDreamImageTransformerBlock`` / ``HiDreamImageSingleTransformerBlock``,
+  ``HiDreamImagePipeline``): the image grid at the start of every block's sequence in ``attn1`` (its RoPE rows and
+  key mask along; per-sample tables: a matching per sample) and the image's mixture-of-experts ``ff_i``. See
+  :mod:`.merging_hidream`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -67,6 +71,7 @@ from .merging_flux import (  # noqa: F401  (importable from here as before; the 
     wire_flux,
 )
 from .merging_flux3 import target_blocks, wire_flux3
+from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_lumina2 import image_blocks, wire_lumina2
 from .merging_sana import wire_sana
@@ -192,6 +197,15 @@ def diffusers_classes() -> dict[str, type]:
         out["auraflow"], out["auraflow_single"] = AuraFlowJointTransformerBlock, AuraFlowSingleTransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.transformer_hidream_image import (
+            HiDreamImageSingleTransformerBlock,
+            HiDreamImageTransformerBlock,
+        )
+
+        out["hidream"], out["hidream_single"] = HiDreamImageTransformerBlock, HiDreamImageSingleTransformerBlock
+    except ImportError:
+        pass
     return out
 
 
@@ -200,7 +214,8 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
                          "bria_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
           "cogview4": ("cogview4",), "sana": ("sana",),
-         "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single")}
+         "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
+         "hidream": ("hidream", "hidream_single")}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -209,7 +224,7 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
-    ``auraflow``); empty lists when it knows none."""
+    ``auraflow``, ``hidream``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -243,6 +258,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_hunyuan_dit(model, blocks["hunyuan_dit"], state)
     elif blocks["auraflow"]:
         wire_auraflow(model, blocks["auraflow"], state)
+    elif blocks["hidream"]:
+        wire_hidream(model, blocks["hidream"], state)
 
 
 def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
