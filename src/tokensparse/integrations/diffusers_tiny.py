@@ -311,8 +311,8 @@ def tiny_qwen_vl_tokenizer() -> Any:
 
 
 @needs("transformers")
-def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16) -> Any:
-    """A one-layer ``Qwen2_5_VLForConditionalGeneration`` (text width ``hidden``, one vision block) for
+def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16, layers: int = 1) -> Any:
+    """A ``Qwen2_5_VLForConditionalGeneration`` of ``layers`` text layers (width ``hidden``, one vision block) for
     :func:`tiny_qwen_vl_tokenizer`'s vocabulary; its vision tower takes 14 px patches, merged 2x2."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -320,7 +320,7 @@ def tiny_qwen25_vl(tokenizer: Any, hidden: int = 16) -> Any:
                                                                      "video_pad")}
     config = Qwen2_5_VLConfig(
         text_config={"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "max_position_embeddings": 2048, "bos_token_id": None, "eos_token_id": None,
                      "rope_theta": 10000.0,  # the older rope_scaling spelling: transformers 5 reads it too
                      "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, hidden // 4 - 2]}},

@@ -40,6 +40,10 @@
   ``HiDreamImagePipeline``): the image grid at the start of every block's sequence in ``attn1`` (its RoPE rows and
   key mask along; per-sample tables: a matching per sample) and the image's mixture-of-experts ``ff_i``. See
   :mod:`.merging_hidream`.
+- **HunyuanImage 2.1** (``HunyuanImageTransformerBlock`` / ``HunyuanImageSingleTransformerBlock``,
+  ``HunyuanImagePipeline``): the image tokens in every double-stream block's ``attn`` (image side, RoPE rows, the
+  key mask over ``[image, text]``) and ``ff``, and every single-stream block's ``proj_mlp`` and ``attn`` (one table,
+  so one matching, for the batch). See :mod:`.merging_hunyuan_image`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -73,6 +77,7 @@ from .merging_flux import (  # noqa: F401  (importable from here as before; the 
 from .merging_flux3 import target_blocks, wire_flux3
 from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
+from .merging_hunyuan_image import wire_hunyuan_image
 from .merging_lumina2 import image_blocks, wire_lumina2
 from .merging_sana import wire_sana
 from .merging_spans import merge_span
@@ -206,6 +211,16 @@ def diffusers_classes() -> dict[str, type]:
         out["hidream"], out["hidream_single"] = HiDreamImageTransformerBlock, HiDreamImageSingleTransformerBlock
     except ImportError:
         pass
+    try:
+        from diffusers.models.transformers.transformer_hunyuanimage import (
+            HunyuanImageSingleTransformerBlock,
+            HunyuanImageTransformerBlock,
+        )
+
+        out["hunyuan_image"] = HunyuanImageTransformerBlock
+        out["hunyuan_image_single"] = HunyuanImageSingleTransformerBlock
+    except ImportError:
+        pass
     return out
 
 
@@ -215,7 +230,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
           "cogview4": ("cogview4",), "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
-         "hidream": ("hidream", "hidream_single")}
+         "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single")}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -224,7 +239,7 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
-    ``auraflow``, ``hidream``); empty lists when it knows none."""
+    ``auraflow``, ``hidream``, ``hunyuan_image``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -260,6 +275,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_auraflow(model, blocks["auraflow"], state)
     elif blocks["hidream"]:
         wire_hidream(model, blocks["hidream"], state)
+    elif blocks["hunyuan_image"]:
+        wire_hunyuan_image(model, blocks["hunyuan_image"], state)
 
 
 def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
