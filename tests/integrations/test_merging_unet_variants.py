@@ -178,3 +178,13 @@ def test_vq_diffusion_is_refused_before_any_call() -> None:
 def test_a_model_without_attention_is_named_so() -> None:
     with pytest.raises(TypeError, match="got Linear with no attention module"):
         apply_token_merging(torch.nn.Linear(2, 2), TokenMergingConfig(ratio=0.5))
+
+
+def test_the_unclip_prior_is_refused_before_any_call() -> None:
+    # built of BasicTransformerBlocks over embeddings (no image grid): accepted, it warned "merged nothing" per call
+    torch.manual_seed(0)
+    prior = diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=16,
+                                       num_embeddings=4, additional_embeddings=1)
+    with pytest.raises(TypeError, match="does not support PriorTransformer .*not an image's token grid"):
+        apply_token_merging(prior, TokenMergingConfig(ratio=0.5))
+    assert "PriorTransformer" in merging_supports(prior) and merging_state(prior) is None

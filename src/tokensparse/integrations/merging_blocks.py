@@ -200,3 +200,11 @@ def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp:
     / ``merge_mlp``; ``None``: the block has no such sublayer), in that order; ``None`` when it selects neither."""
     subs = [sub for sub, on in ((attn, state.cfg.merge_attn), (mlp, state.cfg.merge_mlp)) if on and sub is not None]
     return BlockMerger(state, name, subs, grid, **kwargs) if subs else None
+
+
+def whole_grid(box: dict, n: int) -> tuple[int, int, int] | None:
+    """A grid function (``functools.partial(whole_grid, box)``) for sublayers whose input is the image grid alone:
+    all ``n`` tokens when ``box["grid"] = (h, w)`` holds ``h * w == n`` of them (CogView4's image stream, Sana,
+    HunyuanDiT), else ``None`` (nothing merged)."""
+    g = box["grid"]
+    return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)

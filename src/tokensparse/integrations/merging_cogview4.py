@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block
+from .merging_blocks import Sublayer, merge_block, whole_grid
 from .merging_core import TokenMergingState, observe_calls
 
 
@@ -28,7 +28,7 @@ def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: 
     observe_calls(model, state, _observe, box)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attn1, "hidden_states", rope=rope_rows),
-                    Sublayer(blk.ff, "hidden_states", first_call=True), functools.partial(_grid, box), shared=True,
+                    Sublayer(blk.ff, "hidden_states", first_call=True), functools.partial(whole_grid, box), shared=True,
                     block=blk)
 
 
@@ -46,10 +46,7 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
-def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The image stream is the grid: all ``n`` tokens of the sublayer's input."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)
+_grid = whole_grid  # the name merged models pickled before 0.22.0 refer to
 
 
 def rope_rows(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

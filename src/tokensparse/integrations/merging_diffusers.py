@@ -51,6 +51,7 @@ Text tokens and reference tokens are never merged (thinning references is Sparse
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import re
@@ -85,143 +86,54 @@ from .merging_spans import merge_span
 logger = logging.getLogger(__name__)
 
 
+# where diffusers keeps the block classes token merging knows: module -> {short name: class name}
+_BLOCK_CLASSES: dict[str, dict[str, str]] = {
+    "diffusers.models.attention": {"basic": "BasicTransformerBlock", "joint": "JointTransformerBlock"},
+    "diffusers.models.transformers.transformer_flux": {"flux": "FluxTransformerBlock",
+                                                       "flux_single": "FluxSingleTransformerBlock"},
+    "diffusers.models.transformers.transformer_flux2": {"flux2": "Flux2TransformerBlock",
+                                                        "flux2_single": "Flux2SingleTransformerBlock"},
+    # LongCat-Image(-Edit), Bria 3.x: FLUX.1's blocks under other names (same sublayers, same RoPE layout)
+    "diffusers.models.transformers.transformer_longcat_image": {"longcat": "LongCatImageTransformerBlock",
+                                                                "longcat_single": "LongCatImageSingleTransformerBlock"},
+    "diffusers.models.transformers.transformer_bria": {"bria": "BriaTransformerBlock",
+                                                       "bria_single": "BriaSingleTransformerBlock"},
+    # Chroma: FLUX.1's blocks (pruned modulation), a text padding mask squared into a query x key mask
+    "diffusers.models.transformers.transformer_chroma": {"chroma": "ChromaTransformerBlock",
+                                                         "chroma_single": "ChromaSingleTransformerBlock"},
+    # Ovis-Image: FLUX.1's blocks with its own attention class (same call, same RoPE layout), SwiGLU MLPs
+    "diffusers.models.transformers.transformer_ovis_image": {"ovis": "OvisImageTransformerBlock",
+                                                             "ovis_single": "OvisImageSingleTransformerBlock"},
+    # FLUX.3: per-mode blocks (each token mode alone) and single blocks over [text, target, references]
+    "diffusers.models.transformers.transformer_flux3": {"flux3": "Flux3ModeTransformerBlock",
+                                                        "flux3_single": "Flux3SingleTransformerBlock"},
+    "diffusers.models.transformers.transformer_qwenimage": {"qwen": "QwenImageTransformerBlock"},
+    "diffusers.models.transformers.transformer_z_image": {"zimage": "ZImageTransformerBlock"},
+    "diffusers.models.transformers.transformer_lumina2": {"lumina2": "Lumina2TransformerBlock"},
+    "diffusers.models.transformers.transformer_cogview4": {"cogview4": "CogView4TransformerBlock"},
+    "diffusers.models.transformers.sana_transformer": {"sana": "SanaTransformerBlock"},
+    "diffusers.models.transformers.hunyuan_transformer_2d": {"hunyuan_dit": "HunyuanDiTBlock"},
+    "diffusers.models.transformers.auraflow_transformer_2d": {"auraflow": "AuraFlowJointTransformerBlock",
+                                                              "auraflow_single": "AuraFlowSingleTransformerBlock"},
+    "diffusers.models.transformers.transformer_hidream_image": {"hidream": "HiDreamImageTransformerBlock",
+                                                                "hidream_single": "HiDreamImageSingleTransformerBlock"},
+    "diffusers.models.transformers.transformer_hunyuanimage": {
+        "hunyuan_image": "HunyuanImageTransformerBlock", "hunyuan_image_single": "HunyuanImageSingleTransformerBlock"},
+}
+
+
 def diffusers_classes() -> dict[str, type]:
     """The diffusers block classes token merging knows, by short name (those this diffusers version has)."""
     if "diffusers" not in sys.modules:  # nothing can be a diffusers model before diffusers is imported
         return {}
-    try:
-        from diffusers.models.attention import BasicTransformerBlock
-    except ImportError:  # diffusers not installed: only RefDiT is supported
-        return {}
-    out: dict[str, type] = {"basic": BasicTransformerBlock}
-    try:
-        from diffusers.models.attention import JointTransformerBlock
-
-        out["joint"] = JointTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
-        out["flux"], out["flux_single"] = FluxTransformerBlock, FluxSingleTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_flux2 import (
-            Flux2SingleTransformerBlock,
-            Flux2TransformerBlock,
-        )
-
-        out["flux2"], out["flux2_single"] = Flux2TransformerBlock, Flux2SingleTransformerBlock
-    except ImportError:
-        pass
-    try:  # LongCat-Image(-Edit): FLUX.1's blocks under other names (same sublayers, same RoPE layout)
-        from diffusers.models.transformers.transformer_longcat_image import (
-            LongCatImageSingleTransformerBlock,
-            LongCatImageTransformerBlock,
-        )
-
-        out["longcat"], out["longcat_single"] = LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock
-    except ImportError:
-        pass
-    try:  # Chroma: FLUX.1's blocks (pruned modulation), a text padding mask squared into a query x key mask
-        from diffusers.models.transformers.transformer_chroma import (
-            ChromaSingleTransformerBlock,
-            ChromaTransformerBlock,
-        )
-
-        out["chroma"], out["chroma_single"] = ChromaTransformerBlock, ChromaSingleTransformerBlock
-    except ImportError:
-        pass
-    try:  # Ovis-Image: FLUX.1's blocks with its own attention class (same call, same RoPE layout), SwiGLU MLPs
-        from diffusers.models.transformers.transformer_ovis_image import (
-            OvisImageSingleTransformerBlock,
-            OvisImageTransformerBlock,
-        )
-
-        out["ovis"], out["ovis_single"] = OvisImageTransformerBlock, OvisImageSingleTransformerBlock
-    except ImportError:
-        pass
-    try:  # Bria 3.x (BriaPipeline): FLUX.1's blocks under other names (same call, same RoPE layout)
-        from diffusers.models.transformers.transformer_bria import BriaSingleTransformerBlock, BriaTransformerBlock
-
-        out["bria"], out["bria_single"] = BriaTransformerBlock, BriaSingleTransformerBlock
-    except ImportError:
-        pass
-    try:  # FLUX.3: per-mode blocks (each token mode alone) and single blocks over [text, target, references]
-        from diffusers.models.transformers.transformer_flux3 import (
-            Flux3ModeTransformerBlock,
-            Flux3SingleTransformerBlock,
-        )
-
-        out["flux3"], out["flux3_single"] = Flux3ModeTransformerBlock, Flux3SingleTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-
-        out["qwen"] = QwenImageTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
-
-        out["zimage"] = ZImageTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_lumina2 import Lumina2TransformerBlock
-
-        out["lumina2"] = Lumina2TransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_cogview4 import CogView4TransformerBlock
-
-        out["cogview4"] = CogView4TransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
-
-        out["sana"] = SanaTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
-
-        out["hunyuan_dit"] = HunyuanDiTBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.auraflow_transformer_2d import (
-            AuraFlowJointTransformerBlock,
-            AuraFlowSingleTransformerBlock,
-        )
-
-        out["auraflow"], out["auraflow_single"] = AuraFlowJointTransformerBlock, AuraFlowSingleTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_hidream_image import (
-            HiDreamImageSingleTransformerBlock,
-            HiDreamImageTransformerBlock,
-        )
-
-        out["hidream"], out["hidream_single"] = HiDreamImageTransformerBlock, HiDreamImageSingleTransformerBlock
-    except ImportError:
-        pass
-    try:
-        from diffusers.models.transformers.transformer_hunyuanimage import (
-            HunyuanImageSingleTransformerBlock,
-            HunyuanImageTransformerBlock,
-        )
-
-        out["hunyuan_image"] = HunyuanImageTransformerBlock
-        out["hunyuan_image_single"] = HunyuanImageSingleTransformerBlock
-    except ImportError:
-        pass
-    return out
+    out: dict[str, type] = {}
+    for module_name, names in _BLOCK_CLASSES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # diffusers not installed (only RefDiT is supported), or too old for this model
+            continue
+        out.update({short: getattr(module, cls) for short, cls in names.items() if hasattr(module, cls)})
+    return out if "basic" in out else {}
 
 
 KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria"),

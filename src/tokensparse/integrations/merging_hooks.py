@@ -298,6 +298,10 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
         raise TypeError(f"token merging does not support {name}: it merges the token grid of a latent passed as "
                         f"sample / hidden_states, and {name}.forward takes neither (aMUSEd's UVit2DModel takes token "
                         "ids)")
+    if blocks["unet"] and known_name(type(model), ("PriorTransformer",)):
+        raise TypeError(f"token merging does not support {type(model).__name__} (the unCLIP / Kandinsky prior): its "
+                        "tokens are a few text and image embeddings, not an image's token grid, so nothing would "
+                        "merge")
     if blocks["unet"] and getattr(getattr(model, "config", None), "num_vector_embeds", None) is not None:
         raise TypeError(f"token merging does not support a {type(model).__name__} with num_vector_embeds (discrete "
                         "input, VQDiffusionPipeline): its hidden_states are ids of VQ codebook entries, not a latent "

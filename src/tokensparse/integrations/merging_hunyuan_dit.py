@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
-from .merging_blocks import BlockMerger, Sublayer
+from .merging_blocks import BlockMerger, Sublayer, whole_grid
 from .merging_cogview4 import rope_rows
 from .merging_core import TokenMergingState, observe_calls
 
@@ -42,7 +42,7 @@ def wire_hunyuan_dit(model: nn.Module, blocks: list[tuple[str, nn.Module]], stat
     for name, blk in blocks:
         subs = hunyuan_dit_sublayers(blk, state.cfg)
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True)
+            BlockMerger(state, name, subs, functools.partial(whole_grid, box), shared=True)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -58,8 +58,3 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
             box["grid"] = (h, w)
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
-
-def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The grid is all ``n`` tokens of a sublayer's input."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)

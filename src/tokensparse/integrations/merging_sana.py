@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
-from .merging_blocks import BlockMerger, Sublayer
+from .merging_blocks import BlockMerger, Sublayer, whole_grid
 from .merging_core import TokenMergingState, observe_calls
 
 
@@ -48,7 +48,7 @@ def wire_sana(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     for name, blk in blocks:
         subs = sana_sublayers(blk, state.cfg)
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_grid, box))
+            BlockMerger(state, name, subs, functools.partial(whole_grid, box))
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -60,8 +60,3 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
-
-def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The grid is all ``n`` tokens of a sublayer's input (the feed-forward's: its ``H * W`` positions)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)
