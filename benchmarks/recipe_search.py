@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import check_device, parser, positive_int, rounded, write_json
+from common import check_device, parser, positive_int, quick_or, rounded, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def main() -> None:
     check_device(args.device, ap)  # the quality stages run there, each after minutes of training
     variants = read_variants(args.variants, ap)
     if args.quick:
-        args.n = 4
+        args.n = quick_or(args, "n", 4)  # a --n typed beside --quick keeps its value
         quick = {"steps": 20, "eval_every": 10**6, "ckpt_every": 10}
         variants = {k: {**v, "base": {**v.get("base", {}), **quick}, "sparse": {**v.get("sparse", {}), **quick}}
                     for k, v in variants.items()}

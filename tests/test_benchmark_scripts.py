@@ -498,3 +498,24 @@ def test_data_speed_records_the_release_and_readme_tables_names_it(tmp_path, mon
     (tmp_path / "data_speed.json").write_text(json.dumps({**run, "tokensparse": "9.9.9"}))
     tables.data()
     assert "one process, run at tokensparse 9.9.9): 32px 2,780 samples/s." in capsys.readouterr().out
+
+
+def test_recipe_search_quick_keeps_a_typed_sample_count(tmp_path, monkeypatch):
+    search = _script("recipe_search")
+    variants = tmp_path / "variants.json"
+    variants.write_text('{"v1": {}}')
+    counts = []
+
+    class Done:
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(search, "run_pipeline", lambda name, spec, root, device, n, threads: counts.append(n) or Done())
+    monkeypatch.setattr(search, "collect", lambda name, root: {})
+    monkeypatch.setattr(search, "write_json", lambda *args, **kwargs: None)
+    for extra in (["--n", "8"], []):
+        monkeypatch.setattr("sys.argv", ["recipe_search.py", "--quick", *extra, "--variants", str(variants),
+                                         "--device", "cpu", "--root", str(tmp_path / "runs"),
+                                         "--out", str(tmp_path / "r.json")])
+        search.main()
+    assert counts == [8, 4]  # was [4, 4]: --quick replaced the typed --n, unlike every other benchmark
