@@ -189,3 +189,8 @@ def summarize(q: dict, sp: dict) -> dict[str, Any]:
     if stacked:
         s["stacked"] = {k: {"speedup": v[0], "drop_db": v[1]} for k, v in stacked.items()}
     return s
+
+
+if __name__ == "__main__":  # a module of merging.py: running it alone did nothing and exited 0
+    raise SystemExit("merging_refdit.py holds the RefDiT parts of benchmarks/merging.py and runs nothing itself; "
+                     "run: python benchmarks/merging.py [--quick] [--part refdit_quality,refdit_speed,...]")

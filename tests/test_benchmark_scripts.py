@@ -519,3 +519,12 @@ def test_recipe_search_quick_keeps_a_typed_sample_count(tmp_path, monkeypatch):
                                          "--out", str(tmp_path / "r.json")])
         search.main()
     assert counts == [8, 4]  # was [4, 4]: --quick replaced the typed --n, unlike every other benchmark
+
+
+def test_merging_refdit_run_as_a_script_points_to_merging_py():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merging_refdit.py"
+    res = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "benchmarks/merging.py" in res.stderr  # was: exit 0, nothing run, nothing said
