@@ -118,3 +118,57 @@ def test_output_folder_refuses_a_file_in_the_way_like_mkdir(tmp_path):
     with pytest.raises(FileExistsError):
         with output_folder(tmp_path / "f"):
             pass
+
+
+@pytest.mark.parametrize("as_set", [False, True])
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_while_a_set_is_renamed_replaces_all_of_it_or_none(tmp_path, monkeypatch, as_set, name):
+    import signal
+
+    from tokensparse.files import published
+
+    sig = getattr(signal, name)
+    paths = [tmp_path / f"out-layer{i}.png" for i in (1, 2, 3)]
+    for path in paths:
+        path.write_text("old")
+    replace = os.replace
+
+    def interrupted(src, dst):  # the signal arrives right after the first rename
+        replace(src, dst)
+        if dst == paths[0]:
+            signal.raise_signal(sig)
+
+    def stop(signum, frame):  # what the CLI does on SIGTERM (Python's default would end the test run)
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt if name == "SIGINT" else SystemExit):
+            with published(*paths, as_set=as_set) as tmps:
+                for tmp in tmps:
+                    tmp.write_text("new")
+        assert signal.getsignal(signal.SIGTERM) is stop  # the handlers are back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.read_text() for p in paths] == (["new"] * 3 if as_set else ["new", "old", "old"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no temp file left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupts_held_changes_nothing_outside_the_main_thread(tmp_path):
+    import signal
+    import threading
+
+    from tokensparse.files import interrupts_held
+
+    seen = []
+
+    def worker():
+        with interrupts_held():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]

@@ -261,3 +261,98 @@ def test_a_large_image_warning_pickles_and_copies():
     for again in (pickle.loads(pickle.dumps(w)), copy.copy(w)):  # __init__ needs both fields: args held one
         assert type(again) is LargeImageWarning and str(again) == str(w)
         assert (again.path, again.detail) == (w.path, w.detail)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "P-transparent", "RGB-transparent", "I;16"])
+def test_load_rgba_keeps_the_files_alpha_and_load_rgbs_colours(tmp_path, mode):
+    from tokensparse.images import load_rgb, load_rgba
+
+    rng = np.random.RandomState(0)
+    base = Image.fromarray((rng.rand(6, 5, 4) * 255).astype("uint8"), "RGBA")
+    path = tmp_path / "x.png"
+    if mode == "P-transparent":  # a palette whose entry 0 is transparent
+        image = base.convert("RGB").convert("P")
+        image.save(path, transparency=0)
+        alpha = np.where(np.asarray(image) == 0, 0, 255)
+    elif mode == "RGB-transparent":  # one transparent colour (a tRNS chunk)
+        image = base.convert("RGB")
+        colour = image.getpixel((0, 0))
+        image.save(path, transparency=colour)
+        alpha = np.where((np.asarray(image) == colour).all(-1), 0, 255)
+    elif mode == "I;16":
+        Image.fromarray((rng.rand(6, 5) * 65535).astype(np.uint16)).save(path)
+        alpha = np.full((6, 5), 255)
+    else:
+        image = base.convert("RGB").convert(mode) if mode in ("P", "L") else base.convert(mode)
+        image.save(path)
+        alpha = np.asarray(image.getchannel("A")) if "A" in mode else np.full((6, 5), 255)
+    rgba = load_rgba(path)
+    assert rgba.mode == "RGBA" and rgba.size == (5, 6)
+    assert np.array_equal(np.asarray(rgba.convert("RGB")), np.asarray(load_rgb(path)))  # load_rgb's colours exactly
+    assert np.array_equal(np.asarray(rgba.getchannel("A")), alpha)
+
+
+def test_load_rgba_names_a_file_it_cannot_read(tmp_path):
+    from tokensparse.images import load_rgba
+
+    (tmp_path / "x.png").write_text("no image")
+    with pytest.raises(ValueError, match=f"cannot read image {tmp_path / 'x.png'}"):
+        load_rgba(tmp_path / "x.png")
+    with pytest.raises(TypeError, match="load_rgba takes an image file path"):
+        load_rgba(None)
+
+
+def test_save_pngs_writes_a_set_replacing_old_files_and_keeping_rgba(tmp_path):
+    from tokensparse.images import save_pngs
+
+    images = [Image.fromarray(np.full((4, 3, 4), i * 60, dtype=np.uint8), "RGBA") for i in range(3)]
+    paths = [tmp_path / "sub" / f"out-layer{i}.png" for i in (1, 2, 3)]
+    assert save_pngs(images[:1], paths[:1]) == paths[:1]
+    assert save_pngs(images, paths) == paths  # the first is replaced, the folder already there
+    for image, path in zip(images, paths):
+        with Image.open(path) as im:
+            assert im.mode == "RGBA" and np.array_equal(np.asarray(im), np.asarray(image))
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == [p.name for p in paths]
+
+
+def test_save_pngs_replaces_nothing_when_one_image_fails(tmp_path, monkeypatch):
+    from tokensparse.images import save_pngs
+
+    paths = [tmp_path / f"out-layer{i}.png" for i in (1, 2)]
+    for path in paths:
+        path.write_bytes(b"old")
+    good = Image.new("RGBA", (2, 2))
+    with pytest.raises(ValueError, match=f"cannot write {paths[1]}: to_pil"):  # refused before any file is written
+        save_pngs([good, torch.full((3, 2, 2), float("nan"))], paths)
+    save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        if str(fp).startswith(str(tmp_path / ".out-layer2.png.")):
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {paths[1]}: No space left on device"):
+        save_pngs([good, good], paths)
+    assert [p.read_bytes() for p in paths] == [b"old", b"old"]  # the first layer was written, not renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no temp file left
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'new' / 'a.png'}"):  # a folder on the way: removed
+        (tmp_path / "new").mkdir()
+        (tmp_path / "new" / "a.png").mkdir()  # a rename onto a folder fails
+        save_pngs([good, good], [tmp_path / "new" / "b.png", tmp_path / "new" / "a.png"])
+
+
+@pytest.mark.parametrize("images, paths, error, message", [
+    ([], [], ValueError, "one path per image"),
+    ([None], ["a.png", "b.png"], ValueError, "one path per image"),
+    ([None, None], ["a.png", "./a.png"], ValueError, "given twice"),
+    ([None], ["a.jpg"], ValueError, "must end in .png"),
+    (None, ["a.png"], TypeError, "a list of images"),
+])
+def test_save_pngs_refuses_bad_arguments(tmp_path, images, paths, error, message):
+    from tokensparse.images import save_pngs
+
+    with pytest.raises(error, match=message):
+        save_pngs(images, [tmp_path / p for p in paths])
+    assert list(tmp_path.iterdir()) == []

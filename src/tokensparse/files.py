@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,13 +73,45 @@ def temp_beside(path: str | os.PathLike, folder: bool = False) -> Path:
     return Path(tmp)
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def published(*paths: str | os.PathLike) -> Iterator[list[Path]]:
-    """Publish ``paths``, each atomically (not as a set): yields a temp file beside each (:func:`temp_beside`)
-    for the block to write. When the block ends, each gets normal permissions, and then they are renamed onto
-    their paths in order (all are written before any is renamed). If the block or a rename raises (an error, Ctrl-C,
-    ``SystemExit``), the temp files not yet renamed are removed: a failed write leaves no temp file behind.
-    The paths' folders must exist."""
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (``SIGINT``) and ``SIGTERM`` for the block: one that arrives meanwhile is delivered, to the handler
+    that was in place (Python's ``KeyboardInterrupt``, the CLI's exit on ``SIGTERM``, the default that ends the
+    process), when the block has ended. Only in the main thread (the only one signal handlers can be set in); a
+    signal that is ignored, or handled outside Python, is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in _HELD_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:
+            continue
+        previous[sig] = handler
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):  # each once, in the order they came
+            signal.raise_signal(sig)
+
+
+@contextmanager
+def published(*paths: str | os.PathLike, as_set: bool = False) -> Iterator[list[Path]]:
+    """Publish ``paths``, each atomically: yields a temp file beside each (:func:`temp_beside`) for the block to
+    write. When the block ends, each gets normal permissions, and then they are renamed onto their paths in order
+    (all are written before any is renamed). If the block or a rename raises (an error, Ctrl-C, ``SystemExit``), the
+    temp files not yet renamed are removed: a failed write leaves no temp file behind. The paths' folders must exist.
+
+    ``as_set``: the renames run with Ctrl-C and ``SIGTERM`` held (:func:`interrupts_held`), so that either leaves
+    none of the paths or all of them replaced, never a mix of new and earlier files (one that comes while the block
+    writes replaces none). A rename that fails (an ``OSError``) still leaves the paths renamed before it replaced."""
     tmps: list[Path] = []
     try:
         for path in paths:
@@ -85,9 +119,10 @@ def published(*paths: str | os.PathLike) -> Iterator[list[Path]]:
         yield list(tmps)
         for tmp in tmps:
             default_mode(tmp)
-        while tmps:
-            os.replace(tmps[0], paths[len(paths) - len(tmps)])
-            tmps.pop(0)
+        with interrupts_held() if as_set else contextlib.nullcontext():
+            while tmps:
+                os.replace(tmps[0], paths[len(paths) - len(tmps)])
+                tmps.pop(0)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -179,7 +180,7 @@ def _open(path: str | os.PathLike) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(path)
     try:
-        warnings.warn(LargeImageWarning(path, detail), stacklevel=3)  # at load_rgb's caller
+        warnings.warn(LargeImageWarning(path, detail), stacklevel=4)  # at load_rgb's (load_rgba's) caller
     except BaseException:  # a filter that makes it an error
         image.close()
         raise
@@ -193,13 +194,35 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for one that is not a readable image
     (corrupt, truncated, another format, or a decompression bomb: over twice ``PIL.Image.MAX_IMAGE_PIXELS``); a
     :class:`LargeImageWarning` naming it for one over that limit but not over twice it (loaded all the same)."""
+    return _load(path, alpha=False, name="load_rgb")
+
+
+def load_rgba(path: str | os.PathLike) -> Image.Image:
+    """An image file as 8-bit RGBA PIL: the RGB channels exactly :func:`load_rgb`'s (so ``.convert("RGB")`` gives
+    what it gives), the alpha the file's -- an alpha channel, or a palette's or colour's transparency -- and opaque
+    where it has none (what pipelines that read RGBA pixels, such as Qwen-Image-Layered, take). Errors and warnings
+    as :func:`load_rgb`'s."""
+    return _load(path, alpha=True, name="load_rgba")
+
+
+def _load(path: str | os.PathLike, alpha: bool, name: str) -> Image.Image:
+    """:func:`load_rgb` (``alpha`` False) or :func:`load_rgba` (True), ``name`` naming it in a ``TypeError``."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_rgb takes an image file path (str or os.PathLike), got {type(path).__name__}")
+        raise TypeError(f"{name} takes an image file path (str or os.PathLike), got {type(path).__name__}")
     try:
         with _open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
-            return to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")
+            rgb = to_pil(to_tensor(im)) if im.mode in _WIDE_MODES else im.convert("RGB")
+            if not alpha:
+                return rgb
+            if "A" in im.getbands():  # RGBA, LA, La, PA, RGBa
+                rgb.putalpha(im.getchannel("A"))
+            elif "transparency" in im.info:  # a palette's transparent entries, or one transparent colour
+                rgb.putalpha(im.convert("RGBA").getchannel("A"))
+            else:
+                rgb.putalpha(255)
+            return rgb
     except FileNotFoundError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # SyntaxError: some plugins
@@ -237,16 +260,11 @@ def check_png_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
-
-    Nothing is left on disk if writing fails, nor the folders it created; an ``OSError`` (no permission, disk full)
-    names ``path``, not the temp file. A tensor is converted by :func:`to_pil` first, whose errors (a wrong shape or
-    dtype, NaN / inf values) name ``path`` too and leave nothing on disk, as does an image of no pixels.
-    """
-    path = check_png_path(path)
+def _png_image(image: Tensor | Image.Image, path: Path) -> Image.Image:
+    """``image`` as a PIL image PNG holds (a tensor through :func:`to_pil`; a mode PNG cannot hold -- float ``F``,
+    CMYK, YCbCr, ... -- as 8-bit RGB); ``TypeError`` / ``ValueError`` naming ``path`` where it cannot be one."""
     try:
-        if isinstance(image, Image.Image):  # a mode PNG cannot hold (float "F", CMYK, YCbCr, ...): as 8-bit RGB
+        if isinstance(image, Image.Image):
             pil = image if image.mode in _PNG_MODES else to_pil(to_tensor(image))
         else:
             pil = to_pil(image)
@@ -254,10 +272,56 @@ def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
         raise type(exc)(f"cannot write {path}: {exc}") from None
     if 0 in pil.size:  # PIL's own error named no file: "cannot write empty image"
         raise ValueError(f"cannot write {path}: a PNG needs at least one pixel, the image is {pil.width}x{pil.height}")
+    return pil
+
+
+def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG atomically (temp file in the same folder + rename), creating parent folders.
+
+    Nothing is left on disk if writing fails, nor the folders it created; an ``OSError`` (no permission, disk full)
+    names ``path``, not the temp file. A tensor is converted by :func:`to_pil` first, whose errors (a wrong shape or
+    dtype, NaN / inf values) name ``path`` too and leave nothing on disk, as does an image of no pixels.
+    """
+    return save_pngs([image], [path])[0]
+
+
+def save_pngs(images: list[Tensor | Image.Image], paths: list[str | os.PathLike]) -> list[Path]:
+    """Write ``images[i]`` to ``paths[i]`` as PNGs, as a set: every image is converted and written to a temp file
+    beside its path before any path is replaced, then all are renamed with Ctrl-C held
+    (:func:`~tokensparse.files.published` ``as_set``), creating parent folders. A failure or Ctrl-C before the
+    renames replaces none of the paths and leaves no temp file, nor the folders made for them; errors name the path
+    as :func:`save_png`'s do. ``ValueError`` for lists of different lengths, an empty one, or a path given twice."""
+    if not isinstance(images, (list, tuple)) or not isinstance(paths, (list, tuple)):
+        raise TypeError(f"save_pngs takes a list of images and a list of paths, got {type(images).__name__} and "
+                        f"{type(paths).__name__}")
+    if len(images) != len(paths) or not paths:
+        raise ValueError(f"save_pngs needs one path per image (at least one), got {len(images)} image(s) and "
+                         f"{len(paths)} path(s)")
+    paths = [check_png_path(p) for p in paths]
+    if len({p.absolute() for p in paths}) != len(paths):
+        raise ValueError(f"save_pngs: a path is given twice in {[str(p) for p in paths]}")
+    pils = [_png_image(image, path) for image, path in zip(images, paths, strict=True)]
+    written = 0  # the path that failed: its temp file was being written, or it was being renamed onto
     try:
-        # the folders it makes are removed again if the write fails; a unique temp file: writers do not collide
-        with output_folder(path.parent), published(path) as (tmp,):
-            pil.save(tmp, format="PNG")
+        # the folders it makes are removed again if the write fails; unique temp files: writers do not collide
+        with contextlib.ExitStack() as stack:
+            for folder in dict.fromkeys(p.parent for p in paths):
+                stack.enter_context(output_folder(folder))
+            tmps = stack.enter_context(published(*paths, as_set=True))
+            for i, (pil, tmp) in enumerate(zip(pils, tmps, strict=True)):
+                written = i
+                pil.save(tmp, format="PNG")
     except OSError as exc:
-        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
+        raise OSError(f"cannot write {_failed(exc, paths, paths[written])}: {exc.strerror or exc}") from exc
+    return paths
+
+
+def _failed(exc: OSError, paths: list[Path], default: Path) -> Path:
+    """The one of ``paths`` an ``OSError`` of :func:`save_pngs` is about (the file it names, or that file's temp
+    file), else ``default``."""
+    for name in (exc.filename2, exc.filename):
+        if isinstance(name, (str, os.PathLike)):
+            for path in paths:
+                if Path(name) == path or Path(name).name.startswith(f".{path.name}."):
+                    return path
+    return default
