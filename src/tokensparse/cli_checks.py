@@ -136,7 +136,8 @@ def check_out_not_ref(out: Path, refs: list[Path]) -> None:
 
 
 # pipelines whose call takes one reference image (the others take a list)
-ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline", "JoyImageEditPipeline")
+ONE_REFERENCE = ("FluxKontextPipeline", "QwenImageEditPipeline", "LongCatImageEditPipeline", "JoyImageEditPipeline",
+                 "QwenImageLayeredPipeline")
 # pipelines whose call reads the size of its reference image unconditionally (no image: AttributeError)
 SIZED_BY_REFERENCE = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "LongCatImageEditPipeline")
 # pipelines that need --height and --width (GLM-Image's prior plans the target's token grid before it reads a reference)
@@ -145,7 +146,8 @@ NEEDS_SIZE = ("GlmImagePipeline",)
 OWN_KV_CACHE = ("GlmImagePipeline", "QwenImage21Pipeline")
 # pipelines whose call takes a grid of in-context examples and task / content prompts (from Python only)
 GRID_INPUT = ("VisualClozeGenerationPipeline", "VisualClozePipeline")
-# pipelines whose call returns several RGBA layers per image (and takes no height / width: from Python only)
+# pipelines whose call decomposes one RGBA image (the one --ref) into several RGBA layers (--layers of them; no height
+# or width: sized from the image), written as OUT-layer1.png, ... (cli_layered)
 LAYERED_OUTPUT = ("QwenImageLayeredPipeline",)
 
 
@@ -165,12 +167,12 @@ def check_placeholders(name: str | None, prompt: str, n_refs: int, cls: type | N
 
 
 def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: bool = False, merge: float = 0.0,
-                    sizes: tuple[str, ...] = (), cls: type | None = None) -> None:
+                    sizes: tuple[str, ...] = (), layers: bool = False, cls: type | None = None) -> None:
     """Fail on a pipeline class ``generate`` does not run, or a reference count, ``--cache``, ``--proportional``,
-    missing ``--merge`` or size option (``sizes``: ``"height"`` / ``"width"`` given) it cannot take (``None``: not
-    known before loading, nothing to check). ``cls``: the loaded pipeline's class (else diffusers' class ``name``),
-    whose call says which sizes it takes; a subclass of a supported pipeline is checked as its base (messages name
-    ``name``)."""
+    missing ``--merge``, size option (``sizes``: ``"height"`` / ``"width"`` given) or ``--layers`` (``layers``: given)
+    it cannot take (``None``: not known before loading, nothing to check). ``cls``: the loaded pipeline's class (else
+    diffusers' class ``name``), whose call says which sizes it takes and whether it makes layers; a subclass of a
+    supported pipeline is checked as its base (messages name ``name``)."""
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
 
     if name is None:
@@ -184,10 +186,11 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
         if takes is not None and key not in takes:
             why = ": it sizes its output from the reference" if kind in PIPELINES else ""
             fail(f"{name} takes no --{key}{why}")
-    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(GRID_INPUT) - set(LAYERED_OUTPUT))
-    if kind in MASK_PIPELINES or kind in GRID_INPUT or kind in LAYERED_OUTPUT:
-        what = ("inpainting pipelines" if kind in MASK_PIPELINES else "it takes a grid of in-context examples"
-                if kind in GRID_INPUT else "it decomposes an RGBA image into a list of RGBA layers")
+    if layers and takes is not None and "layers" not in takes:
+        fail(f"{name} takes no --layers: it makes one image (--layers is Qwen-Image-Layered's layer count)")
+    supported = sorted(set(PIPELINES) - set(MASK_PIPELINES) - set(GRID_INPUT))
+    if kind in MASK_PIPELINES or kind in GRID_INPUT:
+        what = "inpainting pipelines" if kind in MASK_PIPELINES else "it takes a grid of in-context examples"
         fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
     if kind not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
         given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
@@ -199,6 +202,8 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
             fail(f"{name} is not a pipeline Sparse Context runs on ({', '.join(supported)}): give --merge to run it "
                   "with token merging alone")
         return
+    if kind in LAYERED_OUTPUT and n_refs != 1:
+        fail(f"{name} decomposes one image into layers: give that image as one --ref (got {n_refs})")
     if n_refs > 1 and kind in ONE_REFERENCE:
         fail(f"{name} takes one reference image")
     if n_refs == 0 and kind in SIZED_BY_REFERENCE:

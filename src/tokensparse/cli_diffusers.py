@@ -9,11 +9,12 @@ loaded with ``local_files_only`` so it works offline. Sparse Context runs on FLU
 LongCat-Image-Edit, Bria FIBO Edit, Fibo 2.0 (``BriaFibo2Pipeline``), Qwen-Image 2.1 (``QwenImage21Pipeline``),
 Z-Image Omni (whose VAE runs in bfloat16: its pipeline casts the references to it), GLM-Image (``GlmImagePipeline``,
 which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline``: one reference;
-``JoyImageEditPlusPipeline``: several) and OmniGen (``OmniGenPipeline``: several, each placed by
-``<img><|image_k|></img>`` in ``--prompt``); any other pipeline whose model token merging supports (Stable
-Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x (``BriaPipeline``), Z-Image, Lumina 2,
-CogView4) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
-``tokensparse.cli`` registers them as commands.
+``JoyImageEditPlusPipeline``: several), OmniGen (``OmniGenPipeline``: several, each placed by
+``<img><|image_k|></img>`` in ``--prompt``) and Qwen-Image-Layered (``QwenImageLayeredPipeline``: the one ``--ref``
+decomposed into ``--layers`` RGBA layers, written as ``OUT-layer1.png``, ...: :mod:`.cli_layered`); any other
+pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria
+3.x (``BriaPipeline``), Z-Image, Lumina 2, CogView4) runs with ``--merge`` alone. The functions here are plain
+typer-annotated functions; ``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_checks import (
+    LAYERED_OUTPUT,
     ONE_REFERENCE,
     check_mergeable,
     check_model,
@@ -43,7 +45,8 @@ from .cli_checks import (
     pipeline_class,
     warn,
 )
-from .images import MAX_SIDE, load_rgb, save_png
+from .cli_layered import check_layer_outs, default_layers, save_layers
+from .images import MAX_SIDE, load_rgba, save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -53,6 +56,8 @@ _BF16_VAE = ("ZImageOmniPipeline",)
 
 
 def _load_refs(paths: list[Path]) -> list[Any]:
+    """The ``--ref`` images as RGBA (:func:`~tokensparse.images.load_rgba`: ``.convert("RGB")`` gives ``load_rgb``'s
+    pixels), each file read once (a pipe can be read once only); one line and exit 1 for one that cannot be read."""
     from PIL import UnidentifiedImageError
 
     images = []
@@ -63,7 +68,7 @@ def _load_refs(paths: list[Path]) -> list[Any]:
             fail(f"reference image {path} does not exist")
         try:
             with large_images_named("reference image"):
-                images.append(load_rgb(path))
+                images.append(load_rgba(path))
         except (UnidentifiedImageError, OSError, ValueError) as exc:  # load_rgb's ValueError names the file
             fail(f"reference: {exc}")
     return images
@@ -186,7 +191,12 @@ def generate(
                                                     "warning, or refuses)")] = None,
     width: Annotated[int | None, typer.Option(help="output width in pixels (a multiple, as --height)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the diffusion noise and of the selection")] = 0,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output PNG (replaced if it exists)")] = Path("out.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="output PNG (replaced if it exists); Qwen-Image-Layered "
+                                      "writes its layers as OUT-layer1.png, OUT-layer2.png, ... instead (out.png -> "
+                                      "out-layer1.png, ...: replaced as a set; an earlier run's extra layers are "
+                                      "left, with a warning)")] = Path("out.png"),
+    layers: Annotated[int | None, typer.Option(help="Qwen-Image-Layered: how many RGBA layers to decompose the --ref "
+                                               "into, >= 1 (default: the pipeline's, 4)")] = None,
     cache: Annotated[
         bool, typer.Option(help="reference K/V cache (FLUX.2 klein: runs Flux2KleinKVPipeline)")
     ] = False,
@@ -202,7 +212,8 @@ def generate(
     """Generate one image from reference images with Sparse Context (and, with --merge, token merging).
 
     Text-to-image pipelines (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria 3.x, Z-Image,
-    Lumina 2, CogView4) run with token merging alone (--merge).
+    Lumina 2, CogView4) run with token merging alone (--merge). Qwen-Image-Layered decomposes its one --ref into
+    --layers RGBA layers, written as OUT-layer1.png, OUT-layer2.png, ...
     """
     try:
         import diffusers
@@ -232,7 +243,7 @@ def generate(
     check_png_out(out)
     check_out_not_ref(out, list(ref or []))
     for name, value, low, high in (("--steps", steps, 1, None), ("--height", height, 16, MAX_SIDE),
-                                   ("--width", width, 16, MAX_SIDE)):
+                                   ("--width", width, 16, MAX_SIDE), ("--layers", layers, 1, None)):
         if value is not None and value < low:
             fail(f"{name} must be >= {low}, got {value}")
         if value is not None and high is not None and value > high:
@@ -249,7 +260,7 @@ def generate(
         fail(f"--model {model} is a RefDiT: generate runs diffusers pipelines; generate with RefDiTs from Python "
               "(tokensparse.generate) or see tokensparse demo")
     sizes = tuple(key for key, value in (("height", height), ("width", width)) if value is not None)
-    checks = (len(refs), cache, proportional, merge, sizes)
+    checks = (len(refs), cache, proportional, merge, sizes, layers is not None)
     try:
         index = model_index(Path(model)) if local else None
     except ValueError as exc:
@@ -257,6 +268,8 @@ def generate(
     saved = pipeline_class(index)  # the class a local folder names: checked before loading
     check_pipeline(saved, *checks)
     check_placeholders(saved, prompt, len(refs))
+    if saved in LAYERED_OUTPUT:  # the layer files, before loading (else after)
+        check_layer_outs(out, layers or default_layers(getattr(diffusers, saved, None)) or 1, list(ref or []))
     if local and merge > 0:
         check_mergeable(Path(model), index)
     _loading_bars_off()
@@ -268,6 +281,10 @@ def generate(
     kind = known_name(type(pipe), PIPELINES) or name  # a subclass of a supported pipeline: its base
     check_pipeline(name, *checks, cls=type(pipe))
     check_placeholders(name, prompt, len(refs), cls=type(pipe))
+    layered = kind in LAYERED_OUTPUT  # its call reads RGBA pixels and returns a list of RGBA layers
+    if layered:
+        check_layer_outs(out, layers or default_layers(type(pipe)) or 1, list(ref or []))
+    refs = [image if layered else image.convert("RGB") for image in refs]
     if cache and kind == "Flux2KleinPipeline":  # same weights, reference K/V computed once
         pipe = diffusers.Flux2KleinKVPipeline.from_pipe(pipe)
         name = kind = "Flux2KleinKVPipeline"
@@ -293,6 +310,8 @@ def generate(
         kwargs[key] = refs[0] if kind in ONE_REFERENCE else refs
     if steps is not None:
         kwargs["num_inference_steps"] = steps
+    if layers is not None:
+        kwargs["layers"] = layers
     if guidance is not None:
         key = "true_cfg_scale" if kind.startswith("QwenImage") else "guidance_scale"  # Qwen: true CFG only
         if key not in params:
@@ -330,6 +349,14 @@ def generate(
                 image = pipe(**kwargs).images[0]
         except ValueError as exc:  # the pipeline's own input checks (image too small, bad size, ...)
             fail(f"{name} rejected the inputs: {exc}")
+    kept = ((f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
+             + (", K/V cache" if cache else "")) if in_context and refs else "no Sparse Context")
+    kept += f", merge={merge:g}" if merge else ""
+    if layered:
+        written = save_layers(image, out, name)
+        typer.echo(f"wrote {', '.join(map(str, written))} ({name}, {len(refs)} reference(s), {kept}, "
+                   f"{len(written)} layer{'s' if len(written) > 1 else ''})")
+        return
     asked = (width or image.width, height or image.height)
     if image.size != asked and not warned:  # rounded by a rule the warning before did not know
         warn(f"{name} made a {image.width}x{image.height} image, not the {asked[0]}x{asked[1]} asked (its multiple)")
@@ -337,9 +364,6 @@ def generate(
         save_png(image, out)
     except OSError as exc:  # save_png's message names the file
         fail(str(exc))
-    kept = ((f"keep={cfg.keep:g}, selector={cfg.selector}" + (", proportional" if proportional else "")
-             + (", K/V cache" if cache else "")) if in_context and refs else "no Sparse Context")
-    kept += f", merge={merge:g}" if merge else ""
     typer.echo(f"wrote {out} ({name}, {len(refs)} reference(s), {kept})")
 
 

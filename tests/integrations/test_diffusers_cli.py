@@ -131,7 +131,7 @@ def test_a_reference_read_from_a_pipe_is_loaded_not_called_missing(tmp_path):
 
     threading.Thread(target=feed, daemon=True).start()
     (image,) = _load_refs([fifo])  # was: "reference image ... does not exist"
-    assert image.size == (64, 64) and image.mode == "RGB"
+    assert image.size == (64, 64) and image.mode == "RGBA"  # RGBA: generate converts it to RGB where RGBA is not read
 
 
 def test_generate_refuses_an_out_that_is_one_of_its_refs(app, model_dir, tmp_path):

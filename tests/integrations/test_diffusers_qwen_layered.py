@@ -141,14 +141,17 @@ def test_a_call_without_the_input_image_entry_is_left_dense(pipe, caplog):
     assert "no reference tokens" in caplog.text
 
 
-def test_generate_cli_refuses_it_before_loading(tmp_path):
+def test_generate_cli_refuses_a_second_reference_before_loading(tmp_path):
+    """``tokensparse generate`` runs it (tests/integrations/test_diffusers_cli_layered.py); it was refused, and now
+    refuses what it cannot take before loading."""
     from typer.testing import CliRunner
 
     app = generate_app()
     folder = pipeline_folder(tmp_path / "layered", "QwenImageLayeredPipeline")
-    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", str(_png(tmp_path)), "--prompt",
-                                   "a cat", "--out", str(tmp_path / "o.png")])
-    assert res.exit_code == 1 and "list of RGBA layers" in res.output and "cannot load" not in res.output
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", str(_png(tmp_path)), "--ref",
+                                   str(_png(tmp_path)), "--prompt", "a cat", "--out", str(tmp_path / "o.png")])
+    assert res.exit_code == 1 and "give that image as one --ref (got 2)" in res.output
+    assert "cannot load" not in res.output
 
 
 def _png(tmp_path):
