@@ -319,6 +319,10 @@ def generate(
         kwargs[key] = guidance
         if key == "true_cfg_scale":
             kwargs["negative_prompt"] = " "
+    elif kind.startswith("QwenImage") and "true_cfg_scale" in params:
+        # no negative prompt, so no true CFG either way: its default (4.0) only logged "true_cfg_scale is passed as
+        # 4.0, but classifier-free guidance is not enabled"; 1.0 runs the same
+        kwargs["true_cfg_scale"] = 1.0
     for key, value in (("height", height), ("width", width)):
         if value is not None:
             kwargs[key] = value

@@ -317,6 +317,35 @@ def test_qwen_image21_takes_several_references_and_true_cfg(app, tmp_path, monke
     assert "(QwenImage21Pipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (64, 64)
 
 
+def test_qwen_without_guidance_runs_without_true_cfg_and_its_warning(app, tmp_path, monkeypatch):
+    import functools
+
+    import diffusers
+    import diffusers.pipelines.qwenimage21.pipeline_qwenimage21 as module
+
+    from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
+
+    folder = pipeline_folder(tmp_path / "qwen21", "QwenImage21Pipeline")
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_qwen_image21())
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (64, 64, None))
+    seen: dict = {}
+    call = diffusers.QwenImage21Pipeline.__call__
+
+    @functools.wraps(call)  # keeps the signature the CLI inspects
+    def spy(self, **kwargs):
+        seen.update(kwargs)
+        return call(self, **kwargs)
+
+    monkeypatch.setattr(diffusers.QwenImage21Pipeline, "__call__", spy)
+    warned = []
+    monkeypatch.setattr(module.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", str(_ref(tmp_path)),
+                                   "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "o.png")])
+    assert res.exit_code == 0, res.output
+    assert seen["true_cfg_scale"] == 1.0 and "negative_prompt" not in seen  # no negative prompt: no CFG either way
+    assert not any("true_cfg_scale" in w for w in warned), warned  # was "true_cfg_scale is passed as 4.0, but ..."
+
+
 def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(app, tmp_path):
     folder = pipeline_folder(tmp_path / "sd", "StableDiffusionPipeline")
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat",
