@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import tokensparse as ts
@@ -88,7 +88,12 @@ def test_the_kv_cache_equals_recomputing_every_step(cfg, n_refs, batch, per_samp
             ts.apply_sparse_context(ROUTED, ts.SparseContextConfig(cache=cache, **cfg))
             if merging is not None:
                 ts.apply_token_merging(ROUTED, merging)
-            outs.append(gen(ROUTED, refs, prompt, steps=steps, seed=seed, guidance=guidance))
+            try:
+                outs.append(gen(ROUTED, refs, prompt, steps=steps, seed=seed, guidance=guidance))
+            except ValueError as exc:  # weak_keep alone on references that keep one token each (count=1, a small
+                if "keeps every token of this call's references" not in str(exc):  # adaptive mass): refused, as
+                    raise  # both branches would be one; not a case of the cache
+                reject()
     finally:
         clear(ROUTED)
     assert torch.equal(*outs)
