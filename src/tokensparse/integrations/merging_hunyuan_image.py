@@ -37,9 +37,10 @@ def wire_hunyuan_image(model: nn.Module, blocks: list[tuple[str, nn.Module]], st
         if mlp is None:  # double-stream: attn, then ff
             subs = attn + ([Sublayer(blk.ff, "hidden_states")] if cfg.merge_mlp else [])
         else:  # single-stream: proj_mlp runs first (the first merged sublayer of a call finds the matching)
-            subs = ([Sublayer(mlp, "input")] if cfg.merge_mlp else []) + attn
+            # a Linear: peft's LoRA may replace it (its hooks follow the module at block.proj_mlp)
+            subs = ([Sublayer(mlp, "input", attr="proj_mlp")] if cfg.merge_mlp else []) + attn
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True)
+            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True, block=blk)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
