@@ -43,8 +43,9 @@ class Sublayer:
     # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call in
     # each call of the block merges (BlockMerger's block= marks where a block call starts)
     first_call: bool = False
-    # the block's attribute holding ``module``, where something may replace it (peft's LoRA wraps a ``Linear``,
-    # unloading it puts the base back): the hooks move to the module there at each block call (needs block=)
+    # the block's attribute holding ``module`` (a dotted path for a submodule's: "ff.conv_point"), where something
+    # may replace it (peft's LoRA wraps a ``Linear`` or ``Conv2d``, unloading it puts the base back): the hooks move
+    # to the module there at each block call (needs block=)
     attr: str | None = None
     # a pointwise (1x1) convolution over the token grid as a (B, C, H, W) map (Sana's mix-FFN): its input read as the
     # grid's H * W tokens (row-major), the merged ones passed as a (B, C, N', 1) column, its output unmerged back
@@ -80,7 +81,7 @@ class BlockMerger:
     def _start(self, module: nn.Module, args: tuple) -> None:
         self.called = set()
         for i, sub in enumerate(self.sublayers):
-            now = getattr(module, sub.attr, None) if sub.attr else None
+            now = _submodule(module, sub.attr) if sub.attr else None
             if isinstance(now, nn.Module) and now is not sub.module:  # replaced since wired (a LoRA added, unloaded)
                 for handle in self.hooks[i]:
                     handle.remove()
@@ -192,6 +193,14 @@ class BlockMerger:
         if isinstance(output, tuple):
             return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
         return unmerge_span(m, output, span)
+
+
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` (``"proj_mlp"``, ``"ff.conv_point"``) in ``block``, or ``None`` where there is none."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def merge_block(state: TokenMergingState, name: str, attn: Sublayer | None, mlp: Sublayer | None, grid: GridFn,

@@ -36,7 +36,9 @@ def sana_sublayers(blk: nn.Module, cfg: Any) -> list[Sublayer]:
         subs.append(Sublayer(blk.attn2, "hidden_states"))
     ff = getattr(blk, "ff", None)
     if cfg.merge_mlp and ff is not None:
-        subs += [Sublayer(conv, "hidden_states", channels_first=True) for conv in (ff.conv_inverted, ff.conv_point)]
+        # Conv2ds: peft's LoRA may replace them (their hooks follow the modules at block.ff.conv_*)
+        subs += [Sublayer(getattr(ff, key), "hidden_states", channels_first=True, attr=f"ff.{key}")
+                 for key in ("conv_inverted", "conv_point")]
     return subs
 
 
@@ -48,7 +50,7 @@ def wire_sana(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     for name, blk in blocks:
         subs = sana_sublayers(blk, state.cfg)
         if subs:
-            BlockMerger(state, name, subs, functools.partial(whole_grid, box))
+            BlockMerger(state, name, subs, functools.partial(whole_grid, box), block=blk)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
