@@ -217,3 +217,12 @@ def whole_grid(box: dict, n: int) -> tuple[int, int, int] | None:
     HunyuanDiT), else ``None`` (nothing merged)."""
     g = box["grid"]
     return None if g is None or g[0] * g[1] != n else (g[0], g[1], 0)
+
+
+def leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:
+    """A grid function (``functools.partial(leading_grid, box)``) for sublayers whose input starts with the image grid
+    (other tokens, if any, follow it: references, padding, text): its first ``h * w`` of the ``n`` tokens when
+    ``box["grid"] = (h, w)`` has no more than ``n`` of them (Qwen-Image, Z-Image, HiDream-I1, HunyuanImage 2.1), else
+    ``None`` (nothing merged)."""
+    g = box["grid"]
+    return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)

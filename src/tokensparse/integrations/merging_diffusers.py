@@ -65,7 +65,7 @@ from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .diffusers_models import is_layered
 from .merging_auraflow import wire_auraflow
-from .merging_blocks import BlockMerger, Sublayer, merge_block
+from .merging_blocks import BlockMerger, Sublayer, leading_grid, merge_block
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
 from .merging_flux import (  # noqa: F401  (importable from here as before; the private ones for pickled models)
@@ -304,7 +304,7 @@ def wire_qwen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
     layered = is_layered(model)
     box: dict[str, Any] = {"grid": None, "layered": layered}
     observe_calls(model, state, _observe_qwen, box)
-    grid = functools.partial(_layers_grid if layered else _leading_grid, box)
+    grid = functools.partial(_layers_grid if layered else leading_grid, box)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attn, "hidden_states", rope=_qwen_rope),
                     Sublayer(blk.img_mlp, "hidden_states"), grid, shared=True)
@@ -324,10 +324,7 @@ def _layers_grid(box: dict, n: int) -> tuple[int, int, int, int] | None:
     return None if g is None or g[0] * g[1] * g[2] > n else (g[0], g[1], 0, g[2])
 
 
-def _leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The grid ``box["grid"]`` at the start of a sublayer's ``n`` tokens (Qwen-Image, Z-Image)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
+_leading_grid = leading_grid  # the name merged models pickled before 0.22.0 refer to
 
 
 def wire_zimage(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
@@ -342,7 +339,7 @@ def wire_zimage(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: To
     observe_calls(model, state, _observe_zimage, box)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attention, "hidden_states", rope=_zimage_rope),
-                    Sublayer(blk.feed_forward, "x"), functools.partial(_leading_grid, box))
+                    Sublayer(blk.feed_forward, "x"), functools.partial(leading_grid, box))
 
 
 def _observe_zimage(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block
+from .merging_blocks import Sublayer, leading_grid, merge_block
 from .merging_core import TokenMergingState, observe_calls
 from .merging_spans import merge_span
 
@@ -33,7 +33,7 @@ def wire_hidream(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: T
     observe_calls(model, state, _observe, box)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attn1, "norm_hidden_states", rope=_rope), Sublayer(blk.ff_i, "x"),
-                    functools.partial(_grid, box))
+                    functools.partial(leading_grid, box))
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -44,12 +44,6 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
         p = int(module.config.get("patch_size", 2) or 1)
         box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
     state.observe(first_arg(call, "timesteps", "timestep"), call, box["grid"])
-
-
-def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The grid at the start of a sublayer's ``n`` tokens (padding and text, if any, follow it)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
 
 
 def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
-from .merging_blocks import BlockMerger, Sublayer
+from .merging_blocks import BlockMerger, Sublayer, leading_grid
 from .merging_cogview4 import rope_rows
 from .merging_core import TokenMergingState, observe_calls
 
@@ -40,7 +40,7 @@ def wire_hunyuan_image(model: nn.Module, blocks: list[tuple[str, nn.Module]], st
             # a Linear: peft's LoRA may replace it (its hooks follow the module at block.proj_mlp)
             subs = ([Sublayer(mlp, "input", attr="proj_mlp")] if cfg.merge_mlp else []) + attn
         if subs:
-            BlockMerger(state, name, subs, functools.partial(_grid, box), shared=True, block=blk)
+            BlockMerger(state, name, subs, functools.partial(leading_grid, box), shared=True, block=blk)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -53,9 +53,3 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
     elif isinstance(x, Tensor) and x.dim() == 5 and len(patch) == 3 and x.shape[2] // patch[0] == 1:
         box["grid"] = (x.shape[-2] // patch[1], x.shape[-1] // patch[2])  # one latent frame (the refiner's)
     state.observe(first_arg(call, "timestep"), call, box["grid"])
-
-
-def _grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The grid at the start of a sublayer's ``n`` tokens (a single-stream ``proj_mlp``'s: the text follows it)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
