@@ -132,3 +132,43 @@ def cli_generate_merges(tmp_path: Path, caplog: pytest.LogCaptureFixture, pipe: 
     assert pipeline in res.output and "no Sparse Context, merge=0.5" in res.output
     assert Image.open(out).size == (width, height) and "merged nothing" not in caplog.text
     return app, tmp_path / name
+
+
+def batch_shares_one_matching(model: nn.Module, module: nn.Module, run: Callable[[dict], Tensor], kw: dict) -> None:
+    """A model whose positional table has no batch axis merges a batch by one matching: ``module`` (a merged sublayer)
+    gets the same kept tokens for two different samples of ``kw``, and two copies of its first sample merge as that
+    sample alone would (``run(kwargs)``: the model's output)."""
+    seen: list[Any] = []
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    handle = module.register_forward_pre_hook(  # after merging's pre-hook: its matching is active
+        lambda m, a, k: seen.append(m.__dict__.get("_tokensparse_active")), with_kwargs=True)
+    run(kw)
+    handle.remove()
+    m = seen[0][0]
+    assert m.batch_size == 2 and m.num_merged > 0
+    assert torch.equal(m.keep[0], m.keep[1]) and torch.equal(m.index[0], m.index[1])
+    same = {k: v[:1].repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, Tensor) else v for k, v in kw.items()}
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    pair = run(same)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))  # afresh: the same destination draw
+    alone = run({k: v[:1] if isinstance(v, Tensor) else v for k, v in kw.items()})
+    torch.testing.assert_close(pair, alone.repeat(2, *[1] * (alone.dim() - 1)), rtol=1e-4, atol=1e-5)
+    remove_token_merging(model)
+
+
+def pipeline_reuses_matchings(pipe: Any, call: Callable[[], dict], hits: int, merged_tokens: int,
+                              caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """At ``recompute_every=2`` a generation of 3 steps (``pipe(**call())``) reuses step 0's matchings at step 1
+    (``hits`` cache hits) and merges ``merged_tokens`` tokens in all (with ``caplog``: tokensparse warning of
+    nothing); a second generation computes the same matchings again (the same images)."""
+    pipe.set_progress_bar_config(disable=True)
+    apply_token_merging(pipe, TokenMergingConfig(ratio=0.5, recompute_every=2))
+    state = merging_state(pipe)
+    with caplog.at_level(logging.WARNING, logger="tokensparse") if caplog else contextlib.nullcontext():
+        first = pipe(**call()).images
+    assert state.step == 2 and state.cache.hits == hits
+    assert state.merged_tokens == merged_tokens
+    if caplog:
+        assert not ours(caplog)
+    assert (first == pipe(**call()).images).all()
+    remove_token_merging(pipe)

@@ -4,8 +4,6 @@ span after the registers and caption); the text never."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -139,17 +137,9 @@ def test_auraflow_pipeline_generations(caplog: pytest.LogCaptureFixture) -> None
 
 
 def test_auraflow_pipeline_reuses_matchings_between_recompute_steps(caplog: pytest.LogCaptureFixture) -> None:
-    pipe = tiny_auraflow(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    apply_token_merging(pipe, TokenMergingConfig(ratio=0.5, recompute_every=2))
-    state = merging_state(pipe)
-    with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        first = pipe(**_pipe_call()).images
-    assert state.step == 2 and state.cache.hits == 4  # step 1 reused step 0's matchings, in each of the 4 blocks
-    assert state.merged_tokens == 3 * 4 * 64  # 3 steps x 4 blocks x half of the 8x16 grid (CFG: one call)
-    assert not contract.ours(caplog)
-    assert (first == pipe(**_pipe_call()).images).all()  # a new generation: the same matchings again
-    remove_token_merging(pipe)
+    # hits: step 1 reuses step 0's matchings, in each of the 4 blocks; merged: 3 steps x 4 blocks x half of the 8x16
+    # grid (CFG: one call)
+    contract.pipeline_reuses_matchings(tiny_auraflow(seed=0), _pipe_call, 4, 3 * 4 * 64, caplog)
 
 
 def test_cli_generate_merges_on_an_auraflow_pipeline(tmp_path, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,8 +4,6 @@ and the image's mixture-of-experts feed-forward; the text, and a non-square late
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -153,14 +151,6 @@ def test_hidream_pipeline_generations(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_hidream_pipeline_reuses_matchings_between_recompute_steps(caplog: pytest.LogCaptureFixture) -> None:
-    pipe = tiny_hidream(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    apply_token_merging(pipe, TokenMergingConfig(ratio=0.5, recompute_every=2))
-    state = merging_state(pipe)
-    with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        first = pipe(**_pipe_call()).images
-    assert state.step == 2 and state.cache.hits == 4  # step 1 reused step 0's matchings, in each of the 4 blocks
-    assert state.merged_tokens == 3 * 4 * 32  # 3 steps x 4 blocks x half of the 8x8 grid (CFG: one call)
-    assert not contract.ours(caplog)
-    assert (first == pipe(**_pipe_call()).images).all()  # a new generation: the same matchings again
-    remove_token_merging(pipe)
+    # hits: step 1 reuses step 0's matchings, in each of the 4 blocks; merged: 3 steps x 4 blocks x half of the 8x8
+    # grid (CFG: one call)
+    contract.pipeline_reuses_matchings(tiny_hidream(seed=0), _pipe_call, 4, 3 * 4 * 32, caplog)

@@ -119,16 +119,10 @@ def test_hunyuan_dit_merged_output_stays_close_at_a_small_ratio() -> None:
 
 
 def test_hunyuan_dit_batch_of_two_shares_one_matching() -> None:
-    # the RoPE table has no batch axis: one matching, from the batch's mean tokens; two copies of one sample merge
-    # as it alone would
-    model, kw = _transformer(), _inputs()
-    same = {k: v[:1].repeat(2, *[1] * (v.dim() - 1)) if isinstance(v, Tensor) else v for k, v in kw.items()}
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    pair = _run(model, same)
-    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
-    alone = _run(model, {k: v[:1] if isinstance(v, Tensor) else v for k, v in kw.items()})
-    torch.testing.assert_close(pair, alone.repeat(2, 1, 1, 1), rtol=1e-4, atol=1e-5)
-    remove_token_merging(model)
+    # the RoPE table has no batch axis: one matching, from the batch's mean tokens, for two different samples;
+    # two copies of one sample merge as it alone would
+    model = _transformer()
+    contract.batch_shares_one_matching(model, model.blocks[0].attn1, lambda kw: _run(model, kw), _inputs())
 
 
 def test_hunyuan_dit_a_rope_table_of_another_grid_runs_unmerged(caplog: pytest.LogCaptureFixture) -> None:
@@ -154,12 +148,6 @@ def test_hunyuan_dit_pipeline_generations(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_hunyuan_dit_pipeline_reuses_matchings_between_recompute_steps() -> None:
-    pipe = tiny_hunyuan_dit(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    apply_token_merging(pipe, TokenMergingConfig(ratio=0.5, recompute_every=2))
-    state = merging_state(pipe)
-    first = pipe(**_pipe_call()).images
-    assert state.step == 2 and state.cache.hits == 4  # step 1 reused step 0's matchings, in each of the 4 blocks
-    assert state.merged_tokens == 3 * 4 * 16  # 3 steps x 4 blocks x half of the 4x8 grid (CFG: one call)
-    assert (first == pipe(**_pipe_call()).images).all()  # a new generation: the same matchings again
-    remove_token_merging(pipe)
+    # hits: step 1 reuses step 0's matchings, in each of the 4 blocks; merged: 3 steps x 4 blocks x half of the 4x8
+    # grid (CFG: one call)
+    contract.pipeline_reuses_matchings(tiny_hunyuan_dit(seed=0), _pipe_call, 4, 3 * 4 * 16)

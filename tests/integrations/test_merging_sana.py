@@ -4,8 +4,6 @@ depthwise convolution between them sees the whole grid, and the caption is never
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -143,17 +141,9 @@ def test_sana_pipeline_generations(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_sana_pipeline_reuses_matchings_between_recompute_steps(caplog: pytest.LogCaptureFixture) -> None:
-    pipe = tiny_sana(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    apply_token_merging(pipe, TokenMergingConfig(ratio=0.5, recompute_every=2))
-    state = merging_state(pipe)
-    with caplog.at_level(logging.WARNING, logger="tokensparse"):
-        first = pipe(**_pipe_call()).images
-    assert state.step == 2 and state.cache.hits == 2  # step 1 reused step 0's matchings, in each of the 2 blocks
-    assert state.merged_tokens == 3 * 2 * 256  # 3 steps x 2 blocks x half of the 16x32 grid (CFG: one call)
-    assert not contract.ours(caplog)
-    assert (first == pipe(**_pipe_call()).images).all()  # a new generation: the same matchings again
-    remove_token_merging(pipe)
+    # hits: step 1 reuses step 0's matchings, in each of the 2 blocks; merged: 3 steps x 2 blocks x half of the
+    # 16x32 grid (CFG: one call)
+    contract.pipeline_reuses_matchings(tiny_sana(seed=0), _pipe_call, 2, 3 * 2 * 256, caplog)
 
 
 @torch.no_grad()
