@@ -172,3 +172,30 @@ def pipeline_reuses_matchings(pipe: Any, call: Callable[[], dict], hits: int, me
         assert not ours(caplog)
     assert (first == pipe(**call()).images).all()
     remove_token_merging(pipe)
+
+
+def lora_follows_replaced_modules(build: Callable[[], nn.Module], targets: list[str], run: Callable[[nn.Module], Any],
+                                  cfg: TokenMergingConfig, blocks: Callable[[nn.Module], nn.Module]) -> None:
+    """Merged sublayers that peft's LoRA replaces by a wrapper (``targets``, and unloading replaces back) keep merging:
+    a LoRA added after ``apply_token_merging`` gives what adding it first gives, and after ``unload_lora()`` the model
+    gives what it gave without one; removing the merging leaves no hook in ``blocks(model)``. ``build()``: a fresh
+    model, ``run(model)``: its output."""
+    lora_config = pytest.importorskip("peft").LoraConfig
+
+    def add_lora(model: nn.Module) -> nn.Module:
+        torch.manual_seed(1)
+        model.add_adapter(lora_config(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+        return model
+
+    with torch.no_grad():
+        plain = run(apply_token_merging(build(), cfg))
+        first = apply_token_merging(add_lora(build()), cfg)
+        lora_then_merging = run(first)
+        after = apply_token_merging(build(), cfg)
+        run(after)
+        assert torch.equal(run(add_lora(after)), lora_then_merging)  # was: the LoRA term of the unmerged tokens added
+        first.unload_lora()  # the base modules again
+        assert torch.equal(run(first), plain)  # was: those sublayers unmerged (the rest by an earlier call's matching)
+    for model in (first, after):
+        remove_token_merging(model)
+        assert not any(m._forward_pre_hooks for m in blocks(model).modules())

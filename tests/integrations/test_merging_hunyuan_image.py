@@ -165,30 +165,8 @@ def test_hunyuan_image_pipeline_reuses_matchings_between_recompute_steps(caplog:
     contract.pipeline_reuses_matchings(tiny_hunyuan_image(seed=0), _pipe_call, 8, 3 * 2 * 4 * 192, caplog)
 
 
-@torch.no_grad()
 def test_hunyuan_image_lora_on_single_proj_mlp_merges_in_either_order_and_after_unloading() -> None:
     """A single-stream block's ``proj_mlp`` is a ``Linear``, which peft's LoRA replaces by a wrapper (and unloading
     replaces back): the merging follows the module at ``block.proj_mlp``, as on FLUX.1."""
-    lora_config = pytest.importorskip("peft").LoraConfig
-
-    def model(lora: bool = False) -> nn.Module:
-        m = _transformer()
-        if lora:
-            torch.manual_seed(1)
-            m.add_adapter(lora_config(r=2, lora_alpha=2, target_modules=["proj_mlp"], init_lora_weights=False))
-        return m
-
-    kw, cfg = _inputs(), TokenMergingConfig(ratio=0.5)
-    plain = _run(apply_token_merging(model(), cfg), kw)
-    first = apply_token_merging(model(lora=True), cfg)
-    lora_then_merging = _run(first, kw)
-    after = apply_token_merging(model(), cfg)
-    _run(after, kw)
-    torch.manual_seed(1)
-    after.add_adapter(lora_config(r=2, lora_alpha=2, target_modules=["proj_mlp"], init_lora_weights=False))
-    assert torch.equal(_run(after, kw), lora_then_merging)  # was: the LoRA term of the unmerged tokens added
-    first.unload_lora()  # proj_mlp is the base Linear again
-    assert torch.equal(_run(first, kw), plain)  # was: proj_mlp unmerged, attn merged by an earlier call's matching
-    for m in (first, after):
-        remove_token_merging(m)
-        assert not any(sub._forward_pre_hooks for sub in m.single_transformer_blocks.modules())
+    contract.lora_follows_replaced_modules(_transformer, ["proj_mlp"], lambda m: _run(m, _inputs()),
+                                           TokenMergingConfig(ratio=0.5), lambda m: m.single_transformer_blocks)
