@@ -164,31 +164,17 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
 
 
 def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state: TokenMergingState) -> None:
-    """Hook the blocks :func:`find_blocks` found (UNet blocks first: a model is one kind or another)."""
-    if blocks["unet"]:
-        wire_unet(model, blocks["unet"], state)
-    elif blocks["flux"]:
-        wire_flux(model, blocks["flux"], blocks["flux_single"], state)
-    elif blocks["flux3"]:
-        wire_flux3(model, blocks["flux3"], state)
-    elif blocks["qwen"]:
-        wire_qwen(model, blocks["qwen"], state)
-    elif blocks["zimage"]:
-        wire_zimage(model, blocks["zimage"], state)
-    elif blocks["lumina2"]:
-        wire_lumina2(model, blocks["lumina2"], state)
-    elif blocks["cogview4"]:
-        wire_cogview4(model, blocks["cogview4"], state)
-    elif blocks["sana"]:
-        wire_sana(model, blocks["sana"], state)
-    elif blocks["hunyuan_dit"]:
-        wire_hunyuan_dit(model, blocks["hunyuan_dit"], state)
-    elif blocks["auraflow"]:
-        wire_auraflow(model, blocks["auraflow"], state)
-    elif blocks["hidream"]:
-        wire_hidream(model, blocks["hidream"], state)
-    elif blocks["hunyuan_image"]:
-        wire_hunyuan_image(model, blocks["hunyuan_image"], state)
+    """Hook the blocks :func:`find_blocks` found: those of the first kind of :data:`KINDS` it found (UNet blocks
+    first; a model is one kind or another, FLUX's single-stream blocks wired with its double-stream ones)."""
+    kind = next((k for k in KINDS if k != "flux_single" and blocks.get(k)), None)
+    if kind == "flux":
+        wire_flux(model, blocks["flux"], blocks.get("flux_single", []), state)
+    elif kind is not None:
+        wirings = {"unet": wire_unet, "flux3": wire_flux3, "qwen": wire_qwen, "zimage": wire_zimage,
+                   "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana,
+                   "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
+                   "hunyuan_image": wire_hunyuan_image}
+        wirings[kind](model, blocks[kind], state)
 
 
 def latent_grid(state: TokenMergingState, n: int) -> tuple[int, int, int] | None:
