@@ -228,3 +228,35 @@ def test_bench_help_names_the_way_to_the_scripts_own_flags():
     assert "tokensparse bench quality -h" in " ".join(res.output.split())  # `bench quality --help`: this help
     res = CliRunner().invoke(app, ["bench", "data_speed", "-h"])
     assert res.exit_code == 0 and "usage: data_speed.py" in res.output, res.output
+
+
+def test_off_a_terminal_bench_ends_with_one_summary_line_not_the_bars_last_frame(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "data_speed.py").write_text("print('hello', flush=True)\n")  # announces no stage
+    (tmp_path / "benchmarks" / "speed.py").write_text(
+        "import sys\nprint('[0/3] a', flush=True)\nprint('[1/3] b', flush=True)\nsys.exit(3)\n")
+    buf = io.StringIO()
+    assert run_benchmark("data_speed", console=Console(file=buf, width=80), root=tmp_path) == 0
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "hello" and lines[1].startswith("bench data_speed: done, 0:00:0"), lines  # was: ⠧ ... 0/? done
+    assert len(lines) == 2 and "?" not in buf.getvalue() and "━" not in buf.getvalue()
+    buf = io.StringIO()
+    assert run_benchmark("speed", console=Console(file=buf, width=80), root=tmp_path) == 3
+    assert buf.getvalue().startswith("bench speed: failed (exit 3), 1/3 stages, 0:00:0"), buf.getvalue()
+
+
+def test_on_a_terminal_bench_still_draws_its_bar(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "speed.py").write_text("print('[0/3] a', flush=True)\n")
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, force_interactive=True)
+    assert run_benchmark("speed", console=console, root=tmp_path) == 0
+    assert "3/3" in buf.getvalue() and "━" in buf.getvalue() and "bench speed:" not in buf.getvalue()

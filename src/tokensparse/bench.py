@@ -7,6 +7,7 @@ under ``benchmarks/results/``), so this command works from a clone of the reposi
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import signal
@@ -77,14 +78,19 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
     """Run benchmark ``name`` (``--quick``, ``--out``, then ``extra``: the script's own flags) in a subprocess in
     the current directory (relative paths in ``extra`` are read from it); its exit code.
 
-    The script's ``[done/total] what`` lines drive a progress bar; every other line is printed as it comes.
+    The script's ``[done/total] what`` lines drive a progress bar; every other line is printed as it comes. On a
+    console that is not an interactive terminal (a pipe, a file, a log) there is no bar: the other lines as they
+    come, then one summary line (``bench NAME: done, 3/3 stages, 0:01:05``; no stage count for a script that
+    announces none).
     """
     console = console or Console()
+    live = console.is_interactive  # else rich would print the bar's last frame, spinner and ``0/?`` included
     script = find_script(name, root)
     cmd = [sys.executable, str(script), *(["--quick"] if quick else []), *(["--out", str(out)] if out else []),
            *(extra or [])]
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console) as progress:
+                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console,
+                  disable=not live) as progress:
         task = progress.add_task(f"bench {name}", last="starting", total=None)
         with _termination_raises():  # a kill stops the benchmark as Ctrl-C does (from before it starts)
             # run where the user typed the command: relative paths in the script's flags (--sparse my/w.safetensors)
@@ -121,4 +127,13 @@ def run_benchmark(name: str, quick: bool = False, out: Path | None = None, conso
         if code == 0 and total:  # the scripts announce a stage as it starts: a finished run completed them all
             progress.update(task, completed=total)
         progress.update(task, last="done" if code == 0 else f"failed (exit {code})")
+    if not live:
+        console.print(_summary(name, progress.tasks[0].fields["last"], int(progress.tasks[0].completed), total,
+                               progress.tasks[0].elapsed), markup=False, highlight=False, soft_wrap=True)
     return code
+
+
+def _summary(name: str, outcome: str, done: int, total: float | None, elapsed: float | None) -> str:
+    """The one line a non-interactive ``bench`` ends with: ``bench NAME: OUTCOME[, DONE/TOTAL stages], H:MM:SS``."""
+    stages = f", {done}/{int(total)} stages" if total else ""
+    return f"bench {name}: {outcome}{stages}, {datetime.timedelta(seconds=int(elapsed or 0))}"
