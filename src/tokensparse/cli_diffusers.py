@@ -168,6 +168,9 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, Any]:
         fail(f"--device {device!r} is not supported (auto, cpu, cuda, cuda:1, mps)")
     if dtype == "auto":
         dtype = "bfloat16" if kind == "cuda" else "float32"  # any CUDA device: cuda, cuda:1, ...
+    if dtype == "float16" and kind == "cpu":  # runs with today's torch, so a warning (diffusers': one per module)
+        warn("--dtype float16 on the CPU: not every op has a float16 CPU kernel, so a pipeline may fail or run "
+             "slowly; float32 (auto's choice on the CPU) or bfloat16 suit the CPU")
     return device, getattr(torch, dtype)
 
 
@@ -206,7 +209,8 @@ def generate(
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
     dtype: Annotated[
-        str, typer.Option(help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
+        str, typer.Option(help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16 (on the CPU: "
+                               "a warning, not every op has it there)")
     ] = "auto",
 ) -> None:
     """Generate one image from reference images with Sparse Context (and, with --merge, token merging).
@@ -297,7 +301,7 @@ def generate(
             apply_token_merging(pipe, merge_cfg)
     except (TypeError, ValueError) as exc:
         fail(str(exc))
-    pipe.to(device)
+    pipe.to(device, silence_dtype_warnings=True)  # float16 on the CPU: warned once above, not once per module
     if kind in _BF16_VAE and refs and pipe.vae.dtype != torch.bfloat16:
         torch.nn.Module.to(pipe.vae, torch.bfloat16)  # else: "Input type (BFloat16) and bias type (float) ..."
     pipe.set_progress_bar_config(disable=True)

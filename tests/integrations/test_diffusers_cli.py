@@ -559,3 +559,24 @@ def test_train_lora_names_an_image_over_the_decompression_bomb_limit(app, tmp_pa
     assert res.exit_code == 1 and f"error: cannot read image {example / 'ref1.png'}" in res.output, res.output
     assert "Traceback" not in res.output
 
+
+
+def test_float16_on_the_cpu_is_one_warning_of_ours_not_one_of_diffusers_per_module(app, model_dir, tmp_path):
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # diffusers' logger does not propagate: caplog would not see it
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--ref", str(_ref(tmp_path)),
+                                          "--prompt", "a cat", "--steps", "1", "--height", "32", "--width", "32",
+                                          "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path / "o.png")])
+    finally:
+        logger.removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("warning: --dtype float16 on the CPU") == 1 and "float32" in result.stderr
+    assert not [r for r in records if "float16" in r.getMessage()]  # were: 3 (transformer, text encoder, VAE)
+    res = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
+    assert "float16 (on the CPU: a warning" in " ".join(res.output.split())
