@@ -513,3 +513,17 @@ def test_the_sigterm_handler_is_a_normal_exit_and_is_restored_after_the_command(
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process at once
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_show_selection_takes_a_training_runs_step_folder_ema_weights(tmp_path):
+    from PIL import Image
+
+    from tokensparse.train import TrainConfig, latest_checkpoint, train
+
+    train(TrainConfig(out=str(tmp_path / "run"), model="refdit-tiny", steps=2, batch_size=2, ckpt_every=2,
+                      eval_every=10**9, warmup=1, log_every=1, tasks=["relight"]), progress=False)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "r.png")
+    ema = latest_checkpoint(tmp_path / "run") / "ema.safetensors"
+    res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", "attention",
+                                   "--model", str(ema), "--out", str(tmp_path / "s.png")])
+    assert res.exit_code == 0 and (tmp_path / "s.png").is_file(), res.output  # was: "has no ema.json beside it"

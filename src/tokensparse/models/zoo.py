@@ -126,25 +126,47 @@ def save_checkpoint(model: RefDiT, path: str | Path, meta: dict | None = None,
     write_shipped(path, lambda tmp: _save_safetensors(copy.deepcopy(model).to(dtype), tmp), info)
 
 
+def _run_recipe(path: Path) -> Path | None:
+    """For a weights file ``path`` with no JSON of its own beside it in a training run's checkpoint folder
+    (``step_N/``, which holds ``state.json``): the run's recipe, the folder's ``config.json`` or else (a checkpoint
+    saved without one) the run folder's; ``None`` for any other file."""
+    if path.with_suffix(".json").is_file() or not (path.parent / "state.json").is_file():
+        return None
+    return next((p for p in (path.parent / "config.json", path.parent.parent / "config.json") if p.is_file()), None)
+
+
+def _run_checkpoint_config(path: Path, json_path: Path) -> RefDiTConfig:
+    """The RefDiT config of a run checkpoint's weights ``path``: the ``model`` of the recipe ``json_path``
+    (:func:`_run_recipe`)."""
+    try:
+        recipe = json.loads(json_path.read_text())
+        name, lora_rank = recipe["model"], int(recipe.get("lora_rank") or 0)
+        cfg = CONFIGS[CHECKPOINTS.get(name, name)]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"checkpoint {path}: {json_path} does not hold a training recipe whose model is one of "
+                         f"{sorted(CONFIGS) + sorted(CHECKPOINTS)} ({type(exc).__name__}: {exc})") from None
+    if lora_rank:
+        raise ValueError(f"checkpoint {path} is a LoRA run's (lora_rank {lora_rank}): it holds the adapters apart "
+                         "from the frozen weights; export the run to merge them (`tokensparse train --export`, "
+                         "tokensparse.train.export_ema) and load that")
+    return cfg
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     """Load a RefDiT saved by :func:`save_checkpoint` (``tokensparse train --export``): the safetensors file
-    and the JSON beside it (safetensors only; no pickle)."""
+    and the JSON beside it (safetensors only; no pickle). The weights of a training run's checkpoint folder
+    (``RUN/step_N/ema.safetensors`` or ``model.safetensors``) load too, their config from the run's
+    ``config.json`` in that folder or the run folder (a LoRA run's are refused: export it)."""
     path = Path(path)
     if path.is_dir():  # "not found" would send the user looking for a file that is there
         raise IsADirectoryError(f"checkpoint {path} is a folder, not a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    if not path.with_suffix(".json").is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no {path.with_suffix('.json').name} beside it (its config); "
-                                "save_checkpoint and `tokensparse train --export` write both")
-    json_path = path.with_suffix(".json")
-    try:  # unreadable JSON, no "config", or fields RefDiTConfig refuses: one error naming the file
-        info = json.loads(json_path.read_text())
-        cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
-        cfg = RefDiTConfig(**cfg_dict)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"checkpoint {path}: {json_path.name} does not hold a RefDiT config as save_checkpoint "
-                         f"writes it ({type(exc).__name__}: {exc})") from None
+    recipe = _run_recipe(path)
+    if recipe is not None:
+        cfg = _run_checkpoint_config(path, recipe)
+    else:
+        cfg = _saved_config(path)
     model = RefDiT(cfg)
     try:
         _load_safetensors(model, str(path), device=map_location)
@@ -157,9 +179,26 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     return model.eval()
 
 
+def _saved_config(path: Path) -> RefDiTConfig:
+    """The config in the JSON :func:`save_checkpoint` writes beside checkpoint ``path``."""
+    json_path = path.with_suffix(".json")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no {json_path.name} beside it (its config); "
+                                "save_checkpoint and `tokensparse train --export` write both (a training run's "
+                                "step_N/ folder holds config.json and state.json instead)")
+    try:  # unreadable JSON, no "config", or fields RefDiTConfig refuses: one error naming the file
+        info = json.loads(json_path.read_text())
+        cfg_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
+        return RefDiTConfig(**cfg_dict)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"checkpoint {path}: {json_path.name} does not hold a RefDiT config as save_checkpoint "
+                         f"writes it ({type(exc).__name__}: {exc})") from None
+
+
 def load_model(name: str | Path) -> RefDiT:
     """A shipped, trained RefDiT by name (see :func:`list_models`), or your own checkpoint by the path of its
-    ``.safetensors`` file (:func:`load_checkpoint`), in eval mode."""
+    ``.safetensors`` file (:func:`load_checkpoint`: an exported one, or a training run's
+    ``RUN/step_N/ema.safetensors``), in eval mode."""
     if isinstance(name, Path) or (isinstance(name, str) and name.lower().endswith(".safetensors")):
         return load_checkpoint(name)
     if not isinstance(name, str):
