@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -527,3 +528,32 @@ def test_show_selection_takes_a_training_runs_step_folder_ema_weights(tmp_path):
     res = CliRunner().invoke(app, ["show", "selection", "--ref", str(tmp_path / "r.png"), "--selector", "attention",
                                    "--model", str(ema), "--out", str(tmp_path / "s.png")])
     assert res.exit_code == 0 and (tmp_path / "s.png").is_file(), res.output  # was: "has no ema.json beside it"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["show", "models"], ["--version"], ["show", "-h"]])
+def test_a_full_standard_output_is_a_one_line_error_not_a_traceback(argv):
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "tokensparse", *argv], stdout=full, stderr=subprocess.PIPE,
+                             text=True, env=env, timeout=120)
+    assert res.returncode == 1, res.stderr[-500:]
+    assert res.stderr == "error: cannot write to standard output: No space left on device\n", res.stderr[-500:]
+
+
+def test_an_os_error_that_is_not_standard_outputs_still_raises(monkeypatch):
+    import errno
+
+    import tokensparse.models as models
+
+    def full_disk() -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models, "list_models", full_disk)
+    res = CliRunner().invoke(app, ["show", "models"])
+    assert isinstance(res.exception, OSError) and "cannot write to standard output" not in res.output

@@ -3,21 +3,76 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any, TextIO
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .cli_checks import check_out, check_out_not_ref, check_png_out, fail, flag_names, large_images_named
 
+
+class _StdoutGuard:
+    """``sys.stdout`` while the command line runs: the stream it wraps, but it keeps the ``OSError`` that writing
+    to it raised (``error``), so that one is told apart from any other."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.error = stream, None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, buffer, ...: the stream's own
+        return getattr(self.stream, name)
+
+
+class _Group(TyperGroup):
+    """The root command: writing to a standard output that fails (``> /dev/full``, a full disk) is a one-line
+    error and exit 1, not a traceback (a closed pipe, ``| head``, stays a quiet exit 1, as click makes it)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        guard = _StdoutGuard(sys.stdout)
+        sys.stdout = guard  # type: ignore[assignment]
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:  # what print() left buffered fails here, not as "Exception ignored" at the interpreter's exit
+                guard.flush()
+        except OSError as exc:
+            if exc is not guard.error or exc.errno == errno.EPIPE:
+                raise
+            with contextlib.suppress(OSError, ValueError):  # nothing pending fails again at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), guard.stream.fileno())
+            typer.secho(f"error: cannot write to standard output: {exc.strerror or exc}", fg=typer.colors.RED,
+                        err=True)
+            sys.exit(1)
+        finally:
+            if sys.stdout is guard:
+                sys.stdout = guard.stream
+
+
 # -h is --help everywhere (subcommands inherit it) but in `bench`, which passes -h on to the benchmark's script
 app = typer.Typer(help="tokensparse: faster reference-conditioned diffusion transformers.", no_args_is_help=True,
-                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]}, cls=_Group)
 show_app = typer.Typer(help="Show models, tasks and selections.", no_args_is_help=True)
 app.add_typer(show_app, name="show")
 console = Console()
