@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -356,3 +358,50 @@ def test_save_pngs_refuses_bad_arguments(tmp_path, images, paths, error, message
     with pytest.raises(error, match=message):
         save_pngs(images, [tmp_path / p for p in paths])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd (a pipe as a path)")
+def test_a_large_image_read_from_a_pipe_loads_the_file_read_once(tmp_path, monkeypatch):
+    import io
+    import os
+    import warnings
+
+    from PIL import Image
+
+    from tokensparse.images import LargeImageWarning, load_rgb
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")  # 4096 pixels, a few hundred bytes: fits a pipe
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
+    read, write = os.pipe()
+    try:
+        os.write(write, png.getvalue())
+        os.close(write)  # `--ref <(cat big.png)`: the data once, then the end
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = load_rgb(f"/dev/fd/{read}")  # was: opened again, empty: "cannot read image ... cannot identify"
+    finally:
+        os.close(read)
+    assert image.size == (64, 64) and image.getpixel((0, 0)) == (255, 0, 0)
+    assert [w.category for w in caught] == [LargeImageWarning] and caught[0].filename == __file__
+
+
+def test_pils_other_warnings_on_open_still_reach_the_caller(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    from tokensparse.images import load_rgb
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "r.png")
+    real_open = Image.open
+
+    def open_warning(*args, **kwargs):
+        warnings.warn("a plugin's own warning", UserWarning, stacklevel=2)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_warning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_rgb(tmp_path / "r.png")
+    assert [str(w.message) for w in caught] == ["a plugin's own warning"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -169,19 +171,24 @@ class LargeImageWarning(Image.DecompressionBombWarning):
 
 def _open(path: str | os.PathLike) -> Image.Image:
     """``Image.open(path)``, with PIL's decompression-bomb warning raised again as a :class:`LargeImageWarning` that
-    names ``path`` (PIL's names no file)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL closes the file when open raises
+    names ``path`` (PIL's names no file). The file is opened once: a pipe (``--ref <(cat big.png)``) is read once."""
+    source: str | os.PathLike | io.BytesIO = path
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe, a device: read here (PIL's own read leaks the file)
+        with open(path, "rb") as f:
+            source = io.BytesIO(f.read())
+    with warnings.catch_warnings(record=True) as caught:  # every warning open gives, to be warned again below
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
         try:
-            return Image.open(path)
-        except Image.DecompressionBombWarning as exc:
-            detail = str(exc)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(path)
+            image = Image.open(source)
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"cannot identify image file {os.fspath(path)!r}") from None  # not the BytesIO's repr
     try:
-        warnings.warn(LargeImageWarning(path, detail), stacklevel=4)  # at load_rgb's (load_rgba's) caller
-    except BaseException:  # a filter that makes it an error
+        for w in caught:
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                warnings.warn(LargeImageWarning(path, str(w.message)), stacklevel=4)  # at load_rgb's caller
+            else:  # another warning of PIL's, as if not caught
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    except BaseException:  # a filter that makes one an error
         image.close()
         raise
     return image
