@@ -160,9 +160,11 @@ def flux2_closed_form(cfg: dict, n_img: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flux_flops.json")
-    parser.add_argument("--max-refs", type=positive_int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "flux_flops.json",
+                        help="JSON to write, replaced if it exists (default: benchmarks/results/flux_flops.json)")
+    parser.add_argument("--max-refs", type=positive_int, default=4,
+                        help="FLUX.2 [klein] rows for 1 to this many references (default: 4; Kontext takes one)")
     args = parser.parse_args()
     check_json_out(args.out, parser)
     t0 = time.perf_counter()

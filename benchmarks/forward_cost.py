@@ -24,10 +24,13 @@ KEEPS = (1.0, 0.5, 0.25, 0.1)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="refdit-s-64px")
-    ap.add_argument("--repeats", type=positive_int, default=15)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "forward_cost.json")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="refdit-s-64px",
+                    help="the named RefDiT config timed, with random weights (default: refdit-s-64px)")
+    ap.add_argument("--repeats", type=positive_int, default=15,
+                    help="timed repeats per setting, interleaved, after warm-up; the median is reported (default: 15)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "forward_cost.json",
+                    help="JSON to write, replaced if it exists (default: benchmarks/results/forward_cost.json)")
     args = ap.parse_args()
     check_json_out(args.out, ap)
 

@@ -124,7 +124,8 @@ def _train_steps(model: ts.RefDiT, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = parser(__doc__, "guidance", "64 images, 8 steps, a few configurations")
+    ap = parser(__doc__, "guidance", "64 images, 8 steps, --n-ref 8, a few configurations (a flag typed "
+                                                "beside it keeps its value)")
     ap.add_argument("--model", default="refdit-routed")
     ap.add_argument("--n", type=at_least_two, default=256, help="generated (and real) images for FID")
     ap.add_argument("--steps", type=positive_int, default=12)

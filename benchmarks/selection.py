@@ -140,7 +140,8 @@ def overhead(model: ts.RefDiT, samples: list, selector: str, steps: int = 20, re
 
 
 def main() -> None:
-    ap = parser(__doc__, "selection", "8 samples per family, 5 steps, keep 0.25 only")
+    ap = parser(__doc__, "selection", "8 samples per family, 5 steps, keep 0.25 only, masses 0.6 and 0.9 (a flag "
+                                                  "typed beside it keeps its value)")
     ap.add_argument("--model", default="refdit-sparse")
     ap.add_argument("--n", type=positive_int, default=32, help="held-out samples per family")
     ap.add_argument("--steps", type=positive_int, default=10,

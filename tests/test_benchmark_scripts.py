@@ -528,3 +528,26 @@ def test_merging_refdit_run_as_a_script_points_to_merging_py():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "merging_refdit.py"
     res = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "benchmarks/merging.py" in res.stderr  # was: exit 0, nothing run, nothing said
+
+
+@pytest.mark.parametrize("script, says, lines", [
+    ("forward_cost", ["--model MODEL the named RefDiT config", "--repeats REPEATS timed repeats", "--out OUT JSON to"],
+     "FLOPs.\n\n    python benchmarks/forward_cost.py"),
+    ("flux_flops", ["--out OUT JSON to write", "--max-refs MAX_REFS FLUX.2 [klein] rows for 1 to"],
+     "transformers\nwith Sparse Context"),
+    ("selection", ["keep 0.25 only, masses 0.6 and 0.9"], ""),
+    ("guidance", ["8 steps, --n-ref 8,"], ""),
+])
+def test_help_describes_every_flag_and_what_quick_changes(script, says, lines):
+    import os
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    res = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr[-500:]
+    flat = " ".join(res.stdout.split())
+    for text in says:  # each flag's help beside it (was: none for these, or --quick's silent on what it sets)
+        assert text in flat, (text, res.stdout)
+    assert lines in res.stdout, res.stdout  # the description's lines and paragraphs kept (was: run together / cut)
