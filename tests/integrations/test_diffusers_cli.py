@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -434,6 +436,15 @@ def test_train_lora_refuses_an_empty_out(app, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def _lora_data(folder: Path) -> None:
+    """A ``train-lora`` data folder of one example: ``ex1/ref1.png``, ``ex1/target.png``, ``ex1/prompt.txt``."""
+    example = folder / "ex1"
+    example.mkdir(parents=True)
+    for name in ("ref1.png", "target.png"):
+        Image.new("RGB", (32, 32)).save(example / name)
+    (example / "prompt.txt").write_text("a cat")
+
+
 @pytest.mark.parametrize("command", ["generate", "train-lora"])
 def test_a_model_that_is_a_file_is_named(tmp_path, command):
     from tokensparse.cli import app
@@ -442,13 +453,7 @@ def test_a_model_that_is_a_file_is_named(tmp_path, command):
     checkpoint.write_bytes(b"weights")
     extra = (["--prompt", "a cat", "--out", str(tmp_path / "o.png")] if command == "generate"
              else ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")])
-    example = tmp_path / "data" / "ex1"
-    example.mkdir(parents=True)
-    from PIL import Image
-
-    for name in ("ref1.png", "target.png"):
-        Image.new("RGB", (32, 32)).save(example / name)
-    (example / "prompt.txt").write_text("a cat")
+    _lora_data(tmp_path / "data")
     result = CliRunner().invoke(app, [command, "--model", str(checkpoint), *extra])
     assert result.exit_code == 1 and "is a file; give a diffusers pipeline folder" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) <= ["data", "flux.safetensors"]  # was a long Hub repo-id error
@@ -462,13 +467,7 @@ def test_a_model_path_that_does_not_exist_is_named_missing(tmp_path, command, mo
     model = model.replace("{tmp}", str(tmp_path))
     extra = (["--prompt", "a cat", "--merge", "0.5", "--out", str(tmp_path / "o.png")] if command == "generate"
              else ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")])
-    example = tmp_path / "data" / "ex1"
-    example.mkdir(parents=True)
-    from PIL import Image
-
-    for name in ("ref1.png", "target.png"):
-        Image.new("RGB", (32, 32)).save(example / name)
-    (example / "prompt.txt").write_text("a cat")
+    _lora_data(tmp_path / "data")
     result = CliRunner().invoke(app, [command, "--model", model, *extra])
     assert result.exit_code == 1, result.output
     assert f"--model {model} is not a pipeline directory: it does not exist" in result.output, result.output
