@@ -307,3 +307,15 @@ def test_a_reference_with_no_tokens_keeps_none_under_every_selector(selector, bu
         m = select([empty, busy], keep, selector, torch.Generator().manual_seed(1), **budget)
         assert torch.equal(m, alone)  # the empty reference holds no columns; the other keeps what it keeps alone
         assert select([empty], keep, selector, g, **budget).shape == (2, 0)
+
+
+@pytest.mark.parametrize("selector", sorted(SCORERS))
+def test_every_scorer_called_directly_scores_an_empty_reference_as_none(selector):
+    # score_views guarded a 0 x w grid, but the public scorers themselves crashed on it (edges / detail:
+    # adaptive_avg_pool2d RuntimeError; foreground / attention / auto: median IndexError)
+    g = torch.Generator().manual_seed(0)
+    for grid in ((0, 4), (4, 0)):
+        view = RefView(torch.rand(2, *grid, 3), image=torch.rand(2, 3, 4 * grid[0], 4 * grid[1]),
+                       prompts=["place it", "recolor it"])
+        scores = SCORERS[selector](view, g)
+        assert scores.shape == (2, 0) and scores.dtype == torch.float32

@@ -104,10 +104,9 @@ def score_views(views: list[RefView], selector: str, generator: torch.Generator
     """Each reference's scores ``(B, n)`` under ``selector``, and its tie-break for equal scores (``(n,)``,
     higher first: the grid's ordered-dither order, so ties spread evenly) — what :func:`select` ranks by.
 
-    A reference with no tokens (a ``0 x w`` grid) scores none, ``(B, 0)``, under every selector: its scorer
-    is not called (``edges`` / ``foreground`` / ``auto`` / ... crashed on it where ``random`` kept nothing)."""
-    scores = [SCORERS[selector](view, generator) if view.grid[0] * view.grid[1] > 0
-              else view.features.new_zeros(view.batch, 0, dtype=torch.float32) for view in views]
+    A reference with no tokens (a ``0 x w`` grid) scores none, ``(B, 0)``, under every selector (every
+    registered scorer guards it: :func:`~.scorers.register_scorer`)."""
+    scores = [SCORERS[selector](view, generator) for view in views]
     ties = [(1.0 - bayer_rank(*view.grid)).to(s.device) for view, s in zip(views, scores)]
     return scores, ties
 

@@ -13,6 +13,7 @@ them when the wiring provides them. The prompt-aware ``auto`` lives in :mod:`.au
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,15 +92,34 @@ def register_scorer(name: str, informed: bool = False, probe: bool = False) -> C
 
     informed: scores are non-negative and ~zero for empty tokens, so budgets may count score mass
         (adaptive budgets, allocation across references). probe: the scorer uses a model probe.
+    The registered (and returned) scorer scores a reference with no tokens (a ``0 x w`` grid) as
+    ``(B, 0)`` without calling ``fn``, so no scorer has to handle an empty grid itself.
     """
 
     def deco(fn: Scorer) -> Scorer:
-        SCORERS[name] = fn
+        guarded = empty_guard(fn)
+        SCORERS[name] = guarded
         (INFORMED.add if informed else INFORMED.discard)(name)
         (NEEDS_PROBE.add if probe else NEEDS_PROBE.discard)(name)
-        return fn
+        return guarded
 
     return deco
+
+
+def empty_guard(fn: Scorer) -> Scorer:
+    """``fn``, but a view with no tokens scores ``(B, 0)`` float32 without calling it (pooling, gradients and
+    medians crash on an empty grid)."""
+    if getattr(fn, "empty_guarded", False):
+        return fn
+
+    @functools.wraps(fn)
+    def scorer(view: RefView, generator: torch.Generator) -> Tensor:
+        if isinstance(view, RefView) and view.grid[0] * view.grid[1] == 0:
+            return view.features.new_zeros(view.batch, 0, dtype=torch.float32)
+        return fn(view, generator)
+
+    scorer.empty_guarded = True  # type: ignore[attr-defined]
+    return scorer
 
 
 # ---------------------------------------------------------------------------------- uninformed
