@@ -147,6 +147,14 @@ def test_a_reference_batch_that_fits_neither_the_prompts_nor_the_other_reference
         ts.generate(model, make_refs(1) + make_refs(1, batch=2) + make_refs(1, batch=3), "place", steps=1)
 
 
+def test_an_empty_reference_batch_is_named_as_empty():
+    # a (0, 3, H, W) reference got the generic "must be (H, W), ..." shape message, not that it holds no image
+    model = randomize(ts.build_model("refdit-tiny"))
+    with pytest.raises(ValueError, match=r"reference 0: got an empty batch of images \(zero images, shape "
+                                         r"\(0, 3, 16, 16\)\)"):
+        ts.generate(model, [torch.rand(0, 3, 16, 16)], "place", steps=1)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_a_generation_prepares_each_context_once(tiny, tiny_kv, monkeypatch, cache):
     # the prompt's encoding, the context's RoPE table and mask were recomputed at every step (and guidance pass)

@@ -59,6 +59,17 @@ def test_bad_images_raise(bad, err):
         to_tensor(bad)
 
 
+@pytest.mark.parametrize("empty", [torch.rand(0, 3, 4, 4), torch.rand(0, 4, 4, 3), np.zeros((0, 3, 4, 4)),
+                                   np.zeros((0, 4, 4, 3), np.uint8)])
+def test_an_empty_batch_is_named_as_empty(empty):
+    # a batch of zero images got the generic "must be (H, W), (H, W, C) or (C, H, W), ..." shape message
+    with pytest.raises(ValueError, match=r"empty batch of images \(zero images, shape \(0, ") as info:
+        to_tensor(empty)
+    assert "must be (H, W)" not in str(info.value)
+    with pytest.raises(ValueError, match=r"reference 1: got an empty batch of images"):
+        batch_images([torch.rand(3, 4, 4), empty])
+
+
 @pytest.mark.parametrize("bad, shape", [
     (np.random.rand(8, 8, 5), "(8, 8, 5)"), (np.random.rand(2, 2, 8, 8), "(2, 2, 8, 8)"),
     (torch.rand(5, 8, 8), "(5, 8, 8)"), (torch.rand(2, 5, 8, 8), "(2, 5, 8, 8)"),

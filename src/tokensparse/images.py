@@ -51,7 +51,9 @@ def to_tensor(image: ImageLike) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype.kind not in "biuf":
             raise TypeError(f"a numpy image must hold numbers, got dtype {image.dtype}")
-        if image.ndim not in (2, 3, 4) or (image.ndim == 4 and image.shape[0] == 0):
+        if image.ndim == 4 and image.shape[0] == 0:
+            raise ValueError(_empty_batch(image.shape))
+        if image.ndim not in (2, 3, 4):
             raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (C, H, W), or a batch of them "
                              f"(B, H, W, C) / (B, C, H, W); got shape {image.shape}")
         if image.ndim == 4:  # a batch: one scale for all (a dark frame of a 0-255 batch stays dark)
@@ -77,7 +79,9 @@ def to_tensor(image: ImageLike) -> Tensor:
         if image.is_meta or image.layout != torch.strided:
             kind = "meta" if image.is_meta else image.layout
             raise TypeError(f"image tensors must be dense and hold data, got a {kind} tensor")
-        if image.dim() not in (2, 3, 4) or (image.dim() == 4 and image.shape[0] == 0):
+        if image.dim() == 4 and image.shape[0] == 0:
+            raise ValueError(_empty_batch(tuple(image.shape)))
+        if image.dim() not in (2, 3, 4):
             raise ValueError(f"an image tensor must be (H, W), (H, W, C) or (C, H, W), or a batch of them "
                              f"(B, H, W, C) / (B, C, H, W); got shape {tuple(image.shape)}")
         t = image.float() if image.is_floating_point() else torch.from_numpy(_scaled(image.cpu().numpy()))
@@ -102,6 +106,11 @@ def to_tensor(image: ImageLike) -> Tensor:
             raise ValueError(f"image values must be in [0, 1] (integer images are divided by 255, 16-bit ones "
                              f"by 65535), got [{lo:.3g}, {hi:.3g}]")
     return t
+
+
+def _empty_batch(shape: tuple[int, ...]) -> str:
+    """The message for a 4-D batch of zero images (it was the generic "must be (H, W), ..." shape message)."""
+    return f"got an empty batch of images (zero images, shape {shape}): a batch needs at least one image"
 
 
 def _scaled(arr: np.ndarray) -> np.ndarray:
