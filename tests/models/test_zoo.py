@@ -61,3 +61,21 @@ def test_a_checkpoint_with_no_json_and_no_run_folder_is_still_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a config.json alone (no state.json): not a run's step folder
     with pytest.raises(FileNotFoundError, match="has no w.json beside it"):
         ts.load_model(tmp_path / "w.safetensors")
+
+
+def test_a_checkpoint_path_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeypatch):
+    # "~/x.safetensors" was read as a folder named "~" under the working folder: "checkpoint ... not found"
+    from pathlib import Path
+
+    from tokensparse.models.zoo import load_checkpoint, save_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_checkpoint(ts.build_model("refdit-tiny"), tmp_path / "x.safetensors")
+    for load in (ts.load_model, load_checkpoint):
+        for path in ("~/x.safetensors", Path("~/x.safetensors")):
+            assert isinstance(load(path), ts.RefDiT)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"is a folder, not a \.safetensors checkpoint"):
+        ts.load_model("~/run")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        load_checkpoint("~/run")

@@ -156,8 +156,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> RefDiT:
     """Load a RefDiT saved by :func:`save_checkpoint` (``tokensparse train --export``): the safetensors file
     and the JSON beside it (safetensors only; no pickle). The weights of a training run's checkpoint folder
     (``RUN/step_N/ema.safetensors`` or ``model.safetensors``) load too, their config from the run's
-    ``config.json`` in that folder or the run folder (a LoRA run's are refused: export it)."""
-    path = Path(path)
+    ``config.json`` in that folder or the run folder (a LoRA run's are refused: export it). A leading ``~`` in
+    ``path`` is the home folder."""
+    path = Path(path).expanduser()
     if path.is_dir():  # "not found" would send the user looking for a file that is there
         raise IsADirectoryError(f"checkpoint {path} is a folder, not a .safetensors file")
     if not path.is_file():
@@ -198,7 +199,7 @@ def _saved_config(path: Path) -> RefDiTConfig:
 def load_model(name: str | Path) -> RefDiT:
     """A shipped, trained RefDiT by name (see :func:`list_models`), or your own checkpoint by the path of its
     ``.safetensors`` file (:func:`load_checkpoint`: an exported one, or a training run's
-    ``RUN/step_N/ema.safetensors``), in eval mode."""
+    ``RUN/step_N/ema.safetensors``), in eval mode. A leading ``~`` in a path is the home folder."""
     if isinstance(name, Path) or (isinstance(name, str) and name.lower().endswith(".safetensors")):
         return load_checkpoint(name)
     if not isinstance(name, str):
@@ -206,8 +207,8 @@ def load_model(name: str | Path) -> RefDiT:
                         f"got {type(name).__name__}")
     if not name.strip():  # Path("") is the working folder: it was called "a folder, not a .safetensors checkpoint"
         raise ValueError(f"name is empty; give one of {sorted(CHECKPOINTS)} or the path of a .safetensors checkpoint")
-    if name not in CHECKPOINTS and Path(name).exists():  # a run folder, a JSON: say what it is, not "unshipped"
-        kind = "folder" if Path(name).is_dir() else "file"
+    if name not in CHECKPOINTS and Path(name).expanduser().exists():  # a run folder, a JSON: say what it is
+        kind = "folder" if Path(name).expanduser().is_dir() else "file"
         raise ValueError(f"{name} is a {kind}, not a .safetensors checkpoint; give the path of a checkpoint's "
                          ".safetensors file (a run folder's: tokensparse train --export) or one of "
                          f"{sorted(CHECKPOINTS)}")
