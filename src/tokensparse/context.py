@@ -11,6 +11,11 @@ from . import checks
 from .selection import ALLOCATIONS, SCORERS, RefView, check_adaptive, select
 from .tokens import TokenSeq, ref_slices, stand_in_sizes, subset
 
+MAX_COUNT = 2**24
+"""Largest ``SparseContextConfig.count``: 16,777,216 tokens, as many as an 8192 x 8192 image (the largest side the
+CLI reads) cut into 2 x 2-pixel tokens, far more than any reference a transformer can attend to holds. A larger
+count (``10**30``) is a ``ValueError``: it was accepted and, on diffusers, silently kept every token."""
+
 
 @dataclass
 class SparseContextConfig:
@@ -36,8 +41,10 @@ class SparseContextConfig:
     count: keep this many tokens per reference instead of a ratio (``keep`` must stay 1.0). Like ``keep``,
         with several references that share their budget (``allocate``) it is the per-reference *average*
         (the sample keeps ``count`` times its number of references); ``allocate="equal"``: exactly ``count``
-        each. A reference with fewer tokens keeps all of them (``min(count, n)``: diffusers references differ
-        in size); on a RefDiT, a count of at least its tokens per reference is refused at apply.
+        each. An int in ``[1, MAX_COUNT]`` (2**24; a larger one is a ``ValueError`` here). A reference with
+        fewer tokens keeps all of them (``min(count, n)``: diffusers references differ in size, so a count may
+        exceed some of them); on a RefDiT, whose references all hold ``config.grid ** 2`` tokens, a count of at
+        least that many drops nothing anywhere and is refused at apply (a ``ValueError``, as ``keep`` above 1).
     mass: the score mass an adaptive budget covers, in ``(0, 1]``.
     min_keep: floor fraction per reference, in ``[0, keep]`` (every non-empty reference keeps >= 1 token).
     allocate: how references share the budget: ``"equal"`` (each its own), ``"score"`` (by score, so a
@@ -77,7 +84,7 @@ class SparseContextConfig:
         self.adaptive = checks.flag("adaptive", self.adaptive)
         check_adaptive(self.adaptive, self.selector)
         if self.count is not None:
-            self.count = checks.integer("count", self.count, lo=1)
+            self.count = checks.integer("count", self.count, lo=1, hi=MAX_COUNT)  # 10**30 was accepted
             if self.keep != 1.0 or self.adaptive:
                 raise ValueError("count sets the budget itself: leave keep at 1.0 and adaptive False")
         self.mass = checks.real("mass", self.mass, 0.0, 1.0, lo_open=True)
