@@ -4,9 +4,12 @@
   / ``ff`` merge their input tokens in blocks whose token grid is at most ``cfg.max_downsample`` times
   coarser than the latent. **SD3 / SD3.5** (``JointTransformerBlock``) the same way: the joint ``attn``
   (image side; text tokens are its other stream), SD3.5's second self-attention ``attn2`` and ``ff``.
-- **FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image / Bria 3.x**: the target grid (found from
-  ``img_ids``, before or after the reference tokens) in every block: double-stream ``attn`` (with its RoPE rows) and
-  ``ff``; single-stream ``attn`` (FLUX.2: attention and MLP fused) and the others' ``proj_mlp``. See
+- **FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image / Bria 3.x / Bria FIBO(-Edit)**: the target grid
+  (found from ``img_ids``, before or after the reference tokens) in every block: double-stream ``attn`` (with its RoPE
+  rows) and ``ff``; single-stream ``attn`` (FLUX.2: attention and MLP fused) and the others' ``proj_mlp``. Bria FIBO
+  (``BriaFiboTransformerBlock`` / ``BriaFiboSingleTransformerBlock``, ``BriaFiboPipeline``,
+  ``BriaFiboEditPipeline``): FLUX.1's blocks, the target (T = 0) first, the Edit pipeline's references after it, the
+  pipeline's key mask over ``[text, image]`` (``joint_attention_kwargs``) thinned with the merged tokens. See
   :mod:`.merging_flux`.
 - **FLUX.3** (``Flux3Transformer2DModel``, its modular pipelines): the target grid (``img_ids``; the references come
   apart, as ``image_cond_hidden_states``) in the target's per-mode blocks (``mode_blocks["image"]``) and in the single
@@ -98,6 +101,9 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
                                                                 "longcat_single": "LongCatImageSingleTransformerBlock"},
     "diffusers.models.transformers.transformer_bria": {"bria": "BriaTransformerBlock",
                                                        "bria_single": "BriaSingleTransformerBlock"},
+    # Bria FIBO (Edit): FLUX.1's blocks again (own attention class, same call and RoPE layout), the target first
+    "diffusers.models.transformers.transformer_bria_fibo": {"bria_fibo": "BriaFiboTransformerBlock",
+                                                            "bria_fibo_single": "BriaFiboSingleTransformerBlock"},
     # Chroma: FLUX.1's blocks (pruned modulation), a text padding mask squared into a query x key mask
     "diffusers.models.transformers.transformer_chroma": {"chroma": "ChromaTransformerBlock",
                                                          "chroma_single": "ChromaSingleTransformerBlock"},
@@ -136,9 +142,9 @@ def diffusers_classes() -> dict[str, type]:
     return out if "basic" in out else {}
 
 
-KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria"),
+KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria", "bria_fibo"),
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
-                         "bria_single"),
+                         "bria_single", "bria_fibo_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
           "cogview4": ("cogview4",), "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),

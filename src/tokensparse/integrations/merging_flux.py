@@ -1,14 +1,15 @@
-"""Token merging on FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image / Bria 3.x transformers: the target
-grid among the image tokens of every block, found from the model call's ``img_ids``.
+"""Token merging on FLUX / FLUX.2 / LongCat-Image(-Edit) / Chroma / Ovis-Image / Bria 3.x / Bria FIBO transformers: the
+target grid among the image tokens of every block, found from the model call's ``img_ids``.
 
 The target is the tokens with the lowest T id, at the start or the end of the image tokens (LongCat's first id is a
 modality, 1 for the target, 2 for the reference; a FLUX.1 call that numbers no token 0 is VisualCloze's, whose rows
 count from 1 and whose query row, the last, holds the target). Double-stream blocks merge ``attn`` (image stream, with
 its RoPE rows) and ``ff``; single-stream blocks, over text then image tokens, FLUX.2's ``attn`` (attention and MLP
 fused) and the others' ``attn`` and ``proj_mlp``. The RoPE tables have no batch dimension: one matching (from the
-batch's mean tokens) serves the batch. Text and reference tokens pass through unmerged. Ovis-Image's and Bria's blocks
-are FLUX.1's (own attention classes, same call and RoPE layout); Chroma's square the text padding mask into a query x
-key mask ``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
+batch's mean tokens) serves the batch. Text and reference tokens pass through unmerged. Ovis-Image's, Bria's and Bria
+FIBO's blocks are FLUX.1's (own attention classes, same call and RoPE layout; Bria FIBO's pipelines pass a key mask
+over ``[text, image]`` in ``joint_attention_kwargs``); Chroma's square the text padding mask into a query x key mask
+``(B, 1, L, L)``, which loses the merged tokens' rows and columns.
 
 Hooks and grid functions are module-level functions bound with ``functools.partial``, not closures, so that
 ``copy.deepcopy`` of a merged model copies them along with their state. :mod:`.merging_diffusers` finds the blocks
