@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 import tokensparse as ts  # noqa: E402
 from tokensparse.context import SparseContextConfig  # noqa: E402
-from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit  # noqa: E402
+from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo, tiny_bria_fibo_edit  # noqa: E402
 from tokensparse.integrations.merging_hooks import merging_state, merging_supports  # noqa: E402
 
 from . import merging_contract as contract  # noqa: E402
@@ -116,9 +116,7 @@ def test_pipeline_generations_at_a_ratio_and_a_threshold(pipe, caplog):
 
 
 def test_text_to_image_pipeline_generations_batch_of_two_prompts(caplog):
-    from diffusers import BriaFiboPipeline
-
-    t2i = BriaFiboPipeline(**tiny_bria_fibo_edit(seed=0).components)
+    t2i = tiny_bria_fibo(seed=0)
 
     def call() -> dict:  # 8x12 tokens, the two prompts padded to one length (a key mask)
         return {"prompt": ["a cat", "a big red dog on a sunny day"], "height": 128, "width": 192,

@@ -1,4 +1,5 @@
-"""A tiny random-weight ``BriaFiboEditPipeline`` for tests, built offline (nothing is downloaded).
+"""Tiny random-weight ``BriaFiboPipeline`` and ``BriaFiboEditPipeline`` for tests, built offline (nothing is
+downloaded).
 
 Text encoder: a 2-layer ``SmolLM3ForCausalLM`` over :func:`~.diffusers_tiny.tiny_qwen_tokenizer`'s byte
 vocabulary, its embedding grown to hold the pipeline's hard-coded empty-prompt token 128000. VAE: a Wan 2.2-style
@@ -17,15 +18,9 @@ from .diffusers_tiny import tiny_qwen_tokenizer
 EMPTY_PROMPT_TOKEN = 128000  # BriaFiboEditPipeline.get_prompt_embeds encodes "" as this one token
 
 
-@needs("diffusers", "transformers")
-def tiny_bria_fibo_edit(seed: int = 0) -> Any:
-    """A ``BriaFiboEditPipeline`` with a tiny SmolLM3 text encoder, Wan VAE and FIBO transformer.
-
-    A 128x128 image is an 8x8 grid of tokens (no patching); prompts must be edit JSON
-    (``'{"edit_instruction": "..."}'``).
-    """
+def _components(seed: int) -> dict[str, Any]:
+    """The tiny pipelines' components (the same random weights for both pipelines at one seed)."""
     from diffusers import AutoencoderKLWan, BriaFiboTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.bria_fibo.pipeline_bria_fibo_edit import BriaFiboEditPipeline
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
     torch.manual_seed(seed)
@@ -41,5 +36,28 @@ def tiny_bria_fibo_edit(seed: int = 0) -> Any:
     transformer = BriaFiboTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=[4, 6, 6], text_encoder_dim=16)  # joint dim: 2 hidden states
-    return BriaFiboEditPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                text_encoder=text_encoder, tokenizer=tokenizer)
+    return {"transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae,
+            "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+@needs("diffusers", "transformers")
+def tiny_bria_fibo(seed: int = 0) -> Any:
+    """A text-to-image ``BriaFiboPipeline`` with :func:`tiny_bria_fibo_edit`'s components (same weights per seed).
+
+    A 128x128 image is an 8x8 grid of tokens (no patching); prompts are plain text or FIBO's JSON.
+    """
+    from diffusers import BriaFiboPipeline
+
+    return BriaFiboPipeline(**_components(seed))
+
+
+@needs("diffusers", "transformers")
+def tiny_bria_fibo_edit(seed: int = 0) -> Any:
+    """A ``BriaFiboEditPipeline`` with a tiny SmolLM3 text encoder, Wan VAE and FIBO transformer.
+
+    A 128x128 image is an 8x8 grid of tokens (no patching); prompts must be edit JSON
+    (``'{"edit_instruction": "..."}'``).
+    """
+    from diffusers.pipelines.bria_fibo.pipeline_bria_fibo_edit import BriaFiboEditPipeline
+
+    return BriaFiboEditPipeline(**_components(seed))
