@@ -579,3 +579,56 @@ def test_float16_on_the_cpu_is_one_warning_of_ours_not_one_of_diffusers_per_modu
     assert not [r for r in records if "float16" in r.getMessage()]  # were: 3 (transformer, text encoder, VAE)
     res = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
     assert "float16 (on the CPU: a warning" in " ".join(res.output.split())
+
+
+def test_bria_fibo_text_to_image_runs_with_token_merging(app, tmp_path, monkeypatch, caplog):
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo
+    from tokensparse.integrations.merging_hooks import merging_state
+
+    tiny_bria_fibo().save_pretrained(tmp_path / "fibo")
+    load, loaded = diffusers.DiffusionPipeline.from_pretrained, []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    out = tmp_path / "fibo.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "fibo"), "--prompt", "a cat", "--merge", "0.5",
+                                   "--height", "128", "--width", "192", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "(BriaFiboPipeline, 0 reference(s), no Sparse Context, merge=0.5)" in res.output
+    assert Image.open(out).size == (192, 128) and "merged nothing" not in caplog.text
+    assert type(loaded[0]).__name__ == "BriaFiboPipeline" and merging_state(loaded[0]).merged_tokens > 0
+
+
+def test_sana_runs_with_token_merging_alone(app, tmp_path, monkeypatch, caplog):
+    """Sana bins resolutions (``use_resolution_binning``, on by default: latents at a trained bin's size, >= 512 px,
+    the image resized back to the size asked), too big for the tiny model on the CPU: binning is turned off here,
+    in the test, not in the CLI (which keeps the pipeline's default for users)."""
+    import functools
+
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny_sana import tiny_sana
+    from tokensparse.integrations.merging_hooks import merging_state
+
+    call = diffusers.SanaPipeline.__call__
+    seen: list[dict] = []
+
+    @functools.wraps(call)
+    def unbinned(self, *args, **kwargs):
+        seen.append(dict(kwargs))
+        return call(self, *args, **{**kwargs, "use_resolution_binning": False})
+
+    monkeypatch.setattr(diffusers.SanaPipeline, "__call__", unbinned)
+    folder = pipeline_folder(tmp_path / "sana", "SanaPipeline",
+                             transformer=["diffusers", "SanaTransformer2DModel"])
+    pipe = tiny_sana()
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pipe)
+    out = tmp_path / "sana.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat", "--merge", "0.5",
+                                   "--height", "32", "--width", "64", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "(SanaPipeline, 0 reference(s), no Sparse Context, merge=0.5)" in res.output
+    assert Image.open(out).size == (64, 32) and "merged nothing" not in caplog.text
+    assert len(seen) == 1 and "use_resolution_binning" not in seen[0]  # the CLI keeps the pipeline's default
+    assert merging_state(pipe).merged_tokens > 0
