@@ -72,6 +72,29 @@ def tiny_pipeline(build: Callable[..., Any]) -> Any:
     return pipe
 
 
+def shrink_qwen_layered(monkeypatch: pytest.MonkeyPatch, side: int = 32) -> None:
+    """Make ``QwenImageLayeredPipeline`` size its layers ``side`` x ``side`` pixels: it sizes them from
+    ``calculate_dimensions(640 * 640, ratio)`` (``resolution`` 640 or 1024), far too big for a tiny pipeline."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as module
+
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (side, side))
+
+
+def qwen_layered_pipe() -> Any:
+    """A fixture (function-scoped): the tiny Qwen-Image-Layered pipeline (seed 0, progress bar off) at 32x32 pixels
+    (:func:`shrink_qwen_layered`)."""
+    from tokensparse.integrations.diffusers_tiny_qwen_layered import tiny_qwen_image_layered
+
+    @pytest.fixture
+    def pipe(monkeypatch: pytest.MonkeyPatch) -> Any:
+        shrink_qwen_layered(monkeypatch)
+        p = tiny_qwen_image_layered(seed=0)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    return pipe
+
+
 def pipe_fixtures(build: Callable[..., Any]) -> tuple[Any, Any]:
     """``pipe, clean = pipe_fixtures(build)``: the fixture :func:`tiny_pipeline` makes, and an autouse one that
     removes Sparse Context from ``pipe`` after each test."""

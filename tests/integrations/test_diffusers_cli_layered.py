@@ -25,7 +25,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from tokensparse.integrations.diffusers_tiny_qwen_layered import tiny_qwen_image_layered  # noqa: E402
 
-from .contract import generate_app, pipeline_folder  # noqa: E402
+from .contract import generate_app, pipeline_folder, shrink_qwen_layered  # noqa: E402
 
 SIDE = 32  # what calculate_dimensions is shrunk to
 
@@ -47,13 +47,12 @@ def loads(monkeypatch):
     """The pipelines loaded (``from_pretrained``'s arguments), loading with ``processor=None`` (see the module's
     docstring), at SIDE x SIDE pixels."""
     import diffusers
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as module
 
     load = diffusers.DiffusionPipeline.from_pretrained
     seen: list[tuple] = []
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
                         lambda *a, **k: seen.append(a) or load(*a, processor=None, **k))
-    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (SIDE, SIDE))
+    shrink_qwen_layered(monkeypatch, SIDE)
     return seen
 
 

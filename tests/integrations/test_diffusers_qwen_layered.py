@@ -24,13 +24,13 @@ from tokensparse.integrations.diffusers import (
     sparse_context_state,
 )
 from tokensparse.integrations.diffusers_models import QwenImageLayeredAdapter
-from tokensparse.integrations.diffusers_tiny_qwen_layered import tiny_qwen_image_layered
 
 from .contract import (
     edges_views,
     generate_app,
     input_lengths,
     pipeline_folder,
+    qwen_layered_pipe,
     qwen_thinned_call,
     reapply_then_remove,
     refuses_proportional_and_cache,
@@ -41,14 +41,7 @@ LAYERS = 2  # the pipeline's target layers: the composite and LAYERS more
 INPUT = (np.random.RandomState(0).rand(32, 32, 4) * 255).astype("uint8")
 
 
-@pytest.fixture
-def pipe(monkeypatch):
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as module
-
-    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (32, 32))  # not 640^2
-    p = tiny_qwen_image_layered(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
+pipe = qwen_layered_pipe()  # 32x32 pixels, not 640^2
 
 
 def lengths(pipe) -> list[int]:

@@ -23,6 +23,7 @@ from tokensparse.integrations.merging_diffusers import layers_grid  # noqa: E402
 from tokensparse.integrations.merging_hooks import merging_state, merging_supports  # noqa: E402
 
 from . import merging_contract as contract  # noqa: E402
+from .contract import qwen_layered_pipe  # noqa: E402
 
 TOKENS = 8 * 8  # 32x32 pixels: VAE /2, 2x2 patches
 LAYERS = 2  # the pipeline's target: the composite and LAYERS more
@@ -30,14 +31,7 @@ TARGET = (LAYERS + 1) * TOKENS
 INPUT = (np.random.RandomState(0).rand(32, 32, 4) * 255).astype("uint8")
 
 
-@pytest.fixture
-def pipe(monkeypatch):
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as module
-
-    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (32, 32))  # not 640^2
-    p = tiny_qwen_image_layered(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
+pipe = qwen_layered_pipe()  # 32x32 pixels, not 640^2
 
 
 def run(pipe, steps: int = 2) -> Tensor:
