@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .cli_checks import check_out_not_ref, fail, warn
+from .cli_checks import check_out, check_out_not_ref, fail, warn
 
 
 def layer_paths(out: Path, count: int) -> list[Path]:
@@ -49,8 +49,7 @@ def check_layer_outs(out: Path, count: int, refs: list[Path]) -> None:
     """Fail before any work when a layer file ``--out`` names (:func:`layer_paths`) is a folder or one of the ``--ref``
     images."""
     for path in layer_paths(out, count):
-        if path.is_dir():
-            fail(f"--out {out}: its layer file {path} is a directory")
+        check_out(path, ".png", option=f"--out {out}: its layer file")  # "... its layer file PATH is a directory"
         check_out_not_ref(path, refs)
 
 
