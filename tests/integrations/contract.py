@@ -145,6 +145,15 @@ def generate_app() -> Any:
     return app
 
 
+def ref_png(folder: Path, name: str = "ref.png") -> Path:
+    """A 64x64 RGB noise image (seed 0) saved as ``folder / name``: a ``--ref`` for the CLI tests."""
+    from PIL import Image
+
+    path = folder / name
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(path)
+    return path
+
+
 def pipeline_folder(folder: Path, cls: str, **components: Any) -> Path:
     """``folder`` made (if missing) with a ``model_index.json`` naming pipeline ``cls`` (and ``components``, e.g.
     ``transformer=["diffusers", "FluxTransformer2DModel"]``) and nothing else: what the CLI reads before loading."""

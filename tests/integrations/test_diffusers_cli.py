@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from tokensparse.integrations.diffusers_tiny import tiny_flux2_klein
 
-from .contract import generate_app, pipeline_folder
+from .contract import generate_app, pipeline_folder, ref_png
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,6 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _ref(tmp_path, name="ref.png"):
-    path = tmp_path / name
-    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(path)
-    return path
-
-
 @pytest.mark.parametrize("extra", [[], ["--cache"], ["--cache", "--merge", "0.5"], ["--proportional"]])
 def test_generate_writes_png(app, model_dir, tmp_path, extra):
     out = tmp_path / "sub" / "out.png"
@@ -46,9 +39,9 @@ def test_generate_writes_png(app, model_dir, tmp_path, extra):
         "--model",
         str(model_dir),
         "--ref",
-        str(_ref(tmp_path)),
+        str(ref_png(tmp_path)),
         "--ref",
-        str(_ref(tmp_path, "b.png")),
+        str(ref_png(tmp_path, "b.png")),
         "--prompt",
         "a cat",
         "--keep",
@@ -101,7 +94,7 @@ def test_generate_clear_errors(app, model_dir, tmp_path, change, message):
     opts = {
         "--model": str(model_dir),
         "--prompt": "a cat",
-        "--ref": str(_ref(tmp_path)),
+        "--ref": str(ref_png(tmp_path)),
         "--out": str(tmp_path / "o.png"),
     }
     if change.get("--out") == "o.png/x.png":
@@ -123,7 +116,7 @@ def test_a_reference_read_from_a_pipe_is_loaded_not_called_missing(tmp_path):
 
     from tokensparse.cli_diffusers import _load_refs
 
-    data = _ref(tmp_path).read_bytes()
+    data = ref_png(tmp_path).read_bytes()
     fifo = tmp_path / "ref.fifo"  # what `--ref <(cat a.png)` or `--ref /dev/stdin` hands over: no regular file
     os.mkfifo(fifo)
 
@@ -137,7 +130,7 @@ def test_a_reference_read_from_a_pipe_is_loaded_not_called_missing(tmp_path):
 
 
 def test_generate_refuses_an_out_that_is_one_of_its_refs(app, model_dir, tmp_path):
-    ref = _ref(tmp_path)
+    ref = ref_png(tmp_path)
     before = ref.read_bytes()
     result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "a cat", "--ref", str(ref),
                                       "--out", str(tmp_path / "." / ref.name)])
@@ -186,13 +179,13 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
         return SimpleNamespace(images=[Image.new("RGB", (16, 16))])
 
     monkeypatch.setattr(diffusers.FluxKontextPipeline, "__call__", fake_call)
-    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "kontext"), "--ref", str(_ref(tmp_path)),
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "kontext"), "--ref", str(ref_png(tmp_path)),
                                    "--prompt", "a cat", "--guidance", "2.5", "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
     assert seen["guidance_scale"] == 2.5 and "true_cfg_scale" not in seen and "negative_prompt" not in seen
     assert "max_area" not in seen
     seen.clear()  # a requested size is kept: Kontext would rescale it to its max_area (1024^2) otherwise
-    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "kontext"), "--ref", str(_ref(tmp_path)),
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "kontext"), "--ref", str(ref_png(tmp_path)),
                                    "--prompt", "a cat", "--height", "32", "--width", "48",
                                    "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
@@ -219,7 +212,7 @@ def test_kontext_guidance_is_the_distilled_guidance_scale(app, tmp_path, monkeyp
 def test_what_the_pipeline_class_cannot_take_fails_before_loading(app, tmp_path, cls, extra, message):
     # only model_index.json: a check after loading would fail to load instead
     folder = pipeline_folder(tmp_path / "kontext", cls)
-    ref = str(_ref(tmp_path))
+    ref = str(ref_png(tmp_path))
     args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", ref, "--out", str(tmp_path / "o.png")]
     result = CliRunner().invoke(app, args + [x.replace("{ref}", ref) for x in extra])
     assert result.exit_code == 1 and message in result.output and "cannot load" not in result.output
@@ -241,7 +234,7 @@ def test_longcat_takes_no_height_or_width(app, tmp_path, monkeypatch):
     folder = pipeline_folder(tmp_path / "longcat", "LongCatImageEditPipeline")
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_longcat_image_edit())
     result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt", "a cat", "--ref",
-                                      str(_ref(tmp_path)), "--height", "32", "--out", str(tmp_path / "o.png")])
+                                      str(ref_png(tmp_path)), "--height", "32", "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and "LongCatImageEditPipeline takes no --height" in result.output
     assert not (tmp_path / "o.png").exists()
 
@@ -275,7 +268,7 @@ def test_merge_on_a_model_token_merging_does_not_know_fails_before_loading(app, 
     transformer.save_config(folder / "transformer")
     loads = []
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
-    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", str(_ref(tmp_path)), "--height", "32",
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", str(ref_png(tmp_path)), "--height", "32",
             "--width", "32", "--out", str(tmp_path / "o.png")]
     res = CliRunner().invoke(app, args + ["--merge", "0.5"])
     assert res.exit_code == 1 and not loads, res.output
@@ -290,7 +283,7 @@ def test_merge_on_a_model_token_merging_knows_passes_the_check_before_loading(ap
     built = []
 
     monkeypatch.setattr(merging_hooks, "merging_supports", lambda model: built.append(model) or None)
-    ref = str(_ref(tmp_path))
+    ref = str(ref_png(tmp_path))
     res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "a cat", "--ref", ref,
                                    "--merge", "0.5", "--steps", "1", "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
@@ -327,7 +320,7 @@ def test_a_model_index_that_is_not_a_json_object_is_refused_before_loading(app, 
     example = tmp_path / "data" / "ex0"
     example.mkdir(parents=True)
     for name in ("ref1.png", "target.png"):
-        _ref(example, name)
+        ref_png(example, name)
     (example / "prompt.txt").write_text("mirror it")
     app.command("train-lora")(train_lora)
     res = CliRunner().invoke(app, ["train-lora", "--model", str(folder), "--data", str(tmp_path / "data"),
@@ -385,7 +378,7 @@ def test_a_model_path_that_does_not_exist_is_named_missing(tmp_path, command, mo
 
 def test_generate_warns_of_a_size_the_pipeline_rounds(app, model_dir, tmp_path):
     out = tmp_path / "out.png"
-    args = ["generate", "--model", str(model_dir), "--ref", str(_ref(tmp_path)), "--prompt", "a cat", "--steps", "1",
+    args = ["generate", "--model", str(model_dir), "--ref", str(ref_png(tmp_path)), "--prompt", "a cat", "--steps", "1",
             "--height", "17", "--width", "32", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output  # diffusers rounds it down, as it does without tokensparse
@@ -430,7 +423,7 @@ def test_size_multiple_counts_the_transformers_patches_and_glm_images_prior():
 
 
 def test_generate_names_a_reference_over_the_decompression_bomb_limit(app, tmp_path, monkeypatch):
-    ref = _ref(tmp_path)  # 64x64 = 4096 pixels
+    ref = ref_png(tmp_path)  # 64x64 = 4096 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, not over twice it: PIL warns
     args = ["generate", "--model", "/no/such/model", "--ref", str(ref), "--prompt", "a cat"]
     result = CliRunner().invoke(app, args)
@@ -448,7 +441,7 @@ def test_train_lora_names_an_image_over_the_decompression_bomb_limit(app, tmp_pa
     example = tmp_path / "data" / "ex0"
     example.mkdir(parents=True)
     for name in ("ref1.png", "target.png"):
-        _ref(example, name)  # 64x64 = 4096 pixels
+        ref_png(example, name)  # 64x64 = 4096 pixels
     (example / "prompt.txt").write_text("mirror it")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
@@ -477,7 +470,7 @@ def test_float16_on_the_cpu_is_one_warning_of_ours_not_one_of_diffusers_per_modu
     logger = logging.getLogger("diffusers")
     logger.addHandler(handler)
     try:
-        result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--ref", str(_ref(tmp_path)),
+        result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--ref", str(ref_png(tmp_path)),
                                           "--prompt", "a cat", "--steps", "1", "--height", "32", "--width", "32",
                                           "--device", "cpu", "--dtype", "float16", "--out", str(tmp_path / "o.png")])
     finally:

@@ -3,7 +3,6 @@ alone on text-to-image pipelines, several references, guidance keywords."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 pytest.importorskip("diffusers")
@@ -13,18 +12,12 @@ typer = pytest.importorskip("typer")
 from PIL import Image
 from typer.testing import CliRunner
 
-from .contract import generate_app, pipeline_folder
+from .contract import generate_app, pipeline_folder, ref_png
 
 
 @pytest.fixture(scope="module")
 def app():
     return generate_app()
-
-
-def _ref(tmp_path, name="ref.png"):
-    path = tmp_path / name
-    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(path)
-    return path
 
 
 @pytest.mark.parametrize("xl", [False, True])
@@ -48,7 +41,7 @@ def test_bria_fibo_edit_takes_several_references(app, tmp_path):
     from tokensparse.integrations.diffusers_tiny_bria import tiny_bria_fibo_edit
 
     tiny_bria_fibo_edit().save_pretrained(tmp_path / "bria")
-    refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
+    refs = [str(ref_png(tmp_path, f"{i}.png")) for i in range(2)]
     out = tmp_path / "bria.png"
     res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "bria"), "--ref", refs[0], "--ref", refs[1],
                                    "--prompt", '{"edit_instruction": "a cat"}', "--height", "128", "--width", "128",
@@ -64,7 +57,7 @@ def test_fibo2_takes_several_references(app, tmp_path, monkeypatch):
 
     folder = pipeline_folder(tmp_path / "fibo2", "BriaFibo2Pipeline")
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_bria_fibo2())
-    refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
+    refs = [str(ref_png(tmp_path, f"{i}.png")) for i in range(2)]
     out = tmp_path / "fibo2.png"
     res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", refs[0], "--ref", refs[1],
                                    "--prompt", "make it blue", "--steps", "2", "--out", str(out)])
@@ -81,7 +74,7 @@ def test_qwen_image21_takes_several_references_and_true_cfg(app, tmp_path, monke
     folder = pipeline_folder(tmp_path / "qwen21", "QwenImage21Pipeline")
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_qwen_image21())
     monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (64, 64, None))  # not 1024^2
-    refs = [str(_ref(tmp_path, f"{i}.png")) for i in range(2)]
+    refs = [str(ref_png(tmp_path, f"{i}.png")) for i in range(2)]
     out = tmp_path / "qwen21.png"
     res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", refs[0], "--ref", refs[1],
                                    "--prompt", "a cat", "--guidance", "2", "--steps", "2", "--out", str(out)])
@@ -111,7 +104,7 @@ def test_qwen_without_guidance_runs_without_true_cfg_and_its_warning(app, tmp_pa
     monkeypatch.setattr(diffusers.QwenImage21Pipeline, "__call__", spy)
     warned = []
     monkeypatch.setattr(module.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
-    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", str(_ref(tmp_path)),
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", str(ref_png(tmp_path)),
                                    "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "o.png")])
     assert res.exit_code == 0, res.output
     assert seen["true_cfg_scale"] == 1.0 and "negative_prompt" not in seen  # no negative prompt: no CFG either way
