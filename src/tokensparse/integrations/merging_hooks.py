@@ -164,9 +164,8 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image / Bria / "
-        f"Bria FIBO / "
-        f"Qwen-Image / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT / AuraFlow / HiDream-I1 / HunyuanImage 2.1 "
-        f"transformer, or a pipeline with .unet / .transformer holding one; got {got}{why}{hint}"
+        f"Bria FIBO / Qwen-Image / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT / AuraFlow / HiDream-I1 / "
+        f"HunyuanImage 2.1 transformer, or a pipeline with .unet / .transformer holding one; got {got}{why}{hint}"
     )
 
 
