@@ -38,6 +38,9 @@ class Sublayer:
     outputs: tuple[int, ...] = (0,)  # which elements of a tuple output are the merged tokens' (unmerged)
     context_first: bool = False  # joint attention over [context, tokens]: a key mask may span both (FLUX)
     context_last: bool = False  # joint attention over [tokens, context]: a key mask may span both (HunyuanImage)
+    # keys [prefix, tokens], the prefix's K/V cached outside the call (Qwen-Image 2.1's cached steps): a key mask
+    # longer than the tokens spans both, the prefix first
+    key_prefix: bool = False
     # self-attention called with its tokens passed again as encoder_hidden_states (Lumina 2): merged along
     self_context: bool = False
     # called again in the block on other tokens (CogView4's ff, on the text stream next): only its first call in
@@ -131,7 +134,7 @@ class BlockMerger:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() >= 2:
             mask = self._merged_mask(module, mask, m, span, x.shape[1], None if self_context else context,
-                                     sub.context_first, sub.context_last)
+                                     sub.context_first, sub.context_last, sub.key_prefix)
             if mask is None:
                 return None
             kwargs = {**kwargs, "attention_mask": mask}
@@ -152,15 +155,17 @@ class BlockMerger:
         return args, kwargs
 
     def _merged_mask(self, module: nn.Module, mask: Tensor, m: Matching, span: tuple[int, int], n: int,
-                     context: Any, context_first: bool = False, context_last: bool = False) -> Tensor | None:
+                     context: Any, context_first: bool = False, context_last: bool = False,
+                     key_prefix: bool = False) -> Tensor | None:
         """The sublayer's ``attention_mask`` for the merged tokens, or ``None`` (run it unmerged).
 
         A self-attention key mask over these ``n`` tokens keeps the entries of the surviving tokens
         (:func:`merge_key_mask`); a cross-attention mask (over ``context``) is unchanged; with ``context_first``
         (FLUX double-stream attention: keys ``[context, tokens]``, e.g. proportional Sparse Context's bias), or with
         ``context_last`` (HunyuanImage: keys ``[tokens, context]``), a key mask over both keeps the context's entries
-        and the surviving tokens'. A query x key mask over
-        the same tokens (Chroma's ``(B, 1, L, L)``) keeps the surviving tokens' rows and columns
+        and the surviving tokens'; with ``key_prefix`` (Qwen-Image 2.1's cached steps: keys ``[cached prefix,
+        tokens]``) a key mask longer than the tokens keeps the prefix's entries and the surviving tokens'. A query x
+        key mask over the same tokens (Chroma's ``(B, 1, L, L)``) keeps the surviving tokens' rows and columns
         (:func:`merge_query_key_mask`). Any other mask -- over context + tokens in another order (SD3 joint
         attention), a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
         n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
@@ -170,6 +175,8 @@ class BlockMerger:
             span, n = (n_ctx + span[0], span[1]), n_ctx + n
         elif n_ctx and context_last and mask.shape[-1] == n + n_ctx:
             n = n + n_ctx
+        elif key_prefix and mask.shape[-1] > n:
+            span, n = (span[0] + mask.shape[-1] - n, span[1]), mask.shape[-1]
         merged = merge_key_mask(mask, m, span, n)
         if merged is None and mask.dim() >= 3 and mask.shape[-2] == n:
             merged = merge_query_key_mask(mask, m, span, n)

@@ -18,6 +18,10 @@
   in every block's ``attn`` (with its image RoPE rows) and ``img_mlp``. **Qwen-Image-Layered** (``use_layer3d_rope``,
   ``QwenImageLayeredPipeline``): its target is every entry of ``img_shapes`` but the last (the input image, the one
   reference), the layers, each merged on its own grid (no token merges into another layer).
+- **Qwen-Image 2.1** (``QwenImage21TransformerBlock``, ``QwenImage21Pipeline``): the target grid (the last entry of
+  ``img_shapes``), last in the block-causal joint sequence ``[text, condition images, target]``, in every block's
+  ``attn`` (its RoPE rows and key masks along; one table, so one matching, for the batch) and ``img_mlp``; the
+  prefix, and the K/V of it the pipeline caches, never. See :mod:`.merging_qwen21`.
 - **Z-Image** (``ZImageTransformer2DModel``, called as ``ZImagePipeline`` does: a flat list of latents): the
   image grid at the start of each sequence (found from the latents ``x``) in the ``attention`` (with its
   per-sample RoPE rows ``freqs_cis`` and the key padding mask) and ``feed_forward`` of the main ``layers`` and
@@ -83,6 +87,7 @@ from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_hunyuan_image import wire_hunyuan_image
 from .merging_lumina2 import image_blocks, wire_lumina2
+from .merging_qwen21 import wire_qwen21
 from .merging_sana import wire_sana
 from .merging_spans import merge_span
 
@@ -114,6 +119,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.transformer_flux3": {"flux3": "Flux3ModeTransformerBlock",
                                                         "flux3_single": "Flux3SingleTransformerBlock"},
     "diffusers.models.transformers.transformer_qwenimage": {"qwen": "QwenImageTransformerBlock"},
+    # Qwen-Image 2.1: single-stream blocks over [text, condition images, target], block-causal, the target last
+    "diffusers.models.transformers.transformer_qwenimage21": {"qwen21": "QwenImage21TransformerBlock"},
     "diffusers.models.transformers.transformer_z_image": {"zimage": "ZImageTransformerBlock"},
     "diffusers.models.transformers.transformer_lumina2": {"lumina2": "Lumina2TransformerBlock"},
     "diffusers.models.transformers.transformer_cogview4": {"cogview4": "CogView4TransformerBlock"},
@@ -145,7 +152,8 @@ def diffusers_classes() -> dict[str, type]:
 KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chroma", "ovis", "bria", "bria_fibo"),
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single", "bria_fibo_single"),
-         "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "zimage": ("zimage",), "lumina2": ("lumina2",),
+         "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "qwen21": ("qwen21",), "zimage": ("zimage",),
+         "lumina2": ("lumina2",),
           "cogview4": ("cogview4",), "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single")}
@@ -156,7 +164,7 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``flux3``, ``qwen``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
+    ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
     ``auraflow``, ``hidream``, ``hunyuan_image``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
@@ -179,7 +187,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wirings = {"unet": wire_unet, "flux3": wire_flux3, "qwen": wire_qwen, "zimage": wire_zimage,
                    "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
-                   "hunyuan_image": wire_hunyuan_image}
+                   "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21}
         wirings[kind](model, blocks[kind], state)
 
 
