@@ -256,12 +256,17 @@ class Destinations:
             self._size += size
 
 
-def observe_calls(model: nn.Module, state: TokenMergingState, observe: Callable[..., None], *args: Any) -> None:
+def observe_calls(model: nn.Module, state: TokenMergingState, observe: Callable[..., None], *args: Any,
+                  prepend: bool = False) -> None:
     """Run ``observe(state, *args, module, args, kwargs)`` before every call of ``model`` (it reads the call's grid
     and timestep), and count the calls in progress (``state.running``: sublayers merge only inside one); the hooks
-    go with ``state``'s handles. Partials, not closures: ``copy.deepcopy`` copies them."""
+    go with ``state``'s handles. Partials, not closures: ``copy.deepcopy`` copies them.
+
+    ``prepend``: ``observe`` runs before the model's other pre-hooks, so it reads the call as its caller made it
+    (where Sparse Context's thinned call hides the target grid's shape: JoyImage Edit)."""
     state.handles.append(model.register_forward_pre_hook(functools.partial(_enter, state)))
-    state.handles.append(model.register_forward_pre_hook(functools.partial(observe, state, *args), with_kwargs=True))
+    state.handles.append(model.register_forward_pre_hook(functools.partial(observe, state, *args), with_kwargs=True,
+                                                         prepend=prepend))
     state.handles.append(model.register_forward_hook(functools.partial(_leave, state), always_call=True))
 
 

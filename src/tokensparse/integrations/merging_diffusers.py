@@ -51,6 +51,10 @@
   ``HunyuanImagePipeline``): the image tokens in every double-stream block's ``attn`` (image side, RoPE rows, the
   key mask over ``[image, text]``) and ``ff``, and every single-stream block's ``proj_mlp`` and ``attn`` (one table,
   so one matching, for the batch). See :mod:`.merging_hunyuan_image`.
+- **JoyImage Edit (Plus)** (``JoyImageTransformerBlock`` / ``JoyImageEditPlusTransformerBlock``,
+  ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``): the target grid, first in the image stream (its references
+  follow), in every block's ``attn`` (image side, RoPE rows; Plus: the key mask over ``[image, text]``) and
+  ``img_mlp``. See :mod:`.merging_joyimage`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -86,6 +90,7 @@ from .merging_flux3 import target_blocks, wire_flux3
 from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_hunyuan_image import wire_hunyuan_image
+from .merging_joyimage import wire_joyimage
 from .merging_lumina2 import image_blocks, wire_lumina2
 from .merging_qwen21 import wire_qwen21
 from .merging_sana import wire_sana
@@ -132,6 +137,10 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
                                                                 "hidream_single": "HiDreamImageSingleTransformerBlock"},
     "diffusers.models.transformers.transformer_hunyuanimage": {
         "hunyuan_image": "HunyuanImageTransformerBlock", "hunyuan_image_single": "HunyuanImageSingleTransformerBlock"},
+    # JoyImage Edit (Plus): double-stream blocks over [target, references] beside the text, the target first
+    "diffusers.models.transformers.transformer_joyimage": {"joyimage": "JoyImageTransformerBlock"},
+    "diffusers.models.transformers.transformer_joyimage_edit_plus": {
+        "joyimage_plus": "JoyImageEditPlusTransformerBlock"},
 }
 
 
@@ -156,7 +165,8 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "lumina2": ("lumina2",),
           "cogview4": ("cogview4",), "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
-         "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single")}
+         "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
+         "joyimage": ("joyimage", "joyimage_plus")}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -165,7 +175,7 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
-    ``auraflow``, ``hidream``, ``hunyuan_image``); empty lists when it knows none."""
+    ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -187,7 +197,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wirings = {"unet": wire_unet, "flux3": wire_flux3, "qwen": wire_qwen, "zimage": wire_zimage,
                    "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
-                   "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21}
+                   "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage}
         wirings[kind](model, blocks[kind], state)
 
 

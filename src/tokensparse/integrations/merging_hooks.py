@@ -7,8 +7,8 @@ Supported targets (a pipeline is accepted too: its ``.transformer`` or ``.unet``
   same when called with ``role="target"``. Context tokens are never merged (that is Sparse Context's job).
 - **diffusers** UNets and transformers (SD-style UNets, PixArt / DiT, SD3, FLUX / FLUX.2 / FLUX.3, Chroma,
   Ovis-Image, Bria 3.x, Bria FIBO, Qwen-Image, Qwen-Image 2.1, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT,
-  AuraFlow, HiDream-I1, HunyuanImage 2.1): see :mod:`.merging_diffusers`. Only the target's tokens merge; text
-  and reference tokens pass through.
+  AuraFlow, HiDream-I1, HunyuanImage 2.1, JoyImage Edit (Plus)): see :mod:`.merging_diffusers`. Only the target's
+  tokens merge; text and reference tokens pass through.
 
 Per block, the first merged sublayer computes (or, between recompute steps, looks up) the matching from its
 input; the block's later sublayers reuse it. A forward pre-hook on the model reads the timestep and feeds a
@@ -55,6 +55,8 @@ _VIDEO = re.compile(r"3D|Motion|Temporal|Video|I2VGenXL")  # diffusers video UNe
 # modules that only video models hold (AnimateDiff motion modules, temporal transformers, 3-D blocks); narrower
 # than _VIDEO, which would also match image models' parts (e.g. QwenEmbedLayer3DRope, Kandinsky3DownSampleBlock)
 _VIDEO_PART = re.compile(r"Motion|SpatioTemporal|Temporal\w*Transformer|TransformerTemporal|Transformer3D|Block3D")
+# image models named like video ones: JoyImage Edit stacks the target and its references on the frame axis
+_NOT_VIDEO = ("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel")
 _CALLBACK = "token_merging"
 
 
@@ -165,8 +167,8 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image / Bria / "
         f"Bria FIBO / Qwen-Image / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT / AuraFlow / "
-        f"HiDream-I1 / HunyuanImage 2.1 transformer, or a pipeline with .unet / .transformer holding one; "
-        f"got {got}{why}{hint}"
+        f"HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) transformer, or a pipeline with .unet / .transformer "
+        f"holding one; got {got}{why}{hint}"
     )
 
 
@@ -180,9 +182,9 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
 
     ``target``: a RefDiT, a diffusers UNet / SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image /
     Bria / Bria FIBO / Qwen-Image(-Layered) / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT /
-    AuraFlow / HiDream-I1 / HunyuanImage 2.1 transformer, or a pipeline (FLUX.3: modular) holding one. Applying again
-    replaces the earlier config; :func:`remove_token_merging` restores exact behaviour; an identity config
-    (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
+    AuraFlow / HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) transformer, or a pipeline (FLUX.3: modular)
+    holding one. Applying again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour;
+    an identity config (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
 
     ``TypeError`` for a target it cannot merge: an unknown model (the message names the blocks holding its
     attention, e.g. Kandinsky 2.2's and DeepFloyd IF's ``SimpleCrossAttnDownBlock2D``), a video model, a model whose
@@ -289,7 +291,7 @@ def _supported_blocks(model: nn.Module, target: Any, action: str) -> dict:
     if not any(found for kind, found in blocks.items() if kind != "flux_single"):  # wire() starts from the others
         raise _unsupported(target, action, model)
     # the model's class or a base of it (a subclass of a video model), else a part's (or a base of a part's)
-    video = known_name(type(model), _VIDEO) or next(
+    video = None if known_name(type(model), _NOT_VIDEO) else known_name(type(model), _VIDEO) or next(
         (type(m).__name__ for m in model.modules() if known_name(type(m), _VIDEO_PART)), None)
     if video is not None:  # the model itself, or its motion modules (e.g. SparseControlNetModel)
         raise TypeError(f"token merging does not support video models ({type(model).__name__}, built with "
