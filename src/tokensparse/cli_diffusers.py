@@ -13,9 +13,9 @@ which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline
 ``<img><|image_k|></img>`` in ``--prompt``) and Qwen-Image-Layered (``QwenImageLayeredPipeline``: the one ``--ref``
 decomposed into ``--layers`` RGBA layers, written as ``OUT-layer1.png``, ...: :mod:`.cli_layered`); any other
 pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria
-3.x (``BriaPipeline``), Bria FIBO, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1, HunyuanImage
-2.1) runs with ``--merge`` alone. The functions here are plain
-typer-annotated functions; ``tokensparse.cli`` registers them as commands.
+3.x (``BriaPipeline``), Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
+HunyuanImage 2.1) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
+``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ def generate(
     """Generate one image from reference images with Sparse Context (and, with --merge, token merging).
 
     Text-to-image pipelines whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma,
-    Ovis-Image, Bria 3.x, Bria FIBO, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1, HunyuanImage
-    2.1) run with token merging alone (--merge). Qwen-Image-Layered decomposes its one --ref into
+    Ovis-Image, Bria 3.x, Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
+    HunyuanImage 2.1) run with token merging alone (--merge). Qwen-Image-Layered decomposes its one --ref into
     --layers RGBA layers, written as OUT-layer1.png, OUT-layer2.png, ...
     """
     try:

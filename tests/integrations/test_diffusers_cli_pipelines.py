@@ -65,6 +65,28 @@ def test_fibo2_takes_several_references(app, tmp_path, monkeypatch):
     assert "(BriaFibo2Pipeline, 2 reference(s), keep=0.25" in res.output and Image.open(out).size == (32, 32)
 
 
+@pytest.mark.parametrize("refs", [0, 1])
+def test_fibo2_runs_with_token_merging(app, tmp_path, monkeypatch, caplog, refs):
+    import diffusers
+
+    from tokensparse.integrations.diffusers_tiny_fibo2 import tiny_bria_fibo2
+    from tokensparse.integrations.merging_hooks import merging_state
+
+    folder = pipeline_folder(tmp_path / "fibo2", "BriaFibo2Pipeline")
+    loaded: list = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        lambda *a, **k: loaded.append(tiny_bria_fibo2()) or loaded[-1])
+    out = tmp_path / "fibo2.png"
+    ref = ["--ref", str(ref_png(tmp_path))] * refs  # text-to-image: token merging alone; editing: stacked
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), *ref, "--prompt", "make it blue", "--merge",
+                                   "0.5", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)])
+    assert res.exit_code == 0, res.output  # was: "--merge: BriaFibo2Pipeline's transformer ..." (refused)
+    sparse = "keep=0.25, selector=uniform" if refs else "no Sparse Context"
+    assert f"(BriaFibo2Pipeline, {refs} reference(s), {sparse}, merge=0.5)" in res.output
+    assert Image.open(out).size == (32, 32) and "merged nothing" not in caplog.text
+    assert merging_state(loaded[0]).merged_tokens > 0
+
+
 def test_qwen_image21_takes_several_references_and_true_cfg(app, tmp_path, monkeypatch):
     import diffusers
     import diffusers.pipelines.qwenimage21.pipeline_qwenimage21 as module

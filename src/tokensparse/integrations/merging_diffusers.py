@@ -30,6 +30,11 @@
 - **Lumina 2** (``Lumina2TransformerBlock``, ``Lumina2Pipeline``): the image grid in the ``attn`` (its keys, RoPE
   rows and key padding mask along) and ``feed_forward`` of the joint ``layers`` and the image-only
   ``noise_refiner``; the caption and its ``context_refiner`` are left alone. See :mod:`.merging_lumina2`.
+- **Fibo 2.0** (``BriaFibo2TransformerBlock``, ``BriaFibo2Pipeline``): the target grid in every block, in the
+  ``noise_refiner`` (over ``[target, images to edit]``) and the main ``layers`` (the gist tokens before the target, or
+  after the images to edit when a batch pads them): ``attention`` (RoPE rows, key mask along; a matching per
+  sample), the injection blocks' ``cross_attention`` (``merge_cross``: its queries) and ``feed_forward``. See
+  :mod:`.merging_fibo2`.
 - **CogView4** (``CogView4TransformerBlock``, ``CogView4Pipeline``): every block's image stream, the whole of it, in
   ``attn1`` (with its RoPE rows; one table, so one matching, for the batch) and the image call of ``ff`` (the same
   module then runs the text stream, unmerged). See :mod:`.merging_cogview4`.
@@ -79,6 +84,7 @@ from .merging_auraflow import wire_auraflow
 from .merging_blocks import BlockMerger, Sublayer, leading_grid, merge_block
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
+from .merging_fibo2 import wire_fibo2
 from .merging_flux import (  # noqa: F401  (importable from here as before; the private ones for pickled models)
     _flux_grid,
     _flux_rope,
@@ -114,6 +120,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     # Bria FIBO (Edit): FLUX.1's blocks again (own attention class, same call and RoPE layout), the target first
     "diffusers.models.transformers.transformer_bria_fibo": {"bria_fibo": "BriaFiboTransformerBlock",
                                                             "bria_fibo_single": "BriaFiboSingleTransformerBlock"},
+    # Fibo 2.0: Z-Image's blocks over [gist, target, images to edit] (the noise refiner's: no gist)
+    "diffusers.models.transformers.transformer_bria_fibo2": {"fibo2": "BriaFibo2TransformerBlock"},
     # Chroma: FLUX.1's blocks (pruned modulation), a text padding mask squared into a query x key mask
     "diffusers.models.transformers.transformer_chroma": {"chroma": "ChromaTransformerBlock",
                                                          "chroma_single": "ChromaSingleTransformerBlock"},
@@ -162,8 +170,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single", "bria_fibo_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "qwen21": ("qwen21",), "zimage": ("zimage",),
-         "lumina2": ("lumina2",),
-          "cogview4": ("cogview4",), "sana": ("sana",),
+         "lumina2": ("lumina2",), "fibo2": ("fibo2",), "cogview4": ("cogview4",), "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
          "joyimage": ("joyimage", "joyimage_plus")}
@@ -174,8 +181,8 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``cogview4``, ``sana``, ``hunyuan_dit``,
-    ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``); empty lists when it knows none."""
+    ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``, ``sana``,
+    ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -195,7 +202,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
         wire_flux(model, blocks["flux"], blocks.get("flux_single", []), state)
     elif kind is not None:
         wirings = {"unet": wire_unet, "flux3": wire_flux3, "qwen": wire_qwen, "zimage": wire_zimage,
-                   "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana,
+                   "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana, "fibo2": wire_fibo2,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage}
         wirings[kind](model, blocks[kind], state)

@@ -6,9 +6,9 @@ Supported targets (a pipeline is accepted too: its ``.transformer`` or ``.unet``
   ``x_rope`` (each kept token keeps its own), and unmerges the target output; ``RefDiTBlock.mlp`` does the
   same when called with ``role="target"``. Context tokens are never merged (that is Sparse Context's job).
 - **diffusers** UNets and transformers (SD-style UNets, PixArt / DiT, SD3, FLUX / FLUX.2 / FLUX.3, Chroma,
-  Ovis-Image, Bria 3.x, Bria FIBO, Qwen-Image, Qwen-Image 2.1, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT,
-  AuraFlow, HiDream-I1, HunyuanImage 2.1, JoyImage Edit (Plus)): see :mod:`.merging_diffusers`. Only the target's
-  tokens merge; text and reference tokens pass through.
+  Ovis-Image, Bria 3.x, Bria FIBO, Fibo 2.0, Qwen-Image, Qwen-Image 2.1, Z-Image, Lumina 2, CogView4, Sana,
+  HunyuanDiT, AuraFlow, HiDream-I1, HunyuanImage 2.1, JoyImage Edit (Plus)): see :mod:`.merging_diffusers`. Only the
+  target's tokens merge; text and reference tokens pass through.
 
 Per block, the first merged sublayer computes (or, between recompute steps, looks up) the matching from its
 input; the block's later sublayers reuse it. A forward pre-hook on the model reads the timestep and feeds a
@@ -117,9 +117,10 @@ def _wire_refdit(model: RefDiT, state: TokenMergingState) -> None:
 
 def _has_cross_attention(blocks: dict[str, list[tuple[str, nn.Module]]]) -> bool:
     """Whether any UNet-kind block (``BasicTransformerBlock``), Sana or HunyuanDiT block has a cross-attention
-    ``attn2`` to merge."""
+    ``attn2`` to merge, or any Fibo 2.0 block (its injection blocks) a ``cross_attention``."""
     return any(hasattr(blk, "attn1") and getattr(blk, "attn2", None) is not None
-               for kind in ("unet", "sana", "hunyuan_dit") for _, blk in blocks.get(kind, []))
+               for kind in ("unet", "sana", "hunyuan_dit") for _, blk in blocks.get(kind, [])) or any(
+        getattr(blk, "cross_attention", None) is not None for _, blk in blocks.get("fibo2", []))
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
@@ -166,9 +167,9 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
     return TypeError(
         f"{method} expected a tokensparse RefDiT, a diffusers UNet or transformer built of "
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image / Bria / "
-        f"Bria FIBO / Qwen-Image / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT / AuraFlow / "
-        f"HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) transformer, or a pipeline with .unet / .transformer "
-        f"holding one; got {got}{why}{hint}"
+        f"Bria FIBO / Fibo 2.0 / Qwen-Image / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT / "
+        f"AuraFlow / HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) transformer, or a pipeline with .unet / "
+        f".transformer holding one; got {got}{why}{hint}"
     )
 
 
@@ -181,10 +182,10 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     """Merge similar tokens inside ``target``'s blocks (ToMe; CA-ToMe with ``threshold`` / ``recompute_*``).
 
     ``target``: a RefDiT, a diffusers UNet / SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image /
-    Bria / Bria FIBO / Qwen-Image(-Layered) / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / Sana / HunyuanDiT /
-    AuraFlow / HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) transformer, or a pipeline (FLUX.3: modular)
-    holding one. Applying again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour;
-    an identity config (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
+    Bria / Bria FIBO / Fibo 2.0 / Qwen-Image(-Layered) / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / Sana /
+    HunyuanDiT / AuraFlow / HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) transformer, or a pipeline (FLUX.3:
+    modular) holding one. Applying again replaces the earlier config; :func:`remove_token_merging` restores exact
+    behaviour; an identity config (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
 
     ``TypeError`` for a target it cannot merge: an unknown model (the message names the blocks holding its
     attention, e.g. Kandinsky 2.2's and DeepFloyd IF's ``SimpleCrossAttnDownBlock2D``), a video model, a model whose
@@ -209,8 +210,8 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     if not cfg.is_identity and not (cfg.merge_attn or cfg.merge_mlp or _has_cross_attention(blocks)):
         raise ValueError(
             f"this TokenMergingConfig merges no sublayer of {type(model).__name__} (merge_attn=False, "
-            "merge_mlp=False, merge_cross=True): cross-attention exists only in UNet / PixArt-style, Sana "
-            "and HunyuanDiT blocks; enable merge_attn or merge_mlp")
+            "merge_mlp=False, merge_cross=True): cross-attention exists only in UNet / PixArt-style, Sana, "
+            "HunyuanDiT and Fibo 2.0 blocks; enable merge_attn or merge_mlp")
     if not cfg.is_identity and not isinstance(model, RefDiT):
         _refuse_output_caches(model, blocks, cfg)
 
