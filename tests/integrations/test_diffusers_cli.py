@@ -260,19 +260,21 @@ def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(ap
 def test_merge_on_a_model_token_merging_does_not_know_fails_before_loading(app, tmp_path, monkeypatch):
     import diffusers
 
-    from tokensparse.integrations.diffusers_tiny_glm_image import tiny_glm_image
-
-    transformer = tiny_glm_image().transformer  # what the check reads: model_index.json and the transformer's config
-    folder = pipeline_folder(tmp_path / "glm", "GlmImagePipeline",
+    # what the check reads: model_index.json and the transformer's config (GLM-Image's, until token merging knew it)
+    transformer = diffusers.OmniGenTransformer2DModel(
+        in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        num_layers=2, pad_token_id=2, vocab_size=8, time_step_dim=16, pos_embed_max_size=32,
+        rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8})
+    folder = pipeline_folder(tmp_path / "omnigen", "OmniGenPipeline",
                              transformer=["diffusers", type(transformer).__name__])
     transformer.save_config(folder / "transformer")
     loads = []
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
-    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--ref", str(ref_png(tmp_path)), "--height", "32",
-            "--width", "32", "--out", str(tmp_path / "o.png")]
+    args = ["generate", "--model", str(folder), "--prompt", "<img><|image_1|></img> a cat", "--ref",
+            str(ref_png(tmp_path)), "--height", "32", "--width", "32", "--out", str(tmp_path / "o.png")]
     res = CliRunner().invoke(app, args + ["--merge", "0.5"])
     assert res.exit_code == 1 and not loads, res.output
-    assert "--merge: GlmImagePipeline's transformer" in res.stderr and type(transformer).__name__ in res.stderr
+    assert "--merge: OmniGenPipeline's transformer" in res.stderr and type(transformer).__name__ in res.stderr
     res = CliRunner().invoke(app, args)  # without --merge nothing is checked before loading: it loads
     assert res.exit_code == 1 and loads and "cannot load" in res.stderr
 

@@ -231,7 +231,8 @@ def test_cli_refuses_before_loading(tmp_path, extra, message):
     assert result.exit_code == 1 and message in result.output and "cannot load" not in result.output
 
 
-def test_cli_generates_with_several_references(tmp_path, monkeypatch):
+@pytest.mark.parametrize("merge", [[], ["--merge", "0.5"]], ids=["sparse", "sparse_and_merging"])
+def test_cli_generates_with_several_references(tmp_path, monkeypatch, merge):
     import diffusers
 
     def prior_tokens(self, prompt, height, width, image=None, device=None, generator=None):  # the AR prior's stand-in
@@ -240,7 +241,8 @@ def test_cli_generates_with_several_references(tmp_path, monkeypatch):
 
     monkeypatch.setattr(diffusers.GlmImagePipeline, "generate_prior_tokens", prior_tokens)
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: tiny_glm_image())
-    result = _cli(tmp_path, "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    result = _cli(tmp_path, "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu", *merge)
+    assert result.exit_code == 0, result.output  # --merge: was "--merge: GlmImagePipeline's transformer ..."
     assert "GlmImagePipeline, 2 reference(s), keep=0.25" in result.output
+    assert ("merge=0.5" in result.output) == bool(merge)
     assert Image.open(tmp_path / "o.png").size == (32, 32)

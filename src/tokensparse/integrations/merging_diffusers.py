@@ -37,7 +37,9 @@
   :mod:`.merging_fibo2`.
 - **CogView4** (``CogView4TransformerBlock``, ``CogView4Pipeline``): every block's image stream, the whole of it, in
   ``attn1`` (with its RoPE rows; one table, so one matching, for the batch) and the image call of ``ff`` (the same
-  module then runs the text stream, unmerged). See :mod:`.merging_cogview4`.
+  module then runs the text stream, unmerged). See :mod:`.merging_cogview4`. **GLM-Image**
+  (``GlmImageTransformerBlock``, ``GlmImagePipeline``): CogView4's blocks, merged the same way; the calls writing its
+  condition images' K/V cache (``kv_caches`` in "write" mode) run unmerged. See :mod:`.merging_glm_image`.
 - **Sana** (``SanaTransformerBlock``, ``SanaPipeline``, Sana Sprint): every block's image tokens in the linear
   self-attention ``attn1``, the cross-attention ``attn2`` (``merge_cross``: its queries) and the two pointwise
   convolutions of the mix-FFN (the depthwise 3x3 convolution between them runs on the whole grid). See
@@ -93,6 +95,7 @@ from .merging_flux import (  # noqa: F401  (importable from here as before; the 
     wire_flux,
 )
 from .merging_flux3 import target_blocks, wire_flux3
+from .merging_glm_image import wire_glm_image
 from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_hunyuan_image import wire_hunyuan_image
@@ -137,6 +140,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.transformer_z_image": {"zimage": "ZImageTransformerBlock"},
     "diffusers.models.transformers.transformer_lumina2": {"lumina2": "Lumina2TransformerBlock"},
     "diffusers.models.transformers.transformer_cogview4": {"cogview4": "CogView4TransformerBlock"},
+    # GLM-Image: CogView4's blocks; its condition images' K/V-cache write calls run unmerged
+    "diffusers.models.transformers.transformer_glm_image": {"glm_image": "GlmImageTransformerBlock"},
     "diffusers.models.transformers.sana_transformer": {"sana": "SanaTransformerBlock"},
     "diffusers.models.transformers.hunyuan_transformer_2d": {"hunyuan_dit": "HunyuanDiTBlock"},
     "diffusers.models.transformers.auraflow_transformer_2d": {"auraflow": "AuraFlowJointTransformerBlock",
@@ -170,7 +175,8 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "flux_single": ("flux_single", "flux2_single", "longcat_single", "chroma_single", "ovis_single",
                          "bria_single", "bria_fibo_single"),
          "flux3": ("flux3", "flux3_single"), "qwen": ("qwen",), "qwen21": ("qwen21",), "zimage": ("zimage",),
-         "lumina2": ("lumina2",), "fibo2": ("fibo2",), "cogview4": ("cogview4",), "sana": ("sana",),
+         "lumina2": ("lumina2",), "fibo2": ("fibo2",), "cogview4": ("cogview4",), "glm_image": ("glm_image",),
+         "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
          "joyimage": ("joyimage", "joyimage_plus")}
@@ -181,8 +187,9 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
-    ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``, ``sana``,
-    ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``); empty lists when it knows none."""
+    ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
+    ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``); empty lists
+    when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -203,6 +210,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
     elif kind is not None:
         wirings = {"unet": wire_unet, "flux3": wire_flux3, "qwen": wire_qwen, "zimage": wire_zimage,
                    "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana, "fibo2": wire_fibo2,
+                   "glm_image": wire_glm_image,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage}
         wirings[kind](model, blocks[kind], state)
