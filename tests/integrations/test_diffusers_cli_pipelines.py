@@ -184,3 +184,53 @@ def test_sana_runs_with_token_merging_alone(app, tmp_path, monkeypatch, caplog):
     assert Image.open(out).size == (64, 32) and "merged nothing" not in caplog.text
     assert len(seen) == 1 and "use_resolution_binning" not in seen[0]  # the CLI keeps the pipeline's default
     assert merging_state(pipe).merged_tokens > 0
+
+
+def test_qwen_image21_runs_references_with_token_merging(app, tmp_path, monkeypatch, caplog):
+    import diffusers
+    import diffusers.pipelines.qwenimage21.pipeline_qwenimage21 as module
+
+    from tokensparse.integrations.diffusers_tiny_qwen21 import tiny_qwen_image21
+    from tokensparse.integrations.merging_hooks import merging_state
+
+    folder = pipeline_folder(tmp_path / "qwen21", "QwenImage21Pipeline")
+    pipe = tiny_qwen_image21()
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pipe)
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (64, 64, None))  # not 1024^2
+    refs = [str(ref_png(tmp_path, f"{i}.png")) for i in range(2)]
+    out = tmp_path / "qwen21.png"
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), "--ref", refs[0], "--ref", refs[1],
+                                   "--prompt", "a cat", "--merge", "0.5", "--guidance", "2", "--steps", "2",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "(QwenImage21Pipeline, 2 reference(s), keep=0.25" in res.output and "merge=0.5" in res.output
+    assert Image.open(out).size == (64, 64) and "merged nothing" not in caplog.text
+    assert merging_state(pipe).merged_tokens > 0
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["edit", "plus"])
+def test_joyimage_edit_runs_a_reference_with_token_merging(app, tmp_path, monkeypatch, caplog, plus):
+    import diffusers
+    import diffusers.pipelines.joyimage.image_processor as module
+
+    from tokensparse.integrations.diffusers_tiny_joyimage import (
+        SMALL_BUCKETS,
+        tiny_joyimage_edit,
+        tiny_joyimage_edit_plus,
+    )
+    from tokensparse.integrations.merging_hooks import merging_state
+
+    monkeypatch.setitem(module.BUCKETS, 1024, SMALL_BUCKETS)  # every image snaps to one of these, not >= 512 px
+    cls = "JoyImageEditPlusPipeline" if plus else "JoyImageEditPipeline"
+    folder = pipeline_folder(tmp_path / "joy", cls)
+    pipe = (tiny_joyimage_edit_plus if plus else tiny_joyimage_edit)()
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pipe)
+    out = tmp_path / "joy.png"
+    refs = [str(ref_png(tmp_path, f"{i}.png")) for i in range(2 if plus else 1)]  # Plus: several references
+    res = CliRunner().invoke(app, ["generate", "--model", str(folder), *[a for r in refs for a in ("--ref", r)],
+                                   "--prompt", "a cat", "--merge", "0.5", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    # sized by the reference's bucket (the 64x64 reference snaps to 32x32)
+    assert f"({cls}, {len(refs)} reference(s), keep=0.25" in res.output and "merge=0.5" in res.output
+    assert Image.open(out).size == (32, 32) and "merged nothing" not in caplog.text
+    assert merging_state(pipe).merged_tokens > 0
