@@ -20,6 +20,7 @@ from tokensparse.integrations.diffusers import (
     remove_sparse_context_diffusers,
     sparse_context_state,
 )
+from tokensparse.integrations.merging_hooks import merging_state, remove_token_merging
 
 
 def input_lengths(module: nn.Module) -> list[int]:
@@ -97,12 +98,15 @@ def qwen_layered_pipe() -> Any:
 
 def pipe_fixtures(build: Callable[..., Any]) -> tuple[Any, Any]:
     """``pipe, clean = pipe_fixtures(build)``: the fixture :func:`tiny_pipeline` makes, and an autouse one that
-    removes Sparse Context from ``pipe`` after each test."""
+    removes Sparse Context and token merging from ``pipe`` after each test (the pipeline is shared by the module's
+    tests: one that leaves either applied must not change the next one's outputs)."""
 
     @pytest.fixture(autouse=True)
     def clean(pipe: Any) -> Any:
         yield
         remove_sparse_context_diffusers(pipe)
+        if merging_state(pipe) is not None:  # remove_token_merging refuses a model merging does not support
+            remove_token_merging(pipe)
 
     return tiny_pipeline(build), clean
 
