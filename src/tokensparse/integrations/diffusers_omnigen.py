@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from .diffusers_layout import InContextAdapter, RefLayout
+from .merging_blocks import active_merge
+from .merging_spans import keep_rows
 
 ATTR = "_get_multimodal_embeddings"
 logger = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ class KeptRows:
 
 class RowRope:
     """An OmniGen block's attention processor, wrapped: in a thinned call (``state.call`` a :class:`Rows`) it runs
-    the wrapped processor once per row, with that row's RoPE rows and mask; otherwise it is the wrapped processor."""
+    the wrapped processor once per row, with that row's RoPE rows and mask (where token merging merged the call's
+    target tokens, the rows of the tokens it kept); otherwise it is the wrapped processor."""
 
     def __init__(self, processor: Any, state: Any) -> None:
         self.processor, self.state = processor, state
@@ -108,12 +111,14 @@ class RowRope:
             raise TypeError(f"{type(self.processor).__name__} takes no image_rotary_emb: Sparse Context on OmniGen "
                             "hands every row its own RoPE rows through it")
         cos, sin = rows.rope
+        merged = active_merge(attn)  # token merging's, on this call: its kept target tokens' rows
         out = []
         for r in range(hidden_states.shape[0]):
             one = slice(r, r + 1)
             mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[one]
+            rope = (cos[r], sin[r]) if merged is None else tuple(keep_rows(t[r], *merged, r) for t in (cos, sin))
             out.append(self.processor(
-                attn, hidden_states[one], attention_mask=mask, image_rotary_emb=(cos[r], sin[r]),
+                attn, hidden_states[one], attention_mask=mask, image_rotary_emb=rope,
                 encoder_hidden_states=None if encoder_hidden_states is None else encoder_hidden_states[one]))
         return torch.cat(out)
 

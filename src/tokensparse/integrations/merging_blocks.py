@@ -202,6 +202,13 @@ class BlockMerger:
         return unmerge_span(m, output, span)
 
 
+def active_merge(module: nn.Module) -> tuple[Matching, tuple[int, int]] | None:
+    """The matching and the ``(start, length)`` span that token merging merged ``module``'s current call's tokens by
+    (while the call runs), or ``None`` where it merged none: for code inside the call that holds per-token tables of
+    its own (Sparse Context's per-row RoPE on OmniGen)."""
+    return module.__dict__.get("_tokensparse_active")
+
+
 def _submodule(block: nn.Module, path: str) -> nn.Module | None:
     """The module at ``path`` (``"proj_mlp"``, ``"ff.conv_point"``) in ``block``, or ``None`` where there is none."""
     try:

@@ -62,6 +62,10 @@
   ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``): the target grid, first in the image stream (its references
   follow), in every block's ``attn`` (image side, RoPE rows; Plus: the key mask over ``[image, text]``) and
   ``img_mlp``. See :mod:`.merging_joyimage`.
+- **OmniGen** (``OmniGenBlock``, ``OmniGenPipeline``): the target grid, last in the decoder's sequence ``[text and
+  input images, time token, target]`` (nothing before it attends to it), in every block's ``self_attn`` (its keys,
+  RoPE rows and query x key mask along; one table, so one matching, for the batch) and ``mlp``. See
+  :mod:`.merging_omnigen`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -101,6 +105,7 @@ from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_hunyuan_image import wire_hunyuan_image
 from .merging_joyimage import wire_joyimage
 from .merging_lumina2 import image_blocks, wire_lumina2
+from .merging_omnigen import wire_omnigen
 from .merging_qwen21 import wire_qwen21
 from .merging_sana import wire_sana
 from .merging_spans import merge_span
@@ -154,6 +159,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.transformer_joyimage": {"joyimage": "JoyImageTransformerBlock"},
     "diffusers.models.transformers.transformer_joyimage_edit_plus": {
         "joyimage_plus": "JoyImageEditPlusTransformerBlock"},
+    # OmniGen: one decoder over [text and input images, time token, target], causal but the images, the target last
+    "diffusers.models.transformers.transformer_omnigen": {"omnigen": "OmniGenBlock"},
 }
 
 
@@ -179,7 +186,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
-         "joyimage": ("joyimage", "joyimage_plus")}
+         "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -188,8 +195,8 @@ _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
 def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
-    ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``); empty lists
-    when it knows none."""
+    ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``,
+    ``omnigen``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -212,7 +219,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
                    "lumina2": wire_lumina2, "cogview4": wire_cogview4, "sana": wire_sana, "fibo2": wire_fibo2,
                    "glm_image": wire_glm_image,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
-                   "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage}
+                   "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage,
+                   "omnigen": wire_omnigen}
         wirings[kind](model, blocks[kind], state)
 
 

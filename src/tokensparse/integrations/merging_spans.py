@@ -73,3 +73,10 @@ def merge_query_key_mask(mask: Tensor, m: Matching, span: tuple[int, int], n: in
     rows = merge_span(m, sq, span, mode="keep")
     merged = merge_span(m, rows.transpose(1, 2), span, mode="keep").transpose(1, 2)
     return merged.reshape(b, *mask.shape[1:-2], merged.shape[1], merged.shape[2])
+
+
+def keep_rows(table: Tensor, m: Matching, span: tuple[int, int], sample: int = 0) -> Tensor:
+    """A per-token table without a batch axis, ``(n, ...)`` (a RoPE table): the rows of the tokens :func:`merge_span`
+    leaves -- all but the span's, and the span's kept tokens of ``sample`` -- in order."""
+    start, length = span
+    return torch.cat([table[:start], table[start:start + length][m.keep[sample]], table[start + length:]], dim=0)
