@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tokensparse.integrations import merging_blocks, merging_spans
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
 from tokensparse.merging import TokenMergingConfig
 
@@ -46,6 +47,42 @@ def call_kwargs(module: nn.Module, run: Callable[[], Any]) -> dict:
     run()
     handle.remove()
     return box[0]
+
+
+def query_key_masks_as_exact(model: nn.Module, attns: Iterable[nn.Module], run: Callable[[], Tensor],
+                             monkeypatch: pytest.MonkeyPatch) -> int:
+    """A merged ``model``'s query x key masks (those its ``attns`` got in one ``run()``) and output are bit for bit
+    what the exact per-pair thinning (``merge_query_key_mask``) gives, and the model call leaves no mask behind in its
+    state; how many uniformity checks (``span_is_uniform``) one ``run()`` made, each finding the span uniform."""
+    checks: list[bool] = []
+
+    def check(sq: Tensor, span: tuple[int, int], real: Callable[..., bool] = merging_spans.span_is_uniform) -> bool:
+        checks.append(real(sq, span))
+        return checks[-1]
+
+    monkeypatch.setattr(merging_spans, "span_is_uniform", check)
+
+    def masks() -> tuple[Tensor, list[Tensor]]:
+        got: list[Tensor] = []
+        handles = [a.register_forward_pre_hook(lambda m, a, k: got.append(k["attention_mask"]), with_kwargs=True)
+                   for a in attns]
+        out = run()
+        for h in handles:
+            h.remove()
+        return out, got
+
+    fast, fast_masks = masks()
+    memo = merging_state(model).square_masks
+    assert memo._ref is None and not memo._thinned  # emptied as the call ended
+    monkeypatch.setattr(merging_blocks, "thin_query_key_mask",
+                        lambda mask, m, span, n, memo=None: merging_spans.merge_query_key_mask(mask, m, span, n))
+    exact, exact_masks = masks()
+    monkeypatch.undo()
+    assert len(fast_masks) == len(exact_masks) > 0
+    for a, b in zip(fast_masks, exact_masks):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(fast, exact) and all(checks)
+    return len(checks)
 
 
 def merged_then_removes_exactly(model: nn.Module, run: Callable[[], Tensor], dense: Tensor,

@@ -169,6 +169,17 @@ def test_chroma_square_text_mask_loses_the_merged_rows_and_columns(caplog: pytes
     remove_token_merging(model)
 
 
+def test_chroma_square_mask_sliced_as_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the image tokens' rows and columns are alike: sliced, bit for bit the per-pair thinning; each block squares a
+    # mask of its own, checked once
+    spec = MODELS["chroma"]
+    model, kw = spec.build(seed=0).transformer, _inputs(spec)
+    apply_token_merging(model, TokenMergingConfig(ratio=0.5))
+    attns = [b.attn for b in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
+    assert contract.query_key_masks_as_exact(model, attns, lambda: _run(model, kw), monkeypatch) == len(attns)
+    remove_token_merging(model)
+
+
 def test_merged_output_stays_close_at_a_small_ratio(wired: Wired) -> None:
     model, kw = wired.build(seed=0).transformer, _inputs(wired, smooth=True)
     contract.stays_close_at_a_small_ratio(model, lambda: _run(model, kw))

@@ -124,6 +124,16 @@ def test_merges_the_target_only_and_removes_exactly(pipe) -> None:
                                          mlp_only, reapply=True)
 
 
+def test_query_key_mask_checked_once_per_call_and_thinned_as_the_exact_path(pipe, monkeypatch) -> None:
+    # every block gets the call's one mask, whose target rows and columns are alike: checked once per model call (was:
+    # per block, with copies of the mask), then sliced -- bit for bit the per-pair thinning, masks and output
+    model, kw = pipe.transformer, _bare_call(pipe)
+    ts.apply_token_merging(model, ts.TokenMergingConfig(ratio=0.5))
+    attns = [blk.self_attn for blk in model.layers]
+    assert contract.query_key_masks_as_exact(model, attns, lambda: _run(model, kw), monkeypatch) == 1
+    assert contract.query_key_masks_as_exact(model, attns, lambda: _run(model, kw), monkeypatch) == 1  # afresh
+
+
 def test_merged_output_stays_close_at_a_small_ratio(pipe) -> None:
     model, kw = pipe.transformer, _bare_call(pipe)
     g = torch.Generator().manual_seed(1)  # neighbouring target tokens alike, as in real latents

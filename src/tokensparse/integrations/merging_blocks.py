@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .fingerprints import _in_backward
-from .merging_spans import merge_key_mask, merge_query_key_mask, merge_span, part, unmerge_span
+from .merging_spans import merge_key_mask, merge_span, part, thin_query_key_mask, unmerge_span
 
 if TYPE_CHECKING:
     from .merging_core import TokenMergingState
@@ -166,8 +166,10 @@ class BlockMerger:
         and the surviving tokens'; with ``key_prefix`` (Qwen-Image 2.1's cached steps: keys ``[cached prefix,
         tokens]``) a key mask longer than the tokens keeps the prefix's entries and the surviving tokens'. A query x
         key mask over the same tokens (Chroma's ``(B, 1, L, L)``) keeps the surviving tokens' rows and columns
-        (:func:`merge_query_key_mask`). Any other mask -- over context + tokens in another order (SD3 joint
-        attention), a merge across the mask -- runs that sublayer unmerged, with a one-time warning."""
+        (:func:`~.merging_spans.thin_query_key_mask`: a slice where every token of the span has the same row and
+        column, checked once per model call for the mask its blocks share). Any other mask -- over context + tokens
+        in another order (SD3 joint attention), a merge across the mask -- runs that sublayer unmerged, with a
+        one-time warning."""
         n_ctx = context.shape[1] if isinstance(context, Tensor) and context.dim() == 3 else 0
         if n_ctx and mask.shape[-1] == n_ctx:
             return mask  # cross-attention: its keys are the context's, which merging leaves alone
@@ -179,7 +181,8 @@ class BlockMerger:
             span, n = (span[0] + mask.shape[-1] - n, span[1]), mask.shape[-1]
         merged = merge_key_mask(mask, m, span, n)
         if merged is None and mask.dim() >= 3 and mask.shape[-2] == n:
-            merged = merge_query_key_mask(mask, m, span, n)
+            memo = self.state.square_masks if self.state.running and not _in_backward() else None
+            merged = thin_query_key_mask(mask, m, span, n, memo)
         if merged is not None:
             return merged
         if not self.state.warned_mask:

@@ -42,6 +42,7 @@ from .fingerprints import (  # noqa: F401  (MAX_RECORDED: importable from here a
 from .merging_blocks import BlockMerger, GridFn, RopeFn, Sublayer, merge_block  # noqa: F401  (importable as before)
 from .merging_conflicts import GRID_HOOKS, refuse_output_caches  # noqa: F401  (GRID_HOOKS: importable as before)
 from .merging_spans import (  # noqa: F401  (importable from here as before)
+    SquareMasks,
     merge_key_mask,
     merge_query_key_mask,
     merge_span,
@@ -84,7 +85,8 @@ class TokenMergingState:
     def __setstate__(self, state: dict) -> None:
         # defaults first: also older pickles
         self.__dict__.update({"recording": False, "isolated": False, "sublayers": [], "inference": None,
-                              "kinds": set(), "_destinations": Destinations(), **state, "_recorded": Recorded(),
+                              "kinds": set(), "_destinations": Destinations(), **state,
+                              "square_masks": SquareMasks(), "_recorded": Recorded(),
                               "running": 0})
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ class TokenMergingState:
         self.inference: bool | None = None  # whether the last call ran under torch.inference_mode()
         self.kinds: set[Hashable] = set()  # (grid, grad mode) of the calls of the current step, see observe
         self._destinations = Destinations()  # each layer's destination positions by step, see destinations()
+        self.square_masks = SquareMasks()  # the running call's query x key mask, checked once; emptied as it ends
 
     @property
     def step(self) -> int:
@@ -277,3 +280,4 @@ def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
 
 def _leave(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
     state.running = max(state.running - 1, 0)  # also when the call raised (always_call)
+    state.square_masks.clear()  # no mask, nor a thinning of one, outlives the call
