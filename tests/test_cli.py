@@ -35,6 +35,7 @@ def test_show_models_keeps_whole_names_on_a_narrow_terminal():
 
 @pytest.mark.parametrize("args, message", [
     (["demo", "--steps", "0"], "--steps must be >= 1"),
+    (["demo", "--steps", "100001", "--out", "{tmp}/d.png"], "--steps must be at most 100,000, got 100001"),
     (["demo", "--out", "{tmp}/x.jpg"], ".png"),
     (["show", "tasks", "--per-task", "0", "--out", "{tmp}/t.png"], "--per-task must be >= 1"),
     (["show", "tasks", "--image-size", "20", "--out", "{tmp}/t.png"], "--image-size must be"),

@@ -38,3 +38,18 @@ def test_demo_refuses_a_non_png_out_before_generating(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"output path must end in \.png"):
         run_demo(tmp_path / "demo.jpg", steps=1, console=Console(file=io.StringIO()))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps, error, message", [(0, ValueError, r"steps must be in \[1, 100000\]"),
+                                                   (100_001, ValueError, r"steps must be in \[1, 100000\]"),
+                                                   (2.5, TypeError, "steps must be an int")])
+def test_demo_refuses_bad_steps_before_loading_a_model(tmp_path, monkeypatch, steps, error, message):
+    import tokensparse.demo as demo
+
+    def no_model(console):
+        raise AssertionError("loaded a model (and ran the warm-up) for a step count generate refuses")
+
+    monkeypatch.setattr(demo, "demo_model", no_model)
+    with pytest.raises(error, match=message):
+        run_demo(tmp_path / "demo.png", steps=steps, console=Console(file=io.StringIO()))
+    assert list(tmp_path.iterdir()) == []

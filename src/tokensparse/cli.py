@@ -188,10 +188,13 @@ def demo(out: Path = typer.Option(Path("tokensparse_demo.png"), help="Where to w
          steps: int = typer.Option(20, help="Denoising steps.")) -> None:
     """Run a dense and a sparse generation side by side and write a PNG."""
     from .demo import run_demo
+    from .flow import MAX_STEPS
 
     check_png_out(out)
     if steps < 1:
         fail(f"--steps must be >= 1, got {steps}")
+    if steps > MAX_STEPS:  # generate refuses it, but only after the model loads and the warm-up runs: a traceback
+        fail(f"--steps must be at most {MAX_STEPS:,}, got {steps}")
     try:
         run_demo(out=out, steps=steps, console=console)
     except OSError as exc:  # the PNG could not be written (save_png names it)

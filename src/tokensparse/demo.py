@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .api import apply_sparse_context, remove_sparse_context
 from .context import SparseContextConfig
+from .flow import check_steps
 from .generate import generate
 from .images import check_png_path, save_png
 from .models import RefDiT, build_model, list_models, load_model
@@ -71,6 +72,7 @@ def run_demo(out: Path, steps: int = 20, console: Console | None = None, keep: f
     from .metrics import psnr
 
     repeats = checks.integer("repeats", repeats, lo=1)  # the median of no runs: a StatisticsError at the end
+    steps = check_steps(steps)  # generate checks it too, but only after the model loads and the warm-up runs
     check_png_path(out)  # save_png would refuse it, after all the generation
     console = console or Console()
     model, trained = demo_model(console)
