@@ -131,13 +131,23 @@ def names_list(ap: argparse.ArgumentParser, flag: str, text: str, choices: Any, 
 
 
 def check_device(device: str, ap: argparse.ArgumentParser, flag: str = "--device") -> None:
-    """Refuse (``ap.error``) before any work a device torch cannot parse, or CUDA where none is available."""
+    """Refuse (``ap.error``) before any work a device torch cannot parse, CUDA where none is available, the meta
+    device (it holds no weights), or a device this machine cannot allocate on (``mps`` in a build without it,
+    ``cuda:3`` on a one-GPU machine): those were tracebacks once the models had loaded."""
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
         ap.error(f"{flag} must be a torch device (cpu, cuda, cuda:1, ...), got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         ap.error(f"{flag} {device}: no CUDA device is available here (use --device cpu)")
+    if kind == "meta":
+        ap.error(f"{flag} meta holds no data: the benchmark runs models with their weights (use --device cpu)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:  # AssertionError: a torch built without the device's support
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__  # torch's run on
+        ap.error(f"{flag} {device}: not usable here ({reason}; use --device cpu)")
 
 
 def progress(done: int, total: int, what: str) -> None:

@@ -551,3 +551,25 @@ def test_help_describes_every_flag_and_what_quick_changes(script, says, lines):
     for text in says:  # each flag's help beside it (was: none for these, or --quick's silent on what it sets)
         assert text in flat, (text, res.stdout)
     assert lines in res.stdout, res.stdout  # the description's lines and paragraphs kept (was: run together / cut)
+
+
+@pytest.mark.parametrize("device, message", [("meta", "--device meta holds no data"),
+                                             ("mps", "--device mps: not usable here"),
+                                             ("cuda:7", "--device cuda:7: not usable here")])
+def test_a_device_that_cannot_run_the_models_is_refused_before_loading(tmp_path, monkeypatch, capsys, device,
+                                                                        message):
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a one-GPU machine: cuda:7 is missing
+    elif device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    quality = _script("quality")
+    monkeypatch.setattr(quality, "load", lambda spec: pytest.fail("loaded a model before checking --device"))
+    monkeypatch.setattr("sys.argv", ["quality.py", "--device", device, "--out", str(tmp_path / "q.json")])
+    with pytest.raises(SystemExit) as exc:
+        quality.main()  # meta: a ValueError traceback from generate; mps: a RuntimeError from model.to("mps")
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
