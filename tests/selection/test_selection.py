@@ -319,3 +319,12 @@ def test_every_scorer_called_directly_scores_an_empty_reference_as_none(selector
                        prompts=["place it", "recolor it"])
         scores = SCORERS[selector](view, g)
         assert scores.shape == (2, 0) and scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("selector, reason", [("random", "without regard to content"),
+                                              ("uniform", "without regard to content"),
+                                              ("detail", "scores are ranks, not mass")])
+def test_adaptive_refusal_says_why_the_selector_has_no_mass(selector, reason):
+    with pytest.raises(ValueError, match="adaptive budgets count score mass") as exc:
+        SparseContextConfig(selector=selector, adaptive=True)
+    assert reason in str(exc.value)  # detail scores edges: "without regard to content" was wrong about it

@@ -20,6 +20,7 @@ from .budgets import allocate_mask, count_for_ratio, floor_count, mass_count, to
 from .scorers import INFORMED, NEEDS_PROBE, SCORERS, RefView, Scorer, bayer_rank, register_scorer
 
 ALLOCATIONS = ("auto", "equal", "score")
+_RANK_SCORERS = ("detail",)  # content-aware, but scored by pick order (spread_order): no mass to count
 
 
 def needs_probe(selector: str) -> bool:
@@ -32,8 +33,10 @@ def needs_probe(selector: str) -> bool:
 def check_adaptive(adaptive: bool, selector: str) -> None:
     """``ValueError`` for an adaptive budget over a selector whose scores carry no mass to count."""
     if adaptive and selector not in INFORMED:
+        why = (f"selector {selector!r} ranks tokens in an even-spread pick order, whose scores are ranks, not mass"
+               if selector in _RANK_SCORERS else f"selector {selector!r} ranks tokens without regard to content")
         raise ValueError(f"adaptive budgets count score mass, which only informed selectors give "
-                         f"({sorted(INFORMED)}); selector {selector!r} ranks tokens without regard to content")
+                         f"({sorted(INFORMED)}); {why}")
 
 
 def check_views(views: list[RefView]) -> None:
