@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import checks
+from .files import folder_problem
 from .vocab import VOCAB_SLOTS, tokenize
 
 FEATURES_FILE = "features.safetensors"
@@ -78,9 +80,15 @@ def load_feature_net(path: str | Path | None = None) -> FeatureNet:
 
 def train_feature_net(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                       image_size: int = 32, log=print) -> tuple[FeatureNet, dict]:
-    """Train on targets of every task (training seeds only); returns the net and held-out word accuracy."""
+    """Train on targets of every task (training seeds only); returns the net and held-out word accuracy.
+
+    ``steps`` and ``batch_size`` are ints >= 1, ``lr`` > 0 (``ValueError`` / ``TypeError`` naming them: ``steps=0``
+    was a ``ValueError`` from the LR schedule about "total_steps")."""
     from .data import ALL_FAMILIES, heldout, train_batches
 
+    steps = checks.integer("steps", steps, lo=1)
+    batch_size = checks.integer("batch_size", batch_size, lo=1)
+    lr = checks.real("lr", lr, 0.0, lo_open=True)
     torch.manual_seed(seed)
     net = FeatureNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -118,15 +126,32 @@ def save_feature_net(net: FeatureNet, path: str | Path, meta: dict) -> None:
     write_shipped(path, lambda tmp: save_file(half, tmp), meta)
 
 
-def main() -> None:  # pragma: no cover - exercised by the recipe, tested through train_feature_net
-    """``python -m tokensparse.features``: train the guidance benchmark's feature network."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tokensparse.features``: train the guidance benchmark's feature network.
+
+    Bad flags (``--steps 0``, an ``--out`` that is not a ``.safetensors`` path or cannot be written) are refused
+    before training, and a write that fails after it is one line (exit 1), not a traceback."""
     ap = argparse.ArgumentParser(description="Train the FID feature network on the task suite.")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("src/tokensparse/weights") / FEATURES_FILE)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    if args.out.suffix.lower() != ".safetensors":
+        ap.error(f"--out must be a .safetensors path, got {args.out}")
+    for target in (args.out, args.out.with_suffix(".json")):
+        if target.is_dir():
+            ap.error(f"--out {args.out}: {target} is a folder")
+    problem = folder_problem(args.out.absolute().parent)
+    if problem is not None:
+        ap.error(f"--out {args.out}: {problem}")
     net, meta = train_feature_net(args.steps, args.batch_size)
-    save_feature_net(net, args.out, meta)
+    try:
+        save_feature_net(net, args.out, meta)
+    except OSError as exc:  # names the path; the folder was checked above, so a full disk or a vanished folder
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
     print(json.dumps(meta["heldout_word_recall_at_k"]), f"wrote {args.out}")
 
 
