@@ -450,3 +450,10 @@ def test_a_failed_export_removes_the_folders_it_made(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_shipped(tmp_path / "new" / "w.safetensors", fails, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_names_an_odd_head_dim_instead_of_asking_for_impossible_rope_axes():
+    with pytest.raises(ValueError, match=r"head_dim 25 \(dim 50 / heads 2\) is odd"):
+        ts.build_model("refdit-tiny", dim=50)  # said: rope_axes (4, 10, 10) must be even and sum to head_dim 25
+    with pytest.raises(ValueError, match=r"rope_axes \(4, 10, 10\) must be even and sum to head_dim 32 \(dim 64"):
+        ts.build_model("refdit-tiny", dim=64)  # an even head_dim: the rope_axes are what to change

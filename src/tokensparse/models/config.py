@@ -65,8 +65,13 @@ class RefDiTConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if sum(self.rope_axes) != self.dim // self.heads or any(a % 2 for a in self.rope_axes):
-            raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.dim // self.heads}")
+        head_dim = self.dim // self.heads
+        if head_dim % 2:  # no even rope_axes sum to it: the message below would ask for the impossible
+            raise ValueError(f"head_dim {head_dim} (dim {self.dim} / heads {self.heads}) is odd; RoPE turns pairs of "
+                             "channels, so choose dim and heads whose quotient is even")
+        if sum(self.rope_axes) != head_dim or any(a % 2 for a in self.rope_axes):
+            raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {head_dim} (dim {self.dim} "
+                             f"/ heads {self.heads})")
         if self.route_span is not None and not 0 <= self.route_span[0] < self.route_span[1] <= self.depth:
             raise ValueError(f"route_span {self.route_span} must satisfy 0 <= start < end <= depth={self.depth}")
 
