@@ -195,3 +195,16 @@ def test_a_step_count_past_max_steps_is_named_before_any_work():
     with pytest.raises(ValueError, match=r"steps must be in \[1, 100000\], got 1000000000000"):
         ts.generate(model, [], "place", steps=10**12)
     assert not calls
+
+
+def test_weak_keep_refusal_does_not_ask_for_a_smaller_weak_keep_where_none_drops_anything(tiny):
+    ref = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    guidance = ts.SparseGuidanceConfig(2.0, 0.0, 0.0, weak_keep=0.1)
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(count=1))  # one token per reference is all the model sees
+    with pytest.raises(ValueError, match="1 or fewer each") as exc:
+        ts.generate(tiny, [ref], "place", steps=1, guidance=guidance)
+    assert "smaller weak_keep" not in str(exc.value) and "only token" in str(exc.value)  # none can drop it
+    ts.apply_sparse_context(tiny, ts.SparseContextConfig(count=2))
+    with pytest.raises(ValueError, match="give a smaller weak_keep"):  # 0.9 of 2 tokens keeps 2; 0.4 would keep 1
+        ts.generate(tiny, [ref], "place", steps=1, guidance=ts.SparseGuidanceConfig(2.0, 0.0, 0.0, weak_keep=0.9))
+    ts.remove_sparse_context(tiny)

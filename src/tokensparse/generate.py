@@ -207,10 +207,11 @@ def generate(
     if (ref_tokens is not None and _weakened_only_by_weak_keep(guidance, cfg.grid ** 2)
             and keeps_every_token(ref_tokens, guidance.weak_keep)):
         most = max(int(in_r.sum(1).max()) for in_r, _ in _keep_counts(ref_tokens, 1.0))
+        way = ("set strong < weak or null_weak (no weak_keep drops a reference's only token: each keeps at least one)"
+               if most <= 1 else "give a smaller weak_keep, strong < weak or null_weak")
         raise ValueError(f"guidance weak_keep={guidance.weak_keep} keeps every token of this call's references "
                          f"({most} or fewer each, as the model sees them), and weak_keep is all that weakens the weak "
-                         "branch: both branches would be the same; give a smaller weak_keep, strong < weak or "
-                         "null_weak")
+                         f"branch: both branches would be the same; {way}")
     sparse_cfg = sparse_context_config(model)
     use_cache = sparse_cfg is not None and sparse_cfg.cache
     null_ids = torch.zeros_like(prompt_ids)
