@@ -132,14 +132,19 @@ def names_list(ap: argparse.ArgumentParser, flag: str, text: str, choices: Any, 
 
 def check_device(device: str, ap: argparse.ArgumentParser, flag: str = "--device") -> None:
     """Refuse (``ap.error``) before any work a device torch cannot parse, CUDA where none is available, the meta
-    device (it holds no weights), or a device this machine cannot allocate on (``mps`` in a build without it,
-    ``cuda:3`` on a one-GPU machine): those were tracebacks once the models had loaded."""
+    device (it holds no weights), a ``cuda:N`` past this machine's GPUs, or another device it cannot allocate on
+    (``mps`` in a build without it): those were tracebacks once the models had loaded."""
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
         ap.error(f"{flag} must be a torch device (cpu, cuda, cuda:1, ...), got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         ap.error(f"{flag} {device}: no CUDA device is available here (use --device cpu)")
+    if kind == "cuda":  # counted, not allocated on: a CUDA context here would hold GPU memory for the whole run
+        index, count = torch.device(device).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            ap.error(f"{flag} {device}: not usable here (this machine has {count} CUDA device(s); use --device cpu)")
+        return
     if kind == "meta":
         ap.error(f"{flag} meta holds no data: the benchmark runs models with their weights (use --device cpu)")
     try:
