@@ -174,6 +174,7 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
     diffusers' class ``name``), whose call says which sizes it takes and whether it makes layers; a subclass of a
     supported pipeline is checked as its base (messages name ``name``)."""
     from .integrations.diffusers_models import MASK_PIPELINES, PIPELINES
+    from .integrations.diffusers_redux import REDUX_PIPELINES
 
     if name is None:
         return
@@ -192,6 +193,10 @@ def check_pipeline(name: str | None, n_refs: int, cache: bool, proportional: boo
     if kind in MASK_PIPELINES or kind in GRID_INPUT:
         what = "inpainting pipelines" if kind in MASK_PIPELINES else "it takes a grid of in-context examples"
         fail(f"{name} is not supported here ({what}: from Python); supported: {', '.join(supported)}")
+    if (isinstance(cls, type) and known_name(cls, REDUX_PIPELINES)) or name in REDUX_PIPELINES:
+        fail(f"{name} is FLUX.1 Redux's prior: it makes a FluxPipeline's prompt embeddings, not an image, so generate "
+             "does not run it; apply Sparse Context to it from Python (ts.apply_sparse_context(prior, cfg), then "
+             "flux_pipe(**prior(image)))")
     if kind not in PIPELINES:  # text-to-image (SD, SDXL, PixArt, SD3, FLUX.1, Chroma, Z-Image, ...): merging alone
         given = [opt for opt, on in (("--ref", n_refs > 0), ("--cache", cache), ("--proportional", proportional)) if on]
         if given:

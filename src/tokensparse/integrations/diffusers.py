@@ -7,7 +7,8 @@ whole), ``LongCatImageEditPipeline``, ``BriaFiboEditPipeline``,
 ``BriaFibo2Pipeline`` (Fibo 2.0), ``ZImageOmniPipeline``, ``JoyImageEditPipeline``, ``JoyImageEditPlusPipeline``,
 ``GlmImagePipeline`` (GLM-Image), ``OmniGenPipeline``, ``VisualClozeGenerationPipeline`` / ``VisualClozePipeline``
 (its in-context example rows) and the inpainting ``Flux2KleinInpaintPipeline`` / ``FluxKontextInpaintPipeline`` /
-``QwenImageEditInpaintPipeline``, or their bare transformers; and subclasses of any of them, which run as their
+``QwenImageEditInpaintPipeline``, or their bare transformers; the FLUX.1 Redux prior ``FluxPriorReduxPipeline`` (its
+image tokens, thinned where it makes them: :mod:`.diffusers_redux`); and subclasses of any of them, which run as their
 nearest supported base class (:mod:`.classes`: e.g. ``class MyKontext(FluxKontextPipeline)`` overriding
 ``__call__``, or a transformer with an extra method).
 
@@ -95,6 +96,7 @@ from .diffusers_proportional import (
     image_bias,
     sequence_sizes,
 )
+from .diffusers_redux import REDUX_PIPELINES, ReduxState, apply_redux, is_redux, redux_state, remove_redux
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def is_diffusers_target(obj: Any) -> bool:
 
 
 def _supported() -> str:
-    return f"pipelines {sorted(PIPELINES)} or transformers {sorted(TRANSFORMERS)}, or subclasses of them"
+    return (f"pipelines {sorted(PIPELINES)}, the prior {list(REDUX_PIPELINES)} or transformers {sorted(TRANSFORMERS)}, "
+            "or subclasses of them")
 
 
 def _resolve(target: Any) -> tuple[Any | None, torch.nn.Module]:
@@ -388,10 +391,15 @@ def apply_sparse_context_diffusers(target: Any, cfg: SparseContextConfig) -> Any
     The hook lives on the transformer, so pipelines sharing it (``from_pipe``) share its config; each
     pipeline it was applied through captures its own reference pixels and prompt for the selection
     (applying through a second one keeps the first's capture).
+
+    ``FluxPriorReduxPipeline`` (FLUX.1 Redux) has no transformer: its output's image tokens are thinned instead
+    (:mod:`.diffusers_redux`).
     """
     if not isinstance(cfg, SparseContextConfig):
         raise TypeError(f"cfg must be a SparseContextConfig, got {type(cfg).__name__}")
     cfg = dataclasses.replace(cfg)  # a validated snapshot: later edits of the caller's object do not leak in
+    if is_redux(target):  # a prior without a transformer: its image embeddings are thinned (:mod:`.diffusers_redux`)
+        return apply_redux(target, cfg)
     pipe, transformer = _resolve(target)
     if cfg.proportional:  # ValueError where the log(size) bias cannot reach every attention exactly
         check_supported(transformer, _kv_pipeline(pipe), cfg.cache)
@@ -437,6 +445,8 @@ def _shares(pipe: Any, transformer: Any) -> bool:
 
 def remove_sparse_context_diffusers(target: Any) -> Any:
     """Undo :func:`apply_sparse_context_diffusers`; a target without Sparse Context is left as is."""
+    if is_redux(target):
+        return remove_redux(target)
     if _remove(target):
         reset_if_compiled(_resolve(target)[1], "Sparse Context")
     return target
@@ -459,8 +469,10 @@ def _remove(target: Any) -> bool:
     return hook is not None and not hook.state.cfg.is_identity
 
 
-def sparse_context_state(target: Any) -> _State | None:
+def sparse_context_state(target: Any) -> _State | ReduxState | None:
     """The live selection state of a patched target (``selections`` counts computed selections)."""
+    if is_redux(target):
+        return redux_state(target)
     _, transformer = _resolve(target)
     hook = _hook(transformer)
     return hook.state if hook is not None else None
