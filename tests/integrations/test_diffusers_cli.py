@@ -260,11 +260,11 @@ def test_a_pipeline_outside_sparse_context_without_merge_fails_before_loading(ap
 def test_merge_on_a_model_token_merging_does_not_know_fails_before_loading(app, tmp_path, monkeypatch):
     import diffusers
 
-    # what the check reads: model_index.json and the transformer's config (GLM-Image's, until token merging knew it)
-    transformer = diffusers.OmniGenTransformer2DModel(
-        in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-        num_layers=2, pad_token_id=2, vocab_size=8, time_step_dim=16, pos_embed_max_size=32,
-        rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8})
+    # what the check reads: model_index.json and the transformer's config -- a reference pipeline given a transformer
+    # token merging does not know (CogView3Plus's; GLM-Image's and then OmniGen's, until token merging knew them)
+    transformer = diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=32, sample_size=16)
     folder = pipeline_folder(tmp_path / "omnigen", "OmniGenPipeline",
                              transformer=["diffusers", type(transformer).__name__])
     transformer.save_config(folder / "transformer")
