@@ -5,12 +5,10 @@ placeholders, time token, target]``, left-padded, with a ``(B, S, S)`` 0/1 mask 
 A 256x192 reference is 16x12 = 192 tokens, a 128x256 one 8x16 = 128; the 64x64 target 16.
 
 Its processor needs torchvision; where that is missing (or unusable: a CUDA build beside a CPU torch), its four
-transforms are stood in by equivalents here (:func:`transforms`), so the real pipeline code runs.
+transforms are stood in by equivalents (:mod:`.omnigen_support`), so the real pipeline code runs.
 """
 
 from __future__ import annotations
-
-import types
 
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from tokensparse.integrations.diffusers import (
     remove_sparse_context_diffusers,
     sparse_context_state,
 )
-from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen
 
 from .contract import (
     NO_KV_CACHE,
@@ -37,6 +34,7 @@ from .contract import (
     pipeline_folder,
     reapply_then_remove,
 )
+from .omnigen_support import omnigen_pipe
 
 TARGET = 16
 RS = np.random.RandomState(0)
@@ -46,40 +44,9 @@ ONE = "<img><|image_1|></img> a red cat"
 TWO = "<img><|image_1|></img> a red cat with <img><|image_2|></img>"
 
 
-def transforms() -> types.SimpleNamespace:
-    """``torchvision.transforms``' ``Compose``, ``Lambda``, ``ToTensor`` (a uint8 RGB image: ``(3, H, W)`` / 255) and
-    ``Normalize``, as OmniGen's processor uses them."""
-
-    def compose(fs):
-        def run(x):
-            for f in fs:
-                x = f(x)
-            return x
-        return run
-
-    def normalize(mean, std, inplace=False):
-        return lambda x: (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-    def to_tensor():
-        return lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
-
-    return types.SimpleNamespace(Compose=compose, Lambda=lambda f: f, ToTensor=to_tensor, Normalize=normalize)
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers.pipelines.omnigen import pipeline_omnigen, processor_omnigen
-
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            import torchvision  # noqa: F401
-        except Exception:  # noqa: BLE001 - missing, or a build this torch cannot load
-            mp.setattr(processor_omnigen, "transforms", transforms(), raising=False)
-            mp.setattr(pipeline_omnigen, "OmniGenMultiModalProcessor", processor_omnigen.OmniGenMultiModalProcessor,
-                       raising=False)
-        p = tiny_omnigen(seed=0)
-        p.set_progress_bar_config(disable=True)
-        yield p
+    yield from omnigen_pipe()
 
 
 @pytest.fixture(autouse=True)

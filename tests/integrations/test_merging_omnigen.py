@@ -16,12 +16,12 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 import tokensparse as ts  # noqa: E402
-from tokensparse.integrations.diffusers_tiny_omnigen import tiny_omnigen  # noqa: E402
 from tokensparse.integrations.merging_hooks import merging_state  # noqa: E402
 
 from . import merging_contract as contract  # noqa: E402
 from .contract import first_call, generate_app  # noqa: E402
-from .test_diffusers_omnigen import REFS, TWO, transforms  # noqa: E402
+from .omnigen_support import omnigen_pipe  # noqa: E402
+from .test_diffusers_omnigen import REFS, TWO  # noqa: E402
 
 H, W = 64, 128  # pixels: a 4x8 target grid
 TARGET = 32
@@ -29,18 +29,7 @@ TARGET = 32
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers.pipelines.omnigen import pipeline_omnigen, processor_omnigen
-
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            import torchvision  # noqa: F401
-        except Exception:  # noqa: BLE001 - missing, or a build this torch cannot load
-            mp.setattr(processor_omnigen, "transforms", transforms(), raising=False)
-            mp.setattr(pipeline_omnigen, "OmniGenMultiModalProcessor", processor_omnigen.OmniGenMultiModalProcessor,
-                       raising=False)
-        p = tiny_omnigen(seed=0)
-        p.set_progress_bar_config(disable=True)
-        yield p
+    yield from omnigen_pipe()
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from tokensparse.integrations.diffusers import (
     sparse_context_state,
 )
 
-from .test_diffusers_omnigen import transforms
+from .omnigen_support import stand_in_transforms
 
 
 def img(seed: int, h: int = 32, w: int = 32) -> Image.Image:
@@ -144,7 +144,6 @@ def small_models():
     import diffusers.pipelines.joyimage.image_processor as joy
     import diffusers.pipelines.longcat_image.pipeline_longcat_image_edit as longcat
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as qwen_plus
-    from diffusers.pipelines.omnigen import pipeline_omnigen, processor_omnigen
 
     from tokensparse.integrations.diffusers_tiny_joyimage import SMALL_BUCKETS
 
@@ -153,12 +152,7 @@ def small_models():
         original = longcat.calculate_dimensions
         mp.setattr(longcat, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
         mp.setitem(joy.BUCKETS, 1024, SMALL_BUCKETS)
-        try:
-            import torchvision  # noqa: F401
-        except Exception:  # noqa: BLE001 - missing, or a build this torch cannot load
-            mp.setattr(processor_omnigen, "transforms", transforms(), raising=False)
-            mp.setattr(pipeline_omnigen, "OmniGenMultiModalProcessor", processor_omnigen.OmniGenMultiModalProcessor,
-                       raising=False)
+        stand_in_transforms(mp)
         yield
 
 
