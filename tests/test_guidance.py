@@ -246,3 +246,14 @@ def test_reference_only_guidance_is_told_by_the_routed_token_counts(routed):
     g = SparseGuidanceConfig(scale=1.5, strong=0.5, weak=0.52, weak_keep=0.5)
     with pytest.raises(ValueError, match="no references"):
         ts.generate(routed, [], "place", steps=1, guidance=g)
+
+
+@pytest.mark.parametrize("cls", [CFGConfig, SparseGuidanceConfig])
+def test_a_one_point_interval_is_refused_saying_why(cls):
+    """``lo < hi`` is intended (the docstrings say so); the message said only the rule, and README read as if a
+    closed one-point interval ``lo <= t <= hi`` with ``lo == hi`` were allowed."""
+    with pytest.raises(ValueError, match="one-point interval would guide only a step whose time equals it"):
+        cls(interval=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"lo < hi") as info:
+        cls(interval=(0.6, 0.5))
+    assert "one-point" not in str(info.value)

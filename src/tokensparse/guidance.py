@@ -56,8 +56,9 @@ def _check_scale(value: object) -> float:
 class CFGConfig:
     """Classifier-free guidance with scale ``scale`` (1.0 = unguided conditional; ``|scale| <= 1000``).
 
-    interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise) and run
-        the conditional pass alone elsewhere; ``None`` = every step.
+    interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise, both
+        bounds included) and run the conditional pass alone elsewhere; ``None`` = every step. A one-point interval
+        (``lo == hi``) is refused: it would guide only a step whose time equals it exactly in t's dtype.
     """
 
     scale: float = 1.5
@@ -80,8 +81,9 @@ class SparseGuidanceConfig:
     null_weak: the CFG+SG variant.
     weak_keep: fraction of reference tokens the weak branch sees (``1.0`` = same as the strong branch); where it
         is all that weakens the weak branch, ``generate`` refuses a call whose references it would keep whole.
-    interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise) and run
-        the strong branch alone elsewhere; ``None`` = every step.
+    interval: ``(lo, hi)`` with ``0 <= lo < hi <= 1``: guide only at times ``lo <= t <= hi`` (1 = noise, both
+        bounds included) and run the strong branch alone elsewhere; ``None`` = every step. ``lo == hi`` is refused,
+        as in :class:`CFGConfig`.
     """
 
     scale: float = 1.5
@@ -133,7 +135,9 @@ def _check_interval(interval: object) -> tuple[float, float] | None:
         raise TypeError(f"interval must be a (lo, hi) pair or None, got {interval!r}")
     lo, hi = checks.real("interval[0]", interval[0]), checks.real("interval[1]", interval[1])
     if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"interval must be (lo, hi) with 0 <= lo < hi <= 1, got {interval}")
+        point = (" (a one-point interval would guide only a step whose time equals it exactly: widen it, or pass "
+                 "interval=None to guide every step)") if lo == hi else ""
+        raise ValueError(f"interval must be (lo, hi) with 0 <= lo < hi <= 1, got {interval}{point}")
     return lo, hi
 
 
