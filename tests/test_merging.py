@@ -268,6 +268,23 @@ def test_config_identity_and_validation() -> None:
             TokenMergingConfig(**bad)
 
 
+def test_an_infinite_threshold_is_the_dense_model() -> None:
+    """The docs say a threshold above 1 is the dense model, but ``float("inf")`` was refused ("must be finite")."""
+    for inf in (float("inf"), np.float32("inf"), torch.tensor(float("inf")), 10**400):
+        cfg = TokenMergingConfig(threshold=inf)
+        assert cfg.threshold == float("inf") and cfg.is_identity and cfg.adaptive
+    for bad in (float("-inf"), float("nan"), np.float64("-inf")):
+        with pytest.raises(ValueError, match="threshold"):
+            TokenMergingConfig(threshold=bad)
+    with pytest.raises(TypeError, match="threshold"):
+        TokenMergingConfig(threshold="inf")
+    metric = torch.randn(2, 16, 4)
+    merge, unmerge = bipartite_soft_matching(metric, (4, 4), threshold=float("inf"), center=True)
+    assert torch.equal(merge(metric), metric) and torch.equal(unmerge(metric), metric)
+    assert match(metric, random_destinations(4, 4, torch.Generator().manual_seed(0)),
+                 threshold=float("inf")).num_merged == 0
+
+
 def test_config_num_merged() -> None:
     assert TokenMergingConfig(ratio=0.5).num_merged(100, 75) == 50
     assert TokenMergingConfig(ratio=0.9).num_merged(100, 75) == 75

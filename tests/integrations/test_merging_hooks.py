@@ -60,7 +60,8 @@ def _attn_lengths(model: nn.Module, attr: str = "attn") -> tuple[list[int], list
 def test_refdit_identity_remove_and_replace(refdit: ts.RefDiT) -> None:
     args = _inputs(refdit)
     dense = refdit(*args)
-    for identity in (TokenMergingConfig(), TokenMergingConfig(threshold=1.5)):
+    for identity in (TokenMergingConfig(), TokenMergingConfig(threshold=1.5),
+                     TokenMergingConfig(threshold=float("inf"))):
         apply_token_merging(refdit, identity)
         assert torch.equal(refdit(*args), dense)
     apply_token_merging(refdit, TokenMergingConfig(ratio=0.5))

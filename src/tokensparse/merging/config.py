@@ -3,6 +3,7 @@ docstring for the method)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .. import checks
@@ -17,9 +18,10 @@ class TokenMergingConfig:
         dense model, exactly. In adaptive mode a nonzero ratio caps the fraction merged. Only sources merge
         (3 of every 2x2 cell), so ratios above 0.75 merge the same as 0.75.
     threshold: adaptive mode (CA-ToMe) when set: merge every source whose best cosine similarity (centred,
-        unless ``center=False``) is at least ``threshold``, in ``[-1, inf)``. Cosine similarity never exceeds 1,
-        so ``threshold > 1`` is the dense model. Centred similarities run lower than raw ones: on the shipped
-        refdit-sparse-64px a centred 0.5 merges about as much as a raw 0.8 (~80 of 256 tokens per layer).
+        unless ``center=False``) is at least ``threshold``, in ``[-1, inf]``. Cosine similarity never exceeds 1,
+        so ``threshold > 1`` (``float("inf")`` too) is the dense model, exactly. Centred similarities run lower than
+        raw ones: on the shipped refdit-sparse-64px a centred 0.5 merges about as much as a raw 0.8 (~80 of 256
+        tokens per layer).
         A batch merges the smallest of its samples' counts, so a sample's output depends on its batch.
     recompute_every: recompute a layer's matching every this many denoising steps and reuse it in between
         (``1``: every step, no cache). A model call whose samples are at different timesteps (a training
@@ -54,7 +56,7 @@ class TokenMergingConfig:
     def __post_init__(self) -> None:
         self.ratio = checks.real("ratio", self.ratio, 0.0, 1.0, hi_open=True)
         if self.threshold is not None:
-            self.threshold = checks.real("threshold", self.threshold, -1.0)  # a cosine: below -1 merges all
+            self.threshold = _check_threshold(self.threshold)
         self.recompute_every = checks.integer("recompute_every", self.recompute_every, lo=1)
         self.recompute_steps = _check_steps(self.recompute_steps)
         for name in ("merge_attn", "merge_mlp", "merge_cross", "center"):
@@ -85,3 +87,19 @@ class TokenMergingConfig:
 
     def make_cache(self) -> MatchCache:
         return MatchCache(self.recompute_every, self.recompute_steps)
+
+
+def _check_threshold(value: object) -> float:
+    """``threshold`` as a float in ``[-1, inf]``: a cosine, so below -1 would merge all, and anything above 1, ``inf``
+    included, merges nothing (NaN and ``-inf`` are refused, naming ``threshold``)."""
+    try:
+        return checks.real("threshold", value, -1.0)
+    except ValueError:  # checks.real refuses every non-finite value; +inf (a float, 0-d array or tensor) is dense
+        try:
+            if float(value) == math.inf:  # type: ignore[arg-type]
+                return math.inf
+        except OverflowError:  # an int too large for a float: above 1 all the same
+            return math.inf
+        except (TypeError, ValueError):
+            pass
+        raise
