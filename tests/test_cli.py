@@ -209,6 +209,30 @@ def test_train_with_nothing_to_export_fails_in_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no weights, and no run folder without a step
 
 
+def test_train_export_with_stop_at_0_is_refused_before_training(tmp_path, monkeypatch):
+    """A new run with stop_at 0 trains no step, so --export has nothing to write: known from the recipe, it was
+    found only after the whole setup (the model built, accelerate started)."""
+    import tokensparse.train
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(tokensparse.train, "train", never)
+    (tmp_path / "r.json").write_text('{"model": "refdit-tiny", "steps": 2, "batch_size": 2, "stop_at": 0}')
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), "--out", str(tmp_path / "run"),
+                                   "--export", str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "nothing to export" in res.output and "stop_at 0" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    monkeypatch.undo()  # a run that has a checkpoint exports it, stop_at 0 or not
+    (tmp_path / "r1.json").write_text('{"model": "refdit-tiny", "steps": 1, "batch_size": 2}')
+    out = ["--out", str(tmp_path / "run")]
+    assert CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r1.json"), *out]).exit_code == 0
+    res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "r.json"), *out,
+                                   "--export", str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 0 and (tmp_path / "w.safetensors").is_file(), res.output
+
+
 @pytest.mark.parametrize("args", [["show", "tasks", "--per-task", "1"],
                                   ["show", "selection", "--ref", "{tmp}/r.png"],
                                   ["demo", "--steps", "1"]])

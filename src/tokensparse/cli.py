@@ -243,6 +243,9 @@ def train(
         fail(f"recipe {config}: init {cfg.init} not found (a checkpoint, a run folder or a shipped model's name)")
     check_out(Path(cfg.out), None, "--out" if out is not None else f"recipe {config}: out")
     if export is not None:
+        if cfg.stop_at == 0 and not resuming:  # known now: the run would stop before its first step, saving nothing
+            fail(f"nothing to export: recipe {config} has stop_at 0, which stops a new run before its first step, so "
+                 f"run folder {cfg.out} would hold no checkpoint; give stop_at >= 1 (or leave it out) to --export")
         check_out(export, ".safetensors", "--export")
         if export.with_suffix(".json").is_dir():  # found only after training, by the rename of the JSON
             fail(f"--export {export}: its metadata {export.with_suffix('.json')} is a folder; export elsewhere")
