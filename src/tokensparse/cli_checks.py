@@ -89,15 +89,21 @@ def check_png_out(out: Path) -> None:
     check_out(out, ".png")
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, refdit_hint: str = "") -> None:
     """Fail on an empty ``--model`` (``Path("")`` is the current directory, and Hugging Face's repo-id error
     would follow), one that is a file (a single-file checkpoint is no pipeline folder), or a path that does not
     exist (starting with ``.``, ``/`` or ``~``, as no Hub id does: else a repo-id error, or "not a pipeline
-    directory")."""
+    directory"). ``refdit_hint``: what the command's user does with a RefDiT checkpoint instead, said for a
+    ``.safetensors`` file (``tokensparse train --export`` writes one); ``{model}`` in it is the path, quoted."""
     if not model.strip():
         fail("--model must name a local pipeline folder or a Hub id, got an empty string")
     if Path(model).is_file():  # else read as a Hub id: a long Hugging Face error about repo ids
-        fail(f"--model {model} is a file; give a diffusers pipeline folder (holding model_index.json) or a Hub id")
+        hint = ""
+        if refdit_hint and model.lower().endswith(".safetensors"):
+            hint = ("; if it is a RefDiT checkpoint (tokensparse train --export, a run's step_N/ema.safetensors), "
+                    + refdit_hint.replace("{model}", json.dumps(model)))
+        fail(f"--model {model} is a file; give a diffusers pipeline folder (holding model_index.json) or a Hub id"
+             + hint)
     if model.startswith((".", "/", "~")) and not Path(model).exists():  # a path (no Hub id starts so) not there
         fail(f"--model {model} is not a pipeline directory: it does not exist; give a diffusers pipeline folder "
              "(holding model_index.json) or a Hub id")

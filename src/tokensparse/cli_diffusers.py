@@ -50,6 +50,11 @@ from .cli_layered import check_layer_outs, default_layers, save_layers
 from .images import MAX_SIDE, load_rgba, save_png
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# what --model's user does with a RefDiT .safetensors instead (check_model; {model}: the path, quoted)
+REFDIT_GENERATE = ("generate runs only diffusers pipelines: generate with it from Python, "
+                   "tokensparse.generate(tokensparse.load_model({model}), references, prompt)")
+REFDIT_TRAIN = ("train-lora trains only diffusers pipelines: fine-tune a RefDiT with tokensparse train, its recipe's "
+                '"init": {model}')
 
 
 # pipelines whose call casts the reference pixels to bfloat16 before its VAE (which then has to be bfloat16)
@@ -256,7 +261,7 @@ def generate(
             fail(f"{name} must be <= {high} pixels (FLUX.2 / Kontext / Qwen-Image work up to about 2048), got {value}")
     refs = _load_refs(list(ref or []))
     device, torch_dtype = _device_and_dtype(device, dtype)
-    check_model(model)
+    check_model(model, REFDIT_GENERATE)
     local = Path(model).is_dir()
     if not local and Path(model).exists():  # neither a folder nor a file (check_model): a device, a FIFO
         fail(f"--model {model} is not a pipeline directory")
@@ -429,7 +434,7 @@ def train_lora(
         resume = find_checkpoint(out, cfg, examples_digest(examples))  # refused before loading the pipeline
     except (ValueError, OSError) as exc:
         fail(flag_names(str(exc), ("steps", "lr", "rank", "keep_min", "resolution", "seed", "save_every")))
-    check_model(model)
+    check_model(model, REFDIT_TRAIN)
     local = Path(model).is_dir()
     from .integrations.diffusers_lora import SUPPORTED
 

@@ -363,6 +363,29 @@ def test_a_model_that_is_a_file_is_named(tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir()) <= ["data", "flux.safetensors"]  # was a long Hub repo-id error
 
 
+@pytest.mark.parametrize("command, hint", [
+    ("generate", 'tokensparse.generate(tokensparse.load_model("{path}"), references, prompt)'),
+    ("train-lora", "fine-tune a RefDiT with tokensparse train, its recipe's \"init\": \"{path}\""),
+])
+def test_a_model_that_is_a_refdit_export_gets_the_refdit_hint(tmp_path, command, hint):
+    """A shipped RefDiT's name got a RefDiT hint; the user's own export (``train --export``) only "is a file"."""
+    import tokensparse as ts
+    from tokensparse.cli import app
+    from tokensparse.models import build_model, save_checkpoint
+
+    checkpoint = tmp_path / "mine.safetensors"
+    save_checkpoint(build_model("refdit-tiny"), checkpoint)
+    extra = (["--prompt", "a cat", "--out", str(tmp_path / "o.png")] if command == "generate"
+             else ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")])
+    _lora_data(tmp_path / "data")
+    result = CliRunner(env={"COLUMNS": "1000"}).invoke(app, [command, "--model", str(checkpoint), *extra])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "is a file; give a diffusers pipeline folder" in output, output
+    assert "if it is a RefDiT checkpoint (tokensparse train --export" in output
+    assert hint.format(path=checkpoint) in output, output
+    assert isinstance(ts.load_model(str(checkpoint)), ts.RefDiT)  # what the hint says works
+
+
 @pytest.mark.parametrize("command", ["generate", "train-lora"])
 @pytest.mark.parametrize("model", ["./no-such-pipeline", "{tmp}/no-such-pipeline", "~no-such-user/pipeline"])
 def test_a_model_path_that_does_not_exist_is_named_missing(tmp_path, command, model):
