@@ -38,6 +38,20 @@ def test_short_run_lowers_the_loss(tmp_path):
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
 
 
+def test_the_log_prints_held_out_evals_rounded_and_the_state_keeps_them_whole(tmp_path):
+    """The log printed the eval as a raw dict of 16-digit floats (``{'step': 1, 'editing': 9.1234567890123, ...}``)."""
+    lines = []
+    res = train(tiny_cfg(tmp_path, steps=1, eval_every=1, eval_samples=1), log=lines.append, progress=False)
+    entry = res.state["evals"][-1]
+    families = [k for k in entry if k != "step"]
+    assert entry["step"] == 1 and families
+    line = next(line for line in lines if "PSNR" in line)
+    assert line == "step 1: held-out PSNR " + ", ".join(f"{fam} {entry[fam]:.2f} dB" for fam in families)
+    assert not re.search(r"\d\.\d{3}", line) and "{" not in line
+    saved = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["evals"][-1]
+    assert saved == entry  # the state file keeps full precision
+
+
 def test_kill_and_resume_is_bit_exact(tmp_path):
     drop = DropConfig(p_full=0.3, keep_min=0.1)
     train(tiny_cfg(tmp_path / "a", drop=drop), progress=False)
