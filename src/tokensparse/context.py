@@ -31,7 +31,8 @@ class SparseContextConfig:
         from the prompt).
     adaptive: let the budget adapt to the input: each reference keeps the smallest set of tokens that
         holds ``mass`` of its score mass, between ``min_keep`` and ``keep`` of its tokens (informed selectors
-        only: ``edges``, ``foreground``, ``attention``, ``auto``).
+        only: ``edges``, ``foreground``, ``attention``, ``auto``). ``auto`` scores an edit with ``uniform``, whose
+        scores carry no content: there the budget is a fixed fraction (44 of 64 tokens at mass 0.9), not adapted.
     seed: seeds the selection's own generator, so dense and sparse runs share the diffusion noise. ``"random"``
         draws for the whole batch at once, reference after reference: a sample's random selection depends on its
         place in the batch and on the batch size (never on the other samples' images); every other selector

@@ -50,6 +50,18 @@ def test_auto_choice_per_sample():
     assert auto_choice(scene) == [FAMILY_SCORER["editing"]]  # a photo among subjects is copied like an edit
 
 
+def test_auto_adaptive_on_an_edit_keeps_a_fixed_fraction_whatever_the_image():
+    """What the docs say: ``auto`` scores an edit with ``uniform``'s content-free ranks, so an adaptive budget keeps
+    44 of 64 tokens at mass 0.9 on any image (on a subject it adapts to the content)."""
+    g = torch.Generator().manual_seed(0)
+    flat, busy = torch.zeros(1, 8, 8, 3), torch.rand(1, 8, 8, 3, generator=g)
+    edits = [select([RefView(f, prompts=["recolor the car red"])], 1.0, "auto", g, adaptive=True, mass=0.9)[0]
+             for f in (flat, busy)]
+    assert int(edits[0].sum()) == int(edits[1].sum()) == 44 and torch.equal(edits[0], edits[1])
+    subject = select([RefView(busy, prompts=["place the subject top left"])], 1.0, "auto", g, adaptive=True)[0]
+    assert int(subject.sum()) != 44
+
+
 def _ref_mass_from_hooks(model, refs_seq, prompt_ids, blocks):
     """Reference: run the real forward on the probe's input and compute the attention from hooked inputs."""
     cfg = model.config

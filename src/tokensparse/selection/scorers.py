@@ -4,9 +4,12 @@ A scorer maps one reference, seen as a :class:`RefView`, to a score per token ``
 budget then keeps the highest-scoring tokens. Scorers register themselves by name in ``SCORERS``,
 which is also the list of valid ``SparseContextConfig.selector`` values.
 
-Scores of the *informed* scorers (``edges``, ``foreground``, ``attention``, ``auto``) are non-negative and
-zero where a token carries nothing, so budgets may sum them as "mass" (adaptive budgets, allocation
-across references by each token's share of its reference's mass).
+Scores of the *informed* scorers (``edges``, ``foreground``, ``attention``, ``auto``) are non-negative, so budgets
+may sum them as "mass" (adaptive budgets, allocation across references by each token's share of its reference's
+mass); those of ``edges``, ``foreground`` and ``attention`` are near zero where a token carries nothing. ``auto`` is
+as informed as the scorer it picks per sample: for an editing prompt (and a reference it judges a scene) that is
+``uniform``, whose scores are dithering ranks that carry no content, so an adaptive budget on an edit keeps a fixed
+fraction of the grid whatever the image (about 69 %: 44 of 64 tokens at the default mass 0.9).
 Every scorer only needs ``features``; ``image`` (pixels) and ``attention`` (a model probe) refine
 them when the wiring provides them. The prompt-aware ``auto`` lives in :mod:`.auto`.
 """
@@ -83,15 +86,16 @@ def check_attention(view: RefView) -> None:
 
 Scorer = Callable[[RefView, torch.Generator], Tensor]
 SCORERS: dict[str, Scorer] = {}
-INFORMED: set[str] = set()  # scorers whose scores are a mass: >= 0, ~0 for empty tokens (adaptive, allocation)
+INFORMED: set[str] = set()  # scorers whose scores are a mass, >= 0 (adaptive, allocation); see the module docstring
 NEEDS_PROBE: set[str] = set()  # scorers that use ``RefView.attention`` when it is available
 
 
 def register_scorer(name: str, informed: bool = False, probe: bool = False) -> Callable[[Scorer], Scorer]:
     """Decorator: make ``fn`` available as ``selector=name``.
 
-    informed: scores are non-negative and ~zero for empty tokens, so budgets may count score mass
-        (adaptive budgets, allocation across references). probe: the scorer uses a model probe.
+    informed: scores are non-negative, so budgets may count score mass (adaptive budgets, allocation across
+        references); meant for scores near zero on empty tokens (``auto`` is informed, yet scores edits with
+        ``uniform``'s content-free ranks: see the module docstring). probe: the scorer uses a model probe.
     The registered (and returned) scorer scores a reference with no tokens (a ``0 x w`` grid) as
     ``(B, 0)`` without calling ``fn``, so no scorer has to handle an empty grid itself.
     """
