@@ -138,3 +138,28 @@ def test_generate_command_refuses_the_prior_naming_the_python_way(capsys):
         with pytest.raises(typer.Exit):
             check_pipeline(name, 1, cache=False, cls=cls)
         assert f"{name} is FLUX.1 Redux's prior" in capsys.readouterr().err
+
+
+def test_a_deep_copy_of_a_patched_prior_is_self_contained(prior):
+    """``copy.deepcopy`` copies the capture wrappers' partials with their bound methods' owners (the hook, the
+    pipeline) through the memo: the copy captures into its own state, selects on its own, and removes on its own."""
+    import copy
+
+    ts.apply_sparse_context(prior, SparseContextConfig(keep=0.25, selector="auto"))
+    twin = copy.deepcopy(prior)
+    hook = twin.__dict__["_tokensparse_redux"]
+    assert hook is not prior.__dict__["_tokensparse_redux"]
+    for name in ("check_inputs", "encode_image"):
+        wrapper = twin.__dict__[name]
+        assert wrapper.func.__self__ is hook and wrapper.args[0].__self__ is twin, name
+    assert [h.__self__ for h in twin.image_embedder._forward_hooks.values()] == [hook]
+    twin(image(), prompt="recolor it")
+    assert sparse_context_state(twin).prompts == ["recolor it"] and sparse_context_state(twin).selections == 1
+    assert sparse_context_state(prior).prompts is None and sparse_context_state(prior).selections == 0
+    assert torch.equal(twin(image(), prompt="a cat").prompt_embeds, embeds(prior).prompt_embeds)
+    ts.remove_sparse_context(twin)
+    assert not twin.image_embedder._forward_hooks and "encode_image" not in twin.__dict__
+    assert len(prior.image_embedder._forward_hooks) == 1 and "encode_image" in prior.__dict__
+    part = copy.deepcopy(prior.image_embedder)  # the module alone: its hook's copy, no pipeline dragged along
+    assert [type(h.__self__).__name__ for h in part._forward_hooks.values()] == ["ReduxHook"]
+    assert not any(isinstance(v, type(prior)) for v in vars(next(iter(part._forward_hooks.values())).__self__).values())
