@@ -104,11 +104,17 @@ def pipe_fixtures(build: Callable[..., Any]) -> tuple[Any, Any]:
     @pytest.fixture(autouse=True)
     def clean(pipe: Any) -> Any:
         yield
-        remove_sparse_context_diffusers(pipe)
-        if merging_state(pipe) is not None:  # remove_token_merging refuses a model merging does not support
-            remove_token_merging(pipe)
+        clear(pipe)
 
     return tiny_pipeline(build), clean
+
+
+def clear(pipe: Any) -> None:
+    """Remove Sparse Context and token merging from ``pipe``, where applied (:func:`pipe_fixtures`' autouse fixture
+    runs it after each test)."""
+    remove_sparse_context_diffusers(pipe)
+    if merging_state(pipe) is not None:  # remove_token_merging refuses a model merging does not support
+        remove_token_merging(pipe)
 
 
 def reapply_then_remove(pipe: Any, run: Callable[[Any], np.ndarray], sparse: np.ndarray, dense: np.ndarray,
