@@ -53,6 +53,11 @@ class Sublayer:
     # a pointwise (1x1) convolution over the token grid as a (B, C, H, W) map (Sana's mix-FFN): its input read as the
     # grid's H * W tokens (row-major), the merged ones passed as a (B, C, N', 1) column, its output unmerged back
     channels_first: bool = False
+    # called on [other tokens, the grid] (CogView3-Plus's ff over [text, image]): the grid is its input's last tokens,
+    # wherever the block's first sublayer found it
+    at_end: bool = False
+    # called on (N, B, C) tokens, the sequence first (ERNIE-Image's mlp): read and merged along dim 0
+    seq_first: bool = False
 
 
 class BlockMerger:
@@ -111,6 +116,10 @@ class BlockMerger:
             if not isinstance(x, Tensor) or x.dim() != 4:
                 return None
             hw, x = tuple(x.shape[-2:]), x.flatten(2).transpose(1, 2)
+        if sub.seq_first:
+            if not isinstance(x, Tensor) or x.dim() != 3:
+                return None
+            x = x.transpose(0, 1)
         if owner:
             grid = self.grid(x.shape[1])
             self.state.grids_found += grid is not None and min(grid[:2]) >= 2  # 1 x n: no 2x2 cell to merge in
@@ -122,6 +131,8 @@ class BlockMerger:
         m, span = self.current, self.span
         if m is None or m.num_merged == 0:
             return None
+        if sub.at_end:
+            span = (max(x.shape[1] - span[1], 0), span[1])
         if not m.fits(part(x, span)):  # e.g. diffusers' forward chunking calls ff on slices of the tokens
             if not self.state.warned_misfit:
                 self.state.warned_misfit = True
@@ -144,6 +155,8 @@ class BlockMerger:
         merged = merge_span(m, x, span)
         if hw is not None:
             merged = merged.transpose(1, 2).unsqueeze(-1)
+        if sub.seq_first:
+            merged = merged.transpose(0, 1)
         if from_kwargs:
             kwargs = {**kwargs, sub.tokens: merged}
         else:
@@ -200,6 +213,8 @@ class BlockMerger:
         hw = module.__dict__.pop("_tokensparse_hw", None)
         if hw is not None:  # a pointwise convolution: (B, C, N', 1) -> tokens, unmerged, -> (B, C, H, W)
             return unmerge_span(m, output.squeeze(-1).transpose(1, 2), span).transpose(1, 2).unflatten(2, hw)
+        if sub.seq_first:
+            return unmerge_span(m, output.transpose(0, 1), span).transpose(0, 1)
         if isinstance(output, tuple):
             return tuple(unmerge_span(m, o, span) if i in sub.outputs else o for i, o in enumerate(output))
         return unmerge_span(m, output, span)

@@ -66,6 +66,9 @@
   input images, time token, target]`` (nothing before it attends to it), in every block's ``self_attn`` (its keys,
   RoPE rows and query x key mask along; one table, so one matching, for the batch) and ``mlp``. See
   :mod:`.merging_omnigen`.
+- **CogView3-Plus** (``CogView3PlusTransformerBlock``, ``CogView3PlusPipeline``): every block's image stream in
+  ``attn1`` (no positional table: the model adds its own before the blocks) and the image span, after the text, of
+  ``ff``'s one call on ``[text, image]``; each sample its own matching. See :mod:`.merging_cogview3plus`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -88,6 +91,7 @@ from .calls import as_keywords, first_arg
 from .diffusers_models import is_layered
 from .merging_auraflow import wire_auraflow
 from .merging_blocks import BlockMerger, Sublayer, leading_grid, merge_block
+from .merging_cogview3plus import wire_cogview3plus
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
 from .merging_fibo2 import wire_fibo2
@@ -161,6 +165,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
         "joyimage_plus": "JoyImageEditPlusTransformerBlock"},
     # OmniGen: one decoder over [text and input images, time token, target], causal but the images, the target last
     "diffusers.models.transformers.transformer_omnigen": {"omnigen": "OmniGenBlock"},
+    # CogView3-Plus: image and text streams; its ff runs on [text, image]
+    "diffusers.models.transformers.transformer_cogview3plus": {"cogview3plus": "CogView3PlusTransformerBlock"},
 }
 
 
@@ -186,7 +192,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
-         "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",)}
+         "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",), "cogview3plus": ("cogview3plus",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -196,7 +202,7 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
     ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``,
-    ``omnigen``); empty lists when it knows none."""
+    ``omnigen``, ``cogview3plus``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -220,7 +226,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
                    "glm_image": wire_glm_image,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage,
-                   "omnigen": wire_omnigen}
+                   "omnigen": wire_omnigen, "cogview3plus": wire_cogview3plus}
         wirings[kind](model, blocks[kind], state)
 
 
