@@ -69,6 +69,9 @@
 - **CogView3-Plus** (``CogView3PlusTransformerBlock``, ``CogView3PlusPipeline``): every block's image stream in
   ``attn1`` (no positional table: the model adds its own before the blocks) and the image span, after the text, of
   ``ff``'s one call on ``[text, image]``; each sample its own matching. See :mod:`.merging_cogview3plus`.
+- **ERNIE-Image** (``ErnieImageSharedAdaLNBlock``, ``ErnieImagePipeline``): the image grid, first in every block's
+  ``[image, text]`` sequence, in ``self_attention`` (its RoPE rows and key mask along; per-sample tables: a matching
+  per sample) and ``mlp`` (which takes the sequence first). See :mod:`.merging_ernie_image`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -94,6 +97,7 @@ from .merging_blocks import BlockMerger, Sublayer, leading_grid, merge_block
 from .merging_cogview3plus import wire_cogview3plus
 from .merging_cogview4 import wire_cogview4
 from .merging_core import TokenMergingState, observe_calls
+from .merging_ernie_image import wire_ernie_image
 from .merging_fibo2 import wire_fibo2
 from .merging_flux import (  # noqa: F401  (importable from here as before; the private ones for pickled models)
     _flux_grid,
@@ -167,6 +171,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.transformer_omnigen": {"omnigen": "OmniGenBlock"},
     # CogView3-Plus: image and text streams; its ff runs on [text, image]
     "diffusers.models.transformers.transformer_cogview3plus": {"cogview3plus": "CogView3PlusTransformerBlock"},
+    # ERNIE-Image: single-stream blocks over [image, text], the sequence first
+    "diffusers.models.transformers.transformer_ernie_image": {"ernie_image": "ErnieImageSharedAdaLNBlock"},
 }
 
 
@@ -192,7 +198,8 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "sana": ("sana",),
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
-         "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",), "cogview3plus": ("cogview3plus",)}
+         "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",), "cogview3plus": ("cogview3plus",),
+         "ernie_image": ("ernie_image",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -202,7 +209,7 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
     ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``,
-    ``omnigen``, ``cogview3plus``); empty lists when it knows none."""
+    ``omnigen``, ``cogview3plus``, ``ernie_image``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -226,7 +233,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
                    "glm_image": wire_glm_image,
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage,
-                   "omnigen": wire_omnigen, "cogview3plus": wire_cogview3plus}
+                   "omnigen": wire_omnigen, "cogview3plus": wire_cogview3plus,
+                   "ernie_image": wire_ernie_image}
         wirings[kind](model, blocks[kind], state)
 
 
