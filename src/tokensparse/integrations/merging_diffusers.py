@@ -72,6 +72,9 @@
 - **ERNIE-Image** (``ErnieImageSharedAdaLNBlock``, ``ErnieImagePipeline``): the image grid, first in every block's
   ``[image, text]`` sequence, in ``self_attention`` (its RoPE rows and key mask along; per-sample tables: a matching
   per sample) and ``mlp`` (which takes the sequence first). See :mod:`.merging_ernie_image`.
+- **PRX** (``PRXBlock``, ``PRXPipeline``): every block's image tokens in ``attention`` (their RoPE rows along;
+  per-sample tables: a matching per sample; the text's keys and key mask pass) and the three linear layers of its
+  inline MLP. See :mod:`.merging_prx`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -114,6 +117,7 @@ from .merging_hunyuan_image import wire_hunyuan_image
 from .merging_joyimage import wire_joyimage
 from .merging_lumina2 import image_blocks, wire_lumina2
 from .merging_omnigen import wire_omnigen
+from .merging_prx import wire_prx
 from .merging_qwen21 import wire_qwen21
 from .merging_sana import wire_sana
 from .merging_spans import merge_span
@@ -173,6 +177,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.transformer_cogview3plus": {"cogview3plus": "CogView3PlusTransformerBlock"},
     # ERNIE-Image: single-stream blocks over [image, text], the sequence first
     "diffusers.models.transformers.transformer_ernie_image": {"ernie_image": "ErnieImageSharedAdaLNBlock"},
+    # PRX: image-only blocks, the text projected into each attention's keys; an inline three-layer MLP
+    "diffusers.models.transformers.transformer_prx": {"prx": "PRXBlock"},
 }
 
 
@@ -199,7 +205,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
          "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",), "cogview3plus": ("cogview3plus",),
-         "ernie_image": ("ernie_image",)}
+         "ernie_image": ("ernie_image",), "prx": ("prx",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -209,7 +215,8 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
     ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``,
-    ``omnigen``, ``cogview3plus``, ``ernie_image``); empty lists when it knows none."""
+    ``omnigen``, ``cogview3plus``, ``ernie_image``, ``prx``); empty
+    lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -234,7 +241,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage,
                    "omnigen": wire_omnigen, "cogview3plus": wire_cogview3plus,
-                   "ernie_image": wire_ernie_image}
+                   "ernie_image": wire_ernie_image, "prx": wire_prx}
         wirings[kind](model, blocks[kind], state)
 
 
