@@ -14,7 +14,7 @@ which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline
 decomposed into ``--layers`` RGBA layers, written as ``OUT-layer1.png``, ...: :mod:`.cli_layered`); any other
 pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria
 3.x (``BriaPipeline``), Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
-HunyuanImage 2.1, CogView3-Plus, ERNIE-Image) runs with ``--merge`` alone. The functions here are plain
+HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next) runs with ``--merge`` alone. The functions here are plain
 typer-annotated functions; ``tokensparse.cli`` registers them as commands.
 """
 
@@ -223,8 +223,9 @@ def generate(
 
     Text-to-image pipelines whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma,
     Ovis-Image, Bria 3.x, Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
-    HunyuanImage 2.1, CogView3-Plus, ERNIE-Image) run with token merging alone (--merge). Qwen-Image-Layered
-    decomposes its one --ref into --layers RGBA layers, written as OUT-layer1.png, OUT-layer2.png, ...
+    HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next) run with token merging alone (--merge).
+    Qwen-Image-Layered decomposes its one --ref into --layers RGBA layers, written as OUT-layer1.png,
+    OUT-layer2.png, ...
     """
     try:
         import diffusers

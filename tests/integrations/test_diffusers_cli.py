@@ -261,11 +261,11 @@ def test_merge_on_a_model_token_merging_does_not_know_fails_before_loading(app, 
     import diffusers
 
     # what the check reads: model_index.json and the transformer's config -- a reference pipeline given a transformer
-    # token merging does not know (Lumina-Next's; GLM-Image's, OmniGen's and then CogView3-Plus's, until token merging
-    # knew them)
-    transformer = diffusers.LuminaNextDiT2DModel(
-        sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_attention_heads=2,
-        num_kv_heads=1, cross_attention_dim=16)
+    # token merging does not know (NucleusMoE-Image's; GLM-Image's, OmniGen's, CogView3-Plus's and then Lumina-Next's,
+    # until token merging knew them)
+    transformer = diffusers.NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6), moe_enabled=False)
     folder = pipeline_folder(tmp_path / "omnigen", "OmniGenPipeline",
                              transformer=["diffusers", type(transformer).__name__])
     transformer.save_config(folder / "transformer")
