@@ -14,8 +14,8 @@ which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline
 decomposed into ``--layers`` RGBA layers, written as ``OUT-layer1.png``, ...: :mod:`.cli_layered`); any other
 pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria
 3.x (``BriaPipeline``), Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
-HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next) runs with ``--merge`` alone. The functions here are plain
-typer-annotated functions; ``tokensparse.cli`` registers them as commands.
+HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next, Krea 2) runs with ``--merge`` alone. The functions here
+are plain typer-annotated functions; ``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def generate(
 
     Text-to-image pipelines whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma,
     Ovis-Image, Bria 3.x, Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
-    HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next) run with token merging alone (--merge).
+    HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next, Krea 2) run with token merging alone (--merge).
     Qwen-Image-Layered decomposes its one --ref into --layers RGBA layers, written as OUT-layer1.png,
     OUT-layer2.png, ...
     """

@@ -79,6 +79,9 @@
   RoPE rows and key mask along; the pipeline's proportional scale kept), ``attn2`` (the caption's keys pass), the
   projection ``attn2.to_out[0]`` of their summed per-head outputs, and ``feed_forward``; per-sample tables: a matching
   per sample. See :mod:`.merging_lumina_next`.
+- **Krea 2** (``Krea2TransformerBlock``, ``Krea2Pipeline``): the image tokens, last in every block's ``[text, image]``
+  sequence, in ``attn`` (their RoPE rows and key mask entries along; tables without a batch axis: one matching per
+  batch) and ``ff``; the grid is read from the image rows of ``position_ids``. See :mod:`.merging_krea2`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -119,6 +122,7 @@ from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_hunyuan_image import wire_hunyuan_image
 from .merging_joyimage import wire_joyimage
+from .merging_krea2 import wire_krea2
 from .merging_lumina2 import image_blocks, wire_lumina2
 from .merging_lumina_next import wire_lumina_next
 from .merging_omnigen import wire_omnigen
@@ -186,6 +190,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.transformer_prx": {"prx": "PRXBlock"},
     # Lumina-Next: image-only blocks; self- and cross-attention's per-head outputs summed, then one projection
     "diffusers.models.transformers.lumina_nextdit2d": {"lumina_next": "LuminaNextDiTBlock"},
+    # Krea 2: single-stream blocks over [text, image], the image last (its text-fusion blocks see the text only)
+    "diffusers.models.transformers.transformer_krea2": {"krea2": "Krea2TransformerBlock"},
 }
 
 
@@ -212,7 +218,8 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "hunyuan_dit": ("hunyuan_dit",), "auraflow": ("auraflow", "auraflow_single"),
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
          "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",), "cogview3plus": ("cogview3plus",),
-         "ernie_image": ("ernie_image",), "prx": ("prx",), "lumina_next": ("lumina_next",)}
+         "ernie_image": ("ernie_image",), "prx": ("prx",), "lumina_next": ("lumina_next",),
+         "krea2": ("krea2",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -222,7 +229,7 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
     ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``,
-    ``omnigen``, ``cogview3plus``, ``ernie_image``, ``prx``, ``lumina_next``); empty
+    ``omnigen``, ``cogview3plus``, ``ernie_image``, ``prx``, ``lumina_next``, ``krea2``); empty
     lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
@@ -248,7 +255,8 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
                    "hunyuan_dit": wire_hunyuan_dit, "auraflow": wire_auraflow, "hidream": wire_hidream,
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage,
                    "omnigen": wire_omnigen, "cogview3plus": wire_cogview3plus,
-                   "ernie_image": wire_ernie_image, "prx": wire_prx, "lumina_next": wire_lumina_next}
+                   "ernie_image": wire_ernie_image, "prx": wire_prx, "lumina_next": wire_lumina_next,
+                   "krea2": wire_krea2}
         wirings[kind](model, blocks[kind], state)
 
 
