@@ -573,3 +573,25 @@ def test_a_device_that_cannot_run_the_models_is_refused_before_loading(tmp_path,
         quality.main()  # meta: a ValueError traceback from generate; mps: a RuntimeError from model.to("mps")
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
+
+
+def test_attention_kernel_records_the_step_attention_calls_speed_times():
+    import torch
+
+    import tokensparse as ts
+
+    ak = _script("attention_kernel")
+    pair = ak.models(ak.ARCH)
+    refs = [torch.rand(3, 64, 64) for _ in range(4)]
+    shapes = {s: ak.step_calls(pair, s, refs, ak.PROMPT) for s in ("dense", "sparse0.25", "sparse0.25+kv")}
+    from tokensparse.vocab import tokenize
+
+    depth, text = pair[False].config.depth, pair[False].prompt_embedder(tokenize(ak.PROMPT))[0].shape[1]
+    # one call per block; joint: every token a query and a key; cached: the target's queries over target + context
+    assert all(len(c) == depth for c in shapes.values())
+    assert {(q[2], k[2]) for q, k, _ in shapes["dense"]} == {(256 + 4 * 256 + text,) * 2}
+    assert {(q[2], k[2]) for q, k, _ in shapes["sparse0.25"]} == {(256 + 4 * 64 + text,) * 2}
+    assert {(q[2], k[2]) for q, k, _ in shapes["sparse0.25+kv"]} == {(256, 256 + 4 * 64 + text)}
+    assert ak.flops(shapes["dense"]) == 4 * depth * 6 * 1291 * 1291 * 32  # 6 heads of 32
+    for m in pair.values():
+        ts.remove_sparse_context(m)
