@@ -258,3 +258,12 @@ def leading_grid(box: dict, n: int) -> tuple[int, int, int] | None:
     ``None`` (nothing merged)."""
     g = box["grid"]
     return None if g is None or g[0] * g[1] > n else (g[0], g[1], 0)
+
+
+def trailing_grid(box: dict, n: int) -> tuple[int, int, int] | None:
+    """A grid function (``functools.partial(trailing_grid, box)``) for sublayers whose input ends with the image grid
+    (other tokens, if any, before it: text, references, a time token): its last ``h * w`` of the ``n`` tokens when
+    ``box["grid"] = (h, w)`` has no more than ``n`` of them (Qwen-Image 2.1, OmniGen, CogView3-Plus's ``ff`` over
+    ``[text, image]``, Krea 2), else ``None`` (nothing merged)."""
+    g = box["grid"]
+    return None if g is None or g[0] * g[1] > n else (g[0], g[1], n - g[0] * g[1])

@@ -15,35 +15,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block
-from .merging_core import TokenMergingState, observe_calls
+from .merging_blocks import Sublayer, merge_block, trailing_grid
+from .merging_core import TokenMergingState, observe_calls, observe_latent
 
 
 def wire_cogview3plus(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     """Hook ``attn1`` (its image stream) and ``ff`` (the image span at the end of ``[text, image]``) of each block;
     the grid comes from the latent the model is called with."""
     box: dict[str, Any] = {"grid": None}
-    observe_calls(model, state, _observe, box)
+    observe_calls(model, state, observe_latent, box, 2)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attn1, "hidden_states"),
                     Sublayer(blk.ff, "hidden_states", at_end=True), functools.partial(trailing_grid, box))
 
-
-def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"] = None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 2) or 1)
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
-    state.observe(first_arg(call, "timestep"), call, box["grid"])
-
-
-def trailing_grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """The image grid ``box["grid"] = (h, w)`` as the last ``h * w`` of a sublayer's ``n`` tokens (all of them in the
-    image stream; after the text in ``[text, image]``), else ``None`` (nothing merged)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] > n else (g[0], g[1], n - g[0] * g[1])

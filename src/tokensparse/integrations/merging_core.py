@@ -33,6 +33,7 @@ from ..merging import (
     num_sources,
     random_destinations,
 )
+from .calls import as_keywords, first_arg
 from .fingerprints import (  # noqa: F401  (MAX_RECORDED: importable from here as before)
     MAX_RECORDED,
     Recorded,
@@ -281,3 +282,22 @@ def _enter(state: TokenMergingState, module: nn.Module, args: tuple) -> None:
 def _leave(state: TokenMergingState, module: nn.Module, args: tuple, output: Any) -> None:
     state.running = max(state.running - 1, 0)  # also when the call raised (always_call)
     state.square_masks.clear()  # no mask, nor a thinning of one, outlives the call
+
+
+def latent_grid(module: nn.Module, x: Any, patch: int = 2) -> tuple[int, int] | None:
+    """``(H / p, W / p)``: the row-major token grid that ``module`` patchifies its latent ``x (B, C, H, W)`` into,
+    ``p`` its config's ``patch_size`` (``patch`` where the config has none); ``None`` where ``x`` is no such latent."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return None
+    p = int(module.config.get("patch_size", patch) or 1)
+    return x.shape[-2] // p, x.shape[-1] // p
+
+
+def observe_latent(state: TokenMergingState, box: dict, patch: int, module: nn.Module, args: tuple,
+                   kwargs: dict) -> None:
+    """An ``observe`` for :func:`observe_calls` (``observe_calls(model, state, observe_latent, box, patch)``) on a model
+    whose blocks see the grid of its latent ``hidden_states (B, C, H, W)``: ``box["grid"]``, the call's
+    :func:`latent_grid` (``patch``: the default patch size); the step from its ``timestep``."""
+    call = as_keywords(module, args, kwargs)
+    box["grid"] = latent_grid(module, call.get("hidden_states"), patch)
+    state.observe(first_arg(call, "timestep"), call, box["grid"])

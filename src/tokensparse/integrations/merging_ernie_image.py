@@ -18,9 +18,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..merging import Matching
-from .calls import as_keywords, first_arg
 from .merging_blocks import Sublayer, leading_grid, merge_block
-from .merging_core import TokenMergingState, observe_calls
+from .merging_core import TokenMergingState, observe_calls, observe_latent
 from .merging_spans import merge_span
 
 
@@ -28,20 +27,10 @@ def wire_ernie_image(model: nn.Module, blocks: list[tuple[str, nn.Module]], stat
     """Hook ``self_attention`` (with its RoPE rows; its key mask along) and ``mlp`` (sequence first) of each block in
     ``blocks``; the grid comes from the latent the model is called with."""
     box: dict[str, Any] = {"grid": None}
-    observe_calls(model, state, _observe, box)
+    observe_calls(model, state, observe_latent, box, 1)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.self_attention, "hidden_states", rope=_rope),
                     Sublayer(blk.mlp, "x", seq_first=True), functools.partial(leading_grid, box))
-
-
-def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"] = None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 1) or 1)
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
-    state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
 def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

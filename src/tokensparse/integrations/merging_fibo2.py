@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_blocks import BlockMerger, Sublayer, leading_grid
-from .merging_core import TokenMergingState, observe_calls
+from .merging_core import TokenMergingState, latent_grid, observe_calls
 from .merging_spans import merge_span
 
 _REFINER = re.compile(r"(^|\.)noise_refiner\.\d+$")  # blocks over [target, images to edit]: no gist tokens
@@ -73,11 +73,7 @@ def gist_grid(box: dict, n: int) -> tuple[int, int, int] | None:
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"], box["start"] = None, None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 2) or 1)
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
+    box["grid"], box["start"] = latent_grid(module, call.get("hidden_states")), None
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 

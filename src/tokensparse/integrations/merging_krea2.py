@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block
+from .merging_blocks import Sublayer, merge_block, trailing_grid
 from .merging_cogview4 import rope_rows
 from .merging_core import TokenMergingState, observe_calls
 
@@ -55,10 +55,3 @@ def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple
     box["grid"] = image_grid(call.get("position_ids"), x.shape[1]) if isinstance(x, Tensor) and x.dim() == 3 else None
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
-
-def trailing_grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """A grid function (``functools.partial(trailing_grid, box)``) for sublayers whose input ends with the image grid
-    (the text before it): its last ``h * w`` of the ``n`` tokens when ``box["grid"] = (h, w)`` has no more than ``n``
-    of them, else ``None`` (nothing merged)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] > n else (g[0], g[1], n - g[0] * g[1])

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_blocks import BlockMerger, Sublayer, whole_grid
-from .merging_core import TokenMergingState, observe_calls
+from .merging_core import TokenMergingState, latent_grid, observe_calls
 from .merging_spans import merge_span
 
 
@@ -56,11 +56,7 @@ def wire_lumina_next(model: nn.Module, blocks: list[tuple[str, nn.Module]], stat
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"] = None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 2) or 1)
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
+    box["grid"] = latent_grid(module, call.get("hidden_states"))
     t = first_arg(call, "timestep")
     state.observe(1.0 - t if t is not None else None, call, box["grid"])  # Lumina's t rises (1 - t/1000)
 

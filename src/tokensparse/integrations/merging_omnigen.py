@@ -27,9 +27,8 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block
-from .merging_core import TokenMergingState, observe_calls
-from .merging_qwen21 import trailing_grid
+from .merging_blocks import Sublayer, merge_block, trailing_grid
+from .merging_core import TokenMergingState, latent_grid, observe_calls
 from .merging_spans import keep_rows
 
 
@@ -45,11 +44,7 @@ def wire_omnigen(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: T
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"] = None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 2))
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
+    box["grid"] = latent_grid(module, call.get("hidden_states"))
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 

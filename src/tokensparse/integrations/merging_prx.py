@@ -18,9 +18,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..merging import Matching
-from .calls import as_keywords, first_arg
 from .merging_blocks import BlockMerger, Sublayer, whole_grid
-from .merging_core import TokenMergingState, observe_calls
+from .merging_core import TokenMergingState, observe_calls, observe_latent
 from .merging_spans import merge_span
 
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -39,21 +38,11 @@ def wire_prx(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Token
     """Hook the sublayers :func:`prx_sublayers` selects in each block of ``blocks``; the grid comes from the latent
     the model is called with."""
     box: dict[str, Any] = {"grid": None}
-    observe_calls(model, state, _observe, box)
+    observe_calls(model, state, observe_latent, box, 2)
     for name, blk in blocks:
         subs = prx_sublayers(blk, state.cfg)
         if subs:
             BlockMerger(state, name, subs, functools.partial(whole_grid, box), block=blk)
-
-
-def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"] = None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 2) or 1)
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
-    state.observe(first_arg(call, "timestep"), call, box["grid"])
 
 
 def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block
+from .merging_blocks import Sublayer, merge_block, trailing_grid
 from .merging_core import TokenMergingState, observe_calls
 from .merging_spans import merge_span
 
@@ -81,12 +81,6 @@ def _plain_prefill(model: nn.Module) -> bool:
     return all(isinstance(getattr(blk.attn, "processor", None), QwenImage21AttnProcessor)
                for blk in getattr(model, "transformer_blocks", []))
 
-
-def trailing_grid(box: dict, n: int) -> tuple[int, int, int] | None:
-    """A grid function for sublayers whose input ends with the target grid: its last ``h * w`` of the ``n`` tokens
-    when ``box["grid"] = (h, w)`` has no more than ``n`` of them, else ``None`` (nothing merged)."""
-    g = box["grid"]
-    return None if g is None or g[0] * g[1] > n else (g[0], g[1], n - g[0] * g[1])
 
 
 def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from .calls import as_keywords, first_arg
 from .merging_blocks import BlockMerger, Sublayer, whole_grid
-from .merging_core import TokenMergingState, observe_calls
+from .merging_core import TokenMergingState, latent_grid, observe_calls
 
 
 def sana_sublayers(blk: nn.Module, cfg: Any) -> list[Sublayer]:
@@ -55,10 +55,6 @@ def wire_sana(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: Toke
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
     call = as_keywords(module, args, kwargs)
-    x = call.get("hidden_states")
-    box["grid"] = None
-    if isinstance(x, Tensor) and x.dim() == 4:
-        p = int(module.config.get("patch_size", 1) or 1)
-        box["grid"] = (x.shape[-2] // p, x.shape[-1] // p)
+    box["grid"] = latent_grid(module, call.get("hidden_states"), 1)
     state.observe(first_arg(call, "timestep"), call, box["grid"])
 
