@@ -22,14 +22,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_blocks import Sublayer, leading_grid, merge_block
 from .merging_core import TokenMergingState, observe_calls
-from .merging_spans import merge_span
+from .merging_spans import keep_rows, merge_span
 
 
 def wire_joyimage(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
@@ -71,13 +70,7 @@ def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int])
     rope = kwargs.get("image_rotary_emb")
     if rope is None or rope[0] is None:
         return args, kwargs
-    start, length = span
-    keep = m.keep[0]
-
-    def sub(t: Tensor) -> Tensor:
-        return torch.cat([t[:start], t[start:start + length][keep], t[start + length:]], dim=0)
-
-    return args, {**kwargs, "image_rotary_emb": (tuple(sub(t) for t in rope[0]), rope[1])}
+    return args, {**kwargs, "image_rotary_emb": (tuple(keep_rows(t, m, span) for t in rope[0]), rope[1])}
 
 
 def _rope_plus(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:

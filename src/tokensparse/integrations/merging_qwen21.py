@@ -23,14 +23,13 @@ import functools
 import logging
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
 from .merging_blocks import Sublayer, merge_block, trailing_grid
 from .merging_core import TokenMergingState, observe_calls
-from .merging_spans import merge_span
+from .merging_spans import keep_rows, merge_span
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +85,9 @@ def _plain_prefill(model: nn.Module) -> bool:
 def _rope(args: tuple, kwargs: dict, m: Matching, n: int, span: tuple[int, int]) -> tuple[tuple, dict]:
     """``attn(hidden_states, rotary_emb=(L, D/2), key_valid=(B, L), ...)``: the rows / entries of the kept target
     tokens and all others (one matching for the batch: the table has no batch axis)."""
-    start, length = span
     rope = kwargs.get("rotary_emb")
     if isinstance(rope, Tensor) and rope.shape[0] == n:
-        rope = torch.cat([rope[:start], rope[start:start + length][m.keep[0]], rope[start + length:]], dim=0)
-        kwargs = {**kwargs, "rotary_emb": rope}
+        kwargs = {**kwargs, "rotary_emb": keep_rows(rope, m, span)}
     valid = kwargs.get("key_valid")
     if isinstance(valid, Tensor) and valid.shape[-1] == n:
         kwargs = {**kwargs, "key_valid": merge_span(m, valid.expand(m.batch_size, n), span, mode="keep")}
