@@ -77,8 +77,8 @@
   inline MLP. See :mod:`.merging_prx`.
 - **Lumina-Next** (``LuminaNextDiTBlock``, ``LuminaPipeline``): every block's image tokens in ``attn1`` (its keys,
   RoPE rows and key mask along; the pipeline's proportional scale kept), ``attn2`` (the caption's keys pass), the
-  projection ``attn2.to_out[0]`` of their summed per-head outputs, and ``feed_forward``; per-sample tables: a matching
-  per sample. See :mod:`.merging_lumina_next`.
+  projection ``attn2.to_out[0]`` of their summed per-head outputs, and ``feed_forward``; one table ``(1, N, D/2)``
+  expanded to the batch: a matching per sample. See :mod:`.merging_lumina_next`.
 - **Krea 2** (``Krea2TransformerBlock``, ``Krea2Pipeline``): the image tokens, last in every block's ``[text, image]``
   sequence, in ``attn`` (their RoPE rows and key mask entries along; tables without a batch axis: one matching per
   batch) and ``ff``; the grid is read from the image rows of ``position_ids``. See :mod:`.merging_krea2`.
