@@ -11,6 +11,7 @@ is never merged.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,10 +23,12 @@ from .merging_blocks import Sublayer, merge_block, whole_grid
 from .merging_core import TokenMergingState, observe_calls
 
 
-def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
-    """Hook ``attn1`` (image stream, its RoPE rows) and ``ff`` (its image-stream call) of each block."""
+def wire_cogview4(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState,
+                  observe: Callable[..., None] | None = None) -> None:
+    """Hook ``attn1`` (image stream, its RoPE rows) and ``ff`` (its image-stream call) of each block; ``observe``
+    (default: CogView4's) reads each model call's grid into ``box["grid"]`` (GLM-Image passes its own)."""
     box: dict[str, Any] = {"grid": None}
-    observe_calls(model, state, _observe, box)
+    observe_calls(model, state, observe or _observe, box)
     for name, blk in blocks:
         merge_block(state, name, Sublayer(blk.attn1, "hidden_states", rope=rope_rows),
                     Sublayer(blk.ff, "hidden_states", first_call=True), functools.partial(whole_grid, box), shared=True,

@@ -17,27 +17,18 @@ whole (or thinned) tokens.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 from torch import nn
 
 from .calls import as_keywords
-from .merging_blocks import Sublayer, merge_block, whole_grid
 from .merging_cogview4 import _observe as _observe_cogview4
-from .merging_cogview4 import rope_rows
-from .merging_core import TokenMergingState, observe_calls
+from .merging_cogview4 import wire_cogview4
+from .merging_core import TokenMergingState
 
 
 def wire_glm_image(model: nn.Module, blocks: list[tuple[str, nn.Module]], state: TokenMergingState) -> None:
     """Hook ``attn1`` (image stream, its RoPE rows) and ``ff`` (its image-stream call) of each block, as CogView4's;
     K/V-cache write calls (the condition images) run unmerged."""
-    box: dict[str, Any] = {"grid": None}
-    observe_calls(model, state, _observe, box)
-    for name, blk in blocks:
-        merge_block(state, name, Sublayer(blk.attn1, "hidden_states", rope=rope_rows),
-                    Sublayer(blk.ff, "hidden_states", first_call=True), functools.partial(whole_grid, box), shared=True,
-                    block=blk)
+    wire_cogview4(model, blocks, state, _observe)
 
 
 def writes_cache(call: dict) -> bool:
