@@ -8,11 +8,12 @@ kept token is placed as it was and only the number of tokens changes. The prior 
 (its weighted sum over the batch): they share one grid and one selection, scored on the images' mean SigLIP features
 (and, for one image, its pixels).
 
-Thinned here: a forward hook on ``image_embedder`` keeps the selected rows of its output, ``round(keep * h * w)`` of
-them in their order, once per prior call. ``keep=1.0`` and :func:`remove_redux` leave the output bit-identical.
-The FLUX transformer itself is not hooked: its calls just see a shorter prompt. ``copy.deepcopy`` of a patched
-pipeline is self-contained: the capture wrappers are partials of bound methods, copied with their owners (the hook,
-the pipeline) through the copy's memo, and the hook holds no pipeline, so copying ``image_embedder`` alone drags none.
+Thinned here: a forward hook on ``image_embedder`` keeps the selected rows of its output, as many as the config's
+budget gives (``round(keep * h * w)``, ``count``, or an adaptive count), in their order, once per prior call.
+``keep=1.0`` and :func:`remove_redux` leave the output bit-identical. The FLUX transformer itself is not hooked: its
+calls just see a shorter prompt. ``copy.deepcopy`` of a patched pipeline is self-contained: the capture wrappers are
+partials of bound methods, copied with their owners (the hook, the pipeline) through the copy's memo, and the hook
+holds no pipeline, so copying ``image_embedder`` alone drags none.
 """
 
 from __future__ import annotations
