@@ -17,7 +17,7 @@ from .merging import TokenMergingConfig
 from .models import RefDiT, RefDiTConfig, build_model, list_models, load_model
 from .vocab import tokenize
 
-__version__ = "0.22.0"
+__version__ = "0.23.0"
 
 __all__ = [
     "CFGConfig",
