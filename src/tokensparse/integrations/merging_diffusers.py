@@ -82,6 +82,11 @@
 - **Krea 2** (``Krea2TransformerBlock``, ``Krea2Pipeline``): the image tokens, last in every block's ``[text, image]``
   sequence, in ``attn`` (their RoPE rows and key mask entries along; tables without a batch axis: one matching per
   batch) and ``ff``; the grid is read from the image rows of ``position_ids``. See :mod:`.merging_krea2`.
+- **Ideogram 4** (``Ideogram4TransformerBlock``, ``Ideogram4Pipeline``): the image tokens, last in every block's
+  packed ``[padding, text, image]`` sequence, in ``attention`` (their RoPE rows and their rows and columns of the
+  segment mask along; per-sample tables: a matching per sample) and ``feed_forward``; the grid is read from the
+  ``indicator`` and the image rows of ``position_ids``. The pipeline's ``unconditional_transformer`` is a second
+  model: apply merging to it too to merge there. See :mod:`.merging_ideogram4`.
 
 Text tokens and reference tokens are never merged (thinning references is Sparse Context's job).
 """
@@ -121,6 +126,7 @@ from .merging_glm_image import wire_glm_image
 from .merging_hidream import wire_hidream
 from .merging_hunyuan_dit import wire_hunyuan_dit
 from .merging_hunyuan_image import wire_hunyuan_image
+from .merging_ideogram4 import wire_ideogram4
 from .merging_joyimage import wire_joyimage
 from .merging_krea2 import wire_krea2
 from .merging_lumina2 import image_blocks, wire_lumina2
@@ -192,6 +198,8 @@ _BLOCK_CLASSES: dict[str, dict[str, str]] = {
     "diffusers.models.transformers.lumina_nextdit2d": {"lumina_next": "LuminaNextDiTBlock"},
     # Krea 2: single-stream blocks over [text, image], the image last (its text-fusion blocks see the text only)
     "diffusers.models.transformers.transformer_krea2": {"krea2": "Krea2TransformerBlock"},
+    # Ideogram 4: single-stream blocks over a packed [padding, text, image], the image last
+    "diffusers.models.transformers.transformer_ideogram4": {"ideogram4": "Ideogram4TransformerBlock"},
 }
 
 
@@ -219,7 +227,7 @@ KINDS = {"unet": ("basic", "joint"), "flux": ("flux", "flux2", "longcat", "chrom
          "hidream": ("hidream", "hidream_single"), "hunyuan_image": ("hunyuan_image", "hunyuan_image_single"),
          "joyimage": ("joyimage", "joyimage_plus"), "omnigen": ("omnigen",), "cogview3plus": ("cogview3plus",),
          "ernie_image": ("ernie_image",), "prx": ("prx",), "lumina_next": ("lumina_next",),
-         "krea2": ("krea2",)}
+         "krea2": ("krea2",), "ideogram4": ("ideogram4",)}
 # Z-Image's blocks that see image tokens: the main layers and the noise refiner (image tokens only); its
 # context_refiner / siglip_refiner blocks see caption / SigLIP tokens only
 _ZIMAGE_IMAGE_BLOCKS = re.compile(r"(^|\.)(layers|noise_refiner)\.\d+$")
@@ -229,8 +237,8 @@ def find_blocks(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """The blocks of ``model`` that token merging knows and merges in, by kind (``unet``, ``flux``,
     ``flux_single``, ``flux3``, ``qwen``, ``qwen21``, ``zimage``, ``lumina2``, ``fibo2``, ``cogview4``,
     ``glm_image``, ``sana``, ``hunyuan_dit``, ``auraflow``, ``hidream``, ``hunyuan_image``, ``joyimage``,
-    ``omnigen``, ``cogview3plus``, ``ernie_image``, ``prx``, ``lumina_next``, ``krea2``); empty
-    lists when it knows none."""
+    ``omnigen``, ``cogview3plus``, ``ernie_image``, ``prx``, ``lumina_next``, ``krea2``,
+    ``ideogram4``); empty lists when it knows none."""
     classes = diffusers_classes()
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for kind, names in KINDS.items():
@@ -256,7 +264,7 @@ def wire(model: nn.Module, blocks: dict[str, list[tuple[str, nn.Module]]], state
                    "hunyuan_image": wire_hunyuan_image, "qwen21": wire_qwen21, "joyimage": wire_joyimage,
                    "omnigen": wire_omnigen, "cogview3plus": wire_cogview3plus,
                    "ernie_image": wire_ernie_image, "prx": wire_prx, "lumina_next": wire_lumina_next,
-                   "krea2": wire_krea2}
+                   "krea2": wire_krea2, "ideogram4": wire_ideogram4}
         wirings[kind](model, blocks[kind], state)
 
 

@@ -8,8 +8,8 @@ Supported targets (a pipeline is accepted too: its ``.transformer`` or ``.unet``
 - **diffusers** UNets and transformers (SD-style UNets, PixArt / DiT, SD3, FLUX / FLUX.2 / FLUX.3, Chroma,
   Ovis-Image, Bria 3.x, Bria FIBO, Fibo 2.0, Qwen-Image, Qwen-Image 2.1, Z-Image, Lumina 2, CogView4, GLM-Image,
   Sana, HunyuanDiT, AuraFlow, HiDream-I1, HunyuanImage 2.1, JoyImage Edit (Plus), OmniGen, CogView3-Plus,
-  ERNIE-Image, PRX, Lumina-Next, Krea 2): see :mod:`.merging_diffusers`. Only the target's tokens merge; text and
-  reference tokens pass through.
+  ERNIE-Image, PRX, Lumina-Next, Krea 2, Ideogram 4): see :mod:`.merging_diffusers`. Only the target's tokens merge;
+  text and reference tokens pass through.
 
 Per block, the first merged sublayer computes (or, between recompute steps, looks up) the matching from its
 input; the block's later sublayers reuse it. A forward pre-hook on the model reads the timestep and feeds a
@@ -170,8 +170,8 @@ def _unsupported(target: Any, method: str, model: nn.Module | None = None) -> Ty
         f"BasicTransformerBlock, an SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image / Bria / "
         f"Bria FIBO / Fibo 2.0 / Qwen-Image / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 / GLM-Image / Sana / "
         f"HunyuanDiT / AuraFlow / HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) / OmniGen / CogView3-Plus / "
-        f"ERNIE-Image / PRX / Lumina-Next / Krea 2 transformer, or a pipeline with .unet / .transformer holding one; "
-        f"got {got}{why}{hint}"
+        f"ERNIE-Image / PRX / Lumina-Next / Krea 2 / Ideogram 4 transformer, or a pipeline with .unet / .transformer "
+        f"holding one; got {got}{why}{hint}"
     )
 
 
@@ -186,8 +186,9 @@ def apply_token_merging(target: Any, cfg: TokenMergingConfig) -> Any:
     ``target``: a RefDiT, a diffusers UNet / SD3 / FLUX / FLUX.2 / FLUX.3 / LongCat-Image / Chroma / Ovis-Image /
     Bria / Bria FIBO / Fibo 2.0 / Qwen-Image(-Layered) / Qwen-Image 2.1 / Z-Image / Lumina 2 / CogView4 /
     GLM-Image / Sana / HunyuanDiT / AuraFlow / HiDream-I1 / HunyuanImage 2.1 / JoyImage Edit (Plus) / OmniGen /
-    CogView3-Plus / ERNIE-Image / PRX / Lumina-Next / Krea 2 transformer, or a pipeline (FLUX.3: modular) holding
-    one. Applying again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour; an
+    CogView3-Plus / ERNIE-Image / PRX / Lumina-Next / Krea 2 / Ideogram 4 transformer, or a pipeline (FLUX.3:
+    modular) holding one (Ideogram 4: its ``.transformer``; its ``unconditional_transformer`` is a model of its own).
+    Applying again replaces the earlier config; :func:`remove_token_merging` restores exact behaviour; an
     identity config (``ratio=0``, ``threshold > 1``) installs no merging at all. Returns ``target``.
 
     ``TypeError`` for a target it cannot merge: an unknown model (the message names the blocks holding its
