@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from ..merging import Matching
@@ -267,3 +268,18 @@ def trailing_grid(box: dict, n: int) -> tuple[int, int, int] | None:
     ``[text, image]``, Krea 2), else ``None`` (nothing merged)."""
     g = box["grid"]
     return None if g is None or g[0] * g[1] > n else (g[0], g[1], n - g[0] * g[1])
+
+
+def row_major_grid(img: Tensor) -> tuple[int, int] | None:
+    """``(h, w)`` where the position ids ``img (..., n, 3)`` are a row-major ``h x w`` grid's ``(0, row, column)``
+    coordinates from 0, alike along every leading axis (the image rows of Krea 2's or Ideogram 4's ``position_ids``),
+    else ``None``."""
+    n = img.shape[-2]
+    w = int(img[..., 2].max().item()) + 1 if n else 0
+    if w < 1 or n % w:
+        return None
+    h = n // w
+    rows = torch.arange(h, device=img.device).repeat_interleave(w)
+    cols = torch.arange(w, device=img.device).repeat(h)
+    want = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
+    return (h, w) if torch.equal(img, want.to(img.dtype).expand_as(img)) else None

@@ -17,12 +17,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..merging import Matching
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block, trailing_grid
+from .merging_blocks import Sublayer, merge_block, row_major_grid, trailing_grid
 from .merging_core import TokenMergingState, observe_calls
 from .merging_spans import merge_span
 
@@ -52,15 +51,7 @@ def image_grid(ids: Any, indicator: Any) -> tuple[int, int] | None:
     n = int(image[0].sum().item())
     if n == 0 or not image[:, ids.shape[1] - n:].all() or int(image.sum().item()) != n * ids.shape[0]:
         return None
-    img = ids[:, ids.shape[1] - n:] - OFFSET
-    w = int(img[0, :, 2].max().item()) + 1
-    if w < 1 or n % w:
-        return None
-    h = n // w
-    rows = torch.arange(h, device=ids.device).repeat_interleave(w)
-    cols = torch.arange(w, device=ids.device).repeat(h)
-    want = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
-    return (h, w) if torch.equal(img, want.to(img.dtype).expand_as(img)) else None
+    return row_major_grid(ids[:, ids.shape[1] - n:] - OFFSET)
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:

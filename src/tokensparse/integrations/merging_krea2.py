@@ -14,11 +14,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .calls import as_keywords, first_arg
-from .merging_blocks import Sublayer, merge_block, trailing_grid
+from .merging_blocks import Sublayer, merge_block, row_major_grid, trailing_grid
 from .merging_cogview4 import rope_rows
 from .merging_core import TokenMergingState, observe_calls
 
@@ -38,15 +37,7 @@ def image_grid(ids: Any, n: int) -> tuple[int, int] | None:
     coordinates from 0, else ``None``."""
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[-1] != 3 or not 0 < n <= ids.shape[0]:
         return None
-    img = ids[-n:]
-    w = int(img[:, 2].max().item()) + 1
-    if w < 1 or n % w:
-        return None
-    h = n // w
-    rows = torch.arange(h, device=ids.device).repeat_interleave(w)
-    cols = torch.arange(w, device=ids.device).repeat(h)
-    want = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
-    return (h, w) if torch.equal(img.to(want.dtype), want) else None
+    return row_major_grid(ids[-n:])
 
 
 def _observe(state: TokenMergingState, box: dict, module: nn.Module, args: tuple, kwargs: dict) -> None:
