@@ -48,7 +48,6 @@ def tiny_flux2_klein(
     Images must be multiples of 4 pixels (VAE /2, then 2x2 patches): 32x32 gives 8x8 = 64 tokens.
     """
     from diffusers import (
-        AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
         Flux2KleinKVPipeline,
         Flux2KleinPipeline,
@@ -71,16 +70,7 @@ def tiny_flux2_klein(
             tie_word_embeddings=True,
         )
     ).eval()
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = tiny_flux2_vae()
     transformer = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,
@@ -110,6 +100,18 @@ def tiny_flux2_klein(
 def flux2_call_kwargs(steps: int = 2, size: int = 32) -> dict[str, Any]:
     """Call arguments that fit :func:`tiny_flux2_klein`."""
     return {"num_inference_steps": steps, "height": size, "width": size, "max_sequence_length": 16}
+
+
+@needs("diffusers", "transformers")
+def tiny_flux2_vae() -> Any:
+    """A tiny random-weight FLUX.2 VAE (``AutoencoderKLFlux2``: 4 latent channels, 2x down), the one the tiny FLUX.2,
+    Fibo 2.0, ERNIE-Image and Ideogram 4 pipelines use; draws from torch's global generator."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=32, mid_block_add_attention=False).eval()
 
 
 @needs("transformers")

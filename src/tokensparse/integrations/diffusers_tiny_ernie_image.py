@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..extras import needs
-from .diffusers_tiny import tiny_qwen_tokenizer
+from .diffusers_tiny import tiny_flux2_vae, tiny_qwen_tokenizer
 
 
 @needs("diffusers", "transformers")
@@ -26,7 +26,6 @@ def tiny_ernie_image(seed: int = 0, num_layers: int = 2) -> Any:
     tokens (the pipeline's default, 1024, is far too big: pass them).
     """
     from diffusers import (
-        AutoencoderKLFlux2,
         ErnieImagePipeline,
         ErnieImageTransformer2DModel,
         FlowMatchEulerDiscreteScheduler,
@@ -43,10 +42,7 @@ def tiny_ernie_image(seed: int = 0, num_layers: int = 2) -> Any:
         vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                           num_attention_heads=2, head_dim=8, image_size=32, patch_size=8),
         image_token_index=len(tokenizer) - 1)).eval()
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=32, mid_block_add_attention=False).eval()
+    vae = tiny_flux2_vae()
     transformer = ErnieImageTransformer2DModel(
         hidden_size=32, num_attention_heads=2, num_layers=num_layers, ffn_hidden_size=64, in_channels=16,
         out_channels=16, patch_size=1, text_in_dim=text_hidden, rope_axes_dim=(4, 6, 6)).eval()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..extras import needs
+from .diffusers_tiny import tiny_flux2_vae
 from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 
@@ -23,7 +24,6 @@ def tiny_bria_fibo2(seed: int = 0) -> Any:
     Gist tokens: 4 to 8 (the pipeline's model: 256 to 512), so a prompt of a few hundred byte tokens gets 8.
     """
     from diffusers import (
-        AutoencoderKLFlux2,
         BriaFibo2Pipeline,
         BriaFibo2Transformer2DModel,
         FlowMatchEulerDiscreteScheduler,
@@ -31,10 +31,7 @@ def tiny_bria_fibo2(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     processor, text_encoder = tiny_qwen3_vl_with_processor(layers=36)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=32, mid_block_add_attention=False).eval()
+    vae = tiny_flux2_vae()
     transformer = BriaFibo2Transformer2DModel(
         in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
         cap_feat_dim=3 * 16,  # three text-encoder layers per bundle

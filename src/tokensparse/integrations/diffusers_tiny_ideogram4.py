@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..extras import needs
+from .diffusers_tiny import tiny_flux2_vae
 from .diffusers_tiny_vl import tiny_qwen3_vl_with_processor
 
 _TAPS = 13  # the pipeline's QWEN3_VL_ACTIVATION_LAYERS
@@ -29,7 +30,6 @@ def tiny_ideogram4(seed: int = 0, num_layers: int = 2) -> Any:
     the chat-formatted prompt's bytes.
     """
     from diffusers import (
-        AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
         Ideogram4Pipeline,
         Ideogram4Transformer2DModel,
@@ -37,10 +37,7 @@ def tiny_ideogram4(seed: int = 0, num_layers: int = 2) -> Any:
 
     torch.manual_seed(seed)
     processor, text_encoder = tiny_qwen3_vl_with_processor(layers=36)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=32, mid_block_add_attention=False).eval()
+    vae = tiny_flux2_vae()
 
     def transformer() -> Any:
         return Ideogram4Transformer2DModel(
