@@ -14,8 +14,9 @@ which needs ``--height`` and ``--width``), JoyImage Edit (``JoyImageEditPipeline
 decomposed into ``--layers`` RGBA layers, written as ``OUT-layer1.png``, ...: :mod:`.cli_layered`); any other
 pipeline whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma, Ovis-Image, Bria
 3.x (``BriaPipeline``), Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
-HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next, Krea 2) runs with ``--merge`` alone. The functions here
-are plain typer-annotated functions; ``tokensparse.cli`` registers them as commands.
+HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next, Krea 2, Ideogram 4: ``--guidance`` replaces its 48-step
+guidance schedule) runs with ``--merge`` alone. The functions here are plain typer-annotated functions;
+``tokensparse.cli`` registers them as commands.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ def generate(
 
     Text-to-image pipelines whose model token merging supports (Stable Diffusion, SDXL, PixArt, SD3, FLUX.1, Chroma,
     Ovis-Image, Bria 3.x, Bria FIBO, Fibo 2.0, Z-Image, Lumina 2, CogView4, Sana, HunyuanDiT, AuraFlow, HiDream-I1,
-    HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next, Krea 2) run with token merging alone (--merge).
+    HunyuanImage 2.1, CogView3-Plus, ERNIE-Image, Lumina-Next, Krea 2, Ideogram 4) run with token merging alone
+    (--merge).
     Qwen-Image-Layered decomposes its one --ref into --layers RGBA layers, written as OUT-layer1.png,
     OUT-layer2.png, ...
     """
@@ -335,6 +337,13 @@ def generate(
         # no negative prompt, so no true CFG either way: its default (4.0) only logged "true_cfg_scale is passed as
         # 4.0, but classifier-free guidance is not enabled"; 1.0 runs the same
         kwargs["true_cfg_scale"] = 1.0
+    schedule = params.get("guidance_schedule")  # Ideogram 4: a per-step schedule by default, for its default steps
+    if schedule is not None and schedule.default is not None:
+        if guidance is not None:
+            kwargs["guidance_schedule"] = None  # it takes a constant scale or a schedule, not both
+        elif steps is not None and steps != len(schedule.default):
+            fail(f"{name}'s default guidance schedule has {len(schedule.default)} steps, not --steps {steps}: give "
+                 f"--guidance (a constant scale for every step) or --steps {len(schedule.default)}")
     for key, value in (("height", height), ("width", width)):
         if value is not None:
             kwargs[key] = value

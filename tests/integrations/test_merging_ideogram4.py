@@ -5,6 +5,8 @@ each sample gets its own matching (its RoPE table has a batch axis)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -159,3 +161,22 @@ def test_ideogram4_unconditional_transformer_merges_too() -> None:
     apply_token_merging(pipe.unconditional_transformer, TokenMergingConfig(ratio=0.5))
     pipe(**_pipe_call())
     assert merging_state(pipe.unconditional_transformer).merged_tokens == 3 * 2 * 48
+
+
+def test_cli_generate_merges_with_a_constant_guidance_and_names_the_schedule_otherwise(tmp_path, caplog) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from .contract import generate_app
+
+    app = generate_app()
+    tiny_ideogram4(seed=0).save_pretrained(tmp_path / "ideogram4")
+    args = ["generate", "--model", str(tmp_path / "ideogram4"), "--prompt", "a cat", "--merge", "0.5", "--steps", "2",
+            "--height", "32", "--width", "48", "--out", str(tmp_path / "i.png")]
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        res = CliRunner().invoke(app, [*args, "--guidance", "3"])  # was diffusers' "Only one of ... may be set"
+    assert res.exit_code == 0, res.output
+    assert "Ideogram4Pipeline" in res.output and "no Sparse Context, merge=0.5" in res.output
+    assert Image.open(tmp_path / "i.png").size == (48, 32) and "merged nothing" not in caplog.text
+    res = CliRunner().invoke(app, args)  # the 48-step default schedule at 2 steps: named before the run
+    assert res.exit_code == 1 and "default guidance schedule has 48 steps, not --steps 2" in res.stderr
