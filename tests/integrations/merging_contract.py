@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import tokensparse as ts
 from tokensparse.integrations import merging_blocks, merging_spans
 from tokensparse.integrations.merging_hooks import apply_token_merging, merging_state, remove_token_merging
 from tokensparse.merging import TokenMergingConfig
@@ -236,3 +237,14 @@ def lora_follows_replaced_modules(build: Callable[[], nn.Module], targets: list[
     for model in (first, after):
         remove_token_merging(model)
         assert not any(m._forward_pre_hooks for m in blocks(model).modules())
+
+
+def apply_both(target: Any, cfg: Any, merge: TokenMergingConfig, merging_first: bool) -> None:
+    """Sparse Context ``cfg`` and token merging ``merge`` on ``target``, merging's hooks registered first (before
+    Sparse Context's) with ``merging_first``, else last: the stacking tests run both orders."""
+    if merging_first:
+        ts.apply_token_merging(target, merge)
+        ts.apply_sparse_context(target, cfg)
+    else:
+        ts.apply_sparse_context(target, cfg)
+        ts.apply_token_merging(target, merge)

@@ -192,12 +192,7 @@ def test_stacks_with_sparse_context_on_the_same_transformer(pipe, merging_first)
     ts.apply_sparse_context(pipe.transformer, cfg)
     sparse = run(pipe)
     ts.remove_sparse_context(pipe.transformer)
-    if merging_first:  # merging's hooks registered before Sparse Context's
-        ts.apply_token_merging(pipe.transformer, merge)
-        ts.apply_sparse_context(pipe.transformer, cfg)
-    else:
-        ts.apply_sparse_context(pipe.transformer, cfg)
-        ts.apply_token_merging(pipe.transformer, merge)
+    contract.apply_both(pipe.transformer, cfg, merge, merging_first)
     seen = counts(pipe)
     kept = 16 // 4 + 24 // 4
     assert seen["mode_blocks.image.0.attn"] == [TARGET // 2] * 4 and seen["mode_blocks.image_cond.0.ff"] == [kept] * 4

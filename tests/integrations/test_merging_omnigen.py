@@ -162,12 +162,7 @@ def test_stacks_with_sparse_context_on_the_input_images(pipe, merging_first, pro
     thinned = contract.tokens_seen(subs, run)
     sparse = run()
     ts.remove_sparse_context(pipe)
-    if merging_first:  # merging's hooks registered before Sparse Context's
-        ts.apply_token_merging(pipe, merge)
-        ts.apply_sparse_context(pipe, cfg)
-    else:
-        ts.apply_sparse_context(pipe, cfg)
-        ts.apply_token_merging(pipe, merge)
+    contract.apply_both(pipe, cfg, merge, merging_first)
     # the thinned sequence (its attention row by row, each with its own RoPE rows), half the target merged away
     assert contract.tokens_seen(subs, run) == {k: [n - TARGET // 2 for n in v] for k, v in thinned.items()}
     stacked = run()

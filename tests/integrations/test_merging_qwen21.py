@@ -173,12 +173,7 @@ def test_stacks_with_sparse_context_on_the_condition_images(pipe, merging_first)
     ts.apply_sparse_context(pipe, cfg)
     sparse = run()
     ts.remove_sparse_context(pipe)
-    if merging_first:  # merging's hooks registered before Sparse Context's
-        ts.apply_token_merging(pipe, merge)
-        ts.apply_sparse_context(pipe, cfg)
-    else:
-        ts.apply_sparse_context(pipe, cfg)
-        ts.apply_token_merging(pipe, merge)
+    contract.apply_both(pipe, cfg, merge, merging_first)
     seen = contract.tokens_seen(subs, run)
     # the extract step: the kept joint sequence, half the 6x12 target merged away; cached steps: the target alone
     dropped = 64 + 72 - round(0.25 * 64) - round(0.25 * 72)
