@@ -222,3 +222,19 @@ def assert_checkpointing_is_exact(transformer: nn.Module, calls: Sequence[tuple[
     torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
     state = sparse_context_state(transformer)
     assert state.selections == 2 * len(calls) and not state.replay._recorded
+
+
+@pytest.fixture(autouse=True)
+def joyimage_small_buckets(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
+    """Autouse fixture for the JoyImage test modules (import it there): every image snaps to one of the tiny
+    pipelines' small buckets, not >= 512 px; after each test the module's ``edit`` / ``plus`` pipelines it used are
+    :func:`clear`-ed."""
+    import diffusers.pipelines.joyimage.image_processor as module
+
+    from tokensparse.integrations.diffusers_tiny_joyimage import SMALL_BUCKETS
+
+    monkeypatch.setitem(module.BUCKETS, 1024, SMALL_BUCKETS)
+    yield
+    for name in ("edit", "plus"):
+        if name in request.fixturenames:
+            clear(request.getfixturevalue(name))

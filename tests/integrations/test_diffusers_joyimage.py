@@ -19,20 +19,19 @@ from PIL import Image
 from tokensparse.context import SparseContextConfig
 from tokensparse.integrations.diffusers import (
     apply_sparse_context_diffusers,
-    remove_sparse_context_diffusers,
     sparse_context_state,
 )
 from tokensparse.integrations.diffusers_tiny_joyimage import (
-    SMALL_BUCKETS,
     tiny_joyimage_edit,
     tiny_joyimage_edit_plus,
 )
 
-from .contract import (
+from .contract import (  # noqa: F401 (joyimage_small_buckets: an autouse fixture)
     assert_checkpointing_is_exact,
     edges_views,
     first_call,
     generate_app,
+    joyimage_small_buckets,
     pipeline_folder,
     reapply_then_remove,
     refuses_proportional_and_cache,
@@ -49,15 +48,6 @@ edit = tiny_pipeline(tiny_joyimage_edit)
 plus = tiny_pipeline(tiny_joyimage_edit_plus)
 
 
-@pytest.fixture(autouse=True)
-def small_buckets(monkeypatch, request):
-    import diffusers.pipelines.joyimage.image_processor as module
-
-    monkeypatch.setitem(module.BUCKETS, 1024, SMALL_BUCKETS)  # every image snaps to one of these, not >= 512 px
-    yield
-    for name in ("edit", "plus"):
-        if name in request.fixturenames:
-            remove_sparse_context_diffusers(request.getfixturevalue(name))
 
 
 class Seen:

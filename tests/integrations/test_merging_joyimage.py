@@ -18,14 +18,13 @@ from PIL import Image  # noqa: E402
 
 import tokensparse as ts  # noqa: E402
 from tokensparse.integrations.diffusers_tiny_joyimage import (  # noqa: E402
-    SMALL_BUCKETS,
     tiny_joyimage_edit,
     tiny_joyimage_edit_plus,
 )
 from tokensparse.integrations.merging_hooks import merging_state, merging_supports  # noqa: E402
 
 from . import merging_contract as contract  # noqa: E402
-from .contract import tiny_pipeline  # noqa: E402
+from .contract import joyimage_small_buckets, tiny_pipeline  # noqa: E402, F401 (an autouse fixture)
 
 TARGET = 64  # the bare calls' 8x8 target grid (a 16x16 latent, 2x2 patches), a reference of as many tokens after it
 TEXT = 5
@@ -36,16 +35,6 @@ edit = tiny_pipeline(tiny_joyimage_edit)
 plus = tiny_pipeline(tiny_joyimage_edit_plus)
 
 
-@pytest.fixture(autouse=True)
-def small_buckets(monkeypatch, request):
-    import diffusers.pipelines.joyimage.image_processor as module
-
-    monkeypatch.setitem(module.BUCKETS, 1024, SMALL_BUCKETS)  # every image snaps to one of these, not >= 512 px
-    yield
-    for name in ("edit", "plus"):
-        if name in request.fixturenames:
-            ts.remove_token_merging(request.getfixturevalue(name))
-            ts.remove_sparse_context(request.getfixturevalue(name))
 
 
 def _edit_call(batch: int = 2, seed: int = 0) -> dict:
